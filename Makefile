@@ -1,0 +1,41 @@
+# Two commands: `make run` (install + start everything on embedded defaults)
+# and `make test` (install what the tests need + run the whole suite).
+# Both are idempotent: stamps make a warm re-run skip the installs.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PY_STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+SYS_STAMP := .local/.system-deps
+
+.PHONY: run test deps lint typecheck clean
+
+deps: $(PY_STAMP) $(NODE_STAMP)
+
+$(PY_STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Debian packages the tests need (Dovecot for IMAP, Chromium for the page tests).
+$(SYS_STAMP): scripts/install_system_deps.sh
+	bash scripts/install_system_deps.sh
+	mkdir -p .local && touch $@
+
+run: deps
+	$(PY) -m devhost.stack
+
+test: deps $(SYS_STAMP)
+	$(PY) -m pytest
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf .local $(VENV) node_modules

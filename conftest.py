@@ -1,0 +1,10 @@
+"""Root conftest: the real-service fixtures, one plugin module per service."""
+
+pytest_plugins = [
+    "tests.fixtures.azurite",
+    "tests.fixtures.search_store",
+    "tests.fixtures.graph_sandbox",
+    "tests.fixtures.devhost",
+    "tests.fixtures.dovecot",
+    "tests.fixtures.browser",
+]

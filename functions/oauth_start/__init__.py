@@ -1,0 +1,5 @@
+"""oauth_start blueprint (to be filled by its issue)."""
+
+import azure.functions as func
+
+bp = func.Blueprint()

@@ -1,0 +1,5 @@
+"""signalr_negotiate blueprint (to be filled by its issue)."""
+
+import azure.functions as func
+
+bp = func.Blueprint()

@@ -1,0 +1,5 @@
+"""subscription_renewer blueprint (to be filled by its issue)."""
+
+import azure.functions as func
+
+bp = func.Blueprint()

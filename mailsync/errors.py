@@ -1,0 +1,186 @@
+"""The one error hierarchy of mailsync.
+
+Every error the core raises derives from :class:`MailsyncError`. Each class
+carries a stable machine ``code`` and the HTTP status a front door should
+answer with; the mapping to HTTP responses and queue retries lives in one
+place (``functions/_shared/http.py`` and the sync worker), never in callers.
+
+::
+
+    MailsyncError
+    ├── ConfigurationError            settings missing or contradictory
+    ├── InputError                400 malformed request, bad field, bad job
+    │   ├── PayloadTooLarge       413
+    │   └── UnsupportedMediaType  415
+    ├── AuthenticationError       401 missing / wrong bearer token, bad clientState
+    ├── NotFound                  404 unknown account (also: someone else's)
+    ├── Conflict                  409 address linked elsewhere, stale ETag
+    ├── DependencyUnavailable     503 tables, queues or store down (retry_after_s)
+    ├── ProviderError                 the mailbox provider (Graph, IMAP) failed
+    │   ├── ProviderThrottled         429 / concurrency limit (retry_after_s)
+    │   ├── ProviderUnavailable       5xx, timeouts, dropped connections
+    │   ├── CursorExpired             410 / UIDVALIDITY change: resync the folder
+    │   ├── ProviderAuthError         401 that a token refresh did not cure
+    │   ├── ReauthRequired            invalid_grant / revoked consent
+    │   └── MalformedResponse         a page that cannot be parsed
+    ├── StoreError                    the search store failed
+    │   └── StoreUnavailable          (also a DependencyUnavailable)
+    ├── LeaseLost                     another worker owns the folder now
+    └── PoisonJob                     a queue message that can never succeed
+"""
+
+from __future__ import annotations
+
+
+class MailsyncError(Exception):
+    """Base of every error mailsync raises on purpose."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ConfigurationError(MailsyncError):
+    """Settings are missing or contradictory."""
+
+    code = "configuration_error"
+
+
+class InputError(MailsyncError):
+    """The caller sent something we cannot accept."""
+
+    code = "invalid_request"
+    http_status = 400
+
+
+class PayloadTooLarge(InputError):
+    """The request body is over the configured limit."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMediaType(InputError):
+    """The request body is not of a content type we read."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class AuthenticationError(MailsyncError):
+    """Missing or wrong credentials (bearer token, clientState)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotFound(MailsyncError):
+    """The thing does not exist, or belongs to someone else (never say which)."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(MailsyncError):
+    """The request conflicts with current state (address linked elsewhere, stale ETag)."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class DependencyUnavailable(MailsyncError):
+    """A backing service (tables, queues, store) is down; the caller may retry."""
+
+    code = "dependency_unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderError(MailsyncError):
+    """The mailbox provider failed."""
+
+    code = "provider_error"
+    http_status = 502
+
+
+class ProviderThrottled(ProviderError):
+    """The provider asked us to slow down; wait ``retry_after_s`` seconds."""
+
+    code = "provider_throttled"
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderUnavailable(ProviderError):
+    """A transient provider fault (5xx, timeout, dropped connection)."""
+
+    code = "provider_unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class CursorExpired(ProviderError):
+    """The folder cursor is no longer valid; the folder must be resynced."""
+
+    code = "cursor_expired"
+
+
+class ProviderAuthError(ProviderError):
+    """The provider rejected our credentials even after a refresh."""
+
+    code = "provider_auth_error"
+    http_status = 401
+
+
+class ReauthRequired(ProviderError):
+    """The user must sign in again (refresh token revoked or expired)."""
+
+    code = "reauth_required"
+    http_status = 401
+
+
+class MalformedResponse(ProviderError):
+    """The provider sent a page we cannot parse; nothing from it is applied."""
+
+    code = "malformed_response"
+
+
+class StoreError(MailsyncError):
+    """The search store failed."""
+
+    code = "store_error"
+
+
+class StoreUnavailable(StoreError, DependencyUnavailable):
+    """The search store cannot be reached or is overloaded."""
+
+    code = "store_unavailable"
+    http_status = 503
+
+
+class LeaseLost(MailsyncError):
+    """Another worker took over the folder lease; stop without saving."""
+
+    code = "lease_lost"
+    http_status = 409
+
+
+class PoisonJob(MailsyncError):
+    """A queue message that can never succeed (unparseable, unknown kind)."""
+
+    code = "poison_job"
+    http_status = 400

@@ -1,0 +1,78 @@
+"""Sync jobs as they travel on the queue: a small, versioned JSON document.
+
+A job names *what* to look at (an account, maybe one folder), never the
+work itself: the state lives in the cursor table, so a duplicated,
+replayed or reordered job is harmless.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Any
+
+import orjson
+
+from mailsync.errors import PoisonJob
+from mailsync.models import Job
+
+JOB_SCHEMA_VERSION = 1
+MAX_JOB_BYTES = 16_000
+
+
+class JobKind(str, enum.Enum):
+    SYNC_FOLDERS = "sync_folders"      # walk the folder list; start new folders
+    SYNC_FOLDER = "sync_folder"        # page one folder's message changes
+    RESYNC_FOLDER = "resync_folder"    # restart one folder from scratch (new epoch)
+    RESYNC_ACCOUNT = "resync_account"  # every folder (store generation changed, `missed`)
+
+
+def new_job(kind: JobKind, account_id: str, folder_id: str | None = None, *, reason: str = "",
+            attrs: dict[str, str] | None = None) -> Job:
+    """A job with a fresh id (the id follows it through logs and continuations)."""
+    return Job(kind=kind.value, account_id=account_id, folder_id=folder_id,
+               job_id=uuid.uuid4().hex, reason=reason, attrs=dict(attrs or {}))
+
+
+def encode_job(job: Job) -> str:
+    body: dict[str, Any] = {"v": JOB_SCHEMA_VERSION, "kind": job.kind, "account_id": job.account_id,
+                            "job_id": job.job_id}
+    if job.folder_id is not None:
+        body["folder_id"] = job.folder_id
+    if job.reason:
+        body["reason"] = job.reason
+    if job.attrs:
+        body["attrs"] = job.attrs
+    return orjson.dumps(body).decode()
+
+
+def decode_job(text: str | bytes) -> Job:
+    """Parse a queue message; anything malformed raises PoisonJob (never retried)."""
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_JOB_BYTES:
+        raise PoisonJob(f"job message is {len(raw)} bytes, over {MAX_JOB_BYTES}")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonJob(f"job message is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise PoisonJob("job message is not a JSON object")
+    if body.get("v") != JOB_SCHEMA_VERSION:
+        raise PoisonJob(f"unknown job schema version {body.get('v')!r}")
+    kind = body.get("kind")
+    if kind not in {k.value for k in JobKind}:
+        raise PoisonJob(f"unknown job kind {kind!r}")
+    account_id = body.get("account_id")
+    if not isinstance(account_id, str) or not account_id:
+        raise PoisonJob("job has no account_id")
+    folder_id = body.get("folder_id")
+    if folder_id is not None and not isinstance(folder_id, str):
+        raise PoisonJob("job folder_id must be a string")
+    if kind in (JobKind.SYNC_FOLDER.value, JobKind.RESYNC_FOLDER.value) and not folder_id:
+        raise PoisonJob(f"{kind} job needs a folder_id")
+    attrs = body.get("attrs") or {}
+    if not isinstance(attrs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in attrs.items()):
+        raise PoisonJob("job attrs must map strings to strings")
+    return Job(kind=kind, account_id=account_id, folder_id=folder_id,
+               job_id=str(body.get("job_id") or uuid.uuid4().hex),
+               reason=str(body.get("reason") or ""), attrs=attrs)

@@ -1,0 +1,165 @@
+"""The small interfaces (Protocols) the core talks through.
+
+Adapters live in their own modules (``mailsync.providers.graph``,
+``mailsync.store.elasticsearch``, ``mailsync.storage.*``) and are the only
+places that import a third-party client. A new provider or store is one
+new module implementing one of these, plus the shared contract suite in
+``tests/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from mailsync.models import (
+    Account,
+    BulkResult,
+    Folder,
+    FolderBatch,
+    FolderView,
+    Job,
+    Mailbox,
+    Message,
+    MessageBatch,
+    MessagePage,
+    MessageQuery,
+    MessagesChanged,
+    SyncProgress,
+)
+
+
+class MailProvider(Protocol):
+    """One account's mailbox at a provider (Graph, IMAP).
+
+    Cursors are opaque strings: the engine stores them and hands them back,
+    never looks inside. ``None`` means "from the beginning". Errors are
+    ``mailsync.errors.ProviderError`` subclasses: ``ProviderThrottled`` and
+    ``ProviderUnavailable`` (retry later), ``CursorExpired`` (resync the
+    folder from scratch), ``ReauthRequired`` (stop until re-linked).
+    """
+
+    def folder_changes(self, cursor: str | None) -> FolderBatch:
+        """Next batch of folder-list changes after ``cursor``."""
+        ...
+
+    def message_changes(self, folder_id: str, cursor: str | None) -> MessageBatch:
+        """Next batch of message changes in one folder after ``cursor``."""
+        ...
+
+    def newest_messages(self, folder_id: str, limit: int) -> tuple[Message, ...]:
+        """The ``limit`` most recently received messages of a folder (first screen)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class ProviderFactory(Protocol):
+    """Opens a provider session for an account (credentials come from the token provider)."""
+
+    def open(self, account: Account) -> MailProvider:
+        ...
+
+
+class TokenProvider(Protocol):
+    """Hands out a valid access token (or secret) for an account.
+
+    Refreshes through MSAL when needed; raises ``ReauthRequired`` when the
+    grant is gone. ``force_refresh`` is used once after a 401.
+    """
+
+    def access_token(self, account_id: str, *, force_refresh: bool = False) -> str:
+        ...
+
+
+class MessageStore(Protocol):
+    """The search store: writes from the engine, account-scoped reads for the API.
+
+    Every read takes an ``account_id`` and can only ever return that
+    account's documents.
+    """
+
+    def ensure_ready(self) -> str:
+        """Create indices/aliases if missing; return the store's generation id."""
+        ...
+
+    def generation(self) -> str:
+        """The generation id recorded when the indices were created.
+
+        It changes when the indices are deleted and recreated (or restored),
+        which tells the engine to resync.
+        """
+        ...
+
+    def upsert_messages(self, messages: Sequence[Message], *, epoch: int = 0) -> BulkResult:
+        """Index messages; a write older than the stored version is skipped."""
+        ...
+
+    def remove_messages(self, account_id: str, folder_id: str, message_ids: Sequence[str]) -> BulkResult:
+        """Delete messages that still say ``folder_id`` (moved ones are left alone)."""
+        ...
+
+    def remove_stale(self, account_id: str, folder_id: str, epoch: int) -> int:
+        """After a resync: delete the folder's messages not written in ``epoch``."""
+        ...
+
+    def upsert_folders(self, folders: Sequence[Folder], *, phase: str | None = None) -> None:
+        ...
+
+    def remove_folder(self, account_id: str, folder_id: str) -> None:
+        """Delete a folder document and every message still in it."""
+        ...
+
+    def upsert_mailbox(self, mailbox: Mailbox) -> None:
+        ...
+
+    def delete_account(self, account_id: str) -> None:
+        """Delete every document of the account, in both index families."""
+        ...
+
+    def list_messages(self, account_id: str, query: MessageQuery) -> MessagePage:
+        ...
+
+    def get_message(self, account_id: str, message_id: str) -> Message | None:
+        ...
+
+    def list_folders(self, account_id: str) -> list[FolderView]:
+        ...
+
+    def refresh(self) -> None:
+        """Make recent writes visible to reads (tests, first screen)."""
+        ...
+
+
+class JobQueue(Protocol):
+    """The sync job queue."""
+
+    def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+        """Send a job, invisible for ``delay_s`` seconds (back-off without sleeping)."""
+        ...
+
+
+class EventPublisher(Protocol):
+    """Pushes progress and change events to the account's live page."""
+
+    def publish_progress(self, event: SyncProgress) -> None:
+        ...
+
+    def publish_changes(self, event: MessagesChanged) -> None:
+        ...
+
+
+class AccountRepository(Protocol):
+    """Local accounts (Azure Tables)."""
+
+    def get(self, account_id: str) -> Account | None:
+        ...
+
+    def save(self, account: Account) -> Account:
+        """Insert or replace with ETag concurrency; returns the stored record (new etag)."""
+        ...
+
+    def delete(self, account_id: str) -> None:
+        ...

@@ -1,0 +1,193 @@
+"""The one HTTP seam to Microsoft Graph (or the local Graph sandbox).
+
+Only this module (with ``mailsync.auth``) imports ``requests``. It turns
+Graph's HTTP answers into the project's errors so nothing above it ever
+looks at a status code:
+
+====================  =============================================
+Graph answers          we raise
+====================  =============================================
+401                    refresh the token once, retry; then ProviderAuthError
+429, 503, 504          ProviderThrottled / ProviderUnavailable (Retry-After)
+410 (delta expired)    CursorExpired: the caller resyncs the folder
+other 4xx / 5xx        ProviderError / ProviderUnavailable with Graph's code
+bad JSON, cut body     MalformedResponse: nothing from the page is applied
+connection errors      ProviderUnavailable
+====================  =============================================
+
+It never sleeps on a long Retry-After: waiting is the caller's decision
+(the sync worker re-enqueues with a visibility delay instead).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import requests
+from requests.adapters import HTTPAdapter
+
+from mailsync.errors import (
+    CursorExpired,
+    MalformedResponse,
+    NotFound,
+    ProviderAuthError,
+    ProviderError,
+    ProviderThrottled,
+    ProviderUnavailable,
+)
+
+GRAPH_URL = "https://graph.microsoft.com/v1.0"
+DEFAULT_TIMEOUT_S = 30.0
+MAX_RETRY_AFTER_S = 3600.0
+
+# Returns an access token; True asks for a forced refresh (after a 401).
+TokenSource = Callable[[bool], str]
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date).
+
+    Returns None when absent or unreadable; never negative; capped at an hour
+    so a broken header cannot park a folder forever.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def backoff_delay(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0,
+                  rng: random.Random | None = None) -> float:
+    """Exponential back-off with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    ceiling = min(cap_s, base_s * (2 ** max(0, min(attempt, 30))))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def graph_error_code(body: Any) -> str:
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("code"), str):
+            return str(error["code"])
+    return ""
+
+
+class GraphClient:
+    """A pooled, authenticated Graph session for one account (or the app).
+
+    ``base_url`` is Graph's v1.0 root or the sandbox's; absolute
+    ``@odata.nextLink``/``deltaLink`` URLs are followed as given.
+    """
+
+    def __init__(self, token_source: TokenSource, *, base_url: str = GRAPH_URL,
+                 session: requests.Session | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self._token_source = token_source
+        self._base_url = base_url.rstrip("/")
+        self._timeout_s = timeout_s
+        self._session = session or self.new_session()
+
+    @staticmethod
+    def new_session(pool_size: int = 16) -> requests.Session:
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        return session
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    def url(self, path_or_url: str) -> str:
+        if path_or_url.startswith(("http://", "https://")):
+            return path_or_url
+        return f"{self._base_url}/{path_or_url.lstrip('/')}"
+
+    def request(self, method: str, path_or_url: str, *, params: Mapping[str, str] | None = None,
+                json_body: Any = None, headers: Mapping[str, str] | None = None) -> Any:
+        """Send one request; return the parsed JSON body (None for 204)."""
+        url = self.url(path_or_url)
+        response = self._send(method, url, params, json_body, headers, force_refresh=False)
+        if response.status_code == 401:
+            response = self._send(method, url, params, json_body, headers, force_refresh=True)
+        return self._parse(response)
+
+    def get(self, path_or_url: str, *, params: Mapping[str, str] | None = None,
+            headers: Mapping[str, str] | None = None) -> Any:
+        return self.request("GET", path_or_url, params=params, headers=headers)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _send(self, method: str, url: str, params: Mapping[str, str] | None, json_body: Any,
+              headers: Mapping[str, str] | None, *, force_refresh: bool) -> requests.Response:
+        all_headers = {
+            "Authorization": f"Bearer {self._token_source(force_refresh)}",
+            "Prefer": 'IdType="ImmutableId"',
+            "Accept": "application/json",
+        }
+        if headers:
+            for key, value in headers.items():
+                if key.lower() == "prefer":
+                    # Prefer values combine; ImmutableId must ride on every call.
+                    all_headers["Prefer"] = f"{all_headers['Prefer']}, {value}"
+                else:
+                    all_headers[key] = value
+        data = None
+        if json_body is not None:
+            data = orjson.dumps(json_body)
+            all_headers["Content-Type"] = "application/json"
+        try:
+            return self._session.request(method, url, params=params, data=data, headers=all_headers,
+                                         timeout=self._timeout_s)
+        except requests.RequestException as exc:
+            raise ProviderUnavailable(f"Graph request failed: {type(exc).__name__}") from exc
+
+    def _parse(self, response: requests.Response) -> Any:
+        status = response.status_code
+        try:
+            content = response.content
+        except requests.RequestException as exc:  # connection cut while reading the body
+            raise ProviderUnavailable(f"Graph response cut: {type(exc).__name__}") from exc
+        body: Any = None
+        if content:
+            try:
+                body = orjson.loads(content)
+            except orjson.JSONDecodeError as exc:
+                if 200 <= status < 300:
+                    raise MalformedResponse(f"Graph sent a body that is not JSON (status {status})") from exc
+        code = graph_error_code(body)
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        if 200 <= status < 300:
+            return body
+        if status == 401:
+            raise ProviderAuthError(f"Graph rejected the token ({code or 'unauthorized'})")
+        if status == 404:
+            raise NotFound(f"Graph resource not found ({code or 'ErrorItemNotFound'})")
+        if status == 410:
+            raise CursorExpired(f"Graph sync state expired ({code or 'syncStateNotFound'})")
+        if status == 429:
+            raise ProviderThrottled(f"Graph throttled the request ({code or 'TooManyRequests'})",
+                                    retry_after_s=retry_after if retry_after is not None else 0.0,
+                                    code="provider_throttled")
+        if status in (500, 502, 503, 504):
+            raise ProviderUnavailable(f"Graph answered {status} ({code})", retry_after_s=retry_after)
+        raise ProviderError(f"Graph answered {status} ({code or 'error'})")

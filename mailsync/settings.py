@@ -1,0 +1,178 @@
+"""Configuration, read once from the environment.
+
+``Settings.from_env()`` is the only place in the project that reads
+environment variables. Everything else receives a ``Settings`` (or the
+few values it needs) through its constructor. Names match what Azure
+Functions app settings use, so ``local.settings.json``'s ``Values`` and the
+Bicep templates fill the same keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mailsync.errors import ConfigurationError
+
+SANDBOX_DEFAULT_URL = "http://127.0.0.1:7081"
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _list(raw: str | None) -> tuple[str, ...]:
+    if not raw:
+        return ()
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _keys(raw: str | None) -> tuple[tuple[str, bytes], ...]:
+    """Parse ``kid:base64key[,kid:base64key...]``; the first key encrypts, all decrypt."""
+    keys: list[tuple[str, bytes]] = []
+    for item in _list(raw):
+        kid, sep, b64 = item.partition(":")
+        if not sep or not kid:
+            raise ConfigurationError("TOKEN_ENCRYPTION_KEYS entries must look like kid:base64key")
+        try:
+            key = base64.b64decode(b64, validate=True)
+        except ValueError as exc:
+            raise ConfigurationError(f"TOKEN_ENCRYPTION_KEYS key {kid!r} is not base64") from exc
+        if len(key) not in (16, 24, 32):
+            raise ConfigurationError(f"TOKEN_ENCRYPTION_KEYS key {kid!r} must be 128, 192 or 256 bits")
+        keys.append((kid, key))
+    return tuple(keys)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting mailsync reads. Frozen: pass it down, never mutate it."""
+
+    # Azure Storage (queues + tables). Local: a connection string (Azurite).
+    # Azure: identity-based, AzureWebJobsStorage__accountName (+ __clientId).
+    storage_connection_string: str | None = None
+    storage_account_name: str | None = None
+    storage_client_id: str | None = None
+    sync_queue_name: str = "mailsync-sync"
+    table_prefix: str = "mailsync"
+
+    # Search store.
+    elasticsearch_url: str | None = None
+    elasticsearch_api_key: str | None = field(default=None, repr=False)
+    # Send plain application/json instead of the vendor compatible-with type:
+    # needed for OpenSearch clusters (and osmem-server).
+    elasticsearch_plain_json: bool = True
+    index_prefix: str = "mailsync"
+    store_body_text: bool = True
+    body_text_max_chars: int = 32_000
+
+    # Microsoft identity platform / Graph.
+    ms_client_id: str | None = None
+    ms_client_secret: str | None = field(default=None, repr=False)
+    ms_tenant: str = "common"
+    # When set, every login.microsoftonline.com / graph.microsoft.com call is
+    # routed to this local Graph sandbox instead (no app registration needed).
+    graph_sandbox_url: str | None = None
+    public_base_url: str = "http://127.0.0.1:7071"
+    return_url_allowlist: tuple[str, ...] = ()
+
+    # Secrets at rest: kid:base64key pairs; the first one encrypts.
+    token_encryption_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+
+    # Sync engine.
+    sync_time_budget_s: float = 120.0
+    graph_page_size: int = 500
+    graph_max_concurrency: int = 4
+    folder_lease_s: float = 300.0
+    first_screen_messages: int = 50
+    poll_interval_s: int = 900
+    subscription_renew_before_s: int = 6 * 3600
+
+    # Realtime.
+    signalr_hub: str = "mailsync"
+
+    # HTTP front door.
+    max_body_bytes: int = 1_000_000
+    log_format: str = "json"
+
+    @property
+    def uses_graph_sandbox(self) -> bool:
+        """True when no Microsoft app registration is configured (demo tenant)."""
+        return self.graph_sandbox_url is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from ``env`` (default: ``os.environ``)."""
+        e: Mapping[str, str] = os.environ if env is None else env
+        client_id = e.get("MS_CLIENT_ID") or None
+        sandbox = e.get("GRAPH_SANDBOX_URL") or None
+        if client_id is None and sandbox is None:
+            # No app registration: the Graph sandbox stands in for Outlook.
+            sandbox = SANDBOX_DEFAULT_URL
+        public_base_url = (e.get("PUBLIC_BASE_URL") or "http://127.0.0.1:7071").rstrip("/")
+        allow = _list(e.get("RETURN_URL_ALLOWLIST")) or (public_base_url,)
+        settings = cls(
+            storage_connection_string=e.get("AzureWebJobsStorage") or None,
+            storage_account_name=e.get("AzureWebJobsStorage__accountName") or None,
+            storage_client_id=e.get("AzureWebJobsStorage__clientId") or None,
+            sync_queue_name=e.get("SYNC_QUEUE_NAME") or "mailsync-sync",
+            table_prefix=e.get("TABLE_PREFIX") or "mailsync",
+            elasticsearch_url=e.get("ELASTICSEARCH_URL") or None,
+            elasticsearch_api_key=e.get("ELASTICSEARCH_API_KEY") or None,
+            elasticsearch_plain_json=_flag(e.get("ELASTICSEARCH_PLAIN_JSON"), True),
+            index_prefix=e.get("ELASTICSEARCH_INDEX_PREFIX") or "mailsync",
+            store_body_text=_flag(e.get("STORE_BODY_TEXT"), True),
+            body_text_max_chars=_int(e, "BODY_TEXT_MAX_CHARS", 32_000),
+            ms_client_id=client_id,
+            ms_client_secret=e.get("MS_CLIENT_SECRET") or None,
+            ms_tenant=e.get("MS_TENANT") or "common",
+            graph_sandbox_url=sandbox.rstrip("/") if sandbox else None,
+            public_base_url=public_base_url,
+            return_url_allowlist=allow,
+            token_encryption_keys=_keys(e.get("TOKEN_ENCRYPTION_KEYS")),
+            sync_time_budget_s=_float(e, "SYNC_TIME_BUDGET_S", 120.0),
+            graph_page_size=_int(e, "GRAPH_PAGE_SIZE", 500),
+            graph_max_concurrency=_int(e, "GRAPH_MAX_CONCURRENCY", 4),
+            folder_lease_s=_float(e, "FOLDER_LEASE_S", 300.0),
+            first_screen_messages=_int(e, "FIRST_SCREEN_MESSAGES", 50),
+            poll_interval_s=_int(e, "POLL_INTERVAL_S", 900),
+            subscription_renew_before_s=_int(e, "SUBSCRIPTION_RENEW_BEFORE_S", 6 * 3600),
+            signalr_hub=e.get("SIGNALR_HUB") or "mailsync",
+            max_body_bytes=_int(e, "MAX_BODY_BYTES", 1_000_000),
+            log_format=e.get("LOG_FORMAT") or "json",
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigurationError for contradictory settings."""
+        if self.ms_client_id and not self.ms_client_secret and not self.uses_graph_sandbox:
+            raise ConfigurationError("MS_CLIENT_ID is set but MS_CLIENT_SECRET is not")
+        if not 1 <= self.graph_max_concurrency <= 4:
+            raise ConfigurationError("GRAPH_MAX_CONCURRENCY must be 1..4 (Graph allows 4 per mailbox)")
+        if not 1 <= self.graph_page_size <= 1000:
+            raise ConfigurationError("GRAPH_PAGE_SIZE must be 1..1000")
