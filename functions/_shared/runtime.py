@@ -1,0 +1,36 @@
+"""The composition root: builds the core services from Settings, once per process.
+
+Blueprints call ``runtime()`` and take what they need. Adapters are created
+lazily (first use) so an HTTP function that never touches the store does
+not connect to it, and clients with connection pools are shared across
+invocations of the same worker process. This, and the Settings it holds,
+is the only process-wide state.
+"""
+
+from __future__ import annotations
+
+import functools
+from functools import cached_property
+from typing import Any
+
+from mailsync.logs import configure_logging
+from mailsync.settings import Settings
+
+
+class Runtime:
+    """Lazily built adapters and services. Add one cached property per service."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def _placeholder(self) -> Any:  # removed once the first real service lands
+        return None
+
+
+@functools.cache
+def runtime() -> Runtime:
+    """The process's Runtime (settings read once from the environment)."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_format)
+    return Runtime(settings)
