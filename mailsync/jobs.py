@@ -20,7 +20,7 @@ JOB_SCHEMA_VERSION = 1
 MAX_JOB_BYTES = 16_000
 
 
-class JobKind(str, enum.Enum):
+class JobKind(enum.StrEnum):
     SYNC_FOLDERS = "sync_folders"      # walk the folder list; start new folders
     SYNC_FOLDER = "sync_folder"        # page one folder's message changes
     RESYNC_FOLDER = "resync_folder"    # restart one folder from scratch (new epoch)

@@ -20,7 +20,8 @@ from typing import Any
 
 import orjson
 
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("mailsync_log_context", default={})
+# The default dict is never mutated: log_context copies before setting.
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("mailsync_log_context", default={})  # noqa: B039
 
 SENSITIVE_KEYS = frozenset({
     "access_token", "refresh_token", "id_token", "token", "code", "password", "secret",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 
-class AccountStatus(str, enum.Enum):
+class AccountStatus(enum.StrEnum):
     """Lifecycle of a linked account, as shown by the API and the page."""
 
     LINKING = "linking"            # created, waiting for the OAuth callback
@@ -22,20 +22,20 @@ class AccountStatus(str, enum.Enum):
     ERROR = "error"                # linking failed (readable error kept)
 
 
-class Provider(str, enum.Enum):
+class Provider(enum.StrEnum):
     """Which mailbox provider an account uses."""
 
     OUTLOOK = "outlook"
     IMAP = "imap"
 
 
-class FlagStatus(str, enum.Enum):
+class FlagStatus(enum.StrEnum):
     NOT_FLAGGED = "notFlagged"
     FLAGGED = "flagged"
     COMPLETE = "complete"
 
 
-class SyncPhase(str, enum.Enum):
+class SyncPhase(enum.StrEnum):
     """Phase of one folder's cursor (see the state machine in sync/engine.py)."""
 
     INITIAL = "initial"
