@@ -25,6 +25,10 @@ class JobKind(enum.StrEnum):
     SYNC_FOLDER = "sync_folder"        # page one folder's message changes
     RESYNC_FOLDER = "resync_folder"    # restart one folder from scratch (new epoch)
     RESYNC_ACCOUNT = "resync_account"  # every folder (store generation changed, `missed`)
+    # Change monitoring (mailsync.monitoring.handler runs these):
+    NOTIFIED = "notified"              # Graph notified changes: resolve their folders, enqueue sync_folder
+    SYNC_ACCOUNT = "sync_account"      # incremental sync of the folder list and every known folder (polling)
+    SUBSCRIPTION = "subscription"      # ensure / renew / recreate the account's Graph subscription
 
 
 def new_job(kind: JobKind, account_id: str, folder_id: str | None = None, *, reason: str = "",
