@@ -112,6 +112,13 @@ class Settings:
     poll_interval_s: int = 900
     subscription_renew_before_s: int = 6 * 3600
 
+    # Change monitoring (mailsync.monitoring; see docs/change-monitoring.md).
+    subscription_lifetime_s: int = 4230 * 60     # Graph's maximum for Outlook messages
+    notify_coalesce_s: int = 1                   # queue delay that lets a burst merge into one job
+    notify_max_ids: int = 100                    # message ids kept per account before "all folders"
+    poll_tick_s: int = 60                        # period of the poll_scheduler timer
+    poll_interval_subscribed_s: int = 6 * 3600   # safety sweep of accounts with a healthy webhook; 0 = off
+
     # Realtime.
     signalr_hub: str = "mailsync"
 
@@ -161,6 +168,11 @@ class Settings:
             first_screen_messages=_int(e, "FIRST_SCREEN_MESSAGES", 50),
             poll_interval_s=_int(e, "POLL_INTERVAL_S", 900),
             subscription_renew_before_s=_int(e, "SUBSCRIPTION_RENEW_BEFORE_S", 6 * 3600),
+            subscription_lifetime_s=_int(e, "SUBSCRIPTION_LIFETIME_S", 4230 * 60),
+            notify_coalesce_s=_int(e, "NOTIFY_COALESCE_S", 1),
+            notify_max_ids=_int(e, "NOTIFY_MAX_IDS", 100),
+            poll_tick_s=_int(e, "POLL_TICK_S", 60),
+            poll_interval_subscribed_s=_int(e, "POLL_INTERVAL_SUBSCRIBED_S", 6 * 3600),
             signalr_hub=e.get("SIGNALR_HUB") or "mailsync",
             max_body_bytes=_int(e, "MAX_BODY_BYTES", 1_000_000),
             log_format=e.get("LOG_FORMAT") or "json",
@@ -176,3 +188,11 @@ class Settings:
             raise ConfigurationError("GRAPH_MAX_CONCURRENCY must be 1..4 (Graph allows 4 per mailbox)")
         if not 1 <= self.graph_page_size <= 1000:
             raise ConfigurationError("GRAPH_PAGE_SIZE must be 1..1000")
+        if not 60 <= self.subscription_lifetime_s <= 4230 * 60:
+            raise ConfigurationError("SUBSCRIPTION_LIFETIME_S must be 60..253800 (Graph's Outlook maximum)")
+        if not 0 <= self.subscription_renew_before_s < self.subscription_lifetime_s:
+            raise ConfigurationError("SUBSCRIPTION_RENEW_BEFORE_S must be shorter than SUBSCRIPTION_LIFETIME_S")
+        if self.poll_interval_s < 1 or self.poll_tick_s < 1 or self.poll_interval_subscribed_s < 0:
+            raise ConfigurationError("POLL_INTERVAL_S and POLL_TICK_S must be positive")
+        if not 0 <= self.notify_coalesce_s <= 60 or self.notify_max_ids < 1:
+            raise ConfigurationError("NOTIFY_COALESCE_S must be 0..60 and NOTIFY_MAX_IDS positive")
