@@ -126,6 +126,9 @@ class Settings:
     max_body_bytes: int = 1_000_000
     log_format: str = "json"
 
+    # Local state (sandbox-only development key, ...): never used in Azure.
+    local_dir: str = ".local"
+
     @property
     def uses_graph_sandbox(self) -> bool:
         """True when no Microsoft app registration is configured (demo tenant)."""
@@ -176,6 +179,7 @@ class Settings:
             signalr_hub=e.get("SIGNALR_HUB") or "mailsync",
             max_body_bytes=_int(e, "MAX_BODY_BYTES", 1_000_000),
             log_format=e.get("LOG_FORMAT") or "json",
+            local_dir=e.get("MAILSYNC_LOCAL_DIR") or ".local",
         )
         settings.validate()
         return settings
