@@ -143,6 +143,13 @@ class Settings:
         if client_id is None and sandbox is None:
             # No app registration: the Graph sandbox stands in for Outlook.
             sandbox = SANDBOX_DEFAULT_URL
+        client_secret = e.get("MS_CLIENT_SECRET") or None
+        if sandbox is not None and client_id is None:
+            # The sandbox's built-in demo app registration (public values that
+            # only open the local demo tenant). Imported here, where it is needed,
+            # so the constants live once, beside the sandbox routing.
+            from mailsync.auth.sandbox_routing import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
+            client_id, client_secret = SANDBOX_CLIENT_ID, client_secret or SANDBOX_CLIENT_SECRET
         public_base_url = (e.get("PUBLIC_BASE_URL") or "http://127.0.0.1:7071").rstrip("/")
         allow = _list(e.get("RETURN_URL_ALLOWLIST")) or (public_base_url,)
         settings = cls(
@@ -158,7 +165,7 @@ class Settings:
             store_body_text=_flag(e.get("STORE_BODY_TEXT"), True),
             body_text_max_chars=_int(e, "BODY_TEXT_MAX_CHARS", 32_000),
             ms_client_id=client_id,
-            ms_client_secret=e.get("MS_CLIENT_SECRET") or None,
+            ms_client_secret=client_secret,
             ms_tenant=e.get("MS_TENANT") or "common",
             graph_sandbox_url=sandbox.rstrip("/") if sandbox else None,
             public_base_url=public_base_url,
