@@ -1,0 +1,606 @@
+"""The mailbox model: folders, messages, ids, and the change stream.
+
+Ids behave like Exchange's:
+
+- a message has an **immutable id** (``Prefer: IdType="ImmutableId"``) that
+  never changes, and a **REST id** that is new every time the message enters
+  a folder (move, delete to Deleted Items). An old REST id stops resolving
+  (404), exactly the trap Outlook sets for sync engines;
+- folder ids never change (moving a folder keeps its id).
+
+Every change stamps the touched item with the mailbox's next ``seq``, is
+recorded in the folder's :class:`~graph_sandbox.delta.ChangeIndex` (delta
+query reads it) and is announced to listeners as :class:`MailChange` /
+:class:`FolderChange` (change notifications read those). A move is
+announced as ``deleted`` in the source (old REST id) then ``created`` in the
+target (new REST id), like Graph's notifications.
+
+All operations raise :class:`MailboxError` (with Graph's error code and
+HTTP status) on bad input; nothing is changed when they do.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from graph_sandbox.delta import ChangeIndex, Tombstone
+
+if TYPE_CHECKING:
+    from graph_sandbox.state import SandboxClock
+
+log = logging.getLogger("graph_sandbox")
+
+# Graph's well-known folder names -> display names, in Outlook's order.
+WELL_KNOWN_FOLDERS: dict[str, str] = {
+    "archive": "Archive",
+    "conversationhistory": "Conversation History",
+    "deleteditems": "Deleted Items",
+    "drafts": "Drafts",
+    "inbox": "Inbox",
+    "junkemail": "Junk Email",
+    "outbox": "Outbox",
+    "sentitems": "Sent Items",
+}
+ROOT = "msgfolderroot"
+
+IMPORTANCE = ("low", "normal", "high")
+FLAG_STATUS = ("notFlagged", "flagged", "complete")
+INFERENCE = ("focused", "other")
+
+
+class MailboxError(Exception):
+    """A refused mailbox operation, carrying Graph's status and error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def not_found(what: str = "object") -> MailboxError:
+    return MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+
+
+@dataclass(frozen=True, slots=True)
+class MailChange:
+    """A message change, for change notifications.
+
+    ``message_id`` is the REST id valid at that moment in ``folder_id`` (for
+    ``deleted``: the id it had in the folder it left); ``immutable_id`` is the
+    id that survives moves.
+    """
+
+    user_id: str
+    change_type: str        # created | updated | deleted
+    message_id: str
+    folder_id: str
+    immutable_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FolderChange:
+    """A folder change (created, updated = renamed/moved, deleted)."""
+
+    user_id: str
+    change_type: str
+    folder_id: str
+    parent_folder_id: str
+
+
+Listener = Callable[[Any], None]
+
+
+def iso(ms: int) -> str:
+    """Graph's DateTimeOffset form: UTC, whole seconds, ``Z``."""
+    return datetime.fromtimestamp(ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def recipient(address: str, name: str = "") -> dict[str, Any]:
+    """A Graph recipient object (shared, never mutated)."""
+    return {"emailAddress": {"name": name or address, "address": address}}
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """One message. Recipients are Graph ``recipient`` dicts, treated as immutable."""
+
+    immutable_id: str
+    rest_id: str
+    folder_id: str
+    seq: int
+    subject: str
+    sender: dict[str, Any] | None
+    from_: dict[str, Any] | None
+    to: tuple[dict[str, Any], ...]
+    cc: tuple[dict[str, Any], ...]
+    bcc: tuple[dict[str, Any], ...]
+    reply_to: tuple[dict[str, Any], ...]
+    received_ms: int
+    sent_ms: int
+    created_ms: int
+    modified_ms: int
+    is_read: bool
+    is_draft: bool
+    importance: str
+    flag: dict[str, Any]
+    categories: tuple[str, ...]
+    has_attachments: bool
+    internet_message_id: str
+    conversation_id: str
+    conversation_index: str
+    inference: str
+    # The body is either given (drafts, sent mail) or generated on demand
+    # from ``body_seed`` so that a 100k-message mailbox stays small.
+    body_content: str | None = None
+    body_type: str = "html"
+    body_seed: int = 0
+    preview: str | None = None
+    version: int = 1
+    entered_seq: int = 0           # seq when it entered its current folder
+    moves: int = 0                 # how many REST ids it has had
+    serial: int = 0
+
+    @property
+    def change_key(self) -> str:
+        return "CQAAABYAAA" + base64.b64encode(
+            self.serial.to_bytes(5, "big") + self.version.to_bytes(4, "big")).decode("ascii")
+
+
+@dataclass(slots=True, eq=False)
+class Folder:
+    """One mail folder with its messages' change index."""
+
+    id: str
+    display_name: str
+    parent_id: str
+    well_known: str | None
+    seq: int
+    is_hidden: bool = False
+    children: list[str] = field(default_factory=list)
+    index: ChangeIndex[Message] = field(default_factory=ChangeIndex)
+    unread: int = 0
+    sorted_cache: tuple[int, list[Message]] | None = None   # (version, newest first)
+    members_version: int = 0
+
+    @property
+    def messages(self) -> dict[str, Message]:
+        return self.index.live
+
+
+class Mailbox:
+    """One user's mailbox. See the module docstring for id and change rules."""
+
+    def __init__(self, user_id: str, address: str, display_name: str, *, id_salt: str,
+                 clock: SandboxClock, listeners: list[Listener]) -> None:
+        self.user_id = user_id
+        self.address = address
+        self.display_name = display_name
+        self.me = recipient(address, display_name)
+        self._salt = id_salt.encode()
+        self._clock = clock
+        self._listeners = listeners          # shared with the registry
+        self._own_listeners: list[Listener] = []
+        self.seq = 0
+        self.sync_epoch = 1
+        self._serial = 0
+        self._folder_serial = 0
+        self.folders: dict[str, Folder] = {}
+        self.folder_index: ChangeIndex[Folder] = ChangeIndex()
+        self.by_rest: dict[str, Message] = {}
+        self.by_immutable: dict[str, Message] = {}
+        self.well_known: dict[str, str] = {}
+        root = self._new_folder("Top of Information Store", parent_id="", well_known=ROOT, index_it=False)
+        self.root_id = root.id
+
+    # -- listeners -----------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(MailChange | FolderChange)`` after every change to this mailbox."""
+        self._own_listeners.append(listener)
+
+    def _emit(self, change: MailChange | FolderChange) -> None:
+        for listener in (*self._listeners, *self._own_listeners):
+            try:
+                listener(change)
+            except Exception:  # a listener's bug must not undo a mailbox change
+                log.exception("mailbox listener failed")
+
+    # -- ids -----------------------------------------------------------------
+
+    def _hash(self, *parts: object, size: int = 30) -> str:
+        digest = hashlib.blake2b(":".join(map(str, parts)).encode(), key=self._salt, digest_size=size).digest()
+        return base64.urlsafe_b64encode(digest).decode("ascii")
+
+    def _immutable_id(self, serial: int) -> str:
+        return "AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A" + self._hash("imm", serial)[:40] + "AAA="
+
+    def _rest_id(self, serial: int, moves: int) -> str:
+        return "AAMkAG" + self._hash("rest", serial, moves, size=45) + "AAA="
+
+    def _folder_id(self, serial: int) -> str:
+        return "AAMkAG" + self._hash("folder", serial, size=24)[:30] + "AAEMAAA="
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    # -- folders ---------------------------------------------------------------
+
+    def _new_folder(self, name: str, *, parent_id: str, well_known: str | None, index_it: bool = True,
+                    is_hidden: bool = False) -> Folder:
+        self._folder_serial += 1
+        folder = Folder(id=self._folder_id(self._folder_serial), display_name=name, parent_id=parent_id,
+                        well_known=well_known, seq=self._next_seq(), is_hidden=is_hidden)
+        self.folders[folder.id] = folder
+        if well_known:
+            self.well_known[well_known] = folder.id
+        if parent_id:
+            self.folders[parent_id].children.append(folder.id)
+        if index_it:
+            self.folder_index.put(folder.id, folder)
+        return folder
+
+    def folder(self, id_or_name: str) -> Folder:
+        """A folder by id or well-known name (case-insensitive), else 404."""
+        found = self.folders.get(id_or_name)
+        if found is None:
+            wk = self.well_known.get(id_or_name.lower())
+            found = self.folders.get(wk) if wk else None
+        if found is None:
+            raise not_found()
+        return found
+
+    def child_folders(self, folder_id: str, *, include_hidden: bool = False) -> list[Folder]:
+        folder = self.folder(folder_id)
+        kids = [self.folders[c] for c in folder.children]
+        return kids if include_hidden else [k for k in kids if not k.is_hidden]
+
+    def top_folders(self, *, include_hidden: bool = False) -> list[Folder]:
+        return self.child_folders(self.root_id, include_hidden=include_hidden)
+
+    def all_folders(self) -> list[Folder]:
+        """Every folder except the root, parents before children."""
+        out: list[Folder] = []
+        stack = list(reversed(self.folders[self.root_id].children))
+        while stack:
+            folder = self.folders[stack.pop()]
+            out.append(folder)
+            stack.extend(reversed(folder.children))
+        return out
+
+    def is_within(self, folder_id: str, ancestor_id: str) -> bool:
+        while folder_id:
+            if folder_id == ancestor_id:
+                return True
+            folder_id = self.folders[folder_id].parent_id
+        return False
+
+    def create_folder(self, parent_id: str, display_name: Any, *, is_hidden: bool = False) -> Folder:
+        parent = self.folder(parent_id)
+        name = _folder_name(display_name)
+        self._check_unique_name(parent, name)
+        folder = self._new_folder(name, parent_id=parent.id, well_known=None, is_hidden=bool(is_hidden))
+        self._emit(FolderChange(self.user_id, "created", folder.id, parent.id))
+        return folder
+
+    def rename_folder(self, folder_id: str, display_name: Any) -> Folder:
+        folder = self.folder(folder_id)
+        name = _folder_name(display_name)
+        if folder.well_known:
+            raise MailboxError(400, "ErrorInvalidRequest", "Distinguished folders cannot be renamed.")
+        if name != folder.display_name:
+            self._check_unique_name(self.folders[folder.parent_id], name, exclude=folder.id)
+            folder.display_name = name
+            self._touch_folder(folder)
+        return folder
+
+    def move_folder(self, folder_id: str, destination: str) -> Folder:
+        folder = self.folder(folder_id)
+        target = self.folder(destination)
+        if folder.well_known:
+            raise MailboxError(400, "ErrorInvalidRequest", "Distinguished folders cannot be moved.")
+        if self.is_within(target.id, folder.id):
+            raise MailboxError(400, "ErrorMoveCopyFailed", "A folder cannot be moved into itself or its subfolders.")
+        if target.id != folder.parent_id:
+            self._check_unique_name(target, folder.display_name)
+            self.folders[folder.parent_id].children.remove(folder.id)
+            target.children.append(folder.id)
+            folder.parent_id = target.id
+            self._touch_folder(folder)
+        return folder
+
+    def delete_folder(self, folder_id: str) -> None:
+        """Move to Deleted Items; from inside Deleted Items, delete for good (with its messages)."""
+        folder = self.folder(folder_id)
+        if folder.well_known:
+            raise MailboxError(400, "ErrorDeleteDistinguishedFolder", "Distinguished folders cannot be deleted.")
+        deleted = self.well_known["deleteditems"]
+        if not self.is_within(folder.id, deleted):
+            self.move_folder(folder.id, deleted)
+            return
+        for sub in [folder.id, *self._descendants(folder.id)][::-1]:
+            gone = self.folders[sub]
+            for message in list(gone.messages.values()):
+                self._drop_message(message)
+            self.folders[gone.parent_id].children.remove(gone.id)
+            del self.folders[gone.id]
+            now = self._clock.time_ms()
+            self.folder_index.remove(gone.id, Tombstone(gone.id, gone.id, self._next_seq(), now))
+            self._emit(FolderChange(self.user_id, "deleted", gone.id, gone.parent_id))
+
+    def _descendants(self, folder_id: str) -> list[str]:
+        out: list[str] = []
+        stack = list(self.folders[folder_id].children)
+        while stack:
+            fid = stack.pop()
+            out.append(fid)
+            stack.extend(self.folders[fid].children)
+        return out
+
+    def _check_unique_name(self, parent: Folder, name: str, exclude: str | None = None) -> None:
+        lowered = name.lower()
+        for cid in parent.children:
+            if cid != exclude and self.folders[cid].display_name.lower() == lowered:
+                raise MailboxError(409, "ErrorFolderExists", "A folder with the specified name already exists.")
+
+    def _touch_folder(self, folder: Folder) -> None:
+        folder.seq = self._next_seq()
+        self.folder_index.touch(folder.id)
+        self._emit(FolderChange(self.user_id, "updated", folder.id, folder.parent_id))
+
+    # -- messages: lookup ------------------------------------------------------
+
+    def message(self, message_id: str) -> Message:
+        """A message by REST id (current only) or immutable id, else 404."""
+        found = self.by_rest.get(message_id) or self.by_immutable.get(message_id)
+        if found is None:
+            raise not_found()
+        return found
+
+    def all_messages(self) -> Iterator[Message]:
+        for folder in self.folders.values():
+            yield from folder.messages.values()
+
+    def message_count(self) -> int:
+        return len(self.by_rest)
+
+    def messages_newest_first(self, folder_id: str | None) -> list[Message]:
+        """Messages of a folder (or the whole mailbox) by receivedDateTime desc; cached per change."""
+        if folder_id is None:
+            return sorted(self.all_messages(), key=_newest_first_key)
+        folder = self.folder(folder_id)
+        cached = folder.sorted_cache
+        if cached is None or cached[0] != folder.members_version:
+            cached = (folder.members_version, sorted(folder.messages.values(), key=_newest_first_key))
+            folder.sorted_cache = cached
+        return cached[1]
+
+    # -- messages: changes -----------------------------------------------------
+
+    def add_message(self, folder_id: str, *, emit: bool = True, **fields: Any) -> Message:
+        """Create a message in ``folder_id`` from Message fields (ids, seq and times are assigned)."""
+        folder = self.folder(folder_id)
+        self._serial += 1
+        now = self._clock.time_ms()
+        seq = self._next_seq()
+        fields.setdefault("received_ms", now)
+        fields.setdefault("sent_ms", fields["received_ms"])
+        fields.setdefault("created_ms", fields["received_ms"])
+        fields.setdefault("modified_ms", max(fields["created_ms"], now if emit else fields["created_ms"]))
+        message = Message(immutable_id=self._immutable_id(self._serial), rest_id=self._rest_id(self._serial, 0),
+                          folder_id=folder.id, seq=seq, entered_seq=seq, serial=self._serial, **fields)
+        self._insert(folder, message)
+        if emit:
+            self._emit(MailChange(self.user_id, "created", message.rest_id, folder.id, message.immutable_id))
+        return message
+
+    def update_message(self, message: Message, changes: Mapping[str, Any]) -> Message:
+        """Apply already-validated attribute changes (``is_read``, ``flag``, ...) as one change."""
+        folder = self.folders[message.folder_id]
+        changed = False
+        for name, value in changes.items():
+            if getattr(message, name) != value:
+                if name == "is_read":
+                    folder.unread += -1 if value else 1
+                setattr(message, name, value)
+                changed = True
+        if not changed:
+            return message   # Exchange does not bump the change key for a no-op PATCH
+        self._bump(message)
+        folder.index.touch(message.rest_id)
+        if "received_ms" in changes:
+            folder.members_version += 1
+        self._emit(MailChange(self.user_id, "updated", message.rest_id, folder.id, message.immutable_id))
+        return message
+
+    def move_message(self, message: Message, destination: str) -> Message:
+        """Move to another folder: new REST id, same immutable id."""
+        target = self.folder(destination)
+        if target.id == self.root_id:
+            raise MailboxError(400, "ErrorInvalidRequest", "Messages cannot be moved to the root folder.")
+        if target.id == message.folder_id:
+            return message
+        source = self.folders[message.folder_id]
+        old_rest = message.rest_id
+        self._detach(source, message)
+        message.moves += 1
+        message.rest_id = self._rest_id(message.serial, message.moves)
+        message.folder_id = target.id
+        self._bump(message)
+        message.entered_seq = message.seq
+        self._insert(target, message)
+        self._emit(MailChange(self.user_id, "deleted", old_rest, source.id, message.immutable_id))
+        self._emit(MailChange(self.user_id, "created", message.rest_id, target.id, message.immutable_id))
+        return message
+
+    def copy_message(self, message: Message, destination: str) -> Message:
+        target = self.folder(destination)
+        if target.id == self.root_id:
+            raise MailboxError(400, "ErrorInvalidRequest", "Messages cannot be copied to the root folder.")
+        fields = {name: getattr(message, name) for name in _COPIED_FIELDS}
+        body, _ = self.body_of(message)
+        fields["body_content"] = body
+        fields["created_ms"] = self._clock.time_ms()
+        return self.add_message(target.id, **fields)
+
+    def delete_message(self, message: Message) -> None:
+        """Move to Deleted Items; a message already there is deleted for good."""
+        deleted = self.well_known["deleteditems"]
+        if message.folder_id != deleted:
+            self.move_message(message, deleted)
+            return
+        folder = self.folders[message.folder_id]
+        self._drop_message(message)
+        self._emit(MailChange(self.user_id, "deleted", message.rest_id, folder.id, message.immutable_id))
+
+    def remove_sent_draft(self, draft: Message) -> None:
+        """A sent draft leaves Drafts (its content becomes the Sent Items copy)."""
+        folder = self.folders[draft.folder_id]
+        self._drop_message(draft)
+        self._emit(MailChange(self.user_id, "deleted", draft.rest_id, folder.id, draft.immutable_id))
+
+    def body_of(self, message: Message) -> tuple[str, str]:
+        """(body HTML or text, preview) — generated from the seed when not stored."""
+        if message.body_content is None:
+            from graph_sandbox.seed import generated_body  # noqa: PLC0415 — seed imports this module
+            html, preview = generated_body(message.body_seed, message.subject)
+            return html, message.preview if message.preview is not None else preview
+        preview = message.preview if message.preview is not None else _preview(message.body_content)
+        return message.body_content, preview
+
+    def _bump(self, message: Message) -> None:
+        message.seq = self._next_seq()
+        message.version += 1
+        # lastModifiedDateTime never goes back, even if the clock is odd.
+        message.modified_ms = max(self._clock.time_ms(), message.modified_ms)
+
+    def _insert(self, folder: Folder, message: Message) -> None:
+        folder.index.put(message.rest_id, message)
+        folder.members_version += 1
+        if not message.is_read:
+            folder.unread += 1
+        self.by_rest[message.rest_id] = message
+        self.by_immutable[message.immutable_id] = message
+
+    def _detach(self, folder: Folder, message: Message) -> None:
+        tomb = Tombstone(message.rest_id, message.immutable_id, self._next_seq(), self._clock.time_ms())
+        folder.index.remove(message.rest_id, tomb)
+        folder.members_version += 1
+        if not message.is_read:
+            folder.unread -= 1
+        del self.by_rest[message.rest_id]
+
+    def _drop_message(self, message: Message) -> None:
+        self._detach(self.folders[message.folder_id], message)
+        del self.by_immutable[message.immutable_id]
+
+
+_COPIED_FIELDS = (
+    "subject", "sender", "from_", "to", "cc", "bcc", "reply_to", "received_ms", "sent_ms", "is_read",
+    "is_draft", "importance", "flag", "categories", "has_attachments", "internet_message_id",
+    "conversation_id", "conversation_index", "inference", "body_type", "body_seed",
+)
+
+
+def _newest_first_key(message: Message) -> tuple[int, int]:
+    return (-message.received_ms, -message.serial)
+
+
+def _preview(content: str) -> str:
+    from graph_sandbox.seed import text_preview  # noqa: PLC0415
+    return text_preview(content)
+
+
+def _folder_name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MailboxError(400, "ErrorInvalidRequest", "The displayName of a folder must be a non-empty string.")
+    if len(value) > 255:
+        raise MailboxError(400, "ErrorInvalidRequest", "The displayName of a folder is limited to 255 characters.")
+    return value.strip()
+
+
+class Mailboxes:
+    """All mailboxes of the tenant; global listeners survive resets."""
+
+    def __init__(self, clock: SandboxClock) -> None:
+        self._clock = clock
+        self._listeners: list[Listener] = []
+        self._boxes: dict[str, Mailbox] = {}
+        self._by_address: dict[str, Mailbox] = {}
+        self.epoch = 0
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(MailChange | FolderChange)`` after every change in any mailbox."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return self._listeners
+
+    def replace_all(self, boxes: Iterable[Mailbox], *, epoch: int) -> None:
+        self._boxes = {box.user_id: box for box in boxes}
+        self._by_address = {box.address.lower(): box for box in self._boxes.values()}
+        self.epoch = epoch
+
+    def __getitem__(self, user_id: str) -> Mailbox:
+        return self._boxes[user_id]
+
+    def get(self, user_id: str) -> Mailbox | None:
+        return self._boxes.get(user_id)
+
+    def by_address(self, address: str) -> Mailbox | None:
+        return self._by_address.get(address.lower())
+
+    def __iter__(self) -> Iterator[Mailbox]:
+        return iter(self._boxes.values())
+
+    def __len__(self) -> int:
+        return len(self._boxes)
+
+    def new_mailbox(self, user_id: str, address: str, display_name: str, id_salt: str) -> Mailbox:
+        return Mailbox(user_id, address, display_name, id_salt=id_salt, clock=self._clock,
+                       listeners=self._listeners)
+
+    def send_mail(self, sender: Mailbox, fields: dict[str, Any], *, save_to_sent: bool = True,
+                  draft: Message | None = None) -> Message | None:
+        """Send: a copy in the sender's Sent Items, one in each sandbox recipient's Inbox.
+
+        ``fields`` are validated Message fields (subject, to, cc, bcc, body...).
+        Recipients outside the tenant are accepted and go nowhere, as mail to
+        the outside world would. Returns the Sent Items copy (if saved).
+        """
+        now = self._clock.time_ms()
+        fields = dict(fields)
+        fields.update(sender=sender.me, from_=sender.me, received_ms=now, sent_ms=now, created_ms=now,
+                      is_draft=False)
+        fields.setdefault("internet_message_id",
+                          f"<{sender._hash('imid', sender._serial + 1, now, size=12)[:16]}@{sender.address.split('@')[-1]}>")
+        fields.setdefault("conversation_id", sender._hash("conv", fields.get("subject", ""), now, size=33))
+        fields.setdefault("conversation_index", base64.b64encode(now.to_bytes(8, "big") * 2 + b"\0" * 6).decode())
+        sent: Message | None = None
+        if draft is not None:
+            sender.remove_sent_draft(draft)
+        if save_to_sent:
+            sent = sender.add_message(sender.well_known["sentitems"], **{**fields, "is_read": True})
+        seen: set[str] = set()
+        for rcpt in (*fields.get("to", ()), *fields.get("cc", ()), *fields.get("bcc", ())):
+            address = rcpt["emailAddress"]["address"].lower()
+            box = self._by_address.get(address)
+            if box is None or address in seen:
+                continue
+            seen.add(address)
+            inbox_fields = {**fields, "is_read": False, "bcc": ()}
+            box.add_message(box.well_known["inbox"], **inbox_fields)
+        return sent
+
