@@ -10,7 +10,7 @@ new module implementing one of these, plus the shared contract suite in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from mailsync.models import (
     Account,
@@ -162,4 +162,20 @@ class AccountRepository(Protocol):
         ...
 
     def delete(self, account_id: str) -> None:
+        ...
+
+
+class SyncStatusReader(Protocol):
+    """Summary of an account's sync progress for ``GET /api/accounts/{id}`` (the sync engine implements it)."""
+
+    def summary(self, account_id: str) -> dict[str, Any]:
+        """A small JSON-able dict (phase, folders done/total, messages indexed, last sync time)."""
+        ...
+
+
+class SubscriptionRegistry(Protocol):
+    """The account's change subscriptions (change monitoring implements it)."""
+
+    def delete_for_account(self, account_id: str) -> None:
+        """Delete every subscription of the account, at the provider and locally (idempotent)."""
         ...
