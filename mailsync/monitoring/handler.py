@@ -1,0 +1,174 @@
+"""Queue jobs of change monitoring, run by the sync worker.
+
+NOTIFIED — turn an account's pending notifications into SYNC_FOLDER jobs.
+A message subscription on ``me/messages`` says "message X changed" with no
+folder, but the engine syncs per folder. Resolution, cheapest first:
+
+1. ``updated`` / ``deleted`` ids the store already holds: the store knows
+   their folder (one document read each; no Graph call).
+2. ``created`` ids (new mail, or the target half of a move — with immutable
+   ids a moved message keeps its id, so the store still names the *source*
+   folder, which needs syncing too) and ids the store does not hold yet: one
+   Graph ``GET messages/{id}?$select=parentFolderId`` each.
+3. When there are more ids to look up than the account has folders, or the
+   lookups fail (throttled, down), or the pending row overflowed: sync every
+   folder. Each folder costs one delta request that returns nothing when
+   nothing changed, so past that point per-message lookups cost more.
+
+A resolved folder the store does not know yet (a new folder) also gets a
+SYNC_FOLDERS job, which starts it. Extra jobs are harmless: the engine's
+folder lease turns a job for a busy folder into a "dirty" mark and one more
+round.
+
+SYNC_ACCOUNT — the folder list and every known folder, incrementally
+(polling, ``missed`` lifecycle events, after a subscription is created).
+
+SUBSCRIPTION — ensure / renew / recreate the account's subscription
+(``mailsync.monitoring.subscriptions``).
+
+Crash safety of NOTIFIED: the sync jobs are enqueued *before* the pending
+row is deleted, and the delete is ETag-checked. A crash in between leaves
+the row, the queue redelivers the job, and it enqueues the same folders
+again (harmless). Notifications merged into the row while the job ran make
+the delete fail; the job then reads the row again and handles the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from mailsync.errors import Conflict, MailsyncError, NotFound, PoisonJob, ProviderError
+from mailsync.jobs import JobKind, new_job
+from mailsync.models import Job
+from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
+from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
+from mailsync.ports import JobQueue, MessageStore
+
+log = logging.getLogger("mailsync.monitoring.handler")
+
+MONITORING_KINDS = frozenset({JobKind.NOTIFIED.value, JobKind.SYNC_ACCOUNT.value, JobKind.SUBSCRIPTION.value})
+MAX_LOOKUPS = 25          # Graph GETs per NOTIFIED job at most (keeps the job short)
+MAX_ROUNDS = 10           # re-reads of a pending row that keeps changing under us
+
+
+class MonitoringJobs:
+    """Runs NOTIFIED, SYNC_ACCOUNT and SUBSCRIPTION jobs."""
+
+    def __init__(self, pending: PendingStore, accounts: AccountDirectory, store: MessageStore,
+                 locator: MessageLocator, subscriptions: SubscriptionManager, queue: JobQueue) -> None:
+        self._pending = pending
+        self._accounts = accounts
+        self._store = store
+        self._locator = locator
+        self._subscriptions = subscriptions
+        self._queue = queue
+
+    @staticmethod
+    def handles(kind: str) -> bool:
+        return kind in MONITORING_KINDS
+
+    def run(self, job: Job) -> None:
+        if job.kind == JobKind.NOTIFIED:
+            self.notified(job.account_id)
+        elif job.kind == JobKind.SYNC_ACCOUNT:
+            self.sync_account(job.account_id, reason=job.reason or "sync_account")
+        elif job.kind == JobKind.SUBSCRIPTION:
+            self.subscription(job)
+        else:
+            raise PoisonJob(f"not a monitoring job: {job.kind}")
+
+    # -- NOTIFIED ---------------------------------------------------------------------
+
+    def notified(self, account_id: str) -> list[Job]:
+        """Handle the account's pending notifications; returns the jobs enqueued."""
+        sent: list[Job] = []
+        for _ in range(MAX_ROUNDS):
+            pending = self._pending.get(account_id)
+            if pending is None:
+                return sent  # already handled (a redelivered or duplicate job)
+            account = self._accounts.get(account_id)
+            if account is not None and account.status in WATCHED_STATUSES:
+                sent.extend(self._enqueue_all(self._resolve(pending), account_id, pending))
+            try:
+                self._pending.delete(pending)
+                return sent
+            except Conflict:
+                continue  # more notifications merged meanwhile: handle them too
+        # Still changing after many rounds: let a fresh job carry on instead of looping.
+        self._queue.enqueue(new_job(JobKind.NOTIFIED, account_id, reason="continue"))
+        return sent
+
+    def _resolve(self, pending: PendingChanges) -> tuple[set[str], bool]:
+        """(folders to sync, whether the folder list needs a sync too)."""
+        account_id = pending.account_id
+        known = {view.folder.folder_id for view in self._store.list_folders(account_id)}
+        if pending.all_folders:
+            return known, True
+        folders: set[str] = set()
+        lookups: list[str] = []
+        for message_id in dict.fromkeys(mid for _, mid in pending.changes):
+            types = {ct for ct, mid in pending.changes if mid == message_id}
+            stored = self._store.get_message(account_id, message_id)
+            if stored is not None:
+                folders.add(stored.folder_id)
+            if (stored is None and types != {ChangeType.DELETED.value}) or ChangeType.CREATED.value in types:
+                lookups.append(message_id)
+        if lookups:
+            if len(lookups) > min(MAX_LOOKUPS, max(1, len(known))):
+                log.info("%d messages to locate; syncing every folder instead", len(lookups))
+                return known, True
+            try:
+                located = self._locator.parent_folders(account_id, lookups)
+            except (ProviderError, NotFound) as exc:
+                log.info("locating notified messages failed (%s); syncing every folder", exc.code)
+                return known, True
+            folders.update(folder for folder in located.values() if folder is not None)
+        return folders, bool(folders - known)
+
+    def _enqueue_all(self, resolved: tuple[set[str], bool], account_id: str,
+                     pending: PendingChanges) -> list[Job]:
+        folders, folder_list = resolved
+        jobs = self._jobs(account_id, sorted(folders), folder_list, reason="notified")
+        log.info("notifications resolved to %d folder(s)", len(folders),
+                 extra={"changes": len(pending.changes), "all_folders": pending.all_folders,
+                        "jobs": len(jobs)})
+        return jobs
+
+    # -- SYNC_ACCOUNT -----------------------------------------------------------------
+
+    def sync_account(self, account_id: str, *, reason: str) -> list[Job]:
+        account = self._accounts.get(account_id)
+        if account is None or account.status not in WATCHED_STATUSES:
+            return []
+        known = sorted(view.folder.folder_id for view in self._store.list_folders(account_id))
+        return self._jobs(account_id, known, True, reason=reason)
+
+    # -- SUBSCRIPTION -----------------------------------------------------------------
+
+    def subscription(self, job: Job) -> None:
+        action = job.attrs.get("action", "ensure")
+        subscription_id = job.attrs.get("subscription_id")
+        if action == "ensure":
+            self._subscriptions.ensure(job.account_id)
+        elif action == "renew":
+            self._subscriptions.renew(job.account_id, subscription_id)
+        elif action == "recreate" and subscription_id:
+            self._subscriptions.recreate(job.account_id, subscription_id)
+        else:
+            raise PoisonJob(f"unknown subscription action {action!r}")
+
+    # -- common -----------------------------------------------------------------------
+
+    def _jobs(self, account_id: str, folders: Iterable[str], folder_list: bool, *, reason: str) -> list[Job]:
+        jobs: list[Job] = []
+        if folder_list:
+            jobs.append(new_job(JobKind.SYNC_FOLDERS, account_id, reason=reason))
+        jobs.extend(new_job(JobKind.SYNC_FOLDER, account_id, folder, reason=reason) for folder in folders)
+        for job in jobs:
+            try:
+                self._queue.enqueue(job)
+            except MailsyncError:
+                log.warning("enqueue failed after %d of %d jobs", jobs.index(job), len(jobs))
+                raise
+        return jobs

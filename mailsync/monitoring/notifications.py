@@ -1,0 +1,280 @@
+"""Graph change notifications: validate, then coalesce into (few) queue jobs.
+
+Graph POSTs ``{"value": [changeNotification, ...]}`` to the webhook and
+wants a 2xx within 3 seconds, or it retries and eventually drops the
+subscription. So the webhook does no Graph calls and no store reads: it
+checks each item, merges what is left into the account's *pending* row,
+and enqueues at most one NOTIFIED job per account.
+
+Trust: the URL is public, so anyone can POST to it. An item counts only if
+its ``subscriptionId`` is one we created and its ``clientState`` hashes to
+the value stored for *that* subscription (constant-time compare), and the
+subscription's account still exists and is linked. Everything else is
+dropped and logged (counts only, never the clientState) and acts on
+nothing. A body that is not a well-formed notification collection is
+rejected whole (400), before any item is looked at.
+
+Even an authentic item carries no data, only "message X of account A
+changed": the sync job re-reads the truth from Graph's delta. So a replayed
+or duplicated notification can at worst cause one extra, idempotent sync;
+while the first one's job is still pending it causes nothing at all (the
+pending row already holds it).
+
+Coalescing (why a row and not one job per request): Graph batches
+notifications, but a burst of 1,000 changes still arrives as dozens of
+requests. The pending row makes that one job per account per cycle of
+the worker: the first request creates the row and enqueues the job with a
+short delay (``NOTIFY_COALESCE_S``); later requests only merge ids into the
+row; the job deletes the row (ETag-checked) after it enqueued the sync
+jobs. See docs/change-monitoring.md for the measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailsync.errors import Conflict, DependencyUnavailable, InputError, MailsyncError
+from mailsync.jobs import JobKind, new_job
+from mailsync.models import Job
+from mailsync.monitoring.records import (
+    AccountDirectory,
+    ChangeType,
+    PendingChanges,
+    PendingStore,
+    Subscription,
+    SubscriptionStore,
+)
+from mailsync.monitoring.subscriptions import WATCHED_STATUSES
+from mailsync.ports import JobQueue
+from mailsync.security.secrets import secret_matches
+from mailsync.settings import Settings
+
+log = logging.getLogger("mailsync.monitoring.notifications")
+
+MAX_ITEMS = 5_000                      # per request; Graph's batches are far smaller
+MAX_SUBSCRIPTION_ID = 128
+MAX_CLIENT_STATE = 128                 # Graph's limit for clientState
+# Graph ids (immutable or not) are base64 with these characters; anything else is not Graph.
+MESSAGE_ID = re.compile(r"^[A-Za-z0-9+/=_.:-]{1,512}$")
+RESOURCE_ID = re.compile(r"[Mm]essages\('([^']{1,512})'\)$")
+# A pending row whose job was enqueued longer ago than this is presumed lost
+# (the job dead-lettered or the enqueue after the insert failed): the next
+# notification enqueues a fresh job. Generous, because a busy queue delays pickup.
+PENDING_STALE_S = 300
+MERGE_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class ChangeItem:
+    """One change notification, structurally valid, not yet authenticated."""
+
+    subscription_id: str
+    client_state: str | None
+    change_type: ChangeType | None     # None: a changeType we do not handle (dropped)
+    message_id: str | None             # None: no usable message id (dropped)
+
+
+@dataclass(frozen=True)
+class ReceiveReport:
+    """What one webhook request did: counts for the log and the tests."""
+
+    received: int = 0
+    accepted: int = 0
+    dropped: int = 0
+    jobs_enqueued: int = 0
+    accounts: int = 0
+
+
+def require_collection(body: Any) -> list[dict[str, Any]]:
+    if not isinstance(body, dict) or not isinstance(body.get("value"), list):
+        raise InputError('a notification body is a JSON object with a "value" array')
+    items: list[dict[str, Any]] = body["value"]
+    if len(items) > MAX_ITEMS:
+        raise InputError(f"too many notifications in one request (over {MAX_ITEMS})")
+    for item in items:
+        if not isinstance(item, dict):
+            raise InputError("every notification must be a JSON object")
+    return items
+
+
+def subscription_fields(item: dict[str, Any]) -> tuple[str, str | None]:
+    subscription_id = item.get("subscriptionId")
+    if not isinstance(subscription_id, str) or not 0 < len(subscription_id) <= MAX_SUBSCRIPTION_ID:
+        raise InputError("every notification needs a subscriptionId string")
+    client_state = item.get("clientState")
+    if client_state is not None and (not isinstance(client_state, str) or len(client_state) > MAX_CLIENT_STATE):
+        raise InputError("clientState must be a string of at most 128 characters")
+    return subscription_id, client_state
+
+
+def _message_id(item: dict[str, Any]) -> str | None:
+    data = item.get("resourceData")
+    if data is not None and not isinstance(data, dict):
+        raise InputError("resourceData must be an object")
+    candidate: Any = data.get("id") if data else None
+    if candidate is None:
+        resource = item.get("resource")
+        if isinstance(resource, str):
+            match = RESOURCE_ID.search(resource)
+            candidate = match.group(1) if match else None
+    if candidate is None:
+        return None
+    if not isinstance(candidate, str):
+        raise InputError("resourceData.id must be a string")
+    return candidate if MESSAGE_ID.match(candidate) else None
+
+
+def parse_change_notifications(body: Any) -> list[ChangeItem]:
+    """Check the shape of a ``changeNotificationCollection``; InputError rejects it whole."""
+    parsed: list[ChangeItem] = []
+    for item in require_collection(body):
+        subscription_id, client_state = subscription_fields(item)
+        raw_type = item.get("changeType")
+        if not isinstance(raw_type, str):
+            raise InputError("every change notification needs a changeType string")
+        try:
+            change_type: ChangeType | None = ChangeType(raw_type)
+        except ValueError:
+            change_type = None
+        parsed.append(ChangeItem(subscription_id, client_state, change_type, _message_id(item)))
+    return parsed
+
+
+class NotificationAuthenticator:
+    """Decides which items are ours: known subscription, matching clientState, live account.
+
+    Caches lookups for the length of one request only, so a deleted
+    subscription or account stops being accepted at once.
+    """
+
+    def __init__(self, subscriptions: SubscriptionStore, accounts: AccountDirectory) -> None:
+        self._subscriptions = subscriptions
+        self._accounts = accounts
+        self._subscription_cache: dict[str, Subscription | None] = {}
+        self._account_cache: dict[str, bool] = {}
+
+    def authenticate(self, subscription_id: str, client_state: str | None) -> Subscription | None:
+        """The subscription the item belongs to, or None (drop it)."""
+        if subscription_id not in self._subscription_cache:
+            self._subscription_cache[subscription_id] = self._subscriptions.get(subscription_id)
+        subscription = self._subscription_cache[subscription_id]
+        if subscription is None:
+            return None
+        # Constant-time compare against this subscription's hash: a clientState
+        # that is valid for another subscription (another account) does not match.
+        if client_state is None or not secret_matches(client_state, subscription.client_state_hash):
+            return None
+        if subscription.account_id not in self._account_cache:
+            account = self._accounts.get(subscription.account_id)
+            self._account_cache[subscription.account_id] = (account is not None
+                                                            and account.status in WATCHED_STATUSES)
+        return subscription if self._account_cache[subscription.account_id] else None
+
+
+def merge_changes(current: Sequence[tuple[str, str]], new: Iterable[tuple[str, str]], *,
+                  max_ids: int) -> tuple[tuple[tuple[str, str], ...], bool]:
+    """Distinct (changeType, id) pairs in arrival order; (pairs, overflowed)."""
+    seen = set(current)
+    merged = list(current)
+    for pair in new:
+        if pair not in seen:
+            seen.add(pair)
+            merged.append(pair)
+    if len({message_id for _, message_id in merged}) > max_ids:
+        return (), True
+    return tuple(merged), False
+
+
+class NotificationReceiver:
+    """The webhook's use case: authenticate items, coalesce per account, enqueue."""
+
+    def __init__(self, settings: Settings, subscriptions: SubscriptionStore, accounts: AccountDirectory,
+                 pending: PendingStore, queue: JobQueue, *,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._settings = settings
+        self._subscriptions = subscriptions
+        self._accounts = accounts
+        self._pending = pending
+        self._queue = queue
+        self._clock = clock
+
+    def receive(self, body: Any) -> ReceiveReport:
+        """Handle one parsed JSON body. InputError: malformed (nothing done)."""
+        items = parse_change_notifications(body)
+        auth = NotificationAuthenticator(self._subscriptions, self._accounts)
+        per_account: dict[str, list[tuple[str, str]]] = {}
+        dropped = 0
+        for item in items:
+            subscription = auth.authenticate(item.subscription_id, item.client_state)
+            if subscription is None or item.change_type is None or item.message_id is None:
+                dropped += 1
+                continue
+            per_account.setdefault(subscription.account_id, []).append((item.change_type.value, item.message_id))
+        if dropped:
+            # Counts only: never the clientState or the forged ids.
+            log.warning("dropped %d of %d notifications (unknown subscription, clientState mismatch, "
+                        "account gone or unusable item)", dropped, len(items),
+                        extra={"dropped": dropped, "received": len(items)})
+        enqueued = 0
+        for account_id, changes in per_account.items():
+            if self._coalesce(account_id, changes):
+                enqueued += 1
+        return ReceiveReport(received=len(items), accepted=len(items) - dropped, dropped=dropped,
+                             jobs_enqueued=enqueued, accounts=len(per_account))
+
+    def _coalesce(self, account_id: str, changes: list[tuple[str, str]]) -> bool:
+        """Merge into the pending row; True when this call enqueued the NOTIFIED job."""
+        max_ids = self._settings.notify_max_ids
+        for _ in range(MERGE_ATTEMPTS):
+            now = self._clock()
+            current = self._pending.get(account_id)
+            if current is None:
+                merged, overflow = merge_changes((), changes, max_ids=max_ids)
+                row = PendingChanges(account_id, merged, overflow, first_at=now, enqueued_at=now)
+                try:
+                    self._pending.create(row)
+                except Conflict:
+                    continue
+                self._enqueue_or_undo(account_id)
+                return True
+            if current.all_folders:
+                merged, overflow = (), True
+            else:
+                merged, overflow = merge_changes(current.changes, changes, max_ids=max_ids)
+            stale = now - current.enqueued_at > timedelta(seconds=PENDING_STALE_S)
+            if merged == current.changes and overflow == current.all_folders and not stale:
+                return False  # nothing new: a replay or a duplicate of what is pending
+            updated = replace(current, changes=merged, all_folders=overflow,
+                              enqueued_at=now if stale else current.enqueued_at)
+            try:
+                self._pending.replace(updated)
+            except Conflict:
+                continue  # the job took the row meanwhile, or another request merged: read again
+            if stale:
+                log.warning("pending notifications had no live job; enqueueing another")
+                self._queue.enqueue(self._job(account_id), delay_s=self._settings.notify_coalesce_s)
+                return True
+            return False
+        raise DependencyUnavailable("notification gate is too contended; retry", retry_after_s=1)
+
+    def _job(self, account_id: str) -> Job:
+        return new_job(JobKind.NOTIFIED, account_id, reason="webhook")
+
+    def _enqueue_or_undo(self, account_id: str) -> None:
+        try:
+            self._queue.enqueue(self._job(account_id), delay_s=self._settings.notify_coalesce_s)
+        except MailsyncError:
+            # Without its job the row would swallow notifications until it goes stale.
+            # Best effort: remove it so Graph's retry of this request starts clean.
+            current = self._pending.get(account_id)
+            if current is not None:
+                try:
+                    self._pending.delete(current)
+                except MailsyncError:
+                    log.warning("could not undo a pending row after a failed enqueue")
+            raise

@@ -1,0 +1,110 @@
+"""Polling fallback: incremental sync on a timer, spread evenly over the interval.
+
+Who is polled, and how often:
+
+* every watched account at ``POLL_INTERVAL_S`` when webhooks cannot work
+  (``PUBLIC_BASE_URL`` is not a public HTTPS URL and Graph is the real one),
+  or when the account has no healthy subscription (never created, creation
+  or renewal failing, expired);
+* every other watched account at ``POLL_INTERVAL_SUBSCRIBED_S`` (a safety
+  sweep, default 6 h): notifications can be lost without a ``missed``
+  event, and message subscriptions say nothing about folders being
+  renamed or created.
+
+Spreading: each account gets a fixed offset in the interval, from a hash
+of its id (stable across processes, unlike ``hash()``). The timer fires
+every ``POLL_TICK_S``; each tick enqueues one SYNC_ACCOUNT job for the
+accounts whose next due time falls inside that tick, with a queue
+visibility delay that lands it on that time. 10,000 accounts every 15
+minutes become about 11 jobs a second, evenly, not 10,000 at once; and
+each tick's scan only enqueues ``tick / interval`` of the accounts.
+
+A tick the host skips loses those accounts' poll for one interval; a tick
+run twice enqueues their job twice (harmless: jobs are idempotent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from mailsync.jobs import JobKind, new_job
+from mailsync.monitoring.records import AccountDirectory, AccountMonitor, SubscriptionStore
+from mailsync.monitoring.subscriptions import WATCHED_STATUSES, webhooks_enabled
+from mailsync.ports import JobQueue
+from mailsync.settings import Settings
+
+log = logging.getLogger("mailsync.monitoring.polling")
+
+
+def offset_s(account_id: str, interval_s: int) -> int:
+    """The account's fixed slot in the interval (uniform, stable across processes)."""
+    digest = hashlib.sha256(account_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % interval_s
+
+
+def due_delay(account_id: str, interval_s: int, tick_s: int, now_s: float) -> float | None:
+    """Seconds from ``now_s`` to the account's due time if it falls in this tick, else None.
+
+    The tick is the window ``[floor(now / tick) * tick, + tick)``; the
+    account is due at every ``k * interval + offset``.
+    """
+    interval = max(interval_s, tick_s)
+    window_start = int(now_s // tick_s) * tick_s
+    due = window_start + (offset_s(account_id, interval) - window_start) % interval
+    if due >= window_start + tick_s:
+        return None
+    return max(0.0, due - now_s)
+
+
+@dataclass(frozen=True)
+class PollReport:
+    polled: int = 0       # accounts enqueued at the fallback interval
+    swept: int = 0        # accounts enqueued at the safety-sweep interval
+    watched: int = 0
+
+
+class PollScheduler:
+    """The poll_scheduler timer's use case."""
+
+    def __init__(self, settings: Settings, accounts: AccountDirectory, subscriptions: SubscriptionStore,
+                 queue: JobQueue, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._settings = settings
+        self._accounts = accounts
+        self._subscriptions = subscriptions
+        self._queue = queue
+        self._clock = clock
+        self._webhooks = webhooks_enabled(settings)
+
+    def needs_polling(self, monitor: AccountMonitor | None, now: datetime) -> bool:
+        return not self._webhooks or monitor is None or not monitor.healthy(now)
+
+    def tick(self) -> PollReport:
+        now = self._clock()
+        now_s = now.timestamp()
+        tick_s = self._settings.poll_tick_s
+        monitors = {m.account_id: m for m in self._subscriptions.monitors()} if self._webhooks else {}
+        polled = swept = watched = 0
+        for account in self._accounts.iter_accounts():
+            if account.status not in WATCHED_STATUSES:
+                continue
+            watched += 1
+            fallback = self.needs_polling(monitors.get(account.account_id), now)
+            interval = self._settings.poll_interval_s if fallback else self._settings.poll_interval_subscribed_s
+            if interval <= 0:
+                continue
+            delay = due_delay(account.account_id, interval, tick_s, now_s)
+            if delay is None:
+                continue
+            reason = "poll" if fallback else "sweep"
+            self._queue.enqueue(new_job(JobKind.SYNC_ACCOUNT, account.account_id, reason=reason), delay_s=delay)
+            if fallback:
+                polled += 1
+            else:
+                swept += 1
+        report = PollReport(polled=polled, swept=swept, watched=watched)
+        log.info("poll tick: %d polled, %d swept of %d watched accounts", polled, swept, watched)
+        return report

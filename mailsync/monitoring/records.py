@@ -1,0 +1,204 @@
+"""Records and ports of change monitoring.
+
+Three small tables back this package (``mailsync.storage.subscriptions``):
+
+* a **subscription** row per Graph subscription, keyed by its id — the
+  webhook's only lookup (one point read per distinct subscription in a
+  notification batch);
+* a **monitor** row per account — which subscription is current, when it
+  expires, and whether creating or renewing it is failing (then the account
+  is polled instead);
+* a **pending** row per account — the notifications received but not yet
+  turned into sync jobs. It is the coalescing gate: while it exists, a job
+  that will read it is on the queue, so new notifications only merge into
+  it instead of enqueueing another job.
+
+Every partition is one account or one subscription: nothing grows with the
+mailbox, nothing costs a write per email.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from mailsync.models import Account
+
+
+class ChangeType(enum.StrEnum):
+    """Graph's changeType values for message subscriptions."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One Graph subscription we created, as the webhook needs it.
+
+    ``client_state_hash`` is the SHA-256 of the random clientState sent to
+    Graph at creation; the clientState itself is never stored.
+    """
+
+    subscription_id: str
+    account_id: str
+    client_state_hash: str
+    expires_at: datetime
+    created_at: datetime
+    resource: str = "me/messages"
+
+
+@dataclass(frozen=True)
+class AccountMonitor:
+    """How one account is being watched.
+
+    ``subscription_id`` is None while the account has no working
+    subscription (never created, creation failing, webhooks disabled):
+    the poll scheduler then polls it. ``failures`` counts consecutive
+    failed create/renew attempts; ``retry_at`` is when the renewer tries
+    again.
+    """
+
+    account_id: str
+    subscription_id: str | None = None
+    expires_at: datetime | None = None
+    failures: int = 0
+    last_error: str | None = None
+    retry_at: datetime | None = None
+    updated_at: datetime | None = None
+    etag: str | None = None
+
+    def healthy(self, now: datetime) -> bool:
+        """True when a subscription exists, has not expired and nothing is failing."""
+        return (self.subscription_id is not None and self.failures == 0
+                and self.expires_at is not None and self.expires_at > now)
+
+
+@dataclass(frozen=True)
+class PendingChanges:
+    """Notifications of one account waiting for their NOTIFIED job.
+
+    ``changes`` holds distinct (changeType, message id) pairs, at most
+    ``Settings.notify_max_ids`` of them; beyond that ``all_folders`` is set
+    and the ids are dropped (the job then syncs every folder). ``enqueued_at``
+    is when the job that will read this row was sent: a row much older than
+    that job's expected pickup means the job was lost, and the next
+    notification enqueues a new one.
+    """
+
+    account_id: str
+    changes: tuple[tuple[str, str], ...]
+    all_folders: bool
+    first_at: datetime
+    enqueued_at: datetime
+    etag: str | None = None
+
+
+class SubscriptionStore(Protocol):
+    """Subscription and monitor rows (Azure Tables)."""
+
+    def get(self, subscription_id: str) -> Subscription | None:
+        ...
+
+    def put(self, subscription: Subscription) -> None:
+        """Insert or replace."""
+        ...
+
+    def delete(self, subscription_id: str) -> None:
+        """Delete; a missing row is fine."""
+        ...
+
+    def get_monitor(self, account_id: str) -> AccountMonitor | None:
+        ...
+
+    def save_monitor(self, monitor: AccountMonitor) -> AccountMonitor:
+        """Insert (``etag`` None: fails with Conflict if a row exists) or replace
+        if the stored row still has ``monitor.etag`` (else Conflict). Returns
+        the stored record with its new etag."""
+        ...
+
+    def delete_monitor(self, account_id: str) -> None:
+        ...
+
+    def monitors(self) -> Iterator[AccountMonitor]:
+        """Every account's monitor row (the timers' scan; one row per account)."""
+        ...
+
+
+class PendingStore(Protocol):
+    """The per-account coalescing gate (Azure Tables, ETag concurrency)."""
+
+    def get(self, account_id: str) -> PendingChanges | None:
+        ...
+
+    def create(self, pending: PendingChanges) -> PendingChanges:
+        """Insert; Conflict if the account already has a pending row."""
+        ...
+
+    def replace(self, pending: PendingChanges) -> PendingChanges:
+        """Replace if unchanged since read (``pending.etag``); Conflict otherwise or if gone."""
+        ...
+
+    def delete(self, pending: PendingChanges) -> None:
+        """Delete if unchanged since read; Conflict if it changed; a missing row is fine."""
+        ...
+
+
+class AccountDirectory(Protocol):
+    """Reads accounts: one by id (webhook), all of them (timers)."""
+
+    def get(self, account_id: str) -> Account | None:
+        ...
+
+    def iter_accounts(self) -> Iterator[Account]:
+        ...
+
+
+@dataclass(frozen=True)
+class SubscriptionRequest:
+    """What we ask Graph to create."""
+
+    resource: str
+    change_types: tuple[ChangeType, ...]
+    notification_url: str
+    lifecycle_url: str
+    client_state: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class CreatedSubscription:
+    subscription_id: str
+    expires_at: datetime
+
+
+class SubscriptionApi(Protocol):
+    """Graph's /subscriptions, on behalf of an account (its delegated token).
+
+    Errors are the project's: ``NotFound`` when the subscription is gone,
+    ``ProviderError`` subclasses otherwise (a failed validation handshake is
+    a ``ProviderError`` with Graph's 400).
+    """
+
+    def create(self, account_id: str, request: SubscriptionRequest) -> CreatedSubscription:
+        ...
+
+    def renew(self, account_id: str, subscription_id: str, expires_at: datetime) -> datetime:
+        """Extend; returns the expiration Graph granted."""
+        ...
+
+    def delete(self, account_id: str, subscription_id: str) -> None:
+        """Delete; an already deleted subscription is fine."""
+        ...
+
+
+class MessageLocator(Protocol):
+    """Finds which folder messages are in now (Graph GET ?$select=parentFolderId)."""
+
+    def parent_folders(self, account_id: str, message_ids: Sequence[str]) -> Mapping[str, str | None]:
+        """message id → folder id (None when the message no longer exists)."""
+        ...

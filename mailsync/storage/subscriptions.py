@@ -1,0 +1,236 @@
+"""Change-monitoring rows in Azure Tables: subscriptions, monitors, pending notifications.
+
+Table ``<prefix>subscriptions``; every partition is one subscription or
+one account, so none grows::
+
+    PartitionKey = "s-<subscription id>"  RowKey = "subscription"  account, clientState hash, expiry
+    PartitionKey = "a-<account id>"       RowKey = "monitor"       current subscription, failures
+    PartitionKey = "a-<account id>"       RowKey = "pending"       notifications awaiting their job
+
+The webhook's lookup by subscription id is a point read. The timers scan
+the ``monitor`` rows (one per account; a full-table query filtered on the
+RowKey — fine for a timer every few minutes, never done per request).
+
+Keys the webhook receives come from the internet: anything that is not
+shaped like an id we store is answered "unknown" without reaching the
+table (a ``/`` or ``#`` in a key would otherwise become a different URL).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableClient, UpdateMode
+
+from mailsync.errors import Conflict
+from mailsync.monitoring.records import AccountMonitor, PendingChanges, Subscription
+from mailsync.storage.table_errors import ensure_table, table_errors
+
+SUBSCRIPTION_ROW = "subscription"
+MONITOR_ROW = "monitor"
+PENDING_ROW = "pending"
+# Graph subscription ids are GUIDs; our account ids are hex. Both fit this.
+_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _sub_key(subscription_id: str) -> str:
+    return f"s-{subscription_id}"
+
+
+def _account_key(account_id: str) -> str:
+    return f"a-{account_id}"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def _time(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    parsed = datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _required_time(value: Any) -> datetime:
+    parsed = _time(value)
+    if parsed is None:
+        raise ValueError("a required time is missing from a monitoring row")
+    return parsed
+
+
+def _opt(entity: Mapping[str, Any], key: str) -> str | None:
+    value = entity.get(key)
+    return None if value is None or value == "" else str(value)
+
+
+def _etag(entity: Any) -> str:
+    return str(entity.metadata["etag"])
+
+
+def valid_key(value: str) -> bool:
+    return bool(_KEY.match(value))
+
+
+class TableSubscriptionStore:
+    """``SubscriptionStore`` on Azure Tables."""
+
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+
+    def ensure_table(self) -> None:
+        ensure_table(self._table)
+
+    # -- subscriptions ----------------------------------------------------------------
+
+    def get(self, subscription_id: str) -> Subscription | None:
+        if not valid_key(subscription_id):
+            return None
+        with table_errors("reading a subscription"):
+            try:
+                entity = self._table.get_entity(_sub_key(subscription_id), SUBSCRIPTION_ROW)
+            except ResourceNotFoundError:
+                return None
+        return Subscription(subscription_id=subscription_id, account_id=str(entity["account_id"]),
+                            client_state_hash=str(entity["client_state_hash"]),
+                            expires_at=_required_time(entity["expires_at"]),
+                            created_at=_required_time(entity["created_at"]),
+                            resource=str(entity.get("resource") or "me/messages"))
+
+    def put(self, subscription: Subscription) -> None:
+        if not valid_key(subscription.subscription_id):
+            raise ValueError("subscription id is not a valid table key")
+        entity = {"PartitionKey": _sub_key(subscription.subscription_id), "RowKey": SUBSCRIPTION_ROW,
+                  "account_id": subscription.account_id, "client_state_hash": subscription.client_state_hash,
+                  "expires_at": _iso(subscription.expires_at), "created_at": _iso(subscription.created_at),
+                  "resource": subscription.resource}
+        with table_errors("saving a subscription"):
+            self._table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+    def delete(self, subscription_id: str) -> None:
+        if not valid_key(subscription_id):
+            return
+        with table_errors("deleting a subscription"):
+            self._table.delete_entity(_sub_key(subscription_id), SUBSCRIPTION_ROW)
+
+    # -- monitors ---------------------------------------------------------------------
+
+    def get_monitor(self, account_id: str) -> AccountMonitor | None:
+        if not valid_key(account_id):
+            return None
+        with table_errors("reading an account monitor"):
+            try:
+                entity = self._table.get_entity(_account_key(account_id), MONITOR_ROW)
+            except ResourceNotFoundError:
+                return None
+        return _monitor(entity)
+
+    def save_monitor(self, monitor: AccountMonitor) -> AccountMonitor:
+        if not valid_key(monitor.account_id):
+            raise ValueError("account id is not a valid table key")
+        entity = {"PartitionKey": _account_key(monitor.account_id), "RowKey": MONITOR_ROW,
+                  "account_id": monitor.account_id, "subscription_id": monitor.subscription_id or "",
+                  "expires_at": _iso(monitor.expires_at), "failures": monitor.failures,
+                  "last_error": monitor.last_error or "", "retry_at": _iso(monitor.retry_at),
+                  "updated_at": _iso(monitor.updated_at)}
+        with table_errors("saving an account monitor"):
+            try:
+                if monitor.etag is None:
+                    meta = self._table.create_entity(entity)
+                else:
+                    meta = self._table.update_entity(entity, mode=UpdateMode.REPLACE, etag=monitor.etag,
+                                                     match_condition=MatchConditions.IfNotModified)
+            except ResourceExistsError as exc:
+                raise Conflict("the account monitor already exists") from exc
+            except (ResourceModifiedError, ResourceNotFoundError) as exc:
+                raise Conflict("the account monitor changed concurrently") from exc
+        return AccountMonitor(**{**monitor.__dict__, "etag": str(meta["etag"])})
+
+    def delete_monitor(self, account_id: str) -> None:
+        if not valid_key(account_id):
+            return
+        with table_errors("deleting an account monitor"):
+            self._table.delete_entity(_account_key(account_id), MONITOR_ROW)
+            self._table.delete_entity(_account_key(account_id), PENDING_ROW)
+
+    def monitors(self) -> Iterator[AccountMonitor]:
+        with table_errors("listing account monitors"):
+            for entity in self._table.query_entities("RowKey eq @row", parameters={"row": MONITOR_ROW}):
+                yield _monitor(entity)
+
+
+def _monitor(entity: Any) -> AccountMonitor:
+    return AccountMonitor(account_id=str(entity["account_id"]), subscription_id=_opt(entity, "subscription_id"),
+                          expires_at=_time(entity.get("expires_at")), failures=int(entity.get("failures") or 0),
+                          last_error=_opt(entity, "last_error"), retry_at=_time(entity.get("retry_at")),
+                          updated_at=_time(entity.get("updated_at")), etag=_etag(entity))
+
+
+class TablePendingStore:
+    """``PendingStore`` on Azure Tables: the per-account coalescing gate (ETag concurrency)."""
+
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+
+    def get(self, account_id: str) -> PendingChanges | None:
+        if not valid_key(account_id):
+            return None
+        with table_errors("reading pending notifications"):
+            try:
+                entity = self._table.get_entity(_account_key(account_id), PENDING_ROW)
+            except ResourceNotFoundError:
+                return None
+        changes = orjson.loads(entity.get("changes") or "[]")
+        return PendingChanges(account_id=account_id,
+                              changes=tuple((str(ct), str(mid)) for ct, mid in changes),
+                              all_folders=bool(entity.get("all_folders")),
+                              first_at=_required_time(entity["first_at"]),
+                              enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity))
+
+    def create(self, pending: PendingChanges) -> PendingChanges:
+        with table_errors("saving pending notifications"):
+            try:
+                meta = self._table.create_entity(self._entity(pending))
+            except ResourceExistsError as exc:
+                raise Conflict("notifications are already pending") from exc
+        return PendingChanges(**{**pending.__dict__, "etag": str(meta["etag"])})
+
+    def replace(self, pending: PendingChanges) -> PendingChanges:
+        if pending.etag is None:
+            raise ValueError("replace needs the etag the row was read with")
+        with table_errors("saving pending notifications"):
+            try:
+                meta = self._table.update_entity(self._entity(pending), mode=UpdateMode.REPLACE, etag=pending.etag,
+                                                 match_condition=MatchConditions.IfNotModified)
+            except (ResourceModifiedError, ResourceNotFoundError) as exc:
+                raise Conflict("pending notifications changed concurrently") from exc
+        return PendingChanges(**{**pending.__dict__, "etag": str(meta["etag"])})
+
+    def delete(self, pending: PendingChanges) -> None:
+        if not valid_key(pending.account_id):
+            return
+        with table_errors("deleting pending notifications"):
+            try:
+                self._table.delete_entity(_account_key(pending.account_id), PENDING_ROW, etag=pending.etag,
+                                          match_condition=MatchConditions.IfNotModified)
+            except ResourceModifiedError as exc:
+                raise Conflict("pending notifications changed concurrently") from exc
+            except ResourceNotFoundError:
+                pass
+
+    @staticmethod
+    def _entity(pending: PendingChanges) -> dict[str, Any]:
+        if not valid_key(pending.account_id):
+            raise ValueError("account id is not a valid table key")
+        return {"PartitionKey": _account_key(pending.account_id), "RowKey": PENDING_ROW,
+                "changes": orjson.dumps([list(pair) for pair in pending.changes]).decode(),
+                "all_folders": pending.all_folders, "first_at": _iso(pending.first_at),
+                "enqueued_at": _iso(pending.enqueued_at)}
