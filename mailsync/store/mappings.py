@@ -1,0 +1,200 @@
+"""Index names, aliases and explicit mappings of the search store.
+
+Three index families, all shared by every account (see docs/store.md for
+why not one index per user):
+
+=====================  ==========================  ==================================
+alias (what we use)     physical index               holds
+=====================  ==========================  ==================================
+<prefix>-messages       <prefix>-messages-v1         one document per message
+<prefix>-mailboxes      <prefix>-mailboxes-v1        one per linked address, one per folder
+<prefix>-deadletter     <prefix>-deadletter-v1       writes the cluster refused, with reason
+=====================  ==========================  ==================================
+
+The code only ever names the alias; the ``-vN`` index behind it can be
+replaced by a reindex into ``-vN+1`` and an atomic alias swap when a
+mapping has to change in a way Elasticsearch cannot apply in place.
+
+Every mapping is ``dynamic: strict`` (a field we did not declare is an
+error, not a silent new field) and requires ``_routing`` (a write or get
+without the account id as routing is an error, so a forgotten routing
+cannot scatter an account over every shard). The generation id is written
+into the ``_meta`` of the messages and mailboxes mappings at creation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from mailsync.errors import ConfigurationError
+
+SCHEMA_VERSION = 1
+
+# Keyword values longer than this are kept in _source but not indexed:
+# Elasticsearch refuses a whole document with a term over 32766 bytes, and
+# a spam header should not dead-letter a message.
+KEYWORD_IGNORE_ABOVE = 1024
+
+# Index names: lowercase, no separators Elasticsearch forbids, and room for
+# the "-messages-v1" suffix under the 255-byte limit.
+_PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class IndexNames:
+    """Alias and physical index names for one index prefix."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.match(self.prefix):
+            raise ConfigurationError(
+                "ELASTICSEARCH_INDEX_PREFIX must be lowercase letters, digits, '.', '_' or '-' "
+                f"and start with a letter or digit, got {self.prefix!r}"
+            )
+
+    @property
+    def messages(self) -> str:
+        return f"{self.prefix}-messages"
+
+    @property
+    def messages_index(self) -> str:
+        return f"{self.messages}-v{SCHEMA_VERSION}"
+
+    @property
+    def mailboxes(self) -> str:
+        return f"{self.prefix}-mailboxes"
+
+    @property
+    def mailboxes_index(self) -> str:
+        return f"{self.mailboxes}-v{SCHEMA_VERSION}"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}-deadletter"
+
+    @property
+    def deadletter_index(self) -> str:
+        return f"{self.deadletter}-v{SCHEMA_VERSION}"
+
+
+def _keyword(**extra: Any) -> dict[str, Any]:
+    return {"type": "keyword", "ignore_above": KEYWORD_IGNORE_ABOVE, **extra}
+
+
+# Ids are keywords without ignore_above: an id too long to index must fail
+# loudly (dead letter), never be stored unfindable.
+_ID: dict[str, Any] = {"type": "keyword"}
+_DATE: dict[str, Any] = {"type": "date", "format": "strict_date_optional_time||epoch_millis"}
+_ADDRESS: dict[str, Any] = {
+    "properties": {
+        "name": {"type": "text"},
+        # Exact address as keyword (filters), and a copy split at every
+        # non-letter for full text, so "fabrikam" finds billing@fabrikam.com.
+        "address": _keyword(fields={"text": {"type": "text", "analyzer": "simple"}}),
+    }
+}
+
+
+def messages_mapping(generation: str) -> dict[str, Any]:
+    """Mapping of the messages index; ``generation`` goes into ``_meta``."""
+    return {
+        "dynamic": "strict",
+        "_routing": {"required": True},
+        "_meta": {"family": "messages", "schema": SCHEMA_VERSION, "generation": generation},
+        "properties": {
+            "account_id": _ID,
+            "message_id": _ID,
+            "folder_id": _ID,
+            # The provider version (also the external _version) and the resync
+            # epoch of the last write; remove_stale compares sync_epoch.
+            "version": {"type": "long"},
+            "sync_epoch": {"type": "long"},
+            # Sort key: received time in epoch ms, never missing (falls back
+            # to sent/modified time, then 0) so search_after cursors never
+            # carry a null, which servers treat differently.
+            "sort_ts": {"type": "long"},
+            "subject": {"type": "text", "fields": {"keyword": _keyword()}},
+            "from": _ADDRESS,
+            "to": _ADDRESS,
+            "cc": _ADDRESS,
+            "received_at": _DATE,
+            "sent_at": _DATE,
+            "modified_at": _DATE,
+            "is_read": {"type": "boolean"},
+            "is_draft": {"type": "boolean"},
+            "flag_status": _keyword(),
+            "importance": _keyword(),
+            "categories": _keyword(),
+            "has_attachments": {"type": "boolean"},
+            "conversation_id": _keyword(),
+            "internet_message_id": _keyword(),
+            "body_preview": {"type": "text"},
+            "body_text": {"type": "text"},
+            "indexed_at": _DATE,
+        },
+    }
+
+
+def mailboxes_mapping(generation: str) -> dict[str, Any]:
+    """Mapping of the mailboxes index: ``kind`` tells a mailbox, folder or bulk-load lease apart."""
+    return {
+        "dynamic": "strict",
+        "_routing": {"required": True},
+        "_meta": {"family": "mailboxes", "schema": SCHEMA_VERSION, "generation": generation},
+        "properties": {
+            "kind": _ID,
+            "account_id": _ID,
+            # kind=mailbox
+            "address": _keyword(fields={"text": {"type": "text"}}),
+            "display_name": {"type": "text"},
+            "provider": _keyword(),
+            "status": _keyword(),
+            "total_messages": {"type": "long"},
+            "last_sync_at": _DATE,
+            # kind=folder
+            "folder_id": _ID,
+            "name": {"type": "text", "fields": {"keyword": _keyword()}},
+            "parent_id": _ID,
+            "role": _keyword(),
+            "total_count": {"type": "long"},
+            "unread_count": {"type": "long"},
+            "child_folder_count": {"type": "long"},
+            "phase": _keyword(),
+            # kind=bulk_load
+            "expires_at": _DATE,
+            "updated_at": _DATE,
+        },
+    }
+
+
+def deadletter_mapping() -> dict[str, Any]:
+    """Mapping of the dead-letter index: the refused document is kept whole but not indexed."""
+    return {
+        "dynamic": "strict",
+        "_routing": {"required": True},
+        "_meta": {"family": "deadletter", "schema": SCHEMA_VERSION},
+        "properties": {
+            "account_id": _ID,
+            "doc_id": _ID,
+            "target": _ID,          # messages | mailboxes
+            "action": _ID,          # index | update | delete
+            "status": {"type": "integer"},
+            "error_type": _keyword(),
+            "reason": {"type": "text"},
+            "recorded_at": _DATE,
+            # Whatever we tried to write, as is: "enabled: false" accepts any
+            # shape without mapping it, which is the point for a poison document.
+            "document": {"type": "object", "enabled": False},
+        },
+    }
+
+
+def index_settings(*, shards: int = 1, replicas: int | None = None) -> dict[str, Any]:
+    """Settings for a new index. One shard by default: routing keeps each account on one shard anyway."""
+    settings: dict[str, Any] = {"number_of_shards": shards}
+    if replicas is not None:
+        settings["number_of_replicas"] = replicas
+    return settings

@@ -1,0 +1,505 @@
+"""The MessageStore contract, against osmem-server or (ELASTICSEARCH_URL) a real Elasticsearch.
+
+Every test gets indices of its own (fixture ``store``). Tests call
+``store.refresh()`` before searches, as code reading right after writing
+must on Elasticsearch (osmem makes writes visible at once, so a missing
+refresh would only show against a real cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailsync.errors import InputError, StoreError, StoreUnavailable
+from mailsync.models import (
+    AccountStatus,
+    Address,
+    FlagStatus,
+    Folder,
+    Mailbox,
+    Message,
+    MessageQuery,
+    Provider,
+)
+from mailsync.ports import MessageStore
+from mailsync.store.elasticsearch import ElasticsearchStore, make_client
+from mailsync.store.mappings import IndexNames, index_settings, messages_mapping
+from tests.store.faults import FaultPlan, faulty_transport
+
+pytestmark = pytest.mark.es
+
+BASE = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+
+
+def msg(account: str, n: int, *, folder: str = "inbox", version: int = 1000, **fields: object) -> Message:
+    """Message ``n`` of ``account``: received n minutes after BASE (higher n = newer)."""
+    values: dict[str, object] = {
+        "subject": f"Message {n}",
+        "sender": Address(f"sender{n % 3}@example.com", f"Sender {n % 3}"),
+        "to": (Address("me@example.com", "Me"),),
+        "received_at": BASE + timedelta(minutes=n),
+        "body_preview": f"preview {n}",
+        "body_text": f"body of message {n}",
+    }
+    values.update(fields)
+    return Message(account_id=account, message_id=f"m{n}", folder_id=folder, version=version, **values)  # type: ignore[arg-type]
+
+
+def ids(messages: tuple[Message, ...] | list[Message]) -> list[str]:
+    return [m.message_id for m in messages]
+
+
+def all_ids(store: ElasticsearchStore, account: str, **query: object) -> list[str]:
+    """Every message id of the account matching ``query``, newest first, following cursors."""
+    out: list[str] = []
+    cursor = None
+    while True:
+        page = store.list_messages(account, MessageQuery(limit=50, cursor=cursor, **query))  # type: ignore[arg-type]
+        out += ids(page.messages)
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+def test_adapter_satisfies_the_port(store: ElasticsearchStore) -> None:
+    port: MessageStore = store   # mypy checks the Protocol; this keeps the test honest at runtime too
+    for name in MessageStore.__dict__:
+        if not name.startswith("_"):
+            assert callable(getattr(port, name)), name
+
+
+# ---------------------------------------------------------------- writes: idempotence and versions
+
+
+def test_reapplying_the_same_page_is_idempotent(store: ElasticsearchStore) -> None:
+    page = [msg("acct1", n) for n in range(20)]
+    first = store.upsert_messages(page)
+    again = store.upsert_messages(page)
+    store.refresh()
+
+    assert first.written == 20 and first.failed_ids == ()
+    # Same version again is accepted (external_gte), changes nothing, fails nothing.
+    assert again.failed_ids == () and again.written + again.skipped == 20
+    assert all_ids(store, "acct1") == [f"m{n}" for n in reversed(range(20))]
+    assert store.get_message("acct1", "m7") == page[7]
+
+
+def test_stale_update_is_ignored(store: ElasticsearchStore) -> None:
+    newer = msg("acct1", 1, version=2000, is_read=True, flag_status=FlagStatus.FLAGGED)
+    older = msg("acct1", 1, version=1000, is_read=False)
+    assert store.upsert_messages([newer]).written == 1
+
+    result = store.upsert_messages([older])
+
+    assert (result.written, result.skipped, result.failed_ids) == (0, 1, ())
+    assert store.get_message("acct1", "m1") == newer
+
+
+def test_newer_version_replaces_the_document(store: ElasticsearchStore) -> None:
+    store.upsert_messages([msg("acct1", 1, version=1000)])
+    store.upsert_messages([msg("acct1", 1, version=1001, is_read=True, subject="edited")])
+
+    stored = store.get_message("acct1", "m1")
+    assert stored is not None and stored.is_read and stored.subject == "edited" and stored.version == 1001
+
+
+@pytest.mark.parametrize("order", ["removal_first", "insert_first"])
+def test_move_is_processed_in_either_order(store: ElasticsearchStore, order: str) -> None:
+    store.upsert_messages([msg("acct1", 1, folder="F", version=1000)])
+    moved = msg("acct1", 1, folder="G", version=1500)
+
+    if order == "removal_first":
+        removal = store.remove_messages("acct1", "F", ["m1"])
+        insert = store.upsert_messages([moved])
+        assert (removal.written, insert.written) == (1, 1)
+    else:
+        insert = store.upsert_messages([moved])
+        removal = store.remove_messages("acct1", "F", ["m1"])
+        assert (insert.written, removal.written, removal.skipped) == (1, 0, 1)
+    store.refresh()
+
+    assert store.get_message("acct1", "m1") == moved
+    assert all_ids(store, "acct1", folder_id="F") == []
+    assert all_ids(store, "acct1", folder_id="G") == ["m1"]
+
+
+def test_removal_of_an_already_moved_message_is_ignored(store: ElasticsearchStore) -> None:
+    store.upsert_messages([msg("acct1", 1, folder="G", version=1500), msg("acct1", 2, folder="F")])
+
+    result = store.remove_messages("acct1", "F", ["m1", "m2", "never-existed"])
+
+    assert (result.written, result.skipped, result.failed_ids) == (1, 2, ())
+    assert store.get_message("acct1", "m1") is not None
+    assert store.get_message("acct1", "m2") is None
+
+
+def test_replaying_an_old_upsert_after_removal_does_not_resurrect(store: ElasticsearchStore) -> None:
+    # The deletion leaves a version tombstone (kept for index.gc_deletes, 60 s by default on Elasticsearch).
+    old = msg("acct1", 1, folder="F", version=1000)
+    store.upsert_messages([old])
+    store.remove_messages("acct1", "F", ["m1"])
+
+    assert store.upsert_messages([old]).skipped == 1
+    assert store.get_message("acct1", "m1") is None
+
+
+def test_conditional_removal_loses_to_a_move_that_lands_after_the_read(make_store: Callable[..., ElasticsearchStore]
+                                                                      ) -> None:
+    """A write between the removal's read and its delete makes if_seq_no refuse the delete."""
+    plan = FaultPlan()
+    racer = make_store()
+    store = make_store(transport_class=faulty_transport(plan))
+    store.upsert_messages([msg("acct1", 1, folder="F", version=1000)])
+    moved = msg("acct1", 1, folder="G", version=1500)
+
+    def move_first(items: list[tuple[str, str]]) -> None:
+        assert items == [("delete", "acct1:m1")]
+        racer.upsert_messages([moved])
+
+    plan.before_bulk = move_first
+    result = store.remove_messages("acct1", "F", ["m1"])
+
+    assert (result.written, result.skipped) == (0, 1)
+    assert store.get_message("acct1", "m1") == moved
+    # One delete was tried and refused (409), then the re-read saw G and sent nothing more.
+    assert [r for r in plan.requests if r[0][0] == "delete"] == [[("delete", "acct1:m1")]]
+
+
+# ---------------------------------------------------------------- bulk faults
+
+
+def test_partial_bulk_failure_retries_only_the_refused_items(make_store: Callable[..., ElasticsearchStore]) -> None:
+    plan = FaultPlan(reject={"acct1:m3": 1, "acct1:m7": 2})
+    store = make_store(transport_class=faulty_transport(plan))
+    page = [msg("acct1", n) for n in range(10)]
+
+    result = store.upsert_messages(page)
+    store.refresh()
+
+    assert (result.written, result.failed_ids) == (10, ())
+    assert len(plan.requests) == 3
+    assert len(plan.ids_of(0)) == 10
+    assert sorted(plan.ids_of(1)) == ["acct1:m3", "acct1:m7"]
+    assert plan.ids_of(2) == ["acct1:m7"]
+    assert sorted(all_ids(store, "acct1")) == sorted(f"m{n}" for n in range(10))
+
+
+def test_items_refused_past_the_retries_raise_after_the_rest_is_written(
+        make_store: Callable[..., ElasticsearchStore]) -> None:
+    plan = FaultPlan(reject={"acct1:m2": 100})
+    store = make_store(transport_class=faulty_transport(plan), max_retries=2)
+
+    with pytest.raises(StoreUnavailable, match="acct1:m2"):
+        store.upsert_messages([msg("acct1", n) for n in range(5)])
+    store.refresh()
+
+    assert len(plan.requests) == 3   # first try + 2 retries, the retries carrying only m2
+    assert plan.ids_of(1) == plan.ids_of(2) == ["acct1:m2"]
+    assert sorted(all_ids(store, "acct1")) == ["m0", "m1", "m3", "m4"]
+    assert store.dead_letters("acct1") == []   # overload is not poison: nothing dead-lettered
+
+
+def test_poison_document_is_dead_lettered_and_the_rest_written(search_store_url: str, store_prefix: str,
+                                                               make_store: Callable[..., ElasticsearchStore]) -> None:
+    """A document the cluster refuses (here: a live mapping that drifted from the code's) is kept, not lost."""
+    names = IndexNames(store_prefix)
+    drifted = messages_mapping("drifted")
+    drifted["properties"]["conversation_id"] = {"type": "long"}
+    setup = make_client(search_store_url)
+    setup.indices.create(index=names.messages_index, mappings=drifted, settings=index_settings(),
+                         aliases={names.messages: {"is_write_index": True}})
+    plan = FaultPlan()
+    store = make_store(transport_class=faulty_transport(plan))
+    page = [msg("acct1", 1), msg("acct1", 2, conversation_id="AAQkADAwATM3ZmYAZS0"), msg("acct1", 3)]
+
+    result = store.upsert_messages(page)
+    store.refresh()
+
+    assert (result.written, result.failed_ids) == (2, ("acct1:m2",))
+    sent = [doc_id for request in plan.requests for _, doc_id in request]
+    assert sent.count("acct1:m2") == 1                  # a refusal for good is not retried
+    assert sorted(all_ids(store, "acct1")) == ["m1", "m3"]
+    [letter] = store.dead_letters("acct1")
+    assert letter.doc_id == "acct1:m2" and letter.target == "messages" and letter.status == 400
+    assert "conversation_id" in letter.reason
+    assert letter.document is not None and letter.document["conversation_id"] == "AAQkADAwATM3ZmYAZS0"
+    setup.close()
+
+
+def test_invalid_message_is_dead_lettered_without_being_sent(make_store: Callable[..., ElasticsearchStore]) -> None:
+    plan = FaultPlan()
+    store = make_store(transport_class=faulty_transport(plan))
+
+    result = store.upsert_messages([msg("acct1", 1), msg("acct1", 2, version=-5)])
+
+    assert (result.written, result.failed_ids) == (1, ("acct1:m2",))
+    assert plan.ids_of(0) == ["acct1:m1"]
+    [letter] = store.dead_letters("acct1")
+    assert letter.error_type == "invalid_version" and letter.document is not None
+
+
+def test_bulk_chunks_are_bounded_by_count_and_bytes(make_store: Callable[..., ElasticsearchStore]) -> None:
+    plan = FaultPlan()
+    by_count = make_store(transport_class=faulty_transport(plan), chunk_docs=4)
+    by_count.upsert_messages([msg("acct1", n) for n in range(10)])
+    assert [len(r) for r in plan.requests] == [4, 4, 2]
+
+    plan.requests.clear()
+    by_bytes = make_store(transport_class=faulty_transport(plan), chunk_docs=1000, chunk_bytes=3000)
+    big = "x" * 1200
+    by_bytes.upsert_messages([msg("acct2", n, body_text=big) for n in range(6)])
+    assert len(plan.requests) >= 3 and sum(len(r) for r in plan.requests) == 6
+
+
+# ---------------------------------------------------------------- tenancy
+
+
+def _two_accounts(store: ElasticsearchStore) -> None:
+    for account, word in (("alice", "avocado"), ("bob", "blueberry")):
+        store.upsert_mailbox(Mailbox(account, f"{account}@example.com", account.title(), Provider.OUTLOOK,
+                                     AccountStatus.SYNCED, total_messages=5))
+        store.upsert_folders([Folder(account, "inbox", "Inbox", role="inbox", total_count=5, unread_count=5),
+                              Folder(account, "archive", "Archive")])
+        # Same message ids and folder ids in both accounts: only the account tells them apart.
+        store.upsert_messages([msg(account, n, subject=f"{word} {n}", body_text=f"secret {word}",
+                                   flag_status=FlagStatus.FLAGGED) for n in range(5)])
+    store.refresh()
+
+
+def test_an_account_never_sees_another_accounts_data(store: ElasticsearchStore) -> None:
+    _two_accounts(store)
+
+    for me, other_word in (("alice", "blueberry"), ("bob", "avocado")):
+        assert len(all_ids(store, me)) == 5
+        for query in (MessageQuery(), MessageQuery(folder_id="inbox"), MessageQuery(unread=True),
+                      MessageQuery(flagged=True), MessageQuery(q="secret"), MessageQuery(limit=2)):
+            page = store.list_messages(me, query)
+            assert page.messages and {m.account_id for m in page.messages} == {me}, query
+        assert store.list_messages(me, MessageQuery(q=other_word)).messages == ()
+        got = store.get_message(me, "m1")
+        assert got is not None and got.account_id == me
+        views = store.list_folders(me)
+        assert {v.folder.account_id for v in views} == {me}
+        assert {v.folder.folder_id: v.stored_count for v in views} == {"inbox": 5, "archive": 0}
+        mailbox = store.get_mailbox(me)
+        assert mailbox is not None and mailbox.account_id == me
+
+
+def test_a_cursor_from_another_account_only_pages_your_own_messages(store: ElasticsearchStore) -> None:
+    _two_accounts(store)
+    bob_cursor = store.list_messages("bob", MessageQuery(limit=2)).next_cursor
+
+    page = store.list_messages("alice", MessageQuery(limit=10, cursor=bob_cursor))
+
+    assert {m.account_id for m in page.messages} == {"alice"}
+
+
+def test_account_ids_that_could_collide_are_refused(store: ElasticsearchStore) -> None:
+    # "a" + "b:m1" and "a:b" + "m1" would share the document id "a:b:m1".
+    with pytest.raises(InputError):
+        store.list_messages("a:b", MessageQuery())
+    with pytest.raises(InputError):
+        store.get_message("", "m1")
+    result = store.upsert_messages([msg("a:b", 1)])
+    assert result.failed_ids == ("a:b:m1",) and result.written == 0
+
+
+def test_deleting_an_account_removes_all_its_documents(store: ElasticsearchStore) -> None:
+    _two_accounts(store)
+    store.upsert_messages([msg("alice", 9, version=-1)])   # a dead letter of alice's too
+    assert store.dead_letters("alice")
+
+    store.delete_account("alice")
+    store.refresh()
+
+    assert all_ids(store, "alice") == []
+    assert store.list_folders("alice") == []
+    assert store.get_mailbox("alice") is None
+    assert store.get_message("alice", "m1") is None
+    assert store.dead_letters("alice") == []
+    counts = store.client.count(index=[store.names.messages, store.names.mailboxes, store.names.deadletter],
+                                query={"term": {"account_id": "alice"}})
+    assert counts["count"] == 0
+    assert len(all_ids(store, "bob")) == 5 and len(store.list_folders("bob")) == 2
+
+
+# ---------------------------------------------------------------- reads
+
+
+def test_search_after_paging_is_stable_under_concurrent_inserts(store: ElasticsearchStore) -> None:
+    # Even n only, so inserts can land between existing messages; m20/m21 share a received time (id tiebreak).
+    original = [msg("acct1", n) for n in range(0, 40, 2)]
+    original.append(msg("acct1", 21, received_at=BASE + timedelta(minutes=20)))
+    store.upsert_messages(original)
+    store.refresh()
+
+    seen: list[str] = []
+    page = store.list_messages("acct1", MessageQuery(limit=7))
+    seen += ids(page.messages)
+    inserts = iter([
+        [msg("acct1", n) for n in (101, 102, 103)],                    # newer than everything: before the cursor
+        [msg("acct1", n) for n in (25, 13, 1)],                        # between existing ones, after the cursor
+        [msg("acct1", 23, received_at=BASE + timedelta(minutes=20))],  # same time as the m20/m21 pair
+    ])
+    while page.next_cursor is not None:
+        batch = next(inserts, [])
+        if batch:
+            store.upsert_messages(batch)
+            store.refresh()
+        page = store.list_messages("acct1", MessageQuery(limit=7, cursor=page.next_cursor))
+        seen += ids(page.messages)
+
+    assert len(seen) == len(set(seen)), "a message was listed twice"
+    assert set(ids(original)) <= set(seen), "a message that existed throughout was skipped"
+    assert not {"m101", "m102", "m103"} & set(seen)
+
+
+def test_list_is_newest_first_with_filters_and_full_text(store: ElasticsearchStore) -> None:
+    store.upsert_messages([
+        msg("acct1", 1, is_read=True, subject="Quarterly report", sender=Address("alice@contoso.com", "Alice Smith")),
+        msg("acct1", 2, flag_status=FlagStatus.FLAGGED, subject="Lunch?", body_text="<p>Quarterly <b>lunch</b></p>"),
+        msg("acct1", 3, folder="archive", subject="Invoice", sender=Address("billing@fabrikam.com", "Billing")),
+        msg("acct1", 4, subject="Hello", body_preview="see the invoice attached"),
+    ])
+    store.refresh()
+
+    assert all_ids(store, "acct1") == ["m4", "m3", "m2", "m1"]
+    assert all_ids(store, "acct1", folder_id="inbox") == ["m4", "m2", "m1"]
+    assert all_ids(store, "acct1", unread=True) == ["m4", "m3", "m2"]
+    assert all_ids(store, "acct1", unread=False) == ["m1"]
+    assert all_ids(store, "acct1", flagged=True) == ["m2"]
+    assert all_ids(store, "acct1", flagged=False) == ["m4", "m3", "m1"]
+    assert all_ids(store, "acct1", q="quarterly") == ["m2", "m1"]        # subject and (HTML-stripped) body
+    assert all_ids(store, "acct1", q="alice") == ["m1"]                  # sender name
+    assert all_ids(store, "acct1", q="fabrikam") == ["m3"]               # sender address
+    assert all_ids(store, "acct1", q="invoice") == ["m4", "m3"]          # preview and subject
+    assert all_ids(store, "acct1", q="quarterly lunch") == ["m2"]        # every word must match
+    assert all_ids(store, "acct1", q="invoice", folder_id="inbox") == ["m4"]
+    listed = store.list_messages("acct1", MessageQuery(limit=1)).messages[0]
+    assert listed.body_text is None                                     # lists leave the body out
+    full = store.get_message("acct1", "m2")
+    assert full is not None and full.body_text == "Quarterly lunch"
+
+
+def test_bad_cursor_and_limits_are_input_errors(store: ElasticsearchStore) -> None:
+    for cursor in ("not-a-cursor", "eyJ2IjoxfQ", "e30"):
+        with pytest.raises(InputError):
+            store.list_messages("acct1", MessageQuery(cursor=cursor))
+    for limit in (0, 10_000):
+        with pytest.raises(InputError):
+            store.list_messages("acct1", MessageQuery(limit=limit))
+
+
+def test_folder_counts_come_from_the_stored_messages(store: ElasticsearchStore) -> None:
+    store.upsert_folders([Folder("acct1", "inbox", "Inbox", role="inbox", total_count=3, unread_count=2),
+                          Folder("acct1", "sub", "Sub", parent_id="inbox")], phase="initial")
+    store.upsert_messages([msg("acct1", 1, is_read=True), msg("acct1", 2), msg("acct1", 3, folder="sub")])
+    store.upsert_folders([Folder("acct1", "inbox", "Inbox renamed", role="inbox", total_count=3, unread_count=2)])
+    store.upsert_folders([Folder("acct1", "sub", "Sub", parent_id=None)], phase="incremental")
+    store.refresh()
+
+    views = {v.folder.folder_id: v for v in store.list_folders("acct1")}
+
+    assert (views["inbox"].stored_count, views["inbox"].stored_unread) == (2, 1)
+    assert (views["sub"].stored_count, views["sub"].stored_unread) == (1, 1)
+    assert views["inbox"].folder.name == "Inbox renamed" and views["inbox"].phase == "initial"  # phase kept
+    assert views["inbox"].folder.total_count == 3 and views["inbox"].folder.role == "inbox"
+    assert views["sub"].phase == "incremental" and views["sub"].folder.parent_id is None
+
+
+def test_remove_folder_deletes_the_folder_and_its_messages(store: ElasticsearchStore) -> None:
+    store.upsert_folders([Folder("acct1", "inbox", "Inbox"), Folder("acct1", "old", "Old")])
+    store.upsert_messages([msg("acct1", 1), msg("acct1", 2, folder="old"), msg("acct1", 3, folder="old")])
+
+    store.remove_folder("acct1", "old")
+    store.refresh()
+
+    assert [v.folder.folder_id for v in store.list_folders("acct1")] == ["inbox"]
+    assert all_ids(store, "acct1") == ["m1"]
+
+
+def test_mailbox_document_round_trips(store: ElasticsearchStore) -> None:
+    mailbox = Mailbox("acct1", "me@example.com", "Me", Provider.IMAP, AccountStatus.SYNCING, total_messages=42,
+                      last_sync_at=BASE)
+    store.upsert_mailbox(mailbox)
+    assert store.get_mailbox("acct1") == mailbox
+    assert store.get_mailbox("acct2") is None
+
+
+# ---------------------------------------------------------------- resync, generation, bulk load
+
+
+def test_resync_epoch_cleanup_removes_only_what_the_resync_did_not_see(store: ElasticsearchStore) -> None:
+    store.upsert_messages([msg("acct1", n) for n in range(6)], epoch=1)
+    store.upsert_messages([msg("acct1", 10, folder="other")], epoch=1)
+    store.upsert_messages([msg("acct1", n, version=1000) for n in (0, 1, 2)], epoch=2)   # the resync's pages
+
+    deleted = store.remove_stale("acct1", "inbox", 2)
+    store.refresh()
+
+    assert deleted == 3
+    assert all_ids(store, "acct1") == ["m10", "m2", "m1", "m0"]
+
+
+def test_generation_is_stable_and_changes_when_indices_are_recreated(store: ElasticsearchStore) -> None:
+    first = store.generation()
+    assert first == store.ensure_ready() == store.generation()
+    store.upsert_messages([msg("acct1", 1)])
+
+    store.client.indices.delete(index=store.names.messages_index)
+    second = store.generation()           # notices, recreates the missing index
+
+    assert second != first
+    assert second == store.generation()
+    assert store.upsert_messages([msg("acct1", 2)]).written == 1   # the recreated index works
+
+
+def test_writes_never_auto_create_a_deleted_index(store: ElasticsearchStore) -> None:
+    store.client.indices.delete(index=store.names.messages_index)
+
+    with pytest.raises(StoreUnavailable):
+        store.upsert_messages([msg("acct1", 1)])
+    assert not store.client.indices.exists(index=store.names.messages)
+    assert store.list_messages("acct1", MessageQuery()).messages == ()   # reads: nothing stored
+
+
+def test_bulk_load_relaxes_and_restores_refresh_interval(store: ElasticsearchStore) -> None:
+    def interval() -> str | None:
+        got = store.client.indices.get_settings(index=store.names.messages)
+        return next(iter(got.body.values()))["settings"]["index"].get("refresh_interval")
+
+    before = interval()
+    store.begin_bulk_load("acct1")
+    store.begin_bulk_load("acct2")
+    assert interval() == "30s"
+    store.end_bulk_load("acct1")
+    assert interval() == "30s"          # acct2 is still loading
+    with store.bulk_load("acct3"):
+        store.upsert_messages([msg("acct3", 1)])
+    assert interval() == "30s"
+    store.end_bulk_load("acct2")
+    assert interval() == before
+
+
+def test_unreachable_store_is_unavailable() -> None:
+    dead = ElasticsearchStore(make_client("http://127.0.0.1:9", request_timeout_s=2))
+    with pytest.raises(StoreUnavailable):
+        dead.list_messages("acct1", MessageQuery())
+    with pytest.raises(StoreUnavailable):
+        dead.upsert_messages([msg("acct1", 1)])
+    with pytest.raises(StoreUnavailable):
+        dead.generation()
+
+
+def test_foreign_index_behind_the_alias_is_refused(search_store_url: str, store_prefix: str,
+                                                   make_store: Callable[..., ElasticsearchStore]) -> None:
+    names = IndexNames(store_prefix)
+    setup = make_client(search_store_url)
+    setup.indices.create(index=names.messages_index, aliases={names.messages: {}},
+                         mappings={"properties": {"x": {"type": "keyword"}}})
+    with pytest.raises(StoreError, match="not created by mailsync"):
+        make_store()
+    setup.close()
