@@ -89,6 +89,11 @@ class Settings:
     index_prefix: str = "mailsync"
     store_body_text: bool = True
     body_text_max_chars: int = 32_000
+    # Bulk chunks are bounded by both (see docs/store.md for the measurements).
+    elasticsearch_bulk_docs: int = 1_000
+    elasticsearch_bulk_bytes: int = 8 * 1024 * 1024
+    # Primary shards of a new index; accounts are spread by routing.
+    elasticsearch_shards: int = 1
 
     # Microsoft identity platform / Graph.
     ms_client_id: str | None = None
@@ -164,6 +169,9 @@ class Settings:
             index_prefix=e.get("ELASTICSEARCH_INDEX_PREFIX") or "mailsync",
             store_body_text=_flag(e.get("STORE_BODY_TEXT"), True),
             body_text_max_chars=_int(e, "BODY_TEXT_MAX_CHARS", 32_000),
+            elasticsearch_bulk_docs=_int(e, "ELASTICSEARCH_BULK_DOCS", 1_000),
+            elasticsearch_bulk_bytes=_int(e, "ELASTICSEARCH_BULK_BYTES", 8 * 1024 * 1024),
+            elasticsearch_shards=_int(e, "ELASTICSEARCH_SHARDS", 1),
             ms_client_id=client_id,
             ms_client_secret=client_secret,
             ms_tenant=e.get("MS_TENANT") or "common",
@@ -207,3 +215,7 @@ class Settings:
             raise ConfigurationError("POLL_INTERVAL_S and POLL_TICK_S must be positive")
         if not 0 <= self.notify_coalesce_s <= 60 or self.notify_max_ids < 1:
             raise ConfigurationError("NOTIFY_COALESCE_S must be 0..60 and NOTIFY_MAX_IDS positive")
+        if min(self.elasticsearch_bulk_docs, self.elasticsearch_shards) < 1 or self.elasticsearch_bulk_bytes < 65536:
+            raise ConfigurationError(
+                "ELASTICSEARCH_BULK_DOCS and ELASTICSEARCH_SHARDS must be positive, ELASTICSEARCH_BULK_BYTES >= 65536"
+            )
