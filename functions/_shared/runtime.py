@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailsync.logs import configure_logging
 from mailsync.settings import Settings
+
+if TYPE_CHECKING:
+    from mailsync.store.elasticsearch import ElasticsearchStore
 
 
 class Runtime:
@@ -26,6 +29,18 @@ class Runtime:
     @cached_property
     def _placeholder(self) -> Any:  # removed once the first real service lands
         return None
+
+    @cached_property
+    def store(self) -> ElasticsearchStore:
+        """The search store at ELASTICSEARCH_URL; missing indices are created on first use.
+
+        If the store is down this raises StoreUnavailable and is not cached, so the next call retries.
+        """
+        from mailsync.store.elasticsearch import ElasticsearchStore
+
+        store = ElasticsearchStore.from_settings(self.settings)
+        store.ensure_ready()
+        return store
 
 
 @functools.cache
