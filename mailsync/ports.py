@@ -128,6 +128,18 @@ class MessageStore(Protocol):
     def list_folders(self, account_id: str) -> list[FolderView]:
         ...
 
+    def get_mailbox(self, account_id: str) -> Mailbox | None:
+        """The account's mailbox document (address, status, totals), or None."""
+        ...
+
+    def begin_bulk_load(self, account_id: str) -> None:
+        """An initial load starts: the store may relax its refresh (call end_bulk_load after, even on error)."""
+        ...
+
+    def end_bulk_load(self, account_id: str) -> None:
+        """The account's initial load ended: restore normal refresh once no other load is running."""
+        ...
+
     def refresh(self) -> None:
         """Make recent writes visible to reads (tests, first screen)."""
         ...
