@@ -1,5 +1,76 @@
-"""graph_webhook blueprint (to be filled by its issue)."""
+"""Graph's change and lifecycle notification endpoints.
+
+``POST /api/graph/webhook`` and ``POST /api/graph/lifecycle``:
+
+* ``?validationToken=…`` (Graph's handshake when a subscription is created)
+  is answered first, 200 ``text/plain`` with the decoded token, before the
+  composition root is even built — no storage, no settings beyond none —
+  because Graph gives us 10 seconds and a cold start eats most of them.
+  Plain text with ``nosniff``: a token holding HTML is shown as text, never
+  rendered.
+* Anything else is a notification collection: the core authenticates each
+  item and only enqueues (``mailsync.monitoring``). 202 when the body was
+  well formed, whatever was dropped (a forger learns nothing); 400/413/415
+  for a malformed body; 503 when storage is down, so Graph retries.
+"""
+
+from __future__ import annotations
+
+import logging
 
 import azure.functions as func
 
+from functions._shared.http import handle_errors, read_json
+from functions._shared.runtime import runtime
+from mailsync.logs import log_context
+
+log = logging.getLogger("mailsync.functions.graph_webhook")
+
 bp = func.Blueprint()
+
+MAX_VALIDATION_TOKEN = 4096
+
+
+def validation_response(req: func.HttpRequest) -> func.HttpResponse | None:
+    """The handshake answer when ``validationToken`` is present, else None."""
+    token = req.params.get("validationToken")
+    if token is None:
+        return None
+    if len(token) > MAX_VALIDATION_TOKEN:
+        return func.HttpResponse("validationToken too long", status_code=400, mimetype="text/plain",
+                                 charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+    return func.HttpResponse(token, status_code=200, mimetype="text/plain", charset="utf-8",
+                             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+                                      "Content-Security-Policy": "default-src 'none'"})
+
+
+@bp.function_name("graph_webhook")
+@bp.route(route="graph/webhook", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def graph_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    handshake = validation_response(req)
+    return handshake if handshake is not None else _notifications(req)
+
+
+@bp.function_name("graph_lifecycle")
+@bp.route(route="graph/lifecycle", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def graph_lifecycle(req: func.HttpRequest) -> func.HttpResponse:
+    handshake = validation_response(req)
+    return handshake if handshake is not None else _lifecycle(req)
+
+
+@handle_errors
+def _notifications(req: func.HttpRequest) -> func.HttpResponse:
+    rt = runtime()
+    with log_context(function="graph_webhook"):
+        report = rt.notification_receiver.receive(read_json(req, max_bytes=rt.settings.max_body_bytes))
+        log.info("notifications: %d received, %d accepted, %d jobs", report.received, report.accepted,
+                 report.jobs_enqueued)
+    return func.HttpResponse(status_code=202)
+
+
+@handle_errors
+def _lifecycle(req: func.HttpRequest) -> func.HttpResponse:
+    rt = runtime()
+    with log_context(function="graph_lifecycle"):
+        rt.lifecycle_receiver.receive(read_json(req, max_bytes=rt.settings.max_body_bytes))
+    return func.HttpResponse(status_code=202)

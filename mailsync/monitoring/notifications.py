@@ -61,7 +61,8 @@ MAX_SUBSCRIPTION_ID = 128
 MAX_CLIENT_STATE = 128                 # Graph's limit for clientState
 # Graph ids (immutable or not) are base64 with these characters; anything else is not Graph.
 MESSAGE_ID = re.compile(r"^[A-Za-z0-9+/=_.:-]{1,512}$")
-RESOURCE_ID = re.compile(r"[Mm]essages\('([^']{1,512})'\)$")
+# ``Users('u')/Messages('m')`` (documented form) or ``Users/u/Messages/m`` (what Graph sends today).
+RESOURCE_ID = re.compile(r"[Mm]essages(?:\('([^'/]{1,512})'\)|/([^/']{1,512}))$")
 # A pending row whose job was enqueued longer ago than this is presumed lost
 # (the job dead-lettered or the enqueue after the insert failed): the next
 # notification enqueues a fresh job. Generous, because a busy queue delays pickup.
@@ -121,7 +122,7 @@ def _message_id(item: dict[str, Any]) -> str | None:
         resource = item.get("resource")
         if isinstance(resource, str):
             match = RESOURCE_ID.search(resource)
-            candidate = match.group(1) if match else None
+            candidate = (match.group(1) or match.group(2)) if match else None
     if candidate is None:
         return None
     if not isinstance(candidate, str):

@@ -14,7 +14,7 @@ Who is polled, and how often:
 Spreading: each account gets a fixed offset in the interval, from a hash
 of its id (stable across processes, unlike ``hash()``). The timer fires
 every ``POLL_TICK_S``; each tick enqueues one SYNC_ACCOUNT job for the
-accounts whose next due time falls inside that tick, with a queue
+accounts whose due time falls inside the *following* tick, with a queue
 visibility delay that lands it on that time. 10,000 accounts every 15
 minutes become about 11 jobs a second, evenly, not 10,000 at once; and
 each tick's scan only enqueues ``tick / interval`` of the accounts.
@@ -47,13 +47,18 @@ def offset_s(account_id: str, interval_s: int) -> int:
 
 
 def due_delay(account_id: str, interval_s: int, tick_s: int, now_s: float) -> float | None:
-    """Seconds from ``now_s`` to the account's due time if it falls in this tick, else None.
+    """Seconds from ``now_s`` to the account's due time if this tick schedules it, else None.
 
-    The tick is the window ``[floor(now / tick) * tick, + tick)``; the
-    account is due at every ``k * interval + offset``.
+    The account is due at every ``k * interval + offset``. A tick firing
+    near the boundary ``b`` (within half a tick, either side: timers are
+    late or early by a little) schedules the *next* window ``[b + tick,
+    b + 2 * tick)``. Scheduling ahead means a late timer never bunches the
+    accounts it is late for into one burst, and rounding to the nearest
+    boundary means a timer that fires slightly early or late neither skips
+    a window nor schedules one twice.
     """
     interval = max(interval_s, tick_s)
-    window_start = int(now_s // tick_s) * tick_s
+    window_start = round(now_s / tick_s) * tick_s + tick_s
     due = window_start + (offset_s(account_id, interval) - window_start) % interval
     if due >= window_start + tick_s:
         return None
