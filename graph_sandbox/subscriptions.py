@@ -1,0 +1,591 @@
+"""Graph change-notification subscriptions for Outlook messages.
+
+Endpoints (under ``/v1.0``)::
+
+    POST   /subscriptions                    create (after the validation handshake)
+    GET    /subscriptions                    list the caller's
+    GET    /subscriptions/{id}
+    PATCH  /subscriptions/{id}               renew (expirationDateTime) / move (notificationUrl)
+    DELETE /subscriptions/{id}
+    POST   /subscriptions/{id}/reauthorize   answer a reauthorizationRequired challenge
+
+Sandbox-only (for tests and the mail page)::
+
+    GET    /sandbox/subscriptions            every subscription, with delivery figures
+    POST   /sandbox/subscriptions/{id}/lifecycle   {"event": "..."}  send a lifecycle event now
+
+Resources: ``me/messages``, ``users/{id|address}/messages``,
+``me/mailFolders('{id}')/messages`` and ``users/{id}/mailFolders('{id}')/messages``
+(``mailFolders/{id}`` works too; well-known names like ``inbox`` resolve to the folder).
+
+A subscription's life::
+
+    POST ──validate body──> 400 (changeType, expiration > 4230 min, clientState > 128 ...)
+      │
+      ├─ POST notificationUrl?validationToken=T ─┐ each must answer 200, text/plain,
+      ├─ POST lifecycleNotificationUrl?... ──────┘ body exactly T, within 10 s; else 400
+      v
+    active ──mail change in scope──> notification (see notifications.py)
+      │  ├── close to expiry ──────> reauthorizationRequired (once per expiry), PATCH renews
+      │  ├── user revokes the grant > subscriptionRemoved, then gone
+      │  └── expirationDateTime ───> gone (no more notifications, GET 404)
+      v
+    DELETE -> gone
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+from aiohttp import web
+
+from graph_sandbox.identity import Principal
+from graph_sandbox.mailbox import MailboxError, MailChange
+from graph_sandbox.notifications import (
+    Notifier,
+    change_notification,
+    graph_datetime,
+    lifecycle_notification,
+)
+from graph_sandbox.payloads import error as graph_error
+
+MAX_CLIENT_STATE = 128
+MAX_PER_MAILBOX = 1000
+CHANGE_TYPES = ("created", "updated", "deleted")
+READ_SCOPES = frozenset({"Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite", "Mail.ReadBasic.All"})
+UPDATABLE = frozenset({"expirationDateTime", "notificationUrl"})
+
+_RESOURCE = re.compile(
+    r"^/?(?:(?P<me>me)|users/(?P<user>[^/()]+))"
+    r"(?:/mailfolders(?:\('(?P<folder_q>[^']+)'\)|/(?P<folder_p>[^/()]+)))?"
+    r"/messages/?$",
+    re.IGNORECASE,
+)
+
+
+class GraphError(Exception):
+    """A Graph error answer from the subscription endpoints."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Subscription:
+    """One subscription; ``folder_id`` None means every folder of the mailbox."""
+
+    id: str
+    resource: str
+    change_types: tuple[str, ...]
+    notification_url: str
+    lifecycle_url: str | None
+    client_state: str | None
+    expiration: float                  # sandbox-clock epoch seconds
+    app_id: str
+    creator_id: str
+    user_id: str                       # whose mailbox
+    folder_id: str | None
+    delegated: bool
+    immutable_ids: bool                # created with Prefer: IdType="ImmutableId"
+    latest_tls: str = "v1_2"
+    reauthorization_sent_for: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "resource": self.resource,
+            "applicationId": self.app_id,
+            "changeType": ",".join(self.change_types),
+            "clientState": self.client_state,
+            "notificationUrl": self.notification_url,
+            "notificationQueryOptions": None,
+            "lifecycleNotificationUrl": self.lifecycle_url,
+            "expirationDateTime": graph_datetime(self.expiration),
+            "creatorId": self.creator_id,
+            "includeResourceData": False,
+            "latestSupportedTlsVersion": self.latest_tls,
+            "encryptionCertificate": None,
+            "encryptionCertificateId": None,
+            "notificationUrlAppId": None,
+        }
+
+
+class SubscriptionService:
+    """Subscriptions, the validation handshake, and the listener that feeds the notifier."""
+
+    def __init__(self, state: Any, *, identity: Any | None = None) -> None:
+        self.state = state
+        self.identity = identity
+        self.notifier = Notifier(state, missed_event=self._missed_event)
+        self._subs: dict[str, Subscription] = {}
+        self._by_user: dict[str, set[str]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._handshake_session: aiohttp.ClientSession | None = None
+        state.mailboxes.add_listener(self._on_change)
+        state.add_reset_listener(lambda _state: self.clear())
+
+    # -- settings ---------------------------------------------------------------
+
+    def _setting(self, name: str, default: float) -> float:
+        return float(getattr(self.state.config, name, default))
+
+    @property
+    def max_minutes(self) -> float:
+        return self._setting("subscription_max_minutes", 4230)
+
+    @property
+    def validation_timeout_s(self) -> float:
+        return self._setting("validation_timeout_s", 10.0)
+
+    @property
+    def reauthorize_before_s(self) -> float:
+        return self._setting("reauthorize_before_s", 15 * 60.0)
+
+    def _now(self) -> float:
+        return float(self.state.clock.time())
+
+    # -- routes ------------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1.0/subscriptions", self.create),
+            web.get("/v1.0/subscriptions", self.list),
+            web.get("/v1.0/subscriptions/{id}", self.get),
+            web.patch("/v1.0/subscriptions/{id}", self.update),
+            web.delete("/v1.0/subscriptions/{id}", self.delete),
+            web.post("/v1.0/subscriptions/{id}/reauthorize", self.reauthorize),
+            web.get("/sandbox/subscriptions", self.admin_list),
+            web.post("/sandbox/subscriptions/{id}/lifecycle", self.admin_lifecycle),
+        ]
+
+    # -- loop ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.notifier.start()
+        if self._task is None:
+            self._task = asyncio.create_task(self._housekeeping(), name="graph-sandbox-subscriptions")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.notifier.stop()
+        if self._handshake_session is not None:
+            await self._handshake_session.close()
+            self._handshake_session = None
+
+    async def _housekeeping(self) -> None:
+        while True:
+            self.tick()
+            await asyncio.sleep(0.1)
+
+    def tick(self) -> None:
+        """Expire subscriptions, send reauthorization challenges, drop revoked ones."""
+        now = self._now()
+        for sub in list(self._subs.values()):
+            if now >= sub.expiration:
+                self._remove(sub.id)
+                continue
+            if sub.delegated and self.state.grant_revoked(sub.user_id, sub.app_id):
+                self._lifecycle(sub, "subscriptionRemoved")
+                self._remove(sub.id)
+                continue
+            if (sub.lifecycle_url and sub.expiration - now <= self.reauthorize_before_s
+                    and sub.reauthorization_sent_for != sub.expiration):
+                sub.reauthorization_sent_for = sub.expiration
+                self._lifecycle(sub, "reauthorizationRequired")
+
+    def clear(self) -> None:
+        """Forget every subscription (sandbox reset: the world is rebuilt)."""
+        self._subs.clear()
+        self._by_user.clear()
+        self.notifier.clear()
+
+    # -- the mailbox listener ----------------------------------------------------------
+
+    def _on_change(self, change: Any) -> None:
+        if not isinstance(change, MailChange):
+            return
+        ids = self._by_user.get(change.user_id)
+        if not ids:
+            return
+        now = self._now()
+        for sub_id in sorted(ids):
+            sub = self._subs.get(sub_id)
+            if sub is None or now >= sub.expiration or change.change_type not in sub.change_types:
+                continue
+            if sub.folder_id is not None and sub.folder_id != change.folder_id:
+                continue
+            message_id = change.immutable_id if sub.immutable_ids and change.immutable_id else change.message_id
+            self.notifier.enqueue(sub.notification_url, change_notification(
+                subscription_id=sub.id, subscription_expiration=sub.expiration, change_type=change.change_type,
+                user_id=change.user_id, message_id=message_id, tenant_id=self.state.tenant_id,
+                client_state=sub.client_state, etag=self._etag(change)), subscription_id=sub.id)
+
+    def _etag(self, change: MailChange) -> str | None:
+        if change.change_type == "deleted":
+            return None
+        box = self.state.mailboxes.get(change.user_id)
+        message = box.by_rest.get(change.message_id) if box is not None else None
+        return f'W/"{message.change_key}"' if message is not None else None
+
+    def _lifecycle(self, sub: Subscription, event: str) -> bool:
+        if not sub.lifecycle_url:
+            return False
+        self.notifier.enqueue(sub.lifecycle_url, lifecycle_notification(
+            subscription_id=sub.id, subscription_expiration=sub.expiration, event=event,
+            tenant_id=self.state.tenant_id, client_state=sub.client_state), subscription_id=sub.id, lifecycle=True)
+        return True
+
+    def _missed_event(self, subscription_id: str) -> tuple[str, dict[str, Any]] | None:
+        sub = self._subs.get(subscription_id)
+        if sub is None or not sub.lifecycle_url:
+            return None
+        return sub.lifecycle_url, lifecycle_notification(
+            subscription_id=sub.id, subscription_expiration=sub.expiration, event="missed",
+            tenant_id=self.state.tenant_id, client_state=sub.client_state)
+
+    def _remove(self, sub_id: str) -> None:
+        sub = self._subs.pop(sub_id, None)
+        if sub is not None:
+            ids = self._by_user.get(sub.user_id)
+            if ids is not None:
+                ids.discard(sub_id)
+
+    # -- handlers --------------------------------------------------------------------
+
+    def _principal(self, request: web.Request) -> Principal:
+        principal = request.get("principal")
+        if isinstance(principal, Principal):
+            return principal
+        identity = self.identity or getattr(self.state, "identity", None)
+        if identity is None:
+            raise RuntimeError("SubscriptionService needs an identity platform to authenticate requests")
+        principal = identity.authenticate(request)
+        return principal  # type: ignore[no-any-return]
+
+    def _error(self, request: web.Request, exc: GraphError) -> web.Response:
+        request_id = str(uuid.uuid4())
+        body = graph_error(exc.code, exc.message, request_id=request_id,
+                           client_request_id=request.headers.get("client-request-id", request_id),
+                           date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        return web.json_response(body, status=exc.status, headers={"request-id": request_id})
+
+    def _context(self, request: web.Request, suffix: str) -> str:
+        base = getattr(self.state.config, "public_url", None) or f"{request.scheme}://{request.host}"
+        return f"{base.rstrip('/')}/v1.0/$metadata#{suffix}"
+
+    async def create(self, request: web.Request) -> web.Response:
+        principal = self._principal(request)
+        try:
+            body = await _json_object(request)
+            sub = self._parse_new(principal, body, request.headers.get("Prefer", ""))
+            await self._handshake(sub.notification_url)
+            if sub.lifecycle_url:
+                await self._handshake(sub.lifecycle_url)
+            # Checked again: the mailbox may have reached its limit during the handshake.
+            self._check_capacity(sub.user_id)
+        except GraphError as exc:
+            return self._error(request, exc)
+        self._subs[sub.id] = sub
+        self._by_user.setdefault(sub.user_id, set()).add(sub.id)
+        return web.json_response({"@odata.context": self._context(request, "subscriptions/$entity"),
+                                  **sub.to_json()}, status=201)
+
+    async def list(self, request: web.Request) -> web.Response:
+        principal = self._principal(request)
+        mine = [s.to_json() for s in self._visible(principal)]
+        return web.json_response({"@odata.context": self._context(request, "subscriptions"), "value": mine})
+
+    async def get(self, request: web.Request) -> web.Response:
+        principal = self._principal(request)
+        try:
+            sub = self._find(principal, request.match_info["id"])
+        except GraphError as exc:
+            return self._error(request, exc)
+        return web.json_response({"@odata.context": self._context(request, "subscriptions/$entity"),
+                                  **sub.to_json()})
+
+    async def update(self, request: web.Request) -> web.Response:
+        principal = self._principal(request)
+        try:
+            sub = self._find(principal, request.match_info["id"])
+            body = await _json_object(request)
+            unknown = sorted(k for k in body if k not in UPDATABLE and not k.startswith("@odata."))
+            if unknown:
+                raise GraphError(400, "InvalidRequest",
+                                 f"Only expirationDateTime and notificationUrl can be updated, not {unknown[0]}.")
+            expiration = sub.expiration
+            if "expirationDateTime" in body:
+                expiration = self._parse_expiration(body["expirationDateTime"])
+            url = sub.notification_url
+            if "notificationUrl" in body:
+                url = _parse_url(body["notificationUrl"], "notificationUrl")
+                if url != sub.notification_url:
+                    await self._handshake(url)
+            self._authorize_resource(principal, sub.user_id)
+        except GraphError as exc:
+            return self._error(request, exc)
+        if sub.id not in self._subs:  # expired or deleted while the handshake ran
+            return self._error(request, _not_found())
+        sub.expiration = expiration
+        sub.notification_url = url
+        return web.json_response({"@odata.context": self._context(request, "subscriptions/$entity"),
+                                  **sub.to_json()})
+
+    async def delete(self, request: web.Request) -> web.Response:
+        principal = self._principal(request)
+        try:
+            sub = self._find(principal, request.match_info["id"])
+        except GraphError as exc:
+            return self._error(request, exc)
+        self._remove(sub.id)
+        return web.Response(status=204)
+
+    async def reauthorize(self, request: web.Request) -> web.Response:
+        principal = self._principal(request)
+        try:
+            sub = self._find(principal, request.match_info["id"])
+            self._authorize_resource(principal, sub.user_id)
+        except GraphError as exc:
+            return self._error(request, exc)
+        return web.Response(status=204)
+
+    async def admin_list(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "value": [{**s.to_json(), "userId": s.user_id, "folderId": s.folder_id,
+                       "immutableIds": s.immutable_ids} for s in self._subs.values()],
+            "delivery": self.notifier.stats.as_dict(),
+            "pending": self.notifier.pending_count(),
+        })
+
+    async def admin_lifecycle(self, request: web.Request) -> web.Response:
+        sub = self._subs.get(request.match_info["id"])
+        if sub is None:
+            return self._error(request, _not_found())
+        try:
+            body = await _json_object(request)
+        except GraphError as exc:
+            return self._error(request, exc)
+        event = body.get("event")
+        if event not in ("reauthorizationRequired", "subscriptionRemoved", "missed"):
+            return self._error(request, GraphError(400, "InvalidRequest",
+                                                   "event must be reauthorizationRequired, subscriptionRemoved "
+                                                   "or missed"))
+        if not self._lifecycle(sub, event):
+            return self._error(request, GraphError(409, "InvalidRequest",
+                                                   "The subscription has no lifecycleNotificationUrl."))
+        if event == "subscriptionRemoved":
+            self._remove(sub.id)
+        return web.Response(status=202)
+
+    # -- validation ------------------------------------------------------------------
+
+    def _visible(self, principal: Principal) -> Iterable[Subscription]:
+        for sub in self._subs.values():
+            if sub.app_id != principal.app_id:
+                continue
+            if principal.delegated and sub.creator_id != principal.user_id:
+                continue
+            yield sub
+
+    def _find(self, principal: Principal, sub_id: str) -> Subscription:
+        sub = self._subs.get(sub_id)
+        if sub is None or all(mine.id != sub.id for mine in self._visible(principal)):
+            raise _not_found()
+        return sub
+
+    def _parse_new(self, principal: Principal, body: dict[str, Any], prefer: str) -> Subscription:
+        for name in ("changeType", "notificationUrl", "resource", "expirationDateTime"):
+            if body.get(name) in (None, ""):
+                raise GraphError(400, "InvalidRequest", f"The '{name}' property is required.")
+        change_types = _parse_change_types(body["changeType"])
+        notification_url = _parse_url(body["notificationUrl"], "notificationUrl")
+        lifecycle_url = None
+        if body.get("lifecycleNotificationUrl") not in (None, ""):
+            lifecycle_url = _parse_url(body["lifecycleNotificationUrl"], "lifecycleNotificationUrl")
+        client_state = body.get("clientState")
+        if client_state is not None:
+            if not isinstance(client_state, str):
+                raise GraphError(400, "InvalidRequest", "The 'clientState' property must be a string.")
+            if len(client_state) > MAX_CLIENT_STATE:
+                raise GraphError(400, "InvalidRequest",
+                                 f"The 'clientState' property must not exceed {MAX_CLIENT_STATE} characters.")
+        if body.get("includeResourceData") is True:
+            raise GraphError(400, "InvalidRequest",
+                             "includeResourceData requires an encryptionCertificate; rich notifications are not "
+                             "supported by the Graph sandbox.")
+        tls = body.get("latestSupportedTlsVersion") or "v1_2"
+        if tls not in ("v1_0", "v1_1", "v1_2", "v1_3"):
+            raise GraphError(400, "InvalidRequest", f"Invalid 'latestSupportedTlsVersion' value: '{tls}'.")
+        expiration = self._parse_expiration(body["expirationDateTime"])
+        user_id, folder_id = self._resolve_resource(principal, body["resource"])
+        self._check_capacity(user_id)
+        return Subscription(
+            id=str(uuid.uuid4()), resource=str(body["resource"]), change_types=change_types,
+            notification_url=notification_url, lifecycle_url=lifecycle_url, client_state=client_state,
+            expiration=expiration, app_id=principal.app_id,
+            creator_id=principal.user_id if principal.delegated and principal.user_id else _service_principal(
+                principal.app_id),
+            user_id=user_id, folder_id=folder_id, delegated=principal.delegated,
+            immutable_ids=_wants_immutable_ids(prefer), latest_tls=tls)
+
+    def _check_capacity(self, user_id: str) -> None:
+        if len(self._by_user.get(user_id, ())) >= MAX_PER_MAILBOX:
+            raise GraphError(403, "ExtensionError",
+                             "Operation: Create; Exception: [Status Code: Forbidden; Reason: The maximum number "
+                             f"of subscriptions ({MAX_PER_MAILBOX}) for this mailbox has been reached.]")
+
+    def _parse_expiration(self, value: Any) -> float:
+        if not isinstance(value, str):
+            raise GraphError(400, "InvalidRequest", "Invalid 'expirationDateTime' value.")
+        try:
+            moment = datetime.fromisoformat(_trim_fraction(value.strip()).replace("Z", "+00:00"))
+        except ValueError:
+            raise GraphError(400, "InvalidRequest", f"Invalid 'expirationDateTime' value: '{value}'.") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        expiration = moment.timestamp()
+        now = self._now()
+        if expiration <= now:
+            raise GraphError(400, "InvalidRequest", "Subscription expiration must be in the future.")
+        if expiration > now + self.max_minutes * 60:
+            raise GraphError(400, "ExtensionError",
+                             f"Subscription expiration can only be {self.max_minutes:g} minutes in the future.")
+        return expiration
+
+    def _resolve_resource(self, principal: Principal, resource: Any) -> tuple[str, str | None]:
+        if not isinstance(resource, str):
+            raise GraphError(400, "InvalidRequest", "The 'resource' property must be a string.")
+        match = _RESOURCE.match(resource.strip())
+        if match is None:
+            raise GraphError(400, "InvalidRequest",
+                             f"Resource '{resource}' is not supported by the Graph sandbox; use me/messages, "
+                             "users/{id}/messages or me/mailFolders('{id}')/messages.")
+        if match.group("me"):
+            if not principal.delegated or principal.user_id is None:
+                raise GraphError(400, "BadRequest",
+                                 "/me request is only valid with delegated authentication flow.")
+            user_id = principal.user_id
+        else:
+            user = self.state.user(match.group("user"))
+            if user is None:
+                raise GraphError(404, "ResourceNotFound",
+                                 f"Resource could not be discovered: user '{match.group('user')}'.")
+            user_id = user.id
+        self._authorize_resource(principal, user_id)
+        folder_ref = match.group("folder_q") or match.group("folder_p")
+        folder_id = None
+        if folder_ref is not None:
+            try:
+                folder_id = self.state.mailboxes[user_id].folder(folder_ref).id
+            except MailboxError as exc:
+                raise GraphError(exc.status, exc.code, exc.message) from None
+        return user_id, folder_id
+
+    def _authorize_resource(self, principal: Principal, user_id: str) -> None:
+        if principal.delegated:
+            allowed = principal.user_id == user_id and bool(principal.scopes & READ_SCOPES)
+        else:
+            allowed = bool(principal.scopes & READ_SCOPES)
+        if not allowed:
+            raise GraphError(403, "ExtensionError",
+                             "Operation: Create; Exception: [Status Code: Forbidden; Reason: Access is denied. "
+                             "Check credentials and try again.]")
+
+    async def _handshake(self, url: str) -> None:
+        """Graph's validation request: POST url?validationToken=T; expect T back as text/plain."""
+        token = ("Validation: Testing client application reachability for subscription Request-Id: "
+                 f"{uuid.uuid4()}")
+        parts = urlsplit(url)
+        query = urlencode([*parse_qsl(parts.query, keep_blank_values=True), ("validationToken", token)])
+        target = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+        if self._handshake_session is None or self._handshake_session.closed:
+            self._handshake_session = aiohttp.ClientSession(trust_env=False)
+        try:
+            async with self._handshake_session.post(
+                    target, data=b"", headers={"Content-Type": "text/plain; charset=utf-8"},
+                    timeout=aiohttp.ClientTimeout(total=self.validation_timeout_s)) as response:
+                text = await response.text(errors="replace")
+                status = response.status
+                content_type = response.content_type
+        except TimeoutError:
+            raise GraphError(400, "InvalidRequest", "Subscription validation request timed out.") from None
+        except (aiohttp.ClientError, OSError):
+            raise GraphError(400, "ValidationError",
+                             "Subscription validation request failed. Notification endpoint must respond with "
+                             "200 OK to validation request.") from None
+        if status != 200:
+            raise GraphError(400, "ValidationError",
+                             "Subscription validation request failed. Notification endpoint must respond with "
+                             "200 OK to validation request.")
+        if content_type != "text/plain" or not secrets.compare_digest(text.encode(), token.encode()):
+            raise GraphError(400, "ValidationError",
+                             "Subscription validation request failed. Response must exactly match "
+                             "validationToken query parameter.")
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _not_found() -> GraphError:
+    return GraphError(404, "ResourceNotFound", "The object was not found.")
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise GraphError(400, "BadRequest", "Unable to read JSON request payload. Please ensure Content-Type "
+                                            "header is set and payload is of valid JSON format.") from None
+    if not isinstance(body, dict):
+        raise GraphError(400, "BadRequest", "The request body must be a JSON object.")
+    return body
+
+
+def _parse_change_types(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, str):
+        raise GraphError(400, "InvalidRequest", "The 'changeType' property must be a string.")
+    parts = [p.strip() for p in value.split(",")]
+    for part in parts:
+        if part not in CHANGE_TYPES:
+            raise GraphError(400, "InvalidRequest", f"Invalid 'changeType' attribute: '{part}'.")
+    return tuple(t for t in CHANGE_TYPES if t in parts)
+
+
+def _parse_url(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise GraphError(400, "InvalidRequest", f"The '{name}' property must be a string.")
+    parts = urlsplit(value)
+    # Graph insists on https; the sandbox accepts http because its webhooks are local.
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise GraphError(400, "InvalidRequest", f"Invalid '{name}': '{value}' is not an absolute http(s) URL.")
+    return value
+
+
+def _trim_fraction(text: str) -> str:
+    """Python parses at most 6 fractional digits; Graph sends 7."""
+    return re.sub(r"(\.\d{6})\d+", r"\1", text)
+
+
+def _wants_immutable_ids(prefer: str) -> bool:
+    return bool(re.search(r'IdType\s*=\s*"?ImmutableId"?', prefer, re.IGNORECASE))
+
+
+def _service_principal(app_id: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sp:{app_id}"))
