@@ -57,6 +57,18 @@ class SandboxConfig:
     faults: str = "none"
     fault_seed: int | None = None                 # None: derived from seed
     access_token_lifetime_s: int = 3600
+    # Identity platform (identity.py): Entra's defaults.
+    refresh_token_lifetime_s: int = 90 * 24 * 3600
+    auth_code_lifetime_s: int = 600
+    single_use_refresh_tokens: bool = False       # Entra keeps old refresh tokens valid; True is stricter
+    # Change notifications (subscriptions.py, notifications.py): Graph's numbers.
+    subscription_max_minutes: int = 4230          # Outlook messages
+    validation_timeout_s: float = 10.0
+    notification_timeout_s: float = 3.0
+    notification_retry_base_s: float = 2.0
+    notification_retry_cap_s: float = 600.0
+    notification_retry_window_s: float = 4 * 3600.0
+    reauthorize_before_s: float = 900.0
     rate_limit_requests: int = 10_000             # per app + mailbox ...
     rate_limit_window_s: float = 600.0            # ... per this window
     max_concurrency: int = 4                      # per app + mailbox
