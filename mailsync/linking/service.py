@@ -1,0 +1,495 @@
+"""Linking a mailbox to a local account: the use cases behind /api/accounts and the OAuth callback.
+
+The local account (its id) is what every mail document, folder cursor and
+subscription hangs off. Linking fills it with a provider identity (address,
+display name, provider user id) and a sealed credential, then starts the
+initial sync. How the identity is obtained is the provider's business, a
+small ``AccountLinker`` plug-in per provider:
+
+- Outlook (``outlook.py``) answers ``begin`` with a redirect to Microsoft's
+  sign-in; the identity arrives later, at ``complete``, from the callback.
+- A credentials provider (IMAP, next) verifies the login inside ``begin``
+  and answers with the identity at once; no callback is involved.
+
+Adding a provider is one module implementing ``AccountLinker`` and one line
+in the composition root; nothing here changes.
+
+Account status through linking::
+
+    POST /api/accounts ──> linking ──callback ok──> syncing ──(engine)──> synced
+                              │                        ^
+                              └─ denied / failed ──> error ──retry (POST with account_id)
+    synced/syncing ──(refresh refused)──> reauth_required ──retry──> syncing
+
+Failure rules: nothing is half-written. The account row and its first
+credential are one table transaction; a pending sign-in is single use and
+short-lived; each step that fails after the sign-in was consumed sends the
+browser back to the return URL with ``error`` / ``error_description`` and
+leaves the account retryable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from mailsync.errors import (
+    Conflict,
+    DependencyUnavailable,
+    InputError,
+    MailsyncError,
+    NotFound,
+    ProviderError,
+)
+from mailsync.jobs import JobKind, new_job
+from mailsync.linking.access import AccountAccess, issue_access_token
+from mailsync.linking.return_urls import ReturnUrlPolicy, with_params
+from mailsync.models import Account, AccountStatus, Mailbox, Provider
+from mailsync.ports import JobQueue, MessageStore, SubscriptionRegistry, SyncStatusReader
+from mailsync.storage.accounts import TableAccountRepository, normalize_address
+from mailsync.storage.auth_flows import PendingFlow, TableAuthFlowStore
+from mailsync.storage.tokens import TableTokenStore
+
+log = logging.getLogger("mailsync.linking")
+
+FLOW_TTL = timedelta(minutes=10)
+PURGE_EVERY_S = 3600.0
+_SAVE_ATTEMPTS = 3
+COMMON_FIELDS = frozenset({"provider", "return_url", "account_id"})
+SYNC_NOT_STARTED = ("temporarily_unavailable", "Linked, but the sync could not be started. Try again in a moment.")
+
+
+# -- the provider plug-in contract ------------------------------------------------
+
+@dataclass(frozen=True)
+class LinkRedirect:
+    """``begin``'s answer when the user must sign in at the provider first."""
+
+    authorize_url: str
+    state: str
+    flow: dict[str, Any] = field(repr=False)  # secret until finished (PKCE verifier)
+
+
+@dataclass(frozen=True)
+class LinkedIdentity:
+    """Who the user turned out to be at the provider, and the credential to keep."""
+
+    address: str
+    display_name: str
+    provider_user_id: str
+    credential: str = field(repr=False)      # sealed before it is stored
+    credential_kind: str = "msal"
+    follow_up_jobs: tuple[JobKind, ...] = ()  # provider extras after the initial sync job
+
+
+class AccountLinker(Protocol):
+    """One provider's way of establishing a mailbox identity."""
+
+    provider: Provider
+    credential_kind: str
+
+    def begin(self, account_id: str, request: Mapping[str, Any], *,
+              login_hint: str | None) -> LinkRedirect | LinkedIdentity:
+        """Start linking; ``request`` holds the provider-specific fields of the POST body."""
+        ...
+
+    def complete(self, account: Account, flow: Mapping[str, Any],
+                 params: Mapping[str, str]) -> LinkedIdentity:
+        """Finish a redirect-based sign-in from the callback's query parameters."""
+        ...
+
+
+# -- results -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StartResult:
+    """What ``POST /api/accounts`` answers. ``access_token`` only when the account is new."""
+
+    account_id: str
+    status: AccountStatus
+    authorize_url: str | None
+    access_token: str | None = field(default=None, repr=False)
+    created: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"account_id": self.account_id, "status": self.status.value,
+                                "authorize_url": self.authorize_url}
+        if self.access_token is not None:
+            body["access_token"] = self.access_token
+        return body
+
+
+def account_view(account: Account, sync: dict[str, Any] | None) -> dict[str, Any]:
+    """The account as the API shows it (never the token hash)."""
+    return {
+        "account_id": account.account_id,
+        "provider": account.provider.value,
+        "address": account.address,
+        "display_name": account.display_name,
+        "status": account.status.value,
+        "error": account.error,
+        "created_at": account.created_at.isoformat(),
+        "updated_at": account.updated_at.isoformat(),
+        "sync": sync,
+    }
+
+
+class _CallbackFailed(Exception):
+    """Internal: stop the callback and send the browser back with this error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- the service ------------------------------------------------------------------------
+
+class LinkingService:
+    """Creates, links, shows and unlinks local accounts."""
+
+    def __init__(
+        self,
+        *,
+        accounts: TableAccountRepository,
+        tokens: TableTokenStore,
+        flows: TableAuthFlowStore,
+        access: AccountAccess,
+        jobs: JobQueue,
+        return_urls: ReturnUrlPolicy,
+        linkers: Mapping[Provider, AccountLinker],
+        store: Callable[[], MessageStore] | None = None,
+        sync_status: SyncStatusReader | None = None,
+        subscriptions: SubscriptionRegistry | None = None,
+        cleanups: Sequence[Callable[[str], object]] = (),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._accounts = accounts
+        self._tokens = tokens
+        self._flows = flows
+        self._access = access
+        self._jobs = jobs
+        self._return_urls = return_urls
+        self._linkers = dict(linkers)
+        self._store = store
+        self._sync_status = sync_status
+        self._subscriptions = subscriptions
+        self._cleanups = tuple(cleanups)
+        self._clock = clock
+        self._purge_lock = threading.Lock()
+        self._next_purge = 0.0
+
+    # -- POST /api/accounts ----------------------------------------------------
+
+    def start(self, body: Mapping[str, Any], bearer: str | None = None) -> StartResult:
+        """Create an account and start linking it, or (with ``account_id`` + bearer) retry linking one."""
+        provider = self._provider(body.get("provider"))
+        linker = self._linkers.get(provider)
+        if linker is None:
+            raise InputError(f"provider {provider.value!r} is not available here", code="unsupported_provider")
+        return_url = self._return_urls.check(body.get("return_url"))
+        extra = {k: v for k, v in body.items() if k not in COMMON_FIELDS}
+        account_id = body.get("account_id")
+        if account_id is not None:
+            if not isinstance(account_id, str):
+                raise InputError("account_id must be a string")
+            new_return_url = return_url if body.get("return_url") else None
+            return self._relink(self._access.authenticate(account_id, bearer), linker, extra, new_return_url)
+        self._purge_flows_now_and_then()
+        return self._create(linker, extra, return_url)
+
+    def _create(self, linker: AccountLinker, extra: Mapping[str, Any], return_url: str) -> StartResult:
+        account_id = uuid.uuid4().hex
+        token, token_hash = issue_access_token(account_id)
+        now = self._clock()
+        account = Account(account_id=account_id, provider=linker.provider, status=AccountStatus.LINKING,
+                          access_token_hash=token_hash, created_at=now, updated_at=now, return_url=return_url)
+        # Talk to the provider before writing anything: a provider that is down
+        # or refuses the credentials leaves no account behind.
+        step = linker.begin(account_id, extra, login_hint=None)
+        if isinstance(step, LinkedIdentity):
+            linked = self._commit_new(account, step)
+            self._start_sync_or_record(linked, step, reason="initial")
+            return StartResult(account_id, linked.status, None, token)
+        saved = self._accounts.save(account)
+        try:
+            self._save_flow(saved, step, return_url)
+        except MailsyncError:
+            self._undo_create(account_id)
+            raise
+        log.info("account created, sign-in started", extra={"account_id": account_id,
+                                                             "provider": linker.provider.value})
+        return StartResult(account_id, saved.status, step.authorize_url, token)
+
+    def _relink(self, account: Account, linker: AccountLinker, extra: Mapping[str, Any],
+                new_return_url: str | None) -> StartResult:
+        if account.provider != linker.provider:
+            raise InputError("an account cannot change provider; create a new account", code="provider_mismatch")
+        step = linker.begin(account.account_id, extra, login_hint=account.address)
+        if isinstance(step, LinkedIdentity):
+            linked = self._commit_existing(account, step)
+            self._start_sync_or_record(linked, step, reason="relink")
+            return StartResult(account.account_id, linked.status, None, created=False)
+        updated = account
+        if new_return_url or account.status == AccountStatus.ERROR:
+            updated = self._accounts.save(replace(
+                account, return_url=new_return_url or account.return_url, updated_at=self._clock(),
+                status=AccountStatus.LINKING if account.status == AccountStatus.ERROR else account.status))
+        self._save_flow(updated, step, updated.return_url or self._return_urls.default_url)
+        log.info("sign-in restarted for account", extra={"account_id": account.account_id})
+        return StartResult(account.account_id, updated.status, step.authorize_url, created=False)
+
+    def _save_flow(self, account: Account, step: LinkRedirect, return_url: str) -> None:
+        now = self._clock()
+        self._flows.put(step.state, PendingFlow(account_id=account.account_id, provider=account.provider.value,
+                                                flow=step.flow, return_url=return_url, created_at=now,
+                                                expires_at=now + FLOW_TTL))
+
+    def _undo_create(self, account_id: str) -> None:
+        try:
+            self._accounts.delete(account_id)
+        except MailsyncError:
+            # Tables failed twice in a row: the account stays in `linking`
+            # with no pending sign-in; the page was told 503 and never got
+            # its token, so the row is inert (and retrying creates a new one).
+            log.warning("could not remove an account whose sign-in was not saved",
+                        extra={"account_id": account_id})
+
+    def _purge_flows_now_and_then(self) -> None:
+        now = time.monotonic()
+        with self._purge_lock:
+            if now < self._next_purge:
+                return
+            self._next_purge = now + PURGE_EVERY_S
+        try:
+            self._flows.purge_expired(self._clock())
+        except MailsyncError:
+            log.warning("could not purge expired sign-ins")
+
+    # -- GET /api/oauth/callback --------------------------------------------------
+
+    def complete(self, params: Mapping[str, str]) -> str:
+        """Finish a sign-in from the callback's query; return where to redirect the browser.
+
+        InputError for a state that is missing, unknown or already used
+        (there is no trustworthy return URL then); DependencyUnavailable when
+        Tables cannot be read. Every later failure becomes a redirect with
+        ``error`` and ``error_description``.
+        """
+        pending = self._flows.take(params.get("state") or "")
+        base = pending.return_url
+        account_id = pending.account_id
+        try:
+            account = self._accounts.get(account_id)
+            if account is None:
+                raise _CallbackFailed("account_not_found", "This account was deleted before the sign-in finished.")
+            try:
+                linked = self._finish(account, pending, params)
+            except _CallbackFailed as failure:
+                # A sync that could not be queued must not look like one running.
+                self._record_failure(account, failure.message,
+                                     force_error=failure.message == SYNC_NOT_STARTED[1])
+                raise
+        except _CallbackFailed as failure:
+            log.info("sign-in not completed", extra={"account_id": account_id, "error_code": failure.code})
+            return with_params(base, {"account_id": account_id, "error": failure.code,
+                                      "error_description": failure.message})
+        log.info("account linked", extra={"account_id": account_id, "status": linked.status.value})
+        return with_params(base, {"account_id": account_id})
+
+    def _finish(self, account: Account, pending: PendingFlow, params: Mapping[str, str]) -> Account:
+        if pending.expired(self._clock()):
+            raise _CallbackFailed("login_expired", "The sign-in took too long. Try again.")
+        linker = self._linkers.get(account.provider)
+        if linker is None or pending.provider != account.provider.value:
+            raise _CallbackFailed("unsupported_provider", "This provider is not available here.")
+        try:
+            identity = linker.complete(account, pending.flow, params)
+            linked = self._commit_existing(account, identity)
+        except (ProviderError, DependencyUnavailable, Conflict, NotFound, InputError) as exc:
+            raise self._as_failure(exc) from exc
+        try:
+            self._start_sync(linked, identity, reason="initial" if account.address is None else "relink")
+        except MailsyncError as exc:
+            raise _CallbackFailed(SYNC_NOT_STARTED[0], SYNC_NOT_STARTED[1]) from exc
+        return linked
+
+    @staticmethod
+    def _as_failure(exc: MailsyncError) -> _CallbackFailed:
+        if isinstance(exc, Conflict) and exc.code in ("address_in_use", "wrong_mailbox"):
+            return _CallbackFailed(exc.code, exc.message)
+        if isinstance(exc, NotFound):
+            return _CallbackFailed("account_not_found", "This account was deleted before the sign-in finished.")
+        if isinstance(exc, DependencyUnavailable):
+            return _CallbackFailed("temporarily_unavailable", "A service was unavailable. Try again in a moment.")
+        if isinstance(exc, InputError):
+            return _CallbackFailed("invalid_request", exc.message)
+        if isinstance(exc, ProviderError):
+            return _CallbackFailed(exc.code, exc.message)
+        return _CallbackFailed("conflict", "The account changed while signing in. Try again.")
+
+    def _record_failure(self, account: Account, message: str, *, force_error: bool = False) -> None:
+        """Keep the readable error on the account; a never-linked account goes to ``error``."""
+        for _ in range(_SAVE_ATTEMPTS):
+            status = account.status
+            if force_error or account.address is None or status in (AccountStatus.LINKING, AccountStatus.ERROR):
+                status = AccountStatus.ERROR
+            try:
+                self._accounts.save(replace(account, status=status, error=message, updated_at=self._clock()))
+                return
+            except Conflict:
+                fresh = self._accounts.get(account.account_id)
+                if fresh is None:
+                    return
+                account = fresh
+            except MailsyncError:
+                log.warning("could not record a sign-in failure on the account",
+                            extra={"account_id": account.account_id})
+                return
+
+    # -- committing an identity -----------------------------------------------------------
+
+    @staticmethod
+    def _check_identity(account: Account, identity: LinkedIdentity) -> None:
+        same_user = account.provider_user_id is None or account.provider_user_id == identity.provider_user_id
+        same_address = (account.address is None
+                        or normalize_address(account.address) == normalize_address(identity.address))
+        if not (same_user and same_address):
+            raise Conflict(f"You signed in as {identity.address}, but this account is linked to "
+                           f"{account.address}. Sign in with that mailbox, or add a new account.",
+                           code="wrong_mailbox")
+
+    def _claim(self, address: str, account_id: str) -> None:
+        try:
+            self._accounts.claim_address(address, account_id, now=self._clock())
+        except Conflict as exc:
+            raise Conflict("This mailbox is already linked to another account.", code="address_in_use") from exc
+
+    def _linked(self, account: Account, identity: LinkedIdentity) -> Account:
+        status = AccountStatus.SYNCED if account.status == AccountStatus.SYNCED else AccountStatus.SYNCING
+        return replace(account, status=status, address=identity.address, display_name=identity.display_name,
+                       provider_user_id=identity.provider_user_id, error=None, updated_at=self._clock())
+
+    def _commit_existing(self, account: Account, identity: LinkedIdentity) -> Account:
+        """Claim the address, then write account + credential in one transaction."""
+        self._check_identity(account, identity)
+        self._claim(identity.address, account.account_id)
+        for attempt in range(_SAVE_ATTEMPTS):
+            try:
+                return self._accounts.save_with_credential(self._linked(account, identity), identity.credential,
+                                                           kind=identity.credential_kind)
+            except Conflict:
+                # Someone touched the row meanwhile (a status update): re-read and re-apply.
+                fresh = self._accounts.get(account.account_id)
+                if fresh is None or attempt == _SAVE_ATTEMPTS - 1:
+                    self._release_if_new(account, identity)
+                    if fresh is None:
+                        raise NotFound("the account no longer exists") from None
+                    raise
+                account = fresh
+                self._check_identity(account, identity)
+            except MailsyncError:
+                self._release_if_new(account, identity)
+                raise
+        raise AssertionError("unreachable")
+
+    def _commit_new(self, account: Account, identity: LinkedIdentity) -> Account:
+        """A credentials provider linked at once: claim, then create account + credential together."""
+        self._claim(identity.address, account.account_id)
+        try:
+            return self._accounts.save_with_credential(self._linked(account, identity), identity.credential,
+                                                       kind=identity.credential_kind)
+        except MailsyncError:
+            self._release_if_new(account, identity)
+            raise
+
+    def _release_if_new(self, account: Account, identity: LinkedIdentity) -> None:
+        if account.address is not None:
+            return  # the address was already this account's: keep holding it
+        try:
+            self._accounts.release_address(identity.address, account.account_id)
+        except MailsyncError:
+            # A claim whose account never got the address goes stale and is
+            # taken over after the grace period (storage/accounts.py).
+            log.warning("could not release an address claim", extra={"account_id": account.account_id})
+
+    def _start_sync(self, account: Account, identity: LinkedIdentity, *, reason: str) -> None:
+        """Show the mailbox, then enqueue the initial sync (and the provider's follow-ups)."""
+        if self._store is not None:
+            try:
+                self._store().upsert_mailbox(Mailbox(account_id=account.account_id, address=identity.address,
+                                                   display_name=identity.display_name, provider=account.provider,
+                                                   status=account.status))
+            except MailsyncError:
+                # The engine writes the mailbox document again as it syncs.
+                log.warning("could not write the mailbox document yet", extra={"account_id": account.account_id})
+        self._jobs.enqueue(new_job(JobKind.SYNC_FOLDERS, account.account_id, reason=reason))
+        for kind in identity.follow_up_jobs:
+            self._jobs.enqueue(new_job(kind, account.account_id, reason=reason))
+
+    def _start_sync_or_record(self, account: Account, identity: LinkedIdentity, *, reason: str) -> None:
+        try:
+            self._start_sync(account, identity, reason=reason)
+        except MailsyncError:
+            self._record_failure(account, SYNC_NOT_STARTED[1], force_error=True)
+            raise
+
+    # -- GET /api/accounts/{id} --------------------------------------------------------------
+
+    def get(self, account_id: str, bearer: str | None) -> dict[str, Any]:
+        """The account view, with the sync engine's progress summary when it is available."""
+        account = self._access.authenticate(account_id, bearer)
+        sync: dict[str, Any] | None = None
+        if self._sync_status is not None and account.status in (AccountStatus.SYNCING, AccountStatus.SYNCED,
+                                                                  AccountStatus.REAUTH_REQUIRED):
+            try:
+                sync = self._sync_status.summary(account_id)
+            except MailsyncError:
+                log.warning("sync summary unavailable", extra={"account_id": account_id})
+        return account_view(account, sync)
+
+    # -- DELETE /api/accounts/{id} -------------------------------------------------------------
+
+    def unlink(self, account_id: str, bearer: str | None) -> None:
+        """Delete the account's subscriptions, tokens, documents and rows, in that order.
+
+        Subscriptions go first (deleting one at Graph needs the tokens);
+        then the tokens, which stops every worker at its next token
+        request; then the documents; the account row last, so a failure
+        part-way leaves an account the same bearer can DELETE again.
+        """
+        account = self._access.authenticate(account_id, bearer)
+        if self._subscriptions is not None:
+            try:
+                self._subscriptions.delete_for_account(account_id)
+            except ProviderError:
+                # Graph refused (grant revoked): the subscription expires by
+                # itself within days, and notifications for an unknown
+                # account are dropped by the webhook.
+                log.warning("could not delete the account's subscriptions at the provider",
+                            extra={"account_id": account_id})
+        linker = self._linkers.get(account.provider)
+        self._tokens.delete(account_id, linker.credential_kind if linker else "msal")
+        if self._store is not None:
+            self._store().delete_account(account_id)
+        for cleanup in self._cleanups:
+            cleanup(account_id)
+        self._accounts.delete(account_id)
+        log.info("account unlinked", extra={"account_id": account_id})
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _provider(value: object) -> Provider:
+        if value is None:
+            raise InputError("provider is required (\"outlook\")", code="invalid_provider")
+        try:
+            return Provider(str(value))
+        except ValueError:
+            raise InputError(f"unknown provider {value!r}", code="invalid_provider") from None
