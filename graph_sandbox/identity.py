@@ -50,6 +50,7 @@ import json
 import re
 import secrets
 import uuid
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -224,6 +225,14 @@ def _missing(name: str) -> OAuthError:
 # ---------------------------------------------------------------------------
 
 
+_PLATFORMS: weakref.WeakKeyDictionary[Any, IdentityPlatform] = weakref.WeakKeyDictionary()
+
+
+def platform_for(state: Any) -> IdentityPlatform | None:
+    """The identity platform built on ``state`` (other services authenticate through it)."""
+    return _PLATFORMS.get(state)
+
+
 class IdentityPlatform:
     """Entra ID v2.0 endpoints for the sandbox tenant, and Graph's token check."""
 
@@ -238,6 +247,7 @@ class IdentityPlatform:
         self._refresh: dict[str, _RefreshToken] = {}
         # (user, app) -> time of the sign-in that restored a revoked grant.
         self._valid_from: dict[tuple[str, str], float] = {}
+        _PLATFORMS[state] = self
 
     # -- settings (SandboxConfig fields, with Entra's defaults) ---------------
 

@@ -48,7 +48,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 from aiohttp import web
 
-from graph_sandbox.identity import Principal
+from graph_sandbox.identity import Principal, platform_for
 from graph_sandbox.mailbox import MailboxError, MailChange
 from graph_sandbox.notifications import (
     Notifier,
@@ -271,9 +271,9 @@ class SubscriptionService:
         principal = request.get("principal")
         if isinstance(principal, Principal):
             return principal
-        identity = self.identity or getattr(self.state, "identity", None)
+        identity = self.identity or platform_for(self.state)
         if identity is None:
-            raise RuntimeError("SubscriptionService needs an identity platform to authenticate requests")
+            raise RuntimeError("no IdentityPlatform was built on this sandbox state")
         principal = identity.authenticate(request)
         return principal  # type: ignore[no-any-return]
 
