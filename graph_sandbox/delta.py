@@ -30,8 +30,8 @@ initial round (S = 0) tombstones are skipped: there is nothing to remove.
 
 Tokens
 ------
-A token is base64url(JSON fields) + "." + HMAC: opaque to clients,
-unforgeable, and stateless for the server. It names the mailbox epoch
+A token is base64url(JSON fields, XORed with a keystream) + "." + HMAC:
+opaque to clients, unforgeable, and stateless for the server. It names the mailbox epoch
 (a reset or an admin "invalidate" bumps it: 410 ``resyncRequired``) and
 the time it was issued (older than ``delta_token_ttl_s``, or older than
 the folder's pruned tombstones: 410 ``SyncStateNotFound``, Outlook's code
@@ -160,11 +160,12 @@ class DeltaToken:
     epoch: int                # mailbox sync epoch when issued
     since: int                # S: changes after this seq
     upto: int                 # U: round bound (SKIP only)
-    cursor: int               # C: last seq returned (SKIP only)
+    cursor: Any               # C: last seq read; [received_ms, serial] in a newest-first round
     issued_ms: int
     select: tuple[str, ...] | None = None
     change_type: str | None = None
     received_filter: tuple[str, str] | None = None   # ("ge"|"gt", iso instant)
+    newest_first: bool = False                         # $orderby=receivedDateTime desc (initial round)
 
 
 class BadToken(ValueError):
@@ -175,27 +176,39 @@ def encode_token(token: DeltaToken, key: bytes) -> str:
     body = orjson.dumps([
         token.kind, token.user_id, token.folder_id, token.epoch, token.since, token.upto,
         token.cursor, token.issued_ms, token.select, token.change_type, token.received_filter,
+        token.newest_first,
     ])
     mac = hmac.new(key, body, hashlib.sha256).digest()[:12]
-    return _b64(body) + "." + _b64(mac)
+    return _b64(_xor(body, key, mac)) + "." + _b64(mac)
 
 
 def decode_token(text: str, key: bytes) -> DeltaToken:
     try:
         body_text, mac_text = text.split(".")
-        body, mac = _unb64(body_text), _unb64(mac_text)
+        mac = _unb64(mac_text)
+        body = _xor(_unb64(body_text), key, mac)
     except ValueError as exc:
         raise BadToken("malformed state token") from exc
     if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()[:12]):
         raise BadToken("state token was not issued by this sandbox")
     try:
         (kind, user_id, folder_id, epoch, since, upto, cursor, issued_ms,
-         select, change_type, received) = orjson.loads(body)
+         select, change_type, received, newest_first) = orjson.loads(body)
     except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
         raise BadToken("malformed state token") from exc
     return DeltaToken(kind, user_id, folder_id, epoch, since, upto, cursor, issued_ms,
                       tuple(select) if select is not None else None, change_type,
-                      tuple(received) if received is not None else None)
+                      tuple(received) if received is not None else None, bool(newest_first))
+
+
+def _xor(data: bytes, key: bytes, nonce: bytes) -> bytes:
+    """Hide the token's fields (a keystream from SHA-256 over key, MAC and block number)."""
+    stream = bytearray()
+    block = 0
+    while len(stream) < len(data):
+        stream += hashlib.sha256(key + nonce + block.to_bytes(4, "big")).digest()
+        block += 1
+    return bytes(a ^ b for a, b in zip(data, stream, strict=False))
 
 
 def _b64(data: bytes) -> str:

@@ -196,6 +196,8 @@ class Mailbox:
         self.by_rest: dict[str, Message] = {}
         self.by_immutable: dict[str, Message] = {}
         self.well_known: dict[str, str] = {}
+        self.members_version = 0           # grows when any folder gains/loses a message
+        self._sorted_all: tuple[int, list[Message]] | None = None
         root = self._new_folder("Top of Information Store", parent_id="", well_known=ROOT, index_it=False)
         self.root_id = root.id
 
@@ -374,11 +376,13 @@ class Mailbox:
     def messages_newest_first(self, folder_id: str | None) -> list[Message]:
         """Messages of a folder (or the whole mailbox) by receivedDateTime desc; cached per change."""
         if folder_id is None:
-            return sorted(self.all_messages(), key=_newest_first_key)
+            if self._sorted_all is None or self._sorted_all[0] != self.members_version:
+                self._sorted_all = (self.members_version, sorted(self.all_messages(), key=newest_first_key))
+            return self._sorted_all[1]
         folder = self.folder(folder_id)
         cached = folder.sorted_cache
         if cached is None or cached[0] != folder.members_version:
-            cached = (folder.members_version, sorted(folder.messages.values(), key=_newest_first_key))
+            cached = (folder.members_version, sorted(folder.messages.values(), key=newest_first_key))
             folder.sorted_cache = cached
         return cached[1]
 
@@ -417,6 +421,7 @@ class Mailbox:
         folder.index.touch(message.rest_id)
         if "received_ms" in changes:
             folder.members_version += 1
+            self.members_version += 1
         self._emit(MailChange(self.user_id, "updated", message.rest_id, folder.id, message.immutable_id))
         return message
 
@@ -469,7 +474,7 @@ class Mailbox:
     def body_of(self, message: Message) -> tuple[str, str]:
         """(body HTML or text, preview) — generated from the seed when not stored."""
         if message.body_content is None:
-            from graph_sandbox.seed import generated_body  # noqa: PLC0415 — seed imports this module
+            from graph_sandbox.seed import generated_body  # late: seed imports this module
             html, preview = generated_body(message.body_seed, message.subject)
             return html, message.preview if message.preview is not None else preview
         preview = message.preview if message.preview is not None else _preview(message.body_content)
@@ -484,6 +489,7 @@ class Mailbox:
     def _insert(self, folder: Folder, message: Message) -> None:
         folder.index.put(message.rest_id, message)
         folder.members_version += 1
+        self.members_version += 1
         if not message.is_read:
             folder.unread += 1
         self.by_rest[message.rest_id] = message
@@ -493,6 +499,7 @@ class Mailbox:
         tomb = Tombstone(message.rest_id, message.immutable_id, self._next_seq(), self._clock.time_ms())
         folder.index.remove(message.rest_id, tomb)
         folder.members_version += 1
+        self.members_version += 1
         if not message.is_read:
             folder.unread -= 1
         del self.by_rest[message.rest_id]
@@ -502,6 +509,11 @@ class Mailbox:
         del self.by_immutable[message.immutable_id]
 
 
+_SEND_DEFAULTS: dict[str, Any] = {
+    "subject": "", "to": (), "cc": (), "bcc": (), "reply_to": (), "importance": "normal",
+    "flag": {"flagStatus": "notFlagged"}, "categories": (), "has_attachments": False, "inference": "focused",
+}
+
 _COPIED_FIELDS = (
     "subject", "sender", "from_", "to", "cc", "bcc", "reply_to", "received_ms", "sent_ms", "is_read",
     "is_draft", "importance", "flag", "categories", "has_attachments", "internet_message_id",
@@ -509,12 +521,12 @@ _COPIED_FIELDS = (
 )
 
 
-def _newest_first_key(message: Message) -> tuple[int, int]:
+def newest_first_key(message: Message) -> tuple[int, int]:
     return (-message.received_ms, -message.serial)
 
 
 def _preview(content: str) -> str:
-    from graph_sandbox.seed import text_preview  # noqa: PLC0415
+    from graph_sandbox.seed import text_preview  # late: seed imports this module
     return text_preview(content)
 
 
@@ -581,11 +593,12 @@ class Mailboxes:
         the outside world would. Returns the Sent Items copy (if saved).
         """
         now = self._clock.time_ms()
-        fields = dict(fields)
+        fields = {**_SEND_DEFAULTS, **fields}
         fields.update(sender=sender.me, from_=sender.me, received_ms=now, sent_ms=now, created_ms=now,
                       is_draft=False)
-        fields.setdefault("internet_message_id",
-                          f"<{sender._hash('imid', sender._serial + 1, now, size=12)[:16]}@{sender.address.split('@')[-1]}>")
+        domain = sender.address.split("@")[-1]
+        local = sender._hash("imid", sender._serial + 1, now, size=12)[:16]
+        fields.setdefault("internet_message_id", f"<{local}@{domain}>")
         fields.setdefault("conversation_id", sender._hash("conv", fields.get("subject", ""), now, size=33))
         fields.setdefault("conversation_index", base64.b64encode(now.to_bytes(8, "big") * 2 + b"\0" * 6).decode())
         sent: Message | None = None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from graph_sandbox.mailbox import Folder, Mailbox, Message, iso
+from graph_sandbox.seed import html_to_text
 
 if TYPE_CHECKING:
     from graph_sandbox.state import SandboxUser
@@ -95,9 +96,21 @@ def message_select(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _body_as(m: Message, box: Mailbox, text_body: bool) -> dict[str, str]:
+    content, _ = box.body_of(m)
+    if text_body and m.body_type == "html":
+        return {"contentType": "text", "content": html_to_text(content)}
+    return {"contentType": m.body_type, "content": content}
+
+
 def message(m: Message, box: Mailbox, *, immutable: bool, select: tuple[str, ...] | None = None,
-            odata_type: bool = False) -> dict[str, Any]:
-    """A message as Graph returns it; ``select`` limits properties (``id`` always comes)."""
+            odata_type: bool = False, text_body: bool = False) -> dict[str, Any]:
+    """A message as Graph returns it.
+
+    ``immutable`` picks the id form (``Prefer: IdType="ImmutableId"``),
+    ``select`` limits properties (``id`` always comes), ``text_body`` answers
+    ``Prefer: outlook.body-content-type="text"``.
+    """
     mid = m.immutable_id if immutable else m.rest_id
     change_key = m.change_key
     out: dict[str, Any] = {"@odata.type": MESSAGE_TYPE} if odata_type else {}
@@ -105,10 +118,15 @@ def message(m: Message, box: Mailbox, *, immutable: bool, select: tuple[str, ...
     if select is not None:
         out["id"] = mid
         for name in select:
-            if name != "id":
+            if name == "body":
+                out[name] = _body_as(m, box, text_body)
+            elif name != "id":
                 out[name] = MESSAGE_FIELDS[name](m, box, mid)
         return out
     content, preview = box.body_of(m)
+    body_type = m.body_type
+    if text_body and body_type == "html":
+        content, body_type = html_to_text(content), "text"
     out.update({
         "id": mid,
         "createdDateTime": iso(m.created_ms),
@@ -131,7 +149,7 @@ def message(m: Message, box: Mailbox, *, immutable: bool, select: tuple[str, ...
         "isDraft": m.is_draft,
         "webLink": _web_link(mid),
         "inferenceClassification": m.inference,
-        "body": {"contentType": m.body_type, "content": content},
+        "body": {"contentType": body_type, "content": content},
     })
     if m.sender is not None:
         out["sender"] = m.sender

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from graph_sandbox.config import SandboxConfig
-from graph_sandbox.mailbox import WELL_KNOWN_FOLDERS, Mailbox, Mailboxes, recipient
+from graph_sandbox.mailbox import WELL_KNOWN_FOLDERS, Mailbox, Mailboxes, Message, iso, recipient
 
 TENANT_DOMAIN = "contoso.onmicrosoft.com"
 
@@ -122,7 +122,7 @@ class Tenant:
 
 def seed_tenant(config: SandboxConfig, mailboxes: Mailboxes) -> Tenant:
     """Build the users and their filled mailboxes for ``config``."""
-    from graph_sandbox.state import SandboxUser  # noqa: PLC0415 — state imports this module
+    from graph_sandbox.state import SandboxUser  # late: state imports this module
 
     users: list[SandboxUser] = []
     for index in range(config.users):
@@ -187,12 +187,24 @@ def fill_mailbox(box: Mailbox, rng: random.Random, config: SandboxConfig, *, col
         _add_seeded_message(box, rng, anchor_ms, folder_id, kind, others, contacts, services)
 
 
+def new_mail(box: Mailbox, rng: random.Random, colleagues: list[dict], now_ms: int,
+             folder: str = "inbox") -> Message:
+    """One realistic incoming message arriving now (announced to listeners)."""
+    contacts = [recipient(a, n) for n, a in CONTACTS]
+    services = [recipient(a, n) for n, a in SERVICES]
+    others = [c for c in colleagues if c["emailAddress"]["address"] != box.address] or colleagues
+    return _add_seeded_message(box, rng, now_ms, box.folder(folder).id, "inbox", others, contacts, services,
+                               arriving_now=True)
+
+
 def _add_seeded_message(box: Mailbox, rng: random.Random, anchor_ms: int, folder_id: str, kind: str,
-                        colleagues: list[dict], contacts: list[dict], services: list[dict]) -> None:
+                        colleagues: list[dict], contacts: list[dict], services: list[dict], *,
+                        arriving_now: bool = False) -> Message:
     # Newer mail is denser: age in days ~ exponential, capped at two years.
-    age_s = min(rng.expovariate(1 / (60 * 86400)), 730 * 86400)
+    age_s = 0.0 if arriving_now else min(rng.expovariate(1 / (60 * 86400)), 730 * 86400)
     received_ms = anchor_ms - int(age_s * 1000)
-    received_ms -= received_ms % 1000
+    if not arriving_now:
+        received_ms -= received_ms % 1000
     outgoing = kind in ("sentitems", "drafts")
     automated = not outgoing and (kind == "junkemail" or rng.random() < 0.35)
     num = rng.randint(10000, 99999)
@@ -216,7 +228,7 @@ def _add_seeded_message(box: Mailbox, rng: random.Random, anchor_ms: int, folder
         to = (box.me,) if rng.random() < 0.85 else (box.me, rng.choice(colleagues))
         cc = tuple(rng.sample(colleagues, k=1)) if rng.random() < 0.15 else ()
     recent = (anchor_ms - received_ms) < 14 * 86400 * 1000
-    is_read = outgoing or rng.random() < (0.45 if recent else 0.96)
+    is_read = outgoing or (not arriving_now and rng.random() < (0.45 if recent else 0.96))
     flag_roll = rng.random()
     if flag_roll < 0.04:
         flag = {"flagStatus": "flagged",
@@ -232,8 +244,8 @@ def _add_seeded_message(box: Mailbox, rng: random.Random, anchor_ms: int, folder
     domain = author["emailAddress"]["address"].split("@")[-1]
     conv = box._hash("conv", thread, size=33)
     modified_ms = received_ms + (rng.randint(0, 3 * 86400) * 1000 if (is_read and not outgoing) else 0)
-    box.add_message(
-        folder_id, emit=False,
+    return box.add_message(
+        folder_id, emit=arriving_now,
         subject=subject, sender=author, from_=author, to=to, cc=cc, bcc=(), reply_to=(),
         received_ms=received_ms, sent_ms=received_ms - rng.randint(1, 90) * 1000, created_ms=received_ms,
         modified_ms=min(modified_ms, anchor_ms), is_read=is_read, is_draft=kind == "drafts",
@@ -248,7 +260,6 @@ def _add_seeded_message(box: Mailbox, rng: random.Random, anchor_ms: int, folder
 
 def _dttz(ms: int) -> dict[str, str]:
     """A dateTimeTimeZone value in UTC, as Outlook writes it."""
-    from graph_sandbox.mailbox import iso  # noqa: PLC0415
     return {"dateTime": iso(ms)[:-1] + ".0000000", "timeZone": "UTC"}
 
 
@@ -274,7 +285,12 @@ _HEAD = re.compile(r"<head>.*?</head>", re.IGNORECASE | re.DOTALL)
 _SPACE = re.compile(r"\s+")
 
 
+def html_to_text(content: str) -> str:
+    """The text of an HTML body (for ``Prefer: outlook.body-content-type="text"``)."""
+    text = html.unescape(_TAG.sub(" ", _HEAD.sub(" ", content)))
+    return _SPACE.sub(" ", text).strip()
+
+
 def text_preview(content: str) -> str:
     """bodyPreview: the first 255 characters of the body's text."""
-    text = html.unescape(_TAG.sub(" ", _HEAD.sub(" ", content)))
-    return _SPACE.sub(" ", text).strip()[:255]
+    return html_to_text(content)[:255]

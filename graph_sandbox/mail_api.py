@@ -1,0 +1,1130 @@
+"""Graph's mail API under ``/v1.0``: users, mailFolders, messages, delta, sendMail.
+
+One aiohttp handler takes every ``/v1.0/...`` request and walks the same
+steps Graph does, in this order::
+
+    authenticate (identity platform: 401 InvalidAuthenticationToken)
+    -> resolve the mailbox: /me (delegated only) or /users/{id|address}
+    -> route (paths are case-insensitive; mailFolders('id') key syntax works)
+    -> permission (Mail.Read / Mail.ReadWrite / Mail.Send / User.Read*: 403)
+    -> throttle per app + mailbox (429 MailboxConcurrency / rate, Retry-After)
+    -> fault plan (503/504, 429 storms, 410 on delta, slow, truncated)
+    -> latency (asyncio.sleep, counted inside the concurrency slot)
+    -> the operation, answered with Graph's JSON (graph_sandbox.payloads)
+
+Preferences honoured: ``IdType="ImmutableId"`` (message ids that survive
+moves), ``odata.maxpagesize`` (delta pages), ``outlook.body-content-type``.
+Each answer echoes what it applied in ``Preference-Applied``.
+
+Delta rounds are described in graph_sandbox/delta.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
+
+import orjson
+from aiohttp import web
+from multidict import MultiMapping
+
+from graph_sandbox import payloads
+from graph_sandbox.delta import DELTA, SKIP, BadToken, DeltaToken, Tombstone, decode_token, encode_token
+from graph_sandbox.faults import RequestFault
+from graph_sandbox.mailbox import (
+    FLAG_STATUS,
+    IMPORTANCE,
+    INFERENCE,
+    Folder,
+    Mailbox,
+    MailboxError,
+    Message,
+    iso,
+    newest_first_key,
+    recipient,
+)
+from graph_sandbox.seed import text_preview
+
+if TYPE_CHECKING:
+    from graph_sandbox.state import SandboxState, SandboxUser
+
+log = logging.getLogger("graph_sandbox")
+
+JSON_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
+
+
+class ApiError(MailboxError):
+    """An error answer in Graph's envelope, optionally with extra headers."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, code, message)
+        self.headers = headers or {}
+
+
+def bad_request(message: str, code: str = "BadRequest") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def _corrupt_state() -> ApiError:
+    return ApiError(400, "ErrorInvalidSyncStateData", "The sync state data is corrupt or otherwise invalid.")
+
+
+# -- permissions ---------------------------------------------------------
+
+_READ = frozenset({"mail.readbasic", "mail.read", "mail.readwrite", "mail.readbasic.all"})
+_WRITE = frozenset({"mail.readwrite"})
+_SEND = frozenset({"mail.send"})
+_USER = frozenset({"user.read", "user.readwrite", "user.readbasic.all", "user.read.all", "user.readwrite.all",
+                   "directory.read.all", "directory.readwrite.all"})
+PERMISSIONS = {"read": _READ, "write": _WRITE, "send": _SEND, "user": _USER}
+
+
+def _normalise_scope(scope: str) -> str:
+    scope = scope.strip().lower()
+    for prefix in ("https://graph.microsoft.com/", "https://graph.microsoft.com//"):
+        if scope.startswith(prefix):
+            return scope[len(prefix):]
+    return scope
+
+
+# -- request context -----------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """What a route handler needs about the request it serves."""
+
+    request: web.Request
+    state: SandboxState
+    user: SandboxUser
+    box: Mailbox
+    scope_path: str                 # "me" or "users/{id}" as the client wrote it
+    query: MultiMapping[str]
+    immutable: bool
+    text_body: bool
+    max_page_size: int | None
+    base: str                       # scheme://host (or config.public_url)
+    body: Any = None
+    applied: list[str] = field(default_factory=list)   # Preference-Applied values
+    fault: RequestFault | None = None
+
+    def link(self, path: str, params: dict[str, str]) -> str:
+        query = urlencode(params, quote_via=quote, safe="$'(),")
+        return f"{self.base}/v1.0/{self.scope_path}/{path}" + (f"?{query}" if query else "")
+
+    def context(self, fragment: str) -> str:
+        return f"{self.base}/v1.0/$metadata#{fragment}"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any = None                # JSON-able, or None for no content
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[..., Reply]
+
+
+_KEY_SEGMENT = re.compile(r"^([^(]+)\((?:'(.*)'|(.*))\)$")
+
+
+def split_path(path: str) -> list[str]:
+    """Path segments with OData key syntax flattened: ``mailFolders('x')`` -> ``mailFolders``, ``x``."""
+    out: list[str] = []
+    for segment in path.split("/"):
+        if not segment:
+            continue
+        match = _KEY_SEGMENT.match(segment)
+        if match:
+            name, key = match.group(1), match.group(2) if match.group(2) is not None else match.group(3)
+            out.append(name)
+            if key:                # delta() -> delta
+                out.append(key.replace("''", "'"))
+        else:
+            out.append(segment)
+    return out
+
+
+# -- preferences ----------------------------------------------------------------
+
+_PREF = re.compile(r'\s*([A-Za-z0-9_.\-]+)\s*(?:=\s*("?)([^",;]*)\2)?\s*')
+
+
+def parse_prefer(headers: MultiMapping[str]) -> dict[str, str]:
+    prefs: dict[str, str] = {}
+    for header in headers.getall("Prefer", []):
+        for part in header.split(","):
+            match = _PREF.fullmatch(part)
+            if match and match.group(1):
+                prefs[match.group(1).lower()] = match.group(3) or ""
+    return prefs
+
+
+# -- the API --------------------------------------------------------------------------
+
+
+class MailApi:
+    """All ``/v1.0`` mail routes (see the module docstring)."""
+
+    def __init__(self, state: SandboxState, identity: Any) -> None:
+        self.state = state
+        self.identity = identity
+        self._routes = self._route_table()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.route("*", "/v1.0/{tail:.*}", self.handle)]
+
+    # -- dispatch --------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        state = self.state
+        state.counters.requests += 1
+        request_id = str(uuid.uuid4())
+        client_request_id = request.headers.get("client-request-id", request_id)
+        ids = {"request-id": request_id, "client-request-id": client_request_id}
+        try:
+            return await self._handle(request, ids)
+        except web.HTTPException as exc:          # the identity platform's 401
+            state.counters.record(exc.status)
+            exc.headers.update(ids)
+            raise
+        except ApiError as exc:
+            return self._error(exc, ids)
+        except MailboxError as exc:
+            return self._error(ApiError(exc.status, exc.code, exc.message), ids)
+        except Exception:
+            log.exception("mail API failed on %s %s", request.method, request.path)
+            return self._error(ApiError(500, "generalException", "An unexpected error occurred."), ids)
+
+    async def _handle(self, request: web.Request, ids: dict[str, str]) -> web.StreamResponse:
+        state = self.state
+        principal = self.identity.authenticate(request)
+        segments = split_path(request.match_info["tail"])
+        if not segments:
+            raise bad_request("Invalid request.")
+        head = segments[0].lower()
+        if head == "me":
+            if not principal.delegated:
+                raise bad_request("/me request is only valid with delegated authentication flow.")
+            user = state.users.get(principal.user_id or "")
+            if user is None:
+                raise ApiError(404, "ErrorInvalidUser", "The requested user is invalid.")
+            scope_path, rest = "me", segments[1:]
+        elif head == "users" and len(segments) >= 2:
+            user = state.user(segments[1])
+            if user is None:
+                raise ApiError(404, "ErrorInvalidUser", f"The requested user '{segments[1]}' is invalid.")
+            if principal.delegated and user.id != principal.user_id:
+                raise ApiError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+            scope_path, rest = f"users/{segments[1]}", segments[2:]
+        else:
+            raise bad_request(f"Resource not found for the segment '{segments[0]}'.")
+
+        handler, params, permission = self._match(request.method, rest)
+        granted = {_normalise_scope(s) for s in principal.scopes}
+        if not granted & PERMISSIONS[permission]:
+            if permission == "user":
+                raise ApiError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+            raise ApiError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+
+        box = state.mailbox(user.id)
+        key = (principal.app_id, user.id)
+        throttle = state.throttle            # the one we acquire from is the one we release to
+        rejection = throttle.try_acquire(key)
+        if rejection is not None:
+            raise ApiError(429, rejection.code, rejection.message,
+                           {"Retry-After": str(rejection.retry_after_s)})
+        try:
+            delta_with_token = (rest and rest[-1].lower() == "delta"
+                                and ("$skiptoken" in request.query or "$deltatoken" in request.query))
+            faults = state.faults
+            fault = faults.request_fault(key, state.clock.monotonic(), delta_with_token=bool(delta_with_token))
+            if fault is not None:
+                state.counters.faults_injected += 1
+                if fault.kind in ("error", "storm", "expire_delta"):
+                    headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
+                    raise ApiError(fault.status, fault.code, fault.message, headers)
+                if fault.kind == "slow":
+                    await asyncio.sleep(fault.delay_ms / 1000)
+            if state.config.latency_ms:
+                await asyncio.sleep(state.config.latency_ms / 1000)
+            ctx = self._context(request, user, box, scope_path)
+            ctx.fault = fault
+            if request.method in ("POST", "PATCH") and request.can_read_body:
+                raw = await request.read()
+                if raw.strip():
+                    try:
+                        ctx.body = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        raise bad_request("Unable to read JSON request payload. Please ensure Content-Type header "
+                                          "is set and payload is of valid JSON format.") from None
+            reply = handler(ctx, *params)
+            return await self._send(request, reply, ids, ctx)
+        finally:
+            throttle.release(key)
+
+    def _context(self, request: web.Request, user: SandboxUser, box: Mailbox, scope_path: str) -> Ctx:
+        prefs = parse_prefer(request.headers)
+        immutable = prefs.get("idtype", "").lower() == "immutableid"
+        text_body = prefs.get("outlook.body-content-type", "").lower() == "text"
+        page: int | None = None
+        if "odata.maxpagesize" in prefs:
+            try:
+                page = int(prefs["odata.maxpagesize"])
+            except ValueError:
+                page = None
+            if page is not None and page < 1:
+                page = None
+        base = (self.state.config.public_url or f"{request.scheme}://{request.host}").rstrip("/")
+        ctx = Ctx(request=request, state=self.state, user=user, box=box, scope_path=scope_path, query=request.query,
+                  immutable=immutable, text_body=text_body, max_page_size=page, base=base)
+        if immutable:
+            ctx.applied.append('IdType="ImmutableId"')
+        if text_body:
+            ctx.applied.append('outlook.body-content-type="text"')
+        return ctx
+
+    async def _send(self, request: web.Request, reply: Reply, ids: dict[str, str], ctx: Ctx) -> web.StreamResponse:
+        self.state.counters.record(reply.status)
+        headers = {**ids, **reply.headers}
+        if ctx.applied:
+            headers["Preference-Applied"] = ", ".join(ctx.applied)
+        if reply.body is None:
+            return web.Response(status=reply.status, headers=headers)
+        body = orjson.dumps(reply.body)
+        headers["Content-Type"] = JSON_TYPE
+        headers["OData-Version"] = "4.0"
+        fault = ctx.fault
+        if fault is not None and fault.kind == "truncate" and len(body) > 2:
+            cut = body[: len(body) // 2]
+            if fault.cut == "length":
+                # A complete HTTP message whose JSON is cut: the client sees bad JSON.
+                return web.Response(status=reply.status, body=cut, headers=headers)
+            # The connection drops mid-body: the client sees fewer bytes than promised.
+            response = web.StreamResponse(status=reply.status, headers=headers)
+            response.content_length = len(body)
+            await response.prepare(request)
+            await response.write(cut)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        return web.Response(status=reply.status, body=body, headers=headers)
+
+    def _error(self, exc: ApiError, ids: dict[str, str]) -> web.Response:
+        self.state.counters.record(exc.status)
+        date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        body = payloads.error(exc.code, exc.message, request_id=ids["request-id"],
+                              client_request_id=ids["client-request-id"], date=date)
+        return web.Response(status=exc.status, body=orjson.dumps(body),
+                            headers={**ids, **exc.headers, "Content-Type": JSON_TYPE})
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def _route_table(self) -> list[tuple[str, tuple[str, ...], Handler, str]]:
+        F, M = "{f}", "{m}"
+        return [
+            ("GET", (), self.get_user, "user"),
+            ("GET", ("mailfolders",), self.list_top_folders, "read"),
+            ("POST", ("mailfolders",), self.create_top_folder, "write"),
+            ("GET", ("mailfolders", "delta"), self.folders_delta, "read"),
+            ("GET", ("mailfolders", F), self.get_folder, "read"),
+            ("PATCH", ("mailfolders", F), self.update_folder, "write"),
+            ("DELETE", ("mailfolders", F), self.delete_folder, "write"),
+            ("POST", ("mailfolders", F, "move"), self.move_folder, "write"),
+            ("GET", ("mailfolders", F, "childfolders"), self.list_child_folders, "read"),
+            ("POST", ("mailfolders", F, "childfolders"), self.create_child_folder, "write"),
+            ("GET", ("mailfolders", F, "messages"), self.list_folder_messages, "read"),
+            ("POST", ("mailfolders", F, "messages"), self.create_folder_message, "write"),
+            ("GET", ("mailfolders", F, "messages", "delta"), self.messages_delta, "read"),
+            ("GET", ("mailfolders", F, "messages", M), self.get_folder_message, "read"),
+            ("PATCH", ("mailfolders", F, "messages", M), self.update_folder_message, "write"),
+            ("DELETE", ("mailfolders", F, "messages", M), self.delete_folder_message, "write"),
+            ("POST", ("mailfolders", F, "messages", M, "move"), self.move_folder_message, "write"),
+            ("POST", ("mailfolders", F, "messages", M, "copy"), self.copy_folder_message, "write"),
+            ("POST", ("mailfolders", F, "messages", M, "send"), self.send_folder_draft, "send"),
+            ("GET", ("messages",), self.list_messages, "read"),
+            ("POST", ("messages",), self.create_draft, "write"),
+            ("GET", ("messages", M), self.get_message, "read"),
+            ("PATCH", ("messages", M), self.update_message, "write"),
+            ("DELETE", ("messages", M), self.delete_message, "write"),
+            ("POST", ("messages", M, "move"), self.move_message, "write"),
+            ("POST", ("messages", M, "copy"), self.copy_message, "write"),
+            ("POST", ("messages", M, "send"), self.send_draft, "send"),
+            ("POST", ("sendmail",), self.send_mail, "send"),
+        ]
+
+    def _match(self, method: str, rest: list[str]) -> tuple[Handler, list[str], str]:
+        rest = self._flatten_child_folders(rest)
+        lowered = [s.lower() for s in rest]
+        path_matched = False
+        for route_method, pattern, handler, permission in self._routes:
+            if len(pattern) != len(rest):
+                continue
+            params: list[str] = []
+            for want, got, original in zip(pattern, lowered, rest, strict=True):
+                if want.startswith("{"):
+                    if got in ("delta", "move", "copy", "send", "messages", "childfolders"):
+                        break
+                    params.append(original)
+                elif want != got:
+                    break
+            else:
+                path_matched = True
+                if route_method == method:
+                    return handler, params, permission
+        if path_matched:
+            raise ApiError(405, "Request_BadRequest" if method != "PUT" else "BadRequest",
+                           f"The HTTP method '{method}' is not supported for this resource.")
+        last = rest[-1] if rest else ""
+        raise bad_request(f"Resource not found for the segment '{last}'.")
+
+    def _flatten_child_folders(self, rest: list[str]) -> list[str]:
+        """mailFolders/{a}/childFolders/{b}/... -> mailFolders/{b}/... once b is a child of a."""
+        while (len(rest) >= 4 and rest[0].lower() == "mailfolders" and rest[2].lower() == "childfolders"
+               and rest[3].lower() not in ("delta",)):
+            rest = ["mailfolders", f"\x00{rest[1]}\x00{rest[3]}", *rest[4:]]
+        return rest
+
+    def _folder(self, ctx: Ctx, ref: str) -> Folder:
+        """A folder from a path parameter (id, well-known name, or parent-checked child)."""
+        if ref.startswith("\x00"):
+            _, parent_ref, child_ref = ref.split("\x00")
+            parent = self._folder(ctx, parent_ref)
+            child = ctx.box.folder(child_ref)
+            if child.parent_id != parent.id:
+                raise MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+            return child
+        folder = ctx.box.folder(ref)
+        if folder.id == ctx.box.root_id and ref.lower() != "msgfolderroot":
+            raise MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+        return folder
+
+    # -- user --------------------------------------------------------------------
+
+    def get_user(self, ctx: Ctx) -> Reply:
+        body = {"@odata.context": ctx.context("users/$entity"), **payloads.user(ctx.user)}
+        return Reply(200, body)
+
+    # -- folders ---------------------------------------------------------------------
+
+    def _folder_page(self, ctx: Ctx, folders: list[Folder], path: str, context: str) -> Reply:
+        select = self._folder_select(ctx)
+        top, skip = self._top_skip(ctx)
+        page = folders[skip: skip + top]
+        params = {k: v for k, v in ctx.query.items() if k not in ("$skip",)}
+        next_link = None
+        if skip + top < len(folders):
+            next_link = ctx.link(path, {**params, "$skip": str(skip + top)})
+        value = [payloads.mail_folder(f, select=select) for f in page]
+        return Reply(200, payloads.collection(ctx.context(context), value, next_link=next_link))
+
+    def list_top_folders(self, ctx: Ctx) -> Reply:
+        hidden = ctx.query.get("includeHiddenFolders", "").lower() == "true"
+        return self._folder_page(ctx, ctx.box.top_folders(include_hidden=hidden), "mailFolders",
+                                 f"users('{ctx.user.id}')/mailFolders")
+
+    def list_child_folders(self, ctx: Ctx, ref: str) -> Reply:
+        folder = self._folder(ctx, ref)
+        hidden = ctx.query.get("includeHiddenFolders", "").lower() == "true"
+        return self._folder_page(ctx, ctx.box.child_folders(folder.id, include_hidden=hidden),
+                                 f"mailFolders/{folder.id}/childFolders",
+                                 f"users('{ctx.user.id}')/mailFolders('{folder.id}')/childFolders")
+
+    def get_folder(self, ctx: Ctx, ref: str) -> Reply:
+        folder = self._folder(ctx, ref)
+        body = {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
+                **payloads.mail_folder(folder, select=self._folder_select(ctx))}
+        return Reply(200, body)
+
+    def create_top_folder(self, ctx: Ctx) -> Reply:
+        return self._create_folder(ctx, ctx.box.root_id)
+
+    def create_child_folder(self, ctx: Ctx, ref: str) -> Reply:
+        return self._create_folder(ctx, self._folder(ctx, ref).id)
+
+    def _create_folder(self, ctx: Ctx, parent_id: str) -> Reply:
+        body = self._json_object(ctx)
+        self._only(body, {"displayName", "isHidden"}, "mailFolder")
+        hidden = body.get("isHidden", False)
+        if not isinstance(hidden, bool):
+            raise bad_request("isHidden must be a boolean.")
+        folder = ctx.box.create_folder(parent_id, body.get("displayName"), is_hidden=hidden)
+        return Reply(201, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
+                           **payloads.mail_folder(folder)})
+
+    def update_folder(self, ctx: Ctx, ref: str) -> Reply:
+        folder = self._folder(ctx, ref)
+        body = self._json_object(ctx)
+        self._only(body, {"displayName"}, "mailFolder")
+        if "displayName" in body:
+            ctx.box.rename_folder(folder.id, body["displayName"])
+        return Reply(200, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
+                           **payloads.mail_folder(folder)})
+
+    def delete_folder(self, ctx: Ctx, ref: str) -> Reply:
+        ctx.box.delete_folder(self._folder(ctx, ref).id)
+        return Reply(204)
+
+    def move_folder(self, ctx: Ctx, ref: str) -> Reply:
+        folder = self._folder(ctx, ref)
+        destination = self._destination(ctx)
+        ctx.box.move_folder(folder.id, destination)
+        return Reply(201, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
+                           **payloads.mail_folder(folder)})
+
+    def _folder_select(self, ctx: Ctx) -> tuple[str, ...] | None:
+        raw = ctx.query.get("$select")
+        if raw is None:
+            return None
+        try:
+            return payloads.folder_select(raw.split(","))
+        except KeyError as exc:
+            raise ApiError(400, "RequestBroker--ParseUri", f"Could not find a property named '{exc.args[0]}' "
+                           "on type 'microsoft.graph.mailFolder'.") from None
+
+    # -- messages: read ---------------------------------------------------------------------
+
+    def list_messages(self, ctx: Ctx) -> Reply:
+        return self._message_page(ctx, None, "messages", f"users('{ctx.user.id}')/messages")
+
+    def list_folder_messages(self, ctx: Ctx, ref: str) -> Reply:
+        folder = self._folder(ctx, ref)
+        return self._message_page(ctx, folder.id, f"mailFolders/{folder.id}/messages",
+                                  f"users('{ctx.user.id}')/mailFolders('{folder.id}')/messages")
+
+    def _message_page(self, ctx: Ctx, folder_id: str | None, path: str, context: str) -> Reply:
+        select = self._message_select(ctx)
+        top, skip = self._top_skip(ctx)
+        predicate = parse_filter(ctx.query.get("$filter"))
+        ordered = ctx.box.messages_newest_first(folder_id)
+        orderby = ctx.query.get("$orderby")
+        if orderby is not None:
+            order = _parse_orderby(orderby)
+            if order == "asc":
+                ordered = ordered[::-1]
+        page: list[Message] = []
+        seen = 0
+        more = False
+        for message in ordered:
+            if predicate is not None and not predicate(message):
+                continue
+            if seen < skip:
+                seen += 1
+                continue
+            if len(page) == top:
+                more = True
+                break
+            page.append(message)
+        value = [payloads.message(m, ctx.box, immutable=ctx.immutable, select=select, text_body=ctx.text_body)
+                 for m in page]
+        next_link = None
+        if more:
+            params = {k: v for k, v in ctx.query.items() if k != "$skip"}
+            next_link = ctx.link(path, {**params, "$skip": str(skip + top)})
+        return Reply(200, payloads.collection(ctx.context(context), value, next_link=next_link))
+
+    def get_message(self, ctx: Ctx, mid: str) -> Reply:
+        return self._message_reply(ctx, ctx.box.message(mid), 200, select=self._message_select(ctx))
+
+    def get_folder_message(self, ctx: Ctx, ref: str, mid: str) -> Reply:
+        return self.get_message(ctx, self._in_folder(ctx, ref, mid).rest_id)
+
+    def _in_folder(self, ctx: Ctx, ref: str, mid: str) -> Message:
+        folder = self._folder(ctx, ref)
+        message = ctx.box.message(mid)
+        if message.folder_id != folder.id:
+            raise MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+        return message
+
+    def _message_reply(self, ctx: Ctx, message: Message, status: int,
+                       select: tuple[str, ...] | None = None) -> Reply:
+        body = {"@odata.context": ctx.context(f"users('{ctx.user.id}')/messages/$entity"),
+                **payloads.message(message, ctx.box, immutable=ctx.immutable, select=select,
+                                   text_body=ctx.text_body)}
+        return Reply(status, body)
+
+    def _message_select(self, ctx: Ctx) -> tuple[str, ...] | None:
+        raw = ctx.query.get("$select")
+        if raw is None:
+            return None
+        try:
+            return payloads.message_select(raw.split(","))
+        except KeyError as exc:
+            raise ApiError(400, "RequestBroker--ParseUri", f"Could not find a property named '{exc.args[0]}' "
+                           "on type 'microsoft.graph.message'.") from None
+
+    # -- messages: write ---------------------------------------------------------------------
+
+    def update_message(self, ctx: Ctx, mid: str) -> Reply:
+        message = ctx.box.message(mid)
+        changes = message_changes(self._json_object(ctx), message, ctx.state.clock.time_ms())
+        ctx.box.update_message(message, changes)
+        return self._message_reply(ctx, message, 200)
+
+    def update_folder_message(self, ctx: Ctx, ref: str, mid: str) -> Reply:
+        return self.update_message(ctx, self._in_folder(ctx, ref, mid).rest_id)
+
+    def delete_message(self, ctx: Ctx, mid: str) -> Reply:
+        ctx.box.delete_message(ctx.box.message(mid))
+        return Reply(204)
+
+    def delete_folder_message(self, ctx: Ctx, ref: str, mid: str) -> Reply:
+        return self.delete_message(ctx, self._in_folder(ctx, ref, mid).rest_id)
+
+    def move_message(self, ctx: Ctx, mid: str) -> Reply:
+        message = ctx.box.message(mid)
+        ctx.box.move_message(message, self._destination(ctx))
+        return self._message_reply(ctx, message, 201)
+
+    def move_folder_message(self, ctx: Ctx, ref: str, mid: str) -> Reply:
+        return self.move_message(ctx, self._in_folder(ctx, ref, mid).rest_id)
+
+    def copy_message(self, ctx: Ctx, mid: str) -> Reply:
+        copy = ctx.box.copy_message(ctx.box.message(mid), self._destination(ctx))
+        return self._message_reply(ctx, copy, 201)
+
+    def copy_folder_message(self, ctx: Ctx, ref: str, mid: str) -> Reply:
+        return self.copy_message(ctx, self._in_folder(ctx, ref, mid).rest_id)
+
+    def _destination(self, ctx: Ctx) -> str:
+        body = self._json_object(ctx)
+        destination = body.get("destinationId")
+        if not isinstance(destination, str) or not destination:
+            raise ApiError(400, "ErrorInvalidRequest", "The destinationId property is required.")
+        folder = ctx.box.folder(destination)
+        return folder.id
+
+    def create_draft(self, ctx: Ctx) -> Reply:
+        return self._create_message(ctx, ctx.box.well_known["drafts"])
+
+    def create_folder_message(self, ctx: Ctx, ref: str) -> Reply:
+        return self._create_message(ctx, self._folder(ctx, ref).id)
+
+    def _create_message(self, ctx: Ctx, folder_id: str) -> Reply:
+        fields = new_message_fields(self._json_object(ctx), ctx.box)
+        now = ctx.state.clock.time_ms()
+        message = ctx.box.add_message(folder_id, **fields, received_ms=now, sent_ms=now, created_ms=now,
+                                      modified_ms=now)
+        return self._message_reply(ctx, message, 201)
+
+    def send_mail(self, ctx: Ctx) -> Reply:
+        body = self._json_object(ctx)
+        self._only(body, {"message", "saveToSentItems"}, "sendMail")
+        if not isinstance(body.get("message"), dict):
+            raise ApiError(400, "ErrorInvalidRequest", "The message parameter is required.")
+        save = body.get("saveToSentItems", True)
+        if isinstance(save, str) and save.lower() in ("true", "false"):
+            save = save.lower() == "true"
+        if not isinstance(save, bool):
+            raise bad_request("saveToSentItems must be a boolean.")
+        fields = new_message_fields(body["message"], ctx.box)
+        _require_recipients(fields)
+        ctx.state.mailboxes.send_mail(ctx.box, fields, save_to_sent=save)
+        return Reply(202)
+
+    def send_draft(self, ctx: Ctx, mid: str) -> Reply:
+        draft = ctx.box.message(mid)
+        if not draft.is_draft:
+            raise ApiError(400, "ErrorInvalidRequest", "Only draft messages can be sent.")
+        fields = {name: getattr(draft, name) for name in ("subject", "to", "cc", "bcc", "reply_to", "importance",
+                                                          "categories", "flag", "body_type", "has_attachments")}
+        fields["body_content"] = ctx.box.body_of(draft)[0]
+        _require_recipients(fields)
+        ctx.state.mailboxes.send_mail(ctx.box, fields, save_to_sent=True, draft=draft)
+        return Reply(202)
+
+    def send_folder_draft(self, ctx: Ctx, ref: str, mid: str) -> Reply:
+        return self.send_draft(ctx, self._in_folder(ctx, ref, mid).rest_id)
+
+    # -- delta -------------------------------------------------------------------------------
+
+    def _page_size(self, ctx: Ctx) -> int:
+        config = ctx.state.config
+        size = min(ctx.max_page_size or config.default_page_size, config.max_delta_page_size)
+        ctx.applied.append(f"odata.maxpagesize={size}")
+        return size
+
+    def _token(self, ctx: Ctx, folder_id: str) -> DeltaToken | None:
+        """The state token of a delta call (None: a first call) after every validity check."""
+        skip, delta = ctx.query.get("$skiptoken"), ctx.query.get("$deltatoken")
+        if skip is None and delta is None:
+            return None
+        try:
+            token = decode_token(skip if skip is not None else delta or "", ctx.state.token_key)
+        except BadToken:
+            raise _corrupt_state() from None
+        if token.kind != (SKIP if skip is not None else DELTA) or token.user_id != ctx.user.id \
+                or token.folder_id != folder_id:
+            raise _corrupt_state()
+        if token.epoch != self._epoch(ctx.box):
+            raise ApiError(410, "resyncRequired",
+                           "Resync required. Replace any local cached data with the results of a full sync.")
+        now_ms = ctx.state.clock.time_ms()
+        if now_ms - token.issued_ms > ctx.state.config.delta_token_ttl_s * 1000:
+            raise ApiError(410, "SyncStateNotFound", "The sync state generation is not found; the state expired.")
+        return token
+
+    def _epoch(self, box: Mailbox) -> int:
+        return self.state.epoch * 1_000_000 + box.sync_epoch
+
+    def messages_delta(self, ctx: Ctx, ref: str) -> Reply:
+        folder = self._folder(ctx, ref)
+        box, state = ctx.box, ctx.state
+        token = self._token(ctx, folder.id)
+        now_ms = state.clock.time_ms()
+        folder.index.prune_tombstones(now_ms - int(state.config.delta_token_ttl_s * 1000))
+        if token is None:
+            select = self._message_select(ctx)
+            change_type = ctx.query.get("changeType")
+            if change_type is not None and change_type not in ("created", "updated", "deleted"):
+                raise bad_request(f"Invalid changeType '{change_type}'. Use created, updated or deleted.")
+            received = _parse_delta_filter(ctx.query.get("$filter"))
+            order = ctx.query.get("$orderby")
+            desc = order is not None and _parse_orderby(order) == "desc"
+            token = DeltaToken(SKIP, ctx.user.id, folder.id, self._epoch(box), since=0, upto=box.seq,
+                               cursor=0, issued_ms=now_ms, select=select, change_type=change_type,
+                               received_filter=received, newest_first=desc)
+        elif token.kind == DELTA:
+            token = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since, upto=box.seq,
+                               cursor=token.since, issued_ms=now_ms, select=token.select,
+                               change_type=token.change_type, received_filter=token.received_filter)
+        if token.since and token.since < folder.index.pruned_through:
+            raise ApiError(410, "SyncStateNotFound", "The sync state generation is not found; the state expired.")
+        size = self._page_size(ctx)
+        state.counters.delta_pages += 1
+        if token.newest_first and token.since == 0:
+            entries, next_cursor = self._scan_newest_first(box, folder, token, size)
+        else:
+            entries, next_cursor = self._scan(folder, token, size)
+        select = token.select
+        value: list[Any] = []
+        for entry in entries:
+            if isinstance(entry, Tombstone):
+                value.append(payloads.removed(entry.immutable_id if ctx.immutable else entry.key))
+            else:
+                value.append(payloads.message(entry, box, immutable=ctx.immutable, select=select,
+                                              odata_type=True, text_body=ctx.text_body))
+        path = f"mailFolders('{folder.id}')/messages/delta"
+        context = ctx.context("Collection(message)")
+        if next_cursor is None:
+            done = DeltaToken(DELTA, token.user_id, token.folder_id, token.epoch, since=token.upto, upto=0, cursor=0,
+                              issued_ms=now_ms, select=token.select, change_type=token.change_type,
+                              received_filter=token.received_filter)
+            link = ctx.link(path, {"$deltatoken": encode_token(done, state.token_key)})
+            return Reply(200, payloads.collection(context, value, delta_link=link))
+        following = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since, upto=token.upto,
+                               cursor=next_cursor, issued_ms=now_ms, select=token.select,
+                               change_type=token.change_type, received_filter=token.received_filter,
+                               newest_first=token.newest_first)
+        link = ctx.link(path, {"$skiptoken": encode_token(following, state.token_key)})
+        return Reply(200, payloads.collection(context, value, next_link=link))
+
+    @staticmethod
+    def _keeper(token: DeltaToken) -> Callable[[Message | Tombstone], bool]:
+        """Does a changed entry belong in this round (changeType, $filter)?"""
+        since, change_type = token.since, token.change_type
+        bound_ms = _ms(token.received_filter[1]) if token.received_filter else None
+        strict = token.received_filter is not None and token.received_filter[0] == "gt"
+
+        def keep(entry: Message | Tombstone) -> bool:
+            if isinstance(entry, Tombstone):
+                return since > 0 and change_type in (None, "deleted")
+            if since > 0 and change_type is not None:
+                created = entry.entered_seq > since
+                if change_type == "deleted" or created != (change_type == "created"):
+                    return False
+            if bound_ms is None:
+                return True
+            return entry.received_ms > bound_ms or (not strict and entry.received_ms == bound_ms)
+        return keep
+
+    def _scan(self, folder: Folder, token: DeltaToken, size: int) -> tuple[list[Any], int | None]:
+        """One page in change order. Returns (entries, next cursor or None at the round's end)."""
+        keep = self._keeper(token)
+        entries: list[Any] = []
+        last = token.cursor
+        for seq, entry in folder.index.scan(token.cursor, token.upto):
+            if len(entries) == size:
+                if len(entries) > 1 and self.state.faults.replay_delta_page():
+                    # Fault: step back so the next page repeats this page's second half.
+                    return entries, entries[len(entries) // 2 - 1].seq
+                return entries, last
+            last = seq
+            if keep(entry):
+                entries.append(entry)
+        return entries, None
+
+    def _scan_newest_first(self, box: Mailbox, folder: Folder, token: DeltaToken,
+                           size: int) -> tuple[list[Any], list[int] | None]:
+        """Initial round with $orderby=receivedDateTime desc: newest mail first.
+
+        The cursor is (receivedDateTime ms, serial) of the last message read,
+        found again by bisecting the folder's newest-first order (cached until
+        its membership changes). Members that changed after the round began
+        (seq > U) are skipped here and come in the next round.
+        """
+        ordered = box.messages_newest_first(folder.id)
+        start = 0
+        if token.cursor:
+            received, serial = token.cursor
+            start = bisect.bisect_right(ordered, (-received, -serial), key=newest_first_key)
+        keep = self._keeper(token)
+        entries: list[Any] = []
+        last: Message | None = None
+        for message in ordered[start:]:
+            if len(entries) == size:
+                assert last is not None
+                return entries, [last.received_ms, last.serial]
+            last = message
+            if message.seq <= token.upto and keep(message):
+                entries.append(message)
+        return entries, None
+
+    def folders_delta(self, ctx: Ctx) -> Reply:
+        box, state = ctx.box, ctx.state
+        token = self._token(ctx, "")
+        now_ms = state.clock.time_ms()
+        box.folder_index.prune_tombstones(now_ms - int(state.config.delta_token_ttl_s * 1000))
+        if token is None:
+            token = DeltaToken(SKIP, ctx.user.id, "", self._epoch(box), since=0, upto=box.seq, cursor=0,
+                               issued_ms=now_ms, select=self._folder_select(ctx))
+        elif token.kind == DELTA:
+            token = DeltaToken(SKIP, token.user_id, "", token.epoch, since=token.since, upto=box.seq,
+                               cursor=token.since, issued_ms=now_ms, select=token.select)
+        if token.since and token.since < box.folder_index.pruned_through:
+            raise ApiError(410, "SyncStateNotFound", "The sync state generation is not found; the state expired.")
+        size = self._page_size(ctx)
+        value: list[Any] = []
+        next_cursor: int | None = None
+        last = token.cursor
+        for seq, entry in box.folder_index.scan(token.cursor, token.upto):
+            if len(value) == size:
+                next_cursor = last
+                break
+            last = seq
+            if isinstance(entry, Tombstone):
+                if token.since > 0:
+                    value.append(payloads.removed(entry.key, odata_type=payloads.FOLDER_TYPE))
+            else:
+                value.append(payloads.mail_folder(entry, select=token.select, odata_type=True))
+        context = ctx.context("Collection(mailFolder)")
+        if next_cursor is None:
+            done = DeltaToken(DELTA, token.user_id, "", token.epoch, since=token.upto, upto=0, cursor=0,
+                              issued_ms=now_ms, select=token.select)
+            return Reply(200, payloads.collection(context, value, delta_link=ctx.link(
+                "mailFolders/delta", {"$deltatoken": encode_token(done, state.token_key)})))
+        following = DeltaToken(SKIP, token.user_id, "", token.epoch, since=token.since, upto=token.upto,
+                               cursor=next_cursor, issued_ms=now_ms, select=token.select)
+        return Reply(200, payloads.collection(context, value, next_link=ctx.link(
+            "mailFolders/delta", {"$skiptoken": encode_token(following, state.token_key)})))
+
+    # -- small helpers -----------------------------------------------------------------------
+
+    def _top_skip(self, ctx: Ctx) -> tuple[int, int]:
+        top = _int_option(ctx.query, "$top", ctx.state.config.default_page_size)
+        skip = _int_option(ctx.query, "$skip", 0)
+        if top < 1:
+            raise bad_request("Invalid value for $top: it must be a positive integer.")
+        if top > 1000:
+            raise bad_request(f"The limit of '1000' for Top query has been exceeded. The value from the incoming "
+                              f"request is '{top}'.")
+        if skip < 0:
+            raise bad_request("Invalid value for $skip: it must not be negative.")
+        return top, skip
+
+    def _json_object(self, ctx: Ctx) -> dict[str, Any]:
+        if ctx.body is None:
+            return {}
+        if not isinstance(ctx.body, dict):
+            raise bad_request("The request body must be a JSON object.")
+        return {k: v for k, v in ctx.body.items() if not k.startswith("@odata.")}
+
+    @staticmethod
+    def _only(body: dict[str, Any], allowed: set[str], type_name: str) -> None:
+        for key in body:
+            if key not in allowed:
+                raise ApiError(400, "RequestBodyRead",
+                               f"The property '{key}' does not exist on type 'microsoft.graph.{type_name}'. "
+                               "Make sure to only use property names that are defined by the type.")
+
+
+# -- query options ----------------------------------------------------------------------------
+
+
+def _int_option(query: MultiMapping[str], name: str, default: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise bad_request(f"Invalid value '{raw}' for query option {name}.") from None
+
+
+def _parse_orderby(raw: str) -> str:
+    parts = raw.strip().split()
+    if parts and parts[0].lower() == "receiveddatetime" and len(parts) <= 2:
+        direction = parts[1].lower() if len(parts) == 2 else "asc"
+        if direction in ("asc", "desc"):
+            return direction
+    raise bad_request(f"The $orderby expression '{raw}' is not supported; use receivedDateTime desc.",
+                      "ErrorInvalidUrlQuery")
+
+
+_CLAUSE = re.compile(
+    r"^\s*(isRead|isDraft|receivedDateTime|flag/flagStatus|importance|hasAttachments)\s+"
+    r"(eq|ne|ge|gt|le|lt)\s+(.+?)\s*$", re.IGNORECASE)
+
+
+def _ms(instant: str) -> int:
+    text = instant.strip().strip("'")
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, "ErrorInvalidUrlQueryFilter", f"'{instant}' is not a valid DateTimeOffset.") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def parse_filter(raw: str | None) -> Callable[[Message], bool] | None:
+    """The ``$filter`` subset mail clients use: isRead, isDraft, hasAttachments,
+    importance, flag/flagStatus (eq/ne) and receivedDateTime (ge/gt/le/lt/eq), joined by ``and``."""
+    if raw is None or not raw.strip():
+        return None
+    checks: list[Callable[[Message], bool]] = []
+    for clause in re.split(r"\s+and\s+", raw.strip(), flags=re.IGNORECASE):
+        clause = clause.strip()
+        while clause.startswith("(") and clause.endswith(")"):
+            clause = clause[1:-1].strip()
+        match = _CLAUSE.match(clause)
+        if not match:
+            raise ApiError(400, "ErrorInvalidUrlQueryFilter", "The query filter contains one or more invalid nodes.")
+        prop, op, value = match.group(1).lower(), match.group(2).lower(), match.group(3)
+        checks.append(_clause(prop, op, value))
+    return lambda m: all(check(m) for check in checks)
+
+
+def _clause(prop: str, op: str, value: str) -> Callable[[Message], bool]:
+    invalid = ApiError(400, "ErrorInvalidUrlQueryFilter", "The query filter contains one or more invalid nodes.")
+    if prop in ("isread", "isdraft", "hasattachments"):
+        if value.lower() not in ("true", "false") or op not in ("eq", "ne"):
+            raise invalid
+        want = (value.lower() == "true") == (op == "eq")
+        attr = {"isread": "is_read", "isdraft": "is_draft", "hasattachments": "has_attachments"}[prop]
+        return lambda m: getattr(m, attr) is want
+    if prop in ("flag/flagstatus", "importance"):
+        text = value.strip("'")
+        if op not in ("eq", "ne") or text not in (FLAG_STATUS if prop == "flag/flagstatus" else IMPORTANCE):
+            raise invalid
+        equal = op == "eq"
+        if prop == "importance":
+            return lambda m: (m.importance == text) is equal
+        return lambda m: (m.flag.get("flagStatus") == text) is equal
+    bound = _ms(value)
+    return {
+        "eq": lambda m: m.received_ms == bound, "ne": lambda m: m.received_ms != bound,
+        "ge": lambda m: m.received_ms >= bound, "gt": lambda m: m.received_ms > bound,
+        "le": lambda m: m.received_ms <= bound, "lt": lambda m: m.received_ms < bound,
+    }[op]
+
+
+def _parse_delta_filter(raw: str | None) -> tuple[str, str] | None:
+    """Delta accepts only ``receivedDateTime ge|gt {instant}`` (as Graph documents)."""
+    if raw is None or not raw.strip():
+        return None
+    match = _CLAUSE.match(raw)
+    if not match or match.group(1).lower() != "receiveddatetime" or match.group(2).lower() not in ("ge", "gt"):
+        raise ApiError(400, "ErrorInvalidUrlQueryFilter",
+                       "Delta supports only $filter=receivedDateTime ge|gt {value}.")
+    value = match.group(3)
+    _ms(value)
+    return match.group(2).lower(), value
+
+
+# -- message bodies -----------------------------------------------------------------------------
+
+_ALWAYS_UPDATABLE = {"isRead", "flag", "categories", "importance", "inferenceClassification"}
+_DRAFT_UPDATABLE = {"subject", "body", "toRecipients", "ccRecipients", "bccRecipients", "replyTo"}
+_READ_ONLY = {"id", "changeKey", "createdDateTime", "lastModifiedDateTime", "parentFolderId", "conversationId",
+              "conversationIndex", "webLink", "receivedDateTime", "sentDateTime", "isDraft", "hasAttachments",
+              "internetMessageId", "bodyPreview", "sender", "from", "uniqueBody", "isDeliveryReceiptRequested",
+              "isReadReceiptRequested"}
+
+
+def message_changes(body: dict[str, Any], message: Message, now_ms: int) -> dict[str, Any]:
+    """Validate a PATCH body into Message attribute changes."""
+    changes: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in _ALWAYS_UPDATABLE:
+            pass
+        elif key in _DRAFT_UPDATABLE:
+            if not message.is_draft:
+                raise ApiError(400, "ErrorInvalidPropertyUpdateSentMessage",
+                               "Update operation is not supported for some properties of a sent message.")
+        elif key in _READ_ONLY:
+            continue          # Graph ignores read-only properties on PATCH
+        else:
+            raise ApiError(400, "RequestBodyRead",
+                           f"The property '{key}' does not exist on type 'microsoft.graph.message'. "
+                           "Make sure to only use property names that are defined by the type.")
+        if key == "isRead":
+            changes["is_read"] = _bool(value, key)
+        elif key == "flag":
+            changes["flag"] = parse_flag(value, now_ms)
+        elif key == "categories":
+            changes["categories"] = _categories(value)
+        elif key == "importance":
+            changes["importance"] = _enum(value, IMPORTANCE, key)
+        elif key == "inferenceClassification":
+            changes["inference"] = _enum(value, INFERENCE, key)
+        elif key == "subject":
+            changes["subject"] = _string(value, key)
+        elif key == "body":
+            content, content_type = parse_body(value)
+            changes["body_content"], changes["body_type"] = content, content_type
+            changes["preview"] = None
+        else:
+            attr = {"toRecipients": "to", "ccRecipients": "cc", "bccRecipients": "bcc", "replyTo": "reply_to"}[key]
+            changes[attr] = parse_recipients(value, key)
+    return changes
+
+
+def new_message_fields(body: dict[str, Any], box: Mailbox) -> dict[str, Any]:
+    """Fields of a new draft (POST /messages) or of a message to send (sendMail)."""
+    allowed = _ALWAYS_UPDATABLE | _DRAFT_UPDATABLE
+    for key in body:
+        if key not in allowed and key not in _READ_ONLY:
+            raise ApiError(400, "RequestBodyRead",
+                           f"The property '{key}' does not exist on type 'microsoft.graph.message'. "
+                           "Make sure to only use property names that are defined by the type.")
+    content, content_type = parse_body(body.get("body", {"contentType": "text", "content": ""}))
+    subject = _string(body.get("subject", ""), "subject")
+    fields: dict[str, Any] = {
+        "subject": subject,
+        "sender": box.me,
+        "from_": box.me,
+        "to": parse_recipients(body.get("toRecipients", []), "toRecipients"),
+        "cc": parse_recipients(body.get("ccRecipients", []), "ccRecipients"),
+        "bcc": parse_recipients(body.get("bccRecipients", []), "bccRecipients"),
+        "reply_to": parse_recipients(body.get("replyTo", []), "replyTo"),
+        "is_read": True,
+        "is_draft": True,
+        "importance": _enum(body.get("importance", "normal"), IMPORTANCE, "importance"),
+        "flag": parse_flag(body.get("flag", {"flagStatus": "notFlagged"}), 0),
+        "categories": _categories(body.get("categories", [])),
+        "has_attachments": False,
+        "internet_message_id": f"<{uuid.uuid4().hex[:16]}@{box.address.split('@')[-1]}>",
+        "conversation_id": box._hash("conv", subject, uuid.uuid4().hex, size=33),
+        "conversation_index": "AQ" + uuid.uuid4().hex[:20],
+        "inference": "focused",
+        "body_content": content,
+        "body_type": content_type,
+        "preview": text_preview(content) if content_type == "html" else content[:255],
+    }
+    return fields
+
+
+def _require_recipients(fields: dict[str, Any]) -> None:
+    if not (fields.get("to") or fields.get("cc") or fields.get("bcc")):
+        raise ApiError(400, "ErrorInvalidRecipients", "At least one recipient is required, but none were found.")
+
+
+def parse_recipients(value: Any, name: str) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list):
+        raise bad_request(f"{name} must be an array of recipients.")
+    out = []
+    for item in value:
+        email = item.get("emailAddress") if isinstance(item, dict) else None
+        address = email.get("address") if isinstance(email, dict) else None
+        if not isinstance(address, str) or "@" not in address.strip() or len(address) > 320:
+            raise ApiError(400, "ErrorInvalidRecipients",
+                           f"At least one recipient in {name} is not valid: an emailAddress.address is required.")
+        display = email.get("name") or address
+        if not isinstance(display, str):
+            raise bad_request(f"{name}: emailAddress.name must be a string.")
+        out.append(recipient(address.strip(), display))
+    return tuple(out)
+
+
+def parse_body(value: Any) -> tuple[str, str]:
+    if not isinstance(value, dict):
+        raise bad_request("body must be an itemBody object.")
+    content = value.get("content", "")
+    content_type = str(value.get("contentType", "text")).lower()
+    if not isinstance(content, str) or content_type not in ("text", "html"):
+        raise bad_request("body needs a string content and a contentType of text or html.")
+    return content, content_type
+
+
+def parse_flag(value: Any, now_ms: int) -> dict[str, Any]:
+    """A followupFlag; Outlook fills start/due (flagged) or completed (complete) when absent."""
+    if not isinstance(value, dict):
+        raise bad_request("flag must be a followupFlag object.")
+    unknown = set(value) - {"flagStatus", "startDateTime", "dueDateTime", "completedDateTime"}
+    if unknown:
+        raise ApiError(400, "RequestBodyRead", f"The property '{sorted(unknown)[0]}' does not exist on type "
+                                               "'microsoft.graph.followupFlag'.")
+    status = _enum(value.get("flagStatus", "notFlagged"), FLAG_STATUS, "flagStatus")
+    flag: dict[str, Any] = {"flagStatus": status}
+    for name in ("startDateTime", "dueDateTime", "completedDateTime"):
+        if value.get(name) is not None:
+            flag[name] = _date_time_time_zone(value[name], name)
+    if now_ms and status == "flagged":
+        flag.setdefault("startDateTime", _dttz(now_ms))
+        flag.setdefault("dueDateTime", _dttz(now_ms))
+    if now_ms and status == "complete":
+        flag.setdefault("completedDateTime", _dttz(now_ms))
+    if status == "notFlagged":
+        flag = {"flagStatus": "notFlagged"}
+    return flag
+
+
+def _dttz(ms: int) -> dict[str, str]:
+    return {"dateTime": iso(ms)[:-1] + ".0000000", "timeZone": "UTC"}
+
+
+def _date_time_time_zone(value: Any, name: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not isinstance(value.get("dateTime"), str):
+        raise bad_request(f"{name} must be a dateTimeTimeZone object with a dateTime string.")
+    zone = value.get("timeZone", "UTC")
+    if not isinstance(zone, str):
+        raise bad_request(f"{name}.timeZone must be a string.")
+    try:
+        datetime.fromisoformat(value["dateTime"][:26])
+    except ValueError:
+        raise bad_request(f"{name}.dateTime '{value['dateTime']}' is not a valid date and time.") from None
+    return {"dateTime": value["dateTime"], "timeZone": zone}
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise bad_request(f"Cannot convert the literal '{value}' to the expected type 'Edm.Boolean' ({name}).")
+    return value
+
+
+def _string(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"{name} must be a string.")
+    return value
+
+
+def _enum(value: Any, allowed: tuple[str, ...], name: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise bad_request(f"Requested value '{value}' was not found for {name}; expected one of {', '.join(allowed)}.")
+    return value
+
+
+def _categories(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(c, str) and c for c in value):
+        raise bad_request("categories must be an array of non-empty strings.")
+    return tuple(dict.fromkeys(value))
