@@ -1,0 +1,353 @@
+"""The Outlook provider: ``MailProvider`` over Microsoft Graph (or the local sandbox).
+
+Everything Graph-specific about syncing lives here, so the engine only ever
+sees opaque cursors, ``MessageBatch``/``FolderBatch`` and ``Message``:
+
+* Folder list: ``GET me/mailFolders/delta``. Graph's folder delta is flat:
+  one stream over every folder of the mailbox, nested ones included (no
+  ``childFolders`` walk needed). v1.0 has no "well-known name" property, so
+  the first round asks ``me/mailFolders/{inbox,sentitems,...}`` once and
+  keeps the id → role map inside the folder cursor.
+* Messages: ``GET me/mailFolders/{id}/messages/delta`` with ``$select`` of
+  exactly the fields the store keeps and ``Prefer: odata.maxpagesize`` (never
+  ``$top``, which Graph's delta treats as "stop after N"). ``@odata.nextLink``
+  means "more of this round", ``@odata.deltaLink`` means "round complete";
+  items carrying ``@removed`` left the folder (deleted, or moved away: the
+  target folder's delta shows them again) and become removals.
+* First screen: ``GET me/mailFolders/{id}/messages?$orderby=receivedDateTime
+  desc&$top=N``.
+
+Cursors wrap the next/delta link (plus the role map for folders) in a
+versioned, base64url JSON envelope. A cursor we cannot read, or one whose
+link points anywhere but our Graph root, is answered with ``CursorExpired``:
+the engine then restarts the folder, which is always safe. Following a
+tampered link could send the account's token to another host, so links are
+only followed to the origin we were configured with.
+
+Ids: ``GraphClient`` sends ``Prefer: IdType="ImmutableId"`` on every call, so a
+message keeps its id when it moves and the store's document id is stable.
+
+Mapping Graph JSON to ``Message`` is the hot path of an initial sync (one
+call per message): plain dict lookups, one ``fromisoformat`` per timestamp,
+no per-item allocations beyond the record itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import orjson
+
+from mailsync.errors import CursorExpired, MalformedResponse, NotFound
+from mailsync.models import (
+    Account,
+    Address,
+    FlagStatus,
+    Folder,
+    FolderBatch,
+    Message,
+    MessageBatch,
+)
+from mailsync.ports import TokenProvider
+from mailsync.providers.graph_client import GRAPH_URL, GraphClient
+from mailsync.settings import Settings
+
+# Fields the store keeps (see mailsync.models.Message); body only when enabled.
+MESSAGE_FIELDS: tuple[str, ...] = (
+    "id", "parentFolderId", "subject", "from", "toRecipients", "ccRecipients",
+    "receivedDateTime", "sentDateTime", "lastModifiedDateTime", "isRead", "flag",
+    "importance", "categories", "hasAttachments", "conversationId", "internetMessageId",
+    "bodyPreview", "isDraft",
+)
+FOLDER_FIELDS: tuple[str, ...] = (
+    "id", "displayName", "parentFolderId", "totalItemCount", "unreadItemCount", "childFolderCount",
+)
+# Graph's well-known folder names, which are also the roles we store.
+WELL_KNOWN_FOLDERS: tuple[str, ...] = ("inbox", "sentitems", "drafts", "deleteditems", "junkemail", "archive")
+
+CURSOR_PREFIX = "g1."
+_FLAG_STATUS = {status.value: status for status in FlagStatus}
+_TAG = re.compile(r"<[^>]*>")
+_SPACE = re.compile(r"[ \t\r\f\v]+")
+
+
+# --- cursors ---------------------------------------------------------------
+
+def encode_cursor(link: str, *, complete: bool, roles: Mapping[str, str] | None = None) -> str:
+    """Wrap a Graph next/delta link (and the folder roles) into an opaque cursor."""
+    body: dict[str, Any] = {"k": "d" if complete else "n", "u": link}
+    if roles:
+        body["r"] = dict(roles)
+    return CURSOR_PREFIX + base64.urlsafe_b64encode(orjson.dumps(body)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, dict[str, str]]:
+    """The link and role map inside a cursor; ``CursorExpired`` when unreadable."""
+    if not cursor.startswith(CURSOR_PREFIX):
+        raise CursorExpired("folder cursor is not a Graph cursor")
+    payload = cursor[len(CURSOR_PREFIX):]
+    try:
+        body = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (binascii.Error, ValueError) as exc:
+        raise CursorExpired("folder cursor cannot be decoded") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("u"), str):
+        raise CursorExpired("folder cursor has no link")
+    roles = body.get("r") or {}
+    if not isinstance(roles, dict):
+        raise CursorExpired("folder cursor has a bad role map")
+    return body["u"], {str(k): str(v) for k, v in roles.items()}
+
+
+# --- mapping ---------------------------------------------------------------
+
+def _time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError) as exc:
+        raise MalformedResponse(f"Graph sent an unreadable timestamp {value!r:.40}") from exc
+
+
+def _address(value: Any) -> Address | None:
+    if not value:
+        return None
+    email = value.get("emailAddress") or {}
+    return Address(address=email.get("address") or "", name=email.get("name") or "")
+
+
+def _addresses(values: Any) -> tuple[Address, ...]:
+    if not values:
+        return ()
+    out = []
+    for value in values:
+        email = value.get("emailAddress") or {}
+        out.append(Address(address=email.get("address") or "", name=email.get("name") or ""))
+    return tuple(out)
+
+
+def html_to_text(html: str) -> str:
+    """A cheap tag strip for bodies Graph sent as HTML despite our text preference."""
+    text = _TAG.sub(" ", html)
+    for entity, char in (("&nbsp;", " "), ("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&#39;", "'"),
+                         ("&amp;", "&")):
+        text = text.replace(entity, char)
+    return _SPACE.sub(" ", text).strip()
+
+
+def map_message(item: Mapping[str, Any], account_id: str, folder_id: str,
+                body_max_chars: int | None = None) -> Message:
+    """One Graph ``message`` JSON object → ``Message`` (version = lastModified epoch ms)."""
+    try:
+        message_id = item["id"]
+        modified = datetime.fromisoformat(item["lastModifiedDateTime"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedResponse("Graph message without id or lastModifiedDateTime") from exc
+    flag = item.get("flag")
+    flag_status = _FLAG_STATUS.get(flag.get("flagStatus"), FlagStatus.NOT_FLAGGED) if flag else FlagStatus.NOT_FLAGGED
+    body_text: str | None = None
+    if body_max_chars is not None:
+        body = item.get("body")
+        if body:
+            content = body.get("content") or ""
+            if body.get("contentType") == "html":
+                content = html_to_text(content)
+            body_text = content[:body_max_chars]
+    return Message(
+        account_id=account_id,
+        message_id=message_id,
+        folder_id=item.get("parentFolderId") or folder_id,
+        version=int(modified.timestamp() * 1000),
+        subject=item.get("subject") or "",
+        sender=_address(item.get("from")),
+        to=_addresses(item.get("toRecipients")),
+        cc=_addresses(item.get("ccRecipients")),
+        received_at=_time(item.get("receivedDateTime")),
+        sent_at=_time(item.get("sentDateTime")),
+        modified_at=modified,
+        is_read=bool(item.get("isRead")),
+        flag_status=flag_status,
+        importance=item.get("importance") or "normal",
+        categories=tuple(item.get("categories") or ()),
+        has_attachments=bool(item.get("hasAttachments")),
+        conversation_id=item.get("conversationId"),
+        internet_message_id=item.get("internetMessageId"),
+        body_preview=item.get("bodyPreview") or "",
+        body_text=body_text,
+        is_draft=bool(item.get("isDraft")),
+    )
+
+
+def map_folder(item: Mapping[str, Any], account_id: str, roles: Mapping[str, str]) -> Folder:
+    """One Graph ``mailFolder`` JSON object → ``Folder``."""
+    folder_id = item.get("id")
+    if not isinstance(folder_id, str) or not folder_id:
+        raise MalformedResponse("Graph mailFolder without id")
+    return Folder(
+        account_id=account_id,
+        folder_id=folder_id,
+        name=item.get("displayName") or "",
+        parent_id=item.get("parentFolderId"),
+        role=roles.get(folder_id),
+        total_count=item.get("totalItemCount"),
+        unread_count=item.get("unreadItemCount"),
+        child_folder_count=item.get("childFolderCount"),
+    )
+
+
+def _page_items(body: Any) -> list[Any]:
+    if not isinstance(body, dict) or not isinstance(body.get("value"), list):
+        raise MalformedResponse("Graph page has no value array")
+    return body["value"]  # type: ignore[no-any-return]
+
+
+def _page_link(body: Mapping[str, Any]) -> tuple[str, bool]:
+    next_link = body.get("@odata.nextLink")
+    if isinstance(next_link, str) and next_link:
+        return next_link, False
+    delta_link = body.get("@odata.deltaLink")
+    if isinstance(delta_link, str) and delta_link:
+        return delta_link, True
+    raise MalformedResponse("Graph delta page has neither nextLink nor deltaLink")
+
+
+# --- the provider ------------------------------------------------------------
+
+class GraphProvider:
+    """``MailProvider`` for one Outlook account, over one pooled ``GraphClient``."""
+
+    def __init__(self, client: GraphClient, account_id: str, *, page_size: int = 500,
+                 store_body_text: bool = True, body_text_max_chars: int = 32_000) -> None:
+        self._client = client
+        self._account_id = account_id
+        self._body_max = body_text_max_chars if store_body_text else None
+        fields = MESSAGE_FIELDS + (("body",) if store_body_text else ())
+        self._select = ",".join(fields)
+        prefer = f"odata.maxpagesize={page_size}"
+        if store_body_text:
+            prefer += ', outlook.body-content-type="text"'
+        self._headers = {"Prefer": prefer}
+        self._list_headers = {"Prefer": 'outlook.body-content-type="text"'} if store_body_text else {}
+        root = urlsplit(client.base_url)
+        self._origin = (root.scheme, root.netloc)
+
+    # folder list
+
+    def folder_changes(self, cursor: str | None) -> FolderBatch:
+        if cursor is None:
+            roles = self._well_known_roles()
+            body = self._client.get("me/mailFolders/delta", params={"$select": ",".join(FOLDER_FIELDS[1:])},
+                                    headers=self._headers)
+        else:
+            link, roles = decode_cursor(cursor)
+            body = self._client.get(self._checked(link), headers=self._headers)
+        items = _page_items(body)
+        link, complete = _page_link(body)
+        upserts: list[Folder] = []
+        removals: list[str] = []
+        for item in items:
+            if "@removed" in item:
+                if isinstance(item.get("id"), str):
+                    removals.append(item["id"])
+                continue
+            upserts.append(map_folder(item, self._account_id, roles))
+        return FolderBatch(upserts=tuple(upserts), removals=tuple(removals),
+                           cursor=encode_cursor(link, complete=complete, roles=roles), complete=complete)
+
+    def _well_known_roles(self) -> dict[str, str]:
+        roles: dict[str, str] = {}
+        for name in WELL_KNOWN_FOLDERS:
+            try:
+                body = self._client.get(f"me/mailFolders/{name}", params={"$select": "id"})
+            except NotFound:
+                continue  # e.g. no archive folder in this mailbox
+            if isinstance(body, dict) and isinstance(body.get("id"), str):
+                roles[body["id"]] = name
+        return roles
+
+    # messages
+
+    def message_changes(self, folder_id: str, cursor: str | None) -> MessageBatch:
+        if cursor is None:
+            body = self._client.get(f"me/mailFolders/{quote(folder_id, safe='')}/messages/delta",
+                                    params={"$select": self._select}, headers=self._headers)
+        else:
+            link, _ = decode_cursor(cursor)
+            body = self._client.get(self._checked(link), headers=self._headers)
+        items = _page_items(body)
+        link, complete = _page_link(body)
+        account_id = self._account_id
+        body_max = self._body_max
+        upserts: list[Message] = []
+        removals: list[str] = []
+        for item in items:
+            if "@removed" in item:
+                if isinstance(item.get("id"), str):
+                    removals.append(item["id"])
+                continue
+            upserts.append(map_message(item, account_id, folder_id, body_max))
+        return MessageBatch(upserts=tuple(upserts), removals=tuple(removals),
+                            cursor=encode_cursor(link, complete=complete), complete=complete)
+
+    def newest_messages(self, folder_id: str, limit: int) -> tuple[Message, ...]:
+        body = self._client.get(
+            f"me/mailFolders/{quote(folder_id, safe='')}/messages",
+            params={"$select": self._select, "$orderby": "receivedDateTime desc", "$top": str(limit)},
+            headers=self._list_headers,
+        )
+        return tuple(map_message(item, self._account_id, folder_id, self._body_max)
+                     for item in _page_items(body)[:limit])
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _checked(self, link: str) -> str:
+        parts = urlsplit(link)
+        if (parts.scheme, parts.netloc) != self._origin:
+            # Real Graph links name graph.microsoft.com; in sandbox mode the
+            # sandbox writes its own origin. Anything else is not ours.
+            raise CursorExpired("folder cursor points outside the Graph root")
+        return link
+
+
+class GraphProviderFactory:
+    """``ProviderFactory`` for Outlook accounts: one pooled session shared by all accounts."""
+
+    def __init__(self, settings: Settings, token_provider: TokenProvider, *,
+                 client_factory: Callable[[Callable[[bool], str], str], GraphClient] | None = None) -> None:
+        self._settings = settings
+        self._tokens = token_provider
+        self._base_url = (settings.graph_sandbox_url + "/v1.0") if settings.graph_sandbox_url else GRAPH_URL
+        self._session = GraphClient.new_session(pool_size=32)
+        self._client_factory = client_factory
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    def open(self, account: Account) -> GraphProvider:
+        account_id = account.account_id
+
+        def token(force_refresh: bool) -> str:
+            return self._tokens.access_token(account_id, force_refresh=force_refresh)
+
+        if self._client_factory is not None:
+            client = self._client_factory(token, self._base_url)
+        else:
+            client = _SharedSessionClient(token, base_url=self._base_url, session=self._session)
+        return GraphProvider(client, account_id, page_size=self._settings.graph_page_size,
+                             store_body_text=self._settings.store_body_text,
+                             body_text_max_chars=self._settings.body_text_max_chars)
+
+
+class _SharedSessionClient(GraphClient):
+    """A GraphClient whose pooled session belongs to the factory (closing it is a no-op)."""
+
+    def close(self) -> None:
+        return None

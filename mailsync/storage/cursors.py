@@ -1,0 +1,586 @@
+"""Sync state in Azure Tables: folder cursors, leases, dirty flags, and mailbox slots.
+
+One table (``<prefix>sync``), one partition per account, so every account's
+state is a handful of rows that one query returns:
+
+===================  ===============================================================
+RowKey               what it holds
+===================  ===============================================================
+``folders``          the folder-list cursor (same fields as a folder row)
+``f:<folder id>``    one folder: opaque provider cursor, phase, epoch, counts,
+                     dirty / resync flags, lease (owner + until), back-off
+``slot:<n>``         one of the mailbox's request slots (owner + until)
+===================  ===============================================================
+
+Nothing here is written per email: a folder row changes once per page of
+changes (the cursor save, which also renews the lease), a slot twice per
+worker invocation.
+
+Leases (one worker pages a folder at a time)
+--------------------------------------------
+``acquire`` takes the lease with an ETag-conditional merge when it is free,
+expired, or held by an earlier delivery of the same queue message (the host
+redelivers a message whose worker died; that delivery may take over at
+once instead of waiting for the lease to lapse). When another worker holds
+it, ``acquire`` sets ``dirty`` — conditionally on the ETag it read, so a
+release racing with it is noticed and the folder taken instead — and
+returns ``None``. The holder saves progress with ETag-conditional merges of
+only the fields it owns; a 412 means someone else wrote the row: if the
+lease is still ours (someone set ``dirty`` or ``resync``), the merge is
+simply re-sent on the fresh ETag, otherwise ``LeaseLost``. ``finish`` ends a
+round: if ``dirty`` was set meanwhile it clears it and hands the lease back
+for one more round, else it releases. So a change that arrives while a
+folder is being paged is always followed by a round that starts after it.
+
+Slots (at most N Graph requests in flight per mailbox)
+------------------------------------------------------
+A worker pages sequentially, one request in flight at a time, so "at most 4
+requests per mailbox" is "at most 4 workers per mailbox": a worker takes one
+of ``max_slots`` slot rows for its invocation (with a TTL, so a killed worker
+frees its slot) and gives it back at the end. Two table writes per
+invocation instead of two per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import TableClient, UpdateMode
+
+from mailsync.errors import DependencyUnavailable, InputError, LeaseLost
+from mailsync.models import SyncPhase
+
+log = logging.getLogger("mailsync.cursors")
+
+FOLDER_LIST_ROW = "folders"
+FOLDER_ROW_PREFIX = "f:"
+SLOT_ROW_PREFIX = "slot:"
+_CONFLICT_RETRIES = 20
+_OPTIONAL_INTS = frozenset({"expected", "unread", "children"})
+_FORBIDDEN_KEY_CHARS = frozenset("/\\#?") | {chr(c) for c in range(0x20)} | {chr(0x7F)}
+
+# Fields only the lease holder writes; others merge dirty/resync/info fields.
+_HOLDER_FIELDS = frozenset({
+    "cursor", "phase", "epoch", "generation", "indexed", "removed", "failures",
+    "rounds", "first_screen", "round_started", "resync_requested",
+})
+
+
+def folder_row_key(folder_id: str) -> str:
+    """RowKey of a folder: base64url of its id (provider ids may hold '/', '+', '=')."""
+    return FOLDER_ROW_PREFIX + base64.urlsafe_b64encode(folder_id.encode()).decode().rstrip("=")
+
+
+def _check_partition(account_id: str) -> str:
+    if not account_id or len(account_id) > 200 or any(ch in _FORBIDDEN_KEY_CHARS for ch in account_id):
+        raise InputError("account id is not usable as a table key")
+    return account_id
+
+
+def new_owner(delivery_id: str) -> str:
+    """A lease owner token: the queue delivery it came from plus a nonce for this run."""
+    return f"{delivery_id}#{uuid.uuid4().hex[:12]}"
+
+
+def _delivery(owner: str) -> str:
+    return owner.rpartition("#")[0] or owner
+
+
+@dataclass(frozen=True)
+class SyncState:
+    """One row: the folder list (``folder_id is None``) or one folder of an account.
+
+    ``cursor`` is the provider's opaque cursor (None: start a full round).
+    ``epoch`` numbers the full rounds (initial, resyncs); writes of a round
+    carry it so the round's end can delete what it did not see. ``rounds``
+    counts completed rounds: 0 means the initial round never finished.
+    ``generation`` is the store generation this cursor belongs to: if the
+    store reports another one, the index was recreated and the folder must
+    be read again from scratch.
+    """
+
+    account_id: str
+    folder_id: str | None
+    cursor: str | None = None
+    phase: SyncPhase = SyncPhase.INITIAL
+    epoch: int = 0
+    generation: str = ""
+    dirty: bool = False
+    resync_requested: bool = False
+    lease_owner: str = ""
+    lease_until: float = 0.0
+    indexed: int = 0
+    removed: int = 0
+    expected: int | None = None
+    failures: int = 0
+    not_before: float = 0.0
+    rounds: int = 0
+    round_started: float = 0.0
+    name: str = ""
+    role: str | None = None
+    parent_id: str | None = None
+    unread: int | None = None
+    children: int | None = None
+    first_screen: bool = False
+    updated_at: float = 0.0
+    etag: str | None = None
+
+    @property
+    def is_folder_list(self) -> bool:
+        return self.folder_id is None
+
+    @property
+    def row_key(self) -> str:
+        return FOLDER_LIST_ROW if self.folder_id is None else folder_row_key(self.folder_id)
+
+    @property
+    def initial_done(self) -> bool:
+        return self.rounds > 0
+
+    def leased(self, now: float) -> bool:
+        return bool(self.lease_owner) and self.lease_until > now
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof of holding a row's lease: the row as last written by us, and our token."""
+
+    state: SyncState
+    owner: str
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One of the mailbox's request slots, held for an invocation."""
+
+    account_id: str
+    index: int
+    owner: str
+    etag: str
+
+
+@dataclass(frozen=True)
+class AccountSyncState:
+    """Every sync row of one account, read with one partition query."""
+
+    account_id: str
+    folder_list: SyncState | None
+    folders: Mapping[str, SyncState]
+    slots_busy: int
+
+    def folder(self, folder_id: str) -> SyncState | None:
+        return self.folders.get(folder_id)
+
+
+class SyncStateTable:
+    """The cursor/lease/slot table. Thread-safe (the table client is)."""
+
+    def __init__(self, table: TableClient, *, lease_s: float = 300.0, slot_ttl_s: float = 600.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._table = table
+        self._lease_s = lease_s
+        self._slot_ttl_s = slot_ttl_s
+        self._clock = clock
+
+    @property
+    def lease_s(self) -> float:
+        return self._lease_s
+
+    def ensure_table(self) -> None:
+        try:
+            self._table.create_table()
+        except ResourceExistsError:
+            pass
+        except AzureError as exc:
+            raise DependencyUnavailable(f"sync table unavailable: {type(exc).__name__}") from exc
+
+    # --- reads -------------------------------------------------------------
+
+    def load(self, account_id: str) -> AccountSyncState:
+        """All of an account's rows (one partition query)."""
+        now = self._clock()
+        folder_list: SyncState | None = None
+        folders: dict[str, SyncState] = {}
+        busy = 0
+        for entity in self._query(account_id):
+            key = entity["RowKey"]
+            if key.startswith(SLOT_ROW_PREFIX):
+                if entity.get("owner") and float(entity.get("until") or 0.0) > now:
+                    busy += 1
+            elif key == FOLDER_LIST_ROW:
+                folder_list = _from_entity(entity)
+            elif key.startswith(FOLDER_ROW_PREFIX):
+                state = _from_entity(entity)
+                if state.folder_id is not None:
+                    folders[state.folder_id] = state
+        return AccountSyncState(account_id, folder_list, folders, busy)
+
+    def get(self, account_id: str, folder_id: str | None) -> SyncState | None:
+        key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
+        try:
+            entity = self._call(self._table.get_entity, _check_partition(account_id), key)
+        except ResourceNotFoundError:
+            return None
+        return _from_entity(entity)
+
+    # --- rows without a lease ------------------------------------------------
+
+    def create(self, state: SyncState) -> SyncState:
+        """Insert a row if it does not exist; return the stored row either way."""
+        entity = _to_entity(state, set(_all_fields()))
+        entity["PartitionKey"] = _check_partition(state.account_id)
+        entity["RowKey"] = state.row_key
+        entity["updated_at"] = self._clock()
+        try:
+            meta = self._call(self._table.create_entity, entity)
+        except ResourceExistsError:
+            existing = self.get(state.account_id, state.folder_id)
+            if existing is None:  # deleted between the two calls: try once more
+                return self.create(state)
+            return existing
+        return replace(state, etag=meta.get("etag"), updated_at=entity["updated_at"])
+
+    def update_info(self, account_id: str, folder_id: str, *, name: str, role: str | None,
+                    expected: int | None, parent_id: str | None = None, unread: int | None = None,
+                    children: int | None = None) -> bool:
+        """Refresh a folder's display fields (no lease needed; they are not the holder's)."""
+        fields: dict[str, Any] = {"name": name, "role": role, "expected": expected, "parent_id": parent_id,
+                                  "unread": unread, "children": children}
+        return self._merge_unconditional(account_id, folder_row_key(folder_id), fields)
+
+    def mark(self, account_id: str, folder_id: str | None, *, dirty: bool = True,
+             resync: bool = False, not_before: float | None = None) -> bool:
+        """Record that a row needs another round (and maybe a resync). False when the row is gone."""
+        fields: dict[str, Any] = {}
+        if dirty:
+            fields["dirty"] = True
+        if resync:
+            fields["resync_requested"] = True
+        if not_before is not None:
+            fields["not_before"] = float(not_before)
+        key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
+        return self._merge_unconditional(account_id, key, fields)
+
+    def delete(self, account_id: str, folder_id: str | None) -> None:
+        key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
+        with contextlib.suppress(ResourceNotFoundError):
+            self._call(self._table.delete_entity, _check_partition(account_id), key)
+
+    def delete_account(self, account_id: str) -> int:
+        """Delete every sync row of an account (unlink). Returns how many were deleted."""
+        count = 0
+        for entity in self._query(account_id):
+            try:
+                self._call(self._table.delete_entity, entity["PartitionKey"], entity["RowKey"])
+                count += 1
+            except ResourceNotFoundError:
+                pass
+        return count
+
+    # --- leases ---------------------------------------------------------------
+
+    def acquire(self, account_id: str, folder_id: str | None, owner: str, *,
+                mark_busy: bool = True) -> Lease | None:
+        """Take a row's lease, or mark it dirty and return None when someone else holds it.
+
+        ``mark_busy=False`` returns None without marking (a job that only
+        continues pending work has nothing new to report). Raises
+        ``LeaseLost`` when the row does not exist (folder deleted or unknown).
+        """
+        for _ in range(_CONFLICT_RETRIES):
+            state = self.get(account_id, folder_id)
+            if state is None:
+                raise LeaseLost("no sync state for this folder")
+            now = self._clock()
+            if state.leased(now) and _delivery(state.lease_owner) != _delivery(owner):
+                if state.dirty or not mark_busy:
+                    return None
+                try:
+                    self._merge(state, {"dirty": True})
+                    return None
+                except ResourceModifiedError:
+                    continue
+                except ResourceNotFoundError as exc:
+                    raise LeaseLost("sync state deleted") from exc
+            until = now + self._lease_s
+            fields: dict[str, Any] = {"lease_owner": owner, "lease_until": until, "dirty": False}
+            try:
+                etag = self._merge(state, fields)
+            except ResourceModifiedError:
+                continue
+            except ResourceNotFoundError as exc:
+                raise LeaseLost("sync state deleted") from exc
+            return Lease(replace(state, lease_owner=owner, lease_until=until, dirty=False,
+                                 etag=etag, updated_at=now), owner)
+        raise DependencyUnavailable("sync state is too contended to lease", retry_after_s=1.0)
+
+    def save(self, lease: Lease, **changes: Any) -> Lease:
+        """Write holder fields (cursor, phase, counts...) and renew the lease.
+
+        Conflicts from others' merges (dirty, resync, display fields) are
+        absorbed; a lost lease or a deleted row raises ``LeaseLost``.
+        """
+        unknown = set(changes) - _HOLDER_FIELDS
+        if unknown:
+            raise ValueError(f"not holder fields: {sorted(unknown)}")
+        now = self._clock()
+        fields = dict(changes)
+        fields["lease_until"] = now + self._lease_s
+        return self._write_held(lease, fields, now)
+
+    def finish(self, lease: Lease, **changes: Any) -> Lease | None:
+        """End a round: release, unless ``dirty`` was set meanwhile.
+
+        Returns None when released; returns a renewed lease (dirty cleared)
+        when the caller must run one more round first.
+        """
+        current = lease
+        for _ in range(_CONFLICT_RETRIES):
+            now = self._clock()
+            if current.state.dirty:
+                fields = dict(changes)
+                fields.update(dirty=False, lease_until=now + self._lease_s)
+                return self._write_held(current, fields, now)
+            fields = dict(changes)
+            fields.update(lease_owner="", lease_until=0.0)
+            try:
+                self._merge(current.state, fields)
+                return None
+            except ResourceModifiedError:
+                current = self._reread(current)
+            except ResourceNotFoundError as exc:
+                raise LeaseLost("sync state deleted", code="folder_gone") from exc
+        raise DependencyUnavailable("sync state is too contended to release", retry_after_s=1.0)
+
+    def release(self, lease: Lease, **changes: Any) -> None:
+        """Give the lease up now (time budget, back-off): ``dirty`` stays for whoever comes next."""
+        current = lease
+        for _ in range(_CONFLICT_RETRIES):
+            fields = dict(changes)
+            fields.update(lease_owner="", lease_until=0.0)
+            try:
+                self._merge(current.state, fields)
+                return
+            except ResourceModifiedError:
+                current = self._reread(current)
+            except ResourceNotFoundError as exc:
+                raise LeaseLost("sync state deleted", code="folder_gone") from exc
+        raise DependencyUnavailable("sync state is too contended to release", retry_after_s=1.0)
+
+    def _write_held(self, lease: Lease, fields: dict[str, Any], now: float) -> Lease:
+        current = lease
+        for _ in range(_CONFLICT_RETRIES):
+            try:
+                etag = self._merge(current.state, fields)
+            except ResourceModifiedError:
+                current = self._reread(current)
+                continue
+            except ResourceNotFoundError as exc:
+                raise LeaseLost("sync state deleted", code="folder_gone") from exc
+            return Lease(_apply(current.state, fields, etag, now), current.owner)
+        raise DependencyUnavailable("sync state is too contended to save", retry_after_s=1.0)
+
+    def _reread(self, lease: Lease) -> Lease:
+        fresh = self.get(lease.state.account_id, lease.state.folder_id)
+        if fresh is None:
+            raise LeaseLost("sync state deleted", code="folder_gone")
+        if fresh.lease_owner != lease.owner:
+            raise LeaseLost("another worker holds the folder now")
+        return Lease(fresh, lease.owner)
+
+    # --- slots ------------------------------------------------------------------
+
+    def acquire_slot(self, account_id: str, owner: str, max_slots: int) -> Slot | None:
+        """Take one of the mailbox's ``max_slots`` request slots, or None when all are busy."""
+        partition = _check_partition(account_id)
+        for _ in range(_CONFLICT_RETRIES):
+            now = self._clock()
+            rows: dict[int, Any] = {}
+            for found in self._query(account_id, prefix=SLOT_ROW_PREFIX):
+                suffix = str(found["RowKey"])[len(SLOT_ROW_PREFIX):]
+                if suffix.isdigit():
+                    rows[int(suffix)] = found
+            candidate: tuple[int, Any] | None = None
+            for index in range(max_slots):
+                entity = rows.get(index)
+                if entity is None:
+                    candidate = candidate or (index, None)
+                    continue
+                holder = str(entity.get("owner") or "")
+                if holder and _delivery(holder) == _delivery(owner):
+                    candidate = (index, entity)  # our own earlier delivery died holding it
+                    break
+                if not holder or float(entity.get("until") or 0.0) <= now:
+                    candidate = candidate or (index, entity)
+            if candidate is None:
+                return None
+            index, entity = candidate
+            body = {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}", "owner": owner,
+                    "until": now + self._slot_ttl_s}
+            try:
+                if entity is None:
+                    meta = self._call(self._table.create_entity, body)
+                else:
+                    meta = self._call(self._table.update_entity, body, mode=UpdateMode.MERGE,
+                                      etag=entity.metadata["etag"], match_condition=MatchConditions.IfNotModified)
+            except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                continue
+            return Slot(account_id, index, owner, str(meta.get("etag")))
+        return None
+
+    def release_slot(self, slot: Slot) -> None:
+        body = {"PartitionKey": slot.account_id, "RowKey": f"{SLOT_ROW_PREFIX}{slot.index}", "owner": "",
+                "until": 0.0}
+        # Expired and taken over, or the account was deleted: nothing to give back.
+        with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
+            self._call(self._table.update_entity, body, mode=UpdateMode.MERGE, etag=slot.etag,
+                       match_condition=MatchConditions.IfNotModified)
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def _query(self, account_id: str, prefix: str | None = None) -> Iterable[Any]:
+        partition = _check_partition(account_id)
+        if prefix is None:
+            query, params = "PartitionKey eq @p", {"p": partition}
+        else:
+            query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi"
+            params = {"p": partition, "lo": prefix, "hi": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
+        try:
+            return list(self._table.query_entities(query, parameters=params))
+        except ResourceNotFoundError:
+            return []
+        except AzureError as exc:
+            raise DependencyUnavailable(f"sync table unavailable: {type(exc).__name__}") from exc
+
+    def _merge(self, state: SyncState, fields: Mapping[str, Any]) -> str:
+        entity = _to_entity_fields(fields)
+        entity["PartitionKey"] = _check_partition(state.account_id)
+        entity["RowKey"] = state.row_key
+        entity["updated_at"] = self._clock()
+        meta = self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE, etag=state.etag,
+                          match_condition=MatchConditions.IfNotModified)
+        return str(meta.get("etag"))
+
+    def _merge_unconditional(self, account_id: str, row_key: str, fields: Mapping[str, Any]) -> bool:
+        entity = _to_entity_fields(fields)
+        entity["PartitionKey"] = _check_partition(account_id)
+        entity["RowKey"] = row_key
+        entity["updated_at"] = self._clock()
+        try:
+            self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE)
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    @staticmethod
+    def _call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except (ResourceNotFoundError, ResourceModifiedError, ResourceExistsError):
+            raise
+        except HttpResponseError as exc:
+            if exc.status_code == 412:
+                raise ResourceModifiedError(message=str(exc), response=exc.response) from exc
+            if exc.status_code == 409:
+                raise ResourceExistsError(message=str(exc), response=exc.response) from exc
+            raise DependencyUnavailable(f"sync table error {exc.status_code}") from exc
+        except AzureError as exc:
+            raise DependencyUnavailable(f"sync table unavailable: {type(exc).__name__}") from exc
+
+
+# --- entity mapping ---------------------------------------------------------------
+
+def _all_fields() -> tuple[str, ...]:
+    return ("cursor", "phase", "epoch", "generation", "dirty", "resync_requested", "lease_owner", "lease_until",
+            "indexed", "removed", "expected", "failures", "not_before", "rounds", "round_started", "name", "role",
+            "parent_id", "unread", "children", "first_screen")
+
+
+def _to_entity(state: SyncState, fields: set[str]) -> dict[str, Any]:
+    values = {name: getattr(state, name) for name in fields}
+    values["folder_id"] = state.folder_id or ""
+    return _to_entity_fields(values)
+
+
+def _to_entity_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    entity: dict[str, Any] = {}
+    for name, value in fields.items():
+        if isinstance(value, SyncPhase):
+            value = value.value
+        elif value is None:
+            # Tables drop None; "" / -1 mean "unset" so a merge can clear a field.
+            value = -1 if name in _OPTIONAL_INTS else ""
+        elif isinstance(value, float):
+            value = float(value)
+        entity[name] = value
+    return entity
+
+
+def _from_entity(entity: Mapping[str, Any]) -> SyncState:
+    def num(name: str, default: float = 0.0) -> float:
+        value = entity.get(name)
+        return float(value) if isinstance(value, (int, float)) else default
+
+    def integer(name: str) -> int:
+        value = entity.get(name)
+        return int(value) if isinstance(value, (int, float)) else 0
+
+    def optional_int(name: str) -> int | None:
+        value = entity.get(name)
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    phase_raw = entity.get("phase") or SyncPhase.INITIAL.value
+    try:
+        phase = SyncPhase(phase_raw)
+    except ValueError:
+        phase = SyncPhase.RESYNC  # unknown phase written by a future version: start over
+    metadata = getattr(entity, "metadata", None) or {}
+    return SyncState(
+        account_id=entity["PartitionKey"],
+        folder_id=(entity.get("folder_id") or None) if entity["RowKey"] != FOLDER_LIST_ROW else None,
+        cursor=entity.get("cursor") or None,
+        phase=phase,
+        epoch=integer("epoch"),
+        generation=str(entity.get("generation") or ""),
+        dirty=bool(entity.get("dirty")),
+        resync_requested=bool(entity.get("resync_requested")),
+        lease_owner=str(entity.get("lease_owner") or ""),
+        lease_until=num("lease_until"),
+        indexed=integer("indexed"),
+        removed=integer("removed"),
+        expected=optional_int("expected"),
+        failures=integer("failures"),
+        not_before=num("not_before"),
+        rounds=integer("rounds"),
+        round_started=num("round_started"),
+        name=str(entity.get("name") or ""),
+        role=str(entity.get("role") or "") or None,
+        parent_id=str(entity.get("parent_id") or "") or None,
+        unread=optional_int("unread"),
+        children=optional_int("children"),
+        first_screen=bool(entity.get("first_screen")),
+        updated_at=num("updated_at"),
+        etag=metadata.get("etag"),
+    )
+
+
+def _apply(state: SyncState, fields: Mapping[str, Any], etag: str, now: float) -> SyncState:
+    values = {k: v for k, v in fields.items() if k in SyncState.__dataclass_fields__}
+    if values.get("cursor") == "":
+        values["cursor"] = None
+    return replace(state, etag=etag, updated_at=now, **values)

@@ -1,0 +1,866 @@
+"""The sync engine: makes the store equal to the mailbox, and keeps it so.
+
+How it works
+============
+
+Work arrives as queue jobs that only *name* an account (and maybe a
+folder); all state lives in the sync table (``mailsync.storage.cursors``):
+one row for the account's folder list and one per folder, each with the
+provider's opaque cursor, a phase, an epoch, counts, a ``dirty`` flag and a
+lease. A job therefore never carries work that could be lost, duplicated or
+reordered: running any job twice, late, or in parallel with another is
+harmless, because the rows decide what is left to do.
+
+An invocation (one job) goes like this::
+
+    job ──► account linked and active? ──no──► drop
+              │yes
+              ▼
+        mailbox held back (429)? ──yes──► mark the target dirty ──► exit
+              │no
+              ▼
+        take a request slot (≤ 4 per mailbox) ──none──► mark target dirty,
+              │                                         try once more ──► exit
+              ▼
+        work the target (folder list or one folder) ◄──────────────┐
+              │                                                    │
+              ▼                                                    │
+        time left, nobody waiting on our events? ──yes── next pending row
+              │no
+              ▼
+        give the slot back; pending rows left? ──yes──► enqueue a continuation
+
+Each row (the folder list, or a folder) moves through these phases::
+
+                   ┌───────────────── resync requested, 410 Gone, ────────────┐
+                   │                  store generation changed                │
+                   ▼                                                          │
+     (new) ──► INITIAL ──round complete──► INCREMENTAL ──round complete──┐    │
+                   ▲        (remove_stale)      ▲   │                    │    │
+                   │                            │   └────────────────────┘    │
+                   └──── cursor lost ──         └──round complete── RESYNC ◄──┘
+                                                     (remove_stale)
+
+A *round* pages the provider's change stream from the saved cursor until
+the provider says the round is complete (Graph's deltaLink). A *full* round
+(INITIAL, RESYNC) starts from no cursor in a new, larger epoch; every write
+of the round carries that epoch, and when it completes, the folder's
+documents of older epochs — the ones the round did not see — are removed.
+So a resync never blanks the list: everything stays until it is known to
+be gone.
+
+Per page: read (one request, while the previous page is being written:
+``mailsync.sync.pipeline``), bulk-upsert the messages (the store skips
+versions older than it holds), conditionally remove the removals (only if
+the stored copy still names this folder: a moved message may have been
+written by its new folder first), then save the cursor. The cursor is
+saved only after the writes are acknowledged, so a crash anywhere repeats
+at most one page, and repeating a page is idempotent.
+
+The lease and ``dirty`` (see cursors.py for the protocol): one worker at a
+time pages a folder. A job that finds the folder leased sets ``dirty`` and
+exits; the holder, when its round completes, sees ``dirty`` and runs one
+more round before releasing. Since a round reads every change made before
+it started, a change is always followed by a round that sees it — which is
+why notifications that arrive during the initial sync, or twice, or out of
+order, lose nothing and never page a folder in parallel.
+
+Faults: 429/503/504 and cut pages wait ``Retry-After`` (else exponential
+back-off with jitter, ``mailsync.sync.policy``); short waits are slept in
+place, long ones give the lease and slot back and re-enqueue the job with a
+visibility delay (a 429 also holds the whole mailbox back for that long).
+410 or an unreadable cursor restarts the folder (RESYNC). 401 has already
+been retried once with a fresh token by the Graph client; if it persists,
+or the grant is gone, the account becomes ``reauth_required`` and its jobs
+stop. An unexpected exception gives the lease and slot back and propagates,
+so the queue redelivers the message (which may also take over a lease its
+own earlier delivery held, if that worker was killed).
+
+Order of the initial sync: the folder list first (it creates the folder
+rows), then the first screen — the newest 50 Inbox messages, written in
+the Inbox's *current* epoch so the Inbox's first full round (one epoch
+later) rewrites or removes them — in its own short invocation, so they
+reach the page within a second or two; then the folders, Inbox first,
+others largest first, up to four at a time. The account becomes ``synced``
+when every folder has completed its first round.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from mailsync.errors import (
+    Conflict,
+    CursorExpired,
+    LeaseLost,
+    MailsyncError,
+    NotFound,
+    ProviderAuthError,
+    ReauthRequired,
+)
+from mailsync.jobs import JobKind, new_job
+from mailsync.logs import log_context
+from mailsync.models import (
+    Account,
+    AccountStatus,
+    Folder,
+    Job,
+    Mailbox,
+    Message,
+    MessageBatch,
+    MessagesChanged,
+    SyncPhase,
+    SyncProgress,
+)
+from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MailProvider, MessageStore, ProviderFactory
+from mailsync.settings import Settings
+from mailsync.storage.cursors import AccountSyncState, Lease, SyncState, SyncStateTable, new_owner
+from mailsync.sync import policy
+from mailsync.sync.pipeline import PageReader
+
+log = logging.getLogger("mailsync.sync")
+_T = TypeVar("_T")
+
+ACTIVE_STATUSES = (AccountStatus.SYNCING, AccountStatus.SYNCED)
+CONTINUATION = "continuation"
+# Largest bulk the engine sends at once when pages pile up behind a slow store.
+MAX_BULK_MESSAGES = 2_000
+READ_AHEAD_PAGES = 4
+REAUTH_MESSAGE = "Outlook asked for the account to be signed in again."
+
+
+class Outcome(enum.StrEnum):
+    """What an invocation did (for logs and tests)."""
+
+    DONE = "done"            # worked; nothing or a continuation left
+    BUSY = "busy"            # every slot of the mailbox busy: target marked dirty
+    HELD = "held"            # the mailbox is throttled: target marked dirty
+    DEFERRED = "deferred"    # a fault: the job comes back later through the queue
+    DROPPED = "dropped"      # unknown / deleted / inactive account
+    REAUTH = "reauth"        # the account needs the user to sign in again
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The queue delivery of a job: ``delivery_id`` is the same for redeliveries of one message."""
+
+    delivery_id: str
+    dequeue_count: int = 1
+
+
+class _Stop(Exception):
+    """Ends the invocation early (deferred, reauth); carries the outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.value)
+        self.outcome = outcome
+
+
+class SyncEngine:
+    """Runs sync jobs. One instance per process; ``handle`` is thread-safe."""
+
+    def __init__(self, settings: Settings, *, accounts: AccountRepository, providers: ProviderFactory,
+                 store: MessageStore, state: SyncStateTable, queue: JobQueue,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.accounts = accounts
+        self.providers = providers
+        self.store = store
+        self.state = state
+        self.queue = queue
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        # Test seam: called with (folder_id, page number) before a page is written.
+        self.before_write: Callable[[str, int], None] | None = None
+
+    def handle(self, job: Job, delivery: Delivery, events: EventPublisher) -> Outcome:
+        """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT)."""
+        with log_context(account_id=job.account_id, job_id=job.job_id, folder_id=job.folder_id):
+            account = self.accounts.get(job.account_id)
+            if account is None:
+                # Unlinked meanwhile: its documents are gone; drop its sync rows too.
+                self.state.delete_account(job.account_id)
+                log.info("job for an unknown account dropped", extra={"kind": job.kind})
+                return Outcome.DROPPED
+            if account.status not in ACTIVE_STATUSES:
+                log.info("job dropped: account is %s", account.status.value, extra={"kind": job.kind})
+                return Outcome.DROPPED
+            run = _Invocation(self, account, job, delivery, events)
+            outcome = run.run()
+            log.info("sync job %s", outcome.value, extra={
+                "kind": job.kind, "pages": run.pages, "upserted": run.upserted, "removed": run.removed_count,
+                "elapsed_s": round(self.clock() - run.started, 3)})
+            return outcome
+
+    def continuation(self, account_id: str, folder_id: str | None, *, reason: str) -> Job:
+        kind = JobKind.SYNC_FOLDERS if folder_id is None else JobKind.SYNC_FOLDER
+        return new_job(kind, account_id, folder_id, reason=reason, attrs={CONTINUATION: "1"})
+
+
+class _Invocation:
+    """The state of one job's run: slot, provider session, deadline, counters."""
+
+    def __init__(self, engine: SyncEngine, account: Account, job: Job, delivery: Delivery,
+                 events: EventPublisher) -> None:
+        self.e = engine
+        self.account = account
+        self.account_id = account.account_id
+        self.job = job
+        self.events = events
+        self.owner = new_owner(delivery.delivery_id)
+        self.is_continuation = job.attrs.get(CONTINUATION) == "1"
+        self.started = engine.clock()
+        self.deadline = self.started + engine.settings.sync_time_budget_s
+        self._provider: MailProvider | None = None
+        self._generation: str | None = None
+        self.rows: AccountSyncState | None = None
+        self.pages = 0
+        self.upserted = 0
+        self.removed_count = 0
+        self.followed = False        # published changes of an incremental round: end soon
+        self.end_now = False         # first screen done, fan-out enqueued...
+        self.continued = False       # a continuation is already on the queue
+
+    # --- the invocation ------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        e = self.e
+        rows = self._load()
+        if rows.folder_list is None:
+            e.state.create(SyncState(account_id=self.account_id, folder_id=None, phase=SyncPhase.INITIAL,
+                                     epoch=policy.next_epoch(0, e.clock())))
+            rows = self._load()
+        target = self._target(rows)
+        now = e.clock()
+        assert rows.folder_list is not None
+        if rows.folder_list.not_before > now:
+            self._remember(target)
+            return Outcome.HELD
+        slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency)
+        if slot is None:
+            self._remember(target)
+            # A holder may have left between our two looks: it re-checks pending
+            # rows after giving its slot back, we re-check slots after marking.
+            slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency)
+            if slot is None:
+                return Outcome.BUSY
+        outcome = Outcome.DONE
+        try:
+            self._work(target)
+            while not self.end_now and self._time_left() > 0.2 * e.settings.sync_time_budget_s:
+                pending = self._next_pending()
+                if pending is None:
+                    break
+                self._work(pending.folder_id if pending.folder_id is not None else _LIST)
+        except _Stop as stop:
+            outcome = stop.outcome
+        finally:
+            self._close_provider()
+            e.state.release_slot(slot)
+        if (self.upserted or self.removed_count) and e.accounts.get(self.account_id) is None:
+            # Unlinked while we wrote: remove what we may have written after the unlink did.
+            e.store.delete_account(self.account_id)
+            e.state.delete_account(self.account_id)
+            return Outcome.DROPPED
+        if outcome in (Outcome.DONE, Outcome.DEFERRED) and not self.continued:
+            self._continue_pending()
+        return outcome
+
+    def _target(self, rows: AccountSyncState) -> str:
+        kind, folder_id = self.job.kind, self.job.folder_id
+        state = self.e.state
+        if kind == JobKind.RESYNC_ACCOUNT:
+            for fid in rows.folders:
+                state.mark(self.account_id, fid, dirty=False, resync=True)
+            state.mark(self.account_id, None, dirty=False, resync=True)
+            return _LIST
+        if folder_id is None or kind == JobKind.SYNC_FOLDERS:
+            return _LIST
+        if folder_id not in rows.folders:
+            # Not in our folder list (yet): the folder list round creates it, or finds it gone.
+            return _LIST
+        if kind == JobKind.RESYNC_FOLDER:
+            state.mark(self.account_id, folder_id, dirty=False, resync=True)
+        return folder_id
+
+    def _remember(self, target: str) -> None:
+        """Leave the job's intent on its row for whoever holds a slot (continuations need not)."""
+        if not self.is_continuation:
+            self.e.state.mark(self.account_id, None if target is _LIST else target, dirty=True)
+
+    def _work(self, target: str) -> None:
+        if target is _LIST:
+            self._sync_folder_list()
+        else:
+            self._sync_folder(target)
+
+    def _next_pending(self) -> SyncState | None:
+        if self.followed:
+            return None   # someone is watching: deliver our events now, let others page the rest
+        rows = self._load()
+        ordered = policy.pending_order(_all_rows(rows), self._store_generation(), self.e.clock())
+        return ordered[0] if ordered else None
+
+    def _continue_pending(self) -> None:
+        rows = self._load()
+        ordered = policy.pending_order(_all_rows(rows), self._store_generation(), self.e.clock())
+        if ordered:
+            self._enqueue_continuation(ordered[0].folder_id, reason="pending")
+
+    def _enqueue_continuation(self, folder_id: str | None, *, reason: str, delay_s: float = 0.0) -> None:
+        self.e.queue.enqueue(self.e.continuation(self.account_id, folder_id, reason=reason), delay_s=delay_s)
+        self.continued = True
+
+    # --- the folder list ----------------------------------------------------------------
+
+    def _sync_folder_list(self) -> None:
+        e = self.e
+        try:
+            lease = e.state.acquire(self.account_id, None, self.owner) if not self.is_continuation else \
+                self._acquire_quietly(None)
+        except LeaseLost:
+            return
+        held: Lease | None = lease
+        while held is not None:
+            box = [held]
+            try:
+                held = self._folder_list_round(box)
+            except _Stop:
+                raise
+            except CursorExpired:
+                # The folder-list cursor is gone: run a full round right away.
+                held = e.state.save(box[0], cursor="", resync_requested=True)
+            except (ProviderAuthError, ReauthRequired) as exc:
+                self._release_quietly(box[0])
+                self._reauth(exc)
+                raise _Stop(Outcome.REAUTH) from exc
+            except LeaseLost:
+                return
+            except MailsyncError as exc:
+                attempt = 0 if policy.retryable(exc) else policy.MAX_QUICK_RETRIES
+                log.info("folder list fault, back later: %s", exc.code)
+                self._defer(box[0], policy.wait_for(exc, attempt=attempt, failures=box[0].state.failures,
+                                                    time_left_s=0.0, rng=e.rng))
+                raise _Stop(Outcome.DEFERRED) from exc
+            except BaseException:
+                self._release_quietly(box[0])
+                raise
+
+    def _folder_list_round(self, box: list[Lease]) -> Lease | None:
+        """One round of the folder list; ``box[0]`` always holds the latest lease (for the caller's error path)."""
+        e = self.e
+        generation = self._store_generation()
+        start = box[0].state
+        full = policy.needs_full_round(start, generation)
+        rows = self._load()
+        if full:
+            box[0] = e.state.save(box[0], cursor="", epoch=policy.next_epoch(start.epoch, e.clock()),
+                                  generation=generation, resync_requested=False,
+                                  first_screen=start.first_screen and start.generation == generation,
+                                  phase=SyncPhase.INITIAL if start.rounds == 0 else SyncPhase.RESYNC)
+        cursor = None if full else start.cursor
+        seen: set[str] = set()
+        created: list[Folder] = []
+        while True:
+            batch = self._retrying(lambda c=cursor: self._provider_().folder_changes(c))  # type: ignore[misc]
+            self._apply_folders(batch.upserts, batch.removals, rows, generation, created)
+            seen.update(folder.folder_id for folder in batch.upserts)
+            cursor = batch.cursor
+            if batch.complete:
+                break
+            if not full:
+                # A full round is not resumable (its "seen" set would be lost), and
+                # folder lists are a page or two: only incremental rounds save mid-way.
+                box[0] = e.state.save(box[0], cursor=cursor)
+        if full:
+            self._reconcile_folders(seen, rows)
+        self._upsert_mailbox(self.account.status)
+        box[0] = self._first_screen(box[0], generation)
+        finished = e.state.finish(box[0], cursor=cursor, phase=SyncPhase.INCREMENTAL, rounds=start.rounds + 1,
+                                  failures=0)
+        after = self._load()
+        self._publish_progress(None, SyncPhase.INCREMENTAL.value if start.rounds else "folders", after)
+        if created or full:
+            self._fan_out(after)
+        if start.rounds == 0:
+            self._maybe_synced(after)   # a mailbox without folders is synced right away
+        return finished
+
+    def _apply_folders(self, upserts: Sequence[Folder], removals: Sequence[str], rows: AccountSyncState,
+                       generation: str, created: list[Folder]) -> None:
+        e = self.e
+        new = [f for f in upserts if f.folder_id not in rows.folders]
+        known = [f for f in upserts if f.folder_id in rows.folders]
+        if new:
+            e.store.upsert_folders(new, phase=SyncPhase.INITIAL.value)
+        if known:
+            e.store.upsert_folders(known)
+        now = e.clock()
+        for folder in new:
+            e.state.create(SyncState(
+                account_id=self.account_id, folder_id=folder.folder_id, phase=SyncPhase.INITIAL,
+                epoch=policy.next_epoch(0, now), generation=generation, name=folder.name, role=folder.role,
+                expected=folder.total_count, parent_id=folder.parent_id, unread=folder.unread_count,
+                children=folder.child_folder_count,
+            ))
+            created.append(folder)
+        for folder in known:
+            row = rows.folders[folder.folder_id]
+            if (row.name, row.role, row.expected, row.parent_id, row.unread, row.children) != (
+                    folder.name, folder.role, folder.total_count, folder.parent_id, folder.unread_count,
+                    folder.child_folder_count):
+                e.state.update_info(self.account_id, folder.folder_id, name=folder.name, role=folder.role,
+                                    expected=folder.total_count, parent_id=folder.parent_id,
+                                    unread=folder.unread_count, children=folder.child_folder_count)
+        for folder_id in removals:
+            self._remove_folder(folder_id)
+
+    def _reconcile_folders(self, seen: set[str], rows: AccountSyncState) -> None:
+        """After a full folder round: whatever we hold that the provider did not list is gone."""
+        gone = set(rows.folders) - seen
+        gone.update(view.folder.folder_id for view in self.e.store.list_folders(self.account_id)
+                    if view.folder.folder_id not in seen)
+        for folder_id in sorted(gone):
+            self._remove_folder(folder_id)
+
+    def _remove_folder(self, folder_id: str) -> None:
+        # Row first: a worker paging the folder then fails its next save and
+        # cleans up after itself (see _sync_folder), so no page it writes survives.
+        self.e.state.delete(self.account_id, folder_id)
+        self.e.store.remove_folder(self.account_id, folder_id)
+        log.info("folder removed", extra={"removed_folder": folder_id})
+
+    def _first_screen(self, lease: Lease, generation: str) -> Lease:
+        """The newest Inbox messages, once per account (and after the store was recreated)."""
+        e = self.e
+        if lease.state.first_screen:
+            return lease
+        rows = self._load()
+        inbox = next((row for row in rows.folders.values() if row.role == "inbox"), None)
+        if inbox is not None and inbox.folder_id is not None:
+            folder_id = inbox.folder_id
+            inbox_lease = self._acquire_quietly(folder_id)
+            if inbox_lease is not None:
+                try:
+                    state = inbox_lease.state
+                    if not state.cursor or state.generation != generation:
+                        messages = tuple(self._retrying(
+                            lambda: self._provider_().newest_messages(folder_id, e.settings.first_screen_messages)))
+                        # The Inbox's current epoch: its first full round runs one
+                        # epoch later, so it rewrites these or removes them as stale.
+                        e.store.upsert_messages(messages, epoch=state.epoch)
+                        e.store.refresh()
+                        self.upserted += len(messages)
+                        if messages:
+                            self.events.publish_changes(MessagesChanged(self.account_id, upserted=messages))
+                        self.end_now = True
+                finally:
+                    self._release_quietly(inbox_lease)
+        return e.state.save(lease, first_screen=True)
+
+    def _fan_out(self, rows: AccountSyncState) -> None:
+        """Start the pending folders (Inbox first), one job per mailbox slot; this invocation ends."""
+        ordered = [r for r in policy.pending_order(_all_rows(rows), self._store_generation(), self.e.clock())
+                   if r.folder_id is not None]
+        for row in ordered[: self.e.settings.graph_max_concurrency]:
+            self._enqueue_continuation(row.folder_id, reason="start")
+        if ordered:
+            self.end_now = True
+
+    # --- one folder --------------------------------------------------------------------
+
+    def _sync_folder(self, folder_id: str) -> None:
+        e = self.e
+        try:
+            lease = e.state.acquire(self.account_id, folder_id, self.owner) if not self.is_continuation else \
+                self._acquire_quietly(folder_id)
+        except LeaseLost:
+            # Unknown or just deleted: let the folder list decide.
+            self._enqueue_continuation(None, reason="unknown_folder")
+            return
+        if lease is None:
+            return
+        held: Lease | None = lease
+        try:
+            while held is not None:
+                held = self._folder_round(held)
+        except LeaseLost as lost:
+            if lost.code == "folder_gone":
+                # The folder was deleted while we paged it: undo whatever we wrote.
+                e.store.remove_folder(self.account_id, folder_id)
+            log.info("lease lost: %s", lost.message)
+        except _Stop:
+            raise
+        except BaseException:
+            self._release_quietly(held)
+            raise
+
+    def _folder_round(self, lease: Lease) -> Lease | None:
+        """Page one round of a folder; returns the lease if another round must follow, else None."""
+        folder_id = lease.state.folder_id
+        assert folder_id is not None
+        generation = self._store_generation()
+        if policy.needs_full_round(lease.state, generation):
+            lease = self._start_full_round(lease, generation)
+        resyncs = 0
+        while True:
+            outcome = self._page_round(lease)
+            if isinstance(outcome, _Deferred):
+                raise _Stop(Outcome.DEFERRED)
+            if isinstance(outcome, _OutOfTime):
+                return None
+            if isinstance(outcome, _Resync):
+                resyncs += 1
+                if resyncs > 2:
+                    # 410 again on a fresh start: wait rather than spin.
+                    self._defer(outcome.lease, policy.Wait(30.0, False, False, "cursor_expired"))
+                    raise _Stop(Outcome.DEFERRED)
+                lease = self._start_full_round(outcome.lease, generation)
+                continue
+            lease = outcome.lease
+            if lease.state.resync_requested:
+                lease = self._start_full_round(lease, generation)
+                continue
+            return self._complete_round(lease, outcome.fields)
+
+    def _complete_round(self, lease: Lease, fields: dict[str, Any]) -> Lease | None:
+        """The round reached its end: drop what a full round did not see, then save the final cursor."""
+        e = self.e
+        state = lease.state
+        folder_id = state.folder_id
+        assert folder_id is not None
+        was_full = state.phase != SyncPhase.INCREMENTAL
+        try:
+            if was_full:
+                removed = e.store.remove_stale(self.account_id, folder_id, state.epoch)
+                if removed:
+                    log.info("removed %d stale message(s)", removed)
+            finished = e.state.finish(lease, phase=SyncPhase.INCREMENTAL, rounds=state.rounds + 1, failures=0,
+                                      **fields)
+        except MailsyncError as exc:
+            if isinstance(exc, LeaseLost) or not policy.retryable(exc):
+                raise
+            # The final cursor is not saved: the continuation re-reads the last page.
+            self._defer(lease, policy.wait_for(exc, attempt=policy.MAX_QUICK_RETRIES, failures=state.failures,
+                                               time_left_s=0.0, rng=e.rng))
+            raise _Stop(Outcome.DEFERRED) from exc
+        done = replace(state, phase=SyncPhase.INCREMENTAL, rounds=state.rounds + 1)
+        if was_full:
+            self._publish_folder_phase(done, SyncPhase.INCREMENTAL)
+        rows = self._load()
+        self._publish_progress(folder_id, SyncPhase.INCREMENTAL.value, rows)
+        if state.rounds == 0:
+            self._maybe_synced(rows)
+        return finished
+
+    def _start_full_round(self, lease: Lease, generation: str) -> Lease:
+        state = lease.state
+        phase = SyncPhase.INITIAL if state.rounds == 0 else SyncPhase.RESYNC
+        log.info("full round starts", extra={"phase": phase.value, "reason": _full_reason(state, generation)})
+        return self.e.state.save(lease, cursor="", phase=phase, epoch=policy.next_epoch(state.epoch, self.e.clock()),
+                                 generation=generation, resync_requested=False, indexed=0, removed=0,
+                                 round_started=self.e.clock())
+
+    def _page_round(self, lease: Lease) -> _RoundDone | _Deferred | _Resync | _OutOfTime:
+        """Pages until the round completes, time runs out, or a fault."""
+        e = self.e
+        folder_id = lease.state.folder_id
+        assert folder_id is not None
+        attempt = 0
+        while True:
+            cursor = lease.state.cursor or None
+            reader = PageReader(functools.partial(self._provider_().message_changes, folder_id), cursor,
+                                depth=READ_AHEAD_PAGES, deadline=self.deadline, clock=e.clock)
+            try:
+                while True:
+                    pages = reader.take(MAX_BULK_MESSAGES) if self._time_left() > 0 else []
+                    if not pages:
+                        e.state.release(lease)
+                        self._enqueue_continuation(folder_id, reason="time_budget")
+                        self.end_now = True
+                        return _OutOfTime()
+                    lease, final = self._apply_pages(lease, pages)
+                    attempt = 0
+                    if final is not None:
+                        return _RoundDone(lease, final)
+                    if lease.state.resync_requested:
+                        return _RoundDone(lease, {})
+            except CursorExpired:
+                log.info("cursor expired: resync")
+                return _Resync(lease)
+            except (ProviderAuthError, ReauthRequired) as exc:
+                self._release_quietly(lease)
+                self._reauth(exc)
+                raise _Stop(Outcome.REAUTH) from exc
+            except NotFound:
+                # The folder is gone at the provider (or never was): the folder list decides.
+                wait = policy.Wait(policy.backoff_seconds(lease.state.failures, e.rng), False, False, "not_found")
+                self._defer(lease, wait, requeue=False)
+                self._enqueue_continuation(None, reason="folder_not_found")
+                return _Deferred()
+            except MailsyncError as exc:
+                if isinstance(exc, LeaseLost):
+                    raise
+                if not policy.retryable(exc):
+                    log.warning("folder failed: %s", exc.code, extra={"error": exc.message})
+                    return self._defer(lease, policy.wait_for(exc, attempt=policy.MAX_QUICK_RETRIES,
+                                                               failures=lease.state.failures,
+                                                               time_left_s=0.0, rng=e.rng))
+                wait = policy.wait_for(exc, attempt=attempt, failures=lease.state.failures,
+                                       time_left_s=self._time_left(), rng=e.rng)
+                if not wait.in_place:
+                    log.info("transient fault, back later: %s", exc.code, extra={"wait_s": round(wait.seconds, 2)})
+                    return self._defer(lease, wait)
+                attempt += 1
+                e.sleep(wait.seconds)
+            finally:
+                reader.close()
+
+    def _apply_pages(self, lease: Lease, pages: list[MessageBatch]) -> tuple[Lease, dict[str, Any] | None]:
+        """Write the pages' changes (last one wins per id), then save the last page's cursor.
+
+        On the round's last page the cursor and counts are *returned* instead
+        of saved: ``_complete_round`` saves them after ``remove_stale``, or a
+        crash in between would leave the folder "complete" with stale documents.
+        """
+        e = self.e
+        state = lease.state
+        folder_id = state.folder_id
+        assert folder_id is not None
+        changes: dict[str, Message | None] = {}
+        for page in pages:
+            for message in page.upserts:
+                changes[message.message_id] = message
+            for message_id in page.removals:
+                changes[message_id] = None
+        upserts = [m for m in changes.values() if m is not None]
+        removals = [mid for mid, m in changes.items() if m is None]
+        if e.before_write is not None:
+            e.before_write(folder_id, self.pages)
+        if upserts:
+            result = e.store.upsert_messages(upserts, epoch=state.epoch)
+            if result.failed_ids:
+                log.warning("%d message(s) dead-lettered by the store", len(result.failed_ids))
+        if removals:
+            e.store.remove_messages(self.account_id, folder_id, removals)
+        self.pages += len(pages)
+        self.upserted += len(upserts)
+        self.removed_count += len(removals)
+        full = state.phase != SyncPhase.INCREMENTAL
+        last = pages[-1]
+        fields: dict[str, Any] = {"cursor": last.cursor, "failures": 0}
+        if full:
+            fields["indexed"] = state.indexed + len(upserts)
+        else:
+            fields["removed"] = state.removed + len(removals)
+        final: dict[str, Any] | None = None
+        if last.complete:
+            final = fields
+            live = replace(state, **{k: v for k, v in fields.items() if k != "cursor"})
+        else:
+            lease = e.state.save(lease, **fields)
+            live = lease.state
+        if upserts or removals:
+            self.events.publish_changes(MessagesChanged(
+                self.account_id, upserted=tuple(upserts), removed=tuple((folder_id, mid) for mid in removals)))
+            if not full:
+                self.followed = True
+        self._publish_progress(folder_id, state.phase.value, None, live=live)
+        return lease, final
+
+    def _defer(self, lease: Lease, wait: policy.Wait, *, requeue: bool = True) -> _Deferred:
+        """Give the folder back and come back after ``wait`` through the queue."""
+        e = self.e
+        failures = lease.state.failures + 1
+        now = e.clock()
+        try:
+            e.state.release(lease, failures=failures)
+            e.state.mark(self.account_id, lease.state.folder_id, dirty=False, not_before=now + wait.seconds)
+            if wait.mailbox_wide:
+                e.state.mark(self.account_id, None, dirty=False, not_before=now + wait.seconds)
+        except LeaseLost:
+            return _Deferred()
+        if requeue and failures < policy.MAX_FAILURES:
+            self._enqueue_continuation(lease.state.folder_id, reason=wait.reason, delay_s=wait.seconds)
+        elif requeue:
+            log.error("folder keeps failing; parked until the next change or poll",
+                      extra={"failures": failures, "reason": wait.reason})
+        self.end_now = True
+        return _Deferred()
+
+    def _retrying(self, call: Callable[[], _T]) -> _T:
+        """A provider call, with short transient waits slept in place; other faults propagate."""
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except MailsyncError as exc:
+                if not policy.retryable(exc):
+                    raise
+                wait = policy.wait_for(exc, attempt=attempt, failures=0, time_left_s=self._time_left(),
+                                       rng=self.e.rng)
+                if not wait.in_place:
+                    raise
+                attempt += 1
+                self.e.sleep(wait.seconds)
+
+    # --- account status, events ---------------------------------------------------------------
+
+    def _maybe_synced(self, rows: AccountSyncState) -> None:
+        if rows.folder_list is None or rows.folder_list.rounds == 0:
+            return
+        if any(row.rounds == 0 for row in rows.folders.values()):
+            return
+        e = self.e
+        for _ in range(3):
+            account = e.accounts.get(self.account_id)
+            if account is None or account.status != AccountStatus.SYNCING:
+                return
+            try:
+                self.account = e.accounts.save(replace(account, status=AccountStatus.SYNCED,
+                                                       updated_at=datetime.now(UTC), error=None))
+            except Conflict:
+                continue
+            log.info("account synced", extra={"elapsed_s": round(e.clock() - self.started, 3)})
+            self._upsert_mailbox(AccountStatus.SYNCED)
+            self._publish_progress(None, "synced", rows)
+            return
+
+    def _reauth(self, error: MailsyncError) -> None:
+        e = self.e
+        log.warning("account needs to sign in again (%s)", error.code)
+        for _ in range(3):
+            account = e.accounts.get(self.account_id)
+            if account is None or account.status == AccountStatus.REAUTH_REQUIRED:
+                break
+            try:
+                self.account = e.accounts.save(replace(account, status=AccountStatus.REAUTH_REQUIRED,
+                                                       error=REAUTH_MESSAGE, updated_at=datetime.now(UTC)))
+                break
+            except Conflict:
+                continue
+        self._upsert_mailbox(AccountStatus.REAUTH_REQUIRED)
+        self._publish_progress(None, AccountStatus.REAUTH_REQUIRED.value, self._load())
+
+    def _upsert_mailbox(self, status: AccountStatus) -> None:
+        rows = self.rows
+        total = sum(r.indexed for r in rows.folders.values()) if rows else None
+        self.e.store.upsert_mailbox(Mailbox(
+            account_id=self.account_id, address=self.account.address or "",
+            display_name=self.account.display_name or "", provider=self.account.provider, status=status,
+            total_messages=total, last_sync_at=datetime.now(UTC)))
+
+    def _publish_folder_phase(self, state: SyncState, phase: SyncPhase) -> None:
+        if state.folder_id is None:
+            return
+        self.e.store.upsert_folders([Folder(
+            account_id=self.account_id, folder_id=state.folder_id, name=state.name, parent_id=state.parent_id,
+            role=state.role, total_count=state.expected, unread_count=state.unread,
+            child_folder_count=state.children)], phase=phase.value)
+
+    def _publish_progress(self, folder_id: str | None, phase: str, rows: AccountSyncState | None, *,
+                          live: SyncState | None = None) -> None:
+        rows = rows or self.rows
+        folders = dict(rows.folders) if rows else {}
+        if live is not None and live.folder_id is not None:
+            folders[live.folder_id] = live
+        elapsed = max(self.e.clock() - self.started, 1e-6)
+        self.events.publish_progress(SyncProgress(
+            account_id=self.account_id, phase=phase, folder_id=folder_id,
+            folders_done=sum(1 for r in folders.values() if r.rounds > 0), folders_total=len(folders),
+            messages_indexed=sum(r.indexed for r in folders.values()),
+            rate_per_s=round(self.upserted / elapsed, 1)))
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _load(self) -> AccountSyncState:
+        self.rows = self.e.state.load(self.account_id)
+        return self.rows
+
+    def _store_generation(self) -> str:
+        if self._generation is None:
+            self._generation = self.e.store.generation()
+        return self._generation
+
+    def _provider_(self) -> MailProvider:
+        if self._provider is None:
+            self._provider = self.e.providers.open(self.account)
+        return self._provider
+
+    def _close_provider(self) -> None:
+        if self._provider is not None:
+            try:
+                self._provider.close()
+            finally:
+                self._provider = None
+
+    def _time_left(self) -> float:
+        return self.deadline - self.e.clock()
+
+    def _acquire_quietly(self, folder_id: str | None) -> Lease | None:
+        """Take a lease without marking the row dirty when busy (continuations, first screen)."""
+        state = self.e.state.get(self.account_id, folder_id)
+        if state is None or state.leased(self.e.clock()):
+            return None
+        try:
+            return self.e.state.acquire(self.account_id, folder_id, self.owner, mark_busy=False)
+        except LeaseLost:
+            return None
+
+    def _release_quietly(self, lease: Lease | None) -> None:
+        if lease is None:
+            return
+        try:
+            self.e.state.release(lease)
+        except (LeaseLost, MailsyncError) as exc:
+            log.info("release after failure did not go through: %s", exc.code)
+
+
+_LIST = "\x00folder-list"   # sentinel target: the folder list (never a provider folder id)
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """The folder was given back; a continuation (maybe delayed) is on the queue."""
+
+
+@dataclass(frozen=True)
+class _Resync:
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class _RoundDone:
+    lease: Lease
+    fields: dict[str, Any] = field(default_factory=dict)   # final cursor + counts, saved by finish
+
+
+@dataclass(frozen=True)
+class _OutOfTime:
+    """The invocation's budget is spent; the folder was released with its progress."""
+
+
+def _all_rows(rows: AccountSyncState) -> list[SyncState]:
+    found = list(rows.folders.values())
+    if rows.folder_list is not None:
+        found.insert(0, rows.folder_list)
+    return found
+
+
+def _full_reason(state: SyncState, generation: str) -> str:
+    if state.resync_requested:
+        return "requested"
+    if state.generation and state.generation != generation:
+        return "store_generation"
+    return "initial" if state.rounds == 0 else "cursor_lost"
+

@@ -1,0 +1,130 @@
+"""Pure decisions of the sync engine: what to work on next, and how to wait.
+
+No I/O here, so each rule is a unit test away: the priority of pending work,
+when a full round (initial / resync) must start, and what a provider or
+store fault turns into (retry now, or give the folder back and come back
+later through the queue).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mailsync.errors import (
+    DependencyUnavailable,
+    MailsyncError,
+    MalformedResponse,
+    ProviderError,
+    ProviderThrottled,
+    ProviderUnavailable,
+    StoreError,
+)
+from mailsync.models import SyncPhase
+from mailsync.providers.graph_client import backoff_delay
+from mailsync.storage.cursors import SyncState
+
+# Waits up to this long are slept inside the invocation; longer ones are a
+# queue visibility delay (a sleeping function still bills and holds a slot).
+SHORT_WAIT_S = 2.0
+# In-invocation retries of one call before giving the folder back.
+MAX_QUICK_RETRIES = 3
+# Consecutive failed attempts after which a folder waits for the next trigger
+# (notification, poll, user action) instead of re-enqueueing itself.
+MAX_FAILURES = 10
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 300.0
+# Epochs are seconds since this instant, so a recreated row never reuses an
+# epoch still written on documents (and the number fits a 32-bit table int).
+EPOCH_BASE_S = 1_700_000_000
+
+
+def next_epoch(previous: int, now: float) -> int:
+    """A full round's epoch: larger than every earlier one of the folder."""
+    return max(previous + 1, int(now) - EPOCH_BASE_S)
+
+
+def needs_full_round(state: SyncState, generation: str) -> bool:
+    """Start from scratch: never started, a resync was asked for, or the store was recreated."""
+    return not state.cursor or state.resync_requested or state.generation != generation
+
+
+def backoff_seconds(failures: int, rng: random.Random | None = None) -> float:
+    """Exponential back-off with full jitter over a folder's consecutive failures."""
+    return backoff_delay(failures, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rng=rng)
+
+
+def is_pending(state: SyncState, generation: str, now: float) -> bool:
+    """Work a free worker should pick up for this row."""
+    if state.leased(now) or state.not_before > now:
+        return False
+    if state.failures >= MAX_FAILURES and not (state.dirty or state.resync_requested):
+        return False
+    return (state.dirty or state.resync_requested or state.rounds == 0
+            or state.phase != SyncPhase.INCREMENTAL or state.generation != generation)
+
+
+def pending_order(rows: Iterable[SyncState], generation: str, now: float) -> list[SyncState]:
+    """Pending rows, most urgent first.
+
+    1. the folder list (new folders, and it gates the first screen);
+    2. followed folders with fresh changes (a notification: the user is watching);
+    3. the Inbox's initial round (the first screen's folder);
+    4. other full rounds, largest folder first (longest job first keeps the
+       mailbox's slots busy until the end instead of leaving one long tail).
+    """
+    def key(state: SyncState) -> tuple[int, int, str]:
+        if state.is_folder_list:
+            return (0, 0, "")
+        if state.rounds > 0 and state.phase == SyncPhase.INCREMENTAL and not state.resync_requested:
+            return (1, 0, state.name)
+        if state.role == "inbox":
+            return (2, 0, "")
+        return (3, -(state.expected or 0), state.folder_id or "")
+
+    return sorted((row for row in rows if is_pending(row, generation, now)), key=key)
+
+
+@dataclass(frozen=True)
+class Wait:
+    """What to do about a transient fault: sleep ``seconds`` here, or come back through the queue."""
+
+    seconds: float
+    in_place: bool
+    mailbox_wide: bool       # 429: every folder of the mailbox should hold back
+    reason: str
+
+
+def retryable(error: BaseException) -> bool:
+    """Faults that go away by waiting (as opposed to resync, reauth, or a bug)."""
+    return isinstance(error, (ProviderThrottled, ProviderUnavailable, MalformedResponse, DependencyUnavailable,
+                              StoreError))
+
+
+def wait_for(error: MailsyncError, *, attempt: int, failures: int, time_left_s: float,
+             rng: random.Random | None = None) -> Wait:
+    """The wait after a transient fault.
+
+    ``Retry-After`` is honoured as given (throttling, 503); without it the
+    wait is exponential with full jitter over the folder's consecutive
+    failures. Short waits are slept in place a few times; anything longer,
+    or too close to the invocation's end, goes back to the queue.
+    """
+    retry_after: float | None = None
+    if isinstance(error, ProviderThrottled):
+        retry_after = error.retry_after_s if error.retry_after_s > 0 else None
+    elif isinstance(error, (ProviderUnavailable, DependencyUnavailable)):
+        retry_after = error.retry_after_s
+    if retry_after is not None:
+        seconds = retry_after
+    else:
+        seconds = backoff_delay(failures + attempt, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rng=rng)
+    in_place = seconds <= SHORT_WAIT_S and attempt < MAX_QUICK_RETRIES and seconds < time_left_s
+    return Wait(seconds=max(0.0, seconds), in_place=in_place,
+                mailbox_wide=isinstance(error, ProviderThrottled), reason=error.code)
+
+
+def is_permanent_provider_error(error: BaseException) -> bool:
+    """A provider answer that waiting will not change (400, 403...): counted, backed off, then parked."""
+    return isinstance(error, ProviderError) and not retryable(error)
