@@ -1,0 +1,5 @@
+"""Start and stop the real local services: Azurite, the search store, the Graph sandbox.
+
+Shared by ``python -m devhost.stack`` (``make run``), the test fixtures and
+the benchmarks, so every one of them starts a service the same way.
+"""
