@@ -1,0 +1,253 @@
+"""The sync table's lease / dirty / slot state machine, against Azurite.
+
+The rules under test (mailsync/storage/cursors.py):
+* one holder at a time; a job that finds the row leased marks it dirty;
+* the holder's ``finish`` sees dirty and keeps the lease for one more round;
+* a redelivery of the same queue message may take over its own lease;
+* an expired lease can be taken by anyone; the old holder's writes then fail;
+* others' merges (dirty, resync, display fields) never make the holder lose
+  its lease or its fields;
+* at most N slots per mailbox, freed by release or by expiry.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from mailsync.errors import InputError, LeaseLost
+from mailsync.models import SyncPhase
+from mailsync.settings import Settings
+from mailsync.storage.cursors import SyncState, SyncStateTable, folder_row_key, new_owner
+from tests.sync.support import sync_table
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def table(storage_settings: Settings, clock: Clock) -> SyncStateTable:
+    return sync_table(storage_settings, lease_s=60.0, slot_ttl_s=120.0, clock=clock)
+
+
+def _account() -> str:
+    return uuid.uuid4().hex
+
+
+def _folder(table: SyncStateTable, account: str, folder: str = "AAMk/folder+1==") -> SyncState:
+    return table.create(SyncState(account_id=account, folder_id=folder, name="Inbox", role="inbox", expected=10))
+
+
+def test_create_is_idempotent_and_keeps_fields(table: SyncStateTable) -> None:
+    account = _account()
+    first = _folder(table, account)
+    again = table.create(SyncState(account_id=account, folder_id=first.folder_id, name="other"))
+    assert again.name == "Inbox" and again.role == "inbox" and again.expected == 10
+    loaded = table.load(account)
+    assert set(loaded.folders) == {first.folder_id}
+    assert loaded.folder_list is None
+
+
+def test_folder_ids_with_key_forbidden_characters_round_trip(table: SyncStateTable) -> None:
+    account = _account()
+    odd = "AQMk/ADAw#?\\x"
+    _folder(table, account, odd)
+    assert table.get(account, odd) is not None
+    assert "/" not in folder_row_key(odd)
+
+
+def test_bad_account_id_is_an_input_error(table: SyncStateTable) -> None:
+    with pytest.raises(InputError):
+        table.load("a/b")
+
+
+def test_second_worker_marks_dirty_and_holder_runs_one_more_round(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    holder = table.acquire(account, folder, new_owner("msg-1"))
+    assert holder is not None
+    assert table.acquire(account, folder, new_owner("msg-2")) is None
+    assert table.get(account, folder).dirty  # type: ignore[union-attr]
+    # The holder saves a page: the other's dirty mark survives the merge.
+    holder = table.save(holder, cursor="c1", indexed=5)
+    assert holder.state.dirty and holder.state.cursor == "c1"
+    again = table.finish(holder, cursor="c2", phase=SyncPhase.INCREMENTAL, rounds=1)
+    assert again is not None, "dirty set during the round: one more round"
+    assert not again.state.dirty
+    assert table.finish(again, cursor="c3") is None
+    final = table.get(account, folder)
+    assert final is not None
+    assert final.lease_owner == "" and final.cursor == "c3" and final.rounds == 1 and not final.dirty
+
+
+def test_dirty_mark_racing_the_release_is_never_lost(table: SyncStateTable) -> None:
+    """Whatever the interleaving, either the holder sees dirty or the marker gets the lease."""
+    account = _account()
+    folder = _folder(table, account).folder_id
+    for _ in range(10):
+        holder = table.acquire(account, folder, new_owner(uuid.uuid4().hex))
+        assert holder is not None
+        results: dict[str, object] = {}
+
+        def mark() -> None:
+            results["other"] = table.acquire(account, folder, new_owner(uuid.uuid4().hex))
+
+        thread = threading.Thread(target=mark)
+        thread.start()
+        results["finish"] = table.finish(holder, cursor="x")
+        thread.join()
+        other, finish = results["other"], results["finish"]
+        # Exactly one of: the other took the lease, or the holder must run again, or
+        # the other ran entirely before the holder's first conditional write and saw... the
+        # holder still holding, so it marked dirty -> finish returns a lease.
+        assert (other is not None) != (finish is not None)
+        leftover = other or finish
+        assert table.finish(leftover, cursor="y") is None  # type: ignore[arg-type]
+
+
+def test_redelivery_of_the_same_message_takes_over_its_lease(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    dead = table.acquire(account, folder, new_owner("msg-7"))
+    assert dead is not None
+    retry = table.acquire(account, folder, new_owner("msg-7"))
+    assert retry is not None and retry.owner != dead.owner
+    with pytest.raises(LeaseLost):
+        table.save(dead, cursor="from the dead worker")
+    assert table.save(retry, cursor="ok").state.cursor == "ok"
+
+
+def test_expired_lease_is_taken_and_old_holder_stops(table: SyncStateTable, clock: Clock) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    slow = table.acquire(account, folder, new_owner("a"))
+    assert slow is not None
+    clock.now += 61
+    fresh = table.acquire(account, folder, new_owner("b"))
+    assert fresh is not None
+    with pytest.raises(LeaseLost):
+        table.finish(slow, cursor="stale")
+    assert table.get(account, folder).lease_owner == fresh.owner  # type: ignore[union-attr]
+
+
+def test_save_renews_the_lease(table: SyncStateTable, clock: Clock) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    lease = table.acquire(account, folder, new_owner("a"))
+    assert lease is not None
+    clock.now += 50
+    lease = table.save(lease, cursor="p1")
+    clock.now += 50   # 100 s after acquire, 50 s after the save: still ours
+    assert table.acquire(account, folder, new_owner("b")) is None
+
+
+def test_deleted_row_is_lease_lost_folder_gone(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    lease = table.acquire(account, folder, new_owner("a"))
+    assert lease is not None
+    table.delete(account, folder)
+    with pytest.raises(LeaseLost) as caught:
+        table.save(lease, cursor="p")
+    assert caught.value.code == "folder_gone"
+    with pytest.raises(LeaseLost):
+        table.acquire(account, folder, new_owner("b"))
+
+
+def test_info_and_resync_marks_do_not_disturb_the_holder(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    lease = table.acquire(account, folder, new_owner("a"))
+    assert lease is not None
+    assert table.update_info(account, folder, name="Renamed", role="inbox", expected=11, parent_id="p",
+                             unread=3, children=0)
+    assert table.mark(account, folder, dirty=False, resync=True)
+    lease = table.save(lease, cursor="p2", epoch=7)
+    assert lease.state.resync_requested and lease.state.name == "Renamed"
+    lease = table.save(lease, resync_requested=False, cursor="")
+    assert not lease.state.resync_requested and lease.state.cursor is None
+    row = table.get(account, folder)
+    assert row is not None and row.epoch == 7 and row.name == "Renamed" and row.unread == 3
+
+
+def test_quiet_acquire_does_not_mark(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    assert table.acquire(account, folder, new_owner("a")) is not None
+    assert table.acquire(account, folder, new_owner("b"), mark_busy=False) is None
+    assert not table.get(account, folder).dirty  # type: ignore[union-attr]
+
+
+def test_release_keeps_dirty_for_the_next_worker(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    lease = table.acquire(account, folder, new_owner("a"))
+    assert lease is not None
+    table.mark(account, folder)
+    table.release(lease, failures=2)
+    row = table.get(account, folder)
+    assert row is not None and row.dirty and row.failures == 2 and not row.lease_owner
+
+
+def test_at_most_n_slots_and_expiry_frees_them(table: SyncStateTable, clock: Clock) -> None:
+    account = _account()
+    slots = [table.acquire_slot(account, new_owner(f"m{i}"), 4) for i in range(4)]
+    assert all(slots)
+    assert table.acquire_slot(account, new_owner("m9"), 4) is None
+    assert table.load(account).slots_busy == 4
+    table.release_slot(slots[0])  # type: ignore[arg-type]
+    freed = table.acquire_slot(account, new_owner("m10"), 4)
+    assert freed is not None
+    assert table.acquire_slot(account, new_owner("m11"), 4) is None
+    clock.now += 121
+    assert table.acquire_slot(account, new_owner("m12"), 4) is not None
+
+
+def test_slots_are_not_overbooked_by_concurrent_workers(table: SyncStateTable) -> None:
+    account = _account()
+    got: list[object] = []
+    lock = threading.Lock()
+
+    def take(i: int) -> None:
+        slot = table.acquire_slot(account, new_owner(f"w{i}"), 4)
+        with lock:
+            got.append(slot)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    taken = [slot for slot in got if slot is not None]
+    assert len(taken) == 4
+    assert len({slot.index for slot in taken}) == 4  # type: ignore[attr-defined]
+
+
+def test_redelivery_reclaims_its_slot(table: SyncStateTable) -> None:
+    account = _account()
+    for i in range(4):
+        assert table.acquire_slot(account, new_owner(f"m{i}"), 4) is not None
+    assert table.acquire_slot(account, new_owner("m2"), 4) is not None
+
+
+def test_delete_account_removes_every_row(table: SyncStateTable) -> None:
+    account = _account()
+    _folder(table, account, "a")
+    _folder(table, account, "b")
+    table.create(SyncState(account_id=account, folder_id=None))
+    table.acquire_slot(account, new_owner("x"), 4)
+    assert table.delete_account(account) == 4
+    loaded = table.load(account)
+    assert not loaded.folders and loaded.folder_list is None and loaded.slots_busy == 0
