@@ -65,6 +65,18 @@ param elasticsearchIndexPrefix string = 'mailsync'
 @description('Send application/json instead of the versioned Elasticsearch media type (needed for OpenSearch; harmless for Elasticsearch).')
 param elasticsearchPlainJson bool = true
 
+@minValue(1)
+@description('ELASTICSEARCH_BULK_DOCS: most documents per bulk request.')
+param elasticsearchBulkDocs int = 1000
+
+@minValue(65536)
+@description('ELASTICSEARCH_BULK_BYTES: most bytes per bulk request.')
+param elasticsearchBulkBytes int = 8388608
+
+@minValue(1)
+@description('ELASTICSEARCH_SHARDS: primary shards of a newly created index (accounts spread by routing).')
+param elasticsearchShards int = 1
+
 // --- Secrets at rest ----------------------------------------------------------
 
 @secure()
@@ -180,13 +192,14 @@ var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, 
 var tags = {
   'azd-env-name': environmentName
 }
-// The tables mailsync keeps its state in (mailsync/storage): all share TABLE_PREFIX.
+// The tables mailsync keeps its state in (mailsync/storage), all named
+// TABLE_PREFIX + suffix. The app also creates them when missing; creating
+// them here makes the deployment show what it stores.
 var tableSuffixes = [
-  'accounts'
-  'tokens'
-  'flows'
-  'cursors'
-  'subscriptions'
+  'accounts' // accounts, their tokens, address claims
+  'authflows' // pending OAuth flows, keyed by state
+  'sync' // per-folder cursors, leases and Graph request slots
+  'subscriptions' // Graph subscriptions and pending notifications
 ]
 
 // --- Resources ----------------------------------------------------------------
@@ -277,6 +290,9 @@ var appSettings = {
   ELASTICSEARCH_API_KEY: '@Microsoft.KeyVault(VaultName=${vaultName};SecretName=${secretNames.elasticsearchApiKey})'
   ELASTICSEARCH_PLAIN_JSON: elasticsearchPlainJson ? 'true' : 'false'
   ELASTICSEARCH_INDEX_PREFIX: elasticsearchIndexPrefix
+  ELASTICSEARCH_BULK_DOCS: string(elasticsearchBulkDocs)
+  ELASTICSEARCH_BULK_BYTES: string(elasticsearchBulkBytes)
+  ELASTICSEARCH_SHARDS: string(elasticsearchShards)
   STORE_BODY_TEXT: storeBodyText ? 'true' : 'false'
   BODY_TEXT_MAX_CHARS: string(bodyTextMaxChars)
   MS_CLIENT_ID: msClientId
