@@ -143,12 +143,12 @@ def parse(path: Path, root: Path) -> BicepFile:
             type_and_version = string_value(children[1]) or ""
             rtype, _, api = type_and_version.partition("@")
             existing = any(c.type == "existing" for c in decl.children)
-            bicep.resources[symbol] = Resource(
-                bicep, symbol, rtype, api, existing, _unwrap_body(children[-1]), decl
-            )
+            bicep.resources[symbol] = Resource(bicep, symbol, rtype, api, existing, _unwrap_body(children[-1]), decl)
         elif decl.type == "module_declaration":
             symbol = text(children[0])
-            bicep.modules[symbol] = Module(bicep, symbol, string_value(children[1]) or "", _unwrap_body(children[-1]), decl)
+            bicep.modules[symbol] = Module(
+                bicep, symbol, string_value(children[1]) or "", _unwrap_body(children[-1]), decl
+            )
     return bicep
 
 

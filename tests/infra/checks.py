@@ -80,7 +80,11 @@ def _loop_and_lambda_names(node: bm.Node) -> set[str]:
                 if declared.type == "identifier":
                     names.add(bm.text(declared))
                 else:
-                    names |= {bm.text(n) for n in bm.walk(declared) if n.type in ("loop_variable", "loop_enumerator", "identifier")}
+                    names |= {
+                        bm.text(n)
+                        for n in bm.walk(declared)
+                        if n.type in ("loop_variable", "loop_enumerator", "identifier")
+                    }
     elif node.type == "lambda_expression":
         for child in node.children:
             if child.type == "=>":
@@ -113,7 +117,9 @@ def syntax_problems(root: Path) -> list[str]:
     for f in project.files.values():
         for node in bm.walk(f.root):
             if node.type == "ERROR":
-                problems.append(f"{f.rel}:{bm.line(node)}:{node.start_point[1] + 1}: syntax error at {bm.text(node)[:50]!r}")
+                problems.append(
+                    f"{f.rel}:{bm.line(node)}:{node.start_point[1] + 1}: syntax error at {bm.text(node)[:50]!r}"
+                )
             elif node.is_missing:
                 problems.append(f"{f.rel}:{bm.line(node)}:{node.start_point[1] + 1}: missing {node.type!r}")
         declared = set(f.params) | set(f.vars) | set(f.resources) | set(f.modules) | _BUILTIN_NAMESPACES
@@ -386,7 +392,8 @@ def _check_value(
     types = {c.node.get("type") for c in concrete if isinstance(c.node, dict)}
     wanted = {"string": {"string"}, "bool": {"boolean"}, "int": {"integer", "number"}}[literal[0]]
     if None not in types and not (types & wanted):
-        problems.append(f"{resource.where()}: {path} is a {literal[0]} literal, the schema expects {'/'.join(sorted(t for t in types if t))}")
+        expected = "/".join(sorted(t for t in types if t))
+        problems.append(f"{resource.where()}: {path} is a {literal[0]} literal, the schema expects {expected}")
         return
     enums = [c.node["enum"] for c in concrete if isinstance(c.node, dict) and "enum" in c.node]
     if literal[0] == "string" and enums and len(enums) == len(concrete):
@@ -420,9 +427,23 @@ LOCAL_ONLY = {
 # Settings the Functions host and its platform read themselves.
 HOST_PREFIXES = ("AzureWebJobs", "FUNCTIONS_", "APPLICATIONINSIGHTS_")
 # Binding decorators whose default connection is the host storage account.
-_STORAGE_BINDINGS = {"queue_trigger", "queue_output", "queue_input", "blob_trigger", "blob_input", "blob_output", "table_input", "table_output"}
+_STORAGE_BINDINGS = {
+    "queue_trigger",
+    "queue_output",
+    "queue_input",
+    "blob_trigger",
+    "blob_input",
+    "blob_output",
+    "table_input",
+    "table_output",
+}
 _SIGNALR_TYPES = {"signalR", "signalRConnectionInfo", "signalRTrigger", "signalRNegotiation"}
-_CONNECTION_KEYWORDS = {"connection", "connection_string_setting", "connectionStringSetting", "connectionStringSettingName"}
+_CONNECTION_KEYWORDS = {
+    "connection",
+    "connection_string_setting",
+    "connectionStringSetting",
+    "connectionStringSettingName",
+}
 _APP_SETTING_EXPRESSION = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 
 
@@ -480,9 +501,13 @@ def _env_reads(expr: ast.AST, aliases: set[str]) -> set[str]:
         elif isinstance(node, ast.Subscript) and is_env(node.value):
             if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
                 names.add(node.slice.value)
-        elif isinstance(node, ast.Compare) and any(is_env(c) for c in node.comparators):
-            if isinstance(node.left, ast.Constant) and isinstance(node.left.value, str):
-                names.add(node.left.value)
+        elif (
+            isinstance(node, ast.Compare)
+            and any(is_env(c) for c in node.comparators)
+            and isinstance(node.left, ast.Constant)
+            and isinstance(node.left.value, str)
+        ):
+            names.add(node.left.value)
     return names
 
 
@@ -492,9 +517,16 @@ def settings_reads(settings_py: Path) -> SettingsReads:
     reads = SettingsReads()
     for cls in [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings"]:
         for stmt in cls.body:
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(stmt.value, ast.Call):
-                if any(k.arg == "repr" and isinstance(k.value, ast.Constant) and k.value.value is False for k in stmt.value.keywords):
-                    reads.secret_fields.add(stmt.target.id)
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(stmt.value, ast.Call)
+                and any(
+                    k.arg == "repr" and isinstance(k.value, ast.Constant) and k.value.value is False
+                    for k in stmt.value.keywords
+                )
+            ):
+                reads.secret_fields.add(stmt.target.id)
     for func in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
         aliases = _env_aliases(func)
         if not aliases:
@@ -539,7 +571,9 @@ def binding_reads(python_files: Iterable[Path]) -> BindingReads:
                 continue
             keywords = {k.arg: k.value for k in node.keywords if k.arg}
             explicit = [
-                v.value for k, v in keywords.items() if k in _CONNECTION_KEYWORDS and isinstance(v, ast.Constant) and isinstance(v.value, str)
+                v.value
+                for k, v in keywords.items()
+                if k in _CONNECTION_KEYWORDS and isinstance(v, ast.Constant) and isinstance(v.value, str)
             ]
             found.connections |= set(explicit)
             if explicit:
@@ -558,7 +592,10 @@ def bicep_app_settings(project: bm.Project) -> dict[str, tuple[bm.BicepFile, bm.
     settings: dict[str, tuple[bm.BicepFile, bm.Node]] = {}
     for f in project.files.values():
         for resource in f.resources.values():
-            if resource.type.lower() == "microsoft.web/sites/config" and bm.string_value(bm.prop(resource.body, "name")) == "appsettings":
+            if (
+                resource.type.lower() == "microsoft.web/sites/config"
+                and bm.string_value(bm.prop(resource.body, "name")) == "appsettings"
+            ):
                 for key, value_file, value in project.object_entries(f, bm.prop(resource.body, "properties")):
                     settings[key] = (value_file, value)
             if resource.type.lower() == "microsoft.web/sites":
@@ -599,7 +636,9 @@ def settings_problems(root: Path, settings_type: Any = None) -> list[str]:
 
     for name in sorted(LOCAL_ONLY):
         if name not in app_names:
-            problems.append(f"LOCAL_ONLY lists {name}, which the app no longer reads: drop it from tests/infra/checks.py")
+            problems.append(
+                f"LOCAL_ONLY lists {name}, which the app no longer reads: drop it from tests/infra/checks.py"
+            )
         if name in bicep:
             problems.append(f"{name} is set in Bicep but must not be in Azure: {LOCAL_ONLY[name]}")
     for name in sorted(app_names - set(LOCAL_ONLY) - set(bicep)):
@@ -609,7 +648,9 @@ def settings_problems(root: Path, settings_type: Any = None) -> list[str]:
         )
     for connection in sorted(bindings.connections):
         if connection not in bicep and not any(n.startswith(connection + "__") for n in bicep):
-            problems.append(f"missing: a binding uses connection {connection} but the Bicep sets neither it nor {connection}__*")
+            problems.append(
+                f"missing: a binding uses connection {connection} but the Bicep sets neither it nor {connection}__*"
+            )
     for name in sorted(bicep):
         if name in app_names or name.startswith(HOST_PREFIXES) or name.split("__")[0] in bindings.connections:
             continue
@@ -618,8 +659,15 @@ def settings_problems(root: Path, settings_type: Any = None) -> list[str]:
     for name in sorted(reads.secret_names & set(bicep)):
         f, value = bicep[name]
         content = value.named_children[0] if value.type == "string" and value.named_children else None
-        if content is None or content.type != "string_content" or not bm.text(content).startswith("@Microsoft.KeyVault("):
-            problems.append(f"{f.rel}:{bm.line(value)}: {name} is a secret and must be a Key Vault reference, not {bm.text(value)[:60]}")
+        if (
+            content is None
+            or content.type != "string_content"
+            or not bm.text(content).startswith("@Microsoft.KeyVault(")
+        ):
+            problems.append(
+                f"{f.rel}:{bm.line(value)}: {name} is a secret and must be a Key Vault reference, "
+                f"not {bm.text(value)[:60]}"
+            )
 
     if settings_type is not None:
         baseline = settings_type.from_env({})
@@ -673,8 +721,12 @@ def table_problems(root: Path) -> list[str]:
     if not isinstance(declared, list) or not all(isinstance(s, str) for s in declared):
         return ["main.bicep's tableSuffixes is not a list of literal names"]
     used = code_tables(root)
-    problems = [f"the code uses table <prefix>{s} but the Bicep does not create it" for s in sorted(used - set(declared))]
-    problems += [f"the Bicep creates table <prefix>{s}, which the code does not use" for s in sorted(set(declared) - used)]
+    problems = [
+        f"the code uses table <prefix>{s} but the Bicep does not create it" for s in sorted(used - set(declared))
+    ]
+    problems += [
+        f"the Bicep creates table <prefix>{s}, which the code does not use" for s in sorted(set(declared) - used)
+    ]
     prefix = project.evaluate(main, main.params["tablePrefix"].default) if "tablePrefix" in main.params else None
     for suffix in declared:
         if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{2,62}", f"{prefix}{suffix}"):
@@ -709,7 +761,11 @@ class Use:
 
 
 USES = (
-    Use("sync queue and its poison queue", "Microsoft.Storage/storageAccounts/queueServices", "Storage Queue Data Contributor"),
+    Use(
+        "sync queue and its poison queue",
+        "Microsoft.Storage/storageAccounts/queueServices",
+        "Storage Queue Data Contributor",
+    ),
     Use("mailsync tables", "Microsoft.Storage/storageAccounts/tableServices", "Storage Table Data Contributor"),
     Use(
         "Flex Consumption deployment package",
@@ -717,8 +773,18 @@ USES = (
         "Storage Blob Data Contributor",
         deployment_container=True,
     ),
-    Use("host timer/singleton leases", "Microsoft.Storage/storageAccounts/blobServices/containers", "Storage Blob Data Owner", "azure-webjobs-hosts"),
-    Use("host keys", "Microsoft.Storage/storageAccounts/blobServices/containers", "Storage Blob Data Owner", "azure-webjobs-secrets"),
+    Use(
+        "host timer/singleton leases",
+        "Microsoft.Storage/storageAccounts/blobServices/containers",
+        "Storage Blob Data Owner",
+        "azure-webjobs-hosts",
+    ),
+    Use(
+        "host keys",
+        "Microsoft.Storage/storageAccounts/blobServices/containers",
+        "Storage Blob Data Owner",
+        "azure-webjobs-secrets",
+    ),
     Use("SignalR negotiate and output bindings", "Microsoft.SignalRService/signalR", "SignalR Service Owner"),
     Use("Key Vault references (secrets)", "Microsoft.KeyVault/vaults", "Key Vault Secrets User"),
 )
@@ -782,12 +848,15 @@ def role_problems(root: Path) -> list[str]:
             principal = bm.prop(props, "principalId")
             sources = project.follow(f, principal) if principal is not None else []
             if not sources or any((sf.path, sn) not in {(pf.path, pn) for pf, pn in principals} for sf, sn in sources):
-                problems.append(f"{resource.where()}: principalId is not the Function App identity ({bm.text(principal) if principal else 'missing'})")
+                given = bm.text(principal) if principal else "missing"
+                problems.append(f"{resource.where()}: principalId is not the Function App identity ({given})")
             if bm.string_value(bm.prop(props, "principalType")) != "ServicePrincipal":
                 problems.append(f"{resource.where()}: principalType must be 'ServicePrincipal' (a managed identity)")
             role = _role_guid(project, f, bm.prop(props, "roleDefinitionId"))
             if role is None:
-                problems.append(f"{resource.where()}: roleDefinitionId is not a built-in role id known at template time")
+                problems.append(
+                    f"{resource.where()}: roleDefinitionId is not a built-in role id known at template time"
+                )
             assignments.append(Assignment(resource, scope, role))
 
     deployment_container = _deployment_container(project)
@@ -802,23 +871,26 @@ def role_problems(root: Path) -> list[str]:
             if use.deployment_container:
                 if deployment_container is None or a.scope is not deployment_container:
                     continue
-            elif use.scope_name is not None:
-                if project.evaluate(a.scope.file, bm.prop(a.scope.body, "name")) != use.scope_name:
-                    continue
+            elif (
+                use.scope_name is not None
+                and project.evaluate(a.scope.file, bm.prop(a.scope.body, "name")) != use.scope_name
+            ):
+                continue
             matches.append(i)
         if len(matches) != 1:
-            problems.append(f"{use.what}: expected exactly one role assignment scoped to its {use.scope_type}, found {len(matches)}")
+            problems.append(
+                f"{use.what}: expected exactly one role assignment scoped to its {use.scope_type}, found {len(matches)}"
+            )
             continue
         claimed.add(matches[0])
         a = assignments[matches[0]]
         if a.role is not None and a.role != _BY_NAME[use.role]:
-            problems.append(
-                f"{a.resource.where()}: {use.what} needs {use.role}, not {ROLE_NAMES.get(a.role, a.role)}"
-            )
+            problems.append(f"{a.resource.where()}: {use.what} needs {use.role}, not {ROLE_NAMES.get(a.role, a.role)}")
     for i, a in enumerate(assignments):
         if i not in claimed:
             scope = a.scope.where() if a.scope else "the resource group"
-            problems.append(f"{a.resource.where()}: grants {ROLE_NAMES.get(a.role or '', a.role)} on {scope}, which no data-plane use needs")
+            role = ROLE_NAMES.get(a.role or "", a.role)
+            problems.append(f"{a.resource.where()}: grants {role} on {scope}, which no data-plane use needs")
     return problems
 
 
@@ -887,7 +959,10 @@ def azd_problems(root: Path) -> list[str]:
             problems.append(f"azure.yaml: service {name}: project folder {service.get('project')} does not exist")
         matches = [r for r in tagged.get(name, []) if r.type == _AZD_HOSTS[host]]
         if len(matches) != 1:
-            problems.append(f"azure.yaml: service {name} needs exactly one {_AZD_HOSTS[host]} tagged azd-service-name={name}, found {len(matches)}")
+            problems.append(
+                f"azure.yaml: service {name} needs exactly one {_AZD_HOSTS[host]} "
+                f"tagged azd-service-name={name}, found {len(matches)}"
+            )
     for name in sorted(set(tagged) - set(services)):
         problems.append(f"{tagged[name][0].where()}: tagged azd-service-name={name}, which azure.yaml does not define")
 
@@ -899,8 +974,12 @@ def azd_problems(root: Path) -> list[str]:
             if name not in main.params:
                 problems.append(f"{params_path.name}: {name} is not a parameter of {template.name}")
             elif main.params[name].secure and not _ENV_REFERENCE.match(str(entry.get("value", ""))):
-                problems.append(f"{params_path.name}: {name} is @secure(); give it as ${{ENV_VAR}}, never a value in the repository")
+                problems.append(
+                    f"{params_path.name}: {name} is @secure(); give it as ${{ENV_VAR}}, never a value in the repository"
+                )
         for name, param in main.params.items():
             if param.default is None and name not in values:
-                problems.append(f"{params_path.name}: required parameter {name} is missing (azd would prompt every time)")
+                problems.append(
+                    f"{params_path.name}: required parameter {name} is missing (azd would prompt every time)"
+                )
     return problems

@@ -44,7 +44,11 @@ def test_catches_an_api_version_missing_from_the_schemas(project_copy: Path, pla
 
 
 def test_catches_a_resource_type_that_does_not_exist(project_copy: Path, plant: Plant, arm_schemas: Path) -> None:
-    plant("infra/bicep/modules/storage.bicep", "storageAccounts/tableServices/tables@", "storageAccounts/tableServices/table@")
+    plant(
+        "infra/bicep/modules/storage.bicep",
+        "storageAccounts/tableServices/tables@",
+        "storageAccounts/tableServices/table@",
+    )
     problems = _problems(project_copy, arm_schemas)
     assert len(problems) == 1 and "type unknown to the schemas" in problems[0], problems
 
@@ -55,8 +59,14 @@ def test_catches_a_misspelt_property(project_copy: Path, plant: Plant, arm_schem
     assert len(problems) == 1 and "'properties.allowSharedKeyAcess' is not a property" in problems[0], problems
 
 
-def test_catches_a_misspelt_property_deep_in_function_app_config(project_copy: Path, plant: Plant, arm_schemas: Path) -> None:
-    plant("infra/bicep/modules/functionapp.bicep", "maximumInstanceCount: maximumInstanceCount", "maxInstanceCount: maximumInstanceCount")
+def test_catches_a_misspelt_property_deep_in_function_app_config(
+    project_copy: Path, plant: Plant, arm_schemas: Path
+) -> None:
+    plant(
+        "infra/bicep/modules/functionapp.bicep",
+        "maximumInstanceCount: maximumInstanceCount",
+        "maxInstanceCount: maximumInstanceCount",
+    )
     problems = _problems(project_copy, arm_schemas)
     assert len(problems) == 1, problems
     assert "'properties.functionAppConfig.scaleAndConcurrency.maxInstanceCount' is not a property" in problems[0]
@@ -71,18 +81,24 @@ def test_catches_a_misspelt_top_level_key(project_copy: Path, plant: Plant, arm_
 def test_catches_a_value_outside_the_enum(project_copy: Path, plant: Plant, arm_schemas: Path) -> None:
     plant("infra/bicep/modules/storage.bicep", "minimumTlsVersion: 'TLS1_2'", "minimumTlsVersion: 'TLS1_4'")
     problems = _problems(project_copy, arm_schemas)
-    assert len(problems) == 1 and "'TLS1_4' is not one of ['TLS1_0', 'TLS1_1', 'TLS1_2', 'TLS1_3']" in problems[0], problems
+    assert len(problems) == 1 and "'TLS1_4' is not one of ['TLS1_0', 'TLS1_1', 'TLS1_2', 'TLS1_3']" in problems[0], (
+        problems
+    )
 
 
 def test_catches_a_literal_of_the_wrong_type(project_copy: Path, plant: Plant, arm_schemas: Path) -> None:
     plant("infra/bicep/modules/functionapp.bicep", "httpsOnly: true", "httpsOnly: 'yes'")
     problems = _problems(project_copy, arm_schemas)
-    assert len(problems) == 1 and "properties.httpsOnly is a string literal, the schema expects boolean" in problems[0], problems
+    assert (
+        len(problems) == 1 and "properties.httpsOnly is a string literal, the schema expects boolean" in problems[0]
+    ), problems
 
 
 def test_checks_array_items_and_child_resources(project_copy: Path, plant: Plant, arm_schemas: Path) -> None:
     plant("infra/bicep/modules/signalr.bicep", "flag: 'ServiceMode'", "flags: 'ServiceMode'")
-    plant("infra/bicep/modules/keyvault.bicep", "contentType: 'Entra ID app registration client secret'", "content: 'x'")
+    plant(
+        "infra/bicep/modules/keyvault.bicep", "contentType: 'Entra ID app registration client secret'", "content: 'x'"
+    )
     problems = _problems(project_copy, arm_schemas)
     assert len(problems) == 2, problems
     assert any("'properties.features[].flags' is not a property" in p for p in problems)

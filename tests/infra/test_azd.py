@@ -35,4 +35,6 @@ def test_catches_a_parameter_the_template_does_not_have(project_copy: Path, plan
     plant("infra/bicep/main.parameters.json", '"elasticsearchUrl"', '"elasticUrl"')
     problems = _planted(project_copy)
     assert "main.parameters.json: elasticUrl is not a parameter of main.bicep" in problems, problems
-    assert "main.parameters.json: required parameter elasticsearchUrl is missing (azd would prompt every time)" in problems
+    assert (
+        "main.parameters.json: required parameter elasticsearchUrl is missing (azd would prompt every time)" in problems
+    )

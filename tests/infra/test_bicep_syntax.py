@@ -44,7 +44,9 @@ def test_catches_module_parameters_that_do_not_match(project_copy: Path, plant: 
 
 
 def test_catches_a_missing_module_output(project_copy: Path, plant: Plant) -> None:
-    plant("infra/bicep/main.bicep", "signalRHostName: signalR.outputs.hostName", "signalRHostName: signalR.outputs.host")
+    plant(
+        "infra/bicep/main.bicep", "signalRHostName: signalR.outputs.hostName", "signalRHostName: signalR.outputs.host"
+    )
     problems = new_problems(checks.syntax_problems(project_copy), checks.syntax_problems(ROOT))
     assert any("has no output 'host'" in p for p in problems), problems
 

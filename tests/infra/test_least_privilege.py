@@ -37,7 +37,10 @@ def test_catches_a_broader_scope(project_copy: Path, plant: Plant) -> None:
     plant(STORAGE, "  scope: tableService\n", "  scope: account\n")
     problems = new_problems(checks.role_problems(project_copy), checks.role_problems(ROOT))
     assert any(p.startswith("mailsync tables: expected exactly one role assignment") for p in problems), problems
-    assert any("Storage Table Data Contributor on infra/bicep/modules/storage.bicep" in p and "resource account" in p for p in problems), problems
+    assert any(
+        "Storage Table Data Contributor on infra/bicep/modules/storage.bicep" in p and "resource account" in p
+        for p in problems
+    ), problems
 
 
 def test_catches_the_wrong_role(project_copy: Path, plant: Plant) -> None:
@@ -67,7 +70,9 @@ def test_catches_an_extra_assignment(project_copy: Path, plant: Plant) -> None:
 @description('Storage account name (AzureWebJobsStorage__accountName).')""",
     )
     problems = new_problems(checks.role_problems(project_copy), checks.role_problems(ROOT))
-    assert len(problems) == 1 and "resource everything" in problems[0] and "no data-plane use needs" in problems[0], problems
+    assert len(problems) == 1 and "resource everything" in problems[0] and "no data-plane use needs" in problems[0], (
+        problems
+    )
 
 
 def test_catches_a_grant_to_someone_else(project_copy: Path, plant: Plant) -> None:

@@ -89,7 +89,9 @@ def test_catches_a_secret_that_is_not_a_key_vault_reference(project_copy: Path, 
         "  MS_CLIENT_SECRET: msClientSecret\n",
     )
     problems = _planted(project_copy)
-    assert len(problems) == 1 and "MS_CLIENT_SECRET is a secret and must be a Key Vault reference" in problems[0], problems
+    assert len(problems) == 1 and "MS_CLIENT_SECRET is a secret and must be a Key Vault reference" in problems[0], (
+        problems
+    )
 
 
 def test_catches_a_default_that_drifted_from_the_code(project_copy: Path, plant: Plant) -> None:
@@ -108,10 +110,13 @@ def test_catches_a_storage_connection_string(project_copy: Path, plant: Plant) -
     plant(
         "infra/bicep/modules/functionapp.bicep",
         "  AzureWebJobsStorage__accountName: storageAccountName\n",
-        "  AzureWebJobsStorage__accountName: storageAccountName\n  AzureWebJobsStorage: 'DefaultEndpointsProtocol=https;AccountName=x'\n",
+        "  AzureWebJobsStorage__accountName: storageAccountName\n"
+        "  AzureWebJobsStorage: 'DefaultEndpointsProtocol=https;AccountName=x'\n",
     )
     problems = _planted(project_copy)
-    assert len(problems) == 1 and problems[0].startswith("AzureWebJobsStorage is set in Bicep but must not be"), problems
+    assert len(problems) == 1 and problems[0].startswith("AzureWebJobsStorage is set in Bicep but must not be"), (
+        problems
+    )
 
 
 def test_catches_a_binding_expression_without_a_setting(project_copy: Path) -> None:

@@ -16,7 +16,7 @@ def _planted(copy: Path) -> list[str]:
 
 
 def test_bicep_creates_exactly_the_tables_the_code_uses() -> None:
-    assert checks.code_tables(ROOT), "found no table names in mailsync/ (f\"{...table_prefix}x\" or ``<prefix>x``)"
+    assert checks.code_tables(ROOT), 'found no table names in mailsync/ (f"{...table_prefix}x" or ``<prefix>x``)'
     assert checks.table_problems(ROOT) == []
 
 
