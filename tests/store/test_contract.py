@@ -8,6 +8,7 @@ refresh would only show against a real cluster).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -485,7 +486,10 @@ def test_bulk_load_relaxes_and_restores_refresh_interval(store: ElasticsearchSto
 
 
 def test_unreachable_store_is_unavailable() -> None:
-    dead = ElasticsearchStore(make_client("http://127.0.0.1:9", request_timeout_s=2))
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = ElasticsearchStore(make_client(f"http://127.0.0.1:{port}", request_timeout_s=2))
     with pytest.raises(StoreUnavailable):
         dead.list_messages("acct1", MessageQuery())
     with pytest.raises(StoreUnavailable):

@@ -1,0 +1,170 @@
+"""Bulk upsert throughput of the search store, per bulk chunk size.
+
+Usage::
+
+    .venv/bin/python -m bench.store_bulk [--docs 100000] [--chunk-sizes 250,500,1000,2000]
+
+Starts an osmem-server on 127.0.0.1 (free port) unless ELASTICSEARCH_URL
+is set, then for each chunk size loads ``--docs`` realistic messages
+(deterministic generator: subjects, senders, recipients, a preview and a
+1-4 KB plain or HTML body) through ``ElasticsearchStore.upsert_messages``
+in batches, into fresh indices, inside ``bulk_load`` as an initial sync
+does. Timed: document mapping + serialisation + bulk round trips, i.e.
+what the sync engine pays. Prints documents/s per chunk size and a final
+``key=value`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mailsync.models import Address, FlagStatus, Message
+from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.mappings import IndexNames
+
+WORDS = (
+    "meeting", "report", "budget", "review", "quarterly", "project", "update", "invoice", "contract",
+    "deadline", "proposal", "schedule", "travel", "lunch", "team", "customer", "release", "feedback", "agenda",
+    "draft", "plan", "launch", "hiring", "offsite", "security", "incident", "renewal", "shipment", "order",
+    "payment", "reminder", "question", "thanks", "follow-up", "notes",
+)
+NAMES = ("Alice Smith", "Bob Jones", "Carol White", "Dan Brown", "Eve Black", "Frank Green", "Grace Lee",
+         "Heidi Klum", "Ivan Petrov", "Judy Chen", "Mallory Stone", "Oscar Diaz", "Peggy Sue", "Trent Reznor")
+DOMAINS = ("contoso.com", "fabrikam.com", "example.org", "northwind.net", "adatum.com")
+FOLDERS = ("inbox", "inbox", "inbox", "archive", "sentitems", "project-x", "newsletters")
+
+
+def _person(rng: random.Random) -> Address:
+    name = rng.choice(NAMES)
+    return Address(f"{name.split()[0].lower()}.{name.split()[1].lower()}@{rng.choice(DOMAINS)}", name)
+
+
+def _sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
+def generate(account_id: str, count: int, *, seed: int = 7) -> Iterator[Message]:
+    """``count`` realistic messages, the same ones for the same seed."""
+    rng = random.Random(seed)
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    for n in range(count):
+        received = start + timedelta(seconds=n * 97 + rng.randrange(90))
+        paragraphs = [_sentence(rng, rng.randrange(12, 40)) for _ in range(rng.randrange(3, 12))]
+        if rng.random() < 0.6:   # most mail arrives as HTML
+            body = "<html><body>" + "".join(f"<p>{p}</p>" for p in paragraphs) + "</body></html>"
+        else:
+            body = "\n\n".join(paragraphs)
+        yield Message(
+            account_id=account_id,
+            message_id=f"AAMkAD{n:010d}{rng.getrandbits(64):016x}",
+            folder_id=rng.choice(FOLDERS),
+            version=int(received.timestamp() * 1000) + rng.randrange(1000),
+            subject=("RE: " if rng.random() < 0.3 else "") + _sentence(rng, rng.randrange(3, 10)),
+            sender=_person(rng),
+            to=tuple(_person(rng) for _ in range(rng.randrange(1, 4))),
+            cc=tuple(_person(rng) for _ in range(rng.randrange(0, 3))),
+            received_at=received,
+            sent_at=received - timedelta(seconds=rng.randrange(1, 30)),
+            modified_at=received,
+            is_read=rng.random() < 0.8,
+            flag_status=FlagStatus.FLAGGED if rng.random() < 0.05 else FlagStatus.NOT_FLAGGED,
+            importance="high" if rng.random() < 0.05 else "normal",
+            categories=("Work",) if rng.random() < 0.1 else (),
+            has_attachments=rng.random() < 0.2,
+            conversation_id=f"AAQkAD{n // 3:010d}",
+            internet_message_id=f"<{n}.{rng.getrandbits(32):08x}@{rng.choice(DOMAINS)}>",
+            body_preview=" ".join(paragraphs)[:255],
+            body_text=body,
+        )
+
+
+def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> float:
+    """Load ``docs`` messages with bulk chunks of ``chunk`` documents; return documents/s."""
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    store = ElasticsearchStore(make_client(url, api_key=os.environ.get("ELASTICSEARCH_API_KEY") or None,
+                                           request_timeout_s=120),
+                               StoreOptions(prefix=prefix, chunk_docs=chunk, chunk_bytes=chunk_bytes))
+    store.ensure_ready()
+    account = "bench-account"
+    elapsed = 0.0
+    written = 0
+    try:
+        with store.bulk_load(account):
+            pending: list[Message] = []
+            for message in generate(account, docs):
+                pending.append(message)
+                if len(pending) == batch:
+                    t0 = time.perf_counter()
+                    written += store.upsert_messages(pending).written
+                    elapsed += time.perf_counter() - t0
+                    pending = []
+            if pending:
+                t0 = time.perf_counter()
+                written += store.upsert_messages(pending).written
+                elapsed += time.perf_counter() - t0
+        store.refresh()
+        stored = store.client.count(index=store.names.messages)["count"]
+        if written != docs or stored != docs:
+            raise SystemExit(f"chunk {chunk}: wrote {written}, stored {stored}, expected {docs}")
+    finally:
+        names = IndexNames(prefix)
+        store.client.options(ignore_status=404).indices.delete(
+            index=[names.messages_index, names.mailboxes_index, names.deadletter_index], ignore_unavailable=True)
+        store.close()
+    return docs / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Against a real cluster: ELASTICSEARCH_URL=https://... "
+                                            "[ELASTICSEARCH_API_KEY=...] python -m bench.store_bulk")
+    parser.add_argument("--docs", type=int, default=100_000, help="messages per run (default 100000)")
+    parser.add_argument("--chunk-sizes", default="250,500,1000,2000",
+                        help="comma-separated bulk chunk sizes in documents (default 250,500,1000,2000)")
+    parser.add_argument("--chunk-bytes", type=int, default=8 * 1024 * 1024,
+                        help="bulk chunk byte bound (default 8 MiB)")
+    parser.add_argument("--batch", type=int, default=5_000,
+                        help="messages per upsert_messages call (default 5000)")
+    args = parser.parse_args(argv)
+    chunks = [int(c) for c in args.chunk_sizes.split(",") if c.strip()]
+
+    url = os.environ.get("ELASTICSEARCH_URL")
+    server = None
+    if not url:
+        from osmem_server import OsmemServer
+
+        server = OsmemServer.start(addr="127.0.0.1:0", japanese=False)
+        url = server.url
+        target = f"osmem-server {server.version}"
+    else:
+        target = "ELASTICSEARCH_URL"
+    print(f"store bulk upsert: {args.docs} messages per run against {target}")
+    results: dict[int, float] = {}
+    try:
+        for chunk in chunks:
+            rate = run(url, args.docs, chunk, args.batch, args.chunk_bytes)
+            results[chunk] = rate
+            print(f"  chunk={chunk:>5} docs  {rate:>9.0f} documents/s", flush=True)
+    finally:
+        if server is not None:
+            server.close()
+    best = max(results, key=results.__getitem__)
+    print(f"store_bulk server={'osmem' if server else 'elasticsearch'} docs={args.docs} "
+          + " ".join(f"chunk_{c}_docs_per_s={r:.0f}" for c, r in results.items())
+          + f" best_chunk={best} best_docs_per_s={results[best]:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
