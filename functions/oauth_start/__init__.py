@@ -1,5 +1,30 @@
-"""oauth_start blueprint (to be filled by its issue)."""
+"""``POST /api/accounts``: create a local account and start linking it (oauth_start).
+
+Body ``{"provider": "outlook", "return_url": "<optional, allow-listed>"}`` →
+201 ``{"account_id", "authorize_url", "access_token", "status"}``. With
+``"account_id"`` and the account's bearer token it restarts linking for an
+existing account (retry after an error, re-link after ``reauth_required``)
+→ 200 without a new access token.
+"""
+
+from __future__ import annotations
 
 import azure.functions as func
 
+from functions._shared.http import bearer_token, handle_errors, json_response, read_json_object
+from functions._shared.runtime import runtime
+from mailsync.logs import log_context
+
 bp = func.Blueprint()
+
+
+@bp.function_name("oauth_start")
+@bp.route(route="accounts", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+@handle_errors
+def oauth_start(req: func.HttpRequest) -> func.HttpResponse:
+    rt = runtime()
+    body = read_json_object(req, max_bytes=rt.settings.max_body_bytes)
+    bearer = bearer_token(req) if req.headers.get("authorization") else None  # only to re-link
+    with log_context(function="oauth_start"):
+        result = rt.linking.start(body, bearer)
+    return json_response(result.to_json(), 201 if result.created else 200)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,12 @@ HTTP_TIMEOUT_S = 30.0
 DISCOVERY_TTL_S = 24 * 3600.0
 
 # OAuth errors that mean "the grant is gone: the user must sign in again".
+# The callback is a GET with the code in the query (the page and the issue's
+# contract). MSAL recommends form_post to keep codes out of URLs; here a code
+# alone is worthless — it is single use and bound to the PKCE verifier that
+# never leaves the server — and our logs never carry query strings.
+warnings.filterwarnings("ignore", message="response_mode='form_post' is recommended", category=UserWarning)
+
 _REAUTH_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required"})
 # OAuth errors that are the identity platform's transient trouble.
 _TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
@@ -131,6 +138,15 @@ class SilentToken:
     cache_state: str | None = field(default=None, repr=False)
 
 
+def without_access_tokens(cache_state: str) -> str:
+    """The serialised cache minus its access tokens (after a refusal: no dead token is handed out)."""
+    cache = msal.SerializableTokenCache()
+    cache.deserialize(cache_state)
+    for item in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
+        cache.remove_at(item)
+    return str(cache.serialize())
+
+
 class _DiscoveryCache:
     """MSAL's ``http_client``: pass-through, except discovery GETs are remembered.
 
@@ -207,7 +223,7 @@ class MsalApp:
         app = self._app(msal.SerializableTokenCache())
         try:
             flow: dict[str, Any] = app.initiate_auth_code_flow(
-                list(SCOPES), redirect_uri=redirect_uri, login_hint=login_hint)
+                list(SCOPES), redirect_uri=redirect_uri, login_hint=login_hint, response_mode="query")
         except ValueError as exc:  # MSAL's way of saying "you called me wrong"
             raise ConfigurationError(f"MSAL refused to start a sign-in: {exc}") from exc
         url = str(flow["auth_uri"])

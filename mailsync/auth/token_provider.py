@@ -6,8 +6,9 @@ Each call works on the account's own MSAL cache, read from its sealed row::
                                                          └─ refreshed: save(etag) ─┬─> token
                                                                                    └─ 412: someone saved first:
                                                                                       re-read, go again
-    invalid_grant ─> re-read: row changed meanwhile? ─ yes ─> go again with the newer cache
-                                                     └ no ──> account reauth_required, raise ReauthRequired
+    invalid_grant ─> re-read (a few times, briefly): row changed meanwhile? ─ yes ─> go again with the newer cache
+                                                                           └ no ──> account reauth_required,
+                                                                                    raise ReauthRequired
 
 Why the loop: two workers can refresh the same account at the same moment.
 Only one save wins (ETag); the loser never overwrites the winner's newer
@@ -23,6 +24,7 @@ busy worker does not read the table for every Graph request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from mailsync.auth.msal_app import MsalApp
+from mailsync.auth.msal_app import MsalApp, without_access_tokens
 from mailsync.errors import Conflict, MailsyncError, NotFound, ProviderUnavailable, ReauthRequired
 from mailsync.models import AccountStatus
 from mailsync.ports import AccountRepository
@@ -40,6 +42,7 @@ log = logging.getLogger("mailsync.tokens")
 
 MEMO_MARGIN_S = 300.0
 MAX_ATTEMPTS = 6
+REFUSAL_RECHECK_S = (0.2, 0.5, 1.0)
 REAUTH_MESSAGE = "Microsoft no longer accepts this account's sign-in (expired or revoked). Link it again."
 
 
@@ -53,11 +56,12 @@ class MsalTokenProvider:
     """Hands out valid Graph access tokens per account, refreshing and rotating safely."""
 
     def __init__(self, msal_app: MsalApp, tokens: TableTokenStore, accounts: AccountRepository, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
         self._msal = msal_app
         self._tokens = tokens
         self._accounts = accounts
         self._clock = clock
+        self._sleep = sleep
         self._memo: dict[str, _Memo] = {}
         self._memo_lock = threading.Lock()
         self._account_locks: dict[str, threading.Lock] = {}
@@ -93,10 +97,10 @@ class MsalTokenProvider:
             try:
                 silent = self._msal.silent(stored.plaintext, force_refresh=force_refresh)
             except ReauthRequired:
-                current = self._tokens.read(account_id, MSAL)
-                if current is not None and current.etag != stored.etag:
+                if self._changed_meanwhile(account_id, stored.etag):
                     force_refresh = False  # another worker rotated the grant: use its cache
                     continue
+                self._drop_access_tokens(account_id, stored.plaintext, stored.etag)
                 self._mark_reauth_required(account_id)
                 raise
             if silent.cache_state is not None:
@@ -114,6 +118,33 @@ class MsalTokenProvider:
             return silent.access_token
         raise ProviderUnavailable("the account's tokens kept changing while refreshing; try again",
                                   retry_after_s=1.0)
+
+    def _drop_access_tokens(self, account_id: str, cache_state: str, etag: str) -> None:
+        """After a refusal, keep no access token in the row: no worker hands out a dead one.
+
+        (The refresh token stays: a re-link replaces the whole cache anyway.)
+        """
+        with contextlib.suppress(MailsyncError):  # changed or gone meanwhile: the next call looks again
+            self._tokens.write(account_id, without_access_tokens(cache_state), etag=etag, kind=MSAL)
+
+    def _changed_meanwhile(self, account_id: str, etag: str) -> bool:
+        """Did another worker store a newer cache than the one whose refresh was refused?
+
+        With single-use refresh tokens the other worker's refresh can consume
+        ours and its save land a moment after our refusal, so look again a
+        few times before calling the grant revoked. (Entra keeps old refresh
+        tokens valid, so there the first look decides; a revoked grant is
+        rare enough that the short wait costs nothing.)
+        """
+        for delay in (0.0, *REFUSAL_RECHECK_S):
+            if delay:
+                self._sleep(delay)
+            current = self._tokens.read(account_id, MSAL)
+            if current is None:
+                return False
+            if current.etag != etag:
+                return True
+        return False
 
     def _mark_reauth_required(self, account_id: str, *, only_if_linked: bool = False) -> None:
         """Set the account to ``reauth_required`` (visible in the API and the page); jobs stop."""

@@ -189,7 +189,8 @@ class TableAccountRepository:
         query = "RowKey eq @row"
         params: dict[str, Any] = {"row": ACCOUNT_ROW}
         if statuses:
-            query += " and (" + " or ".join(f"status eq @s{i}" for i in range(len(statuses))) + ")"
+            # Spaces around the parentheses: the SDK substitutes @names by splitting on spaces.
+            query += " and ( " + " or ".join(f"status eq @s{i}" for i in range(len(statuses))) + " )"
             params.update({f"s{i}": status.value for i, status in enumerate(statuses)})
         with table_errors("listing accounts"):
             for entity in self._table.query_entities(query, parameters=params):

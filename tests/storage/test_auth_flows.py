@@ -1,0 +1,95 @@
+"""Pending sign-ins against Azurite: sealed, single use under races, expiring."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailsync.errors import Conflict, InputError
+from mailsync.settings import Settings
+from mailsync.storage.auth_flows import PendingFlow
+from tests.linking.tables import LinkingTables, linking_tables
+
+
+@pytest.fixture
+def t(storage_settings: Settings) -> LinkingTables:
+    return linking_tables(storage_settings)
+
+
+def pending(ttl: timedelta = timedelta(minutes=10), now: datetime | None = None) -> PendingFlow:
+    now = now or datetime.now(UTC)
+    return PendingFlow(account_id=uuid.uuid4().hex, provider="outlook",
+                       flow={"state": "s", "code_verifier": "verifier-secret-123", "nonce": "n"},
+                       return_url="http://127.0.0.1:7071/data.html", created_at=now, expires_at=now + ttl)
+
+
+def test_put_take_once(t: LinkingTables) -> None:
+    state = uuid.uuid4().hex
+    flow = pending()
+    t.flows.put(state, flow)
+    raw = list(t.flows_table.list_entities())
+    assert len(raw) == 1
+    assert state not in repr(raw) and "verifier-secret-123" not in repr(raw)  # hashed key, sealed flow
+    taken = t.flows.take(state)
+    assert taken == flow and not taken.expired()
+    with pytest.raises(InputError) as info:
+        t.flows.take(state)  # reused
+    assert info.value.code == "invalid_state"
+    assert list(t.flows_table.list_entities()) == []
+
+
+def test_unknown_and_malformed_states(t: LinkingTables) -> None:
+    for state in ("", "x" * 1000, uuid.uuid4().hex):
+        with pytest.raises(InputError):
+            t.flows.take(state)
+
+
+def test_a_state_cannot_be_put_twice(t: LinkingTables) -> None:
+    state = uuid.uuid4().hex
+    t.flows.put(state, pending())
+    with pytest.raises(Conflict):
+        t.flows.put(state, pending())
+
+
+def test_expired_flows_are_handed_out_once_marked_expired(t: LinkingTables) -> None:
+    state = uuid.uuid4().hex
+    t.flows.put(state, pending(ttl=timedelta(seconds=-1)))
+    assert t.flows.take(state).expired()
+    with pytest.raises(InputError):
+        t.flows.take(state)
+
+
+def test_racing_callbacks_get_the_flow_exactly_once(t: LinkingTables) -> None:
+    for _ in range(5):
+        state = uuid.uuid4().hex
+        t.flows.put(state, pending())
+        barrier = threading.Barrier(4)
+        got: list[PendingFlow] = []
+        refused: list[InputError] = []
+
+        def take(state: str = state) -> None:
+            barrier.wait()
+            try:
+                got.append(t.flows.take(state))
+            except InputError as exc:
+                refused.append(exc)
+
+        threads = [threading.Thread(target=take) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(got) == 1 and len(refused) == 3
+
+
+def test_purge_removes_only_expired(t: LinkingTables) -> None:
+    now = datetime.now(UTC)
+    t.flows.put("old", pending(ttl=timedelta(minutes=-5), now=now))
+    t.flows.put("fresh", pending(ttl=timedelta(minutes=5), now=now))
+    assert t.flows.purge_expired(now) == 1
+    assert t.flows.take("fresh").account_id
+    with pytest.raises(InputError):
+        t.flows.take("old")
