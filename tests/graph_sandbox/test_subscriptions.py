@@ -1,0 +1,540 @@
+"""Change-notification subscriptions over HTTP, with a real webhook receiver.
+
+The receiver is a small aiohttp server on a free 127.0.0.1 port; each test
+gets its own paths on it, so tests do not see each other's notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+import requests
+from aiohttp import web
+
+from graph_sandbox.config import SandboxConfig
+from graph_sandbox.server import SandboxServer
+from tests.graph_sandbox.signin import app_token, user_tokens
+
+WAIT_S = 15.0
+
+
+@dataclass
+class Path:
+    """How one receiver path behaves, and what it got."""
+
+    echo: str = "exact"            # exact | wrong | status404 | slow
+    fail_first: int = 0            # answer 500 to the first N notification POSTs
+    slow_first: int = 0            # answer the first N notification POSTs after slow_s
+    slow_s: float = 0.0
+    validations: list[dict[str, str]] = field(default_factory=list)
+    posts: list[dict[str, Any]] = field(default_factory=list)     # every notification POST body
+    attempts: int = 0
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        return [item for post in self.posts for item in post["value"]]
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.paths: dict[str, Path] = {}
+        self._cond = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def setup() -> None:
+            app = web.Application()
+            app.add_routes([web.post("/{name}", self._handle)])
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.base = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+        self._loop.run_until_complete(setup())
+        ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        path = self.paths.get(request.match_info["name"])
+        if path is None:
+            return web.Response(status=404)
+        token = request.query.get("validationToken")
+        if token is not None:
+            with self._cond:
+                path.validations.append({"token": token, "content_type": request.headers.get("Content-Type", "")})
+                self._cond.notify_all()
+            if path.echo == "slow":
+                await asyncio.sleep(2.0)
+            if path.echo == "status404":
+                return web.Response(status=404, text=token)
+            if path.echo == "wrong":
+                return web.Response(text=token.upper() + "x", content_type="text/plain")
+            return web.Response(text=token, content_type="text/plain")
+        body = await request.json()
+        with self._cond:
+            path.attempts += 1
+            attempt = path.attempts
+        if attempt <= path.slow_first:
+            await asyncio.sleep(path.slow_s)
+        with self._cond:
+            path.posts.append(body)
+            self._cond.notify_all()
+        if attempt <= path.fail_first:
+            return web.Response(status=500)
+        return web.Response(status=202)
+
+    def new(self, **behaviour: Any) -> tuple[str, Path]:
+        name = uuid.uuid4().hex[:12]
+        self.paths[name] = Path(**behaviour)
+        return f"{self.base}/{name}", self.paths[name]
+
+    def wait(self, predicate: Callable[[], bool], what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(predicate, timeout=WAIT_S):
+                raise AssertionError(f"timed out waiting for {what}")
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SandboxServer]:
+    config = SandboxConfig(users=2, messages_per_user=6, validation_timeout_s=0.5, notification_timeout_s=0.5,
+                           notification_retry_base_s=0.05, notification_retry_cap_s=0.2)
+    sandbox = SandboxServer(config)
+    sandbox.start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture(scope="module")
+def url(server: SandboxServer) -> str:
+    return server.base_url
+
+
+@pytest.fixture(scope="module")
+def user(server: SandboxServer) -> Any:
+    return sorted(server.state.users.values(), key=lambda u: u.mail)[0]
+
+
+@pytest.fixture(scope="module")
+def other(server: SandboxServer) -> Any:
+    return sorted(server.state.users.values(), key=lambda u: u.mail)[1]
+
+
+@pytest.fixture
+def token(url: str, user: Any) -> str:
+    return str(user_tokens(url, user.mail)[0]["access_token"])
+
+
+@pytest.fixture(autouse=True)
+def no_faults(url: str) -> Iterator[None]:
+    yield
+    requests.put(f"{url}/sandbox/faults", json={"profile": "none"}, timeout=10).raise_for_status()
+
+
+def sandbox_now(url: str) -> datetime:
+    return datetime.fromisoformat(requests.get(f"{url}/sandbox/clock", timeout=10).json()["now"])
+
+
+def expires_in(url: str, minutes: float) -> str:
+    return (sandbox_now(url) + timedelta(minutes=minutes)).isoformat().replace("+00:00", "Z")
+
+
+def graph(url: str, token: str, method: str, path: str, body: Any = None,
+          headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.request(method, f"{url}/v1.0/{path}", json=body, timeout=15,
+                            headers={"Authorization": f"Bearer {token}", **(headers or {})})
+
+
+def subscribe(url: str, token: str, notification_url: str, *, resource: str = "me/messages",
+              change_type: str = "created,updated,deleted", minutes: float = 60, lifecycle_url: str | None = None,
+              client_state: str | None = "s3cret", headers: dict[str, str] | None = None,
+              **extra: Any) -> requests.Response:
+    body: dict[str, Any] = {"changeType": change_type, "notificationUrl": notification_url, "resource": resource,
+                            "expirationDateTime": expires_in(url, minutes), **extra}
+    if client_state is not None:
+        body["clientState"] = client_state
+    if lifecycle_url is not None:
+        body["lifecycleNotificationUrl"] = lifecycle_url
+    return graph(url, token, "POST", "subscriptions", body, headers)
+
+
+def graph_error(response: requests.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    return str(error["message"])
+
+
+def inbox_message(url: str, token: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    page = graph(url, token, "GET", "me/mailFolders/inbox/messages?$top=1&$select=id,subject", headers=headers)
+    assert page.status_code == 200, page.text
+    return dict(page.json()["value"][0])
+
+
+def deliver(url: str, user: Any, count: int = 1) -> list[dict[str, str]]:
+    response = requests.post(f"{url}/sandbox/mailboxes/{user.id}/deliver", json={"count": count}, timeout=10)
+    assert response.status_code == 200, response.text
+    return list(response.json()["delivered"])
+
+
+def admin_subscriptions(url: str) -> dict[str, Any]:
+    return dict(requests.get(f"{url}/sandbox/subscriptions", timeout=10).json())
+
+
+# -- creation: the validation handshake -----------------------------------------------
+
+
+def test_creation_validates_both_urls_then_returns_the_subscription(
+        url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    life, life_path = receiver.new()
+    response = subscribe(url, token, hook + "?tag=a b", lifecycle_url=life, change_type="deleted,created")
+    assert response.status_code == 201, response.text
+    sub = response.json()
+    assert sub["changeType"] == "created,deleted"
+    assert sub["notificationUrl"] == hook + "?tag=a b"
+    assert sub["lifecycleNotificationUrl"] == life
+    assert sub["clientState"] == "s3cret"
+    assert sub["resource"] == "me/messages"
+    assert sub["creatorId"] == user.id
+    assert sub["applicationId"]
+    assert sub["expirationDateTime"].endswith("Z")
+    uuid.UUID(sub["id"])
+    # Graph's handshake: a POST with ?validationToken=... as text/plain, to each URL once.
+    assert len(path.validations) == 1 and len(life_path.validations) == 1
+    assert path.validations[0]["token"].startswith("Validation: Testing client application reachability")
+    assert path.validations[0]["content_type"].startswith("text/plain")
+    listed = graph(url, token, "GET", "subscriptions").json()["value"]
+    assert sub["id"] in {s["id"] for s in listed}
+    assert graph(url, token, "GET", f"subscriptions/{sub['id']}").json()["id"] == sub["id"]
+
+
+@pytest.mark.parametrize(("behaviour", "code", "message"), [
+    ({"echo": "wrong"}, "ValidationError", "must exactly match"),
+    ({"echo": "status404"}, "ValidationError", "must respond with 200 OK"),
+    ({"echo": "slow"}, "InvalidRequest", "timed out"),
+])
+def test_creation_fails_when_the_endpoint_does_not_echo(
+        url: str, token: str, receiver: Receiver, behaviour: dict[str, str], code: str, message: str) -> None:
+    hook, path = receiver.new(**behaviour)
+    before = {s["id"] for s in admin_subscriptions(url)["value"]}
+    response = subscribe(url, token, hook)
+    assert message in graph_error(response, 400, code)
+    assert len(path.validations) == 1
+    assert {s["id"] for s in admin_subscriptions(url)["value"]} == before
+
+
+def test_creation_fails_when_the_endpoint_is_unreachable(url: str, token: str) -> None:
+    response = subscribe(url, token, "http://127.0.0.1:9/nothing-listens-here")
+    graph_error(response, 400, "ValidationError")
+
+
+def test_creation_fails_when_only_the_lifecycle_url_does_not_echo(url: str, token: str, receiver: Receiver) -> None:
+    hook, _ = receiver.new()
+    life, life_path = receiver.new(echo="wrong")
+    graph_error(subscribe(url, token, hook, lifecycle_url=life), 400, "ValidationError")
+    assert len(life_path.validations) == 1
+
+
+# -- creation: bad requests --------------------------------------------------------------
+
+
+def test_expiration_is_limited_to_4230_minutes(url: str, token: str, receiver: Receiver) -> None:
+    hook, _ = receiver.new()
+    message = graph_error(subscribe(url, token, hook, minutes=4231), 400, "ExtensionError")
+    assert message == "Subscription expiration can only be 4230 minutes in the future."
+    assert subscribe(url, token, hook, minutes=4229).status_code == 201
+    graph_error(subscribe(url, token, hook, minutes=-1), 400, "InvalidRequest")
+
+
+@pytest.mark.parametrize(("change", "status", "code"), [
+    ({"client_state": "x" * 129}, 400, "InvalidRequest"),
+    ({"change_type": "created,renamed"}, 400, "InvalidRequest"),
+    ({"resource": "me/events"}, 400, "InvalidRequest"),
+    ({"resource": "me/mailFolders('no-such-folder')/messages"}, 404, "ErrorItemNotFound"),
+    ({"includeResourceData": True}, 400, "InvalidRequest"),
+])
+def test_bad_subscription_requests(url: str, token: str, receiver: Receiver, change: dict[str, Any], status: int,
+                                   code: str) -> None:
+    hook, path = receiver.new()
+    graph_error(subscribe(url, token, hook, **change), status, code)
+    assert path.validations == []  # refused before any handshake
+
+
+def test_client_state_of_128_characters_is_accepted(url: str, token: str, receiver: Receiver) -> None:
+    hook, _ = receiver.new()
+    assert subscribe(url, token, hook, client_state="c" * 128).status_code == 201
+
+
+def test_a_user_cannot_subscribe_to_another_mailbox(url: str, token: str, other: Any, receiver: Receiver) -> None:
+    hook, _ = receiver.new()
+    graph_error(subscribe(url, token, hook, resource=f"users/{other.id}/messages"), 403, "ExtensionError")
+
+
+def test_me_needs_a_delegated_token(url: str, server: SandboxServer, receiver: Receiver) -> None:
+    hook, _ = receiver.new()
+    app = app_token(url, server.state.tenant_id)
+    graph_error(subscribe(url, app, hook), 400, "BadRequest")
+
+
+def test_missing_token_is_401(url: str) -> None:
+    response = requests.post(f"{url}/v1.0/subscriptions", json={}, timeout=10)
+    graph_error(response, 401, "InvalidAuthenticationToken")
+
+
+# -- notifications ---------------------------------------------------------------------------
+
+
+def test_created_updated_moved_deleted_are_notified(url: str, token: str, user: Any, server: SandboxServer,
+                                                    receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    sub = subscribe(url, token, hook).json()
+
+    delivered = deliver(url, user)[0]
+    receiver.wait(lambda: len(path.items) >= 1, "created")
+    created = path.items[0]
+    assert created["changeType"] == "created"
+    assert created["subscriptionId"] == sub["id"]
+    assert created["clientState"] == "s3cret"
+    assert created["tenantId"] == server.state.tenant_id
+    assert created["subscriptionExpirationDateTime"] == sub["expirationDateTime"]
+    assert created["resource"] == f"Users/{user.id}/Messages/{delivered['restId']}"
+    assert created["resourceData"]["id"] == delivered["restId"]
+    assert created["resourceData"]["@odata.type"] == "#Microsoft.Graph.Message"
+    assert created["resourceData"]["@odata.id"] == created["resource"]
+    message_id = delivered["restId"]
+    assert graph(url, token, "GET", f"me/messages/{message_id}").status_code == 200
+
+    assert graph(url, token, "PATCH", f"me/messages/{message_id}", {"isRead": True}).status_code == 200
+    receiver.wait(lambda: len(path.items) >= 2, "updated")
+    assert (path.items[1]["changeType"], path.items[1]["resourceData"]["id"]) == ("updated", message_id)
+
+    moved = graph(url, token, "POST", f"me/messages/{message_id}/move", {"destinationId": "archive"})
+    assert moved.status_code == 201
+    new_id = moved.json()["id"]
+    assert new_id != message_id
+    receiver.wait(lambda: len(path.items) >= 4, "move")
+    assert [(n["changeType"], n["resourceData"]["id"]) for n in path.items[2:4]] == [
+        ("deleted", message_id), ("created", new_id)]
+
+    assert graph(url, token, "DELETE", f"me/messages/{new_id}").status_code == 204  # to Deleted Items
+    receiver.wait(lambda: len(path.items) >= 6, "delete")
+    assert [n["changeType"] for n in path.items[4:6]] == ["deleted", "created"]
+    in_trash = path.items[5]["resourceData"]["id"]
+    assert graph(url, token, "DELETE", f"me/messages/{in_trash}").status_code == 204  # for good
+    receiver.wait(lambda: len(path.items) >= 7, "hard delete")
+    assert (path.items[6]["changeType"], path.items[6]["resourceData"]["id"]) == ("deleted", in_trash)
+    assert "@odata.etag" not in path.items[6]["resourceData"]
+
+
+def test_folder_subscription_sees_only_its_folder(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    assert subscribe(url, token, hook, resource="me/mailFolders('Inbox')/messages").status_code == 201
+    message_id = deliver(url, user)[0]["restId"]
+    receiver.wait(lambda: len(path.items) >= 1, "created in inbox")
+    graph(url, token, "POST", f"me/messages/{message_id}/move", {"destinationId": "archive"}).raise_for_status()
+    receiver.wait(lambda: len(path.items) >= 2, "moved out")
+    deliver(url, user)
+    receiver.wait(lambda: len(path.items) >= 3, "next inbox message")
+    # The "created" in Archive never reached the Inbox subscription.
+    assert [n["changeType"] for n in path.items] == ["created", "deleted", "created"]
+    assert path.items[1]["resourceData"]["id"] == message_id
+
+
+def test_immutable_ids_when_subscribed_with_the_prefer_header(url: str, token: str, user: Any,
+                                                              receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    prefer = {"Prefer": 'IdType="ImmutableId"'}
+    assert subscribe(url, token, hook, change_type="created,deleted", headers=prefer).status_code == 201
+    immutable_id = deliver(url, user)[0]["id"]
+    receiver.wait(lambda: len(path.items) >= 1, "created")
+    graph(url, token, "POST", f"me/messages/{immutable_id}/move", {"destinationId": "archive"},
+          headers=prefer).raise_for_status()
+    receiver.wait(lambda: len(path.items) >= 3, "move")
+    assert {n["resourceData"]["id"] for n in path.items} == {immutable_id}
+
+
+def test_app_subscription_to_a_users_messages(url: str, server: SandboxServer, other: Any,
+                                              receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    app = app_token(url, server.state.tenant_id)
+    response = subscribe(url, app, hook, resource=f"users/{other.mail}/messages", change_type="created")
+    assert response.status_code == 201, response.text
+    deliver(url, other)
+    receiver.wait(lambda: len(path.items) >= 1, "created")
+    assert path.items[0]["resource"].startswith(f"Users/{other.id}/Messages/")
+
+
+def test_changes_made_together_arrive_in_one_batch(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    subscribe(url, token, hook, change_type="created").raise_for_status()
+    deliver(url, user, count=3)
+    receiver.wait(lambda: len(path.items) >= 3, "three created")
+    assert len(path.posts) == 1 and len(path.posts[0]["value"]) == 3
+
+
+def test_failing_endpoint_is_retried_until_it_accepts(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new(fail_first=3)
+    subscribe(url, token, hook, change_type="created").raise_for_status()
+    message_id = deliver(url, user)[0]["restId"]
+    receiver.wait(lambda: path.attempts >= 4, "the fourth attempt")
+    assert len(path.posts) == 4
+    assert all(post["value"][0]["resourceData"]["id"] == message_id for post in path.posts)
+    assert admin_subscriptions(url)["delivery"]["failed_posts"] >= 3
+
+
+def test_slow_endpoint_is_retried(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    # Graph gives up on an answer after 3 s (0.5 s here) and sends the batch again.
+    hook, path = receiver.new(slow_first=1, slow_s=1.5)
+    subscribe(url, token, hook, change_type="created").raise_for_status()
+    message_id = deliver(url, user)[0]["restId"]
+    receiver.wait(lambda: len(path.posts) >= 2, "the retry after a slow answer")
+    assert [p["value"][0]["resourceData"]["id"] for p in path.posts[:2]] == [message_id, message_id]
+
+
+def test_deleted_subscription_stops_notifying(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    sub = subscribe(url, token, hook, change_type="created").json()
+    assert graph(url, token, "DELETE", f"subscriptions/{sub['id']}").status_code == 204
+    graph_error(graph(url, token, "GET", f"subscriptions/{sub['id']}"), 404, "ResourceNotFound")
+    # A second subscription on another path proves delivery happened meanwhile.
+    hook2, path2 = receiver.new()
+    subscribe(url, token, hook2, change_type="created").raise_for_status()
+    deliver(url, user)
+    receiver.wait(lambda: len(path2.items) >= 1, "the live subscription")
+    assert path.items == []
+
+
+def test_renewal_and_its_limit(url: str, token: str, receiver: Receiver) -> None:
+    hook, _ = receiver.new()
+    sub = subscribe(url, token, hook, minutes=30).json()
+    renewed = graph(url, token, "PATCH", f"subscriptions/{sub['id']}",
+                    {"expirationDateTime": expires_in(url, 4000)})
+    assert renewed.status_code == 200, renewed.text
+    assert renewed.json()["expirationDateTime"] > sub["expirationDateTime"]
+    too_far = graph(url, token, "PATCH", f"subscriptions/{sub['id']}", {"expirationDateTime": expires_in(url, 5000)})
+    graph_error(too_far, 400, "ExtensionError")
+    graph_error(graph(url, token, "PATCH", f"subscriptions/{sub['id']}", {"resource": "me/events"}), 400,
+                "InvalidRequest")
+
+
+def test_fault_plan_drops_or_duplicates_notifications(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    subscribe(url, token, hook, change_type="created").raise_for_status()
+    requests.put(f"{url}/sandbox/faults", json={"profile": "none", "overrides": {"notify_duplicate": 1.0}},
+                 timeout=10).raise_for_status()
+    message_id = deliver(url, user)[0]["restId"]
+    receiver.wait(lambda: len(path.items) >= 2, "the duplicate")
+    assert [n["resourceData"]["id"] for n in path.items] == [message_id, message_id]
+    requests.put(f"{url}/sandbox/faults", json={"profile": "none", "overrides": {"notify_drop": 1.0}},
+                 timeout=10).raise_for_status()
+    dropped_before = admin_subscriptions(url)["delivery"]["dropped"]
+    deliver(url, user)
+    assert admin_subscriptions(url)["delivery"]["dropped"] > dropped_before
+    requests.put(f"{url}/sandbox/faults", json={"profile": "none"}, timeout=10).raise_for_status()
+    last_id = deliver(url, user)[0]["restId"]
+    receiver.wait(lambda: len(path.items) >= 3, "the next notification")
+    # The dropped one never comes: the next thing on the wire is the following change.
+    assert [n["resourceData"]["id"] for n in path.items] == [message_id, message_id, last_id]
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+
+def test_reauthorization_required_before_expiry_and_renewal_quiets_it(url: str, token: str,
+                                                                     receiver: Receiver) -> None:
+    hook, _ = receiver.new()
+    life, life_path = receiver.new()
+    sub = subscribe(url, token, hook, lifecycle_url=life, minutes=10).json()  # inside the 15 min window
+    receiver.wait(lambda: len(life_path.items) >= 1, "reauthorizationRequired")
+    event = life_path.items[0]
+    assert event["lifecycleEvent"] == "reauthorizationRequired"
+    assert event["subscriptionId"] == sub["id"] and event["clientState"] == "s3cret"
+    assert "resource" not in event
+    assert graph(url, token, "POST", f"subscriptions/{sub['id']}/reauthorize").status_code == 204
+    renewed = graph(url, token, "PATCH", f"subscriptions/{sub['id']}", {"expirationDateTime": expires_in(url, 600)})
+    assert renewed.status_code == 200
+    assert len(life_path.items) == 1
+
+
+def test_expired_subscription_is_gone(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    sub = subscribe(url, token, hook, change_type="created", minutes=4229).json()
+    requests.post(f"{url}/sandbox/clock", json={"advance_s": 4230 * 60}, timeout=10).raise_for_status()
+    fresh = user_tokens(url, user.mail)[0]["access_token"]
+    for _ in range(100):   # the housekeeping loop runs every 0.1 s
+        if sub["id"] not in {s["id"] for s in admin_subscriptions(url)["value"]}:
+            break
+        threading.Event().wait(0.1)
+    graph_error(graph(url, fresh, "GET", f"subscriptions/{sub['id']}"), 404, "ResourceNotFound")
+    hook2, path2 = receiver.new()
+    subscribe(url, fresh, hook2, change_type="created").raise_for_status()
+    deliver(url, user)
+    receiver.wait(lambda: len(path2.items) >= 1, "the live subscription")
+    assert path.items == []
+
+
+def test_revoked_grant_removes_the_subscription(url: str, server: SandboxServer, other: Any,
+                                               receiver: Receiver) -> None:
+    victim_token = user_tokens(url, other.mail)[0]["access_token"]
+    hook, _ = receiver.new()
+    life, life_path = receiver.new()
+    sub = subscribe(url, victim_token, hook, lifecycle_url=life, minutes=600).json()
+    requests.post(f"{url}/sandbox/users/{other.id}/revoke-grant", json={}, timeout=10).raise_for_status()
+    try:
+        receiver.wait(lambda: len(life_path.items) >= 1, "subscriptionRemoved")
+        assert life_path.items[0]["lifecycleEvent"] == "subscriptionRemoved"
+        assert life_path.items[0]["subscriptionId"] == sub["id"]
+        assert sub["id"] not in {s["id"] for s in admin_subscriptions(url)["value"]}
+    finally:
+        requests.post(f"{url}/sandbox/users/{other.id}/restore-grant", json={}, timeout=10).raise_for_status()
+
+
+def test_missed_lifecycle_event_replaces_lost_notifications(url: str, token: str, user: Any,
+                                                            receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    life, life_path = receiver.new()
+    sub = subscribe(url, token, hook, lifecycle_url=life, change_type="created", minutes=600).json()
+    requests.put(f"{url}/sandbox/faults", json={"profile": "none", "overrides": {"lifecycle_missed": 1.0}},
+                 timeout=10).raise_for_status()
+    deliver(url, user)
+    receiver.wait(lambda: len(life_path.items) >= 1, "missed")
+    assert life_path.items[0]["lifecycleEvent"] == "missed"
+    assert life_path.items[0]["subscriptionId"] == sub["id"]
+    assert path.items == []
+
+
+def test_lifecycle_event_on_demand(url: str, token: str, receiver: Receiver) -> None:
+    hook, _ = receiver.new()
+    life, life_path = receiver.new()
+    sub = subscribe(url, token, hook, lifecycle_url=life, minutes=600).json()
+    response = requests.post(f"{url}/sandbox/subscriptions/{sub['id']}/lifecycle",
+                             json={"event": "subscriptionRemoved"}, timeout=10)
+    assert response.status_code == 202
+    receiver.wait(lambda: len(life_path.items) >= 1, "subscriptionRemoved")
+    graph_error(graph(url, token, "GET", f"subscriptions/{sub['id']}"), 404, "ResourceNotFound")
