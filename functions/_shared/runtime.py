@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mailsync.logs import configure_logging
 from mailsync.settings import Settings
 
 if TYPE_CHECKING:
+    from mailsync.storage.job_queue import AzureJobQueue
     from mailsync.store.elasticsearch import ElasticsearchStore
 
 
@@ -27,8 +28,11 @@ class Runtime:
         self.settings = settings
 
     @cached_property
-    def _placeholder(self) -> Any:  # removed once the first real service lands
-        return None
+    def job_queue(self) -> AzureJobQueue:
+        """The sync job queue (SYNC_QUEUE_NAME), created on first enqueue if missing."""
+        from mailsync.storage.job_queue import AzureJobQueue
+
+        return AzureJobQueue(self.settings)
 
     @cached_property
     def store(self) -> ElasticsearchStore:

@@ -1,0 +1,94 @@
+"""The one place Azure Storage clients (queues, tables) are built from Settings.
+
+Two ways to reach Storage, as the Functions host itself supports them:
+
+* a connection string in ``AzureWebJobsStorage`` — Azurite locally
+  (``UseDevelopmentStorage=true`` works too), or an account key;
+* identity-based, in Azure: ``AzureWebJobsStorage__accountName`` (and
+  ``AzureWebJobsStorage__clientId`` for a user-assigned identity), with a
+  token from the managed identity (``DefaultAzureCredential``, which also
+  takes a developer's ``az login`` on a workstation).
+
+Queue clients encode bodies as base64, matching host.json
+``extensions.queues.messageEncoding`` (``base64``, the Functions default),
+so what we enqueue is exactly what the queue trigger decodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from azure.core.credentials import TokenCredential
+from azure.data.tables import TableClient, TableServiceClient
+from azure.storage.queue import (
+    BinaryBase64DecodePolicy,
+    QueueClient,
+    QueueServiceClient,
+    TextBase64EncodePolicy,
+)
+
+from mailsync.errors import ConfigurationError
+from mailsync.settings import Settings
+
+# Fail fast rather than hang a function: a few seconds to connect, a bounded read.
+CLIENT_OPTIONS: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 30}
+
+
+def _credential(settings: Settings) -> TokenCredential:
+    from azure.identity import DefaultAzureCredential  # only needed in Azure: imported on that path alone
+
+    return DefaultAzureCredential(managed_identity_client_id=settings.storage_client_id)
+
+
+def _require_storage(settings: Settings) -> None:
+    if not settings.storage_connection_string and not settings.storage_account_name:
+        raise ConfigurationError("no storage configured: set AzureWebJobsStorage (a connection string) "
+                                 "or AzureWebJobsStorage__accountName (managed identity)")
+
+
+def table_service(settings: Settings, **options: Any) -> TableServiceClient:
+    """A Tables service client (``options`` override the client defaults, e.g. ``retry_total=0``)."""
+    _require_storage(settings)
+    kwargs = {**CLIENT_OPTIONS, **options}
+    if settings.storage_connection_string:
+        return TableServiceClient.from_connection_string(settings.storage_connection_string, **kwargs)
+    endpoint = f"https://{settings.storage_account_name}.table.core.windows.net"
+    return TableServiceClient(endpoint, credential=_credential(settings), **kwargs)
+
+
+def table_name(settings: Settings, suffix: str) -> str:
+    """The full table name for one of ours: TABLE_PREFIX + suffix (``mailsync`` + ``accounts``)."""
+    name = f"{settings.table_prefix}{suffix}"
+    if not name.isalnum() or not name[0].isalpha() or not 3 <= len(name) <= 63:
+        raise ConfigurationError(f"table name {name!r} is invalid: 3-63 letters and digits, starting with a letter")
+    return name
+
+
+def table_client(settings: Settings, suffix: str, **options: Any) -> TableClient:
+    """A client for table TABLE_PREFIX + ``suffix``."""
+    return table_service(settings, **options).get_table_client(table_name(settings, suffix))
+
+
+def _queue_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    return {**CLIENT_OPTIONS, "message_encode_policy": TextBase64EncodePolicy(),
+            "message_decode_policy": BinaryBase64DecodePolicy(), **options}
+
+
+def queue_service(settings: Settings, **options: Any) -> QueueServiceClient:
+    """A Queues service client (account-level calls: list, create, properties)."""
+    _require_storage(settings)
+    kwargs = {**CLIENT_OPTIONS, **options}
+    if settings.storage_connection_string:
+        return QueueServiceClient.from_connection_string(settings.storage_connection_string, **kwargs)
+    endpoint = f"https://{settings.storage_account_name}.queue.core.windows.net"
+    return QueueServiceClient(endpoint, credential=_credential(settings), **kwargs)
+
+
+def queue_client(settings: Settings, queue_name: str, **options: Any) -> QueueClient:
+    """A client for one queue; bodies are base64 both ways, as the Functions queue trigger expects."""
+    _require_storage(settings)
+    kwargs = _queue_kwargs(options)
+    if settings.storage_connection_string:
+        return QueueClient.from_connection_string(settings.storage_connection_string, queue_name, **kwargs)
+    endpoint = f"https://{settings.storage_account_name}.queue.core.windows.net"
+    return QueueClient(endpoint, queue_name, credential=_credential(settings), **kwargs)
