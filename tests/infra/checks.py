@@ -445,6 +445,7 @@ _CONNECTION_KEYWORDS = {
     "connectionStringSettingName",
 }
 _APP_SETTING_EXPRESSION = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
+_BINDING_CALL = re.compile(r"(_trigger|_input|_output|_binding)$")
 
 
 @dataclass
@@ -561,28 +562,40 @@ class BindingReads:
 
 
 def binding_reads(python_files: Iterable[Path]) -> BindingReads:
+    """Scan the binding decorators (`*_trigger`, `*_input`, `*_output`, `generic_*_binding`)."""
     found = BindingReads()
     for path in python_files:
         tree = ast.parse(path.read_text(encoding="utf-8"))
+        # Module-level string constants, for bindings written as queue_name=SYNC_QUEUE.
+        constants = {
+            t.id: n.value.value
+            for n in tree.body
+            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                found.names |= set(_APP_SETTING_EXPRESSION.findall(node.value))
             if not isinstance(node, ast.Call):
                 continue
-            keywords = {k.arg: k.value for k in node.keywords if k.arg}
-            explicit = [
-                v.value
-                for k, v in keywords.items()
-                if k in _CONNECTION_KEYWORDS and isinstance(v, ast.Constant) and isinstance(v.value, str)
-            ]
-            found.connections |= set(explicit)
+            callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if not _BINDING_CALL.search(callee):
+                continue
+            keywords: dict[str, str] = {}
+            for k in node.keywords:
+                value = k.value
+                if isinstance(value, ast.Name) and value.id in constants:
+                    keywords[k.arg or ""] = constants[value.id]
+                elif isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    keywords[k.arg or ""] = value.value
+            for value in keywords.values():
+                found.names |= set(_APP_SETTING_EXPRESSION.findall(value))
+            explicit = {v for k, v in keywords.items() if k in _CONNECTION_KEYWORDS}
+            found.connections |= explicit
             if explicit:
                 continue
-            callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            binding_type = keywords.get("type")
             if callee in _STORAGE_BINDINGS:
                 found.connections.add("AzureWebJobsStorage")
-            elif isinstance(binding_type, ast.Constant) and binding_type.value in _SIGNALR_TYPES:
+            elif keywords.get("type") in _SIGNALR_TYPES:
                 found.connections.add("AzureSignalRConnectionString")
     return found
 

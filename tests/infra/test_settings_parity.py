@@ -131,3 +131,21 @@ def test_catches_a_binding_expression_without_a_setting(project_copy: Path) -> N
     problems = _planted(project_copy)
     assert any(p.startswith("missing: the app reads CLEANUP_QUEUE_NAME") for p in problems), problems
     assert any("connection CleanupStorage" in p for p in problems), problems
+
+
+def test_only_binding_arguments_count_as_app_setting_expressions(project_copy: Path) -> None:
+    (project_copy / "functions" / "health" / "planted.py").write_text(
+        "import logging\n"
+        "import azure.functions as func\n"
+        "bp = func.Blueprint()\n"
+        'QUEUE = "%PLANTED_QUEUE%"\n'
+        '@bp.queue_trigger(arg_name="msg", queue_name=QUEUE, connection="AzureWebJobsStorage")\n'
+        "def planted(msg):\n"
+        '    logging.info("rate %d%% of %s%", 5, "x")\n',
+        encoding="utf-8",
+    )
+    problems = _planted(project_copy)
+    assert problems == [
+        "missing: the app reads PLANTED_QUEUE but the Bicep does not set it "
+        "(add it to appSettings in infra/bicep/main.bicep, or to LOCAL_ONLY in tests/infra/checks.py with a reason)"
+    ]
