@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import functools
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailsync.logs import configure_logging
 from mailsync.settings import Settings
 
 if TYPE_CHECKING:
+    from mailsync.auth.msal_app import MsalApp
+    from mailsync.auth.token_provider import MsalTokenProvider
+    from mailsync.linking.access import AccountAccess
+    from mailsync.linking.service import LinkingService
+    from mailsync.security.crypto import TokenCipher
+    from mailsync.storage.accounts import TableAccountRepository
     from mailsync.storage.job_queue import AzureJobQueue
+    from mailsync.storage.tokens import TableTokenStore
     from mailsync.store.elasticsearch import ElasticsearchStore
 
 
@@ -45,6 +52,84 @@ class Runtime:
         store = ElasticsearchStore.from_settings(self.settings)
         store.ensure_ready()
         return store
+
+    # -- accounts and linking (docs/linking.md) ----------------------------------
+
+    @cached_property
+    def token_cipher(self) -> TokenCipher:
+        """AES-GCM for secrets at rest (TOKEN_ENCRYPTION_KEYS; a local dev key only in sandbox mode)."""
+        from mailsync.security.crypto import load_cipher
+
+        return load_cipher(self.settings)
+
+    def _linking_table(self, suffix: str) -> Any:
+        from mailsync.storage.connection import table_client
+        from mailsync.storage.table_errors import ensure_table
+
+        # Few, quick retries: these serve HTTP requests that answer 503 + Retry-After instead.
+        table = table_client(self.settings, suffix, retry_total=2, retry_backoff_factor=0.3)
+        ensure_table(table)
+        return table
+
+    @cached_property
+    def token_store(self) -> TableTokenStore:
+        """Sealed token caches (and other credentials), one row per account and kind."""
+        from mailsync.storage.tokens import TableTokenStore
+
+        return TableTokenStore(self._linking_table("accounts"), self.token_cipher)
+
+    @cached_property
+    def accounts(self) -> TableAccountRepository:
+        """Local accounts (``AccountRepository``), plus the address index and ``iter_accounts()``."""
+        from mailsync.storage.accounts import TableAccountRepository
+
+        return TableAccountRepository(self._linking_table("accounts"), self.token_store)
+
+    @cached_property
+    def account_access(self) -> AccountAccess:
+        """``authenticate(account_id, bearer)``: 401 for a bad token, 404 for another account's."""
+        from mailsync.linking.access import AccountAccess
+
+        return AccountAccess(self.accounts)
+
+    @cached_property
+    def msal_app(self) -> MsalApp:
+        from mailsync.auth.msal_app import MsalApp
+
+        return MsalApp.from_settings(self.settings)
+
+    @cached_property
+    def token_provider(self) -> MsalTokenProvider:
+        """Graph access tokens per account (``TokenProvider``); marks ``reauth_required`` when refused."""
+        from mailsync.auth.token_provider import MsalTokenProvider
+
+        return MsalTokenProvider(self.msal_app, self.token_store, self.accounts)
+
+    @cached_property
+    def linking(self) -> LinkingService:
+        """Create / link / show / unlink accounts: POST /api/accounts, the OAuth callback, /api/accounts/{id}."""
+        from mailsync.linking.outlook import OutlookLinker
+        from mailsync.linking.return_urls import ReturnUrlPolicy
+        from mailsync.linking.service import LinkingService
+        from mailsync.models import Provider
+        from mailsync.storage.auth_flows import TableAuthFlowStore
+
+        settings = self.settings
+        redirect_uri = f"{settings.public_base_url}/api/oauth/callback"
+        # Optional collaborators, present once their issues land (looked up by name, not imported).
+        optional = {name: getattr(self, name, None) for name in ("sync_status", "subscription_registry")}
+        return LinkingService(
+            accounts=self.accounts,
+            tokens=self.token_store,
+            flows=TableAuthFlowStore(self._linking_table("authflows"), self.token_cipher),
+            access=self.account_access,
+            jobs=self.job_queue,
+            return_urls=ReturnUrlPolicy.from_base(settings.return_url_allowlist, settings.public_base_url),
+            linkers={Provider.OUTLOOK: OutlookLinker(self.msal_app, redirect_uri)},
+            store=(lambda: self.store) if settings.elasticsearch_url else None,
+            sync_status=optional["sync_status"],
+            subscriptions=optional["subscription_registry"],
+        )
 
 
 @functools.cache
