@@ -1,8 +1,9 @@
 """Deterministic, realistic tenant data from a seed.
 
-Same ``seed`` -> same users, folders, messages and ids. Each mailbox has its
-own random stream (``seed`` + user index), so adding users does not change
-the existing ones. Bodies are not stored for seeded mail: they are generated
+Same ``seed``, ``users`` and ``messages_per_user`` -> same users, folders,
+messages and ids. Each user and mailbox has its own random stream (``seed``
++ user index), so adding users keeps the existing users; their mail may
+differ, since colleagues send some of it. Bodies are not stored for seeded mail: they are generated
 from a per-message seed when asked for (see :func:`generated_body`), which
 keeps a 100,000-message tenant small in memory.
 
