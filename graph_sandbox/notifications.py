@@ -154,9 +154,9 @@ class DeliveryRecord:
 class Notifier:
     """Queues notifications per URL and delivers them with batching, retries and faults.
 
-    ``lifecycle_url_of(subscription_id)`` tells where a ``missed`` event for a
-    subscription goes (None: nowhere); ``on_missed(subscription_id)`` builds
-    that event. Both come from the subscription service.
+    ``missed_event(subscription_id)`` returns ``(lifecycle URL, payload)`` for
+    a ``missed`` event about that subscription, or None when it has no
+    lifecycle URL; the subscription service provides it.
     """
 
     def __init__(self, state: Any, *,

@@ -463,6 +463,27 @@ def test_fault_plan_drops_or_duplicates_notifications(url: str, token: str, user
     assert [n["resourceData"]["id"] for n in path.items] == [message_id, message_id, last_id]
 
 
+def test_fault_plan_delays_and_reorders_notifications(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    subscribe(url, token, hook, change_type="created").raise_for_status()
+    requests.put(f"{url}/sandbox/faults", timeout=10, json={
+        "profile": "none", "overrides": {"notify_delay": 1.0, "notify_delay_s": 0.2}}).raise_for_status()
+    delayed_before = admin_subscriptions(url)["delivery"]["delayed"]
+    late_id = deliver(url, user)[0]["restId"]
+    receiver.wait(lambda: len(path.items) >= 1, "the delayed notification")
+    assert path.items[0]["resourceData"]["id"] == late_id
+    assert admin_subscriptions(url)["delivery"]["delayed"] > delayed_before
+
+    requests.put(f"{url}/sandbox/faults", timeout=10, json={
+        "profile": "none", "seed": 7, "overrides": {"notify_reorder": 1.0}}).raise_for_status()
+    reordered_before = admin_subscriptions(url)["delivery"]["reordered"]
+    ids = [m["restId"] for m in deliver(url, user, count=6)]
+    receiver.wait(lambda: len(path.items) >= 7, "the reordered batch")
+    got = [n["resourceData"]["id"] for n in path.items[1:]]
+    assert sorted(got) == sorted(ids)
+    assert admin_subscriptions(url)["delivery"]["reordered"] > reordered_before
+
+
 # -- lifecycle --------------------------------------------------------------------------------
 
 
