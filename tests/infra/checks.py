@@ -329,6 +329,14 @@ def _check_object(
             problems.append(f"{resource.where()}: {path or 'body'} is an object, the schema expects {'/'.join(kinds)}")
         return
     is_map = any(_is_map(s) for s in objects)
+    written = {key for key, _, _ in bm.properties(obj)}
+    # Required by every alternative. At the top, apiVersion/type are Bicep's to
+    # write, and the generated schemas mark `properties` required even for
+    # resources with nothing to set (userAssignedIdentities).
+    required = set.intersection(*(set(s.node.get("required", [])) for s in objects))
+    required -= {"apiVersion", "type", "properties"} if top else set()
+    for key in sorted(required - written):
+        problems.append(f"{resource.where()}: line {bm.line(obj)}: {path or 'body'} lacks required property {key!r}")
     for key, value, prop_node in bm.properties(obj):
         if key is None:
             continue  # a computed key: only maps take those

@@ -100,6 +100,13 @@ def test_checks_array_items_and_child_resources(project_copy: Path, plant: Plant
         "infra/bicep/modules/keyvault.bicep", "contentType: 'Entra ID app registration client secret'", "content: 'x'"
     )
     problems = _problems(project_copy, arm_schemas)
-    assert len(problems) == 2, problems
+    assert len(problems) == 3, problems
     assert any("'properties.features[].flags' is not a property" in p for p in problems)
+    assert any("properties.features[] lacks required property 'flag'" in p for p in problems)
     assert any("vaults/secrets" in p and "'properties.content' is not a property" in p for p in problems)
+
+
+def test_catches_a_missing_required_property(project_copy: Path, plant: Plant, arm_schemas: Path) -> None:
+    plant("infra/bicep/modules/keyvault.bicep", "      family: 'A'\n", "")
+    problems = _problems(project_copy, arm_schemas)
+    assert len(problems) == 1 and "properties.sku lacks required property 'family'" in problems[0], problems
