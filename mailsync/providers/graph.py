@@ -37,9 +37,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import orjson
@@ -115,21 +116,47 @@ def _time(value: Any) -> datetime | None:
         raise MalformedResponse(f"Graph sent an unreadable timestamp {value!r:.40}") from exc
 
 
-def _address(value: Any) -> Address | None:
-    if not value:
-        return None
-    email = value.get("emailAddress") or {}
-    return Address(address=email.get("address") or "", name=email.get("name") or "")
+# Built without the frozen dataclasses' __init__ (one object.__setattr__ per
+# field, ~10x slower): this runs once per message of an initial sync. Every
+# field is given, so the records are identical to constructor-built ones
+# (tests/providers/test_graph_provider.py checks that).
+_new = object.__new__
+_R = TypeVar("_R")
 
 
-def _addresses(values: Any) -> tuple[Address, ...]:
-    if not values:
-        return ()
-    out = []
-    for value in values:
+def _record(cls: type[_R], fields: dict[str, Any]) -> _R:
+    record = _new(cls)
+    record.__dict__.update(fields)
+    return record
+
+
+class _AddressCache:
+    """Senders and recipients repeat across a mailbox: one ``Address`` per (address, name)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._cache: dict[tuple[str, str], Address] = {}
+        self._limit = limit
+
+    def get(self, value: Any) -> Address | None:
+        if not value:
+            return None
         email = value.get("emailAddress") or {}
-        out.append(Address(address=email.get("address") or "", name=email.get("name") or ""))
-    return tuple(out)
+        key = (email.get("address") or "", email.get("name") or "")
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= self._limit:
+                self._cache.clear()
+            found = self._cache[key] = _record(Address, {"address": key[0], "name": key[1]})
+        return found
+
+    def many(self, values: Any) -> tuple[Address, ...]:
+        if not values:
+            return ()
+        return tuple(self.get(value) or _EMPTY_ADDRESS for value in values)
+
+
+_EMPTY_ADDRESS = Address(address="")
+_ADDRESSES = _AddressCache()
 
 
 def html_to_text(html: str) -> str:
@@ -141,9 +168,32 @@ def html_to_text(html: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
+def message_version(modified: datetime, observed_ms: int) -> int:
+    """The store version of a message: ``lastModifiedDateTime`` in epoch ms, tie-broken by when we read it.
+
+    Graph's ``lastModifiedDateTime`` has whole seconds. Two changes in the
+    same second (read, then moved) give two states with one version, and
+    the store keeps whichever write comes *last* — which, across two
+    folders' streams, may be the older state: the source folder's page,
+    read just before the move, written just after the target folder's.
+    So the unused milliseconds carry the time we read the state (clamped
+    to the second): a state read later wins a tie. The version still only
+    grows: the next second starts above any offset.
+    """
+    ms = int(modified.timestamp()) * 1000 + modified.microsecond // 1000
+    if ms % 1000 == 0:
+        ms += min(999, max(0, observed_ms - ms))
+    return ms
+
+
 def map_message(item: Mapping[str, Any], account_id: str, folder_id: str,
-                body_max_chars: int | None = None) -> Message:
-    """One Graph ``message`` JSON object → ``Message`` (version = lastModified epoch ms)."""
+                body_max_chars: int | None = None, observed_ms: int = 0) -> Message:
+    """One Graph ``message`` JSON object → ``Message`` (version: see ``message_version``).
+
+    ``folder_id`` is the folder whose stream returned the item; it wins over
+    ``parentFolderId`` so a folder's stream only ever writes its own folder
+    (a message that moved on is the next round's removal, not an upsert here).
+    """
     try:
         message_id = item["id"]
         modified = datetime.fromisoformat(item["lastModifiedDateTime"])
@@ -159,29 +209,30 @@ def map_message(item: Mapping[str, Any], account_id: str, folder_id: str,
             if body.get("contentType") == "html":
                 content = html_to_text(content)
             body_text = content[:body_max_chars]
-    return Message(
-        account_id=account_id,
-        message_id=message_id,
-        folder_id=item.get("parentFolderId") or folder_id,
-        version=int(modified.timestamp() * 1000),
-        subject=item.get("subject") or "",
-        sender=_address(item.get("from")),
-        to=_addresses(item.get("toRecipients")),
-        cc=_addresses(item.get("ccRecipients")),
-        received_at=_time(item.get("receivedDateTime")),
-        sent_at=_time(item.get("sentDateTime")),
-        modified_at=modified,
-        is_read=bool(item.get("isRead")),
-        flag_status=flag_status,
-        importance=item.get("importance") or "normal",
-        categories=tuple(item.get("categories") or ()),
-        has_attachments=bool(item.get("hasAttachments")),
-        conversation_id=item.get("conversationId"),
-        internet_message_id=item.get("internetMessageId"),
-        body_preview=item.get("bodyPreview") or "",
-        body_text=body_text,
-        is_draft=bool(item.get("isDraft")),
-    )
+    addresses = _ADDRESSES
+    return _record(Message, {
+        "account_id": account_id,
+        "message_id": message_id,
+        "folder_id": folder_id,
+        "version": message_version(modified, observed_ms),
+        "subject": item.get("subject") or "",
+        "sender": addresses.get(item.get("from")),
+        "to": addresses.many(item.get("toRecipients")),
+        "cc": addresses.many(item.get("ccRecipients")),
+        "received_at": _time(item.get("receivedDateTime")),
+        "sent_at": _time(item.get("sentDateTime")),
+        "modified_at": modified,
+        "is_read": bool(item.get("isRead")),
+        "flag_status": flag_status,
+        "importance": item.get("importance") or "normal",
+        "categories": tuple(item.get("categories") or ()),
+        "has_attachments": bool(item.get("hasAttachments")),
+        "conversation_id": item.get("conversationId"),
+        "internet_message_id": item.get("internetMessageId"),
+        "body_preview": item.get("bodyPreview") or "",
+        "body_text": body_text,
+        "is_draft": bool(item.get("isDraft")),
+    })
 
 
 def map_folder(item: Mapping[str, Any], account_id: str, roles: Mapping[str, str]) -> Folder:
@@ -223,8 +274,10 @@ class GraphProvider:
     """``MailProvider`` for one Outlook account, over one pooled ``GraphClient``."""
 
     def __init__(self, client: GraphClient, account_id: str, *, page_size: int = 500,
-                 store_body_text: bool = True, body_text_max_chars: int = 32_000) -> None:
+                 store_body_text: bool = True, body_text_max_chars: int = 32_000,
+                 clock: Callable[[], float] = time.time) -> None:
         self._client = client
+        self._clock = clock
         self._account_id = account_id
         self._body_max = body_text_max_chars if store_body_text else None
         fields = MESSAGE_FIELDS + (("body",) if store_body_text else ())
@@ -274,9 +327,12 @@ class GraphProvider:
     # messages
 
     def message_changes(self, folder_id: str, cursor: str | None) -> MessageBatch:
+        observed_ms = int(self._clock() * 1000)
         if cursor is None:
+            # Newest first on the initial round: the list fills from the top.
             body = self._client.get(f"me/mailFolders/{quote(folder_id, safe='')}/messages/delta",
-                                    params={"$select": self._select}, headers=self._headers)
+                                    params={"$select": self._select, "$orderby": "receivedDateTime desc"},
+                                    headers=self._headers)
         else:
             link, _ = decode_cursor(cursor)
             body = self._client.get(self._checked(link), headers=self._headers)
@@ -291,17 +347,18 @@ class GraphProvider:
                 if isinstance(item.get("id"), str):
                     removals.append(item["id"])
                 continue
-            upserts.append(map_message(item, account_id, folder_id, body_max))
+            upserts.append(map_message(item, account_id, folder_id, body_max, observed_ms))
         return MessageBatch(upserts=tuple(upserts), removals=tuple(removals),
                             cursor=encode_cursor(link, complete=complete), complete=complete)
 
     def newest_messages(self, folder_id: str, limit: int) -> tuple[Message, ...]:
+        observed_ms = int(self._clock() * 1000)
         body = self._client.get(
             f"me/mailFolders/{quote(folder_id, safe='')}/messages",
             params={"$select": self._select, "$orderby": "receivedDateTime desc", "$top": str(limit)},
             headers=self._list_headers,
         )
-        return tuple(map_message(item, self._account_id, folder_id, self._body_max)
+        return tuple(map_message(item, self._account_id, folder_id, self._body_max, observed_ms)
                      for item in _page_items(body)[:limit])
 
     def close(self) -> None:

@@ -101,10 +101,10 @@ def test_dirty_mark_racing_the_release_is_never_lost(table: SyncStateTable) -> N
         assert holder is not None
         results: dict[str, object] = {}
 
-        def mark() -> None:
-            results["other"] = table.acquire(account, folder, new_owner(uuid.uuid4().hex))
+        def mark(into: dict[str, object]) -> None:
+            into["other"] = table.acquire(account, folder, new_owner(uuid.uuid4().hex))
 
-        thread = threading.Thread(target=mark)
+        thread = threading.Thread(target=mark, args=(results,))
         thread.start()
         results["finish"] = table.finish(holder, cursor="x")
         thread.join()
