@@ -18,7 +18,9 @@ from urllib.parse import quote
 
 from mailsync.errors import MalformedResponse, NotFound
 from mailsync.monitoring.records import CreatedSubscription, SubscriptionRequest
-from mailsync.providers.graph_client import GraphClient
+from mailsync.ports import TokenProvider
+from mailsync.providers.graph_client import GRAPH_URL, GraphClient
+from mailsync.settings import Settings
 
 # account id → a GraphClient authenticated as that account (sessions are pooled by the factory).
 ClientFactory = Callable[[str], GraphClient]
@@ -99,3 +101,22 @@ class GraphMessageLocator:
             folder = answer.get("parentFolderId") if isinstance(answer, dict) else None
             found[message_id] = folder if isinstance(folder, str) and folder else None
         return found
+
+
+class AccountGraphClients:
+    """``ClientFactory``: a GraphClient per account, all on one pooled session.
+
+    Same base URL rule as the sync engine's provider: the sandbox's
+    ``/v1.0`` when ``GRAPH_SANDBOX_URL`` is set, Graph's otherwise.
+    """
+
+    def __init__(self, settings: Settings, tokens: TokenProvider) -> None:
+        self._tokens = tokens
+        self._base_url = f"{settings.graph_sandbox_url}/v1.0" if settings.graph_sandbox_url else GRAPH_URL
+        self._session = GraphClient.new_session(pool_size=16)
+
+    def __call__(self, account_id: str) -> GraphClient:
+        def token(force_refresh: bool) -> str:
+            return self._tokens.access_token(account_id, force_refresh=force_refresh)
+
+        return GraphClient(token, base_url=self._base_url, session=self._session)

@@ -1,0 +1,158 @@
+"""The webhook's use case against real Azurite tables and queue: who gets in, what gets enqueued."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailsync.errors import InputError
+from mailsync.jobs import JobKind
+from mailsync.models import AccountStatus
+from mailsync.monitoring.notifications import PENDING_STALE_S
+from tests.monitoring.harness import Harness, change, make_harness
+
+
+@pytest.fixture
+def harness(storage_env: dict[str, str]) -> Harness:
+    return make_harness(storage_env, NOTIFY_COALESCE_S="0")
+
+
+def test_an_authentic_notification_enqueues_one_notified_job(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    report = harness.notifications.receive({"value": [change(sub, state, "AAMk1", "created")]})
+    assert (report.accepted, report.dropped, report.jobs_enqueued) == (1, 0, 1)
+    jobs = harness.drain()
+    assert [(j.kind, j.account_id) for j in jobs] == [(JobKind.NOTIFIED.value, account)]
+    pending = harness.pending.get(account)
+    assert pending is not None and pending.changes == (("created", "AAMk1"),)
+
+
+def forged_cases(harness: Harness) -> dict[str, dict[str, object]]:
+    victim = harness.add_account()
+    victim_sub, victim_state = harness.add_subscription(victim)
+    attacker = harness.add_account()
+    _, attacker_state = harness.add_subscription(attacker)
+    return {
+        "unknown subscription": {"value": [change("0f6a2c1e-0000-4000-8000-000000000000", victim_state, "m1")]},
+        "wrong clientState": {"value": [change(victim_sub, "not-the-client-state", "m1")]},
+        "another account's valid clientState": {"value": [change(victim_sub, attacker_state, "m1")]},
+        "no clientState": {"value": [change(victim_sub, None, "m1")]},
+        "clientState hash instead of clientState": {
+            "value": [change(victim_sub, harness.subscriptions.get(victim_sub).client_state_hash, "m1")]},  # type: ignore[union-attr]
+        "key injection in the subscription id": {"value": [change(f"{victim_sub}/../x#", victim_state, "m1")]},
+        "an id that is not a Graph id": {"value": [change(victim_sub, victim_state, "<script>alert(1)</script>")]},
+        "a changeType we never asked for": {"value": [change(victim_sub, victim_state, "m1", "missed")]},
+    }
+
+
+def test_forged_notifications_are_dropped_and_enqueue_nothing(harness: Harness) -> None:
+    for name, body in forged_cases(harness).items():
+        report = harness.notifications.receive(body)
+        assert report.accepted == 0 and report.dropped == 1 and report.jobs_enqueued == 0, name
+    assert harness.queued_count() == 0
+
+
+def test_a_forged_item_does_not_spoil_an_authentic_one_in_the_same_batch(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    report = harness.notifications.receive({"value": [change(sub, "forged", "m1"), change(sub, state, "m2")]})
+    assert (report.accepted, report.dropped, report.jobs_enqueued) == (1, 1, 1)
+    pending = harness.pending.get(account)
+    assert pending is not None and pending.changes == (("updated", "m2"),)
+
+
+@pytest.mark.parametrize("body", [
+    {"value": "not a list"},
+    {"value": [{"subscriptionId": 1}]},
+    {"data": []},
+])
+def test_a_malformed_body_is_rejected_whole_even_with_an_authentic_item(harness: Harness, body: dict) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    if isinstance(body.get("value"), list):
+        body = {"value": [change(sub, state, "m1"), *body["value"]]}
+    with pytest.raises(InputError):
+        harness.notifications.receive(body)
+    assert harness.queued_count() == 0
+    assert harness.pending.get(account) is None
+
+
+def test_notifications_for_a_deleted_account_enqueue_nothing(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    harness.accounts.delete(account)          # subscription rows left behind on purpose
+    report = harness.notifications.receive({"value": [change(sub, state, "m1")]})
+    assert report.accepted == 0 and harness.queued_count() == 0
+
+
+def test_notifications_for_an_account_awaiting_reauthorization_enqueue_nothing(harness: Harness) -> None:
+    account = harness.add_account(AccountStatus.REAUTH_REQUIRED)
+    sub, state = harness.add_subscription(account)
+    harness.notifications.receive({"value": [change(sub, state, "m1")]})
+    assert harness.queued_count() == 0
+
+
+def test_a_replayed_notification_enqueues_nothing_while_the_first_is_pending(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    body = {"value": [change(sub, state, "m1"), change(sub, state, "m2", "deleted")]}
+    harness.notifications.receive(body)
+    assert harness.queued_count() == 1
+    before = harness.pending.get(account)
+    for _ in range(5):
+        report = harness.notifications.receive(body)
+        assert report.jobs_enqueued == 0
+    assert harness.queued_count() == 1
+    after = harness.pending.get(account)
+    assert after is not None and before is not None and after.etag == before.etag   # not even rewritten
+
+
+def test_a_burst_of_1000_notifications_in_batches_becomes_one_job(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    ids = [f"AAMk{i:04d}" for i in range(1000)]
+    for start in range(0, 1000, 50):          # Graph (and the sandbox) batch up to 50 per POST
+        harness.notifications.receive({"value": [change(sub, state, i, "created") for i in ids[start:start + 50]]})
+    assert harness.queued_count() == 1
+    pending = harness.pending.get(account)
+    # Past NOTIFY_MAX_IDS the row keeps only "sync every folder": bounded size, bounded work.
+    assert pending is not None and pending.all_folders and pending.changes == ()
+
+
+def test_concurrent_requests_for_one_account_enqueue_one_job_and_lose_no_id(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    errors: list[BaseException] = []
+
+    def post(n: int) -> None:
+        try:
+            harness.notifications.receive({"value": [change(sub, state, f"m{n}-{k}") for k in range(3)]})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert harness.queued_count() == 1
+    pending = harness.pending.get(account)
+    assert pending is not None
+    assert {mid for _, mid in pending.changes} == {f"m{n}-{k}" for n in range(8) for k in range(3)}
+
+
+def test_a_pending_row_whose_job_was_lost_gets_a_new_job(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    harness.notifications.receive({"value": [change(sub, state, "m1")]})
+    harness.drain()                           # the job is gone (dead-lettered, say); the row stays
+    row = harness.pending.get(account)
+    assert row is not None
+    harness.pending.replace(replace(row, enqueued_at=datetime.now(UTC) - timedelta(seconds=PENDING_STALE_S + 1)))
+    report = harness.notifications.receive({"value": [change(sub, state, "m1")]})
+    assert report.jobs_enqueued == 1 and harness.queued_count() == 1
