@@ -22,6 +22,7 @@ Delta rounds are described in graph_sandbox/delta.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import logging
 import re
@@ -1025,7 +1026,7 @@ def new_message_fields(body: dict[str, Any], box: Mailbox) -> dict[str, Any]:
         "has_attachments": False,
         "internet_message_id": f"<{uuid.uuid4().hex[:16]}@{box.address.split('@')[-1]}>",
         "conversation_id": box._hash("conv", subject, uuid.uuid4().hex, size=33),
-        "conversation_index": "AQ" + uuid.uuid4().hex[:20],
+        "conversation_index": base64.b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes[:6]).decode("ascii"),
         "inference": "focused",
         "body_content": content,
         "body_type": content_type,
