@@ -139,6 +139,31 @@ def syntax_problems(root: Path) -> list[str]:
             if not scoped:
                 problems.append(f"{f.rel}:{bm.line(node)}: {name!r} is not declared")
         problems += _module_problems(project, f)
+        problems += _secret_problems(f)
+    return problems
+
+
+# Functions that return account keys or connection strings with keys in them.
+_KEY_FUNCTIONS = re.compile(r"^list(Keys|ConnectionStrings|AccountSas|ServiceSas|Secrets|Credentials?)$", re.IGNORECASE)
+
+
+def _secret_problems(f: bm.BicepFile) -> list[str]:
+    """No keys are fetched anywhere, and no @secure() parameter leaves through an output."""
+    problems = []
+    for node in bm.walk(f.root):
+        if node.type != "call_expression":
+            continue
+        callee = node.named_children[0]
+        name = bm.text(callee.named_children[-1]) if callee.type == "member_expression" else bm.text(callee)
+        if _KEY_FUNCTIONS.match(name):
+            problems.append(f"{f.rel}:{bm.line(node)}: {name}() reads keys; use the managed identity")
+    secure = {name for name, param in f.params.items() if param.secure}
+    for name, value in f.outputs.items():
+        leaked = sorted(
+            {bm.text(n) for n in bm.walk(value) if n.type == "identifier" and _is_reference(n) and bm.text(n) in secure}
+        )
+        if leaked:
+            problems.append(f"{f.rel}: output {name} exposes @secure() parameter {', '.join(leaked)}")
     return problems
 
 

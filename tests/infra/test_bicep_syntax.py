@@ -59,3 +59,21 @@ def test_loop_variables_are_scoped_to_their_loop(project_copy: Path, plant: Plan
     )
     problems = new_problems(checks.syntax_problems(project_copy), checks.syntax_problems(ROOT))
     assert any("'suffix' is not declared" in p for p in problems), problems
+
+
+def test_catches_fetched_keys_and_secrets_in_outputs(project_copy: Path, plant: Plant) -> None:
+    plant(
+        "infra/bicep/modules/keyvault.bicep",
+        "@description('Vault name, for Key Vault references.')",
+        "output leak string = msClientSecret\n\n@description('Vault name, for Key Vault references.')",
+    )
+    plant(
+        "infra/bicep/modules/storage.bicep",
+        "@description('Container the Flex Consumption plan deploys from.')",
+        "output key string = account.listKeys().keys[0].value\n\n"
+        "@description('Container the Flex Consumption plan deploys from.')",
+    )
+    problems = new_problems(checks.syntax_problems(project_copy), checks.syntax_problems(ROOT))
+    assert "infra/bicep/modules/keyvault.bicep: output leak exposes @secure() parameter msClientSecret" in problems
+    assert any(p.startswith("infra/bicep/modules/storage.bicep:") and "listKeys() reads keys" in p for p in problems)
+    assert len(problems) == 2, problems
