@@ -288,7 +288,24 @@ class IdentityPlatform:
             web.get("/{tenant}/oauth2/v2.0/authorize", self.authorize),
             web.post("/{tenant}/oauth2/v2.0/authorize", self.authorize_submit),
             web.post("/{tenant}/oauth2/v2.0/token", self.token),
+            web.get("/sandbox/identity", self.admin_view),
         ]
+
+    async def admin_view(self, request: web.Request) -> web.Response:
+        """Sandbox-only: app registrations, lifetimes and counters (for people and tests)."""
+        return web.json_response({
+            "apps": [{"clientId": a.client_id, "displayName": a.display_name, "confidential": a.client_secret
+                      is not None, "redirectUris": list(a.redirect_uris), "requirePkce": a.require_pkce,
+                      "delegatedScopes": sorted(a.delegated_scopes), "appRoles": sorted(a.app_roles)}
+                     for a in self.apps.values()],
+            "accessTokenLifetimeS": self.access_token_lifetime_s,
+            "refreshTokenLifetimeS": self.refresh_token_lifetime_s,
+            "authCodeLifetimeS": self.auth_code_lifetime_s,
+            "singleUseRefreshTokens": self.single_use_refresh_tokens,
+            "signIns": self.counters.sign_ins, "tokensIssued": self.counters.tokens_issued,
+            "refreshes": self.counters.refreshes, "errors": dict(sorted(self.counters.errors.items())),
+            "liveRefreshTokens": len(self._refresh),
+        })
 
     # -- tenants ---------------------------------------------------------------
 

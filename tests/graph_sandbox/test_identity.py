@@ -409,3 +409,13 @@ def test_revoked_grant_refuses_refresh_and_access_tokens_until_the_user_signs_in
               "invalid_grant", 50173)
     graph_401(me(url, tokens["access_token"]), "TokenIssuedBeforeRevocationTimestamp")
     assert token(url, {"grant_type": "refresh_token", "refresh_token": fresh["refresh_token"]}).status_code == 200
+
+
+def test_sandbox_identity_view_counts_without_leaking_secrets(url: str, user: Any) -> None:
+    before = requests.get(f"{url}/sandbox/identity", timeout=10).json()
+    user_tokens(url, user.mail)
+    after = requests.get(f"{url}/sandbox/identity", timeout=10).json()
+    assert after["signIns"] == before["signIns"] + 1
+    assert after["tokensIssued"] == before["tokensIssued"] + 1
+    assert [a["clientId"] for a in after["apps"]] == [DEMO_CLIENT_ID]
+    assert DEMO_CLIENT_SECRET not in json.dumps(after)
