@@ -23,9 +23,13 @@ if TYPE_CHECKING:
     from mailsync.linking.service import LinkingService
     from mailsync.security.crypto import TokenCipher
     from mailsync.storage.accounts import TableAccountRepository
+    from mailsync.storage.cursors import SyncStateTable
     from mailsync.storage.job_queue import AzureJobQueue
     from mailsync.storage.tokens import TableTokenStore
     from mailsync.store.elasticsearch import ElasticsearchStore
+    from mailsync.sync.engine import SyncEngine
+    from mailsync.sync.status import SyncStatus
+    from mailsync.sync.worker import SyncWorker
 
 
 class Runtime:
@@ -130,6 +134,44 @@ class Runtime:
             sync_status=optional["sync_status"],
             subscriptions=optional["subscription_registry"],
         )
+
+    # -- sync engine (docs/sync-engine.md) ----------------------------------------
+
+    @cached_property
+    def sync_state(self) -> SyncStateTable:
+        """Folder cursors, leases, dirty flags and mailbox request slots (table TABLE_PREFIX + "sync")."""
+        from mailsync.storage.connection import table_client
+        from mailsync.storage.cursors import SyncStateTable
+
+        settings = self.settings
+        state = SyncStateTable(table_client(settings, "sync"), lease_s=settings.folder_lease_s,
+                               slot_ttl_s=2 * settings.sync_time_budget_s + 60.0)
+        state.ensure_table()
+        return state
+
+    @cached_property
+    def sync_engine(self) -> SyncEngine:
+        from mailsync.providers.graph import GraphProviderFactory
+        from mailsync.sync.engine import SyncEngine
+
+        return SyncEngine(self.settings, accounts=self.accounts,
+                          providers=GraphProviderFactory(self.settings, self.token_provider),
+                          store=self.store, state=self.sync_state, queue=self.job_queue)
+
+    @cached_property
+    def sync_worker(self) -> SyncWorker:
+        """Job dispatch for functions/sync_worker: the engine's kinds, plus other parts' (one line each)."""
+        from mailsync.sync.worker import SyncWorker
+
+        worker = SyncWorker(self.sync_engine)
+        return worker
+
+    @cached_property
+    def sync_status(self) -> SyncStatus:
+        """``SyncStatusReader`` for GET /api/accounts/{id}."""
+        from mailsync.sync.status import SyncStatus
+
+        return SyncStatus(self.sync_state)
 
 
 @functools.cache

@@ -1,5 +1,71 @@
-"""sync_worker blueprint (to be filled by its issue)."""
+"""sync_worker: the queue trigger on SYNC_QUEUE_NAME that runs sync jobs.
+
+Thin: decode the message, run the job (``mailsync.sync.worker``), set the
+live events as the SignalR output, map failures to the host's retries.
+
+Failures:
+* A message that cannot be decoded (or names a kind nobody handles) goes
+  straight to ``<queue>-poison`` through the ``poison`` output, with the
+  reason beside the original text, and the trigger succeeds: retrying a
+  message that can never parse would only delay the same answer by
+  ``maxDequeueCount`` visibility timeouts and lose the reason.
+* Anything else that escapes the engine (tables or queue down, a bug) is
+  raised: the host makes the message visible again and, after
+  ``maxDequeueCount`` attempts, moves it to the poison queue itself. The
+  engine has already given its lease and slot back (or a redelivery of the
+  same message takes them over), so a retry is always safe.
+  Expected faults (throttling, provider or store outages) never get here:
+  the engine re-enqueues the job with a visibility delay instead.
+"""
+
+from __future__ import annotations
+
+import logging
 
 import azure.functions as func
+import orjson
+
+from functions._shared.runtime import runtime
+from mailsync.errors import PoisonJob
+from mailsync.jobs import decode_job
+from mailsync.logs import log_context
+from mailsync.realtime.signalr_messages import BufferingPublisher
+from mailsync.sync.engine import Delivery
+from mailsync.sync.worker import Invocation
+
+log = logging.getLogger("mailsync.functions.sync_worker")
 
 bp = func.Blueprint()
+
+
+def poison_record(body: bytes, reason: str, *, message_id: str, dequeue_count: int) -> str:
+    """What lands on the poison queue: the reason, and the original text (never parsed further)."""
+    return orjson.dumps({"reason": reason, "message_id": message_id, "dequeue_count": dequeue_count,
+                         "body": body.decode("utf-8", errors="replace")}).decode()
+
+
+@bp.function_name("sync_worker")
+@bp.queue_trigger(arg_name="msg", queue_name="%SYNC_QUEUE_NAME%", connection="AzureWebJobsStorage")
+@bp.generic_output_binding(arg_name="signalr", type="signalR", hub_name="%SIGNALR_HUB%",
+                           connection_string_setting="AzureSignalRConnectionString")
+@bp.queue_output(arg_name="poison", queue_name="%SYNC_QUEUE_NAME%-poison", connection="AzureWebJobsStorage")
+def sync_worker(msg: func.QueueMessage, signalr: func.Out[str], poison: func.Out[str]) -> None:
+    body = msg.get_body()
+    dequeue_count = int(msg.dequeue_count or 1)
+    with log_context(function="sync_worker", queue_message_id=msg.id):
+        try:
+            job = decode_job(body)
+        except PoisonJob as exc:
+            log.error("poison job message: %s", exc.message)
+            poison.set(poison_record(body, exc.message, message_id=msg.id, dequeue_count=dequeue_count))
+            return
+        worker = runtime().sync_worker
+        if not worker.handles(job.kind):
+            reason = f"no handler for job kind {job.kind!r}"
+            log.error("poison job message: %s", reason)
+            poison.set(poison_record(body, reason, message_id=msg.id, dequeue_count=dequeue_count))
+            return
+        events = BufferingPublisher()
+        worker.run(job, Invocation(Delivery(delivery_id=msg.id or job.job_id, dequeue_count=dequeue_count), events))
+        if events:
+            signalr.set(events.messages_json())
