@@ -1,0 +1,184 @@
+"""The NOTIFIED / SYNC_ACCOUNT jobs: notifications → folders, against Azurite, osmem and the sandbox.
+
+Message ids and folders come from a sandbox mailbox (its ground-truth
+snapshot); the store holds part of them, as it would mid-sync; folder
+lookups go to the sandbox over HTTP. The sandbox's request counter shows
+which resolutions cost a Graph call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import pytest
+
+from mailsync.jobs import JobKind
+from mailsync.models import Folder, Message
+from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
+from mailsync.monitoring.handler import MonitoringJobs
+from mailsync.monitoring.subscriptions import SubscriptionManager
+from mailsync.providers.graph_client import GraphClient
+from mailsync.store.elasticsearch import ElasticsearchStore
+from tests.fixtures.graph_sandbox import SandboxTestServer
+from tests.monitoring.harness import Harness, change, make_harness
+
+
+class World:
+    """One linked account whose mailbox is a sandbox user's, half of it in the store."""
+
+    def __init__(self, harness: Harness, store: ElasticsearchStore, sandbox: SandboxTestServer) -> None:
+        self.harness = harness
+        self.store = store
+        self.sandbox = sandbox
+        self.user = sandbox.users[0]
+        self.account = harness.add_account()
+        self.subscription, self.client_state = harness.add_subscription(self.account)
+        snap = sandbox.snapshot(self.user)
+        self.folders = {f["id"]: f for f in snap["folders"]}
+        self.inbox = next(f["id"] for f in snap["folders"] if f["wellKnownName"] == "inbox")
+        self.messages = snap["messages"]
+        store.upsert_folders([Folder(self.account, f["id"], f["displayName"]) for f in snap["folders"]])
+        self.stored = self.messages[::2]
+        self.unstored = self.messages[1::2]
+        store.upsert_messages([Message(self.account, m["id"], m["folderId"], version=1) for m in self.stored])
+        store.refresh()
+        self.locator = GraphMessageLocator(self.client_for)
+        manager = SubscriptionManager(harness.settings, harness.subscriptions, GraphSubscriptionApi(self.client_for),
+                                      harness.accounts, harness.queue)
+        self.jobs = MonitoringJobs(harness.pending, harness.accounts, store, self.locator, manager, harness.queue)
+
+    def client_for(self, account_id: str) -> GraphClient:
+        assert account_id == self.account
+        token = self.sandbox.user_token(self.user.mail)
+        return GraphClient(lambda _force: token, base_url=f"{self.sandbox.base_url}/v1.0")
+
+    def notify(self, *changes: tuple[str, str]) -> None:
+        self.harness.notifications.receive(
+            {"value": [change(self.subscription, self.client_state, mid, ct) for ct, mid in changes]})
+
+    def graph_requests(self) -> int:
+        return int(self.sandbox.admin("GET", "counters").json()["requests"])
+
+    def run(self) -> list[tuple[str, str | None]]:
+        self.harness.drain()
+        sent = self.jobs.notified(self.account)
+        return sorted((job.kind, job.folder_id) for job in sent)
+
+
+@pytest.fixture
+def world(storage_env: dict[str, str], store: ElasticsearchStore,
+          sandbox_factory: Callable[..., SandboxTestServer]) -> World:
+    sandbox = sandbox_factory(users=1, messages_per_user=40)
+    return World(make_harness(storage_env, NOTIFY_COALESCE_S="0"), store, sandbox)
+
+
+def sync(folder: str) -> tuple[str, str]:
+    return (JobKind.SYNC_FOLDER.value, folder)
+
+
+def test_stored_updates_and_deletes_resolve_from_the_store_without_graph(world: World) -> None:
+    a, b = world.stored[0], world.stored[-1]
+    before = world.graph_requests()
+    world.notify(("updated", a["id"]), ("deleted", b["id"]))
+    jobs = world.run()
+    assert world.graph_requests() == before
+    assert jobs == sorted({sync(a["folderId"]), sync(b["folderId"])})
+    assert world.harness.pending.get(world.account) is None
+
+
+def test_created_and_unknown_ids_are_located_at_graph_one_request_each(world: World) -> None:
+    delivered = world.sandbox.admin("POST", f"mailboxes/{world.user.id}/deliver", json={"count": 1}).json()
+    new_id = delivered["delivered"][0]["id"]
+    unknown = world.unstored[0]
+    moved = world.stored[1]          # a move: created in the target, and the store still names the source
+    target = next(f for f in world.folders if f not in (moved["folderId"],) and world.folders[f]["wellKnownName"]
+                  not in ("outbox", "drafts", None))
+    world.sandbox.graph(world.user).post(f"me/messages/{moved['id']}/move", json={"destinationId": target})
+    world.notify(("created", new_id), ("updated", unknown["id"]), ("created", moved["id"]), ("deleted", moved["id"]))
+    before = world.graph_requests()
+    jobs = world.run()
+    assert world.graph_requests() - before == 3      # the new mail, the unknown id, the moved one
+    assert jobs == sorted({sync(world.inbox), sync(unknown["folderId"]), sync(moved["folderId"]), sync(target)})
+
+
+def test_an_overflowing_row_syncs_the_folder_list_and_every_folder(world: World) -> None:
+    ids = [m["id"] for m in world.messages]
+    for start in range(0, 150, 50):
+        world.notify(*(("updated", f"{mid}x{start}") for mid in ids[:50]))
+    before = world.graph_requests()
+    jobs = world.run()
+    assert world.graph_requests() == before
+    assert jobs == sorted([(JobKind.SYNC_FOLDERS.value, None), *(sync(f) for f in world.folders)])
+
+
+def test_more_lookups_than_folders_syncs_every_folder_instead(world: World) -> None:
+    assert len(world.messages) > len(world.folders)
+    world.notify(*(("created", m["id"]) for m in world.messages[:len(world.folders) + 1]))
+    before = world.graph_requests()
+    jobs = world.run()
+    assert world.graph_requests() == before
+    assert (JobKind.SYNC_FOLDERS.value, None) in jobs and len(jobs) == len(world.folders) + 1
+
+
+def test_failing_lookups_fall_back_to_every_folder(world: World) -> None:
+    world.notify(("created", world.unstored[0]["id"]))
+    assert world.sandbox.admin("PUT", "faults", json={"profile": "none", "overrides": {"error_503": 1.0}}).ok
+    try:
+        jobs = world.run()
+    finally:
+        world.sandbox.admin("PUT", "faults", json={"profile": "none"})
+    assert jobs == sorted([(JobKind.SYNC_FOLDERS.value, None), *(sync(f) for f in world.folders)])
+
+
+def test_a_new_folder_also_syncs_the_folder_list(world: World) -> None:
+    graph = world.sandbox.graph(world.user)
+    folder = graph.post("me/mailFolders", json={"displayName": "Fresh"}).json()["id"]
+    message = world.stored[0]
+    graph.post(f"me/messages/{message['id']}/move", json={"destinationId": folder})
+    world.notify(("created", message["id"]))
+    jobs = world.run()
+    assert (JobKind.SYNC_FOLDERS.value, None) in jobs and sync(folder) in jobs
+
+
+def test_notifications_merged_while_the_job_runs_are_handled_by_the_same_job(world: World) -> None:
+    late = world.stored[3]
+
+    class MergingLocator:
+        """Lets a webhook request land between the job's read and its delete (deterministically)."""
+
+        def __init__(self, inner: GraphMessageLocator) -> None:
+            self.inner = inner
+            self.calls = 0
+
+        def parent_folders(self, account_id: str, message_ids: Sequence[str]) -> Mapping[str, str | None]:
+            self.calls += 1
+            if self.calls == 1:
+                world.notify(("updated", late["id"]))
+            return self.inner.parent_folders(account_id, message_ids)
+
+    world.jobs._locator = MergingLocator(world.locator)  # type: ignore[assignment]
+    world.notify(("created", world.unstored[0]["id"]))
+    jobs = world.run()
+    assert sync(late["folderId"]) in jobs and sync(world.unstored[0]["folderId"]) in jobs
+    assert world.harness.pending.get(world.account) is None
+    assert world.harness.queued_count() == len(jobs)    # the merge enqueued no second NOTIFIED job
+
+
+def test_a_redelivered_job_finds_nothing_to_do(world: World) -> None:
+    world.notify(("updated", world.stored[0]["id"]))
+    assert world.run()
+    assert world.run() == []
+
+
+def test_a_deleted_account_gets_no_jobs_and_its_row_goes(world: World) -> None:
+    world.notify(("updated", world.stored[0]["id"]))
+    world.harness.accounts.delete(world.account)
+    assert world.run() == []
+    assert world.harness.pending.get(world.account) is None
+
+
+def test_sync_account_covers_the_folder_list_and_every_folder(world: World) -> None:
+    sent = world.jobs.sync_account(world.account, reason="poll")
+    assert sorted((j.kind, j.folder_id) for j in sent) == sorted(
+        [(JobKind.SYNC_FOLDERS.value, None), *(sync(f) for f in world.folders)])
+    assert {j.reason for j in sent} == {"poll"}
