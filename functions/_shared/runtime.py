@@ -21,10 +21,16 @@ if TYPE_CHECKING:
     from mailsync.auth.token_provider import MsalTokenProvider
     from mailsync.linking.access import AccountAccess
     from mailsync.linking.service import LinkingService
+    from mailsync.monitoring.handler import MonitoringJobs
+    from mailsync.monitoring.lifecycle import LifecycleReceiver
+    from mailsync.monitoring.notifications import NotificationReceiver
+    from mailsync.monitoring.polling import PollScheduler
+    from mailsync.monitoring.subscriptions import SubscriptionManager
     from mailsync.security.crypto import TokenCipher
     from mailsync.storage.accounts import TableAccountRepository
     from mailsync.storage.cursors import SyncStateTable
     from mailsync.storage.job_queue import AzureJobQueue
+    from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
     from mailsync.storage.tokens import TableTokenStore
     from mailsync.store.elasticsearch import ElasticsearchStore
     from mailsync.sync.engine import SyncEngine
@@ -164,6 +170,9 @@ class Runtime:
         from mailsync.sync.worker import SyncWorker
 
         worker = SyncWorker(self.sync_engine)
+        from mailsync.monitoring.handler import MONITORING_KINDS
+
+        worker.register(MONITORING_KINDS, lambda job, _invocation: self.monitoring_jobs.run(job))
         return worker
 
     @cached_property
@@ -172,6 +181,75 @@ class Runtime:
         from mailsync.sync.status import SyncStatus
 
         return SyncStatus(self.sync_state)
+
+
+    # -- change monitoring (docs/change-monitoring.md) -------------------------------
+
+    @cached_property
+    def _monitoring_table(self) -> Any:
+        from mailsync.storage.connection import table_client
+        from mailsync.storage.table_errors import ensure_table
+
+        # Few, quick retries: the webhook must answer Graph within 3 s (503 makes Graph retry).
+        table = table_client(self.settings, "subscriptions", retry_total=2, retry_backoff_factor=0.3)
+        ensure_table(table)
+        return table
+
+    @cached_property
+    def subscription_store(self) -> TableSubscriptionStore:
+        from mailsync.storage.subscriptions import TableSubscriptionStore
+
+        return TableSubscriptionStore(self._monitoring_table)
+
+    @cached_property
+    def pending_notifications(self) -> TablePendingStore:
+        from mailsync.storage.subscriptions import TablePendingStore
+
+        return TablePendingStore(self._monitoring_table)
+
+    @cached_property
+    def subscription_manager(self) -> SubscriptionManager:
+        """One Graph subscription per account: create, renew, recreate, delete."""
+        from mailsync.monitoring.graph_api import AccountGraphClients, GraphSubscriptionApi
+        from mailsync.monitoring.subscriptions import SubscriptionManager
+
+        api = GraphSubscriptionApi(AccountGraphClients(self.settings, self.token_provider))
+        return SubscriptionManager(self.settings, self.subscription_store, api, self.accounts, self.job_queue)
+
+    @cached_property
+    def subscription_registry(self) -> SubscriptionManager:
+        """``SubscriptionRegistry`` for unlinking (the linking service looks it up by this name)."""
+        return self.subscription_manager
+
+    @cached_property
+    def notification_receiver(self) -> NotificationReceiver:
+        """POST /api/graph/webhook: authenticate items, coalesce per account, enqueue NOTIFIED."""
+        from mailsync.monitoring.notifications import NotificationReceiver
+
+        return NotificationReceiver(self.settings, self.subscription_store, self.accounts,
+                                    self.pending_notifications, self.job_queue)
+
+    @cached_property
+    def lifecycle_receiver(self) -> LifecycleReceiver:
+        from mailsync.monitoring.lifecycle import LifecycleReceiver
+
+        return LifecycleReceiver(self.subscription_store, self.accounts, self.job_queue)
+
+    @cached_property
+    def monitoring_jobs(self) -> MonitoringJobs:
+        """NOTIFIED / SYNC_ACCOUNT / SUBSCRIPTION jobs (registered on the sync worker)."""
+        from mailsync.monitoring.graph_api import AccountGraphClients, GraphMessageLocator
+        from mailsync.monitoring.handler import MonitoringJobs
+
+        locator = GraphMessageLocator(AccountGraphClients(self.settings, self.token_provider))
+        return MonitoringJobs(self.pending_notifications, self.accounts, self.store, locator,
+                              self.subscription_manager, self.job_queue)
+
+    @cached_property
+    def poll_scheduler(self) -> PollScheduler:
+        from mailsync.monitoring.polling import PollScheduler
+
+        return PollScheduler(self.settings, self.accounts, self.subscription_store, self.job_queue)
 
 
 @functools.cache
