@@ -1,0 +1,166 @@
+"""The webhook functions over HTTP, under the devhost, against Azurite.
+
+Only the two webhook functions run (no sync worker), so whatever they
+enqueue stays on the queue to be counted.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+import pytest
+import requests
+
+from mailsync.jobs import JobKind
+from tests.fixtures.devhost import DevhostProcess
+from tests.monitoring.harness import Harness, change, make_harness
+
+WEBHOOK_FUNCTIONS = ["graph_webhook", "graph_lifecycle"]
+PATHS = ["/api/graph/webhook", "/api/graph/lifecycle"]
+
+
+@pytest.fixture
+def harness(storage_env: dict[str, str]) -> Harness:
+    return make_harness(storage_env, NOTIFY_COALESCE_S="0")
+
+
+@pytest.fixture
+def webhook(devhost_factory: Callable[..., DevhostProcess], storage_env: dict[str, str], tmp_path: Path,
+            harness: Harness) -> DevhostProcess:
+    return devhost_factory({**storage_env, "NOTIFY_COALESCE_S": "0", "MAILSYNC_LOCAL_DIR": str(tmp_path)},
+                           functions=WEBHOOK_FUNCTIONS)
+
+
+def post(host: DevhostProcess, path: str, body: Any = None, *, raw: bytes | None = None,
+         content_type: str = "application/json; charset=utf-8", **params: str) -> requests.Response:
+    data = raw if raw is not None else orjson.dumps(body)
+    return requests.post(f"{host.base_url}{path}", params=params, data=data,
+                         headers={"Content-Type": content_type}, timeout=10)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("token", [
+    "Validation: Testing client application reachability for subscription Request-Id: 5f3c",
+    "<script>alert(document.cookie)</script><b>bold</b>",
+    "a+b=c&d%20e/ü",
+])
+def test_the_validation_token_is_echoed_as_plain_text(webhook: DevhostProcess, path: str, token: str) -> None:
+    # Graph sends the handshake as a POST with an empty body and the token URL-encoded in the query.
+    response = requests.post(f"{webhook.base_url}{path}?validationToken={quote(token, safe='')}", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].split(";")[0] == "text/plain"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.content == token.encode("utf-8")
+
+
+def test_the_validation_answer_needs_no_storage(devhost_factory: Callable[..., DevhostProcess],
+                                                storage_env: dict[str, str], tmp_path: Path) -> None:
+    with socket.socket() as probe:            # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    broken = storage_env["AzureWebJobsStorage"]
+    for key in ("QueueEndpoint", "TableEndpoint"):
+        start = broken.index(key)
+        end = broken.index(";", start)
+        broken = broken[:start] + f"{key}=http://127.0.0.1:{dead}/devstoreaccount1" + broken[end:]
+    host = devhost_factory({**storage_env, "AzureWebJobsStorage": broken, "MAILSYNC_LOCAL_DIR": str(tmp_path)},
+                           functions=WEBHOOK_FUNCTIONS)
+    started = time.monotonic()
+    response = requests.post(f"{host.base_url}/api/graph/webhook?validationToken=abc", timeout=10)
+    assert response.status_code == 200 and response.text == "abc"
+    print(f"validation answer with storage down: {1000 * (time.monotonic() - started):.0f} ms")
+    # A notification, though, needs storage: 503 with Retry-After, so Graph retries it later.
+    response = post(host, "/api/graph/webhook", {"value": [change("s", "c", "m1")]})
+    assert response.status_code == 503 and "Retry-After" in response.headers
+
+
+def test_an_authentic_notification_is_acknowledged_with_202_and_enqueued(webhook: DevhostProcess,
+                                                                        harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    response = post(webhook, "/api/graph/webhook", {"value": [change(sub, state, "AAMk1", "created")]})
+    assert response.status_code == 202 and response.content == b""
+    assert [(j.kind, j.account_id) for j in harness.drain()] == [(JobKind.NOTIFIED.value, account)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_attacks_are_refused_and_enqueue_nothing(webhook: DevhostProcess, harness: Harness, path: str) -> None:
+    victim = harness.add_account()
+    sub, state = harness.add_subscription(victim)
+    other = harness.add_account()
+    _, other_state = harness.add_subscription(other)
+    lifecycle = path.endswith("lifecycle")
+
+    def item(subscription: str, client_state: str | None) -> dict[str, Any]:
+        if lifecycle:
+            return {"subscriptionId": subscription, "clientState": client_state, "lifecycleEvent": "missed"}
+        return change(subscription, client_state, "AAMk1")
+
+    forged = [
+        {"value": [item("0f6a2c1e-0000-4000-8000-000000000000", state)]},     # unknown subscription
+        {"value": [item(sub, "wrong")]},                                        # wrong clientState
+        {"value": [item(sub, other_state)]},                                    # another account's clientState
+        {"value": [item(sub, None)]},                                           # none at all
+    ]
+    for body in forged:
+        assert post(webhook, path, body).status_code == 202      # a forger learns nothing
+    malformed: list[tuple[int, dict[str, Any]]] = [
+        (413, {"raw": b'{"value": [' + b" " * 1_100_000 + b"]}"}),
+        (400, {"raw": b"not json"}),
+        (400, {"raw": b'{"value": [' + orjson.dumps(item(sub, state)) + b", 5]}"}),   # authentic item, bad body
+        (400, {"raw": b""}),
+        (400, {"body": [item(sub, state)]}),
+        (415, {"body": {"value": [item(sub, state)]}, "content_type": "text/html"}),
+    ]
+    for status, kwargs in malformed:
+        response = post(webhook, path, **kwargs)
+        assert response.status_code == status, (status, response.text)
+        assert response.headers["Content-Type"].startswith("application/json")
+    assert harness.queued_count() == 0
+    # Deleted account: its subscription's notifications are dropped too.
+    harness.accounts.delete(victim)
+    assert post(webhook, path, {"value": [item(sub, state)]}).status_code == 202
+    assert harness.queued_count() == 0
+
+
+def test_a_replayed_notification_enqueues_nothing_more(webhook: DevhostProcess, harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    body = {"value": [change(sub, state, "AAMk1")]}
+    for _ in range(4):
+        assert post(webhook, "/api/graph/webhook", body).status_code == 202
+    assert harness.queued_count() == 1
+
+
+def test_lifecycle_events_become_jobs(webhook: DevhostProcess, harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    events = ["reauthorizationRequired", "subscriptionRemoved", "missed"]
+    body = {"value": [{"subscriptionId": sub, "clientState": state, "lifecycleEvent": e} for e in events]}
+    assert post(webhook, "/api/graph/lifecycle", body).status_code == 202
+    jobs = sorted((j.kind, j.attrs.get("action", ""), j.reason) for j in harness.drain())
+    assert jobs == sorted([(JobKind.SUBSCRIPTION.value, "renew", "reauthorizationRequired"),
+                           (JobKind.SUBSCRIPTION.value, "recreate", "subscriptionRemoved"),
+                           (JobKind.SYNC_ACCOUNT.value, "", "missed")])
+
+
+def test_a_burst_of_1000_notifications_over_http_is_one_job_and_fast_enough(webhook: DevhostProcess,
+                                                                            harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    timings = []
+    for start in range(0, 1000, 50):
+        body = {"value": [change(sub, state, f"AAMk{start + k:04d}", "created") for k in range(50)]}
+        began = time.monotonic()
+        assert post(webhook, "/api/graph/webhook", body).status_code == 202
+        timings.append(time.monotonic() - began)
+    assert harness.queued_count() == 1
+    timings.sort()
+    print(f"webhook POST of 50 notifications: median {1000 * timings[len(timings) // 2]:.0f} ms, "
+          f"max {1000 * timings[-1]:.0f} ms")
