@@ -373,7 +373,7 @@ class IdentityPlatform:
 
     # -- authorize -------------------------------------------------------------
 
-    def _validate_client(self, params: dict[str, str], tenant_segment: str) -> AppRegistration:
+    def _validate_client(self, params: dict[str, str]) -> AppRegistration:
         """Errors here are shown on the page, never redirected (the URI is unverified)."""
         client_id = params.get("client_id", "")
         if not client_id:
@@ -477,7 +477,7 @@ class IdentityPlatform:
         params = dict(request.query)
         try:
             self._tenant(request)
-            app = self._validate_client(params, request.match_info["tenant"])
+            app = self._validate_client(params)
         except OAuthError as exc:
             return self._error_page(exc)
         try:
@@ -490,7 +490,7 @@ class IdentityPlatform:
         params = dict(request.query)
         try:
             self._tenant(request)
-            app = self._validate_client(params, request.match_info["tenant"])
+            app = self._validate_client(params)
         except OAuthError as exc:
             return self._error_page(exc)
         try:
@@ -508,7 +508,7 @@ class IdentityPlatform:
                        f"AADSTS50034: The user account {username} does not exist in the "
                        f"{self.state.tenant_domain} directory. To sign into this application, the account "
                        "must be added to the directory.")
-            return self._sign_in_page(request, app, params, scopes, error=message, status=200)
+            return self._sign_in_page(request, app, params, scopes, error=message)
         session = self._sign_in(user.id, app.client_id)
         code = opaque(64)
         self._codes[code] = _AuthCode(
@@ -899,7 +899,7 @@ class IdentityPlatform:
         return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
 
     def _sign_in_page(self, request: web.Request, app: AppRegistration, params: dict[str, str],
-                      scopes: _Scopes, *, error: str | None = None, status: int = 200) -> web.Response:
+                      scopes: _Scopes, *, error: str | None = None) -> web.Response:
         hint = params.get("login_hint", "").lower()
         action = html.escape(str(request.rel_url))
         rows = []
@@ -925,7 +925,7 @@ class IdentityPlatform:
             "<button type='submit'>Next</button></form>"
             f"<form method='POST' action='{action}'><button class='cancel' type='submit' name='cancel' "
             "value='1'>Cancel</button></form>")
-        return web.Response(text=_PAGE.format(title="Sign in to your account", body=body), status=status,
+        return web.Response(text=_PAGE.format(title="Sign in to your account", body=body),
                             content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
