@@ -116,6 +116,18 @@ class Runtime:
         return MsalTokenProvider(self.msal_app, self.token_store, self.accounts)
 
     @cached_property
+    def _linking_job_queue(self) -> AzureJobQueue:
+        # The same queue as job_queue, with few quick retries: the OAuth callback
+        # waits on it, and a failure there is reported to the page (not retried for a minute).
+        from mailsync.storage.connection import queue_client
+        from mailsync.storage.job_queue import AzureJobQueue
+
+        # (Storage queues' default retry waits 15 s, then 18 s: ~40 s before a failure is known.)
+        client = queue_client(self.settings, self.settings.sync_queue_name, retry_total=2, initial_backoff=0,
+                              increment_base=1, random_jitter_range=1)
+        return AzureJobQueue(self.settings, client=client)
+
+    @cached_property
     def linking(self) -> LinkingService:
         """Create / link / show / unlink accounts: POST /api/accounts, the OAuth callback, /api/accounts/{id}."""
         from mailsync.linking.outlook import OutlookLinker
@@ -133,7 +145,7 @@ class Runtime:
             tokens=self.token_store,
             flows=TableAuthFlowStore(self._linking_table("authflows"), self.token_cipher),
             access=self.account_access,
-            jobs=self.job_queue,
+            jobs=self._linking_job_queue,
             return_urls=ReturnUrlPolicy.from_base(settings.return_url_allowlist, settings.public_base_url),
             linkers={Provider.OUTLOOK: OutlookLinker(self.msal_app, redirect_uri)},
             store=(lambda: self.store) if settings.elasticsearch_url else None,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from azure.data.tables import TableClient, TableServiceClient
+from azure.data.tables import TableClient
 
 from mailsync.security.crypto import TokenCipher
 from mailsync.settings import Settings
+from mailsync.storage import connection
 from mailsync.storage.accounts import TableAccountRepository
 from mailsync.storage.auth_flows import TableAuthFlowStore
 from mailsync.storage.table_errors import ensure_table
@@ -18,9 +19,7 @@ TEST_KEY = ("test1", base64.b64decode(base64.b64encode(bytes(range(32)))))
 
 
 def table_client(settings: Settings, name: str) -> TableClient:
-    assert settings.storage_connection_string
-    service = TableServiceClient.from_connection_string(settings.storage_connection_string)
-    table = service.get_table_client(f"{settings.table_prefix}{name}")
+    table = connection.table_client(settings, name)
     ensure_table(table)
     return table
 
