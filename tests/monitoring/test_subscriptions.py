@@ -1,0 +1,261 @@
+"""Subscription lifecycle against the Graph sandbox, with our webhook served by the devhost.
+
+The manager and the job handler run in the test process; Graph's
+validation handshake, notifications and lifecycle events go over HTTP to
+the webhook functions under the devhost, which share this test's Azurite
+tables and queue. Lifetimes are shortened and the sandbox's clock is moved
+forward (our clock follows it), so renewal is tested without waiting.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailsync.jobs import JobKind
+from mailsync.models import Job
+from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
+from mailsync.monitoring.handler import MonitoringJobs
+from mailsync.monitoring.records import AccountMonitor
+from mailsync.monitoring.subscriptions import SubscriptionManager
+from mailsync.providers.graph_client import GraphClient
+from mailsync.store.elasticsearch import ElasticsearchStore
+from tests.fixtures.devhost import DevhostProcess
+from tests.fixtures.graph_sandbox import SandboxTestServer
+from tests.monitoring.harness import Harness, make_harness
+
+LIFETIME_S = 600
+RENEW_BEFORE_S = 300
+
+
+@dataclass
+class Rig:
+    harness: Harness
+    sandbox: SandboxTestServer
+    webhook: DevhostProcess
+    manager: SubscriptionManager
+    jobs: MonitoringJobs
+    users: dict[str, str]                  # account id -> sandbox user address
+    offset_s: float = 0.0                  # our clock follows the sandbox's
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.offset_s)
+
+    def advance(self, seconds: float) -> None:
+        assert self.sandbox.admin("POST", "clock", json={"advance_s": seconds}).ok
+        self.offset_s += seconds
+
+    def client_for(self, account_id: str) -> GraphClient:
+        token = self.sandbox.user_token(self.users[account_id])
+        return GraphClient(lambda _force: token, base_url=f"{self.sandbox.base_url}/v1.0")
+
+    def link(self, index: int) -> str:
+        account = self.harness.add_account()
+        self.users[account] = self.sandbox.users[index].mail
+        return account
+
+    def at_graph(self, subscription_id: str) -> dict[str, Any] | None:
+        for sub in self.sandbox.admin("GET", "subscriptions").json()["value"]:
+            if sub["id"] == subscription_id:
+                return sub  # type: ignore[no-any-return]
+        return None
+
+    def monitor(self, account: str) -> AccountMonitor:
+        monitor = self.harness.subscriptions.get_monitor(account)
+        assert monitor is not None
+        return monitor
+
+    def run_jobs(self, wait_s: float = 0.0) -> list[Job]:
+        """Run what the webhook and the manager enqueued (as the sync worker would); engine jobs are returned."""
+        left: list[Job] = []
+        for job in self.harness.drain(wait_s):
+            if self.jobs.handles(job.kind) and job.kind != JobKind.SYNC_ACCOUNT:
+                self.jobs.run(job)
+            else:
+                left.append(job)
+        return left
+
+    def wait_pending(self, account: str, timeout_s: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.harness.pending.get(account) is not None:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def change(self, account: str) -> None:
+        """A change in the mailbox: one new message (Graph notifies `created`)."""
+        user = self.users[account]
+        assert self.sandbox.admin("POST", f"mailboxes/{user}/deliver", json={"count": 1}).ok
+
+
+@pytest.fixture
+def rig(storage_env: dict[str, str], store: ElasticsearchStore, devhost_factory: Callable[..., DevhostProcess],
+        sandbox_factory: Callable[..., SandboxTestServer], tmp_path: Path) -> Iterator[Rig]:
+    sandbox = sandbox_factory(users=3, messages_per_user=5)
+    webhook = devhost_factory({**storage_env, "MAILSYNC_LOCAL_DIR": str(tmp_path), "NOTIFY_COALESCE_S": "0",
+                               "GRAPH_SANDBOX_URL": sandbox.base_url},
+                              functions=["graph_webhook", "graph_lifecycle"])
+    harness = make_harness(storage_env, NOTIFY_COALESCE_S="0", GRAPH_SANDBOX_URL=sandbox.base_url,
+                           PUBLIC_BASE_URL=webhook.base_url, SUBSCRIPTION_LIFETIME_S=str(LIFETIME_S),
+                           SUBSCRIPTION_RENEW_BEFORE_S=str(RENEW_BEFORE_S))
+    holder: dict[str, Rig] = {}
+    api = GraphSubscriptionApi(lambda account: holder["rig"].client_for(account))
+    manager = SubscriptionManager(harness.settings, harness.subscriptions, api, harness.accounts, harness.queue,
+                                  clock=lambda: holder["rig"].now())
+    locator = GraphMessageLocator(lambda account: holder["rig"].client_for(account))
+    jobs = MonitoringJobs(harness.pending, harness.accounts, store, locator, manager, harness.queue)
+    holder["rig"] = Rig(harness, sandbox, webhook, manager, jobs, {})
+    yield holder["rig"]
+
+
+def test_a_subscription_is_created_with_the_handshake_and_its_notifications_are_accepted(rig: Rig) -> None:
+    account = rig.link(0)
+    monitor = rig.manager.ensure(account)
+    assert monitor is not None and monitor.healthy(rig.now()) and monitor.subscription_id
+    at_graph = rig.at_graph(monitor.subscription_id)
+    assert at_graph is not None
+    assert at_graph["resource"] == "me/messages" and at_graph["changeType"] == "created,updated,deleted"
+    assert at_graph["notificationUrl"] == f"{rig.webhook.base_url}/api/graph/webhook"
+    assert at_graph["lifecycleNotificationUrl"] == f"{rig.webhook.base_url}/api/graph/lifecycle"
+    assert at_graph["immutableIds"] is True
+    # The clientState went to Graph; we keep only its hash.
+    row = rig.harness.subscriptions.get(monitor.subscription_id)
+    assert row is not None and len(at_graph["clientState"]) <= 128
+    assert at_graph["clientState"] not in str(row) and row.account_id == account
+    # The creation is followed by an incremental sync of the account (the gap before our row existed).
+    assert [j.kind for j in rig.harness.drain()] == [JobKind.SYNC_ACCOUNT.value]
+    rig.change(account)
+    assert rig.wait_pending(account), "the sandbox's notification did not reach the pending row"
+    # ensure() again: healthy and not due, nothing changes.
+    again = rig.manager.ensure(account)
+    assert again is not None and again.subscription_id == monitor.subscription_id
+
+
+def test_subscriptions_are_renewed_before_they_expire(rig: Rig) -> None:
+    renewed, neglected = rig.link(0), rig.link(1)
+    first = rig.manager.ensure(renewed)
+    other = rig.manager.ensure(neglected)
+    assert first is not None and other is not None and first.expires_at is not None
+    original_expiry = first.expires_at
+    assert rig.manager.renewal_pass().renew == 0                 # fresh: nothing is due
+    rig.harness.drain()
+
+    rig.advance(LIFETIME_S - RENEW_BEFORE_S)                      # now inside the renewal window
+    report = rig.manager.renewal_pass()
+    assert report.renew == 2 and report.create == 0
+    # Renew only one of the two (the other's job is lost, say).
+    jobs = [j for j in rig.harness.drain() if j.kind == JobKind.SUBSCRIPTION.value]
+    for job in jobs:
+        if job.account_id == renewed:
+            rig.jobs.run(job)
+    monitor = rig.monitor(renewed)
+    assert monitor.subscription_id == first.subscription_id and monitor.expires_at is not None
+    assert monitor.expires_at > original_expiry
+    at_graph = rig.at_graph(first.subscription_id)  # type: ignore[arg-type]
+    assert at_graph is not None
+
+    rig.advance(RENEW_BEFORE_S + 60)                              # past the original expiry
+    time.sleep(0.3)                                               # the sandbox's housekeeping tick
+    assert rig.at_graph(first.subscription_id) is not None  # type: ignore[arg-type]
+    assert rig.at_graph(other.subscription_id) is None  # type: ignore[arg-type]
+    assert rig.harness.pending.get(renewed) is None
+    rig.change(renewed)
+    assert rig.wait_pending(renewed), "the renewed subscription stopped delivering"
+
+    # The expired one is noticed by the renewer and recreated (new id), which resumes notifications.
+    report = rig.manager.renewal_pass()
+    assert report.create == 1
+    rig.run_jobs()
+    recreated = rig.monitor(neglected)
+    assert recreated.subscription_id not in (None, other.subscription_id) and recreated.healthy(rig.now())
+    assert rig.harness.subscriptions.get(other.subscription_id) is None  # type: ignore[arg-type]
+    rig.change(neglected)
+    assert rig.wait_pending(neglected)
+
+
+def test_lifecycle_events_from_graph_renew_recreate_and_resync(rig: Rig) -> None:
+    account = rig.link(0)
+    first = rig.manager.ensure(account)
+    assert first is not None and first.subscription_id
+    rig.harness.drain()
+    # The sandbox challenged the short-lived subscription already (reauthorizationRequired within
+    # 15 minutes of expiry): our lifecycle endpoint turned that into a renew job.
+    deadline = time.monotonic() + 15
+    renew_jobs: list[Job] = []
+    while not renew_jobs and time.monotonic() < deadline:
+        renew_jobs = [j for j in rig.harness.drain(0.2) if j.attrs.get("action") == "renew"]
+    assert renew_jobs and renew_jobs[0].attrs["subscription_id"] == first.subscription_id
+    for job in renew_jobs:
+        rig.jobs.run(job)
+    assert rig.monitor(account).subscription_id == first.subscription_id
+
+    # missed → an incremental sync of the account.
+    assert rig.sandbox.admin("POST", f"subscriptions/{first.subscription_id}/lifecycle",
+                             json={"event": "missed"}).status_code == 202
+    deadline = time.monotonic() + 15
+    seen: list[Job] = []
+    while not any(j.kind == JobKind.SYNC_ACCOUNT.value for j in seen) and time.monotonic() < deadline:
+        seen += rig.harness.drain(0.2)
+    assert any(j.kind == JobKind.SYNC_ACCOUNT.value and j.reason == "missed" for j in seen)
+
+    # subscriptionRemoved → a new subscription (new id), the old rows gone, then a catch-up sync.
+    assert rig.sandbox.admin("POST", f"subscriptions/{first.subscription_id}/lifecycle",
+                             json={"event": "subscriptionRemoved"}).status_code == 202
+    deadline = time.monotonic() + 15
+    while rig.monitor(account).subscription_id == first.subscription_id and time.monotonic() < deadline:
+        rig.run_jobs(0.2)
+    current = rig.monitor(account)
+    assert current.subscription_id not in (None, first.subscription_id)
+    assert rig.at_graph(current.subscription_id) is not None  # type: ignore[arg-type]
+    assert rig.harness.subscriptions.get(first.subscription_id) is None
+
+
+def test_a_failing_creation_is_recorded_and_retried_with_back_off(rig: Rig) -> None:
+    account = rig.link(0)
+    # A notification URL nobody answers: Graph's validation handshake fails and creation is refused (400).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    h = rig.harness
+    unreachable = SubscriptionManager(replace(h.settings, public_base_url=dead), h.subscriptions,
+                                      GraphSubscriptionApi(rig.client_for), h.accounts, h.queue, clock=rig.now)
+    monitor = unreachable.ensure(account)
+    assert monitor is not None and monitor.subscription_id is None and monitor.failures == 1
+    assert monitor.last_error == "provider_error"
+    assert rig.sandbox.admin("GET", "subscriptions").json()["value"] == []
+    assert monitor.retry_at is not None and monitor.retry_at > rig.now()
+    assert rig.manager.renewal_pass().create == 0                 # backing off
+    rig.advance(61)
+    assert rig.manager.renewal_pass().create == 1
+    rig.run_jobs()
+    healthy = rig.monitor(account)
+    assert healthy.subscription_id and healthy.failures == 0
+
+
+def test_deleting_an_account_deletes_its_subscription(rig: Rig) -> None:
+    account = rig.link(0)
+    monitor = rig.manager.ensure(account)
+    assert monitor is not None and monitor.subscription_id
+    rig.manager.delete_for_account(account)
+    assert rig.at_graph(monitor.subscription_id) is None
+    assert rig.harness.subscriptions.get(monitor.subscription_id) is None
+    assert rig.harness.subscriptions.get_monitor(account) is None
+    rig.manager.delete_for_account(account)                        # idempotent
+
+
+def test_the_renewer_forgets_accounts_that_no_longer_exist(rig: Rig) -> None:
+    account = rig.link(0)
+    monitor = rig.manager.ensure(account)
+    assert monitor is not None and monitor.subscription_id
+    rig.harness.accounts.delete(account)
+    assert rig.manager.renewal_pass().removed == 1
+    assert rig.at_graph(monitor.subscription_id) is None
+    assert rig.harness.subscriptions.get_monitor(account) is None
