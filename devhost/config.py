@@ -101,7 +101,9 @@ class HostConfig:
 
 
 def _object(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = doc.get(key) or {}
+    value = doc.get(key)
+    if value is None:
+        return {}
     if not isinstance(value, Mapping):
         raise ConfigError(f"host.json {key} must be an object")
     return value

@@ -108,7 +108,7 @@ class Devhost:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+        server: Any = site._server  # aiohttp exposes the bound port only here
         bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
         display_host = f"[{host}]" if ":" in host else host
         self.base_url = f"http://{display_host}:{bound}"

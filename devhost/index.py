@@ -114,7 +114,7 @@ def index_app(app: func.FunctionApp, settings: Mapping[str, str],
     """
     specs: list[FunctionSpec] = []
     for function in app.get_functions():
-        name = function.get_function_name()
+        name = str(function.get_function_name())
         if only is not None and name not in only:
             continue
         bindings = [_resolve(json.loads(raw), settings, f"function {name} binding")

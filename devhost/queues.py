@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import math
 import random
@@ -35,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import azure.functions as func
-from azure.functions.queue import QueueMessage as TriggerMessage
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+from azure.functions.queue import QueueMessage as TriggerMessage
 from azure.storage.queue import QueueMessage as StorageMessage
 from azure.storage.queue.aio import QueueClient
 
@@ -132,10 +133,8 @@ class QueueClients:
         client = self.client(connection, queue)
         key = (connection or DEFAULT_CONNECTION, queue)
         if key not in self._created:
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 await client.create_queue()
-            except ResourceExistsError:
-                pass
             self._created.add(key)
         for content in contents:
             await client.send_message(content)
@@ -292,7 +291,7 @@ class QueueListener:
         elif annotation is bytes:
             value = body
         else:
-            value = TriggerMessage(
+            value = TriggerMessage(  # type: ignore[no-untyped-call]
                 id=message.id, body=body, dequeue_count=message.dequeue_count,
                 expiration_time=message.expires_on, insertion_time=message.inserted_on,
                 time_next_visible=message.next_visible_on, pop_receipt=entry.pop_receipt)

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-_PARAM = re.compile(r"^\{(?P<star>\*{1,2})?(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<constraints>(?::[^=?{}]+(?:\([^)]*\))?)*)"
+_PARAM = re.compile(r"^\{(?P<star>\*{1,2})?(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+                    r"(?P<constraints>(?::[^=?{}]+(?:\([^)]*\))?)*)"
                     r"(?P<opt>\?)?(?:=(?P<default>[^}]*))?\}$")
 _CONSTRAINT = re.compile(r":(?P<kind>[a-z]+)(?:\((?P<arg>[^)]*)\))?")
 
@@ -29,7 +30,7 @@ class RouteError(Exception):
     """A route template the devhost cannot serve faithfully."""
 
 
-def _check(kind: str, arg: str | None, value: str) -> bool:  # noqa: PLR0911 - a table of cases
+def _check(kind: str, arg: str | None, value: str) -> bool:
     try:
         if kind in ("int", "long"):
             return re.fullmatch(r"-?\d+", value) is not None
@@ -95,8 +96,8 @@ class RouteTemplate:
     @classmethod
     def parse(cls, template: str) -> RouteTemplate:
         segments: list[_Segment] = []
-        parts = [p for p in template.strip("/").split("/")] if template.strip("/") else []
-        for index, part in enumerate(parts):
+        parts = template.strip("/").split("/") if template.strip("/") else []
+        for part in parts:
             if not part:
                 raise RouteError(f"route {template!r} has an empty segment")
             if "{" not in part and "}" not in part:

@@ -220,7 +220,8 @@ class SignalRService:
         self.delivered = 0  # invocation frames queued to clients, for tests and benchmarks
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, str], setting: str = "AzureSignalRConnectionString") -> SignalRService:
+    def from_settings(cls, settings: Mapping[str, str],
+                      setting: str = "AzureSignalRConnectionString") -> SignalRService:
         parsed = parse_connection_string(settings.get(setting) or "")
         return cls(parsed.get("accesskey") or None)
 

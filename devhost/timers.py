@@ -14,7 +14,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 
-import azure.functions as func
+from azure.functions.timer import TimerRequest
 from croniter import croniter
 
 from devhost.config import ConfigError, parse_timespan
@@ -68,6 +68,14 @@ class TimerRunner:
         self._task = asyncio.create_task(self._run(), name=f"timer:{self.spec.name}")
 
     async def _run(self) -> None:
+        try:
+            await self._schedule()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("timer %s stopped by a host error", self.spec.name)
+
+    async def _schedule(self) -> None:
         if self.run_on_startup:
             await self._fire(datetime.now(UTC), datetime.now(UTC))
         while not self._stopping.is_set():
@@ -83,13 +91,13 @@ class TimerRunner:
     async def _fire(self, due: datetime, now: datetime) -> None:
         status = {"Last": (self._last or now).isoformat(), "Next": self.schedule.next_after(now).isoformat(),
                   "LastUpdated": now.isoformat()}
-        request = func.TimerRequest(past_due=now - due > PAST_DUE_AFTER, schedule_status=status,
+        request = TimerRequest(past_due=now - due > PAST_DUE_AFTER, schedule_status=status,
                                     schedule={"AdjustForDST": True})
         self._last = now
         self._current = asyncio.create_task(self._invoke(request))
         await asyncio.shield(self._current)
 
-    async def _invoke(self, request: func.TimerRequest) -> None:
+    async def _invoke(self, request: TimerRequest) -> None:
         try:
             invocation = await self._invoker.invoke(self.spec, {self.spec.trigger.name: request})
             await self._outputs.write(self.spec, invocation, {})  # type: ignore[attr-defined]

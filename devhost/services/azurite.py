@@ -71,8 +71,10 @@ def _start_one(root: Path, service: str, host: str, port: int, location: Path,
     args = [str(_binary(root, service)), f"--{service}Host", host, f"--{service}Port", str(port),
             "--location", str(location), "--skipApiVersionCheck", "--disableTelemetry", "--silent"]
     with log_path.open("ab") as log:
-        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # type: ignore[call-overload]
-                                cwd=root, **child_options(own_session=own_session))
+        process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root,
+            **child_options(own_session=own_session))
+        return process
 
 
 def start_azurite(location: Path, *, host: str = "127.0.0.1", queue_port: int = 0, table_port: int = 0,

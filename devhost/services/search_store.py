@@ -21,7 +21,7 @@ class SearchStore:
 
     @property
     def url(self) -> str:
-        return self.server.url
+        return str(self.server.url)
 
     def alive(self) -> bool:
         return self.server.process.poll() is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +13,8 @@ from azure.storage.queue import QueueClient
 from devhost.config import HostConfig, QueueOptions
 from devhost.host import DevhostOptions, DevhostThread
 from tests.devhost.sample_app import HTTP_FUNCTIONS, SETTINGS, Recorder, make_app
-from tests.fixtures.devhost import start_devhost_in_process
 from tests.fixtures.azurite import unique_name
+from tests.fixtures.devhost import start_devhost_in_process
 
 
 @dataclass

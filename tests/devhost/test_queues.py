@@ -101,10 +101,12 @@ def test_concurrency_is_bounded_by_batch_size(host_sample: HostFactory, work_que
     settings, client = work_queue
     for i in range(6):
         send(client, {"id": i, "mode": "slow", "seconds": 0.4})
-    host = host_sample(functions=WORKER, settings=settings, queues=QueueOptions(batch_size=2, max_polling_interval_s=0.2))
+    host = host_sample(functions=WORKER, settings=settings,
+                       queues=QueueOptions(batch_size=2, max_polling_interval_s=0.2))
     host.recorder.wait_for(lambda r: len(r.of("worker_done")) == 6)
     host.stop()
-    events = sorted([(c.at, +1) for c in host.recorder.of("worker")] + [(c.at, -1) for c in host.recorder.of("worker_done")])
+    events = sorted([(c.at, +1) for c in host.recorder.of("worker")]
+                    + [(c.at, -1) for c in host.recorder.of("worker_done")])
     running = peak = 0
     for _, delta in events:
         running += delta
@@ -156,7 +158,7 @@ def test_shutdown_waits_for_invocations_that_finish_within_grace(  # type: ignor
 
 
 def test_queue_output_binding_feeds_the_trigger(host_sample: HostFactory, work_queue) -> None:  # type: ignore[no-untyped-def]
-    settings, client = work_queue
+    settings, _client = work_queue
     host = host_sample(functions=WORKER | {"enqueue"}, settings=settings)
     response = requests.post(host.url("/api/enqueue"), json=[{"id": 1}, {"id": 2}], timeout=10)
     assert response.status_code == 202

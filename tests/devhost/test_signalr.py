@@ -23,7 +23,7 @@ import requests
 from devhost import signalr as signalr_api
 from devhost.services.process import ROOT
 from devhost.signalr import verify_token
-from tests.devhost.conftest import HostFactory, Hosted
+from tests.devhost.conftest import Hosted, HostFactory
 
 SIGNALR = frozenset({"negotiate", "notify"})
 RS = "\x1e"
@@ -94,7 +94,7 @@ class ProtocolClient:
     def nothing_within(self, seconds: float) -> bool:
         try:
             records = self.receive(seconds)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return True
         return all(r.get("type") == 6 for r in records)
 
@@ -132,7 +132,7 @@ def test_negotiate_binding_gives_url_and_token_for_the_user(host_sample: HostFac
     host = host_sample(functions=SIGNALR)
     info = negotiate(host, "account-1")
     assert info["url"] == host.url("/signalr/client/?hub=testhub")
-    claims = verify_token(host.handle.devhost.signalr._key, info["accessToken"])  # noqa: SLF001
+    claims = verify_token(host.handle.devhost.signalr._key, info["accessToken"])
     assert claims["nameid"] == "account-1"
     assert claims["aud"] == info["url"]
 
