@@ -124,6 +124,27 @@ class RacingTokenStore:
         return getattr(self._inner, name)  # type: ignore[no-any-return]
 
 
+def race_two_refreshes(app: MsalApp, t: LinkingTables, account_id: str) -> tuple[list[str], list[BaseException]]:
+    """Two workers (separate providers = separate processes) force a refresh at the same moment."""
+    barrier = threading.Barrier(2)
+    tokens: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        provider = MsalTokenProvider(app, RacingTokenStore(t.tokens, barrier), t.accounts)  # type: ignore[arg-type]
+        try:
+            tokens.append(provider.access_token(account_id, force_refresh=True))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return tokens, errors
+
+
 @pytest.mark.parametrize("single_use", [False, True], ids=["entra-rotation", "single-use-refresh-tokens"])
 def test_concurrent_refreshes_lose_no_refresh_token(sandbox_factory: Any, t: LinkingTables, single_use: bool) -> None:
     sandbox = sandbox_factory(single_use_refresh_tokens=single_use)
@@ -131,23 +152,7 @@ def test_concurrent_refreshes_lose_no_refresh_token(sandbox_factory: Any, t: Lin
     user = sandbox.users[0].mail
     account = linked_account(t, sign_in(app, user), user)
     for _round in range(3):
-        barrier = threading.Barrier(2)
-        tokens: list[str] = []
-        errors: list[BaseException] = []
-
-        def worker(barrier: threading.Barrier = barrier) -> None:
-            # Separate providers = separate worker processes (no shared memo or lock).
-            provider = MsalTokenProvider(app, RacingTokenStore(t.tokens, barrier), t.accounts)  # type: ignore[arg-type]
-            try:
-                tokens.append(provider.access_token(account.account_id, force_refresh=True))
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        tokens, errors = race_two_refreshes(app, t, account.account_id)
         assert errors == [] and len(tokens) == 2
         for token in tokens:
             assert me(sandbox.base_url, token).status_code == 200

@@ -62,26 +62,31 @@ def test_expired_flows_are_handed_out_once_marked_expired(t: LinkingTables) -> N
         t.flows.take(state)
 
 
+def race_takes(t: LinkingTables, state: str, n: int) -> tuple[list[PendingFlow], list[InputError]]:
+    barrier = threading.Barrier(n)
+    got: list[PendingFlow] = []
+    refused: list[InputError] = []
+
+    def take() -> None:
+        barrier.wait()
+        try:
+            got.append(t.flows.take(state))
+        except InputError as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=take) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return got, refused
+
+
 def test_racing_callbacks_get_the_flow_exactly_once(t: LinkingTables) -> None:
     for _ in range(5):
         state = uuid.uuid4().hex
         t.flows.put(state, pending())
-        barrier = threading.Barrier(4)
-        got: list[PendingFlow] = []
-        refused: list[InputError] = []
-
-        def take(state: str = state) -> None:
-            barrier.wait()
-            try:
-                got.append(t.flows.take(state))
-            except InputError as exc:
-                refused.append(exc)
-
-        threads = [threading.Thread(target=take) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        got, refused = race_takes(t, state, 4)
         assert len(got) == 1 and len(refused) == 3
 
 
