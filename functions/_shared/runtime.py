@@ -138,8 +138,6 @@ class Runtime:
 
         settings = self.settings
         redirect_uri = f"{settings.public_base_url}/api/oauth/callback"
-        # Optional collaborators, present once their issues land (looked up by name, not imported).
-        optional = {name: getattr(self, name, None) for name in ("sync_status", "subscription_registry")}
         return LinkingService(
             accounts=self.accounts,
             tokens=self.token_store,
@@ -149,8 +147,9 @@ class Runtime:
             return_urls=ReturnUrlPolicy.from_base(settings.return_url_allowlist, settings.public_base_url),
             linkers={Provider.OUTLOOK: OutlookLinker(self.msal_app, redirect_uri)},
             store=(lambda: self.store) if settings.elasticsearch_url else None,
-            sync_status=optional["sync_status"],
-            subscriptions=optional["subscription_registry"],
+            sync_status=self.sync_status,
+            subscriptions=self.subscription_registry,
+            cleanups=(self.sync_state.delete_account,),  # the account's cursors and leases
         )
 
     # -- sync engine (docs/sync-engine.md) ----------------------------------------

@@ -132,6 +132,8 @@ def test_full_flow_create_sign_in_callback_syncing(stack: Stack) -> None:
     assert view["address"].lower() == user.lower() and view["display_name"]
     assert view["provider"] == "outlook" and view["account_id"] == account_id
     assert "access_token_hash" not in view
+    # The sync engine's summary rides along (no worker runs here, so nothing has started yet).
+    assert view["sync"]["phase"] == "pending" and view["sync"]["folders_total"] == 0
 
     # The token cache: encrypted at rest, under the configured key, a real MSAL cache inside.
     cred = stack.tables.accounts_table.get_entity(account_id, "cred-msal")
