@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from devhost.config import ConfigError, load_host_config, load_local_settings
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, on_ready: Callable[[str], None] | None = None) -> int:
     root = args.script_root.resolve()
     local = load_local_settings(root / args.local_settings) if args.local_settings else {}
     for key, value in local.items():
@@ -80,6 +81,8 @@ async def serve(args: argparse.Namespace) -> int:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"url": base_url, "pid": os.getpid()}))
         tmp.replace(args.ready_file)
+    if on_ready is not None:
+        on_ready(base_url)
 
     await stop.wait()
     print("devhost: shutting down (Ctrl-C again to force)", flush=True)
