@@ -1,0 +1,39 @@
+"""``python -m devhost`` as a real process: serves, and on SIGTERM returns in-flight messages and exits."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+
+import pytest
+import requests
+
+from devhost.services.process import ServiceError
+from tests.devhost.conftest import eventually
+from tests.fixtures.devhost import DevhostProcess
+
+
+def test_sigterm_returns_in_flight_messages_and_exits(devhost_factory: Callable[..., DevhostProcess],
+                                                      work_queue) -> None:  # type: ignore[no-untyped-def]
+    settings, client = work_queue
+    env = {**settings, "TICK_SCHEDULE": "0 0 0 1 1 *", "HUB": "h"}
+    host = devhost_factory(env, app="tests.devhost.process_app:app", functions=["worker", "echo"],
+                           extra_args=["--shutdown-grace-s", "0.5"])
+    assert requests.get(f"{host.base_url}/api/echo/3", timeout=10).json()["route"] == {"id": "3"}
+
+    client.send_message(base64.b64encode(json.dumps({"id": "held", "mode": "block"}).encode()).decode())
+    # Picked up: invisible to everyone else while the function blocks.
+    eventually(lambda: client.get_queue_properties().approximate_message_count == 1
+               and not list(client.peek_messages()))
+    assert host.stop(timeout_s=20) == 0  # SIGTERM: graceful, and the blocked thread does not hold the exit
+    [message] = client.peek_messages()  # handed back at once, not after its lease
+    assert json.loads(base64.b64decode(message.content))["id"] == "held"
+    assert message.dequeue_count == 1
+    assert "returning in-flight message" in host.logs()
+
+
+def test_bad_app_setting_fails_start_with_a_clear_message(devhost_factory: Callable[..., DevhostProcess]) -> None:
+    with pytest.raises(ServiceError, match="WORK_QUEUE"):
+        devhost_factory({"HUB": "h", "TICK_SCHEDULE": "* * * * * *"}, app="tests.devhost.process_app:app",
+                        timeout_s=30)
