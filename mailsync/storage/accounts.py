@@ -149,16 +149,18 @@ class TableAccountRepository:
         return _with_etag(account, str(meta["etag"]))
 
     def save_with_credential(self, account: Account, credential: str, *, kind: str = MSAL) -> Account:
-        """Replace the account (ETag-checked) and store its credential, atomically.
+        """Insert (``etag`` None) or replace the account (ETag-checked) and store its credential, atomically.
 
         One entity-group transaction: the account row and the sealed
         credential row are written together or not at all.
         """
-        if account.etag is None:
-            raise ValueError("save_with_credential updates an existing account (etag required)")
+        account_op: Any = ("create", account_to_entity(account))
+        if account.etag is not None:
+            account_op = ("update", account_to_entity(account),
+                          {"mode": UpdateMode.REPLACE, "etag": account.etag,
+                           "match_condition": MatchConditions.IfNotModified})
         operations: list[Any] = [
-            ("update", account_to_entity(account),
-             {"mode": UpdateMode.REPLACE, "etag": account.etag, "match_condition": MatchConditions.IfNotModified}),
+            account_op,
             ("upsert", self._tokens.entity(account.account_id, credential, kind=kind), {"mode": UpdateMode.REPLACE}),
         ]
         with table_errors("saving the linked account"):
@@ -169,6 +171,8 @@ class TableAccountRepository:
                     raise NotFound("the account no longer exists") from exc
                 if exc.status_code == 412:
                     raise Conflict("the account was changed concurrently") from exc
+                if exc.status_code == 409:
+                    raise Conflict("the account already exists") from exc
                 raise
         return _with_etag(account, str(results[0]["etag"]))
 
