@@ -97,7 +97,6 @@ class Devhost:
                                 function_directory=self.options.function_directory)
         self._queues = QueueClients(self.settings)
         self._bindings = Bindings(self._queues, self.signalr, self.config.queues.message_encoding)
-        self.signalr.attach(loop)
 
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_get("/admin/host/status", self._status)
@@ -112,6 +111,7 @@ class Devhost:
         bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
         display_host = f"[{host}]" if ":" in host else host
         self.base_url = f"http://{display_host}:{bound}"
+        self.signalr.attach(loop, self.base_url)
 
         for spec in self.functions:
             if spec.trigger_type == "queueTrigger":

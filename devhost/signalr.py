@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
+import aiohttp
 import orjson
 from aiohttp import WSMsgType, web
 
@@ -210,8 +211,11 @@ def _frame(doc: Mapping[str, Any]) -> str:
 class SignalRService:
     """Hubs, connections and delivery for one devhost."""
 
-    def __init__(self, access_key: str | None = None) -> None:
+    def __init__(self, access_key: str | None = None, endpoint: str | None = None) -> None:
         self._key = (access_key or secrets.token_urlsafe(32)).encode("utf-8")
+        self._endpoint = endpoint.rstrip("/") if endpoint else None
+        self._remote: str | None = None  # set by attach() when the endpoint is another process
+        self._http: aiohttp.ClientSession | None = None
         self._pending: dict[str, _Pending] = {}
         self._connections: dict[str, _Connection] = {}
         self._user_groups: dict[tuple[str, str], set[str]] = {}
@@ -223,14 +227,24 @@ class SignalRService:
     def from_settings(cls, settings: Mapping[str, str],
                       setting: str = "AzureSignalRConnectionString") -> SignalRService:
         parsed = parse_connection_string(settings.get(setting) or "")
-        return cls(parsed.get("accesskey") or None)
+        return cls(parsed.get("accesskey") or None, parsed.get("endpoint") or None)
+
+    @property
+    def remote_endpoint(self) -> str | None:
+        """The service this devhost forwards to, or None when it is the service itself."""
+        return self._remote
 
     # Tokens and connection info.
 
     def connection_info(self, hub: str, user_id: str | None, endpoint: str) -> dict[str, str]:
-        """What the ``signalRConnectionInfo`` input binding gives the function."""
+        """What the ``signalRConnectionInfo`` input binding gives the function.
+
+        ``endpoint`` is this devhost's /signalr as the caller reached it; a
+        remote service (another devhost, or Azure) is used instead when the
+        connection string names one.
+        """
         hub = hub.lower()
-        url = f"{endpoint.rstrip('/')}/client/?hub={quote(hub)}"
+        url = f"{(self._remote or endpoint).rstrip('/')}/client/?hub={quote(hub)}"
         now = int(time.time())
         claims: dict[str, Any] = {"aud": url, "iat": now, "nbf": now, "exp": now + TOKEN_LIFETIME_S}
         if user_id:
@@ -280,8 +294,11 @@ class SignalRService:
                 yield connection
 
     async def send(self, hub: str, item: SignalRMessage | GroupAction) -> int:
-        """Deliver a message (or apply a group action); returns how many connections it went to."""
+        """Deliver a message (or apply a group action); returns how many local connections it went to."""
         hub = hub.lower()
+        if self._remote is not None:
+            await self._forward(hub, item)
+            return 0
         if isinstance(item, GroupAction):
             self._apply(hub, item)
             return 0
@@ -348,13 +365,55 @@ class SignalRService:
             web.post(f"{PATH}/api/v1/hubs/{{hub}}/{{kind:users|groups|connections}}/{{id}}", self._rest),
             web.post(f"{PATH}/api/hubs/{{hub}}/:send", self._rest),
             web.post(f"{PATH}/api/hubs/{{hub}}/{{kind:users|groups|connections}}/{{id}}/:send", self._rest),
-            web.put(f"{PATH}/api/v1/hubs/{{hub}}/groups/{{group}}/users/{{user}}", self._rest_group),
-            web.delete(f"{PATH}/api/v1/hubs/{{hub}}/groups/{{group}}/users/{{user}}", self._rest_group),
+            web.put(f"{PATH}/api/v1/hubs/{{hub}}/groups/{{group}}/{{kind:users|connections}}/{{id}}",
+                    self._rest_group),
+            web.delete(f"{PATH}/api/v1/hubs/{{hub}}/groups/{{group}}/{{kind:users|connections}}/{{id}}",
+                       self._rest_group),
+            web.delete(f"{PATH}/api/v1/hubs/{{hub}}/users/{{id}}/groups", self._rest_group),
         ]
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop, own_base_url: str | None = None) -> None:
+        """Start serving on ``loop``; forward to the configured endpoint unless it is this devhost."""
         self._loop = loop
+        if self._endpoint and not (own_base_url and _same_service(self._endpoint, f"{own_base_url}{PATH}")):
+            self._remote = self._endpoint
+            log.info("SignalR: forwarding messages to the service at %s", self._remote)
         _register(self)
+
+    async def _forward(self, hub: str, item: SignalRMessage | GroupAction) -> None:
+        """Send through the service's REST API, as Azure's output binding does."""
+        assert self._remote is not None
+        base = f"{self._remote}/api/v1/hubs/{quote(hub, safe='')}"
+        body: dict[str, Any] | None = None
+        if isinstance(item, SignalRMessage):
+            method = "POST"
+            body = {"target": item.target, "arguments": item.arguments}
+            if item.connection_id is not None:
+                url = f"{base}/connections/{quote(item.connection_id, safe='')}"
+            elif item.user_id is not None:
+                url = f"{base}/users/{quote(item.user_id, safe='')}"
+            elif item.group_name is not None:
+                url = f"{base}/groups/{quote(item.group_name, safe='')}"
+            else:
+                url = base
+        elif item.action == "removeall":
+            if item.user_id is None:
+                raise SignalRError("removeAll over the REST API needs a userId")
+            method, url = "DELETE", f"{base}/users/{quote(item.user_id, safe='')}/groups"
+        else:
+            method = "PUT" if item.action == "add" else "DELETE"
+            member = (f"users/{quote(item.user_id, safe='')}" if item.user_id is not None
+                      else f"connections/{quote(item.connection_id or '', safe='')}")
+            url = f"{base}/groups/{quote(item.group_name or '', safe='')}/{member}"
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        headers = {"Authorization": f"Bearer {self.rest_token(url)}"}
+        try:
+            async with self._http.request(method, url, json=body, headers=headers) as response:
+                if response.status >= 300:
+                    raise SignalRError(f"the SignalR service answered {response.status} to {method} {url}")
+        except aiohttp.ClientError as exc:
+            raise SignalRError(f"cannot reach the SignalR service: {type(exc).__name__}") from exc
 
     async def _negotiate(self, request: web.Request) -> web.Response:
         hub, claims = self._client_claims(request)
@@ -529,8 +588,13 @@ class SignalRService:
 
     async def _rest_group(self, request: web.Request) -> web.Response:
         await self._rest_claims(request)
-        action = GroupAction(action="add" if request.method == "PUT" else "remove",
-                             group_name=request.match_info["group"], user_id=request.match_info["user"])
+        group, kind, ident = request.match_info.get("group"), request.match_info.get("kind"), request.match_info["id"]
+        if group is None:
+            action = GroupAction(action="removeall", user_id=ident)
+        else:
+            action = GroupAction(action="add" if request.method == "PUT" else "remove", group_name=group,
+                                 user_id=ident if kind == "users" else None,
+                                 connection_id=ident if kind == "connections" else None)
         await self.send(request.match_info["hub"], action)
         return web.Response(status=202 if request.method == "PUT" else 200)
 
@@ -545,7 +609,20 @@ class SignalRService:
         for connection in list(self._connections.values()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.ws.close(), timeout=2)
+        if self._http is not None:
+            await self._http.close()
         _unregister(self)
+
+
+def _same_service(a: str, b: str) -> bool:
+    """True when two base URLs name the same listener (localhost and 127.0.0.1 are one)."""
+    def key(url: str) -> tuple[str, int, str]:
+        parsed = urlparse(url)
+        host = (parsed.hostname or "").lower()
+        host = "127.0.0.1" if host in ("localhost", "::1", "[::1]") else host
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        return host, port, parsed.path.rstrip("/")
+    return key(a) == key(b)
 
 
 # -- the in-process API -----------------------------------------------------------------------------

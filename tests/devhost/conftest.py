@@ -53,13 +53,14 @@ def host_sample() -> Iterator[HostFactory]:
 
     def factory(functions: frozenset[str] = HTTP_FUNCTIONS, settings: Mapping[str, str] | None = None,
                 queues: QueueOptions | None = None, route_prefix: str = "api", recorder: Recorder | None = None,
-                static_dir: Path | None = None, **options: object) -> Hosted:
+                static_dir: Path | None = None, port: int = 0, **options: object) -> Hosted:
         recorder = recorder or Recorder()
         all_settings = {**SETTINGS, **(settings or {})}
         config = HostConfig(route_prefix=route_prefix, function_timeout_s=60,
                             queues=queues or QueueOptions(max_polling_interval_s=0.5))
         devhost_options = DevhostOptions(only_functions=functions, static_dir=static_dir, **options)  # type: ignore[arg-type]
-        handle = start_devhost_in_process(make_app(recorder), all_settings, config=config, options=devhost_options)
+        handle = start_devhost_in_process(make_app(recorder), all_settings, config=config, options=devhost_options,
+                                          port=port)
         hosted = Hosted(handle, recorder, all_settings)
         started.append(hosted)
         return hosted

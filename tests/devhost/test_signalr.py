@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from devhost import signalr as signalr_api
-from devhost.services.process import ROOT
+from devhost.services.process import ROOT, free_port
 from devhost.signalr import verify_token
 from tests.devhost.conftest import Hosted, HostFactory
 
@@ -272,3 +272,26 @@ def test_unmodified_npm_signalr_client_connects_and_receives(host_sample: HostFa
         assert node.next_event() == {"event": "message", "target": "messagesChanged", "args": [{"upserted": ["m1"]}]}
     finally:
         node.stop()
+
+
+def test_a_second_devhost_forwards_to_the_configured_service(host_sample: HostFactory,
+                                                             clients: list[ProtocolClient]) -> None:
+    """A worker process's output binding reaches clients connected to the HTTP process, through the
+    REST API of the service named in AzureSignalRConnectionString (as in Azure, where it is central)."""
+    port = free_port()
+    connection = f"Endpoint=http://localhost:{port}/signalr;AccessKey=shared-secret;Version=1.0;"
+    service = host_sample(functions=SIGNALR, settings={"AzureSignalRConnectionString": connection}, port=port)
+    worker = host_sample(functions=SIGNALR, settings={"AzureSignalRConnectionString": connection})
+    assert service.handle.devhost.signalr.remote_endpoint is None  # it is the service
+    assert worker.handle.devhost.signalr.remote_endpoint == f"http://localhost:{port}/signalr"
+    client = new_client(clients)
+    info = negotiate(worker, "gina")  # the binding in the worker points clients at the service
+    assert info["url"] == f"http://localhost:{port}/signalr/client/?hub=testhub"
+    client.connect(info)
+    notify(worker, {"userId": "gina", "groupName": "g1", "action": "add"})
+    notify(worker, {"target": "viaRest", "groupName": "g1", "arguments": [1]})
+    assert client.invocation() == {"type": 1, "target": "viaRest", "arguments": [1]}
+    service.stop(0)
+    response = requests.post(worker.url("/api/notify"), data=json.dumps({"target": "x", "arguments": []}),
+                             timeout=20)
+    assert response.status_code == 500  # the service is gone: the invocation fails (and would be retried)
