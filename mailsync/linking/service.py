@@ -143,10 +143,11 @@ def account_view(account: Account, sync: dict[str, Any] | None) -> dict[str, Any
 class _CallbackFailed(Exception):
     """Internal: stop the callback and send the browser back with this error."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, force_error: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.force_error = force_error  # status `error` even for an account that was linked before
 
 
 # -- the service ------------------------------------------------------------------------
@@ -292,9 +293,7 @@ class LinkingService:
             try:
                 linked = self._finish(account, pending, params)
             except _CallbackFailed as failure:
-                # A sync that could not be queued must not look like one running.
-                self._record_failure(account, failure.message,
-                                     force_error=failure.message == SYNC_NOT_STARTED[1])
+                self._record_failure(account, failure.message, force_error=failure.force_error)
                 raise
         except _CallbackFailed as failure:
             log.info("sign-in not completed", extra={"account_id": account_id, "error_code": failure.code})
@@ -317,7 +316,8 @@ class LinkingService:
         try:
             self._start_sync(linked, identity, reason="initial" if account.address is None else "relink")
         except MailsyncError as exc:
-            raise _CallbackFailed(SYNC_NOT_STARTED[0], SYNC_NOT_STARTED[1]) from exc
+            # A sync that could not be queued must not look like one running.
+            raise _CallbackFailed(SYNC_NOT_STARTED[0], SYNC_NOT_STARTED[1], force_error=True) from exc
         return linked
 
     @staticmethod
