@@ -1029,3 +1029,27 @@ def azd_problems(root: Path) -> list[str]:
                     f"{params_path.name}: required parameter {name} is missing (azd would prompt every time)"
                 )
     return problems
+
+
+def host_problems(root: Path) -> list[str]:
+    """host.json suits this deployment: Flex Consumption's bundle, and the /api prefix the Static Web App proxies."""
+    path = root / "host.json"
+    if not path.exists():
+        return ["host.json is missing at the project root"]
+    host = json.loads(path.read_text(encoding="utf-8"))
+    problems = []
+    if host.get("version") != "2.0":
+        problems.append('host.json: version must be "2.0"')
+    bundle = host.get("extensionBundle") or {}
+    lower = re.match(r"^\[\s*(\d+)", str(bundle.get("version", "")))
+    if bundle.get("id") != "Microsoft.Azure.Functions.ExtensionBundle" or lower is None or int(lower.group(1)) < 4:
+        problems.append(
+            "host.json: Flex Consumption needs extensionBundle Microsoft.Azure.Functions.ExtensionBundle "
+            f"[4.0.0, 5.0.0) or later (queue and SignalR bindings come from it), not {bundle or 'none'}"
+        )
+    prefix = host.get("extensions", {}).get("http", {}).get("routePrefix", "api")
+    if prefix != "api":
+        problems.append(
+            f"host.json: routePrefix is {prefix!r}; the Static Web App forwards only /api/* to the Function App"
+        )
+    return problems

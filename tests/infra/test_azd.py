@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.infra import checks
@@ -38,3 +39,18 @@ def test_catches_a_parameter_the_template_does_not_have(project_copy: Path, plan
     assert (
         "main.parameters.json: required parameter elasticsearchUrl is missing (azd would prompt every time)" in problems
     )
+
+
+def test_host_json_suits_flex_consumption_behind_the_static_web_app() -> None:
+    assert checks.host_problems(ROOT) == []
+
+
+def test_catches_an_old_extension_bundle_and_another_route_prefix(tmp_path: Path) -> None:
+    host = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))
+    host["extensionBundle"]["version"] = "[3.*, 4.0.0)"
+    host.setdefault("extensions", {}).setdefault("http", {})["routePrefix"] = ""
+    (tmp_path / "host.json").write_text(json.dumps(host), encoding="utf-8")
+    problems = checks.host_problems(tmp_path)
+    assert len(problems) == 2, problems
+    assert "Flex Consumption needs extensionBundle" in problems[0]
+    assert "routePrefix is ''" in problems[1]
