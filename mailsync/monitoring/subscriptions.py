@@ -200,9 +200,7 @@ class SubscriptionManager:
         if monitor is not None and monitor.subscription_id is not None:
             try:
                 self._api.delete(account_id, monitor.subscription_id)
-            except (ProviderError, NotFound) as exc:
-                log.warning("could not delete the Graph subscription of a deleted account: %s", exc.code)
-            except MailsyncError as exc:  # e.g. the token provider finds no grant any more
+            except MailsyncError as exc:  # Graph down, grant revoked, no token any more
                 log.warning("could not delete the Graph subscription of a deleted account: %s", exc.code)
             self._store.delete(monitor.subscription_id)
         if monitor is not None:
