@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -99,7 +100,7 @@ Listener = Callable[[Any], None]
 
 def iso(ms: int) -> str:
     """Graph's DateTimeOffset form: UTC, whole seconds, ``Z``."""
-    return datetime.fromtimestamp(ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
 
 
 def recipient(address: str, name: str = "") -> dict[str, Any]:
@@ -146,11 +147,17 @@ class Message:
     entered_seq: int = 0           # seq when it entered its current folder
     moves: int = 0                 # how many REST ids it has had
     serial: int = 0
+    _change_key: str = ""
+    _change_key_version: int = 0
 
     @property
     def change_key(self) -> str:
-        return "CQAAABYAAA" + base64.b64encode(
-            self.serial.to_bytes(5, "big") + self.version.to_bytes(4, "big")).decode("ascii")
+        """Exchange's change key: new on every change (cached per version)."""
+        if self._change_key_version != self.version:
+            self._change_key = "CQAAABYAAA" + base64.b64encode(
+                self.serial.to_bytes(5, "big") + self.version.to_bytes(4, "big")).decode("ascii")
+            self._change_key_version = self.version
+        return self._change_key
 
 
 @dataclass(slots=True, eq=False)
@@ -470,6 +477,15 @@ class Mailbox:
         folder = self.folders[draft.folder_id]
         self._drop_message(draft)
         self._emit(MailChange(self.user_id, "deleted", draft.rest_id, folder.id, draft.immutable_id))
+
+    def preview_of(self, message: Message) -> str:
+        """bodyPreview without building the body when it is generated."""
+        if message.preview is not None:
+            return message.preview
+        if message.body_content is None:
+            from graph_sandbox.seed import generated_preview  # late: seed imports this module
+            return generated_preview(message.body_seed)
+        return _preview(message.body_content)
 
     def body_of(self, message: Message) -> tuple[str, str]:
         """(body HTML or text, preview) — generated from the seed when not stored."""

@@ -234,8 +234,9 @@ class Webhook:
         self.thread.start()
 
     def wait_for(self, path: str, count: int = 1) -> list[Any]:
+        """The bodies POSTed to ``path`` once they hold ``count`` notifications (batches count each item)."""
         deadline = time.monotonic() + 60          # a guard against hanging, not a speed assertion
-        while len(self.received.get(path, [])) < count:
+        while sum(len(body.get("value", [])) for body in self.received.get(path, [])) < count:
             assert time.monotonic() < deadline, f"no notification reached {path}: {self.received}"
             time.sleep(0.05)
         return self.received[path]
