@@ -58,11 +58,11 @@ def main() -> None:
     tokens = [str(user_tokens(base_url, u.mail, scope="Mail.ReadWrite User.Read")[0]["access_token"]) for u in users]
     for label, select in (("$select", SELECT), ("full", None)):
         started = time.perf_counter()
+        jobs = [(tok, [f.id for f in server.state.mailbox(u.id).all_folders()]) for u, tok in zip(users, tokens,
+                                                                                                   strict=True)]
         with ThreadPoolExecutor(max_workers=len(users)) as pool:
-            results = list(pool.map(
-                lambda pair: page_mailbox(base_url, pair[1], [f.id for f in server.state.mailbox(pair[0].id)
-                                                              .all_folders()], args.page, select),
-                zip(users, tokens, strict=True)))
+            results = list(pool.map(lambda job, sel=select: page_mailbox(base_url, job[0], job[1], args.page, sel),
+                                    jobs))
         elapsed = time.perf_counter() - started
         messages, pages = sum(r[0] for r in results), sum(r[1] for r in results)
         print(f"{label:8} {messages} messages, {pages} pages of <= {args.page} in {elapsed:.1f} s: "
