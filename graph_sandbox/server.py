@@ -20,10 +20,8 @@ thread, for tests and for the local stack::
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
-from typing import Any
 
 from aiohttp import web
 
@@ -31,26 +29,13 @@ from graph_sandbox.admin import AdminApi
 from graph_sandbox.config import SandboxConfig
 from graph_sandbox.identity import IdentityPlatform
 from graph_sandbox.mail_api import MailApi
+from graph_sandbox.mail_page import MailPage
 from graph_sandbox.state import SandboxState
+from graph_sandbox.subscriptions import SubscriptionService
 
 log = logging.getLogger("graph_sandbox")
 
-# Written by the identity/notifications work; wired when present.
-try:
-    from graph_sandbox.subscriptions import SubscriptionService
-except ImportError:  # pragma: no cover - until graph_sandbox/subscriptions.py lands
-    SubscriptionService = None  # type: ignore[assignment,misc]
-try:
-    from graph_sandbox.mail_page import MailPage
-except ImportError:  # pragma: no cover - until graph_sandbox/mail_page.py lands
-    MailPage = None  # type: ignore[assignment,misc]
-
 STATE_KEY: web.AppKey[SandboxState] = web.AppKey("state", SandboxState)
-
-
-async def _maybe_await(result: Any) -> None:
-    if inspect.isawaitable(result):
-        await result
 
 
 def create_app(config: SandboxConfig, state: SandboxState | None = None) -> web.Application:
@@ -60,20 +45,18 @@ def create_app(config: SandboxConfig, state: SandboxState | None = None) -> web.
     app[STATE_KEY] = state
     identity = IdentityPlatform(state)
     app.add_routes(identity.routes())
-    if SubscriptionService is not None:
-        subscriptions = SubscriptionService(state, identity=identity)
-        app.add_routes(subscriptions.routes())
+    subscriptions = SubscriptionService(state, identity=identity)
+    app.add_routes(subscriptions.routes())
 
-        async def start_subscriptions(_: web.Application) -> None:
-            await _maybe_await(subscriptions.start())
+    async def start_subscriptions(_: web.Application) -> None:
+        await subscriptions.start()
 
-        async def stop_subscriptions(_: web.Application) -> None:
-            await _maybe_await(subscriptions.stop())
+    async def stop_subscriptions(_: web.Application) -> None:
+        await subscriptions.stop()
 
-        app.on_startup.append(start_subscriptions)
-        app.on_cleanup.append(stop_subscriptions)
-    if MailPage is not None:
-        app.add_routes(MailPage(state).routes())
+    app.on_startup.append(start_subscriptions)
+    app.on_cleanup.append(stop_subscriptions)
+    app.add_routes(MailPage(state).routes())
     app.add_routes(AdminApi(state).routes())
     # Last: the catch-all /v1.0/{tail} must not shadow /v1.0/subscriptions.
     app.add_routes(MailApi(state, identity).routes())
