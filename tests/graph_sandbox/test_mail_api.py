@@ -288,3 +288,21 @@ def test_unknown_segments_and_methods(graph_sandbox: SandboxTestServer) -> None:
     graph_error(session.get("me/calendars"), 400, "BadRequest")
     graph_error(session.get("nothing/here"), 400, "BadRequest")
     assert session.put("me/mailFolders/inbox", json={}).status_code == 405
+
+
+def test_move_folder_keeps_its_id_and_messages(sandbox: SandboxTestServer) -> None:
+    session = sandbox.graph(sandbox.users[0])
+    projects = session.post("me/mailFolders", json={"displayName": "Projects 2027"}).json()
+    message = session.get("me/mailFolders/inbox/messages?$top=1").json()["value"][0]
+    session.post(f"me/messages/{message['id']}/move", json={"destinationId": projects["id"]})
+    moved = session.post(f"me/mailFolders/{projects['id']}/move", json={"destinationId": "archive"})
+    assert moved.status_code == 201, moved.text
+    archive = session.get("me/mailFolders/archive").json()
+    assert moved.json()["id"] == projects["id"] and moved.json()["parentFolderId"] == archive["id"]
+    assert moved.json()["totalItemCount"] == 1
+    assert session.get(f"me/messages/{message['id']}").json()["parentFolderId"] == projects["id"]
+    graph_error(session.post(f"me/mailFolders/{archive['id']}/move", json={"destinationId": projects["id"]}),
+                400, "ErrorInvalidRequest")                     # a distinguished folder stays put
+    inner = session.post(f"me/mailFolders/{projects['id']}/childFolders", json={"displayName": "Inner"}).json()
+    graph_error(session.post(f"me/mailFolders/{projects['id']}/move", json={"destinationId": inner["id"]}),
+                400, "ErrorMoveCopyFailed")                     # not into its own subfolder
