@@ -198,7 +198,9 @@ class QueueListener:
         while not self._stopping.is_set():
             free = self._options.batch_size - len(self._in_flight)
             if free <= 0:
-                await self._pause(None)
+                self._wake.clear()  # a finishing invocation sets it again
+                if len(self._in_flight) >= self._options.batch_size:
+                    await self._pause(None)
                 continue
             try:
                 messages = [m async for m in client.receive_messages(
@@ -208,10 +210,10 @@ class QueueListener:
                 failing = False
             except ResourceNotFoundError:
                 messages = []  # the queue does not exist yet: nothing to do (Azure's listener waits too)
-            except AzureError as exc:
+            except Exception as exc:  # AzureError, or anything else: the listener must outlive it
                 if not failing:
                     log.warning("cannot poll queue %s: %s", self.queue_name, type(exc).__name__,
-                                extra={"function": self.spec.name})
+                                exc_info=not isinstance(exc, AzureError), extra={"function": self.spec.name})
                 failing = True
                 messages = []
                 delay = self._options.max_polling_interval_s

@@ -165,3 +165,23 @@ def test_queue_output_binding_feeds_the_trigger(host_sample: HostFactory, work_q
     host.recorder.wait_for(lambda r: len(r.of("worker_done")) == 2)
     host.stop()
     assert sorted(c.data["job"]["id"] for c in host.recorder.of("worker_done")) == [1, 2]
+
+
+def test_listener_outlives_storage_outage(host_sample: HostFactory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Storage down at start (or restarting): the listener backs off, then picks up where it left."""
+    from devhost.services.azurite import connection_string, start_azurite
+    from devhost.services.process import free_port
+
+    queue_port, table_port = free_port(), free_port()
+    settings = {"AzureWebJobsStorage": connection_string("127.0.0.1", queue_port, table_port), "WORK_QUEUE": "late"}
+    host = host_sample(functions=WORKER, settings=settings, queues=QueueOptions(max_polling_interval_s=0.3))
+    azurite = start_azurite(tmp_path / "late-azurite", queue_port=queue_port, table_port=table_port)
+    try:
+        client = QueueClient.from_connection_string(azurite.connection_string, "late")
+        client.create_queue()
+        send(client, {"id": "after-outage"})
+        host.recorder.wait_for(lambda r: len(r.of("worker_done")) == 1)
+        host.stop()
+        assert queue_length(client) == 0
+    finally:
+        azurite.stop()
