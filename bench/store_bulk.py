@@ -88,8 +88,12 @@ def generate(account_id: str, count: int, *, seed: int = 7) -> Iterator[Message]
         )
 
 
-def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> float:
-    """Load ``docs`` messages with bulk chunks of ``chunk`` documents; return documents/s."""
+def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> tuple[float, float, float]:
+    """Load ``docs`` messages with bulk chunks of ``chunk`` documents.
+
+    Returns documents/s overall, for the first batch and for the last one
+    (the two show whether the server slows down as the index grows).
+    """
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     store = ElasticsearchStore(make_client(url, api_key=os.environ.get("ELASTICSEARCH_API_KEY") or None,
                                            request_timeout_s=120),
@@ -98,6 +102,7 @@ def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> float:
     account = "bench-account"
     elapsed = 0.0
     written = 0
+    rates: list[float] = []
     try:
         with store.bulk_load(account):
             pending: list[Message] = []
@@ -106,12 +111,16 @@ def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> float:
                 if len(pending) == batch:
                     t0 = time.perf_counter()
                     written += store.upsert_messages(pending).written
-                    elapsed += time.perf_counter() - t0
+                    took = time.perf_counter() - t0
+                    elapsed += took
+                    rates.append(len(pending) / took)
                     pending = []
             if pending:
                 t0 = time.perf_counter()
                 written += store.upsert_messages(pending).written
-                elapsed += time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                elapsed += took
+                rates.append(len(pending) / took)
         store.refresh()
         stored = store.client.count(index=store.names.messages)["count"]
         if written != docs or stored != docs:
@@ -121,7 +130,7 @@ def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> float:
         store.client.options(ignore_status=404).indices.delete(
             index=[names.messages_index, names.mailboxes_index, names.deadletter_index], ignore_unavailable=True)
         store.close()
-    return docs / elapsed
+    return docs / elapsed, rates[0], rates[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[int, float] = {}
     try:
         for chunk in chunks:
-            rate = run(url, args.docs, chunk, args.batch, args.chunk_bytes)
+            rate, first, last = run(url, args.docs, chunk, args.batch, args.chunk_bytes)
             results[chunk] = rate
-            print(f"  chunk={chunk:>5} docs  {rate:>9.0f} documents/s", flush=True)
+            print(f"  chunk={chunk:>5} docs  {rate:>9.0f} documents/s   "
+                  f"(first batch {first:.0f}/s, last batch {last:.0f}/s)", flush=True)
     finally:
         if server is not None:
             server.close()
