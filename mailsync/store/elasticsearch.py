@@ -51,7 +51,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout, SerializationError, Transport, TransportError
@@ -77,6 +77,9 @@ from mailsync.store.mappings import (
     mailboxes_mapping,
     messages_mapping,
 )
+
+if TYPE_CHECKING:
+    from mailsync.ports import MessageStore
 
 log = logging.getLogger(__name__)
 
@@ -815,3 +818,8 @@ def _raw_message(message: Message) -> dict[str, Any]:
         "version": str(message.version),
         "subject": docs.clean_text(str(message.subject))[:1_000],
     }
+
+
+if TYPE_CHECKING:   # mypy proves the adapter implements the port
+    def _implements_port(store: ElasticsearchStore) -> MessageStore:
+        return store
