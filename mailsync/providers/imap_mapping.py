@@ -1,0 +1,380 @@
+"""IMAP FETCH results → ``Message`` records: headers, RFC 2047, previews, flags.
+
+Why header fields and not ENVELOPE: the provider fetches
+``BODY.PEEK[HEADER.FIELDS (...)]`` (one literal) instead of the ENVELOPE
+item. Both carry the same data (Dovecot builds ENVELOPE from the same
+headers, undecoded), but ENVELOPE is a nest of quoted strings that
+imapclient's lexer walks one character at a time: measured here on 6,000
+messages, parsing ENVELOPE took 2.6 s, the header literal 0.8 s (the
+whole initial sync is bounded by this). Decoding is ours either way:
+ENVELOPE leaves RFC 2047 words encoded too.
+
+Nothing in here may raise for a bad message: a header that is not UTF-8,
+an encoded word with an unknown charset or broken base64, a date nobody
+can read, a 10 MB ``To:`` — each degrades to the best readable text (or
+None), so one odd message never fails a page of thousands. Sizes are
+capped where they are read (``MAX_HEADER_BYTES``, ``MAX_ADDRESSES``,
+``MAX_SUBJECT_CHARS``).
+
+The preview comes from the first bytes of the body (``BODY.PEEK[TEXT]<0.N>``):
+for a single part it is the body; for multipart the first ``text/plain``
+part (else the first ``text/html``, tags stripped) found inside those bytes,
+following nested multiparts by their boundaries. Content-Transfer-Encoding
+and charset are honoured; a cut at the end is fine.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import hashlib
+import quopri
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from mailsync.models import Address, FlagStatus, Message
+
+# What we ask for, in this order (imapclient returns the literal under this key).
+HEADER_FIELDS: tuple[str, ...] = (
+    "DATE", "SUBJECT", "FROM", "SENDER", "TO", "CC", "MESSAGE-ID", "IN-REPLY-TO", "REFERENCES",
+    "CONTENT-TYPE", "CONTENT-TRANSFER-ENCODING", "IMPORTANCE", "X-PRIORITY",
+)
+PREVIEW_CHARS = 255            # Graph's bodyPreview length: the page treats both alike
+MAX_HEADER_BYTES = 16_384      # per header value; the rest of a giant header is dropped
+MAX_ADDRESSES = 100            # per recipient list
+MAX_SUBJECT_CHARS = 2_000
+# Keywords that are protocol state, not the user's categories (RFC 5788 registry and common clients).
+SYSTEM_KEYWORDS = frozenset({
+    "$forwarded", "$mdnsent", "$junk", "$notjunk", "$phishing", "$submitpending", "$submitted",
+    "junk", "nonjunk", "notjunk", "$hasattachment", "$hasnoattachment", "$recent", "$answered",
+})
+
+SEEN = b"\\Seen"
+FLAGGED = b"\\Flagged"
+DRAFT = b"\\Draft"
+
+_ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+_BETWEEN_WORDS = re.compile(rb"\?=[ \t\r\n]+=\?")
+_PARAM = re.compile(r'''(?i);\s*([a-z0-9*_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))''')
+_TAG = re.compile(r"<[^>]*>")
+_STYLE = re.compile(r"(?is)<(style|script)\b.*?</\1>")
+_SPACE = re.compile(r"\s+")
+_ENTITIES = (("&nbsp;", " "), ("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&#39;", "'"), ("&amp;", "&"))
+_R = TypeVar("_R")
+_new = object.__new__
+
+
+def record(cls: type[_R], fields: dict[str, Any]) -> _R:
+    """A frozen dataclass instance without its ``__init__`` (every field given; ~10x faster in the hot loop)."""
+    made = _new(cls)
+    made.__dict__.update(fields)
+    return made
+
+
+# --- text ------------------------------------------------------------------------------------
+
+def to_text(raw: bytes) -> str:
+    """Header bytes as text: UTF-8 when it is, else Windows-1252 (what unlabelled 8-bit mail mostly is)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
+def _charset_decode(data: bytes, charset: str) -> str:
+    try:
+        return data.decode(charset.split("*", 1)[0], errors="replace")   # RFC 2231 language suffix
+    except (LookupError, ValueError):
+        return to_text(data)
+
+
+def _decode_word(match: re.Match[bytes]) -> bytes:
+    charset, encoding, payload = match.group(1), match.group(2), match.group(3)
+    try:
+        if encoding in b"Bb":
+            payload = payload + b"=" * (-len(payload) % 4)
+            data = base64.b64decode(payload, validate=False)
+        else:
+            data = quopri.decodestring(payload.replace(b"_", b" "), header=True)
+    except (binascii.Error, ValueError):
+        return match.group(0)
+    # Re-encode as UTF-8 so the whole header becomes one UTF-8 byte string.
+    return _charset_decode(data, charset.decode("ascii", "replace")).encode("utf-8", "surrogatepass")
+
+
+def decode_header_value(raw: bytes) -> str:
+    """An unfolded header value as text: RFC 2047 words decoded, 8-bit bytes guessed, never an exception."""
+    if b"=?" not in raw:
+        return to_text(raw).strip()
+    # Whitespace between two adjacent encoded words is not part of the text (RFC 2047 §6.2).
+    joined = _BETWEEN_WORDS.sub(b"?==?", raw)
+    try:
+        decoded = _ENCODED_WORD.sub(_decode_word, joined)
+    except (UnicodeError, ValueError):
+        decoded = raw
+    return to_text(decoded).strip()
+
+
+def parse_header_block(raw: bytes | None) -> dict[bytes, bytes]:
+    """``{lower-case name: unfolded value}`` of a header block; the first occurrence of a name wins."""
+    headers: dict[bytes, bytes] = {}
+    if not raw:
+        return headers
+    name: bytes | None = None
+    parts: list[bytes] = []
+    for line in raw.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t") and name is not None:
+            if sum(map(len, parts)) < MAX_HEADER_BYTES:
+                parts.append(b" " + line.strip())
+            continue
+        if name is not None and name not in headers:
+            headers[name] = b"".join(parts)[:MAX_HEADER_BYTES].strip()
+        key, sep, value = line.partition(b":")
+        if not sep or not key or b" " in key.strip():
+            name = None
+            continue
+        name = key.strip().lower()
+        parts = [value[:MAX_HEADER_BYTES]]
+    if name is not None and name not in headers:
+        headers[name] = b"".join(parts)[:MAX_HEADER_BYTES].strip()
+    return headers
+
+
+class AddressCache:
+    """Senders repeat across a mailbox: one ``Address`` per (address, name); bounded."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._cache: dict[bytes, tuple[Address, ...]] = {}
+        self._limit = limit
+
+    def parse(self, raw: bytes | None) -> tuple[Address, ...]:
+        if not raw:
+            return ()
+        found = self._cache.get(raw)
+        if found is None:
+            found = parse_addresses(raw)
+            if len(self._cache) >= self._limit:
+                self._cache.clear()
+            self._cache[raw] = found
+        return found
+
+
+def parse_addresses(raw: bytes) -> tuple[Address, ...]:
+    """An address-list header as ``Address`` records (names RFC 2047-decoded; at most MAX_ADDRESSES)."""
+    text = to_text(raw)
+    try:
+        pairs = email.utils.getaddresses([text])
+    except (ValueError, IndexError, TypeError):
+        return ()
+    found: list[Address] = []
+    for name, address in pairs:
+        if not address and not name:
+            continue
+        if "=?" in name:
+            name = decode_header_value(name.encode("utf-8", "surrogatepass"))
+        found.append(record(Address, {"address": address.strip(), "name": name.strip()}))
+        if len(found) >= MAX_ADDRESSES:
+            break
+    return tuple(found)
+
+
+def parse_date(raw: bytes | None) -> datetime | None:
+    if not raw:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(to_text(raw))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)   # "-0000": time zone unknown (RFC 5322 §3.3)
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None
+
+
+def utc(value: Any) -> datetime | None:
+    """An INTERNALDATE as UTC (imapclient gives a tz-aware datetime with normalise_times off)."""
+    if not isinstance(value, datetime):
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+# --- MIME, just enough for a preview -----------------------------------------------------------
+
+def content_type(raw: bytes | None) -> tuple[str, dict[str, str]]:
+    """``("multipart/mixed", {"boundary": ...})`` from a Content-Type value; text/plain when absent."""
+    if not raw:
+        return "text/plain", {}
+    text = to_text(raw)
+    main = text.split(";", 1)[0].strip().lower() or "text/plain"
+    params: dict[str, str] = {}
+    for match in _PARAM.finditer(text):
+        value = match.group(2) if match.group(2) is not None else match.group(3)
+        params.setdefault(match.group(1).lower(), value.replace('\\"', '"'))
+    return main, params
+
+
+def _transfer_decode(body: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    try:
+        if encoding == "base64":
+            compact = b"".join(body.split())
+            compact = compact[: len(compact) - len(compact) % 4]
+            return base64.b64decode(compact, validate=False)
+        if encoding == "quoted-printable":
+            return quopri.decodestring(body)
+    except (binascii.Error, ValueError):
+        return b""
+    return body
+
+
+def html_to_text(html: str) -> str:
+    text = _TAG.sub(" ", _STYLE.sub(" ", html))
+    for entity, char in _ENTITIES:
+        text = text.replace(entity, char)
+    return text
+
+
+def _first_text(body: bytes, ctype: str, params: Mapping[str, str], encoding: str,
+                depth: int = 0) -> tuple[str, bool] | None:
+    """The first readable text of a (possibly cut) MIME body: (text, is_html), or None."""
+    if ctype.startswith("multipart/"):
+        boundary = params.get("boundary")
+        if not boundary or depth > 5:
+            return None
+        html: tuple[str, bool] | None = None
+        delimiter = b"--" + boundary.encode("utf-8", "replace")
+        for part in body.split(delimiter)[1:]:
+            if part.startswith(b"--"):
+                break   # the closing delimiter
+            head, sep, content = part.partition(b"\r\n\r\n")
+            if not sep:
+                head, sep, content = part.partition(b"\n\n")
+            headers = parse_header_block(head.strip(b"\r\n"))
+            sub_type, sub_params = content_type(headers.get(b"content-type"))
+            if b"attachment" in headers.get(b"content-disposition", b"").lower():
+                continue
+            found = _first_text(content, sub_type, sub_params,
+                                to_text(headers.get(b"content-transfer-encoding", b"")), depth + 1)
+            if found is None:
+                continue
+            if not found[1]:
+                return found
+            html = html or found
+        return html
+    if ctype not in ("text/plain", "text/html"):
+        return None
+    text = _charset_decode(_transfer_decode(body, encoding), params.get("charset") or "utf-8")
+    return text, ctype == "text/html"
+
+
+def preview_of(body: bytes | None, headers: Mapping[bytes, bytes]) -> str:
+    """Up to ``PREVIEW_CHARS`` of readable body text, whitespace collapsed."""
+    if not body:
+        return ""
+    ctype, params = content_type(headers.get(b"content-type"))
+    try:
+        found = _first_text(body, ctype, params, to_text(headers.get(b"content-transfer-encoding", b"")))
+    except (ValueError, UnicodeError, LookupError):
+        found = None
+    if found is None:
+        return ""
+    text, is_html = found
+    if is_html:
+        text = html_to_text(text)
+    return _SPACE.sub(" ", text[: PREVIEW_CHARS * 8]).strip()[:PREVIEW_CHARS]
+
+
+def has_attachments(headers: Mapping[bytes, bytes]) -> bool:
+    """multipart/mixed, or a body that is not text at all (a bare PDF): the common clients' rule of thumb."""
+    ctype, _ = content_type(headers.get(b"content-type"))
+    if ctype.startswith("multipart/"):
+        return ctype == "multipart/mixed"
+    return not ctype.startswith("text/")
+
+
+def importance(headers: Mapping[bytes, bytes]) -> str:
+    value = to_text(headers.get(b"importance", b"")).strip().lower()
+    if value in ("high", "low", "normal"):
+        return value
+    priority = to_text(headers.get(b"x-priority", b"")).strip()[:1]
+    if priority in ("1", "2"):
+        return "high"
+    if priority in ("4", "5"):
+        return "low"
+    return "normal"
+
+
+def conversation_id(headers: Mapping[bytes, bytes]) -> str | None:
+    """The thread's first Message-ID (References, else In-Reply-To, else its own), hashed to a short key."""
+    for name in (b"references", b"in-reply-to", b"message-id"):
+        value = headers.get(name)
+        if value:
+            first = value.split(b">", 1)[0].strip()
+            if first:
+                return hashlib.sha1(first + b">").hexdigest()[:24]
+    return None
+
+
+# --- flags -----------------------------------------------------------------------------------------
+
+def categories(flags: tuple[bytes, ...]) -> tuple[str, ...]:
+    """Keywords (flags without a backslash), minus protocol keywords, in server order."""
+    found: list[str] = []
+    for flag in flags:
+        if flag[:1] == b"\\":
+            continue
+        text = to_text(flag)
+        if text.lower() in SYSTEM_KEYWORDS:
+            continue
+        found.append(text)
+    return tuple(found)
+
+
+def flags_key(flags: tuple[bytes, ...]) -> bytes:
+    """A canonical form of a flag set (order and case of system flags do not matter)."""
+    return b" ".join(sorted(f.lower() if f[:1] == b"\\" else f for f in flags if f.lower() != b"\\recent"))
+
+
+# --- the record --------------------------------------------------------------------------------------
+
+def map_message(*, account_id: str, folder_id: str, message_id: str, version: int, flags: tuple[bytes, ...],
+                internal_date: Any, header_block: bytes | None, text: bytes | None,
+                addresses: AddressCache) -> Message:
+    """One fetched message → ``Message`` (see the module docstring for what degrades how)."""
+    headers = parse_header_block(header_block)
+    get = headers.get
+    senders = addresses.parse(get(b"from")) or addresses.parse(get(b"sender"))
+    message_id_header = get(b"message-id")
+    return record(Message, {
+        "account_id": account_id,
+        "message_id": message_id,
+        "folder_id": folder_id,
+        "version": version,
+        "subject": decode_header_value(get(b"subject", b""))[:MAX_SUBJECT_CHARS],
+        "sender": senders[0] if senders else None,
+        "to": addresses.parse(get(b"to")),
+        "cc": addresses.parse(get(b"cc")),
+        "received_at": utc(internal_date),
+        "sent_at": parse_date(get(b"date")),
+        "modified_at": None,
+        "is_read": SEEN in flags,
+        "flag_status": FlagStatus.FLAGGED if FLAGGED in flags else FlagStatus.NOT_FLAGGED,
+        "importance": importance(headers),
+        "categories": categories(flags),
+        "has_attachments": has_attachments(headers),
+        "conversation_id": conversation_id(headers),
+        "internet_message_id": to_text(message_id_header).strip()[:998] if message_id_header else None,
+        "body_preview": preview_of(text, headers),
+        "body_text": None,
+        "is_draft": DRAFT in flags,
+    })
