@@ -124,6 +124,12 @@ class Settings:
     poll_tick_s: int = 60                        # period of the poll_scheduler timer
     poll_interval_subscribed_s: int = 6 * 3600   # safety sweep of accounts with a healthy webhook; 0 = off
 
+    # IMAP accounts (mailsync.providers.imap; see docs/imap.md).
+    imap_page_size: int = 1000                   # messages per UID FETCH page
+    imap_timeout_s: float = 20.0                 # connect and read timeout
+    imap_allow_insecure: bool = False            # allow "security": "none" (plaintext) — tests / local dev only
+    imap_poll_concurrency: int = 8               # STATUS polls of IMAP accounts in flight per timer tick
+
     # Realtime.
     signalr_hub: str = "mailsync"
 
@@ -191,6 +197,10 @@ class Settings:
             notify_max_ids=_int(e, "NOTIFY_MAX_IDS", 100),
             poll_tick_s=_int(e, "POLL_TICK_S", 60),
             poll_interval_subscribed_s=_int(e, "POLL_INTERVAL_SUBSCRIBED_S", 6 * 3600),
+            imap_page_size=_int(e, "IMAP_PAGE_SIZE", 1000),
+            imap_timeout_s=_float(e, "IMAP_TIMEOUT_S", 20.0),
+            imap_allow_insecure=_flag(e.get("IMAP_ALLOW_INSECURE"), False),
+            imap_poll_concurrency=_int(e, "IMAP_POLL_CONCURRENCY", 8),
             signalr_hub=e.get("SIGNALR_HUB") or "mailsync",
             max_body_bytes=_int(e, "MAX_BODY_BYTES", 1_000_000),
             log_format=e.get("LOG_FORMAT") or "json",
@@ -207,6 +217,8 @@ class Settings:
             raise ConfigurationError("GRAPH_MAX_CONCURRENCY must be 1..4 (Graph allows 4 per mailbox)")
         if not 1 <= self.graph_page_size <= 1000:
             raise ConfigurationError("GRAPH_PAGE_SIZE must be 1..1000")
+        if not 1 <= self.imap_page_size <= 10_000 or self.imap_timeout_s <= 0 or self.imap_poll_concurrency < 1:
+            raise ConfigurationError("IMAP_PAGE_SIZE must be 1..10000, IMAP_TIMEOUT_S and IMAP_POLL_CONCURRENCY positive")
         if not 60 <= self.subscription_lifetime_s <= 4230 * 60:
             raise ConfigurationError("SUBSCRIPTION_LIFETIME_S must be 60..253800 (Graph's Outlook maximum)")
         if not 0 <= self.subscription_renew_before_s < self.subscription_lifetime_s:
