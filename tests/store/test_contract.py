@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from elasticsearch import Elasticsearch
 
 from mailsync.errors import InputError, StoreError, StoreUnavailable
 from mailsync.models import (
@@ -203,14 +204,13 @@ def test_items_refused_past_the_retries_raise_after_the_rest_is_written(
     assert store.dead_letters("acct1") == []   # overload is not poison: nothing dead-lettered
 
 
-def test_poison_document_is_dead_lettered_and_the_rest_written(search_store_url: str, store_prefix: str,
+def test_poison_document_is_dead_lettered_and_the_rest_written(search_store_client: Elasticsearch, store_prefix: str,
                                                                make_store: Callable[..., ElasticsearchStore]) -> None:
     """A document the cluster refuses (here: a live mapping that drifted from the code's) is kept, not lost."""
     names = IndexNames(store_prefix)
     drifted = messages_mapping("drifted")
     drifted["properties"]["conversation_id"] = {"type": "long"}
-    setup = make_client(search_store_url)
-    setup.indices.create(index=names.messages_index, mappings=drifted, settings=index_settings(),
+    search_store_client.indices.create(index=names.messages_index, mappings=drifted, settings=index_settings(),
                          aliases={names.messages: {"is_write_index": True}})
     plan = FaultPlan()
     store = make_store(transport_class=faulty_transport(plan))
@@ -227,7 +227,6 @@ def test_poison_document_is_dead_lettered_and_the_rest_written(search_store_url:
     assert letter.doc_id == "acct1:m2" and letter.target == "messages" and letter.status == 400
     assert "conversation_id" in letter.reason
     assert letter.document is not None and letter.document["conversation_id"] == "AAQkADAwATM3ZmYAZS0"
-    setup.close()
 
 
 def test_invalid_message_is_dead_lettered_without_being_sent(make_store: Callable[..., ElasticsearchStore]) -> None:
@@ -498,12 +497,10 @@ def test_unreachable_store_is_unavailable() -> None:
         dead.generation()
 
 
-def test_foreign_index_behind_the_alias_is_refused(search_store_url: str, store_prefix: str,
+def test_foreign_index_behind_the_alias_is_refused(search_store_client: Elasticsearch, store_prefix: str,
                                                    make_store: Callable[..., ElasticsearchStore]) -> None:
     names = IndexNames(store_prefix)
-    setup = make_client(search_store_url)
-    setup.indices.create(index=names.messages_index, aliases={names.messages: {}},
+    search_store_client.indices.create(index=names.messages_index, aliases={names.messages: {}},
                          mappings={"properties": {"x": {"type": "keyword"}}})
     with pytest.raises(StoreError, match="not created by mailsync"):
         make_store()
-    setup.close()
