@@ -332,7 +332,8 @@ class ElasticsearchStore:
             return self.ensure_ready()
 
     def _read_generation(self) -> str:
-        wanted = f"{self.names.messages},{self.names.mailboxes}"
+        # The dead-letter index is fetched too, so a missing one gets recreated, but not part of the id.
+        wanted = f"{self.names.messages},{self.names.mailboxes},{self.names.deadletter}"
         try:
             found = self._es.indices.get(index=wanted)
         except NotFoundError as exc:
@@ -345,8 +346,10 @@ class ElasticsearchStore:
             info = found.body[name]
             meta = (info.get("mappings") or {}).get("_meta") or {}
             uuid_ = ((info.get("settings") or {}).get("index") or {}).get("uuid", "")
-            families.add(str(meta.get("family", "")))
-            parts.append(f"{name}={meta.get('generation', '')}/{uuid_}")
+            family = str(meta.get("family", ""))
+            families.add(family)
+            if family != "deadletter":
+                parts.append(f"{name}={meta.get('generation', '')}/{uuid_}")
         if not {"messages", "mailboxes"} <= families:
             raise StoreError(f"indices behind {wanted} were not created by mailsync (no _meta.family)")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]

@@ -456,6 +456,10 @@ def test_generation_is_stable_and_changes_when_indices_are_recreated(store: Elas
     assert second == store.generation()
     assert store.upsert_messages([msg("acct1", 2)]).written == 1   # the recreated index works
 
+    store.client.indices.delete(index=store.names.deadletter_index)
+    assert store.generation() == second                              # dead letters are not mail...
+    assert store.client.indices.exists_alias(name=store.names.deadletter)   # ...but the index comes back
+
 
 def test_writes_never_auto_create_a_deleted_index(store: ElasticsearchStore) -> None:
     store.client.indices.delete(index=store.names.messages_index)
