@@ -206,6 +206,18 @@ class MessagesChanged:
 
 
 @dataclass(frozen=True)
+class LiveConnectionInfo:
+    """Where the page's SignalR client connects, and with which token (the negotiate answer)."""
+
+    url: str                         # the service's client endpoint: <endpoint>/client/?hub=<hub>
+    access_token: str = field(repr=False)
+
+    def to_json(self) -> dict[str, str]:
+        """The body ``@microsoft/signalr`` expects from a negotiate redirect."""
+        return {"url": self.url, "accessToken": self.access_token}
+
+
+@dataclass(frozen=True)
 class Job:
     """A queue job for the sync worker. Serialised as JSON by mailsync.jobs."""
 

@@ -19,6 +19,7 @@ from mailsync.models import (
     FolderBatch,
     FolderView,
     Job,
+    LiveConnectionInfo,
     Mailbox,
     Message,
     MessageBatch,
@@ -190,4 +191,15 @@ class SubscriptionRegistry(Protocol):
 
     def delete_for_account(self, account_id: str) -> None:
         """Delete every subscription of the account, at the provider and locally (idempotent)."""
+        ...
+
+
+class LiveConnections(Protocol):
+    """Mints connection info for the page's live channel (Azure SignalR Service, serverless).
+
+    The user id must be one the caller has verified: every message for that
+    user reaches whoever holds the token.
+    """
+
+    def connection_info(self, user_id: str) -> LiveConnectionInfo:
         ...

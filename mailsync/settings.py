@@ -132,6 +132,12 @@ class Settings:
 
     # Realtime.
     signalr_hub: str = "mailsync"
+    # The SignalR service the page's negotiate hands out (mailsync.realtime.connection_info): a
+    # connection string with an AccessKey locally (the devhost), identity-based in Azure
+    # (AzureSignalRConnectionString__serviceUri + __clientId, access keys disabled).
+    signalr_connection_string: str | None = field(default=None, repr=False)
+    signalr_service_uri: str | None = None
+    signalr_client_id: str | None = None
 
     # HTTP front door.
     max_body_bytes: int = 1_000_000
@@ -202,6 +208,9 @@ class Settings:
             imap_allow_insecure=_flag(e.get("IMAP_ALLOW_INSECURE"), False),
             imap_poll_concurrency=_int(e, "IMAP_POLL_CONCURRENCY", 8),
             signalr_hub=e.get("SIGNALR_HUB") or "mailsync",
+            signalr_connection_string=e.get("AzureSignalRConnectionString") or None,
+            signalr_service_uri=e.get("AzureSignalRConnectionString__serviceUri") or None,
+            signalr_client_id=e.get("AzureSignalRConnectionString__clientId") or None,
             max_body_bytes=_int(e, "MAX_BODY_BYTES", 1_000_000),
             log_format=e.get("LOG_FORMAT") or "json",
             local_dir=e.get("MAILSYNC_LOCAL_DIR") or ".local",

@@ -19,12 +19,13 @@ SCANNED = ("mailsync", "functions", "function_app.py")
 #  library               may be imported only in
 ADAPTERS: dict[str, tuple[str, ...]] = {
     "msal":                ("mailsync/auth/*",),
-    "requests":            ("mailsync/auth/*", "mailsync/providers/graph_client.py"),
+    "requests":            ("mailsync/auth/*", "mailsync/providers/graph_client.py",
+                            "mailsync/realtime/service_tokens.py"),
     "elasticsearch":       ("mailsync/store/*",),
     "elastic_transport":   ("mailsync/store/*",),
     "azure.data.tables":   ("mailsync/storage/*",),
     "azure.storage.queue": ("mailsync/storage/*",),
-    "azure.identity":      ("mailsync/storage/*",),
+    "azure.identity":      ("mailsync/storage/*", "mailsync/realtime/service_tokens.py"),
     "azure.core":          ("mailsync/storage/*",),
     "imapclient":          ("mailsync/providers/imap*.py",),
     "azure.functions":     ("functions/*", "function_app.py"),

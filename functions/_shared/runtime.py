@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from mailsync.monitoring.notifications import NotificationReceiver
     from mailsync.monitoring.polling import PollScheduler
     from mailsync.monitoring.subscriptions import SubscriptionManager
+    from mailsync.ports import LiveConnections
+    from mailsync.reading import MailReader
+    from mailsync.realtime.live_channel import LiveChannel
     from mailsync.security.crypto import TokenCipher
     from mailsync.storage.accounts import TableAccountRepository
     from mailsync.storage.cursors import SyncStateTable
@@ -261,6 +264,29 @@ class Runtime:
         from mailsync.monitoring.polling import PollScheduler
 
         return PollScheduler(self.settings, self.accounts, self.subscription_store, self.job_queue)
+
+    # -- the web page: read API and live channel (docs/live-page.md) -------------------
+
+    @cached_property
+    def live_connections(self) -> LiveConnections:
+        """Mints SignalR client connection info (AccessKey locally, managed identity in Azure)."""
+        from mailsync.realtime.connection_info import connections_from_settings
+
+        return connections_from_settings(self.settings)
+
+    @cached_property
+    def live_channel(self) -> LiveChannel:
+        """POST /api/negotiate: bearer token → connection info for that account's user id."""
+        from mailsync.realtime.live_channel import LiveChannel
+
+        return LiveChannel(self.account_access, self.live_connections)
+
+    @cached_property
+    def mail_reader(self) -> MailReader:
+        """GET /api/accounts/{id}/mailboxes and /messages, through the store's read methods."""
+        from mailsync.reading import MailReader
+
+        return MailReader(self.account_access, lambda: self.store)
 
 
 @functools.cache

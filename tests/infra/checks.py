@@ -456,6 +456,8 @@ LOCAL_ONLY = {
     "AzureWebJobsStorage__accountName/__credential/__clientId instead",
     "GRAPH_SANDBOX_URL": "the local Graph sandbox; in Azure MS_CLIENT_ID is set and Microsoft Graph is used",
     "MAILSYNC_LOCAL_DIR": "local state for development (sandbox-only key); never used in Azure",
+    "AzureSignalRConnectionString": "a connection string carries the AccessKey (the devhost's); Azure uses the "
+    "identity-based AzureSignalRConnectionString__serviceUri/__credential/__clientId (access keys are disabled)",
 }
 # Settings the Functions host and its platform read themselves.
 HOST_PREFIXES = ("AzureWebJobs", "FUNCTIONS_", "APPLICATIONINSIGHTS_")
