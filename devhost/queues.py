@@ -124,7 +124,10 @@ class QueueClients:
         if client is None:
             # No encode/decode policy: the host handles messageEncoding itself, so a
             # body that is not base64 can be poisoned with a reason instead of crashing.
-            client = QueueClient.from_connection_string(connection_string(self._settings, connection), queue)
+            # Short retries: the listener has its own back-off, and Azure's 15 s default would stall it.
+            client = QueueClient.from_connection_string(
+                connection_string(self._settings, connection), queue, connection_timeout=5,
+                initial_backoff=1, increment_base=2, retry_total=2, random_jitter_range=1)
             self._clients[key] = client
         return client
 

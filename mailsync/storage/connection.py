@@ -22,6 +22,7 @@ from azure.core.credentials import TokenCredential
 from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.queue import (
     BinaryBase64DecodePolicy,
+    ExponentialRetry,
     QueueClient,
     QueueServiceClient,
     TextBase64EncodePolicy,
@@ -32,6 +33,16 @@ from mailsync.settings import Settings
 
 # Fail fast rather than hang a function: a few seconds to connect, a bounded read.
 CLIENT_OPTIONS: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 30}
+
+
+def _options(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {**CLIENT_OPTIONS, **overrides}
+
+
+def _queue_retry() -> ExponentialRetry:
+    # Retries after ~1, 3 and 5 s; the queue SDK's default waits 15, 18 and 24 s between tries,
+    # which would hold a function far longer than the outage. (Tables' default backs off from 0.8 s.)
+    return ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=3, random_jitter_range=1)
 
 
 def _credential(settings: Settings) -> TokenCredential:
@@ -49,7 +60,7 @@ def _require_storage(settings: Settings) -> None:
 def table_service(settings: Settings, **options: Any) -> TableServiceClient:
     """A Tables service client (``options`` override the client defaults, e.g. ``retry_total=0``)."""
     _require_storage(settings)
-    kwargs = {**CLIENT_OPTIONS, **options}
+    kwargs = _options(options)
     if settings.storage_connection_string:
         return TableServiceClient.from_connection_string(settings.storage_connection_string, **kwargs)
     endpoint = f"https://{settings.storage_account_name}.table.core.windows.net"
@@ -70,14 +81,18 @@ def table_client(settings: Settings, suffix: str, **options: Any) -> TableClient
 
 
 def _queue_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    return {**CLIENT_OPTIONS, "message_encode_policy": TextBase64EncodePolicy(),
-            "message_decode_policy": BinaryBase64DecodePolicy(), **options}
+    defaults: dict[str, Any] = {"message_encode_policy": TextBase64EncodePolicy(),
+                                "message_decode_policy": BinaryBase64DecodePolicy()}
+    if "retry_total" not in options:
+        defaults["retry_policy"] = _queue_retry()
+    return _options({**defaults, **options})
 
 
 def queue_service(settings: Settings, **options: Any) -> QueueServiceClient:
     """A Queues service client (account-level calls: list, create, properties)."""
     _require_storage(settings)
-    kwargs = {**CLIENT_OPTIONS, **options}
+    kwargs = _options({} if "retry_total" in options else {"retry_policy": _queue_retry()})
+    kwargs.update(options)
     if settings.storage_connection_string:
         return QueueServiceClient.from_connection_string(settings.storage_connection_string, **kwargs)
     endpoint = f"https://{settings.storage_account_name}.queue.core.windows.net"
