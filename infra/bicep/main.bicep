@@ -176,6 +176,19 @@ param notifyCoalesceS int = 1
 @description('NOTIFY_MAX_IDS: message ids kept per account before syncing all folders instead.')
 param notifyMaxIds int = 100
 
+@minValue(1)
+@maxValue(10000)
+@description('IMAP_PAGE_SIZE: messages per UID FETCH page for IMAP accounts.')
+param imapPageSize int = 1000
+
+@minValue(1)
+@description('IMAP_TIMEOUT_S: IMAP connect and read timeout (seconds).')
+param imapTimeoutS int = 20
+
+@minValue(1)
+@description('IMAP_POLL_CONCURRENCY: IMAP accounts polled at once per timer tick.')
+param imapPollConcurrency int = 8
+
 @description('MAX_BODY_BYTES: largest HTTP request body accepted.')
 param maxBodyBytes int = 1000000
 
@@ -313,6 +326,9 @@ var appSettings = {
   SUBSCRIPTION_RENEW_BEFORE_S: string(subscriptionRenewBeforeS)
   NOTIFY_COALESCE_S: string(notifyCoalesceS)
   NOTIFY_MAX_IDS: string(notifyMaxIds)
+  IMAP_PAGE_SIZE: string(imapPageSize)
+  IMAP_TIMEOUT_S: string(imapTimeoutS)
+  IMAP_POLL_CONCURRENCY: string(imapPollConcurrency)
   SIGNALR_HUB: signalRHub
   MAX_BODY_BYTES: string(maxBodyBytes)
   LOG_FORMAT: logFormat

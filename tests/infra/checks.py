@@ -456,6 +456,7 @@ LOCAL_ONLY = {
     "AzureWebJobsStorage__accountName/__credential/__clientId instead",
     "GRAPH_SANDBOX_URL": "the local Graph sandbox; in Azure MS_CLIENT_ID is set and Microsoft Graph is used",
     "MAILSYNC_LOCAL_DIR": "local state for development (sandbox-only key); never used in Azure",
+    "IMAP_ALLOW_INSECURE": "plaintext IMAP is for tests and local servers; a deployment keeps the default (off)",
     "AzureSignalRConnectionString": "a connection string carries the AccessKey (the devhost's); Azure uses the "
     "identity-based AzureSignalRConnectionString__serviceUri/__credential/__clientId (access keys are disabled)",
 }
