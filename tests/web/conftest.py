@@ -1,0 +1,68 @@
+"""The page's HTTP surface under the devhost: Azurite, the search store, the Graph sandbox.
+
+``web_env(...)`` builds the app settings every web test module uses (its
+own queue, tables and index prefix; a SignalR AccessKey the tests know, so
+they can check tokens and publish through the service's REST API).
+``WebHost`` wraps a started devhost with small HTTP helpers.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from mailsync.settings import Settings
+from tests.fixtures.azurite import unique_name
+from tests.fixtures.devhost import DevhostProcess
+
+KEY_ENTRY = f"web1:{base64.b64encode(bytes(range(90, 122))).decode()}"
+SIGNALR_KEY = "web-tests-signalr-access-key-0123456789abcdef"
+
+
+def web_env(*, connection_string: str, search_store_url: str, sandbox_url: str, port: int, local_dir: Path,
+            **extra: str) -> dict[str, str]:
+    """App settings for a devhost on ``port`` (chosen first: the SignalR connection string names it)."""
+    env = {
+        "AzureWebJobsStorage": connection_string,
+        "SYNC_QUEUE_NAME": unique_name("web"),
+        "TABLE_PREFIX": unique_name("w"),
+        "GRAPH_SANDBOX_URL": sandbox_url,
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "TOKEN_ENCRYPTION_KEYS": KEY_ENTRY,
+        "ELASTICSEARCH_URL": search_store_url,
+        "ELASTICSEARCH_INDEX_PREFIX": unique_name("w"),
+        "MAILSYNC_LOCAL_DIR": str(local_dir),
+        "SIGNALR_HUB": "mailsync",
+        "AzureSignalRConnectionString": f"Endpoint=http://127.0.0.1:{port}/signalr;AccessKey={SIGNALR_KEY};Version=1.0;",
+    }
+    env.update(extra)
+    return env
+
+
+@dataclass
+class WebHost:
+    host: DevhostProcess
+    env: dict[str, str]
+
+    @property
+    def api(self) -> str:
+        return f"{self.host.base_url}/api"
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env)
+
+    def create_account(self) -> tuple[str, str]:
+        """A new local account (status linking): (account_id, access_token)."""
+        response = requests.post(f"{self.api}/accounts", json={"provider": "outlook"}, timeout=30)
+        assert response.status_code == 201, response.text
+        body = response.json()
+        return body["account_id"], body["access_token"]
+
+    def get(self, path: str, token: str | None, **params: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        return requests.get(f"{self.api}/{path}", headers=headers, params=params, timeout=30)
