@@ -359,6 +359,7 @@ class SignalRService:
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
             web.post(f"{PATH}/client/negotiate", self._negotiate),
+            web.options(f"{PATH}/client/negotiate", self._preflight),
             web.get(f"{PATH}/client/", self._websocket),
             web.get(f"{PATH}/client", self._websocket),
             web.post(f"{PATH}/api/v1/hubs/{{hub}}", self._rest),
@@ -415,7 +416,26 @@ class SignalRService:
         except aiohttp.ClientError as exc:
             raise SignalRError(f"cannot reach the SignalR service: {type(exc).__name__}") from exc
 
+    async def _preflight(self, request: web.Request) -> web.Response:
+        """CORS preflight: the service accepts any origin (the page is usually elsewhere in Azure)."""
+        response = web.Response(status=204)
+        _allow_origin(request, response)
+        response.headers["Access-Control-Allow-Methods"] = "POST, GET, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", "authorization, content-type, x-requested-with, x-signalr-user-agent")
+        response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
     async def _negotiate(self, request: web.Request) -> web.Response:
+        try:
+            response = await self._negotiate_inner(request)
+        except web.HTTPException as exc:
+            _allow_origin(request, exc)
+            raise
+        _allow_origin(request, response)
+        return response
+
+    async def _negotiate_inner(self, request: web.Request) -> web.Response:
         hub, claims = self._client_claims(request)
         now = time.time()
         for token in [t for t, p in self._pending.items() if p.expires < now]:
@@ -612,6 +632,14 @@ class SignalRService:
         if self._http is not None:
             await self._http.close()
         _unregister(self)
+
+
+def _allow_origin(request: web.Request, response: web.StreamResponse) -> None:
+    origin = request.headers.get("Origin")
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Vary"] = "Origin"
 
 
 def _same_service(a: str, b: str) -> bool:

@@ -295,3 +295,22 @@ def test_a_second_devhost_forwards_to_the_configured_service(host_sample: HostFa
     response = requests.post(worker.url("/api/notify"), data=json.dumps({"target": "x", "arguments": []}),
                              timeout=20)
     assert response.status_code == 500  # the service is gone: the invocation fails (and would be retried)
+
+
+def test_negotiate_allows_cross_origin_pages(host_sample: HostFactory) -> None:
+    """The page may come from another origin (localhost vs 127.0.0.1, a static web app): CORS as the service."""
+    host = host_sample(functions=SIGNALR)
+    info = negotiate(host, "hana")
+    negotiate_url = info["url"].replace("/client/?", "/client/negotiate?") + "&negotiateVersion=1"
+    origin = "http://localhost:4280"
+    preflight = requests.options(negotiate_url, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,x-signalr-user-agent"}, timeout=10)
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == origin
+    assert preflight.headers["Access-Control-Allow-Headers"] == "authorization,x-signalr-user-agent"
+    ok = requests.post(negotiate_url, headers={"Origin": origin, "Authorization": f"Bearer {info['accessToken']}"},
+                       timeout=10)
+    assert ok.status_code == 200 and ok.headers["Access-Control-Allow-Origin"] == origin
+    denied = requests.post(negotiate_url, headers={"Origin": origin}, timeout=10)
+    assert denied.status_code == 401 and denied.headers["Access-Control-Allow-Origin"] == origin
