@@ -97,8 +97,12 @@ def new_owner(delivery_id: str) -> str:
     return f"{delivery_id}#{uuid.uuid4().hex[:12]}"
 
 
-def _delivery(owner: str) -> str:
+def delivery_of(owner: str) -> str:
+    """The queue delivery part of a lease owner token."""
     return owner.rpartition("#")[0] or owner
+
+
+_delivery = delivery_of
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ from mailsync.models import (
 )
 from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MailProvider, MessageStore, ProviderFactory
 from mailsync.settings import Settings
-from mailsync.storage.cursors import AccountSyncState, Lease, SyncState, SyncStateTable, new_owner
+from mailsync.storage.cursors import AccountSyncState, Lease, SyncState, SyncStateTable, delivery_of, new_owner
 from mailsync.sync import policy
 from mailsync.sync.pipeline import PageReader
 
@@ -170,7 +170,7 @@ class SyncEngine:
     def __init__(self, settings: Settings, *, accounts: AccountRepository, providers: ProviderFactory,
                  store: MessageStore, state: SyncStateTable, queue: JobQueue,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, backoff_cap_s: float = policy.BACKOFF_CAP_S) -> None:
         self.settings = settings
         self.accounts = accounts
         self.providers = providers
@@ -180,6 +180,7 @@ class SyncEngine:
         self.clock = clock
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self.backoff_cap_s = backoff_cap_s
         # Test seam: called with (folder_id, page number) before a page is written.
         self.before_write: Callable[[str, int], None] | None = None
 
@@ -256,6 +257,7 @@ class _Invocation:
                 return Outcome.BUSY
         outcome = Outcome.DONE
         try:
+            self._reclaim_dead_leases(rows)
             self._work(target)
             while not self.end_now and self._time_left() > 0.2 * e.settings.sync_time_budget_s:
                 pending = self._next_pending()
@@ -275,6 +277,19 @@ class _Invocation:
         if outcome in (Outcome.DONE, Outcome.DEFERRED) and not self.continued:
             self._continue_pending()
         return outcome
+
+    def _reclaim_dead_leases(self, rows: AccountSyncState) -> None:
+        """Give back the leases an earlier delivery of this message held when its worker died.
+
+        The worker may have been paging a folder it picked up after its own
+        target; only this message's redelivery knows that worker is dead, so
+        it frees those rows for whoever runs next (possibly itself).
+        """
+        mine = delivery_of(self.owner)
+        for row in _all_rows(rows):
+            if row.lease_owner and delivery_of(row.lease_owner) == mine:
+                log.info("reclaiming a lease from a dead delivery", extra={"reclaimed_folder": row.folder_id})
+                self._release_quietly(Lease(row, row.lease_owner))
 
     def _target(self, rows: AccountSyncState) -> str:
         kind, folder_id = self.job.kind, self.job.folder_id
@@ -312,6 +327,14 @@ class _Invocation:
         return ordered[0] if ordered else None
 
     def _continue_pending(self) -> None:
+        """Hand pending rows to a fresh invocation (we may have just freed the slot they wait for).
+
+        Rows leased by another worker are not ours to continue: that worker
+        finishes them, or, if it died, the queue redelivers its message and
+        the redelivery takes the lease over. (A message that ends on the
+        poison queue leaves its lease to expire; the next poll or
+        notification then finds the row free.)
+        """
         rows = self._load()
         ordered = policy.pending_order(_all_rows(rows), self._store_generation(), self.e.clock())
         if ordered:
@@ -350,7 +373,7 @@ class _Invocation:
                 attempt = 0 if policy.retryable(exc) else policy.MAX_QUICK_RETRIES
                 log.info("folder list fault, back later: %s", exc.code)
                 self._defer(box[0], policy.wait_for(exc, attempt=attempt, failures=box[0].state.failures,
-                                                    time_left_s=0.0, rng=e.rng))
+                                                    time_left_s=0.0, rng=e.rng, cap_s=e.backoff_cap_s))
                 raise _Stop(Outcome.DEFERRED) from exc
             except BaseException:
                 self._release_quietly(box[0])
@@ -545,14 +568,14 @@ class _Invocation:
                 removed = e.store.remove_stale(self.account_id, folder_id, state.epoch)
                 if removed:
                     log.info("removed %d stale message(s)", removed)
-            finished = e.state.finish(lease, phase=SyncPhase.INCREMENTAL, rounds=state.rounds + 1, failures=0,
-                                      **fields)
+            final = {**fields, "phase": SyncPhase.INCREMENTAL, "rounds": state.rounds + 1, "failures": 0}
+            finished = e.state.finish(lease, **final)
         except MailsyncError as exc:
             if isinstance(exc, LeaseLost) or not policy.retryable(exc):
                 raise
             # The final cursor is not saved: the continuation re-reads the last page.
             self._defer(lease, policy.wait_for(exc, attempt=policy.MAX_QUICK_RETRIES, failures=state.failures,
-                                               time_left_s=0.0, rng=e.rng))
+                                               time_left_s=0.0, rng=e.rng, cap_s=e.backoff_cap_s))
             raise _Stop(Outcome.DEFERRED) from exc
         done = replace(state, phase=SyncPhase.INCREMENTAL, rounds=state.rounds + 1)
         if was_full:
@@ -604,7 +627,8 @@ class _Invocation:
                 raise _Stop(Outcome.REAUTH) from exc
             except NotFound:
                 # The folder is gone at the provider (or never was): the folder list decides.
-                wait = policy.Wait(policy.backoff_seconds(lease.state.failures, e.rng), False, False, "not_found")
+                delay = policy.backoff_seconds(lease.state.failures, e.rng, cap_s=e.backoff_cap_s)
+                wait = policy.Wait(delay, False, False, "not_found")
                 self._defer(lease, wait, requeue=False)
                 self._enqueue_continuation(None, reason="folder_not_found")
                 return _Deferred()
@@ -615,9 +639,9 @@ class _Invocation:
                     log.warning("folder failed: %s", exc.code, extra={"error": exc.message})
                     return self._defer(lease, policy.wait_for(exc, attempt=policy.MAX_QUICK_RETRIES,
                                                                failures=lease.state.failures,
-                                                               time_left_s=0.0, rng=e.rng))
+                                                               time_left_s=0.0, rng=e.rng, cap_s=e.backoff_cap_s))
                 wait = policy.wait_for(exc, attempt=attempt, failures=lease.state.failures,
-                                       time_left_s=self._time_left(), rng=e.rng)
+                                       time_left_s=self._time_left(), rng=e.rng, cap_s=e.backoff_cap_s)
                 if not wait.in_place:
                     log.info("transient fault, back later: %s", exc.code, extra={"wait_s": round(wait.seconds, 2)})
                     return self._defer(lease, wait)
@@ -708,7 +732,7 @@ class _Invocation:
                 if not policy.retryable(exc):
                     raise
                 wait = policy.wait_for(exc, attempt=attempt, failures=0, time_left_s=self._time_left(),
-                                       rng=self.e.rng)
+                                       rng=self.e.rng, cap_s=self.e.backoff_cap_s)
                 if not wait.in_place:
                     raise
                 attempt += 1
@@ -808,10 +832,11 @@ class _Invocation:
         return self.deadline - self.e.clock()
 
     def _acquire_quietly(self, folder_id: str | None) -> Lease | None:
-        """Take a lease without marking the row dirty when busy (continuations, first screen)."""
-        state = self.e.state.get(self.account_id, folder_id)
-        if state is None or state.leased(self.e.clock()):
-            return None
+        """Take a lease without marking the row dirty when busy (continuations, first screen).
+
+        Like ``acquire``, it takes over a lease held by an earlier delivery of
+        the same queue message (that worker died mid-page).
+        """
         try:
             return self.e.state.acquire(self.account_id, folder_id, self.owner, mark_busy=False)
         except LeaseLost:

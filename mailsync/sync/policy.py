@@ -50,9 +50,9 @@ def needs_full_round(state: SyncState, generation: str) -> bool:
     return not state.cursor or state.resync_requested or state.generation != generation
 
 
-def backoff_seconds(failures: int, rng: random.Random | None = None) -> float:
+def backoff_seconds(failures: int, rng: random.Random | None = None, *, cap_s: float = BACKOFF_CAP_S) -> float:
     """Exponential back-off with full jitter over a folder's consecutive failures."""
-    return backoff_delay(failures, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rng=rng)
+    return backoff_delay(failures, base_s=BACKOFF_BASE_S, cap_s=cap_s, rng=rng)
 
 
 def is_pending(state: SyncState, generation: str, now: float) -> bool:
@@ -103,7 +103,7 @@ def retryable(error: BaseException) -> bool:
 
 
 def wait_for(error: MailsyncError, *, attempt: int, failures: int, time_left_s: float,
-             rng: random.Random | None = None) -> Wait:
+             rng: random.Random | None = None, cap_s: float = BACKOFF_CAP_S) -> Wait:
     """The wait after a transient fault.
 
     ``Retry-After`` is honoured as given (throttling, 503); without it the
@@ -119,7 +119,7 @@ def wait_for(error: MailsyncError, *, attempt: int, failures: int, time_left_s: 
     if retry_after is not None:
         seconds = retry_after
     else:
-        seconds = backoff_delay(failures + attempt, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rng=rng)
+        seconds = backoff_delay(failures + attempt, base_s=BACKOFF_BASE_S, cap_s=cap_s, rng=rng)
     in_place = seconds <= SHORT_WAIT_S and attempt < MAX_QUICK_RETRIES and seconds < time_left_s
     return Wait(seconds=max(0.0, seconds), in_place=in_place,
                 mailbox_wide=isinstance(error, ProviderThrottled), reason=error.code)

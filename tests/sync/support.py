@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from azure.data.tables import TableServiceClient
+from typing import Any
 
 from mailsync.settings import Settings
+from mailsync.storage.connection import table_client
 from mailsync.storage.cursors import SyncStateTable
 
 
-def sync_table(settings: Settings, **options: object) -> SyncStateTable:
-    """The sync state table of these settings, created if missing."""
-    assert settings.storage_connection_string
-    service = TableServiceClient.from_connection_string(settings.storage_connection_string)
-    table = SyncStateTable(service.get_table_client(f"{settings.table_prefix}sync"), **options)  # type: ignore[arg-type]
+def sync_table(settings: Settings, *, table_class: type[SyncStateTable] = SyncStateTable,
+               **options: Any) -> SyncStateTable:
+    """The sync state table of these settings (TABLE_PREFIX + "sync"), created if missing."""
+    table = table_class(table_client(settings, "sync"), **options)
     table.ensure_table()
     return table

@@ -1,0 +1,201 @@
+"""The engine against real services (sandbox, Azurite, osmem), one scenario per test.
+
+Each test builds a :class:`~tests.sync.world.SyncWorld` (a seeded linked
+account and the engine) and drives it through the queue with
+:class:`~tests.sync.world.QueuePump`, then compares the store with the
+sandbox's ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from mailsync.jobs import JobKind, new_job
+from mailsync.models import AccountStatus, SyncPhase
+from mailsync.settings import Settings
+from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.sync.engine import Delivery, Outcome
+from tests.fixtures.graph_sandbox import SandboxTestServer
+from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world
+
+
+@pytest.fixture
+def sandbox(sandbox_factory: Callable[..., SandboxTestServer]) -> SandboxTestServer:
+    return sandbox_factory(users=2, messages_per_user=300)
+
+
+def world_settings(storage_env: dict[str, str], sandbox: SandboxTestServer, **overrides: str) -> Settings:
+    env = {**storage_env, "GRAPH_SANDBOX_URL": sandbox.base_url, "SYNC_TIME_BUDGET_S": "10",
+           "GRAPH_PAGE_SIZE": "50", "FOLDER_LEASE_S": "30", **overrides}
+    return Settings.from_env(env)
+
+
+@pytest.fixture
+def world(storage_env: dict[str, str], sandbox: SandboxTestServer, store: ElasticsearchStore) -> SyncWorld:
+    return make_world(world_settings(storage_env, sandbox), sandbox, store, backoff_cap_s=2.0)
+
+
+@pytest.fixture
+def pump(world: SyncWorld) -> Iterator[QueuePump]:
+    pump = QueuePump(world, workers=4, visibility_s=2)
+    pump.start()
+    yield pump
+    pump.stop()
+
+
+def synced(world: SyncWorld, pump: QueuePump) -> None:
+    world.start_initial_sync()
+    pump.drain()
+    difference = compare(world)
+    assert not difference, difference.summary()
+
+
+def test_initial_sync_makes_the_store_equal_the_mailbox(world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    assert world.account_status() == AccountStatus.SYNCED
+    rows = world.state.load(world.account_id)
+    assert rows.folder_list is not None and rows.folder_list.rounds >= 1
+    assert all(r.phase == SyncPhase.INCREMENTAL and r.rounds >= 1 and not r.lease_owner for r in rows.folders.values())
+    assert rows.slots_busy == 0
+    # The first thing the page heard about was the newest Inbox messages, and it heard "synced".
+    first = world.events.changes[0]
+    inbox = next(r.folder_id for r in rows.folders.values() if r.role == "inbox")
+    assert 0 < len(first.upserted) <= world.settings.first_screen_messages
+    assert {m.folder_id for m in first.upserted} == {inbox}
+    assert any(p.phase == "synced" for p in world.events.progress)
+    mailbox = world.store.get_mailbox(world.account_id)
+    assert mailbox is not None and mailbox.status == AccountStatus.SYNCED
+
+
+def test_changes_after_sync_arrive_with_the_next_job(world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    result = world.sandbox.admin("POST", f"mailboxes/{world.user.id}/churn", json={"operations": 40, "seed": 3})
+    assert result.status_code == 200, result.text
+    assert compare(world), "the churn changed something"
+    world.poll()
+    pump.drain()
+    difference = compare(world)
+    assert not difference, difference.summary()
+
+
+def test_duplicate_and_late_jobs_are_harmless(world: SyncWorld, pump: QueuePump) -> None:
+    world.queue.duplicate_rate = 1.0   # every job twice
+    synced(world, pump)
+    world.queue.duplicate_rate = 0.0
+    for _ in range(3):
+        world.poll()
+    world.queue.enqueue(new_job(JobKind.RESYNC_FOLDER, world.account_id, "not-a-folder"))
+    pump.drain()
+    assert not compare(world)
+
+
+def test_a_worker_dying_mid_page_is_taken_over_by_the_redelivery(world: SyncWorld, pump: QueuePump) -> None:
+    deaths = {"left": 3}
+
+    def die(folder_id: str, page: int) -> None:
+        if page == 1 and deaths["left"] > 0:
+            deaths["left"] -= 1
+            type(world.state).dead.value = True   # type: ignore[attr-defined]
+            raise WorkerKilled()
+
+    world.engine.before_write = die
+    synced(world, pump)
+    assert pump.stats.kills == 3
+    assert world.state.load(world.account_id).slots_busy == 0
+
+
+def test_throttling_is_waited_out_through_the_queue(world: SyncWorld, pump: QueuePump) -> None:
+    world.sandbox.admin("PUT", "faults", json={"profile": "none", "overrides": {"storm": 0.15, "storm_s": 3}})
+    try:
+        synced(world, pump)
+    finally:
+        world.sandbox.admin("PUT", "faults", json={"profile": "none"})
+    counters = world.sandbox.admin("GET", "counters").json()
+    assert counters, "the sandbox served the sync"
+
+
+def test_expired_delta_tokens_resync_without_blanking(world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    before = world.state.load(world.account_id)
+    world.sandbox.admin("POST", f"mailboxes/{world.user.id}/churn", json={"operations": 30, "seed": 5})
+    assert world.sandbox.admin("POST", f"users/{world.user.id}/invalidate-delta").status_code == 200
+    world.poll()
+    pump.drain()
+    assert not compare(world)
+    after = world.state.load(world.account_id)
+    resynced = [f for f, r in after.folders.items() if f in before.folders and r.epoch > before.folders[f].epoch]
+    assert resynced, "410 restarted the folders in a new epoch"
+
+
+def test_store_recreated_means_resync(world: SyncWorld, pump: QueuePump, make_store: Callable[..., Any]) -> None:
+    synced(world, pump)
+    client = world.store.client
+    names = world.store.names
+    client.indices.delete(index=[names.messages_index, names.mailboxes_index])
+    world.store.ensure_ready()
+    world.poll()
+    pump.drain()
+    assert not compare(world)
+
+
+def test_folder_deleted_while_it_is_synced(world: SyncWorld, pump: QueuePump) -> None:
+    graph = world.sandbox.graph(world.user)
+    folder = graph.post("me/mailFolders", json={"displayName": "Doomed"}).json()["id"]
+    inbox = graph.get("me/mailFolders/inbox/messages?$top=20&$select=id").json()["value"]
+    for message in inbox:
+        graph.post(f"me/messages/{message['id']}/move", json={"destinationId": folder})
+    synced(world, pump)
+    # Deleted twice: to Deleted Items, then for good (with its messages).
+    assert graph.delete(f"me/mailFolders/{folder}").status_code == 204
+    assert graph.delete(f"me/mailFolders/{folder}").status_code == 204
+    world.queue.enqueue(new_job(JobKind.SYNC_FOLDER, world.account_id, folder, reason="notified"))
+    world.poll()
+    pump.drain()
+    difference = compare(world)
+    assert not difference, difference.summary()
+    assert folder not in world.state.load(world.account_id).folders
+
+
+def test_revoked_grant_stops_the_account(world: SyncWorld, pump: QueuePump) -> None:
+    calls = {"n": 0}
+
+    class Revoked:
+        def access_token(self, account_id: str, *, force_refresh: bool = False) -> str:
+            from mailsync.errors import ReauthRequired
+
+            calls["n"] += 1
+            raise ReauthRequired("invalid_grant")
+
+    world.engine.providers = type(world.engine.providers)(world.settings, Revoked())  # type: ignore[call-arg]
+    world.start_initial_sync()
+    pump.drain()
+    assert world.account_status() == AccountStatus.REAUTH_REQUIRED
+    assert calls["n"] >= 1
+    assert any(p.phase == "reauth_required" for p in world.events.progress)
+    n = calls["n"]
+    world.poll()
+    pump.drain()
+    assert calls["n"] == n, "no Graph calls for an account that must sign in again"
+
+
+def test_job_for_a_busy_folder_marks_it_dirty_and_the_holder_runs_again(world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    pump.stop()
+    rows = world.state.load(world.account_id)
+    inbox = next(r for r in rows.folders.values() if r.role == "inbox")
+    assert inbox.folder_id is not None
+    holder = world.state.acquire(world.account_id, inbox.folder_id, "someone#1")
+    assert holder is not None
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox.folder_id)
+    outcome = world.engine.handle(job, Delivery("d-1"), world.events)
+    assert outcome == Outcome.DONE
+    assert world.state.get(world.account_id, inbox.folder_id).dirty  # type: ignore[union-attr]
+    assert world.state.finish(holder) is not None, "the holder must run one more round"
+
+
+def test_unknown_account_jobs_are_dropped(world: SyncWorld) -> None:
+    job = new_job(JobKind.SYNC_FOLDERS, "0" * 32)
+    assert world.engine.handle(job, Delivery("d"), world.events) == Outcome.DROPPED
