@@ -134,7 +134,7 @@ def _unpack(prefix: str, cursor: str, what: str) -> dict[str, Any]:
 def encode_folder_cursor(cursor: FolderCursor) -> str:
     body: dict[str, Any] = {"v": cursor.uidvalidity, "m": cursor.mode, "s": cursor.stage, "b": cursor.below,
                             "q": cursor.modseq, "n": cursor.uidnext}
-    if cursor.stage == "drain":
+    if cursor.stage != "sync":   # walk and drain end on this baseline
         body["tq"], body["tn"] = cursor.target_modseq, cursor.target_uidnext
     if cursor.mode != "q":
         body["c"], body["k"] = cursor.count, cursor.block_bits

@@ -56,7 +56,8 @@ SEEN = b"\\Seen"
 FLAGGED = b"\\Flagged"
 DRAFT = b"\\Draft"
 
-_ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+# The closing "?=" may be missing on the last word: a header cut at MAX_HEADER_BYTES, or a sloppy sender.
+_ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)(?:\?=|$)")
 _BETWEEN_WORDS = re.compile(rb"\?=[ \t\r\n]+=\?")
 _PARAM = re.compile(r'''(?i);\s*([a-z0-9*_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))''')
 _TAG = re.compile(r"<[^>]*>")
