@@ -119,6 +119,9 @@ class MessageBatch:
     it and passing it back resumes exactly after this batch. ``complete``
     is True when this batch reached the end of the current round (Graph's
     deltaLink, IMAP's caught-up state): the folder is in sync as of now.
+    A message id appears at most once in a batch, in ``upserts`` or in
+    ``removals``: the provider keeps the stream's last word on it (a
+    message moved away and back within the batch is an upsert).
     """
 
     upserts: tuple[Message, ...]

@@ -268,6 +268,12 @@ def _page_link(body: Mapping[str, Any]) -> tuple[str, bool]:
     raise MalformedResponse("Graph delta page has neither nextLink nor deltaLink")
 
 
+def _split(last: Mapping[str, _R | None]) -> tuple[tuple[_R, ...], tuple[str, ...]]:
+    upserts = tuple(value for value in last.values() if value is not None)
+    removals = tuple(key for key, value in last.items() if value is None)
+    return upserts, removals
+
+
 # --- the provider ------------------------------------------------------------
 
 class GraphProvider:
@@ -302,15 +308,18 @@ class GraphProvider:
             body = self._client.get(self._checked(link), headers=self._headers)
         items = _page_items(body)
         link, complete = _page_link(body)
-        upserts: list[Folder] = []
-        removals: list[str] = []
+        last: dict[str, Folder | None] = {}
         for item in items:
             if "@removed" in item:
                 if isinstance(item.get("id"), str):
-                    removals.append(item["id"])
+                    last.pop(item["id"], None)
+                    last[item["id"]] = None
                 continue
-            upserts.append(map_folder(item, self._account_id, roles))
-        return FolderBatch(upserts=tuple(upserts), removals=tuple(removals),
+            folder = map_folder(item, self._account_id, roles)
+            last.pop(folder.folder_id, None)
+            last[folder.folder_id] = folder
+        upserts, removals = _split(last)
+        return FolderBatch(upserts=upserts, removals=removals,
                            cursor=encode_cursor(link, complete=complete, roles=roles), complete=complete)
 
     def _well_known_roles(self) -> dict[str, str]:
@@ -340,15 +349,22 @@ class GraphProvider:
         link, complete = _page_link(body)
         account_id = self._account_id
         body_max = self._body_max
-        upserts: list[Message] = []
-        removals: list[str] = []
+        # One entry per id, the stream's last word on it: a message that left
+        # and came back within a page (moved away and back) is an upsert, one
+        # that changed and then left is a removal.
+        last: dict[str, Message | None] = {}
         for item in items:
             if "@removed" in item:
                 if isinstance(item.get("id"), str):
-                    removals.append(item["id"])
+                    last.pop(item["id"], None)
+                    last[item["id"]] = None
                 continue
-            upserts.append(map_message(item, account_id, folder_id, body_max, observed_ms))
-        return MessageBatch(upserts=tuple(upserts), removals=tuple(removals),
+            message = map_message(item, account_id, folder_id, body_max, observed_ms)
+            if message.message_id in last:
+                del last[message.message_id]
+            last[message.message_id] = message
+        upserts, removals = _split(last)
+        return MessageBatch(upserts=upserts, removals=removals,
                             cursor=encode_cursor(link, complete=complete), complete=complete)
 
     def newest_messages(self, folder_id: str, limit: int) -> tuple[Message, ...]:

@@ -93,6 +93,8 @@ class Mirror:
 
     def apply(self, folder_id: str, batch: MessageBatch) -> None:
         self.batches += 1
+        ids = [m.message_id for m in batch.upserts] + list(batch.removals)
+        assert len(ids) == len(set(ids)), "an id appears at most once in a batch"
         for message in batch.upserts:
             assert message.folder_id == folder_id, "a folder's stream writes only its own folder"
             stored = self.messages.get(message.message_id)
@@ -202,6 +204,17 @@ class ProviderContract:
         mirror.sync(provider)
         assert_mirror_equals(mirror, harness)
         harness.delete_folder(created)
+        mirror.sync(provider)
+        assert_mirror_equals(mirror, harness)
+
+    def test_moved_away_and_back_is_still_there(self, harness: MailboxHarness) -> None:
+        provider = harness.open()
+        mirror = Mirror()
+        mirror.sync(provider)
+        other = next(fid for fid in harness.folders() if fid != harness.inbox_id)
+        for message_id in _some(harness, 2, lambda m: m.folder_id == harness.inbox_id):
+            harness.move(message_id, other)
+            harness.move(message_id, harness.inbox_id)
         mirror.sync(provider)
         assert_mirror_equals(mirror, harness)
 

@@ -120,6 +120,33 @@ class KillableState(SyncStateTable):
             super().release_slot(slot)
 
 
+class _VisibilityKeeper:
+    """Keeps a running message invisible, as the Functions host does for long invocations."""
+
+    def __init__(self, client: Any, message: Any, visibility_s: int) -> None:
+        self._client = client
+        self._id = message.id
+        self.pop_receipt = message.pop_receipt
+        self._visibility_s = visibility_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._visibility_s / 2):
+            try:
+                updated = self._client.update_message(self._id, self.pop_receipt,
+                                                      visibility_timeout=self._visibility_s)
+                self.pop_receipt = updated.pop_receipt
+            except Exception:
+                return
+
+    def stop(self) -> None:
+        """Stop renewing (a killed worker stops too: the message then reappears)."""
+        self._stop.set()
+        self._thread.join()
+
+
 @dataclass
 class PumpStats:
     runs: int = 0
@@ -169,6 +196,7 @@ class QueuePump:
         body = message.content.decode() if isinstance(message.content, bytes) else message.content
         job = decode_job(body)
         KillableState.dead.value = False
+        keeper = _VisibilityKeeper(self.client, message, self.visibility_s)
         try:
             outcome = world.engine.handle(job, Delivery(message.id, message.dequeue_count), world.events)
         except WorkerKilled:
@@ -180,10 +208,11 @@ class QueuePump:
                      exc_info=not isinstance(exc, InjectedFault))
             return
         finally:
+            keeper.stop()
             KillableState.dead.value = False
             self.stats.runs += 1
         self.stats.outcomes[outcome.value] = self.stats.outcomes.get(outcome.value, 0) + 1
-        self.client.delete_message(message)
+        self.client.delete_message(message.id, keeper.pop_receipt)
 
     def pending(self) -> int:
         return int(self.client.get_queue_properties().approximate_message_count or 0)
