@@ -227,7 +227,8 @@ class Settings:
         if not 1 <= self.graph_page_size <= 1000:
             raise ConfigurationError("GRAPH_PAGE_SIZE must be 1..1000")
         if not 1 <= self.imap_page_size <= 10_000 or self.imap_timeout_s <= 0 or self.imap_poll_concurrency < 1:
-            raise ConfigurationError("IMAP_PAGE_SIZE must be 1..10000, IMAP_TIMEOUT_S and IMAP_POLL_CONCURRENCY positive")
+            raise ConfigurationError(
+                "IMAP_PAGE_SIZE must be 1..10000, IMAP_TIMEOUT_S and IMAP_POLL_CONCURRENCY positive")
         if not 60 <= self.subscription_lifetime_s <= 4230 * 60:
             raise ConfigurationError("SUBSCRIPTION_LIFETIME_S must be 60..253800 (Graph's Outlook maximum)")
         if not 0 <= self.subscription_renew_before_s < self.subscription_lifetime_s:

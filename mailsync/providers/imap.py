@@ -483,6 +483,35 @@ class ImapProvider:
         return messages
 
 
+STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "HIGHESTMODSEQ")
+
+
+def folder_moved(cursor: str | None, entry: MailboxEntry) -> bool:
+    """Does a folder's STATUS (``STATUS_ITEMS``) differ from where its cursor left it?
+
+    For the STATUS poller and the listener. Only a cursor at rest (stage
+    ``sync``) is compared: a walk or drain in progress has its own catch-up
+    at the end of its round. Without HIGHESTMODSEQ (mode ``f``) only new
+    mail and expunges show in STATUS; flag changes wait for the periodic
+    full sweep.
+    """
+    if not cursor:
+        return False
+    try:
+        state = decode_folder_cursor(cursor)
+    except CursorExpired:
+        return True
+    if state.stage != "sync":
+        return False
+    if entry.uidvalidity is not None and entry.uidvalidity != state.uidvalidity:
+        return True
+    if entry.uidnext is not None and entry.uidnext != state.uidnext:
+        return True
+    if state.mode in ("q", "c") and entry.highestmodseq is not None and entry.highestmodseq != state.modseq:
+        return True
+    return state.mode != "q" and entry.messages is not None and entry.messages != state.count
+
+
 def _vanished_uids(line: bytes, upper: int) -> list[int]:
     text = line.decode("ascii", "replace")
     if text.upper().startswith("(EARLIER)"):

@@ -265,32 +265,43 @@ class ImapSession:
 
     # --- folders --------------------------------------------------------------------------------
 
-    def list_mailboxes(self) -> list[MailboxEntry]:
-        """Every mailbox, with SPECIAL-USE flags and counts (LIST-STATUS in one round trip when offered)."""
+    def list_mailboxes(self, status_items: Sequence[str] = ("MESSAGES", "UNSEEN"), *,
+                       status_for: Callable[[MailboxEntry], bool] | None = None) -> list[MailboxEntry]:
+        """Every mailbox with SPECIAL-USE flags and STATUS ``status_items``.
+
+        One round trip with LIST-STATUS (RFC 5819); without it, one STATUS per
+        selectable mailbox (or per mailbox ``status_for`` accepts).
+        """
         with self.errors("LIST"):
             imap = self.client._imap
             imap.untagged_responses = {}
             extended = self.has("LIST-EXTENDED")
-            status = self.has("LIST-STATUS")
+            status = self.has("LIST-STATUS") and bool(status_items)
+            wanted = [i for i in status_items if i != "HIGHESTMODSEQ" or self.has("CONDSTORE")]
             returns: list[bytes] = []
             if extended and self.has("SPECIAL-USE"):
                 returns.append(b"SPECIAL-USE")
             if status:
-                returns.append(b"STATUS (MESSAGES UNSEEN)")
+                returns.append(b"STATUS (" + " ".join(wanted).encode() + b")")
             args = [b'""', b'"*"']
             if extended and returns:
                 args += [b"RETURN", b"(" + b" ".join(returns) + b")"]
             lines = self.client._raw_command_untagged(b"LIST", args, uid=False, response_name="LIST")
             statuses = imap.untagged_responses.pop("STATUS", [])
+            imap.untagged_responses = {}
             entries = self._entries(lines)
             counts = {name: items for name, items in (_parse_status(line) for line in statuses if line)}
         found: list[MailboxEntry] = []
         for name, delimiter, flags in entries:
+            entry = MailboxEntry(name=name, delimiter=delimiter, flags=flags)
             items = counts.get(name)
-            if items is None and not status and "\\noselect" not in flags and "\\nonexistent" not in flags:
-                items = self.status(name, ("MESSAGES", "UNSEEN"))
-            found.append(MailboxEntry(name=name, delimiter=delimiter, flags=flags,
-                                      messages=(items or {}).get("MESSAGES"), unseen=(items or {}).get("UNSEEN")))
+            if (items is None and wanted and not status and not flags & {"\\noselect", "\\nonexistent"}
+                    and (status_for is None or status_for(entry))):
+                items = self.status(name, wanted)
+            items = items or {}
+            found.append(MailboxEntry(name=name, delimiter=delimiter, flags=flags, messages=items.get("MESSAGES"),
+                                      unseen=items.get("UNSEEN"), uidnext=items.get("UIDNEXT"),
+                                      uidvalidity=items.get("UIDVALIDITY"), highestmodseq=items.get("HIGHESTMODSEQ")))
         return found
 
     def _entries(self, lines: Sequence[Any]) -> list[tuple[str, str | None, frozenset[str]]]:
