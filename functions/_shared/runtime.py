@@ -22,11 +22,13 @@ if TYPE_CHECKING:
     from mailsync.linking.access import AccountAccess
     from mailsync.linking.service import LinkingService
     from mailsync.monitoring.handler import MonitoringJobs
+    from mailsync.monitoring.imap_poll import ImapStatusPoller
     from mailsync.monitoring.lifecycle import LifecycleReceiver
     from mailsync.monitoring.notifications import NotificationReceiver
     from mailsync.monitoring.polling import PollScheduler
     from mailsync.monitoring.subscriptions import SubscriptionManager
     from mailsync.ports import LiveConnections
+    from mailsync.providers.imap import ImapProviderFactory
     from mailsync.reading import MailReader
     from mailsync.realtime.live_channel import LiveChannel
     from mailsync.security.crypto import TokenCipher
@@ -133,6 +135,7 @@ class Runtime:
     @cached_property
     def linking(self) -> LinkingService:
         """Create / link / show / unlink accounts: POST /api/accounts, the OAuth callback, /api/accounts/{id}."""
+        from mailsync.linking.imap import ImapLinker
         from mailsync.linking.outlook import OutlookLinker
         from mailsync.linking.return_urls import ReturnUrlPolicy
         from mailsync.linking.service import LinkingService
@@ -148,7 +151,7 @@ class Runtime:
             access=self.account_access,
             jobs=self._linking_job_queue,
             return_urls=ReturnUrlPolicy.from_base(settings.return_url_allowlist, settings.public_base_url),
-            linkers={Provider.OUTLOOK: OutlookLinker(self.msal_app, redirect_uri)},
+            linkers={Provider.OUTLOOK: OutlookLinker(self.msal_app, redirect_uri), Provider.IMAP: ImapLinker(settings)},
             store=(lambda: self.store) if settings.elasticsearch_url else None,
             sync_status=self.sync_status,
             subscriptions=self.subscription_registry,
@@ -170,12 +173,24 @@ class Runtime:
         return state
 
     @cached_property
+    def imap_providers(self) -> ImapProviderFactory:
+        """IMAP sessions per account, from the sealed settings linking stored (docs/imap.md)."""
+        from mailsync.linking.imap import SealedCredentials
+        from mailsync.providers.imap import ImapProviderFactory
+
+        return ImapProviderFactory(self.settings, SealedCredentials(self.token_store))
+
+    @cached_property
     def sync_engine(self) -> SyncEngine:
+        from mailsync.models import Provider
         from mailsync.providers.graph import GraphProviderFactory
+        from mailsync.providers.router import ProviderRouter
         from mailsync.sync.engine import SyncEngine
 
+        providers = ProviderRouter({Provider.OUTLOOK: GraphProviderFactory(self.settings, self.token_provider),
+                                    Provider.IMAP: self.imap_providers})
         return SyncEngine(self.settings, accounts=self.accounts,
-                          providers=GraphProviderFactory(self.settings, self.token_provider),
+                          providers=providers,
                           store=self.store, state=self.sync_state, queue=self.job_queue)
 
     @cached_property
@@ -258,6 +273,14 @@ class Runtime:
         locator = GraphMessageLocator(AccountGraphClients(self.settings, self.token_provider))
         return MonitoringJobs(self.pending_notifications, self.accounts, self.store, locator,
                               self.subscription_manager, self.job_queue)
+
+    @cached_property
+    def imap_poller(self) -> ImapStatusPoller:
+        """STATUS polling of IMAP accounts on the poll timer (mailsync.monitoring.imap_poll)."""
+        from mailsync.monitoring.imap_poll import ImapStatusPoller
+
+        return ImapStatusPoller(self.accounts, self.sync_state, self.imap_providers.connect, self.job_queue,
+                                concurrency=self.settings.imap_poll_concurrency)
 
     @cached_property
     def poll_scheduler(self) -> PollScheduler:

@@ -20,3 +20,4 @@ bp = func.Blueprint()
 def poll_scheduler(timer: func.TimerRequest) -> None:
     with log_context(function="poll_scheduler"):
         runtime().poll_scheduler.tick()
+        runtime().imap_poller.tick()   # IMAP accounts: STATUS every tick, a job only where something moved

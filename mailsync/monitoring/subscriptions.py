@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, ProviderError, ReauthRequired
 from mailsync.jobs import JobKind, new_job
-from mailsync.models import Account, AccountStatus, Job
+from mailsync.models import Account, AccountStatus, Job, Provider
 from mailsync.monitoring.records import (
     AccountDirectory,
     AccountMonitor,
@@ -245,7 +245,8 @@ class SubscriptionManager:
 
     def _watched_accounts(self) -> Iterator[Account]:
         for account in self._accounts.iter_accounts():
-            if account.status in WATCHED_STATUSES:
+            # Graph subscriptions are for Outlook accounts; IMAP ones are watched by mailsync.monitoring.imap_poll.
+            if account.status in WATCHED_STATUSES and account.provider == Provider.OUTLOOK:
                 yield account
 
     def _renewal_due(self, monitor: AccountMonitor, now: datetime) -> bool:
