@@ -7,11 +7,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+# The page's SignalR client: the npm package's browser bundle, copied beside the page (git-ignored).
+WEB_VENDOR := static_web/vendor/signalr.min.js
 SYS_STAMP := .local/.system-deps
 
 .PHONY: run test deps lint typecheck clean
 
-deps: $(PY_STAMP) $(NODE_STAMP)
+deps: $(PY_STAMP) $(NODE_STAMP) $(WEB_VENDOR)
 
 $(PY_STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +23,10 @@ $(PY_STAMP): requirements.txt requirements-dev.txt
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
+
+$(WEB_VENDOR): $(NODE_STAMP)
+	mkdir -p $(dir $@)
+	cp node_modules/@microsoft/signalr/dist/browser/signalr.min.js $@
 
 # Debian packages the tests need (Dovecot for IMAP, Chromium for the page tests).
 $(SYS_STAMP): scripts/install_system_deps.sh
