@@ -450,8 +450,9 @@ def _literal(node: bm.Node) -> tuple[str, Any] | None:
 # 3. Settings parity
 # =====================================================================================
 
-# Settings mailsync reads that a deployment to Azure must NOT set, and why.
-LOCAL_ONLY = {
+# Settings mailsync reads that a deployment to Azure must NOT set, and why
+# (local development, or a key-bearing form where Azure uses the identity).
+NOT_IN_AZURE = {
     "AzureWebJobsStorage": "a connection string carries the account key; Azure uses the identity-based "
     "AzureWebJobsStorage__accountName/__credential/__clientId instead",
     "GRAPH_SANDBOX_URL": "the local Graph sandbox; in Azure MS_CLIENT_ID is set and Microsoft Graph is used",
@@ -683,17 +684,18 @@ def settings_problems(root: Path, settings_type: Any = None) -> list[str]:
     problems: list[str] = []
     app_names = reads.names | bindings.names
 
-    for name in sorted(LOCAL_ONLY):
+    for name in sorted(NOT_IN_AZURE):
         if name not in app_names:
             problems.append(
-                f"LOCAL_ONLY lists {name}, which the app no longer reads: drop it from tests/infra/checks.py"
+                f"NOT_IN_AZURE lists {name}, which the app no longer reads: drop it from tests/infra/checks.py"
             )
         if name in bicep:
-            problems.append(f"{name} is set in Bicep but must not be in Azure: {LOCAL_ONLY[name]}")
-    for name in sorted(app_names - set(LOCAL_ONLY) - set(bicep)):
+            problems.append(f"{name} is set in Bicep but must not be in Azure: {NOT_IN_AZURE[name]}")
+    for name in sorted(app_names - set(NOT_IN_AZURE) - set(bicep)):
         problems.append(
             f"missing: the app reads {name} but the Bicep does not set it "
-            "(add it to appSettings in infra/bicep/main.bicep, or to LOCAL_ONLY in tests/infra/checks.py with a reason)"
+            "(add it to appSettings in infra/bicep/main.bicep, "
+            "or to NOT_IN_AZURE in tests/infra/checks.py with a reason)"
         )
     for connection in sorted(bindings.connections):
         if connection not in bicep and not any(n.startswith(connection + "__") for n in bicep):
@@ -720,7 +722,7 @@ def settings_problems(root: Path, settings_type: Any = None) -> list[str]:
 
     if settings_type is not None:
         baseline = settings_type.from_env({})
-        for name in sorted((reads.names & set(bicep)) - set(LOCAL_ONLY)):
+        for name in sorted((reads.names & set(bicep)) - set(NOT_IN_AZURE)):
             f, value = bicep[name]
             known = project.evaluate(f, value)
             if known is bm.UNKNOWN:
@@ -1055,4 +1057,109 @@ def host_problems(root: Path) -> list[str]:
         problems.append(
             f"host.json: routePrefix is {prefix!r}; the Static Web App forwards only /api/* to the Function App"
         )
+    return problems
+
+
+def _routes(root: Path) -> set[str]:
+    """HTTP routes the function blueprints register (route="..." of @bp.route)."""
+    routes = set()
+    for path in app_python_files(root):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "route":
+                for k in node.keywords:
+                    if k.arg == "route" and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str):
+                        routes.add(k.value.value.strip("/"))
+    return routes
+
+
+def output_url_problems(root: Path) -> list[str]:
+    """Outputs built on PUBLIC_BASE_URL (redirect URI, webhook URL) name routes the app really serves."""
+    project = load_project(root)
+    main = _file(project, "main.bicep")
+    settings = bicep_app_settings(project)
+    if "PUBLIC_BASE_URL" not in settings:
+        return ["the Bicep sets no PUBLIC_BASE_URL"]
+    base_file, base = settings["PUBLIC_BASE_URL"]
+    host_json = root / "host.json"
+    prefix = "api"
+    if host_json.exists():
+        prefix = (
+            json.loads(host_json.read_text(encoding="utf-8"))
+            .get("extensions", {})
+            .get("http", {})
+            .get("routePrefix", "api")
+        )
+    routes = _routes(root)
+    problems = []
+    checked = 0
+    for name, value in main.outputs.items():
+        parts = value.named_children if value.type == "string" else []
+        if len(parts) != 2 or parts[0].type != "interpolation" or parts[1].type != "string_content":
+            continue
+        if project.follow(main, parts[0].named_children[0]) != project.follow(base_file, base):
+            continue
+        checked += 1
+        path = bm.text(parts[1])
+        route = path.removeprefix(f"/{prefix}/") if path.startswith(f"/{prefix}/") else None
+        if route not in routes:
+            problems.append(f"main.bicep output {name} = PUBLIC_BASE_URL + {path}, which no function serves")
+    if checked == 0:
+        problems.append("main.bicep has no output built on PUBLIC_BASE_URL (redirect URI, webhook URL)")
+    return problems
+
+
+_ASSET = re.compile(r"""\b(?:src|href)\s*=\s*["']([^"'#?]+)""", re.IGNORECASE)
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    """A small .gitignore matcher: directory patterns (x/) and globs, enough for this repository."""
+    from fnmatch import fnmatch
+
+    parts = rel.split("/")
+    for pattern in patterns:
+        if pattern.endswith("/"):
+            folder = pattern.rstrip("/")
+            if "/" in folder:
+                if rel.startswith(folder + "/"):
+                    return True
+            elif folder in parts[:-1]:
+                return True
+        elif fnmatch(rel, pattern) or fnmatch(parts[-1], pattern):
+            return True
+    return False
+
+
+def web_asset_problems(root: Path) -> list[str]:
+    """Everything the pages load is in the folder azd uploads, and git-ignored (built) files are built by azd."""
+    import yaml  # PyYAML: requirements-dev.txt
+
+    config = yaml.safe_load((root / "azure.yaml").read_text(encoding="utf-8"))
+    gitignore = root / ".gitignore"
+    patterns = [
+        line.strip()
+        for line in (gitignore.read_text(encoding="utf-8").splitlines() if gitignore.exists() else [])
+        if line.strip() and not line.startswith("#")
+    ]
+    problems = []
+    for name, service in (config.get("services") or {}).items():
+        if service.get("host") != "staticwebapp":
+            continue
+        folder = root / service.get("project", ".") / service.get("dist", ".")
+        hook = ((service.get("hooks") or {}).get("prepackage") or {}).get("run", "")
+        hook_text = " ".join(hook) if isinstance(hook, list) else str(hook)
+        for page in sorted(folder.glob("*.html")):
+            for reference in _ASSET.findall(page.read_text(encoding="utf-8")):
+                if ":" in reference or reference.startswith("/"):
+                    continue  # absolute URLs, /api/... (proxied to the Function App)
+                asset = (page.parent / reference).resolve()
+                rel = asset.relative_to(root.resolve()).as_posix()
+                if not asset.exists():
+                    problems.append(
+                        f"{page.relative_to(root)} loads {reference}, which is not in {folder.relative_to(root)}"
+                    )
+                elif _ignored(rel, patterns) and asset.name not in hook_text:
+                    problems.append(
+                        f"{page.relative_to(root)} loads {reference}, which git ignores (it is built), "
+                        f"but azure.yaml's {name} prepackage hook does not build {rel}"
+                    )
     return problems

@@ -11,7 +11,7 @@ import pytest
 from tests.paths import ROOT
 
 # What the checks read: the templates and azd files, mailsync (settings, storage), the functions.
-_COPIED = ("infra", "azure.yaml", "mailsync", "functions", "function_app.py", "static_web")
+_COPIED = ("infra", "azure.yaml", ".gitignore", "host.json", "mailsync", "functions", "function_app.py", "static_web")
 
 Plant = Callable[[str, str, str], None]
 

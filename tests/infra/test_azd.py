@@ -54,3 +54,36 @@ def test_catches_an_old_extension_bundle_and_another_route_prefix(tmp_path: Path
     assert len(problems) == 2, problems
     assert "Flex Consumption needs extensionBundle" in problems[0]
     assert "routePrefix is ''" in problems[1]
+
+
+def test_outputs_on_public_base_url_are_routes_the_app_serves() -> None:
+    assert checks.output_url_problems(ROOT) == []
+
+
+def test_catches_a_redirect_uri_no_function_serves(project_copy: Path, plant: Plant) -> None:
+    plant("infra/bicep/main.bicep", "'${publicBaseUrl}/api/oauth/callback'", "'${publicBaseUrl}/api/auth/callback'")
+    assert new_problems(checks.output_url_problems(project_copy), checks.output_url_problems(ROOT)) == [
+        "main.bicep output ENTRA_REDIRECT_URI = PUBLIC_BASE_URL + /api/auth/callback, which no function serves"
+    ]
+
+
+def test_the_static_web_app_gets_every_asset_the_pages_load() -> None:
+    assert checks.web_asset_problems(ROOT) == []
+
+
+def test_catches_a_built_asset_azd_would_not_build(project_copy: Path, plant: Plant) -> None:
+    plant("azure.yaml", "run: make -C .. static_web/vendor/signalr.min.js", "run: echo nothing to build")
+    problems = new_problems(checks.web_asset_problems(project_copy), checks.web_asset_problems(ROOT))
+    assert problems == [
+        "static_web/data.html loads vendor/signalr.min.js, which git ignores (it is built), "
+        "but azure.yaml's web prepackage hook does not build static_web/vendor/signalr.min.js"
+    ]
+
+
+def test_catches_a_page_loading_a_missing_file(project_copy: Path) -> None:
+    page = project_copy / "static_web" / "index.html"
+    page.write_text(
+        page.read_text(encoding="utf-8").replace('href="app.css"', 'href="styles/app.css"'), encoding="utf-8"
+    )
+    problems = new_problems(checks.web_asset_problems(project_copy), checks.web_asset_problems(ROOT))
+    assert problems == ["static_web/index.html loads styles/app.css, which is not in static_web"]

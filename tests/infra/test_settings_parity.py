@@ -147,5 +147,5 @@ def test_only_binding_arguments_count_as_app_setting_expressions(project_copy: P
     problems = _planted(project_copy)
     assert problems == [
         "missing: the app reads PLANTED_QUEUE but the Bicep does not set it "
-        "(add it to appSettings in infra/bicep/main.bicep, or to LOCAL_ONLY in tests/infra/checks.py with a reason)"
+        "(add it to appSettings in infra/bicep/main.bicep, or to NOT_IN_AZURE in tests/infra/checks.py with a reason)"
     ]
