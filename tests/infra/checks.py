@@ -836,7 +836,7 @@ USES = (
         "Storage Blob Data Owner",
         "azure-webjobs-secrets",
     ),
-    Use("SignalR negotiate and output bindings", "Microsoft.SignalRService/signalR", "SignalR Service Owner"),
+    Use("SignalR client tokens and output binding", "Microsoft.SignalRService/signalR", "SignalR Service Owner"),
     Use("Key Vault references (secrets)", "Microsoft.KeyVault/vaults", "Key Vault Secrets User"),
 )
 

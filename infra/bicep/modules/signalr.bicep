@@ -1,8 +1,8 @@
-// Azure SignalR Service in Serverless mode: no hub server of our own; the
-// Functions negotiate input binding hands browsers a service URL and token,
-// and the output binding pushes syncProgress / messagesChanged through the
-// service's REST API. Both authenticate with the Function App identity, so
-// access keys are disabled.
+// Azure SignalR Service in Serverless mode: no hub server of our own.
+// POST /api/negotiate hands browsers a service URL and a client token that
+// the app asks the service for (REST generateToken), and the sync worker's
+// output binding pushes syncProgress / messagesChanged through the REST API.
+// Both authenticate with the Function App identity, so access keys are off.
 
 @description('SignalR Service name (globally unique).')
 param name string
@@ -27,8 +27,8 @@ param allowedOrigins array
 param principalId string
 
 // Microsoft documents "SignalR Service Owner" as the role the Functions
-// SignalR extension needs for identity-based connections: negotiate signs
-// client tokens and the output binding calls the REST API.
+// SignalR extension needs for identity-based connections; it also covers
+// the generateToken call negotiate makes.
 var signalRServiceOwnerRole = '7e4f1700-ea5a-4f59-8f37-079cfe29dce3'
 
 resource signalR 'Microsoft.SignalRService/signalR@2024-03-01' = {
@@ -67,7 +67,7 @@ resource bindingsAccess 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', signalRServiceOwnerRole)
     principalId: principalId
     principalType: 'ServicePrincipal'
-    description: 'mailsync: SignalR negotiate and output bindings'
+    description: 'mailsync: negotiate (client tokens) and the output binding'
   }
 }
 
