@@ -1,0 +1,602 @@
+"""What every benchmark needs: the local stack, linked accounts, process watching, figures.
+
+The scripts under ``bench/`` import this module and never repeat it:
+
+* :class:`Stack` starts Azurite, osmem-server, the Graph sandbox (a child
+  process, so its CPU is not ours) and a devhost running the whole
+  function app — all on 127.0.0.1, free ports, data in a temp folder —
+  and stops them again. ``stack.add_worker()`` starts another devhost
+  that only runs the queue trigger (more workers, or workers to kill).
+* :meth:`Stack.link` links a sandbox user the way the page does: ``POST
+  /api/accounts``, the sandbox's sign-in form, the OAuth callback.
+* :class:`Sandbox` talks to the sandbox's admin API (counters, faults,
+  snapshots) and to Graph as a user (delegated tokens).
+* :func:`fetch_mailbox` pages every folder's delta through the product's
+  own Graph provider, so benchmarks hold exactly the ``Message`` records
+  the engine writes; :func:`store_ceiling` bulk-loads them straight into
+  the store (no engine) to measure what the store alone can take.
+* :class:`ProcessWatch` samples RSS and reads peak RSS (VmHWM) and CPU time
+  of child processes from /proc; :func:`compare` says how the store
+  differs from the sandbox's ground truth.
+* :func:`figures` formats the final ``key=value`` line every script prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from devhost.services.azurite import Azurite, start_azurite  # noqa: E402
+from devhost.services.devhost_process import DevhostProcess, start_devhost  # noqa: E402
+from devhost.services.graph_sandbox import GraphSandbox, start_graph_sandbox  # noqa: E402
+from devhost.services.process import free_port  # noqa: E402
+from devhost.services.search_store import SearchStore, start_search_store  # noqa: E402
+from mailsync.models import Folder, Message, MessageQuery  # noqa: E402
+from mailsync.providers.graph import GraphProvider  # noqa: E402
+from mailsync.providers.graph_client import GraphClient  # noqa: E402
+from mailsync.settings import Settings  # noqa: E402
+from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client  # noqa: E402
+from mailsync.store.mappings import IndexNames  # noqa: E402
+
+_T0 = time.monotonic()
+MAIL_SCOPES = "Mail.ReadWrite Mail.Send User.Read offline_access openid profile"
+
+
+def say(message: str) -> None:
+    """A progress line, stamped with seconds since the script started."""
+    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", flush=True)
+
+
+def figures(name: str, values: dict[str, Any]) -> str:
+    """The final ``name key=value ...`` line (floats rounded, no spaces in values)."""
+    parts = [name]
+    for key, value in values.items():
+        if isinstance(value, float):
+            text = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        else:
+            text = str(value)
+        parts.append(f"{key}={text.replace(' ', '_')}")
+    return " ".join(parts)
+
+
+# --- processes ----------------------------------------------------------------------------
+
+def _proc_status_kb(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def rss_mb(pid: int) -> float | None:
+    kb = _proc_status_kb(pid, "VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's high-water mark of resident memory (VmHWM), while it lives."""
+    kb = _proc_status_kb(pid, "VmHWM")
+    return None if kb is None else kb / 1024
+
+
+def cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a live process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ProcessWatch:
+    """Samples the RSS of named processes every ``interval_s``; remembers peaks after they die."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self._pids: dict[str, int] = {}
+        self.peak_mb: dict[str, float] = {}
+        self.last_cpu_s: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+        self._thread.start()
+
+    def watch(self, name: str, pid: int) -> None:
+        with self._lock:
+            self._pids[name] = pid
+
+    def forget(self, name: str) -> None:
+        self._sample_one(name)
+        with self._lock:
+            self._pids.pop(name, None)
+
+    def _sample_one(self, name: str) -> None:
+        pid = self._pids.get(name)
+        if pid is None:
+            return
+        seen = [v for v in (rss_mb(pid), peak_rss_mb(pid)) if v is not None]
+        if seen:
+            self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), *seen)
+        used = cpu_s(pid)
+        if used is not None:
+            self.last_cpu_s[name] = used
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                names = list(self._pids)
+            for name in names:
+                self._sample_one(name)
+
+    def stop(self) -> None:
+        with self._lock:
+            names = list(self._pids)
+        for name in names:
+            self._sample_one(name)
+        self._stop.set()
+        self._thread.join()
+
+
+# --- the sandbox --------------------------------------------------------------------------
+
+class Sandbox:
+    """The Graph sandbox's admin API and Graph as its users (delegated tokens, cached)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._tokens: dict[str, str] = {}
+        self._http = requests.Session()
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", 120)
+        answer = self._http.request(method, f"{self.url}/sandbox/{path.lstrip('/')}", **kwargs)
+        if answer.status_code >= 400:
+            raise RuntimeError(f"sandbox {method} {path}: {answer.status_code} {answer.text[:300]}")
+        return answer.json()
+
+    def counters(self) -> dict[str, Any]:
+        return dict(self.admin("GET", "counters"))
+
+    def requests_served(self) -> int:
+        return int(self.counters()["requests"])
+
+    def reset_counters(self) -> None:
+        self.admin("POST", "counters/reset")
+
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        return dict(self.admin("PATCH", "config", json=settings))
+
+    def faults(self, profile: str, *, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+        return dict(self.admin("PUT", "faults", json={"profile": profile, "seed": seed, "overrides": overrides}))
+
+    def users(self) -> list[dict[str, Any]]:
+        return list(self.admin("GET", "users")["users"])
+
+    def snapshot(self, user: str) -> dict[str, Any]:
+        return dict(self.admin("GET", f"mailboxes/{user}/snapshot"))
+
+    def token(self, address: str) -> str:
+        if address not in self._tokens:
+            from tests.graph_sandbox.signin import user_tokens   # the sandbox's PKCE sign-in, shared with tests
+
+            answer, _ = user_tokens(self.url, address, scope=MAIL_SCOPES)
+            self._tokens[address] = str(answer["access_token"])
+        return self._tokens[address]
+
+    def graph(self, address: str) -> GraphUser:
+        return GraphUser(self.url, self.token(address))
+
+
+class GraphUser(requests.Session):
+    """Graph as one user: paths relative to ``/v1.0/``, immutable ids."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        super().__init__()
+        self.base_url = base_url
+        self.headers["Authorization"] = f"Bearer {token}"
+        self.headers["Prefer"] = 'IdType="ImmutableId"'
+
+    def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        text = url.decode() if isinstance(url, bytes) else url
+        if not text.startswith("http"):
+            text = f"{self.base_url}/v1.0/{text.lstrip('/')}"
+        kwargs.setdefault("timeout", 60)
+        return super().request(method, text, *args, **kwargs)
+
+
+# --- the stack ----------------------------------------------------------------------------
+
+@dataclass
+class Linked:
+    """A linked account: its id, the page's bearer token, the sandbox user, when the callback returned."""
+
+    account_id: str
+    token: str
+    address: str
+    callback_started: float
+    callback_done: float
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class Stack:
+    """Azurite + osmem + Graph sandbox + devhost(s), on loopback, in ``workdir``."""
+
+    workdir: Path
+    azurite: Azurite
+    search: SearchStore
+    sandbox_process: GraphSandbox
+    sandbox: Sandbox
+    env: dict[str, str]
+    host: DevhostProcess | None = None
+    workers: list[DevhostProcess] = field(default_factory=list)
+    watch: ProcessWatch = field(default_factory=ProcessWatch)
+    _http: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def api(self) -> str:
+        assert self.host is not None
+        return f"{self.host.base_url}/api"
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env)
+
+    def store(self, prefix: str | None = None) -> ElasticsearchStore:
+        """A store client on the stack's search store (the app's index prefix unless told)."""
+        settings = self.settings
+        return ElasticsearchStore(make_client(self.search.url, request_timeout_s=120),
+                                  StoreOptions(prefix=prefix or settings.index_prefix))
+
+    def start_host(self, functions: list[str] | None = None) -> DevhostProcess:
+        port = int(self.env["PUBLIC_BASE_URL"].rsplit(":", 1)[1])
+        self.host = start_devhost(self.env, port=port, functions=functions, log_dir=self.workdir)
+        self.watch.watch("devhost", self.host.pid)
+        return self.host
+
+    def add_worker(self) -> DevhostProcess:
+        """Another devhost running only the queue trigger (same queue, same tables)."""
+        worker = start_devhost(self.env, functions=["sync_worker"], log_dir=self.workdir)
+        self.workers.append(worker)
+        self.watch.watch(f"worker{worker.pid}", worker.pid)
+        return worker
+
+    def kill_worker(self, worker: DevhostProcess) -> None:
+        """SIGKILL: the worker dies mid-whatever, as a crashed instance would."""
+        self.watch.forget(f"worker{worker.pid}")
+        worker.kill()
+        self.workers.remove(worker)
+
+    def stop(self) -> None:
+        self.watch.stop()
+        for worker in list(self.workers):
+            with contextlib.suppress(Exception):
+                worker.stop(timeout_s=10)
+        if self.host is not None:
+            with contextlib.suppress(Exception):
+                self.host.stop(timeout_s=15)
+        for service in (self.sandbox_process, self.search, self.azurite):
+            with contextlib.suppress(Exception):
+                service.stop()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the page's side ---
+
+    def link(self, address: str) -> Linked:
+        """Link ``address`` as the page does; returns when the OAuth callback has answered."""
+        created = self._http.post(f"{self.api}/accounts", json={"provider": "outlook"}, timeout=60)
+        if created.status_code != 201:
+            raise RuntimeError(f"POST /api/accounts: {created.status_code} {created.text[:300]}")
+        body = created.json()
+        form = self._http.post(body["authorize_url"], data={"username": address}, allow_redirects=False, timeout=60)
+        if form.status_code != 302:
+            raise RuntimeError(f"sandbox sign-in: {form.status_code} {form.text[:300]}")
+        started = time.monotonic()
+        callback = self._http.get(form.headers["Location"], allow_redirects=False, timeout=120)
+        done = time.monotonic()
+        if callback.status_code != 302 or "error" in callback.headers.get("Location", ""):
+            raise RuntimeError(f"OAuth callback: {callback.status_code} {callback.headers.get('Location')} "
+                               f"{callback.text[:300]}")
+        return Linked(body["account_id"], body["access_token"], address, started, done)
+
+    def account(self, linked: Linked) -> dict[str, Any]:
+        answer = self._http.get(f"{self.api}/accounts/{linked.account_id}", headers=linked.auth, timeout=60)
+        answer.raise_for_status()
+        return dict(answer.json())
+
+    def messages(self, linked: Linked, **params: Any) -> list[dict[str, Any]]:
+        answer = self._http.get(f"{self.api}/accounts/{linked.account_id}/messages", headers=linked.auth,
+                                params=params, timeout=60)
+        if answer.status_code != 200:
+            return []
+        return list(answer.json().get("messages", []))
+
+    def wait_status(self, linked: Linked, wanted: str, *, timeout_s: float, interval_s: float = 0.25,
+                    on_poll: Callable[[dict[str, Any]], None] | None = None) -> float:
+        """Poll the account until its status is ``wanted``; returns monotonic time it was seen."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            view = self.account(linked)
+            if on_poll is not None:
+                on_poll(view)
+            if view.get("status") == wanted:
+                return time.monotonic()
+            if view.get("status") in ("reauth_required", "error"):
+                raise RuntimeError(f"account became {view.get('status')}: {view.get('error')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"account not {wanted} after {timeout_s:g} s: {view}")
+            time.sleep(interval_s)
+
+
+def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: int = 0, seed: int = 42,
+                sandbox_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                functions: list[str] | None = None, start_host: bool = True,
+                workdir: Path | None = None) -> Stack:
+    """Start everything a benchmark needs; ``stack.stop()`` (or ``with``) stops it.
+
+    ``env`` adds or overrides app settings (e.g. GRAPH_PAGE_SIZE). The
+    sandbox's own rate limit is lifted (the per-mailbox concurrency limit of
+    4 stays): benchmarks measure the engine, not the sandbox's window.
+    """
+    workdir = workdir or Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    say(f"starting Azurite, osmem-server and the Graph sandbox ({users} user(s) x {messages} messages) in "
+        f"{workdir}")
+    azurite = start_azurite(workdir / "azurite")
+    search: SearchStore | None = None
+    sandbox_process: GraphSandbox | None = None
+    try:
+        search = start_search_store(log_path=workdir / "search-store.log")
+        sandbox_process = start_graph_sandbox(
+            workdir / "graph-sandbox.log", timeout_s=600,
+            args=["--seed", str(seed), "--users", str(users), "--messages-per-user", str(messages),
+                  "--latency-ms", str(latency_ms), "--rate-limit", "1000000000/600", *sandbox_args])
+        port = free_port()
+        signalr_key = secrets.token_urlsafe(32)
+        app_env = {
+            "AzureWebJobsStorage": azurite.connection_string,
+            "SYNC_QUEUE_NAME": f"bench{uuid.uuid4().hex[:8]}",
+            "TABLE_PREFIX": f"b{uuid.uuid4().hex[:8]}",
+            "ELASTICSEARCH_URL": search.url,
+            "ELASTICSEARCH_INDEX_PREFIX": f"b{uuid.uuid4().hex[:8]}",
+            "GRAPH_SANDBOX_URL": sandbox_process.url,
+            "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+            "TOKEN_ENCRYPTION_KEYS": "bench1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
+            "MAILSYNC_LOCAL_DIR": str(workdir / "local"),
+            "SIGNALR_HUB": "mailsync",
+            "AzureSignalRConnectionString": f"Endpoint=http://127.0.0.1:{port}/signalr;AccessKey={signalr_key};"
+                                            "Version=1.0;",
+        }
+        app_env.update(env or {})
+        stack = Stack(workdir, azurite, search, sandbox_process, Sandbox(sandbox_process.url), app_env)
+    except BaseException:
+        for service in (sandbox_process, search, azurite):
+            if service is not None:
+                with contextlib.suppress(Exception):
+                    service.stop()
+        raise
+    stack.watch.watch("sandbox", sandbox_process.process.pid)
+    stack.watch.watch("osmem", search.process.pid)
+    if start_host:
+        try:
+            stack.start_host(functions)
+        except BaseException:
+            stack.stop()
+            raise
+    say(f"stack up: devhost {stack.host.base_url if stack.host else '-'}, sandbox {sandbox_process.url}, "
+        f"store {search.url}")
+    return stack
+
+
+def remove_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- the mailbox as the engine sees it, and the store alone ---------------------------------
+
+@dataclass
+class Mailbox:
+    """Every folder and message of a mailbox as the Graph provider maps them."""
+
+    folders: list[Folder]
+    messages: list[Message]
+    pages: dict[str, int]          # folder id -> delta pages at the page size used
+
+    @property
+    def total_pages(self) -> int:
+        return sum(self.pages.values())
+
+
+def fetch_mailbox(sandbox: Sandbox, address: str, settings: Settings, *, page_size: int = 500,
+                  account_id: str = "bench-ceiling") -> Mailbox:
+    """Page every folder's delta once, through the product's Graph provider (no store, no engine)."""
+    token = sandbox.token(address)
+    client = GraphClient(lambda _force: token, base_url=f"{sandbox.url}/v1.0")
+    provider = GraphProvider(client, account_id, page_size=page_size, store_body_text=settings.store_body_text,
+                             body_text_max_chars=settings.body_text_max_chars)
+    try:
+        folders: list[Folder] = []
+        cursor: str | None = None
+        while True:
+            batch = provider.folder_changes(cursor)
+            folders.extend(batch.upserts)
+            cursor = batch.cursor
+            if batch.complete:
+                break
+        messages: list[Message] = []
+        pages: dict[str, int] = {}
+        for folder in folders:
+            cursor, count = None, 0
+            while True:
+                page = provider.message_changes(folder.folder_id, cursor)
+                count += 1
+                messages.extend(page.upserts)
+                cursor = page.cursor
+                if page.complete:
+                    break
+            pages[folder.folder_id] = count
+        return Mailbox(folders, messages, pages)
+    finally:
+        provider.close()
+
+
+@dataclass
+class StoreCeiling:
+    best_chunk: int
+    docs_per_s: float
+    elapsed_s: float
+    sample_rates: dict[int, float]
+
+
+def _load(store: ElasticsearchStore, messages: Sequence[Message], batch: int) -> float:
+    started = time.perf_counter()
+    for start in range(0, len(messages), batch):
+        result = store.upsert_messages(messages[start:start + batch], epoch=1)
+        if result.failed_ids:
+            raise RuntimeError(f"store refused {len(result.failed_ids)} message(s) in the ceiling run")
+    return time.perf_counter() - started
+
+
+def store_ceiling(search_url: str, messages: Sequence[Message], *, chunks: Iterable[int] = (500, 1000, 2000),
+                  sample: int = 5000) -> StoreCeiling:
+    """The store alone: bulk-load ``messages`` with its best chunk size, no engine in between.
+
+    Each candidate chunk size loads the first ``sample`` messages into a
+    fresh index; the best one then loads them all into another fresh index,
+    timed. That last time is the store's bound for these documents. The
+    indices are deleted afterwards.
+    """
+    rates: dict[int, float] = {}
+    candidates = list(chunks)
+    sample_set = messages[: min(sample, len(messages))]
+    if len(candidates) > 1 and sample_set:
+        for chunk in candidates:
+            with _scratch_store(search_url, chunk) as store:
+                rates[chunk] = len(sample_set) / _load(store, sample_set, max(chunk, 2000))
+            say(f"  store sample: chunk {chunk}: {rates[chunk]:,.0f} docs/s")
+        best = max(rates, key=rates.__getitem__)
+    else:
+        best = candidates[0]
+    with _scratch_store(search_url, best) as store:
+        elapsed = _load(store, messages, max(best, 2000))
+    return StoreCeiling(best, len(messages) / elapsed if elapsed else 0.0, elapsed, rates)
+
+
+@contextlib.contextmanager
+def _scratch_store(search_url: str, chunk: int) -> Iterator[ElasticsearchStore]:
+    prefix = f"ceil{uuid.uuid4().hex[:8]}"
+    store = ElasticsearchStore(make_client(search_url, request_timeout_s=300),
+                               StoreOptions(prefix=prefix, chunk_docs=chunk))
+    store.ensure_ready()
+    try:
+        yield store
+    finally:
+        names = IndexNames(prefix)
+        with contextlib.suppress(Exception):
+            store.client.options(ignore_status=404).indices.delete(
+                index=[names.messages_index, names.mailboxes_index, names.deadletter_index],
+                ignore_unavailable=True)
+        store.close()
+
+
+def graph_bound_s(total_pages: int, latency_ms: float, concurrency: int = 4) -> float:
+    """Graph's limit: at most ``concurrency`` requests in flight per mailbox, each ``latency``."""
+    return math.ceil(total_pages / concurrency) * latency_ms / 1000
+
+
+# --- store versus sandbox -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Diff:
+    missing: list[str]
+    extra: list[str]
+    stale: list[tuple[str, tuple[Any, ...], tuple[Any, ...]]]
+    folders_missing: list[str]
+    folders_extra: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra or self.stale or self.folders_missing or self.folders_extra)
+
+    def summary(self) -> str:
+        return (f"missing={len(self.missing)} extra={len(self.extra)} stale={len(self.stale)} "
+                f"folders_missing={len(self.folders_missing)} folders_extra={len(self.folders_extra)}")
+
+
+def _key(folder_id: str, subject: str, is_read: bool, flag: str, categories: Iterable[str], importance: str,
+         sender: str, modified_s: int) -> tuple[Any, ...]:
+    return (folder_id, subject, is_read, flag, tuple(sorted(categories)), importance, sender, modified_s)
+
+
+def compare(store: ElasticsearchStore, account_id: str, snapshot: dict[str, Any]) -> Diff:
+    """How the store's copy of an account differs from the sandbox's snapshot of the mailbox.
+
+    A message is *stale* when any field the list shows differs (folder,
+    subject, read, flag, categories, importance, sender, last modified to
+    the second).
+    """
+    truth: dict[str, tuple[Any, ...]] = {}
+    for m in snapshot["messages"]:
+        modified = int(datetime.fromisoformat(m["lastModifiedDateTime"].replace("Z", "+00:00")).timestamp())
+        truth[m["id"]] = _key(m["folderId"], m["subject"], m["isRead"], m["flagStatus"], m["categories"],
+                              m["importance"], (m["from"] or {}).get("address", ""), modified)
+    store.refresh()
+    stored: dict[str, tuple[Any, ...]] = {}
+    cursor: str | None = None
+    while True:
+        page = store.list_messages(account_id, MessageQuery(limit=500, cursor=cursor))
+        for m in page.messages:
+            stored[m.message_id] = _key(m.folder_id, m.subject, m.is_read, m.flag_status.value, m.categories,
+                                        m.importance, m.sender.address if m.sender else "", m.version // 1000)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    true_folders = {f["id"] for f in snapshot["folders"]}
+    stored_folders = {v.folder.folder_id for v in store.list_folders(account_id)}
+    return Diff(
+        missing=sorted(set(truth) - set(stored)),
+        extra=sorted(set(stored) - set(truth)),
+        stale=[(mid, stored[mid], truth[mid]) for mid in sorted(truth) if mid in stored and stored[mid] != truth[mid]],
+        folders_missing=sorted(true_folders - stored_folders),
+        folders_extra=sorted(stored_folders - true_folders),
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
