@@ -1,0 +1,209 @@
+"""IMAP change monitoring against Dovecot: the STATUS poller and the IDLE/NOTIFY listener.
+
+Poller: after a complete sync a tick enqueues nothing; a flag change, new
+mail, an expunge, a new folder or a new UIDVALIDITY each enqueue exactly
+the job that picks it up; a refused login hands the account to the engine;
+an unreachable server is counted, not raised. Listener: a change in any
+folder becomes a job (NOTIFY on Dovecot; one IDLE per folder on a server
+without NOTIFY); folder-list changes become SYNC_FOLDERS. No timed
+assertions: latency is measured by bench/imap_initial_sync.py.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pytest
+
+from mailsync.errors import ProviderUnavailable
+from mailsync.jobs import JobKind
+from mailsync.models import Account, AccountStatus, Job, Provider
+from mailsync.monitoring.imap_poll import ImapStatusPoller
+from mailsync.providers.imap_listener import ImapListener
+from mailsync.providers.imap_session import ImapEndpoint, ImapSession
+from mailsync.storage.cursors import AccountSyncState, SyncState
+from tests.fixtures.dovecot import DovecotServer, rfc822
+from tests.providers.contract import Mirror
+from tests.providers.imap_harness import ImapHarness, make_harness
+
+
+@dataclass
+class ListQueue:
+    jobs: list[Job] = field(default_factory=list)
+
+    def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+        self.jobs.append(job)
+
+    def kinds(self) -> list[tuple[str, str | None]]:
+        return sorted((j.kind, j.folder_id) for j in self.jobs)
+
+
+@dataclass
+class Synced:
+    """The sync rows the engine would have after a complete round (cursors from a real provider round)."""
+
+    harness: ImapHarness
+    mirror: Mirror = field(default_factory=Mirror)
+
+    def __post_init__(self) -> None:
+        self.sync()
+
+    def sync(self) -> None:
+        provider = self.harness.open(page_size=500)
+        self.mirror.sync(provider)
+        provider.close()
+
+    def load(self, account_id: str) -> AccountSyncState:
+        folders = {fid: SyncState(account_id=account_id, folder_id=fid, cursor=cursor, rounds=1)
+                   for fid, cursor in self.mirror.cursors.items()}
+        return AccountSyncState(account_id, SyncState(account_id=account_id, folder_id=None, rounds=1), folders, 0)
+
+
+def account(harness: ImapHarness) -> Account:
+    now = datetime.now(UTC)
+    return Account(account_id=harness.account_id, provider=Provider.IMAP, status=AccountStatus.SYNCED,
+                   access_token_hash="x", created_at=now, updated_at=now)
+
+
+@dataclass
+class Accounts:
+    items: list[Account]
+
+    def iter_accounts(self) -> Iterator[Account]:
+        return iter(self.items)
+
+
+def poller(harness: ImapHarness, rows: Synced, queue: ListQueue,
+           connect: Callable[[str], ImapSession] | None = None) -> ImapStatusPoller:
+    return ImapStatusPoller(Accounts([account(harness)]), rows, connect or (lambda _id: harness.connect()), queue)
+
+
+def test_a_quiet_mailbox_costs_no_job(dovecot: DovecotServer) -> None:
+    harness = make_harness(dovecot)
+    queue = ListQueue()
+    report = poller(harness, Synced(harness), queue).tick()
+    assert report.accounts == 1 and report.folders >= 6 and report.errors == 0
+    assert queue.jobs == []
+
+
+def test_each_kind_of_change_enqueues_exactly_its_folder(dovecot: DovecotServer) -> None:
+    harness = make_harness(dovecot)
+    rows = Synced(harness)
+    queue = ListQueue()
+    poll = poller(harness, rows, queue)
+    archive = sorted(m for m, t in harness.messages().items() if t.folder_id == "Archive")
+    harness.set_flagged(archive[0], True)
+    harness.set_flagged(archive[1], False)
+    poll.tick()
+    assert queue.kinds() == [(JobKind.SYNC_FOLDER.value, "Archive")]
+    rows.sync()
+    queue.jobs.clear()
+    harness.deliver("new")
+    harness.delete(archive[2], permanently=True)
+    poll.tick()
+    assert queue.kinds() == [(JobKind.SYNC_FOLDER.value, "Archive"), (JobKind.SYNC_FOLDER.value, "INBOX")]
+    rows.sync()
+    queue.jobs.clear()
+    harness.create_folder("Brand new")
+    dovecot.set_uidvalidity(harness.user, "Projects", 99)
+    poll.tick()
+    assert queue.kinds() == [(JobKind.SYNC_FOLDER.value, "Projects"), (JobKind.SYNC_FOLDERS.value, None)]
+    assert all(j.account_id == harness.account_id and j.reason == "imap_poll" for j in queue.jobs)
+
+
+def test_a_refused_login_goes_to_the_engine_and_an_outage_is_counted(dovecot: DovecotServer) -> None:
+    harness = make_harness(dovecot)
+    rows = Synced(harness)
+    queue = ListQueue()
+    wrong = ImapEndpoint(harness.user.host, harness.user.port, "none", harness.user.username)
+    refused = poller(harness, rows, queue,
+                     lambda _id: ImapSession.connect(wrong, lambda _f: "wrong", allow_insecure=True)).tick()
+    assert refused.errors == 1 and queue.kinds() == [(JobKind.SYNC_FOLDERS.value, None)]
+    queue.jobs.clear()
+
+    def down(_id: str) -> ImapSession:
+        raise ProviderUnavailable("connection refused")
+
+    report = poller(harness, rows, queue, down).tick()
+    assert report.errors == 1 and queue.jobs == []
+
+
+def test_scan_mode_folders_notice_new_mail_and_expunges(dovecot_plain: DovecotServer) -> None:
+    harness = make_harness(dovecot_plain)
+    rows = Synced(harness)
+    queue = ListQueue()
+    poll = poller(harness, rows, queue)
+    poll.tick()
+    assert queue.jobs == []
+    harness.deliver("new")
+    poll.tick()
+    assert queue.kinds() == [(JobKind.SYNC_FOLDER.value, "INBOX")]
+
+
+# --- the listener --------------------------------------------------------------------------------
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("not within the timeout")
+
+
+@pytest.fixture(params=["notify", "idle"])
+def listening(request: pytest.FixtureRequest, dovecot: DovecotServer, dovecot_plain: DovecotServer
+              ) -> Iterator[tuple[ImapHarness, ListQueue, ImapListener]]:
+    server = dovecot if request.param == "notify" else dovecot_plain
+    harness = make_harness(server)
+    queue = ListQueue()
+    listener = ImapListener(lambda: [harness.account_id], lambda _id: harness.connect(), queue, refresh_s=3600)
+    import threading
+
+    thread = threading.Thread(target=listener.run, daemon=True)
+    thread.start()
+    _wait_for(lambda: harness.account_id in listener.watchers)
+    watcher = listener.watchers[harness.account_id]
+    _wait_for(watcher.ready.is_set)
+    assert watcher.mode == request.param
+    if request.param == "idle":
+        time.sleep(0.5)   # the per-folder IDLE connections come up after the folder list
+    yield harness, queue, listener
+    listener.stop()
+    thread.join(timeout=10)
+
+
+def test_the_listener_turns_changes_in_any_folder_into_jobs(
+        listening: tuple[ImapHarness, ListQueue, ImapListener]) -> None:
+    harness, queue, _listener = listening
+    archive = sorted(m for m, t in harness.messages().items() if t.folder_id == "Archive")
+    harness.set_flagged(archive[0], not harness.messages()[archive[0]].flagged)
+    _wait_for(lambda: (JobKind.SYNC_FOLDER.value, "Archive") in queue.kinds())
+    with harness.client() as client:
+        client.append("Projects/2026", rfc822("deep new mail"))
+    _wait_for(lambda: (JobKind.SYNC_FOLDER.value, "Projects/2026") in queue.kinds())
+    harness.deliver("inbox news")
+    _wait_for(lambda: (JobKind.SYNC_FOLDER.value, "INBOX") in queue.kinds())
+    assert all(j.account_id == harness.account_id and j.reason == "imap_listener" for j in queue.jobs)
+
+
+def test_the_listener_sees_folder_list_changes(dovecot: DovecotServer) -> None:
+    harness = make_harness(dovecot)
+    queue = ListQueue()
+    listener = ImapListener(lambda: [harness.account_id], lambda _id: harness.connect(), queue, refresh_s=3600)
+    import threading
+
+    thread = threading.Thread(target=listener.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: harness.account_id in listener.watchers
+                  and listener.watchers[harness.account_id].ready.is_set())
+        harness.create_folder(f"Made {uuid.uuid4().hex[:6]}")
+        _wait_for(lambda: (JobKind.SYNC_FOLDERS.value, None) in [(j.kind, j.folder_id) for j in queue.jobs])
+    finally:
+        listener.stop()
+        thread.join(timeout=10)
