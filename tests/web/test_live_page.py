@@ -31,6 +31,8 @@ from tests.web.conftest import web_env
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
+pytestmark = pytest.mark.browser
+
 MESSAGES_PER_USER = 160
 SYNC_TIMEOUT_MS = 180_000
 CHANGE_TIMEOUT_MS = 45_000

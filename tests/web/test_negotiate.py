@@ -12,6 +12,7 @@ import base64
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -148,7 +149,10 @@ def test_the_connection_receives_its_own_accounts_events_only(web: WebHost) -> N
             await other_ws.close()
             return got, other_got
 
-    got, other_got = asyncio.run(scenario())
+    # In a thread of its own: Playwright's sync API (other tests of the session) keeps a loop
+    # running on the main thread, where asyncio.run() refuses to start another.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        got, other_got = pool.submit(asyncio.run, scenario()).result(timeout=60)
     assert got["target"] == "messagesChanged" and got["arguments"] == [{"account_id": mine}]
     assert other_got["target"] == "syncProgress" and other_got["arguments"] == [{"account_id": other}]
 
