@@ -12,11 +12,23 @@
   item and only enqueues (``mailsync.monitoring``). 202 when the body was
   well formed, whatever was dropped (a forger learns nothing); 400/413/415
   for a malformed body; 503 when storage is down, so Graph retries.
+
+Both functions are ``async``: the host runs synchronous functions on one
+shared thread pool, which long sync-worker invocations can fill (Graph
+then waits > 3 s, counts a failure and backs off — delaying every later
+notification). Here the handshake is answered on the event loop without
+any thread, and the (blocking, ~10 ms) notification work runs on a small
+pool of the webhook's own, so sync jobs can never make Graph wait.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import azure.functions as func
 
@@ -29,6 +41,14 @@ log = logging.getLogger("mailsync.functions.graph_webhook")
 bp = func.Blueprint()
 
 MAX_VALIDATION_TOKEN = 4096
+# The webhook's own threads (see the module docstring). Four: a POST takes ~10 ms of table and queue calls.
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="graph-webhook")
+
+
+async def _off_the_shared_pool(handler: Callable[[func.HttpRequest], func.HttpResponse],
+                               req: func.HttpRequest) -> func.HttpResponse:
+    context = contextvars.copy_context()  # keeps the invocation's log context
+    return await asyncio.get_running_loop().run_in_executor(_POOL, functools.partial(context.run, handler, req))
 
 
 def validation_response(req: func.HttpRequest) -> func.HttpResponse | None:
@@ -46,16 +66,16 @@ def validation_response(req: func.HttpRequest) -> func.HttpResponse | None:
 
 @bp.function_name("graph_webhook")
 @bp.route(route="graph/webhook", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
-def graph_webhook(req: func.HttpRequest) -> func.HttpResponse:
+async def graph_webhook(req: func.HttpRequest) -> func.HttpResponse:
     handshake = validation_response(req)
-    return handshake if handshake is not None else _notifications(req)
+    return handshake if handshake is not None else await _off_the_shared_pool(_notifications, req)
 
 
 @bp.function_name("graph_lifecycle")
 @bp.route(route="graph/lifecycle", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
-def graph_lifecycle(req: func.HttpRequest) -> func.HttpResponse:
+async def graph_lifecycle(req: func.HttpRequest) -> func.HttpResponse:
     handshake = validation_response(req)
-    return handshake if handshake is not None else _lifecycle(req)
+    return handshake if handshake is not None else await _off_the_shared_pool(_lifecycle, req)
 
 
 @handle_errors

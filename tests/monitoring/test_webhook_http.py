@@ -7,18 +7,23 @@ enqueue stays on the queue to be counted.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import azure.functions as func
 import orjson
 import pytest
 import requests
 
+from functions._shared.runtime import runtime
+from functions.graph_webhook import bp as graph_webhook_blueprint
 from mailsync.jobs import JobKind
-from tests.fixtures.devhost import DevhostProcess
+from tests.fixtures.devhost import DevhostProcess, start_devhost_in_process
 from tests.monitoring.harness import Harness, change, make_harness
 
 WEBHOOK_FUNCTIONS = ["graph_webhook", "graph_lifecycle"]
@@ -37,7 +42,7 @@ def webhook(devhost_factory: Callable[..., DevhostProcess], storage_env: dict[st
                            functions=WEBHOOK_FUNCTIONS)
 
 
-def post(host: DevhostProcess, path: str, body: Any = None, *, raw: bytes | None = None,
+def post(host: Any, path: str, body: Any = None, *, raw: bytes | None = None,
          content_type: str = "application/json; charset=utf-8", **params: str) -> requests.Response:
     data = raw if raw is not None else orjson.dumps(body)
     return requests.post(f"{host.base_url}{path}", params=params, data=data,
@@ -164,3 +169,45 @@ def test_a_burst_of_1000_notifications_over_http_is_one_job_and_fast_enough(webh
     timings.sort()
     print(f"webhook POST of 50 notifications: median {1000 * timings[len(timings) // 2]:.0f} ms, "
           f"max {1000 * timings[-1]:.0f} ms")
+
+
+def test_the_webhook_answers_while_every_host_thread_is_busy(storage_env: dict[str, str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             harness: Harness) -> None:
+    """Long sync jobs fill the host's shared thread pool; Graph must still get its answers."""
+    entered, release = threading.Event(), threading.Event()
+    busy = func.Blueprint()
+
+    @busy.function_name("busy")
+    @busy.route(route="busy", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+    def busy_function(req: func.HttpRequest) -> func.HttpResponse:   # stands in for a sync job
+        entered.set()
+        release.wait(60)
+        return func.HttpResponse("done")
+
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+    app.register_functions(graph_webhook_blueprint)
+    app.register_functions(busy)
+    env = {**storage_env, "MAILSYNC_LOCAL_DIR": str(tmp_path), "NOTIFY_COALESCE_S": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    runtime.cache_clear()                 # the in-process host shares this process's runtime()
+    host = start_devhost_in_process(app, {**env, "PYTHON_THREADPOOL_THREAD_COUNT": "1"})
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as client:
+            blocked = client.submit(requests.get, f"{host.base_url}/api/busy", timeout=90)
+            assert entered.wait(30)       # the host's only thread is now taken
+            handshake = requests.post(f"{host.base_url}/api/graph/webhook?validationToken=hello", timeout=20)
+            assert handshake.status_code == 200 and handshake.text == "hello"
+            notified = post(host, "/api/graph/webhook", {"value": [change(sub, state, "AAMk1")]})
+            assert notified.status_code == 202
+            assert harness.queued_count() == 1
+            assert not blocked.done()     # all of that happened while the shared pool was still busy
+            release.set()
+            assert blocked.result().status_code == 200
+    finally:
+        release.set()
+        host.stop(5)
+        runtime.cache_clear()
