@@ -53,7 +53,8 @@ window.Mailsync = (() => {
       if (value !== null && value !== undefined && value !== "") url.searchParams.set(key, String(value));
     }
     const headers = { Accept: "application/json" };
-    if (token) headers.Authorization = `Bearer ${token}`;
+    // Not Authorization: Static Web Apps overwrites it on proxied API calls.
+    if (token) headers["X-Mailsync-Authorization"] = `Bearer ${token}`;
     if (body !== undefined) headers["Content-Type"] = "application/json";
     let response;
     try {

@@ -90,9 +90,15 @@ def read_json_object(req: func.HttpRequest, *, max_bytes: int = DEFAULT_MAX_BODY
     return body
 
 
+# Azure Static Web Apps replaces the Authorization header on calls it proxies
+# to a linked Function App (Azure/static-web-apps#34, by design), so the page
+# sends its token in this header; API clients may keep using Authorization.
+PAGE_TOKEN_HEADER = "x-mailsync-authorization"
+
+
 def bearer_token(req: func.HttpRequest) -> str:
-    """The bearer secret of ``Authorization: Bearer <token>``, or 401."""
-    header = req.headers.get("authorization") or ""
+    """The bearer secret of ``X-Mailsync-Authorization`` or ``Authorization: Bearer <token>``, or 401."""
+    header = req.headers.get(PAGE_TOKEN_HEADER) or req.headers.get("authorization") or ""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("missing bearer token")
