@@ -119,7 +119,7 @@ class Settings:
 
     # Change monitoring (mailsync.monitoring; see docs/change-monitoring.md).
     subscription_lifetime_s: int = 4230 * 60     # Graph's maximum for Outlook messages
-    notify_coalesce_s: int = 1                   # queue delay that lets a burst merge into one job
+    notify_coalesce_s: int = 0                   # extra queue delay for NOTIFIED jobs (0: measured best)
     notify_max_ids: int = 100                    # message ids kept per account before "all folders"
     poll_tick_s: int = 60                        # period of the poll_scheduler timer
     poll_interval_subscribed_s: int = 6 * 3600   # safety sweep of accounts with a healthy webhook; 0 = off
@@ -199,7 +199,7 @@ class Settings:
             poll_interval_s=_int(e, "POLL_INTERVAL_S", 900),
             subscription_renew_before_s=_int(e, "SUBSCRIPTION_RENEW_BEFORE_S", 6 * 3600),
             subscription_lifetime_s=_int(e, "SUBSCRIPTION_LIFETIME_S", 4230 * 60),
-            notify_coalesce_s=_int(e, "NOTIFY_COALESCE_S", 1),
+            notify_coalesce_s=_int(e, "NOTIFY_COALESCE_S", 0),
             notify_max_ids=_int(e, "NOTIFY_MAX_IDS", 100),
             poll_tick_s=_int(e, "POLL_TICK_S", 60),
             poll_interval_subscribed_s=_int(e, "POLL_INTERVAL_SUBSCRIBED_S", 6 * 3600),

@@ -169,8 +169,8 @@ param subscriptionRenewBeforeS int = 21600
 
 @minValue(0)
 @maxValue(60)
-@description('NOTIFY_COALESCE_S: queue delay that lets a burst of notifications merge into one job.')
-param notifyCoalesceS int = 1
+@description('NOTIFY_COALESCE_S: extra queue delay for notification jobs (0 measured best; the pending row coalesces).')
+param notifyCoalesceS int = 0
 
 @minValue(1)
 @description('NOTIFY_MAX_IDS: message ids kept per account before syncing all folders instead.')
