@@ -274,8 +274,14 @@ class _Invocation:
             e.store.delete_account(self.account_id)
             e.state.delete_account(self.account_id)
             return Outcome.DROPPED
-        if outcome in (Outcome.DONE, Outcome.DEFERRED) and not self.continued:
-            self._continue_pending()
+        if outcome != Outcome.REAUTH:
+            rows = self._load()
+            if self.account.status == AccountStatus.SYNCING:
+                # Two workers finishing the last two folders at once may each see the
+                # other's still running; whichever of us looks last sees both done.
+                self._maybe_synced(rows)
+            if outcome in (Outcome.DONE, Outcome.DEFERRED) and not self.continued:
+                self._continue_pending()
         return outcome
 
     def _reclaim_dead_leases(self, rows: AccountSyncState) -> None:
@@ -335,7 +341,7 @@ class _Invocation:
         poison queue leaves its lease to expire; the next poll or
         notification then finds the row free.)
         """
-        rows = self._load()
+        rows = self.rows or self._load()
         ordered = policy.pending_order(_all_rows(rows), self._store_generation(), self.e.clock())
         if ordered:
             self._enqueue_continuation(ordered[0].folder_id, reason="pending")
