@@ -24,7 +24,7 @@ bp = func.Blueprint()
 def oauth_start(req: func.HttpRequest) -> func.HttpResponse:
     rt = runtime()
     body = read_json_object(req, max_bytes=rt.settings.max_body_bytes)
-    bearer = bearer_token(req) if req.headers.get("authorization") else None  # only to re-link
+    bearer = bearer_token(req) if "account_id" in body else None  # only a re-link is authenticated
     with log_context(function="oauth_start"):
         result = rt.linking.start(body, bearer)
     return json_response(result.to_json(), 201 if result.created else 200)
