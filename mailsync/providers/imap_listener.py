@@ -176,6 +176,9 @@ class AccountWatcher:
     # --- NOTIFY: one connection, every folder -------------------------------------------------------
 
     def _notify_loop(self, session: ImapSession) -> None:
+        # Flag changes in folders we have not selected arrive as STATUS (HIGHESTMODSEQ ...) only once
+        # CONDSTORE is on (RFC 5465 5.2); without it Dovecot reports new mail and expunges alone.
+        session.enable("CONDSTORE")
         session.raw_command(b"NOTIFY", [b"SET", NOTIFY_EVENTS])
         while not self.stop_event.is_set():
             session.idle_start()

@@ -160,6 +160,9 @@ def listening(request: pytest.FixtureRequest, dovecot: DovecotServer, dovecot_pl
               ) -> Iterator[tuple[ImapHarness, ListQueue, ImapListener]]:
     server = dovecot if request.param == "notify" else dovecot_plain
     harness = make_harness(server)
+    with harness.client() as client:
+        for folder in harness.folders():
+            client.select_folder(folder)   # Dovecot's first read-write SELECT clears \Recent: an event of its own
     queue = ListQueue()
     listener = ImapListener(lambda: [harness.account_id], lambda _id: harness.connect(), queue, refresh_s=3600)
     import threading

@@ -1,0 +1,245 @@
+"""IMAP initial sync and change latency on the ../shared/imap-bench mailbox (20,000 messages, 5 folders), end to end.
+
+Usage::
+
+    .venv/bin/python bench/imap_initial_sync.py [--page-size 1000] [--skip-ceilings]
+
+What it does, on 127.0.0.1 only:
+
+1. Generates the mailbox with ``../shared/imap-bench/genmail.py`` into a
+   Dovecot user's Maildir and starts Dovecot (Debian's package) on it; one
+   EXAMINE per folder lets Dovecot build its indexes first (a server in
+   use has them; building them is Dovecot's cost, not the sync's).
+2. Ceilings of the parts, each alone: the IMAP provider paging every
+   folder with nothing behind it (``provider_messages_per_s``: what IMAP +
+   parsing allow) and the store bulk-loading those same records
+   (``store_ceiling_per_s``: what osmem allows).
+3. Starts the local stack (Azurite, osmem-server, the devhost running the
+   whole function app), links the account the way the page does
+   (``POST /api/accounts`` with ``provider: imap``), and times from the
+   POST to ``status == "synced"`` with every message in the store
+   (``elapsed_s``, ``messages_per_s``), checking the store's count per
+   folder against Dovecot's.
+4. Starts the listener (``mailsync.providers.imap_listener``) and, from
+   another IMAP connection, flags a message and delivers one, in INBOX and
+   in Archive: ``change_latency_ms_*`` is from the IMAP command to the
+   change being readable in the store.
+5. ``status_poll_ms``: one STATUS poll of the account (connect, login,
+   LIST-STATUS of every folder, logout), median of 20.
+6. ``peak_rss_mb``: the devhost's high-water mark (VmHWM) — the process
+   that ran every sync job.
+
+The final line is ``imap_initial_sync key=value ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import requests
+
+from bench.harness import figures, peak_rss_mb, remove_workdir, say, start_stack, store_ceiling
+from mailsync.jobs import JobKind
+from mailsync.linking.imap import SealedCredentials
+from mailsync.models import Message, MessageQuery
+from mailsync.monitoring.imap_poll import ImapStatusPoller
+from mailsync.providers.imap import ImapProvider, ImapProviderFactory, message_id_of
+from mailsync.providers.imap_listener import ImapListener
+from mailsync.providers.imap_session import ImapEndpoint, ImapSession
+from mailsync.security.crypto import load_cipher
+from mailsync.storage.accounts import TableAccountRepository
+from mailsync.storage.connection import table_client
+from mailsync.storage.cursors import SyncStateTable
+from mailsync.storage.job_queue import AzureJobQueue
+from mailsync.storage.tokens import TableTokenStore
+from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822, start_dovecot
+
+GENMAIL = Path(__file__).resolve().parents[2] / "shared" / "imap-bench" / "genmail.py"
+FOLDERS = ("INBOX", "Archive", "Sent", "Projects", "Receipts")
+
+
+def prepare_mailbox(server: DovecotServer, small: int = 0) -> tuple[ImapUser, dict[str, int]]:
+    user = server.add_user()
+    if small:
+        # A quick run: the same five folders, ``small`` messages (tests' generator), for trying things out.
+        from tests.providers.imap_harness import seed_messages
+
+        shares = {"INBOX": 0.5, "Archive": 0.3, "Sent": 0.15, "Projects": 0.025, "Receipts": 0.025}
+        user.seed_maildir(seed_messages(random.Random(1), {f: max(1, int(small * x)) for f, x in shares.items()}))
+    else:
+        say(f"generating the mailbox with {GENMAIL}")
+        subprocess.run([sys.executable, str(GENMAIL), str(user.maildir)], check=True, stdout=subprocess.DEVNULL)
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(user.home)], check=True)
+    client = user.connect(timeout=300)
+    counts: dict[str, int] = {}
+    started = time.monotonic()
+    for folder in FOLDERS:
+        counts[folder] = int(client.select_folder(folder, readonly=True)[b"EXISTS"])
+    client.logout()
+    say(f"Dovecot indexed {sum(counts.values())} messages in {time.monotonic() - started:.1f} s: {counts}")
+    return user, counts
+
+
+def provider_ceiling(user: ImapUser, page_size: int) -> tuple[float, list[Message]]:
+    endpoint = ImapEndpoint(user.host, user.port, "none", user.username)
+    provider = ImapProvider(lambda: ImapSession.connect(endpoint, lambda _f: user.password, allow_insecure=True,
+                                                        timeout_s=120), "ceiling", page_size=page_size)
+    messages: list[Message] = []
+    started = time.monotonic()
+    for folder in FOLDERS:
+        cursor = None
+        while True:
+            batch = provider.message_changes(folder, cursor)
+            messages.extend(batch.upserts)
+            cursor = batch.cursor
+            if batch.complete:
+                break
+    elapsed = time.monotonic() - started
+    provider.close()
+    return len(messages) / elapsed, messages
+
+
+def stored_counts(store: Any, account_id: str) -> dict[str, int]:
+    store.refresh()
+    return {view.folder.folder_id: view.stored_count for view in store.list_folders(account_id)}
+
+
+def wait_in_store(store: Any, account_id: str, predicate: Any, timeout_s: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(0.01)
+    raise TimeoutError("change not in the store in time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--page-size", type=int, default=1000)
+    parser.add_argument("--skip-ceilings", action="store_true")
+    parser.add_argument("--small", type=int, default=0, help="seed this many messages instead of genmail's 20,000")
+    args = parser.parse_args()
+
+    server = start_dovecot(pool=2)
+    stack = None
+    values: dict[str, Any] = {}
+    try:
+        user, counts = prepare_mailbox(server, args.small)
+        total = sum(counts.values())
+        if not args.skip_ceilings:
+            rate, messages = provider_ceiling(user, args.page_size)
+            values["provider_messages_per_s"] = round(rate)
+            say(f"provider alone: {rate:,.0f} messages/s")
+
+        stack = start_stack("imap", messages=1, env={"IMAP_ALLOW_INSECURE": "1",
+                                                     "IMAP_PAGE_SIZE": str(args.page_size)})
+        if not args.skip_ceilings:
+            ceiling = store_ceiling(stack.search.url, messages)
+            values["store_ceiling_per_s"] = round(ceiling.docs_per_s)
+            say(f"store alone: {ceiling.docs_per_s:,.0f} docs/s (chunk {ceiling.best_chunk})")
+            del messages
+
+        # --- link and sync through the function app ---
+        started = time.monotonic()
+        created = requests.post(f"{stack.api}/accounts", timeout=120, json={
+            "provider": "imap", "host": user.host, "port": user.port, "security": "none",
+            "username": user.username, "password": user.password})
+        created.raise_for_status()
+        body = created.json()
+        account_id, auth = body["account_id"], {"Authorization": f"Bearer {body['access_token']}"}
+        say(f"linked {account_id} in {time.monotonic() - started:.2f} s; waiting for synced")
+        store = stack.store()
+        while True:
+            view = requests.get(f"{stack.api}/accounts/{account_id}", headers=auth, timeout=60).json()
+            if view["status"] == "synced":
+                break
+            if view["status"] in ("error", "reauth_required"):
+                raise RuntimeError(view)
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        got = stored_counts(store, account_id)
+        ok = all(got.get(folder) == n for folder, n in counts.items())
+        values.update(elapsed_s=round(elapsed, 2), messages=total, messages_per_s=round(total / elapsed),
+                      store_equals_mailbox=ok)
+        say(f"synced {total} messages in {elapsed:.2f} s = {total / elapsed:,.0f}/s; store {got}; equal={ok}")
+        if stack.host is not None:
+            values["peak_rss_mb"] = round(peak_rss_mb(stack.host.pid) or 0.0, 1)
+
+        # --- change latency with the listener ---
+        settings = stack.settings
+        table = table_client(settings, "accounts")
+        tokens = TableTokenStore(table, load_cipher(settings))
+        factory = ImapProviderFactory(settings, SealedCredentials(tokens))
+        listener = ImapListener(lambda: [account_id], factory.connect, AzureJobQueue(settings), refresh_s=3600)
+        thread = threading.Thread(target=listener.run, daemon=True)
+        thread.start()
+        while account_id not in listener.watchers or not listener.watchers[account_id].ready.is_set():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        other = user.connect()
+        for folder in ("INBOX", "Archive"):
+            info = other.select_folder(folder)
+            validity = int(info[b"UIDVALIDITY"])
+            uid = max(other.search("ALL"))
+            mid = message_id_of(folder, validity, uid)
+            was = b"\\Flagged" in other.get_flags([uid])[uid]
+            t0 = time.monotonic()
+            (other.remove_flags if was else other.add_flags)([uid], [b"\\Flagged"])
+
+            def flipped(mid: str = mid, was: bool = was) -> bool:
+                message = store.get_message(account_id, mid)
+                return message is not None and (message.flag_status.value == "flagged") is not was
+
+            t1 = wait_in_store(store, account_id, flipped)
+            values[f"change_latency_ms_flag_{folder.lower()}"] = round((t1 - t0) * 1000)
+            subject = f"bench new mail {time.time()}"
+            t0 = time.monotonic()
+            other.append(folder, rfc822(subject))
+
+            def arrived(subject: str = subject, folder: str = folder) -> bool:
+                page = store.list_messages(account_id, MessageQuery(folder_id=folder, limit=5))
+                return any(m.subject == subject for m in page.messages)
+
+            t1 = wait_in_store(store, account_id, arrived)
+            values[f"change_latency_ms_new_{folder.lower()}"] = round((t1 - t0) * 1000)
+        other.logout()
+        listener.stop()
+        latencies = [v for k, v in values.items() if k.startswith("change_latency_ms_")]
+        values["change_latency_ms"] = max(latencies)
+        say(f"change latencies: { {k: v for k, v in values.items() if k.startswith('change_latency')} }")
+
+        # --- what a STATUS poll costs ---
+        accounts = TableAccountRepository(table, tokens)
+        state = SyncStateTable(table_client(settings, "sync"))
+        poller = ImapStatusPoller(accounts, state, factory.connect, AzureJobQueue(settings))
+        samples = []
+        for _ in range(20):
+            t0 = time.monotonic()
+            poll = poller.poll_account(account_id)
+            samples.append((time.monotonic() - t0) * 1000)
+            assert not [j for j in poll.jobs if j.kind == JobKind.SYNC_FOLDERS.value], poll
+        values["status_poll_ms"] = round(statistics.median(samples), 1)
+        if stack.host is not None:
+            values["peak_rss_mb"] = round(peak_rss_mb(stack.host.pid) or 0.0, 1)
+    finally:
+        if stack is not None:
+            stack.stop()
+            remove_workdir(stack.workdir)
+        server.stop()
+    print(figures("imap_initial_sync", values), flush=True)
+
+
+if __name__ == "__main__":
+    main()
