@@ -23,10 +23,11 @@ pending row already holds it).
 Coalescing (why a row and not one job per request): Graph batches
 notifications, but a burst of 1,000 changes still arrives as dozens of
 requests. The pending row makes that one job per account per cycle of
-the worker: the first request creates the row and enqueues the job with a
-short delay (``NOTIFY_COALESCE_S``); later requests only merge ids into the
-row; the job deletes the row (ETag-checked) after it enqueued the sync
-jobs. See docs/change-monitoring.md for the measurements.
+the worker: the first request creates the row and enqueues the job (with
+an optional delay, ``NOTIFY_COALESCE_S``, default 0: measured, the row
+alone coalesces well and a delay only adds latency); later requests only
+merge ids into the row; the job deletes the row (ETag-checked) after it
+enqueued the sync jobs. See docs/change-monitoring.md for the measurements.
 """
 
 from __future__ import annotations
