@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import math
 import os
 import secrets
@@ -259,12 +260,13 @@ class Stack:
     host: DevhostProcess | None = None
     workers: list[DevhostProcess] = field(default_factory=list)
     watch: ProcessWatch = field(default_factory=ProcessWatch)
+    in_process: Any = None            # a DevhostThread when the app runs in this process
+    base_url: str = ""
     _http: requests.Session = field(default_factory=requests.Session)
 
     @property
     def api(self) -> str:
-        assert self.host is not None
-        return f"{self.host.base_url}/api"
+        return f"{self.base_url}/api"
 
     @property
     def settings(self) -> Settings:
@@ -280,11 +282,38 @@ class Stack:
         port = int(self.env["PUBLIC_BASE_URL"].rsplit(":", 1)[1])
         self.host = start_devhost(self.env, port=port, functions=functions, log_dir=self.workdir)
         self.watch.watch("devhost", self.host.pid)
+        self.base_url = self.host.base_url
         return self.host
 
-    def add_worker(self) -> DevhostProcess:
+    def start_host_in_process(self) -> str:
+        """Host the whole function app in *this* process (to profile it and count its CPU).
+
+        The app reads its settings from os.environ (``Settings.from_env()``),
+        so the stack's settings are put there first.
+        """
+        from devhost.config import load_host_config
+        from devhost.host import Devhost, DevhostOptions, DevhostThread
+        from devhost.index import load_app
+        from mailsync.logs import configure_logging
+
+        os.environ.update(self.env)
+        configure_logging("json")
+        log_file = (self.workdir / "app.log").open("a", encoding="utf-8")   # not the console: one line per page
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "_mailsync", False) and isinstance(handler, logging.StreamHandler):
+                handler.setStream(log_file)
+        app = load_app("function_app:app")
+        port = int(self.env["PUBLIC_BASE_URL"].rsplit(":", 1)[1])
+        devhost = Devhost(app, dict(os.environ), load_host_config(ROOT / "host.json"),
+                          DevhostOptions(function_directory=str(ROOT)))
+        self.in_process = DevhostThread(devhost)
+        self.base_url = self.in_process.start("127.0.0.1", port)
+        return self.base_url
+
+    def add_worker(self, queue_lease_s: float | None = None) -> DevhostProcess:
         """Another devhost running only the queue trigger (same queue, same tables)."""
-        worker = start_devhost(self.env, functions=["sync_worker"], log_dir=self.workdir)
+        extra = ["--queue-lease-s", str(queue_lease_s)] if queue_lease_s else None
+        worker = start_devhost(self.env, functions=["sync_worker"], log_dir=self.workdir, extra_args=extra)
         self.workers.append(worker)
         self.watch.watch(f"worker{worker.pid}", worker.pid)
         return worker
@@ -303,6 +332,9 @@ class Stack:
         if self.host is not None:
             with contextlib.suppress(Exception):
                 self.host.stop(timeout_s=15)
+        if self.in_process is not None:
+            with contextlib.suppress(Exception):
+                self.in_process.stop(10)
         for service in (self.sandbox_process, self.search, self.azurite):
             with contextlib.suppress(Exception):
                 service.stop()
@@ -416,7 +448,7 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
         except BaseException:
             stack.stop()
             raise
-    say(f"stack up: devhost {stack.host.base_url if stack.host else '-'}, sandbox {sandbox_process.url}, "
+    say(f"stack up: devhost {stack.base_url or '-'}, sandbox {sandbox_process.url}, "
         f"store {search.url}")
     return stack
 
@@ -502,6 +534,8 @@ def store_ceiling(search_url: str, messages: Sequence[Message], *, chunks: Itera
     rates: dict[int, float] = {}
     candidates = list(chunks)
     sample_set = messages[: min(sample, len(messages))]
+    with _scratch_store(search_url, candidates[0]) as store:
+        _load(store, messages[:500], 500)   # warm-up: the first bulk of a fresh server is slower
     if len(candidates) > 1 and sample_set:
         for chunk in candidates:
             with _scratch_store(search_url, chunk) as store:
@@ -600,3 +634,179 @@ def percentile(values: Sequence[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+# --- where the time goes ---------------------------------------------------------------------
+
+_NETWORK = ("/socket.py", "/ssl.py", "/http/client.py", "/urllib3/", "/elastic_transport/", "/requests/",
+            "/azure/core/pipeline/transport/")
+_IDLE = ("/threading.py", "/queue.py", "/concurrent/futures/thread.py", "/selectors.py")
+
+
+class StackSampler:
+    """A sampling profiler (like py-spy, in-process): what chosen threads are doing, 100 times a second.
+
+    Each sample of a thread is put in a bucket named after the deepest
+    project module on its stack (``mailsync.store.elasticsearch``,
+    ``mailsync.providers.graph``...) and what the leaf frame is doing:
+    ``network`` (waiting on a socket: the store, Graph, Tables, the
+    queue), ``idle`` (waiting on a lock or queue: no work) or ``python``
+    (running our code or a library's). Counts are wall-clock shares of
+    the sampled threads, not CPU; C calls (orjson) count to the Python
+    frame that made them.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = ("devhost-fn", "mailsync-page-reader"),
+                 interval_s: float = 0.01) -> None:
+        self.prefixes = prefixes
+        self.interval_s = interval_s
+        self.buckets: dict[str, int] = {}
+        self.leaves: dict[str, int] = {}
+        self.samples = 0
+        self.cpu_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self._sample_until_stopped()
+        finally:
+            self.cpu_s = time.thread_time()   # the sampler's own CPU, to take out of the process's
+
+    def _sample_until_stopped(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval_s):
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me or not names.get(ident, "").startswith(self.prefixes):
+                    continue
+                self._sample(frame)
+
+    def _sample(self, frame: Any) -> None:
+        leaf = frame
+        leaf_file = leaf.f_code.co_filename
+        area = ""
+        current = frame
+        while current is not None:
+            filename = current.f_code.co_filename
+            marker = filename.find("/mailsync/")
+            if marker >= 0 and "/site-packages/" not in filename:
+                area = "mailsync." + filename[marker + 10:-3].replace("/", ".")
+                break
+            marker = filename.find("/functions/")
+            if marker >= 0 and "/site-packages/" not in filename:
+                area = "functions." + filename[marker + 11:-3].replace("/", ".")
+                break
+            current = current.f_back
+        if any(part in leaf_file for part in _IDLE):
+            doing = "idle"
+        elif any(part in leaf_file for part in _NETWORK):
+            doing = "network"
+        else:
+            doing = "python"
+        bucket = f"{area or 'host'} [{doing}]"
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+        if doing == "python":
+            where = f"{leaf.f_code.co_name} ({_short(leaf_file)}:{leaf.f_code.co_firstlineno})"
+            self.leaves[where] = self.leaves.get(where, 0) + 1
+        self.samples += 1
+
+    def report(self, top: int = 12) -> list[str]:
+        total = max(1, self.samples)
+        busy = {k: v for k, v in self.buckets.items() if not k.endswith("[idle]")}
+        idle = self.samples - sum(busy.values())
+        lines = [f"where the worker threads' time goes ({self.samples} samples; idle {100 * idle / total:.0f} %):"]
+        for name, count in sorted(busy.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {100 * count / total:5.1f} %  {name}")
+        python = sum(self.leaves.values()) or 1
+        lines.append("hottest Python frames (share of [python] samples):")
+        for name, count in sorted(self.leaves.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {100 * count / python:5.1f} %  {name}")
+        return lines
+
+
+def _short(path: str) -> str:
+    for marker in ("/site-packages/", "/work/main/", "/lib/python3"):
+        index = path.find(marker)
+        if index >= 0:
+            return path[index + len(marker):]
+    return path
+
+
+class ThreadProfiles:
+    """cProfile in every thread started after ``install()`` (the host's loop, function and reader threads).
+
+    Deterministic profiling slows Python code down 1.5-3x, so CPU figures
+    of a profiled run are not the engine's; the profile says *which* code
+    the CPU goes to.
+    """
+
+    def __init__(self) -> None:
+        self._profiles: list[Any] = []
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        import cProfile
+
+        def boot(frame: Any, event: str, arg: Any) -> None:
+            # Thread CPU time, not wall time: a thread blocked on a socket costs nothing.
+            profile = cProfile.Profile(time.thread_time)
+            with self._lock:
+                self._profiles.append(profile)
+            profile.enable()   # replaces this hook for the thread
+
+        threading.setprofile(boot)
+
+    def report(self, top: int = 25) -> list[str]:
+        import io
+        import pstats
+
+        threading.setprofile(None)   # type: ignore[arg-type]
+        with self._lock:
+            profiles = list(self._profiles)
+        if not profiles:
+            return ["no profiled threads"]
+        stats = pstats.Stats(profiles[0])
+        for profile in profiles[1:]:
+            with contextlib.suppress(TypeError):   # a thread that never ran Python code
+                stats.add(profile)
+        by_area: dict[str, float] = {}
+        for (filename, _line, _name), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+            by_area[_area(filename)] = by_area.get(_area(filename), 0.0) + tottime
+        total = sum(by_area.values()) or 1.0
+        lines = [f"CPU by area (cProfile, thread CPU time, all profiled threads, {total:.1f} s):"]
+        for area, seconds in sorted(by_area.items(), key=lambda kv: -kv[1])[:15]:
+            lines.append(f"  {100 * seconds / total:5.1f} %  {seconds:7.2f} s  {area}")
+        for order, title, restrict in (("tottime", "by own CPU time", ""),
+                                       ("cumulative", "project code by cumulative CPU time", "mailsync/")):
+            out = io.StringIO()
+            stats.stream = out   # type: ignore[attr-defined]
+            stats.sort_stats(order).print_stats(restrict, top) if restrict else \
+                stats.sort_stats(order).print_stats(top)
+            lines.append(f"top {top} functions {title}:")
+            lines.extend("  " + line for line in out.getvalue().splitlines()
+                         if line.strip() and "Ordered by" not in line and "List reduced" not in line)
+        return lines
+
+
+def _area(filename: str) -> str:
+    for marker, name in (("/mailsync/", "mailsync."), ("/functions/", "functions."), ("/devhost/", "devhost.")):
+        index = filename.find(marker)
+        if index >= 0 and "/site-packages/" not in filename:
+            return name + filename[index + len(marker):].removesuffix(".py").replace("/", ".")
+    index = filename.find("/site-packages/")
+    if index >= 0:
+        return "lib: " + filename[index + 15:].split("/")[0]
+    if filename.startswith("~") or filename.startswith("<"):
+        return "builtins (C calls: json, orjson, sockets...)"
+    index = filename.find("/lib/python3")
+    if index >= 0:
+        return "stdlib: " + filename[index:].split("/")[3].removesuffix(".py")
+    return filename
