@@ -66,9 +66,9 @@ while it ran: the round is complete only when the folder is in sync as
 of then. UIDVALIDITY different from the cursor's → ``CursorExpired``.
 
 What a page costs: one ``UID SEARCH`` and one ``UID FETCH`` of UID, FLAGS,
-INTERNALDATE, MODSEQ, ``BODY.PEEK[HEADER.FIELDS (...)]`` (the envelope
-headers, see imap_mapping) and ``BODY.PEEK[TEXT]<0.N>`` (the preview). No
-RFC822.SIZE: the store keeps no size.
+INTERNALDATE, MODSEQ, ``BODY.PEEK[HEADER]`` (the envelope's headers, see
+imap_mapping for why not ENVELOPE) and ``BODY.PEEK[TEXT]<0.N>`` (the
+preview). No RFC822.SIZE: the store keeps no size.
 
 Folders: LIST (with SPECIAL-USE and LIST-STATUS counts when offered);
 ``\\Noselect`` and virtual folders (``\\All``, ``\\Flagged``, ``\\Important``:
@@ -106,7 +106,7 @@ from mailsync.providers.imap_cursor import (
     uid_checksum,
     uid_set,
 )
-from mailsync.providers.imap_mapping import HEADER_FIELDS, AddressCache, flags_key, map_message
+from mailsync.providers.imap_mapping import AddressCache, flags_key, map_message
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession, MailboxEntry, SelectInfo
 from mailsync.settings import Settings
 
@@ -454,7 +454,7 @@ class ImapProvider:
         items = "UID FLAGS INTERNALDATE"
         if mode in ("q", "c"):
             items += " MODSEQ"
-        items += f" BODY.PEEK[HEADER.FIELDS ({' '.join(HEADER_FIELDS)})] BODY.PEEK[TEXT]<0.{self._preview_bytes}>"
+        items += f" BODY.PEEK[HEADER] BODY.PEEK[TEXT]<0.{self._preview_bytes}>"
         fetched = session.uid_fetch(uid_set(uids), items)
         account_id = self._account_id
         key = folder_key(folder_id)

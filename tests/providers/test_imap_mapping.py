@@ -189,3 +189,18 @@ def test_xoauth2_initial_response_is_the_documented_string() -> None:
     assert mech(b"") == b"user=u@example.com\x01auth=Bearer tok\x01\x01"
     # After a refusal the server sends a JSON error challenge and expects an empty answer.
     assert mech(b'{"status":"401","schemes":"bearer"}') == b""
+
+
+@pytest.mark.parametrize("raw", [
+    '"Yolanda Green" <yolanda.green@mail.test>', "J. Smith <j.smith@example.com>", "plain@example.com",
+    "  <only@angle.example>  ", '"Doe, John" <john@example.com>', "a@x.org, b@y.org", 'Group: a@x.org, b@y.org;',
+    '"Quoted \\"inner\\"" <q@x.org>', "Name (comment) <c@x.org>", "=?utf-8?q?J=C3=B6rg?= <j@x.de>",
+])
+def test_the_fast_address_path_agrees_with_the_rfc_5322_parser(raw: str) -> None:
+    import email.utils
+
+    from mailsync.providers.imap_mapping import parse_addresses
+
+    expected = [(decode_header_value(name.encode()), address) for name, address in email.utils.getaddresses([raw])
+                if name or address]
+    assert [(a.name, a.address) for a in parse_addresses(raw.encode())] == expected
