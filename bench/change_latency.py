@@ -1,0 +1,439 @@
+"""Change latency at many accounts: a change made through Graph -> the event at a connected SignalR client.
+
+Usage::
+
+    .venv/bin/python bench/change_latency.py --accounts 1000 --changes 5000
+    .venv/bin/python bench/change_latency.py                      # 100 accounts, 1000 changes (this machine)
+
+On a local stack (Azurite, osmem-server, the Graph sandbox with one user
+per account, the devhost running the whole app, plus ``--workers`` more
+queue-trigger devhosts; all on 127.0.0.1, webhooks included):
+
+1. ``--accounts`` sandbox users are linked the way the page does it and
+   synced (each gets its Graph subscription, whose notifications reach our
+   webhook on loopback).
+2. One SignalR client per account connects the way the page does
+   (``POST /api/negotiate`` with the account's bearer, then the hub's
+   WebSocket with the JSON protocol).
+3. ``--changes`` random changes are made at ``--rate`` per second, each to
+   a random account: read/unread, flag, move, delete through Graph as the
+   user, and new mail arriving. A change is timed from the moment its
+   request is sent to the first ``messagesChanged`` event naming that
+   message at that account's client.
+
+Figures: ``p50_ms``, ``p99_ms``, ``max_ms`` (goal p99 < 1 s with no added
+latency), ``lost`` (changes with no event after ``--wait-s``),
+``graph_requests_per_change`` (requests the app made to Graph per change:
+everything the sandbox served minus the benchmark's own writes),
+``delta_pages_per_change`` and ``delta_pages_per_notification_post`` (the
+goal is about one delta call per coalesced notification batch).
+
+Scaled for this 2-core machine by default (100 accounts); ``--accounts
+1000`` works and mostly costs linking and initial-sync time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import (  # noqa: E402
+    Linked,
+    Stack,
+    figures,
+    percentile,
+    remove_workdir,
+    say,
+    start_stack,
+)
+
+RS = "\x1e"
+
+
+@dataclass
+class Account:
+    linked: Linked
+    inbox: str = ""
+    folders: list[str] = field(default_factory=list)
+    messages: dict[str, str] = field(default_factory=dict)    # message id -> folder id (as we changed it)
+    read: dict[str, bool] = field(default_factory=dict)       # message id -> isRead (as we changed it)
+    flagged: dict[str, bool] = field(default_factory=dict)    # message id -> flagged (as we changed it)
+
+
+class Clients:
+    """One SignalR client per account on one asyncio loop; records when each message id was announced."""
+
+    def __init__(self, api: str) -> None:
+        self.api = api
+        self.seen: dict[tuple[str, str], list[float]] = {}
+        self.connected = 0
+        self.events = 0
+        self.lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="bench-signalr", daemon=True)
+        self._thread.start()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Future[Any]] = []
+
+    def connect_all(self, accounts: list[Account], timeout_s: float = 600) -> None:
+        asyncio.run_coroutine_threadsafe(self._connect_all(accounts), self.loop).result(timeout=timeout_s)
+
+    async def _connect_all(self, accounts: list[Account]) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+                                              connector=aiohttp.TCPConnector(limit=0))
+        gate = asyncio.Semaphore(20)
+
+        async def one(account: Account) -> None:
+            async with gate:
+                ws = await self._connect(account.linked)
+            self.connected += 1
+            self._tasks.append(asyncio.ensure_future(self._listen(account.linked.account_id, ws)))
+
+        await asyncio.gather(*(one(a) for a in accounts))
+
+    async def _connect(self, linked: Linked) -> aiohttp.ClientWebSocketResponse:
+        assert self._session is not None
+        async with self._session.post(f"{self.api}/negotiate", headers=linked.auth) as answer:
+            if answer.status != 200:
+                raise RuntimeError(f"negotiate: {answer.status} {await answer.text()}")
+            info = await answer.json()
+        base, _, query = info["url"].partition("?")
+        auth = {"Authorization": f"Bearer {info['accessToken']}"}
+        async with self._session.post(f"{base.rstrip('/')}/negotiate?{query}&negotiateVersion=1",
+                                      headers=auth) as answer:
+            if answer.status != 200:
+                raise RuntimeError(f"hub negotiate: {answer.status} {await answer.text()}")
+            negotiated = await answer.json()
+        url = (f"{info['url'].replace('http://', 'ws://')}&id={negotiated['connectionToken']}"
+               f"&access_token={info['accessToken']}")
+        ws = await self._session.ws_connect(url, heartbeat=None)
+        await ws.send_str(json.dumps({"protocol": "json", "version": 1}) + RS)
+        handshake = await ws.receive_str(timeout=30)
+        if not handshake.startswith("{}"):
+            raise RuntimeError(f"hub handshake: {handshake!r}")
+        return ws
+
+    async def _listen(self, account_id: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for frame in ws:
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                break
+            now = time.monotonic()
+            for part in frame.data.split(RS):
+                if not part:
+                    continue
+                message = json.loads(part)
+                if message.get("type") == 6:        # ping: answer so the hub keeps us
+                    await ws.send_str(json.dumps({"type": 6}) + RS)
+                    continue
+                if message.get("type") != 1 or message.get("target") != "messagesChanged":
+                    continue
+                payload = (message.get("arguments") or [{}])[0]
+                ids = [row["message_id"] for row in payload.get("upserted", [])]
+                ids += [row["message_id"] for row in payload.get("removed", [])]
+                with self.lock:
+                    self.events += 1
+                    for message_id in ids:
+                        self.seen.setdefault((account_id, message_id), []).append(now)
+
+    def first_after(self, account_id: str, message_id: str, since: float) -> float | None:
+        with self.lock:
+            times = self.seen.get((account_id, message_id), [])
+            later = [t for t in times if t >= since]
+        return min(later) if later else None
+
+    def close(self) -> None:
+        async def shut() -> None:
+            for task in self._tasks:
+                task.cancel()
+            if self._session is not None:
+                await self._session.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shut(), self.loop).result(timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def link_all(stack: Stack, addresses: list[str], parallel: int) -> list[Account]:
+    done: list[Account] = []
+    started = time.monotonic()
+
+    def one(address: str) -> Account:
+        for attempt in range(5):
+            try:
+                return Account(stack.link(address))
+            except Exception as exc:   # a busy machine: retry the whole sign-in
+                if attempt == 4:
+                    raise
+                say(f"  link {address} failed ({exc}); retrying")
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
+
+    with ThreadPoolExecutor(parallel) as pool:
+        for account in pool.map(one, addresses):
+            done.append(account)
+            if len(done) % 50 == 0:
+                say(f"  linked {len(done)}/{len(addresses)} ({time.monotonic() - started:.0f} s)")
+    return done
+
+
+def wait_synced(stack: Stack, accounts: list[Account], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(accounts)
+    last = 0.0
+    while pending:
+        pending = [a for a in pending if stack.account(a.linked).get("status") != "synced"]
+        if not pending:
+            return
+        if time.monotonic() - last > 15:
+            last = time.monotonic()
+            say(f"  {len(accounts) - len(pending)}/{len(accounts)} synced")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} account(s) not synced after {timeout_s:g} s")
+        time.sleep(2)
+
+
+def wait_subscribed(stack: Stack, accounts: list[Account], timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    users = {a.linked.address.lower() for a in accounts}
+    ids = {u["mail"].lower(): u["id"] for u in stack.sandbox.users()}
+    wanted = {ids[u] for u in users}
+    while True:
+        subs = stack.sandbox.admin("GET", "subscriptions")["value"]
+        have = {s["userId"] for s in subs} & wanted
+        if len(have) == len(wanted) or time.monotonic() > deadline:
+            return len(have)
+        time.sleep(2)
+
+
+@dataclass
+class Change:
+    account: Account
+    message_id: str
+    kind: str
+    sent: float
+    seen: float | None = None
+
+
+class ChangeMaker:
+    def __init__(self, stack: Stack, accounts: list[Account], rng: random.Random) -> None:
+        self.stack = stack
+        self.accounts = accounts
+        self.rng = rng
+        self.graph_writes = 0
+        self.failed = 0
+        self.busy: set[tuple[str, str]] = set()
+        self.lock = threading.Lock()
+        self._sessions = threading.local()
+
+    def graph(self, account: Account) -> Any:
+        cache = getattr(self._sessions, "graph", None)
+        if cache is None:
+            cache = self._sessions.graph = {}
+        address = account.linked.address
+        if address not in cache:
+            cache[address] = self.stack.sandbox.graph(address)
+        return cache[address]
+
+    def load(self, account: Account) -> None:
+        snap = self.stack.sandbox.snapshot(account.linked.address)
+        account.folders = [f["id"] for f in snap["folders"] if f["wellKnownName"] not in
+                           ("outbox", "drafts", "conversationhistory") and not f["isHidden"]]
+        account.messages = {m["id"]: m["folderId"] for m in snap["messages"] if not m["isDraft"]}
+        account.inbox = next(f["id"] for f in snap["folders"] if f["wellKnownName"] == "inbox")
+        account.read = {m["id"]: bool(m["isRead"]) for m in snap["messages"]}
+        account.flagged = {m["id"]: m["flagStatus"] == "flagged" for m in snap["messages"]}
+
+    def make(self) -> Change | None:
+        account = self.rng.choice(self.accounts)
+        kind = self.rng.choices(("read", "flag", "move", "delete", "new"), (40, 15, 15, 10, 20))[0]
+        account_id = account.linked.account_id
+        if kind == "new" or not account.messages:
+            sent = time.monotonic()
+            answer = requests.post(f"{self.stack.sandbox.url}/sandbox/mailboxes/{account.linked.address}/deliver",
+                                   json={"count": 1}, timeout=60)
+            if answer.status_code != 200:
+                self.failed += 1
+                return None
+            message_id = answer.json()["delivered"][0]["id"]
+            with self.lock:
+                account.messages[message_id] = account.inbox
+                account.read[message_id] = False
+            return Change(account, message_id, "new", sent)
+        with self.lock:
+            free = [m for m in account.messages if (account_id, m) not in self.busy]
+            if not free:
+                return None
+            message_id = self.rng.choice(free)
+            self.busy.add((account_id, message_id))
+        graph = self.graph(account)
+        sent = time.monotonic()
+        # Every change really changes something (setting a value it already has notifies nothing).
+        if kind == "read":
+            value = not account.read.get(message_id, False)
+            answer = graph.patch(f"me/messages/{message_id}", json={"isRead": value})
+            if answer.status_code < 300:
+                account.read[message_id] = value
+        elif kind == "flag":
+            value = not account.flagged.get(message_id, False)
+            answer = graph.patch(f"me/messages/{message_id}",
+                                 json={"flag": {"flagStatus": "flagged" if value else "notFlagged"}})
+            if answer.status_code < 300:
+                account.flagged[message_id] = value
+        elif kind == "move":
+            target = self.rng.choice([f for f in account.folders if f != account.messages[message_id]]
+                                     or account.folders)
+            answer = graph.post(f"me/messages/{message_id}/move", json={"destinationId": target})
+            if answer.status_code < 300:
+                account.messages[message_id] = target
+        else:
+            answer = graph.delete(f"me/messages/{message_id}")
+            if answer.status_code < 300:
+                with self.lock:
+                    account.messages.pop(message_id, None)
+        self.graph_writes += 1
+        if answer.status_code >= 300:
+            self.failed += 1
+            with self.lock:
+                self.busy.discard((account_id, message_id))
+            return None
+        return Change(account, message_id, kind, sent)
+
+    def done(self, change: Change) -> None:
+        with self.lock:
+            self.busy.discard((change.account.linked.account_id, change.message_id))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    env = {"POLL_INTERVAL_SUBSCRIBED_S": "0"}
+    stack = start_stack("change-latency", users=args.accounts, messages=args.messages_per_account,
+                        latency_ms=args.latency_ms, seed=args.seed, env=env)
+    clients: Clients | None = None
+    try:
+        for _ in range(args.workers):
+            stack.add_worker()
+        addresses = [u["mail"] for u in stack.sandbox.users()][: args.accounts]
+        say(f"linking {len(addresses)} accounts ({args.messages_per_account} messages each)")
+        accounts = link_all(stack, addresses, args.link_parallel)
+        say("waiting for every initial sync and subscription")
+        wait_synced(stack, accounts, args.setup_timeout_s)
+        subscribed = wait_subscribed(stack, accounts, 300)
+        say(f"{subscribed}/{len(accounts)} accounts subscribed; connecting one SignalR client per account")
+        clients = Clients(stack.api)
+        clients.connect_all(accounts)
+        maker = ChangeMaker(stack, accounts, rng)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(maker.load, accounts))
+        time.sleep(2)   # let the last initial-sync events drain
+        before = stack.sandbox.counters()
+        posts_before = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
+        say(f"{clients.connected} clients connected; making {args.changes} changes at {args.rate}/s")
+        changes: list[Change] = []
+        started = time.monotonic()
+        lock = threading.Lock()
+
+        def one() -> None:
+            try:
+                change = maker.make()
+            except Exception as exc:
+                maker.failed += 1
+                say(f"  change failed: {exc}")
+                return
+            if change is not None:
+                with lock:
+                    changes.append(change)
+
+        with ThreadPoolExecutor(args.change_threads) as pool:
+            for n in range(args.changes):
+                due = started + n / args.rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(one)
+                if n and n % 500 == 0:
+                    say(f"  {n} changes sent, {clients.events} events received")
+        say(f"all changes sent in {time.monotonic() - started:.1f} s; waiting up to {args.wait_s:g} s for events")
+        deadline = time.monotonic() + args.wait_s
+        while time.monotonic() < deadline:
+            missing = 0
+            for change in changes:
+                if change.seen is None:
+                    change.seen = clients.first_after(change.account.linked.account_id, change.message_id,
+                                                      change.sent)
+                    if change.seen is None:
+                        missing += 1
+                    else:
+                        maker.done(change)
+            if missing == 0:
+                break
+            time.sleep(0.5)
+        after = stack.sandbox.counters()
+        posts_after = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
+        latencies = [1000 * (c.seen - c.sent) for c in changes if c.seen is not None]
+        lost = [c for c in changes if c.seen is None]
+        for change in lost[:5]:
+            say(f"  no event for {change.kind} of {change.message_id[:16]}... at {change.account.linked.account_id}")
+        by_kind = {}
+        for kind in ("read", "flag", "move", "delete", "new"):
+            values = [1000 * (c.seen - c.sent) for c in changes if c.kind == kind and c.seen is not None]
+            if values:
+                by_kind[f"p50_{kind}_ms"] = percentile(values, 0.5)
+        app_requests = int(after["requests"]) - int(before["requests"]) - maker.graph_writes
+        delta_pages = int(after["deltaPages"]) - int(before["deltaPages"])
+        posts = int(posts_after) - int(posts_before)
+        return {
+            "accounts": len(accounts), "changes": len(changes), "failed_changes": maker.failed,
+            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+            "max_ms": max(latencies) if latencies else float("nan"), **by_kind, "lost": len(lost),
+            "graph_requests_per_change": app_requests / max(1, len(changes)),
+            "delta_pages_per_change": delta_pages / max(1, len(changes)),
+            "notification_posts": posts,
+            "delta_pages_per_notification_post": delta_pages / max(1, posts),
+            "latency_ms": args.latency_ms,
+        }
+    finally:
+        if clients is not None:
+            clients.close()
+        stack.stop()
+        if not args.keep:
+            remove_workdir(stack.workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accounts", type=int, default=100, help="linked, synced accounts (default 100)")
+    parser.add_argument("--changes", type=int, default=1000, help="changes to make (default 1000)")
+    parser.add_argument("--rate", type=float, default=10, help="changes per second (default 10)")
+    parser.add_argument("--messages-per-account", type=int, default=20, help="seeded messages per mailbox")
+    parser.add_argument("--latency-ms", type=int, default=0, help="added to every Graph request (default 0)")
+    parser.add_argument("--workers", type=int, default=0, help="extra queue-trigger devhosts (default 0)")
+    parser.add_argument("--link-parallel", type=int, default=4, help="sign-ins at once (default 4)")
+    parser.add_argument("--change-threads", type=int, default=8, help="threads making changes (default 8)")
+    parser.add_argument("--wait-s", type=float, default=60, help="how long to wait for the last events")
+    parser.add_argument("--setup-timeout-s", type=float, default=3600, help="linking + initial syncs limit")
+    parser.add_argument("--seed", type=int, default=11, help="seed of the tenant and the changes")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(figures("change_latency", result), flush=True)
+    return 0 if result["lost"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
