@@ -80,16 +80,39 @@ _SPACE = re.compile(r"[ \t\r\f\v]+")
 
 # --- cursors ---------------------------------------------------------------
 
-def encode_cursor(link: str, *, complete: bool, roles: Mapping[str, str] | None = None) -> str:
-    """Wrap a Graph next/delta link (and the folder roles) into an opaque cursor."""
+def encode_cursor(link: str, *, complete: bool, roles: Mapping[str, str] | None = None,
+                  pending: tuple[str, ...] = ()) -> str:
+    """Wrap a Graph next/delta link (and the folder roles) into an opaque cursor.
+
+    ``pending``: well-known names whose folders are still to be looked up;
+    the link then also records whether it was a deltaLink (the round's end).
+    """
     body: dict[str, Any] = {"k": "d" if complete else "n", "u": link}
     if roles:
         body["r"] = dict(roles)
+    if pending:
+        body["p"] = list(pending)
+        body["u"] = ("d|" if complete else "n|") + link
     return CURSOR_PREFIX + base64.urlsafe_b64encode(orjson.dumps(body)).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[str, dict[str, str]]:
     """The link and role map inside a cursor; ``CursorExpired`` when unreadable."""
+    link, roles, _ = decode_cursor_full(cursor)
+    return link, roles
+
+
+def decode_kind(marked_link: str) -> bool:
+    """Whether a link recorded beside pending role lookups was a deltaLink."""
+    return marked_link.startswith("d|")
+
+
+def _strip_kind(marked_link: str) -> str:
+    return marked_link[2:] if marked_link[:2] in ("d|", "n|") else marked_link
+
+
+def decode_cursor_full(cursor: str) -> tuple[str, dict[str, str], tuple[str, ...]]:
+    """The link, role map and pending role lookups inside a cursor; ``CursorExpired`` when unreadable."""
     if not cursor.startswith(CURSOR_PREFIX):
         raise CursorExpired("folder cursor is not a Graph cursor")
     payload = cursor[len(CURSOR_PREFIX):]
@@ -100,9 +123,12 @@ def decode_cursor(cursor: str) -> tuple[str, dict[str, str]]:
     if not isinstance(body, dict) or not isinstance(body.get("u"), str):
         raise CursorExpired("folder cursor has no link")
     roles = body.get("r") or {}
-    if not isinstance(roles, dict):
+    pending = body.get("p") or []
+    if not isinstance(roles, dict) or not isinstance(pending, list):
         raise CursorExpired("folder cursor has a bad role map")
-    return body["u"], {str(k): str(v) for k, v in roles.items()}
+    if any(name not in WELL_KNOWN_FOLDERS for name in pending):
+        raise CursorExpired("folder cursor names an unknown folder role")
+    return body["u"], {str(k): str(v) for k, v in roles.items()}, tuple(pending)
 
 
 # --- mapping ---------------------------------------------------------------
@@ -299,12 +325,22 @@ class GraphProvider:
     # folder list
 
     def folder_changes(self, cursor: str | None) -> FolderBatch:
+        """The folder list's delta; the first round also learns the well-known folders' roles.
+
+        Roles cost one request per well-known name. The Inbox's comes with
+        the first page (the engine needs it for the first screen); the other
+        roles come as a batch of their own right after the first page, so the
+        first screen does not wait for five more round trips.
+        """
         if cursor is None:
-            roles = self._well_known_roles()
+            roles = self._roles(WELL_KNOWN_FOLDERS[:1])[1]
             body = self._client.get("me/mailFolders/delta", params={"$select": ",".join(FOLDER_FIELDS[1:])},
                                     headers=self._headers)
+            pending = WELL_KNOWN_FOLDERS[1:]
         else:
-            link, roles = decode_cursor(cursor)
+            link, roles, pending = decode_cursor_full(cursor)
+            if pending:
+                return self._pending_roles(link, roles, pending)
             body = self._client.get(self._checked(link), headers=self._headers)
         items = _page_items(body)
         link, complete = _page_link(body)
@@ -319,19 +355,33 @@ class GraphProvider:
             last.pop(folder.folder_id, None)
             last[folder.folder_id] = folder
         upserts, removals = _split(last)
+        if pending:
+            return FolderBatch(upserts=upserts, removals=removals, complete=False,
+                               cursor=encode_cursor(link, complete=complete, roles=roles, pending=pending))
         return FolderBatch(upserts=upserts, removals=removals,
                            cursor=encode_cursor(link, complete=complete, roles=roles), complete=complete)
 
-    def _well_known_roles(self) -> dict[str, str]:
+    def _pending_roles(self, link: str, roles: dict[str, str], pending: tuple[str, ...]) -> FolderBatch:
+        """The well-known folders still unnamed, as upserts with their roles; then the delta goes on."""
+        found, learned = self._roles(pending)
+        roles = {**roles, **learned}
+        folders = tuple(map_folder(item, self._account_id, roles) for item in found)
+        complete = decode_kind(link)
+        return FolderBatch(upserts=folders, removals=(), complete=complete,
+                           cursor=encode_cursor(_strip_kind(link), complete=complete, roles=roles))
+
+    def _roles(self, names: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        found: list[dict[str, Any]] = []
         roles: dict[str, str] = {}
-        for name in WELL_KNOWN_FOLDERS:
+        for name in names:
             try:
-                body = self._client.get(f"me/mailFolders/{name}", params={"$select": "id"})
+                body = self._client.get(f"me/mailFolders/{name}", params={"$select": ",".join(FOLDER_FIELDS[1:])})
             except NotFound:
                 continue  # e.g. no archive folder in this mailbox
             if isinstance(body, dict) and isinstance(body.get("id"), str):
                 roles[body["id"]] = name
-        return roles
+                found.append(body)
+        return found, roles
 
     # messages
 

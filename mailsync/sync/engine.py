@@ -405,6 +405,9 @@ class _Invocation:
             self._apply_folders(batch.upserts, batch.removals, rows, generation, created)
             seen.update(folder.folder_id for folder in batch.upserts)
             cursor = batch.cursor
+            if not box[0].state.first_screen:
+                # As soon as the Inbox is known: the page is waiting for it.
+                box[0] = self._first_screen(box[0], generation, final=batch.complete)
             if batch.complete:
                 break
             if not full:
@@ -414,7 +417,6 @@ class _Invocation:
         if full:
             self._reconcile_folders(seen, rows)
         self._upsert_mailbox(self.account.status)
-        box[0] = self._first_screen(box[0], generation)
         finished = e.state.finish(box[0], cursor=cursor, phase=SyncPhase.INCREMENTAL, rounds=start.rounds + 1,
                                   failures=0)
         after = self._load()
@@ -469,13 +471,19 @@ class _Invocation:
         self.e.store.remove_folder(self.account_id, folder_id)
         log.info("folder removed", extra={"removed_folder": folder_id})
 
-    def _first_screen(self, lease: Lease, generation: str) -> Lease:
-        """The newest Inbox messages, once per account (and after the store was recreated)."""
+    def _first_screen(self, lease: Lease, generation: str, *, final: bool) -> Lease:
+        """The newest Inbox messages, once per account (and after the store was recreated).
+
+        Called after each folder-list batch until it happened; ``final``
+        (the round's last batch) marks it done even for a mailbox without an Inbox.
+        """
         e = self.e
         if lease.state.first_screen:
             return lease
         rows = self._load()
         inbox = next((row for row in rows.folders.values() if row.role == "inbox"), None)
+        if inbox is None and not final:
+            return lease
         if inbox is not None and inbox.folder_id is not None:
             folder_id = inbox.folder_id
             inbox_lease = self._acquire_quietly(folder_id)
