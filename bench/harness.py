@@ -72,10 +72,7 @@ def figures(name: str, values: dict[str, Any]) -> str:
     """The final ``name key=value ...`` line (floats rounded, no spaces in values)."""
     parts = [name]
     for key, value in values.items():
-        if isinstance(value, float):
-            text = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-        else:
-            text = str(value)
+        text = (f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}") if isinstance(value, float) else str(value)
         parts.append(f"{key}={text.replace(' ', '_')}")
     return " ".join(parts)
 
@@ -203,7 +200,7 @@ class Sandbox:
 
     def token(self, address: str) -> str:
         if address not in self._tokens:
-            from tests.graph_sandbox.signin import user_tokens   # the sandbox's PKCE sign-in, shared with tests
+            from tests.graph_sandbox.signin import user_tokens  # the sandbox's PKCE sign-in, shared with tests
 
             answer, _ = user_tokens(self.url, address, scope=MAIL_SCOPES)
             self._tokens[address] = str(answer["access_token"])
