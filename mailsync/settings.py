@@ -109,7 +109,8 @@ class Settings:
     token_encryption_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
     # Sync engine.
-    sync_time_budget_s: float = 120.0
+    # Short: the live page hears about an invocation's progress when it ends.
+    sync_time_budget_s: float = 20.0
     graph_page_size: int = 500
     graph_max_concurrency: int = 4
     folder_lease_s: float = 300.0
@@ -191,7 +192,7 @@ class Settings:
             public_base_url=public_base_url,
             return_url_allowlist=allow,
             token_encryption_keys=_keys(e.get("TOKEN_ENCRYPTION_KEYS")),
-            sync_time_budget_s=_float(e, "SYNC_TIME_BUDGET_S", 120.0),
+            sync_time_budget_s=_float(e, "SYNC_TIME_BUDGET_S", 20.0),
             graph_page_size=_int(e, "GRAPH_PAGE_SIZE", 500),
             graph_max_concurrency=_int(e, "GRAPH_MAX_CONCURRENCY", 4),
             folder_lease_s=_float(e, "FOLDER_LEASE_S", 300.0),

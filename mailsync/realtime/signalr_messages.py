@@ -53,6 +53,10 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
+def _received(message: Message) -> float:
+    return message.received_at.timestamp() if message.received_at else 0.0
+
+
 def message_row(message: Message) -> dict[str, Any]:
     """The fields the list shows for one message."""
     sender = message.sender
@@ -85,6 +89,7 @@ class _Changes:
         self.removed: dict[tuple[str, str], None] = {}
         self.upserted_total = 0
         self.removed_total = 0
+        self.dropped = False
 
     def add(self, event: MessagesChanged) -> None:
         for folder_id, message_id in event.removed:
@@ -97,12 +102,20 @@ class _Changes:
             self.upserted_total += 1
             self.removed.pop((message.folder_id, message.message_id), None)
             self.upserted[message.message_id] = message
+        if len(self.upserted) > 2 * MAX_UPSERTS:
+            # An initial sync page after page: keep memory flat, the page refetches anyway.
+            self.dropped = True
+            newest = sorted(self.upserted.values(), key=_received, reverse=True)[:MAX_UPSERTS]
+            self.upserted = {m.message_id: m for m in newest}
+        if len(self.removed) > 2 * MAX_REMOVALS:
+            self.dropped = True
+            self.removed = dict.fromkeys(list(self.removed)[-MAX_REMOVALS:])
 
     def payload(self, account_id: str) -> dict[str, Any]:
         upserted = list(self.upserted.values())
-        truncated = len(upserted) > MAX_UPSERTS or len(self.removed) > MAX_REMOVALS
+        truncated = self.dropped or len(upserted) > MAX_UPSERTS or len(self.removed) > MAX_REMOVALS
         if len(upserted) > MAX_UPSERTS:
-            upserted.sort(key=lambda m: m.received_at.timestamp() if m.received_at else 0.0, reverse=True)
+            upserted.sort(key=_received, reverse=True)
             upserted = upserted[:MAX_UPSERTS]
         removed = list(self.removed)[-MAX_REMOVALS:]
         return {

@@ -133,7 +133,7 @@ ACTIVE_STATUSES = (AccountStatus.SYNCING, AccountStatus.SYNCED)
 CONTINUATION = "continuation"
 # Largest bulk the engine sends at once when pages pile up behind a slow store.
 MAX_BULK_MESSAGES = 2_000
-READ_AHEAD_PAGES = 4
+READ_AHEAD_PAGES = 2
 REAUTH_MESSAGE = "Outlook asked for the account to be signed in again."
 
 
