@@ -40,10 +40,9 @@ from imapclient import IMAPClient
 
 from mailsync.jobs import JobKind, new_job
 from mailsync.linking.imap import IMAP, SealedCredentials
-from mailsync.models import Account, AccountStatus, MessageBatch, MessageQuery, Provider
+from mailsync.models import Account, AccountStatus, MessageBatch, Provider
 from mailsync.monitoring.imap_poll import ImapStatusPoller
-from mailsync.providers.imap import ImapCredentials, ImapProviderFactory, message_id_of
-from mailsync.providers.imap_mapping import categories as keyword_categories
+from mailsync.providers.imap import ImapCredentials, ImapProviderFactory
 from mailsync.providers.imap_session import ImapEndpoint
 from mailsync.settings import Settings
 from mailsync.storage.cursors import SyncStateTable
@@ -53,7 +52,8 @@ from mailsync.sync.engine import SyncEngine
 from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822
 from tests.linking.tables import LinkingTables, linking_tables
 from tests.providers.imap_faults import FaultProxy
-from tests.providers.imap_harness import decode_subject, move, seed_messages
+from tests.providers.imap_harness import move, seed_messages
+from tests.sync.imap_support import Difference, compare_views
 from tests.sync.support import sync_table
 from tests.sync.world import FaultyQueue, InjectedFault, KillableState, QueuePump, RecordingPublisher, WorkerKilled
 
@@ -265,76 +265,6 @@ class Person:
             client.uid_expunge(uid)
 
 
-# --- the truth and the store, side by side ------------------------------------------------------------------
-
-def imap_view(user: ImapUser) -> tuple[dict[str, Any], dict[str, Any]]:
-    client = user.connect()
-    try:
-        listed = client.list_folders()
-        names = {name for flags, _d, name in listed if b"\\Noselect" not in flags}
-        parents = {name: name.rsplit("/", 1)[0] if "/" in name else None for name in names}
-        folders = {name: (name.rsplit("/", 1)[-1], parents[name] if parents[name] in names else None)
-                   for name in names}
-        messages: dict[str, Any] = {}
-        for name in sorted(names):
-            info = client.select_folder(name, readonly=True)
-            uids = client.search("ALL")
-            if not uids:
-                continue
-            for uid, item in client.fetch(uids, ["FLAGS", "INTERNALDATE", "ENVELOPE"]).items():
-                envelope = item[b"ENVELOPE"]
-                sender = envelope.from_[0] if envelope.from_ else None
-                address = f"{sender.mailbox.decode()}@{(sender.host or b'').decode()}" if sender else ""
-                flags = item[b"FLAGS"]
-                messages[message_id_of(name, int(info[b"UIDVALIDITY"]), uid)] = (
-                    name, decode_subject(envelope.subject), b"\\Seen" in flags, b"\\Flagged" in flags,
-                    tuple(sorted(keyword_categories(tuple(flags)))), address,
-                    item[b"INTERNALDATE"].astimezone(UTC).isoformat())
-        return folders, messages
-    finally:
-        client.logout()
-
-
-def store_view(store: ElasticsearchStore, account_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    store.refresh()
-    folders = {v.folder.folder_id: (v.folder.name, v.folder.parent_id) for v in store.list_folders(account_id)}
-    messages: dict[str, Any] = {}
-    cursor: str | None = None
-    while True:
-        page = store.list_messages(account_id, MessageQuery(limit=500, cursor=cursor))
-        for m in page.messages:
-            messages[m.message_id] = (m.folder_id, m.subject, m.is_read, m.flag_status.value == "flagged",
-                                      tuple(sorted(m.categories)), m.sender.address if m.sender else "",
-                                      m.received_at.isoformat() if m.received_at else None)
-        if page.next_cursor is None:
-            return folders, messages
-        cursor = page.next_cursor
-
-
-@dataclass
-class Difference:
-    missing: list[str]
-    extra: list[str]
-    stale: list[Any]
-    folders: list[Any]
-
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.extra or self.stale or self.folders)
-
-    def summary(self) -> str:
-        return (f"missing={len(self.missing)} extra={len(self.extra)} stale={len(self.stale)} "
-                f"folders={self.folders[:4]} first stale={self.stale[:2]}")
-
-
-def compare(world: ImapWorld) -> Difference:
-    truth_folders, truth = imap_view(world.user)
-    got_folders, got = store_view(world.store, world.account_id)
-    folder_diff = sorted(set(truth_folders.items()) ^ set(got_folders.items()), key=str)
-    return Difference(missing=sorted(set(truth) - set(got)), extra=sorted(set(got) - set(truth)),
-                      stale=[(k, got[k], truth[k]) for k in sorted(truth) if k in got and got[k] != truth[k]],
-                      folders=folder_diff)
-
-
 # --- the scenario ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -402,7 +332,7 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
         pump.drain(timeout_s=180)
         after = world.poller().tick([world.account_id])
         settle_s = time.monotonic() - started
-        difference = compare(world)
+        difference = compare_views(world.user, world.store, world.account_id)
         log.info("imap scenario %s: %d mutations %s, faults %s, settle %.1f s, pump %s, %s", plan, person.done,
                  person.counts, world.proxy.counts, settle_s, pump.stats, difference.summary())
         return Outcome(difference, person.done, person.counts, world.proxy.counts, after.jobs, settle_s)
