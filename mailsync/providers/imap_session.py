@@ -189,12 +189,26 @@ class ImapSession:
     @classmethod
     def connect(cls, endpoint: ImapEndpoint, secret: Callable[[bool], str], *, timeout_s: float = 20.0,
                 allow_insecure: bool = False, ssl_context: ssl.SSLContext | None = None) -> ImapSession:
-        """Connect and log in. ``secret(force_refresh)`` gives the password or the XOAUTH2 access token."""
+        """Connect and log in. ``secret(force_refresh)`` gives the password or the XOAUTH2 access token.
+
+        A refused XOAUTH2 token is refreshed once (as for Graph's 401), on a
+        new connection: Dovecot holds a second attempt on the same one back
+        for seconds, and Gmail may close it.
+        """
         if endpoint.security == "none" and not allow_insecure:
             raise InputError("plaintext IMAP (security \"none\") is disabled here; use tls or starttls",
                              code="insecure_imap_refused")
-        where = endpoint.describe()
         context = ssl_context or ssl.create_default_context()
+        try:
+            return cls._open(endpoint, secret(False), timeout_s, context)
+        except ProviderAuthError:
+            if endpoint.auth != "xoauth2":
+                raise
+        return cls._open(endpoint, secret(True), timeout_s, context)
+
+    @classmethod
+    def _open(cls, endpoint: ImapEndpoint, secret: str, timeout_s: float, context: ssl.SSLContext) -> ImapSession:
+        where = endpoint.describe()
         client: IMAPClient | None = None
         try:
             client = IMAPClient(endpoint.host, endpoint.port, ssl=endpoint.security == "tls",
@@ -217,23 +231,15 @@ class ImapSession:
             raise ProviderUnavailable(f"the IMAP server {where} refused the connection: {_message(exc)}",
                                       retry_after_s=30.0, code="imap_unreachable") from exc
         try:
-            cls._login(client, endpoint, secret)
+            with imap_errors("login"):
+                if endpoint.auth == "password":
+                    client.login(endpoint.username, secret)
+                else:
+                    client.sasl_login("XOAUTH2", Xoauth2(endpoint.username, secret))
             return cls(client, endpoint)
         except BaseException:
             _close_quietly(client)
             raise
-
-    @staticmethod
-    def _login(client: IMAPClient, endpoint: ImapEndpoint, secret: Callable[[bool], str]) -> None:
-        with imap_errors("login"):
-            if endpoint.auth == "password":
-                client.login(endpoint.username, secret(False))
-                return
-            try:
-                client.sasl_login("XOAUTH2", Xoauth2(endpoint.username, secret(False)))
-            except LoginError:
-                # An expired access token: one forced refresh, as for Graph's 401.
-                client.sasl_login("XOAUTH2", Xoauth2(endpoint.username, secret(True)))
 
     def _dead(self) -> None:
         self.alive = False

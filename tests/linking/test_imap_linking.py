@@ -87,9 +87,10 @@ def test_link_verifies_the_login_and_seals_the_password(settings: Settings, tabl
 
 
 def test_wrong_password_is_a_clear_400_and_nothing_is_stored(settings: Settings, tables: LinkingTables,
-                                                             imap_user: ImapUser) -> None:
+                                                             dovecot_refusals: DovecotServer) -> None:
+    user = dovecot_refusals.add_user()
     with pytest.raises(InputError) as refused:
-        service(settings, tables).start(body(imap_user, password="not-the-password"))
+        service(settings, tables).start(body(user, password="not-the-password"))
     assert refused.value.http_status == 400 and refused.value.code == "imap_login_failed"
     assert "refused the user name or password" in refused.value.message
     assert rows(tables) == [] and jobs(settings) == []

@@ -115,8 +115,8 @@ def test_each_kind_of_change_enqueues_exactly_its_folder(dovecot: DovecotServer)
     assert all(j.account_id == harness.account_id and j.reason == "imap_poll" for j in queue.jobs)
 
 
-def test_a_refused_login_goes_to_the_engine_and_an_outage_is_counted(dovecot: DovecotServer) -> None:
-    harness = make_harness(dovecot)
+def test_a_refused_login_goes_to_the_engine_and_an_outage_is_counted(dovecot_refusals: DovecotServer) -> None:
+    harness = make_harness(dovecot_refusals)
     rows = Synced(harness)
     queue = ListQueue()
     wrong = ImapEndpoint(harness.user.host, harness.user.port, "none", harness.user.username)
