@@ -97,7 +97,7 @@ def _decode_word(match: re.Match[bytes]) -> bytes:
     try:
         if encoding in b"Bb":
             payload = payload + b"=" * (-len(payload) % 4)
-            data = base64.b64decode(payload, validate=False)
+            data = base64.b64decode(payload, validate=True)   # not base64 at all: keep the word as it came
         else:
             data = quopri.decodestring(payload.replace(b"_", b" "), header=True)
     except (binascii.Error, ValueError):
