@@ -204,3 +204,26 @@ def test_the_fast_address_path_agrees_with_the_rfc_5322_parser(raw: str) -> None
     expected = [(decode_header_value(name.encode()), address) for name, address in email.utils.getaddresses([raw])
                 if name or address]
     assert [(a.name, a.address) for a in parse_addresses(raw.encode())] == expected
+
+
+def test_a_gmail_like_folder_list_skips_virtual_folders_and_keeps_roles() -> None:
+    from mailsync.providers.imap import folders_from_list
+    from mailsync.providers.imap_session import MailboxEntry
+
+    def entry(name: str, *flags: str) -> MailboxEntry:
+        return MailboxEntry(name=name, delimiter="/", flags=frozenset(f.lower() for f in flags), messages=1, unseen=0)
+
+    folders = {f.folder_id: f for f in folders_from_list("acc", [
+        entry("INBOX", "\\HasNoChildren"), entry("[Gmail]", "\\Noselect", "\\HasChildren"),
+        entry("[Gmail]/All Mail", "\\All"), entry("[Gmail]/Starred", "\\Flagged"),
+        entry("[Gmail]/Important", "\\Important"), entry("[Gmail]/Sent Mail", "\\Sent"),
+        entry("[Gmail]/Spam", "\\Junk"), entry("[Gmail]/Trash", "\\Trash"), entry("[Gmail]/Drafts", "\\Drafts"),
+        entry("Work"), entry("Work/2026"), entry("Sent"),   # a user folder named like a role: not the role
+    ])}
+    assert set(folders) == {"INBOX", "[Gmail]/Sent Mail", "[Gmail]/Spam", "[Gmail]/Trash", "[Gmail]/Drafts",
+                            "Work", "Work/2026", "Sent"}
+    assert {f.role for f in folders.values() if f.role} == {"inbox", "sentitems", "junkemail", "deleteditems",
+                                                            "drafts"}
+    assert folders["Sent"].role is None, "SPECIAL-USE decides when the server has it"
+    assert folders["[Gmail]/Sent Mail"].parent_id is None and folders["[Gmail]/Sent Mail"].name == "Sent Mail"
+    assert folders["Work/2026"].parent_id == "Work" and folders["Work"].child_folder_count == 1
