@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import pytest
@@ -25,6 +25,7 @@ from mailsync.models import Account, AccountStatus, Job, Provider
 from mailsync.monitoring.imap_poll import ImapStatusPoller
 from mailsync.providers.imap_listener import ImapListener
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession
+from mailsync.settings import Settings
 from mailsync.storage.cursors import AccountSyncState, SyncState
 from tests.fixtures.dovecot import DovecotServer, rfc822
 from tests.providers.contract import Mirror
@@ -210,3 +211,32 @@ def test_the_listener_sees_folder_list_changes(dovecot: DovecotServer) -> None:
     finally:
         listener.stop()
         thread.join(timeout=10)
+
+
+def test_the_graph_subscription_renewer_leaves_imap_accounts_alone(storage_settings: Settings) -> None:
+    # Ensuring a Graph subscription for an IMAP account would ask MSAL for a token cache it never had,
+    # and the token provider would mark the account reauth_required: the renewer must skip it.
+    from mailsync.monitoring.subscriptions import SubscriptionManager
+    from mailsync.storage.connection import table_client
+    from mailsync.storage.subscriptions import TableSubscriptionStore
+    from mailsync.storage.table_errors import ensure_table
+
+    settings = replace(storage_settings, graph_sandbox_url="http://127.0.0.1:9")   # webhooks "enabled"
+    table = table_client(settings, "subscriptions")
+    ensure_table(table)
+    now = datetime.now(UTC)
+    imap = Account(account_id=uuid.uuid4().hex, provider=Provider.IMAP, status=AccountStatus.SYNCED,
+                   access_token_hash="x", created_at=now, updated_at=now)
+    outlook = replace(imap, account_id=uuid.uuid4().hex, provider=Provider.OUTLOOK)
+
+    class Directory(Accounts):
+        def get(self, account_id: str) -> Account | None:
+            return next((a for a in self.items if a.account_id == account_id), None)
+
+    queue = ListQueue()
+    manager = SubscriptionManager(settings, TableSubscriptionStore(table), object(),  # type: ignore[arg-type]
+                                  Directory([imap, outlook]), queue)
+    assert manager.enabled
+    report = manager.renewal_pass()
+    assert report.create == 1
+    assert [(j.kind, j.account_id) for j in queue.jobs] == [(JobKind.SUBSCRIPTION.value, outlook.account_id)]
