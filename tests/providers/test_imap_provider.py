@@ -11,8 +11,6 @@ pages and resumption, and mapping of odd mail.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from mailsync.errors import CursorExpired, NotFound
@@ -293,8 +291,3 @@ def test_message_ids_are_unique_across_folders_with_equal_uidvalidity(dovecot: D
     assert message_id_of("INBOX", 777, 1) in mirror.messages
     assert message_id_of("Archive", 777, 1) in mirror.messages
     assert_mirror_equals(mirror, harness)
-
-
-@pytest.fixture
-def plain_harness(dovecot_plain: DovecotServer) -> Iterator[ImapHarness]:
-    yield make_harness(dovecot_plain)
