@@ -26,7 +26,9 @@ latency), ``lost`` (changes with no event after ``--wait-s``),
 ``graph_requests_per_change`` (requests the app made to Graph per change:
 everything the sandbox served minus the benchmark's own writes),
 ``delta_pages_per_change`` and ``delta_pages_per_notification_post`` (the
-goal is about one delta call per coalesced notification batch).
+goal is about one delta call per coalesced notification batch). With
+``--count-storage``, queue and table transactions per change (net of the
+hosts' idle queue polling, which is reported per host-hour).
 
 Scaled for this 2-core machine by default (100 accounts); ``--accounts
 1000`` works and mostly costs linking and initial-sync time.
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import (
     Linked,
     Stack,
+    diff_counts,
     figures,
     percentile,
     remove_workdir,
@@ -322,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     env = {"POLL_INTERVAL_SUBSCRIBED_S": "0"}
     stack = start_stack("change-latency", users=args.accounts, messages=args.messages_per_account,
-                        latency_ms=args.latency_ms, seed=args.seed, env=env)
+                        latency_ms=args.latency_ms, seed=args.seed, env=env, count_storage=args.count_storage)
     clients: Clients | None = None
     try:
         for _ in range(args.workers):
@@ -339,7 +342,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         maker = ChangeMaker(stack, accounts, rng)
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(maker.load, accounts))
-        time.sleep(2)   # let the last initial-sync events drain
+        say(f"queue quiet after {stack.wait_quiet():.0f} s")   # the initial syncs' last jobs are done
+        idle: dict[str, float] = {}
+        counter = stack.storage_counter
+        if counter is not None:
+            say(f"counting idle storage transactions for {args.idle_s:g} s (queue polling of "
+                f"{1 + args.workers} host(s))")
+            idle_before, idle_started = counter.snapshot(), time.monotonic()
+            time.sleep(args.idle_s)
+            idle = {k: v / (time.monotonic() - idle_started)
+                    for k, v in diff_counts(counter.snapshot(), idle_before).items()}
+            storage_before = counter.snapshot()
         before = stack.sandbox.counters()
         posts_before = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
         say(f"{clients.connected} clients connected; making {args.changes} changes at {args.rate}/s")
@@ -382,7 +395,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if missing == 0:
                 break
             time.sleep(0.5)
+        window_s = time.monotonic() - started
         after = stack.sandbox.counters()
+        storage: dict[str, Any] = {}
+        if counter is not None:
+            used = diff_counts(counter.snapshot(), storage_before)
+            # Net of what the idle hosts poll anyway (billed per host, not per change).
+            for key in ("table_total", "queue_total", "queue_send", "queue_receive"):
+                net = used.get(key, 0) - idle.get(key, 0.0) * window_s
+                storage[f"{key}_per_change"] = net / max(1, len(changes))
+            storage["idle_queue_tx_per_host_hour"] = 3600 * idle.get("queue_total", 0.0) / (1 + args.workers)
+            say(f"storage transactions during the changes: {used}; idle rate per s: "
+                f"{ {k: round(v, 2) for k, v in idle.items()} }")
         posts_after = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
         latencies = [1000 * (c.seen - c.sent) for c in changes if c.seen is not None]
         lost = [c for c in changes if c.seen is None]
@@ -404,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "delta_pages_per_change": delta_pages / max(1, len(changes)),
             "notification_posts": posts,
             "delta_pages_per_notification_post": delta_pages / max(1, posts),
-            "latency_ms": args.latency_ms,
+            "latency_ms": args.latency_ms, **storage,
         }
     finally:
         if clients is not None:
@@ -428,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-s", type=float, default=60, help="how long to wait for the last events")
     parser.add_argument("--setup-timeout-s", type=float, default=3600, help="linking + initial syncs limit")
     parser.add_argument("--seed", type=int, default=11, help="seed of the tenant and the changes")
+    parser.add_argument("--count-storage", action="store_true",
+                        help="count queue and table transactions (a counting proxy in front of Azurite)")
+    parser.add_argument("--idle-s", type=float, default=20, help="idle window for --count-storage (default 20)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = parser.parse_args(argv)
     result = run(args)

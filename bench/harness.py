@@ -258,6 +258,7 @@ class Stack:
     workers: list[DevhostProcess] = field(default_factory=list)
     watch: ProcessWatch = field(default_factory=ProcessWatch)
     in_process: Any = None            # a DevhostThread when the app runs in this process
+    storage_counter: StorageCounter | None = None
     base_url: str = ""
     _http: requests.Session = field(default_factory=requests.Session)
 
@@ -281,6 +282,27 @@ class Stack:
         self.watch.watch("devhost", self.host.pid)
         self.base_url = self.host.base_url
         return self.host
+
+    def queue_depth(self) -> int:
+        """Messages on the sync queue, visible or not (read directly from Azurite: not counted)."""
+        from azure.storage.queue import QueueClient
+
+        client = QueueClient.from_connection_string(self.azurite.connection_string, self.env["SYNC_QUEUE_NAME"])
+        try:
+            return int(client.get_queue_properties().approximate_message_count or 0)
+        except Exception:
+            return 0
+        finally:
+            client.close()
+
+    def wait_quiet(self, timeout_s: float = 300, looks: int = 3) -> float:
+        """Wait until the sync queue is empty ``looks`` times in a row, a second apart; returns seconds waited."""
+        started = time.monotonic()
+        quiet = 0
+        while quiet < looks and time.monotonic() - started < timeout_s:
+            quiet = quiet + 1 if self.queue_depth() == 0 else 0
+            time.sleep(1)
+        return time.monotonic() - started
 
     def start_host_in_process(self) -> str:
         """Host the whole function app in *this* process (to profile it and count its CPU).
@@ -332,6 +354,8 @@ class Stack:
         if self.in_process is not None:
             with contextlib.suppress(Exception):
                 self.in_process.stop(10)
+        if self.storage_counter is not None:
+            self.storage_counter.stop()
         for service in (self.sandbox_process, self.search, self.azurite):
             with contextlib.suppress(Exception):
                 service.stop()
@@ -393,10 +417,12 @@ class Stack:
 def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: int = 0, seed: int = 42,
                 sandbox_args: Sequence[str] = (), env: dict[str, str] | None = None,
                 functions: list[str] | None = None, start_host: bool = True,
-                workdir: Path | None = None) -> Stack:
+                workdir: Path | None = None, count_storage: bool = False) -> Stack:
     """Start everything a benchmark needs; ``stack.stop()`` (or ``with``) stops it.
 
-    ``env`` adds or overrides app settings (e.g. GRAPH_PAGE_SIZE). The
+    ``count_storage`` puts a :class:`StorageCounter` between the app and
+    Azurite (``stack.storage_counter``). ``env`` adds or overrides app
+    settings (e.g. GRAPH_PAGE_SIZE). The
     sandbox's own rate limit is lifted (the per-mailbox concurrency limit of
     4 stays): benchmarks measure the engine, not the sandbox's window.
     """
@@ -415,8 +441,9 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
                   "--latency-ms", str(latency_ms), "--rate-limit", "1000000000/600", *sandbox_args])
         port = free_port()
         signalr_key = secrets.token_urlsafe(32)
+        counter = StorageCounter(azurite) if count_storage else None
         app_env = {
-            "AzureWebJobsStorage": azurite.connection_string,
+            "AzureWebJobsStorage": counter.connection_string if counter else azurite.connection_string,
             "SYNC_QUEUE_NAME": f"bench{uuid.uuid4().hex[:8]}",
             "TABLE_PREFIX": f"b{uuid.uuid4().hex[:8]}",
             "ELASTICSEARCH_URL": search.url,
@@ -430,7 +457,8 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
                                             "Version=1.0;",
         }
         app_env.update(env or {})
-        stack = Stack(workdir, azurite, search, sandbox_process, Sandbox(sandbox_process.url), app_env)
+        stack = Stack(workdir, azurite, search, sandbox_process, Sandbox(sandbox_process.url), app_env,
+                      storage_counter=counter)
     except BaseException:
         for service in (sandbox_process, search, azurite):
             if service is not None:
@@ -631,6 +659,113 @@ def percentile(values: Sequence[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+# --- storage transactions (billed per 10,000) -------------------------------------------------
+
+class StorageCounter:
+    """A counting reverse proxy in front of Azurite's queue and table endpoints.
+
+    Azure bills queue and table *transactions*; this counts every request
+    the app makes, by service and operation, without changing them (Shared
+    Key signatures cover the path, not the host, so they stay valid).
+    """
+
+    def __init__(self, azurite: Azurite) -> None:
+        import asyncio
+
+        self.azurite = azurite
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bench-storage-proxy", daemon=True)
+        self._thread.start()
+        self.queue_port, self.table_port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+
+    @property
+    def connection_string(self) -> str:
+        from devhost.services.azurite import connection_string
+
+        return connection_string("127.0.0.1", self.queue_port, self.table_port)
+
+    async def _start(self) -> tuple[int, int]:
+        import aiohttp
+        from aiohttp import web
+
+        self._session = aiohttp.ClientSession(auto_decompress=False,
+                                              connector=aiohttp.TCPConnector(limit=0))
+        ports = []
+        self._runners = []
+        for service, target in (("queue", self.azurite.queue_port), ("table", self.azurite.table_port)):
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app.router.add_route("*", "/{tail:.*}", self._forwarder(service, target))
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self._runners.append(runner)
+            ports.append(runner.addresses[0][1])
+        return ports[0], ports[1]
+
+    def _forwarder(self, service: str, target: int) -> Any:
+        import yarl
+        from aiohttp import web
+
+        async def forward(request: web.Request) -> web.Response:
+            self.count(service, request.method, request.path)
+            body = await request.read()
+            # Exactly the signed headers: no Host rewrite beyond the port, nothing added by aiohttp.
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "transfer-encoding")}
+            # encoded=True: the path goes out byte for byte (the signature covers it; yarl would re-quote).
+            url = yarl.URL(f"http://127.0.0.1:{target}{request.raw_path}", encoded=True)
+            async with self._session.request(request.method, url,
+                                             headers=headers, data=body,
+                                             skip_auto_headers=("Content-Type", "User-Agent", "Accept",
+                                                                "Accept-Encoding")) as answer:
+                payload = await answer.read()
+                out = {k: v for k, v in answer.headers.items()
+                       if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+                return web.Response(status=answer.status, headers=out, body=payload)
+
+        return forward
+
+    def count(self, service: str, method: str, path: str) -> None:
+        if service == "queue":
+            messages = "/messages" in path
+            what = {"GET": "receive", "POST": "send", "DELETE": "delete", "PUT": "update"}.get(method, method) \
+                if messages else f"admin_{method.lower()}"
+        elif path.endswith("$batch"):
+            what = "batch"
+        elif path.rstrip("/").endswith("/Tables") or "/Tables(" in path:
+            what = f"admin_{method.lower()}"
+        else:
+            what = {"GET": "query", "POST": "insert", "PUT": "update", "MERGE": "update", "PATCH": "update",
+                    "DELETE": "delete"}.get(method, method.lower())
+        key = f"{service}_{what}"
+        with self._lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
+            self.counts[f"{service}_total"] = self.counts.get(f"{service}_total", 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def stop(self) -> None:
+        import asyncio
+
+        async def shut() -> None:
+            await self._session.close()
+            for runner in self._runners:
+                await runner.cleanup()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before))
+            if after.get(k, 0) - before.get(k, 0)}
 
 
 # --- where the time goes ---------------------------------------------------------------------
