@@ -453,7 +453,7 @@ class _Invocation:
                 e.state.update_info(self.account_id, folder.folder_id, name=folder.name, role=folder.role,
                                     expected=folder.total_count, parent_id=folder.parent_id,
                                     unread=folder.unread_count, children=folder.child_folder_count)
-        for folder_id in removals:
+        for folder_id in _with_descendants(removals, rows):
             self._remove_folder(folder_id)
 
     def _reconcile_folders(self, seen: set[str], rows: AccountSyncState) -> None:
@@ -893,6 +893,23 @@ def _all_rows(rows: AccountSyncState) -> list[SyncState]:
     found = list(rows.folders.values())
     if rows.folder_list is not None:
         found.insert(0, rows.folder_list)
+    return found
+
+
+def _with_descendants(folder_ids: Sequence[str], rows: AccountSyncState) -> list[str]:
+    """The removed folders plus the subfolders we know under them (a provider may report only the top)."""
+    children: dict[str, list[str]] = {}
+    for fid, row in rows.folders.items():
+        if row.parent_id:
+            children.setdefault(row.parent_id, []).append(fid)
+    found: list[str] = []
+    todo = list(folder_ids)
+    while todo:
+        fid = todo.pop()
+        if fid in found:
+            continue
+        found.append(fid)
+        todo.extend(children.get(fid, ()))
     return found
 
 

@@ -367,3 +367,12 @@ def test_good_messages_never_touch_the_poison_output(monkeypatch: pytest.MonkeyP
     signalr, poison = _Out(), _Out()
     handler(QueueMessage(id="q-2", body=body, dequeue_count=2), signalr, poison)
     assert engine.jobs == ["sync_folders"] and poison.value is None
+
+
+def test_a_removed_folder_takes_its_known_subfolders_along() -> None:
+    from mailsync.sync.engine import _with_descendants
+
+    tree = {"A": "root", "B": "A", "C": "B", "D": "root"}
+    rows = AccountSyncState("a", None, {f: row(f, parent_id=p) for f, p in tree.items()}, 0)
+    assert sorted(_with_descendants(["A"], rows)) == ["A", "B", "C"]
+    assert _with_descendants(["gone"], rows) == ["gone"]
