@@ -132,7 +132,7 @@ param storeBodyText bool = true
 param bodyTextMaxChars int = 32000
 
 @description('SYNC_TIME_BUDGET_S: seconds a worker pages before re-enqueueing a continuation.')
-param syncTimeBudgetS int = 120
+param syncTimeBudgetS int = 20
 
 @minValue(1)
 @maxValue(1000)
