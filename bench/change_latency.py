@@ -29,6 +29,11 @@ everything the sandbox served minus the benchmark's own writes),
 goal is about one delta call per coalesced notification batch). With
 ``--count-storage``, queue and table transactions per change (net of the
 hosts' idle queue polling, which is reported per host-hour).
+``app_cpu_ms_per_change``: CPU of the devhost processes (all functions)
+per change, net of their idle rate. Afterwards, ``--sweeps`` quiet
+accounts get a safety sweep (SYNC_ACCOUNT: folder list and every folder,
+incrementally): ``sweep_graph_requests``, ``sweep_cpu_ms``,
+``sweep_table_tx``, ``sweep_queue_tx`` per account.
 
 Scaled for this 2-core machine by default (100 accounts); ``--accounts
 1000`` works and mostly costs linking and initial-sync time.
@@ -56,6 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import (
     Linked,
     Stack,
+    ThreadProfiles,
+    cpu_s,
     diff_counts,
     figures,
     percentile,
@@ -321,13 +328,50 @@ class ChangeMaker:
             self.busy.discard((change.account.linked.account_id, change.message_id))
 
 
+def measure_sweeps(stack: Stack, accounts: list[Account]) -> dict[str, float]:
+    """What one safety sweep (SYNC_ACCOUNT on a quiet account) costs: Graph requests, CPU, storage."""
+    from mailsync.jobs import JobKind, new_job
+    from mailsync.settings import Settings
+    from mailsync.storage.job_queue import AzureJobQueue
+
+    stack.wait_quiet()
+    hosts = [p for p in [stack.host, *stack.workers] if p is not None]
+    cpu0 = sum(cpu_s(h.pid) or 0.0 for h in hosts)
+    requests0 = int(stack.sandbox.counters()["requests"])
+    counter = stack.storage_counter
+    storage0 = counter.snapshot() if counter else {}
+    started = time.monotonic()
+    # Straight to Azurite (not through the counter): these sends are the benchmark's, not the app's.
+    queue = AzureJobQueue(Settings.from_env({**stack.env, "AzureWebJobsStorage": stack.azurite.connection_string}))
+    for account in accounts:
+        queue.enqueue(new_job(JobKind.SYNC_ACCOUNT, account.linked.account_id, reason="bench_sweep"))
+    time.sleep(1)
+    waited = stack.wait_quiet()
+    n = max(1, len(accounts))
+    out = {"sweep_graph_requests": (int(stack.sandbox.counters()["requests"]) - requests0) / n,
+           "sweep_cpu_ms": 1000 * (sum(cpu_s(h.pid) or 0.0 for h in hosts) - cpu0) / n,
+           "sweep_wall_s": time.monotonic() - started - 3}
+    if counter is not None:
+        used = diff_counts(counter.snapshot(), storage0)
+        out["sweep_table_tx"] = used.get("table_total", 0) / n
+        out["sweep_queue_tx"] = used.get("queue_total", 0) / n
+    say(f"safety sweep of {len(accounts)} quiet account(s): {out} (waited {waited:.0f} s)")
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     env = {"POLL_INTERVAL_SUBSCRIBED_S": "0"}
     stack = start_stack("change-latency", users=args.accounts, messages=args.messages_per_account,
-                        latency_ms=args.latency_ms, seed=args.seed, env=env, count_storage=args.count_storage)
+                        latency_ms=args.latency_ms, seed=args.seed, env=env, count_storage=args.count_storage,
+                        start_host=not args.in_process)
     clients: Clients | None = None
+    profiles = ThreadProfiles() if args.cprofile else None
     try:
+        if args.in_process:
+            if profiles is not None:
+                profiles.install()
+            stack.start_host_in_process()
         for _ in range(args.workers):
             stack.add_worker()
         addresses = [u["mail"] for u in stack.sandbox.users()][: args.accounts]
@@ -353,6 +397,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             idle = {k: v / (time.monotonic() - idle_started)
                     for k, v in diff_counts(counter.snapshot(), idle_before).items()}
             storage_before = counter.snapshot()
+        if profiles is not None:
+            profiles.clear()   # from here on: the steady state only
+        hosts = [p for p in [stack.host, *stack.workers] if p is not None]
+        idle_cpu0, idle_t0 = sum(cpu_s(h.pid) or 0.0 for h in hosts), time.monotonic()
+        time.sleep(5)
+        idle_cpu_rate = (sum(cpu_s(h.pid) or 0.0 for h in hosts) - idle_cpu0) / (time.monotonic() - idle_t0)
+        cpu_before = sum(cpu_s(h.pid) or 0.0 for h in hosts)
         before = stack.sandbox.counters()
         posts_before = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
         say(f"{clients.connected} clients connected; making {args.changes} changes at {args.rate}/s")
@@ -396,6 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             time.sleep(0.5)
         window_s = time.monotonic() - started
+        app_cpu = sum(cpu_s(h.pid) or 0.0 for h in hosts) - cpu_before - idle_cpu_rate * window_s
         after = stack.sandbox.counters()
         storage: dict[str, Any] = {}
         if counter is not None:
@@ -420,15 +472,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         app_requests = int(after["requests"]) - int(before["requests"]) - maker.graph_writes
         delta_pages = int(after["deltaPages"]) - int(before["deltaPages"])
         posts = int(posts_after) - int(posts_before)
+        if profiles is not None:
+            for line in profiles.report():
+                print(line, flush=True)
+        sweep = measure_sweeps(stack, accounts[: args.sweeps]) if args.sweeps else {}
         return {
             "accounts": len(accounts), "changes": len(changes), "failed_changes": maker.failed,
+            "app_cpu_ms_per_change": 1000 * app_cpu / max(1, len(changes)),
             "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
             "max_ms": max(latencies) if latencies else float("nan"), **by_kind, "lost": len(lost),
             "graph_requests_per_change": app_requests / max(1, len(changes)),
             "delta_pages_per_change": delta_pages / max(1, len(changes)),
             "notification_posts": posts,
             "delta_pages_per_notification_post": delta_pages / max(1, posts),
-            "latency_ms": args.latency_ms, **storage,
+            "latency_ms": args.latency_ms, **storage, **sweep,
         }
     finally:
         if clients is not None:
@@ -452,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-s", type=float, default=60, help="how long to wait for the last events")
     parser.add_argument("--setup-timeout-s", type=float, default=3600, help="linking + initial syncs limit")
     parser.add_argument("--seed", type=int, default=11, help="seed of the tenant and the changes")
+    parser.add_argument("--sweeps", type=int, default=10,
+                        help="afterwards, time a safety sweep (SYNC_ACCOUNT) of this many quiet accounts (default 10)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="host the app in this process (no CPU figures for it then; needed for --cprofile)")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="with --in-process: cProfile the app's threads during the changes (slows them)")
     parser.add_argument("--count-storage", action="store_true",
                         help="count queue and table transactions (a counting proxy in front of Azurite)")
     parser.add_argument("--idle-s", type=float, default=20, help="idle window for --count-storage (default 20)")

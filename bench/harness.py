@@ -536,6 +536,21 @@ class StoreCeiling:
     docs_per_s: float
     elapsed_s: float
     sample_rates: dict[int, float]
+    source_bytes_per_msg: float = 0.0     # the JSON documents as sent (the store's _source)
+
+
+def source_bytes_per_message(messages: Sequence[Message], sample: int = 5000) -> float:
+    """Average size of the store's JSON document for these messages (what ``_source`` keeps)."""
+    import orjson
+
+    from mailsync.store.documents import BodyPolicy, message_to_document
+
+    chosen = messages[:: max(1, len(messages) // sample)] if messages else []
+    if not chosen:
+        return 0.0
+    policy = BodyPolicy()
+    total = sum(len(orjson.dumps(message_to_document(m, epoch=1, body=policy))) for m in chosen)
+    return total / len(chosen)
 
 
 def _load(store: ElasticsearchStore, messages: Sequence[Message], batch: int) -> float:
@@ -571,7 +586,8 @@ def store_ceiling(search_url: str, messages: Sequence[Message], *, chunks: Itera
         best = candidates[0]
     with _scratch_store(search_url, best) as store:
         elapsed = _load(store, messages, max(best, 2000))
-    return StoreCeiling(best, len(messages) / elapsed if elapsed else 0.0, elapsed, rates)
+    return StoreCeiling(best, len(messages) / elapsed if elapsed else 0.0, elapsed, rates,
+                        source_bytes_per_message(messages))
 
 
 @contextlib.contextmanager
@@ -880,14 +896,18 @@ class ThreadProfiles:
     the CPU goes to.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = ("devhost", "mailsync")) -> None:
         self._profiles: list[Any] = []
         self._lock = threading.Lock()
+        self.prefixes = prefixes      # thread names to profile (not the benchmark's own threads)
 
     def install(self) -> None:
         import cProfile
 
         def boot(frame: Any, event: str, arg: Any) -> None:
+            if not threading.current_thread().name.startswith(self.prefixes):
+                sys.setprofile(None)
+                return
             # Thread CPU time, not wall time: a thread blocked on a socket costs nothing.
             profile = cProfile.Profile(time.thread_time)
             with self._lock:
@@ -895,6 +915,12 @@ class ThreadProfiles:
             profile.enable()   # replaces this hook for the thread
 
         threading.setprofile(boot)
+
+    def clear(self) -> None:
+        """Forget what was recorded so far (profile only what follows)."""
+        with self._lock:
+            for profile in self._profiles:
+                profile.clear()
 
     def report(self, top: int = 25) -> list[str]:
         import io

@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "messages": total, "page_size": args.page_size, "elapsed_s": elapsed, "messages_per_s": rate,
             "store_ceiling_per_s": ceiling.docs_per_s, "store_chunk": ceiling.best_chunk,
+            "source_bytes_per_msg": ceiling.source_bytes_per_msg,
             "engine_efficiency": rate / ceiling.docs_per_s if ceiling.docs_per_s else float("nan"),
             "engine_cpu_us_per_msg": 1e6 * net / total, "process_cpu_us_per_msg": 1e6 * raw / total,
             "engine_cores": net / elapsed, "idle_cpu_rate": idle_rate, "status_poll_cpu_ms": 1000 * poll_cpu,
