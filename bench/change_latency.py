@@ -364,10 +364,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {"POLL_INTERVAL_SUBSCRIBED_S": "0"}
     stack = start_stack("change-latency", users=args.accounts, messages=args.messages_per_account,
                         latency_ms=args.latency_ms, seed=args.seed, env=env, count_storage=args.count_storage,
-                        start_host=not args.in_process)
+                        start_host=not args.in_process and not args.max_polling_interval)
     clients: Clients | None = None
     profiles = ThreadProfiles() if args.cprofile else None
     try:
+        if args.max_polling_interval:
+            stack.with_queue_options(maxPollingInterval=args.max_polling_interval)
+            if not args.in_process:
+                stack.start_host()
         if args.in_process:
             if profiles is not None:
                 profiles.install()
@@ -511,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11, help="seed of the tenant and the changes")
     parser.add_argument("--sweeps", type=int, default=10,
                         help="afterwards, time a safety sweep (SYNC_ACCOUNT) of this many quiet accounts (default 10)")
+    parser.add_argument("--max-polling-interval", default="",
+                        help="experiment: run the hosts with this host.json queues.maxPollingInterval "
+                             "(e.g. 00:00:00.500; default: host.json's)")
     parser.add_argument("--in-process", action="store_true",
                         help="host the app in this process (no CPU figures for it then; needed for --cprofile)")
     parser.add_argument("--cprofile", action="store_true",

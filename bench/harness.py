@@ -257,6 +257,7 @@ class Stack:
     host: DevhostProcess | None = None
     workers: list[DevhostProcess] = field(default_factory=list)
     watch: ProcessWatch = field(default_factory=ProcessWatch)
+    script_root: Path = ROOT          # where the devhosts read host.json (see with_queue_options)
     in_process: Any = None            # a DevhostThread when the app runs in this process
     storage_counter: StorageCounter | None = None
     base_url: str = ""
@@ -278,10 +279,28 @@ class Stack:
 
     def start_host(self, functions: list[str] | None = None) -> DevhostProcess:
         port = int(self.env["PUBLIC_BASE_URL"].rsplit(":", 1)[1])
-        self.host = start_devhost(self.env, port=port, functions=functions, log_dir=self.workdir)
+        self.host = start_devhost(self.env, port=port, functions=functions, log_dir=self.workdir,
+                                  script_root=self.script_root)
         self.watch.watch("devhost", self.host.pid)
         self.base_url = self.host.base_url
         return self.host
+
+    def with_queue_options(self, **queue_options: Any) -> None:
+        """Run the devhosts with host.json ``extensions.queues`` changed (an experiment, e.g.
+        ``maxPollingInterval="00:00:00.500"``): a script root of links to this checkout plus the changed
+        host.json."""
+        import json
+
+        root = self.workdir / "script-root"
+        root.mkdir(exist_ok=True)
+        for name in ("function_app.py", "functions", "mailsync", "devhost", "static_web"):
+            link = root / name
+            if not link.exists():
+                link.symlink_to(ROOT / name)
+        config = json.loads((ROOT / "host.json").read_text())
+        config.setdefault("extensions", {}).setdefault("queues", {}).update(queue_options)
+        (root / "host.json").write_text(json.dumps(config, indent=2))
+        self.script_root = root
 
     def queue_depth(self) -> int:
         """Messages on the sync queue, visible or not (read directly from Azurite: not counted)."""
@@ -323,7 +342,7 @@ class Stack:
                 handler.setStream(log_file)
         app = load_app("function_app:app")
         port = int(self.env["PUBLIC_BASE_URL"].rsplit(":", 1)[1])
-        devhost = Devhost(app, dict(os.environ), load_host_config(ROOT / "host.json"),
+        devhost = Devhost(app, dict(os.environ), load_host_config(self.script_root / "host.json"),
                           DevhostOptions(function_directory=str(ROOT)))
         self.in_process = DevhostThread(devhost)
         self.base_url = self.in_process.start("127.0.0.1", port)
@@ -332,7 +351,8 @@ class Stack:
     def add_worker(self, queue_lease_s: float | None = None) -> DevhostProcess:
         """Another devhost running only the queue trigger (same queue, same tables)."""
         extra = ["--queue-lease-s", str(queue_lease_s)] if queue_lease_s else None
-        worker = start_devhost(self.env, functions=["sync_worker"], log_dir=self.workdir, extra_args=extra)
+        worker = start_devhost(self.env, functions=["sync_worker"], log_dir=self.workdir, extra_args=extra,
+                               script_root=self.script_root)
         self.workers.append(worker)
         self.watch.watch(f"worker{worker.pid}", worker.pid)
         return worker
@@ -535,8 +555,9 @@ class StoreCeiling:
     best_chunk: int
     docs_per_s: float
     elapsed_s: float
-    sample_rates: dict[int, float]
+    sample_rates: dict[str, float]
     source_bytes_per_msg: float = 0.0     # the JSON documents as sent (the store's _source)
+    writers: int = 1
 
 
 def source_bytes_per_message(messages: Sequence[Message], sample: int = 5000) -> float:
@@ -553,41 +574,56 @@ def source_bytes_per_message(messages: Sequence[Message], sample: int = 5000) ->
     return total / len(chosen)
 
 
-def _load(store: ElasticsearchStore, messages: Sequence[Message], batch: int) -> float:
+def _load(store: ElasticsearchStore, messages: Sequence[Message], batch: int, streams: int = 1) -> float:
+    """Bulk-load ``messages`` in ``streams`` parallel writers (contiguous slices); wall seconds."""
+    def one(part: Sequence[Message]) -> None:
+        for start in range(0, len(part), batch):
+            result = store.upsert_messages(part[start:start + batch], epoch=1)
+            if result.failed_ids:
+                raise RuntimeError(f"store refused {len(result.failed_ids)} message(s) in the ceiling run")
+
     started = time.perf_counter()
-    for start in range(0, len(messages), batch):
-        result = store.upsert_messages(messages[start:start + batch], epoch=1)
-        if result.failed_ids:
-            raise RuntimeError(f"store refused {len(result.failed_ids)} message(s) in the ceiling run")
+    if streams <= 1:
+        one(messages)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        size = -(-len(messages) // streams)
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(one, [messages[i:i + size] for i in range(0, len(messages), size)]))
     return time.perf_counter() - started
 
 
-def store_ceiling(search_url: str, messages: Sequence[Message], *, chunks: Iterable[int] = (500, 1000, 2000),
-                  sample: int = 5000) -> StoreCeiling:
-    """The store alone: bulk-load ``messages`` with its best chunk size, no engine in between.
+def store_ceiling(search_url: str, messages: Sequence[Message], *, chunks: Iterable[int] = (1000, 2000),
+                  streams: Iterable[int] = (1, 4), sample: int = 3000) -> StoreCeiling:
+    """The store alone: bulk-load ``messages`` at its best chunk size and parallelism, no engine in between.
 
-    Each candidate chunk size loads the first ``sample`` messages into a
-    fresh index; the best one then loads them all into another fresh index,
-    timed. That last time is the store's bound for these documents. The
-    indices are deleted afterwards.
+    Each candidate (chunk size, parallel writers) loads the first
+    ``sample`` messages into a fresh index; the best one then loads them
+    all into another fresh index, timed. That time is the store's bound for
+    these documents. Parallel writers are tried because the engine writes
+    up to 4 folders at once and a store may index them on several cores;
+    a bound measured with one writer would flatter the engine. The indices
+    are deleted afterwards.
     """
-    rates: dict[int, float] = {}
-    candidates = list(chunks)
+    rates: dict[tuple[int, int], float] = {}
+    candidates = [(c, w) for c in chunks for w in streams]
     sample_set = messages[: min(sample, len(messages))]
-    with _scratch_store(search_url, candidates[0]) as store:
+    with _scratch_store(search_url, candidates[0][0]) as store:
         _load(store, messages[:500], 500)   # warm-up: the first bulk of a fresh server is slower
     if len(candidates) > 1 and sample_set:
-        for chunk in candidates:
+        for chunk, writers in candidates:
             with _scratch_store(search_url, chunk) as store:
-                rates[chunk] = len(sample_set) / _load(store, sample_set, max(chunk, 2000))
-            say(f"  store sample: chunk {chunk}: {rates[chunk]:,.0f} docs/s")
+                rates[(chunk, writers)] = len(sample_set) / _load(store, sample_set, max(chunk, 2000), writers)
+            say(f"  store sample: chunk {chunk}, {writers} writer(s): {rates[(chunk, writers)]:,.0f} docs/s")
         best = max(rates, key=rates.__getitem__)
     else:
         best = candidates[0]
-    with _scratch_store(search_url, best) as store:
-        elapsed = _load(store, messages, max(best, 2000))
-    return StoreCeiling(best, len(messages) / elapsed if elapsed else 0.0, elapsed, rates,
-                        source_bytes_per_message(messages))
+    with _scratch_store(search_url, best[0]) as store:
+        elapsed = _load(store, messages, max(best[0], 2000), best[1])
+    return StoreCeiling(best[0], len(messages) / elapsed if elapsed else 0.0, elapsed,
+                        {f"{c}x{w}": r for (c, w), r in rates.items()}, source_bytes_per_message(messages),
+                        writers=best[1])
 
 
 @contextlib.contextmanager

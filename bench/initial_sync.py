@@ -14,8 +14,9 @@ app — all on 127.0.0.1):
    Graph allows more), counting the pages: ``graph_bound_s =
    ceil(pages / 4) * latency`` (at most 4 requests in flight per mailbox).
 2. Bulk-load those same ``Message`` records straight into the same store
-   with its best chunk size (sampled first), no engine in between:
-   ``store_bound_s``. ``bound_s = max(graph_bound_s, store_bound_s)``.
+   with its best chunk size and number of parallel writers (1 or 4, as
+   the engine writes up to 4 folders at once; sampled first), no engine
+   in between: ``store_bound_s``. ``bound_s = max(graph_bound_s, store_bound_s)``.
 3. Turn on the Graph latency, link the account the way the page does
    (``POST /api/accounts``, the sandbox sign-in form, the OAuth callback)
    and time from the callback to ``status == "synced"`` (``elapsed_s``),
@@ -102,6 +103,7 @@ def run_once(args: argparse.Namespace, messages: int) -> dict[str, Any]:
         say("store alone: bulk-loading the same documents (best chunk size first)")
         ceiling = store_ceiling(stack.search.url, box.messages,
                                 chunks=[int(c) for c in args.store_chunks.split(",") if c.strip()],
+                                streams=[int(w) for w in args.store_writers.split(",") if w.strip()],
                                 sample=args.store_sample)
         say(f"store_bound_s={ceiling.elapsed_s:.1f} ({ceiling.docs_per_s:,.0f} docs/s at chunk "
             f"{ceiling.best_chunk})")
@@ -152,7 +154,7 @@ def run_once(args: argparse.Namespace, messages: int) -> dict[str, Any]:
             "elapsed_s": elapsed, "bound_s": bound, "graph_bound_s": gbound, "store_bound_s": ceiling.elapsed_s,
             "ratio_to_bound": elapsed / bound if bound else float("nan"), "first_50_s": first_50,
             "messages_per_s": total / elapsed, "store_ceiling_per_s": ceiling.docs_per_s,
-            "store_chunk": ceiling.best_chunk,
+            "store_chunk": ceiling.best_chunk, "store_writers": ceiling.writers,
             "source_bytes_per_msg": ceiling.source_bytes_per_msg, "graph_requests": int(served["requests"]),
             "longest_folder_chain_s": chain_s,
             "peak_rss_mb": stack.watch.peak_mb.get("devhost", float("nan")),
@@ -181,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=int, default=100, help="added to every Graph request (default 100)")
     parser.add_argument("--page-size", type=int, default=500, help="the engine's GRAPH_PAGE_SIZE (default 500)")
     parser.add_argument("--seed", type=int, default=42, help="sandbox seed (decides the mailbox)")
-    parser.add_argument("--store-chunks", default="500,1000,2000",
-                        help="bulk chunk sizes tried for the store bound (default 500,1000,2000)")
-    parser.add_argument("--store-sample", type=int, default=5000,
+    parser.add_argument("--store-writers", default="1,4",
+                        help="parallel bulk writers tried for the store bound (default 1,4)")
+    parser.add_argument("--store-chunks", default="1000,2000",
+                        help="bulk chunk sizes tried for the store bound (default 1000,2000)")
+    parser.add_argument("--store-sample", type=int, default=3000,
                         help="messages per chunk-size sample (default 5000)")
     parser.add_argument("--timeout-s", type=float, default=3600, help="give up on the sync after this long")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")

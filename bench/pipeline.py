@@ -11,7 +11,7 @@ its threads sampled. In one run:
 
 1. ``store_ceiling_per_s``: the mailbox's own ``Message`` records (paged
    once through the Graph provider) bulk-loaded straight into the store
-   with its best chunk size — no engine.
+   with its best chunk size and number of parallel writers — no engine.
 2. The account is linked like the page does and synced to "synced":
    ``messages_per_s``; ``engine_efficiency = messages_per_s /
    store_ceiling_per_s`` (goal >= 0.9).
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         say(f"store alone: bulk-loading {total} messages (best chunk size first)")
         ceiling = store_ceiling(stack.search.url, box.messages,
                                 chunks=[int(c) for c in args.store_chunks.split(",") if c.strip()],
+                                streams=[int(w) for w in args.store_writers.split(",") if w.strip()],
                                 sample=args.store_sample)
         say(f"store_ceiling_per_s={ceiling.docs_per_s:,.0f} (chunk {ceiling.best_chunk}, {ceiling.elapsed_s:.1f} s)")
         del box
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "messages": total, "page_size": args.page_size, "elapsed_s": elapsed, "messages_per_s": rate,
             "store_ceiling_per_s": ceiling.docs_per_s, "store_chunk": ceiling.best_chunk,
+            "store_writers": ceiling.writers,
             "source_bytes_per_msg": ceiling.source_bytes_per_msg,
             "engine_efficiency": rate / ceiling.docs_per_s if ceiling.docs_per_s else float("nan"),
             "engine_cpu_us_per_msg": 1e6 * net / total, "process_cpu_us_per_msg": 1e6 * raw / total,
@@ -163,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="Graph latency: 0 (this benchmark is about the engine's own cost)")
     parser.add_argument("--page-size", type=int, default=500, help="the engine's GRAPH_PAGE_SIZE (default 500)")
     parser.add_argument("--seed", type=int, default=42, help="sandbox seed (decides the mailbox)")
-    parser.add_argument("--store-chunks", default="500,1000,2000",
-                        help="bulk chunk sizes tried for the store ceiling (default 500,1000,2000)")
-    parser.add_argument("--store-sample", type=int, default=5000, help="messages per chunk-size sample")
+    parser.add_argument("--store-writers", default="1,4",
+                        help="parallel bulk writers tried for the store bound (default 1,4)")
+    parser.add_argument("--store-chunks", default="1000,2000",
+                        help="bulk chunk sizes tried for the store ceiling (default 1000,2000)")
+    parser.add_argument("--store-sample", type=int, default=3000, help="messages per chunk-size sample")
     parser.add_argument("--idle-s", type=float, default=5.0, help="idle CPU measurement before the sync (s)")
     parser.add_argument("--poll-s", type=float, default=0.5, help="status poll interval during the sync (s)")
     parser.add_argument("--timeout-s", type=float, default=3600, help="give up on the sync after this long")
