@@ -36,8 +36,10 @@ $(SYS_STAMP): scripts/install_system_deps.sh
 run: deps
 	$(PY) -m devhost.stack
 
+# Two workers, one per core; a test file stays on one worker so its
+# module fixtures (servers) start once.
 test: deps $(SYS_STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: deps
 	$(VENV)/bin/ruff check .
