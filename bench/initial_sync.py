@@ -32,6 +32,9 @@ Figures: ``elapsed_s``, ``bound_s`` (and both parts), ``ratio_to_bound``
 function), plus ``longest_folder_chain_s``: the largest folder's pages *
 latency at the engine's page size — one folder's delta is a chain of
 requests, so no engine can finish before its largest folder does.
+``messages`` is what the mailbox holds (the sandbox's seeding decides;
+it may differ a little from ``--messages``). With ``--count-storage``:
+``table_tx`` and ``queue_tx`` of the whole sync.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from bench.harness import (
     Linked,
     Stack,
     compare,
+    diff_counts,
     fetch_mailbox,
     figures,
     graph_bound_s,
@@ -89,7 +93,8 @@ def _watch_first_screen(stack: Stack, linked: Linked, inbox_id: str, newest: set
 
 def run_once(args: argparse.Namespace, messages: int) -> dict[str, Any]:
     env = {"GRAPH_PAGE_SIZE": str(args.page_size), "POLL_INTERVAL_SUBSCRIBED_S": "0"}
-    stack = start_stack("initial-sync", users=1, messages=messages, latency_ms=0, seed=args.seed, env=env)
+    stack = start_stack("initial-sync", users=1, messages=messages, latency_ms=0, seed=args.seed, env=env,
+                        count_storage=args.count_storage)
     try:
         address = stack.sandbox.users()[0]["mail"]
         folders = _ensure_folders(stack, address, args.folders)
@@ -121,6 +126,7 @@ def run_once(args: argparse.Namespace, messages: int) -> dict[str, Any]:
 
         stack.sandbox.configure(latency_ms=args.latency_ms)
         stack.sandbox.reset_counters()
+        storage0 = stack.storage_counter.snapshot() if stack.storage_counter else {}
         say(f"linking {address} (Graph latency {args.latency_ms} ms, engine page size {args.page_size})")
         linked = stack.link(address)
         seen: dict[str, float] = {}
@@ -142,6 +148,11 @@ def run_once(args: argparse.Namespace, messages: int) -> dict[str, Any]:
         stop.set()
         elapsed = synced_at - linked.callback_started
         served = stack.sandbox.counters()
+        storage: dict[str, float] = {}
+        if stack.storage_counter is not None:
+            used = diff_counts(stack.storage_counter.snapshot(), storage0)
+            say(f"storage transactions during the sync: {used}")
+            storage = {"table_tx": used.get("table_total", 0), "queue_tx": used.get("queue_total", 0)}
         say(f"synced in {elapsed:.1f} s; comparing the store with the mailbox")
         store = stack.store()
         diff = compare(store, linked.account_id, stack.sandbox.snapshot(address))
@@ -158,7 +169,7 @@ def run_once(args: argparse.Namespace, messages: int) -> dict[str, Any]:
             "source_bytes_per_msg": ceiling.source_bytes_per_msg, "graph_requests": int(served["requests"]),
             "longest_folder_chain_s": chain_s,
             "peak_rss_mb": stack.watch.peak_mb.get("devhost", float("nan")),
-            "missing": len(diff.missing), "extra": len(diff.extra), "stale": len(diff.stale),
+            "missing": len(diff.missing), "extra": len(diff.extra), "stale": len(diff.stale), **storage,
         }
     finally:
         stack.stop()
@@ -190,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store-sample", type=int, default=3000,
                         help="messages per chunk-size sample (default 5000)")
     parser.add_argument("--timeout-s", type=float, default=3600, help="give up on the sync after this long")
+    parser.add_argument("--count-storage", action="store_true",
+                        help="count the queue and table transactions of the sync (a counting proxy before Azurite)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.messages.split(",") if s.strip()]
