@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailsync.errors import InputError
 from mailsync.models import AccountStatus, Address, FlagStatus, Folder, Mailbox, Message, Provider
@@ -116,3 +118,10 @@ def test_index_prefix_must_be_a_valid_index_name() -> None:
     for bad in ("", "Upper", "-x", "a b", "a/b", "a*"):
         with pytest.raises(Exception, match="ELASTICSEARCH_INDEX_PREFIX"):
             IndexNames(bad)
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab é<>\t\n\r\f\v\u00a0\u2003\x85\u2028\x1c\u200b")), max_size=60))
+def test_tidy_whitespace_is_the_per_line_regex_definition(text: str) -> None:
+    # tidy_whitespace avoids the regex for speed (bench/pipeline.py); it must mean exactly this.
+    lines = (d._SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    assert d.tidy_whitespace(text) == d._BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
