@@ -261,6 +261,15 @@ class QueueListener:
             except ValueError as exc:
                 await self._poison(client, entry, str(exc))
                 return
+            if self._stopping.is_set():
+                # Received just as shutdown began: never started, so hand it back at once
+                # (a failure would keep it invisible for visibilityTimeout and count a dequeue).
+                async with entry.lock:
+                    if not entry.returned:
+                        entry.returned = True
+                        log.info("returning in-flight message %s to queue %s", message.id, self.queue_name)
+                        await self._return(client, message.id, entry.pop_receipt)
+                return
             ok = await self._invoke(entry, body, fields)
             async with entry.lock:
                 if entry.returned:
