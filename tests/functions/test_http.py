@@ -7,7 +7,13 @@ import orjson
 import pytest
 
 from functions._shared.http import bearer_token, handle_errors, read_json_object
-from mailsync.errors import AuthenticationError, DependencyUnavailable, InputError, PayloadTooLarge, UnsupportedMediaType
+from mailsync.errors import (
+    AuthenticationError,
+    DependencyUnavailable,
+    InputError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 
 def request(body: bytes = b"", headers: dict[str, str] | None = None) -> func.HttpRequest:
