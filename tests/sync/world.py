@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -158,10 +160,13 @@ class PumpStats:
 class QueuePump:
     """What the Functions host does with the sync queue, in a few threads."""
 
-    def __init__(self, world: SyncWorld, *, workers: int = 4, visibility_s: int = 2) -> None:
+    def __init__(self, world: SyncWorld, *, workers: int = 4, visibility_s: int = 2,
+                 max_dequeue_count: int = 5) -> None:
         self.world = world
         self.workers = workers
         self.visibility_s = visibility_s
+        self.max_dequeue_count = max_dequeue_count   # host.json's: then the message goes to poison
+        self.poisoned: list[Job] = []
         self.client = queue_client(world.settings, world.settings.sync_queue_name)
         with contextlib.suppress(ResourceExistsError):
             self.client.create_queue()
@@ -195,6 +200,11 @@ class QueuePump:
         world = self.world
         body = message.content.decode() if isinstance(message.content, bytes) else message.content
         job = decode_job(body)
+        if message.dequeue_count > self.max_dequeue_count:
+            log.warning("poison: %s failed %d deliveries", job, self.max_dequeue_count)
+            self.poisoned.append(job)
+            self.client.delete_message(message.id, message.pop_receipt)
+            return
         KillableState.dead.value = False
         keeper = _VisibilityKeeper(self.client, message, self.visibility_s)
         try:
@@ -217,15 +227,24 @@ class QueuePump:
     def pending(self) -> int:
         return int(self.client.get_queue_properties().approximate_message_count or 0)
 
-    def drain(self, timeout_s: float = 120.0) -> float:
+    def drain(self, timeout_s: float = 120.0, *, stalled_s: float = 60.0) -> float:
         """Wait until the queue is empty, three looks in a row; returns seconds waited.
 
         A message being worked on still counts (it is only deleted once its
-        job is done), and a job enqueues its follow-ups before that.
+        job is done), and a job enqueues its follow-ups before that. Gives up
+        after ``timeout_s``, or earlier when no job has finished for
+        ``stalled_s``; either way the error says what is still queued and
+        what every worker is doing.
         """
         start = time.monotonic()
         quiet = 0
-        while time.monotonic() - start < timeout_s:
+        runs, last_progress = self.stats.runs, start
+        while True:
+            now = time.monotonic()
+            if self.stats.runs != runs:
+                runs, last_progress = self.stats.runs, now
+            if now - start >= timeout_s or now - last_progress >= stalled_s:
+                break
             if self.pending() == 0:
                 quiet += 1
                 if quiet >= 3:
@@ -233,7 +252,31 @@ class QueuePump:
             else:
                 quiet = 0
             time.sleep(0.1)
-        raise TimeoutError(f"queue did not drain in {timeout_s:.0f} s ({self.pending()} pending)")
+        raise TimeoutError(f"queue did not drain in {time.monotonic() - start:.0f} s "
+                           f"(last job finished {time.monotonic() - last_progress:.0f} s ago)\n{self.describe()}")
+
+    def describe(self) -> str:
+        """What is queued, what the sync rows say, and where each worker thread is (for a failing drain)."""
+        lines = [f"pump: {self.stats}, poisoned: {self.poisoned}"]
+        for message in self.client.peek_messages(max_messages=32):
+            body = message.content.decode() if isinstance(message.content, bytes) else message.content
+            job = decode_job(body)
+            lines.append(f"  queued {job.kind.value} folder={job.folder_id} attrs={job.attrs} "
+                         f"dequeued={message.dequeue_count}")
+        now = time.time()
+        rows = self.world.state.load(self.world.account_id)
+        lines.append(f"  slots busy: {rows.slots_busy}")
+        for row in [*([rows.folder_list] if rows.folder_list else []), *rows.folders.values()]:
+            lines.append(f"  row {row.folder_id or '(folder list)'}: {row.phase.value} rounds={row.rounds} "
+                         f"dirty={row.dirty} failures={row.failures} leased={row.leased(now)} "
+                         f"not_before={max(0.0, row.not_before - now):.1f}s")
+        frames = sys._current_frames()
+        for thread in self._threads:
+            frame = frames.get(thread.ident or -1)
+            if frame is not None:
+                where = "".join(traceback.format_stack(frame)[-4:])
+                lines.append(f"  {thread.name}:\n{where}")
+        return "\n".join(lines)
 
 
 @dataclass
