@@ -44,7 +44,8 @@ from tests.linking.tables import linking_tables
 
 KEY_ENTRY = f"mon1:{base64.b64encode(bytes(range(40, 72))).decode()}"
 MESSAGES_PER_USER = 600
-CHANGES_MEASURED = 100
+# Enough of each kind of change to show they arrive; bench/change_monitoring.py measures latency.
+CHANGES_MEASURED = 24
 
 
 @dataclass
@@ -295,7 +296,7 @@ def test_with_notifications_dropped_polling_converges_the_store(stack: Stack) ->
     assert stack.sandbox.admin("PUT", "faults", json={"profile": "none", "overrides": {"notify_drop": 1.0}}).ok
     try:
         mutate(stack, linked, random.Random(3), 30)
-        time.sleep(6)
+        time.sleep(2)   # changes otherwise arrive in ~0.3 s (p99 0.5 s)
         assert stack.differences(linked) > 0, "changes arrived although every notification was dropped"
         # The poll_scheduler timer's use case, run here with a short interval (the timer itself fires per minute).
         fast = Settings.from_env({**stack.env, "POLL_INTERVAL_SUBSCRIBED_S": "5", "POLL_TICK_S": "5"})
