@@ -37,9 +37,9 @@ run: deps
 	$(PY) -m devhost.stack
 
 # Two workers, one per core; a test file stays on one worker so its
-# module fixtures (servers) start once.
+# module fixtures (servers) start once. The slowest tests are listed at the end.
 test: deps $(SYS_STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 lint: deps
 	$(VENV)/bin/ruff check .
