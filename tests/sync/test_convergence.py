@@ -48,7 +48,7 @@ from mailsync.models import AccountStatus, BulkResult
 from mailsync.settings import Settings
 from mailsync.store.elasticsearch import ElasticsearchStore
 from tests.fixtures.graph_sandbox import GraphSession, SandboxTestServer, start_sandbox
-from tests.sync.world import InjectedFault, QueuePump, SyncWorld, WorkerKilled, compare, make_world
+from tests.sync.world import QueuePump, SyncWorld, compare, make_world, misbehaving_worker
 
 log = logging.getLogger("tests.sync.convergence")
 
@@ -213,17 +213,8 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[.
                                        "FOLDER_LEASE_S": "20"})
         world = make_world(settings_, server, store or make_store(), seed=plan.seed, backoff_cap_s=2.0)
         rng = random.Random(plan.seed)
-        faults_rng = random.Random(plan.seed + 7)
-
-        def misbehave(folder_id: str, page: int) -> None:
-            roll = faults_rng.random()
-            if roll < plan.kill_rate:
-                type(world.state).dead.value = True   # type: ignore[attr-defined]
-                raise WorkerKilled()
-            if roll < plan.kill_rate + plan.raise_rate:
-                raise InjectedFault("worker raised mid-page")
-
-        world.engine.before_write = misbehave
+        world.engine.before_write = misbehaving_worker(plan.seed + 7, kill_rate=plan.kill_rate,
+                                                       raise_rate=plan.raise_rate)
         world.queue.duplicate_rate = plan.duplicate_rate
         assert server.admin("PUT", "faults", json={"profile": "none", "seed": plan.seed,
                                                    "overrides": plan.graph_faults}).status_code == 200

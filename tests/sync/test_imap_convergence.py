@@ -55,7 +55,7 @@ from tests.providers.imap_faults import FaultProxy
 from tests.providers.imap_harness import move, seed_messages
 from tests.sync.imap_support import Difference, compare_views
 from tests.sync.support import sync_table
-from tests.sync.world import FaultyQueue, InjectedFault, KillableState, QueuePump, RecordingPublisher, WorkerKilled
+from tests.sync.world import FaultyQueue, KillableState, QueuePump, RecordingPublisher, misbehaving_worker
 
 log = logging.getLogger("tests.sync.imap_convergence")
 
@@ -283,17 +283,8 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
     pump: QueuePump | None = None
     person = Person(world, random.Random(plan.seed))
     try:
-        faults_rng = random.Random(plan.seed + 7)
-
-        def misbehave(folder_id: str, page: int) -> None:
-            roll = faults_rng.random()
-            if roll < plan.kill_rate:
-                type(world.state).dead.value = True   # type: ignore[attr-defined]
-                raise WorkerKilled()
-            if roll < plan.kill_rate + plan.raise_rate:
-                raise InjectedFault("worker raised mid-page")
-
-        world.engine.before_write = misbehave
+        world.engine.before_write = misbehaving_worker(plan.seed + 7, kill_rate=plan.kill_rate,
+                                                       raise_rate=plan.raise_rate)
         world.queue.duplicate_rate = plan.duplicate_rate
         world.proxy.bye_rate, world.proxy.no_rate, world.proxy.cut_rate = plan.bye_rate, plan.no_rate, plan.cut_rate
         pump = QueuePump(world, workers=4, visibility_s=2)   # type: ignore[arg-type]

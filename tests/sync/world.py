@@ -122,6 +122,25 @@ class KillableState(SyncStateTable):
             super().release_slot(slot)
 
 
+def misbehaving_worker(seed: int, *, kill_rate: float, raise_rate: float) -> Callable[[str, int], None]:
+    """An engine ``before_write`` hook: before a page is written, the worker dies or raises at these rates.
+
+    Dying leaves the lease and slot held (``KillableState``) and the message
+    undeleted; raising lets the engine clean up and the queue redeliver.
+    """
+    rng = random.Random(seed)
+
+    def misbehave(folder_id: str, page: int) -> None:
+        roll = rng.random()
+        if roll < kill_rate:
+            KillableState.dead.value = True
+            raise WorkerKilled()
+        if roll < kill_rate + raise_rate:
+            raise InjectedFault("worker raised mid-page")
+
+    return misbehave
+
+
 class _VisibilityKeeper:
     """Keeps a running message invisible, as the Functions host does for long invocations."""
 
