@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 import requests
+from azure.core.exceptions import ResourceNotFoundError
 
 from devhost.services.process import free_port
 from graph_sandbox.config import SandboxConfig
@@ -76,8 +77,12 @@ class Stack:
         return created, self.callback(submit_sign_in(created["authorize_url"], username))
 
     def jobs(self) -> list[Any]:
+        """The queued sync jobs (none yet if nothing was ever enqueued: the queue is created on first use)."""
         client = connection.queue_client(self.settings, self.settings.sync_queue_name)
-        return [decode_job(m.content) for m in client.peek_messages(max_messages=32)]
+        try:
+            return [decode_job(m.content) for m in client.peek_messages(max_messages=32)]
+        except ResourceNotFoundError:
+            return []
 
 
 @pytest.fixture(scope="module")
