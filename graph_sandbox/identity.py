@@ -473,7 +473,13 @@ class IdentityPlatform:
             spelled.append("User.Read")
         return _Scopes(names=tuple(dict.fromkeys(names)), spelled=tuple(dict.fromkeys(spelled)))
 
-    async def authorize(self, request: web.Request) -> web.Response:
+    def _authorize_request(
+            self, request: web.Request) -> tuple[dict[str, str], AppRegistration, _Scopes] | web.Response:
+        """The checked authorize request, or the answer Entra gives to a bad one.
+
+        An unknown client or redirect URI is shown as an error page (never
+        redirect to an unverified address); any other error goes back to the app.
+        """
         params = dict(request.query)
         try:
             self._tenant(request)
@@ -481,22 +487,22 @@ class IdentityPlatform:
         except OAuthError as exc:
             return self._error_page(exc)
         try:
-            scopes = self._validate_request(app, params)
+            return params, app, self._validate_request(app, params)
         except OAuthError as exc:
             return self._redirect_error(params, exc)
+
+    async def authorize(self, request: web.Request) -> web.Response:
+        checked = self._authorize_request(request)
+        if isinstance(checked, web.Response):
+            return checked
+        params, app, scopes = checked
         return self._sign_in_page(request, app, params, scopes)
 
     async def authorize_submit(self, request: web.Request) -> web.Response:
-        params = dict(request.query)
-        try:
-            self._tenant(request)
-            app = self._validate_client(params)
-        except OAuthError as exc:
-            return self._error_page(exc)
-        try:
-            scopes = self._validate_request(app, params)
-        except OAuthError as exc:
-            return self._redirect_error(params, exc)
+        checked = self._authorize_request(request)
+        if isinstance(checked, web.Response):
+            return checked
+        params, app, scopes = checked
         form = await request.post()
         if form.get("cancel"):
             return self._redirect_error(params, OAuthError("access_denied", 65004,
