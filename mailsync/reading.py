@@ -142,11 +142,13 @@ class MailReader:
 
 
 def page_config(settings: Settings) -> dict[str, Any]:
-    """Public facts the page shows (no secrets): sandbox mode and where the sandbox's mailbox page is."""
+    """Public facts the page shows (no secrets): sandbox mode, the sandbox's mailbox page, plaintext IMAP allowed."""
     sandbox = settings.graph_sandbox_url if settings.uses_graph_sandbox else None
     return {
         "sandbox": sandbox is not None,
         "sandbox_url": sandbox,
         "sandbox_mail_url": f"{sandbox}/sandbox/mail" if sandbox else None,
         "provider": "outlook",
+        # The IMAP form offers "no encryption" only where linking would accept it (local Dovecot).
+        "imap_allow_insecure": settings.imap_allow_insecure,
     }

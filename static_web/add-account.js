@@ -1,6 +1,6 @@
-// Add-account page: start linking ("Connect Outlook"), then, back from Microsoft's sign-in,
-// follow the account: linking → connected as <address> → syncing → synced, or a readable error
-// with a retry button.
+// Add-account page: choose the provider; Outlook starts linking ("Connect Outlook") and, back from
+// Microsoft's sign-in, follows the account: linking → connected as <address> → syncing → synced, or
+// a readable error with a retry button. IMAP links at once through the form in imap-form.js.
 "use strict";
 
 (() => {
@@ -13,6 +13,7 @@
   async function showSandboxNote() {
     try {
       const config = await api("config");
+      if (config.imap_allow_insecure) window.MailsyncImapForm.offerInsecure();
       if (config.sandbox && config.sandbox_mail_url) {
         sandboxMailUrl = config.sandbox_mail_url;
         $("sandbox-link").href = sandboxMailUrl;
@@ -131,13 +132,23 @@
       case "synced":
         markSteps("synced");
         setState("synced", `Synced: ${who}, ${formatNumber(sync ? sync.messages_indexed : null)} messages. `
-                           + "Changes made in Outlook now appear on the mail page as they happen.");
+                           + `Changes made in ${account.provider === "imap" ? "the mailbox" : "Outlook"} now appear `
+                           + "on the mail page as they happen.");
         showProgress(sync);
         $("open-data").hidden = false;
         return false;
       case "reauth_required":
         markSteps("connected", true);
         setState("reauth_required", `Reauthorization required for ${who || "this account"}.`);
+        if (account.provider === "imap") {
+          // No sign-in page to go back to: the same form, with the account id and the new password.
+          showError(readableError("imap_reauth_required", account.error), "Enter the new password");
+          $("retry").onclick = () => {
+            chooseProvider("imap");
+            window.MailsyncImapForm.relink(account.account_id);
+          };
+          return false;
+        }
         showError(readableError("reauth_required", account.error), "Sign in again");
         return false;
       default: {
@@ -159,7 +170,7 @@
     if (!token) {
       markSteps("linking", true);
       setState("error", "This browser tab has no access token for that account.");
-      showError("Access tokens are kept only in the tab that connected the account. Connect Outlook again.",
+      showError("Access tokens are kept only in the tab that connected the account. Connect it again.",
                 "Connect again");
       $("retry").onclick = () => startLinking(null, $("retry"), $("account-error"));
       return;
@@ -188,7 +199,19 @@
     }
   }
 
+  /** Show the chosen provider's section; the radio buttons are the one source of the choice. */
+  function chooseProvider(provider) {
+    for (const radio of document.querySelectorAll("input[name='provider']")) radio.checked = radio.value === provider;
+    $("outlook-section").hidden = provider !== "outlook";
+    $("imap-section").hidden = provider !== "imap";
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    window.MailsyncImapForm.init();
+    for (const radio of document.querySelectorAll("input[name='provider']")) {
+      radio.addEventListener("change", () => chooseProvider(radio.value));
+    }
+    chooseProvider(document.querySelector("input[name='provider']:checked").value);
     showSandboxNote();
     const connect = $("connect");
     connect.addEventListener("click", () => startLinking(null, connect, $("connect-error")));

@@ -117,6 +117,7 @@ window.Mailsync = (() => {
     access_denied: "The sign-in was cancelled, or access to the mailbox was not granted.",
     consent_required: "Access to the mailbox was not granted.",
     reauth_required: "Outlook needs you to sign in again: the permission mailsync had was revoked or has expired.",
+    imap_reauth_required: "The IMAP server refused the saved password. Enter the current password to link it again.",
     login_expired: "The sign-in took too long and expired.",
     invalid_grant: "The sign-in could not be completed (the code was already used or has expired).",
     address_in_use: "This mailbox is already linked to another mailsync account.",

@@ -75,9 +75,9 @@
     $("list-status").textContent = text;
   }
 
-  function showPageError(text, withLink) {
+  function showPageError(text, withLink, link = { href: "index.html", text: "Add an account" }) {
     const box = $("page-error");
-    box.replaceChildren(text, withLink ? " " : "", withLink ? el("a", { href: "index.html", text: "Add an account" }) : "");
+    box.replaceChildren(text, withLink ? " " : "", withLink ? el("a", link) : "");
     box.hidden = false;
   }
 
@@ -327,12 +327,24 @@
                                                   : formatNumber(indexed);
   }
 
+  /** What a stopped account needs, in the words of its provider. */
+  function reauthText(provider) {
+    return provider === "imap"
+      ? "The IMAP server no longer accepts the saved password; mailsync needs the current one to keep this "
+        + "mailbox in sync."
+      : "Outlook needs you to sign in again before mailsync can keep this mailbox in sync.";
+  }
+
   function renderAccount(account) {
     const sync = account.sync;
     if (account.status === "reauth_required" || account.status === "error") {
-      showPageError(account.status === "reauth_required"
-        ? "Outlook needs you to sign in again before mailsync can keep this mailbox in sync."
-        : `This account is not linked: ${account.error || "the sign-in failed"}.`, true);
+      if (account.status === "reauth_required") {
+        // The add-account page, following this account, offers its way back in (sign-in or password).
+        showPageError(reauthText(account.provider), true,
+                      { href: `index.html?account_id=${encodeURIComponent(account.account_id)}`, text: "Link it again" });
+      } else {
+        showPageError(`This account is not linked: ${account.error || "the sign-in failed"}.`, true);
+      }
     }
     if (!sync) {
       setPhase(account.status === "linking" ? "pending" : account.status);

@@ -180,6 +180,8 @@ class AccountWatcher:
         # CONDSTORE is on (RFC 5465 5.2); without it Dovecot reports new mail and expunges alone.
         session.enable("CONDSTORE")
         session.raw_command(b"NOTIFY", [b"SET", NOTIFY_EVENTS])
+        # From here on no change is missed: the server reports it, in IDLE or before the next one.
+        log.info("listener watching the account (NOTIFY)", extra={"account_id": self.account_id})
         while not self.stop_event.is_set():
             session.idle_start()
             self.ready.set()
@@ -217,6 +219,9 @@ class AccountWatcher:
                 self._idlers[folder] = thread
                 thread.start()
             known = folders
+            if not self.ready.is_set():
+                log.info("listener watching the account (IDLE, %d folders)", len(watched),
+                         extra={"account_id": self.account_id})
             self.ready.set()
             self.stop_event.wait(self._folder_check_s)
 

@@ -197,8 +197,12 @@ class TableAccountRepository:
             query += " and ( " + " or ".join(f"status eq @s{i}" for i in range(len(statuses))) + " )"
             params.update({f"s{i}": status.value for i, status in enumerate(statuses)})
         with table_errors("listing accounts"):
-            for entity in self._table.query_entities(query, parameters=params):
-                yield account_from_entity(entity, str(entity.metadata["etag"]))
+            try:
+                for entity in self._table.query_entities(query, parameters=params):
+                    yield account_from_entity(entity, str(entity.metadata["etag"]))
+            except ResourceNotFoundError:
+                # The table comes with the first linked account: none yet (a listener or timer started first).
+                return
 
     # -- the address index -------------------------------------------------
 

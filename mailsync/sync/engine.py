@@ -134,7 +134,11 @@ CONTINUATION = "continuation"
 # Largest bulk the engine sends at once when pages pile up behind a slow store.
 MAX_BULK_MESSAGES = 2_000
 READ_AHEAD_PAGES = 2
-REAUTH_MESSAGE = "Outlook asked for the account to be signed in again."
+# What the account shows when its provider refuses the stored sign-in, keyed by ``Account.provider``.
+REAUTH_MESSAGES = {
+    "outlook": "Outlook asked for the account to be signed in again.",
+    "imap": "The IMAP server refused the saved password; link the account again with the current one.",
+}
 
 
 class Outcome(enum.StrEnum):
@@ -782,8 +786,9 @@ class _Invocation:
             if account is None or account.status == AccountStatus.REAUTH_REQUIRED:
                 break
             try:
+                message = REAUTH_MESSAGES.get(account.provider, REAUTH_MESSAGES["outlook"])
                 self.account = e.accounts.save(replace(account, status=AccountStatus.REAUTH_REQUIRED,
-                                                       error=REAUTH_MESSAGE, updated_at=datetime.now(UTC)))
+                                                       error=message, updated_at=datetime.now(UTC)))
                 break
             except Conflict:
                 continue

@@ -160,3 +160,9 @@ def test_iter_accounts_filters_by_status(t: LinkingTables) -> None:
     t.accounts.claim_address("e@x.test", a.account_id)  # index rows are not accounts
     assert {x.account_id for x in t.accounts.iter_accounts()} == {a.account_id, b.account_id}
     assert [x.account_id for x in t.accounts.iter_accounts((AccountStatus.SYNCED,))] == [a.account_id]
+
+
+def test_iter_accounts_before_the_table_exists_is_empty(storage_settings: Settings) -> None:
+    # A listener or timer may start before anything was linked: no table yet means no accounts, not a crash.
+    fresh = linking_tables(replace(storage_settings, table_prefix=f"n{uuid.uuid4().hex[:10]}"))
+    assert list(fresh.accounts.iter_accounts()) == []

@@ -174,6 +174,8 @@ def test_revoked_grant_stops_the_account(world: SyncWorld, pump: QueuePump) -> N
     pump.drain()
     assert world.account_status() == AccountStatus.REAUTH_REQUIRED
     assert calls["n"] >= 1
+    stopped = world.tables.accounts.get(world.account_id)
+    assert stopped is not None and stopped.error == "Outlook asked for the account to be signed in again."
     assert any(p.phase == "reauth_required" for p in world.events.progress)
     n = calls["n"]
     world.poll()

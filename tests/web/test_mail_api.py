@@ -209,7 +209,7 @@ def test_config_is_public_and_names_the_sandbox(seeded: Seeded) -> None:
     body = requests.get(f"{seeded.web.api}/config", timeout=10).json()
     sandbox = seeded.web.env["GRAPH_SANDBOX_URL"]
     assert body == {"sandbox": True, "sandbox_url": sandbox, "sandbox_mail_url": f"{sandbox}/sandbox/mail",
-                    "provider": "outlook"}
+                    "provider": "outlook", "imap_allow_insecure": False}
 
 
 def test_store_down_is_503_with_retry_after(azurite: Any, graph_sandbox: Any,
