@@ -117,6 +117,7 @@ from mailsync.models import (
     Message,
     MessageBatch,
     MessagesChanged,
+    Provider,
     SyncPhase,
     SyncProgress,
 )
@@ -135,9 +136,9 @@ CONTINUATION = "continuation"
 MAX_BULK_MESSAGES = 2_000
 READ_AHEAD_PAGES = 2
 # What the account shows when its provider refuses the stored sign-in, keyed by ``Account.provider``.
-REAUTH_MESSAGES = {
-    "outlook": "Outlook asked for the account to be signed in again.",
-    "imap": "The IMAP server refused the saved password; link the account again with the current one.",
+REAUTH_MESSAGES: dict[Provider, str] = {
+    Provider.OUTLOOK: "Outlook asked for the account to be signed in again.",
+    Provider.IMAP: "The IMAP server refused the saved password; link the account again with the current one.",
 }
 
 
@@ -786,7 +787,7 @@ class _Invocation:
             if account is None or account.status == AccountStatus.REAUTH_REQUIRED:
                 break
             try:
-                message = REAUTH_MESSAGES.get(account.provider, REAUTH_MESSAGES["outlook"])
+                message = REAUTH_MESSAGES[account.provider]
                 self.account = e.accounts.save(replace(account, status=AccountStatus.REAUTH_REQUIRED,
                                                        error=message, updated_at=datetime.now(UTC)))
                 break

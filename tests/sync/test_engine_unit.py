@@ -28,12 +28,12 @@ from mailsync.errors import (
     StoreUnavailable,
 )
 from mailsync.jobs import JobKind, encode_job, new_job
-from mailsync.models import Address, Message, MessageBatch, MessagesChanged, SyncPhase, SyncProgress
+from mailsync.models import Address, Message, MessageBatch, MessagesChanged, Provider, SyncPhase, SyncProgress
 from mailsync.providers.graph_client import MAX_RETRY_AFTER_S, backoff_delay, parse_retry_after
 from mailsync.realtime.signalr_messages import MAX_UPSERTS, BufferingPublisher
 from mailsync.storage.cursors import AccountSyncState, SyncState
 from mailsync.sync import policy
-from mailsync.sync.engine import Delivery
+from mailsync.sync.engine import REAUTH_MESSAGES, Delivery
 from mailsync.sync.pipeline import PageReader
 from mailsync.sync.status import account_phase
 from mailsync.sync.worker import Invocation, SyncWorker
@@ -50,6 +50,11 @@ def row(folder_id: str | None = "f", **fields: Any) -> SyncState:
 
 
 # --- Retry-After and back-off ------------------------------------------------------------------
+
+def test_every_provider_has_its_own_reauth_message() -> None:
+    assert set(REAUTH_MESSAGES) == set(Provider)
+    assert len(set(REAUTH_MESSAGES.values())) == len(Provider)
+
 
 def test_retry_after_seconds_and_http_dates() -> None:
     now = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
