@@ -21,6 +21,7 @@ import requests
 
 from devhost.services.process import free_port
 from mailsync.linking.imap import IMAP, SealedCredentials
+from mailsync.models import Provider
 from mailsync.monitoring.imap_poll import ImapStatusPoller
 from mailsync.providers.imap import ImapProviderFactory
 from mailsync.settings import Settings
@@ -28,6 +29,7 @@ from mailsync.storage.connection import table_client
 from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.sync.engine import REAUTH_MESSAGES
 from tests.fixtures.azurite import unique_name
 from tests.fixtures.devhost import DevhostProcess, start_devhost
 from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822
@@ -148,3 +150,31 @@ def test_a_dovecot_account_links_syncs_follows_changes_and_unlinks(stack: Stack,
     assert stack.tables.tokens.read(account_id, IMAP) is None
     stack.store.refresh()
     assert stack.store.list_folders(account_id) == []
+
+
+def test_a_password_changed_at_the_server_asks_to_link_again_and_keeps_the_mail(
+        stack: Stack, dovecot_refusals: DovecotServer) -> None:
+    import random
+
+    # The Dovecot meant for refused logins: its failed-login penalty must not slow the other tests.
+    dovecot = dovecot_refusals
+    user = dovecot.add_user()
+    user.seed_maildir(seed_messages(random.Random(6), {"INBOX": 30}))
+    account_id, auth = _link(stack, user)
+
+    def view() -> dict[str, Any]:
+        return dict(requests.get(f"{stack.api}/accounts/{account_id}", headers=auth, timeout=30).json())
+
+    _wait(lambda: view()["status"] == "synced")
+    dovecot.change_password(user, "changed-" + user.password)
+
+    # The next poll meets the refusal and leaves it to the engine, which tells the page what to do.
+    factory = ImapProviderFactory(stack.settings, SealedCredentials(stack.tables.tokens))
+    poller = ImapStatusPoller(stack.tables.accounts, SyncStateTable(table_client(stack.settings, "sync")),
+                              factory.connect, AzureJobQueue(stack.settings))
+    poller.tick([account_id])
+    _wait(lambda: view()["status"] == "reauth_required", timeout_s=60)
+    assert view()["error"] == REAUTH_MESSAGES[Provider.IMAP]
+    listed = requests.get(f"{stack.api}/accounts/{account_id}/messages", headers=auth, params={"limit": 50},
+                          timeout=30).json()
+    assert len(listed["messages"]) == 30, "the synced mail stays readable until the account is linked again"
