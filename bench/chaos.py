@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (
+    BackgroundLoop,
     Diff,
     Stack,
     compare,
@@ -76,8 +76,10 @@ def host_functions(env: dict[str, str]) -> list[str]:
     return [spec.name for spec in specs if spec.name not in HOST_FUNCTIONS_EXCLUDED]
 
 
-class Mutator:
+class Mutator(BackgroundLoop):
     """Changes the mailbox as a busy user would, ``rate`` times a second, until stopped."""
+
+    thread_name = "bench-mutator"
 
     def __init__(self, stack: Stack, address: str, rate: float, rng: random.Random) -> None:
         self.stack = stack
@@ -89,15 +91,7 @@ class Mutator:
         self.failed = 0
         self.last_change = time.monotonic()
         self._created: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-mutator", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__()
 
     def _run(self) -> None:
         graph = self.stack.sandbox.graph(self.address)
@@ -149,8 +143,10 @@ def _retry(call: Any, attempts: int = 5) -> Any:
     return answer
 
 
-class Killer:
+class Killer(BackgroundLoop):
     """Kills a random sync worker every ``every_s`` (+-50 %) and starts a new one."""
+
+    thread_name = "bench-killer"
 
     def __init__(self, stack: Stack, every_s: float, rng: random.Random, lease_s: float) -> None:
         self.stack = stack
@@ -158,15 +154,7 @@ class Killer:
         self.rng = rng
         self.lease_s = lease_s
         self.kills = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-killer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s * (0.5 + self.rng.random())):

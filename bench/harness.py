@@ -111,6 +111,26 @@ def cpu_s(pid: int) -> float | None:
         return None
 
 
+class BackgroundLoop:
+    """A benchmark's helper thread: ``start()``, then ``stop()`` sets ``_stop`` and waits for ``_run`` to return."""
+
+    thread_name = "bench-loop"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
 class ProcessWatch:
     """Samples the RSS of named processes every ``interval_s``; remembers peaks after they die."""
 
@@ -827,7 +847,7 @@ _NETWORK = ("/socket.py", "/ssl.py", "/http/client.py", "/urllib3/", "/elastic_t
 _IDLE = ("/threading.py", "/queue.py", "/concurrent/futures/thread.py", "/selectors.py")
 
 
-class StackSampler:
+class StackSampler(BackgroundLoop):
     """A sampling profiler (like py-spy, in-process): what chosen threads are doing, 100 times a second.
 
     Each sample of a thread is put in a bucket named after the deepest
@@ -840,6 +860,8 @@ class StackSampler:
     frame that made them.
     """
 
+    thread_name = "bench-sampler"
+
     def __init__(self, prefixes: tuple[str, ...] = ("devhost-fn", "mailsync-page-reader"),
                  interval_s: float = 0.01) -> None:
         self.prefixes = prefixes
@@ -848,15 +870,7 @@ class StackSampler:
         self.leaves: dict[str, int] = {}
         self.samples = 0
         self.cpu_s = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__()
 
     def _run(self) -> None:
         try:
