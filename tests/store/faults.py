@@ -65,8 +65,10 @@ def faulty_transport(plan: FaultPlan) -> type[PlainJsonTransport]:
     class FaultyTransport(PlainJsonTransport):
         def perform_request(self, method: str, target: str, *, headers: Any = None, body: Any = None,
                             **kwargs: Any) -> TransportApiResponse:
-            if not target.split("?")[0].endswith("/_bulk") or not isinstance(body, list):
+            if not target.split("?")[0].endswith("/_bulk") or not isinstance(body, list | bytes | bytearray):
                 return super().perform_request(method, target, headers=headers, body=body, **kwargs)
+            if isinstance(body, bytes | bytearray):   # the store sends ready NDJSON
+                body = [line for line in bytes(body).split(b"\n") if line]
             items = _split(body)
             plan.requests.append([(op, doc_id) for op, doc_id, _ in items])
             if plan.before_bulk is not None:
