@@ -58,6 +58,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cli import parser_from_doc
 from bench.harness import (
     Linked,
     Stack,
@@ -513,8 +514,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--accounts", type=int, default=100, help="linked, synced accounts (default 100)")
     parser.add_argument("--changes", type=int, default=1000, help="changes to make (default 1000)")
     parser.add_argument("--rate", type=float, default=10, help="changes per second (default 10)")

@@ -46,6 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cli import parser_from_doc
 from bench.harness import (
     BackgroundLoop,
     Diff,
@@ -254,8 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--messages", type=int, default=20_000, help="messages in the mailbox (default 20000)")
     parser.add_argument("--duration", type=float, default=300, help="seconds of mutations and kills (default 300)")
     parser.add_argument("--rate", type=float, default=5, help="mailbox changes per second (default 5)")

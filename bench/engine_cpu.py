@@ -35,6 +35,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cli import parser_from_doc
 from graph_sandbox import payloads
 from graph_sandbox.config import SandboxConfig
 from graph_sandbox.mailbox import Mailboxes
@@ -97,8 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--messages", type=int, default=20_000, help="messages in the mailbox (default 20000)")
     parser.add_argument("--seed", type=int, default=42, help="sandbox seed (decides the mailbox)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds per stage; the best is kept (default 5)")

@@ -48,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cli import parser_from_doc
 from bench.harness import (
     Linked,
     Stack,
@@ -185,8 +186,7 @@ def _folder_counts(box: Any) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--messages", default="20000",
                         help="messages in the mailbox; a comma list runs each on a fresh stack (default 20000)")
     parser.add_argument("--folders", type=int, default=12,

@@ -44,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cli import parser_from_doc
 from bench.harness import (
     StackSampler,
     ThreadProfiles,
@@ -158,8 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_from_doc(__doc__)
     parser.add_argument("--messages", type=int, default=100_000, help="messages in the mailbox (default 100000)")
     parser.add_argument("--latency-ms", type=int, default=0, choices=[0],
                         help="Graph latency: 0 (this benchmark is about the engine's own cost)")
