@@ -42,7 +42,9 @@ dirty (the engine's lease protocol), so extra jobs are harmless.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -279,6 +281,8 @@ class ImapListener:
                 self.refresh()
                 self.stop_event.wait(self._refresh_s)
         finally:
+            # Also on Ctrl-C (an exception here): the sink flushes what it holds once stopped.
+            self.stop_event.set()
             for watcher in self.watchers.values():
                 watcher.stop()
             sink.join(timeout=5)
@@ -327,11 +331,13 @@ def main(argv: list[str] | None = None) -> None:   # pragma: no cover - wiring, 
                 if a.provider == Provider.IMAP and a.status in (AccountStatus.SYNCING, AccountStatus.SYNCED)]
 
     listener = ImapListener(imap_accounts, factory.connect, AzureJobQueue(settings), refresh_s=args.refresh_s)
+    # A platform stops its processes with SIGTERM: stop like Ctrl-C, so changes
+    # already noticed are enqueued rather than left to the next STATUS poll.
+    signal.signal(signal.SIGTERM, lambda *_: listener.stop())
     log.info("IMAP listener started")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):   # Ctrl-C: run() has stopped everything on its way out
         listener.run()
-    except KeyboardInterrupt:
-        listener.stop()
+    log.info("IMAP listener stopped")
 
 
 if __name__ == "__main__":   # pragma: no cover
