@@ -20,8 +20,9 @@ from pathlib import Path
 
 from devhost.services.process import ROOT, ServiceError, log_tail, stop_process
 
-_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "VIRTUAL_ENV", "PYTHONPATH", "SSL_CERT_FILE",
-              "REQUESTS_CA_BUNDLE")
+# What a child process of ours keeps from the parent's environment (the rest are app settings).
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "VIRTUAL_ENV", "PYTHONPATH", "SSL_CERT_FILE",
+                 "REQUESTS_CA_BUNDLE")
 
 
 @dataclass
@@ -60,7 +61,7 @@ def start_devhost(env: Mapping[str, str], *, app: str = "function_app:app", port
     workdir = Path(tempfile.mkdtemp(prefix="devhost-", dir=log_dir))
     ready = workdir / "ready.json"
     log_path = workdir / "devhost.log"
-    child_env = {k: os.environ[k] for k in _INHERITED if k in os.environ}
+    child_env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     child_env.update({"PYTHONUNBUFFERED": "1", "LOG_FORMAT": "json"})
     child_env.update(env)
     args = [sys.executable, "-m", "devhost", "--port", str(port), "--app", app, "--script-root", str(script_root),

@@ -18,15 +18,14 @@ from typing import Any
 
 import pytest
 
+from devhost.services.devhost_process import INHERITED_ENV
 from devhost.services.process import ROOT
 from tests.fixtures.azurite import unique_name
 from tests.web.conftest import KEY_ENTRY
 
-PASSED_ON = ("PATH", "HOME", "LANG", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
-
 
 def start_listener(azurite: Any, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k in PASSED_ON}
+    env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
     env.update({"AzureWebJobsStorage": azurite.connection_string, "SYNC_QUEUE_NAME": unique_name("lst"),
                 "TABLE_PREFIX": unique_name("l"), "TOKEN_ENCRYPTION_KEYS": KEY_ENTRY, "LOG_FORMAT": "json",
                 "PYTHONUNBUFFERED": "1"})

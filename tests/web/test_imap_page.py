@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
-from devhost.services.devhost_process import _INHERITED
+from devhost.services.devhost_process import INHERITED_ENV
 from devhost.services.process import ROOT, free_port, stop_process
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
@@ -84,7 +84,7 @@ def imap_stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.Tem
     del env["GRAPH_SANDBOX_URL"]   # no Outlook here
     log_dir = tmp_path_factory.mktemp("devhost")
     host = start_devhost(env, port=port, log_dir=log_dir)
-    listener_env = {k: v for k, v in os.environ.items() if k in _INHERITED}
+    listener_env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
     listener_env.update({"PYTHONUNBUFFERED": "1", "LOG_FORMAT": "json", **env})
     with (log_dir / "listener.log").open("wb") as log:
         # --refresh-s: how soon a newly linked account is watched (default 30 s).
