@@ -44,11 +44,11 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from graph_sandbox.config import SandboxConfig
-from mailsync.models import AccountStatus, BulkResult
+from mailsync.models import BulkResult
 from mailsync.settings import Settings
 from mailsync.store.elasticsearch import ElasticsearchStore
 from tests.fixtures.graph_sandbox import GraphSession, SandboxTestServer, start_sandbox
-from tests.sync.world import QueuePump, SyncWorld, compare, make_world, misbehaving_worker
+from tests.sync.world import QueuePump, SyncWorld, change_during_sync, compare, make_world, misbehaving_worker
 
 log = logging.getLogger("tests.sync.convergence")
 
@@ -223,9 +223,8 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[.
         world.start_initial_sync()
 
         person = Person(server, world, rng)
-        stop = threading.Event()
 
-        def mutate() -> None:
+        def mutate(stop: threading.Event) -> None:
             while not stop.is_set() and person.done < scale.max_mutations:
                 started = time.monotonic()
                 person.step()
@@ -233,16 +232,8 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[.
                 if plan.invalidate_every and person.done % plan.invalidate_every == 0:
                     server.admin("POST", f"users/{person.user.id}/invalidate-delta")
 
-        mutator = threading.Thread(target=mutate, name="person", daemon=True)
-        mutator.start()
         # Keep changing things while the initial sync runs, and a little after.
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if person.done >= scale.min_mutations and world.account_status() == AccountStatus.SYNCED:
-                break
-            time.sleep(0.2)
-        stop.set()
-        mutator.join(timeout=60)
+        change_during_sync(world, mutate, enough=lambda: person.done >= scale.min_mutations, timeout_s=300)
 
         # Settle: no more faults, let the queue drain, then the polling fallback once.
         start = time.monotonic()

@@ -38,7 +38,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from imapclient import IMAPClient
 
-from mailsync.jobs import JobKind, new_job
 from mailsync.linking.imap import IMAP, SealedCredentials
 from mailsync.models import Account, AccountStatus, MessageBatch, Provider
 from mailsync.monitoring.imap_poll import ImapStatusPoller
@@ -55,7 +54,15 @@ from tests.providers.imap_faults import FaultProxy
 from tests.providers.imap_harness import move, seed_messages
 from tests.sync.imap_support import Difference, compare_views
 from tests.sync.support import sync_table
-from tests.sync.world import FaultyQueue, KillableState, QueuePump, RecordingPublisher, misbehaving_worker
+from tests.sync.world import (
+    AccountWorld,
+    FaultyQueue,
+    KillableState,
+    QueuePump,
+    RecordingPublisher,
+    change_during_sync,
+    misbehaving_worker,
+)
 
 log = logging.getLogger("tests.sync.imap_convergence")
 
@@ -102,7 +109,7 @@ PLANS = st.builds(
 # --- the world -----------------------------------------------------------------------------------------
 
 @dataclass
-class ImapWorld:
+class ImapWorld(AccountWorld):
     settings: Settings
     dovecot: DovecotServer
     user: ImapUser
@@ -116,20 +123,8 @@ class ImapWorld:
     account: Account
     events: RecordingPublisher = field(default_factory=RecordingPublisher)
 
-    @property
-    def account_id(self) -> str:
-        return self.account.account_id
-
-    def start_initial_sync(self) -> None:
-        self.queue.enqueue(new_job(JobKind.SYNC_FOLDERS, self.account_id, reason="linked"))
-
     def poller(self) -> ImapStatusPoller:
         return ImapStatusPoller(self.tables.accounts, self.state, self.factory.connect, self.queue)
-
-    def account_status(self) -> AccountStatus:
-        account = self.tables.accounts.get(self.account_id)
-        assert account is not None
-        return account.status
 
 
 class ForgetfulFactory:
@@ -290,10 +285,9 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
         pump = QueuePump(world, workers=4, visibility_s=2)   # type: ignore[arg-type]
         pump.start()
         world.start_initial_sync()
-        stop = threading.Event()
         restored = random.Random(plan.seed + 3)
 
-        def mutate() -> None:
+        def mutate(stop: threading.Event) -> None:
             while not stop.is_set():
                 person.step()
                 if plan.uidvalidity_every and person.done % plan.uidvalidity_every == 0:
@@ -302,15 +296,7 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
                         dovecot.set_uidvalidity(world.user, folder, restored.randrange(10**6, 10**9))
                 time.sleep(0.01)
 
-        mutator = threading.Thread(target=mutate, name="person", daemon=True)
-        mutator.start()
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if person.done >= scale.min_mutations and world.account_status() == AccountStatus.SYNCED:
-                break
-            time.sleep(0.2)
-        stop.set()
-        mutator.join(timeout=60)
+        change_during_sync(world, mutate, enough=lambda: person.done >= scale.min_mutations, timeout_s=240)
         person.close()
 
         # Settle: no more faults; drain; the STATUS poll picks up what the last rounds did not see.

@@ -298,8 +298,47 @@ class QueuePump:
         return "\n".join(lines)
 
 
+class AccountWorld:
+    """What every world (Graph here, IMAP in test_imap_convergence) does with its one linked account."""
+
+    account: Account
+    queue: FaultyQueue
+    tables: LinkingTables
+
+    @property
+    def account_id(self) -> str:
+        return self.account.account_id
+
+    def start_initial_sync(self) -> None:
+        self.queue.enqueue(new_job(JobKind.SYNC_FOLDERS, self.account_id, reason="linked"))
+
+    def account_status(self) -> AccountStatus:
+        account = self.tables.accounts.get(self.account_id)
+        assert account is not None
+        return account.status
+
+
+def change_during_sync(world: AccountWorld, mutate: Callable[[threading.Event], None], *,
+                       enough: Callable[[], bool], timeout_s: float) -> None:
+    """Run ``mutate(stop)`` on its own thread while the initial sync runs.
+
+    It is stopped once ``enough()`` holds and the account is synced, or
+    after ``timeout_s`` — whichever comes first.
+    """
+    stop = threading.Event()
+    mutator = threading.Thread(target=mutate, args=(stop,), name="person", daemon=True)
+    mutator.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if enough() and world.account_status() == AccountStatus.SYNCED:
+            break
+        time.sleep(0.2)
+    stop.set()
+    mutator.join(timeout=60)
+
+
 @dataclass
-class SyncWorld:
+class SyncWorld(AccountWorld):
     settings: Settings
     sandbox: SandboxTestServer
     user: SandboxUser
@@ -313,23 +352,11 @@ class SyncWorld:
     tokens: SandboxTokens
     rng: random.Random
 
-    @property
-    def account_id(self) -> str:
-        return self.account.account_id
-
-    def start_initial_sync(self) -> None:
-        self.queue.enqueue(new_job(JobKind.SYNC_FOLDERS, self.account_id, reason="linked"))
-
     def poll(self) -> None:
         """What the polling fallback does: the folder list and every known folder, incrementally."""
         self.queue.enqueue(new_job(JobKind.SYNC_FOLDERS, self.account_id, reason="poll"))
         for folder_id in self.state.load(self.account_id).folders:
             self.queue.enqueue(new_job(JobKind.SYNC_FOLDER, self.account_id, folder_id, reason="poll"))
-
-    def account_status(self) -> AccountStatus:
-        account = self.tables.accounts.get(self.account_id)
-        assert account is not None
-        return account.status
 
 
 def make_world(settings: Settings, sandbox: SandboxTestServer, store: ElasticsearchStore, *, user_index: int = 0,
