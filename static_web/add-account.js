@@ -4,7 +4,7 @@
 "use strict";
 
 (() => {
-  const { api, currentAccountId, formatNumber, readableError, saveToken, tokenFor } = window.Mailsync;
+  const { api, currentAccountId, formatNumber, readableError, saveToken, showSyncProgress, tokenFor } = window.Mailsync;
   const $ = (id) => document.getElementById(id);
   const POLL_MS = 1000;
   const STEPS = ["linking", "connected", "syncing", "synced"];
@@ -70,20 +70,8 @@
       box.hidden = true;
       return;
     }
-    const expected = sync.messages_expected || 0;
-    const indexed = sync.messages_indexed || 0;
-    const bar = $("account-bar");
-    if (sync.phase === "synced") {
-      bar.max = 1;
-      bar.value = 1;
-    } else if (expected > 0) {
-      bar.max = expected;
-      bar.value = Math.min(indexed, expected);
-    } else {
-      bar.removeAttribute("value");   // indeterminate until the folder sizes are known
-    }
-    $("account-progress-count").textContent = expected > 0
-      ? `${formatNumber(indexed)} / ${formatNumber(expected)}` : formatNumber(indexed);
+    showSyncProgress($("account-bar"), $("account-progress-count"), sync.messages_indexed || 0,
+                     sync.messages_expected || 0, sync.phase === "synced");
     box.hidden = false;
   }
 

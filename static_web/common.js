@@ -112,6 +112,20 @@ window.Mailsync = (() => {
     return value === null || value === undefined ? "–" : number.format(value);
   }
 
+  /** A sync's progress bar and its "indexed / expected" text (indeterminate until the folder sizes are known). */
+  function showSyncProgress(bar, count, indexed, expected, synced) {
+    if (synced) {
+      bar.max = 1;
+      bar.value = 1;
+    } else if (expected > 0) {
+      bar.max = expected;
+      bar.value = Math.min(indexed, expected);
+    } else {
+      bar.removeAttribute("value");
+    }
+    count.textContent = expected > 0 ? `${formatNumber(indexed)} / ${formatNumber(expected)}` : formatNumber(indexed);
+  }
+
   // The OAuth and account error codes the page may see, in words a person understands.
   const READABLE = {
     access_denied: "The sign-in was cancelled, or access to the mailbox was not granted.",
@@ -131,5 +145,8 @@ window.Mailsync = (() => {
     return READABLE[code] || description || "Something went wrong while linking the account.";
   }
 
-  return { ApiError, api, currentAccountId, el, formatNumber, formatReceived, readableError, saveToken, tokenFor };
+  return {
+    ApiError, api, currentAccountId, el, formatNumber, formatReceived, readableError, saveToken, showSyncProgress,
+    tokenFor,
+  };
 })();

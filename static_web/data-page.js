@@ -12,7 +12,7 @@
 "use strict";
 
 (() => {
-  const { api, el, formatNumber, formatReceived } = window.Mailsync;
+  const { api, el, formatNumber, formatReceived, showSyncProgress } = window.Mailsync;
   const $ = (id) => document.getElementById(id);
   const PAGE_SIZE = 50;
   const HIGHLIGHT_MS = 2500;
@@ -313,18 +313,7 @@
   }
 
   function setOverall(indexed, expected, synced) {
-    const bar = $("overall-bar");
-    if (synced) {
-      bar.max = 1;
-      bar.value = 1;
-    } else if (expected > 0) {
-      bar.max = expected;
-      bar.value = Math.min(indexed, expected);
-    } else {
-      bar.removeAttribute("value");
-    }
-    $("overall-count").textContent = expected > 0 ? `${formatNumber(indexed)} / ${formatNumber(expected)}`
-                                                  : formatNumber(indexed);
+    showSyncProgress($("overall-bar"), $("overall-count"), indexed, expected, synced);
   }
 
   /** What a stopped account needs, in the words of its provider. */
