@@ -31,8 +31,7 @@ from mailsync.security.crypto import Sealed, TokenCipher
 from mailsync.settings import Settings
 from mailsync.storage import connection
 from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
-from tests.fixtures.azurite import unique_name
-from tests.fixtures.devhost import DevhostProcess, start_devhost
+from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.graph_sandbox import SandboxTestServer, start_sandbox
 from tests.linking.browser import query, submit_sign_in
 from tests.linking.tables import LinkingTables, linking_tables
@@ -89,17 +88,9 @@ class Stack:
 def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     sandbox = start_sandbox(SandboxConfig(seed=7, users=14, messages_per_user=3))
     port = free_port()
-    env = {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "SYNC_QUEUE_NAME": unique_name("link"),
-        "TABLE_PREFIX": unique_name("l"),
-        "GRAPH_SANDBOX_URL": sandbox.base_url,
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "TOKEN_ENCRYPTION_KEYS": KEY_ENTRY,
-        "ELASTICSEARCH_URL": search_store_url,
-        "ELASTICSEARCH_INDEX_PREFIX": unique_name("l"),
-        "MAILSYNC_LOCAL_DIR": str(tmp_path_factory.mktemp("local")),
-    }
+    env = app_settings(name="link", storage=azurite.connection_string, search_store_url=search_store_url, port=port,
+                       local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY,
+                       GRAPH_SANDBOX_URL=sandbox.base_url)
     host = start_devhost(env, port=port, functions=LINKING_FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
     settings = Settings.from_env(env)
     store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))

@@ -36,8 +36,7 @@ from mailsync.storage.connection import table_client
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.subscriptions import TableSubscriptionStore
 from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
-from tests.fixtures.azurite import unique_name
-from tests.fixtures.devhost import DevhostProcess, start_devhost
+from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.graph_sandbox import SandboxTestServer, start_sandbox
 from tests.linking.browser import submit_sign_in
 from tests.linking.tables import linking_tables
@@ -140,20 +139,14 @@ class Stack:
 def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     sandbox = start_sandbox(SandboxConfig(seed=23, users=3, messages_per_user=MESSAGES_PER_USER))
     port = free_port()
-    env = {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "SYNC_QUEUE_NAME": unique_name("mon"),
-        "TABLE_PREFIX": unique_name("m"),
-        "GRAPH_SANDBOX_URL": sandbox.base_url,
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "TOKEN_ENCRYPTION_KEYS": KEY_ENTRY,
-        "ELASTICSEARCH_URL": search_store_url,
-        "ELASTICSEARCH_INDEX_PREFIX": unique_name("m"),
-        "MAILSYNC_LOCAL_DIR": str(tmp_path_factory.mktemp("local")),
-        "GRAPH_PAGE_SIZE": "50",             # many pages: the initial sync lasts long enough to change mail during it
-        "POLL_INTERVAL_SUBSCRIBED_S": "0",   # no safety sweeps: only notifications bring changes in
-        "SIGNALR_HUB": "mailsync",
-    }
+    env = app_settings(
+        name="mon", storage=azurite.connection_string, search_store_url=search_store_url, port=port,
+        local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY,
+        GRAPH_SANDBOX_URL=sandbox.base_url,
+        GRAPH_PAGE_SIZE="50",             # many pages: the initial sync lasts long enough to change mail during it
+        POLL_INTERVAL_SUBSCRIBED_S="0",   # no safety sweeps: only notifications bring changes in
+        SIGNALR_HUB="mailsync",
+    )
     host = start_devhost(env, port=port, log_dir=tmp_path_factory.mktemp("devhost"))
     settings = Settings.from_env(env)
     store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))

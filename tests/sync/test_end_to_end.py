@@ -27,8 +27,7 @@ from mailsync.models import MessageQuery
 from mailsync.settings import Settings
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
-from tests.fixtures.azurite import unique_name
-from tests.fixtures.devhost import DevhostProcess, start_devhost
+from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.graph_sandbox import SandboxTestServer, start_sandbox
 from tests.linking.browser import submit_sign_in
 from tests.sync.world import diff, sandbox_view, store_view
@@ -53,20 +52,10 @@ class Stack:
 def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     sandbox = start_sandbox(SandboxConfig(seed=11, users=2, messages_per_user=1_500))
     port = free_port()
-    env = {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "SYNC_QUEUE_NAME": unique_name("e2e"),
-        "TABLE_PREFIX": unique_name("e"),
-        "GRAPH_SANDBOX_URL": sandbox.base_url,
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "TOKEN_ENCRYPTION_KEYS": KEY_ENTRY,
-        "ELASTICSEARCH_URL": search_store_url,
-        "ELASTICSEARCH_INDEX_PREFIX": unique_name("e"),
-        "MAILSYNC_LOCAL_DIR": str(tmp_path_factory.mktemp("local")),
-        "SIGNALR_HUB": "mailsync",
-        "GRAPH_PAGE_SIZE": "100",
-        "SYNC_TIME_BUDGET_S": "5",
-    }
+    env = app_settings(name="e2e", storage=azurite.connection_string, search_store_url=search_store_url, port=port,
+                       local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY,
+                       GRAPH_SANDBOX_URL=sandbox.base_url, SIGNALR_HUB="mailsync", GRAPH_PAGE_SIZE="100",
+                       SYNC_TIME_BUDGET_S="5")
     host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
     settings = Settings.from_env(env)
     store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))

@@ -30,8 +30,7 @@ from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
 from mailsync.sync.engine import REAUTH_MESSAGES
-from tests.fixtures.azurite import unique_name
-from tests.fixtures.devhost import DevhostProcess, start_devhost
+from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822
 from tests.linking.tables import LinkingTables, linking_tables
 from tests.providers.imap_harness import seed_messages
@@ -59,20 +58,9 @@ def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPath
     from mailsync.security.crypto import TokenCipher
 
     port = free_port()
-    env = {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "SYNC_QUEUE_NAME": unique_name("imap"),
-        "TABLE_PREFIX": unique_name("i"),
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "TOKEN_ENCRYPTION_KEYS": KEY_ENTRY,
-        "ELASTICSEARCH_URL": search_store_url,
-        "ELASTICSEARCH_INDEX_PREFIX": unique_name("i"),
-        "MAILSYNC_LOCAL_DIR": str(tmp_path_factory.mktemp("local")),
-        "SIGNALR_HUB": "mailsync",
-        "IMAP_ALLOW_INSECURE": "1",
-        "IMAP_PAGE_SIZE": "100",
-        "SYNC_TIME_BUDGET_S": "5",
-    }
+    env = app_settings(name="imap", storage=azurite.connection_string, search_store_url=search_store_url, port=port,
+                       local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY,
+                       SIGNALR_HUB="mailsync", IMAP_ALLOW_INSECURE="1", IMAP_PAGE_SIZE="100", SYNC_TIME_BUDGET_S="5")
     host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
     settings = Settings.from_env(env)
     store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))

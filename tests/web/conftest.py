@@ -16,8 +16,7 @@ from typing import Any
 import requests
 
 from mailsync.settings import Settings
-from tests.fixtures.azurite import unique_name
-from tests.fixtures.devhost import DevhostProcess
+from tests.fixtures.devhost import DevhostProcess, app_settings
 
 KEY_ENTRY = f"web1:{base64.b64encode(bytes(range(90, 122))).decode()}"
 SIGNALR_KEY = "web-tests-signalr-access-key-0123456789abcdef"
@@ -26,21 +25,10 @@ SIGNALR_KEY = "web-tests-signalr-access-key-0123456789abcdef"
 def web_env(*, connection_string: str, search_store_url: str, sandbox_url: str, port: int, local_dir: Path,
             **extra: str) -> dict[str, str]:
     """App settings for a devhost on ``port`` (chosen first: the SignalR connection string names it)."""
-    env = {
-        "AzureWebJobsStorage": connection_string,
-        "SYNC_QUEUE_NAME": unique_name("web"),
-        "TABLE_PREFIX": unique_name("w"),
-        "GRAPH_SANDBOX_URL": sandbox_url,
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "TOKEN_ENCRYPTION_KEYS": KEY_ENTRY,
-        "ELASTICSEARCH_URL": search_store_url,
-        "ELASTICSEARCH_INDEX_PREFIX": unique_name("w"),
-        "MAILSYNC_LOCAL_DIR": str(local_dir),
-        "SIGNALR_HUB": "mailsync",
-        "AzureSignalRConnectionString": f"Endpoint=http://127.0.0.1:{port}/signalr;AccessKey={SIGNALR_KEY};Version=1.0;",
-    }
-    env.update(extra)
-    return env
+    signalr = f"Endpoint=http://127.0.0.1:{port}/signalr;AccessKey={SIGNALR_KEY};Version=1.0;"
+    web = {"GRAPH_SANDBOX_URL": sandbox_url, "SIGNALR_HUB": "mailsync", "AzureSignalRConnectionString": signalr}
+    return app_settings(name="web", storage=connection_string, search_store_url=search_store_url, port=port,
+                        local_dir=local_dir, key_entry=KEY_ENTRY, **{**web, **extra})
 
 
 @dataclass
