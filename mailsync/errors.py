@@ -13,6 +13,7 @@ place (``functions/_shared/http.py`` and the sync worker), never in callers.
     │   ├── PayloadTooLarge       413
     │   └── UnsupportedMediaType  415
     ├── AuthenticationError       401 missing / wrong bearer token, bad clientState
+    ├── SignInElsewhere           403 the sign-in was started in another browser
     ├── NotFound                  404 unknown account (also: someone else's)
     ├── Conflict                  409 address linked elsewhere, stale ETag
     ├── DependencyUnavailable     503 tables, queues or store down (retry_after_s)
@@ -77,6 +78,13 @@ class AuthenticationError(MailsyncError):
 
     code = "unauthorized"
     http_status = 401
+
+
+class SignInElsewhere(MailsyncError):
+    """The OAuth callback came from a browser that did not start this sign-in (login CSRF)."""
+
+    code = "signin_other_browser"
+    http_status = 403
 
 
 class NotFound(MailsyncError):

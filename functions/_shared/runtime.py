@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mailsync.auth.msal_app import MsalApp
     from mailsync.auth.token_provider import MsalTokenProvider
     from mailsync.linking.access import AccountAccess
+    from mailsync.linking.browser_binding import BrowserBinding
     from mailsync.linking.service import LinkingService
     from mailsync.monitoring.handler import MonitoringJobs
     from mailsync.monitoring.imap_poll import ImapStatusPoller
@@ -131,6 +132,14 @@ class Runtime:
         client = queue_client(self.settings, self.settings.sync_queue_name, retry_total=2, initial_backoff=0,
                               increment_base=1, random_jitter_range=1)
         return AzureJobQueue(self.settings, client=client)
+
+    @cached_property
+    def browser_binding(self) -> BrowserBinding:
+        """The sign-in cookie: Secure when PUBLIC_BASE_URL is https, as long-lived as a pending sign-in."""
+        from mailsync.linking.browser_binding import BrowserBinding
+        from mailsync.linking.service import FLOW_TTL
+
+        return BrowserBinding.for_base_url(self.settings.public_base_url, FLOW_TTL)
 
     @cached_property
     def linking(self) -> LinkingService:

@@ -4,14 +4,22 @@ Completes the pending sign-in and answers 302 to the account's return URL
 with ``account_id`` (and ``error`` / ``error_description`` when it failed).
 An unknown, expired-and-gone or reused ``state`` has no trustworthy return
 URL: that is a 400 JSON error instead of a redirect.
+
+A callback from a browser that did not start the sign-in (no sign-in
+cookie, or another one: a forwarded sign-in link, login CSRF) gets a plain
+403 page saying so, with a link to start again; nothing is linked.
 """
 
 from __future__ import annotations
 
+import html
+
 import azure.functions as func
 
+from functions._shared.caller import caller_of
 from functions._shared.http import handle_errors
 from functions._shared.runtime import runtime
+from mailsync.errors import SignInElsewhere
 from mailsync.logs import log_context
 
 bp = func.Blueprint()
@@ -19,13 +27,37 @@ bp = func.Blueprint()
 # The query parameters the identity platform sends back; nothing else is passed on.
 CALLBACK_PARAMS = ("code", "state", "session_state", "client_info", "error", "error_description", "error_uri")
 
+# The URL of this page holds the code and state: never let it leave in a Referer.
+_NO_REFERRER = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+
+def refused_page(error: SignInElsewhere, start_url: str) -> func.HttpResponse:
+    """A small self-contained page: no script, no external resources, not frameable."""
+    body = (
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        "<title>mailsync · Sign-in not completed</title></head><body>"
+        "<h1>Sign-in not completed</h1>"
+        f"<p>{html.escape(error.message)}</p>"
+        f"<p><a href=\"{html.escape(start_url, quote=True)}\">Add an account</a></p>"
+        "</body></html>"
+    )
+    return func.HttpResponse(body, status_code=error.http_status, mimetype="text/html", charset="utf-8", headers={
+        **_NO_REFERRER,
+        "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        "X-Content-Type-Options": "nosniff",
+    })
+
 
 @bp.function_name("oauth_callback")
 @bp.route(route="oauth/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @handle_errors
 def oauth_callback(req: func.HttpRequest) -> func.HttpResponse:
     params = {key: req.params[key] for key in CALLBACK_PARAMS if req.params.get(key) is not None}
+    rt = runtime()
     with log_context(function="oauth_callback"):
-        location = runtime().linking.complete(params)
-    return func.HttpResponse(status_code=302, headers={"Location": location, "Cache-Control": "no-store",
-                                                       "Referrer-Policy": "no-referrer"})
+        try:
+            location = rt.linking.complete(params, caller_of(req))
+        except SignInElsewhere as refused:
+            return refused_page(refused, f"{rt.settings.public_base_url}/index.html")
+    return func.HttpResponse(status_code=302, headers={"Location": location, **_NO_REFERRER})

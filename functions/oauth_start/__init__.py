@@ -5,12 +5,17 @@ Body ``{"provider": "outlook", "return_url": "<optional, allow-listed>"}`` →
 ``"account_id"`` and the account's bearer token it restarts linking for an
 existing account (retry after an error, re-link after ``reauth_required``)
 → 200 without a new access token.
+
+Starting a redirect sign-in also sets the sign-in cookie (HttpOnly,
+SameSite=Lax, Secure over https) that binds it to this browser; the
+callback refuses the sign-in without it (mailsync/linking/browser_binding.py).
 """
 
 from __future__ import annotations
 
 import azure.functions as func
 
+from functions._shared.caller import caller_of
 from functions._shared.http import bearer_token, handle_errors, json_response, read_json_object
 from functions._shared.runtime import runtime
 from mailsync.logs import log_context
@@ -26,5 +31,8 @@ def oauth_start(req: func.HttpRequest) -> func.HttpResponse:
     body = read_json_object(req, max_bytes=rt.settings.max_body_bytes)
     bearer = bearer_token(req) if "account_id" in body else None  # only a re-link is authenticated
     with log_context(function="oauth_start"):
-        result = rt.linking.start(body, bearer)
-    return json_response(result.to_json(), 201 if result.created else 200)
+        result = rt.linking.start(body, bearer, caller_of(req))
+    headers = {}
+    if result.browser_nonce is not None:
+        headers["Set-Cookie"] = rt.browser_binding.set_cookie(result.browser_nonce)
+    return json_response(result.to_json(), 201 if result.created else 200, headers)

@@ -21,6 +21,10 @@ Account status through linking::
                               └─ denied / failed ──> error ──retry (POST with account_id)
     synced/syncing ──(refresh refused)──> reauth_required ──retry──> syncing
 
+A redirect sign-in is bound to the browser that started it
+(``browser_binding.py``): ``start`` hands out a nonce for a cookie and the
+pending flow keeps its hash; ``complete`` refuses a callback without it.
+
 Failure rules: nothing is half-written. The account row and its first
 credential are one table transaction; a pending sign-in is single use and
 short-lived; each step that fails after the sign-in was consumed sends the
@@ -49,6 +53,7 @@ from mailsync.errors import (
 )
 from mailsync.jobs import JobKind, new_job
 from mailsync.linking.access import AccountAccess, issue_access_token
+from mailsync.linking.browser_binding import BrowserBinding
 from mailsync.linking.return_urls import ReturnUrlPolicy, with_params
 from mailsync.models import Account, AccountStatus, Mailbox, Provider
 from mailsync.ports import JobQueue, MessageStore, SubscriptionRegistry, SyncStatusReader
@@ -105,7 +110,14 @@ class AccountLinker(Protocol):
         ...
 
 
-# -- results -----------------------------------------------------------------------
+# -- the caller and results ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Caller:
+    """What the front door knows about who is calling."""
+
+    browser_nonce: str | None = field(default=None, repr=False)  # the sign-in cookie it sent, if any
+
 
 @dataclass(frozen=True)
 class StartResult:
@@ -116,6 +128,8 @@ class StartResult:
     authorize_url: str | None
     access_token: str | None = field(default=None, repr=False)
     created: bool = True
+    # Set when a redirect sign-in started: the front door puts it in the sign-in cookie.
+    browser_nonce: str | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"account_id": self.account_id, "status": self.status.value,
@@ -188,8 +202,12 @@ class LinkingService:
 
     # -- POST /api/accounts ----------------------------------------------------
 
-    def start(self, body: Mapping[str, Any], bearer: str | None = None) -> StartResult:
-        """Create an account and start linking it, or (with ``account_id`` + bearer) retry linking one."""
+    def start(self, body: Mapping[str, Any], bearer: str | None = None, caller: Caller = Caller()) -> StartResult:
+        """Create an account and start linking it, or (with ``account_id`` + bearer) retry linking one.
+
+        A redirect sign-in answers with ``browser_nonce``: the front door must
+        set it as the sign-in cookie, or the callback will refuse the sign-in.
+        """
         provider = self._provider(body.get("provider"))
         linker = self._linkers.get(provider)
         if linker is None:
@@ -201,11 +219,13 @@ class LinkingService:
             if not isinstance(account_id, str):
                 raise InputError("account_id must be a string")
             new_return_url = return_url if body.get("return_url") else None
-            return self._relink(self._access.authenticate(account_id, bearer), linker, extra, new_return_url)
+            return self._relink(self._access.authenticate(account_id, bearer), linker, extra, new_return_url,
+                                caller)
         self._purge_flows_now_and_then()
-        return self._create(linker, extra, return_url)
+        return self._create(linker, extra, return_url, caller)
 
-    def _create(self, linker: AccountLinker, extra: Mapping[str, Any], return_url: str) -> StartResult:
+    def _create(self, linker: AccountLinker, extra: Mapping[str, Any], return_url: str,
+                caller: Caller) -> StartResult:
         account_id = uuid.uuid4().hex
         token, token_hash = issue_access_token(account_id)
         now = self._clock()
@@ -219,17 +239,18 @@ class LinkingService:
             self._start_sync_or_record(linked, step, reason="initial")
             return StartResult(account_id, linked.status, None, token)
         saved = self._accounts.save(account)
+        nonce = BrowserBinding.issue(caller.browser_nonce)
         try:
-            self._save_flow(saved, step, return_url)
+            self._save_flow(saved, step, return_url, nonce)
         except MailsyncError:
             self._undo_create(account_id)
             raise
         log.info("account created, sign-in started", extra={"account_id": account_id,
                                                              "provider": linker.provider.value})
-        return StartResult(account_id, saved.status, step.authorize_url, token)
+        return StartResult(account_id, saved.status, step.authorize_url, token, browser_nonce=nonce)
 
     def _relink(self, account: Account, linker: AccountLinker, extra: Mapping[str, Any],
-                new_return_url: str | None) -> StartResult:
+                new_return_url: str | None, caller: Caller) -> StartResult:
         if account.provider != linker.provider:
             raise InputError("an account cannot change provider; create a new account", code="provider_mismatch")
         step = linker.begin(account.account_id, extra, login_hint=account.address)
@@ -242,15 +263,18 @@ class LinkingService:
             updated = self._accounts.save(replace(
                 account, return_url=new_return_url or account.return_url, updated_at=self._clock(),
                 status=AccountStatus.LINKING if account.status == AccountStatus.ERROR else account.status))
-        self._save_flow(updated, step, updated.return_url or self._return_urls.default_url)
+        nonce = BrowserBinding.issue(caller.browser_nonce)
+        self._save_flow(updated, step, updated.return_url or self._return_urls.default_url, nonce)
         log.info("sign-in restarted for account", extra={"account_id": account.account_id})
-        return StartResult(account.account_id, updated.status, step.authorize_url, created=False)
+        return StartResult(account.account_id, updated.status, step.authorize_url, created=False,
+                           browser_nonce=nonce)
 
-    def _save_flow(self, account: Account, step: LinkRedirect, return_url: str) -> None:
+    def _save_flow(self, account: Account, step: LinkRedirect, return_url: str, browser_nonce: str) -> None:
         now = self._clock()
         self._flows.put(step.state, PendingFlow(account_id=account.account_id, provider=account.provider.value,
                                                 flow=step.flow, return_url=return_url, created_at=now,
-                                                expires_at=now + FLOW_TTL))
+                                                expires_at=now + FLOW_TTL,
+                                                browser_hash=BrowserBinding.digest(browser_nonce)))
 
     def _undo_create(self, account_id: str) -> None:
         try:
@@ -275,15 +299,18 @@ class LinkingService:
 
     # -- GET /api/oauth/callback --------------------------------------------------
 
-    def complete(self, params: Mapping[str, str]) -> str:
+    def complete(self, params: Mapping[str, str], caller: Caller = Caller()) -> str:
         """Finish a sign-in from the callback's query; return where to redirect the browser.
 
         InputError for a state that is missing, unknown or already used
-        (there is no trustworthy return URL then); DependencyUnavailable when
-        Tables cannot be read. Every later failure becomes a redirect with
+        (there is no trustworthy return URL then); SignInElsewhere when the
+        caller's browser is not the one that started the sign-in (nothing
+        is read from the provider, nothing written, the sign-in stays
+        pending for its own browser); DependencyUnavailable when Tables
+        cannot be read. Every later failure becomes a redirect with
         ``error`` and ``error_description``.
         """
-        pending = self._flows.take(params.get("state") or "")
+        pending = self._flows.take(params.get("state") or "", caller.browser_nonce)
         base = pending.return_url
         account_id = pending.account_id
         try:

@@ -4,10 +4,17 @@ Table ``<prefix>authflows``, one partition per state::
 
     PartitionKey = sha256(state)   RowKey = "flow"
     account_id, provider, return_url, created_at, expires_at, used,
+    browser_hash: sha256 of the sign-in cookie's nonce (linking/browser_binding.py),
     key_id + blob: the sealed MSAL flow (PKCE code_verifier, nonce, state)
 
 The state itself is never a key (only its hash), and the flow, which holds
 the PKCE verifier, is sealed like tokens are.
+
+Bound to a browser: ``take`` refuses (SignInElsewhere) a callback whose
+sign-in cookie does not hash to ``browser_hash``, *before* marking the row
+used, so a forwarded link opened elsewhere neither links anything nor
+spends the sign-in of the browser that started it. A row without
+``browser_hash`` (written before the binding existed) is refused the same way.
 
 Single use: ``take`` marks the row used with an ETag-conditional write
 before returning it, so of two callbacks racing with the same state exactly
@@ -36,8 +43,9 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import TableClient, UpdateMode
 
-from mailsync.errors import Conflict, InputError
+from mailsync.errors import Conflict, InputError, SignInElsewhere
 from mailsync.security.crypto import Sealed, TokenCipher
+from mailsync.security.secrets import secret_matches
 from mailsync.storage.table_errors import table_errors
 
 FLOW_ROW = "flow"
@@ -63,6 +71,7 @@ class PendingFlow:
     return_url: str
     created_at: datetime
     expires_at: datetime
+    browser_hash: str = field(repr=False)  # sha256 of the nonce in the starting browser's cookie
 
     def expired(self, now: datetime | None = None) -> bool:
         return (now or datetime.now(UTC)) >= self.expires_at
@@ -83,7 +92,7 @@ class TableAuthFlowStore:
             "PartitionKey": key, "RowKey": FLOW_ROW,
             "account_id": pending.account_id, "provider": pending.provider, "return_url": pending.return_url,
             "created_at": _iso(pending.created_at), "expires_at": _iso(pending.expires_at),
-            "used": False, "key_id": sealed.key_id, "blob": sealed.blob,
+            "used": False, "key_id": sealed.key_id, "blob": sealed.blob, "browser_hash": pending.browser_hash,
         }
         with table_errors("saving the pending sign-in"):
             try:
@@ -91,11 +100,14 @@ class TableAuthFlowStore:
             except ResourceExistsError as exc:
                 raise Conflict("a sign-in with this state already exists") from exc
 
-    def take(self, state: str) -> PendingFlow:
-        """The pending flow for ``state``, exactly once.
+    def take(self, state: str, browser_nonce: str | None) -> PendingFlow:
+        """The pending flow for ``state``, exactly once, to the browser that started it.
 
-        InputError when the state is unknown or already used. An expired
-        flow is returned (check ``expired()``) and consumed all the same.
+        InputError when the state is unknown or already used;
+        SignInElsewhere when ``browser_nonce`` (the sign-in cookie) is missing
+        or is not the one the flow was started with; the flow then stays
+        pending. An expired flow is returned (check ``expired()``) and
+        consumed all the same.
         """
         if not state or len(state) > 512:
             raise InputError("the sign-in state is missing or malformed", code="invalid_state")
@@ -107,6 +119,11 @@ class TableAuthFlowStore:
                 raise _unknown_state() from exc
             if entity.get("used"):
                 raise _unknown_state()
+            if browser_nonce is None or not secret_matches(browser_nonce, str(entity.get("browser_hash") or "")):
+                raise SignInElsewhere(
+                    "This sign-in was started in a different browser, or its cookie expired or was blocked. "
+                    "Nothing was linked. To add your mailbox, start again from mailsync's add-account page "
+                    "in this browser.")
             try:
                 self._table.update_entity({"PartitionKey": key, "RowKey": FLOW_ROW, "used": True},
                                           mode=UpdateMode.MERGE, etag=entity.metadata["etag"],
@@ -123,6 +140,7 @@ class TableAuthFlowStore:
             return_url=str(entity["return_url"]),
             created_at=datetime.fromisoformat(str(entity["created_at"])),
             expires_at=datetime.fromisoformat(str(entity["expires_at"])),
+            browser_hash=str(entity["browser_hash"]),
         )
 
     def purge_expired(self, now: datetime | None = None) -> int:

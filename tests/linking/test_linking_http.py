@@ -49,6 +49,8 @@ class Stack:
     settings: Settings
     tables: LinkingTables
     store: ElasticsearchStore
+    # The page's browser: it keeps the sign-in cookie from POST /api/accounts for the callback.
+    browser: requests.Session
 
     @property
     def api(self) -> str:
@@ -58,7 +60,7 @@ class Stack:
         return self.sandbox.users[index].mail
 
     def create(self, **body: Any) -> dict[str, Any]:
-        response = requests.post(f"{self.api}/accounts", json={"provider": "outlook", **body}, timeout=30)
+        response = self.browser.post(f"{self.api}/accounts", json={"provider": "outlook", **body}, timeout=30)
         assert response.status_code == 201, response.text
         return response.json()  # type: ignore[no-any-return]
 
@@ -68,7 +70,7 @@ class Stack:
 
     def callback(self, url: str) -> requests.Response:
         assert url.startswith(f"{self.api}/oauth/callback?"), url
-        return requests.get(url, allow_redirects=False, timeout=30)
+        return self.browser.get(url, allow_redirects=False, timeout=30)
 
     def link(self, username: str, **body: Any) -> tuple[dict[str, Any], requests.Response]:
         """Create an account and sign ``username`` in: (POST answer, callback answer)."""
@@ -86,7 +88,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    sandbox = start_sandbox(SandboxConfig(seed=7, users=14, messages_per_user=3))
+    sandbox = start_sandbox(SandboxConfig(seed=7, users=15, messages_per_user=3))
     port = free_port()
     env = app_settings(name="link", storage=azurite.connection_string, search_store_url=search_store_url, port=port,
                        local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY,
@@ -95,7 +97,8 @@ def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPath
     settings = Settings.from_env(env)
     store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))
     try:
-        yield Stack(host, sandbox, env, settings, linking_tables(settings, TokenCipher([("e2e1", KEY)])), store)
+        yield Stack(host, sandbox, env, settings, linking_tables(settings, TokenCipher([("e2e1", KEY)])), store,
+                    requests.Session())
     finally:
         host.stop(timeout_s=15)
         store.close()
@@ -155,6 +158,59 @@ def test_full_flow_create_sign_in_callback_syncing(stack: Stack) -> None:
     assert me.json()["mail"].lower() == user.lower()
 
 
+def test_a_forwarded_sign_in_link_links_nothing_and_the_victim_can_still_link(stack: Stack) -> None:
+    """Login CSRF (issue 16): an attacker starts a sign-in, keeps the token and forwards the link.
+
+    The victim signs in at the genuine sign-in page, in a browser that
+    shares nothing with the attacker's: the callback must refuse, link
+    nothing, and leave the victim free to link their own mailbox.
+    """
+    victim_user = stack.user(13)
+    attacker = requests.Session()
+    started = attacker.post(f"{stack.api}/accounts", json={"provider": "outlook"}, timeout=30)
+    assert started.status_code == 201, started.text
+    cookie = started.headers["Set-Cookie"]
+    assert cookie.startswith("mailsync-signin=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert "Path=/" in cookie and "Secure" not in cookie  # served over plain http here
+    forwarded = started.json()
+    callback_url = submit_sign_in(forwarded["authorize_url"], victim_user)
+
+    victim = requests.Session()
+    refused = victim.get(callback_url, allow_redirects=False, timeout=30)   # no sign-in cookie at all
+    assert refused.status_code == 403, refused.text
+    assert refused.headers["Content-Type"].startswith("text/html") and "Location" not in refused.headers
+    assert "different browser" in refused.text and "Nothing was linked" in refused.text
+    assert "default-src 'none'" in refused.headers["Content-Security-Policy"]
+    own = victim.post(f"{stack.api}/accounts", json={"provider": "outlook"}, timeout=30).json()
+    assert "mailsync-signin" in victim.cookies   # now a cookie, but this browser's own, not the attacker's
+    again = victim.get(callback_url, allow_redirects=False, timeout=30)
+    assert again.status_code == 403
+
+    view = stack.get(forwarded["account_id"], forwarded["access_token"]).json()
+    assert view["status"] == "linking" and view["address"] is None   # the attacker got nothing
+    assert stack.tables.tokens.read(forwarded["account_id"]) is None
+    assert stack.tables.accounts.address_owner(victim_user) is None
+    assert not [j for j in stack.jobs() if j.account_id == forwarded["account_id"]]
+
+    done = victim.get(submit_sign_in(own["authorize_url"], victim_user), allow_redirects=False, timeout=30)
+    assert done.status_code == 302 and "error" not in query(done.headers["Location"])
+    mine = stack.get(own["account_id"], own["access_token"]).json()
+    assert mine["status"] == "syncing" and mine["address"].lower() == victim_user.lower()
+
+
+def test_two_sign_ins_from_one_browser_both_complete(stack: Stack) -> None:
+    """The cookie's nonce is kept across starts: a second tab does not break the first tab's sign-in."""
+    first, second = stack.create(), stack.create()
+    assert first["authorize_url"] != second["authorize_url"]
+    first_url, second_url = (submit_sign_in(c["authorize_url"], stack.user(14)) for c in (first, second))
+    one = stack.callback(first_url)
+    assert one.status_code == 302 and "error" not in query(one.headers["Location"])
+    two = stack.callback(second_url)
+    assert two.status_code == 302
+    # Both reached the identity platform; the second mailbox is the same person: the 409 rule, not a refusal.
+    assert query(two.headers["Location"])["error"] == "address_in_use"
+
+
 def test_return_url_is_honoured_and_checked(stack: Stack) -> None:
     wanted = f"{stack.host.base_url}/index.html?view=new"
     created, response = stack.link(stack.user(1), return_url=wanted)
@@ -210,7 +266,7 @@ def test_unknown_and_reused_state(stack: Stack) -> None:
     # The very same callback again (browser back button, an attacker replaying the URL).
     callback = first.request.url
     assert callback is not None
-    replay = requests.get(callback, allow_redirects=False, timeout=30)
+    replay = stack.browser.get(callback, allow_redirects=False, timeout=30)
     assert replay.status_code == 400 and replay.json()["error"]["code"] == "invalid_state"
 
 
@@ -258,7 +314,7 @@ def test_access_denied_then_retry(stack: Stack) -> None:
     assert not [j for j in stack.jobs() if j.account_id == account_id]
 
     # Retry: a new sign-in for the same account, with its bearer token.
-    retry = requests.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": account_id},
+    retry = stack.browser.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": account_id},
                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert retry.status_code == 200, retry.text
     assert "access_token" not in retry.json() and retry.json()["status"] == "linking"
@@ -268,7 +324,7 @@ def test_access_denied_then_retry(stack: Stack) -> None:
     assert view["status"] == "syncing" and view["error"] is None
     # Retrying someone else's account is refused.
     other = stack.create()
-    refused = requests.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": account_id},
+    refused = stack.browser.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": account_id},
                             headers={"Authorization": f"Bearer {other['access_token']}"}, timeout=30)
     assert refused.status_code == 404
 
@@ -285,7 +341,7 @@ def test_address_linked_elsewhere_and_relink_refreshes(stack: Stack) -> None:
     assert stack.tables.tokens.read(second["account_id"]) is None
 
     # Re-linking the same address to the same account refreshes its tokens.
-    retry = requests.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": first["account_id"]},
+    retry = stack.browser.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": first["account_id"]},
                           headers={"Authorization": f"Bearer {first['access_token']}"}, timeout=30)
     assert query(retry.json()["authorize_url"]).get("login_hint", "").lower() == user.lower()
     done = stack.callback(submit_sign_in(retry.json()["authorize_url"], user))
@@ -296,7 +352,7 @@ def test_address_linked_elsewhere_and_relink_refreshes(stack: Stack) -> None:
     assert relinks and relinks[0].kind == JobKind.SYNC_FOLDERS.value
 
     # ... but signing in as another mailbox on a linked account is refused, and changes nothing.
-    retry = requests.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": first["account_id"]},
+    retry = stack.browser.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": first["account_id"]},
                           headers={"Authorization": f"Bearer {first['access_token']}"}, timeout=30)
     wrong = stack.callback(submit_sign_in(retry.json()["authorize_url"], stack.user(7)))
     assert query(wrong.headers["Location"])["error"] == "wrong_mailbox"
@@ -353,7 +409,7 @@ def test_reauth_required_after_the_sandbox_revokes_the_grant(stack: Stack) -> No
     view = stack.get(account_id, token).json()
     assert view["status"] == "reauth_required" and "Link it again" in view["error"]
     # Re-linking (signing in again restores consent) brings it back.
-    retry = requests.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": account_id},
+    retry = stack.browser.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": account_id},
                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert retry.status_code == 200
     done = stack.callback(submit_sign_in(retry.json()["authorize_url"], user))
@@ -377,8 +433,8 @@ def test_no_token_code_or_secret_in_the_logs(stack: Stack) -> None:
     for secret in secrets:
         assert secret and secret not in logs
     # Nor do error answers echo them.
-    bad = requests.get(f"{stack.api}/oauth/callback?state={callback['state']}&code={callback['code']}",
-                       allow_redirects=False, timeout=30)
+    bad = stack.browser.get(f"{stack.api}/oauth/callback?state={callback['state']}&code={callback['code']}",
+                            allow_redirects=False, timeout=30)
     assert callback["code"] not in bad.text and callback["state"] not in bad.text
 
 
@@ -414,10 +470,11 @@ def test_queue_unavailable_leaves_no_half_linked_account(stack: Stack, devhost_f
     host_port = free_port()
     env = {**stack.env, "AzureWebJobsStorage": broken, "PUBLIC_BASE_URL": f"http://127.0.0.1:{host_port}"}
     host = devhost_factory(env, port=host_port, functions=LINKING_FUNCTIONS)
-    created = requests.post(f"{host.base_url}/api/accounts", json={"provider": "outlook"}, timeout=60).json()
+    browser = requests.Session()
+    created = browser.post(f"{host.base_url}/api/accounts", json={"provider": "outlook"}, timeout=60).json()
     callback = submit_sign_in(created["authorize_url"], stack.user(12))
     assert urlsplit(callback).netloc == f"127.0.0.1:{host_port}"
-    answer = requests.get(callback, allow_redirects=False, timeout=60)
+    answer = browser.get(callback, allow_redirects=False, timeout=60)
     assert answer.status_code == 302
     params = query(answer.headers["Location"])
     assert params["error"] == "temporarily_unavailable"

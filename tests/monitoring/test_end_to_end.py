@@ -68,10 +68,11 @@ class Stack:
 
     def link(self, index: int) -> Linked:
         user = self.sandbox.users[index].mail
-        created = requests.post(f"{self.api}/accounts", json={"provider": "outlook"}, timeout=30)
+        browser = requests.Session()   # keeps the sign-in cookie for the callback
+        created = browser.post(f"{self.api}/accounts", json={"provider": "outlook"}, timeout=30)
         assert created.status_code == 201, created.text
         body = created.json()
-        callback = requests.get(submit_sign_in(body["authorize_url"], user), allow_redirects=False, timeout=30)
+        callback = browser.get(submit_sign_in(body["authorize_url"], user), allow_redirects=False, timeout=30)
         assert callback.status_code == 302, callback.text
         return Linked(body["account_id"], body["access_token"], user)
 

@@ -7,8 +7,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from azure.data.tables import UpdateMode
 
-from mailsync.errors import Conflict, InputError
+from mailsync.errors import Conflict, InputError, SignInElsewhere
+from mailsync.linking.browser_binding import BrowserBinding
 from mailsync.settings import Settings
 from mailsync.storage.auth_flows import PendingFlow
 from tests.linking.tables import LinkingTables, linking_tables
@@ -19,11 +21,15 @@ def t(storage_settings: Settings) -> LinkingTables:
     return linking_tables(storage_settings)
 
 
+NONCE = BrowserBinding.issue(None)   # the starting browser's sign-in cookie
+
+
 def pending(ttl: timedelta = timedelta(minutes=10), now: datetime | None = None) -> PendingFlow:
     now = now or datetime.now(UTC)
     return PendingFlow(account_id=uuid.uuid4().hex, provider="outlook",
                        flow={"state": "s", "code_verifier": "verifier-secret-123", "nonce": "n"},
-                       return_url="http://127.0.0.1:7071/data.html", created_at=now, expires_at=now + ttl)
+                       return_url="http://127.0.0.1:7071/data.html", created_at=now, expires_at=now + ttl,
+                       browser_hash=BrowserBinding.digest(NONCE))
 
 
 def test_put_take_once(t: LinkingTables) -> None:
@@ -33,18 +39,41 @@ def test_put_take_once(t: LinkingTables) -> None:
     raw = list(t.flows_table.list_entities())
     assert len(raw) == 1
     assert state not in repr(raw) and "verifier-secret-123" not in repr(raw)  # hashed key, sealed flow
-    taken = t.flows.take(state)
+    assert NONCE not in repr(raw)  # only the cookie's hash
+    taken = t.flows.take(state, NONCE)
     assert taken == flow and not taken.expired()
     with pytest.raises(InputError) as info:
-        t.flows.take(state)  # reused
+        t.flows.take(state, NONCE)  # reused
     assert info.value.code == "invalid_state"
     assert list(t.flows_table.list_entities()) == []
+
+
+def test_another_browser_is_refused_and_the_flow_stays_pending(t: LinkingTables) -> None:
+    state = uuid.uuid4().hex
+    flow = pending()
+    t.flows.put(state, flow)
+    for nonce in (None, BrowserBinding.issue(None), NONCE[:-1] + ("A" if NONCE[-1] != "A" else "B")):
+        with pytest.raises(SignInElsewhere) as info:
+            t.flows.take(state, nonce)
+        assert info.value.http_status == 403 and "different browser" in info.value.message
+    assert t.flows.take(state, NONCE) == flow  # the browser that started it still can
+
+
+def test_a_flow_saved_without_a_browser_binding_is_refused(t: LinkingTables) -> None:
+    state = uuid.uuid4().hex
+    t.flows.put(state, pending())
+    [row] = list(t.flows_table.list_entities())
+    del row["browser_hash"]   # as rows written before the binding existed
+    t.flows_table.upsert_entity(row, mode=UpdateMode.REPLACE)
+    for nonce in (None, NONCE, ""):
+        with pytest.raises(SignInElsewhere):
+            t.flows.take(state, nonce)
 
 
 def test_unknown_and_malformed_states(t: LinkingTables) -> None:
     for state in ("", "x" * 1000, uuid.uuid4().hex):
         with pytest.raises(InputError):
-            t.flows.take(state)
+            t.flows.take(state, NONCE)
 
 
 def test_a_state_cannot_be_put_twice(t: LinkingTables) -> None:
@@ -57,9 +86,9 @@ def test_a_state_cannot_be_put_twice(t: LinkingTables) -> None:
 def test_expired_flows_are_handed_out_once_marked_expired(t: LinkingTables) -> None:
     state = uuid.uuid4().hex
     t.flows.put(state, pending(ttl=timedelta(seconds=-1)))
-    assert t.flows.take(state).expired()
+    assert t.flows.take(state, NONCE).expired()
     with pytest.raises(InputError):
-        t.flows.take(state)
+        t.flows.take(state, NONCE)
 
 
 def race_takes(t: LinkingTables, state: str, n: int) -> tuple[list[PendingFlow], list[InputError]]:
@@ -70,7 +99,7 @@ def race_takes(t: LinkingTables, state: str, n: int) -> tuple[list[PendingFlow],
     def take() -> None:
         barrier.wait()
         try:
-            got.append(t.flows.take(state))
+            got.append(t.flows.take(state, NONCE))
         except InputError as exc:
             refused.append(exc)
 
@@ -95,6 +124,6 @@ def test_purge_removes_only_expired(t: LinkingTables) -> None:
     t.flows.put("old", pending(ttl=timedelta(minutes=-5), now=now))
     t.flows.put("fresh", pending(ttl=timedelta(minutes=5), now=now))
     assert t.flows.purge_expired(now) == 1
-    assert t.flows.take("fresh").account_id
+    assert t.flows.take("fresh", NONCE).account_id
     with pytest.raises(InputError):
-        t.flows.take("old")
+        t.flows.take("old", NONCE)

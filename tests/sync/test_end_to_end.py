@@ -79,12 +79,13 @@ def wait_for(what: str, predicate: Any, timeout_s: float = 180.0) -> Any:
 
 def test_link_then_initial_sync_equals_the_sandbox(stack: Stack) -> None:
     user = stack.sandbox.users[0]
-    created = requests.post(f"{stack.api}/accounts", json={"provider": "outlook"}, timeout=30).json()
+    browser = requests.Session()   # keeps the sign-in cookie for the callback
+    created = browser.post(f"{stack.api}/accounts", json={"provider": "outlook"}, timeout=30).json()
     account_id, token = created["account_id"], created["access_token"]
     headers = {"Authorization": f"Bearer {token}"}
     callback = submit_sign_in(created["authorize_url"], user.mail)
     linked_at = time.monotonic()
-    assert requests.get(callback, allow_redirects=False, timeout=30).status_code == 302
+    assert browser.get(callback, allow_redirects=False, timeout=30).status_code == 302
 
     def account() -> dict[str, Any]:
         response = requests.get(f"{stack.api}/accounts/{account_id}", headers=headers, timeout=30)

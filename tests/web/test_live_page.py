@@ -59,11 +59,12 @@ class LiveStack:
 
     def link(self, index: int) -> tuple[str, str]:
         """Link sandbox user ``index`` over HTTP, as the pages would: (account_id, access token)."""
-        created = requests.post(f"{self.base_url}/api/accounts", json={"provider": "outlook"}, timeout=30)
+        browser = requests.Session()   # keeps the sign-in cookie for the callback
+        created = browser.post(f"{self.base_url}/api/accounts", json={"provider": "outlook"}, timeout=30)
         assert created.status_code == 201, created.text
         body = created.json()
         location = submit_sign_in(body["authorize_url"], self.sandbox.users[index].user_principal_name)
-        assert requests.get(location, allow_redirects=False, timeout=30).status_code == 302
+        assert browser.get(location, allow_redirects=False, timeout=30).status_code == 302
         return body["account_id"], body["access_token"]
 
 
