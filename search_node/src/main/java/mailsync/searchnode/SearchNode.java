@@ -1,7 +1,13 @@
 package mailsync.searchnode;
 
+import java.io.FileDescriptor;
+import java.io.FileOutputStream;
+import java.io.InputStream;
+import java.io.PrintStream;
+import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.nio.file.StandardCopyOption;
 import java.util.List;
 import java.util.concurrent.CountDownLatch;
 
@@ -14,6 +20,7 @@ import org.opensearch.plugins.Plugin;
 
 /** An embedded single-node OpenSearch: the jars come from Maven Central, the plugins from the classpath. */
 public final class SearchNode extends Node {
+    private static final String NODE_NAME = "embedded";
     private static final List<Class<? extends Plugin>> PLUGINS = List.of(
         org.opensearch.transport.Netty4Plugin.class,
         org.opensearch.analysis.common.CommonAnalysisPlugin.class,
@@ -39,16 +46,24 @@ public final class SearchNode extends Node {
             .put("path.data", data.toString())
             .put("path.logs", home.resolve("logs").toString())
             .put("cluster.name", "mailsync-embedded")
-            .put("node.name", "embedded")
+            .put("node.name", NODE_NAME)
             .put("discovery.type", "single-node")
             .put("network.host", host)
             .put("http.port", port)
             .put("transport.port", "0")
             .put("cluster.routing.allocation.disk.threshold_enabled", false)
             .build();
-        LogConfigurator.registerErrorListener();
-        LogConfigurator.configureWithoutConfig(settings);
+        // The log goes to <home>/logs/<cluster>.log, configured by our own file (never the console: stdout is
+        // how the starter learns the URL, and an unread pipe would block the node).
+        try (InputStream config = SearchNode.class.getResourceAsStream("log4j2.properties")) {
+            Files.copy(config, home.resolve("config").resolve("log4j2.properties"), StandardCopyOption.REPLACE_EXISTING);
+        }
+        // LogConfigurator.configure points System.out at a logger, so keep the real stdout for the announcement.
+        PrintStream announce = new PrintStream(new FileOutputStream(FileDescriptor.out), true, StandardCharsets.UTF_8);
         Environment environment = new Environment(settings, home.resolve("config"));
+        LogConfigurator.setNodeName(NODE_NAME);
+        LogConfigurator.registerErrorListener();
+        LogConfigurator.configure(environment);
         SearchNode node = new SearchNode(environment);
         CountDownLatch stopped = new CountDownLatch(1);
         Runtime.getRuntime().addShutdownHook(new Thread(() -> {
@@ -62,8 +77,7 @@ public final class SearchNode extends Node {
         }, "search-node-stop"));
         node.start();
         var address = node.injector().getInstance(HttpServerTransport.class).boundAddress().publishAddress();
-        System.out.println("{\"url\": \"http://" + address.getAddress() + ":" + address.getPort() + "\"}");
-        System.out.flush();
+        announce.println("{\"url\": \"http://" + address.getAddress() + ":" + address.getPort() + "\"}");
         if (!parentPid.isEmpty()) {
             ProcessHandle.of(Long.parseLong(parentPid)).ifPresentOrElse(
                 parent -> parent.onExit().thenRun(() -> System.exit(0)),
