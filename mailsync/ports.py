@@ -109,6 +109,10 @@ class MessageStore(Protocol):
     def upsert_folders(self, folders: Sequence[Folder], *, phase: str | None = None) -> None:
         ...
 
+    def set_folder_phase(self, account_id: str, folder_id: str, phase: str) -> bool:
+        """Set an existing folder's sync phase only (never its name or parent); False when it is gone."""
+        ...
+
     def remove_folder(self, account_id: str, folder_id: str) -> None:
         """Delete a folder document and every message still in it."""
         ...

@@ -708,6 +708,26 @@ class ElasticsearchStore:
             tally.transient += tally.conflicts
             self._finish(tally, "upsert_folders")
 
+    def set_folder_phase(self, account_id: str, folder_id: str, phase: str) -> bool:
+        """Set the sync phase of an existing folder document; False (nothing written) when it is gone.
+
+        Only ``phase`` changes: name and parent belong to the folder list,
+        which may have renamed or moved the folder while its round ran. No
+        upsert either, so a folder removed meanwhile is not brought back.
+        """
+        doc_id = docs.folder_doc_id(account_id, folder_id)
+        with _translate("set_folder_phase"):
+            try:
+                self._es.update(index=self.names.mailboxes, id=doc_id, routing=account_id, retry_on_conflict=3,
+                                require_alias=True, doc={"phase": phase, "updated_at": docs.now_iso()})
+            except NotFoundError as exc:
+                if _is_index_missing(exc):
+                    # Like a bulk write: never auto-create the index; the generation check resyncs.
+                    raise StoreUnavailable("set_folder_phase: the mailboxes index is missing",
+                                           retry_after_s=5.0) from exc
+                return False   # document_missing_exception: the folder was removed
+        return True
+
     def remove_folder(self, account_id: str, folder_id: str) -> None:
         """Delete a folder document and every message still in it."""
         doc_id = docs.folder_doc_id(account_id, folder_id)

@@ -805,12 +805,18 @@ class _Invocation:
             total_messages=total, last_sync_at=datetime.now(UTC)))
 
     def _publish_folder_phase(self, state: SyncState, phase: SyncPhase) -> None:
+        """Show the folder's new phase; its name and parent are the folder list's to write.
+
+        The row in our lease may be minutes old: the folder list can rename
+        or move the folder (store first, then the row) while we page it, and
+        writing the whole folder from our copy would put the old name back
+        for good (the folder list's next rounds only report changed folders).
+        It may also have removed the folder after our ``finish``: then there
+        is nothing to show, and nothing may be recreated.
+        """
         if state.folder_id is None:
             return
-        self.e.store.upsert_folders([Folder(
-            account_id=self.account_id, folder_id=state.folder_id, name=state.name, parent_id=state.parent_id,
-            role=state.role, total_count=state.expected, unread_count=state.unread,
-            child_folder_count=state.children)], phase=phase.value)
+        self.e.store.set_folder_phase(self.account_id, state.folder_id, phase.value)
 
     def _publish_progress(self, folder_id: str | None, phase: str, rows: AccountSyncState | None, *,
                           live: SyncState | None = None) -> None:

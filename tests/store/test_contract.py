@@ -410,6 +410,28 @@ def test_folder_counts_come_from_the_stored_messages(store: ElasticsearchStore) 
     assert views["sub"].phase == "incremental" and views["sub"].folder.parent_id is None
 
 
+def test_setting_a_folders_phase_keeps_its_name_and_never_recreates_it(store: ElasticsearchStore) -> None:
+    store.upsert_folders([Folder("acct1", "sub", "Sub", parent_id="inbox")], phase="initial")
+    store.upsert_folders([Folder("acct1", "sub", "Renamed", parent_id=None)])   # the folder list's rename
+
+    assert store.set_folder_phase("acct1", "sub", "incremental")
+    assert not store.set_folder_phase("acct1", "gone", "incremental")
+    store.refresh()
+
+    views = {v.folder.folder_id: v for v in store.list_folders("acct1")}
+    assert set(views) == {"sub"}, "a phase for a removed folder brings nothing back"
+    assert views["sub"].phase == "incremental"
+    assert (views["sub"].folder.name, views["sub"].folder.parent_id) == ("Renamed", None)
+
+
+def test_setting_a_phase_never_auto_creates_a_deleted_index(store: ElasticsearchStore) -> None:
+    store.client.indices.delete(index=store.names.mailboxes_index)
+
+    with pytest.raises(StoreUnavailable):
+        store.set_folder_phase("acct1", "sub", "incremental")
+    assert not store.client.indices.exists(index=store.names.mailboxes)
+
+
 def test_remove_folder_deletes_the_folder_and_its_messages(store: ElasticsearchStore) -> None:
     store.upsert_folders([Folder("acct1", "inbox", "Inbox"), Folder("acct1", "old", "Old")])
     store.upsert_messages([msg("acct1", 1), msg("acct1", 2, folder="old"), msg("acct1", 3, folder="old")])

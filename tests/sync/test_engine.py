@@ -223,3 +223,68 @@ def test_resync_account_never_blanks_the_list(world: SyncWorld, pump: QueuePump)
     assert all(after.folders[f].epoch > row.epoch for f, row in before.folders.items())
     assert after.folder_list is not None and before.folder_list is not None
     assert after.folder_list.epoch > before.folder_list.epoch
+
+
+def _new_folder_known_to_the_folder_list(world: SyncWorld, pump: QueuePump, name: str) -> str:
+    """A folder created after the initial sync, listed by a folder-list job but not paged yet (workers stopped)."""
+    synced(world, pump)
+    pump.stop()
+    folder = world.sandbox.graph(world.user).post("me/mailFolders", json={"displayName": name}).json()["id"]
+    listed = world.engine.handle(new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="poll"), Delivery("list-1"),
+                                 world.events)
+    assert listed == Outcome.DONE
+    row = world.state.get(world.account_id, folder)
+    assert row is not None and row.rounds == 0 and row.name == name
+    return str(folder)
+
+
+def test_a_rename_listed_while_the_folders_first_round_runs_stays(world: SyncWorld, pump: QueuePump) -> None:
+    # The folder's worker leased the row (name "Before"); while it pages, the
+    # person renames the folder and a folder-list job writes "After" to the
+    # store and the row; the round then completes. Its phase update must not
+    # put "Before" back: the folder list's later rounds never list the folder again.
+    folder = _new_folder_known_to_the_folder_list(world, pump, "Before")
+    graph = world.sandbox.graph(world.user)
+    renamed: list[str] = []
+
+    def rename_meanwhile(folder_id: str, page: int) -> None:
+        if folder_id == folder and not renamed:
+            assert graph.patch(f"me/mailFolders/{folder}", json={"displayName": "After"}).status_code == 200
+            job = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="notified")
+            assert world.engine.handle(job, Delivery("list-2"), world.events) == Outcome.DONE
+            renamed.append(folder_id)
+
+    world.engine.before_write = rename_meanwhile
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, folder, reason="start")
+    assert world.engine.handle(job, Delivery("folder-1"), world.events) == Outcome.DONE
+    assert renamed, "the rename happened during the folder's round"
+    views = {view.folder.folder_id: view for view in world.store.list_folders(world.account_id)}
+    assert (views[folder].folder.name, views[folder].phase) == ("After", SyncPhase.INCREMENTAL.value)
+    difference = compare(world)
+    assert not difference, difference.summary()
+
+
+def test_a_folder_removed_as_its_round_completes_stays_removed(world: SyncWorld, pump: QueuePump) -> None:
+    # The folder list removes the folder (row, then documents) right after the
+    # folder's worker finished its round and before it shows the new phase:
+    # showing the phase must not bring the folder document back.
+    folder = _new_folder_known_to_the_folder_list(world, pump, "Doomed")
+    graph = world.sandbox.graph(world.user)
+    finish = world.state.finish
+
+    def finish_then_removed(lease: Any, **changes: Any) -> Any:
+        result = finish(lease, **changes)
+        if lease.state.folder_id == folder:
+            for _ in range(2):   # to Deleted Items, then for good
+                assert graph.delete(f"me/mailFolders/{folder}").status_code == 204
+            job = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="notified")
+            assert world.engine.handle(job, Delivery("list-2"), world.events) == Outcome.DONE
+            assert world.state.get(world.account_id, folder) is None
+        return result
+
+    world.state.finish = finish_then_removed  # type: ignore[method-assign]
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, folder, reason="start")
+    assert world.engine.handle(job, Delivery("folder-1"), world.events) == Outcome.DONE
+    assert folder not in {view.folder.folder_id for view in world.store.list_folders(world.account_id)}
+    difference = compare(world)
+    assert not difference, difference.summary()
