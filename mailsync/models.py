@@ -28,6 +28,16 @@ class Provider(enum.StrEnum):
     OUTLOOK = "outlook"
     IMAP = "imap"
 
+    @property
+    def verifies_address(self) -> bool:
+        """True when the provider vouches for the mailbox address (an OAuth identity platform).
+
+        Only such an address may be claimed exclusively. An IMAP "address"
+        is a user name on a server the caller chose: a login there proves
+        nothing about who owns the address.
+        """
+        return self is Provider.OUTLOOK
+
 
 class FlagStatus(enum.StrEnum):
     NOT_FLAGGED = "notFlagged"

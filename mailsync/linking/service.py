@@ -57,7 +57,7 @@ from mailsync.linking.browser_binding import BrowserBinding
 from mailsync.linking.return_urls import ReturnUrlPolicy, with_params
 from mailsync.models import Account, AccountStatus, Mailbox, Provider
 from mailsync.ports import JobQueue, MessageStore, SubscriptionRegistry, SyncStatusReader
-from mailsync.storage.accounts import TableAccountRepository, normalize_address
+from mailsync.storage.accounts import IdentityClaim, TableAccountRepository, normalize_address
 from mailsync.storage.auth_flows import PendingFlow, TableAuthFlowStore
 from mailsync.storage.tokens import TableTokenStore
 
@@ -392,9 +392,14 @@ class LinkingService:
                            f"{account.address}. Sign in with that mailbox, or add a new account.",
                            code="wrong_mailbox")
 
-    def _claim(self, address: str, account_id: str) -> None:
+    @staticmethod
+    def _identity_claim(account: Account, identity: LinkedIdentity) -> IdentityClaim:
+        # Only a provider that verified the address claims it; IMAP claims its login (storage/accounts.py).
+        return IdentityClaim.for_identity(account.provider, identity.address, identity.provider_user_id)
+
+    def _claim(self, account: Account, identity: LinkedIdentity) -> None:
         try:
-            self._accounts.claim_address(address, account_id, now=self._clock())
+            self._accounts.claim(self._identity_claim(account, identity), account.account_id, now=self._clock())
         except Conflict as exc:
             raise Conflict("This mailbox is already linked to another account.", code="address_in_use") from exc
 
@@ -404,9 +409,9 @@ class LinkingService:
                        provider_user_id=identity.provider_user_id, error=None, updated_at=self._clock())
 
     def _commit_existing(self, account: Account, identity: LinkedIdentity) -> Account:
-        """Claim the address, then write account + credential in one transaction."""
+        """Claim the identity, then write account + credential in one transaction."""
         self._check_identity(account, identity)
-        self._claim(identity.address, account.account_id)
+        self._claim(account, identity)
         for attempt in range(_SAVE_ATTEMPTS):
             try:
                 return self._accounts.save_with_credential(self._linked(account, identity), identity.credential,
@@ -428,7 +433,7 @@ class LinkingService:
 
     def _commit_new(self, account: Account, identity: LinkedIdentity) -> Account:
         """A credentials provider linked at once: claim, then create account + credential together."""
-        self._claim(identity.address, account.account_id)
+        self._claim(account, identity)
         try:
             return self._accounts.save_with_credential(self._linked(account, identity), identity.credential,
                                                        kind=identity.credential_kind)
@@ -438,13 +443,13 @@ class LinkingService:
 
     def _release_if_new(self, account: Account, identity: LinkedIdentity) -> None:
         if account.address is not None:
-            return  # the address was already this account's: keep holding it
+            return  # the identity was already this account's: keep holding it
         try:
-            self._accounts.release_address(identity.address, account.account_id)
+            self._accounts.release(self._identity_claim(account, identity), account.account_id)
         except MailsyncError:
-            # A claim whose account never got the address goes stale and is
+            # A claim whose account never got the identity goes stale and is
             # taken over after the grace period (storage/accounts.py).
-            log.warning("could not release an address claim", extra={"account_id": account.account_id})
+            log.warning("could not release an identity claim", extra={"account_id": account.account_id})
 
     def _start_sync(self, account: Account, identity: LinkedIdentity, *, reason: str) -> None:
         """Show the mailbox, then enqueue the initial sync (and the provider's follow-ups)."""

@@ -1,4 +1,4 @@
-"""TableAccountRepository against Azurite: ETags, the address index, atomic link commits."""
+"""TableAccountRepository against Azurite: ETags, the identity index, atomic link commits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from mailsync.errors import Conflict, NotFound
 from mailsync.models import Account, AccountStatus, Provider
 from mailsync.settings import Settings
-from mailsync.storage.accounts import CLAIM_GRACE
+from mailsync.storage.accounts import CLAIM_GRACE, IdentityClaim
 from tests.linking.tables import LinkingTables, linking_tables
 
 
@@ -166,3 +166,53 @@ def test_iter_accounts_before_the_table_exists_is_empty(storage_settings: Settin
     # A listener or timer may start before anything was linked: no table yet means no accounts, not a crash.
     fresh = linking_tables(replace(storage_settings, table_prefix=f"n{uuid.uuid4().hex[:10]}"))
     assert list(fresh.accounts.iter_accounts()) == []
+
+
+def test_iter_accounts_filters_by_provider(t: LinkingTables) -> None:
+    outlook = t.accounts.save(new_account())
+    imap = t.accounts.save(new_account(provider=Provider.IMAP, status=AccountStatus.SYNCED))
+    assert [x.account_id for x in t.accounts.iter_accounts(providers=(Provider.IMAP,))] == [imap.account_id]
+    assert [x.account_id for x in t.accounts.iter_accounts((AccountStatus.LINKING,), (Provider.OUTLOOK,))] == [
+        outlook.account_id]
+
+
+IMAP_LOGIN = "imap:mail.example.net:993:ada@x.test"
+
+
+def test_imap_logins_and_verified_addresses_are_separate_claims(t: LinkingTables) -> None:
+    imap = t.accounts.save(new_account(provider=Provider.IMAP, address="ada@x.test", provider_user_id=IMAP_LOGIN,
+                                       status=AccountStatus.SYNCED))
+    login = IdentityClaim.for_identity(Provider.IMAP, "ada@x.test", IMAP_LOGIN)
+    assert login == IdentityClaim.mailbox(IMAP_LOGIN)
+    t.accounts.claim(login, imap.account_id)
+    # The same address, verified by Outlook, is free: the IMAP login never reserved it.
+    outlook = t.accounts.save(new_account())
+    t.accounts.claim(IdentityClaim.for_identity(Provider.OUTLOOK, "Ada@X.test", "graph-id"), outlook.account_id)
+    assert t.accounts.address_owner("ada@x.test") == outlook.account_id
+    # The same login twice is still one mailbox.
+    other = t.accounts.save(new_account(provider=Provider.IMAP))
+    with pytest.raises(Conflict):
+        t.accounts.claim(login, other.account_id)
+    t.accounts.delete(imap.account_id)
+    assert t.accounts.owner(login) is None and t.accounts.address_owner("ada@x.test") == outlook.account_id
+
+
+def test_an_address_claimed_by_an_old_imap_link_is_not_honoured_and_is_migrated(t: LinkingTables) -> None:
+    # What an older version wrote: the IMAP user name claimed as an address (squatting).
+    imap = t.accounts.save(new_account(provider=Provider.IMAP, address="bo@x.test", provider_user_id=IMAP_LOGIN,
+                                       status=AccountStatus.SYNCED))
+    t.accounts.claim_address("bo@x.test", imap.account_id)
+    other = t.accounts.save(new_account(provider=Provider.IMAP, address="cy@x.test",
+                                              provider_user_id=IMAP_LOGIN + "x", status=AccountStatus.SYNCED))
+    t.accounts.claim_address("cy@x.test", other.account_id)
+    # The real owner's Outlook link takes the address over at once, before any migration.
+    outlook = t.accounts.save(new_account())
+    t.accounts.claim_address("bo@x.test", outlook.account_id)
+    assert t.accounts.address_owner("bo@x.test") == outlook.account_id
+    # The migration gives the IMAP accounts their login claims and drops the address claims they still hold.
+    assert t.accounts.migrate_imap_claims() == 2
+    assert t.accounts.owner(IdentityClaim.mailbox(IMAP_LOGIN)) == imap.account_id
+    assert t.accounts.owner(IdentityClaim.mailbox(IMAP_LOGIN + "x")) == other.account_id
+    assert t.accounts.address_owner("cy@x.test") is None
+    assert t.accounts.address_owner("bo@x.test") == outlook.account_id
+    assert t.accounts.migrate_imap_claims() == 0   # idempotent
