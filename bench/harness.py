@@ -814,8 +814,13 @@ class StorageCounter:
             what = {"GET": "query", "POST": "insert", "PUT": "update", "MERGE": "update", "PATCH": "update",
                     "DELETE": "delete"}.get(method, method.lower())
         key = f"{service}_{what}"
+        # Also by table / queue (the prefix the benchmark gave them cut off): which one an idle stack polls.
+        parts = path.split("/")
+        target = parts[2].split("(")[0] if len(parts) > 2 else ""
+        where = f"{service}@{target[9:] if service == 'table' else target[13:] or 'sync'}_{what}"
         with self._lock:
             self.counts[key] = self.counts.get(key, 0) + 1
+            self.counts[where] = self.counts.get(where, 0) + 1
             self.counts[f"{service}_total"] = self.counts.get(f"{service}_total", 0) + 1
 
     def snapshot(self) -> dict[str, int]:

@@ -68,6 +68,7 @@ class SandboxConfig:
     notification_retry_base_s: float = 2.0
     notification_retry_cap_s: float = 600.0
     notification_retry_window_s: float = 4 * 3600.0
+    notification_max_parallel: int = 32           # POSTs in flight at once, over all subscriptions
     reauthorize_before_s: float = 900.0
     rate_limit_requests: int = 10_000             # per app + mailbox ...
     rate_limit_window_s: float = 600.0            # ... per this window

@@ -7,7 +7,11 @@ Payloads (the functions the schema test imports)::
                                   subscriptionRemoved, missed)
     notification_collection(...)  the {"value": [...]} body that is POSTed
 
-Delivery, per notification URL (one queue each, at most one POST in flight)::
+Delivery, per subscription and notification URL (one queue each, at most one
+POST in flight each, at most ``notification_max_parallel`` POSTs in flight in
+all — Graph's publisher delivers each subscription's notifications on their
+own and many subscriptions' at once, so one account's slow or failing POSTs
+never hold back another account's)::
 
     enqueue ──fault plan──> drop | duplicate (queued twice) | delay (held) | deliver
       │
@@ -45,6 +49,7 @@ log = logging.getLogger("graph_sandbox.notifications")
 
 MESSAGE_RESOURCE_TYPE = "#Microsoft.Graph.Message"
 MAX_BATCH = 50
+DEFAULT_MAX_PARALLEL = 32
 LIFECYCLE_EVENTS = ("reauthorizationRequired", "subscriptionRemoved", "missed")
 
 
@@ -117,6 +122,8 @@ class _Item:
 
 @dataclass
 class _Endpoint:
+    """One subscription's queue towards one URL (its change or its lifecycle URL)."""
+
     url: str
     pending: deque[_Item] = field(default_factory=deque)
     busy: bool = False
@@ -165,11 +172,12 @@ class Notifier:
         self.stats = DeliveryStats()
         self.history: deque[DeliveryRecord] = deque(maxlen=500)
         self._missed_event = missed_event or (lambda _sid: None)
-        self._endpoints: dict[str, _Endpoint] = {}
+        self._endpoints: dict[tuple[str, str], _Endpoint] = {}   # (url, subscription id) -> its queue
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
+        self._in_flight = 0    # POSTs started and not finished (counted here, not from _sends: see _send)
 
     # -- settings ----------------------------------------------------------------
 
@@ -191,6 +199,10 @@ class Notifier:
     @property
     def retry_window_s(self) -> float:
         return self._setting("notification_retry_window_s", 4 * 3600.0)
+
+    @property
+    def max_parallel(self) -> int:
+        return max(1, int(self._setting("notification_max_parallel", DEFAULT_MAX_PARALLEL)))
 
     # -- lifecycle of the loop -------------------------------------------------------
 
@@ -233,9 +245,10 @@ class Notifier:
 
     def enqueue(self, url: str, payload: dict[str, Any], *, subscription_id: str, lifecycle: bool = False) -> None:
         """Queue one notification for ``url``; faults apply to change notifications only."""
-        endpoint = self._endpoints.get(url)
+        key = (url, subscription_id)
+        endpoint = self._endpoints.get(key)
         if endpoint is None:
-            endpoint = self._endpoints[url] = _Endpoint(url)
+            endpoint = self._endpoints[key] = _Endpoint(url)
         item = _Item(payload, subscription_id, lifecycle)
         copies = 1
         if not lifecycle:
@@ -265,11 +278,23 @@ class Notifier:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _dispatch(self) -> float | None:
-        """Start a POST for every endpoint that can send now; return when to look again."""
+        """Start a POST for every endpoint that can send now (up to the parallel cap); return when to look again.
+
+        An endpoint that starts a POST moves to the end of the order, so
+        under the cap every subscription gets its turn; one that is idle and
+        healthy is forgotten (1,000 subscriptions must not mean 1,000
+        entries scanned forever).
+        """
         now = self._loop_time()
         next_due: float | None = None
-        for endpoint in list(self._endpoints.values()):
-            if endpoint.busy or not endpoint.pending:
+        for key, endpoint in list(self._endpoints.items()):
+            if self._in_flight >= self.max_parallel:
+                break   # a finishing POST wakes the loop again
+            if endpoint.busy:
+                continue
+            if not endpoint.pending:
+                if endpoint.attempt == 0:
+                    del self._endpoints[key]
                 continue
             if endpoint.next_try_at > now:
                 next_due = _earliest(next_due, endpoint.next_try_at)
@@ -280,6 +305,8 @@ class Notifier:
                 next_due = _earliest(next_due, held)
                 continue
             endpoint.busy = True
+            self._in_flight += 1
+            self._endpoints[key] = self._endpoints.pop(key)   # to the back of the line
             task = asyncio.create_task(self._send(endpoint, batch))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
@@ -337,6 +364,8 @@ class Notifier:
         except Exception:  # a bug here must not stop every other endpoint's delivery
             log.exception("notification delivery to %s failed unexpectedly", endpoint.url)
         finally:
+            # Before the wake-up: the loop must see this POST's place free when it looks.
+            self._in_flight -= 1
             endpoint.busy = False
             self._wake.set()
 

@@ -33,6 +33,7 @@ class Path:
     fail_first: int = 0            # answer 500 to the first N notification POSTs
     slow_first: int = 0            # answer the first N notification POSTs after slow_s
     slow_s: float = 0.0
+    refuse_subscription: str = ""  # answer 500 to every POST carrying this subscription's notifications
     validations: list[dict[str, str]] = field(default_factory=list)
     posts: list[dict[str, Any]] = field(default_factory=list)     # every notification POST body
     attempts: int = 0
@@ -94,6 +95,9 @@ class Receiver:
             path.posts.append(body)
             self._cond.notify_all()
         if attempt <= path.fail_first:
+            return web.Response(status=500)
+        if path.refuse_subscription and any(item.get("subscriptionId") == path.refuse_subscription
+                                            for item in body.get("value", [])):
             return web.Response(status=500)
         return web.Response(status=202)
 
@@ -406,6 +410,25 @@ def test_failing_endpoint_is_retried_until_it_accepts(url: str, token: str, user
     assert len(path.posts) == 4
     assert all(post["value"][0]["resourceData"]["id"] == message_id for post in path.posts)
     assert admin_subscriptions(url)["delivery"]["failed_posts"] >= 3
+
+
+def test_each_subscription_is_delivered_on_its_own(url: str, token: str, user: Any, other: Any,
+                                                   server: SandboxServer, receiver: Receiver) -> None:
+    # Two mailboxes, one webhook URL: a POST carries one subscription's notifications, and
+    # one subscription's failing POSTs (retried with back-off) do not hold the other's back.
+    hook, path = receiver.new()
+    refused = subscribe(url, token, hook, change_type="created").json()["id"]
+    path.refuse_subscription = refused
+    app = app_token(url, server.state.tenant_id)
+    subscribe(url, app, hook, resource=f"users/{other.mail}/messages", change_type="created").raise_for_status()
+    deliver(url, user)
+    receiver.wait(lambda: path.attempts >= 2, "the refused subscription's retry")
+    delivered = deliver(url, other, count=2)
+    receiver.wait(lambda: sum(1 for item in path.items if item["subscriptionId"] != refused) >= 2,
+                  "the other subscription's notifications")
+    assert all(len({item["subscriptionId"] for item in post["value"]}) == 1 for post in path.posts)
+    assert {item["resourceData"]["id"] for item in path.items if item["subscriptionId"] != refused} == \
+        {m["restId"] for m in delivered}
 
 
 def test_slow_endpoint_is_retried(url: str, token: str, user: Any, receiver: Receiver) -> None:
