@@ -3,10 +3,22 @@
 Never ``--inMemoryPersistence``: measured here, Azurite 3.35's in-memory
 queue stalls for 25 s to minutes once a few thousand messages have passed
 (its cleanup pass); on disk it ran 40k messages without a stall.
+
+How it persists, and why it is stopped with SIGINT: Azurite keeps queue and
+table metadata (every table entity, every queue's message index) in LokiJS
+databases held in memory and written to ``--location`` by LokiJS's
+*autosave*, every 5 s, and by ``close()``. ``close()`` runs from the
+service's own signal handlers: the queue service handles SIGINT and
+SIGTERM, but the table service (3.35, ``dist/src/table/main.js``) only
+SIGINT. A SIGTERM therefore kills the table service with up to 5 s of
+writes unsaved: an account linked just before a stop was lost. So both
+services are stopped with SIGINT and waited for, and SIGINT is also what
+they get if this process dies first (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +29,15 @@ from devhost.services.process import (
     child_options,
     free_port,
     port_open,
-    stop_process,
+    stop_processes,
     wait_for_port,
 )
 
 ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key (public, documented by Microsoft).
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+# The signal on which both services save their LokiJS databases (see above).
+STOP_SIGNAL = signal.SIGINT
 DEFAULT_QUEUE_PORT = 10001
 DEFAULT_TABLE_PORT = 10002
 
@@ -55,8 +69,8 @@ class Azurite:
         return all(p.poll() is None for p in self.processes)
 
     def stop(self) -> None:
-        for process in self.processes:
-            stop_process(process, grace_s=10)
+        """SIGINT both services at once, and wait for each to save its databases and exit."""
+        stop_processes(self.processes, grace_s=15, stop_signal=STOP_SIGNAL)
 
 
 def _binary(root: Path, service: str) -> Path:
@@ -73,7 +87,7 @@ def _start_one(root: Path, service: str, host: str, port: int, location: Path,
     with log_path.open("ab") as log:
         process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root,
-            **child_options(own_session=own_session))
+            **child_options(own_session=own_session, stop_signal=STOP_SIGNAL))
         return process
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,22 +18,28 @@ class ServiceError(RuntimeError):
     """A service did not start; the message says which and why (with its log tail)."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
+def _die_with_parent(death_signal: signal.Signals) -> Callable[[], None]:
+    def set_death_signal() -> None:  # runs in the child between fork and exec
+        try:
+            import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent's own clean-up has to do
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, death_signal)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # not Linux: the parent's own clean-up has to do
+
+    return set_death_signal
 
 
-def child_options(*, own_session: bool) -> dict[str, object]:
-    """Popen options for a service: it dies with its parent (Linux), and optionally ignores our Ctrl-C.
+def child_options(*, own_session: bool, stop_signal: signal.Signals = signal.SIGTERM) -> dict[str, object]:
+    """Popen options for a service: it gets ``stop_signal`` when its parent dies (Linux), and optionally
+    ignores our Ctrl-C.
 
     ``own_session`` keeps a terminal's Ctrl-C away from the child so the
     parent can stop things in order (the host drains before storage goes).
+    ``stop_signal`` is the one the service saves its data on (Azurite's table
+    service only on SIGINT), so even a parent killed outright loses nothing.
     """
-    return {"start_new_session": own_session, "preexec_fn": _die_with_parent}
+    return {"start_new_session": own_session, "preexec_fn": _die_with_parent(stop_signal)}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,13 +87,26 @@ def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
             process.send_signal(sig)
 
 
-def stop_process(process: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -> None:
-    """SIGTERM, wait ``grace_s``, then SIGKILL."""
-    if process is None or process.poll() is not None:
-        return
-    _signal(process, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        _signal(process, signal.SIGKILL)
-        process.wait(timeout=5)
+def stop_process(process: subprocess.Popen[bytes] | None, grace_s: float = 10.0,
+                 stop_signal: signal.Signals = signal.SIGTERM) -> None:
+    """``stop_signal`` (SIGTERM unless the service saves only on another), wait ``grace_s``, then SIGKILL."""
+    stop_processes([process] if process is not None else [], grace_s, stop_signal)
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float = 10.0,
+                   stop_signal: signal.Signals = signal.SIGTERM) -> None:
+    """Signal every process once (they stop in parallel), wait up to ``grace_s`` in all, SIGKILL the rest.
+
+    Once only: a service that handles its stop signal with a one-shot
+    handler (Node's ``process.once``) dies unsaved on a second one.
+    """
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        _signal(process, stop_signal)
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal(process, signal.SIGKILL)
+            process.wait(timeout=5)
