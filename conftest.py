@@ -4,7 +4,7 @@ pytest_plugins = [
     "tests.fixtures.azurite",
     "tests.fixtures.search_store",
     "tests.fixtures.graph_sandbox",
+    "tests.fixtures.dovecot",       # before devhost, which imports it
     "tests.fixtures.devhost",
-    "tests.fixtures.dovecot",
     "tests.fixtures.browser",
 ]

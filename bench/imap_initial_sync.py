@@ -64,7 +64,7 @@ from mailsync.storage.connection import table_client
 from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.tokens import TableTokenStore
-from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822, start_dovecot
+from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser, loopback_policy, rfc822, start_dovecot
 
 GENMAIL = Path(__file__).resolve().parents[2] / "shared" / "imap-bench" / "genmail.py"
 FOLDERS = ("INBOX", "Archive", "Sent", "Projects", "Receipts")
@@ -96,7 +96,8 @@ def prepare_mailbox(server: DovecotServer, small: int = 0) -> tuple[ImapUser, di
 def provider_ceiling(user: ImapUser, page_size: int) -> tuple[float, list[Message]]:
     endpoint = ImapEndpoint(user.host, user.port, "none", user.username)
     provider = ImapProvider(lambda: ImapSession.connect(endpoint, lambda _f: user.password, allow_insecure=True,
-                                                        timeout_s=120), "ceiling", page_size=page_size)
+                                                        timeout_s=120, policy=loopback_policy()),
+                            "ceiling", page_size=page_size)
     messages: list[Message] = []
     started = time.monotonic()
     for folder in FOLDERS:
@@ -150,7 +151,7 @@ def main() -> None:
             values["provider_messages_per_s"] = round(rate)
             say(f"provider alone: {rate:,.0f} messages/s")
 
-        stack = start_stack("imap", messages=1, env={"IMAP_ALLOW_INSECURE": "1",
+        stack = start_stack("imap", messages=1, env={"IMAP_ALLOW_INSECURE": "1", "IMAP_ALLOWED_HOSTS": LOOPBACK_HOSTS,
                                                      "IMAP_PAGE_SIZE": str(args.page_size)})
         if not args.skip_ceilings:
             ceiling = store_ceiling(stack.search.url, messages)

@@ -23,7 +23,8 @@ place (``functions/_shared/http.py`` and the sync worker), never in callers.
     │   ├── CursorExpired             410 / UIDVALIDITY change: resync the folder
     │   ├── ProviderAuthError         401 that a token refresh did not cure
     │   ├── ReauthRequired            invalid_grant / revoked consent
-    │   └── MalformedResponse         a page that cannot be parsed
+    │   ├── MalformedResponse         a page that cannot be parsed
+    │   └── AddressRefused        400 a user-supplied host outside the outbound address policy
     ├── StoreError                    the search store failed
     │   └── StoreUnavailable          (also a DependencyUnavailable)
     ├── LeaseLost                     another worker owns the folder now
@@ -165,6 +166,17 @@ class MalformedResponse(ProviderError):
     """The provider sent a page we cannot parse; nothing from it is applied."""
 
     code = "malformed_response"
+
+
+class AddressRefused(ProviderError):
+    """A user-supplied host resolves to an address the outbound policy refuses (mailsync.security.outbound).
+
+    Permanent for the sync engine (waiting does not change it); a 400 when
+    the host was just typed in (linking).
+    """
+
+    code = "address_not_allowed"
+    http_status = 400
 
 
 class StoreError(MailsyncError):

@@ -130,6 +130,12 @@ class Settings:
     imap_timeout_s: float = 20.0                 # connect and read timeout
     imap_allow_insecure: bool = False            # allow "security": "none" (plaintext) — tests / local dev only
     imap_poll_concurrency: int = 8               # STATUS polls of IMAP accounts in flight per timer tick
+    # Exceptions to the outbound address policy (mailsync.security.outbound): CIDRs, addresses or
+    # host names a user-supplied IMAP host may resolve into. Empty in production; tests and local
+    # development list their loopback Dovecot.
+    imap_allowed_hosts: tuple[str, ...] = ()
+    imap_verify_concurrency: int = 4             # login checks of POST /api/accounts in flight per process
+    imap_verify_timeout_s: float = 5.0           # connect and read timeout of a login check
 
     # Realtime.
     signalr_hub: str = "mailsync"
@@ -208,6 +214,9 @@ class Settings:
             imap_timeout_s=_float(e, "IMAP_TIMEOUT_S", 20.0),
             imap_allow_insecure=_flag(e.get("IMAP_ALLOW_INSECURE"), False),
             imap_poll_concurrency=_int(e, "IMAP_POLL_CONCURRENCY", 8),
+            imap_allowed_hosts=_list(e.get("IMAP_ALLOWED_HOSTS")),
+            imap_verify_concurrency=_int(e, "IMAP_VERIFY_CONCURRENCY", 4),
+            imap_verify_timeout_s=_float(e, "IMAP_VERIFY_TIMEOUT_S", 5.0),
             signalr_hub=e.get("SIGNALR_HUB") or "mailsync",
             signalr_connection_string=e.get("AzureSignalRConnectionString") or None,
             signalr_service_uri=e.get("AzureSignalRConnectionString__serviceUri") or None,
@@ -230,6 +239,8 @@ class Settings:
         if not 1 <= self.imap_page_size <= 10_000 or self.imap_timeout_s <= 0 or self.imap_poll_concurrency < 1:
             raise ConfigurationError(
                 "IMAP_PAGE_SIZE must be 1..10000, IMAP_TIMEOUT_S and IMAP_POLL_CONCURRENCY positive")
+        if not 1 <= self.imap_verify_concurrency <= 64 or not 0 < self.imap_verify_timeout_s <= 60:
+            raise ConfigurationError("IMAP_VERIFY_CONCURRENCY must be 1..64 and IMAP_VERIFY_TIMEOUT_S 0..60 s")
         if not 60 <= self.subscription_lifetime_s <= 4230 * 60:
             raise ConfigurationError("SUBSCRIPTION_LIFETIME_S must be 60..253800 (Graph's Outlook maximum)")
         if not 0 <= self.subscription_renew_before_s < self.subscription_lifetime_s:

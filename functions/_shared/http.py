@@ -8,9 +8,12 @@ logged and answered as a bare 500 — never a stack trace.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import azure.functions as func
@@ -103,3 +106,17 @@ def bearer_token(req: func.HttpRequest) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("missing bearer token")
     return token.strip()
+
+
+async def on_own_threads(pool: ThreadPoolExecutor, handler: Callable[[func.HttpRequest], func.HttpResponse],
+                         req: func.HttpRequest) -> func.HttpResponse:
+    """Run a blocking ``handler`` on ``pool`` from an ``async`` function.
+
+    The host runs synchronous functions on one shared thread pool; a
+    function whose requests can wait on something slow (Graph's webhook must
+    answer in 3 s; a login check waits on a server the caller chose) runs
+    its work on threads of its own, so it neither waits behind nor blocks
+    the other functions.
+    """
+    context = contextvars.copy_context()  # keeps the invocation's log context
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(context.run, handler, req))

@@ -23,16 +23,12 @@ pool of the webhook's own, so sync jobs can never make Graph wait.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import azure.functions as func
 
-from functions._shared.http import handle_errors, read_json
+from functions._shared.http import handle_errors, on_own_threads, read_json
 from functions._shared.runtime import runtime
 from mailsync.logs import log_context
 
@@ -43,12 +39,6 @@ bp = func.Blueprint()
 MAX_VALIDATION_TOKEN = 4096
 # The webhook's own threads (see the module docstring). Four: a POST takes ~10 ms of table and queue calls.
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="graph-webhook")
-
-
-async def _off_the_shared_pool(handler: Callable[[func.HttpRequest], func.HttpResponse],
-                               req: func.HttpRequest) -> func.HttpResponse:
-    context = contextvars.copy_context()  # keeps the invocation's log context
-    return await asyncio.get_running_loop().run_in_executor(_POOL, functools.partial(context.run, handler, req))
 
 
 def validation_response(req: func.HttpRequest) -> func.HttpResponse | None:
@@ -68,14 +58,14 @@ def validation_response(req: func.HttpRequest) -> func.HttpResponse | None:
 @bp.route(route="graph/webhook", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 async def graph_webhook(req: func.HttpRequest) -> func.HttpResponse:
     handshake = validation_response(req)
-    return handshake if handshake is not None else await _off_the_shared_pool(_notifications, req)
+    return handshake if handshake is not None else await on_own_threads(_POOL, _notifications, req)
 
 
 @bp.function_name("graph_lifecycle")
 @bp.route(route="graph/lifecycle", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 async def graph_lifecycle(req: func.HttpRequest) -> func.HttpResponse:
     handshake = validation_response(req)
-    return handshake if handshake is not None else await _off_the_shared_pool(_lifecycle, req)
+    return handshake if handshake is not None else await on_own_threads(_POOL, _lifecycle, req)
 
 
 @handle_errors

@@ -9,24 +9,45 @@ existing account (retry after an error, re-link after ``reauth_required``)
 Starting a redirect sign-in also sets the sign-in cookie (HttpOnly,
 SameSite=Lax, Secure over https) that binds it to this browser; the
 callback refuses the sign-in without it (mailsync/linking/browser_binding.py).
+
+``async``, with threads of its own: an IMAP link waits on a login check
+against a server the caller chose (the check itself runs on the linker's
+bounded pool, 503 when full). On the host's shared pool twenty such
+requests held every thread and starved the other functions; here they
+can only fill this function's threads.
 """
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
 import azure.functions as func
 
 from functions._shared.caller import caller_of
-from functions._shared.http import bearer_token, handle_errors, json_response, read_json_object
+from functions._shared.http import bearer_token, handle_errors, json_response, on_own_threads, read_json_object
 from functions._shared.runtime import runtime
 from mailsync.logs import log_context
 
 bp = func.Blueprint()
 
 
+@functools.cache
+def _threads() -> ThreadPoolExecutor:
+    # Every login-check slot can hold one thread here while it waits; four more keep Outlook starts
+    # and the quick 503s of a full check pool flowing meanwhile.
+    return ThreadPoolExecutor(max_workers=runtime().settings.imap_verify_concurrency + 4,
+                              thread_name_prefix="accounts")
+
+
 @bp.function_name("oauth_start")
 @bp.route(route="accounts", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+async def oauth_start(req: func.HttpRequest) -> func.HttpResponse:
+    return await on_own_threads(_threads(), _start, req)
+
+
 @handle_errors
-def oauth_start(req: func.HttpRequest) -> func.HttpResponse:
+def _start(req: func.HttpRequest) -> func.HttpResponse:
     rt = runtime()
     body = read_json_object(req, max_bytes=rt.settings.max_body_bytes)
     bearer = bearer_token(req) if "account_id" in body else None  # only a re-link is authenticated

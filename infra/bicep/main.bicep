@@ -189,6 +189,16 @@ param imapTimeoutS int = 20
 @description('IMAP_POLL_CONCURRENCY: IMAP accounts polled at once per timer tick.')
 param imapPollConcurrency int = 8
 
+@minValue(1)
+@maxValue(64)
+@description('IMAP_VERIFY_CONCURRENCY: IMAP login checks of POST /api/accounts in flight per instance (more: 503).')
+param imapVerifyConcurrency int = 4
+
+@minValue(1)
+@maxValue(60)
+@description('IMAP_VERIFY_TIMEOUT_S: connect and read timeout of an IMAP login check (seconds).')
+param imapVerifyTimeoutS int = 5
+
 @description('MAX_BODY_BYTES: largest HTTP request body accepted.')
 param maxBodyBytes int = 1000000
 
@@ -329,6 +339,8 @@ var appSettings = {
   IMAP_PAGE_SIZE: string(imapPageSize)
   IMAP_TIMEOUT_S: string(imapTimeoutS)
   IMAP_POLL_CONCURRENCY: string(imapPollConcurrency)
+  IMAP_VERIFY_CONCURRENCY: string(imapVerifyConcurrency)
+  IMAP_VERIFY_TIMEOUT_S: string(imapVerifyTimeoutS)
   SIGNALR_HUB: signalRHub
   MAX_BODY_BYTES: string(maxBodyBytes)
   LOG_FORMAT: logFormat

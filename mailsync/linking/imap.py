@@ -11,6 +11,11 @@ is set — tests and local development against a loopback Dovecot, never by
 default. The login is tried before anything is written, so a wrong
 password or an unreachable server answers 400 with a readable reason and
 leaves no account behind (the linking service writes only after ``begin``).
+The reason is one of a few fixed sentences (refused, timed out, TLS failed,
+not an IMAP server, login failed, outside the address policy): never what
+the server said. The check runs on a bounded pool of its own with a short
+timeout (``IMAP_VERIFY_CONCURRENCY``, ``IMAP_VERIFY_TIMEOUT_S``); when it is
+full the answer is 503 with ``Retry-After``.
 
 The password is sealed exactly like an Outlook token cache: the
 credential row ``cred-imap`` of the account (AES-GCM, bound to the
@@ -26,11 +31,21 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from mailsync.errors import InputError, NotFound, ProviderAuthError, ProviderUnavailable, ReauthRequired
+from mailsync.errors import (
+    AddressRefused,
+    InputError,
+    NotFound,
+    ProviderAuthError,
+    ProviderError,
+    ProviderUnavailable,
+    ReauthRequired,
+)
+from mailsync.linking.login_checks import LoginCheckPool
 from mailsync.linking.service import LinkedIdentity
 from mailsync.models import Account, Provider
 from mailsync.providers.imap import ImapCredentials
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession
+from mailsync.security.outbound import POLICY_MESSAGE, OutboundPolicy
 from mailsync.settings import Settings
 from mailsync.storage.tokens import TableTokenStore
 
@@ -82,15 +97,47 @@ def parse_request(request: Mapping[str, Any], *, allow_insecure: bool) -> tuple[
     return ImapCredentials(endpoint=endpoint, password=password), display_name
 
 
+# What the page is told when a login check fails: fixed sentences, never what the server said (a
+# banner or an error line would make the linker a banner grabber; see docs/security.md).
+_FAILURES: dict[str, tuple[str, str]] = {
+    "address_not_allowed": ("address_not_allowed", POLICY_MESSAGE),
+    "host_not_found": ("imap_unreachable", "The host name {host} could not be found."),
+    "imap_unreachable": ("imap_unreachable", "Could not connect to the IMAP server {where}: the connection was "
+                                             "refused or dropped."),
+    "imap_timeout": ("imap_unreachable", "The IMAP server {where} did not answer in time."),
+    "imap_tls_failed": ("imap_tls_failed", "TLS with the IMAP server {where} failed (certificate or protocol)."),
+    "imap_not_imap": ("imap_unsupported", "{where} is not an IMAP server (or does not offer STARTTLS)."),
+    "login_failed": ("imap_login_failed", "The IMAP server {where} refused the user name or password."),
+    "no_inbox": ("imap_unsupported", "{where} shows no INBOX for this user."),
+    "failed_after_login": ("imap_unreachable", "The IMAP server {where} failed after the login."),
+}
+
+
+def _failure(kind: str, endpoint: ImapEndpoint) -> InputError:
+    code, text = _FAILURES[kind]
+    return InputError(text.format(host=endpoint.host, where=endpoint.describe()), code=code)
+
+
 class ImapLinker:
-    """``AccountLinker`` for IMAP mailboxes (password login, verified before linking)."""
+    """``AccountLinker`` for IMAP mailboxes (password login, verified before linking).
+
+    The login check goes through the outbound address policy (the host must
+    resolve to public addresses, mailsync.security.outbound) and runs on the
+    bounded ``checks`` pool, never on the thread serving the request
+    (mailsync.linking.login_checks).
+    """
 
     provider = Provider.IMAP
     credential_kind = IMAP
 
-    def __init__(self, settings: Settings, *, connect: Any = ImapSession.connect) -> None:
+    def __init__(self, settings: Settings, *, connect: Any = ImapSession.connect,
+                 checks: LoginCheckPool | None = None) -> None:
         self._settings = settings
         self._connect = connect
+        self._policy = OutboundPolicy.from_entries(settings.imap_allowed_hosts)
+        # Resolve + connect + greeting + login + LIST, each bounded by the timeout.
+        self._checks = checks or LoginCheckPool(settings.imap_verify_concurrency,
+                                                deadline_s=4 * settings.imap_verify_timeout_s)
 
     def begin(self, account_id: str, request: Mapping[str, Any], *, login_hint: str | None) -> LinkedIdentity:
         credentials, display_name = parse_request(request, allow_insecure=self._settings.imap_allow_insecure)
@@ -109,27 +156,41 @@ class ImapLinker:
         )
 
     def verify(self, credentials: ImapCredentials) -> None:
-        """Log in and list the folders once; every failure becomes a 400 the page can show."""
+        """Log in and list the folders once; every failure becomes a 400 with a fixed message (503 when busy)."""
         endpoint = credentials.endpoint
-        where = endpoint.describe()
+        try:
+            kind = self._checks.run(lambda: self._check(credentials))
+        except ProviderUnavailable as exc:   # the pool's own deadline
+            log.info("IMAP login check failed: %s", exc.message, extra={"imap_host": endpoint.host})
+            raise _failure("imap_timeout", endpoint) from exc
+        if kind is not None:
+            raise _failure(kind, endpoint)
+
+    def _check(self, credentials: ImapCredentials) -> str | None:
+        """On a check thread: None when the mailbox works, else the kind of failure (a ``_FAILURES`` key)."""
+        endpoint = credentials.endpoint
         try:
             session = self._connect(endpoint, lambda _force: credentials.password,
-                                    timeout_s=self._settings.imap_timeout_s,
-                                    allow_insecure=self._settings.imap_allow_insecure)
-        except ProviderAuthError as exc:
-            raise InputError(f"The IMAP server {where} refused the user name or password.",
-                             code="imap_login_failed") from exc
-        except ProviderUnavailable as exc:
-            raise InputError(f"Could not connect to the IMAP server: {exc.message}", code="imap_unreachable") from exc
+                                    timeout_s=self._settings.imap_verify_timeout_s,
+                                    allow_insecure=self._settings.imap_allow_insecure, policy=self._policy)
+        except AddressRefused:
+            return "address_not_allowed"
+        except ProviderAuthError:
+            return "login_failed"
+        except ProviderError as exc:
+            # The details (the server's words) are for the log only.
+            log.info("IMAP login check failed: %s", exc.message, extra={"imap_host": endpoint.host,
+                                                                        "error_code": exc.code})
+            return exc.code if exc.code in _FAILURES else "imap_not_imap"
         try:
             if not session.has("IMAP4REV1") and not session.has("IMAP4REV2"):
-                raise InputError(f"{where} is not an IMAP4rev1 server", code="imap_unsupported")
-            with_inbox = any(m.name.upper() == "INBOX" for m in session.list_mailboxes())
-            if not with_inbox:
-                raise InputError(f"{where} shows no INBOX for this user", code="imap_unsupported")
-        except ProviderUnavailable as exc:
-            raise InputError(f"The IMAP server {where} failed after login: {exc.message}",
-                             code="imap_unreachable") from exc
+                return "imap_not_imap"
+            if not any(m.name.upper() == "INBOX" for m in session.list_mailboxes()):
+                return "no_inbox"
+            return None
+        except ProviderError as exc:
+            log.info("IMAP server failed after login: %s", exc.message, extra={"imap_host": endpoint.host})
+            return "failed_after_login"
         finally:
             session.close()
 

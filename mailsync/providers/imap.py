@@ -108,6 +108,7 @@ from mailsync.providers.imap_cursor import (
 )
 from mailsync.providers.imap_mapping import AddressCache, flags_key, map_message
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession, MailboxEntry, SelectInfo
+from mailsync.security.outbound import OutboundPolicy
 from mailsync.settings import Settings
 
 log = logging.getLogger("mailsync.providers.imap")
@@ -610,6 +611,8 @@ class ImapProviderFactory:
         self._credentials = credentials
         self._oauth = oauth_tokens
         self._paths = tuple(paths)
+        # Checked at every connection, not only at linking: a name may move into a private range later.
+        self._policy = OutboundPolicy.from_entries(settings.imap_allowed_hosts)
 
     def credentials(self, account_id: str) -> ImapCredentials:
         return ImapCredentials.from_json(self._credentials.access_token(account_id))
@@ -627,7 +630,7 @@ class ImapProviderFactory:
             return creds.password
 
         return ImapSession.connect(creds.endpoint, secret, timeout_s=settings.imap_timeout_s,
-                                   allow_insecure=settings.imap_allow_insecure)
+                                   allow_insecure=settings.imap_allow_insecure, policy=self._policy)
 
     def open(self, account: Account) -> ImapProvider:
         account_id = account.account_id

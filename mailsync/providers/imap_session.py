@@ -33,6 +33,7 @@ forced refresh from the token provider.
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import logging
 import re
 import socket
@@ -55,6 +56,7 @@ from mailsync.errors import (
     ProviderError,
     ProviderUnavailable,
 )
+from mailsync.security.outbound import STRICT, OutboundPolicy, ResolvedHost
 
 log = logging.getLogger("mailsync.providers.imap")
 
@@ -188,8 +190,13 @@ class ImapSession:
 
     @classmethod
     def connect(cls, endpoint: ImapEndpoint, secret: Callable[[bool], str], *, timeout_s: float = 20.0,
-                allow_insecure: bool = False, ssl_context: ssl.SSLContext | None = None) -> ImapSession:
+                allow_insecure: bool = False, ssl_context: ssl.SSLContext | None = None,
+                policy: OutboundPolicy = STRICT) -> ImapSession:
         """Connect and log in. ``secret(force_refresh)`` gives the password or the XOAUTH2 access token.
+
+        The host is resolved and checked against the outbound address
+        ``policy`` first (``AddressRefused`` before any connection), and the
+        connection goes to the checked address (mailsync.security.outbound).
 
         A refused XOAUTH2 token is refreshed once (as for Graph's 401), on a
         new connection: Dovecot holds a second attempt on the same one back
@@ -198,38 +205,45 @@ class ImapSession:
         if endpoint.security == "none" and not allow_insecure:
             raise InputError("plaintext IMAP (security \"none\") is disabled here; use tls or starttls",
                              code="insecure_imap_refused")
+        target = policy.resolve(endpoint.host, endpoint.port)
         context = ssl_context or ssl.create_default_context()
         try:
-            return cls._open(endpoint, secret(False), timeout_s, context)
+            return cls._open(endpoint, target, policy, secret(False), timeout_s, context)
         except ProviderAuthError:
             if endpoint.auth != "xoauth2":
                 raise
-        return cls._open(endpoint, secret(True), timeout_s, context)
+        return cls._open(endpoint, target, policy, secret(True), timeout_s, context)
 
     @classmethod
-    def _open(cls, endpoint: ImapEndpoint, secret: str, timeout_s: float, context: ssl.SSLContext) -> ImapSession:
+    def _open(cls, endpoint: ImapEndpoint, target: ResolvedHost, policy: OutboundPolicy, secret: str,
+              timeout_s: float, context: ssl.SSLContext) -> ImapSession:
+        # The exception messages go to logs; callers facing a user (the linker) map the codes to
+        # fixed sentences and never show what the server said.
         where = endpoint.describe()
         client: IMAPClient | None = None
         try:
-            client = IMAPClient(endpoint.host, endpoint.port, ssl=endpoint.security == "tls",
-                                ssl_context=context if endpoint.security == "tls" else None, timeout=timeout_s)
+            client = _PinnedClient(target, policy, ssl=endpoint.security == "tls",
+                                   ssl_context=context if endpoint.security == "tls" else None, timeout=timeout_s)
             client.normalise_times = False
             if endpoint.security == "starttls":
                 client.starttls(context)
         except TimeoutError as exc:
+            _close_quietly(client)
             raise ProviderUnavailable(f"could not reach the IMAP server {where}: timed out after {timeout_s:g} s",
-                                      retry_after_s=30.0, code="imap_unreachable") from exc
+                                      retry_after_s=30.0, code="imap_timeout") from exc
         except ssl.SSLError as exc:
             _close_quietly(client)
             raise ProviderUnavailable(f"TLS with the IMAP server {where} failed: {_message(exc)}",
                                       retry_after_s=30.0, code="imap_tls_failed") from exc
         except OSError as exc:
+            _close_quietly(client)
             raise ProviderUnavailable(f"could not reach the IMAP server {where}: {_message(exc)}",
                                       retry_after_s=30.0, code="imap_unreachable") from exc
         except IMAPClientError as exc:
+            # No IMAP greeting (an SMTP or HTTP server, a banner), or no STARTTLS on offer.
             _close_quietly(client)
-            raise ProviderUnavailable(f"the IMAP server {where} refused the connection: {_message(exc)}",
-                                      retry_after_s=30.0, code="imap_unreachable") from exc
+            raise ProviderUnavailable(f"the server at {where} did not speak IMAP: {_message(exc)}",
+                                      retry_after_s=30.0, code="imap_not_imap") from exc
         try:
             with imap_errors("login"):
                 if endpoint.auth == "password":
@@ -468,6 +482,47 @@ def _parse_status(line: bytes) -> tuple[str, dict[str, int]]:
     for key, value in zip(items[::2], items[1::2], strict=False):
         values[key.decode("ascii", "replace").upper() if isinstance(key, bytes) else str(key)] = int(value)
     return name, values
+
+
+class _PinnedClient(IMAPClient):  # type: ignore[misc]  # imapclient is untyped
+    """An IMAPClient whose socket goes to the policy-checked address, not to a second lookup of the name.
+
+    imapclient (and imaplib under it) would call ``socket.create_connection``
+    with the host *name*, resolving it again; a name with TTL 0 could then
+    answer with a loopback address (DNS rebinding). Only the TCP connect is
+    replaced: ``host`` stays the name, so the TLS handshake (implicit, or
+    imaplib's STARTTLS) sends it as SNI and checks the certificate against it.
+    """
+
+    def __init__(self, target: ResolvedHost, policy: OutboundPolicy, **kwargs: Any) -> None:
+        self._target = target
+        self._policy = policy
+        super().__init__(target.host, target.port, **kwargs)
+
+    def _create_IMAP4(self) -> imaplib.IMAP4:
+        timeout = getattr(self._timeout, "connect", None)
+        context = (self.ssl_context or ssl.create_default_context()) if self.ssl else None
+        return _PinnedIMAP4(lambda t: self._policy.connect(self._target, t), self._target, timeout, context)
+
+
+class _PinnedIMAP4(imaplib.IMAP4):
+    """imaplib's IMAP4 (or IMAP4-over-TLS) on a socket to a checked address."""
+
+    def __init__(self, open_socket: Callable[[float | None], socket.socket], target: ResolvedHost,
+                 timeout: float | None, context: ssl.SSLContext | None) -> None:
+        self._open_socket = open_socket
+        self._context = context
+        super().__init__(target.host, target.port, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = self._open_socket(timeout)
+        if self._context is None:
+            return sock
+        try:
+            return self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
 
 
 def _close_quietly(client: IMAPClient | None) -> None:

@@ -458,6 +458,8 @@ NOT_IN_AZURE = {
     "GRAPH_SANDBOX_URL": "the local Graph sandbox; in Azure MS_CLIENT_ID is set and Microsoft Graph is used",
     "MAILSYNC_LOCAL_DIR": "local state for development (sandbox-only key); never used in Azure",
     "IMAP_ALLOW_INSECURE": "plaintext IMAP is for tests and local servers; a deployment keeps the default (off)",
+    "IMAP_ALLOWED_HOSTS": "exceptions to the outbound address policy are for tests and local servers (a loopback "
+    "Dovecot); a deployment connects to public addresses only",
     "AzureSignalRConnectionString": "a connection string carries the AccessKey (the devhost's); Azure uses the "
     "identity-based AzureSignalRConnectionString__serviceUri/__credential/__clientId (access keys are disabled)",
 }

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from mailsync.errors import Conflict, InputError
+from mailsync.errors import AddressRefused, Conflict, InputError
 from mailsync.jobs import JobKind, decode_job
 from mailsync.linking.access import AccountAccess
 from mailsync.linking.imap import IMAP, ImapLinker, SealedCredentials
@@ -27,13 +27,15 @@ from mailsync.providers.imap import ImapCredentials, ImapProviderFactory
 from mailsync.settings import Settings
 from mailsync.storage import connection
 from mailsync.storage.job_queue import AzureJobQueue
-from tests.fixtures.dovecot import DovecotServer, ImapUser
+from mailsync.sync import policy
+from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser
 from tests.linking.tables import LinkingTables, linking_tables
 
 
 @pytest.fixture
 def settings(storage_settings: Settings) -> Settings:
-    return replace(storage_settings, imap_allow_insecure=True, imap_timeout_s=15.0)
+    return replace(storage_settings, imap_allow_insecure=True, imap_timeout_s=15.0,
+                   imap_allowed_hosts=tuple(LOOPBACK_HOSTS.split(",")))
 
 
 @pytest.fixture
@@ -84,6 +86,17 @@ def test_link_verifies_the_login_and_seals_the_password(settings: Settings, tabl
     assert any(m.name == "INBOX" for m in session.list_mailboxes())
     session.close()
     assert orjson.loads(secret)["host"] == imap_user.host
+
+
+def test_every_later_connection_applies_the_policy_too(settings: Settings, tables: LinkingTables,
+                                                       imap_user: ImapUser) -> None:
+    """The sync engine, the poller and the listener all connect through the factory: it checks every time."""
+    result = service(settings, tables).start(body(imap_user))
+    strict = ImapProviderFactory(replace(settings, imap_allowed_hosts=()), SealedCredentials(tables.tokens))
+    with pytest.raises(AddressRefused) as refused:
+        strict.connect(result.account_id)   # as if the name had moved into a private range since linking
+    assert refused.value.code == "address_not_allowed"
+    assert not policy.retryable(refused.value), "the engine parks the account instead of hammering"
 
 
 def test_wrong_password_is_a_clear_400_and_nothing_is_stored(settings: Settings, tables: LinkingTables,
@@ -137,10 +150,65 @@ def test_a_server_that_never_answers_times_out_with_a_clear_error(settings: Sett
                                                                   imap_user: ImapUser, silent_server: int) -> None:
     started = time.monotonic()
     with pytest.raises(InputError) as refused:
-        service(replace(settings, imap_timeout_s=1.5), tables).start(body(imap_user, port=silent_server))
+        service(replace(settings, imap_verify_timeout_s=1.5), tables).start(body(imap_user, port=silent_server))
     assert refused.value.code == "imap_unreachable"
     assert "did not answer in time" in refused.value.message or "timed out" in refused.value.message
-    assert time.monotonic() - started < 10, "IMAP_TIMEOUT_S bounds the wait"
+    assert time.monotonic() - started < 10, "IMAP_VERIFY_TIMEOUT_S bounds the wait"
+    assert rows(tables) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "2130706433", "0x7f.1", "localhost", "[::1]", "::1",
+                                  "::ffff:127.0.0.1", "0.0.0.0", "169.254.169.254", "10.0.0.1"])
+def test_special_use_hosts_are_refused_by_the_policy_before_any_connection(
+        storage_settings: Settings, tables: LinkingTables, imap_user: ImapUser, host: str) -> None:
+    strict = replace(storage_settings, imap_allow_insecure=True)   # no IMAP_ALLOWED_HOSTS: production
+    with pytest.raises(InputError) as refused:
+        service(strict, tables).start(body(imap_user, host=host))
+    assert refused.value.http_status == 400 and refused.value.code == "address_not_allowed"
+    assert "outbound address policy" in refused.value.message
+    assert rows(tables) == []
+
+
+@pytest.fixture
+def banner_server() -> Iterator[int]:
+    """An SMTP-like server: a greeting banner, then its own words to whatever is sent (here: STARTTLS)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"220 internal-mx.corp.example ESMTP Postfix (secret-build 3.7.2)\r\n")
+                conn.settimeout(2)
+                try:
+                    conn.recv(1024)
+                    conn.sendall(b"502 5.5.2 internal-mx.corp.example: command not recognized\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+@pytest.mark.parametrize("security", ["starttls", "none"])
+def test_what_a_server_says_is_never_echoed(settings: Settings, tables: LinkingTables, imap_user: ImapUser,
+                                           banner_server: int, security: str) -> None:
+    with pytest.raises(InputError) as refused:
+        service(settings, tables).start(body(imap_user, port=banner_server, security=security))
+    assert refused.value.code == "imap_unsupported"
+    assert "not an IMAP server" in refused.value.message
+    assert "internal-mx" not in refused.value.message and "Postfix" not in refused.value.message
     assert rows(tables) == []
 
 
@@ -159,8 +227,8 @@ def test_a_server_that_never_answers_times_out_with_a_clear_error(settings: Sett
 def test_bad_settings_are_400s(storage_settings: Settings, tables: LinkingTables, imap_user: ImapUser,
                                changes: dict[str, Any], code: str) -> None:
     # Plaintext is refused by default: only this test's other cases use a setting that allows it.
-    settings = storage_settings if changes == {"security": "none"} else replace(storage_settings,
-                                                                                 imap_allow_insecure=True)
+    settings = replace(storage_settings, imap_allowed_hosts=tuple(LOOPBACK_HOSTS.split(",")))
+    settings = settings if changes == {"security": "none"} else replace(settings, imap_allow_insecure=True)
     with pytest.raises(InputError) as refused:
         service(settings, tables).start(body(imap_user, **changes))
     assert refused.value.code == code

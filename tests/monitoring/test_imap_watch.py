@@ -27,7 +27,7 @@ from mailsync.providers.imap_listener import ImapListener
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession
 from mailsync.settings import Settings
 from mailsync.storage.cursors import AccountSyncState, SyncState
-from tests.fixtures.dovecot import DovecotServer, rfc822
+from tests.fixtures.dovecot import DovecotServer, loopback_policy, rfc822
 from tests.providers.contract import Mirror
 from tests.providers.imap_harness import ImapHarness, make_harness
 
@@ -122,7 +122,8 @@ def test_a_refused_login_goes_to_the_engine_and_an_outage_is_counted(dovecot_ref
     queue = ListQueue()
     wrong = ImapEndpoint(harness.user.host, harness.user.port, "none", harness.user.username)
     refused = poller(harness, rows, queue,
-                     lambda _id: ImapSession.connect(wrong, lambda _f: "wrong", allow_insecure=True)).tick()
+                     lambda _id: ImapSession.connect(wrong, lambda _f: "wrong", allow_insecure=True,
+                                                     policy=loopback_policy())).tick()
     assert refused.errors == 1 and queue.kinds() == [(JobKind.SYNC_FOLDERS.value, None)]
     queue.jobs.clear()
 

@@ -23,7 +23,7 @@ from imapclient import IMAPClient
 
 from mailsync.providers.imap import PATHS, ImapProvider, folder_key, message_id_of
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession
-from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822
+from tests.fixtures.dovecot import DovecotServer, ImapUser, loopback_policy, rfc822
 from tests.providers.contract import TruthFolder, TruthMessage
 
 SEED_FOLDERS = {"INBOX": 40, "Archive": 10, "Projects": 6, "Projects/2026": 4}
@@ -77,7 +77,7 @@ class ImapHarness:
 
     def connect(self) -> ImapSession:
         return ImapSession.connect(self.endpoint(), lambda _force: self.user.password, timeout_s=10.0,
-                                   allow_insecure=True)
+                                   allow_insecure=True, policy=loopback_policy())
 
     def open(self, *, page_size: int = 50) -> ImapProvider:
         return ImapProvider(self.connect, self.account_id, page_size=page_size, paths=self.paths)

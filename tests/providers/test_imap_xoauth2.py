@@ -28,7 +28,7 @@ from mailsync.models import Account, AccountStatus, Provider
 from mailsync.providers.imap import ImapCredentials, ImapProviderFactory
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession
 from mailsync.settings import Settings
-from tests.fixtures.dovecot import DovecotServer, ImapUser, start_dovecot
+from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser, loopback_policy, start_dovecot
 
 
 @dataclass
@@ -92,7 +92,8 @@ def test_a_valid_token_logs_in_and_arrives_intact(oauth_dovecot: tuple[DovecotSe
     user = server.add_user()
     token = "ya29.a0Af-H6+/=token.with.odd~chars"
     introspection.valid[token] = user.username
-    session = ImapSession.connect(_endpoint(user), lambda _force: token, allow_insecure=True)
+    session = ImapSession.connect(_endpoint(user), lambda _force: token, allow_insecure=True,
+                                  policy=loopback_policy())
     assert any(m.name == "INBOX" for m in session.list_mailboxes())
     session.close()
     assert introspection.asked[-1] == token, "Dovecot read exactly our token out of the SASL string"
@@ -114,7 +115,7 @@ def test_the_provider_syncs_over_xoauth2_with_tokens_from_the_token_provider(
         def access_token(self, account_id_: str, *, force_refresh: bool = False) -> str:
             return "account-token"
 
-    settings = replace(Settings(), imap_allow_insecure=True)
+    settings = replace(Settings(), imap_allow_insecure=True, imap_allowed_hosts=tuple(LOOPBACK_HOSTS.split(",")))
     factory = ImapProviderFactory(settings, Stored(), oauth_tokens=OAuth())
     now = datetime.now(UTC)
     provider = factory.open(Account(account_id=account_id, provider=Provider.IMAP, status=AccountStatus.SYNCING,
@@ -135,7 +136,7 @@ def test_a_refused_token_is_refreshed_once(oauth_dovecot: tuple[DovecotServer, I
         asked.append(force_refresh)
         return "fresh-token" if force_refresh else "expired-token"
 
-    ImapSession.connect(_endpoint(user), token, allow_insecure=True).close()
+    ImapSession.connect(_endpoint(user), token, allow_insecure=True, policy=loopback_policy()).close()
     assert asked == [False, True]
     assert introspection.asked[-2:] == ["expired-token", "fresh-token"]
 
@@ -144,7 +145,8 @@ def test_a_token_refused_twice_is_an_auth_error() -> None:
     # No server needed past the first refusal: a password account is never retried, an XOAUTH2 one once.
     calls: list[bool] = []
 
-    def refuse(endpoint: ImapEndpoint, secret: str, timeout_s: float, context: object) -> ImapSession:
+    def refuse(endpoint: ImapEndpoint, target: object, policy: object, secret: str, timeout_s: float,
+               context: object) -> ImapSession:
         calls.append(secret == "fresh")
         raise ProviderAuthError("refused")
 
@@ -152,12 +154,13 @@ def test_a_token_refused_twice_is_an_auth_error() -> None:
     ImapSession._open = classmethod(lambda cls, *a: refuse(*a))  # type: ignore[assignment, method-assign]
     try:
         with pytest.raises(ProviderAuthError):
-            ImapSession.connect(ImapEndpoint("h", 1, "none", "u", auth="xoauth2"),
+            # A public address (resolved and checked without any lookup); _open is replaced, nothing connects.
+            ImapSession.connect(ImapEndpoint("8.8.8.8", 1, "none", "u", auth="xoauth2"),
                                 lambda force: "fresh" if force else "old", allow_insecure=True)
         assert calls == [False, True]
         calls.clear()
         with pytest.raises(ProviderAuthError):
-            ImapSession.connect(ImapEndpoint("h", 1, "none", "u"), lambda force: "pw", allow_insecure=True)
+            ImapSession.connect(ImapEndpoint("8.8.8.8", 1, "none", "u"), lambda force: "pw", allow_insecure=True)
         assert calls == [False]
     finally:
         ImapSession._open = original  # type: ignore[method-assign]

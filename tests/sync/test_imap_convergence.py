@@ -48,7 +48,7 @@ from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.store.elasticsearch import ElasticsearchStore
 from mailsync.sync.engine import SyncEngine
-from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822
+from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser, rfc822
 from tests.linking.tables import LinkingTables, linking_tables
 from tests.providers.imap_faults import FaultProxy
 from tests.providers.imap_harness import move, seed_messages
@@ -152,7 +152,8 @@ def make_imap_world(storage_env: dict[str, str], dovecot: DovecotServer, store: 
         "INBOX": n // 2, "Archive": n // 4, "Projects": n // 8, "Projects/Old": n - n // 2 - n // 4 - n // 8}))
     proxy = FaultProxy(user.host, user.port, seed=plan.seed)
     settings_ = Settings.from_env({**storage_env, "SYNC_TIME_BUDGET_S": "3", "IMAP_PAGE_SIZE": str(scale.page_size),
-                                   "FOLDER_LEASE_S": "20", "IMAP_ALLOW_INSECURE": "1", "IMAP_TIMEOUT_S": "10"})
+                                   "FOLDER_LEASE_S": "20", "IMAP_ALLOW_INSECURE": "1", "IMAP_TIMEOUT_S": "10",
+                                   "IMAP_ALLOWED_HOSTS": LOOPBACK_HOSTS})
     tables = linking_tables(settings_)
     now = datetime.now(UTC).replace(microsecond=0)
     address = f"{user.username}@{user.host}"
