@@ -19,12 +19,16 @@ window.MailsyncImapForm = (() => {
     imap_login_failed: "password",
     imap_unreachable: "host",
     imap_unsupported: "host",
+    imap_tls_failed: "security",
+    address_not_allowed: "host",
     insecure_imap_refused: "security",
     wrong_mailbox: "username",
   };
   const HINTS = {
     imap_login_failed: "Check the user name and password. Gmail and Fastmail need an app password.",
     imap_unreachable: "Check the server name, the port and the security setting.",
+    imap_tls_failed: "Check the port and the security setting (993 is TLS, 143 is STARTTLS).",
+    login_checks_busy: "Many logins are being checked right now; try again in a few seconds.",
     wrong_mailbox: "This account is linked to another mailbox; log in with that mailbox's user name.",
   };
 

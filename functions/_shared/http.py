@@ -2,8 +2,8 @@
 
 A handler is three steps: parse the request (helpers here), call one core
 service, map the result. ``handle_errors`` turns any ``MailsyncError`` into
-``{"error": {"code", "message"}}`` with its status; anything unexpected is
-logged and answered as a bare 500 — never a stack trace.
+``{"error": {"code", "message"}}`` with its status; a 5xx (expected or not)
+says only a fixed sentence and a correlation id, its details go to the log.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -41,35 +42,65 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
                              mimetype="application/json", headers=all_headers)
 
 
-def error_response(error: MailsyncError) -> func.HttpResponse:
+# What a 5xx says: its code and one of these, never the error's own message (a store's query, a
+# table's reason, a server's words), which goes to the log under the correlation id the body carries.
+_SERVER_MESSAGES = {
+    503: "A service mailsync depends on is unavailable. Try again in a moment.",
+    502: "The mail provider failed. Try again later.",
+}
+_INTERNAL_MESSAGE = "Internal error."
+
+
+def error_response(error: MailsyncError, correlation_id: str | None = None) -> func.HttpResponse:
+    """The JSON error body for ``error``: its message for a 4xx, a fixed sentence and the correlation id for a 5xx."""
     headers: dict[str, str] = {}
-    if isinstance(error, DependencyUnavailable):
-        headers["Retry-After"] = str(max(1, int(error.retry_after_s)))
+    retry_after = getattr(error, "retry_after_s", None)
+    if isinstance(error, DependencyUnavailable) or (error.http_status == 503 and retry_after):
+        headers["Retry-After"] = str(max(1, int(retry_after or 5)))
     if isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = 'Bearer realm="mailsync"'
-    return json_response({"error": {"code": error.code, "message": error.message}}, error.http_status, headers)
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.http_status >= 500:
+        body = {"code": error.code, "message": _SERVER_MESSAGES.get(error.http_status, _INTERNAL_MESSAGE),
+                "correlation_id": correlation_id or new_correlation_id()}
+    return json_response({"error": body}, error.http_status, headers)
+
+
+def new_correlation_id() -> str:
+    return uuid.uuid4().hex
 
 
 def handle_errors(handler: Callable[..., func.HttpResponse]) -> Callable[..., func.HttpResponse]:
-    """Wrap an HTTP handler so core errors map to their statuses in one place."""
+    """Wrap an HTTP handler so core errors map to their statuses in one place.
+
+    A 4xx tells the caller what was wrong with the request. Anything else —
+    a MailsyncError answering 5xx, or an exception nobody expected — is
+    logged in full with a fresh correlation id, and the response carries
+    only that id (no message from inside, no stack trace).
+    """
 
     @functools.wraps(handler)
     def wrapper(*args: Any, **kwargs: Any) -> func.HttpResponse:
         try:
             return handler(*args, **kwargs)
         except MailsyncError as error:
-            if error.http_status >= 500:
-                log.warning("request failed: %s", error.code, extra={"error_code": error.code})
-            return error_response(error)
+            if error.http_status < 500:
+                return error_response(error)
+            correlation_id = new_correlation_id()
+            log.warning("request failed: %s: %s", error.code, error.message,
+                        extra={"error_code": error.code, "correlation_id": correlation_id})
+            return error_response(error, correlation_id)
         except Exception:
-            log.exception("unhandled error in HTTP handler")
-            return json_response({"error": {"code": "internal_error", "message": "internal error"}}, 500)
+            correlation_id = new_correlation_id()
+            log.exception("unhandled error in HTTP handler", extra={"correlation_id": correlation_id})
+            return json_response({"error": {"code": "internal_error", "message": _INTERNAL_MESSAGE,
+                                            "correlation_id": correlation_id}}, 500)
 
     return wrapper
 
 
 def read_json(req: func.HttpRequest, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES, required: bool = True) -> Any:
-    """The request body as JSON, or a clear 400 / 413 / 415."""
+    """The request body as JSON (``Content-Type: application/json`` required), or a clear 400 / 413 / 415."""
     body = req.get_body() or b""
     if len(body) > max_bytes:
         raise PayloadTooLarge(f"request body is over {max_bytes} bytes")
@@ -77,9 +108,12 @@ def read_json(req: func.HttpRequest, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES,
         if required:
             raise InputError("request body is required")
         return None
+    # Required, not merely checked when present: a cross-site form or a no-cors fetch can send a body
+    # as text/plain (or with no type) without a CORS preflight; application/json always needs one,
+    # so another site cannot make a visitor's browser create accounts or fire IMAP probes.
     content_type = (req.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise UnsupportedMediaType(f"expected application/json, got {content_type}")
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"expected Content-Type: application/json, got {content_type or 'none'}")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

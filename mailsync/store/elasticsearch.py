@@ -209,17 +209,28 @@ def encode_cursor(sort_values: Sequence[Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+CURSOR_ERROR = "cursor is not a page cursor of this list; start again without it"
+_LONG = (-(2**63), 2**63 - 1)   # sort_ts is a long: search_after outside it fails inside the store
+_MAX_CURSOR_ID = 1024
+
+
 def decode_cursor(cursor: str) -> list[Any]:
-    """The sort values inside a cursor made by :func:`encode_cursor`; InputError if it is not one."""
+    """The sort values inside a cursor made by :func:`encode_cursor`; InputError naming ``cursor`` if it is not one.
+
+    Everything the store would choke on is refused here, so a forged cursor
+    is the caller's 400 and never a store failure (a 500 that once carried
+    the store's whole query).
+    """
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         after = data["after"]
         if (data.get("v") != 1 or not isinstance(after, list) or len(after) != 2
-                or not isinstance(after[0], int) or isinstance(after[0], bool) or not isinstance(after[1], str)):
+                or not isinstance(after[0], int) or isinstance(after[0], bool) or not isinstance(after[1], str)
+                or not _LONG[0] <= after[0] <= _LONG[1] or not 0 < len(after[1]) <= _MAX_CURSOR_ID):
             raise ValueError("unexpected cursor content")
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InputError("invalid page cursor", code="invalid_cursor") from exc
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(CURSOR_ERROR, code="invalid_cursor") from exc
     return after
 
 
@@ -783,7 +794,15 @@ class ElasticsearchStore:
         }
         if query.cursor:
             search["search_after"] = decode_cursor(query.cursor)
-        hits = self._search(self.names.messages, account_id, search, "list_messages")
+        try:
+            hits = self._search(self.names.messages, account_id, search, "list_messages")
+        except StoreError as exc:
+            if query.cursor is None or isinstance(exc, StoreUnavailable):
+                raise
+            # The store refused the query and the only thing in it the caller shaped is the cursor:
+            # their 400, not our 500 (and never the store's words: they quote the query).
+            log.info("the store refused a page cursor: %s", exc.message)
+            raise InputError(CURSOR_ERROR, code="invalid_cursor") from exc
         page = hits[: query.limit]
         messages = tuple(docs.message_from_document(h["_source"]) for h in page
                          if h.get("_source", {}).get("account_id") == account_id)

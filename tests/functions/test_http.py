@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import azure.functions as func
 import orjson
 import pytest
@@ -12,6 +15,7 @@ from mailsync.errors import (
     DependencyUnavailable,
     InputError,
     PayloadTooLarge,
+    StoreError,
     UnsupportedMediaType,
 )
 
@@ -48,6 +52,17 @@ def test_body_errors_are_clear() -> None:
         read_json_object(request(b"{}" + b" " * 100, {"Content-Type": "application/json"}), max_bytes=10)
 
 
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "text/plain"}, {"Content-Type": "text/plain; charset=utf-8"},
+                                     {"Content-Type": "multipart/form-data; boundary=x"}])
+def test_a_json_body_needs_a_json_content_type(headers: dict[str, str]) -> None:
+    # What a cross-site form or a no-cors fetch can send without a CORS preflight.
+    with pytest.raises(UnsupportedMediaType) as refused:
+        read_json_object(request(b'{"provider": "imap"}', headers))
+    assert refused.value.http_status == 415
+    for accepted in ("application/json", "application/json; charset=utf-8", "application/merge-patch+json"):
+        assert read_json_object(request(b"{}", {"Content-Type": accepted})) == {}
+
+
 def test_errors_map_to_json_bodies_and_unexpected_ones_hide_their_details() -> None:
     @handle_errors
     def unavailable(_: func.HttpRequest) -> func.HttpResponse:
@@ -57,11 +72,40 @@ def test_errors_map_to_json_bodies_and_unexpected_ones_hide_their_details() -> N
     def broken(_: func.HttpRequest) -> func.HttpResponse:
         raise RuntimeError("secret internals")
 
+    @handle_errors
+    def store_failed(_: func.HttpRequest) -> func.HttpResponse:
+        raise StoreError('list_messages: 400 parse_exception {"query": {"bool": {"filter": [...]}}}')
+
+    @handle_errors
+    def bad_input(_: func.HttpRequest) -> func.HttpResponse:
+        raise InputError("cursor is not a page cursor of this list", code="invalid_cursor")
+
     response = unavailable(request())
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "7"
-    assert orjson.loads(response.get_body()) == {"error": {"code": "dependency_unavailable",
-                                                           "message": "tables are down"}}
-    response = broken(request())
-    assert response.status_code == 500
-    assert b"secret internals" not in response.get_body()
+    error = orjson.loads(response.get_body())["error"]
+    assert error["code"] == "dependency_unavailable" and "tables are down" not in error["message"]
+    assert re.fullmatch(r"[0-9a-f]{32}", error["correlation_id"])
+    for handler, leaked in ((broken, b"secret internals"), (store_failed, b"parse_exception")):
+        response = handler(request())
+        assert response.status_code == 500
+        assert leaked not in response.get_body() and b"query" not in response.get_body()
+        body = orjson.loads(response.get_body())["error"]
+        assert set(body) == {"code", "message", "correlation_id"} and body["correlation_id"] != error["correlation_id"]
+    # A 4xx says what was wrong with the request.
+    response = bad_input(request())
+    assert response.status_code == 400
+    assert orjson.loads(response.get_body()) == {"error": {"code": "invalid_cursor",
+                                                           "message": "cursor is not a page cursor of this list"}}
+
+
+def test_the_correlation_id_is_in_the_log_with_the_details(caplog: pytest.LogCaptureFixture) -> None:
+    @handle_errors
+    def store_failed(_: func.HttpRequest) -> func.HttpResponse:
+        raise StoreError("list_messages: 400 search_phase_execution_exception")
+
+    with caplog.at_level(logging.WARNING, logger="mailsync.http"):
+        response = store_failed(request())
+    correlation_id = orjson.loads(response.get_body())["error"]["correlation_id"]
+    logged = [r for r in caplog.records if getattr(r, "correlation_id", None) == correlation_id]
+    assert logged and "search_phase_execution_exception" in logged[0].getMessage()

@@ -108,7 +108,10 @@ def test_folder_update_clears_a_removed_parent_but_keeps_phase_unless_given() ->
 
 def test_cursor_round_trip_and_rejection() -> None:
     assert decode_cursor(encode_cursor([1_740_821_415_123, "m1"])) == [1_740_821_415_123, "m1"]
-    for bad in ("", "!!!", encode_cursor([None, "m1"]), encode_cursor(["1", "m1"]), encode_cursor([1])):
+    assert decode_cursor(encode_cursor([2**63 - 1, "m1"])) == [2**63 - 1, "m1"]
+    for bad in ("", "!!!", encode_cursor([None, "m1"]), encode_cursor(["1", "m1"]), encode_cursor([1]),
+                encode_cursor([2**70, "x"]), encode_cursor([-(2**63) - 1, "x"]), encode_cursor([1, ""]),
+                encode_cursor([1, "m" * 1025]), encode_cursor([True, "x"])):
         with pytest.raises(InputError):
             decode_cursor(bad)
 

@@ -18,7 +18,7 @@ import requests
 
 from devhost.services.process import free_port
 from mailsync.models import AccountStatus, Address, FlagStatus, Folder, Mailbox, Message, Provider
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, encode_cursor, make_client
 from tests.fixtures.devhost import start_devhost
 from tests.web.conftest import WebHost, web_env
 
@@ -190,6 +190,10 @@ def test_tokens(seeded: Seeded, path: str) -> None:
     ({"q": "x" * 501}, "q"),
     ({"q": "tab\there"}, "q"),
     ({"cursor": "definitely-not-ours"}, "cursor"),
+    # Well-formed, but outside what the store can compare with (was a 500 quoting the store's query).
+    ({"cursor": encode_cursor([2**70, "x"])}, "cursor"),
+    ({"cursor": encode_cursor([-(2**64), "x"])}, "cursor"),
+    ({"cursor": encode_cursor([1, "x" * 5000])}, "cursor"),
     ({"folder_id": "f" * 1025}, "folder_id"),
 ])
 def test_bad_parameters_are_400_with_a_clear_error(seeded: Seeded, params: dict[str, str], mentions: str) -> None:
