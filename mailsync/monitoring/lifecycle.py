@@ -2,7 +2,8 @@
 
 Graph POSTs ``{"value": [{"subscriptionId", "clientState",
 "lifecycleEvent", ...}]}`` to the subscription's lifecycleNotificationUrl.
-Items are authenticated exactly like change notifications. Nothing slow
+Items are authenticated exactly like change notifications, at the same
+bounded cost (few distinct subscriptions, rejected at the first unknown one). Nothing slow
 happens in the request (Graph wants a quick 2xx; recreating a subscription
 makes Graph call our own webhook for the validation handshake): each event
 becomes a queue job.
@@ -38,6 +39,7 @@ from mailsync.jobs import JobKind, new_job
 from mailsync.models import Job
 from mailsync.monitoring.notifications import (
     NotificationAuthenticator,
+    UnknownSubscription,
     require_collection,
     subscription_fields,
 )
@@ -66,6 +68,7 @@ class LifecycleReport:
     accepted: int = 0
     dropped: int = 0
     jobs_enqueued: int = 0
+    rejected: bool = False
 
 
 def parse_lifecycle_notifications(body: Any) -> list[LifecycleItem]:
@@ -106,7 +109,13 @@ class LifecycleReceiver:
         wanted: dict[tuple[str, LifecycleEvent], str] = {}
         dropped = 0
         for item in items:
-            subscription = auth.authenticate(item.subscription_id, item.client_state)
+            try:
+                subscription = auth.authenticate(item.subscription_id, item.client_state)
+            except UnknownSubscription:
+                # As for change notifications: stop at the first unknown id (one read per forged request).
+                log.warning("rejected a lifecycle request naming an unknown subscription (%d items)", len(items),
+                            extra={"received": len(items)})
+                return LifecycleReport(received=len(items), dropped=len(items), rejected=True)
             if subscription is None or item.event is None:
                 dropped += 1
                 continue

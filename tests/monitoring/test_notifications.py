@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from mailsync.errors import InputError
 from mailsync.jobs import JobKind
 from mailsync.models import AccountStatus
-from mailsync.monitoring.notifications import PENDING_STALE_S
+from mailsync.monitoring.lifecycle import LifecycleReceiver
+from mailsync.monitoring.notifications import MAX_SUBSCRIPTIONS, PENDING_STALE_S, NotificationReceiver
 from tests.monitoring.harness import Harness, change, make_harness
 
 
@@ -156,3 +158,60 @@ def test_a_pending_row_whose_job_was_lost_gets_a_new_job(harness: Harness) -> No
     harness.pending.replace(replace(row, enqueued_at=datetime.now(UTC) - timedelta(seconds=PENDING_STALE_S + 1)))
     report = harness.notifications.receive({"value": [change(sub, state, "m1")]})
     assert report.jobs_enqueued == 1 and harness.queued_count() == 1
+
+
+# --- cost: an anonymous flood must stay cheap ----------------------------------------------------------------------
+
+class CountingSubscriptions:
+    """The real subscription table, counting the reads the webhook makes."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.reads: list[str] = []
+
+    def get(self, subscription_id: str) -> Any:
+        self.reads.append(subscription_id)
+        return self._inner.get(subscription_id)
+
+
+def counting_receivers(harness: Harness) -> tuple[CountingSubscriptions, NotificationReceiver, LifecycleReceiver]:
+    counting = CountingSubscriptions(harness.subscriptions)
+    return (counting,
+            NotificationReceiver(harness.settings, counting, harness.accounts, harness.pending, harness.queue),  # type: ignore[arg-type]
+            LifecycleReceiver(counting, harness.accounts, harness.queue))  # type: ignore[arg-type]
+
+
+def forged_ids(n: int) -> list[str]:
+    return [f"0f6a2c1e-0000-4000-8000-{i:012d}" for i in range(n)]
+
+
+def test_a_request_naming_too_many_subscriptions_is_refused_before_any_read(harness: Harness) -> None:
+    counting, notifications, lifecycle = counting_receivers(harness)
+    ids = forged_ids(MAX_SUBSCRIPTIONS + 1)
+    with pytest.raises(InputError, match="more than"):
+        notifications.receive({"value": [change(i, "x", f"m{n}") for n, i in enumerate(ids * 400)][:5_000]})
+    with pytest.raises(InputError, match="more than"):
+        lifecycle.receive({"value": [{"subscriptionId": i, "clientState": "x", "lifecycleEvent": "missed"}
+                                     for i in ids]})
+    assert counting.reads == [] and harness.queued_count() == 0
+
+
+def test_a_forged_request_costs_one_read_whatever_it_holds(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    counting, notifications, lifecycle = counting_receivers(harness)
+    # 5,000 items over the most subscription ids allowed, the genuine one last.
+    ids = [*forged_ids(MAX_SUBSCRIPTIONS - 1), sub]
+    flood = {"value": [change(ids[n % len(ids)], state, f"AAMk{n}") for n in range(5_000)]}
+    report = notifications.receive(flood)
+    assert report.rejected and report.accepted == 0 and report.jobs_enqueued == 0
+    assert counting.reads == [ids[0]], "stopped at the first unknown id"
+    counting.reads.clear()
+    report = lifecycle.receive({"value": [{"subscriptionId": i, "clientState": state, "lifecycleEvent": "missed"}
+                                          for i in ids]})
+    assert report.rejected and counting.reads == [ids[0]]
+    assert harness.queued_count() == 0
+    # A genuine request still costs one read per subscription it names, however many items.
+    counting.reads.clear()
+    report = notifications.receive({"value": [change(sub, state, f"AAMk{n}") for n in range(200)]})
+    assert not report.rejected and report.accepted == 200 and counting.reads == [sub]
