@@ -169,7 +169,8 @@ def main() -> None:
     azurite = start_azurite(work / "azurite")
     osmem = OsmemServer.start(addr="127.0.0.1:0", japanese=False)
     sandbox = SandboxServer(SandboxConfig(seed=3, users=1, messages_per_user=args.messages,
-                                          latency_ms=args.latency_ms), port=0)
+                                          latency_ms=args.latency_ms, allow_http_loopback_webhooks=True),
+                            port=0)
     url = sandbox.start()
     try:
         settings = Settings.from_env({"AzureWebJobsStorage": azurite.connection_string, "TABLE_PREFIX": "bench",

@@ -478,7 +478,8 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
         sandbox_process = start_graph_sandbox(
             workdir / "graph-sandbox.log", timeout_s=600,
             args=["--seed", str(seed), "--users", str(users), "--messages-per-user", str(messages),
-                  "--latency-ms", str(latency_ms), "--rate-limit", "1000000000/600", *sandbox_args])
+                  "--latency-ms", str(latency_ms), "--rate-limit", "1000000000/600",
+                  "--allow-http-loopback-webhooks", *sandbox_args])
         port = free_port()
         signalr_key = secrets.token_urlsafe(32)
         counter = StorageCounter(azurite) if count_storage else None

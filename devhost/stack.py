@@ -123,7 +123,9 @@ def start_services(env: dict[str, str], data_dir: Path, devhost_port: int, stack
     if not env.get("MS_CLIENT_ID") and not env.get("GRAPH_SANDBOX_URL"):
         try:
             sandbox = start_graph_sandbox(logs / "graph-sandbox.log", port=SANDBOX_PORT, own_session=True,
-                                          args=["--public-url", f"http://127.0.0.1:{SANDBOX_PORT}"])
+                                          args=["--public-url", f"http://127.0.0.1:{SANDBOX_PORT}",
+                                                # the devhost's webhook is http on loopback
+                                                "--allow-http-loopback-webhooks"])
         except ServiceError as exc:
             _say(f"WARNING: Graph sandbox not started: {exc}")
         else:

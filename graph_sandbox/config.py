@@ -63,6 +63,7 @@ class SandboxConfig:
     single_use_refresh_tokens: bool = False       # Entra keeps old refresh tokens valid; True is stricter
     # Change notifications (subscriptions.py, notifications.py): Graph's numbers.
     subscription_max_minutes: int = 4230          # Outlook messages
+    subscription_min_minutes: int = 45            # Outlook raises shorter requests to this
     validation_timeout_s: float = 10.0
     notification_timeout_s: float = 3.0
     notification_retry_base_s: float = 2.0
@@ -70,6 +71,15 @@ class SandboxConfig:
     notification_retry_window_s: float = 4 * 3600.0
     notification_max_parallel: int = 32           # POSTs in flight at once, over all subscriptions
     reauthorize_before_s: float = 900.0
+    # While a reauthorizationRequired challenge is unanswered, Graph holds the
+    # subscription's change notifications and repeats the event "every few minutes".
+    reauthorize_repeat_s: float = 180.0
+    # Graph only calls https webhooks. A local stack serves http on loopback, so
+    # the sandbox accepts http://127.0.0.1|localhost|[::1] URLs only when this is set.
+    allow_http_loopback_webhooks: bool = False
+    # Where the sandbox keeps its state between runs (graph_sandbox/persistence.py);
+    # None: in memory only (tests).
+    state_path: str | None = None
     rate_limit_requests: int = 10_000             # per app + mailbox ...
     rate_limit_window_s: float = 600.0            # ... per this window
     max_concurrency: int = 4                      # per app + mailbox
@@ -96,6 +106,10 @@ class SandboxConfig:
             raise ValueError("delta_token_ttl_s must be positive")
         if not 1 <= self.default_page_size <= self.max_delta_page_size:
             raise ValueError("default_page_size must be between 1 and max_delta_page_size")
+        if not 0 < self.subscription_min_minutes <= self.subscription_max_minutes:
+            raise ValueError("subscription_min_minutes must be positive and at most subscription_max_minutes")
+        if self.reauthorize_repeat_s <= 0:
+            raise ValueError("reauthorize_repeat_s must be positive")
         if self.anchor.tzinfo is None:
             raise ValueError("anchor must be timezone-aware")
 

@@ -166,6 +166,8 @@ class DeltaToken:
     change_type: str | None = None
     received_filter: tuple[str, str] | None = None   # ("ge"|"gt", iso instant)
     newest_first: bool = False                         # $orderby=receivedDateTime desc (initial round)
+    top: int | None = None                             # $top: items per round at most (see mail_api)
+    top_left: int | None = None                        # what this round may still return
 
 
 class BadToken(ValueError):
@@ -177,6 +179,7 @@ def encode_token(token: DeltaToken, key: bytes) -> str:
         token.kind, token.user_id, token.folder_id, token.epoch, token.since, token.upto,
         token.cursor, token.issued_ms, token.select, token.change_type, token.received_filter,
         token.newest_first,
+        *([[token.top, token.top_left]] if token.top is not None else []),
     ])
     mac = hmac.new(key, body, hashlib.sha256).digest()[:12]
     return _b64(_xor(body, key, mac)) + "." + _b64(mac)
@@ -192,13 +195,15 @@ def decode_token(text: str, key: bytes) -> DeltaToken:
     if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()[:12]):
         raise BadToken("state token was not issued by this sandbox")
     try:
+        fields = orjson.loads(body)
         (kind, user_id, folder_id, epoch, since, upto, cursor, issued_ms,
-         select, change_type, received, newest_first) = orjson.loads(body)
+         select, change_type, received, newest_first) = fields[:12]
+        top, top_left = fields[12] if len(fields) > 12 else (None, None)
     except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
         raise BadToken("malformed state token") from exc
     return DeltaToken(kind, user_id, folder_id, epoch, since, upto, cursor, issued_ms,
                       tuple(select) if select is not None else None, change_type,
-                      tuple(received) if received is not None else None, bool(newest_first))
+                      tuple(received) if received is not None else None, bool(newest_first), top, top_left)
 
 
 def _xor(data: bytes, key: bytes, nonce: bytes) -> bytes:

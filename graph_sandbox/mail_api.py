@@ -404,10 +404,9 @@ class MailApi:
             if child.parent_id != parent.id:
                 raise MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
             return child
-        folder = ctx.box.folder(ref)
-        if folder.id == ctx.box.root_id and ref.lower() != "msgfolderroot":
-            raise MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
-        return folder
+        # The root answers to its id as well as to "msgfolderroot" (the childFolders
+        # nextLink of the root names it by id, as Graph's does).
+        return ctx.box.folder(ref)
 
     # -- user --------------------------------------------------------------------
 
@@ -691,21 +690,29 @@ class MailApi:
             received = _parse_delta_filter(ctx.query.get("$filter"))
             order = ctx.query.get("$orderby")
             desc = order is not None and _parse_orderby(order) == "desc"
+            top = self._delta_top(ctx)
             token = DeltaToken(SKIP, ctx.user.id, folder.id, self._epoch(box), since=0, upto=box.seq,
                                cursor=0, issued_ms=now_ms, select=select, change_type=change_type,
-                               received_filter=received, newest_first=desc)
+                               received_filter=received, newest_first=desc, top=top, top_left=top)
         elif token.kind == DELTA:
             token = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since, upto=box.seq,
                                cursor=token.since, issued_ms=now_ms, select=token.select,
-                               change_type=token.change_type, received_filter=token.received_filter)
+                               change_type=token.change_type, received_filter=token.received_filter,
+                               top=token.top, top_left=token.top)
         if token.since and token.since < folder.index.pruned_through:
             raise ApiError(410, "SyncStateNotFound", "The sync state generation is not found; the state expired.")
         size = self._page_size(ctx)
         state.counters.delta_pages += 1
-        if token.newest_first and token.since == 0:
-            entries, next_cursor = self._scan_newest_first(box, folder, token, size)
+        entries: list[Any]
+        next_cursor: Any
+        if token.top_left is not None and token.top_left <= 0:
+            # $top reached: Outlook ends the round here. What was not returned is
+            # not in the deltaLink either (it comes back only if it changes again).
+            entries, next_cursor = [], None
+        elif token.newest_first and token.since == 0:
+            entries, next_cursor = self._scan_newest_first(box, folder, token, _capped(size, token.top_left))
         else:
-            entries, next_cursor = self._scan(folder, token, size)
+            entries, next_cursor = self._scan(folder, token, _capped(size, token.top_left))
         select = token.select
         value: list[Any] = []
         for entry in entries:
@@ -719,13 +726,14 @@ class MailApi:
         if next_cursor is None:
             done = DeltaToken(DELTA, token.user_id, token.folder_id, token.epoch, since=token.upto, upto=0, cursor=0,
                               issued_ms=now_ms, select=token.select, change_type=token.change_type,
-                              received_filter=token.received_filter)
+                              received_filter=token.received_filter, top=token.top, top_left=token.top)
             link = ctx.link(path, {"$deltatoken": encode_token(done, state.token_key)})
             return Reply(200, payloads.collection(context, value, delta_link=link))
         following = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since, upto=token.upto,
                                cursor=next_cursor, issued_ms=now_ms, select=token.select,
                                change_type=token.change_type, received_filter=token.received_filter,
-                               newest_first=token.newest_first)
+                               newest_first=token.newest_first, top=token.top,
+                               top_left=None if token.top_left is None else token.top_left - len(entries))
         link = ctx.link(path, {"$skiptoken": encode_token(following, state.token_key)})
         return Reply(200, payloads.collection(context, value, next_link=link))
 
@@ -828,6 +836,22 @@ class MailApi:
         return Reply(200, payloads.collection(context, value, next_link=ctx.link(
             "mailFolders/delta", {"$skiptoken": encode_token(following, state.token_key)})))
 
+    @staticmethod
+    def _delta_top(ctx: Ctx) -> int | None:
+        """``$top`` on a message delta: not a page size but the most items one round returns.
+
+        Outlook pages by ``Prefer: odata.maxpagesize``; with ``$top=N`` it
+        stops the round after N items (the nextLink after them answers an
+        empty page and a deltaLink, microsoft-graph-docs-contrib#7946), so a
+        client that pages with ``$top`` silently misses the rest of the folder.
+        """
+        if "$top" not in ctx.query:
+            return None
+        top = _int_option(ctx.query, "$top", 0)
+        if top < 1:
+            raise bad_request("Invalid value for $top: it must be a positive integer.")
+        return top
+
     # -- small helpers -----------------------------------------------------------------------
 
     def _top_skip(self, ctx: Ctx) -> tuple[int, int]:
@@ -859,6 +883,10 @@ class MailApi:
 
 
 # -- query options ----------------------------------------------------------------------------
+
+
+def _capped(size: int, left: int | None) -> int:
+    return size if left is None else max(1, min(size, left))
 
 
 def _int_option(query: MultiMapping[str], name: str, default: int) -> int:

@@ -3,6 +3,7 @@
 Payloads (the functions the schema test imports)::
 
     change_notification(...)      one changeNotification for a message change
+    folder_change_notification(...) one for a mail folder change (``me/mailFolders``)
     lifecycle_notification(...)   one lifecycle event (reauthorizationRequired,
                                   subscriptionRemoved, missed)
     notification_collection(...)  the {"value": [...]} body that is POSTed
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ import aiohttp
 log = logging.getLogger("graph_sandbox.notifications")
 
 MESSAGE_RESOURCE_TYPE = "#Microsoft.Graph.Message"
+FOLDER_RESOURCE_TYPE = "#Microsoft.Graph.MailFolder"
 MAX_BATCH = 50
 DEFAULT_MAX_PARALLEL = 32
 LIFECYCLE_EVENTS = ("reauthorizationRequired", "subscriptionRemoved", "missed")
@@ -64,16 +67,42 @@ def message_resource(user_id: str, message_id: str) -> str:
     return f"Users/{user_id}/Messages/{message_id}"
 
 
+def folder_resource(user_id: str, folder_id: str) -> str:
+    """The ``resource`` path of a mail folder notification (a ``me/mailFolders`` subscription)."""
+    return f"Users/{user_id}/MailFolders/{folder_id}"
+
+
 def change_notification(*, subscription_id: str, subscription_expiration: float, change_type: str,
                         user_id: str, message_id: str, tenant_id: str, client_state: str | None,
                         etag: str | None = None) -> dict[str, Any]:
     """One ``changeNotification`` for a message (no resource data: Outlook sends ids only)."""
-    resource = message_resource(user_id, message_id)
-    data: dict[str, Any] = {"@odata.type": MESSAGE_RESOURCE_TYPE, "@odata.id": resource}
+    return _notification(subscription_id=subscription_id, subscription_expiration=subscription_expiration,
+                         change_type=change_type, resource=message_resource(user_id, message_id),
+                         odata_type=MESSAGE_RESOURCE_TYPE, item_id=message_id, tenant_id=tenant_id,
+                         client_state=client_state, etag=etag)
+
+
+def folder_change_notification(*, subscription_id: str, subscription_expiration: float, change_type: str,
+                               user_id: str, folder_id: str, tenant_id: str,
+                               client_state: str | None) -> dict[str, Any]:
+    """One ``changeNotification`` for a mail folder created, renamed, moved or deleted."""
+    return _notification(subscription_id=subscription_id, subscription_expiration=subscription_expiration,
+                         change_type=change_type, resource=folder_resource(user_id, folder_id),
+                         odata_type=FOLDER_RESOURCE_TYPE, item_id=folder_id, tenant_id=tenant_id,
+                         client_state=client_state, etag=None)
+
+
+def _notification(*, subscription_id: str, subscription_expiration: float, change_type: str, resource: str,
+                  odata_type: str, item_id: str, tenant_id: str, client_state: str | None,
+                  etag: str | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"@odata.type": odata_type, "@odata.id": resource}
     if etag is not None:
         data["@odata.etag"] = etag
-    data["id"] = message_id
+    data["id"] = item_id
     out: dict[str, Any] = {
+        # Every changeNotification has its own id (a GUID); a redelivery of the
+        # same notification carries the same one, so receivers can de-duplicate.
+        "id": str(uuid.uuid4()),
         "subscriptionId": subscription_id,
         "subscriptionExpirationDateTime": graph_datetime(subscription_expiration),
         "changeType": change_type,

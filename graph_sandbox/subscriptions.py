@@ -16,7 +16,31 @@ Sandbox-only (for tests and the mail page)::
 
 Resources: ``me/messages``, ``users/{id|address}/messages``,
 ``me/mailFolders('{id}')/messages`` and ``users/{id}/mailFolders('{id}')/messages``
-(``mailFolders/{id}`` works too; well-known names like ``inbox`` resolve to the folder).
+(``mailFolders/{id}`` works too; well-known names like ``inbox`` resolve to the folder),
+and ``me/mailFolders`` / ``users/{id}/mailFolders``: the mailbox's folders themselves
+(created, renamed or moved = ``updated``, deleted for good), resource
+``Users/{u}/MailFolders/{id}``, ``@odata.type`` ``#Microsoft.Graph.MailFolder``.
+Graph's resource table lists only message paths for mail; Outlook's notification
+service has always taken the folder collection too (Outlook REST v2.0 documented
+it), and a client must cope with it being refused (the product falls back to polls).
+
+Rules Outlook applies and the sandbox copies:
+
+- ``notificationUrl`` / ``lifecycleNotificationUrl`` must be https. A local stack
+  serves http on loopback, so ``allow_http_loopback_webhooks`` (CLI
+  ``--allow-http-loopback-webhooks``) admits http for 127.0.0.1/localhost/[::1]
+  only; any other http URL is refused either way.
+- ``expirationDateTime`` at most 4230 minutes ahead (400 beyond), and a request for
+  less than 45 minutes is raised to 45 (``subscription_min_minutes``), on create and
+  on renew; the answer carries the expiration actually granted.
+- every change notification has its own ``id``.
+- ``reauthorizationRequired``: from ``reauthorize_before_s`` before expiry (or on
+  demand, admin API) a *challenge* is open. Until the app answers it
+  (``PATCH`` the subscription or ``POST .../reauthorize``) its change notifications
+  are **held, not sent**, and the event is repeated every ``reauthorize_repeat_s``
+  (Microsoft: it can come "every few minutes" and "if the API call succeeds, the
+  change notification flow resumes"). Answering releases what was held, in order
+  (past ``MAX_HELD`` the oldest are dropped and a ``missed`` event says so).
 
 A subscription's life::
 
@@ -26,7 +50,8 @@ A subscription's life::
       ├─ POST lifecycleNotificationUrl?... ──────┘ body exactly T, within 10 s; else 400
       v
     active ──mail change in scope──> notification (see notifications.py)
-      │  ├── close to expiry ──────> reauthorizationRequired (once per expiry), PATCH renews
+      │  ├── close to expiry ──────> reauthorizationRequired, repeated; notifications held
+      │  │                            until PATCH (renew) or POST reauthorize answers it
       │  ├── user revokes the grant > subscriptionRemoved, then gone
       │  └── expirationDateTime ───> gone (no more notifications, GET 404)
       v
@@ -40,7 +65,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -49,16 +74,21 @@ import aiohttp
 from aiohttp import web
 
 from graph_sandbox.identity import Principal, platform_for
-from graph_sandbox.mailbox import MailboxError, MailChange
+from graph_sandbox.mailbox import FolderChange, MailboxError, MailChange
 from graph_sandbox.notifications import (
     Notifier,
     change_notification,
+    folder_change_notification,
     graph_datetime,
     lifecycle_notification,
 )
 from graph_sandbox.payloads import error as graph_error
 
 MAX_CLIENT_STATE = 128
+MAX_HELD = 1000                    # notifications held per subscription during a challenge
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+MESSAGES = "messages"
+FOLDERS = "folders"
 MAX_PER_MAILBOX = 1000
 CHANGE_TYPES = ("created", "updated", "deleted")
 READ_SCOPES = frozenset({"Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite", "Mail.ReadBasic.All"})
@@ -70,6 +100,7 @@ _RESOURCE = re.compile(
     r"/messages/?$",
     re.IGNORECASE,
 )
+_FOLDERS_RESOURCE = re.compile(r"^/?(?:(?P<me>me)|users/(?P<user>[^/()]+))/mailfolders/?$", re.IGNORECASE)
 
 
 class GraphError(Exception):
@@ -100,7 +131,12 @@ class Subscription:
     delegated: bool
     immutable_ids: bool                # created with Prefer: IdType="ImmutableId"
     latest_tls: str = "v1_2"
-    reauthorization_sent_for: float | None = None
+    kind: str = MESSAGES               # MESSAGES or FOLDERS (a me/mailFolders subscription)
+    reauthorization_sent_for: float | None = None   # the expiration the last challenge was about
+    challenge_open: bool = False       # reauthorizationRequired sent, not answered: notifications held
+    challenge_sent_at: float = 0.0     # sandbox clock of the last reauthorizationRequired
+    held: list[dict[str, Any]] = field(default_factory=list)
+    held_overflow: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -144,6 +180,14 @@ class SubscriptionService:
     @property
     def max_minutes(self) -> float:
         return self._setting("subscription_max_minutes", 4230)
+
+    @property
+    def min_minutes(self) -> float:
+        return self._setting("subscription_min_minutes", 45)
+
+    @property
+    def reauthorize_repeat_s(self) -> float:
+        return self._setting("reauthorize_repeat_s", 180.0)
 
     @property
     def validation_timeout_s(self) -> float:
@@ -203,10 +247,41 @@ class SubscriptionService:
                 self._lifecycle(sub, "subscriptionRemoved")
                 self._remove(sub.id)
                 continue
-            if (sub.lifecycle_url and sub.expiration - now <= self.reauthorize_before_s
-                    and sub.reauthorization_sent_for != sub.expiration):
-                sub.reauthorization_sent_for = sub.expiration
-                self._lifecycle(sub, "reauthorizationRequired")
+            due = (sub.lifecycle_url is not None and sub.expiration - now <= self.reauthorize_before_s
+                   and sub.reauthorization_sent_for != sub.expiration)
+            repeat = sub.challenge_open and now - sub.challenge_sent_at >= self.reauthorize_repeat_s
+            if due or repeat:
+                self._challenge(sub)
+
+    def _challenge(self, sub: Subscription) -> None:
+        """Send reauthorizationRequired and hold the subscription's notifications until it is answered."""
+        if not sub.lifecycle_url:
+            return
+        sub.reauthorization_sent_for = sub.expiration
+        sub.challenge_open = True
+        sub.challenge_sent_at = self._now()
+        self._lifecycle(sub, "reauthorizationRequired")
+
+    def _answer_challenge(self, sub: Subscription) -> None:
+        """The app reauthorized (or renewed): delivery resumes with what was held, in order."""
+        if not sub.challenge_open:
+            return
+        sub.challenge_open = False
+        held, sub.held = sub.held, []
+        for payload in held:
+            self.notifier.enqueue(sub.notification_url, payload, subscription_id=sub.id)
+        if sub.held_overflow:
+            sub.held_overflow = False
+            self._lifecycle(sub, "missed")
+
+    def _notify(self, sub: Subscription, payload: dict[str, Any]) -> None:
+        if not sub.challenge_open:
+            self.notifier.enqueue(sub.notification_url, payload, subscription_id=sub.id)
+            return
+        sub.held.append(payload)
+        if len(sub.held) > MAX_HELD:
+            del sub.held[0]
+            sub.held_overflow = True
 
     def clear(self) -> None:
         """Forget every subscription (sandbox reset: the world is rebuilt)."""
@@ -217,23 +292,31 @@ class SubscriptionService:
     # -- the mailbox listener ----------------------------------------------------------
 
     def _on_change(self, change: Any) -> None:
-        if not isinstance(change, MailChange):
+        if not isinstance(change, MailChange | FolderChange):
             return
         ids = self._by_user.get(change.user_id)
         if not ids:
             return
         now = self._now()
+        wanted = FOLDERS if isinstance(change, FolderChange) else MESSAGES
         for sub_id in sorted(ids):
             sub = self._subs.get(sub_id)
-            if sub is None or now >= sub.expiration or change.change_type not in sub.change_types:
+            if (sub is None or sub.kind != wanted or now >= sub.expiration
+                    or change.change_type not in sub.change_types):
+                continue
+            if isinstance(change, FolderChange):
+                self._notify(sub, folder_change_notification(
+                    subscription_id=sub.id, subscription_expiration=sub.expiration,
+                    change_type=change.change_type, user_id=change.user_id, folder_id=change.folder_id,
+                    tenant_id=self.state.tenant_id, client_state=sub.client_state))
                 continue
             if sub.folder_id is not None and sub.folder_id != change.folder_id:
                 continue
             message_id = change.immutable_id if sub.immutable_ids and change.immutable_id else change.message_id
-            self.notifier.enqueue(sub.notification_url, change_notification(
+            self._notify(sub, change_notification(
                 subscription_id=sub.id, subscription_expiration=sub.expiration, change_type=change.change_type,
                 user_id=change.user_id, message_id=message_id, tenant_id=self.state.tenant_id,
-                client_state=sub.client_state, etag=self._etag(change)), subscription_id=sub.id)
+                client_state=sub.client_state, etag=self._etag(change)))
 
     def _etag(self, change: MailChange) -> str | None:
         if change.change_type == "deleted":
@@ -333,7 +416,7 @@ class SubscriptionService:
                 expiration = self._parse_expiration(body["expirationDateTime"])
             url = sub.notification_url
             if "notificationUrl" in body:
-                url = _parse_url(body["notificationUrl"], "notificationUrl")
+                url = self._parse_url(body["notificationUrl"], "notificationUrl")
                 if url != sub.notification_url:
                     await self._handshake(url)
             self._authorize_resource(principal, sub.user_id)
@@ -343,6 +426,8 @@ class SubscriptionService:
             return self._error(request, _not_found())
         sub.expiration = expiration
         sub.notification_url = url
+        # A PATCH both renews and reauthorizes (Microsoft's advice: one PATCH, not both calls).
+        self._answer_challenge(sub)
         return web.json_response({"@odata.context": self._context(request, "subscriptions/$entity"),
                                   **sub.to_json()})
 
@@ -362,12 +447,15 @@ class SubscriptionService:
             self._authorize_resource(principal, sub.user_id)
         except GraphError as exc:
             return self._error(request, exc)
+        # Reauthorizing does not extend the expiration; it only resumes delivery.
+        self._answer_challenge(sub)
         return web.Response(status=204)
 
     async def admin_list(self, request: web.Request) -> web.Response:
         return web.json_response({
-            "value": [{**s.to_json(), "userId": s.user_id, "folderId": s.folder_id,
-                       "immutableIds": s.immutable_ids} for s in self._subs.values()],
+            "value": [{**s.to_json(), "userId": s.user_id, "folderId": s.folder_id, "kind": s.kind,
+                       "immutableIds": s.immutable_ids, "reauthorizationPending": s.challenge_open,
+                       "held": len(s.held)} for s in self._subs.values()],
             "delivery": self.notifier.stats.as_dict(),
             "pending": self.notifier.pending_count(),
         })
@@ -385,9 +473,13 @@ class SubscriptionService:
             return self._error(request, GraphError(400, "InvalidRequest",
                                                    "event must be reauthorizationRequired, subscriptionRemoved "
                                                    "or missed"))
-        if not self._lifecycle(sub, event):
+        if not sub.lifecycle_url:
             return self._error(request, GraphError(409, "InvalidRequest",
                                                    "The subscription has no lifecycleNotificationUrl."))
+        if event == "reauthorizationRequired":
+            self._challenge(sub)     # a real challenge: delivery pauses until it is answered
+        else:
+            self._lifecycle(sub, event)
         if event == "subscriptionRemoved":
             self._remove(sub.id)
         return web.Response(status=202)
@@ -413,10 +505,10 @@ class SubscriptionService:
             if body.get(name) in (None, ""):
                 raise GraphError(400, "InvalidRequest", f"The '{name}' property is required.")
         change_types = _parse_change_types(body["changeType"])
-        notification_url = _parse_url(body["notificationUrl"], "notificationUrl")
+        notification_url = self._parse_url(body["notificationUrl"], "notificationUrl")
         lifecycle_url = None
         if body.get("lifecycleNotificationUrl") not in (None, ""):
-            lifecycle_url = _parse_url(body["lifecycleNotificationUrl"], "lifecycleNotificationUrl")
+            lifecycle_url = self._parse_url(body["lifecycleNotificationUrl"], "lifecycleNotificationUrl")
         client_state = body.get("clientState")
         if client_state is not None:
             if not isinstance(client_state, str):
@@ -432,7 +524,7 @@ class SubscriptionService:
         if tls not in ("v1_0", "v1_1", "v1_2", "v1_3"):
             raise GraphError(400, "InvalidRequest", f"Invalid 'latestSupportedTlsVersion' value: '{tls}'.")
         expiration = self._parse_expiration(body["expirationDateTime"])
-        user_id, folder_id = self._resolve_resource(principal, body["resource"])
+        kind, user_id, folder_id = self._resolve_resource(principal, body["resource"])
         self._check_capacity(user_id)
         return Subscription(
             id=str(uuid.uuid4()), resource=str(body["resource"]), change_types=change_types,
@@ -441,7 +533,7 @@ class SubscriptionService:
             creator_id=principal.user_id if principal.delegated and principal.user_id else _service_principal(
                 principal.app_id),
             user_id=user_id, folder_id=folder_id, delegated=principal.delegated,
-            immutable_ids=_wants_immutable_ids(prefer), latest_tls=tls)
+            immutable_ids=_wants_immutable_ids(prefer), latest_tls=tls, kind=kind)
 
     def _check_capacity(self, user_id: str) -> None:
         if len(self._by_user.get(user_id, ())) >= MAX_PER_MAILBOX:
@@ -465,16 +557,35 @@ class SubscriptionService:
         if expiration > now + self.max_minutes * 60:
             raise GraphError(400, "ExtensionError",
                              f"Subscription expiration can only be {self.max_minutes:g} minutes in the future.")
-        return expiration
+        # Outlook does not refuse a short lifetime: it grants its minimum instead.
+        return max(expiration, now + self.min_minutes * 60)
 
-    def _resolve_resource(self, principal: Principal, resource: Any) -> tuple[str, str | None]:
+    def _parse_url(self, value: Any, name: str) -> str:
+        url = _parse_url(value, name)
+        parts = urlsplit(url)
+        if parts.scheme == "https":
+            return url
+        loopback = (parts.hostname or "").lower() in LOOPBACK_HOSTS
+        if loopback and bool(getattr(self.state.config, "allow_http_loopback_webhooks", False)):
+            return url
+        hint = (" (the sandbox admits http on loopback only with --allow-http-loopback-webhooks)"
+                if loopback else "")
+        raise GraphError(400, "ValidationError",
+                         f"Subscription validation request failed. The '{name}' must use the https scheme{hint}.")
+
+    def _resolve_resource(self, principal: Principal, resource: Any) -> tuple[str, str, str | None]:
+        """(kind, mailbox user id, folder id or None) of a subscription's resource."""
         if not isinstance(resource, str):
             raise GraphError(400, "InvalidRequest", "The 'resource' property must be a string.")
+        kind = MESSAGES
         match = _RESOURCE.match(resource.strip())
+        if match is None:
+            match = _FOLDERS_RESOURCE.match(resource.strip())
+            kind = FOLDERS
         if match is None:
             raise GraphError(400, "InvalidRequest",
                              f"Resource '{resource}' is not supported by the Graph sandbox; use me/messages, "
-                             "users/{id}/messages or me/mailFolders('{id}')/messages.")
+                             "users/{id}/messages, me/mailFolders('{id}')/messages or me/mailFolders.")
         if match.group("me"):
             if not principal.delegated or principal.user_id is None:
                 raise GraphError(400, "BadRequest",
@@ -487,6 +598,8 @@ class SubscriptionService:
                                  f"Resource could not be discovered: user '{match.group('user')}'.")
             user_id = user.id
         self._authorize_resource(principal, user_id)
+        if kind == FOLDERS:
+            return kind, user_id, None
         folder_ref = match.group("folder_q") or match.group("folder_p")
         folder_id = None
         if folder_ref is not None:
@@ -494,7 +607,7 @@ class SubscriptionService:
                 folder_id = self.state.mailboxes[user_id].folder(folder_ref).id
             except MailboxError as exc:
                 raise GraphError(exc.status, exc.code, exc.message) from None
-        return user_id, folder_id
+        return kind, user_id, folder_id
 
     def _authorize_resource(self, principal: Principal, user_id: str) -> None:
         if principal.delegated:
@@ -572,7 +685,7 @@ def _parse_url(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise GraphError(400, "InvalidRequest", f"The '{name}' property must be a string.")
     parts = urlsplit(value)
-    # Graph insists on https; the sandbox accepts http because its webhooks are local.
+    # The https rule is SubscriptionService._parse_url's (it knows the loopback option).
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise GraphError(400, "InvalidRequest", f"Invalid '{name}': '{value}' is not an absolute http(s) URL.")
     return value

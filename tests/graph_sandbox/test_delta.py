@@ -89,6 +89,25 @@ def test_default_page_is_10_and_maxpagesize_is_capped(sandbox: SandboxTestServer
     assert "odata.maxpagesize=500" in big.headers["Preference-Applied"]
 
 
+def test_top_ends_the_round_after_that_many_items(sandbox: SandboxTestServer) -> None:
+    # Outlook: $top on delta is not a page size. The round stops after $top items;
+    # the rest of the folder is in neither this round nor the next (unless it changes).
+    session = sandbox.graph(sandbox.users[0])
+    inbox = session.get("me/mailFolders/inbox").json()
+    assert inbox["totalItemCount"] > 8
+    items, delta_link = run_round(session, DELTA.format("inbox") + "?$top=5", size=3)
+    assert len(items) == 5 == len({i["id"] for i in items})
+    again, delta_link = run_round(session, delta_link)
+    assert again == []
+    target = items[0]["id"]
+    assert session.patch(f"me/messages/{target}", json={"isRead": not items[0]["isRead"]}).status_code == 200
+    changed, _ = run_round(session, delta_link)
+    assert [c["id"] for c in changed] == [target]
+    # Paged with Prefer: odata.maxpagesize instead, the round has every message.
+    full, _ = run_round(session, DELTA.format("inbox"), size=3)
+    assert len(full) == inbox["totalItemCount"]
+
+
 def test_select_is_kept_across_the_round(sandbox: SandboxTestServer) -> None:
     session = sandbox.graph(sandbox.users[0])
     items, delta_link = run_round(session, DELTA.format("inbox") + "?$select=subject,isRead", size=5)

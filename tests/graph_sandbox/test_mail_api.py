@@ -117,6 +117,22 @@ def test_folder_by_well_known_name_and_child_folders(graph_sandbox: SandboxTestS
     graph_error(session.get("me/mailFolders/not-a-folder"), 404, "ErrorItemNotFound")
 
 
+def test_child_folders_of_the_root_page_through_next_links(graph_sandbox: SandboxTestServer) -> None:
+    # The root's childFolders nextLink names the root by its id; Graph answers it.
+    session = graph_sandbox.graph(graph_sandbox.users[0])
+    root = session.get("me/mailFolders/msgfolderroot").json()
+    assert session.get(f"me/mailFolders/{root['id']}").json()["id"] == root["id"]
+    url: str | None = "me/mailFolders/msgfolderroot/childFolders?$top=3"
+    seen: list[str] = []
+    while url:
+        response = session.get(url)
+        assert response.status_code == 200, response.text
+        seen += [f["id"] for f in response.json()["value"]]
+        url = response.json().get("@odata.nextLink")
+    top = session.get("me/mailFolders?$top=100").json()["value"]
+    assert len(seen) > 3 and seen == [f["id"] for f in top]
+
+
 def test_create_rename_delete_folder(sandbox: SandboxTestServer) -> None:
     session = sandbox.graph(sandbox.users[0])
     created = session.post("me/mailFolders", json={"displayName": "Invoices 2026"})

@@ -127,7 +127,8 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="module")
 def server() -> Iterator[SandboxServer]:
     config = SandboxConfig(users=2, messages_per_user=6, validation_timeout_s=0.5, notification_timeout_s=0.5,
-                           notification_retry_base_s=0.05, notification_retry_cap_s=0.2)
+                           notification_retry_base_s=0.05, notification_retry_cap_s=0.2,
+                           allow_http_loopback_webhooks=True)
     sandbox = SandboxServer(config)
     sandbox.start()
     yield sandbox
@@ -258,6 +259,26 @@ def test_creation_fails_when_the_endpoint_is_unreachable(url: str, token: str) -
     graph_error(response, 400, "ValidationError")
 
 
+def test_http_webhooks_need_the_loopback_option(url: str, token: str, receiver: Receiver) -> None:
+    # Graph calls https endpoints only. This server has allow_http_loopback_webhooks,
+    # which admits http on loopback and nothing else.
+    hook, path = receiver.new()
+    elsewhere = "http://example.com/hook"
+    assert "https" in graph_error(subscribe(url, token, elsewhere), 400, "ValidationError")
+    assert "https" in graph_error(subscribe(url, token, hook, lifecycle_url=elsewhere), 400, "ValidationError")
+    assert path.validations == []
+    strict = SandboxServer(SandboxConfig(users=1, messages_per_user=1))   # the default: https only
+    try:
+        base = strict.start()
+        strict_user = next(iter(strict.state.users.values()))
+        strict_token = str(user_tokens(base, strict_user.mail)[0]["access_token"])
+        message = graph_error(subscribe(base, strict_token, hook), 400, "ValidationError")
+        assert "--allow-http-loopback-webhooks" in message
+        assert path.validations == []
+    finally:
+        strict.stop()
+
+
 def test_creation_fails_when_only_the_lifecycle_url_does_not_echo(url: str, token: str, receiver: Receiver) -> None:
     hook, _ = receiver.new()
     life, life_path = receiver.new(echo="wrong")
@@ -266,6 +287,19 @@ def test_creation_fails_when_only_the_lifecycle_url_does_not_echo(url: str, toke
 
 
 # -- creation: bad requests --------------------------------------------------------------
+
+
+def test_a_short_expiration_is_raised_to_45_minutes(url: str, token: str, receiver: Receiver) -> None:
+    # Outlook does not refuse a lifetime under its minimum; it grants 45 minutes.
+    hook, _ = receiver.new()
+    before = sandbox_now(url)
+    sub = subscribe(url, token, hook, minutes=5).json()
+    granted = datetime.fromisoformat(sub["expirationDateTime"][:26] + "+00:00")
+    assert before + timedelta(minutes=45) <= granted <= sandbox_now(url) + timedelta(minutes=45, seconds=1)
+    renewed = graph(url, token, "PATCH", f"subscriptions/{sub['id']}", {"expirationDateTime": expires_in(url, 1)})
+    assert renewed.status_code == 200, renewed.text
+    again = datetime.fromisoformat(renewed.json()["expirationDateTime"][:26] + "+00:00")
+    assert again >= granted
 
 
 def test_expiration_is_limited_to_4230_minutes(url: str, token: str, receiver: Receiver) -> None:
@@ -331,6 +365,7 @@ def test_created_updated_moved_deleted_are_notified(url: str, token: str, user: 
     assert created["resourceData"]["id"] == delivered["restId"]
     assert created["resourceData"]["@odata.type"] == "#Microsoft.Graph.Message"
     assert created["resourceData"]["@odata.id"] == created["resource"]
+    uuid.UUID(created["id"])       # each change notification has its own id
     message_id = delivered["restId"]
     assert graph(url, token, "GET", f"me/messages/{message_id}").status_code == 200
 
@@ -354,6 +389,36 @@ def test_created_updated_moved_deleted_are_notified(url: str, token: str, user: 
     receiver.wait(lambda: len(path.items) >= 7, "hard delete")
     assert (path.items[6]["changeType"], path.items[6]["resourceData"]["id"]) == ("deleted", in_trash)
     assert "@odata.etag" not in path.items[6]["resourceData"]
+    assert len({n["id"] for n in path.items}) == 7
+
+
+def test_mail_folders_subscription_notifies_folder_changes(url: str, token: str, user: Any,
+                                                           receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    sub = subscribe(url, token, hook, resource="me/mailFolders").json()
+    assert sub["resource"] == "me/mailFolders"
+    folder = graph(url, token, "POST", "me/mailFolders", {"displayName": f"Trips {uuid.uuid4().hex[:6]}"}).json()
+    receiver.wait(lambda: len(path.items) >= 1, "created")
+    created = path.items[0]
+    assert (created["changeType"], created["resourceData"]["id"]) == ("created", folder["id"])
+    assert created["resource"] == f"Users/{user.id}/MailFolders/{folder['id']}"
+    assert created["resourceData"]["@odata.type"] == "#Microsoft.Graph.MailFolder"
+    assert created["clientState"] == "s3cret"
+    uuid.UUID(created["id"])
+    assert graph(url, token, "PATCH", f"me/mailFolders/{folder['id']}",
+                 {"displayName": f"Travel {uuid.uuid4().hex[:6]}"}).status_code == 200
+    receiver.wait(lambda: len(path.items) >= 2, "renamed")
+    assert graph(url, token, "POST", f"me/mailFolders/{folder['id']}/move",
+                 {"destinationId": "inbox"}).status_code == 201
+    receiver.wait(lambda: len(path.items) >= 3, "moved")
+    assert [(n["changeType"], n["resourceData"]["id"]) for n in path.items[1:3]] == [
+        ("updated", folder["id"]), ("updated", folder["id"])]
+    # Message changes are not folder changes: nothing for new mail.
+    deliver(url, user)
+    assert graph(url, token, "DELETE", f"me/mailFolders/{folder['id']}").status_code == 204  # to Deleted Items
+    receiver.wait(lambda: len(path.items) >= 4, "deleted (moved to Deleted Items)")
+    assert all(n["resourceData"]["@odata.type"] == "#Microsoft.Graph.MailFolder" for n in path.items)
+    assert all(n["resourceData"]["id"] == folder["id"] for n in path.items)
 
 
 def test_folder_subscription_sees_only_its_folder(url: str, token: str, user: Any, receiver: Receiver) -> None:
@@ -510,20 +575,55 @@ def test_fault_plan_delays_and_reorders_notifications(url: str, token: str, user
 # -- lifecycle --------------------------------------------------------------------------------
 
 
-def test_reauthorization_required_before_expiry_and_renewal_quiets_it(url: str, token: str,
-                                                                     receiver: Receiver) -> None:
-    hook, _ = receiver.new()
+def advance(url: str, seconds: float) -> None:
+    requests.post(f"{url}/sandbox/clock", json={"advance_s": seconds}, timeout=10).raise_for_status()
+
+
+def test_reauthorization_challenge_holds_notifications_until_answered(url: str, token: str, user: Any,
+                                                                      receiver: Receiver) -> None:
+    hook, path = receiver.new()
     life, life_path = receiver.new()
-    sub = subscribe(url, token, hook, lifecycle_url=life, minutes=10).json()  # inside the 15 min window
+    sub = subscribe(url, token, hook, lifecycle_url=life, change_type="created", minutes=60).json()
+    advance(url, 46 * 60)                    # now inside the 15 minutes before expiry
     receiver.wait(lambda: len(life_path.items) >= 1, "reauthorizationRequired")
     event = life_path.items[0]
     assert event["lifecycleEvent"] == "reauthorizationRequired"
     assert event["subscriptionId"] == sub["id"] and event["clientState"] == "s3cret"
     assert "resource" not in event
+    # Unanswered: delivery pauses, and the challenge comes again a few minutes later.
+    first = deliver(url, user)[0]["restId"]
+    advance(url, 180)
+    receiver.wait(lambda: len(life_path.items) >= 2, "the repeated reauthorizationRequired")
+    assert life_path.items[1]["lifecycleEvent"] == "reauthorizationRequired"
+    assert path.items == []
+    assert [s["held"] for s in admin_subscriptions(url)["value"] if s["id"] == sub["id"]] == [1]
+    # Answering releases what was held, and the events stop.
     assert graph(url, token, "POST", f"subscriptions/{sub['id']}/reauthorize").status_code == 204
-    renewed = graph(url, token, "PATCH", f"subscriptions/{sub['id']}", {"expirationDateTime": expires_in(url, 600)})
+    receiver.wait(lambda: len(path.items) >= 1, "the held notification")
+    assert path.items[0]["resourceData"]["id"] == first
+    second = deliver(url, user)[0]["restId"]
+    receiver.wait(lambda: len(path.items) >= 2, "live delivery again")
+    assert path.items[1]["resourceData"]["id"] == second
+    advance(url, 200)
+    threading.Event().wait(0.5)              # housekeeping runs every 0.1 s
+    assert len(life_path.items) == 2
+
+
+def test_renewing_answers_an_on_demand_challenge(url: str, token: str, user: Any, receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    life, life_path = receiver.new()
+    sub = subscribe(url, token, hook, lifecycle_url=life, change_type="created", minutes=600).json()
+    response = requests.post(f"{url}/sandbox/subscriptions/{sub['id']}/lifecycle",
+                             json={"event": "reauthorizationRequired"}, timeout=10)
+    assert response.status_code == 202
+    receiver.wait(lambda: len(life_path.items) >= 1, "reauthorizationRequired")
+    held = deliver(url, user)[0]["restId"]
+    threading.Event().wait(0.3)
+    assert path.items == []
+    renewed = graph(url, token, "PATCH", f"subscriptions/{sub['id']}", {"expirationDateTime": expires_in(url, 900)})
     assert renewed.status_code == 200
-    assert len(life_path.items) == 1
+    receiver.wait(lambda: len(path.items) >= 1, "the held notification")
+    assert path.items[0]["resourceData"]["id"] == held
 
 
 def test_expired_subscription_is_gone(url: str, token: str, user: Any, receiver: Receiver) -> None:
