@@ -16,7 +16,9 @@ folder, but the engine syncs per folder. Resolution, cheapest first:
    nothing changed, so past that point per-message lookups cost more.
 
 A resolved folder the store does not know yet (a new folder) also gets a
-SYNC_FOLDERS job, which starts it. Extra jobs are harmless: the engine's
+SYNC_FOLDERS job, which starts it; so does a pending row marked
+``folders_changed`` by the account's ``me/mailFolders`` subscription (a
+folder created, renamed, moved or deleted). Extra jobs are harmless: the engine's
 folder lease turns a job for a busy folder into a "dirty" mark and one more
 round.
 
@@ -124,7 +126,8 @@ class MonitoringJobs:
                 log.info("locating notified messages failed (%s); syncing every folder", exc.code)
                 return known, True
             folders.update(folder for folder in located.values() if folder is not None)
-        return folders, bool(folders - known)
+        # A folder subscription's notification: one folder-list round (names, parents, new and gone folders).
+        return folders, bool(folders - known) or pending.folders_changed
 
     def _enqueue_all(self, resolved: tuple[set[str], bool], account_id: str,
                      pending: PendingChanges) -> list[Job]:

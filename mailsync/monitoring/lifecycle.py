@@ -11,8 +11,11 @@ becomes a queue job.
 ====================== =====================================================
 lifecycleEvent         what we do
 ====================== =====================================================
-reauthorizationRequired SUBSCRIPTION job ``renew``: PATCH a new expiration
-                        (Graph's documented way to reauthorize; 404 → create)
+reauthorizationRequired SUBSCRIPTION job ``renew`` of that subscription: PATCH a
+                        new expiration (Graph's documented way to reauthorize
+                        and renew in one call; Graph holds the subscription's
+                        notifications until it succeeds and repeats the event
+                        every few minutes meanwhile; 404 → create)
 subscriptionRemoved     SUBSCRIPTION job ``recreate``: a new subscription,
                         then an incremental sync of every folder
 missed                  SYNC_ACCOUNT job: incremental sync of the folder list
@@ -106,7 +109,11 @@ class LifecycleReceiver:
     def receive(self, body: Any) -> LifecycleReport:
         items = parse_lifecycle_notifications(body)
         auth = NotificationAuthenticator(self._subscriptions, self._accounts)
-        wanted: dict[tuple[str, LifecycleEvent], str] = {}
+        # One job per (account, event, subscription): an account has two subscriptions
+        # (messages, folders) and Graph batches their events into one POST; each
+        # challenge must get its own answer or that subscription stays paused.
+        # ``missed`` needs one account sync whichever subscription missed.
+        wanted: dict[tuple[str, LifecycleEvent, str], str] = {}
         dropped = 0
         for item in items:
             try:
@@ -119,11 +126,12 @@ class LifecycleReceiver:
             if subscription is None or item.event is None:
                 dropped += 1
                 continue
-            wanted[(subscription.account_id, item.event)] = subscription.subscription_id
+            scope = "" if item.event is LifecycleEvent.MISSED else subscription.subscription_id
+            wanted[(subscription.account_id, item.event, scope)] = subscription.subscription_id
         if dropped:
             log.warning("dropped %d of %d lifecycle notifications", dropped, len(items),
                         extra={"dropped": dropped, "received": len(items)})
-        for (account_id, event), subscription_id in wanted.items():
+        for (account_id, event, _), subscription_id in wanted.items():
             log.info("lifecycle event %s", event.value, extra={"account_id": account_id,
                                                               "subscription_id": subscription_id})
             self._queue.enqueue(job_for(event, account_id, subscription_id))

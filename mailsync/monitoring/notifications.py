@@ -27,7 +27,10 @@ an id we deleted a moment ago; that costs a prompt, never data (the next
 notification, a ``missed`` lifecycle event or the safety poll catches up).
 
 Even an authentic item carries no data, only "message X of account A
-changed": the sync job re-reads the truth from Graph's delta. So a replayed
+changed" (or, from the account's ``me/mailFolders`` subscription, "a folder
+changed": the folder id is not even needed, one folder-list round reads
+every rename, move, creation and deletion): the sync job re-reads the truth
+from Graph's delta. So a replayed
 or duplicated notification can at worst cause one extra, idempotent sync;
 while the first one's job is still pending it causes nothing at all (the
 pending row already holds it).
@@ -60,6 +63,7 @@ from mailsync.monitoring.records import (
     PendingChanges,
     PendingStore,
     Subscription,
+    SubscriptionKind,
     SubscriptionStore,
 )
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES
@@ -237,6 +241,7 @@ class NotificationReceiver:
         items = parse_change_notifications(body)
         auth = NotificationAuthenticator(self._subscriptions, self._accounts)
         per_account: dict[str, list[tuple[str, str]]] = {}
+        folder_accounts: set[str] = set()
         dropped = 0
         for item in items:
             try:
@@ -245,6 +250,11 @@ class NotificationReceiver:
                 log.warning("rejected a notification request naming an unknown subscription (%d items)",
                             len(items), extra={"received": len(items)})
                 return ReceiveReport(received=len(items), dropped=len(items), rejected=True)
+            if subscription is not None and item.change_type is not None \
+                    and SubscriptionKind.of_resource(subscription.resource) is SubscriptionKind.FOLDERS:
+                folder_accounts.add(subscription.account_id)
+                per_account.setdefault(subscription.account_id, [])
+                continue
             if subscription is None or item.change_type is None or item.message_id is None:
                 dropped += 1
                 continue
@@ -256,12 +266,12 @@ class NotificationReceiver:
                         extra={"dropped": dropped, "received": len(items)})
         enqueued = 0
         for account_id, changes in per_account.items():
-            if self._coalesce(account_id, changes):
+            if self._coalesce(account_id, changes, folders_changed=account_id in folder_accounts):
                 enqueued += 1
         return ReceiveReport(received=len(items), accepted=len(items) - dropped, dropped=dropped,
                              jobs_enqueued=enqueued, accounts=len(per_account))
 
-    def _coalesce(self, account_id: str, changes: list[tuple[str, str]]) -> bool:
+    def _coalesce(self, account_id: str, changes: list[tuple[str, str]], *, folders_changed: bool = False) -> bool:
         """Merge into the pending row; True when this call enqueued the NOTIFIED job."""
         max_ids = self._settings.notify_max_ids
         for _ in range(MERGE_ATTEMPTS):
@@ -269,7 +279,8 @@ class NotificationReceiver:
             current = self._pending.get(account_id)
             if current is None:
                 merged, overflow = merge_changes((), changes, max_ids=max_ids)
-                row = PendingChanges(account_id, merged, overflow, first_at=now, enqueued_at=now)
+                row = PendingChanges(account_id, merged, overflow, first_at=now, enqueued_at=now,
+                                     folders_changed=folders_changed)
                 try:
                     self._pending.create(row)
                 except Conflict:
@@ -281,9 +292,11 @@ class NotificationReceiver:
             else:
                 merged, overflow = merge_changes(current.changes, changes, max_ids=max_ids)
             stale = now - current.enqueued_at > timedelta(seconds=PENDING_STALE_S)
-            if merged == current.changes and overflow == current.all_folders and not stale:
+            folders = current.folders_changed or folders_changed
+            if (merged == current.changes and overflow == current.all_folders
+                    and folders == current.folders_changed and not stale):
                 return False  # nothing new: a replay or a duplicate of what is pending
-            updated = replace(current, changes=merged, all_folders=overflow,
+            updated = replace(current, changes=merged, all_folders=overflow, folders_changed=folders,
                               enqueued_at=now if stale else current.enqueued_at)
             try:
                 self._pending.replace(updated)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from mailsync.jobs import JobKind, new_job
-from mailsync.monitoring.records import AccountDirectory, AccountMonitor, SubscriptionStore
+from mailsync.monitoring.records import AccountDirectory, AccountMonitor, SubscriptionKind, SubscriptionStore
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, webhooks_enabled
 from mailsync.ports import JobQueue
 from mailsync.settings import Settings
@@ -91,7 +91,10 @@ class PollScheduler:
         now = self._clock()
         now_s = now.timestamp()
         tick_s = self._settings.poll_tick_s
-        monitors = {m.account_id: m for m in self._subscriptions.monitors()} if self._webhooks else {}
+        # The messages subscription decides: without it changes go unseen. A failing
+        # folder subscription only delays folder renames until the sweep.
+        monitors = ({m.account_id: m for m in self._subscriptions.monitors() if m.kind is SubscriptionKind.MESSAGES}
+                    if self._webhooks else {})
         polled = swept = watched = 0
         for account in self._accounts.iter_accounts():
             if account.status not in WATCHED_STATUSES:

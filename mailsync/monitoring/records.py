@@ -5,9 +5,10 @@ Three small tables back this package (``mailsync.storage.subscriptions``):
 * a **subscription** row per Graph subscription, keyed by its id — the
   webhook's only lookup (one point read per distinct subscription in a
   notification batch);
-* a **monitor** row per account — which subscription is current, when it
-  expires, and whether creating or renewing it is failing (then the account
-  is polled instead);
+* a **monitor** row per account and subscription kind (``me/messages``,
+  ``me/mailFolders``) — which subscription is current, when it expires, and
+  whether creating or renewing it is failing (then the account is polled
+  instead, or for folders: folder changes wait for the sweep);
 * a **pending** row per account — the notifications received but not yet
   turned into sync jobs. It is the coalescing gate: while it exists, a job
   that will read it is on the queue, so new notifications only merge into
@@ -34,6 +35,23 @@ class ChangeType(enum.StrEnum):
     CREATED = "created"
     UPDATED = "updated"
     DELETED = "deleted"
+
+
+class SubscriptionKind(enum.StrEnum):
+    """What a subscription watches; the value is its Graph resource.
+
+    Messages say "message X changed" (the engine resolves the folders);
+    folders say "folder F was created, renamed, moved or deleted", which one
+    folder-list round brings to the store (names and parents included).
+    """
+
+    MESSAGES = "me/messages"
+    FOLDERS = "me/mailFolders"
+
+    @classmethod
+    def of_resource(cls, resource: str) -> SubscriptionKind:
+        """The kind of a stored subscription row (rows older than folder subscriptions are messages)."""
+        return cls.FOLDERS if resource.strip().strip("/").lower() == "me/mailfolders" else cls.MESSAGES
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,7 @@ class AccountMonitor:
     retry_at: datetime | None = None
     updated_at: datetime | None = None
     etag: str | None = None
+    kind: SubscriptionKind = SubscriptionKind.MESSAGES
 
     def healthy(self, now: datetime) -> bool:
         """True when a subscription exists, has not expired and nothing is failing."""
@@ -84,7 +103,9 @@ class PendingChanges:
 
     ``changes`` holds distinct (changeType, message id) pairs, at most
     ``Settings.notify_max_ids`` of them; beyond that ``all_folders`` is set
-    and the ids are dropped (the job then syncs every folder). ``enqueued_at``
+    and the ids are dropped (the job then syncs every folder). ``folders_changed``
+    says a folder subscription reported a folder created, renamed, moved or
+    deleted: the job adds one folder-list round. ``enqueued_at``
     is when the job that will read this row was sent: a row much older than
     that job's expected pickup means the job was lost, and the next
     notification enqueues a new one.
@@ -96,6 +117,7 @@ class PendingChanges:
     first_at: datetime
     enqueued_at: datetime
     etag: str | None = None
+    folders_changed: bool = False
 
 
 class SubscriptionStore(Protocol):
@@ -112,7 +134,8 @@ class SubscriptionStore(Protocol):
         """Delete; a missing row is fine."""
         ...
 
-    def get_monitor(self, account_id: str) -> AccountMonitor | None:
+    def get_monitor(self, account_id: str,
+                    kind: SubscriptionKind = SubscriptionKind.MESSAGES) -> AccountMonitor | None:
         ...
 
     def save_monitor(self, monitor: AccountMonitor) -> AccountMonitor:
@@ -122,10 +145,11 @@ class SubscriptionStore(Protocol):
         ...
 
     def delete_monitor(self, account_id: str) -> None:
+        """Delete the account's monitor rows of every kind (and its pending row)."""
         ...
 
     def monitors(self) -> Iterator[AccountMonitor]:
-        """Every account's monitor row (the timers' scan; one row per account)."""
+        """Every monitor row, of every kind (the timers' scan; one row per account and kind)."""
         ...
 
 

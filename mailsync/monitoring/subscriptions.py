@@ -1,4 +1,16 @@
-"""Graph subscriptions: create, renew, recreate, delete — one per account.
+"""Graph subscriptions: create, renew, recreate, delete — two per account.
+
+Each Outlook account has a **messages** subscription (``me/messages``: mail
+created, updated, deleted; the webhook resolves which folders to sync) and
+a **folders** subscription (``me/mailFolders``: a folder created, renamed,
+moved or deleted; the webhook asks for one folder-list round, so names and
+the hierarchy reach the store and the page within seconds instead of at
+the next sweep). Both live the same life below, each with its own monitor
+row. Graph's resource table documents only message paths for mail; if
+Graph refuses the folder collection, that monitor records the failure and
+retries with back-off, and folder changes keep arriving as before (the
+sweep, ``missed`` events, notifications about messages in unknown
+folders). Polling is decided by the messages subscription alone.
 
 Lifecycle of an account's subscription::
 
@@ -28,10 +40,12 @@ after the subscription exists, and our row is written after Graph answers,
 so a change in that window would be dropped as "unknown subscription".
 Delta sync is authoritative; the notification only says *when* to look.
 
-Webhooks need a notification URL Graph can reach. Against the sandbox any
-URL works (it runs beside us); against real Outlook ``PUBLIC_BASE_URL``
-must be public HTTPS, otherwise no subscription is created and every
-account is polled (``mailsync.monitoring.polling``).
+Webhooks need a notification URL Graph can reach. The sandbox runs beside
+us (an http loopback URL works when it was started with
+``--allow-http-loopback-webhooks``, as ``make run`` and the tests do);
+against real Outlook ``PUBLIC_BASE_URL`` must be public HTTPS, otherwise
+no subscription is created and every account is polled
+(``mailsync.monitoring.polling``).
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ from mailsync.monitoring.records import (
     ChangeType,
     Subscription,
     SubscriptionApi,
+    SubscriptionKind,
     SubscriptionRequest,
     SubscriptionStore,
 )
@@ -61,7 +76,8 @@ from mailsync.settings import Settings
 
 log = logging.getLogger("mailsync.monitoring.subscriptions")
 
-RESOURCE = "me/messages"
+RESOURCE = SubscriptionKind.MESSAGES.value
+KINDS = (SubscriptionKind.MESSAGES, SubscriptionKind.FOLDERS)
 CHANGE_TYPES = (ChangeType.CREATED, ChangeType.UPDATED, ChangeType.DELETED)
 WEBHOOK_PATH = "/api/graph/webhook"
 LIFECYCLE_PATH = "/api/graph/lifecycle"
@@ -112,7 +128,7 @@ class RenewalReport:
 
 
 class SubscriptionManager:
-    """Keeps one healthy Graph subscription per watched account.
+    """Keeps the two Graph subscriptions of every watched account healthy.
 
     Implements the ``SubscriptionRegistry`` port: account deletion calls
     :meth:`delete_for_account`. Provider failures never propagate from
@@ -134,77 +150,119 @@ class SubscriptionManager:
         self.lifecycle_url = base + LIFECYCLE_PATH
         self.enabled = webhooks_enabled(settings)
 
-    # -- the account's subscription -------------------------------------------------
+    # -- the account's subscriptions ------------------------------------------------
+    #
+    # The public methods act on both kinds and return the messages monitor
+    # (the one polling, the page and the tests look at); lifecycle events
+    # name one subscription, and act on its kind only.
 
     def ensure(self, account_id: str) -> AccountMonitor | None:
-        """Make sure the account has a subscription that is not about to expire."""
+        """Make sure the account has both subscriptions, neither about to expire."""
         if not self.enabled:
             return None
-        monitor = self._store.get_monitor(account_id)
-        now = self._clock()
-        if (monitor is not None and monitor.subscription_id is not None and monitor.expires_at is not None
-                and monitor.expires_at > now):
-            if monitor.failures == 0 and not self._renewal_due(monitor, now):
-                return monitor
-            return self.renew(account_id)  # recreates when Graph no longer knows it
-        return self._create(account_id, monitor)
+        results = {kind: self._ensure_kind(account_id, kind) for kind in KINDS}
+        return results[SubscriptionKind.MESSAGES]
 
     def renew(self, account_id: str, subscription_id: str | None = None) -> AccountMonitor | None:
-        """Extend the current subscription; recreate it when Graph no longer knows it.
+        """Extend the subscriptions; recreate one Graph no longer knows.
 
-        With ``subscription_id`` (a lifecycle event), an event about a
-        subscription that is no longer current is ignored.
+        With ``subscription_id`` (a lifecycle event: reauthorizationRequired),
+        only that subscription is renewed — one PATCH, which both extends and
+        reauthorizes it, so Graph resumes its paused notifications; an event
+        about a subscription that is no longer current is ignored.
         """
         if not self.enabled:
             return None
-        monitor = self._store.get_monitor(account_id)
-        if monitor is None or monitor.subscription_id is None:
-            return self._create(account_id, monitor)
-        if subscription_id is not None and subscription_id != monitor.subscription_id:
-            log.info("lifecycle event for a replaced subscription ignored")
-            return monitor
-        current = self._store.get(monitor.subscription_id)
-        if current is None:
-            return self._create(account_id, monitor)
-        wanted = self._expiration(self._clock())
-        try:
-            granted = self._api.renew(account_id, current.subscription_id, wanted)
-        except NotFound:
-            log.info("subscription gone at Graph; recreating", extra={"subscription_id": current.subscription_id})
-            return self._create(account_id, monitor)
-        except ProviderError as exc:
-            return self._record_failure(account_id, monitor, exc)
-        self._store.put(replace(current, expires_at=granted))
-        return self._save_monitor(account_id, monitor, subscription_id=current.subscription_id,
-                                  expires_at=granted)
+        if subscription_id is not None:
+            kind = self._kind_of(account_id, subscription_id)
+            if kind is None:
+                log.info("lifecycle event for a replaced subscription ignored")
+                return self._store.get_monitor(account_id)
+            return self._renew_kind(account_id, kind, subscription_id)
+        results = {kind: self._renew_kind(account_id, kind, None) for kind in KINDS}
+        return results[SubscriptionKind.MESSAGES]
 
     def recreate(self, account_id: str, subscription_id: str) -> AccountMonitor | None:
-        """Graph removed ``subscription_id`` (subscriptionRemoved): create a new one."""
+        """Graph removed ``subscription_id`` (subscriptionRemoved): create a new one of its kind."""
         if not self.enabled:
             return None
-        monitor = self._store.get_monitor(account_id)
-        if monitor is not None and monitor.subscription_id not in (None, subscription_id):
+        kind = self._kind_of(account_id, subscription_id)
+        if kind is None:
             log.info("subscriptionRemoved for a replaced subscription ignored")
-            return monitor
-        return self._create(account_id, monitor)
+            return self._store.get_monitor(account_id)
+        return self._create(account_id, self._store.get_monitor(account_id, kind), kind)
 
     def delete_for_account(self, account_id: str) -> None:
-        """Delete the account's subscription at Graph (best effort) and every row of it.
+        """Delete the account's subscriptions at Graph (best effort) and every row of them.
 
         Called when the account is deleted. If Graph cannot be told (token
         already revoked, Graph down), the rows still go: the webhook then
         drops that subscription's notifications as unknown, and Graph
         expires it within three days.
         """
-        monitor = self._store.get_monitor(account_id)
-        if monitor is not None and monitor.subscription_id is not None:
+        monitors = [m for m in (self._store.get_monitor(account_id, kind) for kind in KINDS) if m is not None]
+        for monitor in monitors:
+            if monitor.subscription_id is None:
+                continue
             try:
                 self._api.delete(account_id, monitor.subscription_id)
             except MailsyncError as exc:  # Graph down, grant revoked, no token any more
                 log.warning("could not delete the Graph subscription of a deleted account: %s", exc.code)
             self._store.delete(monitor.subscription_id)
-        if monitor is not None:
+        if monitors:
             self._store.delete_monitor(account_id)
+
+    # -- one kind -------------------------------------------------------------------------
+
+    def _ensure_kind(self, account_id: str, kind: SubscriptionKind) -> AccountMonitor | None:
+        monitor = self._store.get_monitor(account_id, kind)
+        now = self._clock()
+        if (monitor is not None and monitor.subscription_id is not None and monitor.expires_at is not None
+                and monitor.expires_at > now):
+            if monitor.failures == 0 and not self._renewal_due(monitor, now):
+                return monitor
+            return self._renew_kind(account_id, kind, None)  # recreates when Graph no longer knows it
+        if (monitor is not None and monitor.subscription_id is None and monitor.failures
+                and monitor.retry_at is not None and monitor.retry_at > now):
+            # Creation keeps failing and its back-off has not passed: the job
+            # came for the other kind; the renewer retries this one when due.
+            return monitor
+        return self._create(account_id, monitor, kind)
+
+    def _renew_kind(self, account_id: str, kind: SubscriptionKind,
+                    subscription_id: str | None) -> AccountMonitor | None:
+        monitor = self._store.get_monitor(account_id, kind)
+        if monitor is None or monitor.subscription_id is None:
+            return self._create(account_id, monitor, kind)
+        if subscription_id is not None and subscription_id != monitor.subscription_id:
+            log.info("lifecycle event for a replaced subscription ignored")
+            return monitor
+        current = self._store.get(monitor.subscription_id)
+        if current is None:
+            return self._create(account_id, monitor, kind)
+        wanted = self._expiration(self._clock())
+        try:
+            granted = self._api.renew(account_id, current.subscription_id, wanted)
+        except NotFound:
+            log.info("subscription gone at Graph; recreating", extra={"subscription_id": current.subscription_id})
+            return self._create(account_id, monitor, kind)
+        except ProviderError as exc:
+            return self._record_failure(account_id, monitor, exc, kind)
+        self._store.put(replace(current, expires_at=granted))
+        return self._save_monitor(account_id, monitor, kind, subscription_id=current.subscription_id,
+                                  expires_at=granted)
+
+    def _kind_of(self, account_id: str, subscription_id: str) -> SubscriptionKind | None:
+        """The kind of one of the account's current subscriptions, or None (replaced, unknown)."""
+        for kind in KINDS:
+            monitor = self._store.get_monitor(account_id, kind)
+            if monitor is not None and monitor.subscription_id == subscription_id:
+                return kind
+        if all(self._store.get_monitor(account_id, kind) is None for kind in KINDS):
+            # No row at all (never created, or rows lost): a messages event recreates from scratch.
+            row = self._store.get(subscription_id)
+            return SubscriptionKind.of_resource(row.resource) if row is not None else SubscriptionKind.MESSAGES
+        return None
 
     # -- the renewer timer ------------------------------------------------------------
 
@@ -218,28 +276,39 @@ class SubscriptionManager:
         if not self.enabled:
             return RenewalReport()
         now = self._clock()
-        monitors = {m.account_id: m for m in self._store.monitors()}
+        monitors: dict[str, dict[SubscriptionKind, AccountMonitor]] = {}
+        for row in self._store.monitors():
+            monitors.setdefault(row.account_id, {})[row.kind] = row
         renew = create = removed = 0
         for account in self._watched_accounts():
-            monitor = monitors.pop(account.account_id, None)
+            mine = monitors.pop(account.account_id, {})
+            # One job per account: "ensure" when a subscription is missing or broken
+            # (and its back-off has passed), else "renew" when one is due.
+            wants_create = any(self._needs_create(mine.get(kind), now) for kind in KINDS)
+            wants_renew = any(m.healthy(now) and self._renewal_due(m, now) for m in mine.values())
             job: Job | None = None
-            if monitor is None or monitor.subscription_id is None or not monitor.healthy(now):
-                if monitor is None or monitor.retry_at is None or monitor.retry_at <= now:
-                    job = new_job(JobKind.SUBSCRIPTION, account.account_id, reason="renewer",
-                                  attrs={"action": "ensure"})
-                    create += 1
-            elif self._renewal_due(monitor, now):
+            if wants_create:
+                job = new_job(JobKind.SUBSCRIPTION, account.account_id, reason="renewer",
+                              attrs={"action": "ensure"})
+                create += 1
+            elif wants_renew:
                 job = new_job(JobKind.SUBSCRIPTION, account.account_id, reason="renewer",
                               attrs={"action": "renew"})
                 renew += 1
             if job is not None:
                 self._queue.enqueue(job)
-        for stale in monitors.values():
-            # A monitor row without a watched account: deleted (or re-auth pending) account.
-            if self._accounts.get(stale.account_id) is None:
-                self.delete_for_account(stale.account_id)
+        for account_id in monitors:
+            # Monitor rows without a watched account: deleted (or re-auth pending) account.
+            if self._accounts.get(account_id) is None:
+                self.delete_for_account(account_id)
                 removed += 1
         return RenewalReport(renew=renew, create=create, removed=removed)
+
+    @staticmethod
+    def _needs_create(monitor: AccountMonitor | None, now: datetime) -> bool:
+        if monitor is not None and monitor.subscription_id is not None and monitor.healthy(now):
+            return False
+        return monitor is None or monitor.retry_at is None or monitor.retry_at <= now
 
     # -- internals --------------------------------------------------------------------
 
@@ -259,38 +328,42 @@ class SubscriptionManager:
         margin = min(300, lifetime // 10)
         return now + timedelta(seconds=lifetime - margin)
 
-    def _create(self, account_id: str, monitor: AccountMonitor | None) -> AccountMonitor | None:
+    def _create(self, account_id: str, monitor: AccountMonitor | None,
+                kind: SubscriptionKind = SubscriptionKind.MESSAGES) -> AccountMonitor | None:
         account = self._accounts.get(account_id)
         if account is None or account.status not in WATCHED_STATUSES:
             log.info("no subscription for an account that is gone or not linked")
             return monitor
         now = self._clock()
         client_state = new_secret(CLIENT_STATE_BYTES)
-        request = SubscriptionRequest(resource=RESOURCE, change_types=CHANGE_TYPES,
+        request = SubscriptionRequest(resource=kind.value, change_types=CHANGE_TYPES,
                                       notification_url=self.notification_url, lifecycle_url=self.lifecycle_url,
                                       client_state=client_state, expires_at=self._expiration(now))
         try:
             created = self._api.create(account_id, request)
         except (ProviderError, NotFound) as exc:
-            return self._record_failure(account_id, monitor, exc)
+            return self._record_failure(account_id, monitor, exc, kind)
         subscription = Subscription(subscription_id=created.subscription_id, account_id=account_id,
                                     client_state_hash=hash_secret(client_state), expires_at=created.expires_at,
-                                    created_at=now, resource=RESOURCE)
+                                    created_at=now, resource=kind.value)
         self._store.put(subscription)
         try:
-            saved = self._save_monitor(account_id, monitor, subscription_id=created.subscription_id,
+            saved = self._save_monitor(account_id, monitor, kind, subscription_id=created.subscription_id,
                                        expires_at=created.expires_at)
         except Conflict:
             # Someone else (renewer and lifecycle job racing) changed the account's
             # subscription meanwhile: theirs wins, ours goes.
             log.info("concurrent subscription change; dropping the one just created")
             self._discard(account_id, created.subscription_id)
-            return self._store.get_monitor(account_id)
+            return self._store.get_monitor(account_id, kind)
         if monitor is not None and monitor.subscription_id not in (None, created.subscription_id):
             self._discard(account_id, monitor.subscription_id)
         # Close the window between Graph creating it and our row existing.
-        self._queue.enqueue(new_job(JobKind.SYNC_ACCOUNT, account_id, reason="subscribed"))
-        log.info("subscription created", extra={"subscription_id": created.subscription_id,
+        if kind is SubscriptionKind.MESSAGES:
+            self._queue.enqueue(new_job(JobKind.SYNC_ACCOUNT, account_id, reason="subscribed"))
+        else:
+            self._queue.enqueue(new_job(JobKind.SYNC_FOLDERS, account_id, reason="subscribed"))
+        log.info("subscription created", extra={"subscription_id": created.subscription_id, "resource": kind.value,
                                                  "expires_at": created.expires_at.isoformat()})
         return saved
 
@@ -301,11 +374,11 @@ class SubscriptionManager:
             log.warning("could not delete a replaced subscription: %s", exc.code)
         self._store.delete(subscription_id)
 
-    def _record_failure(self, account_id: str, monitor: AccountMonitor | None,
-                        exc: MailsyncError) -> AccountMonitor:
+    def _record_failure(self, account_id: str, monitor: AccountMonitor | None, exc: MailsyncError,
+                        kind: SubscriptionKind = SubscriptionKind.MESSAGES) -> AccountMonitor:
         failures = (monitor.failures if monitor else 0) + 1
         now = self._clock()
-        log.warning("subscription create/renew failed (%d in a row): %s", failures, exc.code,
+        log.warning("%s subscription create/renew failed (%d in a row): %s", kind.value, failures, exc.code,
                     extra={"error_code": exc.code})
         retry_at = now + timedelta(seconds=retry_backoff_s(failures))
         if isinstance(exc, ReauthRequired):
@@ -314,15 +387,16 @@ class SubscriptionManager:
                                 subscription_id=monitor.subscription_id if monitor else None,
                                 expires_at=monitor.expires_at if monitor else None,
                                 failures=failures, last_error=exc.code, retry_at=retry_at, updated_at=now,
-                                etag=monitor.etag if monitor else None)
+                                etag=monitor.etag if monitor else None, kind=kind)
         try:
             return self._store.save_monitor(fields)
         except Conflict:
-            latest = self._store.get_monitor(account_id)
+            latest = self._store.get_monitor(account_id, kind)
             return latest if latest is not None else fields
 
-    def _save_monitor(self, account_id: str, monitor: AccountMonitor | None, *, subscription_id: str,
-                      expires_at: datetime) -> AccountMonitor:
+    def _save_monitor(self, account_id: str, monitor: AccountMonitor | None, kind: SubscriptionKind, *,
+                      subscription_id: str, expires_at: datetime) -> AccountMonitor:
         return self._store.save_monitor(AccountMonitor(
             account_id=account_id, subscription_id=subscription_id, expires_at=expires_at, failures=0,
-            last_error=None, retry_at=None, updated_at=self._clock(), etag=monitor.etag if monitor else None))
+            last_error=None, retry_at=None, updated_at=self._clock(), etag=monitor.etag if monitor else None,
+            kind=kind))

@@ -4,7 +4,8 @@ Table ``<prefix>subscriptions``; every partition is one subscription or
 one account, so none grows::
 
     PartitionKey = "s-<subscription id>"  RowKey = "subscription"  account, clientState hash, expiry
-    PartitionKey = "a-<account id>"       RowKey = "monitor"       current subscription, failures
+    PartitionKey = "a-<account id>"       RowKey = "monitor"       current me/messages subscription, failures
+    PartitionKey = "a-<account id>"       RowKey = "monitor-folders"  the same for me/mailFolders
     PartitionKey = "a-<account id>"       RowKey = "pending"       notifications awaiting their job
 
 The webhook's lookup by subscription id is a point read. The timers scan
@@ -29,11 +30,13 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableClient, UpdateMode
 
 from mailsync.errors import Conflict
-from mailsync.monitoring.records import AccountMonitor, PendingChanges, Subscription
+from mailsync.monitoring.records import AccountMonitor, PendingChanges, Subscription, SubscriptionKind
 from mailsync.storage.table_errors import ensure_table, table_errors
 
 SUBSCRIPTION_ROW = "subscription"
 MONITOR_ROW = "monitor"
+# The messages row keeps its original key, so rows written before folder subscriptions still read.
+MONITOR_ROWS = {SubscriptionKind.MESSAGES: MONITOR_ROW, SubscriptionKind.FOLDERS: "monitor-folders"}
 PENDING_ROW = "pending"
 # Graph subscription ids are GUIDs; our account ids are hex. Both fit this.
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -123,12 +126,13 @@ class TableSubscriptionStore:
 
     # -- monitors ---------------------------------------------------------------------
 
-    def get_monitor(self, account_id: str) -> AccountMonitor | None:
+    def get_monitor(self, account_id: str,
+                    kind: SubscriptionKind = SubscriptionKind.MESSAGES) -> AccountMonitor | None:
         if not valid_key(account_id):
             return None
         with table_errors("reading an account monitor"):
             try:
-                entity = self._table.get_entity(_account_key(account_id), MONITOR_ROW)
+                entity = self._table.get_entity(_account_key(account_id), MONITOR_ROWS[kind])
             except ResourceNotFoundError:
                 return None
         return _monitor(entity)
@@ -136,7 +140,7 @@ class TableSubscriptionStore:
     def save_monitor(self, monitor: AccountMonitor) -> AccountMonitor:
         if not valid_key(monitor.account_id):
             raise ValueError("account id is not a valid table key")
-        entity = {"PartitionKey": _account_key(monitor.account_id), "RowKey": MONITOR_ROW,
+        entity = {"PartitionKey": _account_key(monitor.account_id), "RowKey": MONITOR_ROWS[monitor.kind],
                   "account_id": monitor.account_id, "subscription_id": monitor.subscription_id or "",
                   "expires_at": _iso(monitor.expires_at), "failures": monitor.failures,
                   "last_error": monitor.last_error or "", "retry_at": _iso(monitor.retry_at),
@@ -158,20 +162,24 @@ class TableSubscriptionStore:
         if not valid_key(account_id):
             return
         with table_errors("deleting an account monitor"):
-            self._table.delete_entity(_account_key(account_id), MONITOR_ROW)
+            for row in MONITOR_ROWS.values():
+                self._table.delete_entity(_account_key(account_id), row)
             self._table.delete_entity(_account_key(account_id), PENDING_ROW)
 
     def monitors(self) -> Iterator[AccountMonitor]:
+        rows = list(MONITOR_ROWS.values())
         with table_errors("listing account monitors"):
-            for entity in self._table.query_entities("RowKey eq @row", parameters={"row": MONITOR_ROW}):
+            for entity in self._table.query_entities("RowKey eq @a or RowKey eq @b",
+                                                     parameters={"a": rows[0], "b": rows[1]}):
                 yield _monitor(entity)
 
 
 def _monitor(entity: Any) -> AccountMonitor:
+    kind = next(k for k, row in MONITOR_ROWS.items() if row == entity["RowKey"])
     return AccountMonitor(account_id=str(entity["account_id"]), subscription_id=_opt(entity, "subscription_id"),
                           expires_at=_time(entity.get("expires_at")), failures=int(entity.get("failures") or 0),
                           last_error=_opt(entity, "last_error"), retry_at=_time(entity.get("retry_at")),
-                          updated_at=_time(entity.get("updated_at")), etag=_etag(entity))
+                          updated_at=_time(entity.get("updated_at")), etag=_etag(entity), kind=kind)
 
 
 class TablePendingStore:
@@ -193,7 +201,8 @@ class TablePendingStore:
                               changes=tuple((str(ct), str(mid)) for ct, mid in changes),
                               all_folders=bool(entity.get("all_folders")),
                               first_at=_required_time(entity["first_at"]),
-                              enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity))
+                              enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity),
+                              folders_changed=bool(entity.get("folders_changed")))
 
     def create(self, pending: PendingChanges) -> PendingChanges:
         with table_errors("saving pending notifications"):
@@ -232,5 +241,6 @@ class TablePendingStore:
             raise ValueError("account id is not a valid table key")
         return {"PartitionKey": _account_key(pending.account_id), "RowKey": PENDING_ROW,
                 "changes": orjson.dumps([list(pair) for pair in pending.changes]).decode(),
-                "all_folders": pending.all_folders, "first_at": _iso(pending.first_at),
+                "all_folders": pending.all_folders, "folders_changed": pending.folders_changed,
+                "first_at": _iso(pending.first_at),
                 "enqueued_at": _iso(pending.enqueued_at)}

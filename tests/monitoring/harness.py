@@ -49,13 +49,13 @@ class Harness:
                                    access_token_hash=hash_secret(new_secret()), created_at=now, updated_at=now))
         return account_id
 
-    def add_subscription(self, account_id: str) -> tuple[str, str]:
+    def add_subscription(self, account_id: str, resource: str = "me/messages") -> tuple[str, str]:
         """A subscription row as SubscriptionManager writes it: (subscription id, clientState)."""
         subscription_id = str(uuid.uuid4())
         client_state = new_secret(48)
         now = datetime.now(UTC)
         self.subscriptions.put(Subscription(subscription_id, account_id, hash_secret(client_state),
-                                            now + timedelta(days=2), now))
+                                            now + timedelta(days=2), now, resource=resource))
         self.client_states[subscription_id] = client_state
         return subscription_id, client_state
 

@@ -264,6 +264,39 @@ def test_changes_after_the_initial_sync_arrive_through_the_webhook(stack: Stack,
           f"mean {statistics.mean(latencies):.2f} s")
 
 
+def stored_folder(stack: Stack, linked: Linked, folder_id: str) -> tuple[str, str | None] | None:
+    for view in stack.store.list_folders(linked.account_id):
+        if view.folder.folder_id == folder_id:
+            return view.folder.name, view.folder.parent_id
+    return None
+
+
+def test_folder_changes_arrive_through_the_folder_subscription(stack: Stack, linked: Linked) -> None:
+    """Created, renamed, moved: only the me/mailFolders subscription can tell (no sweeps, no polls here)."""
+    assert stack.status(linked) == AccountStatus.SYNCED.value
+    graph = stack.graph(linked)
+    inbox = graph.get("me/mailFolders/inbox").json()
+    started = time.monotonic()
+    folder = graph.post("me/mailFolders", json={"displayName": "Receipts"}).json()
+    steps = [("created", lambda: None, ("Receipts", folder["parentFolderId"])),
+             ("renamed", lambda: graph.patch(f"me/mailFolders/{folder['id']}", json={"displayName": "Expenses"}),
+              ("Expenses", folder["parentFolderId"])),
+             ("moved", lambda: graph.post(f"me/mailFolders/{folder['id']}/move",
+                                          json={"destinationId": inbox["id"]}), ("Expenses", inbox["id"]))]
+    timings: list[str] = []
+    for name, act, expected in steps:
+        answer = act()
+        assert answer is None or answer.ok, answer
+        begun = started if name == "created" else time.monotonic()
+        while stored_folder(stack, linked, folder["id"]) != expected:
+            if time.monotonic() - begun > 30:
+                pytest.fail(f"folder {name} did not reach the store in 30 s: "
+                            f"{stored_folder(stack, linked, folder['id'])}\n" + stack.host.logs()[-4000:])
+            time.sleep(0.05)
+        timings.append(f"{name} {time.monotonic() - begun:.2f} s")
+    print("\nfolder change → stored via the folder subscription: " + ", ".join(timings))
+
+
 def test_a_burst_of_1000_changes_is_a_bounded_number_of_jobs(stack: Stack, linked: Linked) -> None:
     marker = len(stack.host.logs())
     posts_before = stack.delivery()["posts"]
@@ -317,3 +350,5 @@ def test_unlinking_deletes_the_subscription(stack: Stack) -> None:
     assert subscription not in at_graph
     subscriptions = TableSubscriptionStore(table_client(stack.settings, "subscriptions"))
     assert subscriptions.get(subscription) is None and subscriptions.get_monitor(linked.account_id) is None
+    assert at_graph == [s["id"] for s in stack.sandbox.admin("GET", "subscriptions").json()["value"]
+                        if s["userId"] != stack.sandbox.users[2].id]

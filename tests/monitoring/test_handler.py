@@ -140,6 +140,34 @@ def test_a_new_folder_also_syncs_the_folder_list(world: World) -> None:
     assert (JobKind.SYNC_FOLDERS.value, None) in jobs and sync(folder) in jobs
 
 
+def folder_change(subscription_id: str, client_state: str, folder_id: str, change_type: str) -> dict[str, object]:
+    """A me/mailFolders changeNotification, as the sandbox (and Outlook) sends it."""
+    resource = f"Users/u/MailFolders/{folder_id}"
+    return {"id": "7a3e2f4c-0000-4000-8000-000000000001", "subscriptionId": subscription_id,
+            "subscriptionExpirationDateTime": "2026-11-27T10:00:00.0000000Z", "changeType": change_type,
+            "resource": resource, "clientState": client_state, "tenantId": "t",
+            "resourceData": {"@odata.type": "#Microsoft.Graph.MailFolder", "@odata.id": resource, "id": folder_id}}
+
+
+def test_a_folder_notification_is_one_folder_list_round(world: World) -> None:
+    folders_sub = world.harness.add_subscription(world.account, resource="me/mailFolders")
+    body = {"value": [folder_change(*folders_sub, world.inbox, "updated"),
+                      folder_change(*folders_sub, world.inbox, "created")]}
+    report = world.harness.notifications.receive(body)
+    assert (report.accepted, report.dropped, report.jobs_enqueued) == (2, 0, 1)
+    assert world.harness.notifications.receive(body).jobs_enqueued == 0       # a replay merges into the row
+    pending = world.harness.pending.get(world.account)
+    assert pending is not None and pending.folders_changed and pending.changes == ()
+    before = world.graph_requests()
+    assert world.run() == [(JobKind.SYNC_FOLDERS.value, None)]
+    assert world.graph_requests() == before
+    # A message change in the same row keeps its own folder sync beside the folder list.
+    message = world.stored[0]
+    world.notify(("updated", message["id"]))
+    world.harness.notifications.receive({"value": [folder_change(*folders_sub, world.inbox, "deleted")]})
+    assert world.run() == sorted([(JobKind.SYNC_FOLDERS.value, None), sync(message["folderId"])])
+
+
 def test_notifications_merged_while_the_job_runs_are_handled_by_the_same_job(world: World) -> None:
     late = world.stored[3]
 

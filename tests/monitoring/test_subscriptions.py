@@ -23,16 +23,18 @@ from mailsync.jobs import JobKind
 from mailsync.models import Job
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
-from mailsync.monitoring.records import AccountMonitor
+from mailsync.monitoring.records import AccountMonitor, SubscriptionKind
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
 from mailsync.store.elasticsearch import ElasticsearchStore
 from tests.fixtures.devhost import DevhostProcess
 from tests.fixtures.graph_sandbox import SandboxTestServer
+from tests.graph_sandbox.signin import user_tokens
 from tests.monitoring.harness import Harness, make_harness
 
-LIFETIME_S = 600
-RENEW_BEFORE_S = 300
+# Graph grants at least 45 minutes; the sandbox's clock is moved instead of waiting.
+LIFETIME_S = 3600
+RENEW_BEFORE_S = 1800
 
 
 @dataclass
@@ -53,8 +55,14 @@ class Rig:
         self.offset_s += seconds
 
     def client_for(self, account_id: str) -> GraphClient:
-        token = self.sandbox.user_token(self.users[account_id])
-        return GraphClient(lambda _force: token, base_url=f"{self.sandbox.base_url}/v1.0")
+        address = self.users[account_id]
+
+        def token(force_refresh: bool) -> str:
+            # The clock moves past the access token's hour: sign in again, as a refresh would.
+            return str(user_tokens(self.sandbox.base_url, address)[0]["access_token"]) if force_refresh \
+                else self.sandbox.user_token(address)
+
+        return GraphClient(token, base_url=f"{self.sandbox.base_url}/v1.0")
 
     def link(self, index: int) -> str:
         account = self.harness.add_account()
@@ -67,8 +75,8 @@ class Rig:
                 return sub  # type: ignore[no-any-return]
         return None
 
-    def monitor(self, account: str) -> AccountMonitor:
-        monitor = self.harness.subscriptions.get_monitor(account)
+    def monitor(self, account: str, kind: SubscriptionKind = SubscriptionKind.MESSAGES) -> AccountMonitor:
+        monitor = self.harness.subscriptions.get_monitor(account, kind)
         assert monitor is not None
         return monitor
 
@@ -123,6 +131,11 @@ def test_a_subscription_is_created_with_the_handshake_and_its_notifications_are_
     at_graph = rig.at_graph(monitor.subscription_id)
     assert at_graph is not None
     assert at_graph["resource"] == "me/messages" and at_graph["changeType"] == "created,updated,deleted"
+    folders = rig.monitor(account, SubscriptionKind.FOLDERS)
+    assert folders.healthy(rig.now()) and folders.subscription_id not in (None, monitor.subscription_id)
+    at_graph_folders = rig.at_graph(folders.subscription_id)  # type: ignore[arg-type]
+    assert at_graph_folders is not None and at_graph_folders["resource"] == "me/mailFolders"
+    assert at_graph_folders["lifecycleNotificationUrl"] == at_graph["lifecycleNotificationUrl"]
     assert at_graph["notificationUrl"] == f"{rig.webhook.base_url}/api/graph/webhook"
     assert at_graph["lifecycleNotificationUrl"] == f"{rig.webhook.base_url}/api/graph/lifecycle"
     assert at_graph["immutableIds"] is True
@@ -130,8 +143,8 @@ def test_a_subscription_is_created_with_the_handshake_and_its_notifications_are_
     row = rig.harness.subscriptions.get(monitor.subscription_id)
     assert row is not None and len(at_graph["clientState"]) <= 128
     assert at_graph["clientState"] not in str(row) and row.account_id == account
-    # The creation is followed by an incremental sync of the account (the gap before our row existed).
-    assert [j.kind for j in rig.harness.drain()] == [JobKind.SYNC_ACCOUNT.value]
+    # Each creation is followed by a sync covering the gap before our row existed.
+    assert [j.kind for j in rig.harness.drain()] == [JobKind.SYNC_ACCOUNT.value, JobKind.SYNC_FOLDERS.value]
     rig.change(account)
     assert rig.wait_pending(account), "the sandbox's notification did not reach the pending row"
     # ensure() again: healthy and not due, nothing changes.
@@ -184,18 +197,29 @@ def test_subscriptions_are_renewed_before_they_expire(rig: Rig) -> None:
 def test_lifecycle_events_from_graph_renew_recreate_and_resync(rig: Rig) -> None:
     account = rig.link(0)
     first = rig.manager.ensure(account)
-    assert first is not None and first.subscription_id
+    assert first is not None and first.subscription_id and first.expires_at is not None
+    folders = rig.monitor(account, SubscriptionKind.FOLDERS)
     rig.harness.drain()
-    # The sandbox challenged the short-lived subscription already (reauthorizationRequired within
-    # 15 minutes of expiry): our lifecycle endpoint turned that into a renew job.
+    # Inside the 15 minutes before expiry Graph challenges both subscriptions
+    # (reauthorizationRequired) and holds their notifications until we answer.
+    rig.advance((first.expires_at - rig.now()).total_seconds() - 600)
     deadline = time.monotonic() + 15
     renew_jobs: list[Job] = []
-    while not renew_jobs and time.monotonic() < deadline:
-        renew_jobs = [j for j in rig.harness.drain(0.2) if j.attrs.get("action") == "renew"]
-    assert renew_jobs and renew_jobs[0].attrs["subscription_id"] == first.subscription_id
+    while len({j.attrs["subscription_id"] for j in renew_jobs}) < 2 and time.monotonic() < deadline:
+        renew_jobs += [j for j in rig.harness.drain(0.2) if j.attrs.get("action") == "renew"]
+    assert {j.attrs["subscription_id"] for j in renew_jobs} == {first.subscription_id, folders.subscription_id}
+    rig.change(account)
+    assert not rig.wait_pending(account, timeout_s=1.0), "Graph delivered while its challenge was open"
     for job in renew_jobs:
         rig.jobs.run(job)
-    assert rig.monitor(account).subscription_id == first.subscription_id
+    # One PATCH per subscription answered its challenge: the held notification arrives.
+    assert rig.wait_pending(account), "the held notification never came after reauthorizing"
+    assert not any(s["reauthorizationPending"] for s in rig.sandbox.admin("GET", "subscriptions").json()["value"])
+    renewed = rig.monitor(account)
+    assert renewed.subscription_id == first.subscription_id
+    assert renewed.expires_at is not None and renewed.expires_at > first.expires_at
+    assert rig.monitor(account, SubscriptionKind.FOLDERS).subscription_id == folders.subscription_id
+    rig.harness.pending.delete(rig.harness.pending.get(account))  # type: ignore[arg-type]
 
     # missed → an incremental sync of the account.
     assert rig.sandbox.admin("POST", f"subscriptions/{first.subscription_id}/lifecycle",
@@ -216,6 +240,16 @@ def test_lifecycle_events_from_graph_renew_recreate_and_resync(rig: Rig) -> None
     assert current.subscription_id not in (None, first.subscription_id)
     assert rig.at_graph(current.subscription_id) is not None  # type: ignore[arg-type]
     assert rig.harness.subscriptions.get(first.subscription_id) is None
+    # The folder subscription was not touched; its own removal recreates only it.
+    assert rig.monitor(account, SubscriptionKind.FOLDERS).subscription_id == folders.subscription_id
+    assert rig.sandbox.admin("POST", f"subscriptions/{folders.subscription_id}/lifecycle",
+                             json={"event": "subscriptionRemoved"}).status_code == 202
+    deadline = time.monotonic() + 15
+    while (rig.monitor(account, SubscriptionKind.FOLDERS).subscription_id == folders.subscription_id
+           and time.monotonic() < deadline):
+        rig.run_jobs(0.2)
+    assert rig.monitor(account, SubscriptionKind.FOLDERS).subscription_id != folders.subscription_id
+    assert rig.monitor(account).subscription_id == current.subscription_id
 
 
 def test_a_failing_creation_is_recorded_and_retried_with_back_off(rig: Rig) -> None:
@@ -231,6 +265,7 @@ def test_a_failing_creation_is_recorded_and_retried_with_back_off(rig: Rig) -> N
     assert monitor is not None and monitor.subscription_id is None and monitor.failures == 1
     assert monitor.last_error == "provider_error"
     assert rig.sandbox.admin("GET", "subscriptions").json()["value"] == []
+    assert rig.monitor(account, SubscriptionKind.FOLDERS).failures == 1
     assert monitor.retry_at is not None and monitor.retry_at > rig.now()
     assert rig.manager.renewal_pass().create == 0                 # backing off
     rig.advance(61)
@@ -238,16 +273,21 @@ def test_a_failing_creation_is_recorded_and_retried_with_back_off(rig: Rig) -> N
     rig.run_jobs()
     healthy = rig.monitor(account)
     assert healthy.subscription_id and healthy.failures == 0
+    assert rig.monitor(account, SubscriptionKind.FOLDERS).healthy(rig.now())
 
 
 def test_deleting_an_account_deletes_its_subscription(rig: Rig) -> None:
     account = rig.link(0)
     monitor = rig.manager.ensure(account)
     assert monitor is not None and monitor.subscription_id
+    folders = rig.monitor(account, SubscriptionKind.FOLDERS)
     rig.manager.delete_for_account(account)
     assert rig.at_graph(monitor.subscription_id) is None
+    assert rig.at_graph(folders.subscription_id) is None  # type: ignore[arg-type]
+    assert rig.sandbox.admin("GET", "subscriptions").json()["value"] == []
     assert rig.harness.subscriptions.get(monitor.subscription_id) is None
     assert rig.harness.subscriptions.get_monitor(account) is None
+    assert rig.harness.subscriptions.get_monitor(account, SubscriptionKind.FOLDERS) is None
     rig.manager.delete_for_account(account)                        # idempotent
 
 

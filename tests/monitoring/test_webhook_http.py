@@ -155,6 +155,22 @@ def test_lifecycle_events_become_jobs(webhook: DevhostProcess, harness: Harness)
                            (JobKind.SYNC_ACCOUNT.value, "", "missed")])
 
 
+def test_challenges_of_both_subscriptions_in_one_post_renew_each(webhook: DevhostProcess, harness: Harness) -> None:
+    # Graph batches lifecycle events per URL; an account's messages and folders
+    # subscriptions share it. Each challenge needs its own PATCH or that
+    # subscription's notifications stay paused; "missed" needs one account sync.
+    account = harness.add_account()
+    messages = harness.add_subscription(account)
+    folders = harness.add_subscription(account, resource="me/mailFolders")
+    body = {"value": [{"subscriptionId": sub, "clientState": state, "lifecycleEvent": event}
+                      for sub, state in (messages, folders) for event in ("reauthorizationRequired", "missed")]}
+    assert post(webhook, "/api/graph/lifecycle", body).status_code == 202
+    jobs = harness.drain()
+    renewals = sorted(j.attrs["subscription_id"] for j in jobs if j.attrs.get("action") == "renew")
+    assert renewals == sorted([messages[0], folders[0]])
+    assert [j.reason for j in jobs if j.kind == JobKind.SYNC_ACCOUNT.value] == ["missed"]
+
+
 def test_a_burst_of_1000_notifications_over_http_is_one_job_and_fast_enough(webhook: DevhostProcess,
                                                                             harness: Harness) -> None:
     account = harness.add_account()
