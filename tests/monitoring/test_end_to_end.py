@@ -31,6 +31,7 @@ from devhost.services.process import free_port
 from graph_sandbox.config import SandboxConfig
 from mailsync.models import AccountStatus, MessageQuery
 from mailsync.monitoring.polling import PollScheduler
+from mailsync.monitoring.records import SubscriptionKind
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.job_queue import AzureJobQueue
@@ -164,7 +165,8 @@ def subscription_of(stack: Stack, linked: Linked, timeout_s: float = 30.0) -> st
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         monitor = subscriptions.get_monitor(linked.account_id)
-        if monitor is not None and monitor.subscription_id:
+        folders = subscriptions.get_monitor(linked.account_id, SubscriptionKind.FOLDERS)
+        if monitor is not None and monitor.subscription_id and folders is not None and folders.subscription_id:
             return monitor.subscription_id
         time.sleep(0.2)
     pytest.fail("no subscription was created after linking\n" + stack.host.logs()[-4000:])
