@@ -6,7 +6,8 @@ Values and the environment, the environment winning):
 * Azurite (queues, tables) on 10001/10002 with data under .local/azurite,
   unless AzureWebJobsStorage names something other than development storage;
 * the search store (osmem-server, in memory) unless ELASTICSEARCH_URL is set;
-* the Graph sandbox on 7081 unless MS_CLIENT_ID or GRAPH_SANDBOX_URL is set;
+* the Graph sandbox on 7081 unless MS_CLIENT_ID or GRAPH_SANDBOX_URL is set,
+  its mailboxes, tokens and subscriptions kept in .local/graph-sandbox/;
 * development secrets (TOKEN_ENCRYPTION_KEYS, the SignalR AccessKey), made
   once and kept in .local/dev-secrets.json so restarts can read old data;
 
@@ -125,7 +126,9 @@ def start_services(env: dict[str, str], data_dir: Path, devhost_port: int, stack
             sandbox = start_graph_sandbox(logs / "graph-sandbox.log", port=SANDBOX_PORT, own_session=True,
                                           args=["--public-url", f"http://127.0.0.1:{SANDBOX_PORT}",
                                                 # the devhost's webhook is http on loopback
-                                                "--allow-http-loopback-webhooks"])
+                                                "--allow-http-loopback-webhooks",
+                                                # linked accounts survive a restart of make run
+                                                "--state-file", str(data_dir / "graph-sandbox" / "state.pickle")])
         except ServiceError as exc:
             _say(f"WARNING: Graph sandbox not started: {exc}")
         else:

@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> SandboxConfig:
     parser.add_argument("--delta-token-ttl-s", type=float, default=defaults.delta_token_ttl_s)
     parser.add_argument("--anchor", default=None, help="ISO date the seeded mail is dated back from")
     parser.add_argument("--public-url", default=None, help="base URL to put in links (default: request origin)")
+    parser.add_argument("--state-file", default=None,
+                        help="keep mailboxes, tokens and subscriptions in this file across restarts "
+                             "(default: in memory only)")
     parser.add_argument("--allow-http-loopback-webhooks", action="store_true",
                         help="accept http:// notification URLs on 127.0.0.1/localhost/[::1] (Graph wants https; "
                              "a local stack serves http)")
@@ -51,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> SandboxConfig:
                              faults=args.faults, fault_seed=args.fault_seed,
                              access_token_lifetime_s=args.access_token_lifetime_s,
                              delta_token_ttl_s=args.delta_token_ttl_s, public_url=args.public_url,
-                             allow_http_loopback_webhooks=args.allow_http_loopback_webhooks, **changes)
+                             allow_http_loopback_webhooks=args.allow_http_loopback_webhooks,
+                             state_path=args.state_file, **changes)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

@@ -832,6 +832,24 @@ class IdentityPlatform:
         return Principal(user_id=user_id, app_id=app_id, scopes=frozenset(str(claims.get("scp", "")).split()),
                          delegated=True)
 
+    # -- saved state (graph_sandbox.persistence) ------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Sign-ins, codes, refresh tokens, revocation dates and the signing key."""
+        return {"signer": self.signer.private_pem(), "sessions": dict(self._sessions), "codes": dict(self._codes),
+                "refresh": dict(self._refresh), "valid_from": dict(self._valid_from)}
+
+    def import_state(self, saved: dict[str, Any]) -> None:
+        self.signer = TokenSigner.from_pem(saved["signer"])
+        self._sessions = dict(saved["sessions"])
+        self._codes = dict(saved["codes"])
+        self._refresh = dict(saved["refresh"])
+        self._valid_from = dict(saved["valid_from"])
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        return (len(self._sessions), len(self._codes), sum(c.redeemed for c in self._codes.values()),
+                len(self._refresh), sum(r.used for r in self._refresh.values()), len(self._valid_from))
+
     # -- housekeeping ------------------------------------------------------------
 
     def _prune(self) -> None:

@@ -267,6 +267,19 @@ class Notifier:
     def pending_count(self) -> int:
         return sum(len(e.pending) for e in self._endpoints.values())
 
+    def export_pending(self) -> list[tuple[str, dict[str, Any], str, bool]]:
+        """What is queued, as (url, payload, subscription id, lifecycle) (the saved state)."""
+        return [(e.url, i.payload, i.subscription_id, i.lifecycle) for e in self._endpoints.values() for i in e.pending]
+
+    def import_pending(self, items: Iterable[tuple[str, dict[str, Any], str, bool]]) -> None:
+        """Queue saved notifications again, as they were (faults were applied when first queued)."""
+        for url, payload, subscription_id, lifecycle in items:
+            endpoint = self._endpoints.get(url)
+            if endpoint is None:
+                endpoint = self._endpoints[url] = _Endpoint(url)
+            endpoint.pending.append(_Item(payload, subscription_id, lifecycle))
+        self._wake.set()
+
     # -- queueing --------------------------------------------------------------------
 
     def _loop_time(self) -> float:

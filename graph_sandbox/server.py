@@ -8,6 +8,9 @@
     /sandbox/mail            the mailbox page for people (graph_sandbox.mail_page)
     /sandbox/...             the admin API (graph_sandbox.admin)
 
+With ``config.state_path`` the state is loaded from and saved to that file
+(graph_sandbox.persistence); without it, the sandbox lives in memory.
+
 ``SandboxServer`` runs that app on a free 127.0.0.1 port in a background
 thread, for tests and for the local stack::
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,12 +34,14 @@ from graph_sandbox.config import SandboxConfig
 from graph_sandbox.identity import IdentityPlatform
 from graph_sandbox.mail_api import MailApi
 from graph_sandbox.mail_page import MailPage
+from graph_sandbox.persistence import SandboxPersistence
 from graph_sandbox.state import SandboxState
 from graph_sandbox.subscriptions import SubscriptionService
 
 log = logging.getLogger("graph_sandbox")
 
 STATE_KEY: web.AppKey[SandboxState] = web.AppKey("state", SandboxState)
+PERSISTENCE_KEY: web.AppKey[SandboxPersistence] = web.AppKey("persistence", SandboxPersistence)
 
 
 def create_app(config: SandboxConfig, state: SandboxState | None = None) -> web.Application:
@@ -56,6 +62,20 @@ def create_app(config: SandboxConfig, state: SandboxState | None = None) -> web.
 
     app.on_startup.append(start_subscriptions)
     app.on_cleanup.append(stop_subscriptions)
+    if config.state_path:
+        # After every service exists: loading fills them; saving runs after they stopped.
+        persistence = SandboxPersistence(Path(config.state_path), state, identity, subscriptions)
+        persistence.load()
+        app[PERSISTENCE_KEY] = persistence
+
+        async def start_saving(_: web.Application) -> None:
+            await persistence.start()
+
+        async def stop_saving(_: web.Application) -> None:
+            await persistence.stop()
+
+        app.on_startup.append(start_saving)
+        app.on_cleanup.append(stop_saving)
     app.add_routes(MailPage(state).routes())
     app.add_routes(AdminApi(state).routes())
     # Last: the catch-all /v1.0/{tail} must not shadow /v1.0/subscriptions.

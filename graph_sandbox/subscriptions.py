@@ -283,6 +283,23 @@ class SubscriptionService:
             del sub.held[0]
             sub.held_overflow = True
 
+    def export_state(self) -> dict[str, Any]:
+        """Every subscription and what the notifier still has to send (graph_sandbox.persistence)."""
+        return {"subscriptions": list(self._subs.values()), "pending": self.notifier.export_pending()}
+
+    def import_state(self, saved: dict[str, Any]) -> None:
+        self.clear()
+        for sub in saved["subscriptions"]:
+            self._subs[sub.id] = sub
+            self._by_user.setdefault(sub.user_id, set()).add(sub.id)
+        self.notifier.import_pending(saved["pending"])
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        """Changes whenever something worth saving changed (cheap; polled by the saver)."""
+        subs = sorted((s.id, s.expiration, s.notification_url, s.challenge_open, len(s.held))
+                      for s in self._subs.values())
+        return (*subs, self.notifier.pending_count())
+
     def clear(self) -> None:
         """Forget every subscription (sandbox reset: the world is rebuilt)."""
         self._subs.clear()

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 # Microsoft Graph's application id: the "aud" of v1.0 Graph access tokens.
@@ -95,6 +95,18 @@ class TokenSigner:
         # Entra's kids are base64url thumbprint-like strings; ours is derived from the key.
         self.kid = kid or b64url_encode(hashlib.sha256(self._n.encode()).digest()[:20])
         self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def private_pem(self) -> bytes:
+        """The signing key (PKCS#8 PEM), for the sandbox's saved state: tokens stay valid across restarts."""
+        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> TokenSigner:
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError("the saved signing key is not an RSA key")
+        return cls(key)
 
     def jwks(self) -> dict[str, Any]:
         """The JSON Web Key Set that publishes the verification key."""
