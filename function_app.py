@@ -12,6 +12,7 @@ from functions.account_api import bp as account_api
 from functions.graph_webhook import bp as graph_webhook
 from functions.health import bp as health
 from functions.mail_api import bp as mail_api
+from functions.maintenance import bp as maintenance
 from functions.oauth_callback import bp as oauth_callback
 from functions.oauth_start import bp as oauth_start
 from functions.poll_scheduler import bp as poll_scheduler
@@ -29,6 +30,7 @@ for blueprint in (
     graph_webhook,
     subscription_renewer,
     poll_scheduler,
+    maintenance,
     signalr_negotiate,
     mail_api,
     health,

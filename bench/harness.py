@@ -493,6 +493,10 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
             "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
             "TOKEN_ENCRYPTION_KEYS": "bench1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
             "MAILSYNC_LOCAL_DIR": str(workdir / "local"),
+            # Every bench account comes from 127.0.0.1: the per-client limits would stop a large run.
+            "RATE_LIMIT_NEW_ACCOUNTS": "0",
+            "RATE_LIMIT_IMAP_ATTEMPTS": "0",
+            "LINKED_ACCOUNTS_PER_CLIENT_PER_DAY": "0",
             "SIGNALR_HUB": "mailsync",
             "AzureSignalRConnectionString": f"Endpoint=http://127.0.0.1:{port}/signalr;AccessKey={signalr_key};"
                                             "Version=1.0;",

@@ -57,6 +57,18 @@ class _HttpRoute:
     spec: FunctionSpec
 
 
+def _append_forwarded_for(headers: dict[str, str], peer: str | None) -> None:
+    """Append the connecting peer to X-Forwarded-For, as Azure's front end does for a Function App.
+
+    The app trusts the entry its nearest proxy appended (mailsync/security/client_ip.py),
+    so under the devhost, too, that entry is the peer the socket saw, not one the client wrote.
+    """
+    if not peer:
+        return
+    name = next((key for key in headers if key.lower() == "x-forwarded-for"), "X-Forwarded-For")
+    headers[name] = f"{headers[name]}, {peer}" if headers.get(name) else peer
+
+
 def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
@@ -205,6 +217,7 @@ class Devhost:
         headers: dict[str, str] = {}
         for key, value in request.headers.items():
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        _append_forwarded_for(headers, request.remote)
         query = {k: request.query.getone(k) for k in request.query}
         req = func.HttpRequest(method=request.method, url=str(request.url), headers=headers, params=query,
                                route_params=values, body=body)

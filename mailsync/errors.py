@@ -16,6 +16,7 @@ place (``functions/_shared/http.py`` and the sync worker), never in callers.
     ├── SignInElsewhere           403 the sign-in was started in another browser
     ├── NotFound                  404 unknown account (also: someone else's)
     ├── Conflict                  409 address linked elsewhere, stale ETag
+    ├── RateLimited               429 a per-client limit on anonymous work (retry_after_s)
     ├── DependencyUnavailable     503 tables, queues or store down (retry_after_s)
     ├── ProviderError                 the mailbox provider (Graph, IMAP) failed
     │   ├── ProviderThrottled         429 / concurrency limit (retry_after_s)
@@ -100,6 +101,17 @@ class Conflict(MailsyncError):
 
     code = "conflict"
     http_status = 409
+
+
+class RateLimited(MailsyncError):
+    """The caller spent its allowance of anonymous work; it may try again after ``retry_after_s``."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class DependencyUnavailable(MailsyncError):

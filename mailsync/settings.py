@@ -148,6 +148,17 @@ class Settings:
 
     # HTTP front door.
     max_body_bytes: int = 1_000_000
+    # How many proxies of ours append to X-Forwarded-For: 1 = the Functions front end (or the devhost),
+    # 2 = behind the Static Web App as well (mailsync/security/client_ip.py).
+    trusted_proxy_hops: int = 1
+
+    # Limits on anonymous work, per client IP (IPv6: per /64); a count of 0 turns one off (docs/security.md).
+    rate_limit_new_accounts: int = 10              # new accounts ...
+    rate_limit_new_accounts_period_s: int = 3600   # ... per this many seconds (a token bucket: bursts up to the count)
+    rate_limit_imap_attempts: int = 10             # IMAP logins tried while linking ...
+    rate_limit_imap_attempts_period_s: int = 600   # ... per this many seconds
+    linked_accounts_per_client_per_day: int = 10   # accounts actually linked per client per day
+    stale_linking_s: int = 3600                    # never-linked accounts idle this long are deleted (hourly)
     log_format: str = "json"
 
     # Local state (sandbox-only development key, ...): never used in Azure.
@@ -222,6 +233,13 @@ class Settings:
             signalr_service_uri=e.get("AzureSignalRConnectionString__serviceUri") or None,
             signalr_client_id=e.get("AzureSignalRConnectionString__clientId") or None,
             max_body_bytes=_int(e, "MAX_BODY_BYTES", 1_000_000),
+            trusted_proxy_hops=_int(e, "TRUSTED_PROXY_HOPS", 1),
+            rate_limit_new_accounts=_int(e, "RATE_LIMIT_NEW_ACCOUNTS", 10),
+            rate_limit_new_accounts_period_s=_int(e, "RATE_LIMIT_NEW_ACCOUNTS_PERIOD_S", 3600),
+            rate_limit_imap_attempts=_int(e, "RATE_LIMIT_IMAP_ATTEMPTS", 10),
+            rate_limit_imap_attempts_period_s=_int(e, "RATE_LIMIT_IMAP_ATTEMPTS_PERIOD_S", 600),
+            linked_accounts_per_client_per_day=_int(e, "LINKED_ACCOUNTS_PER_CLIENT_PER_DAY", 10),
+            stale_linking_s=_int(e, "STALE_LINKING_S", 3600),
             log_format=e.get("LOG_FORMAT") or "json",
             local_dir=e.get("MAILSYNC_LOCAL_DIR") or ".local",
         )
@@ -249,6 +267,14 @@ class Settings:
             raise ConfigurationError("POLL_INTERVAL_S and POLL_TICK_S must be positive")
         if not 0 <= self.notify_coalesce_s <= 60 or self.notify_max_ids < 1:
             raise ConfigurationError("NOTIFY_COALESCE_S must be 0..60 and NOTIFY_MAX_IDS positive")
+        if min(self.rate_limit_new_accounts, self.rate_limit_imap_attempts,
+               self.linked_accounts_per_client_per_day) < 0:
+            raise ConfigurationError("RATE_LIMIT_* counts and LINKED_ACCOUNTS_PER_CLIENT_PER_DAY must be >= 0 (0: off)")
+        if min(self.rate_limit_new_accounts_period_s, self.rate_limit_imap_attempts_period_s) < 1:
+            raise ConfigurationError("RATE_LIMIT_*_PERIOD_S must be positive")
+        if self.trusted_proxy_hops < 1 or self.stale_linking_s < 600:
+            raise ConfigurationError("TRUSTED_PROXY_HOPS must be >= 1 and STALE_LINKING_S >= 600 "
+                                     "(longer than a pending sign-in lives)")
         if min(self.elasticsearch_bulk_docs, self.elasticsearch_shards) < 1 or self.elasticsearch_bulk_bytes < 65536:
             raise ConfigurationError(
                 "ELASTICSEARCH_BULK_DOCS and ELASTICSEARCH_SHARDS must be positive, ELASTICSEARCH_BULK_BYTES >= 65536"

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from mailsync.errors import (
     InputError,
     MailsyncError,
     PayloadTooLarge,
+    RateLimited,
     UnsupportedMediaType,
 )
 
@@ -55,8 +57,9 @@ def error_response(error: MailsyncError, correlation_id: str | None = None) -> f
     """The JSON error body for ``error``: its message for a 4xx, a fixed sentence and the correlation id for a 5xx."""
     headers: dict[str, str] = {}
     retry_after = getattr(error, "retry_after_s", None)
-    if isinstance(error, DependencyUnavailable) or (error.http_status == 503 and retry_after):
-        headers["Retry-After"] = str(max(1, int(retry_after or 5)))
+    if isinstance(error, DependencyUnavailable | RateLimited) or (error.http_status == 503 and retry_after):
+        # Rounded up: a client that waits exactly this long is not refused again.
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after or 5)))
     if isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = 'Bearer realm="mailsync"'
     body: dict[str, Any] = {"code": error.code, "message": error.message}

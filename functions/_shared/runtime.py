@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from mailsync.storage.accounts import TableAccountRepository
     from mailsync.storage.cursors import SyncStateTable
     from mailsync.storage.job_queue import AzureJobQueue
+    from mailsync.storage.rate_limits import TableRateLimiter
     from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
     from mailsync.storage.tokens import TableTokenStore
     from mailsync.store.elasticsearch import ElasticsearchStore
@@ -145,6 +146,7 @@ class Runtime:
     def linking(self) -> LinkingService:
         """Create / link / show / unlink accounts: POST /api/accounts, the OAuth callback, /api/accounts/{id}."""
         from mailsync.linking.imap import ImapLinker
+        from mailsync.linking.limits import LinkingLimits
         from mailsync.linking.outlook import OutlookLinker
         from mailsync.linking.return_urls import ReturnUrlPolicy
         from mailsync.linking.service import LinkingService
@@ -165,7 +167,15 @@ class Runtime:
             sync_status=self.sync_status,
             subscriptions=self.subscription_registry,
             cleanups=(self.sync_state.delete_account,),  # the account's cursors and leases
+            limits=LinkingLimits.from_settings(settings, self.rate_limiter),
         )
+
+    @cached_property
+    def rate_limiter(self) -> TableRateLimiter:
+        """Per-client token buckets shared by every instance (table TABLE_PREFIX + "limits")."""
+        from mailsync.storage.rate_limits import TableRateLimiter
+
+        return TableRateLimiter(self._linking_table("limits"))
 
     # -- sync engine (docs/sync-engine.md) ----------------------------------------
 

@@ -57,7 +57,7 @@ def oauth_callback(req: func.HttpRequest) -> func.HttpResponse:
     rt = runtime()
     with log_context(function="oauth_callback"):
         try:
-            location = rt.linking.complete(params, caller_of(req))
+            location = rt.linking.complete(params, caller_of(req, rt.settings.trusted_proxy_hops))
         except SignInElsewhere as refused:
             return refused_page(refused, f"{rt.settings.public_base_url}/index.html")
     return func.HttpResponse(status_code=302, headers={"Location": location, **_NO_REFERRER})

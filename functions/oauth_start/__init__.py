@@ -52,7 +52,7 @@ def _start(req: func.HttpRequest) -> func.HttpResponse:
     body = read_json_object(req, max_bytes=rt.settings.max_body_bytes)
     bearer = bearer_token(req) if "account_id" in body else None  # only a re-link is authenticated
     with log_context(function="oauth_start"):
-        result = rt.linking.start(body, bearer, caller_of(req))
+        result = rt.linking.start(body, bearer, caller_of(req, rt.settings.trusted_proxy_hops))
     headers = {}
     if result.browser_nonce is not None:
         headers["Set-Cookie"] = rt.browser_binding.set_cookie(result.browser_nonce)

@@ -202,6 +202,34 @@ param imapVerifyTimeoutS int = 5
 @description('MAX_BODY_BYTES: largest HTTP request body accepted.')
 param maxBodyBytes int = 1000000
 
+@minValue(1)
+@description('TRUSTED_PROXY_HOPS: proxies of ours that append to X-Forwarded-For; main.parameters.json sets 2: the Static Web App (which forwards /api/*) and the Functions front end. Per-client limits count the entry left of them (docs/security.md). No default: the app alone (1) would be wrong here.')
+param trustedProxyHops int
+
+@minValue(0)
+@description('RATE_LIMIT_NEW_ACCOUNTS: new accounts per client IP (IPv6: /64) per RATE_LIMIT_NEW_ACCOUNTS_PERIOD_S; 0 = off.')
+param rateLimitNewAccounts int = 10
+
+@minValue(1)
+@description('RATE_LIMIT_NEW_ACCOUNTS_PERIOD_S: the period of RATE_LIMIT_NEW_ACCOUNTS (seconds).')
+param rateLimitNewAccountsPeriodS int = 3600
+
+@minValue(0)
+@description('RATE_LIMIT_IMAP_ATTEMPTS: IMAP logins tried while linking, per client IP per RATE_LIMIT_IMAP_ATTEMPTS_PERIOD_S; 0 = off.')
+param rateLimitImapAttempts int = 10
+
+@minValue(1)
+@description('RATE_LIMIT_IMAP_ATTEMPTS_PERIOD_S: the period of RATE_LIMIT_IMAP_ATTEMPTS (seconds).')
+param rateLimitImapAttemptsPeriodS int = 600
+
+@minValue(0)
+@description('LINKED_ACCOUNTS_PER_CLIENT_PER_DAY: accounts linked per client IP per day; 0 = off.')
+param linkedAccountsPerClientPerDay int = 10
+
+@minValue(600)
+@description('STALE_LINKING_S: never-linked accounts idle this long are deleted by the hourly maintenance timer.')
+param staleLinkingS int = 3600
+
 @allowed([
   'json'
   'text'
@@ -223,6 +251,7 @@ var tableSuffixes = [
   'authflows' // pending OAuth flows, keyed by state
   'sync' // per-folder cursors, leases and Graph request slots
   'subscriptions' // Graph subscriptions and pending notifications
+  'limits' // per-client rate-limit buckets (anonymous account creation, IMAP attempts)
 ]
 
 // --- Resources ----------------------------------------------------------------
@@ -343,6 +372,13 @@ var appSettings = {
   IMAP_VERIFY_TIMEOUT_S: string(imapVerifyTimeoutS)
   SIGNALR_HUB: signalRHub
   MAX_BODY_BYTES: string(maxBodyBytes)
+  TRUSTED_PROXY_HOPS: string(trustedProxyHops)
+  RATE_LIMIT_NEW_ACCOUNTS: string(rateLimitNewAccounts)
+  RATE_LIMIT_NEW_ACCOUNTS_PERIOD_S: string(rateLimitNewAccountsPeriodS)
+  RATE_LIMIT_IMAP_ATTEMPTS: string(rateLimitImapAttempts)
+  RATE_LIMIT_IMAP_ATTEMPTS_PERIOD_S: string(rateLimitImapAttemptsPeriodS)
+  LINKED_ACCOUNTS_PER_CLIENT_PER_DAY: string(linkedAccountsPerClientPerDay)
+  STALE_LINKING_S: string(staleLinkingS)
   LOG_FORMAT: logFormat
 }
 

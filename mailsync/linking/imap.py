@@ -129,6 +129,7 @@ class ImapLinker:
 
     provider = Provider.IMAP
     credential_kind = IMAP
+    verifies_on_begin = True   # logs in to the caller's server: limited per client
 
     def __init__(self, settings: Settings, *, connect: Any = ImapSession.connect,
                  checks: LoginCheckPool | None = None) -> None:

@@ -27,6 +27,7 @@ class OutlookLinker:
 
     provider = Provider.OUTLOOK
     credential_kind = MSAL
+    verifies_on_begin = False
 
     def __init__(self, msal_app: MsalApp, redirect_uri: str, *, graph_url: str = GRAPH_URL) -> None:
         self._msal = msal_app

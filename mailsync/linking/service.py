@@ -35,8 +35,6 @@ leaves the account retryable.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -50,13 +48,16 @@ from mailsync.errors import (
     MailsyncError,
     NotFound,
     ProviderError,
+    RateLimited,
 )
 from mailsync.jobs import JobKind, new_job
 from mailsync.linking.access import AccountAccess, issue_access_token
 from mailsync.linking.browser_binding import BrowserBinding
+from mailsync.linking.limits import LinkingLimits
 from mailsync.linking.return_urls import ReturnUrlPolicy, with_params
 from mailsync.models import Account, AccountStatus, Mailbox, Provider
 from mailsync.ports import JobQueue, MessageStore, SubscriptionRegistry, SyncStatusReader
+from mailsync.security.client_ip import UNKNOWN_CLIENT
 from mailsync.storage.accounts import IdentityClaim, TableAccountRepository, normalize_address
 from mailsync.storage.auth_flows import PendingFlow, TableAuthFlowStore
 from mailsync.storage.tokens import TableTokenStore
@@ -64,7 +65,6 @@ from mailsync.storage.tokens import TableTokenStore
 log = logging.getLogger("mailsync.linking")
 
 FLOW_TTL = timedelta(minutes=10)
-PURGE_EVERY_S = 3600.0
 _SAVE_ATTEMPTS = 3
 COMMON_FIELDS = frozenset({"provider", "return_url", "account_id"})
 SYNC_NOT_STARTED = ("temporarily_unavailable", "Linked, but the sync could not be started. Try again in a moment.")
@@ -98,6 +98,8 @@ class AccountLinker(Protocol):
 
     provider: Provider
     credential_kind: str
+    # True when ``begin`` logs in to a server the caller names (IMAP): limited per client.
+    verifies_on_begin: bool
 
     def begin(self, account_id: str, request: Mapping[str, Any], *,
               login_hint: str | None) -> LinkRedirect | LinkedIdentity:
@@ -117,6 +119,7 @@ class Caller:
     """What the front door knows about who is calling."""
 
     browser_nonce: str | None = field(default=None, repr=False)  # the sign-in cookie it sent, if any
+    client: str = UNKNOWN_CLIENT   # the bucket per-client limits count in (security/client_ip.py)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,15 @@ def account_view(account: Account, sync: dict[str, Any] | None) -> dict[str, Any
     }
 
 
+@dataclass(frozen=True)
+class CleanupReport:
+    """What one maintenance pass removed or moved."""
+
+    expired_sign_ins: int
+    stale_accounts: int
+    migrated_claims: int
+
+
 class _CallbackFailed(Exception):
     """Internal: stop the callback and send the browser back with this error."""
 
@@ -183,6 +195,7 @@ class LinkingService:
         sync_status: SyncStatusReader | None = None,
         subscriptions: SubscriptionRegistry | None = None,
         cleanups: Sequence[Callable[[str], object]] = (),
+        limits: LinkingLimits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._accounts = accounts
@@ -196,9 +209,8 @@ class LinkingService:
         self._sync_status = sync_status
         self._subscriptions = subscriptions
         self._cleanups = tuple(cleanups)
+        self._limits = limits
         self._clock = clock
-        self._purge_lock = threading.Lock()
-        self._next_purge = 0.0
 
     # -- POST /api/accounts ----------------------------------------------------
 
@@ -221,7 +233,8 @@ class LinkingService:
             new_return_url = return_url if body.get("return_url") else None
             return self._relink(self._access.authenticate(account_id, bearer), linker, extra, new_return_url,
                                 caller)
-        self._purge_flows_now_and_then()
+        if self._limits is not None:
+            self._limits.new_account(caller.client)
         return self._create(linker, extra, return_url, caller)
 
     def _create(self, linker: AccountLinker, extra: Mapping[str, Any], return_url: str,
@@ -233,8 +246,11 @@ class LinkingService:
                           access_token_hash=token_hash, created_at=now, updated_at=now, return_url=return_url)
         # Talk to the provider before writing anything: a provider that is down
         # or refuses the credentials leaves no account behind.
+        self._limit_attempt(linker, caller)
         step = linker.begin(account_id, extra, login_hint=None)
         if isinstance(step, LinkedIdentity):
+            if self._limits is not None:
+                self._limits.linked(caller.client)
             linked = self._commit_new(account, step)
             self._start_sync_or_record(linked, step, reason="initial")
             return StartResult(account_id, linked.status, None, token)
@@ -253,6 +269,7 @@ class LinkingService:
                 new_return_url: str | None, caller: Caller) -> StartResult:
         if account.provider != linker.provider:
             raise InputError("an account cannot change provider; create a new account", code="provider_mismatch")
+        self._limit_attempt(linker, caller)
         step = linker.begin(account.account_id, extra, login_hint=account.address)
         if isinstance(step, LinkedIdentity):
             linked = self._commit_existing(account, step)
@@ -286,16 +303,38 @@ class LinkingService:
             log.warning("could not remove an account whose sign-in was not saved",
                         extra={"account_id": account_id})
 
-    def _purge_flows_now_and_then(self) -> None:
-        now = time.monotonic()
-        with self._purge_lock:
-            if now < self._next_purge:
-                return
-            self._next_purge = now + PURGE_EVERY_S
-        try:
-            self._flows.purge_expired(self._clock())
-        except MailsyncError:
-            log.warning("could not purge expired sign-ins")
+    def _limit_attempt(self, linker: AccountLinker, caller: Caller) -> None:
+        if self._limits is not None and linker.verifies_on_begin:
+            self._limits.imap_attempt(caller.client)
+
+    # -- the hourly maintenance timer ---------------------------------------------
+
+    def clean_up(self, stale_after: timedelta) -> CleanupReport:
+        """Remove what anonymous callers left behind; migrate old identity claims.
+
+        - pending sign-ins past their expiry (abandoned at the provider);
+        - accounts that were never linked (``linking``, or ``error`` without
+          an address: a cancelled or failed first sign-in) and untouched for
+          ``stale_after``. Their sign-in expired long before, so no callback
+          can still complete them; the delete is ETag-conditional, so an
+          account restarted meanwhile (re-link) stays;
+        - address claims IMAP accounts made under older versions
+          (storage/accounts.py ``migrate_imap_claims``).
+        """
+        now = self._clock()
+        flows = self._flows.purge_expired(now)
+        removed = 0
+        for account in self._accounts.iter_accounts((AccountStatus.LINKING, AccountStatus.ERROR)):
+            if account.address is not None or now - account.updated_at < stale_after:
+                continue
+            try:
+                self._accounts.delete(account.account_id, etag=account.etag)
+            except (Conflict, NotFound):
+                continue  # restarted or deleted meanwhile
+            removed += 1
+            log.info("never-linked account deleted", extra={"account_id": account.account_id})
+        migrated = self._accounts.migrate_imap_claims(now=now)
+        return CleanupReport(expired_sign_ins=flows, stale_accounts=removed, migrated_claims=migrated)
 
     # -- GET /api/oauth/callback --------------------------------------------------
 
@@ -318,7 +357,7 @@ class LinkingService:
             if account is None:
                 raise _CallbackFailed("account_not_found", "This account was deleted before the sign-in finished.")
             try:
-                linked = self._finish(account, pending, params)
+                linked = self._finish(account, pending, params, caller)
             except _CallbackFailed as failure:
                 self._record_failure(account, failure.message, force_error=failure.force_error)
                 raise
@@ -329,7 +368,7 @@ class LinkingService:
         log.info("account linked", extra={"account_id": account_id, "status": linked.status.value})
         return with_params(base, {"account_id": account_id})
 
-    def _finish(self, account: Account, pending: PendingFlow, params: Mapping[str, str]) -> Account:
+    def _finish(self, account: Account, pending: PendingFlow, params: Mapping[str, str], caller: Caller) -> Account:
         if pending.expired(self._clock()):
             raise _CallbackFailed("login_expired", "The sign-in took too long. Try again.")
         linker = self._linkers.get(account.provider)
@@ -337,8 +376,10 @@ class LinkingService:
             raise _CallbackFailed("unsupported_provider", "This provider is not available here.")
         try:
             identity = linker.complete(account, pending.flow, params)
+            if self._limits is not None and account.address is None:
+                self._limits.linked(caller.client)   # a new link, not a re-link
             linked = self._commit_existing(account, identity)
-        except (ProviderError, DependencyUnavailable, Conflict, NotFound, InputError) as exc:
+        except (ProviderError, DependencyUnavailable, Conflict, NotFound, InputError, RateLimited) as exc:
             raise self._as_failure(exc) from exc
         try:
             self._start_sync(linked, identity, reason="initial" if account.address is None else "relink")
@@ -357,7 +398,7 @@ class LinkingService:
             return _CallbackFailed("temporarily_unavailable", "A service was unavailable. Try again in a moment.")
         if isinstance(exc, InputError):
             return _CallbackFailed("invalid_request", exc.message)
-        if isinstance(exc, ProviderError):
+        if isinstance(exc, ProviderError | RateLimited):
             return _CallbackFailed(exc.code, exc.message)
         return _CallbackFailed("conflict", "The account changed while signing in. Try again.")
 

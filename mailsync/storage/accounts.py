@@ -237,9 +237,26 @@ class TableAccountRepository:
                 raise
         return _with_etag(account, str(results[0]["etag"]))
 
-    def delete(self, account_id: str) -> None:
-        """Delete the account's partition (account row, credentials) and release its claims."""
+    def delete(self, account_id: str, *, etag: str | None = None) -> None:
+        """Delete the account's partition (account row, credentials) and release its claims.
+
+        With ``etag``, only if the account row is unchanged since it was read:
+        Conflict (nothing deleted) when it changed, NotFound when it is gone.
+        The account row goes first then, so nothing else is touched unless it did.
+        """
         account = self.get(account_id)
+        if etag is not None:
+            with table_errors("deleting the account"):
+                try:
+                    self._table.delete_entity(account_id, ACCOUNT_ROW, etag=etag,
+                                              match_condition=MatchConditions.IfNotModified)
+                except (ResourceModifiedError, ResourceNotFoundError, HttpResponseError) as exc:
+                    # The SDK reports a failed If-Match on delete as a plain 412 (and may swallow a 404).
+                    if exc.status_code == 412:
+                        raise Conflict("the account was changed concurrently") from exc
+                    if exc.status_code == 404:
+                        raise NotFound("the account no longer exists") from exc
+                    raise
         with table_errors("deleting the account"):
             rows = list(self._table.query_entities("PartitionKey eq @pk", parameters={"pk": account_id},
                                                    select=["PartitionKey", "RowKey"]))

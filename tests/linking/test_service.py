@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import pytest
 
 from devhost.services.process import free_port
-from mailsync.errors import Conflict, DependencyUnavailable, InputError
+from mailsync.errors import Conflict, DependencyUnavailable, InputError, ProviderError, RateLimited
 from mailsync.jobs import JobKind, decode_job
 from mailsync.linking.access import AccountAccess
+from mailsync.linking.limits import LinkingLimits
 from mailsync.linking.return_urls import ReturnUrlPolicy, with_params
 from mailsync.linking.service import Caller, LinkedIdentity, LinkingService, LinkRedirect
 from mailsync.models import Account, AccountStatus, Provider
 from mailsync.settings import Settings
 from mailsync.storage import connection
 from mailsync.storage.job_queue import AzureJobQueue
-from tests.linking.tables import LinkingTables, linking_tables
+from mailsync.storage.rate_limits import TableRateLimiter
+from tests.linking.tables import LinkingTables, linking_tables, table_client
 
 USERS = {"ann@imap.test": "pw-ann-secret", "bob@imap.test": "pw-bob-secret",
          "victim@outlook.test": "pw-squatter"}
@@ -36,6 +40,7 @@ class PasswordLinker:
 
     provider = Provider.IMAP
     credential_kind = "imap"
+    verifies_on_begin = True
 
     def begin(self, account_id: str, request: Mapping[str, Any], *,
               login_hint: str | None) -> LinkRedirect | LinkedIdentity:
@@ -60,6 +65,7 @@ class VerifiedSignIn:
 
     provider = Provider.OUTLOOK
     credential_kind = "msal"
+    verifies_on_begin = False
 
     def begin(self, account_id: str, request: Mapping[str, Any], *, login_hint: str | None) -> LinkRedirect:
         state = uuid.uuid4().hex
@@ -68,13 +74,16 @@ class VerifiedSignIn:
 
     def complete(self, account: Account, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
         assert params["state"] == flow["state"]
+        if "error" in params:   # what the platform sends when the person cancels
+            raise ProviderError("The sign-in was cancelled.", code=params["error"])
         address = params["code"]
         return LinkedIdentity(address=address, display_name="Verified", provider_user_id=f"graph:{address}",
                               credential="{}", credential_kind="msal")
 
 
 def service(t: LinkingTables, settings: Settings, queue: AzureJobQueue | None = None, *,
-            oauth: bool = False) -> LinkingService:
+            oauth: bool = False, limits: LinkingLimits | None = None,
+            clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> LinkingService:
     linkers: dict[Provider, Any] = {Provider.IMAP: PasswordLinker()}
     if oauth:
         linkers[Provider.OUTLOOK] = VerifiedSignIn()
@@ -82,7 +91,17 @@ def service(t: LinkingTables, settings: Settings, queue: AzureJobQueue | None = 
         accounts=t.accounts, tokens=t.tokens, flows=t.flows, access=AccountAccess(t.accounts),
         jobs=queue or AzureJobQueue(settings),
         return_urls=ReturnUrlPolicy.from_base(settings.return_url_allowlist, settings.public_base_url),
-        linkers=linkers)
+        linkers=linkers, limits=limits, clock=clock)
+
+
+def limits(settings: Settings, **values: int) -> LinkingLimits:
+    """The production rules with these settings, counted in the test's own limits table."""
+    configured = replace(settings, **values)  # type: ignore[arg-type]
+    return LinkingLimits.from_settings(configured, TableRateLimiter(table_client(settings, "limits")))
+
+
+def state_of(started: Any) -> str:
+    return str(started.authorize_url).rsplit("=", 1)[1]
 
 
 @pytest.fixture
@@ -187,3 +206,102 @@ def test_imap_accounts_are_keyed_by_host_port_and_user(t: LinkingTables, storage
     with pytest.raises(Conflict) as info:
         linking.start({**body, "host": "one.imap.test"})
     assert info.value.code == "address_in_use"
+
+
+ANN = {"provider": "imap", "username": "ann@imap.test", "password": "pw-ann-secret"}
+
+
+def test_new_accounts_are_limited_per_client(t: LinkingTables, storage_settings: Settings) -> None:
+    linking = service(t, storage_settings, oauth=True, limits=limits(storage_settings, rate_limit_new_accounts=2))
+    me, other = Caller(client="203.0.113.7"), Caller(client="198.51.100.4")
+    for _ in range(2):
+        linking.start({"provider": "outlook"}, caller=me)
+    before = account_rows(t)
+    with pytest.raises(RateLimited) as info:
+        linking.start({"provider": "outlook"}, caller=me)
+    assert info.value.http_status == 429 and info.value.code == "too_many_accounts"
+    assert 0 < info.value.retry_after_s <= 1800
+    assert account_rows(t) == before   # nothing written
+    linking.start({"provider": "outlook"}, caller=other)
+
+
+def test_imap_attempts_are_limited_per_client_new_or_relink(t: LinkingTables, storage_settings: Settings) -> None:
+    linking = service(t, storage_settings, limits=limits(storage_settings, rate_limit_imap_attempts=3))
+    me = Caller(client="203.0.113.8")
+    for _ in range(2):
+        with pytest.raises(InputError):
+            linking.start({**ANN, "password": "wrong"}, caller=me)
+    linked = linking.start(ANN, caller=me)
+    assert linked.access_token
+    with pytest.raises(RateLimited) as info:   # a re-link logs in too
+        linking.start({**ANN, "account_id": linked.account_id}, linked.access_token, caller=me)
+    assert info.value.code == "too_many_imap_attempts"
+    with pytest.raises(RateLimited):
+        linking.start({**ANN, "host": "other.imap.test"}, caller=me)
+    assert [row["PartitionKey"] for row in account_rows(t)] == [linked.account_id]
+
+
+def test_linked_accounts_per_client_per_day(t: LinkingTables, storage_settings: Settings) -> None:
+    linking = service(t, storage_settings, oauth=True,
+                      limits=limits(storage_settings, linked_accounts_per_client_per_day=2))
+    me = Caller(client="203.0.113.9")
+    linking.start({**ANN, "host": "one.imap.test"}, caller=me)              # link 1 (at once)
+    started = linking.start({"provider": "outlook"}, caller=me)
+    also = linking.start({"provider": "outlook"}, caller=me)               # started while one link is left
+    assert started.browser_nonce and also.browser_nonce
+    done = linking.complete({"state": state_of(started), "code": "dee@outlook.test"},
+                            Caller(started.browser_nonce, me.client))   # link 2 (at the callback)
+    assert "error" not in done
+    with pytest.raises(RateLimited) as info:                                # no third account today
+        linking.start({**ANN, "host": "two.imap.test"}, caller=me)
+    assert info.value.code == "daily_link_limit" and info.value.retry_after_s > 3600
+    refused = linking.complete({"state": state_of(also), "code": "eve@outlook.test"},
+                               Caller(also.browser_nonce, me.client))
+    assert "error=daily_link_limit" in refused
+    assert also.access_token and linking.get(also.account_id, also.access_token)["address"] is None
+    assert t.accounts.address_owner("eve@outlook.test") is None
+    # A re-link is not a new mailbox: it is not counted.
+    assert started.access_token
+    relink = linking.start({"provider": "outlook", "account_id": started.account_id}, started.access_token,
+                           caller=me)
+    again = linking.complete({"state": state_of(relink), "code": "dee@outlook.test"},
+                             Caller(relink.browser_nonce, me.client))
+    assert "error" not in again
+    linking.start({**ANN, "host": "three.imap.test"}, caller=Caller(client="198.51.100.9"))   # another client
+
+
+def test_clean_up_deletes_never_linked_accounts_after_an_hour(t: LinkingTables, storage_settings: Settings) -> None:
+    now = [datetime.now(UTC)]
+    linking = service(t, storage_settings, oauth=True, clock=lambda: now[0])
+    abandoned = linking.start({"provider": "outlook"})                   # never came back
+    cancelled = linking.start({"provider": "outlook"})
+    linking.complete({"state": state_of(cancelled), "error": "access_denied"}, Caller(cancelled.browser_nonce))
+    linked = linking.start({"provider": "outlook"})
+    linking.complete({"state": state_of(linked), "code": "fay@outlook.test"}, Caller(linked.browser_nonce))
+    now[0] += timedelta(minutes=30)
+    recent = linking.start({"provider": "outlook"})
+    report = linking.clean_up(timedelta(hours=1))
+    assert report.stale_accounts == 0 and report.expired_sign_ins == 1   # abandoned's flow expired (10 min)
+    now[0] += timedelta(minutes=31)
+    report = linking.clean_up(timedelta(hours=1))
+    assert report.stale_accounts == 2 and report.expired_sign_ins == 1   # recent's flow expired too
+    left = {row["PartitionKey"] for row in account_rows(t)}
+    assert left == {linked.account_id, recent.account_id}
+    assert abandoned.access_token and cancelled.access_token
+    for gone in (abandoned, cancelled):
+        with pytest.raises(Exception) as info:
+            linking.get(gone.account_id, gone.access_token)
+        assert getattr(info.value, "http_status", None) == 401
+    assert list(t.flows_table.list_entities()) == []
+    assert t.accounts.address_owner("fay@outlook.test") == linked.account_id
+
+
+def test_clean_up_keeps_an_account_restarted_meanwhile(t: LinkingTables, storage_settings: Settings) -> None:
+    now = [datetime.now(UTC)]
+    linking = service(t, storage_settings, oauth=True, clock=lambda: now[0])
+    started = linking.start({"provider": "outlook"})
+    [stale] = [a for a in t.accounts.iter_accounts() if a.account_id == started.account_id]
+    t.accounts.save(replace(stale, return_url=stale.return_url))   # touched after the scan read it
+    with pytest.raises(Conflict):
+        t.accounts.delete(stale.account_id, etag=stale.etag)
+    assert t.accounts.get(started.account_id) is not None
