@@ -16,14 +16,17 @@ memory; a per-instance limit multiplies by the instance count an attacker
 can spread over. A read plus one ETag-conditional write per limited
 request (a few milliseconds, fractions of a cent per ten thousand) keeps
 one truth. Two spends racing on a bucket: one write wins, the other gets
-412, re-reads and decides again, so a bucket never hands out more tokens
-than it holds. The client key is hashed, so the table holds no addresses.
+412, re-reads and decides again (after a short random pause, for up to
+three seconds), so a bucket never hands out more tokens than it holds.
+The client key is hashed, so the table holds no addresses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,7 +46,9 @@ from mailsync.storage.table_errors import table_errors
 log = logging.getLogger("mailsync.storage.rate_limits")
 
 BUCKET_ROW = "bucket"
-_ATTEMPTS = 5
+# Requests of one client racing on one bucket: each round one write wins and the others re-read,
+# after a short random pause so the rounds spread. Twenty at once settle well within this.
+_CONTENTION_BUDGET_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,12 @@ class TableRateLimiter:
         if not rule.enabled:
             return
         key = f"{rule.name}-" + hashlib.sha256(client.encode("utf-8")).hexdigest()
-        for _ in range(_ATTEMPTS):
+        give_up = time.monotonic() + _CONTENTION_BUDGET_S
+        attempt = 0
+        while time.monotonic() < give_up:
+            if attempt:
+                time.sleep(random.uniform(0.0, 0.005 * min(attempt, 10)))
+            attempt += 1
             now = self._clock()
             with table_errors("reading a rate-limit bucket"):
                 try:
