@@ -204,6 +204,14 @@ def test_link_sync_and_follow_outlook_changes_live(live: LiveStack, browser_page
     expect(page.get_by_role("button", name=re.compile(r"^Inbox: "))).to_have_accessible_name(
         f"Inbox: {inbox_unread - 1 - sum(not m['isRead'] for m in (to_move, to_delete)) + 1} unread "
         f"of {len(inbox) - 2 + 1}", timeout=CHANGE_TIMEOUT_MS)
+
+    # A folder renamed in Outlook is renamed on the page: the me/mailFolders subscription's
+    # notification, one folder-list round, the progress event on the live channel (no poll, no reload).
+    renamed = next(f for f in snapshot["folders"] if not f["wellKnownName"] and not f["isHidden"])
+    new_name = f"Renamed {uuid.uuid4().hex[:6]}"
+    assert graph.patch(f"me/mailFolders/{renamed['id']}", json={"displayName": new_name}).ok
+    expect(page.locator(f"#folder-list button[data-folder-id='{renamed['id']}'] .name")).to_have_text(
+        new_name, timeout=CHANGE_TIMEOUT_MS)
     assert page.evaluate("window.__sameDocument") == "yes", "the page was reloaded"
 
     # The search box finds the new message (the server searches), and clearing it brings the folder back.
