@@ -182,6 +182,17 @@ class AccountRepository(Protocol):
         ...
 
 
+class GenerationLedger(Protocol):
+    """The store generation last seen by the poll scheduler (mailsync.monitoring.store_watch)."""
+
+    def seen(self) -> str:
+        """The generation recorded last, or "" if none was."""
+        ...
+
+    def record(self, generation: str) -> None:
+        ...
+
+
 class SyncStatusReader(Protocol):
     """Summary of an account's sync progress for ``GET /api/accounts/{id}`` (the sync engine implements it)."""
 

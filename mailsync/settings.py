@@ -124,6 +124,7 @@ class Settings:
     notify_max_ids: int = 100                    # message ids kept per account before "all folders"
     poll_tick_s: int = 60                        # period of the poll_scheduler timer
     poll_interval_subscribed_s: int = 6 * 3600   # safety sweep of accounts with a healthy webhook; 0 = off
+    store_resync_per_s: float = 10.0             # accounts whose resync starts per second after a store loss
 
     # IMAP accounts (mailsync.providers.imap; see docs/imap.md).
     imap_page_size: int = 1000                   # messages per UID FETCH page
@@ -221,6 +222,7 @@ class Settings:
             notify_max_ids=_int(e, "NOTIFY_MAX_IDS", 100),
             poll_tick_s=_int(e, "POLL_TICK_S", 60),
             poll_interval_subscribed_s=_int(e, "POLL_INTERVAL_SUBSCRIBED_S", 6 * 3600),
+            store_resync_per_s=_float(e, "STORE_RESYNC_PER_S", 10.0),
             imap_page_size=_int(e, "IMAP_PAGE_SIZE", 1000),
             imap_timeout_s=_float(e, "IMAP_TIMEOUT_S", 20.0),
             imap_allow_insecure=_flag(e.get("IMAP_ALLOW_INSECURE"), False),
@@ -265,6 +267,8 @@ class Settings:
             raise ConfigurationError("SUBSCRIPTION_RENEW_BEFORE_S must be shorter than SUBSCRIPTION_LIFETIME_S")
         if self.poll_interval_s < 1 or self.poll_tick_s < 1 or self.poll_interval_subscribed_s < 0:
             raise ConfigurationError("POLL_INTERVAL_S and POLL_TICK_S must be positive")
+        if not self.store_resync_per_s > 0:
+            raise ConfigurationError("STORE_RESYNC_PER_S must be positive")
         if not 0 <= self.notify_coalesce_s <= 60 or self.notify_max_ids < 1:
             raise ConfigurationError("NOTIFY_COALESCE_S must be 0..60 and NOTIFY_MAX_IDS positive")
         if min(self.rate_limit_new_accounts, self.rate_limit_imap_attempts,

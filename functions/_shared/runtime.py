@@ -228,7 +228,8 @@ class Runtime:
         """``SyncStatusReader`` for GET /api/accounts/{id}."""
         from mailsync.sync.status import SyncStatus
 
-        return SyncStatus(self.sync_state)
+        # The store's generation tells rows of a lost store from current ones (never "synced" over nothing).
+        return SyncStatus(self.sync_state, lambda: self.store.generation())
 
 
     # -- change monitoring (docs/change-monitoring.md) -------------------------------
@@ -304,8 +305,17 @@ class Runtime:
     @cached_property
     def poll_scheduler(self) -> PollScheduler:
         from mailsync.monitoring.polling import PollScheduler
+        from mailsync.monitoring.store_watch import StoreWatch
+        from mailsync.storage.connection import table_client
+        from mailsync.storage.store_generation import TableGenerationLedger
+        from mailsync.storage.table_errors import ensure_table
 
-        return PollScheduler(self.settings, self.accounts, self.subscription_store, self.job_queue)
+        ledger_table = table_client(self.settings, "sync")
+        ensure_table(ledger_table)
+        watch = StoreWatch(lambda: self.store, TableGenerationLedger(ledger_table), self.accounts, self.job_queue,
+                           per_s=self.settings.store_resync_per_s)
+        return PollScheduler(self.settings, self.accounts, self.subscription_store, self.job_queue,
+                             store_watch=watch)
 
     # -- the web page: read API and live channel (docs/live-page.md) -------------------
 

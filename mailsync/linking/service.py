@@ -525,7 +525,12 @@ class LinkingService:
                 sync = self._sync_status.summary(account_id)
             except MailsyncError:
                 log.warning("sync summary unavailable", extra={"account_id": account_id})
-        return account_view(account, sync)
+        view = account_view(account, sync)
+        if sync is not None and sync.get("store_recreated") and account.status == AccountStatus.SYNCED:
+            # The store lost this account's mail and the engine has not noticed yet (it will within
+            # a poll tick, and set the account syncing itself): until then, say what is true.
+            view["status"] = AccountStatus.SYNCING.value
+        return view
 
     # -- DELETE /api/accounts/{id} -------------------------------------------------------------
 

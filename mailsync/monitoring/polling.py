@@ -21,6 +21,10 @@ each tick's scan only enqueues ``tick / interval`` of the accounts.
 
 A tick the host skips loses those accounts' poll for one interval; a tick
 run twice enqueues their job twice (harmless: jobs are idempotent).
+
+Each tick first asks ``StoreWatch`` whether the search store was recreated
+(mailsync.monitoring.store_watch): a lost store is noticed within one tick
+even when no mailbox changes.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from mailsync.errors import MailsyncError
 from mailsync.jobs import JobKind, new_job
 from mailsync.monitoring.records import AccountDirectory, AccountMonitor, SubscriptionKind, SubscriptionStore
+from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, webhooks_enabled
 from mailsync.ports import JobQueue
 from mailsync.settings import Settings
@@ -70,14 +76,17 @@ class PollReport:
     polled: int = 0       # accounts enqueued at the fallback interval
     swept: int = 0        # accounts enqueued at the safety-sweep interval
     watched: int = 0
+    resynced: int = 0     # accounts enqueued because the store was recreated
 
 
 class PollScheduler:
     """The poll_scheduler timer's use case."""
 
     def __init__(self, settings: Settings, accounts: AccountDirectory, subscriptions: SubscriptionStore,
-                 queue: JobQueue, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 queue: JobQueue, *, store_watch: StoreWatch | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._settings = settings
+        self._store_watch = store_watch
         self._accounts = accounts
         self._subscriptions = subscriptions
         self._queue = queue
@@ -87,7 +96,18 @@ class PollScheduler:
     def needs_polling(self, monitor: AccountMonitor | None, now: datetime) -> bool:
         return not self._webhooks or monitor is None or not monitor.healthy(now)
 
+    def _check_store(self) -> int:
+        if self._store_watch is None:
+            return 0
+        try:
+            return self._store_watch.check()
+        except MailsyncError as exc:
+            # The store or the table is down: polling goes on; the next tick checks again.
+            log.warning("store generation not checked: %s", exc)
+            return 0
+
     def tick(self) -> PollReport:
+        resynced = self._check_store()
         now = self._clock()
         now_s = now.timestamp()
         tick_s = self._settings.poll_tick_s
@@ -113,6 +133,7 @@ class PollScheduler:
                 polled += 1
             else:
                 swept += 1
-        report = PollReport(polled=polled, swept=swept, watched=watched)
-        log.info("poll tick: %d polled, %d swept of %d watched accounts", polled, swept, watched)
+        report = PollReport(polled=polled, swept=swept, watched=watched, resynced=resynced)
+        log.info("poll tick: %d polled, %d swept of %d watched accounts (%d resynced: store recreated)",
+                 polled, swept, watched, resynced)
         return report

@@ -396,12 +396,16 @@ class _Invocation:
         generation = self._store_generation()
         start = box[0].state
         full = policy.needs_full_round(start, generation)
+        # A recreated store holds nothing of the account: its sync starts over as an initial one.
+        rounds = 0 if policy.store_lost(start, generation) else start.rounds
+        if rounds < start.rounds:
+            self._store_lost()
         rows = self._load()
         if full:
             box[0] = e.state.save(box[0], cursor="", epoch=policy.next_epoch(start.epoch, e.clock()),
-                                  generation=generation, resync_requested=False,
+                                  generation=generation, resync_requested=False, rounds=rounds,
                                   first_screen=start.first_screen and start.generation == generation,
-                                  phase=SyncPhase.INITIAL if start.rounds == 0 else SyncPhase.RESYNC)
+                                  phase=SyncPhase.INITIAL if rounds == 0 else SyncPhase.RESYNC)
         cursor = None if full else start.cursor
         seen: set[str] = set()
         created: list[Folder] = []
@@ -422,13 +426,13 @@ class _Invocation:
         if full:
             self._reconcile_folders(seen, rows)
         self._upsert_mailbox(self.account.status)
-        finished = e.state.finish(box[0], cursor=cursor, phase=SyncPhase.INCREMENTAL, rounds=start.rounds + 1,
+        finished = e.state.finish(box[0], cursor=cursor, phase=SyncPhase.INCREMENTAL, rounds=rounds + 1,
                                   failures=0)
         after = self._load()
-        self._publish_progress(None, SyncPhase.INCREMENTAL.value if start.rounds else "folders", after)
+        self._publish_progress(None, SyncPhase.INCREMENTAL.value if rounds else "folders", after)
         if created or full:
             self._fan_out(after)
-        if start.rounds == 0:
+        if rounds == 0:
             self._maybe_synced(after)   # a mailbox without folders is synced right away
         return finished
 
@@ -607,11 +611,15 @@ class _Invocation:
 
     def _start_full_round(self, lease: Lease, generation: str) -> Lease:
         state = lease.state
-        phase = SyncPhase.INITIAL if state.rounds == 0 else SyncPhase.RESYNC
+        lost = policy.store_lost(state, generation)
+        rounds = 0 if lost else state.rounds
+        if lost and state.rounds:
+            self._store_lost()
+        phase = SyncPhase.INITIAL if rounds == 0 else SyncPhase.RESYNC
         log.info("full round starts", extra={"phase": phase.value, "reason": _full_reason(state, generation)})
         return self.e.state.save(lease, cursor="", phase=phase, epoch=policy.next_epoch(state.epoch, self.e.clock()),
                                  generation=generation, resync_requested=False, indexed=0, removed=0,
-                                 round_started=self.e.clock())
+                                 rounds=rounds, round_started=self.e.clock())
 
     def _page_round(self, lease: Lease) -> _RoundDone | _Deferred | _Resync | _OutOfTime:
         """Pages until the round completes, time runs out, or a fault."""
@@ -760,9 +768,10 @@ class _Invocation:
     # --- account status, events ---------------------------------------------------------------
 
     def _maybe_synced(self, rows: AccountSyncState) -> None:
-        if rows.folder_list is None or rows.folder_list.rounds == 0:
+        generation = self._store_generation()
+        if rows.folder_list is None or not policy.round_done(rows.folder_list, generation):
             return
-        if any(row.rounds == 0 for row in rows.folders.values()):
+        if not all(policy.round_done(row, generation) for row in rows.folders.values()):
             return
         e = self.e
         for _ in range(3):
@@ -778,6 +787,25 @@ class _Invocation:
             self._upsert_mailbox(AccountStatus.SYNCED)
             self._publish_progress(None, "synced", rows)
             return
+
+    def _store_lost(self) -> None:
+        """The store was recreated under a synced account: it is ``syncing`` again until every folder is back.
+
+        Its list is empty meanwhile, so ``synced`` would be a lie; ``_maybe_synced``
+        sets it back once every row has completed a round in the new generation.
+        """
+        e = self.e
+        log.warning("the store was recreated: the account's mail is synced again")
+        for _ in range(3):
+            account = e.accounts.get(self.account_id)
+            if account is None or account.status != AccountStatus.SYNCED:
+                return
+            try:
+                self.account = e.accounts.save(replace(account, status=AccountStatus.SYNCING,
+                                                       updated_at=datetime.now(UTC)))
+                return
+            except Conflict:
+                continue
 
     def _reauth(self, error: MailsyncError) -> None:
         e = self.e

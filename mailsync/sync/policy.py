@@ -45,6 +45,21 @@ def next_epoch(previous: int, now: float) -> int:
     return max(previous + 1, int(now) - EPOCH_BASE_S)
 
 
+def store_lost(state: SyncState, generation: str) -> bool:
+    """The store was recreated (deleted, restored, an in-memory store restarted) since this row's last round.
+
+    The store then holds none of the row's messages, however many rounds
+    it has: its next round is an initial one again, and it is not done.
+    A row without a generation has never run a round.
+    """
+    return bool(state.generation) and state.generation != generation
+
+
+def round_done(state: SyncState, generation: str) -> bool:
+    """The row's messages are in the store: a first round completed in the store's current generation."""
+    return state.rounds > 0 and not store_lost(state, generation)
+
+
 def needs_full_round(state: SyncState, generation: str) -> bool:
     """Start from scratch: never started, a resync was asked for, or the store was recreated."""
     return not state.cursor or state.resync_requested or state.generation != generation

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from mailsync.errors import StoreUnavailable
 from mailsync.jobs import JobKind
-from mailsync.models import AccountStatus
+from mailsync.models import AccountStatus, Job
 from mailsync.monitoring.polling import PollScheduler
 from mailsync.monitoring.records import AccountMonitor
+from mailsync.monitoring.store_watch import StoreWatch
+from mailsync.storage.connection import table_client
+from mailsync.storage.job_queue import AzureJobQueue
+from mailsync.storage.store_generation import TableGenerationLedger
+from mailsync.storage.table_errors import ensure_table
+from mailsync.store.elasticsearch import ElasticsearchStore
 from tests.monitoring.harness import Harness, make_harness
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
@@ -65,3 +73,69 @@ def test_without_a_reachable_webhook_every_account_is_polled(storage_env: dict[s
                  POLL_TICK_S="2", POLL_INTERVAL_SUBSCRIBED_S="0")
     assert {a for name, a in made.items() if name not in ("reauth", "linking")} == set(got)
     assert set(got.values()) == {"poll"}
+
+
+class RecordingQueue:
+    """The real queue, noting each job's visibility delay (the spreading is in the delays)."""
+
+    def __init__(self, inner: AzureJobQueue) -> None:
+        self.inner = inner
+        self.sent: list[tuple[Job, float]] = []
+
+    def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+        self.inner.enqueue(job, delay_s=delay_s)
+        self.sent.append((job, delay_s))
+
+    def take(self) -> list[tuple[Job, float]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def test_a_recreated_store_is_noticed_by_the_next_tick_and_every_account_resynced_spread_out(
+        storage_env: dict[str, str], store: ElasticsearchStore) -> None:
+    h = make_harness(storage_env, STORE_RESYNC_PER_S="2", POLL_INTERVAL_S="3600", POLL_INTERVAL_SUBSCRIBED_S="0")
+    watched = {h.add_account() for _ in range(3)} | {h.add_account(AccountStatus.SYNCING)}
+    h.add_account(AccountStatus.REAUTH_REQUIRED)   # cannot sync: linking it again syncs it
+    table = table_client(h.settings, "sync")
+    ensure_table(table)
+    ledger = TableGenerationLedger(table)
+    queue = RecordingQueue(h.queue)
+    watch = StoreWatch(lambda: store, ledger, h.accounts, queue, per_s=h.settings.store_resync_per_s)
+    scheduler = PollScheduler(h.settings, h.accounts, h.subscriptions, queue, store_watch=watch, clock=lambda: NOW)
+
+    # The first tick ever records the generation and gives every watched account one sync.
+    assert scheduler.tick().resynced == len(watched)
+    assert ledger.seen() == store.generation()
+    queue.take()
+    assert scheduler.tick().resynced == 0, "the same store: nothing to do"
+
+    store.client.indices.delete(index=[store.names.messages_index, store.names.mailboxes_index])
+    report = scheduler.tick()   # no mail changed, no job ran: the tick alone notices
+    assert report.resynced == len(watched)
+    resyncs = [(job, delay) for job, delay in queue.take() if job.reason == "store_generation"]
+    assert {job.account_id for job, _ in resyncs} == watched
+    assert {job.kind for job, _ in resyncs} == {JobKind.SYNC_FOLDERS.value}
+    assert sorted(delay for _, delay in resyncs) == [0.0, 0.5, 1.0, 1.5], "2 per second, the first at once"
+    jobs = h.drain(wait_s=2)
+    assert watched <= {job.account_id for job in jobs if job.reason == "store_generation"}, "all on the queue"
+    assert scheduler.tick().resynced == 0, "recorded: the next tick does not enqueue them again"
+
+
+class _DownStore:
+    def generation(self) -> str:
+        raise StoreUnavailable("connection refused")
+
+
+def test_polling_goes_on_while_the_store_is_down(storage_env: dict[str, str]) -> None:
+    h = make_harness(storage_env, POLL_INTERVAL_S="2", POLL_TICK_S="2", POLL_INTERVAL_SUBSCRIBED_S="0")
+    account = h.add_account()
+    down: Any = _DownStore()
+    watch = StoreWatch(lambda: down, TableGenerationLedger(table_client(h.settings, "sync")), h.accounts, h.queue,
+                       per_s=10)
+    report = PollScheduler(h.settings, h.accounts, h.subscriptions, h.queue, store_watch=watch,
+                           clock=lambda: NOW).tick()
+    assert (report.polled, report.resynced) == (1, 0)
+    jobs = h.drain()
+    while not jobs:
+        jobs = h.drain(wait_s=0.5)
+    assert [(job.account_id, job.kind) for job in jobs] == [(account, JobKind.SYNC_ACCOUNT.value)]

@@ -15,9 +15,13 @@ import pytest
 
 from mailsync.jobs import JobKind, new_job
 from mailsync.models import AccountStatus, SyncPhase
+from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.settings import Settings
+from mailsync.storage.connection import table_client
+from mailsync.storage.store_generation import TableGenerationLedger
 from mailsync.store.elasticsearch import ElasticsearchStore
 from mailsync.sync.engine import Delivery, Outcome
+from mailsync.sync.status import SyncStatus
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world
 
@@ -139,6 +143,39 @@ def test_store_recreated_means_resync(world: SyncWorld, pump: QueuePump, make_st
     world.poll()
     pump.drain()
     assert not compare(world)
+
+
+def test_a_recreated_store_is_noticed_without_a_job_and_never_shown_as_synced(world: SyncWorld,
+                                                                              pump: QueuePump) -> None:
+    synced(world, pump)
+    total = sum(r.indexed for r in world.state.load(world.account_id).folders.values())
+    table = table_client(world.settings, "sync")
+    watch = StoreWatch(lambda: world.store, TableGenerationLedger(table), world.tables.accounts, world.queue,
+                       per_s=10)
+    watch.check()   # the first tick records the generation
+    pump.drain()
+    status = SyncStatus(world.state, world.store.generation)
+    assert status.summary(world.account_id)["phase"] == "synced"
+
+    names = world.store.names
+    world.store.client.indices.delete(index=[names.messages_index, names.mailboxes_index])
+    # Nobody has noticed yet: the account's rows still say synced, its summary does not.
+    assert world.account_status() == AccountStatus.SYNCED
+    lost = SyncStatus(world.state, world.store.generation).summary(world.account_id)
+    assert (lost["phase"], lost["store_recreated"], lost["messages_indexed"], lost["folders_done"]) == (
+        "folders", True, 0, 0)
+
+    world.events.progress.clear()
+    assert watch.check() == 1, "the poll tick notices, with no mail change and no job running"
+    pump.drain()
+    assert not compare(world)
+    assert world.account_status() == AccountStatus.SYNCED
+    after = SyncStatus(world.state, world.store.generation).summary(world.account_id)
+    assert (after["phase"], after["store_recreated"], after["messages_indexed"]) == ("synced", False, total)
+    phases = [p.phase for p in world.events.progress]
+    # An initial sync again (the store had nothing), syncing until its end: "synced" is only
+    # announced when an account goes from syncing to synced.
+    assert phases[0] == "folders" and phases[-1] == "synced", phases
 
 
 def test_folder_deleted_while_it_is_synced(world: SyncWorld, pump: QueuePump) -> None:
