@@ -24,6 +24,8 @@ Account status through linking::
 A redirect sign-in is bound to the browser that started it
 (``browser_binding.py``): ``start`` hands out a nonce for a cookie and the
 pending flow keeps its hash; ``complete`` refuses a callback without it.
+Anonymous work is limited per client (``limits.py``), and ``clean_up``
+(the hourly maintenance timer) deletes accounts that were never linked.
 
 Failure rules: nothing is half-written. The account row and its first
 credential are one table transaction; a pending sign-in is single use and
@@ -219,6 +221,9 @@ class LinkingService:
 
         A redirect sign-in answers with ``browser_nonce``: the front door must
         set it as the sign-in cookie, or the callback will refuse the sign-in.
+        RateLimited (429) when ``caller.client`` has spent its allowance of new
+        accounts, IMAP attempts or linked accounts (``limits.py``); nothing is
+        written then.
         """
         provider = self._provider(body.get("provider"))
         linker = self._linkers.get(provider)
