@@ -220,7 +220,10 @@ class Runtime:
         worker = SyncWorker(self.sync_engine)
         from mailsync.monitoring.handler import MONITORING_KINDS
 
-        worker.register(MONITORING_KINDS, lambda job, _invocation: self.monitoring_jobs.run(job))
+        engine = self.sync_engine
+        # NOTIFIED runs small sets of folder rounds itself (no second queue hop), in this invocation.
+        worker.register(MONITORING_KINDS, lambda job, invocation: self.monitoring_jobs.run(
+            job, direct=lambda sync_job: engine.handle(sync_job, invocation.delivery, invocation.events)))
         return worker
 
     @cached_property

@@ -22,13 +22,23 @@ folder created, renamed, moved or deleted). Extra jobs are harmless: the engine'
 folder lease turns a job for a busy folder into a "dirty" mark and one more
 round.
 
+No queue hop when it is small: when the worker passes a ``direct`` runner
+(the engine, in the same invocation) and the notifications resolve to at
+most ``DIRECT_MAX_JOBS`` sync jobs, the NOTIFIED job runs them itself, one
+after the other, instead of enqueueing them. A change then costs one queue
+message (webhook -> NOTIFIED) instead of two, and its events leave with the
+NOTIFIED invocation's. Larger sets (an overflowed row, "every folder") are
+still enqueued, so several workers page them in parallel. The engine's
+guarantees do not depend on who calls it: a folder leased elsewhere is
+marked dirty, a throttled mailbox is deferred through the queue.
+
 SYNC_ACCOUNT — the folder list and every known folder, incrementally
 (polling, ``missed`` lifecycle events, after a subscription is created).
 
 SUBSCRIPTION — ensure / renew / recreate the account's subscription
 (``mailsync.monitoring.subscriptions``).
 
-Crash safety of NOTIFIED: the sync jobs are enqueued *before* the pending
+Crash safety of NOTIFIED: the sync jobs are enqueued (or run) *before* the pending
 row is deleted, and the delete is ETag-checked. A crash in between leaves
 the row, the queue redelivers the job, and it enqueues the same folders
 again (harmless). Notifications merged into the row while the job ran make
@@ -38,7 +48,7 @@ the delete fail; the job then reads the row again and handles the rest.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, PoisonJob, ProviderError
 from mailsync.jobs import JobKind, new_job
@@ -52,6 +62,9 @@ log = logging.getLogger("mailsync.monitoring.handler")
 MONITORING_KINDS = frozenset({JobKind.NOTIFIED.value, JobKind.SYNC_ACCOUNT.value, JobKind.SUBSCRIPTION.value})
 MAX_LOOKUPS = 25          # Graph GETs per NOTIFIED job at most (keeps the job short)
 MAX_ROUNDS = 10           # re-reads of a pending row that keeps changing under us
+DIRECT_MAX_JOBS = 4       # sync jobs a NOTIFIED job runs itself (more: enqueued for several workers)
+
+DirectRunner = Callable[[Job], object]
 
 
 class MonitoringJobs:
@@ -70,9 +83,10 @@ class MonitoringJobs:
     def handles(kind: str) -> bool:
         return kind in MONITORING_KINDS
 
-    def run(self, job: Job) -> None:
+    def run(self, job: Job, direct: DirectRunner | None = None) -> None:
+        """Run one monitoring job; ``direct`` runs a sync job in this invocation (see the module docstring)."""
         if job.kind == JobKind.NOTIFIED:
-            self.notified(job.account_id)
+            self.notified(job.account_id, direct)
         elif job.kind == JobKind.SYNC_ACCOUNT:
             self.sync_account(job.account_id, reason=job.reason or "sync_account")
         elif job.kind == JobKind.SUBSCRIPTION:
@@ -82,8 +96,8 @@ class MonitoringJobs:
 
     # -- NOTIFIED ---------------------------------------------------------------------
 
-    def notified(self, account_id: str) -> list[Job]:
-        """Handle the account's pending notifications; returns the jobs enqueued."""
+    def notified(self, account_id: str, direct: DirectRunner | None = None) -> list[Job]:
+        """Handle the account's pending notifications; returns the sync jobs enqueued or run."""
         sent: list[Job] = []
         for _ in range(MAX_ROUNDS):
             pending = self._pending.get(account_id)
@@ -91,7 +105,7 @@ class MonitoringJobs:
                 return sent  # already handled (a redelivered or duplicate job)
             account = self._accounts.get(account_id)
             if account is not None and account.status in WATCHED_STATUSES:
-                sent.extend(self._enqueue_all(self._resolve(pending), account_id, pending))
+                sent.extend(self._dispatch(self._resolve(pending), account_id, pending, direct))
             try:
                 self._pending.delete(pending)
                 return sent
@@ -129,14 +143,20 @@ class MonitoringJobs:
         # A folder subscription's notification: one folder-list round (names, parents, new and gone folders).
         return folders, bool(folders - known) or pending.folders_changed
 
-    def _enqueue_all(self, resolved: tuple[set[str], bool], account_id: str,
-                     pending: PendingChanges) -> list[Job]:
+    def _dispatch(self, resolved: tuple[set[str], bool], account_id: str, pending: PendingChanges,
+                  direct: DirectRunner | None) -> list[Job]:
         folders, folder_list = resolved
-        jobs = self._jobs(account_id, sorted(folders), folder_list, reason="notified")
+        jobs = _sync_jobs(account_id, sorted(folders), folder_list, reason="notified")
+        run_here = direct is not None and len(jobs) <= DIRECT_MAX_JOBS
         log.info("notifications resolved to %d folder(s)", len(folders),
                  extra={"changes": len(pending.changes), "all_folders": pending.all_folders,
-                        "jobs": len(jobs)})
-        return jobs
+                        "jobs": len(jobs), "direct": run_here})
+        if run_here:
+            assert direct is not None
+            for job in jobs:
+                direct(job)
+            return jobs
+        return self._enqueue(jobs)
 
     # -- SYNC_ACCOUNT -----------------------------------------------------------------
 
@@ -145,7 +165,7 @@ class MonitoringJobs:
         if account is None or account.status not in WATCHED_STATUSES:
             return []
         known = sorted(view.folder.folder_id for view in self._store.list_folders(account_id))
-        return self._jobs(account_id, known, True, reason=reason)
+        return self._enqueue(_sync_jobs(account_id, known, True, reason=reason))
 
     # -- SUBSCRIPTION -----------------------------------------------------------------
 
@@ -163,11 +183,7 @@ class MonitoringJobs:
 
     # -- common -----------------------------------------------------------------------
 
-    def _jobs(self, account_id: str, folders: Iterable[str], folder_list: bool, *, reason: str) -> list[Job]:
-        jobs: list[Job] = []
-        if folder_list:
-            jobs.append(new_job(JobKind.SYNC_FOLDERS, account_id, reason=reason))
-        jobs.extend(new_job(JobKind.SYNC_FOLDER, account_id, folder, reason=reason) for folder in folders)
+    def _enqueue(self, jobs: list[Job]) -> list[Job]:
         for job in jobs:
             try:
                 self._queue.enqueue(job)
@@ -175,3 +191,11 @@ class MonitoringJobs:
                 log.warning("enqueue failed after %d of %d jobs", jobs.index(job), len(jobs))
                 raise
         return jobs
+
+
+def _sync_jobs(account_id: str, folders: Iterable[str], folder_list: bool, *, reason: str) -> list[Job]:
+    jobs: list[Job] = []
+    if folder_list:
+        jobs.append(new_job(JobKind.SYNC_FOLDERS, account_id, reason=reason))
+    jobs.extend(new_job(JobKind.SYNC_FOLDER, account_id, folder, reason=reason) for folder in folders)
+    return jobs

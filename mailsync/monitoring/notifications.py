@@ -274,9 +274,11 @@ class NotificationReceiver:
     def _coalesce(self, account_id: str, changes: list[tuple[str, str]], *, folders_changed: bool = False) -> bool:
         """Merge into the pending row; True when this call enqueued the NOTIFIED job."""
         max_ids = self._settings.notify_max_ids
-        for _ in range(MERGE_ATTEMPTS):
+        for attempt in range(MERGE_ATTEMPTS):
             now = self._clock()
-            current = self._pending.get(account_id)
+            # Insert first, read only when a row is there: usually the account has no pending row
+            # (its last job already took it), and the insert alone is one table call instead of two.
+            current = None if attempt == 0 else self._pending.get(account_id)
             if current is None:
                 merged, overflow = merge_changes((), changes, max_ids=max_ids)
                 row = PendingChanges(account_id, merged, overflow, first_at=now, enqueued_at=now,

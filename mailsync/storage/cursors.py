@@ -179,6 +179,16 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class SlotRow:
+    """A slot row as ``load`` read it: who holds it until when, and its ETag (to take it without re-reading)."""
+
+    index: int
+    owner: str
+    until: float
+    etag: str
+
+
+@dataclass(frozen=True)
 class AccountSyncState:
     """Every sync row of one account, read with one partition query."""
 
@@ -186,6 +196,7 @@ class AccountSyncState:
     folder_list: SyncState | None
     folders: Mapping[str, SyncState]
     slots_busy: int
+    slots: tuple[SlotRow, ...] = ()
 
     def folder(self, folder_id: str) -> SyncState | None:
         return self.folders.get(folder_id)
@@ -221,18 +232,23 @@ class SyncStateTable:
         folder_list: SyncState | None = None
         folders: dict[str, SyncState] = {}
         busy = 0
+        slots: list[SlotRow] = []
         for entity in self._query(account_id):
             key = entity["RowKey"]
             if key.startswith(SLOT_ROW_PREFIX):
                 if entity.get("owner") and float(entity.get("until") or 0.0) > now:
                     busy += 1
+                suffix = key[len(SLOT_ROW_PREFIX):]
+                if suffix.isdigit():
+                    slots.append(SlotRow(int(suffix), str(entity.get("owner") or ""),
+                                         float(entity.get("until") or 0.0), str(entity.metadata["etag"])))
             elif key == FOLDER_LIST_ROW:
                 folder_list = _from_entity(entity)
             elif key.startswith(FOLDER_ROW_PREFIX):
                 state = _from_entity(entity)
                 if state.folder_id is not None:
                     folders[state.folder_id] = state
-        return AccountSyncState(account_id, folder_list, folders, busy)
+        return AccountSyncState(account_id, folder_list, folders, busy, tuple(slots))
 
     def get(self, account_id: str, folder_id: str | None) -> SyncState | None:
         key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
@@ -299,15 +315,18 @@ class SyncStateTable:
     # --- leases ---------------------------------------------------------------
 
     def acquire(self, account_id: str, folder_id: str | None, owner: str, *,
-                mark_busy: bool = True) -> Lease | None:
+                mark_busy: bool = True, known: SyncState | None = None) -> Lease | None:
         """Take a row's lease, or mark it dirty and return None when someone else holds it.
 
         ``mark_busy=False`` returns None without marking (a job that only
         continues pending work has nothing new to report). Raises
         ``LeaseLost`` when the row does not exist (folder deleted or unknown).
+        ``known``: the row as the caller just read it (``load``); the first
+        attempt decides on it instead of reading the row again. Every write
+        is ETag-conditional, so a stale copy only costs a retry on a fresh read.
         """
-        for _ in range(_CONFLICT_RETRIES):
-            state = self.get(account_id, folder_id)
+        for attempt in range(_CONFLICT_RETRIES):
+            state = known if attempt == 0 and known is not None else self.get(account_id, folder_id)
             if state is None:
                 raise LeaseLost("no sync state for this folder")
             now = self._clock()
@@ -409,39 +428,50 @@ class SyncStateTable:
 
     # --- slots ------------------------------------------------------------------
 
-    def acquire_slot(self, account_id: str, owner: str, max_slots: int) -> Slot | None:
-        """Take one of the mailbox's ``max_slots`` request slots, or None when all are busy."""
+    def acquire_slot(self, account_id: str, owner: str, max_slots: int, *,
+                     known: AccountSyncState | None = None) -> Slot | None:
+        """Take one of the mailbox's ``max_slots`` request slots, or None when all are busy.
+
+        ``known``: the account's rows as the caller just loaded them; the
+        first attempt picks a slot from those instead of querying again (the
+        take is ETag-conditional, so a stale copy only costs a retry).
+        """
         partition = _check_partition(account_id)
-        for _ in range(_CONFLICT_RETRIES):
+        for attempt in range(_CONFLICT_RETRIES):
             now = self._clock()
-            rows: dict[int, Any] = {}
-            for found in self._query(account_id, prefix=SLOT_ROW_PREFIX):
-                suffix = str(found["RowKey"])[len(SLOT_ROW_PREFIX):]
-                if suffix.isdigit():
-                    rows[int(suffix)] = found
-            candidate: tuple[int, Any] | None = None
+            if attempt == 0 and known is not None:
+                rows = {row.index: row for row in known.slots}
+            else:
+                rows = {}
+                for found in self._query(account_id, prefix=SLOT_ROW_PREFIX):
+                    suffix = str(found["RowKey"])[len(SLOT_ROW_PREFIX):]
+                    if suffix.isdigit():
+                        rows[int(suffix)] = SlotRow(int(suffix), str(found.get("owner") or ""),
+                                                    float(found.get("until") or 0.0), str(found.metadata["etag"]))
+            candidate: tuple[int, SlotRow | None] | None = None
             for index in range(max_slots):
-                entity = rows.get(index)
-                if entity is None:
+                row = rows.get(index)
+                if row is None:
                     candidate = candidate or (index, None)
                     continue
-                holder = str(entity.get("owner") or "")
-                if holder and _delivery(holder) == _delivery(owner):
-                    candidate = (index, entity)  # our own earlier delivery died holding it
+                if row.owner and _delivery(row.owner) == _delivery(owner):
+                    candidate = (index, row)  # our own earlier delivery died holding it
                     break
-                if not holder or float(entity.get("until") or 0.0) <= now:
-                    candidate = candidate or (index, entity)
+                if not row.owner or row.until <= now:
+                    candidate = candidate or (index, row)
             if candidate is None:
+                if attempt == 0 and known is not None:
+                    continue   # all busy in the caller's copy: look at the table itself once
                 return None
-            index, entity = candidate
+            index, taken = candidate
             body = {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}", "owner": owner,
                     "until": now + self._slot_ttl_s}
             try:
-                if entity is None:
+                if taken is None:
                     meta = self._call(self._table.create_entity, body)
                 else:
                     meta = self._call(self._table.update_entity, body, mode=UpdateMode.MERGE,
-                                      etag=entity.metadata["etag"], match_condition=MatchConditions.IfNotModified)
+                                      etag=taken.etag, match_condition=MatchConditions.IfNotModified)
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue
             return Slot(account_id, index, owner, str(meta.get("etag")))

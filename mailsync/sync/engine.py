@@ -252,7 +252,7 @@ class _Invocation:
         if rows.folder_list.not_before > now:
             self._remember(target)
             return Outcome.HELD
-        slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency)
+        slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency, known=rows)
         if slot is None:
             self._remember(target)
             # A holder may have left between our two looks: it re-checks pending
@@ -360,8 +360,8 @@ class _Invocation:
     def _sync_folder_list(self) -> None:
         e = self.e
         try:
-            lease = e.state.acquire(self.account_id, None, self.owner) if not self.is_continuation else \
-                self._acquire_quietly(None)
+            lease = e.state.acquire(self.account_id, None, self.owner, known=self._known(None)) \
+                if not self.is_continuation else self._acquire_quietly(None)
         except LeaseLost:
             return
         held: Lease | None = lease
@@ -528,8 +528,8 @@ class _Invocation:
     def _sync_folder(self, folder_id: str) -> None:
         e = self.e
         try:
-            lease = e.state.acquire(self.account_id, folder_id, self.owner) if not self.is_continuation else \
-                self._acquire_quietly(folder_id)
+            lease = e.state.acquire(self.account_id, folder_id, self.owner, known=self._known(folder_id)) \
+                if not self.is_continuation else self._acquire_quietly(folder_id)
         except LeaseLost:
             # Unknown or just deleted: let the folder list decide.
             self._enqueue_continuation(None, reason="unknown_folder")
@@ -603,10 +603,13 @@ class _Invocation:
         done = replace(state, phase=SyncPhase.INCREMENTAL, rounds=state.rounds + 1)
         if was_full:
             self._publish_folder_phase(done, SyncPhase.INCREMENTAL)
-        rows = self._load()
-        self._publish_progress(folder_id, SyncPhase.INCREMENTAL.value, rows)
         if state.rounds == 0:
+            rows = self._load()   # whether this was the account's last initial round: everyone's rows
+            self._publish_progress(folder_id, SyncPhase.INCREMENTAL.value, rows)
             self._maybe_synced(rows)
+        else:
+            # Steady state: progress only needs this folder's new state; no table read for it.
+            self._publish_progress(folder_id, SyncPhase.INCREMENTAL.value, None, live=done)
         return finished
 
     def _start_full_round(self, lease: Lease, generation: str) -> Lease:
@@ -865,6 +868,12 @@ class _Invocation:
         self.rows = self.e.state.load(self.account_id)
         return self.rows
 
+    def _known(self, folder_id: str | None) -> SyncState | None:
+        """The row as this invocation last loaded it (a first guess for a conditional write), if any."""
+        if self.rows is None:
+            return None
+        return self.rows.folder_list if folder_id is None else self.rows.folders.get(folder_id)
+
     def _store_generation(self) -> str:
         if self._generation is None:
             self._generation = self.e.store.generation()
@@ -892,7 +901,8 @@ class _Invocation:
         the same queue message (that worker died mid-page).
         """
         try:
-            return self.e.state.acquire(self.account_id, folder_id, self.owner, mark_busy=False)
+            return self.e.state.acquire(self.account_id, folder_id, self.owner, mark_busy=False,
+                                        known=self._known(folder_id))
         except LeaseLost:
             return None
 

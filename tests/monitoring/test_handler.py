@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import pytest
 
 from mailsync.jobs import JobKind
-from mailsync.models import Folder, Message
+from mailsync.models import Folder, Job, Message
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.subscriptions import SubscriptionManager
@@ -84,6 +84,29 @@ def test_stored_updates_and_deletes_resolve_from_the_store_without_graph(world: 
     assert world.graph_requests() == before
     assert jobs == sorted({sync(a["folderId"]), sync(b["folderId"])})
     assert world.harness.pending.get(world.account) is None
+
+
+def test_a_small_set_runs_in_the_invocation_without_a_queue_hop(world: World) -> None:
+    a, b = world.stored[0], world.stored[-1]
+    world.notify(("updated", a["id"]), ("deleted", b["id"]))
+    world.harness.drain()
+    ran: list[Job] = []
+    sent = world.jobs.notified(world.account, direct=ran.append)
+    assert ran == sent
+    assert sorted((job.kind, job.folder_id) for job in ran) == sorted({sync(a["folderId"]), sync(b["folderId"])})
+    assert world.harness.drain() == []                 # nothing went through the queue
+    assert world.harness.pending.get(world.account) is None
+
+
+def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(world: World) -> None:
+    ids = [m["id"] for m in world.messages]
+    for start in range(0, 150, 50):
+        world.notify(*(("updated", f"{mid}x{start}") for mid in ids[:50]))
+    world.harness.drain()
+    ran: list[Job] = []
+    world.jobs.notified(world.account, direct=ran.append)
+    assert ran == []
+    assert len(world.harness.drain()) == len(world.folders) + 1
 
 
 def test_created_and_unknown_ids_are_located_at_graph_one_request_each(world: World) -> None:
