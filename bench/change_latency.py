@@ -394,9 +394,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.add_worker()
         addresses = [u["mail"] for u in stack.sandbox.users()][: args.accounts]
         say(f"linking {len(addresses)} accounts ({args.messages_per_account} messages each)")
+        counter = stack.storage_counter
+        onboard_storage0 = counter.snapshot() if counter else {}
+        onboard_requests0 = stack.sandbox.requests_served()
+        link_started = time.monotonic()
         accounts = link_all(stack, addresses, args.link_parallel)
-        say("waiting for every initial sync and subscription")
+        link_s = time.monotonic() - link_started
+        say(f"linked in {link_s:.1f} s; waiting for every initial sync and subscription")
         wait_synced(stack, accounts, args.setup_timeout_s)
+        sync_all_s = time.monotonic() - link_started
+        onboarding: dict[str, Any] = {
+            "link_s": link_s, "sync_all_s": sync_all_s, "accounts_per_s": len(accounts) / sync_all_s,
+            "onboard_graph_requests_per_account": (stack.sandbox.requests_served() - onboard_requests0)
+            / max(1, len(accounts))}
+        if counter is not None:
+            used = diff_counts(counter.snapshot(), onboard_storage0)
+            onboarding["onboard_table_tx_per_account"] = used.get("table_total", 0) / max(1, len(accounts))
+            onboarding["onboard_queue_tx_per_account"] = used.get("queue_total", 0) / max(1, len(accounts))
+            say(f"onboarding storage transactions: {used}")
+        say(f"onboarding: {onboarding}")
         subscribed = wait_subscribed(stack, accounts, 300)
         say(f"{subscribed}/{len(accounts)} accounts subscribed; connecting one SignalR client per account")
         clients = Clients(stack.api)
@@ -406,7 +422,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             list(pool.map(maker.load, accounts))
         say(f"queue quiet after {stack.wait_quiet():.0f} s")   # the initial syncs' last jobs are done
         idle: dict[str, float] = {}
-        counter = stack.storage_counter
         if counter is not None:
             say(f"counting idle storage transactions for {args.idle_s:g} s (queue polling of "
                 f"{1 + args.workers} host(s))")
@@ -475,6 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 net = used.get(key, 0) - idle.get(key, 0.0) * window_s
                 storage[f"{key}_per_change"] = net / max(1, len(changes))
             storage["idle_queue_tx_per_host_hour"] = 3600 * idle.get("queue_total", 0.0) / (1 + args.workers)
+            storage["idle_table_tx_per_s"] = idle.get("table_total", 0.0)
             say(f"storage transactions during the changes: {used}; idle rate per s: "
                 f"{ {k: round(v, 2) for k, v in idle.items()} }")
         posts_after = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
@@ -503,7 +519,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "delta_pages_per_change": delta_pages / max(1, len(changes)),
             "notification_posts": posts,
             "delta_pages_per_notification_post": delta_pages / max(1, posts),
-            "latency_ms": args.latency_ms, **storage, **sweep,
+            "latency_ms": args.latency_ms, **storage, **onboarding, **sweep,
         }
     finally:
         if clients is not None:

@@ -409,16 +409,25 @@ class Stack:
     # --- the page's side ---
 
     def link(self, address: str) -> Linked:
-        """Link ``address`` as the page does; returns when the OAuth callback has answered."""
-        created = self._http.post(f"{self.api}/accounts", json={"provider": "outlook"}, timeout=60)
+        """Link ``address`` as the page does; returns when the OAuth callback has answered.
+
+        Each sign-in is its own browser (its own cookie jar): the callback only
+        completes in the browser that started the sign-in (its sign-in cookie),
+        and benchmarks link several accounts at once.
+        """
+        with requests.Session() as browser:
+            return self._link(browser, address)
+
+    def _link(self, browser: requests.Session, address: str) -> Linked:
+        created = browser.post(f"{self.api}/accounts", json={"provider": "outlook"}, timeout=60)
         if created.status_code != 201:
             raise RuntimeError(f"POST /api/accounts: {created.status_code} {created.text[:300]}")
         body = created.json()
-        form = self._http.post(body["authorize_url"], data={"username": address}, allow_redirects=False, timeout=60)
+        form = browser.post(body["authorize_url"], data={"username": address}, allow_redirects=False, timeout=60)
         if form.status_code != 302:
             raise RuntimeError(f"sandbox sign-in: {form.status_code} {form.text[:300]}")
         started = time.monotonic()
-        callback = self._http.get(form.headers["Location"], allow_redirects=False, timeout=120)
+        callback = browser.get(form.headers["Location"], allow_redirects=False, timeout=120)
         done = time.monotonic()
         if callback.status_code != 302 or "error" in callback.headers.get("Location", ""):
             raise RuntimeError(f"OAuth callback: {callback.status_code} {callback.headers.get('Location')} "
