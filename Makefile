@@ -1,4 +1,5 @@
-# Two commands: `make run` (install + start everything on embedded defaults)
+# Two commands: `make run` (install + start everything on embedded defaults;
+# `make run WORKERS=2` adds two queue-trigger-only devhost processes)
 # and `make test` (install what the tests need + run the whole suite).
 # Both are idempotent: stamps make a warm re-run skip the installs.
 
@@ -43,7 +44,7 @@ $(SEARCH_NODE_STAMP): $(SEARCH_NODE_SRC) | $(PY_STAMP)
 
 run: SEARCH_NODE_BUILD_FLAGS := --if-tools
 run: deps $(SEARCH_NODE_STAMP)
-	$(PY) -m devhost.stack
+	$(PY) -m devhost.stack $(if $(WORKERS),--workers $(WORKERS))
 
 # Two workers, one per core; a test file stays on one worker so its
 # module fixtures (servers) start once. The slowest tests are listed at the end.

@@ -11,8 +11,12 @@ Values and the environment, the environment winning):
 * development secrets (TOKEN_ENCRYPTION_KEYS, the SignalR AccessKey), made
   once and kept in .local/dev-secrets.json so restarts can read old data;
 
-then the devhost on 7071, in this process. Ctrl-C stops the devhost first
-(in-flight queue messages are finished or returned) and the services after.
+then the devhost on 7071, in this process, and ``--workers N`` more devhost
+processes (``make run WORKERS=N``) that serve only the queue trigger of the
+same app against the same queue and tables, as N more Function instances
+would (the queue spreads the jobs over them; see docs/scaling.md). Ctrl-C
+stops the devhosts first (in-flight queue messages are finished or returned)
+and the services after.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 from devhost import __main__ as devhost_main
 from devhost.config import ConfigError, load_local_settings, merge_settings
 from devhost.services.azurite import DEFAULT_QUEUE_PORT, DEFAULT_TABLE_PORT, start_azurite
+from devhost.services.devhost_process import start_devhost
 from devhost.services.graph_sandbox import start_graph_sandbox
 from devhost.services.process import ROOT, ServiceError, port_open
 from devhost.services.search_store import start_search_store
@@ -152,7 +157,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=7071, help="devhost port (default 7071)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".local", help="where local data lives")
-    return parser.parse_args(argv)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="extra devhost processes serving only the queue trigger (default 0)")
+    args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error("--workers must not be negative")
+    return args
+
+
+def start_workers(count: int, data_dir: Path, stack: Stack) -> None:
+    """``count`` devhosts running only ``sync_worker``, with this process's settings (logs under data_dir/logs)."""
+    env = dict(os.environ)
+    for number in range(1, count + 1):
+        worker = start_devhost(env, functions=["sync_worker"], log_dir=data_dir / "logs")
+        stack.add(f"worker {number}", worker)
+        _say(f"worker {number}: queue trigger only, pid {worker.pid}, log {worker.log_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.setdefault(key, value)  # the environment wins, as with func start
         os.environ.update(added)
         os.environ.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{args.port}")
+        try:
+            start_workers(args.workers, args.data_dir, stack)
+        except ServiceError as exc:
+            _say(f"cannot start the workers: {exc}")
+            return 1
         threading.Thread(target=stack.watch, args=(watch_stop,), daemon=True).start()
 
         def ready(base_url: str) -> None:

@@ -38,6 +38,9 @@ class DevhostProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait: in-flight messages are finished or returned. Returns the exit code."""
         stop_process(self.process, grace_s=timeout_s)
