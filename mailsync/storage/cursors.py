@@ -48,7 +48,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,7 +60,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 
 from mailsync.errors import DependencyUnavailable, InputError, LeaseLost
 from mailsync.models import SyncPhase
@@ -71,6 +71,7 @@ FOLDER_LIST_ROW = "folders"
 FOLDER_ROW_PREFIX = "f:"
 SLOT_ROW_PREFIX = "slot:"
 _CONFLICT_RETRIES = 20
+_BATCH_MAX = 100   # operations per entity-group transaction (Azure Tables' limit)
 _OPTIONAL_INTS = frozenset({"expected", "unread", "children"})
 _FORBIDDEN_KEY_CHARS = frozenset("/\\#?") | {chr(c) for c in range(0x20)} | {chr(0x7F)}
 
@@ -274,6 +275,33 @@ class SyncStateTable:
                 return self.create(state)
             return existing
         return replace(state, etag=meta.get("etag"), updated_at=entity["updated_at"])
+
+    def create_many(self, states: Sequence[SyncState]) -> None:
+        """Insert new rows of one account, up to 100 per entity-group transaction (one billed call each).
+
+        Onboarding creates a row per folder; one batch instead of one call per
+        folder. A batch is all-or-nothing: when any row already exists (a
+        redelivered job created some), the batch is refused whole and the rows
+        go one by one through ``create``, which keeps what is there.
+        """
+        if not states:
+            return
+        partition = _check_partition(states[0].account_id)
+        if any(state.account_id != states[0].account_id for state in states):
+            raise ValueError("create_many takes the rows of one account (one partition)")
+        now = self._clock()
+        for start in range(0, len(states), _BATCH_MAX):
+            chunk = states[start:start + _BATCH_MAX]
+            operations: list[Any] = []
+            for state in chunk:
+                entity = _to_entity(state, set(_all_fields()))
+                entity.update(PartitionKey=partition, RowKey=state.row_key, updated_at=now)
+                operations.append(("create", entity))
+            try:
+                self._call(self._table.submit_transaction, operations)
+            except (TableTransactionError, ResourceExistsError):
+                for state in chunk:
+                    self.create(state)
 
     def update_info(self, account_id: str, folder_id: str, *, name: str, role: str | None,
                     expected: int | None, parent_id: str | None = None, unread: int | None = None,
@@ -527,6 +555,10 @@ class SyncStateTable:
             return method(*args, **kwargs)
         except (ResourceNotFoundError, ResourceModifiedError, ResourceExistsError):
             raise
+        except TableTransactionError as exc:
+            if exc.status_code == 409:
+                raise   # a row of the batch exists: the caller decides
+            raise DependencyUnavailable(f"sync table error {exc.status_code}") from exc
         except HttpResponseError as exc:
             if exc.status_code == 412:
                 raise ResourceModifiedError(message=str(exc), response=exc.response) from exc

@@ -446,14 +446,13 @@ class _Invocation:
         if known:
             e.store.upsert_folders(known)
         now = e.clock()
-        for folder in new:
-            e.state.create(SyncState(
-                account_id=self.account_id, folder_id=folder.folder_id, phase=SyncPhase.INITIAL,
-                epoch=policy.next_epoch(0, now), generation=generation, name=folder.name, role=folder.role,
-                expected=folder.total_count, parent_id=folder.parent_id, unread=folder.unread_count,
-                children=folder.child_folder_count,
-            ))
-            created.append(folder)
+        e.state.create_many([SyncState(
+            account_id=self.account_id, folder_id=folder.folder_id, phase=SyncPhase.INITIAL,
+            epoch=policy.next_epoch(0, now), generation=generation, name=folder.name, role=folder.role,
+            expected=folder.total_count, parent_id=folder.parent_id, unread=folder.unread_count,
+            children=folder.child_folder_count,
+        ) for folder in new])
+        created.extend(new)
         for folder in known:
             row = rows.folders[folder.folder_id]
             if (row.name, row.role, row.expected, row.parent_id, row.unread, row.children) != (

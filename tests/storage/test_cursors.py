@@ -50,6 +50,19 @@ def _folder(table: SyncStateTable, account: str, folder: str = "AAMk/folder+1=="
     return table.create(SyncState(account_id=account, folder_id=folder, name="Inbox", role="inbox", expected=10))
 
 
+def test_create_many_inserts_in_batches_and_keeps_rows_that_exist(table: SyncStateTable) -> None:
+    account = uuid.uuid4().hex
+    first = table.create(SyncState(account_id=account, folder_id="f0", name="kept"))
+    rows = [SyncState(account_id=account, folder_id=f"f{n}", name=f"new {n}", expected=n) for n in range(150)]
+    table.create_many(rows)                       # 2 batches; the first is refused (f0 exists), then one by one
+    loaded = table.load(account)
+    assert sorted(loaded.folders) == sorted(f"f{n}" for n in range(150))
+    assert loaded.folders["f0"].name == "kept" and loaded.folders["f0"].etag == first.etag
+    assert loaded.folders["f149"].name == "new 149" and loaded.folders["f149"].expected == 149
+    with pytest.raises(ValueError):
+        table.create_many([SyncState(account_id=account, folder_id="x"), SyncState(account_id="other", folder_id="y")])
+
+
 def test_create_is_idempotent_and_keeps_fields(table: SyncStateTable) -> None:
     account = _account()
     first = _folder(table, account)
