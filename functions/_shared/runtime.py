@@ -223,7 +223,8 @@ class Runtime:
         engine = self.sync_engine
         # NOTIFIED runs small sets of folder rounds itself (no second queue hop), in this invocation.
         worker.register(MONITORING_KINDS, lambda job, invocation: self.monitoring_jobs.run(
-            job, direct=lambda sync_job: engine.handle(sync_job, invocation.delivery, invocation.events)))
+            job, direct=lambda sync_job, account: engine.handle(sync_job, invocation.delivery, invocation.events,
+                                                                account=account)))
         return worker
 
     @cached_property

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, PoisonJob, ProviderError
 from mailsync.jobs import JobKind, new_job
-from mailsync.models import Job
+from mailsync.models import Account, Job
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
 from mailsync.ports import JobQueue, MessageStore
@@ -64,7 +64,8 @@ MAX_LOOKUPS = 25          # Graph GETs per NOTIFIED job at most (keeps the job s
 MAX_ROUNDS = 10           # re-reads of a pending row that keeps changing under us
 DIRECT_MAX_JOBS = 4       # sync jobs a NOTIFIED job runs itself (more: enqueued for several workers)
 
-DirectRunner = Callable[[Job], object]
+# Runs a sync job in this invocation, given the account as the NOTIFIED job just read it.
+DirectRunner = Callable[[Job, Account], object]
 
 
 class MonitoringJobs:
@@ -105,7 +106,7 @@ class MonitoringJobs:
                 return sent  # already handled (a redelivered or duplicate job)
             account = self._accounts.get(account_id)
             if account is not None and account.status in WATCHED_STATUSES:
-                sent.extend(self._dispatch(self._resolve(pending), account_id, pending, direct))
+                sent.extend(self._dispatch(self._resolve(pending), account, pending, direct))
             try:
                 self._pending.delete(pending)
                 return sent
@@ -143,10 +144,10 @@ class MonitoringJobs:
         # A folder subscription's notification: one folder-list round (names, parents, new and gone folders).
         return folders, bool(folders - known) or pending.folders_changed
 
-    def _dispatch(self, resolved: tuple[set[str], bool], account_id: str, pending: PendingChanges,
+    def _dispatch(self, resolved: tuple[set[str], bool], account: Account, pending: PendingChanges,
                   direct: DirectRunner | None) -> list[Job]:
         folders, folder_list = resolved
-        jobs = _sync_jobs(account_id, sorted(folders), folder_list, reason="notified")
+        jobs = _sync_jobs(account.account_id, sorted(folders), folder_list, reason="notified")
         run_here = direct is not None and len(jobs) <= DIRECT_MAX_JOBS
         log.info("notifications resolved to %d folder(s)", len(folders),
                  extra={"changes": len(pending.changes), "all_folders": pending.all_folders,
@@ -154,7 +155,7 @@ class MonitoringJobs:
         if run_here:
             assert direct is not None
             for job in jobs:
-                direct(job)
+                direct(job, account)
             return jobs
         return self._enqueue(jobs)
 

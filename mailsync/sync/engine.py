@@ -189,10 +189,16 @@ class SyncEngine:
         # Test seam: called with (folder_id, page number) before a page is written.
         self.before_write: Callable[[str, int], None] | None = None
 
-    def handle(self, job: Job, delivery: Delivery, events: EventPublisher) -> Outcome:
-        """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT)."""
+    def handle(self, job: Job, delivery: Delivery, events: EventPublisher, *,
+               account: Account | None = None) -> Outcome:
+        """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT).
+
+        ``account``: the account as the caller has just read it (a NOTIFIED job
+        running the job in its own invocation); else it is read here.
+        """
         with log_context(account_id=job.account_id, job_id=job.job_id, folder_id=job.folder_id):
-            account = self.accounts.get(job.account_id)
+            if account is None or account.account_id != job.account_id:
+                account = self.accounts.get(job.account_id)
             if account is None:
                 # Unlinked meanwhile: its documents are gone; drop its sync rows too.
                 self.state.delete_account(job.account_id)

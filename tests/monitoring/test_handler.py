@@ -91,7 +91,7 @@ def test_a_small_set_runs_in_the_invocation_without_a_queue_hop(world: World) ->
     world.notify(("updated", a["id"]), ("deleted", b["id"]))
     world.harness.drain()
     ran: list[Job] = []
-    sent = world.jobs.notified(world.account, direct=ran.append)
+    sent = world.jobs.notified(world.account, direct=lambda job, account: ran.append(job))
     assert ran == sent
     assert sorted((job.kind, job.folder_id) for job in ran) == sorted({sync(a["folderId"]), sync(b["folderId"])})
     assert world.harness.drain() == []                 # nothing went through the queue
@@ -104,7 +104,7 @@ def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(w
         world.notify(*(("updated", f"{mid}x{start}") for mid in ids[:50]))
     world.harness.drain()
     ran: list[Job] = []
-    world.jobs.notified(world.account, direct=ran.append)
+    world.jobs.notified(world.account, direct=lambda job, account: ran.append(job))
     assert ran == []
     assert len(world.harness.drain()) == len(world.folders) + 1
 
