@@ -31,6 +31,11 @@ class JobKind(enum.StrEnum):
     SUBSCRIPTION = "subscription"      # ensure / renew / recreate the account's Graph subscription
 
 
+# A SYNC_FOLDERS job with this attribute set to "1" also syncs every known folder: it marks their
+# rows dirty (one table batch) and its invocation works them after the folder list (SYNC_ACCOUNT).
+EVERY_FOLDER = "every_folder"
+
+
 def new_job(kind: JobKind, account_id: str, folder_id: str | None = None, *, reason: str = "",
             attrs: dict[str, str] | None = None) -> Job:
     """A job with a fresh id (the id follows it through logs and continuations)."""

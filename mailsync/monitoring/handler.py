@@ -33,7 +33,11 @@ guarantees do not depend on who calls it: a folder leased elsewhere is
 marked dirty, a throttled mailbox is deferred through the queue.
 
 SYNC_ACCOUNT — the folder list and every known folder, incrementally
-(polling, ``missed`` lifecycle events, after a subscription is created).
+(polling, ``missed`` lifecycle events, after a subscription is created):
+one SYNC_FOLDERS job marked ``every_folder``, which marks the folders' rows
+dirty in one table batch and works them in its own invocation after the
+folder list (a quiet account's sweep costs one queue message, not one per
+folder; folders with changes hand the rest to a continuation).
 
 SUBSCRIPTION — ensure / renew / recreate the account's subscription
 (``mailsync.monitoring.subscriptions``).
@@ -51,7 +55,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, PoisonJob, ProviderError
-from mailsync.jobs import JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, JobKind, new_job
 from mailsync.models import Account, Job
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
@@ -165,8 +169,7 @@ class MonitoringJobs:
         account = self._accounts.get(account_id)
         if account is None or account.status not in WATCHED_STATUSES:
             return []
-        known = sorted(view.folder.folder_id for view in self._store.list_folders(account_id))
-        return self._enqueue(_sync_jobs(account_id, known, True, reason=reason))
+        return self._enqueue([new_job(JobKind.SYNC_FOLDERS, account_id, reason=reason, attrs={EVERY_FOLDER: "1"})])
 
     # -- SUBSCRIPTION -----------------------------------------------------------------
 

@@ -324,6 +324,34 @@ class SyncStateTable:
         key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
         return self._merge_unconditional(account_id, key, fields)
 
+    def mark_many(self, account_id: str, folder_ids: Sequence[str | None], *, dirty: bool = True,
+                  resync: bool = False) -> None:
+        """``mark`` several rows of one account, up to 100 per entity-group transaction.
+
+        A batch is all-or-nothing: when a row is gone (a folder deleted
+        meanwhile) the batch is refused and its rows are marked one by one.
+        """
+        partition = _check_partition(account_id)
+        fields: dict[str, Any] = {}
+        if dirty:
+            fields["dirty"] = True
+        if resync:
+            fields["resync_requested"] = True
+        if not fields:
+            return
+        keys = [FOLDER_LIST_ROW if fid is None else folder_row_key(fid) for fid in dict.fromkeys(folder_ids)]
+        for start in range(0, len(keys), _BATCH_MAX):
+            chunk = keys[start:start + _BATCH_MAX]
+            now = self._clock()
+            operations: list[Any] = [
+                ("update", {**_to_entity_fields(fields), "PartitionKey": partition, "RowKey": key, "updated_at": now},
+                 {"mode": UpdateMode.MERGE}) for key in chunk]
+            try:
+                self._call(self._table.submit_transaction, operations)
+            except (TableTransactionError, ResourceExistsError, ResourceNotFoundError):
+                for key in chunk:
+                    self._merge_unconditional(account_id, key, fields)
+
     def delete(self, account_id: str, folder_id: str | None) -> None:
         key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
         with contextlib.suppress(ResourceNotFoundError):
@@ -556,8 +584,8 @@ class SyncStateTable:
         except (ResourceNotFoundError, ResourceModifiedError, ResourceExistsError):
             raise
         except TableTransactionError as exc:
-            if exc.status_code == 409:
-                raise   # a row of the batch exists: the caller decides
+            if exc.status_code in (404, 409):
+                raise   # a row of the batch exists, or is gone: the caller decides
             raise DependencyUnavailable(f"sync table error {exc.status_code}") from exc
         except HttpResponseError as exc:
             if exc.status_code == 412:

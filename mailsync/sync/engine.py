@@ -106,7 +106,7 @@ from mailsync.errors import (
     ProviderAuthError,
     ReauthRequired,
 )
-from mailsync.jobs import JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, JobKind, new_job
 from mailsync.logs import log_context
 from mailsync.models import (
     Account,
@@ -312,9 +312,12 @@ class _Invocation:
         kind, folder_id = self.job.kind, self.job.folder_id
         state = self.e.state
         if kind == JobKind.RESYNC_ACCOUNT:
-            for fid in rows.folders:
-                state.mark(self.account_id, fid, dirty=False, resync=True)
-            state.mark(self.account_id, None, dirty=False, resync=True)
+            state.mark_many(self.account_id, [*rows.folders, None], dirty=False, resync=True)
+            return _LIST
+        if kind == JobKind.SYNC_FOLDERS and self.job.attrs.get(EVERY_FOLDER) == "1" and not self.is_continuation:
+            # The intent goes on the rows first (one batch): whoever holds the slot, now or
+            # later, works them; this invocation does the folder list, then picks them up.
+            state.mark_many(self.account_id, list(rows.folders), dirty=True)
             return _LIST
         if folder_id is None or kind == JobKind.SYNC_FOLDERS:
             return _LIST

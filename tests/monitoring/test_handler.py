@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
-from mailsync.jobs import JobKind
+from mailsync.jobs import EVERY_FOLDER, JobKind
 from mailsync.models import Folder, Job, Message
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
@@ -228,8 +228,8 @@ def test_a_deleted_account_gets_no_jobs_and_its_row_goes(world: World) -> None:
     assert world.harness.pending.get(world.account) is None
 
 
-def test_sync_account_covers_the_folder_list_and_every_folder(world: World) -> None:
+def test_sync_account_is_one_folder_list_job_for_every_folder(world: World) -> None:
     sent = world.jobs.sync_account(world.account, reason="poll")
-    assert sorted((j.kind, j.folder_id) for j in sent) == sorted(
-        [(JobKind.SYNC_FOLDERS.value, None), *(sync(f) for f in world.folders)])
-    assert {j.reason for j in sent} == {"poll"}
+    assert [(j.kind, j.folder_id, j.reason, j.attrs) for j in sent] == [
+        (JobKind.SYNC_FOLDERS.value, None, "poll", {EVERY_FOLDER: "1"})]
+    assert world.harness.drain() == sent

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mailsync.jobs import JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, JobKind, new_job
 from mailsync.models import AccountStatus, SyncPhase
 from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.settings import Settings
@@ -260,6 +260,29 @@ def test_resync_account_never_blanks_the_list(world: SyncWorld, pump: QueuePump)
     assert all(after.folders[f].epoch > row.epoch for f, row in before.folders.items())
     assert after.folder_list is not None and before.folder_list is not None
     assert after.folder_list.epoch > before.folder_list.epoch
+
+
+def test_every_folder_job_syncs_the_list_and_each_folder_in_one_invocation(world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    pump.stop()
+    before = world.state.load(world.account_id)
+    # A change the account was not notified of: only a sweep of every folder finds it.
+    message = next(m for m in world.sandbox.snapshot(world.user)["messages"] if not m["isRead"])
+    world.sandbox.graph(world.user).patch(f"me/messages/{message['id']}", json={"isRead": True}).raise_for_status()
+    job = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="sweep", attrs={EVERY_FOLDER: "1"})
+    assert world.engine.handle(job, Delivery("sweep-1"), world.events) == Outcome.DONE
+    after = world.state.load(world.account_id)
+    assert after.folder_list is not None and before.folder_list is not None
+    assert after.folder_list.rounds == before.folder_list.rounds + 1
+    worked = [f for f, row in after.folders.items() if row.rounds == before.folders[f].rounds + 1]
+    assert message["folderId"] in worked
+    # What the invocation did not reach (it ends after publishing a change) is left dirty for a continuation.
+    assert all(row.dirty for f, row in after.folders.items() if f not in worked)
+    pump.start()
+    pump.drain()
+    assert not compare(world)
+    final = world.state.load(world.account_id)
+    assert all(row.rounds == before.folders[f].rounds + 1 and not row.dirty for f, row in final.folders.items())
 
 
 def _new_folder_known_to_the_folder_list(world: SyncWorld, pump: QueuePump, name: str) -> str:

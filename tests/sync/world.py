@@ -194,6 +194,9 @@ class QueuePump:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        """Start the worker threads (again, after ``stop``)."""
+        self._stop.clear()
+        self._threads = [t for t in self._threads if t.is_alive()]
         for i in range(self.workers):
             thread = threading.Thread(target=self._loop, name=f"pump-{i}", daemon=True)
             thread.start()
