@@ -806,7 +806,6 @@ class _Invocation:
         sets it back once every row has completed a round in the new generation.
         """
         e = self.e
-        log.warning("the store was recreated: the account's mail is synced again")
         for _ in range(3):
             account = e.accounts.get(self.account_id)
             if account is None or account.status != AccountStatus.SYNCED:
@@ -814,9 +813,10 @@ class _Invocation:
             try:
                 self.account = e.accounts.save(replace(account, status=AccountStatus.SYNCING,
                                                        updated_at=datetime.now(UTC)))
-                return
             except Conflict:
                 continue
+            log.warning("the store was recreated: the account is syncing again")
+            return
 
     def _reauth(self, error: MailsyncError) -> None:
         e = self.e
