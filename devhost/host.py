@@ -28,6 +28,7 @@ from devhost.queues import BindingError, QueueClients, QueueListener
 from devhost.routing import RouteTemplate
 from devhost.signalr import PATH as SIGNALR_PATH
 from devhost.signalr import SignalRService
+from devhost.static_site import StaticSite
 from devhost.timers import TimerRunner
 from mailsync.logs import log_context
 
@@ -83,6 +84,9 @@ class Devhost:
         self.options = options or DevhostOptions()
         self.functions = index_app(app, self.settings, self.options.only_functions)
         self.signalr = SignalRService.from_settings(self.settings)
+        static_dir = self.options.static_dir
+        # The page's files with Static Web Apps' global headers (its CSP), read once.
+        self._site = StaticSite(static_dir) if static_dir is not None and static_dir.is_dir() else None
         self.base_url = ""
         self._routes: list[_HttpRoute] = []
         for spec in self.functions:
@@ -240,18 +244,13 @@ class Devhost:
                 return _error(500, "internal_error", "the function failed; see the devhost log")
 
     async def _static(self, request: web.Request) -> web.StreamResponse:
-        root = self.options.static_dir
-        if root is None or request.method not in ("GET", "HEAD") or not root.is_dir():
+        site = self._site
+        if site is None or request.method not in ("GET", "HEAD"):
             return _error(404, "not_found", f"nothing at {request.path}")
-        root = root.resolve()
-        candidate = (root / request.path.lstrip("/")).resolve()
-        if not candidate.is_relative_to(root):
+        file = site.resolve(request.path)
+        if file is None:
             return _error(404, "not_found", f"nothing at {request.path}")
-        if candidate.is_dir():
-            candidate = candidate / "index.html"
-        if not candidate.is_file():
-            return _error(404, "not_found", f"nothing at {request.path}")
-        return web.FileResponse(candidate, headers={"Cache-Control": "no-cache"})
+        return site.response(file)
 
 
 def _to_response(result: Any) -> web.Response:

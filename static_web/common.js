@@ -86,6 +86,9 @@ window.Mailsync = (() => {
       else if (key === "text") node.textContent = value;
       else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
       else if (key === "dataset") Object.assign(node.dataset, value);
+      // An object of CSSOM properties, never a style attribute: the pages' CSP (style-src 'self')
+      // blocks inline style attributes, but not properties set from our own script.
+      else if (key === "style") Object.assign(node.style, value);
       else node.setAttribute(key, value === true ? "" : String(value));
     }
     for (const child of children.flat()) {

@@ -269,7 +269,7 @@
     const label = `${name}: ${formatNumber(unread)} unread of ${formatNumber(total)}`;
     return el("li", {},
       el("button", { type: "button", "aria-current": current ? "true" : null, "aria-label": label,
-                     dataset: { folderId: folderId || "" }, style: depth ? `padding-left: ${0.5 + depth}rem` : null,
+                     dataset: { folderId: folderId || "" }, style: depth ? { paddingLeft: `${0.5 + depth}rem` } : null,
                      onclick: () => openView({ folderId }) },
         el("span", { class: "name", text: name }),
         el("span", { class: "counts" }, unread ? [el("span", { class: "unread", text: formatNumber(unread) }), " / "] : null,

@@ -37,8 +37,8 @@ DEFAULT_MAX_BODY_BYTES = 1_000_000
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> func.HttpResponse:
-    """A JSON response (no caching: these are per-account answers)."""
-    all_headers = {"Cache-Control": "no-store"}
+    """A JSON response (no caching: these are per-account answers; never sniffed as anything else)."""
+    all_headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
     all_headers.update(headers or {})
     return func.HttpResponse(orjson.dumps(body, default=str), status_code=status,
                              mimetype="application/json", headers=all_headers)

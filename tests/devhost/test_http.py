@@ -7,6 +7,7 @@ from pathlib import Path
 import requests
 
 from tests.devhost.conftest import HostFactory
+from tests.paths import ROOT
 
 
 def test_route_parameters_query_and_headers_reach_the_function(host_sample: HostFactory) -> None:
@@ -106,6 +107,31 @@ def test_static_files_share_the_origin(host_sample: HostFactory, tmp_path: Path)
     assert requests.post(host.url("/index.html"), timeout=10).status_code == 404
     # The API still answers under its prefix.
     assert requests.get(host.url("/api/echo/1"), timeout=10).status_code == 200
+
+
+def test_static_files_carry_the_static_web_apps_global_headers(host_sample: HostFactory, tmp_path: Path) -> None:
+    """The devhost sends what staticwebapp.config.json's globalHeaders tell Static Web Apps to send."""
+    (tmp_path / "index.html").write_text("<h1>page</h1>")
+    (tmp_path / "staticwebapp.config.json").write_text(
+        '{"globalHeaders": {"Content-Security-Policy": "default-src \'none\'", "X-Frame-Options": "DENY"}}')
+    host = host_sample(static_dir=tmp_path)
+    page = requests.get(host.url("/"), timeout=10)
+    assert page.headers["Content-Security-Policy"] == "default-src 'none'"
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert requests.get(host.url("/staticwebapp.config.json"), timeout=10).status_code == 404, "not served"
+
+
+def test_the_real_pages_get_a_strict_policy(host_sample: HostFactory) -> None:
+    host = host_sample(static_dir=ROOT / "static_web")
+    for path in ("/", "/index.html", "/data.html", "/common.js", "/app.css"):
+        answer = requests.get(host.url(path), timeout=10)
+        assert answer.status_code == 200, path
+        csp = {d.split()[0]: d.split()[1:] for d in answer.headers["Content-Security-Policy"].split("; ")}
+        assert csp["default-src"] == ["'none'"] and csp["script-src"] == ["'self'"], "no inline script"
+        assert csp["style-src"] == ["'self'"] and csp["frame-ancestors"] == ["'none'"]
+        assert "'self'" in csp["connect-src"] and "wss://*.service.signalr.net" in csp["connect-src"]
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Referrer-Policy"] == "no-referrer"
 
 
 def test_host_status_endpoint(host_sample: HostFactory) -> None:
