@@ -69,7 +69,3 @@ class LoginCheckPool:
             return check()
         finally:
             self._slots.release()
-
-    def shutdown(self) -> None:
-        """Stop the threads (tests); checks still running finish by their own timeouts."""
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -136,9 +136,6 @@ class ResolvedHost:
     port: int
     addresses: tuple[str, ...]     # in the resolver's order of preference
 
-    def describe(self) -> str:
-        return f"{self.host}:{self.port}"
-
 
 class OutboundPolicy:
     """Resolve, check and connect to user-supplied hosts (see the module docstring)."""
@@ -169,11 +166,6 @@ class OutboundPolicy:
                                          "host name")
             names.append(name)
         return cls(networks, names, resolver=resolver)
-
-    @property
-    def strict(self) -> bool:
-        """True when nothing is exempt (production)."""
-        return not self._networks and not self._names
 
     def resolve(self, host: str, port: int) -> ResolvedHost:
         """Resolve ``host`` and check every address; AddressRefused or ProviderUnavailable (name not found)."""
