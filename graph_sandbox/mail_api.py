@@ -35,9 +35,11 @@ from urllib.parse import quote, urlencode
 
 import orjson
 from aiohttp import web
-from multidict import MultiMapping
+from multidict import CIMultiDict, MultiMapping
+from yarl import URL
 
 from graph_sandbox import payloads
+from graph_sandbox.attachments import Attachment, attachment_json, attachment_of, attachment_select, attachments_of
 from graph_sandbox.delta import DELTA, SKIP, BadToken, DeltaToken, Tombstone, decode_token, encode_token
 from graph_sandbox.faults import RequestFault
 from graph_sandbox.mailbox import (
@@ -130,6 +132,7 @@ class Reply:
     status: int
     body: Any = None                # JSON-able, or None for no content
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None        # a binary answer instead of JSON (attachment $value)
 
 
 Handler = Callable[..., Reply]
@@ -193,6 +196,8 @@ class MailApi:
         client_request_id = request.headers.get("client-request-id", request_id)
         ids = {"request-id": request_id, "client-request-id": client_request_id}
         try:
+            if request.match_info["tail"].strip("/").lower() == "$batch":
+                return await self._batch(request, ids)
             return await self._handle(request, ids)
         except web.HTTPException as exc:          # the identity platform's 401
             state.counters.record(exc.status)
@@ -206,10 +211,12 @@ class MailApi:
             log.exception("mail API failed on %s %s", request.method, request.path)
             return self._error(ApiError(500, "generalException", "An unexpected error occurred."), ids)
 
-    async def _handle(self, request: web.Request, ids: dict[str, str]) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, ids: dict[str, str], *,
+                      batch_body: tuple[Any] | None = None, tail: str | None = None) -> web.StreamResponse:
+        """One request; a ``$batch`` item comes with its parsed body and its path (``tail``)."""
         state = self.state
         principal = self.identity.authenticate(request)
-        segments = split_path(request.match_info["tail"])
+        segments = split_path(request.match_info["tail"] if tail is None else tail)
         if not segments:
             raise bad_request("Invalid request.")
         head = segments[0].lower()
@@ -260,7 +267,9 @@ class MailApi:
                 await asyncio.sleep(state.config.latency_ms / 1000)
             ctx = self._context(request, user, box, scope_path)
             ctx.fault = fault
-            if request.method in ("POST", "PATCH") and request.can_read_body:
+            if batch_body is not None:
+                ctx.body = batch_body[0]
+            elif request.method in ("POST", "PATCH") and request.can_read_body:
                 raw = await request.read()
                 if raw.strip():
                     try:
@@ -299,6 +308,8 @@ class MailApi:
         headers = {**ids, **reply.headers}
         if ctx.applied:
             headers["Preference-Applied"] = ", ".join(ctx.applied)
+        if reply.raw is not None:            # a stream ($value): the handler set its Content-Type
+            return web.Response(status=reply.status, body=reply.raw, headers=headers)
         if reply.body is None:
             return web.Response(status=reply.status, headers=headers)
         body = orjson.dumps(reply.body)
@@ -331,7 +342,7 @@ class MailApi:
     # -- routing ---------------------------------------------------------------------------
 
     def _route_table(self) -> list[tuple[str, tuple[str, ...], Handler, str]]:
-        F, M = "{f}", "{m}"
+        F, M, A = "{f}", "{m}", "{a}"
         return [
             ("GET", (), self.get_user, "user"),
             ("GET", ("mailfolders",), self.list_top_folders, "read"),
@@ -360,6 +371,9 @@ class MailApi:
             ("POST", ("messages", M, "move"), self.move_message, "write"),
             ("POST", ("messages", M, "copy"), self.copy_message, "write"),
             ("POST", ("messages", M, "send"), self.send_draft, "send"),
+            ("GET", ("messages", M, "attachments"), self.list_attachments, "read"),
+            ("GET", ("messages", M, "attachments", A), self.get_attachment, "read"),
+            ("GET", ("messages", M, "attachments", A, "$value"), self.get_attachment_value, "read"),
             ("POST", ("sendmail",), self.send_mail, "send"),
         ]
 
@@ -373,7 +387,7 @@ class MailApi:
             params: list[str] = []
             for want, got, original in zip(pattern, lowered, rest, strict=True):
                 if want.startswith("{"):
-                    if got in ("delta", "move", "copy", "send", "messages", "childfolders"):
+                    if got in ("delta", "move", "copy", "send", "messages", "childfolders", "attachments", "$value"):
                         break
                     params.append(original)
                 elif want != got:
@@ -645,6 +659,124 @@ class MailApi:
     def send_folder_draft(self, ctx: Ctx, ref: str, mid: str) -> Reply:
         return self.send_draft(ctx, self._in_folder(ctx, ref, mid).rest_id)
 
+    # -- attachments ---------------------------------------------------------------------------
+
+    def list_attachments(self, ctx: Ctx, mid: str) -> Reply:
+        message = ctx.box.message(mid)
+        select = self._attachment_select(ctx)
+        value = [attachment_json(a, select=select) for a in attachments_of(message)]
+        return Reply(200, payloads.collection(ctx.context(f"users('{ctx.user.id}')/messages('{mid}')/attachments"),
+                                              value))
+
+    def get_attachment(self, ctx: Ctx, mid: str, aid: str) -> Reply:
+        attachment = self._attachment(ctx, mid, aid)
+        body = {"@odata.context": ctx.context(f"users('{ctx.user.id}')/messages('{mid}')/attachments/$entity"),
+                **attachment_json(attachment, select=self._attachment_select(ctx))}
+        return Reply(200, body)
+
+    def get_attachment_value(self, ctx: Ctx, mid: str, aid: str) -> Reply:
+        """The raw bytes (``fileAttachment`` has a stream), with its content type."""
+        attachment = self._attachment(ctx, mid, aid)
+        return Reply(200, raw=attachment.content, headers={"Content-Type": attachment.content_type})
+
+    def _attachment(self, ctx: Ctx, mid: str, aid: str) -> Attachment:
+        attachment = attachment_of(ctx.box.message(mid), aid)
+        if attachment is None:
+            raise MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+        return attachment
+
+    @staticmethod
+    def _attachment_select(ctx: Ctx) -> tuple[str, ...] | None:
+        try:
+            return attachment_select(ctx.query.get("$select"))
+        except KeyError as exc:
+            raise ApiError(400, "RequestBroker--ParseUri", f"Could not find a property named '{exc.args[0]}' "
+                           "on type 'microsoft.graph.attachment'.") from None
+
+    # -- $batch --------------------------------------------------------------------------------
+
+    async def _batch(self, request: web.Request, ids: dict[str, str]) -> web.Response:
+        """JSON batching: up to 20 requests in one POST, answered in one 200.
+
+        As Graph does, each item is its own request for authentication,
+        permissions and throttling (an item over the mailbox's concurrency
+        gets its own 429 inside a 200 envelope), and up to four items are
+        dispatched at once. Items with ``dependsOn`` run in order, and an
+        item whose dependency failed is answered 424.
+        """
+        if request.method != "POST":
+            raise ApiError(405, "BadRequest", f"The HTTP method '{request.method}' is not supported for this resource.")
+        try:
+            envelope = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise bad_request("Unable to read JSON request payload.") from None
+        items = envelope.get("requests") if isinstance(envelope, dict) else None
+        if not isinstance(items, list) or not items:
+            raise ApiError(400, "BadRequest", "Invalid batch payload format.")
+        if len(items) > BATCH_MAX:
+            raise ApiError(400, "BadRequest", f"Batch request cannot contain more than {BATCH_MAX} requests.")
+        seen: set[str] = set()
+        for item in items:
+            if (not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]
+                    or not isinstance(item.get("method"), str) or not isinstance(item.get("url"), str)):
+                raise ApiError(400, "BadRequest", "Each batch request needs a string id, method and url.")
+            if item["id"] in seen:
+                raise ApiError(400, "BadRequest", f"Batch request ids must be unique: '{item['id']}'.")
+            seen.add(item["id"])
+        slots = asyncio.Semaphore(BATCH_PARALLEL)
+        statuses: dict[str, int] = {}
+
+        async def run(item: dict[str, Any]) -> dict[str, Any]:
+            async with slots:
+                depends = item.get("dependsOn") or []
+                if any(statuses.get(d, 424) >= 400 for d in depends):
+                    answer = {"id": item["id"], "status": 424,
+                              "body": payloads.error("FailedDependency", "A request this one depends on failed.",
+                                                     request_id=ids["request-id"],
+                                                     client_request_id=ids["client-request-id"],
+                                                     date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"))}
+                else:
+                    answer = await self._batch_item(request, item, ids)
+                statuses[item["id"]] = answer["status"]
+                return answer
+
+        if any(item.get("dependsOn") for item in items):
+            answers = [await run(item) for item in items]
+        else:
+            answers = list(await asyncio.gather(*(run(item) for item in items)))
+        return web.Response(status=200, body=orjson.dumps({"responses": answers}),
+                            headers={**ids, "Content-Type": JSON_TYPE, "OData-Version": "4.0"})
+
+    async def _batch_item(self, request: web.Request, item: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
+        method = item["method"].upper()
+        url = item["url"].lstrip("/")
+        item_headers = item.get("headers") or {}
+        if not isinstance(item_headers, dict):
+            item_headers = {}
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "prefer")}
+        headers.update({str(k): str(v) for k, v in item_headers.items()})
+        has_body = "body" in item
+        response: web.StreamResponse
+        item_ids = {"request-id": str(uuid.uuid4()), "client-request-id": ids["client-request-id"]}
+        if has_body and not any(k.lower() == "content-type" for k in item_headers):
+            response = self._error(ApiError(400, "BadRequest", "Content-Type header is required when a body is "
+                                            "present."), item_ids)
+        else:
+            path = url.partition("?")[0]
+            try:
+                clone = BatchItemRequest(method=method, headers=CIMultiDict(headers), scheme=request.scheme,
+                                         host=request.host, query=URL(f"/v1.0/{url}").query)
+                body = (item.get("body"),) if has_body else None
+                response = await self._handle(clone, item_ids, batch_body=body, tail=path)  # type: ignore[arg-type]
+            except web.HTTPException as exc:
+                self.state.counters.record(exc.status)
+                response = web.Response(status=exc.status, body=exc.text, headers={**item_ids, **exc.headers})
+            except ApiError as exc:
+                response = self._error(exc, item_ids)
+            except MailboxError as exc:
+                response = self._error(ApiError(exc.status, exc.code, exc.message), item_ids)
+        return _batch_answer(item["id"], response)
+
     # -- delta -------------------------------------------------------------------------------
 
     def _page_size(self, ctx: Ctx) -> int:
@@ -883,6 +1015,42 @@ class MailApi:
 
 
 # -- query options ----------------------------------------------------------------------------
+
+
+@dataclass
+class BatchItemRequest:
+    """The parts of a request ``_handle`` reads, for one ``$batch`` item (its body comes parsed).
+
+    aiohttp cannot clone a request whose body was read, and the batch's
+    body had to be read to find the items.
+    """
+
+    method: str
+    headers: CIMultiDict[str]
+    scheme: str
+    host: str
+    query: MultiMapping[str]
+    can_read_body: bool = False
+    transport: None = None
+
+
+BATCH_MAX = 20
+BATCH_PARALLEL = 4     # Graph dispatches up to four items of a batch at once
+
+
+def _batch_answer(item_id: str, response: web.StreamResponse) -> dict[str, Any]:
+    """One ``responses`` entry: JSON bodies inline, other bodies base64 (as Graph encodes them)."""
+    keep = {str(k): v for k, v in response.headers.items()
+            if k.lower() in ("content-type", "retry-after", "location", "preference-applied")}
+    answer: dict[str, Any] = {"id": item_id, "status": response.status, "headers": keep}
+    body = response.body if isinstance(response, web.Response) else None
+    raw = body if isinstance(body, bytes) else b""
+    if raw:
+        if "json" in keep.get("Content-Type", "").lower():
+            answer["body"] = orjson.loads(raw)
+        else:
+            answer["body"] = base64.b64encode(raw).decode("ascii")
+    return answer
 
 
 def _capped(size: int, left: int | None) -> int:

@@ -39,7 +39,7 @@ EDM = "{http://docs.oasis-open.org/odata/ns/edm}"
 GRAPH = "microsoft.graph"
 # Dynamic properties allowed on open types (everything else must be declared).
 DYNAMIC = {f"{GRAPH}.resourceData": {"id": "Edm.String"}}
-REQUIRED_TYPES = ["message", "mailFolder", "user", "subscription", "changeNotification",
+REQUIRED_TYPES = ["message", "fileAttachment", "attachment", "mailFolder", "user", "subscription", "changeNotification",
                   "changeNotificationCollection", "recipient", "emailAddress", "itemBody", "followupFlag",
                   "dateTimeTimeZone", "resourceData", "outlookItem", "entity"]
 
@@ -292,6 +292,13 @@ def samples(sandbox: SandboxTestServer) -> list[Sample]:
     collect("GET $select", "message", me.get("me/messages?$select=subject,from,flag,body,categories&$top=10"), True)
     text = me.get("me/messages?$top=5", headers={"Prefer": 'outlook.body-content-type="text"'})
     collect("GET text body", "message", text, True)
+    with_files = me.get("me/messages?$filter=hasAttachments eq true&$top=5&$select=id").json()["value"]
+    assert with_files, "the seed gives some messages attachments"
+    for item in with_files:
+        collect("GET attachments", "fileAttachment", me.get(f"me/messages/{item['id']}/attachments"), True)
+    first = me.get(f"me/messages/{with_files[0]['id']}/attachments").json()["value"][0]
+    collect("GET attachment", "fileAttachment",
+            me.get(f"me/messages/{with_files[0]['id']}/attachments/{first['id']}"), False)
     draft = me.post("me/messages", json={
         "subject": "Schema draft", "importance": "high", "categories": ["Blue category"],
         "body": {"contentType": "html", "content": "<p>hello</p>"},
