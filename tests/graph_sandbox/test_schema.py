@@ -352,6 +352,13 @@ def samples(sandbox: SandboxTestServer) -> list[Sample]:
         me.patch(f"me/messages/{target['id']}", json={"isRead": not target["isRead"]})
         for body in hook.wait_for("/notify"):
             out.append(("webhook POST", f"{GRAPH}.changeNotificationCollection", body))
+        folders = me.post("subscriptions", json={
+            "changeType": "created,updated,deleted", "notificationUrl": f"{hook.url}/folders",
+            "resource": "me/mailFolders", "expirationDateTime": expires, "clientState": "folders"})
+        collect("POST /subscriptions (me/mailFolders)", "subscription", folders, False)
+        me.post("me/mailFolders", json={"displayName": f"Schema {uuid.uuid4().hex[:6]}"})
+        for body in hook.wait_for("/folders"):
+            out.append(("folder webhook POST", f"{GRAPH}.changeNotificationCollection", body))
         for event in ("reauthorizationRequired", "missed", "subscriptionRemoved"):
             response = sandbox.admin("POST", f"subscriptions/{subscription.json()['id']}/lifecycle",
                                      json={"event": event})
