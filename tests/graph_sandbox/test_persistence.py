@@ -63,7 +63,12 @@ def test_a_restarted_sandbox_keeps_tokens_subscriptions_and_mail(tmp_path: Path,
         flipped = not message["isRead"]
         assert graph(base, access, "PATCH", f"me/messages/{message['id']}", {"isRead": flipped}).ok
         folder = graph(base, access, "POST", "me/mailFolders", {"displayName": "Kept over restarts"}).json()
-        receiver.wait(lambda: len(path.items) >= 1, "the update's notification")
+        # ... and a change made by a person on the sandbox's mail page.
+        inbox_id = graph(base, access, "GET", "me/mailFolders/inbox").json()["id"]
+        pressed = requests.post(f"{base}/sandbox/mail/action", allow_redirects=False, timeout=10, data={
+            "user": user.id, "folder": inbox_id, "message": message["id"], "action": "flag"})
+        assert pressed.status_code == 303, pressed.text
+        receiver.wait(lambda: len(path.items) >= 2, "the two updates' notifications")
         _, delta_link = delta_round(base, access, "me/mailFolders/inbox/messages/delta")
     finally:
         first.stop()
@@ -77,6 +82,7 @@ def test_a_restarted_sandbox_keeps_tokens_subscriptions_and_mail(tmp_path: Path,
         kept = graph(base, access, "GET", f"me/messages/{message['id']}")
         assert kept.status_code == 200, kept.text
         assert kept.json()["isRead"] is flipped
+        assert kept.json()["flag"]["flagStatus"] == "flagged"
         assert graph(base, access, "GET", f"me/mailFolders/{folder['id']}").json()["displayName"] == \
             "Kept over restarts"
         # The refresh token still redeems.
