@@ -371,6 +371,7 @@ class MailApi:
             ("POST", ("messages", M, "move"), self.move_message, "write"),
             ("POST", ("messages", M, "copy"), self.copy_message, "write"),
             ("POST", ("messages", M, "send"), self.send_draft, "send"),
+            ("POST", ("messages", M, "permanentdelete"), self.permanent_delete_message, "write"),
             ("GET", ("messages", M, "attachments"), self.list_attachments, "read"),
             ("GET", ("messages", M, "attachments", A), self.get_attachment, "read"),
             ("GET", ("messages", M, "attachments", A, "$value"), self.get_attachment_value, "read"),
@@ -387,7 +388,8 @@ class MailApi:
             params: list[str] = []
             for want, got, original in zip(pattern, lowered, rest, strict=True):
                 if want.startswith("{"):
-                    if got in ("delta", "move", "copy", "send", "messages", "childfolders", "attachments", "$value"):
+                    if got in ("delta", "move", "copy", "send", "messages", "childfolders", "attachments", "$value",
+                               "permanentdelete"):
                         break
                     params.append(original)
                 elif want != got:
@@ -591,6 +593,11 @@ class MailApi:
         ctx.box.delete_message(ctx.box.message(mid))
         return Reply(204)
 
+    def permanent_delete_message(self, ctx: Ctx, mid: str) -> Reply:
+        """``POST messages/{id}/permanentDelete``: gone for good, from any folder."""
+        ctx.box.delete_message(ctx.box.message(mid), permanently=True)
+        return Reply(204)
+
     def delete_folder_message(self, ctx: Ctx, ref: str, mid: str) -> Reply:
         return self.delete_message(ctx, self._in_folder(ctx, ref, mid).rest_id)
 
@@ -753,7 +760,8 @@ class MailApi:
         item_headers = item.get("headers") or {}
         if not isinstance(item_headers, dict):
             item_headers = {}
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "prefer")}
+        # Only the caller's token carries over; Prefer (ImmutableId...) must be on each item, as on Graph.
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
         headers.update({str(k): str(v) for k, v in item_headers.items()})
         has_body = "body" in item
         response: web.StreamResponse
@@ -762,10 +770,11 @@ class MailApi:
             response = self._error(ApiError(400, "BadRequest", "Content-Type header is required when a body is "
                                             "present."), item_ids)
         else:
-            path = url.partition("?")[0]
+            target = URL(f"/v1.0/{url}")
+            path = target.path[len("/v1.0/"):]          # percent-decoded, as aiohttp gives a route's tail
             try:
                 clone = BatchItemRequest(method=method, headers=CIMultiDict(headers), scheme=request.scheme,
-                                         host=request.host, query=URL(f"/v1.0/{url}").query)
+                                         host=request.host, query=target.query)
                 body = (item.get("body"),) if has_body else None
                 response = await self._handle(clone, item_ids, batch_body=body, tail=path)  # type: ignore[arg-type]
             except web.HTTPException as exc:

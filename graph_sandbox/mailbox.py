@@ -461,10 +461,10 @@ class Mailbox:
         fields["created_ms"] = self._clock.time_ms()
         return self.add_message(target.id, **fields)
 
-    def delete_message(self, message: Message) -> None:
-        """Move to Deleted Items; a message already there is deleted for good."""
+    def delete_message(self, message: Message, *, permanently: bool = False) -> None:
+        """Move to Deleted Items; a message already there (or ``permanently``) is deleted for good."""
         deleted = self.well_known["deleteditems"]
-        if message.folder_id != deleted:
+        if message.folder_id != deleted and not permanently:
             self.move_message(message, deleted)
             return
         folder = self.folders[message.folder_id]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from mailsync.actions.models import ActionOutcome, AttachmentContent, MessageAction, MessageContent
 from mailsync.models import (
     Account,
     BulkResult,
@@ -54,6 +55,39 @@ class MailProvider(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+        ...
+
+
+class MessageActions(Protocol):
+    """The client half of one account's mailbox: read a message whole, change messages.
+
+    A small interface beside ``MailProvider`` (the sync half): one module per
+    provider implements it (``mailsync.providers.graph_actions``,
+    ``imap_actions``). Errors as for ``MailProvider``; a message that is not
+    there is ``NotFound``.
+    """
+
+    def read_message(self, folder_id: str, message_id: str) -> MessageContent:
+        """Headers, body and attachment list, read now from the provider (never from the store)."""
+        ...
+
+    def read_attachment(self, folder_id: str, message_id: str, attachment_id: str, *,
+                        max_bytes: int) -> AttachmentContent:
+        """One attachment's bytes; ``PayloadTooLarge`` when over ``max_bytes`` (nothing more is read)."""
+        ...
+
+    def apply(self, actions: Sequence[MessageAction]) -> list[ActionOutcome]:
+        """Carry out the actions (batched as the provider allows); one outcome per action, in order."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class MessageActionsFactory(Protocol):
+    """Opens the client half for an account."""
+
+    def open_actions(self, account: Account) -> MessageActions:
         ...
 
 

@@ -33,8 +33,10 @@ from requests.adapters import HTTPAdapter
 
 from mailsync.errors import (
     CursorExpired,
+    MailsyncError,
     MalformedResponse,
     NotFound,
+    PayloadTooLarge,
     ProviderAuthError,
     ProviderError,
     ProviderThrottled,
@@ -134,11 +136,39 @@ class GraphClient:
             headers: Mapping[str, str] | None = None) -> Any:
         return self.request("GET", path_or_url, params=params, headers=headers)
 
+    def get_bytes(self, path_or_url: str, *, max_bytes: int) -> tuple[bytes, str]:
+        """A binary resource (an attachment's ``$value``): its bytes and Content-Type.
+
+        Read as a stream and cut off past ``max_bytes`` (``PayloadTooLarge``):
+        a size Graph reported is not trusted to bound what it sends.
+        """
+        url = self.url(path_or_url)
+        response = self._send("GET", url, None, None, {"Accept": "*/*"}, force_refresh=False, stream=True)
+        if response.status_code == 401:
+            response.close()
+            response = self._send("GET", url, None, None, {"Accept": "*/*"}, force_refresh=True, stream=True)
+        if not 200 <= response.status_code < 300:
+            self._parse(response)   # raises the mapped error
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            for chunk in response.iter_content(64 * 1024):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise PayloadTooLarge(f"the attachment is larger than {max_bytes} bytes",
+                                          code="attachment_too_large")
+                chunks.append(chunk)
+        except requests.RequestException as exc:
+            raise ProviderUnavailable(f"Graph response cut: {type(exc).__name__}") from exc
+        finally:
+            response.close()
+        return b"".join(chunks), response.headers.get("Content-Type", "application/octet-stream")
+
     def close(self) -> None:
         self._session.close()
 
     def _send(self, method: str, url: str, params: Mapping[str, str] | None, json_body: Any,
-              headers: Mapping[str, str] | None, *, force_refresh: bool) -> requests.Response:
+              headers: Mapping[str, str] | None, *, force_refresh: bool, stream: bool = False) -> requests.Response:
         all_headers = {
             "Authorization": f"Bearer {self._token_source(force_refresh)}",
             "Prefer": 'IdType="ImmutableId"',
@@ -157,7 +187,7 @@ class GraphClient:
             all_headers["Content-Type"] = "application/json"
         try:
             return self._session.request(method, url, params=params, data=data, headers=all_headers,
-                                         timeout=self._timeout_s)
+                                         timeout=self._timeout_s, stream=stream)
         except requests.RequestException as exc:
             raise ProviderUnavailable(f"Graph request failed: {type(exc).__name__}") from exc
 
@@ -174,20 +204,25 @@ class GraphClient:
             except orjson.JSONDecodeError as exc:
                 if 200 <= status < 300:
                     raise MalformedResponse(f"Graph sent a body that is not JSON (status {status})") from exc
-        code = graph_error_code(body)
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
         if 200 <= status < 300:
             return body
-        if status == 401:
-            raise ProviderAuthError(f"Graph rejected the token ({code or 'unauthorized'})")
-        if status == 404:
-            raise NotFound(f"Graph resource not found ({code or 'ErrorItemNotFound'})")
-        if status == 410:
-            raise CursorExpired(f"Graph sync state expired ({code or 'syncStateNotFound'})")
-        if status == 429:
-            raise ProviderThrottled(f"Graph throttled the request ({code or 'TooManyRequests'})",
-                                    retry_after_s=retry_after if retry_after is not None else 0.0,
-                                    code="provider_throttled")
-        if status in (500, 502, 503, 504):
-            raise ProviderUnavailable(f"Graph answered {status} ({code})", retry_after_s=retry_after)
-        raise ProviderError(f"Graph answered {status} ({code or 'error'})")
+        raise error_for_status(status, body, response.headers.get("Retry-After"))
+
+
+def error_for_status(status: int, body: Any, retry_after_header: str | None) -> MailsyncError:
+    """The project's error for a Graph error answer (also for one item of a ``$batch``)."""
+    code = graph_error_code(body)
+    retry_after = parse_retry_after(retry_after_header)
+    if status == 401:
+        return ProviderAuthError(f"Graph rejected the token ({code or 'unauthorized'})")
+    if status == 404:
+        return NotFound(f"Graph resource not found ({code or 'ErrorItemNotFound'})")
+    if status == 410:
+        return CursorExpired(f"Graph sync state expired ({code or 'syncStateNotFound'})")
+    if status == 429:
+        return ProviderThrottled(f"Graph throttled the request ({code or 'TooManyRequests'})",
+                                 retry_after_s=retry_after if retry_after is not None else 0.0,
+                                 code="provider_throttled")
+    if status in (500, 502, 503, 504):
+        return ProviderUnavailable(f"Graph answered {status} ({code})", retry_after_s=retry_after)
+    return ProviderError(f"Graph answered {status} ({code or 'error'})")
