@@ -13,6 +13,7 @@ from functions.graph_webhook import bp as graph_webhook
 from functions.health import bp as health
 from functions.mail_api import bp as mail_api
 from functions.maintenance import bp as maintenance
+from functions.message_api import bp as message_api
 from functions.oauth_callback import bp as oauth_callback
 from functions.oauth_start import bp as oauth_start
 from functions.poll_scheduler import bp as poll_scheduler
@@ -33,6 +34,7 @@ for blueprint in (
     maintenance,
     signalr_negotiate,
     mail_api,
+    message_api,
     health,
 ):
     app.register_functions(blueprint)

@@ -29,6 +29,8 @@ class JobKind(enum.StrEnum):
     NOTIFIED = "notified"              # Graph notified changes: resolve their folders, enqueue sync_folder
     SYNC_ACCOUNT = "sync_account"      # incremental sync of the folder list and every known folder (polling)
     SUBSCRIPTION = "subscription"      # ensure / renew / recreate the account's Graph subscription
+    # The client half (mailsync.actions.service runs it):
+    ACTION = "action"                  # carry out user actions on messages at the provider (attrs["actions"])
 
 
 # A SYNC_FOLDERS job with this attribute set to "1" also syncs every known folder: it marks their

@@ -28,6 +28,7 @@ ADAPTERS: dict[str, tuple[str, ...]] = {
     "azure.identity":      ("mailsync/storage/*", "mailsync/realtime/service_tokens.py"),
     "azure.core":          ("mailsync/storage/*",),
     "imapclient":          ("mailsync/providers/imap*.py",),
+    "nh3":                 ("mailsync/actions/sanitise.py",),
     "azure.functions":     ("functions/*", "function_app.py"),
     # The core never reaches up into the layers built on it.
     "functions":           ("functions/*", "function_app.py"),

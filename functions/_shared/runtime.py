@@ -17,6 +17,7 @@ from mailsync.logs import configure_logging
 from mailsync.settings import Settings
 
 if TYPE_CHECKING:
+    from mailsync.actions.service import MessageActionService
     from mailsync.auth.msal_app import MsalApp
     from mailsync.auth.token_provider import MsalTokenProvider
     from mailsync.linking.access import AccountAccess
@@ -222,6 +223,9 @@ class Runtime:
 
         engine = self.sync_engine
         # NOTIFIED runs small sets of folder rounds itself (no second queue hop), in this invocation.
+        from mailsync.jobs import JobKind
+
+        worker.register([JobKind.ACTION], lambda job, invocation: self.message_actions.run_job(job, invocation.events))
         worker.register(MONITORING_KINDS, lambda job, invocation: self.monitoring_jobs.run(
             job, direct=lambda sync_job, account: engine.handle(sync_job, invocation.delivery, invocation.events,
                                                                 account=account)))
@@ -343,6 +347,25 @@ class Runtime:
         from mailsync.reading import MailReader
 
         return MailReader(self.account_access, lambda: self.store)
+
+    # -- the client half: read a message, act on it (docs/live-page.md) ---------------------
+
+    @cached_property
+    def message_actions(self) -> MessageActionService:
+        """GET/PATCH/DELETE /api/accounts/{id}/messages/{message_id}, bulk actions, and ACTION jobs."""
+        from mailsync.actions.service import ActionsRouter, MessageActionService
+        from mailsync.models import Provider
+        from mailsync.providers.graph import GraphProviderFactory
+        from mailsync.providers.graph_actions import GraphActionsFactory
+        from mailsync.providers.imap_actions import ImapActionsFactory
+
+        router = ActionsRouter({
+            Provider.OUTLOOK: GraphActionsFactory(GraphProviderFactory(self.settings, self.token_provider),
+                                                  self.token_provider),
+            Provider.IMAP: ImapActionsFactory(self.imap_providers),
+        })
+        return MessageActionService(self.account_access, self.accounts, lambda: self.store, router,
+                                    lambda: self.job_queue)
 
 
 @functools.cache

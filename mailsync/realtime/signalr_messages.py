@@ -44,6 +44,7 @@ from mailsync.models import Message, MessagesChanged, SyncProgress
 
 TARGET_PROGRESS = "syncProgress"
 TARGET_CHANGES = "messagesChanged"
+TARGET_ACTIONS_FAILED = "actionsFailed"
 MAX_UPSERTS = 200
 MAX_REMOVALS = 1_000
 PREVIEW_CHARS = 200
@@ -134,6 +135,12 @@ class BufferingPublisher:
     def __init__(self) -> None:
         self._progress: dict[tuple[str, str | None], SyncProgress] = {}
         self._changes: dict[str, _Changes] = {}
+        self._failures: dict[str, list[dict[str, Any]]] = {}
+
+    def publish_action_failures(self, account_id: str, failures: list[dict[str, Any]]) -> None:
+        """Actions the provider refused for good (``{"message_id", "code", "message"}``): the page says so."""
+        if failures:
+            self._failures.setdefault(account_id, []).extend(failures)
 
     def publish_progress(self, event: SyncProgress) -> None:
         key = (event.account_id, event.folder_id)
@@ -146,7 +153,7 @@ class BufferingPublisher:
         self._changes.setdefault(event.account_id, _Changes()).add(event)
 
     def __bool__(self) -> bool:
-        return bool(self._progress or self._changes)
+        return bool(self._progress or self._changes or self._failures)
 
     def messages(self) -> list[dict[str, Any]]:
         """SignalR output messages: changes first (the list), then progress, latest last."""
@@ -154,6 +161,9 @@ class BufferingPublisher:
         for account_id, changes in self._changes.items():
             out.append({"userId": account_id, "target": TARGET_CHANGES,
                         "arguments": [changes.payload(account_id)]})
+        for account_id, failures in self._failures.items():
+            out.append({"userId": account_id, "target": TARGET_ACTIONS_FAILED,
+                        "arguments": [{"account_id": account_id, "failures": failures[:100]}]})
         for event in self._progress.values():
             out.append({"userId": event.account_id, "target": TARGET_PROGRESS,
                         "arguments": [progress_payload(event)]})

@@ -1,0 +1,495 @@
+"""The client half's use cases: read a message whole, act on messages optimistically.
+
+HTTP side (``functions/message_api``), account-scoped like the read API
+(bearer checked first, then the store's account-scoped reads):
+
+* ``read_message`` / ``read_attachment``: the store row says which folder
+  the message is in; the body and attachments come from the provider now.
+* ``update`` / ``delete`` / ``bulk``: validate, write the row as it will
+  look into the store at once (the optimistic row, at the version
+  ``mailsync.actions.versions`` picks), enqueue an ``ACTION`` job carrying
+  the provider-side action and answer 202 with the rows. The job on the
+  queue *is* the pending marker: it is durable, it is retried, and it
+  carries what is needed to undo the row (the folder it was in, the
+  optimistic version).
+
+Worker side (``run_job``, a ``JobKind.ACTION`` handler): apply the actions
+through ``MessageActions`` (Graph ``$batch``, IMAP one STORE per change),
+then per outcome:
+
+* done: the row stays (the next delta round confirms it, see versions.py);
+  an IMAP move replaces the row under the id the target folder gave it;
+  the page gets a ``messagesChanged`` with the row as the store has it.
+* throttled / unavailable: the unfinished actions go back on the queue
+  after the provider's Retry-After (up to ``MAX_ATTEMPTS``).
+* any other failure (or attempts used up): the row goes back to the
+  provider's truth (read now; removed if the message is gone) at a version
+  above the optimistic one, and the page gets the row and an
+  ``actionsFailed`` notice.
+
+Idempotent under retry: a repeated PATCH writes the same row and sends
+the provider a no-op; a move to the folder the row already says is no
+action at all; deleting what is gone is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+
+from mailsync.actions.models import AttachmentContent, MessageAction
+from mailsync.actions.sanitise import sanitise_html
+from mailsync.actions.versions import optimistic_version, revert_version, uses_clock
+from mailsync.errors import (
+    InputError,
+    MailsyncError,
+    NotFound,
+    PoisonJob,
+    ProviderError,
+    ProviderThrottled,
+    ProviderUnavailable,
+)
+from mailsync.jobs import MAX_JOB_BYTES, JobKind, new_job
+from mailsync.linking.access import AccountAccess
+from mailsync.models import Account, Address, FlagStatus, Job, Message, MessagesChanged, Provider
+from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MessageActionsFactory, MessageStore
+from mailsync.realtime.signalr_messages import message_row
+
+log = logging.getLogger("mailsync.actions")
+
+MAX_BULK = 500
+MAX_ATTEMPTS = 8
+MAX_ID_CHARS = 1024
+CHANGE_FIELDS = frozenset({"is_read", "flag_status", "folder_id"})
+_FLAGS = {status.value: status for status in FlagStatus}
+# The actions travel as a JSON string inside the job's JSON: every quote is escaped, so half the size.
+_JOB_BUDGET = (MAX_JOB_BYTES - 1500) // 2
+
+
+@dataclass(frozen=True)
+class Change:
+    """A validated PATCH body (at least one field set)."""
+
+    is_read: bool | None = None
+    flag_status: FlagStatus | None = None
+    folder_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One action as the store and the queue see it."""
+
+    action: MessageAction                 # what the provider is asked (folder_id: where it is now)
+    row: Message | None                   # the optimistic row (None: removed from the store)
+    version: int                          # the optimistic version
+
+
+def _message_id(raw: Any) -> str:
+    if not isinstance(raw, str) or not raw or len(raw) > MAX_ID_CHARS or not raw.isprintable():
+        raise InputError("message id must be a non-empty printable string", code="invalid_message_id")
+    return raw
+
+
+def parse_change(body: Any) -> Change:
+    """``{"is_read": bool, "flag_status": "notFlagged"|"flagged"|"complete", "folder_id": str}`` (any, not none)."""
+    if not isinstance(body, dict):
+        raise InputError("the body must be a JSON object", code="invalid_request")
+    unknown = sorted(set(body) - CHANGE_FIELDS)
+    if unknown:
+        raise InputError(f"unknown field {unknown[0]!r} (accepted: {', '.join(sorted(CHANGE_FIELDS))})",
+                         code="invalid_field")
+    if not body:
+        raise InputError("nothing to change: give is_read, flag_status or folder_id", code="empty_change")
+    is_read = body.get("is_read")
+    if is_read is not None and not isinstance(is_read, bool):
+        raise InputError("is_read must be true or false", code="invalid_field")
+    flag_raw = body.get("flag_status")
+    flag = None
+    if flag_raw is not None:
+        flag = _FLAGS.get(flag_raw) if isinstance(flag_raw, str) else None
+        if flag is None:
+            raise InputError("flag_status must be notFlagged, flagged or complete", code="invalid_field")
+    folder_id = body.get("folder_id")
+    if folder_id is not None and (not isinstance(folder_id, str) or not folder_id or len(folder_id) > MAX_ID_CHARS):
+        raise InputError("folder_id must be a folder id", code="invalid_field")
+    if is_read is None and flag is None and folder_id is None:
+        raise InputError("nothing to change: give is_read, flag_status or folder_id", code="empty_change")
+    return Change(is_read=is_read, flag_status=flag, folder_id=folder_id)
+
+
+def parse_permanent(raw: str | None) -> bool:
+    if raw is None or raw == "" or raw.lower() == "false":
+        return False
+    if raw.lower() == "true":
+        return True
+    raise InputError("permanent must be true or false", code="invalid_parameter")
+
+
+def _address_json(address: Address | None) -> dict[str, str] | None:
+    return {"name": address.name, "address": address.address} if address else None
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def encode_actions(planned: Sequence[Planned]) -> str:
+    return orjson.dumps([{
+        "m": p.action.message_id, "f": p.action.folder_id, "r": p.action.is_read,
+        "s": p.action.flag_status.value if p.action.flag_status else None, "d": p.action.destination,
+        "x": p.action.delete, "p": p.action.permanent, "v": p.version,
+        "o": p.row.folder_id if p.row is not None else None,
+    } for p in planned]).decode()
+
+
+def decode_actions(text: str) -> list[Planned]:
+    """The job's actions; PoisonJob when they are not what ``encode_actions`` writes."""
+    try:
+        items = orjson.loads(text)
+        found = []
+        for item in items:
+            action = MessageAction(message_id=str(item["m"]), folder_id=str(item["f"]), is_read=item["r"],
+                                   flag_status=_FLAGS[item["s"]] if item["s"] else None, destination=item["d"],
+                                   delete=bool(item["x"]), permanent=bool(item["p"]))
+            # Only the optimistic folder is needed of the row (for undoing it); the rest is read again.
+            row = None if item["o"] is None else Message(account_id="", message_id=action.message_id,
+                                                         folder_id=str(item["o"]), version=int(item["v"]))
+            found.append(Planned(action=action, row=row, version=int(item["v"])))
+        return found
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PoisonJob(f"ACTION job has unreadable actions: {exc}") from exc
+
+
+class ActionsRouter:
+    """``MessageActionsFactory`` dispatching on ``account.provider``."""
+
+    def __init__(self, factories: Mapping[Provider, MessageActionsFactory]) -> None:
+        self._factories = dict(factories)
+
+    def open_actions(self, account: Account) -> Any:
+        factory = self._factories.get(account.provider)
+        if factory is None:
+            raise NotFound(f"no {account.provider.value!r} provider is configured in this deployment")
+        return factory.open_actions(account)
+
+
+class MessageActionService:
+    """Read one message whole; change messages optimistically, then at the provider (see the module docstring)."""
+
+    def __init__(self, access: AccountAccess, accounts: AccountRepository, store: Callable[[], MessageStore],
+                 actions: MessageActionsFactory, queue: Callable[[], JobQueue], *,
+                 max_attachment_bytes: int = 25 * 1024 * 1024, clock: Callable[[], float] = time.time) -> None:
+        self._access = access
+        self._accounts = accounts
+        self._store = store
+        self._actions = actions
+        self._queue = queue
+        self._max_attachment_bytes = max_attachment_bytes
+        self._clock = clock
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _row(self, account: Account, message_id: str) -> Message:
+        row = self._store().get_message(account.account_id, _message_id(message_id))
+        if row is None:
+            raise NotFound("no such message")
+        return row
+
+    def read_message(self, account_id: str, bearer: str | None, message_id: str) -> dict[str, Any]:
+        """The whole message: headers, flags, the body (HTML sanitised, or text) and the attachment list."""
+        account = self._access.authenticate(account_id, bearer)
+        row = self._row(account, message_id)
+        provider = self._actions.open_actions(account)
+        try:
+            content = provider.read_message(row.folder_id, row.message_id)
+        finally:
+            provider.close()
+        message = content.message
+        attachments = [{
+            "attachment_id": a.attachment_id, "name": a.name, "content_type": a.content_type, "size": a.size,
+            "is_inline": a.is_inline, "content_id": a.content_id,
+        } for a in content.attachments]
+        body: dict[str, Any] = {"content_type": content.body_type}
+        if content.body_type == "html":
+            body["html"] = sanitise_html(content.body)
+        else:
+            body["text"] = content.body
+        return {
+            **message_row(row),
+            # The provider's word on what it has now (the row may be an optimistic one still pending).
+            "is_read": message.is_read,
+            "flag_status": message.flag_status.value,
+            "from": _address_json(message.sender),
+            "to": [_address_json(a) for a in message.to],
+            "cc": [_address_json(a) for a in message.cc],
+            "reply_to": [_address_json(a) for a in content.reply_to],
+            "sent_at": _iso(message.sent_at),
+            "received_at": _iso(message.received_at or row.received_at),
+            "categories": list(message.categories),
+            "conversation_id": message.conversation_id,
+            "internet_message_id": message.internet_message_id,
+            "body": body,
+            "attachments": attachments,
+        }
+
+    def read_attachment(self, account_id: str, bearer: str | None, message_id: str,
+                        attachment_id: str) -> AttachmentContent:
+        account = self._access.authenticate(account_id, bearer)
+        if not attachment_id or len(attachment_id) > MAX_ID_CHARS or not attachment_id.isprintable():
+            raise InputError("attachment id must be a non-empty printable string", code="invalid_attachment_id")
+        row = self._row(account, message_id)
+        provider = self._actions.open_actions(account)
+        try:
+            return provider.read_attachment(row.folder_id, row.message_id, attachment_id,
+                                            max_bytes=self._max_attachment_bytes)
+        finally:
+            provider.close()
+
+    # --- acting -------------------------------------------------------------------------------------
+
+    def update(self, account_id: str, bearer: str | None, message_id: str, body: Any) -> dict[str, Any]:
+        account = self._access.authenticate(account_id, bearer)
+        change = parse_change(body)
+        row = self._row(account, message_id)
+        planned = self._plan(account, [row], change=change)
+        self._commit(account, planned)
+        return {"message": message_row(planned[0].row) if planned and planned[0].row else message_row(row),
+                "pending": bool(planned)}
+
+    def delete(self, account_id: str, bearer: str | None, message_id: str, permanent_raw: str | None) -> dict[str, Any]:
+        account = self._access.authenticate(account_id, bearer)
+        permanent = parse_permanent(permanent_raw)
+        row = self._row(account, message_id)
+        planned = self._plan(account, [row], delete=True, permanent=permanent)
+        self._commit(account, planned)
+        moved = planned[0].row if planned else None
+        return {"message": message_row(moved) if moved else None, "removed": moved is None, "pending": True}
+
+    def bulk(self, account_id: str, bearer: str | None, body: Any) -> dict[str, Any]:
+        """``{"message_ids": [...], "action": {PATCH fields} | {"delete": true, "permanent": bool}}``."""
+        account = self._access.authenticate(account_id, bearer)
+        if not isinstance(body, dict) or set(body) - {"message_ids", "action"}:
+            raise InputError("the body must be {\"message_ids\": [...], \"action\": {...}}", code="invalid_request")
+        ids = body.get("message_ids")
+        if not isinstance(ids, list) or not ids:
+            raise InputError("message_ids must be a non-empty list", code="invalid_field")
+        if len(ids) > MAX_BULK:
+            raise InputError(f"at most {MAX_BULK} message ids at once", code="too_many_messages")
+        ids = list(dict.fromkeys(_message_id(i) for i in ids))
+        action = body.get("action")
+        delete = isinstance(action, dict) and action.get("delete") is True
+        if delete:
+            assert isinstance(action, dict)
+            if set(action) - {"delete", "permanent"} or not isinstance(action.get("permanent", False), bool):
+                raise InputError("a delete action is {\"delete\": true, \"permanent\": bool}", code="invalid_field")
+            change = None
+        else:
+            change = parse_change(action)
+        store = self._store()
+        rows: list[Message] = []
+        missing: list[str] = []
+        for message_id in ids:
+            row = store.get_message(account.account_id, message_id)
+            if row is None:
+                missing.append(message_id)
+            else:
+                rows.append(row)
+        if delete:
+            assert isinstance(action, dict)
+            planned = self._plan(account, rows, delete=True, permanent=bool(action.get("permanent", False)))
+        else:
+            planned = self._plan(account, rows, change=change)
+        self._commit(account, planned)
+        return {"accepted": len(rows), "not_found": missing,
+                "messages": [message_row(p.row) for p in planned if p.row is not None],
+                "removed": [{"message_id": p.action.message_id, "folder_id": p.action.folder_id}
+                            for p in planned if p.row is None]}
+
+    def _plan(self, account: Account, rows: Sequence[Message], *, change: Change | None = None,
+              delete: bool = False, permanent: bool = False) -> list[Planned]:
+        folders = {v.folder.folder_id: v.folder for v in self._store().list_folders(account.account_id)}
+        trash = next((f.folder_id for f in folders.values() if f.role == "deleteditems"), None)
+        if change is not None and change.folder_id is not None and change.folder_id not in folders:
+            raise InputError("folder_id is not a folder of this account", code="unknown_folder")
+        now_ms = int(self._clock() * 1000)
+        graph = account.provider is Provider.OUTLOOK
+        planned: list[Planned] = []
+        for row in rows:
+            clock = uses_clock(graph, row.version)
+            version = optimistic_version(row.version, now_ms, clock=clock)
+            if delete:
+                to_trash = not permanent and trash is not None and row.folder_id != trash
+                action = MessageAction(row.message_id, row.folder_id, delete=True, permanent=not to_trash)
+                optimistic = replace(row, folder_id=trash, version=version) if to_trash and trash else None
+                planned.append(Planned(action=action, row=optimistic, version=version))
+                continue
+            assert change is not None
+            flag = change.flag_status
+            if flag is FlagStatus.COMPLETE and not graph:
+                flag = FlagStatus.NOT_FLAGGED      # IMAP has no "complete": it is \Flagged removed
+            destination = change.folder_id if change.folder_id not in (None, row.folder_id) else None
+            is_read = change.is_read
+            if is_read is None and flag is None and destination is None:
+                continue                           # a move to where it is: nothing to do
+            action = MessageAction(row.message_id, row.folder_id, is_read=is_read, flag_status=flag,
+                                   destination=destination)
+            optimistic = replace(row, version=version,
+                                 is_read=row.is_read if is_read is None else is_read,
+                                 flag_status=row.flag_status if flag is None else flag,
+                                 folder_id=destination or row.folder_id)
+            planned.append(Planned(action=action, row=optimistic, version=version))
+        return planned
+
+    def _commit(self, account: Account, planned: Sequence[Planned]) -> None:
+        """The optimistic rows into the store, then the provider work onto the queue."""
+        if not planned:
+            return
+        store = self._store()
+        rows = [p.row for p in planned if p.row is not None]
+        if rows:
+            store.upsert_messages(rows)
+        removals: dict[str, list[str]] = {}
+        for p in planned:
+            if p.row is None:
+                removals.setdefault(p.action.folder_id, []).append(p.action.message_id)
+        for folder_id, ids in removals.items():
+            store.remove_messages(account.account_id, folder_id, ids)
+        queue = self._queue()
+        for chunk in _chunks(planned):
+            queue.enqueue(new_job(JobKind.ACTION, account.account_id, reason="user action",
+                                  attrs={"actions": encode_actions(chunk), "attempt": "0"}))
+
+    # --- the worker ----------------------------------------------------------------------------------
+
+    def run_job(self, job: Job, events: EventPublisher) -> None:
+        """Carry out an ACTION job (see the module docstring); never raises for a provider's refusal."""
+        planned = decode_actions(job.attrs.get("actions", ""))
+        attempt = int(job.attrs.get("attempt", "0") or 0)
+        account = self._accounts.get(job.account_id)
+        if account is None:
+            return                                  # unlinked meanwhile: nothing to do
+        provider = self._actions.open_actions(account)
+        try:
+            try:
+                outcomes = provider.apply([p.action for p in planned])
+            except (ProviderThrottled, ProviderUnavailable) as exc:
+                outcomes = None
+                self._retry_or_fail(account, planned, attempt, exc, provider, events)
+            if outcomes is None:
+                return
+            retry: list[Planned] = []
+            failed: list[tuple[Planned, MailsyncError]] = []
+            changed = MessagesChanged(account_id=account.account_id)
+            store = self._store()
+            for p, outcome in zip(planned, outcomes, strict=True):
+                if outcome.done:
+                    changed = _merge(changed, self._confirm(account, p, outcome.message_id, store))
+                elif isinstance(outcome.error, (ProviderThrottled, ProviderUnavailable)):
+                    retry.append(p)
+                else:
+                    failed.append((p, outcome.error or ProviderError("the provider refused the action")))
+            if retry:
+                error = next(o.error for p, o in zip(planned, outcomes, strict=True) if p in retry)
+                assert error is not None
+                self._retry_or_fail(account, retry, attempt, error, provider, events)
+            if failed:
+                self._revert(account, failed, provider, events)
+            events.publish_changes(changed)
+        finally:
+            provider.close()
+
+    def _confirm(self, account: Account, p: Planned, new_id: str | None, store: MessageStore) -> MessagesChanged:
+        """The provider has it: the row stays; an IMAP move takes the target's id (or waits for its round)."""
+        account_id = account.account_id
+        if p.row is None:
+            return MessagesChanged(account_id=account_id, removed=((p.action.folder_id, p.action.message_id),))
+        current = store.get_message(account_id, p.action.message_id)
+        if new_id is None and (p.action.delete or p.action.destination) and account.provider is Provider.IMAP:
+            # Moved (or trashed) without a COPYUID answer: the target folder's round brings it under its new id.
+            store.remove_messages(account_id, p.row.folder_id, [p.action.message_id])
+            return MessagesChanged(account_id=account_id, removed=((p.row.folder_id, p.action.message_id),))
+        if new_id is not None and new_id != p.action.message_id and current is not None:
+            # IMAP ids name folder and UID: the moved message is a new document. Version 0: the target
+            # folder's round (MODSEQ or clock) overwrites it with what the server says.
+            moved = replace(current, message_id=new_id, folder_id=p.row.folder_id, version=0)
+            store.upsert_messages([moved])
+            store.remove_messages(account_id, p.row.folder_id, [p.action.message_id])
+            return MessagesChanged(account_id=account_id, upserted=(moved,),
+                                   removed=((p.row.folder_id, p.action.message_id),))
+        return MessagesChanged(account_id=account_id, upserted=(current,) if current is not None else ())
+
+    def _retry_or_fail(self, account: Account, planned: Sequence[Planned], attempt: int, error: MailsyncError,
+                       provider: Any, events: EventPublisher) -> None:
+        if attempt + 1 >= MAX_ATTEMPTS:
+            self._revert(account, [(p, error) for p in planned], provider, events)
+            return
+        delay = max(1.0, float(getattr(error, "retry_after_s", None) or 2 ** attempt))
+        for chunk in _chunks(planned):
+            self._queue().enqueue(new_job(JobKind.ACTION, account.account_id, reason="user action (retry)",
+                                          attrs={"actions": encode_actions(chunk), "attempt": str(attempt + 1)}),
+                                  delay_s=min(delay, 300.0))
+
+    def _revert(self, account: Account, failed: Sequence[tuple[Planned, MailsyncError]], provider: Any,
+                events: EventPublisher) -> None:
+        """Definitive failure: the rows go back to what the provider has, and the page is told."""
+        store = self._store()
+        account_id = account.account_id
+        now_ms = int(self._clock() * 1000)
+        upserted: list[Message] = []
+        removed: list[tuple[str, str]] = []
+        for p, error in failed:
+            log.warning("action failed for good: %s", error.message,
+                        extra={"account_id": account_id, "error_code": error.code})
+            where = p.row.folder_id if p.row is not None else p.action.folder_id
+            try:
+                truth = provider.read_message(p.action.folder_id, p.action.message_id).message
+            except NotFound:
+                truth = None
+            except MailsyncError:
+                # Cannot even read it now: leave the row; the next delta round corrects it.
+                continue
+            stored = store.get_message(account_id, p.action.message_id)
+            if truth is None:
+                store.remove_messages(account_id, where, [p.action.message_id])
+                removed.append((where, p.action.message_id))
+                continue
+            base = stored or truth
+            clock = uses_clock(account.provider is Provider.OUTLOOK, p.version)
+            row = replace(base, is_read=truth.is_read, flag_status=truth.flag_status, folder_id=truth.folder_id,
+                          version=revert_version(p.version, now_ms, clock=clock))
+            store.upsert_messages([row])
+            if stored is not None and stored.folder_id != row.folder_id:
+                removed.append((stored.folder_id, stored.message_id))
+            upserted.append(row)
+        events.publish_changes(MessagesChanged(account_id=account_id, upserted=tuple(upserted),
+                                               removed=tuple(removed)))
+        notify = getattr(events, "publish_action_failures", None)
+        if notify is not None:
+            notify(account_id, [{"message_id": p.action.message_id, "code": e.code, "message": e.message}
+                                for p, e in failed])
+
+
+def _merge(a: MessagesChanged, b: MessagesChanged) -> MessagesChanged:
+    return MessagesChanged(account_id=a.account_id, upserted=a.upserted + b.upserted, removed=a.removed + b.removed)
+
+
+def _chunks(planned: Sequence[Planned]) -> list[list[Planned]]:
+    """Split so each job stays under the queue's message size (ids are up to ~150 characters on Graph)."""
+    chunks: list[list[Planned]] = []
+    current: list[Planned] = []
+    size = 0
+    for p in planned:
+        cost = len(encode_actions([p]))
+        if current and size + cost > _JOB_BUDGET:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += cost
+    if current:
+        chunks.append(current)
+    return chunks

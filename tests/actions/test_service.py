@@ -1,0 +1,289 @@
+"""MessageActionService end to end below HTTP: Azurite accounts, the search store, the Graph sandbox and Dovecot.
+
+The queue is the one edge replaced: jobs the service enqueues are kept in a
+list and run by the test the way the sync worker runs them (the job's JSON
+round trip included), so a test can put a delta page, an Outlook change or
+a failure exactly between the optimistic write and the provider call.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import pytest
+
+from mailsync.actions.service import MessageActionService
+from mailsync.errors import AuthenticationError, InputError, NotFound
+from mailsync.jobs import decode_job, encode_job
+from mailsync.linking.access import AccountAccess, issue_access_token
+from mailsync.models import Account, AccountStatus, FlagStatus, Job, Provider
+from mailsync.providers.graph_actions import GraphActions
+from mailsync.providers.graph_client import GraphClient
+from mailsync.providers.imap_actions import ImapActions
+from mailsync.realtime.signalr_messages import TARGET_ACTIONS_FAILED, TARGET_CHANGES, BufferingPublisher
+from mailsync.settings import Settings
+from mailsync.store.elasticsearch import ElasticsearchStore
+from tests.fixtures.dovecot import DovecotServer
+from tests.fixtures.graph_sandbox import SandboxTestServer
+from tests.linking.tables import linking_tables
+from tests.providers.contract import Mirror
+from tests.providers.imap_harness import ImapHarness, make_harness
+from tests.providers.test_graph_provider import GraphHarness
+
+
+@dataclass
+class RecordingQueue:
+    jobs: list[Job] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
+
+    def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+        self.jobs.append(decode_job(encode_job(job)))   # what the worker would read back
+        self.delays.append(delay_s)
+
+
+class Factory:
+    def __init__(self, make) -> None:  # type: ignore[no-untyped-def]
+        self._make = make
+
+    def open_actions(self, account: Account):  # type: ignore[no-untyped-def]
+        return self._make()
+
+
+@dataclass
+class World:
+    service: MessageActionService
+    store: ElasticsearchStore
+    queue: RecordingQueue
+    account_id: str
+    token: str
+    harness: GraphHarness | ImapHarness
+    mirror: Mirror
+
+    def sync(self) -> None:
+        """A complete round of every folder into the store (what the engine writes)."""
+        self.mirror = Mirror()
+        self.mirror.sync(self.harness.open())
+        self.store.upsert_folders(list(self.mirror.folders.values()))
+        self.store.upsert_messages(list(self.mirror.messages.values()))
+        self.store.refresh()
+
+    def work(self) -> BufferingPublisher:
+        events = BufferingPublisher()
+        jobs, self.queue.jobs = self.queue.jobs, []
+        for job in jobs:
+            self.service.run_job(job, events)
+        self.store.refresh()
+        return events
+
+    def row(self, message_id: str):  # type: ignore[no-untyped-def]
+        return self.store.get_message(self.account_id, message_id)
+
+
+def _world(storage_settings: Settings, store: ElasticsearchStore, harness, provider: Provider,  # type: ignore[no-untyped-def]
+           make_actions) -> World:
+    tables = linking_tables(storage_settings)
+    account_id = uuid.uuid4().hex
+    token, token_hash = issue_access_token(account_id)
+    now = datetime.now(UTC).replace(microsecond=0)
+    tables.accounts.save(Account(account_id=account_id, provider=provider, status=AccountStatus.SYNCED,
+                                 access_token_hash=token_hash, created_at=now, updated_at=now))
+    harness.account_id = account_id
+    queue = RecordingQueue()
+    service = MessageActionService(AccountAccess(tables.accounts), tables.accounts, lambda: store,
+                                   Factory(make_actions), lambda: queue)
+    world = World(service, store, queue, account_id, token, harness, Mirror())
+    world.sync()
+    return world
+
+
+@pytest.fixture
+def outlook(storage_settings: Settings, store: ElasticsearchStore,
+            sandbox_factory) -> Iterator[World]:  # type: ignore[no-untyped-def]
+    server: SandboxTestServer = sandbox_factory(users=2, messages_per_user=60)
+    harness = GraphHarness(server, server.users[0], server.users[1])
+
+    def make() -> GraphActions:
+        token = server.user_token(harness.user.mail)
+        return GraphActions(GraphClient(lambda _f: token, base_url=f"{server.base_url}/v1.0"), harness.account_id,
+                            sleep=lambda s: None)
+
+    yield _world(storage_settings, store, harness, Provider.OUTLOOK, make)
+
+
+@pytest.fixture
+def imap(storage_settings: Settings, store: ElasticsearchStore, dovecot: DovecotServer) -> Iterator[World]:
+    harness = make_harness(dovecot, folders={"INBOX": 30, "Archive": 5, "Trash": 0})
+    yield _world(storage_settings, store, harness, Provider.IMAP,
+                 lambda: ImapActions(harness.connect, harness.account_id))
+
+
+def _inbox(world: World, n: int = 1, **where: bool) -> list[str]:
+    found = sorted(m.message_id for m in world.harness.messages().values()
+                   if m.folder_id == world.harness.inbox_id and all(getattr(m, k) == v for k, v in where.items()))
+    return found[:n]
+
+
+# --- the optimistic row, then the provider ----------------------------------------------------------------
+
+@pytest.mark.parametrize("world_name", ["outlook", "imap"])
+def test_mark_read_is_in_the_store_at_once_and_at_the_provider_after_the_job(world_name: str,
+                                                                           request: pytest.FixtureRequest) -> None:
+    world: World = request.getfixturevalue(world_name)
+    (message_id,) = _inbox(world, is_read=False)
+    answer = world.service.update(world.account_id, world.token, message_id, {"is_read": True,
+                                                                              "flag_status": "flagged"})
+    assert answer["message"]["is_read"] is True and answer["pending"] is True
+    world.store.refresh()
+    assert world.row(message_id).is_read is True                       # optimistic, before the provider
+    assert world.harness.messages()[message_id].is_read is False
+    events = world.work()
+    truth = world.harness.messages()[message_id]
+    assert truth.is_read is True and truth.flagged is True
+    changes = [m for m in events.messages() if m["target"] == TARGET_CHANGES]
+    assert changes and changes[0]["arguments"][0]["upserted"][0]["is_read"] is True
+
+
+def test_a_delta_page_read_before_the_action_never_undoes_it(outlook: World) -> None:
+    world = outlook
+    (message_id,) = _inbox(world, is_read=False)
+    stale = world.harness.open().message_changes(world.harness.inbox_id, None)    # read before the action
+    assert any(m.message_id == message_id and not m.is_read for m in stale.upserts)
+    world.service.update(world.account_id, world.token, message_id, {"is_read": True})
+    world.store.upsert_messages(stale.upserts)                                    # ...applied after it
+    world.store.refresh()
+    assert world.row(message_id).is_read is True
+    world.work()
+    fresh = world.harness.open().message_changes(world.harness.inbox_id, None)   # read after the provider has it
+    world.store.upsert_messages(fresh.upserts)
+    world.store.refresh()
+    assert world.row(message_id).is_read is True
+
+
+def test_an_outlook_change_after_the_action_wins(outlook: World) -> None:
+    world = outlook
+    (message_id,) = _inbox(world, is_read=False)
+    archive = next(f.folder_id for f in world.mirror.folders.values() if f.role == "archive")
+    junk = next(f.folder_id for f in world.mirror.folders.values() if f.role == "junkemail")
+    world.service.update(world.account_id, world.token, message_id, {"folder_id": archive})
+    world.work()
+    world.harness.move(message_id, junk)        # the person moves it again in Outlook, the same second
+    world.sync()
+    assert world.row(message_id).folder_id == junk
+
+
+def test_a_move_on_imap_takes_the_new_id_from_the_target(imap: World) -> None:
+    world = imap
+    (message_id,) = _inbox(world)
+    answer = world.service.update(world.account_id, world.token, message_id, {"folder_id": "Archive"})
+    assert answer["message"]["folder_id"] == "Archive"
+    world.work()
+    truth = world.harness.messages()
+    assert message_id not in truth
+    moved = [m for m in truth.values() if m.folder_id == "Archive" and
+             m.subject == world.mirror.messages[message_id].subject]
+    assert len(moved) == 1
+    assert world.row(message_id) is None
+    assert world.row(moved[0].message_id).folder_id == "Archive"
+    world.sync()
+    assert world.row(moved[0].message_id) is not None
+
+
+@pytest.mark.parametrize("world_name", ["outlook", "imap"])
+def test_delete_moves_to_the_trash_and_permanent_removes(world_name: str, request: pytest.FixtureRequest) -> None:
+    world: World = request.getfixturevalue(world_name)
+    first, second = _inbox(world, 2)
+    trash = next(f.folder_id for f in world.mirror.folders.values() if f.role == "deleteditems")
+    answer = world.service.delete(world.account_id, world.token, first, None)
+    assert answer["message"]["folder_id"] == trash
+    answer = world.service.delete(world.account_id, world.token, second, "true")
+    assert answer["removed"] is True
+    world.store.refresh()
+    assert world.row(second) is None
+    world.work()
+    truth = world.harness.messages()
+    assert first not in truth or truth[first].folder_id == trash
+    assert second not in truth
+
+
+def test_a_definitive_failure_puts_the_providers_truth_back_and_tells_the_page(outlook: World) -> None:
+    world = outlook
+    first, second = _inbox(world, 2, is_read=False)
+    world.service.update(world.account_id, world.token, first, {"is_read": True})
+    world.service.update(world.account_id, world.token, second, {"is_read": True})
+    world.harness.delete(first, permanently=True)          # gone in Outlook before the job runs
+    events = world.work()
+    assert world.row(first) is None
+    assert world.row(second).is_read is True
+    failed = [m for m in events.messages() if m["target"] == TARGET_ACTIONS_FAILED]
+    assert [f["message_id"] for f in failed[0]["arguments"][0]["failures"]] == [first]
+
+
+def test_a_repeated_patch_and_a_repeated_move_are_done(outlook: World) -> None:
+    world = outlook
+    (message_id,) = _inbox(world)
+    archive = next(f.folder_id for f in world.mirror.folders.values() if f.role == "archive")
+    for _ in range(2):
+        world.service.update(world.account_id, world.token, message_id, {"folder_id": archive, "is_read": True})
+        world.store.refresh()
+    events = world.work()
+    assert not [m for m in events.messages() if m["target"] == TARGET_ACTIONS_FAILED]
+    assert world.harness.messages()[message_id].folder_id == archive
+
+
+def test_bulk_marks_many_and_reports_unknown_ids(outlook: World) -> None:
+    world = outlook
+    ids = sorted(world.mirror.messages)[:30]
+    answer = world.service.bulk(world.account_id, world.token, {"message_ids": [*ids, "nope"],
+                                                                "action": {"is_read": True}})
+    assert answer["accepted"] == 30 and answer["not_found"] == ["nope"]
+    world.work()
+    truth = world.harness.messages()
+    assert all(truth[i].is_read for i in ids)
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+def test_read_message_sanitises_and_lists_attachments(outlook: World) -> None:
+    world = outlook
+    graph = world.harness.graph
+    found = graph.get("me/messages", params={"$filter": "hasAttachments eq true", "$top": "1",
+                                              "$select": "id"}).json()["value"][0]
+    body = world.service.read_message(world.account_id, world.token, found["id"])
+    assert body["body"]["content_type"] == "html" and "<script" not in body["body"]["html"]
+    assert body["attachments"] and body["from"]["address"]
+    first = body["attachments"][0]
+    data = world.service.read_attachment(world.account_id, world.token, found["id"], first["attachment_id"])
+    assert len(data.content) == first["size"]
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, code", [
+    ({}, "empty_change"), ({"is_read": "yes"}, "invalid_field"), ({"flag_status": "red"}, "invalid_field"),
+    ({"colour": 1}, "invalid_field"), ([], "invalid_request"), ({"folder_id": "nowhere"}, "unknown_folder"),
+])
+def test_bad_changes_are_400(outlook: World, body: object, code: str) -> None:
+    (message_id,) = _inbox(outlook)
+    with pytest.raises(InputError) as caught:
+        outlook.service.update(outlook.account_id, outlook.token, message_id, body)
+    assert caught.value.code == code
+    assert not outlook.queue.jobs
+
+
+def test_scoping_and_unknown_messages(outlook: World) -> None:
+    (message_id,) = _inbox(outlook)
+    with pytest.raises(AuthenticationError):
+        outlook.service.update(outlook.account_id, "nope", message_id, {"is_read": True})
+    with pytest.raises(NotFound):
+        outlook.service.update(outlook.account_id, outlook.token, "AAkALgNotAMessage", {"is_read": True})
+    with pytest.raises(InputError):
+        outlook.service.delete(outlook.account_id, outlook.token, message_id, "maybe")
+    with pytest.raises(InputError):
+        outlook.service.bulk(outlook.account_id, outlook.token, {"message_ids": ["x"] * 501,
+                                                                 "action": {"is_read": True}})
+    row = outlook.row(message_id)
+    assert replace(row, version=0) == replace(outlook.row(message_id), version=0)
+    assert row.flag_status in tuple(FlagStatus)
