@@ -13,9 +13,11 @@ password or an unreachable server answers 400 with a readable reason and
 leaves no account behind (the linking service writes only after ``begin``).
 The reason is one of a few fixed sentences (refused, timed out, TLS failed,
 not an IMAP server, login failed, outside the address policy): never what
-the server said. The check runs on a bounded pool of its own with a short
-timeout (``IMAP_VERIFY_CONCURRENCY``, ``IMAP_VERIFY_TIMEOUT_S``); when it is
-full the answer is 503 with ``Retry-After``.
+the server said. The check runs on a bounded pool of its own
+(``IMAP_VERIFY_CONCURRENCY``) with a short connect timeout
+(``IMAP_VERIFY_TIMEOUT_S``; reads are bounded by ``IMAP_TIMEOUT_S``, since
+a server may hold a login back for seconds after a wrong password); when
+the pool is full the answer is 503 with ``Retry-After``.
 
 The password is sealed exactly like an Outlook token cache: the
 credential row ``cred-imap`` of the account (AES-GCM, bound to the
@@ -113,6 +115,15 @@ _FAILURES: dict[str, tuple[str, str]] = {
 }
 
 
+def _kind_of(exc: ProviderError) -> str:
+    """The ``_FAILURES`` key for a session failure before the login was accepted."""
+    if exc.code in _FAILURES:
+        return exc.code
+    if isinstance(exc, ProviderUnavailable):   # during LOGIN: a read that timed out, or the connection cut
+        return "imap_timeout" if isinstance(exc.__cause__, TimeoutError) else "imap_unreachable"
+    return "imap_not_imap"                     # an answer that is not IMAP (unparseable, BAD)
+
+
 def _failure(kind: str, endpoint: ImapEndpoint) -> InputError:
     code, text = _FAILURES[kind]
     return InputError(text.format(host=endpoint.host, where=endpoint.describe()), code=code)
@@ -136,9 +147,9 @@ class ImapLinker:
         self._settings = settings
         self._connect = connect
         self._policy = OutboundPolicy.from_entries(settings.imap_allowed_hosts)
-        # Resolve + connect + greeting + login + LIST, each bounded by the timeout.
+        # Connect (short), then greeting, login and LIST (each a read bounded by IMAP_TIMEOUT_S).
         self._checks = checks or LoginCheckPool(settings.imap_verify_concurrency,
-                                                deadline_s=4 * settings.imap_verify_timeout_s)
+                                                deadline_s=settings.imap_verify_timeout_s + 3 * settings.imap_timeout_s)
 
     def begin(self, account_id: str, request: Mapping[str, Any], *, login_hint: str | None) -> LinkedIdentity:
         credentials, display_name = parse_request(request, allow_insecure=self._settings.imap_allow_insecure)
@@ -172,7 +183,8 @@ class ImapLinker:
         endpoint = credentials.endpoint
         try:
             session = self._connect(endpoint, lambda _force: credentials.password,
-                                    timeout_s=self._settings.imap_verify_timeout_s,
+                                    timeout_s=self._settings.imap_timeout_s,
+                                    connect_timeout_s=self._settings.imap_verify_timeout_s,
                                     allow_insecure=self._settings.imap_allow_insecure, policy=self._policy)
         except AddressRefused:
             return "address_not_allowed"
@@ -182,7 +194,7 @@ class ImapLinker:
             # The details (the server's words) are for the log only.
             log.info("IMAP login check failed: %s", exc.message, extra={"imap_host": endpoint.host,
                                                                         "error_code": exc.code})
-            return exc.code if exc.code in _FAILURES else "imap_not_imap"
+            return _kind_of(exc)
         try:
             if not session.has("IMAP4REV1") and not session.has("IMAP4REV2"):
                 return "imap_not_imap"

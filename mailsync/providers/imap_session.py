@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError, ProtocolError
 from imapclient.imap_utf7 import decode as decode_utf7
 from imapclient.response_parser import parse_fetch_response, parse_response
@@ -191,8 +191,12 @@ class ImapSession:
     @classmethod
     def connect(cls, endpoint: ImapEndpoint, secret: Callable[[bool], str], *, timeout_s: float = 20.0,
                 allow_insecure: bool = False, ssl_context: ssl.SSLContext | None = None,
-                policy: OutboundPolicy = STRICT) -> ImapSession:
+                policy: OutboundPolicy = STRICT, connect_timeout_s: float | None = None) -> ImapSession:
         """Connect and log in. ``secret(force_refresh)`` gives the password or the XOAUTH2 access token.
+
+        ``timeout_s`` bounds every read; ``connect_timeout_s`` (default: the
+        same) the TCP connect and TLS handshake — short for a login check,
+        where a host that does not even accept the connection is answered fast.
 
         The host is resolved and checked against the outbound address
         ``policy`` first (``AddressRefused`` before any connection), and the
@@ -207,29 +211,31 @@ class ImapSession:
                              code="insecure_imap_refused")
         target = policy.resolve(endpoint.host, endpoint.port)
         context = ssl_context or ssl.create_default_context()
+        timeouts = SocketTimeout(connect=connect_timeout_s or timeout_s, read=timeout_s)
         try:
-            return cls._open(endpoint, target, policy, secret(False), timeout_s, context)
+            return cls._open(endpoint, target, policy, secret(False), timeouts, context)
         except ProviderAuthError:
             if endpoint.auth != "xoauth2":
                 raise
-        return cls._open(endpoint, target, policy, secret(True), timeout_s, context)
+        return cls._open(endpoint, target, policy, secret(True), timeouts, context)
 
     @classmethod
     def _open(cls, endpoint: ImapEndpoint, target: ResolvedHost, policy: OutboundPolicy, secret: str,
-              timeout_s: float, context: ssl.SSLContext) -> ImapSession:
+              timeouts: SocketTimeout, context: ssl.SSLContext) -> ImapSession:
         # The exception messages go to logs; callers facing a user (the linker) map the codes to
         # fixed sentences and never show what the server said.
         where = endpoint.describe()
         client: IMAPClient | None = None
         try:
             client = _PinnedClient(target, policy, ssl=endpoint.security == "tls",
-                                   ssl_context=context if endpoint.security == "tls" else None, timeout=timeout_s)
+                                   ssl_context=context if endpoint.security == "tls" else None, timeout=timeouts)
             client.normalise_times = False
             if endpoint.security == "starttls":
                 client.starttls(context)
         except TimeoutError as exc:
             _close_quietly(client)
-            raise ProviderUnavailable(f"could not reach the IMAP server {where}: timed out after {timeout_s:g} s",
+            raise ProviderUnavailable(f"the IMAP server {where} did not answer in time "
+                                      f"(connect {timeouts.connect:g} s, read {timeouts.read:g} s)",
                                       retry_after_s=30.0, code="imap_timeout") from exc
         except ssl.SSLError as exc:
             _close_quietly(client)
