@@ -136,7 +136,7 @@ class Settings:
     # development list their loopback Dovecot.
     imap_allowed_hosts: tuple[str, ...] = ()
     imap_verify_concurrency: int = 4             # login checks of POST /api/accounts in flight per process
-    imap_verify_timeout_s: float = 5.0           # connect timeout of a login check (reads: imap_timeout_s)
+    imap_verify_timeout_s: float = 5.0           # login check: connect + greeting timeout (later reads: imap_timeout_s)
 
     # Realtime.
     signalr_hub: str = "mailsync"

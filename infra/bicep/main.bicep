@@ -196,7 +196,7 @@ param imapVerifyConcurrency int = 4
 
 @minValue(1)
 @maxValue(60)
-@description('IMAP_VERIFY_TIMEOUT_S: connect timeout of an IMAP login check (seconds; reads use IMAP_TIMEOUT_S).')
+@description('IMAP_VERIFY_TIMEOUT_S: connect and greeting timeout of an IMAP login check (seconds; later reads use IMAP_TIMEOUT_S).')
 param imapVerifyTimeoutS int = 5
 
 @description('MAX_BODY_BYTES: largest HTTP request body accepted.')

@@ -14,9 +14,10 @@ leaves no account behind (the linking service writes only after ``begin``).
 The reason is one of a few fixed sentences (refused, timed out, TLS failed,
 not an IMAP server, login failed, outside the address policy): never what
 the server said. The check runs on a bounded pool of its own
-(``IMAP_VERIFY_CONCURRENCY``) with a short connect timeout
-(``IMAP_VERIFY_TIMEOUT_S``; reads are bounded by ``IMAP_TIMEOUT_S``, since
-a server may hold a login back for seconds after a wrong password); when
+(``IMAP_VERIFY_CONCURRENCY``) with a short timeout for the connect and the
+greeting (``IMAP_VERIFY_TIMEOUT_S``; later reads are bounded by
+``IMAP_TIMEOUT_S``, since a server may hold a login back for seconds after a
+wrong password); when
 the pool is full the answer is 503 with ``Retry-After``.
 
 The password is sealed exactly like an Outlook token cache: the
@@ -147,7 +148,7 @@ class ImapLinker:
         self._settings = settings
         self._connect = connect
         self._policy = OutboundPolicy.from_entries(settings.imap_allowed_hosts)
-        # Connect (short), then greeting, login and LIST (each a read bounded by IMAP_TIMEOUT_S).
+        # Connect and greeting (short), then STARTTLS, login and LIST (reads bounded by IMAP_TIMEOUT_S).
         self._checks = checks or LoginCheckPool(settings.imap_verify_concurrency,
                                                 deadline_s=settings.imap_verify_timeout_s + 3 * settings.imap_timeout_s)
 

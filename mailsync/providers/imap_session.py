@@ -194,9 +194,10 @@ class ImapSession:
                 policy: OutboundPolicy = STRICT, connect_timeout_s: float | None = None) -> ImapSession:
         """Connect and log in. ``secret(force_refresh)`` gives the password or the XOAUTH2 access token.
 
-        ``timeout_s`` bounds every read; ``connect_timeout_s`` (default: the
-        same) the TCP connect and TLS handshake — short for a login check,
-        where a host that does not even accept the connection is answered fast.
+        ``timeout_s`` bounds every read after the greeting; ``connect_timeout_s``
+        (default: the same) the TCP connect, the TLS handshake and the server's
+        greeting (imapclient reads it before switching to the read timeout) —
+        short for a login check, so a host that does not even greet is answered fast.
 
         The host is resolved and checked against the outbound address
         ``policy`` first (``AddressRefused`` before any connection), and the

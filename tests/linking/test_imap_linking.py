@@ -150,10 +150,10 @@ def test_a_server_that_never_answers_times_out_with_a_clear_error(settings: Sett
                                                                   imap_user: ImapUser, silent_server: int) -> None:
     started = time.monotonic()
     with pytest.raises(InputError) as refused:
-        service(replace(settings, imap_timeout_s=1.5), tables).start(body(imap_user, port=silent_server))
+        service(replace(settings, imap_verify_timeout_s=1.5), tables).start(body(imap_user, port=silent_server))
     assert refused.value.code == "imap_unreachable"
     assert "did not answer in time" in refused.value.message or "timed out" in refused.value.message
-    assert time.monotonic() - started < 10, "IMAP_TIMEOUT_S bounds the wait for the greeting"
+    assert time.monotonic() - started < 10, "IMAP_VERIFY_TIMEOUT_S bounds the wait for the greeting"
     assert rows(tables) == []
 
 

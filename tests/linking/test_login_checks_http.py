@@ -41,8 +41,9 @@ def start(azurite: Any, search_store_url: str, tmp: pytest.TempPathFactory, **ex
     port = free_port()
     env = app_settings(name="checks", storage=azurite.connection_string, search_store_url=search_store_url,
                        port=port, local_dir=tmp.mktemp("local"), key_entry=KEY_ENTRY, IMAP_ALLOW_INSECURE="1",
-                       IMAP_VERIFY_CONCURRENCY=str(SLOTS), IMAP_VERIFY_TIMEOUT_S="2",
-                       IMAP_TIMEOUT_S=str(CHECK_TIMEOUT_S),   # the silent server's greeting is a read
+                       IMAP_VERIFY_CONCURRENCY=str(SLOTS),
+                       # Bounds the connect and the greeting, which the silent server never sends.
+                       IMAP_VERIFY_TIMEOUT_S=str(CHECK_TIMEOUT_S),
                        # Few shared request threads: the starvation the bounded pool prevents shows at once.
                        PYTHON_THREADPOOL_THREAD_COUNT="4", **extra)
     return Host(start_devhost(env, port=port, functions=["oauth_start", "account_get"], log_dir=tmp.mktemp("dh")))
