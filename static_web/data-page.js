@@ -93,8 +93,12 @@
   function rowElement(m) {
     const sender = m.sender || {};
     const flagged = m.flag_status === "flagged" || m.flag_status === "complete";
-    return el("li", { class: "msg", dataset: { messageId: m.message_id, folderId: m.folder_id,
-                                               read: String(Boolean(m.is_read)), flag: m.flag_status || "notFlagged" } },
+    const selected = window.Mailsync.selection && window.Mailsync.selection.has(m.message_id);
+    return el("li", { class: "msg", tabindex: "-1",
+                      dataset: { messageId: m.message_id, folderId: m.folder_id, read: String(Boolean(m.is_read)),
+                                 flag: m.flag_status || "notFlagged", pending: m.pending ? "true" : null } },
+      el("input", { type: "checkbox", class: "select", checked: selected,
+                    "aria-label": `Select “${m.subject || "(no subject)"}”` }),
       el("span", { class: "markers" },
         el("span", { class: "dot", title: m.is_read ? "Read" : "Unread" }),
         el("span", { class: "flag", "aria-hidden": "true", title: flagged ? "Flagged" : null, text: "⚑" }),
@@ -403,6 +407,11 @@
       .build();
     connection.on("syncProgress", onProgress);
     connection.on("messagesChanged", applyChanges);
+    connection.on("actionsFailed", (event) => {
+      if (event && event.account_id === state.accountId && window.Mailsync.onActionsFailed) {
+        window.Mailsync.onActionsFailed(event.failures || []);
+      }
+    });
     connection.onreconnecting(() => setLive("reconnecting", "reconnecting…"));
     connection.onreconnected(() => {
       setLive("connected", "connected");
@@ -433,6 +442,18 @@
       }
     }
   }
+
+  // -- what the reading pane and the actions (reader.js) use ---------------------------------------
+
+  window.Mailsync.list = {
+    account: () => ({ accountId: state.accountId, token: state.token }),
+    folders: () => state.folders,
+    rows: () => [...state.rows.values()],
+    row: (messageId) => state.rows.get(messageId),
+    /** Patch the list as a messagesChanged event would (the optimistic update of an action). */
+    apply: (change) => applyChanges({ account_id: state.accountId, upserted: [], removed: [], ...change }),
+    reload: () => reloadMessages(),
+  };
 
   // -- start ---------------------------------------------------------------------------------------
 
