@@ -147,7 +147,8 @@ def test_read_and_act_on_outlook(outlook_stack: tuple[DevhostProcess, SandboxTes
 # --- IMAP ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def imap_host(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevhostProcess]:
+def imap_host(azurite: Any, search_store_url: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevhostProcess]:
     port = free_port()
     env = web_env(connection_string=azurite.connection_string, search_store_url=search_store_url,
                   sandbox_url="", port=port, local_dir=tmp_path_factory.mktemp("local"),
