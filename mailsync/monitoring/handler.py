@@ -17,7 +17,7 @@ folder, but the engine syncs per folder. Resolution, cheapest first:
 
 A resolved folder the store does not know yet (a new folder) also gets a
 SYNC_FOLDERS job, which starts it; so does a pending row marked
-``folders_changed`` by the account's ``me/mailFolders`` subscription (a
+with ``folder_notices`` by the account's ``me/mailFolders`` subscription (a
 folder created, renamed, moved or deleted). Extra jobs are harmless: the engine's
 folder lease turns a job for a busy folder into a "dirty" mark and one more
 round.

@@ -241,7 +241,7 @@ class NotificationReceiver:
         items = parse_change_notifications(body)
         auth = NotificationAuthenticator(self._subscriptions, self._accounts)
         per_account: dict[str, list[tuple[str, str]]] = {}
-        folder_accounts: set[str] = set()
+        folder_notices: dict[str, int] = {}
         dropped = 0
         for item in items:
             try:
@@ -252,7 +252,7 @@ class NotificationReceiver:
                 return ReceiveReport(received=len(items), dropped=len(items), rejected=True)
             if subscription is not None and item.change_type is not None \
                     and SubscriptionKind.of_resource(subscription.resource) is SubscriptionKind.FOLDERS:
-                folder_accounts.add(subscription.account_id)
+                folder_notices[subscription.account_id] = folder_notices.get(subscription.account_id, 0) + 1
                 per_account.setdefault(subscription.account_id, [])
                 continue
             if subscription is None or item.change_type is None or item.message_id is None:
@@ -266,13 +266,19 @@ class NotificationReceiver:
                         extra={"dropped": dropped, "received": len(items)})
         enqueued = 0
         for account_id, changes in per_account.items():
-            if self._coalesce(account_id, changes, folders_changed=account_id in folder_accounts):
+            if self._coalesce(account_id, changes, folder_notices=folder_notices.get(account_id, 0)):
                 enqueued += 1
         return ReceiveReport(received=len(items), accepted=len(items) - dropped, dropped=dropped,
                              jobs_enqueued=enqueued, accounts=len(per_account))
 
-    def _coalesce(self, account_id: str, changes: list[tuple[str, str]], *, folders_changed: bool = False) -> bool:
-        """Merge into the pending row; True when this call enqueued the NOTIFIED job."""
+    def _coalesce(self, account_id: str, changes: list[tuple[str, str]], *, folder_notices: int = 0) -> bool:
+        """Merge into the pending row; True when this call enqueued the NOTIFIED job.
+
+        Folder notices are counted, never de-duplicated: they carry nothing
+        to tell a replay from a second rename, and the job may already be
+        running its folder-list round. Bumping the count changes the row's
+        ETag, so that job's delete fails and it runs one more round.
+        """
         max_ids = self._settings.notify_max_ids
         for attempt in range(MERGE_ATTEMPTS):
             now = self._clock()
@@ -282,7 +288,7 @@ class NotificationReceiver:
             if current is None:
                 merged, overflow = merge_changes((), changes, max_ids=max_ids)
                 row = PendingChanges(account_id, merged, overflow, first_at=now, enqueued_at=now,
-                                     folders_changed=folders_changed)
+                                     folder_notices=folder_notices)
                 try:
                     self._pending.create(row)
                 except Conflict:
@@ -294,11 +300,10 @@ class NotificationReceiver:
             else:
                 merged, overflow = merge_changes(current.changes, changes, max_ids=max_ids)
             stale = now - current.enqueued_at > timedelta(seconds=PENDING_STALE_S)
-            folders = current.folders_changed or folders_changed
-            if (merged == current.changes and overflow == current.all_folders
-                    and folders == current.folders_changed and not stale):
+            if merged == current.changes and overflow == current.all_folders and not folder_notices and not stale:
                 return False  # nothing new: a replay or a duplicate of what is pending
-            updated = replace(current, changes=merged, all_folders=overflow, folders_changed=folders,
+            updated = replace(current, changes=merged, all_folders=overflow,
+                              folder_notices=current.folder_notices + folder_notices,
                               enqueued_at=now if stale else current.enqueued_at)
             try:
                 self._pending.replace(updated)

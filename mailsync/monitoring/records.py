@@ -103,9 +103,10 @@ class PendingChanges:
 
     ``changes`` holds distinct (changeType, message id) pairs, at most
     ``Settings.notify_max_ids`` of them; beyond that ``all_folders`` is set
-    and the ids are dropped (the job then syncs every folder). ``folders_changed``
-    says a folder subscription reported a folder created, renamed, moved or
-    deleted: the job adds one folder-list round. ``enqueued_at``
+    and the ids are dropped (the job then syncs every folder). ``folder_notices``
+    counts the notifications of the account's folder subscription (a folder
+    created, renamed, moved or deleted): any makes the job add one
+    folder-list round. ``enqueued_at``
     is when the job that will read this row was sent: a row much older than
     that job's expected pickup means the job was lost, and the next
     notification enqueues a new one.
@@ -117,7 +118,11 @@ class PendingChanges:
     first_at: datetime
     enqueued_at: datetime
     etag: str | None = None
-    folders_changed: bool = False
+    folder_notices: int = 0
+
+    @property
+    def folders_changed(self) -> bool:
+        return self.folder_notices > 0
 
 
 class SubscriptionStore(Protocol):

@@ -202,7 +202,7 @@ class TablePendingStore:
                               all_folders=bool(entity.get("all_folders")),
                               first_at=_required_time(entity["first_at"]),
                               enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity),
-                              folders_changed=bool(entity.get("folders_changed")))
+                              folder_notices=int(entity.get("folder_notices") or 0))
 
     def create(self, pending: PendingChanges) -> PendingChanges:
         with table_errors("saving pending notifications"):
@@ -241,6 +241,6 @@ class TablePendingStore:
             raise ValueError("account id is not a valid table key")
         return {"PartitionKey": _account_key(pending.account_id), "RowKey": PENDING_ROW,
                 "changes": orjson.dumps([list(pair) for pair in pending.changes]).decode(),
-                "all_folders": pending.all_folders, "folders_changed": pending.folders_changed,
+                "all_folders": pending.all_folders, "folder_notices": pending.folder_notices,
                 "first_at": _iso(pending.first_at),
                 "enqueued_at": _iso(pending.enqueued_at)}

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import pytest
 
 from mailsync.jobs import EVERY_FOLDER, JobKind
-from mailsync.models import Folder, Job, Message
+from mailsync.models import Account, Folder, Job, Message
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.subscriptions import SubscriptionManager
@@ -178,9 +178,9 @@ def test_a_folder_notification_is_one_folder_list_round(world: World) -> None:
                       folder_change(*folders_sub, world.inbox, "created")]}
     report = world.harness.notifications.receive(body)
     assert (report.accepted, report.dropped, report.jobs_enqueued) == (2, 0, 1)
-    assert world.harness.notifications.receive(body).jobs_enqueued == 0       # a replay merges into the row
+    assert world.harness.notifications.receive(body).jobs_enqueued == 0       # merges into the row
     pending = world.harness.pending.get(world.account)
-    assert pending is not None and pending.folders_changed and pending.changes == ()
+    assert pending is not None and pending.folder_notices == 4 and pending.changes == ()
     before = world.graph_requests()
     assert world.run() == [(JobKind.SYNC_FOLDERS.value, None)]
     assert world.graph_requests() == before
@@ -189,6 +189,25 @@ def test_a_folder_notification_is_one_folder_list_round(world: World) -> None:
     world.notify(("updated", message["id"]))
     world.harness.notifications.receive({"value": [folder_change(*folders_sub, world.inbox, "deleted")]})
     assert world.run() == sorted([(JobKind.SYNC_FOLDERS.value, None), sync(message["folderId"])])
+
+
+def test_a_folder_notice_during_the_folder_round_gets_one_more_round(world: World) -> None:
+    # A folder notice says nothing that tells a second rename from a replay, and the
+    # job may be past its folder-list read: the notice must make it run again.
+    folders_sub = world.harness.add_subscription(world.account, resource="me/mailFolders")
+    notice = {"value": [folder_change(*folders_sub, world.inbox, "updated")]}
+    world.harness.notifications.receive(notice)
+    world.harness.drain()
+    rounds: list[str] = []
+
+    def direct(job: Job, account: Account) -> None:
+        rounds.append(job.kind)
+        if len(rounds) == 1:
+            assert world.harness.notifications.receive(notice).jobs_enqueued == 0   # lands in the row
+    world.jobs.notified(world.account, direct)
+    assert rounds == [JobKind.SYNC_FOLDERS.value, JobKind.SYNC_FOLDERS.value]
+    assert world.harness.pending.get(world.account) is None
+    assert world.harness.queued_count() == 0
 
 
 def test_notifications_merged_while_the_job_runs_are_handled_by_the_same_job(world: World) -> None:
