@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
@@ -48,7 +49,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from graph_sandbox.mailbox import Mailbox
+from graph_sandbox import identity, subscriptions
+from graph_sandbox.delta import ChangeIndex, Tombstone
+from graph_sandbox.mailbox import Folder, Mailbox, Message
 
 log = logging.getLogger("graph_sandbox.persistence")
 
@@ -100,6 +103,8 @@ class SandboxPersistence:
     def _check(self, saved: Any) -> None:
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise SavedStateMismatch("written by another version of the sandbox")
+        if saved.get("shapes") != _shapes():
+            raise SavedStateMismatch("the sandbox's records changed shape since it was written")
         if saved.get("data") != _data_key(self.state.config):
             raise SavedStateMismatch(f"made for other data {saved.get('data')}, not {_data_key(self.state.config)}")
 
@@ -123,6 +128,7 @@ class SandboxPersistence:
         state = self.state
         snapshot = {
             "format": FORMAT,
+            "shapes": _shapes(),
             "data": _data_key(state.config),
             "saved_at": time.time(),
             "epoch": state.epoch,
@@ -178,14 +184,26 @@ def _data_key(config: Any) -> dict[str, Any]:
             "anchor": config.anchor.isoformat()}
 
 
+def _shapes() -> dict[str, list[str]]:
+    """The fields of every saved record type. Pickle restores slotted records by
+    name: a field added since (another branch's new feature) would be missing
+    on the loaded objects and fail later, mid-request. A changed shape makes
+    the snapshot unusable instead (moved aside, the sandbox starts from its seed)."""
+    records: list[type] = [Folder, Message, Tombstone, subscriptions.Subscription, identity._Session,
+                           identity._AuthCode, identity._RefreshToken, identity._Scopes]
+    shapes = {cls.__name__: [f.name for f in dataclasses.fields(cls)] for cls in records}
+    shapes["ChangeIndex"] = sorted(ChangeIndex.__slots__)
+    return shapes
+
+
 def _mailbox_fields(box: Mailbox) -> dict[str, Any]:
     return {k: v for k, v in vars(box).items() if k not in _PROCESS_BOUND}
 
 
 def _mailbox_from(fields: dict[str, Any], state: Any) -> Mailbox:
-    box = Mailbox.__new__(Mailbox)
+    # A fresh mailbox first, so attributes added to Mailbox since the save keep
+    # their initial values; then everything saved on top of it.
+    box = state.mailboxes.new_mailbox(fields["user_id"], fields["address"], fields["display_name"],
+                                      fields["_salt"].decode())
     vars(box).update(fields)
-    box._listeners = state.mailboxes.listeners      # shared with the registry, as new_mailbox does
-    box._own_listeners = []
-    box._clock = state.clock
     return box
