@@ -16,11 +16,14 @@ An invocation (one job) goes like this::
     job ──► account linked and active? ──no──► drop
               │yes
               ▼
-        mailbox held back (429)? ──yes──► mark the target dirty ──► exit
-              │no
-              ▼
         take a request slot (≤ 4 per mailbox) ──none──► mark target dirty,
               │                                         try once more ──► exit
+              ▼
+        free what our dead earlier delivery held
+              │
+              ▼
+        mailbox held back (429)? ──yes──► mark the target dirty, come back
+              │no                         when the hold ends ──► exit
               ▼
         work the target (folder list or one folder) ◄──────────────┐
               │                                                    │
@@ -29,6 +32,7 @@ An invocation (one job) goes like this::
               │no
               ▼
         give the slot back; pending rows left? ──yes──► enqueue a continuation
+        (or rows backing off: a continuation for when the first is due)
 
 Each row (the folder list, or a folder) moves through these phases::
 
@@ -147,7 +151,7 @@ class Outcome(enum.StrEnum):
 
     DONE = "done"            # worked; nothing or a continuation left
     BUSY = "busy"            # every slot of the mailbox busy: target marked dirty
-    HELD = "held"            # the mailbox is throttled: target marked dirty
+    HELD = "held"            # the mailbox is throttled: target marked dirty, the job comes back after
     DEFERRED = "deferred"    # a fault: the job comes back later through the queue
     DROPPED = "dropped"      # unknown / deleted / inactive account
     REAUTH = "reauth"        # the account needs the user to sign in again
@@ -253,14 +257,10 @@ class _Invocation:
                                      epoch=policy.next_epoch(0, e.clock())))
             rows = self._load()
         target = self._target(rows)
-        now = e.clock()
         assert rows.folder_list is not None
-        if rows.folder_list.not_before > now:
-            self._remember(target)
-            return Outcome.HELD
         slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency, known=rows)
         if slot is None:
-            self._remember(target)
+            self._remember(target, rows)
             # A holder may have left between our two looks: it re-checks pending
             # rows after giving its slot back, we re-check slots after marking.
             slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency)
@@ -268,9 +268,21 @@ class _Invocation:
                 return Outcome.BUSY
         outcome = Outcome.DONE
         try:
+            # Even when held: a redelivery frees what its dead run held (its slot
+            # was just taken over above), or those rows would wait for their leases to lapse.
             self._reclaim_dead_leases(rows)
-            self._work(target)
-            while not self.end_now and self._time_left() > 0.2 * e.settings.sync_time_budget_s:
+            held_s = rows.folder_list.not_before - e.clock()
+            if held_s > 0:
+                # The mailbox is throttled: leave the intent and come back when the hold
+                # ends. Dropping the job instead could end the account's last chain of
+                # continuations, leaving its pending folders to the next poll (hours).
+                self._remember(target, rows)
+                self._come_back(target, held_s, reason="held")
+                outcome = Outcome.HELD
+            else:
+                self._work(target)
+            while outcome == Outcome.DONE and not self.end_now \
+                    and self._time_left() > 0.2 * e.settings.sync_time_budget_s:
                 pending = self._next_pending()
                 if pending is None:
                     break
@@ -328,10 +340,22 @@ class _Invocation:
             state.mark(self.account_id, folder_id, dirty=False, resync=True)
         return folder_id
 
-    def _remember(self, target: str) -> None:
-        """Leave the job's intent on its row for whoever holds a slot (continuations need not)."""
-        if not self.is_continuation:
-            self.e.state.mark(self.account_id, None if target is _LIST else target, dirty=True)
+    def _remember(self, target: str, rows: AccountSyncState) -> None:
+        """Leave the job's intent on its row for whoever holds a slot.
+
+        A continuation's work usually shows on its row already (a full round
+        under way); when it does not (the rest of an incremental round cut by
+        the time budget or a back-off, a folder-list round asked for by a
+        folder that was not found), the row is marked too, or dropping the
+        continuation would leave that work to the next poll, hours later.
+        """
+        folder_id = None if target is _LIST else target
+        if self.is_continuation:
+            row = rows.folder_list if folder_id is None else rows.folders.get(folder_id)
+            if row is None or row.dirty or row.resync_requested or row.rounds == 0 \
+                    or row.phase != SyncPhase.INCREMENTAL:
+                return
+        self.e.state.mark(self.account_id, folder_id, dirty=True)
 
     def _work(self, target: str) -> None:
         if target is _LIST:
@@ -349,6 +373,12 @@ class _Invocation:
     def _continue_pending(self) -> None:
         """Hand pending rows to a fresh invocation (we may have just freed the slot they wait for).
 
+        When nothing is pending now but a row is backing off (``not_before``
+        ahead), the continuation is delayed until then: that row's own
+        delayed job may have been consumed by an invocation that could not
+        start it, and nothing else would come back for it before the next poll.
+        Both wait for the mailbox's hold (a 429) to end.
+
         Rows leased by another worker are not ours to continue: that worker
         finishes them, or, if it died, the queue redelivers its message and
         the redelivery takes the lease over. (A message that ends on the
@@ -356,9 +386,13 @@ class _Invocation:
         notification then finds the row free.)
         """
         rows = self.rows or self._load()
-        ordered = policy.pending_order(_all_rows(rows), self._store_generation(), self.e.clock())
-        if ordered:
-            self._enqueue_continuation(ordered[0].folder_id, reason="pending")
+        wake = policy.next_wake(_all_rows(rows), self._store_generation(), self.e.clock())
+        if wake is not None:
+            row, delay_s = wake
+            self._enqueue_continuation(row.folder_id, reason="pending", delay_s=delay_s)
+
+    def _come_back(self, target: str, delay_s: float, *, reason: str) -> None:
+        self._enqueue_continuation(None if target is _LIST else target, reason=reason, delay_s=max(0.0, delay_s))
 
     def _enqueue_continuation(self, folder_id: str | None, *, reason: str, delay_s: float = 0.0) -> None:
         self.e.queue.enqueue(self.e.continuation(self.account_id, folder_id, reason=reason), delay_s=delay_s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mailsync.errors import (
     DependencyUnavailable,
@@ -99,6 +99,28 @@ def pending_order(rows: Iterable[SyncState], generation: str, now: float) -> lis
         return (3, -(state.expected or 0), state.folder_id or "")
 
     return sorted((row for row in rows if is_pending(row, generation, now)), key=key)
+
+
+def next_wake(rows: Iterable[SyncState], generation: str, now: float) -> tuple[SyncState, float] | None:
+    """The row a continuation should start next, and after how many seconds; None when nothing is left.
+
+    The most urgent pending row, else the backing-off row (``not_before``
+    ahead, would be pending then) that is due first; either way not before
+    the mailbox's hold (the folder-list row's ``not_before``, set by a 429)
+    ends. Rows leased by others are their holders' to finish, and parked
+    rows (too many failures, nothing new) wait for a notification or poll.
+    """
+    rows = list(rows)
+    hold_s = max((row.not_before for row in rows if row.is_folder_list), default=0.0) - now
+    pending = pending_order(rows, generation, now)
+    if pending:
+        return pending[0], max(0.0, hold_s)
+    waiting = [row for row in rows if not row.leased(now) and row.not_before > now
+               and is_pending(replace(row, not_before=0.0), generation, now)]
+    if not waiting:
+        return None
+    first = min(waiting, key=lambda row: row.not_before)
+    return first, max(hold_s, first.not_before - now)
 
 
 @dataclass(frozen=True)

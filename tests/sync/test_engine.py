@@ -8,6 +8,7 @@ sandbox's ground truth.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -346,5 +347,61 @@ def test_a_folder_removed_as_its_round_completes_stays_removed(world: SyncWorld,
     job = new_job(JobKind.SYNC_FOLDER, world.account_id, folder, reason="start")
     assert world.engine.handle(job, Delivery("folder-1"), world.events) == Outcome.DONE
     assert folder not in {view.folder.folder_id for view in world.store.list_folders(world.account_id)}
+    difference = compare(world)
+    assert not difference, difference.summary()
+
+
+def _drained_by_a_fresh_pump(world: SyncWorld) -> None:
+    pump = QueuePump(world, workers=2, visibility_s=2)
+    pump.start()
+    try:
+        pump.drain(timeout_s=60)
+    finally:
+        pump.stop()
+
+
+def test_a_continuation_held_back_by_throttling_comes_back_after_the_hold(world: SyncWorld, pump: QueuePump) -> None:
+    # A 429 holds the whole mailbox back; the continuation that would start
+    # the new folder arrives meanwhile. Dropping it (as HELD once did) could
+    # end the account's last chain of jobs: the folder then waited for the
+    # next poll, and the account stayed "syncing" (the convergence test's
+    # stall of minutes under CPU load).
+    folder = _new_folder_known_to_the_folder_list(world, pump, "New")
+    pump.client.clear_messages()
+    world.state.mark(world.account_id, None, dirty=False, not_before=time.time() + 2)
+    job = world.engine.continuation(world.account_id, folder, reason="start")
+    assert world.engine.handle(job, Delivery("c-1"), world.events) == Outcome.HELD
+    _drained_by_a_fresh_pump(world)
+    row = world.state.get(world.account_id, folder)
+    assert row is not None and row.rounds >= 1, "the folder's first round ran once the hold ended"
+    difference = compare(world)
+    assert not difference, difference.summary()
+
+
+def test_a_continuation_finding_every_slot_busy_leaves_its_work_on_the_row(world: SyncWorld,
+                                                                            pump: QueuePump) -> None:
+    # A folder-list continuation (a folder was not found, or unknown) meets
+    # four busy slots and ends. Its work shows on no row (the folder list is
+    # incremental and clean), so unless it marks the row, the holders pick
+    # nothing up when they leave and the new folder waits for the next poll.
+    synced(world, pump)
+    pump.stop()
+    pump.client.clear_messages()
+    graph = world.sandbox.graph(world.user)
+    folder = graph.post("me/mailFolders", json={"displayName": "Unknown yet"}).json()["id"]
+    slots = [world.state.acquire_slot(world.account_id, f"holder-{i}#1", world.settings.graph_max_concurrency)
+             for i in range(world.settings.graph_max_concurrency)]
+    job = world.engine.continuation(world.account_id, None, reason="folder_not_found")
+    assert world.engine.handle(job, Delivery("c-1"), world.events) == Outcome.BUSY
+    for slot in slots:
+        assert slot is not None
+        world.state.release_slot(slot)
+    # One holder leaves after a notified round of its own folder (the others had nothing more).
+    inbox = next(r.folder_id for r in world.state.load(world.account_id).folders.values() if r.role == "inbox")
+    notified = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified")
+    assert world.engine.handle(notified, Delivery("holder-0"), world.events) == Outcome.DONE
+    _drained_by_a_fresh_pump(world)
+    row = world.state.get(world.account_id, folder)
+    assert row is not None and row.rounds >= 1, "the folder list ran after the holders left, and found the folder"
     difference = compare(world)
     assert not difference, difference.summary()

@@ -153,6 +153,28 @@ def test_pending_rows_and_their_order() -> None:
     assert not {"quiet", "leased", "waiting", "parked"} & set(order)
 
 
+def test_next_wake_is_the_most_urgent_pending_row_after_the_mailbox_hold() -> None:
+    rows = [row(None), row("small", rounds=0, phase=SyncPhase.INITIAL, expected=10, cursor=None),
+            row("followed", dirty=True), row("waiting", dirty=True, not_before=NOW + 30)]
+    assert policy.next_wake(rows, GEN, NOW) == (rows[2], 0.0)
+    held = [row(None, not_before=NOW + 12), *rows[1:]]
+    assert policy.next_wake(held, GEN, NOW) == (rows[2], 12.0), "nothing starts before a 429's hold ends"
+
+
+def test_next_wake_comes_back_for_the_first_backing_off_row_when_nothing_is_pending() -> None:
+    # A backing-off folder's own delayed job may have been consumed by an
+    # invocation that could not start it: whoever ends last comes back for it.
+    waiting = [row("later", rounds=0, phase=SyncPhase.INITIAL, cursor=None, not_before=NOW + 40),
+               row("sooner", dirty=True, not_before=NOW + 7)]
+    others = [row(None), row("quiet", not_before=NOW + 5),
+              row("leased", dirty=True, lease_owner="x#1", lease_until=NOW + 60, not_before=NOW + 1),
+              row("parked", failures=policy.MAX_FAILURES, rounds=0, phase=SyncPhase.INITIAL, not_before=NOW + 2)]
+    assert policy.next_wake([*others, *waiting], GEN, NOW) == (waiting[1], 7.0)
+    held = [row(None, not_before=NOW + 9), *others[1:], *waiting]
+    assert policy.next_wake(held, GEN, NOW) == (waiting[1], 9.0)
+    assert policy.next_wake(others, GEN, NOW) is None, "quiet, leased and parked rows need no continuation"
+
+
 # --- the read-ahead ------------------------------------------------------------------------------
 
 def _pages(n: int, per: int = 3) -> dict[str | None, MessageBatch]:
