@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python -m bench.change_monitoring [--messages 2000] [--latency-ms 0]
 
-Starts Azurite, osmem-server and a Graph sandbox (one user, ``--messages``
+Starts Azurite, the embedded search node and a Graph sandbox (one user, ``--messages``
 messages, ``--latency-ms`` per Graph request to imitate the network), puts
 the whole mailbox in the store (as after the initial sync), and then, for
 a few realistic situations, measures:
@@ -55,12 +55,13 @@ from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
 from mailsync.storage.table_errors import ensure_table
 from mailsync.storage.tokens import TableTokenStore
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.engines import connect
+from mailsync.store.search_store import SearchStore, StoreOptions
 from tests.graph_sandbox.signin import user_tokens
 
 
 class Bench:
-    def __init__(self, sandbox_url: str, settings: Settings, store: ElasticsearchStore, user: str) -> None:
+    def __init__(self, sandbox_url: str, settings: Settings, store: SearchStore, user: str) -> None:
         self.url = sandbox_url
         self.settings = settings
         self.store = store
@@ -163,11 +164,11 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=int, default=0)
     args = parser.parse_args()
 
-    from osmem_server import OsmemServer
+    from devhost.services.search_node import start_search_node
 
     work = Path(tempfile.mkdtemp(prefix="bench-monitoring-"))
     azurite = start_azurite(work / "azurite")
-    osmem = OsmemServer.start(addr="127.0.0.1:0", japanese=False)
+    node = start_search_node(work / "search-node")
     sandbox = SandboxServer(SandboxConfig(seed=3, users=1, messages_per_user=args.messages,
                                           latency_ms=args.latency_ms, allow_http_loopback_webhooks=True),
                             port=0)
@@ -176,7 +177,7 @@ def main() -> None:
         settings = Settings.from_env({"AzureWebJobsStorage": azurite.connection_string, "TABLE_PREFIX": "bench",
                                       "SYNC_QUEUE_NAME": "bench", "GRAPH_SANDBOX_URL": url,
                                       "NOTIFY_COALESCE_S": "0"})
-        store = ElasticsearchStore(make_client(osmem.url), StoreOptions(prefix=f"b{uuid.uuid4().hex[:8]}"))
+        store = SearchStore(connect(node.url), StoreOptions(prefix=f"b{uuid.uuid4().hex[:8]}"))
         store.ensure_ready()
         user = str(requests.get(f"{url}/sandbox/users", timeout=10).json()["users"][0]["mail"])
         bench = Bench(url, settings, store, user)
@@ -222,7 +223,7 @@ def main() -> None:
         store.close()
     finally:
         sandbox.stop()
-        osmem.close()
+        node.stop()
         azurite.stop()
 
 

@@ -14,7 +14,7 @@ are timed separately (best of ``--repeat`` rounds, process CPU time):
 * ``map_us``: Graph JSON → ``Message`` (``providers.graph.map_message``);
 * ``document_us``: ``Message`` → store document (``store.documents``);
 * ``encode_us``: the store's bulk actions → one NDJSON body per chunk
-  (``ElasticsearchStore._chunks``, what is sent to ``client.bulk``).
+  (``SearchStore._chunks``, what is sent to ``_bulk``).
 
 ``total_us`` is their sum. Less noisy than bench/pipeline.py, which also
 counts HTTP, table and queue calls and is the figure of record.
@@ -43,7 +43,7 @@ from graph_sandbox.seed import seed_tenant
 from graph_sandbox.state import SandboxClock
 from mailsync.providers.graph import MESSAGE_FIELDS, map_message
 from mailsync.store import documents as docs
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions
+from mailsync.store.search_store import SearchStore, StoreOptions
 
 
 def graph_pages(messages: int, seed: int, page_size: int = 500) -> list[bytes]:
@@ -71,7 +71,7 @@ def cpu_best(stage: Callable[[], Any], repeat: int) -> tuple[float, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     pages = graph_pages(args.messages, args.seed)
-    store = ElasticsearchStore(client=None, options=StoreOptions())  # type: ignore[arg-type]   # encodes only
+    store = SearchStore(engine=None, options=StoreOptions())  # type: ignore[arg-type]   # encodes only
     observed_ms = int(datetime(2026, 11, 2, 10, tzinfo=UTC).timestamp() * 1000)
     parse_s, parsed = cpu_best(lambda: [orjson.loads(p)["value"] for p in pages], args.repeat)
     items = [item for page in parsed for item in page]

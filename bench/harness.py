@@ -2,7 +2,7 @@
 
 The scripts under ``bench/`` import this module and never repeat it:
 
-* :class:`Stack` starts Azurite, osmem-server, the Graph sandbox (a child
+* :class:`Stack` starts Azurite, the embedded search node (OpenSearch), the Graph sandbox (a child
   process, so its CPU is not ours) and a devhost running the whole
   function app — all on 127.0.0.1, free ports, data in a temp folder —
   and stops them again. ``stack.add_worker()`` starts another devhost
@@ -51,13 +51,14 @@ from devhost.services.azurite import Azurite, start_azurite  # noqa: E402
 from devhost.services.devhost_process import DevhostProcess, start_devhost  # noqa: E402
 from devhost.services.graph_sandbox import GraphSandbox, start_graph_sandbox  # noqa: E402
 from devhost.services.process import free_port  # noqa: E402
-from devhost.services.search_store import SearchStore, start_search_store  # noqa: E402
+from devhost.services.search_node import SearchNode, start_search_node  # noqa: E402
 from mailsync.models import Folder, Message, MessageQuery  # noqa: E402
 from mailsync.providers.graph import GraphProvider  # noqa: E402
 from mailsync.providers.graph_client import GraphClient  # noqa: E402
 from mailsync.settings import Settings  # noqa: E402
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client  # noqa: E402
+from mailsync.store.engines import connect  # noqa: E402
 from mailsync.store.mappings import IndexNames  # noqa: E402
+from mailsync.store.search_store import SearchStore, StoreOptions  # noqa: E402
 
 _T0 = time.monotonic()
 MAIL_SCOPES = "Mail.ReadWrite Mail.Send User.Read offline_access openid profile"
@@ -266,11 +267,11 @@ class Linked:
 
 @dataclass
 class Stack:
-    """Azurite + osmem + Graph sandbox + devhost(s), on loopback, in ``workdir``."""
+    """Azurite + the search node + Graph sandbox + devhost(s), on loopback, in ``workdir``."""
 
     workdir: Path
     azurite: Azurite
-    search: SearchStore
+    search: SearchNode
     sandbox_process: GraphSandbox
     sandbox: Sandbox
     env: dict[str, str]
@@ -291,11 +292,11 @@ class Stack:
     def settings(self) -> Settings:
         return Settings.from_env(self.env)
 
-    def store(self, prefix: str | None = None) -> ElasticsearchStore:
+    def store(self, prefix: str | None = None) -> SearchStore:
         """A store client on the stack's search store (the app's index prefix unless told)."""
         settings = self.settings
-        return ElasticsearchStore(make_client(self.search.url, request_timeout_s=120),
-                                  StoreOptions(prefix=prefix or settings.index_prefix))
+        return SearchStore(connect(self.search.url, request_timeout_s=120),
+                           StoreOptions(prefix=prefix or settings.index_prefix))
 
     def start_host(self, functions: list[str] | None = None) -> DevhostProcess:
         port = int(self.env["PUBLIC_BASE_URL"].rsplit(":", 1)[1])
@@ -477,13 +478,13 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
     """
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    say(f"starting Azurite, osmem-server and the Graph sandbox ({users} user(s) x {messages} messages) in "
+    say(f"starting Azurite, the search node and the Graph sandbox ({users} user(s) x {messages} messages) in "
         f"{workdir}")
     azurite = start_azurite(workdir / "azurite")
-    search: SearchStore | None = None
+    search: SearchNode | None = None
     sandbox_process: GraphSandbox | None = None
     try:
-        search = start_search_store(log_path=workdir / "search-store.log")
+        search = start_search_node(workdir / "search-node")
         sandbox_process = start_graph_sandbox(
             workdir / "graph-sandbox.log", timeout_s=600,
             args=["--seed", str(seed), "--users", str(users), "--messages-per-user", str(messages),
@@ -520,7 +521,7 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
                     service.stop()
         raise
     stack.watch.watch("sandbox", sandbox_process.process.pid)
-    stack.watch.watch("osmem", search.process.pid)
+    stack.watch.watch("search-node", search.process.pid)
     if start_host:
         try:
             stack.start_host(functions)
@@ -608,7 +609,7 @@ def source_bytes_per_message(messages: Sequence[Message], sample: int = 5000) ->
     return total / len(chosen)
 
 
-def _load(store: ElasticsearchStore, messages: Sequence[Message], batch: int, streams: int = 1) -> float:
+def _load(store: SearchStore, messages: Sequence[Message], batch: int, streams: int = 1) -> float:
     """Bulk-load ``messages`` in ``streams`` parallel writers (contiguous slices); wall seconds."""
     def one(part: Sequence[Message]) -> None:
         for start in range(0, len(part), batch):
@@ -661,19 +662,16 @@ def store_ceiling(search_url: str, messages: Sequence[Message], *, chunks: Itera
 
 
 @contextlib.contextmanager
-def _scratch_store(search_url: str, chunk: int) -> Iterator[ElasticsearchStore]:
+def _scratch_store(search_url: str, chunk: int) -> Iterator[SearchStore]:
     prefix = f"ceil{uuid.uuid4().hex[:8]}"
-    store = ElasticsearchStore(make_client(search_url, request_timeout_s=300),
-                               StoreOptions(prefix=prefix, chunk_docs=chunk))
+    store = SearchStore(connect(search_url, request_timeout_s=300), StoreOptions(prefix=prefix, chunk_docs=chunk))
     store.ensure_ready()
     try:
         yield store
     finally:
         names = IndexNames(prefix)
         with contextlib.suppress(Exception):
-            store.client.options(ignore_status=404).indices.delete(
-                index=[names.messages_index, names.mailboxes_index, names.deadletter_index],
-                ignore_unavailable=True)
+            store.engine.delete_indices([names.messages_index, names.mailboxes_index, names.deadletter_index])
         store.close()
 
 
@@ -705,7 +703,7 @@ def _key(folder_id: str, subject: str, is_read: bool, flag: str, categories: Ite
     return (folder_id, subject, is_read, flag, tuple(sorted(categories)), importance, sender, modified_s)
 
 
-def compare(store: ElasticsearchStore, account_id: str, snapshot: dict[str, Any]) -> Diff:
+def compare(store: SearchStore, account_id: str, snapshot: dict[str, Any]) -> Diff:
     """How the store's copy of an account differs from the sandbox's snapshot of the mailbox.
 
     A message is *stale* when any field the list shows differs (folder,
@@ -870,7 +868,7 @@ class StackSampler(BackgroundLoop):
     """A sampling profiler (like py-spy, in-process): what chosen threads are doing, 100 times a second.
 
     Each sample of a thread is put in a bucket named after the deepest
-    project module on its stack (``mailsync.store.elasticsearch``,
+    project module on its stack (``mailsync.store.search_store``,
     ``mailsync.providers.graph``...) and what the leaf frame is doing:
     ``network`` (waiting on a socket: the store, Graph, Tables, the
     queue), ``idle`` (waiting on a lock or queue: no work) or ``python``

@@ -4,10 +4,11 @@ Usage::
 
     .venv/bin/python -m bench.store_bulk [--docs 100000] [--chunk-sizes 250,500,1000,2000]
 
-Starts an osmem-server on 127.0.0.1 (free port) unless ELASTICSEARCH_URL
-is set, then for each chunk size loads ``--docs`` realistic messages
+Starts the embedded search node (OpenSearch, ``search_node/``) on
+127.0.0.1 (free port, data in a temp folder) unless ELASTICSEARCH_URL is
+set, then for each chunk size loads ``--docs`` realistic messages
 (deterministic generator: subjects, senders, recipients, a preview and a
-1-4 KB plain or HTML body) through ``ElasticsearchStore.upsert_messages``
+1-4 KB plain or HTML body) through ``SearchStore.upsert_messages``
 in batches, into fresh indices, inside ``bulk_load`` as an initial sync
 does. Timed: document mapping + serialisation + bulk round trips, i.e.
 what the sync engine pays. Prints documents/s per chunk size and a final
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mailsync.models import Address, FlagStatus, Message
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.engines import connect
 from mailsync.store.mappings import IndexNames
+from mailsync.store.search_store import SearchStore, StoreOptions
 
 WORDS = (
     "meeting", "report", "budget", "review", "quarterly", "project", "update", "invoice", "contract",
@@ -95,9 +99,8 @@ def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> tuple[
     (the two show whether the server slows down as the index grows).
     """
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    store = ElasticsearchStore(make_client(url, api_key=os.environ.get("ELASTICSEARCH_API_KEY") or None,
-                                           request_timeout_s=120),
-                               StoreOptions(prefix=prefix, chunk_docs=chunk, chunk_bytes=chunk_bytes))
+    store = SearchStore(connect(url, api_key=os.environ.get("ELASTICSEARCH_API_KEY") or None, request_timeout_s=120),
+                        StoreOptions(prefix=prefix, chunk_docs=chunk, chunk_bytes=chunk_bytes))
     store.ensure_ready()
     account = "bench-account"
     elapsed = 0.0
@@ -122,13 +125,12 @@ def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> tuple[
                 elapsed += took
                 rates.append(len(pending) / took)
         store.refresh()
-        stored = store.client.count(index=store.names.messages)["count"]
+        stored = store.engine.count(store.names.messages, {"match_all": {}})
         if written != docs or stored != docs:
             raise SystemExit(f"chunk {chunk}: wrote {written}, stored {stored}, expected {docs}")
     finally:
         names = IndexNames(prefix)
-        store.client.options(ignore_status=404).indices.delete(
-            index=[names.messages_index, names.mailboxes_index, names.deadletter_index], ignore_unavailable=True)
+        store.engine.delete_indices([names.messages_index, names.mailboxes_index, names.deadletter_index])
         store.close()
     return docs / elapsed, rates[0], rates[-1]
 
@@ -151,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     url = os.environ.get("ELASTICSEARCH_URL")
     server = None
     if not url:
-        from osmem_server import OsmemServer
+        from devhost.services.search_node import start_search_node
 
-        server = OsmemServer.start(addr="127.0.0.1:0", japanese=False)
+        server = start_search_node(Path(tempfile.mkdtemp(prefix="bench-store-bulk-")) / "search-node")
         url = server.url
-        target = f"osmem-server {server.version}"
-    else:
-        target = "ELASTICSEARCH_URL"
+    engine = connect(url, api_key=os.environ.get("ELASTICSEARCH_API_KEY") or None)
+    version = engine.info().get("version", {})
+    engine.close()
+    target = f"{engine.name} {version.get('number', '?')}" + ("" if server else " (ELASTICSEARCH_URL)")
     print(f"store bulk upsert: {args.docs} messages per run against {target}")
     results: dict[int, float] = {}
     try:
@@ -168,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"(first batch {first:.0f}/s, last batch {last:.0f}/s)", flush=True)
     finally:
         if server is not None:
-            server.close()
+            server.stop()
+            shutil.rmtree(server.home, ignore_errors=True)
     best = max(results, key=results.__getitem__)
-    print(f"store_bulk server={'osmem' if server else 'elasticsearch'} docs={args.docs} "
+    print(f"store_bulk server={engine.name} docs={args.docs} "
           + " ".join(f"chunk_{c}_docs_per_s={r:.0f}" for c, r in results.items())
           + f" best_chunk={best} best_docs_per_s={results[best]:.0f}")
     return 0

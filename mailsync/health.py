@@ -89,15 +89,13 @@ def _probe_queues(settings: Settings) -> None:
 
 
 def _probe_store(settings: Settings) -> None:
-    from mailsync.store.elasticsearch import make_client
+    from mailsync.store.engines import connect_from_settings
 
-    assert settings.elasticsearch_url is not None
-    client = make_client(settings.elasticsearch_url, api_key=settings.elasticsearch_api_key,
-                         plain_json=settings.elasticsearch_plain_json, request_timeout_s=5)
+    engine = connect_from_settings(settings, request_timeout_s=5)
     try:
-        client.options(max_retries=0).info()
+        engine.info()
     finally:
-        client.close()
+        engine.close()
 
 
 def _storage(name: str, probe: Callable[[Settings], None], settings: Settings) -> DependencyHealth:

@@ -1,8 +1,8 @@
 """The small interfaces (Protocols) the core talks through.
 
 Adapters live in their own modules (``mailsync.providers.graph``,
-``mailsync.store.elasticsearch``, ``mailsync.storage.*``) and are the only
-places that import a third-party client. A new provider or store is one
+``mailsync.store.search_store`` with its engines, ``mailsync.storage.*``);
+only they import a third-party client. A new provider or store is one
 new module implementing one of these, plus the shared contract suite in
 ``tests/``.
 """

@@ -80,11 +80,12 @@ class Settings:
     sync_queue_name: str = "mailsync-sync"
     table_prefix: str = "mailsync"
 
-    # Search store.
+    # Search store. SEARCH_ENGINE: auto (ask the server), opensearch or elasticsearch.
     elasticsearch_url: str | None = None
+    search_engine: str = "auto"
     elasticsearch_api_key: str | None = field(default=None, repr=False)
-    # Send plain application/json instead of the vendor compatible-with type:
-    # needed for OpenSearch clusters (and osmem-server).
+    # Elasticsearch only: send plain application/json instead of the vendor
+    # compatible-with type (Elasticsearch 8/9 accept both; proxies may not).
     elasticsearch_plain_json: bool = True
     index_prefix: str = "mailsync"
     store_body_text: bool = True
@@ -196,6 +197,7 @@ class Settings:
             table_prefix=e.get("TABLE_PREFIX") or "mailsync",
             elasticsearch_url=e.get("ELASTICSEARCH_URL") or None,
             elasticsearch_api_key=e.get("ELASTICSEARCH_API_KEY") or None,
+            search_engine=(e.get("SEARCH_ENGINE") or "auto").strip().lower(),
             elasticsearch_plain_json=_flag(e.get("ELASTICSEARCH_PLAIN_JSON"), True),
             index_prefix=e.get("ELASTICSEARCH_INDEX_PREFIX") or "mailsync",
             store_body_text=_flag(e.get("STORE_BODY_TEXT"), True),
@@ -279,6 +281,9 @@ class Settings:
         if self.trusted_proxy_hops < 1 or self.stale_linking_s < 600:
             raise ConfigurationError("TRUSTED_PROXY_HOPS must be >= 1 and STALE_LINKING_S >= 600 "
                                      "(longer than a pending sign-in lives)")
+        if self.search_engine not in ("auto", "opensearch", "elasticsearch"):
+            raise ConfigurationError(
+                f"SEARCH_ENGINE must be auto, opensearch or elasticsearch, got {self.search_engine!r}")
         if min(self.elasticsearch_bulk_docs, self.elasticsearch_shards) < 1 or self.elasticsearch_bulk_bytes < 65536:
             raise ConfigurationError(
                 "ELASTICSEARCH_BULK_DOCS and ELASTICSEARCH_SHARDS must be positive, ELASTICSEARCH_BULK_BYTES >= 65536"

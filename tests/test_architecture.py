@@ -21,8 +21,9 @@ ADAPTERS: dict[str, tuple[str, ...]] = {
     "msal":                ("mailsync/auth/*",),
     "requests":            ("mailsync/auth/*", "mailsync/providers/graph_client.py",
                             "mailsync/realtime/service_tokens.py"),
-    "elasticsearch":       ("mailsync/store/*",),
-    "elastic_transport":   ("mailsync/store/*",),
+    "elasticsearch":       ("mailsync/store/engines/elasticsearch.py",),
+    "elastic_transport":   ("mailsync/store/engines/elasticsearch.py",),
+    "opensearchpy":        ("mailsync/store/engines/opensearch.py",),
     "azure.data.tables":   ("mailsync/storage/*",),
     "azure.storage.queue": ("mailsync/storage/*",),
     "azure.identity":      ("mailsync/storage/*", "mailsync/realtime/service_tokens.py"),
@@ -89,9 +90,15 @@ def test_the_checker_catches_violations(tmp_path: Path) -> None:
     (core / "store").mkdir()
     (core / "sync" / "engine.py").write_text(
         "import requests\nfrom azure import functions\n\ndef f():\n    from elasticsearch import helpers\n")
-    (core / "store" / "es.py").write_text("from elasticsearch import Elasticsearch\n")
+    (core / "store" / "engines").mkdir()
+    (core / "store" / "engines" / "elasticsearch.py").write_text("from elasticsearch import Elasticsearch\n")
+    # The store's logic is engine-neutral: neither client outside its own engine module.
+    (core / "store" / "search_store.py").write_text("from opensearchpy import OpenSearch\n")
+    (core / "store" / "engines" / "opensearch.py").write_text("import elastic_transport\nimport opensearchpy\n")
     found = violations(tmp_path, ("mailsync",))
     assert [v.split(" (")[0] for v in found] == [
+        "mailsync/store/engines/opensearch.py:1 imports elastic_transport",
+        "mailsync/store/search_store.py:1 imports opensearchpy",
         "mailsync/sync/engine.py:1 imports requests",
         "mailsync/sync/engine.py:2 imports azure.functions",
         "mailsync/sync/engine.py:5 imports elasticsearch",

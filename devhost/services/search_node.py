@@ -311,11 +311,15 @@ def wait_until_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: fl
 
 def start_search_node(home: Path, *, data: Path | None = None, host: str = "127.0.0.1", port: int = 0,
                       heap: str = DEFAULT_HEAP, timeout_s: float = 120.0, log_path: Path | None = None,
-                      own_session: bool = False, layout: BuildLayout = BuildLayout()) -> SearchNode:
+                      own_session: bool = False, parent_pid: int | None = None,
+                      layout: BuildLayout = BuildLayout()) -> SearchNode:
     """Build if needed, start the node (``home`` for its folders, ``data`` for the indices; port 0 = free).
 
     Returns once the node answers ``yellow``, so documents written before the
-    last clean stop are readable. The node exits with this process.
+    last clean stop are readable. The node exits with this process, or with
+    ``parent_pid`` when given (then in a session of its own, not tied to this
+    process at all): the test session's controller passes its pid so that
+    every xdist worker can share the node one of them started.
     """
     java = java_binary()
     ensure_built(layout)
@@ -326,7 +330,7 @@ def start_search_node(home: Path, *, data: Path | None = None, host: str = "127.
     archive = layout.class_archive
     extra = (f"-XX:SharedArchiveFile={archive}", "-Xshare:auto") if archive.exists() else ()
     process = _launch(java, layout, home, data=data, host=host, port=port, heap=heap, log_path=log_path,
-                      own_session=own_session, extra=extra)
+                      own_session=own_session, extra=extra, parent_pid=parent_pid)
     started = time.monotonic()
     try:
         url = _wait_for_url(process, timeout_s, log_path)
@@ -338,16 +342,18 @@ def start_search_node(home: Path, *, data: Path | None = None, host: str = "127.
 
 
 def _launch(java: str, layout: BuildLayout, home: Path, *, data: Path, host: str, port: int, heap: str,
-            log_path: Path, own_session: bool, extra: tuple[str, ...]) -> subprocess.Popen[bytes]:
+            log_path: Path, own_session: bool, extra: tuple[str, ...],
+            parent_pid: int | None = None) -> subprocess.Popen[bytes]:
     home.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     args = [java, f"-Xms{heap}", f"-Xmx{heap}", *JVM_FLAGS, *extra, f"-Djava.io.tmpdir={_tmpdir(home)}",
             "-cp", layout.classpath, MAIN_CLASS, "--home", str(home), "--data", str(data),
-            "--host", host, "--port", str(port), "--parent-pid", str(os.getpid())]
+            "--host", host, "--port", str(port), "--parent-pid", str(parent_pid or os.getpid())]
+    # Tied to another process (parent_pid): not to this one's death signal, and not to its Ctrl-C.
+    options = {"start_new_session": True} if parent_pid else child_options(own_session=own_session)
     with log_path.open("ab") as log:
         process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-            args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=home,
-            **child_options(own_session=own_session))
+            args, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=home, **options)
     return process
 
 

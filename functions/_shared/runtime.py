@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from mailsync.storage.rate_limits import TableRateLimiter
     from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
     from mailsync.storage.tokens import TableTokenStore
-    from mailsync.store.elasticsearch import ElasticsearchStore
+    from mailsync.store.search_store import SearchStore
     from mailsync.sync.engine import SyncEngine
     from mailsync.sync.status import SyncStatus
     from mailsync.sync.worker import SyncWorker
@@ -60,14 +60,14 @@ class Runtime:
         return AzureJobQueue(self.settings)
 
     @cached_property
-    def store(self) -> ElasticsearchStore:
+    def store(self) -> SearchStore:
         """The search store at ELASTICSEARCH_URL; missing indices are created on first use.
 
         If the store is down this raises StoreUnavailable and is not cached, so the next call retries.
         """
-        from mailsync.store.elasticsearch import ElasticsearchStore
+        from mailsync.store.search_store import SearchStore
 
-        store = ElasticsearchStore.from_settings(self.settings)
+        store = SearchStore.from_settings(self.settings)
         store.ensure_ready()
         return store
 

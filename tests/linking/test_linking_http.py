@@ -30,7 +30,8 @@ from mailsync.jobs import JobKind, decode_job
 from mailsync.security.crypto import Sealed, TokenCipher
 from mailsync.settings import Settings
 from mailsync.storage import connection
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.engines import connect
+from mailsync.store.search_store import SearchStore, StoreOptions
 from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.graph_sandbox import SandboxTestServer, start_sandbox
 from tests.linking.browser import query, submit_sign_in
@@ -48,7 +49,7 @@ class Stack:
     env: dict[str, str]
     settings: Settings
     tables: LinkingTables
-    store: ElasticsearchStore
+    store: SearchStore
     # The page's browser: it keeps the sign-in cookie from POST /api/accounts for the callback.
     browser: requests.Session
 
@@ -95,7 +96,7 @@ def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPath
                        GRAPH_SANDBOX_URL=sandbox.base_url)
     host = start_devhost(env, port=port, functions=LINKING_FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
     settings = Settings.from_env(env)
-    store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))
+    store = SearchStore(connect(search_store_url), StoreOptions(prefix=settings.index_prefix))
     try:
         yield Stack(host, sandbox, env, settings, linking_tables(settings, TokenCipher([("e2e1", KEY)])), store,
                     requests.Session())

@@ -36,7 +36,8 @@ from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.subscriptions import TableSubscriptionStore
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.engines import connect
+from mailsync.store.search_store import SearchStore, StoreOptions
 from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.graph_sandbox import SandboxTestServer, start_sandbox
 from tests.linking.browser import submit_sign_in
@@ -61,7 +62,7 @@ class Stack:
     sandbox: SandboxTestServer
     env: dict[str, str]
     settings: Settings
-    store: ElasticsearchStore
+    store: SearchStore
 
     @property
     def api(self) -> str:
@@ -151,7 +152,7 @@ def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPath
     )
     host = start_devhost(env, port=port, log_dir=tmp_path_factory.mktemp("devhost"))
     settings = Settings.from_env(env)
-    store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))
+    store = SearchStore(connect(search_store_url), StoreOptions(prefix=settings.index_prefix))
     try:
         yield Stack(host, sandbox, env, settings, store)
     finally:

@@ -18,7 +18,7 @@ from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscription
 from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.monitoring.harness import Harness, change, make_harness
 
@@ -26,7 +26,7 @@ from tests.monitoring.harness import Harness, change, make_harness
 class World:
     """One linked account whose mailbox is a sandbox user's, half of it in the store."""
 
-    def __init__(self, harness: Harness, store: ElasticsearchStore, sandbox: SandboxTestServer) -> None:
+    def __init__(self, harness: Harness, store: SearchStore, sandbox: SandboxTestServer) -> None:
         self.harness = harness
         self.store = store
         self.sandbox = sandbox
@@ -66,7 +66,7 @@ class World:
 
 
 @pytest.fixture
-def world(storage_env: dict[str, str], store: ElasticsearchStore,
+def world(storage_env: dict[str, str], store: SearchStore,
           sandbox_factory: Callable[..., SandboxTestServer]) -> World:
     sandbox = sandbox_factory(users=1, messages_per_user=40)
     return World(make_harness(storage_env, NOTIFY_COALESCE_S="0"), store, sandbox)

@@ -15,7 +15,7 @@ from mailsync.storage.connection import table_client
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.store_generation import TableGenerationLedger
 from mailsync.storage.table_errors import ensure_table
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from tests.monitoring.harness import Harness, make_harness
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
@@ -92,7 +92,7 @@ class RecordingQueue:
 
 
 def test_a_recreated_store_is_noticed_by_the_next_tick_and_every_account_resynced_spread_out(
-        storage_env: dict[str, str], store: ElasticsearchStore) -> None:
+        storage_env: dict[str, str], store: SearchStore) -> None:
     h = make_harness(storage_env, STORE_RESYNC_PER_S="2", POLL_INTERVAL_S="3600", POLL_INTERVAL_SUBSCRIBED_S="0")
     watched = {h.add_account() for _ in range(3)} | {h.add_account(AccountStatus.SYNCING)}
     h.add_account(AccountStatus.REAUTH_REQUIRED)   # cannot sync: linking it again syncs it
@@ -109,7 +109,7 @@ def test_a_recreated_store_is_noticed_by_the_next_tick_and_every_account_resynce
     queue.take()
     assert scheduler.tick().resynced == 0, "the same store: nothing to do"
 
-    store.client.indices.delete(index=[store.names.messages_index, store.names.mailboxes_index])
+    store.engine.delete_indices([store.names.messages_index, store.names.mailboxes_index])
     report = scheduler.tick()   # no mail changed, no job ran: the tick alone notices
     assert report.resynced == len(watched)
     resyncs = [(job, delay) for job, delay in queue.take() if job.reason == "store_generation"]

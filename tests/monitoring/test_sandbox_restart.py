@@ -23,7 +23,8 @@ from devhost.services.process import free_port
 from graph_sandbox.config import SandboxConfig
 from mailsync.models import AccountStatus
 from mailsync.settings import Settings
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.engines import connect
+from mailsync.store.search_store import SearchStore, StoreOptions
 from tests.fixtures.devhost import app_settings, start_devhost
 from tests.fixtures.graph_sandbox import start_sandbox
 from tests.monitoring.test_end_to_end import Linked, Stack, stored_folder, subscription_of
@@ -52,7 +53,7 @@ def test_a_linked_account_keeps_working_across_a_sandbox_restart(azurite: Any, s
                        GRAPH_SANDBOX_URL=sandbox.base_url, POLL_INTERVAL_SUBSCRIBED_S="0", SIGNALR_HUB="mailsync")
     host = start_devhost(env, port=port, log_dir=tmp_path / "devhost")
     settings = Settings.from_env(env)
-    store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))
+    store = SearchStore(connect(search_store_url), StoreOptions(prefix=settings.index_prefix))
     stack = Stack(host, sandbox, env, settings, store)
     try:
         linked: Linked = stack.link(0)

@@ -26,7 +26,7 @@ from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.records import AccountMonitor, SubscriptionKind
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from tests.fixtures.devhost import DevhostProcess
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.graph_sandbox.signin import user_tokens
@@ -105,7 +105,7 @@ class Rig:
 
 
 @pytest.fixture
-def rig(storage_env: dict[str, str], store: ElasticsearchStore, devhost_factory: Callable[..., DevhostProcess],
+def rig(storage_env: dict[str, str], store: SearchStore, devhost_factory: Callable[..., DevhostProcess],
         sandbox_factory: Callable[..., SandboxTestServer], tmp_path: Path) -> Iterator[Rig]:
     sandbox = sandbox_factory(users=3, messages_per_user=5)
     webhook = devhost_factory({**storage_env, "MAILSYNC_LOCAL_DIR": str(tmp_path), "NOTIFY_COALESCE_S": "0",

@@ -1,14 +1,15 @@
-"""Fault injection at the transport edge, for the store contract tests.
+"""Fault injection at the engine seam, for the store contract tests.
 
 A real cluster refuses individual bulk items with 429
 ``es_rejected_execution_exception`` when its write thread pool queue is
-full; we cannot make osmem (or a healthy Elasticsearch) do that on
-demand. :class:`FaultyTransport` stands exactly where the network is: it
-sees the ``_bulk`` request the client is about to send, takes out the
-items the plan says to refuse, sends the rest to the real server, and
-splices item-level 429 answers (the shape Elasticsearch uses) back in at
-the refused positions. The refused items are really not written, as on a
-real cluster, so the test observes the store's retry through the real
+full; we cannot make a healthy node do that on demand.
+:class:`FaultyEngine` stands between the store and its engine client (the
+last step before the network, the same for every engine): it sees the
+``_bulk`` body the store is about to send, takes out the items the plan
+says to refuse, sends the rest to the real server, and splices item-level
+429 answers (the shape Elasticsearch and OpenSearch use) back in at the
+refused positions. The refused items are really not written, as on a
+loaded cluster, so the test observes the store's retry through the real
 server's state. Every bulk request is recorded (item ids per request).
 
 A plan may also run a callback just before a request is forwarded (used
@@ -22,9 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from elastic_transport import ApiResponseMeta, HttpHeaders, TransportApiResponse
-
-from mailsync.store.elasticsearch import PlainJsonTransport
+from mailsync.store.engine import SearchEngine
 
 REJECTED = {
     "type": "es_rejected_execution_exception",
@@ -45,10 +44,10 @@ class FaultPlan:
         return [doc_id for _, doc_id in self.requests[request_no]]
 
 
-def _split(lines: list[Any]) -> list[tuple[str, str, list[bytes]]]:
-    """Bulk body lines → (op, doc id, raw lines) per item (the target index is the alias in the header)."""
+def _split(body: bytes) -> list[tuple[str, str, list[bytes]]]:
+    """A bulk NDJSON body → (op, doc id, raw lines) per item."""
+    raw = [line for line in body.split(b"\n") if line]
     items = []
-    raw = [line if isinstance(line, bytes | bytearray) else json.dumps(line).encode() for line in lines]
     i = 0
     while i < len(raw):
         header = json.loads(raw[i])
@@ -59,45 +58,45 @@ def _split(lines: list[Any]) -> list[tuple[str, str, list[bytes]]]:
     return items
 
 
-def faulty_transport(plan: FaultPlan) -> type[PlainJsonTransport]:
-    """A transport class bound to ``plan`` (pass it as ``transport_class``)."""
+class FaultyEngine:
+    """A SearchEngine that refuses the bulk items ``plan`` names and records every bulk request."""
 
-    class FaultyTransport(PlainJsonTransport):
-        def perform_request(self, method: str, target: str, *, headers: Any = None, body: Any = None,
-                            **kwargs: Any) -> TransportApiResponse:
-            if not target.split("?")[0].endswith("/_bulk") or not isinstance(body, list | bytes | bytearray):
-                return super().perform_request(method, target, headers=headers, body=body, **kwargs)
-            if isinstance(body, bytes | bytearray):   # the store sends ready NDJSON
-                body = [line for line in bytes(body).split(b"\n") if line]
-            items = _split(body)
-            plan.requests.append([(op, doc_id) for op, doc_id, _ in items])
-            if plan.before_bulk is not None:
-                callback, plan.before_bulk = plan.before_bulk, None
-                callback([(op, doc_id) for op, doc_id, _ in items])
-            refused = set()
-            for index, (_, doc_id, _) in enumerate(items):
-                if plan.reject.get(doc_id, 0) > 0:
-                    plan.reject[doc_id] -= 1
-                    refused.add(index)
-            kept = [line for index, (_, _, lines) in enumerate(items) if index not in refused for line in lines]
-            if kept:
-                meta, answer = super().perform_request(method, target, headers=headers, body=kept, **kwargs)
-                answered = iter(answer["items"])
+    def __init__(self, inner: SearchEngine, plan: FaultPlan) -> None:
+        self._inner = inner
+        self._plan = plan
+        self.name = inner.name
+
+    def __getattr__(self, attr: str) -> Any:   # every other call goes to the real engine
+        return getattr(self._inner, attr)
+
+    def bulk(self, body: bytes) -> dict[str, Any]:
+        plan = self._plan
+        items = _split(body)
+        plan.requests.append([(op, doc_id) for op, doc_id, _ in items])
+        if plan.before_bulk is not None:
+            callback, plan.before_bulk = plan.before_bulk, None
+            callback([(op, doc_id) for op, doc_id, _ in items])
+        refused = set()
+        for index, (_, doc_id, _) in enumerate(items):
+            if plan.reject.get(doc_id, 0) > 0:
+                plan.reject[doc_id] -= 1
+                refused.add(index)
+        kept = [line for index, (_, _, lines) in enumerate(items) if index not in refused for line in lines]
+        answer: dict[str, Any] = {"took": 0, "errors": False, "items": []}
+        if kept:
+            answer = self._inner.bulk(b"\n".join(kept) + b"\n")
+        answered = iter(answer["items"])
+        merged = []
+        for index, (op, doc_id, _) in enumerate(items):
+            if index in refused:
+                merged.append({op: {"_index": "refused", "_id": doc_id, "status": 429, "error": dict(REJECTED)}})
             else:
-                node = self.node_pool.get()
-                meta = ApiResponseMeta(status=200, http_version="1.1", duration=0.0, node=node.config,
-                                       headers=HttpHeaders({"content-type": "application/json",
-                                                            "x-elastic-product": "Elasticsearch"}))
-                answer, answered = {"took": 0}, iter(())
-            merged = []
-            for index, (op, doc_id, _) in enumerate(items):
-                if index in refused:
-                    merged.append({op: {"_index": "refused", "_id": doc_id, "status": 429, "error": dict(REJECTED)}})
-                else:
-                    merged.append(next(answered))
-            body_out = dict(answer)
-            body_out["items"] = merged
-            body_out["errors"] = bool(refused) or bool(answer.get("errors"))
-            return TransportApiResponse(meta, body_out)
+                merged.append(next(answered))
+        return {**answer, "items": merged, "errors": bool(refused) or bool(answer.get("errors"))}
 
-    return FaultyTransport
+
+def faulty(plan: FaultPlan) -> Callable[[SearchEngine], SearchEngine]:
+    """``make_store(wrap=faulty(plan))``: the store's engine behind a :class:`FaultyEngine`."""
+    def wrap(engine: SearchEngine) -> SearchEngine:
+        return FaultyEngine(engine, plan)   # type: ignore[return-value]   # the rest by delegation
+    return wrap

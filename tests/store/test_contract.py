@@ -1,9 +1,8 @@
-"""The MessageStore contract, against osmem-server or (ELASTICSEARCH_URL) a real Elasticsearch.
+"""The MessageStore contract, against the embedded OpenSearch node (or ELASTICSEARCH_URL, or osmem).
 
 Every test gets indices of its own (fixture ``store``). Tests call
 ``store.refresh()`` before searches, as code reading right after writing
-must on Elasticsearch (osmem makes writes visible at once, so a missing
-refresh would only show against a real cluster).
+must on a real engine (writes become searchable at the next refresh).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from elasticsearch import Elasticsearch
 
 from mailsync.errors import InputError, StoreError, StoreUnavailable
 from mailsync.models import (
@@ -27,9 +25,11 @@ from mailsync.models import (
     Provider,
 )
 from mailsync.ports import MessageStore
-from mailsync.store.elasticsearch import ElasticsearchStore, make_client
+from mailsync.store.engine import SearchEngine
+from mailsync.store.engines import ENGINES, connect
 from mailsync.store.mappings import IndexNames, index_settings, messages_mapping
-from tests.store.faults import FaultPlan, faulty_transport
+from mailsync.store.search_store import SearchStore
+from tests.store.faults import FaultPlan, faulty
 
 pytestmark = pytest.mark.es
 
@@ -54,7 +54,7 @@ def ids(messages: tuple[Message, ...] | list[Message]) -> list[str]:
     return [m.message_id for m in messages]
 
 
-def all_ids(store: ElasticsearchStore, account: str, **query: object) -> list[str]:
+def all_ids(store: SearchStore, account: str, **query: object) -> list[str]:
     """Every message id of the account matching ``query``, newest first, following cursors."""
     out: list[str] = []
     cursor = None
@@ -66,7 +66,7 @@ def all_ids(store: ElasticsearchStore, account: str, **query: object) -> list[st
         cursor = page.next_cursor
 
 
-def test_adapter_satisfies_the_port(store: ElasticsearchStore) -> None:
+def test_adapter_satisfies_the_port(store: SearchStore) -> None:
     port: MessageStore = store   # mypy checks the Protocol; this keeps the test honest at runtime too
     for name in MessageStore.__dict__:
         if not name.startswith("_"):
@@ -76,7 +76,7 @@ def test_adapter_satisfies_the_port(store: ElasticsearchStore) -> None:
 # ---------------------------------------------------------------- writes: idempotence and versions
 
 
-def test_reapplying_the_same_page_is_idempotent(store: ElasticsearchStore) -> None:
+def test_reapplying_the_same_page_is_idempotent(store: SearchStore) -> None:
     page = [msg("acct1", n) for n in range(20)]
     first = store.upsert_messages(page)
     again = store.upsert_messages(page)
@@ -89,7 +89,7 @@ def test_reapplying_the_same_page_is_idempotent(store: ElasticsearchStore) -> No
     assert store.get_message("acct1", "m7") == page[7]
 
 
-def test_stale_update_is_ignored(store: ElasticsearchStore) -> None:
+def test_stale_update_is_ignored(store: SearchStore) -> None:
     newer = msg("acct1", 1, version=2000, is_read=True, flag_status=FlagStatus.FLAGGED)
     older = msg("acct1", 1, version=1000, is_read=False)
     assert store.upsert_messages([newer]).written == 1
@@ -100,7 +100,7 @@ def test_stale_update_is_ignored(store: ElasticsearchStore) -> None:
     assert store.get_message("acct1", "m1") == newer
 
 
-def test_newer_version_replaces_the_document(store: ElasticsearchStore) -> None:
+def test_newer_version_replaces_the_document(store: SearchStore) -> None:
     store.upsert_messages([msg("acct1", 1, version=1000)])
     store.upsert_messages([msg("acct1", 1, version=1001, is_read=True, subject="edited")])
 
@@ -109,7 +109,7 @@ def test_newer_version_replaces_the_document(store: ElasticsearchStore) -> None:
 
 
 @pytest.mark.parametrize("order", ["removal_first", "insert_first"])
-def test_move_is_processed_in_either_order(store: ElasticsearchStore, order: str) -> None:
+def test_move_is_processed_in_either_order(store: SearchStore, order: str) -> None:
     store.upsert_messages([msg("acct1", 1, folder="F", version=1000)])
     moved = msg("acct1", 1, folder="G", version=1500)
 
@@ -128,7 +128,7 @@ def test_move_is_processed_in_either_order(store: ElasticsearchStore, order: str
     assert all_ids(store, "acct1", folder_id="G") == ["m1"]
 
 
-def test_removal_of_an_already_moved_message_is_ignored(store: ElasticsearchStore) -> None:
+def test_removal_of_an_already_moved_message_is_ignored(store: SearchStore) -> None:
     store.upsert_messages([msg("acct1", 1, folder="G", version=1500), msg("acct1", 2, folder="F")])
 
     result = store.remove_messages("acct1", "F", ["m1", "m2", "never-existed"])
@@ -138,7 +138,7 @@ def test_removal_of_an_already_moved_message_is_ignored(store: ElasticsearchStor
     assert store.get_message("acct1", "m2") is None
 
 
-def test_replaying_an_old_upsert_after_removal_does_not_resurrect(store: ElasticsearchStore) -> None:
+def test_replaying_an_old_upsert_after_removal_does_not_resurrect(store: SearchStore) -> None:
     # The deletion leaves a version tombstone (kept for index.gc_deletes, 60 s by default on Elasticsearch).
     old = msg("acct1", 1, folder="F", version=1000)
     store.upsert_messages([old])
@@ -148,12 +148,12 @@ def test_replaying_an_old_upsert_after_removal_does_not_resurrect(store: Elastic
     assert store.get_message("acct1", "m1") is None
 
 
-def test_conditional_removal_loses_to_a_move_that_lands_after_the_read(make_store: Callable[..., ElasticsearchStore]
+def test_conditional_removal_loses_to_a_move_that_lands_after_the_read(make_store: Callable[..., SearchStore]
                                                                       ) -> None:
     """A write between the removal's read and its delete makes if_seq_no refuse the delete."""
     plan = FaultPlan()
     racer = make_store()
-    store = make_store(transport_class=faulty_transport(plan))
+    store = make_store(wrap=faulty(plan))
     store.upsert_messages([msg("acct1", 1, folder="F", version=1000)])
     moved = msg("acct1", 1, folder="G", version=1500)
 
@@ -173,9 +173,9 @@ def test_conditional_removal_loses_to_a_move_that_lands_after_the_read(make_stor
 # ---------------------------------------------------------------- bulk faults
 
 
-def test_partial_bulk_failure_retries_only_the_refused_items(make_store: Callable[..., ElasticsearchStore]) -> None:
+def test_partial_bulk_failure_retries_only_the_refused_items(make_store: Callable[..., SearchStore]) -> None:
     plan = FaultPlan(reject={"acct1:m3": 1, "acct1:m7": 2})
-    store = make_store(transport_class=faulty_transport(plan))
+    store = make_store(wrap=faulty(plan))
     page = [msg("acct1", n) for n in range(10)]
 
     result = store.upsert_messages(page)
@@ -190,9 +190,9 @@ def test_partial_bulk_failure_retries_only_the_refused_items(make_store: Callabl
 
 
 def test_items_refused_past_the_retries_raise_after_the_rest_is_written(
-        make_store: Callable[..., ElasticsearchStore]) -> None:
+        make_store: Callable[..., SearchStore]) -> None:
     plan = FaultPlan(reject={"acct1:m2": 100})
-    store = make_store(transport_class=faulty_transport(plan), max_retries=2)
+    store = make_store(wrap=faulty(plan), max_retries=2)
 
     with pytest.raises(StoreUnavailable, match="acct1:m2"):
         store.upsert_messages([msg("acct1", n) for n in range(5)])
@@ -204,16 +204,16 @@ def test_items_refused_past_the_retries_raise_after_the_rest_is_written(
     assert store.dead_letters("acct1") == []   # overload is not poison: nothing dead-lettered
 
 
-def test_poison_document_is_dead_lettered_and_the_rest_written(search_store_client: Elasticsearch, store_prefix: str,
-                                                               make_store: Callable[..., ElasticsearchStore]) -> None:
+def test_poison_document_is_dead_lettered_and_the_rest_written(search_engine: SearchEngine, store_prefix: str,
+                                                               make_store: Callable[..., SearchStore]) -> None:
     """A document the cluster refuses (here: a live mapping that drifted from the code's) is kept, not lost."""
     names = IndexNames(store_prefix)
     drifted = messages_mapping("drifted")
     drifted["properties"]["conversation_id"] = {"type": "long"}
-    search_store_client.indices.create(index=names.messages_index, mappings=drifted, settings=index_settings(),
-                         aliases={names.messages: {"is_write_index": True}})
+    search_engine.create_index(names.messages_index, mappings=drifted, settings=index_settings(),
+                               aliases={names.messages: {"is_write_index": True}})
     plan = FaultPlan()
-    store = make_store(transport_class=faulty_transport(plan))
+    store = make_store(wrap=faulty(plan))
     page = [msg("acct1", 1), msg("acct1", 2, conversation_id="AAQkADAwATM3ZmYAZS0"), msg("acct1", 3)]
 
     result = store.upsert_messages(page)
@@ -229,9 +229,9 @@ def test_poison_document_is_dead_lettered_and_the_rest_written(search_store_clie
     assert letter.document is not None and letter.document["conversation_id"] == "AAQkADAwATM3ZmYAZS0"
 
 
-def test_invalid_message_is_dead_lettered_without_being_sent(make_store: Callable[..., ElasticsearchStore]) -> None:
+def test_invalid_message_is_dead_lettered_without_being_sent(make_store: Callable[..., SearchStore]) -> None:
     plan = FaultPlan()
-    store = make_store(transport_class=faulty_transport(plan))
+    store = make_store(wrap=faulty(plan))
 
     result = store.upsert_messages([msg("acct1", 1), msg("acct1", 2, version=-5)])
 
@@ -241,14 +241,14 @@ def test_invalid_message_is_dead_lettered_without_being_sent(make_store: Callabl
     assert letter.error_type == "invalid_version" and letter.document is not None
 
 
-def test_bulk_chunks_are_bounded_by_count_and_bytes(make_store: Callable[..., ElasticsearchStore]) -> None:
+def test_bulk_chunks_are_bounded_by_count_and_bytes(make_store: Callable[..., SearchStore]) -> None:
     plan = FaultPlan()
-    by_count = make_store(transport_class=faulty_transport(plan), chunk_docs=4)
+    by_count = make_store(wrap=faulty(plan), chunk_docs=4)
     by_count.upsert_messages([msg("acct1", n) for n in range(10)])
     assert [len(r) for r in plan.requests] == [4, 4, 2]
 
     plan.requests.clear()
-    by_bytes = make_store(transport_class=faulty_transport(plan), chunk_docs=1000, chunk_bytes=3000)
+    by_bytes = make_store(wrap=faulty(plan), chunk_docs=1000, chunk_bytes=3000)
     big = "x" * 1200
     by_bytes.upsert_messages([msg("acct2", n, body_text=big) for n in range(6)])
     assert len(plan.requests) >= 3 and sum(len(r) for r in plan.requests) == 6
@@ -257,7 +257,7 @@ def test_bulk_chunks_are_bounded_by_count_and_bytes(make_store: Callable[..., El
 # ---------------------------------------------------------------- tenancy
 
 
-def _two_accounts(store: ElasticsearchStore) -> None:
+def _two_accounts(store: SearchStore) -> None:
     for account, word in (("alice", "avocado"), ("bob", "blueberry")):
         store.upsert_mailbox(Mailbox(account, f"{account}@example.com", account.title(), Provider.OUTLOOK,
                                      AccountStatus.SYNCED, total_messages=5))
@@ -269,7 +269,7 @@ def _two_accounts(store: ElasticsearchStore) -> None:
     store.refresh()
 
 
-def test_an_account_never_sees_another_accounts_data(store: ElasticsearchStore) -> None:
+def test_an_account_never_sees_another_accounts_data(store: SearchStore) -> None:
     _two_accounts(store)
 
     for me, other_word in (("alice", "blueberry"), ("bob", "avocado")):
@@ -288,7 +288,7 @@ def test_an_account_never_sees_another_accounts_data(store: ElasticsearchStore) 
         assert mailbox is not None and mailbox.account_id == me
 
 
-def test_a_cursor_from_another_account_only_pages_your_own_messages(store: ElasticsearchStore) -> None:
+def test_a_cursor_from_another_account_only_pages_your_own_messages(store: SearchStore) -> None:
     _two_accounts(store)
     bob_cursor = store.list_messages("bob", MessageQuery(limit=2)).next_cursor
 
@@ -297,7 +297,7 @@ def test_a_cursor_from_another_account_only_pages_your_own_messages(store: Elast
     assert {m.account_id for m in page.messages} == {"alice"}
 
 
-def test_account_ids_that_could_collide_are_refused(store: ElasticsearchStore) -> None:
+def test_account_ids_that_could_collide_are_refused(store: SearchStore) -> None:
     # "a" + "b:m1" and "a:b" + "m1" would share the document id "a:b:m1".
     with pytest.raises(InputError):
         store.list_messages("a:b", MessageQuery())
@@ -307,7 +307,7 @@ def test_account_ids_that_could_collide_are_refused(store: ElasticsearchStore) -
     assert result.failed_ids == ("a:b:m1",) and result.written == 0
 
 
-def test_deleting_an_account_removes_all_its_documents(store: ElasticsearchStore) -> None:
+def test_deleting_an_account_removes_all_its_documents(store: SearchStore) -> None:
     _two_accounts(store)
     store.upsert_messages([msg("alice", 9, version=-1)])   # a dead letter of alice's too
     assert store.dead_letters("alice")
@@ -320,16 +320,15 @@ def test_deleting_an_account_removes_all_its_documents(store: ElasticsearchStore
     assert store.get_mailbox("alice") is None
     assert store.get_message("alice", "m1") is None
     assert store.dead_letters("alice") == []
-    counts = store.client.count(index=[store.names.messages, store.names.mailboxes, store.names.deadletter],
-                                query={"term": {"account_id": "alice"}})
-    assert counts["count"] == 0
+    every_index = ",".join([store.names.messages, store.names.mailboxes, store.names.deadletter])
+    assert store.engine.count(every_index, {"term": {"account_id": "alice"}}) == 0
     assert len(all_ids(store, "bob")) == 5 and len(store.list_folders("bob")) == 2
 
 
 # ---------------------------------------------------------------- reads
 
 
-def test_search_after_paging_is_stable_under_concurrent_inserts(store: ElasticsearchStore) -> None:
+def test_search_after_paging_is_stable_under_concurrent_inserts(store: SearchStore) -> None:
     # Even n only, so inserts can land between existing messages; m20/m21 share a received time (id tiebreak).
     original = [msg("acct1", n) for n in range(0, 40, 2)]
     original.append(msg("acct1", 21, received_at=BASE + timedelta(minutes=20)))
@@ -357,7 +356,7 @@ def test_search_after_paging_is_stable_under_concurrent_inserts(store: Elasticse
     assert not {"m101", "m102", "m103"} & set(seen)
 
 
-def test_list_is_newest_first_with_filters_and_full_text(store: ElasticsearchStore) -> None:
+def test_list_is_newest_first_with_filters_and_full_text(store: SearchStore) -> None:
     store.upsert_messages([
         msg("acct1", 1, is_read=True, subject="Quarterly report", sender=Address("alice@contoso.com", "Alice Smith")),
         msg("acct1", 2, flag_status=FlagStatus.FLAGGED, subject="Lunch?", body_text="<p>Quarterly <b>lunch</b></p>"),
@@ -384,7 +383,7 @@ def test_list_is_newest_first_with_filters_and_full_text(store: ElasticsearchSto
     assert full is not None and full.body_text == "Quarterly lunch"
 
 
-def test_bad_cursor_and_limits_are_input_errors(store: ElasticsearchStore) -> None:
+def test_bad_cursor_and_limits_are_input_errors(store: SearchStore) -> None:
     for cursor in ("not-a-cursor", "eyJ2IjoxfQ", "e30"):
         with pytest.raises(InputError):
             store.list_messages("acct1", MessageQuery(cursor=cursor))
@@ -393,7 +392,7 @@ def test_bad_cursor_and_limits_are_input_errors(store: ElasticsearchStore) -> No
             store.list_messages("acct1", MessageQuery(limit=limit))
 
 
-def test_folder_counts_come_from_the_stored_messages(store: ElasticsearchStore) -> None:
+def test_folder_counts_come_from_the_stored_messages(store: SearchStore) -> None:
     store.upsert_folders([Folder("acct1", "inbox", "Inbox", role="inbox", total_count=3, unread_count=2),
                           Folder("acct1", "sub", "Sub", parent_id="inbox")], phase="initial")
     store.upsert_messages([msg("acct1", 1, is_read=True), msg("acct1", 2), msg("acct1", 3, folder="sub")])
@@ -410,7 +409,7 @@ def test_folder_counts_come_from_the_stored_messages(store: ElasticsearchStore) 
     assert views["sub"].phase == "incremental" and views["sub"].folder.parent_id is None
 
 
-def test_setting_a_folders_phase_keeps_its_name_and_never_recreates_it(store: ElasticsearchStore) -> None:
+def test_setting_a_folders_phase_keeps_its_name_and_never_recreates_it(store: SearchStore) -> None:
     store.upsert_folders([Folder("acct1", "sub", "Sub", parent_id="inbox")], phase="initial")
     store.upsert_folders([Folder("acct1", "sub", "Renamed", parent_id=None)])   # the folder list's rename
 
@@ -424,15 +423,15 @@ def test_setting_a_folders_phase_keeps_its_name_and_never_recreates_it(store: El
     assert (views["sub"].folder.name, views["sub"].folder.parent_id) == ("Renamed", None)
 
 
-def test_setting_a_phase_never_auto_creates_a_deleted_index(store: ElasticsearchStore) -> None:
-    store.client.indices.delete(index=store.names.mailboxes_index)
+def test_setting_a_phase_never_auto_creates_a_deleted_index(store: SearchStore) -> None:
+    store.engine.delete_indices([store.names.mailboxes_index])
 
     with pytest.raises(StoreUnavailable):
         store.set_folder_phase("acct1", "sub", "incremental")
-    assert not store.client.indices.exists(index=store.names.mailboxes)
+    assert not store.engine.index_exists(store.names.mailboxes)
 
 
-def test_remove_folder_deletes_the_folder_and_its_messages(store: ElasticsearchStore) -> None:
+def test_remove_folder_deletes_the_folder_and_its_messages(store: SearchStore) -> None:
     store.upsert_folders([Folder("acct1", "inbox", "Inbox"), Folder("acct1", "old", "Old")])
     store.upsert_messages([msg("acct1", 1), msg("acct1", 2, folder="old"), msg("acct1", 3, folder="old")])
 
@@ -443,7 +442,7 @@ def test_remove_folder_deletes_the_folder_and_its_messages(store: ElasticsearchS
     assert all_ids(store, "acct1") == ["m1"]
 
 
-def test_mailbox_document_round_trips(store: ElasticsearchStore) -> None:
+def test_mailbox_document_round_trips(store: SearchStore) -> None:
     mailbox = Mailbox("acct1", "me@example.com", "Me", Provider.IMAP, AccountStatus.SYNCING, total_messages=42,
                       last_sync_at=BASE)
     store.upsert_mailbox(mailbox)
@@ -454,7 +453,7 @@ def test_mailbox_document_round_trips(store: ElasticsearchStore) -> None:
 # ---------------------------------------------------------------- resync, generation, bulk load
 
 
-def test_resync_epoch_cleanup_removes_only_what_the_resync_did_not_see(store: ElasticsearchStore) -> None:
+def test_resync_epoch_cleanup_removes_only_what_the_resync_did_not_see(store: SearchStore) -> None:
     store.upsert_messages([msg("acct1", n) for n in range(6)], epoch=1)
     store.upsert_messages([msg("acct1", 10, folder="other")], epoch=1)
     store.upsert_messages([msg("acct1", n, version=1000) for n in (0, 1, 2)], epoch=2)   # the resync's pages
@@ -466,36 +465,36 @@ def test_resync_epoch_cleanup_removes_only_what_the_resync_did_not_see(store: El
     assert all_ids(store, "acct1") == ["m10", "m2", "m1", "m0"]
 
 
-def test_generation_is_stable_and_changes_when_indices_are_recreated(store: ElasticsearchStore) -> None:
+def test_generation_is_stable_and_changes_when_indices_are_recreated(store: SearchStore) -> None:
     first = store.generation()
     assert first == store.ensure_ready() == store.generation()
     store.upsert_messages([msg("acct1", 1)])
 
-    store.client.indices.delete(index=store.names.messages_index)
+    store.engine.delete_indices([store.names.messages_index])
     second = store.generation()           # notices, recreates the missing index
 
     assert second != first
     assert second == store.generation()
     assert store.upsert_messages([msg("acct1", 2)]).written == 1   # the recreated index works
 
-    store.client.indices.delete(index=store.names.deadletter_index)
+    store.engine.delete_indices([store.names.deadletter_index])
     assert store.generation() == second                              # dead letters are not mail...
-    assert store.client.indices.exists_alias(name=store.names.deadletter)   # ...but the index comes back
+    assert store.engine.alias_exists(store.names.deadletter)   # ...but the index comes back
 
 
-def test_writes_never_auto_create_a_deleted_index(store: ElasticsearchStore) -> None:
-    store.client.indices.delete(index=store.names.messages_index)
+def test_writes_never_auto_create_a_deleted_index(store: SearchStore) -> None:
+    store.engine.delete_indices([store.names.messages_index])
 
     with pytest.raises(StoreUnavailable):
         store.upsert_messages([msg("acct1", 1)])
-    assert not store.client.indices.exists(index=store.names.messages)
+    assert not store.engine.index_exists(store.names.messages)
     assert store.list_messages("acct1", MessageQuery()).messages == ()   # reads: nothing stored
 
 
-def test_bulk_load_relaxes_and_restores_refresh_interval(store: ElasticsearchStore) -> None:
+def test_bulk_load_relaxes_and_restores_refresh_interval(store: SearchStore) -> None:
     def interval() -> str | None:
-        got = store.client.indices.get_settings(index=store.names.messages)
-        return next(iter(got.body.values()))["settings"]["index"].get("refresh_interval")
+        got = store.engine.get_settings(store.names.messages)
+        return next(iter(got.values()))["settings"]["index"].get("refresh_interval")
 
     before = interval()
     store.begin_bulk_load("acct1")
@@ -510,11 +509,15 @@ def test_bulk_load_relaxes_and_restores_refresh_interval(store: ElasticsearchSto
     assert interval() == before
 
 
-def test_unreachable_store_is_unavailable() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unreachable_store_is_unavailable(engine: str) -> None:
     with socket.socket() as probe:   # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    dead = ElasticsearchStore(make_client(f"http://127.0.0.1:{port}", request_timeout_s=2))
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(StoreUnavailable):
+        connect(url, request_timeout_s=2)   # auto: asking the server which engine it is fails the same way
+    dead = SearchStore(connect(url, engine=engine, request_timeout_s=2))
     with pytest.raises(StoreUnavailable):
         dead.list_messages("acct1", MessageQuery())
     with pytest.raises(StoreUnavailable):
@@ -523,10 +526,10 @@ def test_unreachable_store_is_unavailable() -> None:
         dead.generation()
 
 
-def test_foreign_index_behind_the_alias_is_refused(search_store_client: Elasticsearch, store_prefix: str,
-                                                   make_store: Callable[..., ElasticsearchStore]) -> None:
+def test_foreign_index_behind_the_alias_is_refused(search_engine: SearchEngine, store_prefix: str,
+                                                   make_store: Callable[..., SearchStore]) -> None:
     names = IndexNames(store_prefix)
-    search_store_client.indices.create(index=names.messages_index, aliases={names.messages: {}},
-                         mappings={"properties": {"x": {"type": "keyword"}}})
+    search_engine.create_index(names.messages_index, aliases={names.messages: {}},
+                               mappings={"properties": {"x": {"type": "keyword"}}})
     with pytest.raises(StoreError, match="not created by mailsync"):
         make_store()

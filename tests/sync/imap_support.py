@@ -9,7 +9,7 @@ from typing import Any
 from mailsync.models import MessageQuery
 from mailsync.providers.imap import message_id_of
 from mailsync.providers.imap_mapping import categories as keyword_categories
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from tests.fixtures.dovecot import ImapUser
 from tests.providers.imap_harness import decode_subject
 
@@ -42,7 +42,7 @@ def imap_view(user: ImapUser) -> tuple[dict[str, Any], dict[str, Any]]:
         client.logout()
 
 
-def store_view(store: ElasticsearchStore, account_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def store_view(store: SearchStore, account_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     store.refresh()
     folders = {v.folder.folder_id: (v.folder.name, v.folder.parent_id) for v in store.list_folders(account_id)}
     messages: dict[str, Any] = {}
@@ -73,7 +73,7 @@ class Difference:
                 f"folders={self.folders[:4]} first stale={self.stale[:2]}")
 
 
-def compare_views(user: ImapUser, store: ElasticsearchStore, account_id: str) -> Difference:
+def compare_views(user: ImapUser, store: SearchStore, account_id: str) -> Difference:
     truth_folders, truth = imap_view(user)
     got_folders, got = store_view(store, account_id)
     folder_diff = sorted(set(truth_folders.items()) ^ set(got_folders.items()), key=str)

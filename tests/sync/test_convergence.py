@@ -46,7 +46,7 @@ from hypothesis import strategies as st
 from graph_sandbox.config import SandboxConfig
 from mailsync.models import BulkResult
 from mailsync.settings import Settings
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from tests.fixtures.graph_sandbox import GraphSession, SandboxTestServer, start_sandbox
 from tests.sync.world import QueuePump, SyncWorld, change_during_sync, compare, make_world, misbehaving_worker
 
@@ -203,8 +203,8 @@ class Outcome:
     stats: Any
 
 
-def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[..., ElasticsearchStore], *,
-                 store: ElasticsearchStore | None = None, scale: Scale = SCALE) -> Outcome:
+def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[..., SearchStore], *,
+                 store: SearchStore | None = None, scale: Scale = SCALE) -> Outcome:
     server = start_sandbox(SandboxConfig(seed=plan.seed % 10_000, users=2, messages_per_user=scale.messages))
     pump: QueuePump | None = None
     try:
@@ -291,7 +291,7 @@ _SMALL = os.environ.get("MAILSYNC_TEST_SCALE", "small") == "small"
 @example(plan=EVERY_FAULT)
 @given(plan=PLANS)
 def test_store_converges_to_the_mailbox(plan: Plan, storage_env: dict[str, str],
-                                        make_store: Callable[..., ElasticsearchStore]) -> None:
+                                        make_store: Callable[..., SearchStore]) -> None:
     outcome = run_scenario(plan, storage_env, make_store)
     # The person shares the app's 4 requests per mailbox with the sync (and its 429 storms),
     # so on a big, faulty run they may get fewer changes in than asked for; some must land.
@@ -304,7 +304,7 @@ def test_store_converges_to_the_mailbox(plan: Plan, storage_env: dict[str, str],
 class UnconditionalRemovalStore:
     """A store with the conditional-removal check skipped: a removal from F deletes the message wherever it is."""
 
-    def __init__(self, inner: ElasticsearchStore) -> None:
+    def __init__(self, inner: SearchStore) -> None:
         self._inner = inner
 
     def __getattr__(self, name: str) -> Any:
@@ -327,7 +327,7 @@ def planted_plan() -> Iterator[Plan]:
 
 @pytest.mark.timeout(900)
 def test_the_property_catches_a_planted_bug(planted_plan: Plan, storage_env: dict[str, str],
-                                            make_store: Callable[..., ElasticsearchStore]) -> None:
+                                            make_store: Callable[..., SearchStore]) -> None:
     small = Scale(messages=600, examples=1, min_mutations=150, max_mutations=600, page_size=100)
     buggy = UnconditionalRemovalStore(make_store())
     outcome = run_scenario(planted_plan, storage_env, make_store, store=buggy, scale=small)  # type: ignore[arg-type]

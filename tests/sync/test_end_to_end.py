@@ -26,7 +26,8 @@ from mailsync.jobs import JobKind, new_job
 from mailsync.models import MessageQuery
 from mailsync.settings import Settings
 from mailsync.storage.job_queue import AzureJobQueue
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.engines import connect
+from mailsync.store.search_store import SearchStore, StoreOptions
 from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.graph_sandbox import SandboxTestServer, start_sandbox
 from tests.linking.browser import submit_sign_in
@@ -41,7 +42,7 @@ class Stack:
     host: DevhostProcess
     sandbox: SandboxTestServer
     settings: Settings
-    store: ElasticsearchStore
+    store: SearchStore
 
     @property
     def api(self) -> str:
@@ -58,7 +59,7 @@ def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPath
                        SYNC_TIME_BUDGET_S="5")
     host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
     settings = Settings.from_env(env)
-    store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))
+    store = SearchStore(connect(search_store_url), StoreOptions(prefix=settings.index_prefix))
     try:
         yield Stack(host, sandbox, settings, store)
     finally:

@@ -20,7 +20,7 @@ from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.store_generation import TableGenerationLedger
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import Delivery, Outcome
 from mailsync.sync.status import SyncStatus
 from tests.fixtures.graph_sandbox import SandboxTestServer
@@ -39,7 +39,7 @@ def world_settings(storage_env: dict[str, str], sandbox: SandboxTestServer, **ov
 
 
 @pytest.fixture
-def world(storage_env: dict[str, str], sandbox: SandboxTestServer, store: ElasticsearchStore) -> SyncWorld:
+def world(storage_env: dict[str, str], sandbox: SandboxTestServer, store: SearchStore) -> SyncWorld:
     return make_world(world_settings(storage_env, sandbox), sandbox, store, backoff_cap_s=2.0)
 
 
@@ -137,9 +137,8 @@ def test_expired_delta_tokens_resync_without_blanking(world: SyncWorld, pump: Qu
 
 def test_store_recreated_means_resync(world: SyncWorld, pump: QueuePump, make_store: Callable[..., Any]) -> None:
     synced(world, pump)
-    client = world.store.client
     names = world.store.names
-    client.indices.delete(index=[names.messages_index, names.mailboxes_index])
+    world.store.engine.delete_indices([names.messages_index, names.mailboxes_index])
     world.store.ensure_ready()
     world.poll()
     pump.drain()
@@ -159,7 +158,7 @@ def test_a_recreated_store_is_noticed_without_a_job_and_never_shown_as_synced(wo
     assert status.summary(world.account_id)["phase"] == "synced"
 
     names = world.store.names
-    world.store.client.indices.delete(index=[names.messages_index, names.mailboxes_index])
+    world.store.engine.delete_indices([names.messages_index, names.mailboxes_index])
     # Nobody has noticed yet: the account's rows still say synced, its summary does not.
     assert world.account_status() == AccountStatus.SYNCED
     lost = SyncStatus(world.state, world.store.generation).summary(world.account_id)

@@ -46,7 +46,7 @@ from mailsync.providers.imap_session import ImapEndpoint
 from mailsync.settings import Settings
 from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import SyncEngine
 from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser, rfc822
 from tests.linking.tables import LinkingTables, linking_tables
@@ -114,7 +114,7 @@ class ImapWorld(AccountWorld):
     dovecot: DovecotServer
     user: ImapUser
     proxy: FaultProxy
-    store: ElasticsearchStore
+    store: SearchStore
     tables: LinkingTables
     state: SyncStateTable
     queue: FaultyQueue
@@ -144,7 +144,7 @@ class ForgetfulFactory:
         return provider
 
 
-def make_imap_world(storage_env: dict[str, str], dovecot: DovecotServer, store: ElasticsearchStore, *, plan: Plan,
+def make_imap_world(storage_env: dict[str, str], dovecot: DovecotServer, store: SearchStore, *, plan: Plan,
                     scale: Scale, forgetful: bool = False) -> ImapWorld:
     user = dovecot.add_user()
     n = scale.messages
@@ -273,7 +273,7 @@ class Outcome:
     settle_s: float
 
 
-def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer, store: ElasticsearchStore, *,
+def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer, store: SearchStore, *,
                  scale: Scale = SCALE, forgetful: bool = False) -> Outcome:
     world = make_imap_world(storage_env, dovecot, store, plan=plan, scale=scale, forgetful=forgetful)
     pump: QueuePump | None = None
@@ -326,7 +326,7 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(plan=PLANS)
 def test_store_converges_to_the_imap_mailbox(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer,
-                                             make_store: Callable[..., ElasticsearchStore]) -> None:
+                                             make_store: Callable[..., SearchStore]) -> None:
     outcome = run_scenario(plan, storage_env, dovecot, make_store())
     assert outcome.mutations >= SCALE.min_mutations
     assert not outcome.diff, outcome.diff.summary()
@@ -342,7 +342,7 @@ def stormy_plan() -> Iterator[Plan]:
 
 @pytest.mark.timeout(900)
 def test_converges_with_every_fault_at_once(stormy_plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer,
-                                            make_store: Callable[..., ElasticsearchStore]) -> None:
+                                            make_store: Callable[..., SearchStore]) -> None:
     outcome = run_scenario(stormy_plan, storage_env, dovecot, make_store(),
                            scale=replace(SCALE, messages=min(SCALE.messages, 500), min_mutations=80))
     assert outcome.faults.byes and outcome.faults.nos and outcome.faults.cuts, outcome.faults
@@ -351,7 +351,7 @@ def test_converges_with_every_fault_at_once(stormy_plan: Plan, storage_env: dict
 
 @pytest.mark.timeout(600)
 def test_the_imap_property_catches_a_planted_bug(storage_env: dict[str, str], dovecot: DovecotServer,
-                                                 make_store: Callable[..., ElasticsearchStore]) -> None:
+                                                 make_store: Callable[..., SearchStore]) -> None:
     quiet = Plan(seed=7, bye_rate=0.0, no_rate=0.0, cut_rate=0.0, raise_rate=0.0, kill_rate=0.0, duplicate_rate=0.0,
                  uidvalidity_every=0)
     outcome = run_scenario(quiet, storage_env, dovecot, make_store(), forgetful=True,

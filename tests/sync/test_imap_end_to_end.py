@@ -28,7 +28,8 @@ from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, make_client
+from mailsync.store.engines import connect
+from mailsync.store.search_store import SearchStore, StoreOptions
 from mailsync.sync.engine import REAUTH_MESSAGES
 from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822
@@ -45,7 +46,7 @@ FUNCTIONS = ["oauth_start", "account_get", "account_delete", "sync_worker", "mai
 class Stack:
     host: DevhostProcess
     settings: Settings
-    store: ElasticsearchStore
+    store: SearchStore
     tables: LinkingTables
 
     @property
@@ -63,7 +64,7 @@ def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPath
                        SIGNALR_HUB="mailsync", IMAP_ALLOW_INSECURE="1", IMAP_PAGE_SIZE="100", SYNC_TIME_BUDGET_S="5")
     host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
     settings = Settings.from_env(env)
-    store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=settings.index_prefix))
+    store = SearchStore(connect(search_store_url), StoreOptions(prefix=settings.index_prefix))
     try:
         yield Stack(host, settings, store, linking_tables(settings, TokenCipher([("imap1", KEY)])))
     finally:

@@ -38,7 +38,7 @@ from mailsync.settings import Settings
 from mailsync.storage.connection import queue_client
 from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import Delivery, SyncEngine
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.linking.tables import LinkingTables, linking_tables
@@ -345,7 +345,7 @@ class SyncWorld(AccountWorld):
     settings: Settings
     sandbox: SandboxTestServer
     user: SandboxUser
-    store: ElasticsearchStore
+    store: SearchStore
     tables: LinkingTables
     state: SyncStateTable
     queue: FaultyQueue
@@ -362,7 +362,7 @@ class SyncWorld(AccountWorld):
             self.queue.enqueue(new_job(JobKind.SYNC_FOLDER, self.account_id, folder_id, reason="poll"))
 
 
-def make_world(settings: Settings, sandbox: SandboxTestServer, store: ElasticsearchStore, *, user_index: int = 0,
+def make_world(settings: Settings, sandbox: SandboxTestServer, store: SearchStore, *, user_index: int = 0,
                seed: int = 0, **engine_options: Any) -> SyncWorld:
     """Seed a linked account (status syncing, real sandbox token) and build the engine around it."""
     user = sandbox.users[user_index]
@@ -409,7 +409,7 @@ def sandbox_view(snapshot: dict[str, Any]) -> View:
     return View(folders, messages)
 
 
-def iter_store_messages(store: ElasticsearchStore, account_id: str) -> Iterator[Any]:
+def iter_store_messages(store: SearchStore, account_id: str) -> Iterator[Any]:
     cursor: str | None = None
     while True:
         page = store.list_messages(account_id, MessageQuery(limit=500, cursor=cursor))
@@ -419,7 +419,7 @@ def iter_store_messages(store: ElasticsearchStore, account_id: str) -> Iterator[
         cursor = page.next_cursor
 
 
-def store_view(store: ElasticsearchStore, account_id: str) -> View:
+def store_view(store: SearchStore, account_id: str) -> View:
     store.refresh()
     folders = {v.folder.folder_id: (v.folder.name, v.folder.parent_id) for v in store.list_folders(account_id)}
     messages = {}

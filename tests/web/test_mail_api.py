@@ -18,7 +18,8 @@ import requests
 
 from devhost.services.process import free_port
 from mailsync.models import AccountStatus, Address, FlagStatus, Folder, Mailbox, Message, Provider
-from mailsync.store.elasticsearch import ElasticsearchStore, StoreOptions, encode_cursor, make_client
+from mailsync.store.engines import connect
+from mailsync.store.search_store import SearchStore, StoreOptions, encode_cursor
 from tests.fixtures.devhost import start_devhost
 from tests.web.conftest import WebHost, web_env
 
@@ -49,7 +50,7 @@ def message(account_id: str, n: int, folder_id: str, *, read: bool, flagged: boo
     )
 
 
-def seed(store: ElasticsearchStore, account_id: str, count: int, *, offset: int = 0) -> list[Message]:
+def seed(store: SearchStore, account_id: str, count: int, *, offset: int = 0) -> list[Message]:
     store.upsert_folders([Folder(account_id, fid, name, parent, role, total_count=None, unread_count=None)
                           for fid, name, role, parent in FOLDERS], phase="incremental")
     store.upsert_mailbox(Mailbox(account_id, f"{account_id}@example.com", "Web Test", Provider.OUTLOOK,
@@ -71,7 +72,7 @@ def seeded(azurite: Any, search_store_url: str, graph_sandbox: Any,
                   sandbox_url=graph_sandbox.base_url, port=port, local_dir=tmp_path_factory.mktemp("local"))
     host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
     web = WebHost(host, env)
-    store = ElasticsearchStore(make_client(search_store_url), StoreOptions(prefix=web.settings.index_prefix))
+    store = SearchStore(connect(search_store_url), StoreOptions(prefix=web.settings.index_prefix))
     try:
         store.ensure_ready()
         account_id, token = web.create_account()

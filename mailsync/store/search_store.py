@@ -1,15 +1,19 @@
-"""The Elasticsearch adapter of the MessageStore port.
+"""The search store: the MessageStore port on a search engine, written once for every engine.
 
-The only module that imports the ``elasticsearch`` client. It speaks to
-Elasticsearch 8/9, and — with plain ``application/json`` (see
-:class:`PlainJsonTransport`) — to osmem-server, the in-memory server our
-tests and ``make run`` use.
+All the store's rules live here: index families and their ``_meta``
+generation, versioned bulk writes, conditional removals, routing and
+tenant filters, reads and cursors, bulk-load refresh leases, dead
+letters. The cluster is reached only through
+:class:`mailsync.store.engine.SearchEngine` (REST calls with dict bodies),
+which ``mailsync/store/engines/`` implements once per client library:
+OpenSearch with ``opensearch-py``, Elasticsearch 8/9 with
+``elasticsearch``.
 
 Writes
 ------
 * Bulk bodies are written directly: each action is encoded once with
   orjson into one NDJSON buffer per chunk (bounded by count and bytes) and
-  sent with one ``client.bulk`` call, with ``require_alias`` so a deleted
+  sent with one ``_bulk`` request, with ``require_alias`` so a deleted
   index is never silently re-created by a write with guessed mappings.
   (``helpers.streaming_bulk`` did the same with ~8-10 us of Python per
   document — action copying, re-chunking, per-item result dicts —
@@ -61,13 +65,8 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
-from elastic_transport import ConnectionError as TransportConnectionError
-from elastic_transport import ConnectionTimeout, SerializationError, Transport, TransportError
-from elastic_transport import TransportApiResponse as _TransportApiResponse
-from elasticsearch import ApiError, Elasticsearch, NotFoundError
-from elasticsearch.serializer import OrjsonSerializer
 
-from mailsync.errors import ConfigurationError, InputError, StoreError, StoreUnavailable
+from mailsync.errors import InputError, StoreError, StoreUnavailable
 from mailsync.models import (
     BulkResult,
     Folder,
@@ -79,6 +78,7 @@ from mailsync.models import (
 )
 from mailsync.settings import Settings
 from mailsync.store import documents as docs
+from mailsync.store.engine import EngineError, SearchEngine
 from mailsync.store.mappings import (
     IndexNames,
     deadletter_mapping,
@@ -98,54 +98,9 @@ MAX_FOLDERS = 10_000
 REMOVE_ROUNDS = 5
 _TEXT_FIELDS = ["subject", "from.name", "from.address.text", "body_preview", "body_text"]
 
-# Sent by the client as application/vnd.elasticsearch+json; compatible-with=9.
-_COMPAT_RE = re.compile(r"application/vnd\.elasticsearch\+([a-z0-9.\-]+)(\s*;\s*compatible-with=\d+)?")
 # Elasticsearch quotes a slice of the refused value in mapping errors; that
 # is message content and stays out of the logs (the dead letter keeps it).
 _VALUE_PREVIEW_RE = re.compile(r"\s*Preview of field's value:.*$", re.DOTALL)
-
-
-class PlainJsonTransport(Transport):
-    """A Transport that sends plain ``application/json`` and ``application/x-ndjson``.
-
-    The client always converts these to Elasticsearch's versioned vendor
-    types (``application/vnd.elasticsearch+json; compatible-with=9``).
-    OpenSearch and osmem-server answer those with 406; Elasticsearch 8/9
-    accept plain JSON as well, so this is safe against every server.
-    """
-
-    def perform_request(
-        self, method: str, target: str, *, headers: Any = None, **kwargs: Any
-    ) -> _TransportApiResponse:
-        if headers:
-            headers = headers.copy()
-            for name in ("accept", "content-type"):
-                value = headers.get(name)
-                if value:
-                    headers[name] = _COMPAT_RE.sub(r"application/\1", value)
-        return super().perform_request(method, target, headers=headers, **kwargs)
-
-
-def make_client(url: str, *, api_key: str | None = None, plain_json: bool = True,
-                request_timeout_s: float = 30.0, transport_class: type[Transport] | None = None) -> Elasticsearch:
-    """An Elasticsearch client for ``url`` (plain JSON unless told otherwise).
-
-    ``transport_class`` lets a test put a fault injector at the transport
-    edge; it should derive from :class:`PlainJsonTransport` when
-    ``plain_json`` is wanted.
-    """
-    cls = transport_class or (PlainJsonTransport if plain_json else Transport)
-    return Elasticsearch(
-        url,
-        api_key=api_key,
-        transport_class=cls,
-        # orjson, not the stdlib: bulk bodies are one JSON document per message, and
-        # bench/pipeline.py measured the stdlib encoder at ~14 us per message (orjson ~2).
-        serializers={"application/json": OrjsonSerializer()},
-        request_timeout=request_timeout_s,
-        max_retries=2,
-        retry_on_timeout=True,
-    )
 
 
 @dataclass(frozen=True)
@@ -182,7 +137,7 @@ class DeadLetter:
 
 
 # One bulk action: the header line's object (``{op: metadata}``) and the
-# source line's (None for a delete), as Elasticsearch's bulk API takes them.
+# source line's (None for a delete), as the bulk API takes them.
 _Action = tuple[dict[str, dict[str, Any]], dict[str, Any] | None]
 # orjson appends the newline itself: concatenating b"\n" copied each ~1.5 KB line once more.
 _NDJSON_LINE = orjson.OPT_APPEND_NEWLINE
@@ -247,59 +202,43 @@ def _error_parts(item: Mapping[str, Any]) -> tuple[str, str]:
     return "error", str(error)
 
 
-def _raise_store_error(what: str, exc: Exception) -> NoReturn:
-    """Translate a client exception into the project's errors (503-worthy ones to StoreUnavailable)."""
-    if isinstance(exc, ApiError):
-        status = exc.status_code
-        error_type, reason = "", str(exc.message)
-        if isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict):
-            error_type, reason = _error_parts(exc.body)
-        detail = f"{what}: {status} {error_type} {_short_reason(reason)}".strip()
-        if status == 429 or status >= 500:
-            raise StoreUnavailable(detail, retry_after_s=5.0) from exc
-        raise StoreError(detail) from exc
-    if isinstance(exc, TransportConnectionError | ConnectionTimeout):
-        raise StoreUnavailable(f"{what}: search store unreachable ({type(exc).__name__})", retry_after_s=5.0) from exc
-    if isinstance(exc, SerializationError):
-        raise StoreError(f"{what}: {exc}") from exc
-    if isinstance(exc, TransportError):
-        raise StoreUnavailable(f"{what}: {exc}", retry_after_s=5.0) from exc
-    raise exc
+def _raise_store_error(what: str, exc: EngineError) -> NoReturn:
+    """Translate an engine error into the project's errors (503-worthy ones to StoreUnavailable)."""
+    if not exc.answered:
+        raise StoreUnavailable(f"{what}: search store unreachable ({exc.error_type})", retry_after_s=5.0) from exc
+    detail = f"{what}: {exc.status} {exc.error_type} {_short_reason(exc.reason)}".strip()
+    if exc.status == 429 or exc.status >= 500:
+        raise StoreUnavailable(detail, retry_after_s=5.0) from exc
+    raise StoreError(detail) from exc
 
 
 @contextlib.contextmanager
 def _translate(what: str) -> Iterator[None]:
     try:
         yield
-    except (ApiError, TransportError) as exc:
+    except EngineError as exc:
         _raise_store_error(what, exc)
 
 
-def _is_index_missing(exc: ApiError) -> bool:
-    return exc.status_code == 404 and isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict) \
-        and exc.body["error"].get("type") == "index_not_found_exception"
+class SearchStore:
+    """MessageStore on a search engine (OpenSearch or Elasticsearch, see ``mailsync/store/engines/``).
 
-
-class ElasticsearchStore:
-    """MessageStore on Elasticsearch (or osmem / OpenSearch with plain JSON).
-
-    The client is injected; :meth:`from_settings` builds one from Settings.
-    Thread-safe as far as the client is (it is): share one per process.
+    The engine is injected; :meth:`from_settings` connects one from Settings.
+    Thread-safe as far as the engine's client is (both are): share one per process.
     """
 
-    def __init__(self, client: Elasticsearch, options: StoreOptions | None = None) -> None:
-        self._es = client
+    def __init__(self, engine: SearchEngine, options: StoreOptions | None = None) -> None:
+        self._engine = engine
         self.options = options or StoreOptions()
         self.names = IndexNames(self.options.prefix)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, client: Elasticsearch | None = None) -> ElasticsearchStore:
-        """The store described by ``settings`` (ELASTICSEARCH_URL, _API_KEY, _PLAIN_JSON, prefix, body policy)."""
-        if client is None:
-            if not settings.elasticsearch_url:
-                raise ConfigurationError("ELASTICSEARCH_URL is not set")
-            client = make_client(settings.elasticsearch_url, api_key=settings.elasticsearch_api_key,
-                                 plain_json=settings.elasticsearch_plain_json)
+    def from_settings(cls, settings: Settings, *, engine: SearchEngine | None = None) -> SearchStore:
+        """The store described by ``settings`` (ELASTICSEARCH_URL, SEARCH_ENGINE, prefix, body policy, bulk sizes)."""
+        if engine is None:
+            from mailsync.store.engines import connect_from_settings
+
+            engine = connect_from_settings(settings)
         options = StoreOptions(
             prefix=settings.index_prefix,
             body=docs.BodyPolicy(store=settings.store_body_text, max_chars=settings.body_text_max_chars),
@@ -307,14 +246,14 @@ class ElasticsearchStore:
             chunk_bytes=settings.elasticsearch_bulk_bytes,
             shards=settings.elasticsearch_shards,
         )
-        return cls(client, options)
+        return cls(engine, options)
 
     @property
-    def client(self) -> Elasticsearch:
-        return self._es
+    def engine(self) -> SearchEngine:
+        return self._engine
 
     def close(self) -> None:
-        self._es.close()
+        self._engine.close()
 
     # ------------------------------------------------------------------ indices and generation
 
@@ -328,24 +267,23 @@ class ElasticsearchStore:
         )
         with _translate("ensure_ready"):
             for alias, index, mapping in families:
-                if self._es.indices.exists_alias(name=alias):
+                if self._engine.alias_exists(alias):
                     continue
-                if self._es.indices.exists(index=index):
+                if self._engine.index_exists(index):
                     # The physical index survived but lost its alias (a botched swap).
-                    self._es.indices.put_alias(index=index, name=alias)
+                    self._engine.put_alias(index, alias)
                     continue
                 try:
-                    self._es.indices.create(
-                        index=index,
+                    self._engine.create_index(
+                        index,
                         mappings=mapping,
                         settings=index_settings(shards=self.options.shards, replicas=self.options.replicas),
                         aliases={alias: {"is_write_index": True}},
                     )
                     log.info("created index", extra={"index": index, "alias": alias})
-                except ApiError as exc:
+                except EngineError as exc:
                     # Another worker created it between our check and our create.
-                    if not (isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict)
-                            and exc.body["error"].get("type") == "resource_already_exists_exception"):
+                    if exc.error_type != "resource_already_exists_exception":
                         raise
         return self._read_generation()
 
@@ -363,17 +301,17 @@ class ElasticsearchStore:
 
     def _read_generation(self) -> str:
         # The dead-letter index is fetched too, so a missing one gets recreated, but not part of the id.
-        wanted = f"{self.names.messages},{self.names.mailboxes},{self.names.deadletter}"
+        wanted = [self.names.messages, self.names.mailboxes, self.names.deadletter]
         try:
-            found = self._es.indices.get(index=wanted)
-        except NotFoundError as exc:
-            raise _IndicesMissing() from exc
-        except (ApiError, TransportError) as exc:
+            found = self._engine.get_indices(wanted)
+        except EngineError as exc:
+            if exc.index_missing:
+                raise _IndicesMissing() from exc
             _raise_store_error("generation", exc)
         parts: list[str] = []
         families: set[str] = set()
-        for name in sorted(found.body):
-            info = found.body[name]
+        for name in sorted(found):
+            info = found[name]
             meta = (info.get("mappings") or {}).get("_meta") or {}
             uuid_ = ((info.get("settings") or {}).get("index") or {}).get("uuid", "")
             family = str(meta.get("family", ""))
@@ -381,13 +319,13 @@ class ElasticsearchStore:
             if family != "deadletter":
                 parts.append(f"{name}={meta.get('generation', '')}/{uuid_}")
         if not {"messages", "mailboxes"} <= families:
-            raise StoreError(f"indices behind {wanted} were not created by mailsync (no _meta.family)")
+            raise StoreError(f"indices behind {','.join(wanted)} were not created by mailsync (no _meta.family)")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
     def refresh(self) -> None:
         """Make every write so far visible to searches."""
         with _translate("refresh"):
-            self._es.indices.refresh(index=[self.names.messages, self.names.mailboxes])
+            self._engine.refresh([self.names.messages, self.names.mailboxes])
 
     # ------------------------------------------------------------------ bulk load mode
 
@@ -401,30 +339,28 @@ class ElasticsearchStore:
         lease_id = docs.bulk_load_doc_id(account_id)
         expires = datetime.now(UTC) + timedelta(seconds=self.options.bulk_lease_s)
         with _translate("begin_bulk_load"):
-            self._es.index(
-                index=self.names.mailboxes, id=lease_id, routing=account_id, refresh=True, require_alias=True,
+            self._engine.index_document(
+                self.names.mailboxes, lease_id, routing=account_id, refresh=True,
                 document={"kind": docs.KIND_BULK_LOAD, "account_id": account_id,
                           "expires_at": docs.iso_time(expires),
                           "updated_at": docs.now_iso()},
             )
-            self._es.indices.put_settings(
-                index=self.names.messages, settings={"index": {"refresh_interval": self.options.bulk_refresh_interval}}
-            )
+            self._engine.put_settings(
+                self.names.messages, {"index": {"refresh_interval": self.options.bulk_refresh_interval}})
 
     def end_bulk_load(self, account_id: str) -> None:
         """End ``account_id``'s lease; restore the default refresh interval if no live lease remains."""
         lease_id = docs.bulk_load_doc_id(account_id)
         with _translate("end_bulk_load"):
-            with contextlib.suppress(NotFoundError):
-                self._es.delete(index=self.names.mailboxes, id=lease_id, routing=account_id, refresh=True)
+            self._engine.delete_document(self.names.mailboxes, lease_id, routing=account_id, refresh=True)
             # Deliberately across accounts: leases are store bookkeeping, not mail.
-            live = self._es.count(index=self.names.mailboxes, query={"bool": {"filter": [
+            live = self._engine.count(self.names.mailboxes, {"bool": {"filter": [
                 {"term": {"kind": docs.KIND_BULK_LOAD}},
                 {"range": {"expires_at": {"gt": docs.now_iso()}}},
-            ]}})["count"]
+            ]}})
             if live == 0:
-                self._es.indices.put_settings(index=self.names.messages, settings={"index": {"refresh_interval": None}})
-                self._es.indices.refresh(index=self.names.messages)
+                self._engine.put_settings(self.names.messages, {"index": {"refresh_interval": None}})
+                self._engine.refresh([self.names.messages])
 
     @contextlib.contextmanager
     def bulk_load(self, account_id: str) -> Iterator[None]:
@@ -449,7 +385,7 @@ class ElasticsearchStore:
         try:
             for chunk in self._chunks(actions):
                 self._send_chunk(chunk, tally, target=target, originals=originals, max_retries=retries)
-        except (ApiError, TransportError) as exc:
+        except EngineError as exc:
             _raise_store_error(what, exc)
         return tally
 
@@ -484,15 +420,12 @@ class ElasticsearchStore:
             if attempt:
                 time.sleep(min(self.options.max_backoff_s, self.options.initial_backoff_s * 2 ** (attempt - 1)))
             try:
-                # The body is ready NDJSON: the client's serializer passes bytes through as they are
-                # (its stubs only know the list-of-dicts form).
-                body = b"".join(lines for _, lines in chunk)
-                resp = self._es.bulk(operations=body, require_alias=True)  # type: ignore[arg-type]
-            except ApiError as exc:
-                if attempt == max_retries or exc.status_code != 429:
+                    answer = self._engine.bulk(b"".join(lines for _, lines in chunk))
+            except EngineError as exc:
+                if attempt == max_retries or exc.status != 429:
                     raise
                 continue
-            items: list[dict[str, dict[str, Any]]] = resp.body.get("items") or []
+            items: list[dict[str, dict[str, Any]]] = answer.get("items") or []
             retry: list[tuple[str, bytes]] = []
             for (op, lines), answer in zip(chunk, items, strict=False):
                 item = answer.get(op) or next(iter(answer.values()))
@@ -568,6 +501,10 @@ class ElasticsearchStore:
             # A dead letter refused in turn is not dead-lettered again: the error log is its record.
             for doc_id in written.conflicts + written.transient + written.failed:
                 log.error("could not write a dead letter", extra={"doc_id": doc_id})
+            # Dead letters are rare and read by people right after the failure they explain
+            # (dead_letters() searches): make them searchable now, not at the next refresh.
+            with contextlib.suppress(StoreError), _translate("dead letters"):
+                self._engine.refresh([self.names.deadletter])
         tally.dead = []
 
     def _finish(self, tally: _Tally, what: str) -> BulkResult:
@@ -662,13 +599,13 @@ class ElasticsearchStore:
             for start in range(0, len(doc_ids), 1_000):
                 chunk = list(doc_ids[start:start + 1_000])
                 try:
-                    resp = self._es.mget(index=self.names.messages, ids=chunk, routing=account_id,
-                                         source_includes=["account_id", "folder_id"], realtime=True)
-                except NotFoundError as exc:
-                    if _is_index_missing(exc):
+                    entries = self._engine.mget(self.names.messages, chunk, routing=account_id,
+                                                source_includes=["account_id", "folder_id"])
+                except EngineError as exc:
+                    if exc.index_missing:
                         raise StoreUnavailable("remove_messages: messages index missing", retry_after_s=5.0) from exc
                     raise
-                for entry in resp.body.get("docs", []):
+                for entry in entries:
                     doc_id = str(entry.get("_id"))
                     if not entry.get("found"):
                         yield doc_id, None
@@ -685,21 +622,20 @@ class ElasticsearchStore:
 
     def _delete_by_query(self, index: str, account_id: str, filters: list[dict[str, Any]], what: str) -> int:
         query = {"bool": {"filter": [{"term": {"account_id": account_id}}, *filters]}}
-        es = self._es.options(request_timeout=self.options.long_request_timeout_s)
         with _translate(what):
             try:
                 # delete_by_query sees only refreshed documents.
-                es.indices.refresh(index=index)
-                resp = es.delete_by_query(index=index, routing=account_id, query=query, conflicts="proceed",
-                                          refresh=True, wait_for_completion=True)
-            except NotFoundError as exc:
-                if _is_index_missing(exc):
+                self._engine.refresh([index])
+                answer = self._engine.delete_by_query(index, query, routing=account_id,
+                                                      timeout_s=self.options.long_request_timeout_s)
+            except EngineError as exc:
+                if exc.index_missing:
                     return 0
                 raise
-        failures = resp.body.get("failures") or []
+        failures = answer.get("failures") or []
         if failures:
             raise StoreUnavailable(f"{what}: {len(failures)} deletion(s) failed; retry", retry_after_s=5.0)
-        return int(resp.body.get("deleted", 0))
+        return int(answer.get("deleted", 0))
 
     # ------------------------------------------------------------------ mailboxes writes
 
@@ -729,21 +665,20 @@ class ElasticsearchStore:
         doc_id = docs.folder_doc_id(account_id, folder_id)
         with _translate("set_folder_phase"):
             try:
-                self._es.update(index=self.names.mailboxes, id=doc_id, routing=account_id, retry_on_conflict=3,
-                                require_alias=True, doc={"phase": phase, "updated_at": docs.now_iso()})
-            except NotFoundError as exc:
-                if _is_index_missing(exc):
+                return self._engine.update_document(self.names.mailboxes, doc_id, routing=account_id,
+                                                    doc={"phase": phase, "updated_at": docs.now_iso()})
+            except EngineError as exc:
+                if exc.index_missing:
                     # Like a bulk write: never auto-create the index; the generation check resyncs.
                     raise StoreUnavailable("set_folder_phase: the mailboxes index is missing",
                                            retry_after_s=5.0) from exc
-                return False   # document_missing_exception: the folder was removed
-        return True
+                raise
 
     def remove_folder(self, account_id: str, folder_id: str) -> None:
         """Delete a folder document and every message still in it."""
         doc_id = docs.folder_doc_id(account_id, folder_id)
-        with _translate("remove_folder"), contextlib.suppress(NotFoundError):
-            self._es.delete(index=self.names.mailboxes, id=doc_id, routing=account_id)
+        with _translate("remove_folder"):
+            self._engine.delete_document(self.names.mailboxes, doc_id, routing=account_id)
         self._delete_by_query(self.names.messages, account_id, [{"term": {"folder_id": folder_id}}],
                               "remove_folder")
 
@@ -751,8 +686,8 @@ class ElasticsearchStore:
         """Create or replace the account's mailbox document."""
         doc = docs.mailbox_to_document(mailbox)
         with _translate("upsert_mailbox"):
-            self._es.index(index=self.names.mailboxes, id=docs.mailbox_doc_id(mailbox.account_id),
-                           routing=mailbox.account_id, document=doc, require_alias=True)
+            self._engine.index_document(self.names.mailboxes, docs.mailbox_doc_id(mailbox.account_id),
+                                        routing=mailbox.account_id, document=doc)
 
     def delete_account(self, account_id: str) -> None:
         """Delete every document of the account: messages, mailbox and folders, leases, dead letters."""
@@ -789,7 +724,7 @@ class ElasticsearchStore:
             "query": {"bool": bool_query},
             "sort": [{"sort_ts": {"order": "desc"}}, {"message_id": {"order": "desc"}}],
             "size": query.limit + 1,   # one extra tells whether a next page exists
-            "source_excludes": list(docs.LIST_EXCLUDES),
+            "_source": {"excludes": list(docs.LIST_EXCLUDES)},
             "track_total_hits": False,
         }
         if query.cursor:
@@ -813,25 +748,17 @@ class ElasticsearchStore:
         """One message of the account with its body text, or None (also for another account's id)."""
         doc_id = docs.message_doc_id(account_id, message_id)
         with _translate("get_message"):
-            try:
-                resp = self._es.get(index=self.names.messages, id=doc_id, routing=account_id)
-            except NotFoundError:
-                return None
-        source = resp.body.get("_source") or {}
-        if source.get("account_id") != account_id:
+            source = self._engine.get_document(self.names.messages, doc_id, routing=account_id)
+        if source is None or source.get("account_id") != account_id:
             return None
         return docs.message_from_document(source)
 
     def get_mailbox(self, account_id: str) -> Mailbox | None:
         """The account's mailbox document, or None."""
         with _translate("get_mailbox"):
-            try:
-                resp = self._es.get(index=self.names.mailboxes, id=docs.mailbox_doc_id(account_id),
-                                    routing=account_id)
-            except NotFoundError:
-                return None
-        source = resp.body.get("_source") or {}
-        if source.get("account_id") != account_id or source.get("kind") != docs.KIND_MAILBOX:
+            source = self._engine.get_document(self.names.mailboxes, docs.mailbox_doc_id(account_id),
+                                               routing=account_id)
+        if source is None or source.get("account_id") != account_id or source.get("kind") != docs.KIND_MAILBOX:
             return None
         return docs.mailbox_from_document(source)
 
@@ -895,14 +822,12 @@ class ElasticsearchStore:
         """A search routed to the account's shard; None when the index does not exist (nothing stored)."""
         with _translate(what):
             try:
-                resp = self._es.search(index=index, routing=account_id, **body)
-            except NotFoundError as exc:
-                if _is_index_missing(exc):
+                return self._engine.search(index, body, routing=account_id)
+            except EngineError as exc:
+                if exc.index_missing:
                     log.warning("search on a missing index", extra={"index": index})
                     return None
                 raise
-        result: dict[str, Any] = resp.body
-        return result
 
 
 class _IndicesMissing(Exception):
@@ -927,5 +852,5 @@ def _raw_message(message: Message) -> dict[str, Any]:
 
 
 if TYPE_CHECKING:   # mypy proves the adapter implements the port
-    def _implements_port(store: ElasticsearchStore) -> MessageStore:
+    def _implements_port(store: SearchStore) -> MessageStore:
         return store
