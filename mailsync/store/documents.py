@@ -31,6 +31,7 @@ from mailsync.models import (
     Message,
     Provider,
 )
+from mailsync.store.mappings import MAX_TERM_BYTES
 
 KIND_MAILBOX = "mailbox"
 KIND_FOLDER = "folder"
@@ -240,6 +241,9 @@ def check_message(message: Message) -> None:
         raise InputError("message without id", code="invalid_message_id")
     if not message.folder_id:
         raise InputError(f"message {message.message_id!r} has no folder", code="invalid_folder_id")
+    if len(message.folder_id.encode("utf-8", "surrogatepass")) > MAX_TERM_BYTES:
+        raise InputError(f"message {message.message_id!r} has a folder id over {MAX_TERM_BYTES} bytes, "
+                         "more than a search engine indexes", code="invalid_folder_id")
     if not isinstance(message.version, int) or not 0 <= message.version < 2**63:
         raise InputError(
             f"message {message.message_id!r} has version {message.version!r}; "

@@ -36,6 +36,10 @@ SCHEMA_VERSION = 1
 # Elasticsearch refuses a whole document with a term over 32766 bytes, and
 # a spam header should not dead-letter a message.
 KEYWORD_IGNORE_ABOVE = 1024
+# Lucene's limit for one indexed term, in UTF-8 bytes. Id keywords (no
+# ignore_above) longer than this would be refused by the engine; the store
+# refuses them itself first (documents.check_message), the same on every engine.
+MAX_TERM_BYTES = 32_766
 
 # Index names: lowercase, no separators Elasticsearch forbids, and room for
 # the "-messages-v1" suffix under the 255-byte limit.

@@ -96,6 +96,10 @@ MAX_PAGE_SIZE = 500
 MAX_QUERY_CHARS = 1_000
 MAX_FOLDERS = 10_000
 REMOVE_ROUNDS = 5
+# Elasticsearch and OpenSearch refuse a document id over 512 bytes (UTF-8) -- and not just the
+# item: the whole _bulk request fails validation (400 action_request_validation_exception), so one
+# long IMAP folder name would poison every page it is in. Such items never leave the store.
+MAX_ID_BYTES = 512
 _TEXT_FIELDS = ["subject", "from.name", "from.address.text", "body_preview", "body_text"]
 
 # Elasticsearch quotes a slice of the refused value in mapping errors; that
@@ -383,11 +387,26 @@ class SearchStore:
         tally = _Tally()
         retries = self.options.max_retries if max_retries is None else max_retries
         try:
-            for chunk in self._chunks(actions):
+            for chunk in self._chunks(self._sendable(actions, tally, target=target, originals=originals)):
                 self._send_chunk(chunk, tally, target=target, originals=originals, max_retries=retries)
         except EngineError as exc:
             _raise_store_error(what, exc)
         return tally
+
+    def _sendable(self, actions: Iterable[_Action], tally: _Tally, *, target: str,
+                  originals: Mapping[str, dict[str, Any]] | None) -> Iterator[_Action]:
+        """The actions the engine can take; an id over MAX_ID_BYTES goes to the dead letter instead."""
+        for header, source in actions:
+            op, meta = next(iter(header.items()))
+            doc_id = str(meta.get("_id", ""))
+            if len(doc_id.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES:
+                yield header, source
+                continue
+            self._dead(tally, doc_id=doc_id, routing=str(meta.get("routing") or ""), target=target, action=op,
+                       status=400, error_type="id_too_long",
+                       reason=f"document id of {len(doc_id.encode('utf-8', 'surrogatepass'))} bytes; "
+                              f"the engine takes at most {MAX_ID_BYTES}",
+                       document=(originals or {}).get(doc_id))
 
     def _chunks(self, actions: Iterable[_Action]) -> Iterator[list[tuple[str, bytes]]]:
         """Encoded actions ``(op, header+source lines)``, grouped by ``chunk_docs`` and ``chunk_bytes``.
@@ -490,7 +509,7 @@ class SearchStore:
             return
         actions: list[_Action] = [({"index": {
             "_index": self.names.deadletter,
-            "_id": f"{letter['target']}:{letter['doc_id']}",
+            "_id": _dead_letter_id(letter["target"], letter["doc_id"]),
             "routing": letter["account_id"],
         }}, letter) for letter in tally.dead]
         try:
@@ -832,6 +851,14 @@ class SearchStore:
 
 class _IndicesMissing(Exception):
     """Internal: an alias the store needs does not exist."""
+
+
+def _dead_letter_id(target: str, doc_id: str) -> str:
+    """``<target>:<doc id>``, or a digest of it when that would be too long for an id (an id_too_long letter)."""
+    letter_id = f"{target}:{doc_id}"
+    if len(letter_id.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES:
+        return letter_id
+    return f"{target}:sha256:{hashlib.sha256(doc_id.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
 def _doc_id_of(lines: bytes) -> str:

@@ -241,6 +241,58 @@ def test_invalid_message_is_dead_lettered_without_being_sent(make_store: Callabl
     assert letter.error_type == "invalid_version" and letter.document is not None
 
 
+def test_an_id_too_long_for_the_engine_is_dead_lettered_and_the_page_written(
+        make_store: Callable[..., SearchStore]) -> None:
+    """Engines refuse ids over 512 bytes with a 400 for the *whole* bulk request: the store keeps them out."""
+    plan = FaultPlan()
+    store = make_store(wrap=faulty(plan))
+    long_id = "é" * 300   # 600 bytes in UTF-8, 300 characters
+    page = [msg("acct1", 1), Message(account_id="acct1", message_id=long_id, folder_id="inbox", version=1000),
+            msg("acct1", 3)]
+
+    result = store.upsert_messages(page)
+    store.upsert_folders([Folder("acct1", "inbox", "Inbox"), Folder("acct1", "f" * 600, "Deep")])
+    store.refresh()
+
+    assert (result.written, result.failed_ids) == (2, (f"acct1:{long_id}",))
+    assert plan.ids_of(0) == ["acct1:m1", "acct1:m3"]
+    assert sorted(all_ids(store, "acct1")) == ["m1", "m3"]
+    assert [view.folder.folder_id for view in store.list_folders("acct1")] == ["inbox"]
+    letters = {letter.doc_id: letter for letter in store.dead_letters("acct1")}
+    assert set(letters) == {f"acct1:{long_id}", f"acct1:folder:{'f' * 600}"}
+    assert {letter.error_type for letter in letters.values()} == {"id_too_long"}
+    assert store.get_message("acct1", long_id) is None   # reading such an id is no error either
+
+
+def test_keyword_values_over_the_term_limit_are_kept_not_refused(store: SearchStore) -> None:
+    """Lucene refuses a term over 32,766 bytes; ignore_above keeps such values in _source, unindexed."""
+    immense = "x" * 40_000
+    message = msg("acct1", 1, subject=immense, conversation_id=immense, internet_message_id=f"<{immense}>",
+                  categories=(immense, "Blue"))
+
+    result = store.upsert_messages([message, msg("acct1", 2)])
+    store.refresh()
+
+    assert (result.written, result.failed_ids) == (2, ())
+    assert store.get_message("acct1", "m1") == message
+    assert sorted(all_ids(store, "acct1")) == ["m1", "m2"]
+    assert store.dead_letters("acct1") == []
+
+
+def test_an_id_field_over_the_term_limit_is_dead_lettered(make_store: Callable[..., SearchStore]) -> None:
+    """Ids have no ignore_above (an unfindable id is worse than a refusal); the engine would refuse the
+    document (immense term), so the store refuses it itself, before sending: the same on every engine."""
+    plan = FaultPlan()
+    store = make_store(wrap=faulty(plan))
+    result = store.upsert_messages([msg("acct1", 1, folder="f" * 40_000), msg("acct1", 2)])
+    store.refresh()
+
+    assert (result.written, result.failed_ids) == (1, ("acct1:m1",))
+    assert plan.ids_of(0) == ["acct1:m2"]
+    [letter] = store.dead_letters("acct1")
+    assert letter.doc_id == "acct1:m1" and letter.status == 400 and letter.error_type == "invalid_folder_id"
+
+
 def test_bulk_chunks_are_bounded_by_count_and_bytes(make_store: Callable[..., SearchStore]) -> None:
     plan = FaultPlan()
     by_count = make_store(wrap=faulty(plan), chunk_docs=4)
