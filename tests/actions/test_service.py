@@ -25,7 +25,7 @@ from mailsync.providers.graph_client import GraphClient
 from mailsync.providers.imap_actions import ImapActions
 from mailsync.realtime.signalr_messages import TARGET_ACTIONS_FAILED, TARGET_CHANGES, BufferingPublisher
 from mailsync.settings import Settings
-from mailsync.store.elasticsearch import ElasticsearchStore
+from mailsync.store.search_store import SearchStore
 from tests.fixtures.dovecot import DovecotServer
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.linking.tables import linking_tables
@@ -55,7 +55,7 @@ class Factory:
 @dataclass
 class World:
     service: MessageActionService
-    store: ElasticsearchStore
+    store: SearchStore
     queue: RecordingQueue
     account_id: str
     token: str
@@ -82,7 +82,7 @@ class World:
         return self.store.get_message(self.account_id, message_id)
 
 
-def _world(storage_settings: Settings, store: ElasticsearchStore, harness, provider: Provider,  # type: ignore[no-untyped-def]
+def _world(storage_settings: Settings, store: SearchStore, harness, provider: Provider,  # type: ignore[no-untyped-def]
            make_actions) -> World:
     tables = linking_tables(storage_settings)
     account_id = uuid.uuid4().hex
@@ -100,7 +100,7 @@ def _world(storage_settings: Settings, store: ElasticsearchStore, harness, provi
 
 
 @pytest.fixture
-def outlook(storage_settings: Settings, store: ElasticsearchStore,
+def outlook(storage_settings: Settings, store: SearchStore,
             sandbox_factory) -> Iterator[World]:  # type: ignore[no-untyped-def]
     server: SandboxTestServer = sandbox_factory(users=2, messages_per_user=60)
     harness = GraphHarness(server, server.users[0], server.users[1])
@@ -114,7 +114,7 @@ def outlook(storage_settings: Settings, store: ElasticsearchStore,
 
 
 @pytest.fixture
-def imap(storage_settings: Settings, store: ElasticsearchStore, dovecot: DovecotServer) -> Iterator[World]:
+def imap(storage_settings: Settings, store: SearchStore, dovecot: DovecotServer) -> Iterator[World]:
     harness = make_harness(dovecot, folders={"INBOX": 30, "Archive": 5, "Trash": 0})
     yield _world(storage_settings, store, harness, Provider.IMAP,
                  lambda: ImapActions(harness.connect, harness.account_id))
