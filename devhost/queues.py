@@ -223,6 +223,8 @@ class QueueListener:
             if self._stopping.is_set():
                 # Received after shutdown began: hand them straight back.
                 for message in messages:
+                    log.info("returning message %s, received as shutdown began, to queue %s", message.id,
+                             self.queue_name)
                     await self._return(client, message.id, message.pop_receipt or "")
                 break
             for message in messages:

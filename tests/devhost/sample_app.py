@@ -8,6 +8,7 @@ test sees what the functions did (same process).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -112,6 +113,8 @@ def make_app(recorder: Recorder) -> func.FunctionApp:
         if mode.startswith("fail_until:") and msg.dequeue_count < int(mode.split(":")[1]):
             raise RuntimeError("told to fail for now")
         if mode == "block":
+            # The only sign of a running invocation a test outside the devhost process can see.
+            logging.getLogger("tests.devhost.sample_app").info("worker blocked on %s", job.get("id"))
             recorder.release.wait(timeout=60)
             recorder.add("worker_released", job=job)
         if mode == "slow":
