@@ -5,7 +5,9 @@ Values and the environment, the environment winning):
 
 * Azurite (queues, tables) on 10001/10002 with data under .local/azurite,
   unless AzureWebJobsStorage names something other than development storage;
-* the search store (osmem-server, in memory) unless ELASTICSEARCH_URL is set;
+* the search node (OpenSearch, built from search_node/) on 9200 with its
+  data under .local/search-node, unless ELASTICSEARCH_URL is set; without
+  Java 17+ or Maven, osmem-server (in memory) instead, said in one line;
 * the Graph sandbox on 7081 unless MS_CLIENT_ID or GRAPH_SANDBOX_URL is set,
   its mailboxes, tokens and subscriptions kept in .local/graph-sandbox/;
 * development secrets (TOKEN_ENCRYPTION_KEYS, the SignalR AccessKey), made
@@ -15,8 +17,12 @@ then the devhost on 7071, in this process, and ``--workers N`` more devhost
 processes (``make run WORKERS=N``) that serve only the queue trigger of the
 same app against the same queue and tables, as N more Function instances
 would (the queue spreads the jobs over them; see docs/scaling.md). Ctrl-C
-stops the devhosts first (in-flight queue messages are finished or returned)
-and the services after.
+or SIGTERM (at any point, start-up included) stops the devhosts first
+(in-flight queue messages are finished or returned) and then each service,
+waiting for it to save its data: the search node flushes its shards,
+Azurite writes its databases. A restart therefore shows every synced
+message at once. ``--free-ports`` puts every service on a free port (tests,
+or two stacks side by side).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import base64
 import json
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -39,7 +46,8 @@ from devhost.config import ConfigError, load_local_settings, merge_settings
 from devhost.services.azurite import DEFAULT_QUEUE_PORT, DEFAULT_TABLE_PORT, start_azurite
 from devhost.services.devhost_process import start_devhost
 from devhost.services.graph_sandbox import start_graph_sandbox
-from devhost.services.process import ROOT, ServiceError, port_open
+from devhost.services.process import ROOT, ServiceError, free_port, port_open
+from devhost.services.search_node import SearchNodeUnavailable, start_search_node
 from devhost.services.search_store import start_search_store
 
 SANDBOX_PORT = 7081
@@ -97,18 +105,37 @@ class Stack:
                     _say(f"WARNING: {name} exited unexpectedly; the devhost will report it in /api/health")
 
 
-def start_services(env: dict[str, str], data_dir: Path, devhost_port: int, stack: Stack) -> dict[str, str]:
+def _start_search(data_dir: Path, logs: Path, stack: Stack, *, free_ports: bool) -> str:
+    """The embedded OpenSearch node, or osmem where Java 17+/Maven are missing; returns its URL."""
+    port = 0 if free_ports or port_open("127.0.0.1", STORE_PORT) else STORE_PORT
+    try:
+        node = start_search_node(data_dir / "search-node", port=port, log_path=logs / "search-node.log",
+                                 own_session=True)
+    except SearchNodeUnavailable as exc:
+        _say(f"search store: {exc}, so osmem (in memory; mail is synced again after each restart) stands in")
+        store = start_search_store(port=port, log_path=logs / "search-store.log", own_session=True)
+        stack.add("search store", store)
+        _say(f"search store (osmem, in memory) {store.url}")
+        return store.url
+    stack.add("search node", node)
+    _say(f"search node (OpenSearch) {node.url} (data in {node.data})")
+    return node.url
+
+
+def start_services(env: dict[str, str], data_dir: Path, devhost_port: int, stack: Stack, *,
+                   free_ports: bool = False) -> dict[str, str]:
     """Start what ``env`` does not configure; return the settings to add to the environment."""
     added: dict[str, str] = {}
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
     if _uses_development_storage(env.get("AzureWebJobsStorage")):
-        for port in (DEFAULT_QUEUE_PORT, DEFAULT_TABLE_PORT):
-            if port_open("127.0.0.1", port):
+        queue_port, table_port = (0, 0) if free_ports else (DEFAULT_QUEUE_PORT, DEFAULT_TABLE_PORT)
+        for port in (queue_port, table_port):
+            if port and port_open("127.0.0.1", port):
                 raise ServiceError(f"port {port} is in use: is another `make run` (or Azurite) running? Stop it, "
                                    "or set AzureWebJobsStorage to use that one")
-        azurite = start_azurite(data_dir / "azurite", queue_port=DEFAULT_QUEUE_PORT, table_port=DEFAULT_TABLE_PORT,
+        azurite = start_azurite(data_dir / "azurite", queue_port=queue_port, table_port=table_port,
                                 log_path=logs / "azurite.log", own_session=True)
         stack.add("Azurite", azurite)
         added["AzureWebJobsStorage"] = azurite.connection_string
@@ -118,18 +145,15 @@ def start_services(env: dict[str, str], data_dir: Path, devhost_port: int, stack
         _say("storage: using the configured AzureWebJobsStorage")
 
     if not env.get("ELASTICSEARCH_URL"):
-        port = 0 if port_open("127.0.0.1", STORE_PORT) else STORE_PORT
-        store = start_search_store(port=port, log_path=logs / "search-store.log", own_session=True)
-        stack.add("search store", store)
-        added["ELASTICSEARCH_URL"] = store.url
-        _say(f"search store (osmem, in memory) {store.url}")
+        added["ELASTICSEARCH_URL"] = _start_search(data_dir, logs, stack, free_ports=free_ports)
     else:
         _say("search store: using the configured ELASTICSEARCH_URL")
 
     if not env.get("MS_CLIENT_ID") and not env.get("GRAPH_SANDBOX_URL"):
         try:
-            sandbox = start_graph_sandbox(logs / "graph-sandbox.log", port=SANDBOX_PORT, own_session=True,
-                                          args=["--public-url", f"http://127.0.0.1:{SANDBOX_PORT}",
+            sandbox_port = free_port() if free_ports else SANDBOX_PORT
+            sandbox = start_graph_sandbox(logs / "graph-sandbox.log", port=sandbox_port, own_session=True,
+                                          args=["--public-url", f"http://127.0.0.1:{sandbox_port}",
                                                 # the devhost's webhook is http on loopback
                                                 "--allow-http-loopback-webhooks",
                                                 # linked accounts survive a restart of make run
@@ -157,6 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=7071, help="devhost port (default 7071)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".local", help="where local data lives")
+    parser.add_argument("--free-ports", action="store_true",
+                        help="every service on a free port instead of 10001/10002/9200/7081")
     parser.add_argument("--workers", type=int, default=0,
                         help="extra devhost processes serving only the queue trigger (default 0)")
     args = parser.parse_args(argv)
@@ -191,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in merge_settings(local, os.environ).items() if v != ""}
     stack = Stack()
     watch_stop = threading.Event()
+    # Until the devhost installs its own handlers (and after it removes them), SIGTERM stops
+    # the stack the way Ctrl-C does, so the `finally` below still stops every service cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         try:
-            added = start_services(env, args.data_dir, args.port, stack)
+            added = start_services(env, args.data_dir, args.port, stack, free_ports=args.free_ports)
         except ServiceError as exc:
             _say(f"cannot start: {exc}")
             return 1
@@ -219,10 +248,17 @@ def main(argv: list[str] | None = None) -> int:
 
         devhost_args = devhost_main.parse_args(["--port", str(args.port), "--local-settings", ""])
         code = _run_devhost(devhost_args, ready)
+    except KeyboardInterrupt:
+        _say("stopping before the devhost started")
+        code = 130
     finally:
         watch_stop.set()
         stack.stop()
     return code
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _run_devhost(args: argparse.Namespace, ready: Callable[[str], None]) -> int:
