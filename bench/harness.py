@@ -296,7 +296,8 @@ class Stack:
         """A store client on the stack's search store (the app's index prefix unless told)."""
         settings = self.settings
         return SearchStore(connect(self.search.url, request_timeout_s=120),
-                           StoreOptions(prefix=prefix or settings.index_prefix))
+                           StoreOptions(prefix=prefix or settings.index_prefix,
+                                        replicas=settings.elasticsearch_replicas))
 
     def start_host(self, functions: list[str] | None = None) -> DevhostProcess:
         port = int(self.env["PUBLIC_BASE_URL"].rsplit(":", 1)[1])
@@ -499,6 +500,7 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
             "TABLE_PREFIX": f"b{uuid.uuid4().hex[:8]}",
             "ELASTICSEARCH_URL": search.url,
             "ELASTICSEARCH_INDEX_PREFIX": f"b{uuid.uuid4().hex[:8]}",
+            "ELASTICSEARCH_REPLICAS": "0",   # the embedded single node has nowhere to put one
             "GRAPH_SANDBOX_URL": sandbox_process.url,
             "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
             "TOKEN_ENCRYPTION_KEYS": "bench1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
@@ -664,7 +666,8 @@ def store_ceiling(search_url: str, messages: Sequence[Message], *, chunks: Itera
 @contextlib.contextmanager
 def _scratch_store(search_url: str, chunk: int) -> Iterator[SearchStore]:
     prefix = f"ceil{uuid.uuid4().hex[:8]}"
-    store = SearchStore(connect(search_url, request_timeout_s=300), StoreOptions(prefix=prefix, chunk_docs=chunk))
+    store = SearchStore(connect(search_url, request_timeout_s=300),
+                        StoreOptions(prefix=prefix, chunk_docs=chunk, replicas=0))
     store.ensure_ready()
     try:
         yield store

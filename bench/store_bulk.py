@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import cpu_s, peak_rss_mb, rss_mb
 from mailsync.models import Address, FlagStatus, Message
 from mailsync.store.engines import connect
 from mailsync.store.mappings import IndexNames
@@ -92,15 +93,17 @@ def generate(account_id: str, count: int, *, seed: int = 7) -> Iterator[Message]
         )
 
 
-def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> tuple[float, float, float]:
-    """Load ``docs`` messages with bulk chunks of ``chunk`` documents.
+def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int, writers: int = 1,
+        replicas: int | None = None) -> tuple[float, float, float]:
+    """Load ``docs`` messages with bulk chunks of ``chunk`` documents, ``writers`` requests in flight.
 
     Returns documents/s overall, for the first batch and for the last one
     (the two show whether the server slows down as the index grows).
     """
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     store = SearchStore(connect(url, api_key=os.environ.get("ELASTICSEARCH_API_KEY") or None, request_timeout_s=120),
-                        StoreOptions(prefix=prefix, chunk_docs=chunk, chunk_bytes=chunk_bytes))
+                        StoreOptions(prefix=prefix, chunk_docs=chunk, chunk_bytes=chunk_bytes, bulk_writers=writers,
+                                     replicas=replicas))
     store.ensure_ready()
     account = "bench-account"
     elapsed = 0.0
@@ -129,13 +132,18 @@ def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int) -> tuple[
         if written != docs or stored != docs:
             raise SystemExit(f"chunk {chunk}: wrote {written}, stored {stored}, expected {docs}")
     finally:
-        names = IndexNames(prefix)
-        store.engine.delete_indices([names.messages_index, names.mailboxes_index, names.deadletter_index])
+        if not KEEP:
+            names = IndexNames(prefix)
+            store.engine.delete_indices([names.messages_index, names.mailboxes_index, names.deadletter_index])
         store.close()
     return docs / elapsed, rates[0], rates[-1]
 
 
+KEEP = False   # --keep: leave the last run's index in place (to read the node's memory with it loaded)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global KEEP
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Against a real cluster: ELASTICSEARCH_URL=https://... "
@@ -143,12 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=100_000, help="messages per run (default 100000)")
     parser.add_argument("--chunk-sizes", default="250,500,1000,2000",
                         help="comma-separated bulk chunk sizes in documents (default 250,500,1000,2000)")
-    parser.add_argument("--chunk-bytes", type=int, default=8 * 1024 * 1024,
-                        help="bulk chunk byte bound (default 8 MiB)")
+    parser.add_argument("--chunk-bytes", default=str(8 * 1024 * 1024),
+                        help="comma-separated bulk chunk byte bounds (default 8 MiB)")
+    parser.add_argument("--writers", default="1",
+                        help="comma-separated numbers of bulk requests in flight (ELASTICSEARCH_BULK_WRITERS)")
     parser.add_argument("--batch", type=int, default=5_000,
                         help="messages per upsert_messages call (default 5000)")
     args = parser.parse_args(argv)
     chunks = [int(c) for c in args.chunk_sizes.split(",") if c.strip()]
+    byte_bounds = [int(c) for c in args.chunk_bytes.split(",") if c.strip()]
+    writer_counts = [int(c) for c in args.writers.split(",") if c.strip()]
 
     url = os.environ.get("ELASTICSEARCH_URL")
     server = None
@@ -161,22 +173,43 @@ def main(argv: list[str] | None = None) -> int:
     version = engine.info().get("version", {})
     engine.close()
     target = f"{engine.name} {version.get('number', '?')}" + ("" if server else " (ELASTICSEARCH_URL)")
+    # The embedded single node has nowhere to put a replica (ELASTICSEARCH_REPLICAS=0 there).
+    replicas = 0 if server else None
     print(f"store bulk upsert: {args.docs} messages per run against {target}")
-    results: dict[int, float] = {}
+    results: dict[str, float] = {}
+    node_figures: dict[str, float] = {}
     try:
-        for chunk in chunks:
-            rate, first, last = run(url, args.docs, chunk, args.batch, args.chunk_bytes)
-            results[chunk] = rate
-            print(f"  chunk={chunk:>5} docs  {rate:>9.0f} documents/s   "
-                  f"(first batch {first:.0f}/s, last batch {last:.0f}/s)", flush=True)
+        configs = [(c, b, w) for c in chunks for b in byte_bounds for w in writer_counts]
+        for n, (chunk, bound, writers) in enumerate(configs):
+            KEEP = server is not None and n == len(configs) - 1
+            cpu0 = cpu_s(server.process.pid) if server else None
+            rate, first, last = run(url, args.docs, chunk, args.batch, bound, writers, replicas)
+            key = f"{chunk}x{bound // 1024}kx{writers}"
+            results[key] = rate
+            node = ""
+            if server is not None and cpu0 is not None:
+                cpu = (cpu_s(server.process.pid) or 0.0) - cpu0
+                node_figures[f"node_cpu_us_per_doc_{key}"] = 1e6 * cpu / args.docs
+                node = f", node CPU {1e6 * cpu / args.docs:,.0f} us/doc"
+            print(f"  chunk={chunk:>5} docs, <= {bound // 1024:>6} KiB, {writers} writer(s)  {rate:>9,.0f} documents/s"
+                  f"   (first batch {first:,.0f}/s, last batch {last:,.0f}/s{node})", flush=True)
+        if server is not None:
+            # The last run's index is still loaded: the node's memory with args.docs messages in it.
+            node_figures["node_rss_mb"] = rss_mb(server.process.pid) or 0.0
+            node_figures["node_peak_rss_mb"] = peak_rss_mb(server.process.pid) or 0.0
+            node_figures["node_data_mb"] = sum(f.stat().st_size for f in server.data.rglob("*") if f.is_file()) / 2**20
+            print(f"  node with {args.docs:,} messages loaded: RSS {node_figures['node_rss_mb']:,.0f} MB "
+                  f"(peak {node_figures['node_peak_rss_mb']:,.0f} MB, heap -Xmx1g), "
+                  f"data on disk {node_figures['node_data_mb']:,.0f} MB")
     finally:
         if server is not None:
             server.stop()
             shutil.rmtree(server.home, ignore_errors=True)
     best = max(results, key=results.__getitem__)
     print(f"store_bulk server={engine.name} docs={args.docs} "
-          + " ".join(f"chunk_{c}_docs_per_s={r:.0f}" for c, r in results.items())
-          + f" best_chunk={best} best_docs_per_s={results[best]:.0f}")
+          + " ".join(f"{k}_docs_per_s={r:.0f}" for k, r in results.items())
+          + f" best={best} best_docs_per_s={results[best]:.0f} "
+          + " ".join(f"{k}={v:.0f}" for k, v in node_figures.items()))
     return 0
 
 

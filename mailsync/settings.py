@@ -93,8 +93,13 @@ class Settings:
     # Bulk chunks are bounded by both (see docs/store.md for the measurements).
     elasticsearch_bulk_docs: int = 1_000
     elasticsearch_bulk_bytes: int = 8 * 1024 * 1024
+    # _bulk requests of one write in flight at once (see docs/store.md for the measurements).
+    elasticsearch_bulk_writers: int = 2
     # Primary shards of a new index; accounts are spread by routing.
     elasticsearch_shards: int = 1
+    # Replicas of a new index; None keeps the cluster's default (1). The embedded single
+    # node sets 0: it has nowhere to put a replica, so 1 only leaves every index yellow.
+    elasticsearch_replicas: int | None = None
 
     # Microsoft identity platform / Graph.
     ms_client_id: str | None = None
@@ -204,7 +209,9 @@ class Settings:
             body_text_max_chars=_int(e, "BODY_TEXT_MAX_CHARS", 32_000),
             elasticsearch_bulk_docs=_int(e, "ELASTICSEARCH_BULK_DOCS", 1_000),
             elasticsearch_bulk_bytes=_int(e, "ELASTICSEARCH_BULK_BYTES", 8 * 1024 * 1024),
+            elasticsearch_bulk_writers=_int(e, "ELASTICSEARCH_BULK_WRITERS", 2),
             elasticsearch_shards=_int(e, "ELASTICSEARCH_SHARDS", 1),
+            elasticsearch_replicas=_int(e, "ELASTICSEARCH_REPLICAS", -1) if e.get("ELASTICSEARCH_REPLICAS") else None,
             ms_client_id=client_id,
             ms_client_secret=client_secret,
             ms_tenant=e.get("MS_TENANT") or "common",
@@ -288,3 +295,7 @@ class Settings:
             raise ConfigurationError(
                 "ELASTICSEARCH_BULK_DOCS and ELASTICSEARCH_SHARDS must be positive, ELASTICSEARCH_BULK_BYTES >= 65536"
             )
+        if not 1 <= self.elasticsearch_bulk_writers <= 16:
+            raise ConfigurationError("ELASTICSEARCH_BULK_WRITERS must be 1..16")
+        if self.elasticsearch_replicas is not None and self.elasticsearch_replicas < 0:
+            raise ConfigurationError("ELASTICSEARCH_REPLICAS must be 0 or more (unset: the cluster's default)")

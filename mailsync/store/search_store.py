@@ -57,9 +57,11 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -115,6 +117,9 @@ class StoreOptions:
     body: docs.BodyPolicy = field(default_factory=docs.BodyPolicy)
     chunk_docs: int = 1_000
     chunk_bytes: int = 8 * 1024 * 1024
+    # Chunks of one call in flight at once: a node indexes each _bulk request on one
+    # write thread per shard, so with 1 shard a second request keeps another core busy.
+    bulk_writers: int = 2
     max_retries: int = 5            # rounds of re-sending 429-refused items
     initial_backoff_s: float = 0.5  # doubled each round
     max_backoff_s: float = 30.0
@@ -157,6 +162,14 @@ class _Tally:
     conflicts: list[str] = field(default_factory=list)   # 409s (meaning depends on the caller)
     transient: list[str] = field(default_factory=list)   # still 429 after retries, 5xx, index gone
     dead: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, other: _Tally) -> None:
+        self.written += other.written
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.conflicts += other.conflicts
+        self.transient += other.transient
+        self.dead += other.dead
 
     def result(self) -> BulkResult:
         return BulkResult(self.written, self.skipped, tuple(self.failed))
@@ -235,6 +248,8 @@ class SearchStore:
         self._engine = engine
         self.options = options or StoreOptions()
         self.names = IndexNames(self.options.prefix)
+        self._writers: ThreadPoolExecutor | None = None
+        self._writers_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: SearchEngine | None = None) -> SearchStore:
@@ -248,7 +263,9 @@ class SearchStore:
             body=docs.BodyPolicy(store=settings.store_body_text, max_chars=settings.body_text_max_chars),
             chunk_docs=settings.elasticsearch_bulk_docs,
             chunk_bytes=settings.elasticsearch_bulk_bytes,
+            bulk_writers=settings.elasticsearch_bulk_writers,
             shards=settings.elasticsearch_shards,
+            replicas=settings.elasticsearch_replicas,
         )
         return cls(engine, options)
 
@@ -257,6 +274,8 @@ class SearchStore:
         return self._engine
 
     def close(self) -> None:
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
         self._engine.close()
 
     # ------------------------------------------------------------------ indices and generation
@@ -386,12 +405,58 @@ class SearchStore:
         """
         tally = _Tally()
         retries = self.options.max_retries if max_retries is None else max_retries
+        chunks = self._chunks(self._sendable(actions, tally, target=target, originals=originals))
         try:
-            for chunk in self._chunks(self._sendable(actions, tally, target=target, originals=originals)):
-                self._send_chunk(chunk, tally, target=target, originals=originals, max_retries=retries)
+            if self.options.bulk_writers <= 1:
+                for chunk in chunks:
+                    self._send_chunk(chunk, tally, target=target, originals=originals, max_retries=retries)
+            else:
+                self._send_concurrently(chunks, tally, target=target, originals=originals, max_retries=retries)
         except EngineError as exc:
             _raise_store_error(what, exc)
         return tally
+
+    def _send_concurrently(self, chunks: Iterator[list[tuple[str, bytes]]], tally: _Tally, *, target: str,
+                           originals: Mapping[str, dict[str, Any]] | None, max_retries: int) -> None:
+        """Up to ``bulk_writers`` chunks in flight; the next one is encoded while they are indexed.
+
+        Each chunk sorts its items into a tally of its own, merged in order.
+        Memory stays bounded: encoding waits for the oldest request once
+        ``bulk_writers`` are in flight. The first error is raised after every
+        request already sent has been answered (so the caller's retry of the
+        whole batch never races one of ours).
+        """
+        pool = self._writer_pool()
+        in_flight: list[tuple[_Tally, Future[None]]] = []
+        error: BaseException | None = None
+
+        def settle(entry: tuple[_Tally, Future[None]]) -> None:
+            nonlocal error
+            part, future = entry
+            try:
+                future.result()
+            except BaseException as exc:   # re-raised below, once every request has come back
+                error = error or exc
+            tally.add(part)
+
+        for chunk in chunks:
+            if len(in_flight) >= self.options.bulk_writers:
+                settle(in_flight.pop(0))
+            if error is not None:
+                break
+            part = _Tally()
+            in_flight.append((part, pool.submit(self._send_chunk, chunk, part, target=target, originals=originals,
+                                                max_retries=max_retries)))
+        for entry in in_flight:
+            settle(entry)
+        if error is not None:
+            raise error
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        with self._writers_lock:
+            if self._writers is None:
+                self._writers = ThreadPoolExecutor(self.options.bulk_writers, thread_name_prefix="store-bulk")
+            return self._writers
 
     def _sendable(self, actions: Iterable[_Action], tally: _Tally, *, target: str,
                   originals: Mapping[str, dict[str, Any]] | None) -> Iterator[_Action]:

@@ -189,6 +189,23 @@ def test_partial_bulk_failure_retries_only_the_refused_items(make_store: Callabl
     assert sorted(all_ids(store, "acct1")) == sorted(f"m{n}" for n in range(10))
 
 
+def test_concurrent_bulk_writers_keep_every_rule(make_store: Callable[..., SearchStore]) -> None:
+    """bulk_writers > 1: chunks in flight together, each still retried alone; one call's result adds them up."""
+    plan = FaultPlan(reject={"acct1:m3": 1, "acct1:m17": 1})
+    store = make_store(wrap=faulty(plan), bulk_writers=3, chunk_docs=4)
+    page = [msg("acct1", n) for n in range(20)] + [msg("acct1", 99, version=-1)]
+
+    result = store.upsert_messages(page)
+    stale = store.upsert_messages([msg("acct1", n, version=999) for n in range(20)])
+    store.refresh()
+
+    assert (result.written, result.failed_ids) == (20, ("acct1:m99",))
+    assert (stale.written, stale.skipped) == (0, 20)
+    first_call = plan.requests[:7]   # 5 chunks of <= 4, then the two refused items alone
+    assert sorted(len(r) for r in first_call) == [1, 1, 4, 4, 4, 4, 4]
+    assert sorted(all_ids(store, "acct1")) == sorted(f"m{n}" for n in range(20))
+
+
 def test_items_refused_past_the_retries_raise_after_the_rest_is_written(
         make_store: Callable[..., SearchStore]) -> None:
     plan = FaultPlan(reject={"acct1:m2": 100})
