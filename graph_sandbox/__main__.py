@@ -28,6 +28,17 @@ def parse_args(argv: list[str] | None = None) -> SandboxConfig:
     parser.add_argument("--rate-limit", default=None,
                         help="requests per app+mailbox per window, e.g. 10000/10m (default 10000/600)")
     parser.add_argument("--delta-token-ttl-s", type=float, default=defaults.delta_token_ttl_s)
+    parser.add_argument("--delta-token-cache", type=int, default=defaults.delta_token_cache,
+                        help="delta links kept per folder, newest first; older ones answer SyncStateNotFound "
+                             "(default %(default)s, 0: off)")
+    parser.add_argument("--delta-expired-status", type=int, default=defaults.delta_expired_status,
+                        choices=(400, 410), help="status of an evicted delta link (default %(default)s)")
+    parser.add_argument("--delta-lag-s", type=float, default=defaults.delta_lag_s,
+                        help="a change shows in delta this many seconds after it is made (default %(default)s)")
+    parser.add_argument("--delta-replay-rate", type=float, default=defaults.delta_replay_rate,
+                        help="chance that a delta page's items come again on the next page (default %(default)s)")
+    parser.add_argument("--search-folders", type=int, default=defaults.search_folders,
+                        help="mailSearchFolders seeded per mailbox, 0..2 (default %(default)s)")
     parser.add_argument("--anchor", default=None, help="ISO date the seeded mail is dated back from")
     parser.add_argument("--public-url", default=None, help="base URL to put in links (default: request origin)")
     parser.add_argument("--state-file", default=None,
@@ -55,7 +66,10 @@ def parse_args(argv: list[str] | None = None) -> SandboxConfig:
                              access_token_lifetime_s=args.access_token_lifetime_s,
                              delta_token_ttl_s=args.delta_token_ttl_s, public_url=args.public_url,
                              allow_http_loopback_webhooks=args.allow_http_loopback_webhooks,
-                             state_path=args.state_file, **changes)
+                             state_path=args.state_file,
+                             delta_token_cache=args.delta_token_cache, delta_expired_status=args.delta_expired_status,
+                             delta_lag_s=args.delta_lag_s, delta_replay_rate=args.delta_replay_rate,
+                             search_folders=args.search_folders, **changes)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

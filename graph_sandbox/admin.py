@@ -51,9 +51,10 @@ if TYPE_CHECKING:
 RUNTIME_SETTINGS = frozenset({
     "latency_ms", "rate_limit_requests", "rate_limit_window_s", "max_concurrency", "concurrency_retry_after_s",
     "delta_token_ttl_s", "access_token_lifetime_s", "default_page_size", "max_delta_page_size", "faults",
-    "fault_seed", "public_url",
+    "fault_seed", "public_url", "delta_token_cache", "delta_expired_status", "delta_lag_s", "delta_replay_rate",
+    "search_folder_idle_days",
 })
-RESET_SETTINGS = frozenset({"seed", "users", "messages_per_user"}) | RUNTIME_SETTINGS
+RESET_SETTINGS = frozenset({"seed", "users", "messages_per_user", "search_folders"}) | RUNTIME_SETTINGS
 
 
 class AdminError(Exception):
@@ -263,14 +264,19 @@ def snapshot(box: Mailbox, user: SandboxUser) -> dict[str, Any]:
     """
     folders = []
     for folder in box.all_folders():
+        if folder.search is not None:
+            continue   # a view over other folders, listed apart: the store must not hold it as a folder
         folders.append({
             "id": folder.id, "displayName": folder.display_name, "parentFolderId": folder.parent_id,
             "wellKnownName": folder.well_known, "totalItemCount": len(folder.index),
             "unreadItemCount": folder.unread, "childFolderCount": len(folder.children), "isHidden": folder.is_hidden,
         })
     messages = [_message_truth(box, m) for m in box.messages_newest_first(None)]
+    searches = [{"id": f.id, "displayName": f.display_name, "parentFolderId": f.parent_id,
+                 "sourceFolderIds": list(f.search.source_ids), "includeNestedFolders": f.search.include_nested,
+                 "filterQuery": f.search.filter_query} for f in box.search_folders() if f.search is not None]
     return {"user": {"id": user.id, "mail": user.mail, "displayName": user.display_name},
-            "rootFolderId": box.root_id, "folders": folders, "messages": messages,
+            "rootFolderId": box.root_id, "folders": folders, "searchFolders": searches, "messages": messages,
             "messageCount": len(messages)}
 
 
@@ -296,7 +302,8 @@ def churn(box: Mailbox, rng: random.Random, count: int, colleagues: list[dict[st
           now_ms: Any) -> list[dict[str, str]]:
     """Apply ``count`` random changes a person would make, through the mailbox operations."""
     done: list[dict[str, str]] = []
-    targets = [f.id for f in box.all_folders() if f.well_known not in ("outbox", "drafts", "conversationhistory")]
+    targets = [f.id for f in box.all_folders()
+               if f.well_known not in ("outbox", "drafts", "conversationhistory") and f.search is None]
     kinds = ["read", "flag", "move", "delete", "new", "categories"]
     weights = [35, 15, 15, 10, 20, 5]
     for _ in range(count):

@@ -85,6 +85,13 @@ class SandboxConfig:
     max_concurrency: int = 4                      # per app + mailbox
     concurrency_retry_after_s: int = 1
     delta_token_ttl_s: float = 7 * 24 * 3600.0    # a sync state older than this is gone (410)
+    # Outlook's delta, less forgiving than a naive server (graph_sandbox/sync_states.py):
+    delta_token_cache: int = 3                    # newest generations kept per folder state (0: off)
+    delta_expired_status: int = 410               # status of an evicted link (410 as reported; 400 allowed)
+    delta_lag_s: float = 1.0                      # a change shows in delta this long after it was made
+    delta_replay_rate: float = 0.02               # chance a page's nextLink steps back (items replayed)
+    search_folders: int = 1                       # mailSearchFolders seeded per mailbox (0..2)
+    search_folder_idle_days: float = 45.0         # Exchange deletes a search folder unused this long
     default_page_size: int = DEFAULT_PAGE_SIZE
     max_delta_page_size: int = MAX_DELTA_PAGE_SIZE
     public_url: str | None = None                 # base URL put in links; default: the request's origin
@@ -104,6 +111,18 @@ class SandboxConfig:
             raise ValueError("access_token_lifetime_s must be positive")
         if self.delta_token_ttl_s <= 0:
             raise ValueError("delta_token_ttl_s must be positive")
+        if self.delta_token_cache < 0:
+            raise ValueError("delta_token_cache must not be negative (0 switches the cache off)")
+        if self.delta_expired_status not in (400, 410):
+            raise ValueError("delta_expired_status must be 400 or 410")
+        if self.delta_lag_s < 0:
+            raise ValueError("delta_lag_s must not be negative")
+        if not 0 <= self.delta_replay_rate <= 1:
+            raise ValueError("delta_replay_rate is a probability (0..1)")
+        if not 0 <= self.search_folders <= 2:
+            raise ValueError("search_folders must be between 0 and 2")
+        if self.search_folder_idle_days <= 0:
+            raise ValueError("search_folder_idle_days must be positive")
         if not 1 <= self.default_page_size <= self.max_delta_page_size:
             raise ValueError("default_page_size must be between 1 and max_delta_page_size")
         if not 0 < self.subscription_min_minutes <= self.subscription_max_minutes:

@@ -168,6 +168,8 @@ class DeltaToken:
     newest_first: bool = False                         # $orderby=receivedDateTime desc (initial round)
     top: int | None = None                             # $top: items per round at most (see mail_api)
     top_left: int | None = None                        # what this round may still return
+    generation: int = 0                                # of the folder's sync state (sync_states.TokenCache)
+    immutable: bool | None = None                      # issued under Prefer: IdType="ImmutableId"?
 
 
 class BadToken(ValueError):
@@ -178,8 +180,7 @@ def encode_token(token: DeltaToken, key: bytes) -> str:
     body = orjson.dumps([
         token.kind, token.user_id, token.folder_id, token.epoch, token.since, token.upto,
         token.cursor, token.issued_ms, token.select, token.change_type, token.received_filter,
-        token.newest_first,
-        *([[token.top, token.top_left]] if token.top is not None else []),
+        token.newest_first, [token.top, token.top_left], token.generation, token.immutable,
     ])
     mac = hmac.new(key, body, hashlib.sha256).digest()[:12]
     return _b64(_xor(body, key, mac)) + "." + _b64(mac)
@@ -199,11 +200,14 @@ def decode_token(text: str, key: bytes) -> DeltaToken:
         (kind, user_id, folder_id, epoch, since, upto, cursor, issued_ms,
          select, change_type, received, newest_first) = fields[:12]
         top, top_left = fields[12] if len(fields) > 12 else (None, None)
+        # Tokens from before generations were counted: uncached, either IdType.
+        generation, immutable = fields[13:15] if len(fields) >= 15 else (0, None)
     except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
         raise BadToken("malformed state token") from exc
     return DeltaToken(kind, user_id, folder_id, epoch, since, upto, cursor, issued_ms,
                       tuple(select) if select is not None else None, change_type,
-                      tuple(received) if received is not None else None, bool(newest_first), top, top_left)
+                      tuple(received) if received is not None else None, bool(newest_first), top, top_left,
+                      int(generation), None if immutable is None else bool(immutable))
 
 
 def _xor(data: bytes, key: bytes, nonce: bytes) -> bytes:

@@ -16,7 +16,9 @@ Request faults (asked by the mail API, before the handler runs)::
     truncate       the body is cut: half with a short Content-Length (bad
                    JSON), half by closing the connection mid-body
     slow           the answer waits ``slow_ms`` before it is sent
-    expire_delta   a delta call with a state token answers 410 SyncStateNotFound
+    expire_delta   a delta call with a state token answers that its sync state is
+                   gone, in one of the forms Outlook uses (410/400 SyncStateNotFound,
+                   410 resyncRequired, 400 SyncStateInvalid: sync_states.EXPIRY_ANSWERS)
     duplicate_delta  a delta page's nextLink steps back, so the next page
                    repeats the end of this one (Graph may replay items)
 
@@ -35,6 +37,8 @@ import math
 import random
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from graph_sandbox.sync_states import EXPIRY_ANSWERS
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,9 @@ class FaultPlan:
         roll -= rates.error_504
         if delta_with_token:
             if roll < rates.expire_delta:
-                return self._count(RequestFault("expire_delta", 410, "SyncStateNotFound",
-                                                "The sync state generation is not found."))
+                # Every form Outlook answers a lost sync state with, not only the first.
+                status, code, message = rng.choice(EXPIRY_ANSWERS)
+                return self._count(RequestFault("expire_delta", status, code, message))
             roll -= rates.expire_delta
         if roll < rates.truncate:
             return self._count(RequestFault("truncate", cut=rng.choice(("length", "connection"))))

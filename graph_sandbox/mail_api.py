@@ -28,7 +28,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -50,11 +50,13 @@ from graph_sandbox.mailbox import (
     Mailbox,
     MailboxError,
     Message,
+    SearchSpec,
     iso,
     newest_first_key,
     recipient,
 )
 from graph_sandbox.seed import text_preview
+from graph_sandbox.sync_states import SYNC_STATE_INVALID, SYNC_STATE_NOT_FOUND, StateKey
 
 if TYPE_CHECKING:
     from graph_sandbox.state import SandboxState, SandboxUser
@@ -118,6 +120,7 @@ class Ctx:
     body: Any = None
     applied: list[str] = field(default_factory=list)   # Preference-Applied values
     fault: RequestFault | None = None
+    app_id: str = ""                # the calling app (sync states are kept per app, mailbox and folder)
 
     def link(self, path: str, params: dict[str, str]) -> str:
         query = urlencode(params, quote_via=quote, safe="$'(),")
@@ -245,6 +248,7 @@ class MailApi:
             raise ApiError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
 
         box = state.mailbox(user.id)
+        box.expire_search_folders(state.clock.time_ms(), int(state.config.search_folder_idle_days * 86_400_000))
         key = (principal.app_id, user.id)
         throttle = state.throttle            # the one we acquire from is the one we release to
         rejection = throttle.try_acquire(key)
@@ -258,6 +262,8 @@ class MailApi:
             fault = faults.request_fault(key, state.clock.monotonic(), delta_with_token=bool(delta_with_token))
             if fault is not None:
                 state.counters.faults_injected += 1
+                if fault.kind == "expire_delta":
+                    state.counters.delta_expired += 1
                 if fault.kind in ("error", "storm", "expire_delta"):
                     headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
                     raise ApiError(fault.status, fault.code, fault.message, headers)
@@ -267,6 +273,7 @@ class MailApi:
                 await asyncio.sleep(state.config.latency_ms / 1000)
             ctx = self._context(request, user, box, scope_path)
             ctx.fault = fault
+            ctx.app_id = principal.app_id
             if batch_body is not None:
                 ctx.body = batch_body[0]
             elif request.method in ("POST", "PATCH") and request.can_read_body:
@@ -422,7 +429,10 @@ class MailApi:
             return child
         # The root answers to its id as well as to "msgfolderroot" (the childFolders
         # nextLink of the root names it by id, as Graph's does).
-        return ctx.box.folder(ref)
+        folder = ctx.box.folder(ref)
+        if folder.search is not None:
+            folder.last_used_ms = ctx.state.clock.time_ms()   # in use: it does not expire
+        return folder
 
     # -- user --------------------------------------------------------------------
 
@@ -440,7 +450,7 @@ class MailApi:
         next_link = None
         if skip + top < len(folders):
             next_link = ctx.link(path, {**params, "$skip": str(skip + top)})
-        value = [payloads.mail_folder(f, select=select) for f in page]
+        value = [payloads.mail_folder(f, ctx.box, select=select) for f in page]
         return Reply(200, payloads.collection(ctx.context(context), value, next_link=next_link))
 
     def list_top_folders(self, ctx: Ctx) -> Reply:
@@ -458,7 +468,7 @@ class MailApi:
     def get_folder(self, ctx: Ctx, ref: str) -> Reply:
         folder = self._folder(ctx, ref)
         body = {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
-                **payloads.mail_folder(folder, select=self._folder_select(ctx))}
+                **payloads.mail_folder(folder, ctx.box, select=self._folder_select(ctx))}
         return Reply(200, body)
 
     def create_top_folder(self, ctx: Ctx) -> Reply:
@@ -468,6 +478,9 @@ class MailApi:
         return self._create_folder(ctx, self._folder(ctx, ref).id)
 
     def _create_folder(self, ctx: Ctx, parent_id: str) -> Reply:
+        odata_type = ctx.body.get("@odata.type") if isinstance(ctx.body, dict) else None
+        if isinstance(odata_type, str) and odata_type.lstrip("#").lower() == "microsoft.graph.mailsearchfolder":
+            return self._create_search_folder(ctx, parent_id)
         body = self._json_object(ctx)
         self._only(body, {"displayName", "isHidden"}, "mailFolder")
         hidden = body.get("isHidden", False)
@@ -475,7 +488,30 @@ class MailApi:
             raise bad_request("isHidden must be a boolean.")
         folder = ctx.box.create_folder(parent_id, body.get("displayName"), is_hidden=hidden)
         return Reply(201, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
-                           **payloads.mail_folder(folder)})
+                           **payloads.mail_folder(folder, ctx.box)})
+
+    def _create_search_folder(self, ctx: Ctx, parent_id: str) -> Reply:
+        """POST childFolders with ``"@odata.type": "microsoft.graph.mailSearchFolder"`` (Graph's
+        mailSearchFolder-post): displayName, sourceFolderIds, includeNestedFolders, filterQuery."""
+        body = self._json_object(ctx)
+        self._only(body, {"displayName", "sourceFolderIds", "includeNestedFolders", "filterQuery", "isHidden"},
+                   "mailSearchFolder")
+        sources = body.get("sourceFolderIds")
+        if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
+            raise ApiError(400, "ErrorInvalidRequest", "sourceFolderIds must be a non-empty array of folder ids.")
+        nested = body.get("includeNestedFolders", False)
+        if not isinstance(nested, bool):
+            raise bad_request("includeNestedFolders must be a boolean.")
+        query = body.get("filterQuery", "")
+        if query is None:
+            query = ""
+        if not isinstance(query, str):
+            raise bad_request("filterQuery must be a string.")
+        parse_filter(query)                     # refuses what Exchange would not take
+        spec = SearchSpec(tuple(sources), nested, query)
+        folder = ctx.box.create_search_folder(parent_id, body.get("displayName"), spec)
+        return Reply(201, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
+                           **payloads.mail_folder(folder, ctx.box)})
 
     def update_folder(self, ctx: Ctx, ref: str) -> Reply:
         folder = self._folder(ctx, ref)
@@ -484,7 +520,7 @@ class MailApi:
         if "displayName" in body:
             ctx.box.rename_folder(folder.id, body["displayName"])
         return Reply(200, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
-                           **payloads.mail_folder(folder)})
+                           **payloads.mail_folder(folder, ctx.box)})
 
     def delete_folder(self, ctx: Ctx, ref: str) -> Reply:
         ctx.box.delete_folder(self._folder(ctx, ref).id)
@@ -495,7 +531,7 @@ class MailApi:
         destination = self._destination(ctx)
         ctx.box.move_folder(folder.id, destination)
         return Reply(201, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
-                           **payloads.mail_folder(folder)})
+                           **payloads.mail_folder(folder, ctx.box)})
 
     def _folder_select(self, ctx: Ctx) -> tuple[str, ...] | None:
         raw = ctx.query.get("$select")
@@ -807,12 +843,43 @@ class MailApi:
                 or token.folder_id != folder_id:
             raise _corrupt_state()
         if token.epoch != self._epoch(ctx.box):
-            raise ApiError(410, "resyncRequired",
-                           "Resync required. Replace any local cached data with the results of a full sync.")
+            raise self._gone(ctx, 410, "resyncRequired",
+                             "Resync required. Replace any local cached data with the results of a full sync.")
         now_ms = ctx.state.clock.time_ms()
         if now_ms - token.issued_ms > ctx.state.config.delta_token_ttl_s * 1000:
-            raise ApiError(410, "SyncStateNotFound", "The sync state generation is not found; the state expired.")
+            raise self._gone(ctx, 410, SYNC_STATE_NOT_FOUND,
+                             "The sync state generation is not found; the state expired.")
+        if token.immutable is not None and folder_id and token.immutable != ctx.immutable:
+            # Corso meets this when a link made without Prefer: IdType="ImmutableId" is used with it.
+            raise self._gone(ctx, 400, SYNC_STATE_INVALID, "The sync state is invalid: it was created with "
+                             "another IdType preference.")
+        evicted = ctx.state.delta.cache.check(self._state_key(ctx, folder_id), token.generation)
+        if evicted is not None:
+            raise self._gone(ctx, ctx.state.config.delta_expired_status, SYNC_STATE_NOT_FOUND, evicted.message)
         return token
+
+    def _gone(self, ctx: Ctx, status: int, code: str, message: str) -> ApiError:
+        """A sync state the client named is gone (counted for the benchmarks)."""
+        ctx.state.counters.delta_expired += 1
+        return ApiError(status, code, message)
+
+    @staticmethod
+    def _state_key(ctx: Ctx, folder_id: str) -> StateKey:
+        return (ctx.app_id, ctx.user.id, folder_id)
+
+    def _issue(self, ctx: Ctx, token: DeltaToken, *, immutable: bool | None) -> str:
+        """Encode a token for a link, as the newest generation of its folder's sync state."""
+        generation = ctx.state.delta.cache.issue(self._state_key(ctx, token.folder_id))
+        return encode_token(replace(token, generation=generation, immutable=immutable), ctx.state.token_key)
+
+    def _visible_seq(self, ctx: Ctx, box: Mailbox) -> int:
+        """The round's bound: the newest change delta may show yet (``delta_lag_s``)."""
+        lag_ms = int(ctx.state.config.delta_lag_s * 1000)
+        return box.change_clock.visible(ctx.state.clock.time_ms(), lag_ms, box.seq)
+
+    def _round_started(self, ctx: Ctx, folder_id: str) -> None:
+        if ctx.state.delta.round_started(self._state_key(ctx, folder_id)):
+            ctx.state.counters.delta_restarts += 1
 
     def _epoch(self, box: Mailbox) -> int:
         return self.state.epoch * 1_000_000 + box.sync_epoch
@@ -832,16 +899,20 @@ class MailApi:
             order = ctx.query.get("$orderby")
             desc = order is not None and _parse_orderby(order) == "desc"
             top = self._delta_top(ctx)
-            token = DeltaToken(SKIP, ctx.user.id, folder.id, self._epoch(box), since=0, upto=box.seq,
-                               cursor=0, issued_ms=now_ms, select=select, change_type=change_type,
-                               received_filter=received, newest_first=desc, top=top, top_left=top)
+            token = DeltaToken(SKIP, ctx.user.id, folder.id, self._epoch(box), since=0,
+                               upto=self._visible_seq(ctx, box), cursor=0, issued_ms=now_ms, select=select,
+                               change_type=change_type, received_filter=received, newest_first=desc, top=top,
+                               top_left=top)
+            self._round_started(ctx, folder.id)
         elif token.kind == DELTA:
-            token = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since, upto=box.seq,
+            token = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since,
+                               upto=max(token.since, self._visible_seq(ctx, box)),
                                cursor=token.since, issued_ms=now_ms, select=token.select,
                                change_type=token.change_type, received_filter=token.received_filter,
                                top=token.top, top_left=token.top)
         if token.since and token.since < folder.index.pruned_through:
-            raise ApiError(410, "SyncStateNotFound", "The sync state generation is not found; the state expired.")
+            raise self._gone(ctx, 410, SYNC_STATE_NOT_FOUND,
+                             "The sync state generation is not found; the state expired.")
         size = self._page_size(ctx)
         state.counters.delta_pages += 1
         entries: list[Any]
@@ -868,14 +939,14 @@ class MailApi:
             done = DeltaToken(DELTA, token.user_id, token.folder_id, token.epoch, since=token.upto, upto=0, cursor=0,
                               issued_ms=now_ms, select=token.select, change_type=token.change_type,
                               received_filter=token.received_filter, top=token.top, top_left=token.top)
-            link = ctx.link(path, {"$deltatoken": encode_token(done, state.token_key)})
+            link = ctx.link(path, {"$deltatoken": self._issue(ctx, done, immutable=ctx.immutable)})
             return Reply(200, payloads.collection(context, value, delta_link=link))
         following = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since, upto=token.upto,
                                cursor=next_cursor, issued_ms=now_ms, select=token.select,
                                change_type=token.change_type, received_filter=token.received_filter,
                                newest_first=token.newest_first, top=token.top,
                                top_left=None if token.top_left is None else token.top_left - len(entries))
-        link = ctx.link(path, {"$skiptoken": encode_token(following, state.token_key)})
+        link = ctx.link(path, {"$skiptoken": self._issue(ctx, following, immutable=ctx.immutable)})
         return Reply(200, payloads.collection(context, value, next_link=link))
 
     @staticmethod
@@ -902,9 +973,9 @@ class MailApi:
         keep = self._keeper(token)
         entries: list[Any] = []
         last = token.cursor
-        for seq, entry in folder.index.scan(token.cursor, token.upto):
+        for seq, entry in self.state.mailbox(token.user_id).folder_changes(folder, token.cursor, token.upto):
             if len(entries) == size:
-                if len(entries) > 1 and self.state.faults.replay_delta_page():
+                if len(entries) > 1 and (self.state.faults.replay_delta_page() or self.state.delta.replay()):
                     # Fault: step back so the next page repeats this page's second half.
                     return entries, entries[len(entries) // 2 - 1].seq
                 return entries, last
@@ -945,13 +1016,16 @@ class MailApi:
         now_ms = state.clock.time_ms()
         box.folder_index.prune_tombstones(now_ms - int(state.config.delta_token_ttl_s * 1000))
         if token is None:
-            token = DeltaToken(SKIP, ctx.user.id, "", self._epoch(box), since=0, upto=box.seq, cursor=0,
-                               issued_ms=now_ms, select=self._folder_select(ctx))
+            token = DeltaToken(SKIP, ctx.user.id, "", self._epoch(box), since=0, upto=self._visible_seq(ctx, box),
+                               cursor=0, issued_ms=now_ms, select=self._folder_select(ctx))
+            self._round_started(ctx, "")
         elif token.kind == DELTA:
-            token = DeltaToken(SKIP, token.user_id, "", token.epoch, since=token.since, upto=box.seq,
+            token = DeltaToken(SKIP, token.user_id, "", token.epoch, since=token.since,
+                               upto=max(token.since, self._visible_seq(ctx, box)),
                                cursor=token.since, issued_ms=now_ms, select=token.select)
         if token.since and token.since < box.folder_index.pruned_through:
-            raise ApiError(410, "SyncStateNotFound", "The sync state generation is not found; the state expired.")
+            raise self._gone(ctx, 410, SYNC_STATE_NOT_FOUND,
+                             "The sync state generation is not found; the state expired.")
         size = self._page_size(ctx)
         value: list[Any] = []
         next_cursor: int | None = None
@@ -965,17 +1039,17 @@ class MailApi:
                 if token.since > 0:
                     value.append(payloads.removed(entry.key, odata_type=payloads.FOLDER_TYPE))
             else:
-                value.append(payloads.mail_folder(entry, select=token.select, odata_type=True))
+                value.append(payloads.mail_folder(entry, box, select=token.select, odata_type=True))
         context = ctx.context("Collection(mailFolder)")
         if next_cursor is None:
             done = DeltaToken(DELTA, token.user_id, "", token.epoch, since=token.upto, upto=0, cursor=0,
                               issued_ms=now_ms, select=token.select)
             return Reply(200, payloads.collection(context, value, delta_link=ctx.link(
-                "mailFolders/delta", {"$deltatoken": encode_token(done, state.token_key)})))
+                "mailFolders/delta", {"$deltatoken": self._issue(ctx, done, immutable=None)})))
         following = DeltaToken(SKIP, token.user_id, "", token.epoch, since=token.since, upto=token.upto,
                                cursor=next_cursor, issued_ms=now_ms, select=token.select)
         return Reply(200, payloads.collection(context, value, next_link=ctx.link(
-            "mailFolders/delta", {"$skiptoken": encode_token(following, state.token_key)})))
+            "mailFolders/delta", {"$skiptoken": self._issue(ctx, following, immutable=None)})))
 
     @staticmethod
     def _delta_top(ctx: Ctx) -> int | None:

@@ -197,7 +197,7 @@ class MailPage:
     def _table(self, box: Mailbox, user_id: str, folder: Folder, shown: list[Message], page_no: int) -> str:
         if not shown:
             return "<p class='empty'>No messages in this folder.</p>"
-        targets = [f for f in box.all_folders() if f.id != folder.id]
+        targets = [f for f in box.all_folders() if f.id != folder.id and f.search is None]
         rows = []
         for m in shown:
             sender = (m.from_ or m.sender or {}).get("emailAddress", {})

@@ -22,7 +22,9 @@ HTTP status) on bad input; nothing is changed when they do.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from graph_sandbox.delta import ChangeIndex, Tombstone
+from graph_sandbox.sync_states import ChangeClock
 
 if TYPE_CHECKING:
     from graph_sandbox.state import SandboxClock
@@ -159,9 +162,39 @@ class Message:
         return self._change_key
 
 
+@dataclass(frozen=True)
+class SearchSpec:
+    """What a ``mailSearchFolder`` shows: messages of its source folders that match its filter.
+
+    Plain data (the sandbox's state is pickled); ``matches`` is
+    ``filter_query`` compiled by the mail API's parser (the only place that
+    parses OData filters; callers validate the query with it first). An empty
+    query matches every message.
+    """
+
+    source_ids: tuple[str, ...]
+    include_nested: bool
+    filter_query: str
+
+    @property
+    def matches(self) -> Callable[[Message], bool]:
+        return _compiled_filter(self.filter_query)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_filter(query: str) -> Callable[[Message], bool]:
+    from graph_sandbox.mail_api import parse_filter  # late: mail_api imports this module
+
+    return parse_filter(query) or _everything
+
+
+def _everything(message: Message) -> bool:
+    return True
+
+
 @dataclass(slots=True, eq=False)
 class Folder:
-    """One mail folder with its messages' change index."""
+    """One mail folder with its messages' change index (a search folder has none of its own)."""
 
     id: str
     display_name: str
@@ -174,6 +207,8 @@ class Folder:
     unread: int = 0
     sorted_cache: tuple[int, list[Message]] | None = None   # (version, newest first)
     members_version: int = 0
+    search: SearchSpec | None = None   # set: a mailSearchFolder (a view over other folders)
+    last_used_ms: int = 0              # search folders expire when unused (Exchange: 45 days)
 
     @property
     def messages(self) -> dict[str, Message]:
@@ -194,6 +229,7 @@ class Mailbox:
         self._listeners = listeners          # shared with the registry
         self._own_listeners: list[Listener] = []
         self.seq = 0
+        self.change_clock = ChangeClock()   # when each seq happened (delta's lag)
         self.sync_epoch = 1
         self._serial = 0
         self._folder_serial = 0
@@ -237,6 +273,7 @@ class Mailbox:
 
     def _next_seq(self) -> int:
         self.seq += 1
+        self.change_clock.record(self.seq, self._clock.time_ms())
         return self.seq
 
     # -- folders ---------------------------------------------------------------
@@ -292,6 +329,7 @@ class Mailbox:
 
     def create_folder(self, parent_id: str, display_name: Any, *, is_hidden: bool = False) -> Folder:
         parent = self.folder(parent_id)
+        _not_into_search_folder(parent)
         name = _folder_name(display_name)
         self._check_unique_name(parent, name)
         folder = self._new_folder(name, parent_id=parent.id, well_known=None, is_hidden=bool(is_hidden))
@@ -316,6 +354,7 @@ class Mailbox:
             raise MailboxError(400, "ErrorInvalidRequest", "Distinguished folders cannot be moved.")
         if self.is_within(target.id, folder.id):
             raise MailboxError(400, "ErrorMoveCopyFailed", "A folder cannot be moved into itself or its subfolders.")
+        _not_into_search_folder(target)
         if target.id != folder.parent_id:
             self._check_unique_name(target, folder.display_name)
             self.folders[folder.parent_id].children.remove(folder.id)
@@ -329,6 +368,9 @@ class Mailbox:
         folder = self.folder(folder_id)
         if folder.well_known:
             raise MailboxError(400, "ErrorDeleteDistinguishedFolder", "Distinguished folders cannot be deleted.")
+        if folder.search is not None:
+            self._drop_search_folder(folder)   # a view: deleting it deletes no mail
+            return
         deleted = self.well_known["deleteditems"]
         if not self.is_within(folder.id, deleted):
             self.move_folder(folder.id, deleted)
@@ -363,6 +405,84 @@ class Mailbox:
         self.folder_index.touch(folder.id)
         self._emit(FolderChange(self.user_id, "updated", folder.id, folder.parent_id))
 
+    # -- search folders ----------------------------------------------------------
+
+    def create_search_folder(self, parent_id: str, display_name: Any, spec: SearchSpec, *,
+                             emit: bool = True) -> Folder:
+        """A ``mailSearchFolder`` under ``parent_id`` showing ``spec``'s messages (its sources must exist)."""
+        parent = self.folder(parent_id)
+        _not_into_search_folder(parent)
+        name = _folder_name(display_name)
+        sources = tuple(self.folder(source).id for source in spec.source_ids)
+        if any(self.folders[s].search is not None for s in sources):
+            raise MailboxError(400, "ErrorInvalidRequest", "A search folder cannot search another search folder.")
+        self._check_unique_name(parent, name)
+        folder = self._new_folder(name, parent_id=parent.id, well_known=None)
+        folder.search = SearchSpec(sources, spec.include_nested, spec.filter_query)
+        folder.last_used_ms = self._clock.time_ms()
+        if emit:
+            self._emit(FolderChange(self.user_id, "created", folder.id, parent.id))
+        return folder
+
+    def search_sources(self, folder: Folder) -> list[Folder]:
+        """The real folders a search folder looks into (with their subfolders when nested)."""
+        assert folder.search is not None
+        found: dict[str, Folder] = {}
+        for source_id in folder.search.source_ids:
+            if source_id not in self.folders:
+                continue   # a source deleted for good: the search shows less
+            ids = [source_id, *self._descendants(source_id)] if folder.search.include_nested else [source_id]
+            for fid in ids:
+                if self.folders[fid].search is None:
+                    found[fid] = self.folders[fid]
+        return list(found.values())
+
+    def search_members(self, folder: Folder) -> list[Message]:
+        assert folder.search is not None
+        matches = folder.search.matches
+        return [m for source in self.search_sources(folder) for m in source.messages.values() if matches(m)]
+
+    def folder_counts(self, folder: Folder) -> tuple[int, int]:
+        """(totalItemCount, unreadItemCount) as Graph reports them (a search folder counts its matches)."""
+        if folder.search is None:
+            return len(folder.index), folder.unread
+        members = self.search_members(folder)
+        return len(members), sum(1 for m in members if not m.is_read)
+
+    def folder_changes(self, folder: Folder, after: int, upto: int) -> Iterator[tuple[int, Message | Tombstone]]:
+        """Changed entries of a folder with after < seq <= upto, in seq order (what delta pages).
+
+        A search folder has no change index of its own: its changes are its
+        sources' merged, a source message that no longer matches becomes a
+        removal (it left the view), as Exchange's view would report it.
+        """
+        if folder.search is None:
+            yield from folder.index.scan(after, upto)
+            return
+        matches = folder.search.matches
+        streams = [source.index.scan(after, upto) for source in self.search_sources(folder)]
+        for seq, entry in heapq.merge(*streams, key=lambda pair: pair[0]):
+            if isinstance(entry, Tombstone) or matches(entry):
+                yield seq, entry
+            else:
+                yield seq, Tombstone(entry.rest_id, entry.immutable_id, seq, 0)
+
+    def search_folders(self) -> list[Folder]:
+        return [f for f in self.folders.values() if f.search is not None]
+
+    def expire_search_folders(self, now_ms: int, idle_ms: int) -> list[str]:
+        """Delete search folders unused for ``idle_ms`` (Exchange does after 45 days); their ids."""
+        gone = [f for f in self.search_folders() if now_ms - f.last_used_ms > idle_ms]
+        for folder in gone:
+            self._drop_search_folder(folder)
+        return [f.id for f in gone]
+
+    def _drop_search_folder(self, folder: Folder) -> None:
+        self.folders[folder.parent_id].children.remove(folder.id)
+        del self.folders[folder.id]
+        self.folder_index.remove(folder.id, Tombstone(folder.id, folder.id, self._next_seq(), self._clock.time_ms()))
+        self._emit(FolderChange(self.user_id, "deleted", folder.id, folder.parent_id))
+
     # -- messages: lookup ------------------------------------------------------
 
     def message(self, message_id: str) -> Message:
@@ -386,6 +506,8 @@ class Mailbox:
                 self._sorted_all = (self.members_version, sorted(self.all_messages(), key=newest_first_key))
             return self._sorted_all[1]
         folder = self.folder(folder_id)
+        if folder.search is not None:
+            return sorted(self.search_members(folder), key=newest_first_key)
         cached = folder.sorted_cache
         if cached is None or cached[0] != folder.members_version:
             cached = (folder.members_version, sorted(folder.messages.values(), key=newest_first_key))
@@ -397,6 +519,7 @@ class Mailbox:
     def add_message(self, folder_id: str, *, emit: bool = True, **fields: Any) -> Message:
         """Create a message in ``folder_id`` from Message fields (ids, seq and times are assigned)."""
         folder = self.folder(folder_id)
+        _not_into_search_folder(folder)
         self._serial += 1
         now = self._clock.time_ms()
         seq = self._next_seq()
@@ -436,6 +559,7 @@ class Mailbox:
         target = self.folder(destination)
         if target.id == self.root_id:
             raise MailboxError(400, "ErrorInvalidRequest", "Messages cannot be moved to the root folder.")
+        _not_into_search_folder(target)
         if target.id == message.folder_id:
             return message
         source = self.folders[message.folder_id]
@@ -455,6 +579,7 @@ class Mailbox:
         target = self.folder(destination)
         if target.id == self.root_id:
             raise MailboxError(400, "ErrorInvalidRequest", "Messages cannot be copied to the root folder.")
+        _not_into_search_folder(target)
         fields = {name: getattr(message, name) for name in _COPIED_FIELDS}
         body, _ = self.body_of(message)
         fields["body_content"] = body
@@ -543,6 +668,12 @@ def newest_first_key(message: Message) -> tuple[int, int]:
 def _preview(content: str) -> str:
     from graph_sandbox.seed import text_preview  # late: seed imports this module
     return text_preview(content)
+
+
+def _not_into_search_folder(folder: Folder) -> None:
+    if folder.search is not None:
+        raise MailboxError(400, "ErrorInvalidRequest",
+                           "A search folder shows messages of other folders; nothing can be put into it.")
 
 
 def _folder_name(value: Any) -> str:

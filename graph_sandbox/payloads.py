@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 MESSAGE_TYPE = "#microsoft.graph.message"
 FOLDER_TYPE = "#microsoft.graph.mailFolder"
+SEARCH_FOLDER_TYPE = "#microsoft.graph.mailSearchFolder"
 REMOVED = {"reason": "deleted"}
 
 
@@ -192,18 +193,27 @@ def folder_select(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def mail_folder(f: Folder, *, select: tuple[str, ...] | None = None, odata_type: bool = False) -> dict[str, Any]:
-    full = {
+def mail_folder(f: Folder, box: Mailbox, *, select: tuple[str, ...] | None = None,
+                odata_type: bool = False) -> dict[str, Any]:
+    """A mailFolder; a search folder is a ``mailSearchFolder``, which OData always annotates with its
+    ``@odata.type`` in a collection of the base type (that is how a client can tell them apart)."""
+    total, unread = box.folder_counts(f)
+    full: dict[str, Any] = {
         "id": f.id,
         "displayName": f.display_name,
         "parentFolderId": f.parent_id,
         "childFolderCount": len(f.children),
-        "unreadItemCount": f.unread,
-        "totalItemCount": len(f.index),
+        "unreadItemCount": unread,
+        "totalItemCount": total,
         "isHidden": f.is_hidden,
     }
     if select is not None:
         full = {k: v for k, v in full.items() if k == "id" or k in select}
+    if f.search is not None:
+        if select is None:
+            full.update(isSupported=True, includeNestedFolders=f.search.include_nested,
+                        sourceFolderIds=list(f.search.source_ids), filterQuery=f.search.filter_query)
+        return {"@odata.type": SEARCH_FOLDER_TYPE, **full}
     return {"@odata.type": FOLDER_TYPE, **full} if odata_type else full
 
 

@@ -15,6 +15,8 @@ What is saved (one file, ``SandboxConfig.state_path``; the CLI's
   revocation dates and the RSA signing key, so access and refresh tokens
   issued before stay valid;
 - revoked grants, the sandbox clock's offset, the reset epoch;
+- the delta token cache's generations, so links older than the newest
+  three of a folder stay gone after a restart;
 - subscriptions (with held notifications) and the notifications still
   queued for delivery.
 
@@ -55,7 +57,9 @@ from graph_sandbox.mailbox import Folder, Mailbox, Message
 
 log = logging.getLogger("graph_sandbox.persistence")
 
-FORMAT = 1
+# 2: mailboxes carry search folders and the times of their changes (delta's lag), and the
+# delta token cache's generations are saved (graph_sandbox/sync_states.py).
+FORMAT = 2
 SAVE_INTERVAL_S = 1.0
 # Attributes of a Mailbox that tie it to this process (listeners, the clock), set again on load.
 _PROCESS_BOUND = ("_listeners", "_own_listeners", "_clock")
@@ -115,6 +119,7 @@ class SandboxPersistence:
         state.mailboxes.replace_all(boxes, epoch=saved["epoch"])
         state._revoked = set(saved["revoked"])
         state.clock._offset_s = float(saved["clock_offset_s"])
+        state.delta.cache.import_state(saved["delta_generations"])
         self.identity.import_state(saved["identity"])
         self.subscriptions.import_state(saved["subscriptions"])
 
@@ -135,6 +140,7 @@ class SandboxPersistence:
             "mailboxes": [_mailbox_fields(box) for box in state.mailboxes],
             "revoked": sorted(state._revoked),
             "clock_offset_s": state.clock.offset_s,
+            "delta_generations": state.delta.cache.export_state(),
             "identity": self.identity.export_state(),
             "subscriptions": self.subscriptions.export_state(),
         }

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from graph_sandbox.config import SandboxConfig
-from graph_sandbox.mailbox import WELL_KNOWN_FOLDERS, Mailbox, Mailboxes, Message, iso, recipient
+from graph_sandbox.mailbox import WELL_KNOWN_FOLDERS, Mailbox, Mailboxes, Message, SearchSpec, iso, recipient
 
 TENANT_DOMAIN = "contoso.onmicrosoft.com"
 
@@ -186,6 +186,22 @@ def fill_mailbox(box: Mailbox, rng: random.Random, config: SandboxConfig, *, col
         kind = rng.choices(kinds, weights)[0]
         folder_id = rng.choice(user_folders) if kind == "user" else box.well_known[kind]
         _add_seeded_message(box, rng, anchor_ms, folder_id, kind, others, contacts, services)
+    _seed_search_folders(box, config.search_folders)
+    box.change_clock.settle()
+
+
+# Search folders a person would have made (Outlook offers both): created last so
+# that every other id of the seeded mailbox is the same with or without them.
+SEEDED_SEARCH_FOLDERS = (
+    ("Unread Mail", ("inbox",), True, "isRead eq false"),
+    ("Flagged Mail", ("msgfolderroot",), True, "flag/flagStatus eq 'flagged'"),
+)
+
+
+def _seed_search_folders(box: Mailbox, count: int) -> None:
+    for name, sources, nested, query in SEEDED_SEARCH_FOLDERS[:count]:
+        spec = SearchSpec(tuple(box.folder(s).id for s in sources), nested, query)
+        box.create_search_folder(box.root_id, name, spec, emit=False)
 
 
 def new_mail(box: Mailbox, rng: random.Random, colleagues: list[dict], now_ms: int,

@@ -32,6 +32,7 @@ from graph_sandbox.config import SandboxConfig
 from graph_sandbox.faults import FaultPlan
 from graph_sandbox.mailbox import Mailbox, Mailboxes
 from graph_sandbox.seed import seed_tenant
+from graph_sandbox.sync_states import DeltaBehaviour
 from graph_sandbox.throttle import Throttle
 
 log = logging.getLogger("graph_sandbox")
@@ -96,6 +97,8 @@ class Counters:
     throttled: int = 0         # 429, whatever the cause
     faults_injected: int = 0   # answers decided by the fault plan
     delta_pages: int = 0
+    delta_restarts: int = 0    # delta rounds started again from scratch on a folder (full restarts)
+    delta_expired: int = 0     # delta calls answered "sync state gone" (evicted, expired, invalidated, faults)
     by_status: dict[int, int] = field(default_factory=dict)
 
     def record(self, status: int) -> None:
@@ -112,6 +115,8 @@ class Counters:
             "throttled": self.throttled,
             "faultsInjected": self.faults_injected,
             "deltaPages": self.delta_pages,
+            "deltaRestarts": self.delta_restarts,
+            "deltaExpired": self.delta_expired,
             "byStatus": {str(k): v for k, v in sorted(self.by_status.items())},
         }
 
@@ -153,6 +158,7 @@ class SandboxState:
             retry_after_s=config.concurrency_retry_after_s,
         )
         self.faults = FaultPlan(config.faults, seed=config.effective_fault_seed)
+        self.delta = DeltaBehaviour(config.delta_token_cache, replay_rate=config.delta_replay_rate, seed=config.seed)
         self._revoked: set[tuple[str, str]] = set()
         # 32 bytes that sign delta tokens; from the seed so tokens are reproducible.
         self.token_key = random.Random(f"delta-key:{config.seed}").randbytes(32)
@@ -184,6 +190,7 @@ class SandboxState:
             window_s=config.rate_limit_window_s,
             retry_after_s=config.concurrency_retry_after_s,
         )
+        self.delta.configure(config.delta_token_cache, config.delta_replay_rate)
         if "faults" in changes or "fault_seed" in changes:
             self.faults = FaultPlan(config.faults, seed=config.effective_fault_seed)
         return config

@@ -57,7 +57,8 @@ DELTA = "me/mailFolders/{}/messages/delta"
 
 @pytest.fixture
 def sandbox(sandbox_factory) -> SandboxTestServer:
-    return sandbox_factory(users=2, messages_per_user=120)
+    # Delta's exact round semantics: without lag and replays (tests/graph_sandbox/test_sync_states.py has those).
+    return sandbox_factory(users=2, messages_per_user=120, delta_lag_s=0.0, delta_replay_rate=0.0)
 
 
 def test_initial_round_pages_then_delta_link_then_only_changes(sandbox: SandboxTestServer) -> None:
@@ -169,7 +170,8 @@ def test_a_move_is_removed_from_the_source_and_added_to_the_target(sandbox: Sand
 
 
 def test_expired_state_mid_sync_is_410_and_a_fresh_round_recovers(sandbox_factory) -> None:
-    sandbox = sandbox_factory(users=1, messages_per_user=60, delta_token_ttl_s=120)
+    sandbox = sandbox_factory(users=1, messages_per_user=60, delta_token_ttl_s=120, delta_lag_s=0.0,
+                              delta_replay_rate=0.0)
     session = sandbox.graph(sandbox.users[0])
     body = page(session, DELTA.format("inbox"), 5)
     assert sandbox.admin("POST", "clock", json={"advance_s": 180}).status_code == 200
@@ -260,8 +262,11 @@ def test_folder_delta_reports_created_renamed_and_removed_folders(sandbox: Sandb
     session = sandbox.graph(user)
     folders, delta_link = run_round(session, "me/mailFolders/delta", size=4)
     snapshot = sandbox.snapshot(user)
-    assert sorted(f["id"] for f in folders) == sorted(f["id"] for f in snapshot["folders"])   # nested ones too
-    assert all(f["@odata.type"] == "#microsoft.graph.mailFolder" for f in folders)
+    searches = {f["id"] for f in snapshot["searchFolders"]}
+    # Nested folders too, and search folders, which say what they are.
+    assert sorted(f["id"] for f in folders) == sorted([*(f["id"] for f in snapshot["folders"]), *searches])
+    assert all(f["@odata.type"] == ("#microsoft.graph.mailSearchFolder" if f["id"] in searches
+                                    else "#microsoft.graph.mailFolder") for f in folders)
     created = session.post("me/mailFolders", json={"displayName": "Temp"}).json()
     victim = session.post("me/mailFolders", json={"displayName": "Gone soon"}).json()
     _, delta_link = run_round(session, delta_link)

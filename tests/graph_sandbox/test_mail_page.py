@@ -18,7 +18,7 @@ from tests.graph_sandbox.signin import user_tokens
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[SandboxServer]:
-    sandbox = SandboxServer(SandboxConfig(users=2, messages_per_user=30))
+    sandbox = SandboxServer(SandboxConfig(users=2, messages_per_user=30, delta_lag_s=0.0, delta_replay_rate=0.0))
     sandbox.start()
     yield sandbox
     sandbox.stop()

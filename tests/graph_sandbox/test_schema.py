@@ -263,7 +263,8 @@ def _whole(body: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[SandboxTestServer]:
-    server = start_sandbox(SandboxConfig(seed=42, users=2, messages_per_user=80))
+    # No delta lag: the changes below must be in the next delta call (shapes are checked, not timing).
+    server = start_sandbox(SandboxConfig(seed=42, users=2, messages_per_user=80, delta_lag_s=0.0))
     try:
         yield server
     finally:
@@ -320,7 +321,9 @@ def samples(sandbox: SandboxTestServer) -> list[Sample]:
     collect("POST mailFolder", "mailFolder", created, False)
 
     # Delta: a first round, then changes (update, move away, delete) for @removed entries.
-    inbox_delta = me.get("me/mailFolders/inbox/messages/delta", headers={"Prefer": "odata.maxpagesize=200"})
+    # Both preferences: a state made without IdType="ImmutableId" is refused with it (SyncStateInvalid).
+    inbox_delta = me.get("me/mailFolders/inbox/messages/delta",
+                         headers={"Prefer": 'IdType="ImmutableId", odata.maxpagesize=200'})
     collect("delta (initial)", "message", inbox_delta, True)
     selected = me.get("me/mailFolders/inbox/messages/delta?$select=subject,isRead,flag")
     collect("delta ($select)", "message", selected, True)
