@@ -166,6 +166,7 @@ class AdminApi:
     async def reset_counters(self, request: web.Request, body: dict[str, Any]) -> Any:
         from graph_sandbox.state import Counters  # late: state imports admin's siblings
         self.state.counters = Counters()
+        self.state.delta.forget()
         return self.state.counters.as_dict()
 
     async def get_throttle(self, request: web.Request, body: dict[str, Any]) -> Any:

@@ -843,24 +843,26 @@ class MailApi:
                 or token.folder_id != folder_id:
             raise _corrupt_state()
         if token.epoch != self._epoch(ctx.box):
-            raise self._gone(ctx, 410, "resyncRequired",
+            raise self._gone(ctx, folder_id, 410, "resyncRequired",
                              "Resync required. Replace any local cached data with the results of a full sync.")
         now_ms = ctx.state.clock.time_ms()
         if now_ms - token.issued_ms > ctx.state.config.delta_token_ttl_s * 1000:
-            raise self._gone(ctx, 410, SYNC_STATE_NOT_FOUND,
+            raise self._gone(ctx, folder_id, 410, SYNC_STATE_NOT_FOUND,
                              "The sync state generation is not found; the state expired.")
         if token.immutable is not None and folder_id and token.immutable != ctx.immutable:
             # Corso meets this when a link made without Prefer: IdType="ImmutableId" is used with it.
-            raise self._gone(ctx, 400, SYNC_STATE_INVALID, "The sync state is invalid: it was created with "
-                             "another IdType preference.")
+            raise self._gone(ctx, folder_id, 400, SYNC_STATE_INVALID,
+                             "The sync state is invalid: it was created with another IdType preference.")
         evicted = ctx.state.delta.cache.check(self._state_key(ctx, folder_id), token.generation)
         if evicted is not None:
-            raise self._gone(ctx, ctx.state.config.delta_expired_status, SYNC_STATE_NOT_FOUND, evicted.message)
+            raise self._gone(ctx, folder_id, ctx.state.config.delta_expired_status, SYNC_STATE_NOT_FOUND,
+                             evicted.message)
         return token
 
-    def _gone(self, ctx: Ctx, status: int, code: str, message: str) -> ApiError:
+    def _gone(self, ctx: Ctx, folder_id: str, status: int, code: str, message: str) -> ApiError:
         """A sync state the client named is gone (counted for the benchmarks)."""
         ctx.state.counters.delta_expired += 1
+        ctx.state.delta.gone(self._state_key(ctx, folder_id))
         return ApiError(status, code, message)
 
     @staticmethod
@@ -911,7 +913,7 @@ class MailApi:
                                change_type=token.change_type, received_filter=token.received_filter,
                                top=token.top, top_left=token.top)
         if token.since and token.since < folder.index.pruned_through:
-            raise self._gone(ctx, 410, SYNC_STATE_NOT_FOUND,
+            raise self._gone(ctx, folder.id, 410, SYNC_STATE_NOT_FOUND,
                              "The sync state generation is not found; the state expired.")
         size = self._page_size(ctx)
         state.counters.delta_pages += 1
@@ -1024,7 +1026,7 @@ class MailApi:
                                upto=max(token.since, self._visible_seq(ctx, box)),
                                cursor=token.since, issued_ms=now_ms, select=token.select)
         if token.since and token.since < box.folder_index.pruned_through:
-            raise self._gone(ctx, 410, SYNC_STATE_NOT_FOUND,
+            raise self._gone(ctx, "", 410, SYNC_STATE_NOT_FOUND,
                              "The sync state generation is not found; the state expired.")
         size = self._page_size(ctx)
         value: list[Any] = []

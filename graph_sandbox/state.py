@@ -97,7 +97,7 @@ class Counters:
     throttled: int = 0         # 429, whatever the cause
     faults_injected: int = 0   # answers decided by the fault plan
     delta_pages: int = 0
-    delta_restarts: int = 0    # delta rounds started again from scratch on a folder (full restarts)
+    delta_restarts: int = 0    # rounds started from scratch after a "sync state gone" answer (full restarts)
     delta_expired: int = 0     # delta calls answered "sync state gone" (evicted, expired, invalidated, faults)
     by_status: dict[int, int] = field(default_factory=dict)
 

@@ -149,17 +149,26 @@ class DeltaBehaviour:
         self.cache = TokenCache(capacity)
         self.replay_rate = replay_rate
         self._replays = random.Random(f"replays:{seed}")
-        self._started: set[StateKey] = set()
+        self._gone: set[StateKey] = set()
 
     def configure(self, capacity: int, replay_rate: float) -> None:
         self.cache.capacity = capacity
         self.replay_rate = replay_rate
 
+    def gone(self, key: StateKey) -> None:
+        """The client was told this state's link is gone (evicted, expired, invalidated)."""
+        self._gone.add(key)
+
     def round_started(self, key: StateKey) -> bool:
-        """A delta call without a token; True when the state had one before (a full restart)."""
-        again = key in self._started
-        self._started.add(key)
-        return again
+        """A delta call without a token; True when it follows a "gone" answer: a full restart forced
+        by the lost state (a client starting over for its own reasons is not counted)."""
+        forced = key in self._gone
+        self._gone.discard(key)
+        return forced
+
+    def forget(self) -> None:
+        """Counters were reset: earlier answers no longer count."""
+        self._gone.clear()
 
     def replay(self) -> bool:
         return self.replay_rate > 0 and self._replays.random() < self.replay_rate

@@ -118,6 +118,9 @@ class Settings:
     # Short: the live page hears about an invocation's progress when it ends.
     sync_time_budget_s: float = 20.0
     graph_page_size: int = 500
+    # Outlook keeps only the newest few delta links of a folder (3 in the reports): the engine
+    # never holds a saved link older than that (mailsync/sync/pipeline.py, the read-ahead window).
+    delta_links_kept: int = 3
     graph_max_concurrency: int = 4
     folder_lease_s: float = 300.0
     first_screen_messages: int = 50
@@ -221,6 +224,7 @@ class Settings:
             token_encryption_keys=_keys(e.get("TOKEN_ENCRYPTION_KEYS")),
             sync_time_budget_s=_float(e, "SYNC_TIME_BUDGET_S", 20.0),
             graph_page_size=_int(e, "GRAPH_PAGE_SIZE", 500),
+            delta_links_kept=_int(e, "DELTA_LINKS_KEPT", 3),
             graph_max_concurrency=_int(e, "GRAPH_MAX_CONCURRENCY", 4),
             folder_lease_s=_float(e, "FOLDER_LEASE_S", 300.0),
             first_screen_messages=_int(e, "FIRST_SCREEN_MESSAGES", 50),
@@ -265,6 +269,8 @@ class Settings:
             raise ConfigurationError("GRAPH_MAX_CONCURRENCY must be 1..4 (Graph allows 4 per mailbox)")
         if not 1 <= self.graph_page_size <= 1000:
             raise ConfigurationError("GRAPH_PAGE_SIZE must be 1..1000")
+        if not 2 <= self.delta_links_kept <= 100:
+            raise ConfigurationError("DELTA_LINKS_KEPT must be 2..100 (Outlook keeps about 3)")
         if not 1 <= self.imap_page_size <= 10_000 or self.imap_timeout_s <= 0 or self.imap_poll_concurrency < 1:
             raise ConfigurationError(
                 "IMAP_PAGE_SIZE must be 1..10000, IMAP_TIMEOUT_S and IMAP_POLL_CONCURRENCY positive")

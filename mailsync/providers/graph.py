@@ -16,6 +16,12 @@ sees opaque cursors, ``MessageBatch``/``FolderBatch`` and ``Message``:
   target folder's delta shows them again) and become removals.
 * First screen: ``GET me/mailFolders/{id}/messages?$orderby=receivedDateTime
   desc&$top=N``.
+* Search folders (``mailSearchFolder``, told apart by their ``@odata.type``)
+  are views over other folders: their messages live elsewhere, with the same
+  ids. Synced as folders, a message's folder would flip between its real
+  folder and the view, and the view's expiry (45 days unused) would delete
+  mail still in the Inbox. The folder list therefore never reports them,
+  not even as removals.
 
 Cursors wrap the next/delta link (plus the role map for folders) in a
 versioned, base64url JSON envelope. A cursor we cannot read, or one whose
@@ -73,6 +79,7 @@ FOLDER_FIELDS: tuple[str, ...] = (
 WELL_KNOWN_FOLDERS: tuple[str, ...] = ("inbox", "sentitems", "drafts", "deleteditems", "junkemail", "archive")
 
 CURSOR_PREFIX = "g1."
+SEARCH_FOLDER_TYPE = "#microsoft.graph.mailSearchFolder"
 _FLAG_STATUS = {status.value: status for status in FlagStatus}
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"[ \t\r\f\v]+")
@@ -278,6 +285,12 @@ def map_folder(item: Mapping[str, Any], account_id: str, roles: Mapping[str, str
     )
 
 
+def is_search_folder(item: Mapping[str, Any]) -> bool:
+    """A ``mailSearchFolder`` (OData annotates the derived type in a mailFolder collection)."""
+    odata_type = item.get("@odata.type")
+    return isinstance(odata_type, str) and odata_type.lower() == SEARCH_FOLDER_TYPE.lower()
+
+
 def _page_items(body: Any) -> list[Any]:
     if not isinstance(body, dict) or not isinstance(body.get("value"), list):
         raise MalformedResponse("Graph page has no value array")
@@ -346,6 +359,8 @@ class GraphProvider:
         link, complete = _page_link(body)
         last: dict[str, Folder | None] = {}
         for item in items:
+            if is_search_folder(item):
+                continue
             if "@removed" in item:
                 if isinstance(item.get("id"), str):
                     last.pop(item["id"], None)

@@ -9,7 +9,8 @@ Graph answers          we raise
 ====================  =============================================
 401                    refresh the token once, retry; then ProviderAuthError
 429, 503, 504          ProviderThrottled / ProviderUnavailable (Retry-After)
-410 (delta expired)    CursorExpired: the caller resyncs the folder
+410, or 4xx with an     CursorExpired: the caller resyncs the folder
+expired-state code
 other 4xx / 5xx        ProviderError / ProviderUnavailable with Graph's code
 bad JSON, cut body     MalformedResponse: nothing from the page is applied
 connection errors      ProviderUnavailable
@@ -82,6 +83,20 @@ def backoff_delay(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0,
     """Exponential back-off with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
     ceiling = min(cap_s, base_s * (2 ** max(0, min(attempt, 30))))
     return (rng or random).uniform(0.0, ceiling)
+
+
+# Graph's codes for "this delta/sync state is gone, start over", matched by code
+# whatever the status: Microsoft only promises "a 40X-series error with error
+# codes such as syncStateNotFound" (410 for Outlook in microsoft-graph-docs
+# #2350; 400 for directory objects), and Corso resyncs on exactly these three.
+# Compared case-insensitively: the docs write syncStateNotFound, Outlook sends
+# SyncStateNotFound.
+EXPIRED_STATE_CODES = frozenset({"syncstatenotfound", "resyncrequired", "syncstateinvalid"})
+
+
+def is_expired_state(status: int, code: str) -> bool:
+    """Does this error answer mean the delta link is gone (resync), rather than a bad request?"""
+    return status == 410 or (400 <= status < 500 and status not in (401, 429) and code.lower() in EXPIRED_STATE_CODES)
 
 
 def graph_error_code(body: Any) -> str:
@@ -215,10 +230,10 @@ def error_for_status(status: int, body: Any, retry_after_header: str | None) -> 
     retry_after = parse_retry_after(retry_after_header)
     if status == 401:
         return ProviderAuthError(f"Graph rejected the token ({code or 'unauthorized'})")
+    if is_expired_state(status, code):
+        return CursorExpired(f"Graph sync state expired ({status} {code or 'syncStateNotFound'})")
     if status == 404:
         return NotFound(f"Graph resource not found ({code or 'ErrorItemNotFound'})")
-    if status == 410:
-        return CursorExpired(f"Graph sync state expired ({code or 'syncStateNotFound'})")
     if status == 429:
         return ProviderThrottled(f"Graph throttled the request ({code or 'TooManyRequests'})",
                                  retry_after_s=retry_after if retry_after is not None else 0.0,

@@ -142,6 +142,7 @@ class SyncState:
     unread: int | None = None
     children: int | None = None
     first_screen: bool = False
+    relook_at: float = 0.0       # a look-again after a quiet notified round is due then (one at a time)
     updated_at: float = 0.0
     etag: str | None = None
 
@@ -351,6 +352,22 @@ class SyncStateTable:
             except (TableTransactionError, ResourceExistsError, ResourceNotFoundError):
                 for key in chunk:
                     self._merge_unconditional(account_id, key, fields)
+
+    def schedule_relook(self, account_id: str, folder_id: str, *, at: float) -> bool:
+        """Claim the folder's one pending look-again, due at ``at``; False when one is pending already
+        (notifications coalesce) or the folder is gone. No lease needed: it is not the holder's field."""
+        for _ in range(_CONFLICT_RETRIES):
+            state = self.get(account_id, folder_id)
+            if state is None or state.relook_at > self._clock():
+                return False
+            try:
+                self._merge(state, {"relook_at": float(at)})
+            except ResourceModifiedError:
+                continue
+            except ResourceNotFoundError:
+                return False
+            return True
+        return False
 
     def delete(self, account_id: str, folder_id: str | None) -> None:
         key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
@@ -602,7 +619,7 @@ class SyncStateTable:
 def _all_fields() -> tuple[str, ...]:
     return ("cursor", "phase", "epoch", "generation", "dirty", "resync_requested", "lease_owner", "lease_until",
             "indexed", "removed", "expected", "failures", "not_before", "rounds", "round_started", "name", "role",
-            "parent_id", "unread", "children", "first_screen")
+            "parent_id", "unread", "children", "first_screen", "relook_at")
 
 
 def _to_entity(state: SyncState, fields: set[str]) -> dict[str, Any]:
@@ -668,6 +685,7 @@ def _from_entity(entity: Mapping[str, Any]) -> SyncState:
         unread=optional_int("unread"),
         children=optional_int("children"),
         first_screen=bool(entity.get("first_screen")),
+        relook_at=num("relook_at"),
         updated_at=num("updated_at"),
         etag=metadata.get("etag"),
     )

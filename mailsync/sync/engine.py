@@ -136,6 +136,8 @@ _T = TypeVar("_T")
 
 ACTIVE_STATUSES = (AccountStatus.SYNCING, AccountStatus.SYNCED)
 CONTINUATION = "continuation"
+RELOOK = "relook"            # job reason and attribute (the attempt) of a look-again after a quiet round
+NOTIFIED_REASONS = frozenset({"notified", RELOOK})
 # Largest bulk the engine sends at once when pages pile up behind a slow store.
 MAX_BULK_MESSAGES = 2_000
 READ_AHEAD_PAGES = 2
@@ -246,6 +248,7 @@ class _Invocation:
         self.followed = False        # published changes of an incremental round: end soon
         self.end_now = False         # first screen done, fan-out enqueued...
         self.continued = False       # a continuation is already on the queue
+        self.changed: set[str] = set()   # folders whose pages this invocation wrote changes of
 
     # --- the invocation ------------------------------------------------------------
 
@@ -305,7 +308,40 @@ class _Invocation:
                 self._maybe_synced(rows)
             if outcome in (Outcome.DONE, Outcome.DEFERRED) and not self.continued:
                 self._continue_pending()
+            if outcome in (Outcome.DONE, Outcome.BUSY, Outcome.HELD):
+                self._relook_if_quiet()
         return outcome
+
+    def _relook_if_quiet(self) -> None:
+        """After a notification whose round found nothing, look again shortly: delta lags behind.
+
+        Graph may notify a change before its delta shows it. Without this, a
+        notification whose round ran too early is lost until the next poll
+        (hours, with a healthy subscription). Bounded (policy.RELOOK_DELAYS_S)
+        and coalesced: one look-again pending per folder, whatever the number
+        of notifications (``SyncStateTable.schedule_relook``). When the folder
+        was busy, its holder runs another round (dirty), which may be early
+        too: the look-again covers that as well.
+        """
+        job = self.job
+        folder_id = job.folder_id
+        if job.kind != JobKind.SYNC_FOLDER or folder_id is None or job.reason not in NOTIFIED_REASONS:
+            return
+        if folder_id in self.changed:
+            return
+        try:
+            attempt = int(job.attrs.get(RELOOK, "0")) if job.reason == RELOOK else 0
+        except ValueError:
+            attempt = 0
+        delay = policy.relook_delay(attempt)
+        if delay is None:
+            return
+        e = self.e
+        if not e.state.schedule_relook(self.account_id, folder_id, at=e.clock() + delay):
+            return
+        log.info("quiet notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
+        e.queue.enqueue(new_job(JobKind.SYNC_FOLDER, self.account_id, folder_id, reason=RELOOK,
+                                attrs={RELOOK: str(attempt + 1)}), delay_s=delay)
 
     def _reclaim_dead_leases(self, rows: AccountSyncState) -> None:
         """Give back the leases an earlier delivery of this message held when its worker died.
@@ -504,8 +540,21 @@ class _Invocation:
                 e.state.update_info(self.account_id, folder.folder_id, name=folder.name, role=folder.role,
                                     expected=folder.total_count, parent_id=folder.parent_id,
                                     unread=folder.unread_count, children=folder.child_folder_count)
-        for folder_id in _with_descendants(removals, rows):
+        for folder_id in self._known(_with_descendants(removals, rows), rows):
             self._remove_folder(folder_id)
+
+    def _known(self, folder_ids: list[str], rows: AccountSyncState) -> list[str]:
+        """The removed folders we hold (a row, or a folder document left by a crash between the two).
+
+        Only those have documents to delete. A removal of a folder we never
+        synced — a search folder, whose expiry Graph reports like any folder's
+        removal although its messages live in other folders — deletes nothing.
+        """
+        unknown = [fid for fid in folder_ids if fid not in rows.folders]
+        if not unknown:
+            return folder_ids
+        stored = {view.folder.folder_id for view in self.e.store.list_folders(self.account_id)}
+        return [fid for fid in folder_ids if fid in rows.folders or fid in stored]
 
     def _reconcile_folders(self, seen: set[str], rows: AccountSyncState) -> None:
         """After a full folder round: whatever we hold that the provider did not list is gone."""
@@ -600,6 +649,9 @@ class _Invocation:
         generation = self._store_generation()
         if policy.needs_full_round(lease.state, generation):
             lease = self._start_full_round(lease, generation)
+        elif lease.state.cursor and lease.state.phase != SyncPhase.INCREMENTAL:
+            # bench/initial_sync.py counts these: a large folder's first round over several invocations.
+            log.info("full round resumes", extra={"phase": lease.state.phase.value})
         resyncs = 0
         while True:
             outcome = self._page_round(lease)
@@ -675,21 +727,27 @@ class _Invocation:
         while True:
             cursor = lease.state.cursor or None
             reader = PageReader(functools.partial(self._provider_().message_changes, folder_id), cursor,
-                                depth=READ_AHEAD_PAGES, deadline=self.deadline, clock=e.clock)
+                                depth=READ_AHEAD_PAGES, deadline=self.deadline, clock=e.clock,
+                                window=e.settings.delta_links_kept - 1)
             try:
                 while True:
-                    pages = reader.take(MAX_BULK_MESSAGES) if self._time_left() > 0 else []
-                    if not pages:
+                    # Out of time: write what was read (never drop it and read it again, which
+                    # would issue newer links than the saved one), then stop with the newest link.
+                    out_of_time = self._time_left() <= 0
+                    pages = reader.drain() if out_of_time else reader.take(MAX_BULK_MESSAGES)
+                    if pages:
+                        lease, final = self._write_pages(lease, pages)
+                        reader.saved(len(pages))
+                        attempt = 0
+                        if final is not None:
+                            return _RoundDone(lease, final)
+                        if lease.state.resync_requested:
+                            return _RoundDone(lease, {})
+                    if out_of_time or not pages:
                         e.state.release(lease)
                         self._enqueue_continuation(folder_id, reason="time_budget")
                         self.end_now = True
                         return _OutOfTime()
-                    lease, final = self._apply_pages(lease, pages)
-                    attempt = 0
-                    if final is not None:
-                        return _RoundDone(lease, final)
-                    if lease.state.resync_requested:
-                        return _RoundDone(lease, {})
             except CursorExpired:
                 log.info("cursor expired: resync")
                 return _Resync(lease)
@@ -721,6 +779,11 @@ class _Invocation:
                 e.sleep(wait.seconds)
             finally:
                 reader.close()
+
+    def _write_pages(self, lease: Lease, pages: list[MessageBatch]) -> tuple[Lease, dict[str, Any] | None]:
+        """``_apply_pages`` with short store faults retried in place: the pages were read, and reading
+        them again would issue newer delta links than the one saved (see pipeline.py)."""
+        return self._retrying(lambda: self._apply_pages(lease, pages))
 
     def _apply_pages(self, lease: Lease, pages: list[MessageBatch]) -> tuple[Lease, dict[str, Any] | None]:
         """Write the pages' changes (last one wins per id), then save the last page's cursor.
@@ -767,6 +830,7 @@ class _Invocation:
             lease = e.state.save(lease, **fields)
             live = lease.state
         if upserts or removals:
+            self.changed.add(folder_id)
             self.events.publish_changes(MessagesChanged(
                 self.account_id, upserted=tuple(upserts), removed=tuple((folder_id, mid) for mid in removals)))
             if not full:

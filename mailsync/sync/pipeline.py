@@ -10,9 +10,23 @@ write (lowest latency). Still one provider request in flight per worker,
 which is what the mailbox's request slots count.
 
 Nothing read ahead is applied or saved before the pages before it are: a
-cursor is only saved after its page's writes are acknowledged, so pages
-still in the read-ahead when the invocation stops are simply dropped and
-read again by the next one.
+cursor is only saved after its page's writes are acknowledged.
+
+Outlook keeps only the newest few delta links of a folder (three in the
+reports, microsoft-graph-docs #2162: "generation=518;[highest=523][523]
+[521][522]"); every page read issues a new one and pushes the oldest out.
+A saved link older than that answers SyncStateNotFound, and a large folder
+would restart its round after every stop. Two rules keep the saved link
+alive:
+
+* the *window*: at most ``window`` pages are read (counting the request in
+  flight) beyond the last one whose cursor is saved (``saved()``). With
+  Outlook's 3 and a window of 2, the saved link is always among the newest
+  three, whatever happens next: a crash, a raise, a retry, the end of the
+  time budget;
+* ``drain()``: when the invocation stops, the pages already read are
+  handed over to be written and their newest link saved, instead of being
+  read again (and issuing new links) by the next invocation.
 """
 
 from __future__ import annotations
@@ -44,13 +58,19 @@ class PageReader:
     """
 
     def __init__(self, fetch: Fetch, cursor: str | None, *, depth: int = 4, deadline: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, window: int | None = None) -> None:
+        if window is not None and window < 1:
+            raise ValueError("window must be at least 1")
         self._fetch = fetch
         self._deadline = deadline
         self._clock = clock
         self._cursor = cursor
         self._items: queue.Queue[_Item] = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
+        self._finishing = threading.Event()
+        self._window = window
+        self._unsaved = 0                      # pages fetched (or in flight) whose cursor is not saved yet
+        self._room = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mailsync-page-reader", daemon=True)
         self._done = False
         self._held_error: BaseException | None = None
@@ -70,6 +90,9 @@ class PageReader:
                 # Past the invocation's end: more pages would be read for nothing.
                 self._put(_Item(None, None))
                 return
+            if not self._wait_for_room():
+                self._put(_Item(None, None))   # drained: no new link may be issued
+                return
             first = False
             try:
                 batch = self._fetch(cursor)
@@ -80,6 +103,48 @@ class PageReader:
             if batch.complete:
                 return
             cursor = batch.cursor
+
+    def _wait_for_room(self) -> bool:
+        """Block until the window allows one more request; False when the reader is draining or stopped."""
+        with self._room:
+            while True:
+                if self._finishing.is_set() or self._stop.is_set():
+                    return False
+                if self._window is None or self._unsaved < self._window:
+                    self._unsaved += 1
+                    return True
+                self._room.wait(0.1)
+
+    def saved(self, pages: int) -> None:
+        """The cursors of ``pages`` more pages are saved: the window may move on."""
+        with self._room:
+            self._unsaved = max(0, self._unsaved - pages)
+            self._room.notify_all()
+
+    def drain(self) -> list[MessageBatch]:
+        """Read nothing more; every page already read (the one in flight included), in order.
+
+        For the end of an invocation: the caller writes them and saves the
+        newest link, the one Outlook is sure to keep. Stops at the round's
+        last page; an error after the pages is dropped (the next invocation
+        meets it again, or not).
+        """
+        self._finishing.set()
+        with self._room:
+            self._room.notify_all()
+        if self._done or self._held_error is not None:
+            self._done = True
+            return []
+        pages: list[MessageBatch] = []
+        while True:
+            item = self._items.get()
+            if item.batch is None:     # an error, or the end of reading
+                break
+            pages.append(item.batch)
+            if item.batch.complete:
+                break
+        self._done = True
+        return pages
 
     def _put(self, item: _Item) -> None:
         while not self._stop.is_set():
@@ -129,6 +194,8 @@ class PageReader:
     def close(self) -> None:
         """Stop reading ahead and wait for a request in flight (so the slot count stays true)."""
         self._stop.set()
+        with self._room:
+            self._room.notify_all()
         self._thread.join()
 
 

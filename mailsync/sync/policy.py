@@ -35,6 +35,10 @@ MAX_QUICK_RETRIES = 3
 MAX_FAILURES = 10
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
+# Delta can lag behind notifications ("retry the nextLink or deltaLink after
+# some time", Microsoft): after a notified round that found nothing, look
+# again after each of these waits, at most once pending per folder.
+RELOOK_DELAYS_S = (2.0, 10.0)
 # Epochs are seconds since this instant, so a recreated row never reuses an
 # epoch still written on documents (and the number fits a 32-bit table int).
 EPOCH_BASE_S = 1_700_000_000
@@ -131,6 +135,11 @@ class Wait:
     in_place: bool
     mailbox_wide: bool       # 429: every folder of the mailbox should hold back
     reason: str
+
+
+def relook_delay(attempt: int) -> float | None:
+    """The wait before look-again number ``attempt`` (0-based) after a quiet notified round; None: enough."""
+    return RELOOK_DELAYS_S[attempt] if 0 <= attempt < len(RELOOK_DELAYS_S) else None
 
 
 def retryable(error: BaseException) -> bool:

@@ -66,14 +66,18 @@ def test_a_link_used_with_another_id_type_is_an_invalid_sync_state(sandbox_facto
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "SyncStateInvalid"
 
 
-def test_a_fresh_round_on_a_started_folder_counts_as_a_restart(sandbox_factory) -> None:
-    sandbox = sandbox_factory(users=1, messages_per_user=30, delta_lag_s=0.0, delta_replay_rate=0.0)
+def test_a_fresh_round_after_a_lost_state_counts_as_a_full_restart(sandbox_factory) -> None:
+    sandbox = sandbox_factory(users=1, messages_per_user=80, delta_lag_s=0.0, delta_replay_rate=0.0)
     session = sandbox.graph(sandbox.users[0])
-    get(session, INBOX_DELTA)
+    links = next_links(session, 4)
+    get(session, INBOX_DELTA)                      # starting over by choice is no forced restart
+    assert sandbox.admin("GET", "counters").json()["deltaRestarts"] == 0
+    assert session.get(links[0]).status_code == 410
     get(session, "me/mailFolders/sentitems/messages/delta")
     assert sandbox.admin("GET", "counters").json()["deltaRestarts"] == 0
     get(session, INBOX_DELTA)
-    assert sandbox.admin("GET", "counters").json()["deltaRestarts"] == 1
+    counters = sandbox.admin("GET", "counters").json()
+    assert (counters["deltaRestarts"], counters["deltaExpired"]) == (1, 1)
 
 
 def finish(session: GraphSession, url: str) -> tuple[list[dict[str, Any]], str]:

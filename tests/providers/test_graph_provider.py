@@ -33,7 +33,7 @@ from mailsync.providers.graph import (
     map_message,
     message_version,
 )
-from mailsync.providers.graph_client import GraphClient
+from mailsync.providers.graph_client import GraphClient, is_expired_state
 from mailsync.settings import Settings
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.providers.contract import Mirror, ProviderContract, TruthFolder, TruthMessage, assert_mirror_equals
@@ -116,7 +116,9 @@ class GraphHarness:
 
 @pytest.fixture
 def sandbox(sandbox_factory: Callable[..., SandboxTestServer]) -> SandboxTestServer:
-    return sandbox_factory(users=2, messages_per_user=60)
+    # The contract reads a change right after making it: no delta lag here (the engine's tests have it,
+    # and the token cache, replays and search folders stay on).
+    return sandbox_factory(users=2, messages_per_user=60, delta_lag_s=0.0)
 
 
 @pytest.fixture
@@ -176,6 +178,56 @@ def test_a_cursor_pointing_elsewhere_is_refused(harness: GraphHarness) -> None:
     with pytest.raises(CursorExpired):
         provider.message_changes(harness.inbox_id, evil)
     assert not any("evil.example" in (r.url or "") for r in harness.requests_seen)
+
+
+@pytest.mark.parametrize("status", [400, 410])
+def test_an_evicted_link_is_cursor_expired_whatever_the_status(
+        sandbox_factory: Callable[..., SandboxTestServer], status: int) -> None:
+    # Outlook keeps the newest 3 links of a folder; "a 40X-series error with codes such as syncStateNotFound".
+    sandbox = sandbox_factory(users=2, messages_per_user=80, delta_lag_s=0.0, delta_expired_status=status)
+    harness = GraphHarness(sandbox, sandbox.users[0], sandbox.users[1])
+    provider = harness.open(page_size=5)
+    cursors = []
+    cursor = None
+    for _ in range(5):
+        cursor = provider.message_changes(harness.inbox_id, cursor).cursor
+        cursors.append(cursor)
+    with pytest.raises(CursorExpired):
+        provider.message_changes(harness.inbox_id, cursors[0])
+    assert provider.message_changes(harness.inbox_id, cursors[-1]).upserts
+
+
+def test_expired_sync_states_are_told_by_code() -> None:
+    for status, code in [(410, ""), (410, "SyncStateNotFound"), (400, "SyncStateNotFound"), (400, "syncStateNotFound"),
+                         (400, "SyncStateInvalid"), (410, "resyncRequired"), (400, "ResyncRequired"),
+                         (404, "SyncStateNotFound")]:
+        assert is_expired_state(status, code), (status, code)
+    for status, code in [(400, "ErrorInvalidRequest"), (400, ""), (404, "ErrorItemNotFound"),
+                         (401, "SyncStateNotFound"), (429, "SyncStateNotFound"), (503, "SyncStateNotFound")]:
+        assert not is_expired_state(status, code), (status, code)
+
+
+def test_search_folders_are_never_reported_as_folders(sandbox_factory: Callable[..., SandboxTestServer]) -> None:
+    sandbox = sandbox_factory(users=2, messages_per_user=40, delta_lag_s=0.0, search_folders=2)
+    harness = GraphHarness(sandbox, sandbox.users[0], sandbox.users[1])
+    searches = {f["id"] for f in harness.snapshot()["searchFolders"]}
+    assert len(searches) == 2
+    provider = harness.open(page_size=3)
+    seen: set[str] = set()
+    cursor = None
+    while True:
+        batch = provider.folder_changes(cursor)
+        seen.update(f.folder_id for f in batch.upserts)
+        seen.update(batch.removals)
+        cursor = batch.cursor
+        if batch.complete:
+            break
+    assert seen == set(harness.folders()), "every real folder, no search folder"
+    for folder_id in searches:
+        assert harness.graph.delete(f"me/mailFolders/{folder_id}").status_code == 204
+    # A removal entry carries no type: it is reported, for a folder the engine never had.
+    later = provider.folder_changes(cursor)
+    assert not later.upserts and set(later.removals) <= searches
 
 
 def test_throttling_and_outages_carry_retry_after(harness: GraphHarness) -> None:

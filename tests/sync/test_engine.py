@@ -8,6 +8,7 @@ sandbox's ground truth.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import Delivery, Outcome
 from mailsync.sync.status import SyncStatus
 from tests.fixtures.graph_sandbox import SandboxTestServer
-from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world
+from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world, misbehaving_worker
 
 
 @pytest.fixture
@@ -410,3 +411,67 @@ def test_a_continuation_finding_every_slot_busy_leaves_its_work_on_the_row(world
     assert row is not None and row.rounds >= 1, "the folder list ran after the holders left, and found the folder"
     difference = compare(world)
     assert not difference, difference.summary()
+
+
+# --- Outlook's delta as it is: a small token cache, search folders, lag -------------------------
+
+def test_a_large_folder_resumes_from_links_outlook_still_holds(
+        storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: ElasticsearchStore,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Outlook keeps 3 links per folder; the sync stops every second (time budget) and its workers
+    # raise mid-page now and then. Every stop must resume from a link still held: no full restart.
+    sandbox = sandbox_factory(users=2, messages_per_user=2_500, delta_token_cache=3, latency_ms=15)
+    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="1", GRAPH_PAGE_SIZE="40"),
+                       sandbox, store, backoff_cap_s=1.0)
+    world.engine.before_write = misbehaving_worker(5, kill_rate=0.0, raise_rate=0.05)
+    pump = QueuePump(world, workers=4, visibility_s=2)
+    pump.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="mailsync.sync"):
+            world.start_initial_sync()
+            pump.drain(timeout_s=300)
+    finally:
+        pump.stop()
+    assert not compare(world)
+    resumes = [r for r in caplog.records if r.getMessage() == "full round resumes"]
+    assert len(resumes) >= 3, "the folders took several invocations"
+    lost = [r for r in caplog.records if r.getMessage() == "full round starts" and r.__dict__.get("reason") != "initial"]
+    assert not lost, "no folder restarted its round"
+    counters = sandbox.admin("GET", "counters").json()
+    assert (counters["deltaRestarts"], counters["deltaExpired"]) == (0, 0), counters
+
+
+def test_search_folders_are_not_synced_and_their_expiry_deletes_no_mail(world: SyncWorld, pump: QueuePump) -> None:
+    snapshot = world.sandbox.snapshot(world.user)
+    search = snapshot["searchFolders"][0]           # "Unread Mail": the Inbox's unread mail, nested
+    assert search["displayName"] == "Unread Mail"
+    synced(world, pump)                               # the store's folders are the real ones only
+    assert search["id"] not in world.state.load(world.account_id).folders
+    assert search["id"] not in {v.folder.folder_id for v in world.store.list_folders(world.account_id)}
+    graph = world.sandbox.graph(world.user)
+    in_view = graph.get(f"me/mailFolders/{search['id']}/messages?$top=500&$select=id").json()["value"]
+    assert in_view, "the view shows unread Inbox mail"
+    # Exchange deletes a search folder unused for 45 days (here: deleted now); its mail stays where it lives.
+    assert graph.delete(f"me/mailFolders/{search['id']}").status_code == 204
+    world.poll()
+    pump.drain()
+    assert not compare(world)
+    assert all(world.store.get_message(world.account_id, m["id"]) is not None for m in in_view)
+
+
+def test_a_quiet_notified_round_looks_again(world: SyncWorld, pump: QueuePump,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    synced(world, pump)
+    # Delta shows a change 4 s after it is made; the notification comes at once.
+    assert world.sandbox.admin("PATCH", "config", json={"delta_lag_s": 4.0}).status_code == 200
+    graph = world.sandbox.graph(world.user)
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead,parentFolderId").json()["value"][0]
+    assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).status_code == 200
+    with caplog.at_level(logging.INFO, logger="mailsync.sync"):
+        for _ in range(4):   # a burst of notifications for the folder: one look-again pending at a time
+            world.queue.enqueue(new_job(JobKind.SYNC_FOLDER, world.account_id, message["parentFolderId"],
+                                        reason="notified"))
+        pump.drain()
+    assert not compare(world), "the look-again found the change the notified round was too early for"
+    relooks = [r for r in caplog.records if r.getMessage() == "quiet notified round: looking again"]
+    assert 1 <= len(relooks) <= 2, "bounded and coalesced"

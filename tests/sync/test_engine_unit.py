@@ -267,6 +267,66 @@ def test_close_waits_for_the_request_in_flight() -> None:
     assert not closer.is_alive()
 
 
+def test_reader_never_reads_more_than_the_window_beyond_the_saved_page() -> None:
+    # Outlook keeps 3 links per folder: with a window of 2, the saved one is always among them.
+    pages = _pages(12)
+    fetched: list[str | None] = []
+
+    def fetch(cursor: str | None) -> MessageBatch:
+        fetched.append(cursor)
+        return pages[cursor]
+
+    with PageReader(fetch, None, depth=4, window=2) as reader:
+        time.sleep(0.3)
+        assert len(fetched) == 2, "two links issued beyond the saved one, then it waits"
+        taken = reader.take(1)
+        time.sleep(0.2)
+        assert len(fetched) == 2, "taken is not saved: still waiting"
+        reader.saved(len(taken))
+        time.sleep(0.3)
+        assert len(fetched) == 3
+        saved = len(taken)
+        while True:
+            got = reader.take(100)
+            reader.saved(len(got))
+            saved += len(got)
+            assert len(fetched) - saved <= 2
+            if got[-1].complete:
+                break
+    assert saved == 12
+
+
+def test_drain_hands_over_every_page_read_and_reads_no_more() -> None:
+    started, release = threading.Event(), threading.Event()
+    pages = _pages(10)
+    fetched: list[str | None] = []
+
+    def fetch(cursor: str | None) -> MessageBatch:
+        fetched.append(cursor)
+        if cursor == "c2":
+            started.set()
+            release.wait(5)
+        return pages[cursor]
+
+    reader = PageReader(fetch, None, depth=2)
+    assert [p.cursor for p in reader.take(1)] == ["c0"]
+    assert started.wait(5)                      # c1 and c2 queued, c3 in flight
+    threading.Timer(0.2, release.set).start()
+    drained = reader.drain()
+    assert [p.cursor for p in drained] == ["c1", "c2", "c3"], "the request in flight is waited for and kept"
+    reader.close()
+    assert fetched == [None, "c0", "c1", "c2"], "nothing is read after the drain"
+
+
+def test_drain_after_the_last_page_is_empty() -> None:
+    pages = _pages(2)
+    with PageReader(lambda c: pages[c], None, depth=4) as reader:
+        got: list[MessageBatch] = []
+        while not got or not got[-1].complete:
+            got.extend(reader.take(100))
+        assert reader.drain() == []
+
+
 # --- SignalR messages --------------------------------------------------------------------------
 
 def _msg(i: int, folder: str = "inbox", **fields: Any) -> Message:
