@@ -2,7 +2,9 @@
 
 While the initial sync of a few thousand messages runs, a person changes
 the mailbox through Graph (read / unread, flag, categories, move, delete,
-delete for good, new mail via sendMail, folder create / rename / delete)
+delete for good, new mail via sendMail, folder create / rename / delete,
+search folders made and deleted) on a sandbox that behaves as Outlook does
+(three delta links kept per folder, delta a second behind, replays)
 and everything fails at once: Graph answers 503 / 504, cuts bodies, throws
 429 storms, replays delta pages and expires delta tokens; workers raise
 mid-page (the queue redelivers) or die without cleaning up (the redelivery
@@ -122,6 +124,7 @@ class Person:
         self.ids: list[str] = []
         self.folders: list[str] = []
         self.created: list[str] = []
+        self.searches: list[str] = []
         self.done = 0
         self.counts: dict[str, int] = {}
         self.refresh()
@@ -153,8 +156,8 @@ class Person:
         self.done += 1
         kind = self.rng.choices(
             ["read", "flag", "categories", "move", "delete", "purge", "send", "folder_create", "folder_rename",
-             "folder_delete"],
-            [30, 12, 5, 18, 8, 4, 12, 3, 3, 3])[0]
+             "folder_delete", "search_folder"],
+            [30, 12, 5, 18, 8, 4, 12, 3, 3, 3, 1])[0]
         self.counts[kind] = self.counts.get(kind, 0) + 1
         message = self.rng.choice(self.ids) if self.ids else None
         if kind == "send" or message is None:
@@ -190,6 +193,20 @@ class Person:
         elif kind == "folder_delete" and self.created:
             # The first delete moves it to Deleted Items, a second one deletes it with its mail.
             self.call(self.graph, "DELETE", f"me/mailFolders/{self.rng.choice(self.created)}")
+        elif kind == "search_folder":
+            self.search_folder()
+
+    def search_folder(self) -> None:
+        """Make a search folder over some folder, or delete one (Exchange expires them): no mail moves."""
+        if self.searches and self.rng.random() < 0.5:
+            self.call(self.graph, "DELETE", f"me/mailFolders/{self.searches.pop()}")
+            return
+        response = self.call(self.graph, "POST", "me/mailFolders", json={
+            "@odata.type": "microsoft.graph.mailSearchFolder", "displayName": f"Search {self.rng.randrange(10**6)}",
+            "sourceFolderIds": [self.rng.choice(self.folders)], "includeNestedFolders": self.rng.random() < 0.5,
+            "filterQuery": self.rng.choice(["isRead eq false", "flag/flagStatus eq 'flagged'", ""])})
+        if response is not None and response.status_code == 201:
+            self.searches.append(response.json()["id"])
 
 
 # --- the scenario -----------------------------------------------------------------------------------
@@ -205,7 +222,11 @@ class Outcome:
 
 def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[..., SearchStore], *,
                  store: SearchStore | None = None, scale: Scale = SCALE) -> Outcome:
-    server = start_sandbox(SandboxConfig(seed=plan.seed % 10_000, users=2, messages_per_user=scale.messages))
+    # Outlook as it is: 3 delta links kept per folder, delta a second behind changes, replays,
+    # search folders (two seeded, more made and deleted by the person).
+    server = start_sandbox(SandboxConfig(seed=plan.seed % 10_000, users=2, messages_per_user=scale.messages,
+                                         delta_token_cache=3, delta_lag_s=1.0, delta_replay_rate=0.02,
+                                         search_folders=2))
     pump: QueuePump | None = None
     try:
         settings_ = Settings.from_env({**storage_env, "GRAPH_SANDBOX_URL": server.base_url,

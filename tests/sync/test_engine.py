@@ -435,7 +435,8 @@ def test_a_large_folder_resumes_from_links_outlook_still_holds(
     assert not compare(world)
     resumes = [r for r in caplog.records if r.getMessage() == "full round resumes"]
     assert len(resumes) >= 3, "the folders took several invocations"
-    lost = [r for r in caplog.records if r.getMessage() == "full round starts" and r.__dict__.get("reason") != "initial"]
+    lost = [r for r in caplog.records
+            if r.getMessage() == "full round starts" and r.__dict__.get("reason") != "initial"]
     assert not lost, "no folder restarted its round"
     counters = sandbox.admin("GET", "counters").json()
     assert (counters["deltaRestarts"], counters["deltaExpired"]) == (0, 0), counters
