@@ -540,10 +540,10 @@ class _Invocation:
                 e.state.update_info(self.account_id, folder.folder_id, name=folder.name, role=folder.role,
                                     expected=folder.total_count, parent_id=folder.parent_id,
                                     unread=folder.unread_count, children=folder.child_folder_count)
-        for folder_id in self._known(_with_descendants(removals, rows), rows):
+        for folder_id in self._held(_with_descendants(removals, rows), rows):
             self._remove_folder(folder_id)
 
-    def _known(self, folder_ids: list[str], rows: AccountSyncState) -> list[str]:
+    def _held(self, folder_ids: list[str], rows: AccountSyncState) -> list[str]:
         """The removed folders we hold (a row, or a folder document left by a crash between the two).
 
         Only those have documents to delete. A removal of a folder we never
