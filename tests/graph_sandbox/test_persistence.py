@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from graph_sandbox.config import SandboxConfig
+from graph_sandbox.persistence import FORMAT
 from graph_sandbox.server import SandboxServer
 from tests.graph_sandbox.signin import token, user_tokens
 from tests.graph_sandbox.test_subscriptions import Receiver
@@ -43,8 +44,9 @@ def delta_round(base: str, access: str, url: str) -> tuple[list[dict[str, Any]],
 
 
 def test_a_restarted_sandbox_keeps_tokens_subscriptions_and_mail(tmp_path: Path, receiver: Receiver) -> None:
+    # No delta lag: the test reads delta right after the notification (the token cache stays on).
     config = SandboxConfig(users=2, messages_per_user=12, state_path=str(tmp_path / "state.pickle"),
-                           allow_http_loopback_webhooks=True)
+                           allow_http_loopback_webhooks=True, delta_lag_s=0.0)
     first = SandboxServer(config)
     base = first.start()
     port = urlsplit(base).port
@@ -73,7 +75,7 @@ def test_a_restarted_sandbox_keeps_tokens_subscriptions_and_mail(tmp_path: Path,
     finally:
         first.stop()
     saved = pickle.loads((tmp_path / "state.pickle").read_bytes())
-    assert saved["format"] == 1 and saved["subscriptions"]["subscriptions"]
+    assert saved["format"] == FORMAT and saved["subscriptions"]["subscriptions"]
 
     second = SandboxServer(config, port=port or 0)
     assert second.start() == base
