@@ -863,6 +863,7 @@ class MailApi:
         """A sync state the client named is gone (counted for the benchmarks)."""
         ctx.state.counters.delta_expired += 1
         ctx.state.delta.gone(self._state_key(ctx, folder_id))
+        log.info("delta sync state gone: %s %s %s", folder_id or "(folder list)", code, message)
         return ApiError(status, code, message)
 
     @staticmethod

@@ -22,8 +22,13 @@ alive:
 * the *window*: at most ``window`` pages are read (counting the request in
   flight) beyond the last one whose cursor is saved (``saved()``). With
   Outlook's 3 and a window of 2, the saved link is always among the newest
-  three, whatever happens next: a crash, a raise, a retry, the end of the
-  time budget;
+  three when the invocation stops, whatever stops it: the end of the time
+  budget, a transient fault (the pages before it are written first, so the
+  retry starts from the link of the failed request), a worker that dies.
+  The next invocation's first request issues one more link, so a second
+  death before that invocation saves a page can cost the link: Outlook
+  then answers SyncStateNotFound and the folder's round starts over (always
+  safe, only slower);
 * ``drain()``: when the invocation stops, the pages already read are
   handed over to be written and their newest link saved, instead of being
   read again (and issuing new links) by the next invocation.
