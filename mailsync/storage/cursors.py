@@ -353,7 +353,7 @@ class SyncStateTable:
                 for key in chunk:
                     self._merge_unconditional(account_id, key, fields)
 
-    def schedule_relook(self, account_id: str, folder_id: str, *, at: float) -> bool:
+    def schedule_relook(self, account_id: str, folder_id: str | None, *, at: float) -> bool:
         """Claim the folder's one pending look-again, due at ``at``; False when one is pending already
         (notifications coalesce) or the folder is gone. No lease needed: it is not the holder's field."""
         for _ in range(_CONFLICT_RETRIES):

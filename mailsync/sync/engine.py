@@ -324,10 +324,16 @@ class _Invocation:
         too: the look-again covers that as well.
         """
         job = self.job
-        folder_id = job.folder_id
-        if job.kind != JobKind.SYNC_FOLDER or folder_id is None or job.reason not in NOTIFIED_REASONS:
+        if job.reason not in NOTIFIED_REASONS:
             return
-        if folder_id in self.changed:
+        folder_id = job.folder_id
+        if job.kind == JobKind.SYNC_FOLDER and folder_id is not None:
+            target = folder_id
+        elif job.kind == JobKind.SYNC_FOLDERS and job.attrs.get(EVERY_FOLDER) != "1":
+            target, folder_id = _LIST, None    # a folder subscription's notification: names, parents, new folders
+        else:
+            return
+        if target in self.changed:
             return
         try:
             attempt = int(job.attrs.get(RELOOK, "0")) if job.reason == RELOOK else 0
@@ -340,7 +346,7 @@ class _Invocation:
         if not e.state.schedule_relook(self.account_id, folder_id, at=e.clock() + delay):
             return
         log.info("quiet notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
-        e.queue.enqueue(new_job(JobKind.SYNC_FOLDER, self.account_id, folder_id, reason=RELOOK,
+        e.queue.enqueue(new_job(JobKind(job.kind), self.account_id, folder_id, reason=RELOOK,
                                 attrs={RELOOK: str(attempt + 1)}), delay_s=delay)
 
     def _reclaim_dead_leases(self, rows: AccountSyncState) -> None:
@@ -491,6 +497,8 @@ class _Invocation:
         while True:
             batch = self._retrying(lambda c=cursor: self._provider_().folder_changes(c))  # type: ignore[misc]
             self._apply_folders(batch.upserts, batch.removals, rows, generation, created)
+            if batch.upserts or batch.removals:
+                self.changed.add(_LIST)
             seen.update(folder.folder_id for folder in batch.upserts)
             cursor = batch.cursor
             if not box[0].state.first_screen:
