@@ -418,7 +418,7 @@ def test_a_continuation_finding_every_slot_busy_leaves_its_work_on_the_row(world
 # --- Outlook's delta as it is: a small token cache, search folders, lag -------------------------
 
 def test_a_large_folder_resumes_from_links_outlook_still_holds(
-        storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: ElasticsearchStore,
+        storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: SearchStore,
         caplog: pytest.LogCaptureFixture) -> None:
     # Outlook keeps 3 links per folder. The sync stops every second (time budget), Graph answers
     # 503 / 504 and cuts bodies now and then (retries). Every stop and every retry must go on from a
