@@ -371,7 +371,13 @@ class _Invocation:
         if kind == JobKind.SYNC_FOLDERS and self.job.attrs.get(EVERY_FOLDER) == "1" and not self.is_continuation:
             # The intent goes on the rows first (one batch): whoever holds the slot, now or
             # later, works them; this invocation does the folder list, then picks them up.
-            state.mark_many(self.account_id, list(rows.folders), dirty=True)
+            # A folder whose first round has not begun needs no mark: that round starts after
+            # now, so it sees every change made before this job (onboarding: the sweep after
+            # subscribing then costs nothing for the folders the initial sync has not reached).
+            now = self.e.clock()
+            started = [fid for fid, row in rows.folders.items()
+                       if row.rounds > 0 or row.cursor or row.leased(now)]
+            state.mark_many(self.account_id, started, dirty=True)
             return _LIST
         if folder_id is None or kind == JobKind.SYNC_FOLDERS:
             return _LIST
