@@ -35,6 +35,19 @@ accounts get a safety sweep (SYNC_ACCOUNT: folder list and every folder,
 incrementally): ``sweep_graph_requests``, ``sweep_cpu_ms``,
 ``sweep_table_tx``, ``sweep_queue_tx`` per account.
 
+Onboarding figures: ``link_s`` (all sign-ins done), ``sync_all_s`` (from
+the first sign-in until every account is synced), ``accounts_per_s`` and
+the Graph requests and storage transactions per account it took.
+
+``--workers N`` adds N devhost processes serving only the queue trigger
+(1 + N processes share the queue). The scale run adds
+``--kill-worker-at S`` (SIGKILL one worker S seconds into the changes and
+start another) and ``--verify`` (afterwards, store = mailbox for every
+account: ``verified_accounts``, ``unequal_accounts``)::
+
+    .venv/bin/python bench/change_latency.py --accounts 1000 --changes 6000 --rate 20 --workers 2
+        --count-storage --kill-worker-at 150 --verify --sweeps 0       # (one command line)
+
 Scaled for this 2-core machine by default (100 accounts); ``--accounts
 1000`` works and mostly costs linking and initial-sync time.
 """
@@ -60,9 +73,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cli import parser_from_doc
 from bench.harness import (
+    Diff,
     Linked,
     Stack,
     ThreadProfiles,
+    compare,
     cpu_s,
     diff_counts,
     figures,
@@ -373,6 +388,37 @@ def measure_sweeps(stack: Stack, accounts: list[Account]) -> dict[str, float]:
     return out
 
 
+def verify_all(stack: Stack, accounts: list[Account], settle_s: float) -> dict[str, Any]:
+    """Store = mailbox for every account? Compare each with the sandbox's snapshot until equal or ``settle_s``.
+
+    Returns ``verified_accounts`` (equal), ``unequal_accounts`` and the
+    summed ``missing`` / ``extra`` / ``stale`` of the unequal ones at the end.
+    """
+    store = stack.store()
+    deadline = time.monotonic() + settle_s
+    todo = list(accounts)
+    diffs: dict[str, Diff] = {}
+    try:
+        while True:
+            stack.wait_quiet(timeout_s=max(1.0, deadline - time.monotonic()))
+            diffs = {}
+            for account in todo:
+                diff = compare(store, account.linked.account_id, stack.sandbox.snapshot(account.linked.address))
+                if diff:
+                    diffs[account.linked.account_id] = diff
+            todo = [a for a in todo if a.linked.account_id in diffs]
+            say(f"verify: {len(accounts) - len(todo)}/{len(accounts)} accounts equal to their mailbox")
+            if not todo or time.monotonic() > deadline:
+                break
+            time.sleep(5)
+    finally:
+        store.close()
+    return {"verified_accounts": len(accounts) - len(todo), "unequal_accounts": len(todo),
+            "verify_missing": sum(len(d.missing) for d in diffs.values()),
+            "verify_extra": sum(len(d.extra) for d in diffs.values()),
+            "verify_stale": sum(len(d.stale) for d in diffs.values())}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     env = {"POLL_INTERVAL_SUBSCRIBED_S": "0"}
@@ -391,7 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 profiles.install()
             stack.start_host_in_process()
         for _ in range(args.workers):
-            stack.add_worker()
+            stack.add_worker(args.queue_lease_s if args.kill_worker_at >= 0 else None)
         addresses = [u["mail"] for u in stack.sandbox.users()][: args.accounts]
         say(f"linking {len(addresses)} accounts ({args.messages_per_account} messages each)")
         counter = stack.storage_counter
@@ -455,6 +501,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with lock:
                     changes.append(change)
 
+        kill_at = args.kill_worker_at if args.kill_worker_at >= 0 and stack.workers else None
+        killed = 0
         with ThreadPoolExecutor(args.change_threads) as pool:
             for n in range(args.changes):
                 due = started + n / args.rate
@@ -464,6 +512,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 pool.submit(one)
                 if n and n % 500 == 0:
                     say(f"  {n} changes sent, {clients.events} events received")
+                if kill_at is not None and time.monotonic() - started >= kill_at:
+                    # A crashed instance: SIGKILL mid-whatever, then a fresh one (its messages come back
+                    # when their queue lease lapses; leases in the tables are taken over or expire).
+                    victim = stack.workers[0]
+                    say(f"  killing worker pid {victim.pid} (SIGKILL) and starting another")
+                    stack.kill_worker(victim)
+                    stack.add_worker(args.queue_lease_s)
+                    kill_at, killed = None, killed + 1
         say(f"all changes sent in {time.monotonic() - started:.1f} s; waiting up to {args.wait_s:g} s for events")
         deadline = time.monotonic() + args.wait_s
         while time.monotonic() < deadline:
@@ -510,6 +566,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for line in profiles.report():
                 print(line, flush=True)
         sweep = measure_sweeps(stack, accounts[: args.sweeps]) if args.sweeps else {}
+        verified = verify_all(stack, accounts, args.settle_s) if args.verify else {}
         return {
             "accounts": len(accounts), "changes": len(changes), "failed_changes": maker.failed,
             "app_cpu_ms_per_change": 1000 * app_cpu / max(1, len(changes)),
@@ -519,7 +576,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "delta_pages_per_change": delta_pages / max(1, len(changes)),
             "notification_posts": posts,
             "delta_pages_per_notification_post": delta_pages / max(1, posts),
-            "latency_ms": args.latency_ms, **storage, **onboarding, **sweep,
+            "latency_ms": args.latency_ms, "workers_killed": killed, **storage, **onboarding, **sweep, **verified,
         }
     finally:
         if clients is not None:
@@ -554,11 +611,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count-storage", action="store_true",
                         help="count queue and table transactions (a counting proxy in front of Azurite)")
     parser.add_argument("--idle-s", type=float, default=20, help="idle window for --count-storage (default 20)")
+    parser.add_argument("--kill-worker-at", type=float, default=-1,
+                        help="the scale run: this many seconds into the changes, SIGKILL one --workers process "
+                             "and start another (default: no kill)")
+    parser.add_argument("--queue-lease-s", type=float, default=15,
+                        help="with --kill-worker-at: the workers' queue lease (default 15 s, as chaos.py)")
+    parser.add_argument("--verify", action="store_true",
+                        help="afterwards, compare the store with every account's mailbox (store = mailbox?)")
+    parser.add_argument("--settle-s", type=float, default=600, help="with --verify: how long to wait for equality")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = parser.parse_args(argv)
     result = run(args)
     print(figures("change_latency", result), flush=True)
-    return 0 if result["lost"] == 0 else 1
+    return 0 if result["lost"] == 0 and not result.get("unequal_accounts") else 1
 
 
 if __name__ == "__main__":
