@@ -551,6 +551,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{ {k: round(v, 2) for k, v in idle.items()} }")
         posts_after = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
         latencies = [1000 * (c.seen - c.sent) for c in changes if c.seen is not None]
+        # Changes delivered per second, from the first change sent to the last event seen.
+        last_seen = max((c.seen for c in changes if c.seen is not None), default=started)
+        throughput = len(latencies) / max(1e-6, last_seen - started)
         lost = [c for c in changes if c.seen is None]
         for change in lost[:5]:
             say(f"  no event for {change.kind} of {change.message_id[:16]}... at {change.account.linked.account_id}")
@@ -570,6 +573,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "accounts": len(accounts), "changes": len(changes), "failed_changes": maker.failed,
             "app_cpu_ms_per_change": 1000 * app_cpu / max(1, len(changes)),
+            "rate": args.rate, "workers": args.workers, "throughput_per_s": throughput,
             "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
             "max_ms": max(latencies) if latencies else float("nan"), **by_kind, "lost": len(lost),
             "graph_requests_per_change": app_requests / max(1, len(changes)),
