@@ -419,7 +419,7 @@ def verify_all(stack: Stack, accounts: list[Account], settle_s: float) -> dict[s
             "verify_stale": sum(len(d.stale) for d in diffs.values())}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = random.Random(args.seed)
     env = {"POLL_INTERVAL_SUBSCRIBED_S": "0"}
     stack = start_stack("change-latency", users=args.accounts, messages=args.messages_per_account,
@@ -475,113 +475,135 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.idle_s)
             idle = {k: v / (time.monotonic() - idle_started)
                     for k, v in diff_counts(counter.snapshot(), idle_before).items()}
-            storage_before = counter.snapshot()
-        if profiles is not None:
-            profiles.clear()   # from here on: the steady state only
-        hosts = [p for p in [stack.host, *stack.workers] if p is not None]
-        idle_cpu0, idle_t0 = sum(cpu_s(h.pid) or 0.0 for h in hosts), time.monotonic()
-        time.sleep(5)
-        idle_cpu_rate = (sum(cpu_s(h.pid) or 0.0 for h in hosts) - idle_cpu0) / (time.monotonic() - idle_t0)
-        cpu_before = sum(cpu_s(h.pid) or 0.0 for h in hosts)
-        before = stack.sandbox.counters()
-        posts_before = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
-        say(f"{clients.connected} clients connected; making {args.changes} changes at {args.rate}/s")
-        changes: list[Change] = []
-        started = time.monotonic()
-        lock = threading.Lock()
+        steps = [int(n) for n in args.worker_steps.split(",")] if args.worker_steps else [args.workers]
+        results: list[dict[str, Any]] = []
 
-        def one() -> None:
-            try:
-                change = maker.make()
-            except Exception as exc:
-                maker.failed += 1
-                say(f"  change failed: {exc}")
-                return
-            if change is not None:
-                with lock:
-                    changes.append(change)
+        def window(step_index: int) -> dict[str, Any]:
+            """One window of --changes changes with the hosts running now; its figures."""
+            storage_before = counter.snapshot() if counter is not None else {}
+            if profiles is not None:
+                profiles.clear()   # from here on: the steady state only
+            hosts = [p for p in [stack.host, *stack.workers] if p is not None]
+            idle_cpu0, idle_t0 = sum(cpu_s(h.pid) or 0.0 for h in hosts), time.monotonic()
+            time.sleep(5)
+            idle_cpu_rate = (sum(cpu_s(h.pid) or 0.0 for h in hosts) - idle_cpu0) / (time.monotonic() - idle_t0)
+            cpu_before = sum(cpu_s(h.pid) or 0.0 for h in hosts)
+            before = stack.sandbox.counters()
+            posts_before = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
+            say(f"{clients.connected} clients connected; making {args.changes} changes at {args.rate}/s with "
+                f"{1 + len(stack.workers)} host process(es)")
+            changes: list[Change] = []
+            started = time.monotonic()
+            lock = threading.Lock()
 
-        kill_at = args.kill_worker_at if args.kill_worker_at >= 0 and stack.workers else None
-        killed = 0
-        with ThreadPoolExecutor(args.change_threads) as pool:
-            for n in range(args.changes):
-                due = started + n / args.rate
-                delay = due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(one)
-                if n and n % 500 == 0:
-                    say(f"  {n} changes sent, {clients.events} events received")
-                if kill_at is not None and time.monotonic() - started >= kill_at:
-                    # A crashed instance: SIGKILL mid-whatever, then a fresh one (its messages come back
-                    # when their queue lease lapses; leases in the tables are taken over or expire).
-                    victim = stack.workers[0]
-                    say(f"  killing worker pid {victim.pid} (SIGKILL) and starting another")
-                    stack.kill_worker(victim)
-                    stack.add_worker(args.queue_lease_s)
-                    kill_at, killed = None, killed + 1
-        say(f"all changes sent in {time.monotonic() - started:.1f} s; waiting up to {args.wait_s:g} s for events")
-        deadline = time.monotonic() + args.wait_s
-        while time.monotonic() < deadline:
-            missing = 0
-            for change in changes:
-                if change.seen is None:
-                    change.seen = clients.first_after(change.account.linked.account_id, change.message_id,
-                                                      change.sent)
+            def one() -> None:
+                try:
+                    change = maker.make()
+                except Exception as exc:
+                    maker.failed += 1
+                    say(f"  change failed: {exc}")
+                    return
+                if change is not None:
+                    with lock:
+                        changes.append(change)
+
+            kill_at = args.kill_worker_at if args.kill_worker_at >= 0 and stack.workers and step_index == 0 else None
+            killed = 0
+            with ThreadPoolExecutor(args.change_threads) as pool:
+                for n in range(args.changes):
+                    due = started + n / args.rate
+                    delay = due - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    pool.submit(one)
+                    if n and n % 500 == 0:
+                        say(f"  {n} changes sent, {clients.events} events received")
+                    if kill_at is not None and time.monotonic() - started >= kill_at:
+                        # A crashed instance: SIGKILL mid-whatever, then a fresh one (its messages come back
+                        # when their queue lease lapses; leases in the tables are taken over or expire).
+                        victim = stack.workers[0]
+                        say(f"  killing worker pid {victim.pid} (SIGKILL) and starting another")
+                        stack.kill_worker(victim)
+                        stack.add_worker(args.queue_lease_s)
+                        kill_at, killed = None, killed + 1
+            say(f"all changes sent in {time.monotonic() - started:.1f} s; waiting up to {args.wait_s:g} s for events")
+            deadline = time.monotonic() + args.wait_s
+            while time.monotonic() < deadline:
+                missing = 0
+                for change in changes:
                     if change.seen is None:
-                        missing += 1
-                    else:
-                        maker.done(change)
-            if missing == 0:
-                break
-            time.sleep(0.5)
-        window_s = time.monotonic() - started
-        app_cpu = sum(cpu_s(h.pid) or 0.0 for h in hosts) - cpu_before - idle_cpu_rate * window_s
-        after = stack.sandbox.counters()
-        storage: dict[str, Any] = {}
-        if counter is not None:
-            used = diff_counts(counter.snapshot(), storage_before)
-            # Net of what the idle hosts poll anyway (billed per host, not per change).
-            for key in ("table_total", "queue_total", "queue_send", "queue_receive"):
-                net = used.get(key, 0) - idle.get(key, 0.0) * window_s
-                storage[f"{key}_per_change"] = net / max(1, len(changes))
-            storage["idle_queue_tx_per_host_hour"] = 3600 * idle.get("queue_total", 0.0) / (1 + args.workers)
-            storage["idle_table_tx_per_s"] = idle.get("table_total", 0.0)
-            say(f"storage transactions during the changes: {used}; idle rate per s: "
-                f"{ {k: round(v, 2) for k, v in idle.items()} }")
-        posts_after = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
-        latencies = [1000 * (c.seen - c.sent) for c in changes if c.seen is not None]
-        # Changes delivered per second, from the first change sent to the last event seen.
-        last_seen = max((c.seen for c in changes if c.seen is not None), default=started)
-        throughput = len(latencies) / max(1e-6, last_seen - started)
-        lost = [c for c in changes if c.seen is None]
-        for change in lost[:5]:
-            say(f"  no event for {change.kind} of {change.message_id[:16]}... at {change.account.linked.account_id}")
-        by_kind = {}
-        for kind in ("read", "flag", "move", "delete", "new"):
-            values = [1000 * (c.seen - c.sent) for c in changes if c.kind == kind and c.seen is not None]
-            if values:
-                by_kind[f"p50_{kind}_ms"] = percentile(values, 0.5)
-        app_requests = int(after["requests"]) - int(before["requests"]) - maker.graph_writes
-        delta_pages = int(after["deltaPages"]) - int(before["deltaPages"])
-        posts = int(posts_after) - int(posts_before)
-        if profiles is not None:
-            for line in profiles.report():
-                print(line, flush=True)
-        sweep = measure_sweeps(stack, accounts[: args.sweeps]) if args.sweeps else {}
-        verified = verify_all(stack, accounts, args.settle_s) if args.verify else {}
-        return {
-            "accounts": len(accounts), "changes": len(changes), "failed_changes": maker.failed,
-            "app_cpu_ms_per_change": 1000 * app_cpu / max(1, len(changes)),
-            "rate": args.rate, "workers": args.workers, "throughput_per_s": throughput,
-            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
-            "max_ms": max(latencies) if latencies else float("nan"), **by_kind, "lost": len(lost),
-            "graph_requests_per_change": app_requests / max(1, len(changes)),
-            "delta_pages_per_change": delta_pages / max(1, len(changes)),
-            "notification_posts": posts,
-            "delta_pages_per_notification_post": delta_pages / max(1, posts),
-            "latency_ms": args.latency_ms, "workers_killed": killed, **storage, **onboarding, **sweep, **verified,
-        }
+                        change.seen = clients.first_after(change.account.linked.account_id, change.message_id,
+                                                          change.sent)
+                        if change.seen is None:
+                            missing += 1
+                        else:
+                            maker.done(change)
+                if missing == 0:
+                    break
+                time.sleep(0.5)
+            window_s = time.monotonic() - started
+            app_cpu = sum(cpu_s(h.pid) or 0.0 for h in hosts) - cpu_before - idle_cpu_rate * window_s
+            after = stack.sandbox.counters()
+            storage: dict[str, Any] = {}
+            if counter is not None:
+                used = diff_counts(counter.snapshot(), storage_before)
+                # Net of what the idle hosts poll anyway (billed per host, not per change).
+                hosts_now = 1 + len(stack.workers)
+                for key in ("table_total", "queue_total", "queue_send", "queue_receive"):
+                    # Idle queue polling grows with the hosts; it was measured with 1 + --workers of them.
+                    idle_rate = idle.get(key, 0.0) * (hosts_now / (1 + args.workers) if key.startswith("queue") else 1)
+                    net = used.get(key, 0) - idle_rate * window_s
+                    storage[f"{key}_per_change"] = net / max(1, len(changes))
+                storage["idle_queue_tx_per_host_hour"] = 3600 * idle.get("queue_total", 0.0) / (1 + args.workers)
+                storage["idle_table_tx_per_s"] = idle.get("table_total", 0.0)
+                say(f"storage transactions during the changes: {used}; idle rate per s: "
+                    f"{ {k: round(v, 2) for k, v in idle.items()} }")
+            posts_after = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
+            latencies = [1000 * (c.seen - c.sent) for c in changes if c.seen is not None]
+            # Changes delivered per second, from the first change sent to the last event seen.
+            last_seen = max((c.seen for c in changes if c.seen is not None), default=started)
+            throughput = len(latencies) / max(1e-6, last_seen - started)
+            lost = [c for c in changes if c.seen is None]
+            for change in lost[:5]:
+                say(f"  no event for {change.kind} of {change.message_id[:16]}... at "
+                    f"{change.account.linked.account_id}")
+            by_kind = {}
+            for kind in ("read", "flag", "move", "delete", "new"):
+                values = [1000 * (c.seen - c.sent) for c in changes if c.kind == kind and c.seen is not None]
+                if values:
+                    by_kind[f"p50_{kind}_ms"] = percentile(values, 0.5)
+            app_requests = int(after["requests"]) - int(before["requests"]) - maker.graph_writes
+            delta_pages = int(after["deltaPages"]) - int(before["deltaPages"])
+            posts = int(posts_after) - int(posts_before)
+            if profiles is not None:
+                for line in profiles.report():
+                    print(line, flush=True)
+            last = step_index == len(steps) - 1
+            sweep = measure_sweeps(stack, accounts[: args.sweeps]) if args.sweeps and last else {}
+            verified = verify_all(stack, accounts, args.settle_s) if args.verify and last else {}
+            return {
+                "accounts": len(accounts), "changes": len(changes), "failed_changes": maker.failed,
+                "app_cpu_ms_per_change": 1000 * app_cpu / max(1, len(changes)),
+                "rate": args.rate, "workers": len(stack.workers), "throughput_per_s": throughput,
+                "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+                "max_ms": max(latencies) if latencies else float("nan"), **by_kind, "lost": len(lost),
+                "graph_requests_per_change": app_requests / max(1, len(changes)),
+                "delta_pages_per_change": delta_pages / max(1, len(changes)),
+                "notification_posts": posts,
+                "delta_pages_per_notification_post": delta_pages / max(1, posts),
+                "latency_ms": args.latency_ms, "workers_killed": killed, **storage, **onboarding, **sweep, **verified,
+            }
+
+        for step_index, extra in enumerate(steps):
+            while len(stack.workers) < extra:
+                stack.add_worker(args.queue_lease_s if args.kill_worker_at >= 0 else None)
+            while len(stack.workers) > extra:
+                stack.workers.pop().stop(timeout_s=30)
+            if step_index:
+                say(f"queue quiet after {stack.wait_quiet():.0f} s")
+            results.append(window(step_index))
+            print(figures("change_latency", results[-1]), flush=True)
+        return results
     finally:
         if clients is not None:
             clients.close()
@@ -623,11 +645,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true",
                         help="afterwards, compare the store with every account's mailbox (store = mailbox?)")
     parser.add_argument("--settle-s", type=float, default=600, help="with --verify: how long to wait for equality")
+    parser.add_argument("--worker-steps", default="",
+                        help="e.g. 0,1,2: after onboarding, one window of --changes per entry, with that many "
+                             "--workers processes (throughput and p99 against 1, 2, 3 processes on one stack)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = parser.parse_args(argv)
-    result = run(args)
-    print(figures("change_latency", result), flush=True)
-    return 0 if result["lost"] == 0 and not result.get("unequal_accounts") else 1
+    results = run(args)   # each window's figures line is printed as it ends
+    return 0 if all(r["lost"] == 0 and not r.get("unequal_accounts") for r in results) else 1
 
 
 if __name__ == "__main__":
