@@ -32,8 +32,8 @@ changed": the folder id is not even needed, one folder-list round reads
 every rename, move, creation and deletion): the sync job re-reads the truth
 from Graph's delta. So a replayed
 or duplicated notification can at worst cause one extra, idempotent sync;
-while the first one's job is still pending it causes nothing at all (the
-pending row already holds it).
+while the first one's job is still queued it costs one row write and
+nothing else (the pending row already holds it).
 
 Coalescing (why a row and not one job per request): Graph batches
 notifications, but a burst of 1,000 changes still arrives as dozens of
@@ -41,8 +41,9 @@ requests. The pending row makes that one job per account per cycle of
 the worker: the first request creates the row and enqueues the job (with
 an optional delay, ``NOTIFY_COALESCE_S``, default 0: measured, the row
 alone coalesces well and a delay only adds latency); later requests only
-merge ids into the row; the job deletes the row (ETag-checked) after it
-enqueued the sync jobs. See docs/change-monitoring.md for the measurements.
+merge ids into the row (every merge rewrites it); the job deletes the row
+(ETag-checked) after it enqueued or ran the sync jobs, and reads it again
+when a merge came in meanwhile. See docs/change-monitoring.md for the measurements.
 """
 
 from __future__ import annotations
@@ -300,8 +301,10 @@ class NotificationReceiver:
             else:
                 merged, overflow = merge_changes(current.changes, changes, max_ids=max_ids)
             stale = now - current.enqueued_at > timedelta(seconds=PENDING_STALE_S)
-            if merged == current.changes and overflow == current.all_folders and not folder_notices and not stale:
-                return False  # nothing new: a replay or a duplicate of what is pending
+            # Even when nothing is new (a replay, or the same message changed again) the row is
+            # rewritten: its new ETag makes a NOTIFIED job that already read it (and may be running
+            # its folder rounds itself, which could have started before this change) fail its
+            # delete, read the row again and run one more round. Skipping the write lost changes.
             updated = replace(current, changes=merged, all_folders=overflow,
                               folder_notices=current.folder_notices + folder_notices,
                               enqueued_at=now if stale else current.enqueued_at)

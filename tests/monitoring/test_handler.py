@@ -98,6 +98,25 @@ def test_a_small_set_runs_in_the_invocation_without_a_queue_hop(world: World) ->
     assert world.harness.pending.get(world.account) is None
 
 
+def test_a_repeat_notification_during_a_direct_round_runs_the_round_again(world: World) -> None:
+    # The same message changes again while the NOTIFIED job runs its round (which may have read the
+    # folder before that change): the webhook's merge adds nothing new but rewrites the row, so the
+    # job's delete fails and it runs the round once more. Skipping the write lost such changes.
+    a = world.stored[0]
+    world.notify(("updated", a["id"]))
+    world.harness.drain()
+    ran: list[Job] = []
+
+    def run_round(job: Job, account: object) -> None:
+        ran.append(job)
+        if len(ran) == 1:
+            world.notify(("updated", a["id"]))
+
+    world.jobs.notified(world.account, direct=run_round)
+    assert [(job.kind, job.folder_id) for job in ran] == [sync(a["folderId"])] * 2
+    assert world.harness.pending.get(world.account) is None
+
+
 def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(world: World) -> None:
     ids = [m["id"] for m in world.messages]
     for start in range(0, 150, 50):
