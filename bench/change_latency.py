@@ -600,6 +600,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             while len(stack.workers) > extra:
                 stack.workers.pop().stop(timeout_s=30)
             if step_index:
+                # The previous window's tail (notifications still at the sandbox, jobs on the queue)
+                # must not be counted in this one.
+                drain_deadline = time.monotonic() + 600
+                while stack.sandbox.admin("GET", "subscriptions").get("pending", 0) and \
+                        time.monotonic() < drain_deadline:
+                    time.sleep(1)
                 say(f"queue quiet after {stack.wait_quiet():.0f} s")
             results.append(window(step_index))
             print(figures("change_latency", results[-1]), flush=True)
