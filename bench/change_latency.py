@@ -489,6 +489,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             idle_cpu_rate = (sum(cpu_s(h.pid) or 0.0 for h in hosts) - idle_cpu0) / (time.monotonic() - idle_t0)
             cpu_before = sum(cpu_s(h.pid) or 0.0 for h in hosts)
             before = stack.sandbox.counters()
+            writes_before = maker.graph_writes   # the benchmark's own Graph writes, this window's only
             posts_before = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
             say(f"{clients.connected} clients connected; making {args.changes} changes at {args.rate}/s with "
                 f"{1 + len(stack.workers)} host process(es)")
@@ -572,7 +573,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 values = [1000 * (c.seen - c.sent) for c in changes if c.kind == kind and c.seen is not None]
                 if values:
                     by_kind[f"p50_{kind}_ms"] = percentile(values, 0.5)
-            app_requests = int(after["requests"]) - int(before["requests"]) - maker.graph_writes
+            app_requests = int(after["requests"]) - int(before["requests"]) - (maker.graph_writes - writes_before)
             delta_pages = int(after["deltaPages"]) - int(before["deltaPages"])
             posts = int(posts_after) - int(posts_before)
             if profiles is not None:
