@@ -470,6 +470,14 @@ class _Invocation:
                 self._reauth(exc)
                 raise _Stop(Outcome.REAUTH) from exc
             except LeaseLost:
+                # Someone else runs the folder list now: a redelivery of this message
+                # that took us for dead (the host failed to keep it invisible), or our
+                # lease lapsed while we were slow. Folder documents carry no version,
+                # so our older listing may have landed after its newer one (an old
+                # name, a removed folder back). A full round rewrites every folder
+                # and drops what is gone; it runs after everything we wrote.
+                log.warning("folder list taken over mid-round: a full round follows")
+                e.state.mark(self.account_id, None, dirty=True, resync=True)
                 return
             except MailsyncError as exc:
                 attempt = 0 if policy.retryable(exc) else policy.MAX_QUICK_RETRIES

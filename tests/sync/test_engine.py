@@ -481,3 +481,51 @@ def test_a_quiet_notified_round_looks_again(world: SyncWorld, pump: QueuePump,
     assert not compare(world), "the look-again found the change the notified round was too early for"
     relooks = [r for r in caplog.records if r.getMessage() == "quiet notified round: looking again"]
     assert 1 <= len(relooks) <= 2, "bounded and coalesced"
+
+
+class _FolderWritesHook:
+    """The engine's store, running ``hook`` once just before the first folder write that names ``folder_id``."""
+
+    def __init__(self, inner: SearchStore, folder_id: str, hook: Callable[[], None]) -> None:
+        self._inner = inner
+        self._folder_id = folder_id
+        self._hook: Callable[[], None] | None = hook
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def upsert_folders(self, folders: Any, *, phase: str | None = None) -> None:
+        hook, self._hook = self._hook, None
+        if hook is not None and any(f.folder_id == self._folder_id for f in folders):
+            hook()
+        else:
+            self._hook = hook
+        self._inner.upsert_folders(folders, phase=phase)
+
+
+def test_a_folder_list_taken_over_mid_round_leaves_no_old_name(world: SyncWorld, pump: QueuePump) -> None:
+    # The host failed to keep a folder-list job invisible, so its redelivery
+    # (same message: it takes the lease over at once) ran while the first run
+    # still held an older listing. The person renamed a folder in between:
+    # the redelivery wrote "After", then the first run wrote "Before".
+    folder = _new_folder_known_to_the_folder_list(world, pump, "Before")
+    graph = world.sandbox.graph(world.user)
+
+    def redelivered() -> None:
+        assert graph.patch(f"me/mailFolders/{folder}", json={"displayName": "After"}).status_code == 200
+        job = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="sweep")
+        assert world.engine.handle(job, Delivery("list-2", dequeue_count=2), world.events) == Outcome.DONE
+        world.store.refresh()   # list_folders searches: it sees writes after a refresh
+        view = next(v for v in world.store.list_folders(world.account_id) if v.folder.folder_id == folder)
+        assert view.folder.name == "After"
+
+    world.engine.store = _FolderWritesHook(world.store, folder, redelivered)
+    world.state.mark(world.account_id, None, dirty=False, resync=True)   # a full round lists every folder
+    job = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="sweep")
+    world.engine.handle(job, Delivery("list-2"), world.events)
+    _drained_by_a_fresh_pump(world)
+    world.store.refresh()
+    names = {v.folder.folder_id: v.folder.name for v in world.store.list_folders(world.account_id)}
+    assert names[folder] == "After"
+    difference = compare(world)
+    assert not difference, difference.summary()
