@@ -159,6 +159,10 @@ param pollTickS int = 60
 @description('POLL_INTERVAL_SUBSCRIBED_S: safety sweep of accounts with a healthy webhook (0 = off).')
 param pollIntervalSubscribedS int = 21600
 
+@minValue(1)
+@description('STORE_RESYNC_PER_S: accounts whose resync starts per second after the search store was lost or restored.')
+param storeResyncPerS int = 10
+
 @minValue(60)
 @maxValue(253800)
 @description('SUBSCRIPTION_LIFETIME_S: Graph subscription lifetime (253800 s is the Outlook maximum).')
@@ -361,6 +365,7 @@ var appSettings = {
   POLL_INTERVAL_S: string(pollIntervalS)
   POLL_TICK_S: string(pollTickS)
   POLL_INTERVAL_SUBSCRIBED_S: string(pollIntervalSubscribedS)
+  STORE_RESYNC_PER_S: string(storeResyncPerS)
   SUBSCRIPTION_LIFETIME_S: string(subscriptionLifetimeS)
   SUBSCRIPTION_RENEW_BEFORE_S: string(subscriptionRenewBeforeS)
   NOTIFY_COALESCE_S: string(notifyCoalesceS)
