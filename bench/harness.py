@@ -562,14 +562,17 @@ def fetch_mailbox(sandbox: Sandbox, address: str, settings: Settings, *, page_si
     provider = GraphProvider(client, account_id, page_size=page_size, store_body_text=settings.store_body_text,
                              body_text_max_chars=settings.body_text_max_chars)
     try:
-        folders: list[Folder] = []
+        # By id: the first round lists the well-known folders twice (in the delta, and
+        # again with the roles the provider looks up), and their mail was counted twice.
+        by_id: dict[str, Folder] = {}
         cursor: str | None = None
         while True:
             batch = provider.folder_changes(cursor)
-            folders.extend(batch.upserts)
+            by_id.update((folder.folder_id, folder) for folder in batch.upserts)
             cursor = batch.cursor
             if batch.complete:
                 break
+        folders = list(by_id.values())
         messages: list[Message] = []
         pages: dict[str, int] = {}
         for folder in folders:
