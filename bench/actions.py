@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python -m bench.actions                      # 100 ms sandbox latency, 20 single actions
     .venv/bin/python -m bench.actions --latency-ms 0 --actions 50
 
-On a local stack (bench/harness.py: Azurite, osmem-server, the Graph sandbox
+On a local stack (bench/harness.py: Azurite, the search node (OpenSearch), the Graph sandbox
 with ``--latency-ms`` on every request, the devhost running the whole app)
 one sandbox user is linked and synced, then:
 

@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python bench/change_latency.py --accounts 1000 --changes 5000
     .venv/bin/python bench/change_latency.py                      # 100 accounts, 1000 changes (this machine)
 
-On a local stack (Azurite, osmem-server, the Graph sandbox with one user
+On a local stack (Azurite, the search node (OpenSearch), the Graph sandbox with one user
 per account, the devhost running the whole app, plus ``--workers`` more
 queue-trigger devhosts; all on 127.0.0.1, webhooks included):
 

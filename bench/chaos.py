@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python bench/chaos.py --messages 20000 --duration 300
 
-On a local stack (Azurite, osmem-server, the Graph sandbox, all on
+On a local stack (Azurite, the search node (OpenSearch), the Graph sandbox, all on
 127.0.0.1):
 
 * the Graph sandbox runs the ``chaos`` fault profile — every fault it

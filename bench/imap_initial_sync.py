@@ -13,8 +13,8 @@ What it does, on 127.0.0.1 only:
 2. Ceilings of the parts, each alone: the IMAP provider paging every
    folder with nothing behind it (``provider_messages_per_s``: what IMAP +
    parsing allow) and the store bulk-loading those same records
-   (``store_ceiling_per_s``: what osmem allows).
-3. Starts the local stack (Azurite, osmem-server, the devhost running the
+   (``store_ceiling_per_s``: what the search node allows).
+3. Starts the local stack (Azurite, the search node, the devhost running the
    whole function app), links the account the way the page does
    (``POST /api/accounts`` with ``provider: imap``), and times from the
    POST to ``status == "synced"`` with every message in the store

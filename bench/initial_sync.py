@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python bench/initial_sync.py --messages 100000 --folders 12 --latency-ms 100 [--page-size 500]
     .venv/bin/python bench/initial_sync.py --messages 10000,100000      # memory as the mailbox grows
 
-For each mailbox size, on a fresh local stack (Azurite, osmem-server, the
+For each mailbox size, on a fresh local stack (Azurite, the search node (OpenSearch), the
 Graph sandbox as its own process, the devhost running the whole function
 app — all on 127.0.0.1):
 

@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python bench/pipeline.py --messages 100000 --latency-ms 0
 
-Same stack as ``initial_sync.py`` (Azurite, osmem-server and the Graph
+Same stack as ``initial_sync.py`` (Azurite, the search node (OpenSearch) and the Graph
 sandbox as child processes), except that the function app runs in *this*
 process (the devhost, in a thread), so its CPU time can be counted and
 its threads sampled. In one run:
@@ -23,7 +23,7 @@ its threads sampled. In one run:
    everything the worker pays: Graph HTTP + JSON parsing, mapping, store
    documents + bulk JSON, table and queue calls, events.
    ``process_cpu_us_per_msg`` is the same without the idle correction;
-   ``store_cpu_us_per_msg`` and ``graph_cpu_us_per_msg`` are osmem's and
+   ``store_cpu_us_per_msg`` and ``graph_cpu_us_per_msg`` are the search node's and
    the sandbox's CPU per message (their processes), for the capacity model.
 4. Where the time goes: a sampling profile of the worker threads (an
    in-process sampler like py-spy: 100 Hz, by project module and by
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         idle_rate = (process_cpu_s() - idle_cpu) / (time.monotonic() - idle_started)
 
         stack.sandbox.reset_counters()
-        osmem0, sandbox0 = cpu_s(stack.search.process.pid) or 0.0, cpu_s(stack.sandbox_process.process.pid) or 0.0
+        node0, sandbox0 = cpu_s(stack.search.process.pid) or 0.0, cpu_s(stack.sandbox_process.process.pid) or 0.0
         sampler = StackSampler()
         sampler.start()
         cpu0, window0 = process_cpu_s(), time.monotonic()
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.account(linked)
         poll_cpu = (process_cpu_s() - poll_cpu0) / polls
         elapsed = synced_at - linked.callback_started
-        osmem_cpu = (cpu_s(stack.search.process.pid) or 0.0) - osmem0
+        node_cpu = (cpu_s(stack.search.process.pid) or 0.0) - node0
         sandbox_cpu = (cpu_s(stack.sandbox_process.process.pid) or 0.0) - sandbox0
         requests_served = int(stack.sandbox.counters()["requests"])
         say(f"synced in {elapsed:.1f} s; comparing the store with the mailbox")
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "engine_efficiency": rate / ceiling.docs_per_s if ceiling.docs_per_s else float("nan"),
             "engine_cpu_us_per_msg": 1e6 * net / total, "process_cpu_us_per_msg": 1e6 * raw / total,
             "engine_cores": net / elapsed, "idle_cpu_rate": idle_rate, "status_poll_cpu_ms": 1000 * poll_cpu,
-            "store_cpu_us_per_msg": 1e6 * osmem_cpu / total, "graph_cpu_us_per_msg": 1e6 * sandbox_cpu / total,
+            "store_cpu_us_per_msg": 1e6 * node_cpu / total, "graph_cpu_us_per_msg": 1e6 * sandbox_cpu / total,
             "graph_requests": requests_served,
             "missing": len(diff.missing), "extra": len(diff.extra), "stale": len(diff.stale),
         }

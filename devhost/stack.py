@@ -146,6 +146,9 @@ def start_services(env: dict[str, str], data_dir: Path, devhost_port: int, stack
 
     if not env.get("ELASTICSEARCH_URL"):
         added["ELASTICSEARCH_URL"] = _start_search(data_dir, logs, stack, free_ports=free_ports)
+        if not env.get("ELASTICSEARCH_REPLICAS"):
+            # One node has nowhere to put a replica: the default (1) only leaves every new index yellow.
+            added["ELASTICSEARCH_REPLICAS"] = "0"
     else:
         _say("search store: using the configured ELASTICSEARCH_URL")
 
