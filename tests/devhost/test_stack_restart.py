@@ -94,13 +94,14 @@ def _announced(pattern: str, text: str) -> str:
     return match.group(1)
 
 
-def start_stack(data_dir: Path, env: dict[str, str], log_path: Path, timeout_s: float = 240.0) -> RunningStack:
-    """Start the stack as ``make run`` does, in its own process group; wait for "ready"."""
+def start_stack(data_dir: Path, env: dict[str, str], log_path: Path, timeout_s: float = 240.0,
+                workers: int = 0) -> RunningStack:
+    """Start the stack as ``make run`` does (``make run WORKERS=n``), in its own process group; wait for "ready"."""
     offset = log_path.stat().st_size if log_path.exists() else 0
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "devhost.stack", "--free-ports", "--port", env["STACK_TEST_PORT"],
-             "--data-dir", str(data_dir)],
+             "--data-dir", str(data_dir), "--workers", str(workers)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
     deadline = time.monotonic() + timeout_s
@@ -129,12 +130,12 @@ def stack_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def running(tmp_path: Path, stack_env: dict[str, str]) -> Iterator[Callable[[], RunningStack]]:
+def running(tmp_path: Path, stack_env: dict[str, str]) -> Iterator[Callable[..., RunningStack]]:
     """``running()`` starts the stack on this test's data directory; whatever is left running is stopped."""
     started: list[RunningStack] = []
 
-    def start() -> RunningStack:
-        stack = start_stack(tmp_path / "local", stack_env, tmp_path / "stack.log")
+    def start(workers: int = 0) -> RunningStack:
+        stack = start_stack(tmp_path / "local", stack_env, tmp_path / "stack.log", workers=workers)
         started.append(stack)
         return stack
 
@@ -182,7 +183,7 @@ def _epochs(storage: str, account_id: str) -> dict[str | None, int]:
 
 
 def test_a_restart_right_after_the_sync_keeps_everything_and_a_lost_store_is_resynced(
-        running: Callable[[], RunningStack], dovecot: DovecotServer) -> None:
+        running: Callable[..., RunningStack], dovecot: DovecotServer) -> None:
     user = dovecot.add_user()
     user.seed_maildir(seed_messages(random.Random(14), SEEDED))
     total = sum(SEEDED.values())
@@ -197,7 +198,8 @@ def test_a_restart_right_after_the_sync_keeps_everything_and_a_lost_store_is_res
     first.stop()
     stopped_epoch = next_epoch(0, time.time())
 
-    second = running()
+    second = running(workers=1)   # and one more queue-trigger process (make run WORKERS=1) from here on
+    assert "worker 1: queue trigger only" in second.log_path.read_text(errors="replace")
     view = _account(second.api, account_id, auth)   # the account (Azurite) and its token survived
     assert (view["status"], view["sync"]["phase"]) == ("synced", "synced")
     listed = _listed(second.api, account_id, auth)
