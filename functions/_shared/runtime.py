@@ -228,7 +228,8 @@ class Runtime:
         worker.register([JobKind.ACTION], lambda job, invocation: self.message_actions.run_job(job, invocation.events))
         worker.register(MONITORING_KINDS, lambda job, invocation: self.monitoring_jobs.run(
             job, direct=lambda sync_job, account: engine.handle(sync_job, invocation.delivery, invocation.events,
-                                                                account=account)))
+                                                                account=account),
+            redelivered=invocation.delivery.dequeue_count > 1))
         return worker
 
     @cached_property

@@ -42,11 +42,26 @@ folder; folders with changes hand the rest to a continuation).
 SUBSCRIPTION — ensure / renew / recreate the account's subscription
 (``mailsync.monitoring.subscriptions``).
 
-Crash safety of NOTIFIED: the sync jobs are enqueued (or run) *before* the pending
-row is deleted, and the delete is ETag-checked. A crash in between leaves
-the row, the queue redelivers the job, and it enqueues the same folders
-again (harmless). Notifications merged into the row while the job ran make
-the delete fail; the job then reads the row again and handles the rest.
+Taking the row (why the job deletes it *before* it reads the mailbox): the
+webhook writes nothing for a notification the row already holds (Graph
+redelivers notifications, and a replay must stay free). A second change to
+a pending message looks exactly like a replay, though, so it must find the
+row only while nothing has read the mailbox for it yet. The job therefore
+reads the row and deletes it with the ETag it read, and only then resolves
+and syncs: a notification that arrives afterwards finds no row, creates one
+and enqueues another NOTIFIED job (another look), while one that arrived
+before is covered by this job's reads, which come after it. A delete that
+fails means notifications were merged meanwhile: the job reads the row
+again. Deleting after the sync, as before, lost such a change until the
+next notification or the 6-hour sweep whenever it arrived during the job's
+folder rounds. The cost is unchanged: one read and one delete per job.
+
+Crash safety of NOTIFIED: a job that dies after taking the row (host killed,
+a bug raised) is redelivered by the queue and finds no row. It cannot know
+what the row held, so a *redelivered* NOTIFIED job that finds no row syncs
+the folder list and every folder (``SYNC_FOLDERS`` marked ``every_folder``,
+run in the same delivery, which also frees the leases the dead run held).
+A first delivery that finds no row is a duplicate and does nothing.
 """
 
 from __future__ import annotations
@@ -88,10 +103,13 @@ class MonitoringJobs:
     def handles(kind: str) -> bool:
         return kind in MONITORING_KINDS
 
-    def run(self, job: Job, direct: DirectRunner | None = None) -> None:
-        """Run one monitoring job; ``direct`` runs a sync job in this invocation (see the module docstring)."""
+    def run(self, job: Job, direct: DirectRunner | None = None, *, redelivered: bool = False) -> None:
+        """Run one monitoring job; ``direct`` runs a sync job in this invocation (see the module docstring).
+
+        ``redelivered``: the queue delivered this message before (its earlier run may have died).
+        """
         if job.kind == JobKind.NOTIFIED:
-            self.notified(job.account_id, direct)
+            self.notified(job.account_id, direct, redelivered=redelivered)
         elif job.kind == JobKind.SYNC_ACCOUNT:
             self.sync_account(job.account_id, reason=job.reason or "sync_account")
         elif job.kind == JobKind.SUBSCRIPTION:
@@ -101,24 +119,33 @@ class MonitoringJobs:
 
     # -- NOTIFIED ---------------------------------------------------------------------
 
-    def notified(self, account_id: str, direct: DirectRunner | None = None) -> list[Job]:
-        """Handle the account's pending notifications; returns the sync jobs enqueued or run."""
-        sent: list[Job] = []
+    def notified(self, account_id: str, direct: DirectRunner | None = None, *,
+                 redelivered: bool = False) -> list[Job]:
+        """Take the account's pending notifications and sync what they name; returns the sync jobs enqueued or run."""
         for _ in range(MAX_ROUNDS):
             pending = self._pending.get(account_id)
             if pending is None:
-                return sent  # already handled (a redelivered or duplicate job)
-            account = self._accounts.get(account_id)
-            if account is not None and account.status in WATCHED_STATUSES:
-                sent.extend(self._dispatch(self._resolve(pending), account, pending, direct))
+                # Already handled (a duplicate job), or taken by this message's earlier, dead run.
+                return self._after_a_lost_run(account_id, direct) if redelivered else []
             try:
-                self._pending.delete(pending)
-                return sent
+                self._pending.delete(pending)   # take it before reading the mailbox (module docstring)
             except Conflict:
-                continue  # more notifications merged meanwhile: handle them too
-        # Still changing after many rounds: let a fresh job carry on instead of looping.
+                continue  # more notifications merged meanwhile: read the row again
+            account = self._accounts.get(account_id)
+            if account is None or account.status not in WATCHED_STATUSES:
+                return []
+            return self._dispatch(self._resolve(pending), account, pending, direct)
+        # Still changing after many reads: let a fresh job carry on instead of looping.
         self._queue.enqueue(new_job(JobKind.NOTIFIED, account_id, reason="continue"))
-        return sent
+        return []
+
+    def _after_a_lost_run(self, account_id: str, direct: DirectRunner | None) -> list[Job]:
+        account = self._accounts.get(account_id)
+        if account is None or account.status not in WATCHED_STATUSES:
+            return []
+        log.info("a redelivered NOTIFIED job found no pending row; syncing every folder")
+        job = new_job(JobKind.SYNC_FOLDERS, account_id, reason="notified_redelivered", attrs={EVERY_FOLDER: "1"})
+        return self._run_or_enqueue([job], account, direct)
 
     def _resolve(self, pending: PendingChanges) -> tuple[set[str], bool]:
         """(folders to sync, whether the folder list needs a sync too)."""
@@ -152,12 +179,13 @@ class MonitoringJobs:
                   direct: DirectRunner | None) -> list[Job]:
         folders, folder_list = resolved
         jobs = _sync_jobs(account.account_id, sorted(folders), folder_list, reason="notified")
-        run_here = direct is not None and len(jobs) <= DIRECT_MAX_JOBS
         log.info("notifications resolved to %d folder(s)", len(folders),
                  extra={"changes": len(pending.changes), "all_folders": pending.all_folders,
-                        "jobs": len(jobs), "direct": run_here})
-        if run_here:
-            assert direct is not None
+                        "jobs": len(jobs), "direct": direct is not None and len(jobs) <= DIRECT_MAX_JOBS})
+        return self._run_or_enqueue(jobs, account, direct)
+
+    def _run_or_enqueue(self, jobs: list[Job], account: Account, direct: DirectRunner | None) -> list[Job]:
+        if direct is not None and len(jobs) <= DIRECT_MAX_JOBS:
             for job in jobs:
                 direct(job, account)
             return jobs

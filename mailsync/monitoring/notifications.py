@@ -32,8 +32,11 @@ changed": the folder id is not even needed, one folder-list round reads
 every rename, move, creation and deletion): the sync job re-reads the truth
 from Graph's delta. So a replayed
 or duplicated notification can at worst cause one extra, idempotent sync;
-while the first one's job is still queued it costs one row write and
-nothing else (the pending row already holds it).
+while the first one's job is still pending it causes nothing at all (the
+pending row already holds it). The job takes (deletes) the row before it
+reads the mailbox, so a repeat that finds the row is covered by reads still
+to come; one that arrives later, a replay or a second change to the same
+message, creates a new row and job (``mailsync.monitoring.handler``).
 
 Coalescing (why a row and not one job per request): Graph batches
 notifications, but a burst of 1,000 changes still arrives as dozens of
@@ -41,9 +44,9 @@ requests. The pending row makes that one job per account per cycle of
 the worker: the first request creates the row and enqueues the job (with
 an optional delay, ``NOTIFY_COALESCE_S``, default 0: measured, the row
 alone coalesces well and a delay only adds latency); later requests only
-merge ids into the row (every merge rewrites it); the job deletes the row
-(ETag-checked) after it enqueued or ran the sync jobs, and reads it again
-when a merge came in meanwhile. See docs/change-monitoring.md for the measurements.
+merge ids into the row; the job deletes the row (ETag-checked) before it
+resolves and syncs, and a request after that starts the next row and job.
+See docs/change-monitoring.md for the measurements.
 """
 
 from __future__ import annotations
@@ -276,9 +279,9 @@ class NotificationReceiver:
         """Merge into the pending row; True when this call enqueued the NOTIFIED job.
 
         Folder notices are counted, never de-duplicated: they carry nothing
-        to tell a replay from a second rename, and the job may already be
-        running its folder-list round. Bumping the count changes the row's
-        ETag, so that job's delete fails and it runs one more round.
+        to tell a replay from a second rename. A notice that finds the row
+        is covered by the folder-list round still to come (the job takes the
+        row before it runs that round); a later one starts a new row and job.
         """
         max_ids = self._settings.notify_max_ids
         for attempt in range(MERGE_ATTEMPTS):
@@ -301,10 +304,10 @@ class NotificationReceiver:
             else:
                 merged, overflow = merge_changes(current.changes, changes, max_ids=max_ids)
             stale = now - current.enqueued_at > timedelta(seconds=PENDING_STALE_S)
-            # Even when nothing is new (a replay, or the same message changed again) the row is
-            # rewritten: its new ETag makes a NOTIFIED job that already read it (and may be running
-            # its folder rounds itself, which could have started before this change) fail its
-            # delete, read the row again and run one more round. Skipping the write lost changes.
+            if merged == current.changes and overflow == current.all_folders and not folder_notices and not stale:
+                # Nothing new: a replay, or the same message changed again. Either way the row's
+                # job has not read the mailbox yet (it takes the row first), so its reads cover it.
+                return False
             updated = replace(current, changes=merged, all_folders=overflow,
                               folder_notices=current.folder_notices + folder_notices,
                               enqueued_at=now if stale else current.enqueued_at)

@@ -98,25 +98,6 @@ def test_a_small_set_runs_in_the_invocation_without_a_queue_hop(world: World) ->
     assert world.harness.pending.get(world.account) is None
 
 
-def test_a_repeat_notification_during_a_direct_round_runs_the_round_again(world: World) -> None:
-    # The same message changes again while the NOTIFIED job runs its round (which may have read the
-    # folder before that change): the webhook's merge adds nothing new but rewrites the row, so the
-    # job's delete fails and it runs the round once more. Skipping the write lost such changes.
-    a = world.stored[0]
-    world.notify(("updated", a["id"]))
-    world.harness.drain()
-    ran: list[Job] = []
-
-    def run_round(job: Job, account: object) -> None:
-        ran.append(job)
-        if len(ran) == 1:
-            world.notify(("updated", a["id"]))
-
-    world.jobs.notified(world.account, direct=run_round)
-    assert [(job.kind, job.folder_id) for job in ran] == [sync(a["folderId"])] * 2
-    assert world.harness.pending.get(world.account) is None
-
-
 def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(world: World) -> None:
     ids = [m["id"] for m in world.messages]
     for start in range(0, 150, 50):
@@ -210,9 +191,9 @@ def test_a_folder_notification_is_one_folder_list_round(world: World) -> None:
     assert world.run() == sorted([(JobKind.SYNC_FOLDERS.value, None), sync(message["folderId"])])
 
 
-def test_a_folder_notice_during_the_folder_round_gets_one_more_round(world: World) -> None:
+def test_a_folder_notice_during_the_folder_round_gets_another_job(world: World) -> None:
     # A folder notice says nothing that tells a second rename from a replay, and the
-    # job may be past its folder-list read: the notice must make it run again.
+    # job has read the folder list once its round runs: the notice must bring another round.
     folders_sub = world.harness.add_subscription(world.account, resource="me/mailFolders")
     notice = {"value": [folder_change(*folders_sub, world.inbox, "updated")]}
     world.harness.notifications.receive(notice)
@@ -222,18 +203,43 @@ def test_a_folder_notice_during_the_folder_round_gets_one_more_round(world: Worl
     def direct(job: Job, account: Account) -> None:
         rounds.append(job.kind)
         if len(rounds) == 1:
-            assert world.harness.notifications.receive(notice).jobs_enqueued == 0   # lands in the row
+            assert world.harness.notifications.receive(notice).jobs_enqueued == 1
+    world.jobs.notified(world.account, direct)
+    assert rounds == [JobKind.SYNC_FOLDERS.value]
+    assert [job.kind for job in world.harness.drain()] == [JobKind.NOTIFIED.value]
     world.jobs.notified(world.account, direct)
     assert rounds == [JobKind.SYNC_FOLDERS.value, JobKind.SYNC_FOLDERS.value]
     assert world.harness.pending.get(world.account) is None
-    assert world.harness.queued_count() == 0
 
 
-def test_notifications_merged_while_the_job_runs_are_handled_by_the_same_job(world: World) -> None:
+def test_a_repeat_of_a_pending_notification_after_the_job_took_it_gets_another_look(world: World) -> None:
+    # The lost change: message X changes, its notification is pending, the job syncs X's
+    # folder; X changes again during that round and Graph sends the very same notification.
+    # It must not be taken for a replay of the pending one: it needs another round.
+    message = world.stored[0]
+    repeat = ("updated", message["id"])
+    world.notify(repeat)
+    world.harness.drain()
+    rounds: list[Job] = []
+
+    def direct(job: Job, account: Account) -> None:
+        rounds.append(job)
+        if len(rounds) == 1:          # the round has started: the mailbox is being read
+            world.notify(repeat)
+    world.jobs.notified(world.account, direct)
+    assert [(job.kind, job.folder_id) for job in rounds] == [sync(message["folderId"])]
+    assert [job.kind for job in world.harness.drain()] == [JobKind.NOTIFIED.value]
+    pending = world.harness.pending.get(world.account)
+    assert pending is not None and pending.changes == (repeat,)
+    world.jobs.notified(world.account, direct)
+    assert [(job.kind, job.folder_id) for job in rounds] == [sync(message["folderId"])] * 2
+
+
+def test_notifications_arriving_while_the_job_runs_get_a_job_of_their_own(world: World) -> None:
     late = world.stored[3]
 
-    class MergingLocator:
-        """Lets a webhook request land between the job's read and its delete (deterministically)."""
+    class NotifyingLocator:
+        """Lets a webhook request land after the job took the row (deterministically)."""
 
         def __init__(self, inner: GraphMessageLocator) -> None:
             self.inner = inner
@@ -245,15 +251,33 @@ def test_notifications_merged_while_the_job_runs_are_handled_by_the_same_job(wor
                 world.notify(("updated", late["id"]))
             return self.inner.parent_folders(account_id, message_ids)
 
-    world.jobs._locator = MergingLocator(world.locator)  # type: ignore[assignment]
+    world.jobs._locator = NotifyingLocator(world.locator)  # type: ignore[assignment]
     world.notify(("created", world.unstored[0]["id"]))
-    jobs = world.run()
-    assert sync(late["folderId"]) in jobs and sync(world.unstored[0]["folderId"]) in jobs
+    assert world.run() == [sync(world.unstored[0]["folderId"])]
+    queued = sorted((job.kind, job.folder_id) for job in world.harness.drain())
+    assert queued == sorted([(JobKind.NOTIFIED.value, None), sync(world.unstored[0]["folderId"])])
+    assert [(job.kind, job.folder_id) for job in world.jobs.notified(world.account)] == [sync(late["folderId"])]
     assert world.harness.pending.get(world.account) is None
-    assert world.harness.queued_count() == len(jobs)    # the merge enqueued no second NOTIFIED job
 
 
-def test_a_redelivered_job_finds_nothing_to_do(world: World) -> None:
+def test_a_redelivered_job_whose_row_was_taken_syncs_every_folder(world: World) -> None:
+    # The first delivery took the row and died mid-round: what the row named is gone,
+    # so the redelivery syncs the folder list and every folder rather than nothing.
+    world.notify(("updated", world.stored[0]["id"]))
+    world.harness.drain()
+
+    def dies(job: Job, account: Account) -> None:
+        raise RuntimeError("the host went away mid-round")
+    with pytest.raises(RuntimeError):
+        world.jobs.notified(world.account, dies)
+    assert world.harness.pending.get(world.account) is None
+    ran: list[Job] = []
+    world.jobs.notified(world.account, lambda job, account: ran.append(job), redelivered=True)
+    assert [(job.kind, job.folder_id, job.attrs) for job in ran] == [
+        (JobKind.SYNC_FOLDERS.value, None, {EVERY_FOLDER: "1"})]
+
+
+def test_a_duplicate_job_finds_nothing_to_do(world: World) -> None:
     world.notify(("updated", world.stored[0]["id"]))
     assert world.run()
     assert world.run() == []

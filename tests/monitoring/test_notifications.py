@@ -110,10 +110,9 @@ def test_a_replayed_notification_enqueues_nothing_while_the_first_is_pending(har
         assert report.jobs_enqueued == 0
     assert harness.queued_count() == 1
     after = harness.pending.get(account)
-    assert after is not None and before is not None
-    assert (after.changes, after.all_folders) == (before.changes, before.all_folders)
-    # Rewritten all the same, so a job that already read the row reads it again (test_handler).
-    assert after.etag != before.etag
+    # Not even rewritten: the row's job has not read the mailbox yet, as it takes the row before it
+    # does (a repeat arriving after that gets a job of its own: test_handler).
+    assert after is not None and before is not None and after.etag == before.etag
 
 
 def test_a_burst_of_1000_notifications_in_batches_becomes_one_job(harness: Harness) -> None:
