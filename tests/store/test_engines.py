@@ -1,0 +1,88 @@
+"""Choosing the engine (SEARCH_ENGINE=auto asks GET /), and why there is one client per engine."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mailsync.errors import StoreError, StoreUnavailable
+from mailsync.store.engine import EngineError, SearchEngine
+from mailsync.store.engines import connect, detect
+
+
+def test_auto_names_the_server_it_talks_to(search_store_url: str, search_engine: SearchEngine) -> None:
+    assert detect(search_store_url) == search_engine.name
+    version = search_engine.info()["version"]
+    if search_engine.name == "opensearch":
+        assert version["distribution"] == "opensearch"
+
+
+def test_the_elasticsearch_client_cannot_talk_to_opensearch(search_store_url: str,
+                                                            search_engine: SearchEngine) -> None:
+    """Why OpenSearch has its own engine module: the elasticsearch client refuses any other product."""
+    if search_engine.name != "opensearch":
+        pytest.skip("the server is Elasticsearch")
+    engine = connect(search_store_url, engine="elasticsearch")
+    try:
+        with pytest.raises(EngineError, match="not Elasticsearch"):
+            engine.info()
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[tuple[str, dict[str, object]]]:
+    """An HTTP server on a free port answering GET / with ``answer["status"]`` and ``answer["body"]``."""
+    answer: dict[str, object] = {"status": 200, "body": {}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = json.dumps(answer["body"]).encode()
+            self.send_response(int(answer["status"]))   # type: ignore[call-overload]
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", answer
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_what_get_slash_says_decides_the_engine(fake_server: tuple[str, dict[str, object]]) -> None:
+    url, answer = fake_server
+    answer["body"] = {"version": {"number": "8.17.0", "build_flavor": "default"}, "tagline": "You Know, for Search"}
+    assert detect(url) == "elasticsearch"
+    answer["body"] = {"version": {"number": "3.1.0", "distribution": "opensearch"}}
+    assert detect(url) == "opensearch"
+    answer["body"] = {"version": {"number": "1.2.0", "distribution": "somethingelse"}}
+    with pytest.raises(StoreError, match=r"somethingelse 1\.2\.0"):
+        detect(url)
+    answer["body"] = {"hello": "world"}
+    with pytest.raises(StoreError, match="does not answer GET / like a search engine"):
+        connect(url)
+    answer["status"], answer["body"] = 503, {"error": "starting"}
+    with pytest.raises(StoreUnavailable):
+        connect(url)
+
+
+def test_credentials_in_the_url_stay_out_of_errors() -> None:
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(StoreUnavailable) as caught:
+        connect(f"http://admin:s3cret@127.0.0.1:{port}", request_timeout_s=2)
+    assert "s3cret" not in str(caught.value) and f"127.0.0.1:{port}" in str(caught.value)
