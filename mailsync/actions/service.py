@@ -183,7 +183,8 @@ class MessageActionService:
 
     def __init__(self, access: AccountAccess, accounts: AccountRepository, store: Callable[[], MessageStore],
                  actions: MessageActionsFactory, queue: Callable[[], JobQueue], *,
-                 max_attachment_bytes: int = 25 * 1024 * 1024, clock: Callable[[], float] = time.time) -> None:
+                 max_attachment_bytes: int = 25 * 1024 * 1024, clock: Callable[[], float] = time.time,
+                 observe: Callable[[MessageAction, str], None] | None = None) -> None:
         self._access = access
         self._accounts = accounts
         self._store = store
@@ -191,6 +192,9 @@ class MessageActionService:
         self._queue = queue
         self._max_attachment_bytes = max_attachment_bytes
         self._clock = clock
+        # Told each action's fate: "queued" (accepted), then "retry" (back on the queue) any number of
+        # times, then "done" or "failed" (undone) exactly once. For metrics and the convergence test.
+        self._observe = observe or (lambda action, fate: None)
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -360,6 +364,8 @@ class MessageActionService:
         for folder_id, ids in removals.items():
             store.remove_messages(account.account_id, folder_id, ids)
         queue = self._queue()
+        for p in planned:
+            self._observe(p.action, "queued")
         for chunk in _chunks(planned):
             queue.enqueue(new_job(JobKind.ACTION, account.account_id, reason="user action",
                                   attrs={"actions": encode_actions(chunk), "attempt": "0"}))
@@ -388,6 +394,7 @@ class MessageActionService:
             store = self._store()
             for p, outcome in zip(planned, outcomes, strict=True):
                 if outcome.done:
+                    self._observe(p.action, "done")
                     changed = _merge(changed, self._confirm(account, p, outcome.message_id, store))
                 elif isinstance(outcome.error, (ProviderThrottled, ProviderUnavailable)):
                     retry.append(p)
@@ -428,6 +435,8 @@ class MessageActionService:
         if attempt + 1 >= MAX_ATTEMPTS:
             self._revert(account, [(p, error) for p in planned], provider, events)
             return
+        for p in planned:
+            self._observe(p.action, "retry")
         delay = max(1.0, float(getattr(error, "retry_after_s", None) or 2 ** attempt))
         for chunk in _chunks(planned):
             self._queue().enqueue(new_job(JobKind.ACTION, account.account_id, reason="user action (retry)",
@@ -443,6 +452,7 @@ class MessageActionService:
         upserted: list[Message] = []
         removed: list[tuple[str, str]] = []
         for p, error in failed:
+            self._observe(p.action, "failed")
             log.warning("action failed for good: %s", error.message,
                         extra={"account_id": account_id, "error_code": error.code})
             where = p.row.folder_id if p.row is not None else p.action.folder_id

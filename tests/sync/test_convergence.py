@@ -46,7 +46,13 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from graph_sandbox.config import SandboxConfig
-from mailsync.models import BulkResult
+from mailsync.actions.models import MessageAction
+from mailsync.actions.service import MessageActionService
+from mailsync.errors import InputError, NotFound
+from mailsync.linking.access import AccountAccess
+from mailsync.models import BulkResult, MessageQuery
+from mailsync.providers.graph_actions import GraphActions
+from mailsync.providers.graph_client import GraphClient
 from mailsync.settings import Settings
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.graph_sandbox import GraphSession, SandboxTestServer, start_sandbox
@@ -209,6 +215,74 @@ class Person:
             self.searches.append(response.json()["id"])
 
 
+# --- a user acting through mailsync's own API ------------------------------------------------------
+
+class User:
+    """Acts on what the store shows through ``MessageActionService`` — what the page's buttons call.
+
+    Concurrently with the person in Outlook and every fault: marks read /
+    unread, flags, moves, deletes (to Deleted Items and for good), one
+    message or a handful at once. A message the person deleted meanwhile is
+    a clear 404 (``NotFound``), never a crash. ``fates`` counts what the
+    service reports of each accepted action: it must end done or failed.
+    """
+
+    def __init__(self, world: SyncWorld, rng: random.Random) -> None:
+        self.world = world
+        self.rng = rng
+        self.fates: dict[str, int] = {}
+        self.refused = 0
+        self.lock = threading.Lock()
+        self.service = MessageActionService(AccountAccess(world.tables.accounts), world.tables.accounts,
+                                            lambda: world.store, _ActionsOf(world), lambda: world.queue,
+                                            observe=self.observe)
+        world.actions = self.service
+
+    def observe(self, action: MessageAction, fate: str) -> None:
+        with self.lock:
+            self.fates[fate] = self.fates.get(fate, 0) + 1
+
+    def step(self) -> None:
+        world = self.world
+        page = world.store.list_messages(world.account_id, MessageQuery(limit=50))
+        folders = [v.folder.folder_id for v in world.store.list_folders(world.account_id)
+                   if v.folder.role not in ("outbox", "drafts", "conversationhistory")]
+        if not page.messages or not folders:
+            return
+        rows = self.rng.sample(page.messages, k=min(len(page.messages), self.rng.choice((1, 1, 1, 5))))
+        kind = self.rng.choice(["read", "unread", "flag", "unflag", "move", "delete", "purge"])
+        change: dict[str, Any] = {
+            "read": {"is_read": True}, "unread": {"is_read": False}, "flag": {"flag_status": "flagged"},
+            "unflag": {"flag_status": "notFlagged"}, "move": {"folder_id": self.rng.choice(folders)},
+        }.get(kind, {})
+        try:
+            if len(rows) > 1:
+                action = {"delete": True, "permanent": kind == "purge"} if kind in ("delete", "purge") else change
+                self.service.bulk(world.account_id, world.token, {"message_ids": [m.message_id for m in rows],
+                                                                  "action": action})
+            elif kind in ("delete", "purge"):
+                self.service.delete(world.account_id, world.token, rows[0].message_id,
+                                    "true" if kind == "purge" else None)
+            else:
+                self.service.update(world.account_id, world.token, rows[0].message_id, change)
+        except (NotFound, InputError):
+            self.refused += 1          # gone or its folder gone meanwhile: the API says so, nothing queued
+
+
+class _ActionsOf:
+    """``MessageActionsFactory`` on the world's sandbox user (the same token source as the engine's)."""
+
+    def __init__(self, world: SyncWorld) -> None:
+        self._world = world
+
+    def open_actions(self, account: Any) -> GraphActions:
+        world = self._world
+        base = f"{world.sandbox.base_url}/v1.0"
+        return GraphActions(GraphClient(lambda force: world.tokens.access_token(account.account_id,
+                                                                                force_refresh=force), base_url=base),
+                            account.account_id, max_wait_s=2.0)
+
+
 # --- the scenario -----------------------------------------------------------------------------------
 
 @dataclass
@@ -218,6 +292,7 @@ class Outcome:
     counts: dict[str, int]
     settle_s: float
     stats: Any
+    fates: dict[str, int]            # the user's actions: queued, retry, done, failed
 
 
 def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[..., SearchStore], *,
@@ -244,11 +319,14 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[.
         world.start_initial_sync()
 
         person = Person(server, world, rng)
+        user = User(world, random.Random(plan.seed + 3))
 
         def mutate(stop: threading.Event) -> None:
             while not stop.is_set() and person.done < scale.max_mutations:
                 started = time.monotonic()
                 person.step()
+                if person.done % 4 == 0:
+                    user.step()
                 stop.wait(max(0.0, 1 / MUTATIONS_PER_S - (time.monotonic() - started)))
                 if plan.invalidate_every and person.done % plan.invalidate_every == 0:
                     server.admin("POST", f"users/{person.user.id}/invalidate-delta")
@@ -270,7 +348,8 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[.
             explain(world, difference)
         log.info("scenario %s: %d mutations %s, settle %.1f s, pump %s, %s", plan, person.done, person.counts,
                  settle_s, pump.stats, difference.summary())
-        return Outcome(difference, person.done, person.counts, settle_s, pump.stats)
+        log.info("user actions: %s, refused %d", user.fates, user.refused)
+        return Outcome(difference, person.done, person.counts, settle_s, pump.stats, dict(user.fates))
     finally:
         if pump is not None:
             pump.stop()
@@ -318,6 +397,10 @@ def test_store_converges_to_the_mailbox(plan: Plan, storage_env: dict[str, str],
     # so on a big, faulty run they may get fewer changes in than asked for; some must land.
     assert outcome.mutations >= min(SCALE.min_mutations, 20), "the scenario changed the mailbox during the sync"
     assert not outcome.diff, outcome.diff.summary()
+    # Every action the user's API calls accepted ended done or failed (and so was reported), none lost.
+    fates = outcome.fates
+    assert fates.get("queued", 0) > 0, fates
+    assert fates.get("done", 0) + fates.get("failed", 0) == fates["queued"], fates
 
 
 # --- the planted bug ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from azure.core.exceptions import ResourceExistsError
 
 from graph_sandbox.state import SandboxUser
 from mailsync.jobs import JobKind, decode_job, encode_job, new_job
+from mailsync.linking.access import issue_access_token
 from mailsync.models import Account, AccountStatus, Job, MessageQuery, MessagesChanged, Provider, SyncProgress
 from mailsync.providers.graph import GraphProviderFactory
 from mailsync.settings import Settings
@@ -39,7 +40,7 @@ from mailsync.storage.connection import queue_client
 from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.store.search_store import SearchStore
-from mailsync.sync.engine import Delivery, SyncEngine
+from mailsync.sync.engine import Delivery, Outcome, SyncEngine
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.linking.tables import LinkingTables, linking_tables
 from tests.sync.support import sync_table
@@ -230,7 +231,12 @@ class QueuePump:
         KillableState.dead.value = False
         keeper = _VisibilityKeeper(self.client, message, self.visibility_s)
         try:
-            outcome = world.engine.handle(job, Delivery(message.id, message.dequeue_count), world.events)
+            actions = getattr(world, "actions", None)   # the IMAP world has no user actor
+            if job.kind == JobKind.ACTION and actions is not None:
+                actions.run_job(job, world.events)   # the user's actions (mailsync.actions)
+                outcome = Outcome.DONE
+            else:
+                outcome = world.engine.handle(job, Delivery(message.id, message.dequeue_count), world.events)
         except WorkerKilled:
             self.stats.kills += 1
             return   # the message reappears after its visibility timeout, lease and slot still held
@@ -354,6 +360,8 @@ class SyncWorld(AccountWorld):
     events: RecordingPublisher
     tokens: SandboxTokens
     rng: random.Random
+    token: str = ""                 # the account's bearer (for the API's services)
+    actions: Any = None             # a MessageActionService the pump runs ACTION jobs with
 
     def wait_out_delta_lag(self) -> None:
         """Sleep as long as the sandbox's delta lags behind changes (Outlook's delta shows a change a
@@ -381,9 +389,11 @@ def make_world(settings: Settings, sandbox: SandboxTestServer, store: SearchStor
     user = sandbox.users[user_index]
     tables = linking_tables(settings)
     now = datetime.now(UTC).replace(microsecond=0)
+    account_id = uuid.uuid4().hex
+    token, token_hash = issue_access_token(account_id)
     account = tables.accounts.save(Account(
-        account_id=uuid.uuid4().hex, provider=Provider.OUTLOOK, status=AccountStatus.SYNCING,
-        access_token_hash="ab" * 32, created_at=now, updated_at=now, address=user.mail,
+        account_id=account_id, provider=Provider.OUTLOOK, status=AccountStatus.SYNCING,
+        access_token_hash=token_hash, created_at=now, updated_at=now, address=user.mail,
         display_name=user.display_name))
     state = sync_table(settings, lease_s=settings.folder_lease_s, slot_ttl_s=2 * settings.sync_time_budget_s + 60,
                        table_class=KillableState)
@@ -393,7 +403,7 @@ def make_world(settings: Settings, sandbox: SandboxTestServer, store: SearchStor
     engine = SyncEngine(settings, accounts=tables.accounts, providers=GraphProviderFactory(settings, tokens),
                         store=store, state=state, queue=queue, rng=random.Random(seed + 1), **engine_options)
     return SyncWorld(settings, sandbox, user, store, tables, state, queue, engine, account, RecordingPublisher(),
-                     tokens, rng)
+                     tokens, rng, token=token)
 
 
 # --- comparing the store with the mailbox ------------------------------------------------------
