@@ -537,7 +537,8 @@ class SearchStore:
         error_type, reason = _error_parts(item)
         if status == 409:
             tally.conflicts.append(doc_id)
-        elif op == "delete" and status == 404 and error_type == "not_found":
+        elif status == 404 and ((op == "delete" and error_type == "not_found")
+                                or (op == "update" and error_type == "document_missing_exception")):
             tally.skipped += 1   # already gone
         elif status == 429 or status >= 500 or error_type == "index_not_found_exception":
             tally.transient.append(doc_id)
@@ -633,7 +634,30 @@ class SearchStore:
             tally.failed += sent.failed
             tally.transient += sent.transient
             tally.dead += sent.dead
+            if epoch and sent.conflicts:
+                carried = self._carry_epoch(sent.conflicts, epoch)
+                tally.transient += carried.transient
         return self._finish(tally, "upsert_messages")
+
+    def _carry_epoch(self, doc_ids: Sequence[str], epoch: int) -> _Tally:
+        """Mark documents a round saw but did not overwrite (a newer version is stored) as seen in ``epoch``.
+
+        A newer stored version is normally a later delta page's, but it can
+        be ahead of the provider: a user action's optimistic row
+        (mailsync.actions.versions) stays above the provider's version when
+        the provider had the value already. A resync that lists the message
+        then writes an older version, is refused, and without this its
+        ``remove_stale`` would delete a message the provider still has. A
+        partial update of ``sync_epoch`` only (no script); a document deleted
+        meanwhile is skipped.
+        """
+        actions: list[_Action] = [({"update": {
+            "_index": self.names.messages,
+            "_id": doc_id,
+            "routing": doc_id.partition(":")[0],
+            "retry_on_conflict": 3,
+        }}, {"doc": {"sync_epoch": epoch}}) for doc_id in doc_ids]
+        return self._bulk(actions, target="messages", what="carry sync_epoch")
 
     def message_action(self, doc_id: str, message: Message, doc: dict[str, Any]) -> _Action:
         """The bulk action indexing ``doc``: external_gte version, routed by account."""

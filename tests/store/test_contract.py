@@ -534,6 +534,22 @@ def test_resync_epoch_cleanup_removes_only_what_the_resync_did_not_see(store: Se
     assert all_ids(store, "acct1") == ["m10", "m2", "m1", "m0"]
 
 
+def test_a_resync_keeps_a_message_stored_at_a_newer_version_than_it_read(store: SearchStore) -> None:
+    # A user action's optimistic row is ahead of the provider; the resync's older write is refused,
+    # yet it saw the message: remove_stale must not delete it. A deleted one stays deleted.
+    store.upsert_messages([msg("acct1", 0, version=5000), msg("acct1", 1, version=5000)], epoch=1)
+    store.remove_messages("acct1", "inbox", ["m1"])
+    result = store.upsert_messages([msg("acct1", 0, version=1000), msg("acct1", 1, version=1000),
+                                    msg("acct1", 2, version=1000)], epoch=2)
+    assert (result.written, result.skipped) == (1, 2)
+    store.refresh()
+
+    assert store.remove_stale("acct1", "inbox", 2) == 0
+    store.refresh()
+    assert all_ids(store, "acct1") == ["m2", "m0"]
+    assert store.get_message("acct1", "m0").version >= 5000
+
+
 def test_generation_is_stable_and_changes_when_indices_are_recreated(store: SearchStore) -> None:
     first = store.generation()
     assert first == store.ensure_ready() == store.generation()
