@@ -365,8 +365,11 @@ class Runtime:
                                                   self.token_provider),
             Provider.IMAP: ImapActionsFactory(self.imap_providers),
         })
+        def epochs(account_id: str) -> dict[str, int]:
+            return {fid: row.epoch for fid, row in self.sync_state.load(account_id).folders.items()}
+
         return MessageActionService(self.account_access, self.accounts, lambda: self.store, router,
-                                    lambda: self.job_queue)
+                                    lambda: self.job_queue, epochs=epochs)
 
 
 @functools.cache

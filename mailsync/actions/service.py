@@ -184,7 +184,8 @@ class MessageActionService:
     def __init__(self, access: AccountAccess, accounts: AccountRepository, store: Callable[[], MessageStore],
                  actions: MessageActionsFactory, queue: Callable[[], JobQueue], *,
                  max_attachment_bytes: int = 25 * 1024 * 1024, clock: Callable[[], float] = time.time,
-                 observe: Callable[[MessageAction, str], None] | None = None) -> None:
+                 observe: Callable[[MessageAction, str], None] | None = None,
+                 epochs: Callable[[str], Mapping[str, int]] | None = None) -> None:
         self._access = access
         self._accounts = accounts
         self._store = store
@@ -195,6 +196,9 @@ class MessageActionService:
         # Told each action's fate: "queued" (accepted), then "retry" (back on the queue) any number of
         # times, then "done" or "failed" (undone) exactly once. For metrics and the convergence test.
         self._observe = observe or (lambda action, fate: None)
+        # The folders' current sync epochs (the cursor table): an optimistic row must carry its folder's,
+        # or a resync's remove_stale running right after would delete it as unseen (docs/store.md).
+        self._epochs = epochs or (lambda account_id: {})
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -336,8 +340,12 @@ class MessageActionService:
             flag = change.flag_status
             if flag is FlagStatus.COMPLETE and not graph:
                 flag = FlagStatus.NOT_FLAGGED      # IMAP has no "complete": it is \Flagged removed
+            # Only what changes: a value the row has already is no action (and no version bump, which
+            # would leave the row ahead of a provider that had nothing to do).
             destination = change.folder_id if change.folder_id not in (None, row.folder_id) else None
-            is_read = change.is_read
+            is_read = change.is_read if change.is_read != row.is_read else None
+            if flag is not None and flag == row.flag_status:
+                flag = None
             if is_read is None and flag is None and destination is None:
                 continue                           # a move to where it is: nothing to do
             action = MessageAction(row.message_id, row.folder_id, is_read=is_read, flag_status=flag,
@@ -354,9 +362,14 @@ class MessageActionService:
         if not planned:
             return
         store = self._store()
-        rows = [p.row for p in planned if p.row is not None]
-        if rows:
-            store.upsert_messages(rows)
+        by_folder: dict[str, list[Message]] = {}
+        for p in planned:
+            if p.row is not None:
+                by_folder.setdefault(p.row.folder_id, []).append(p.row)
+        if by_folder:
+            epochs = self._epochs(account.account_id)
+            for folder_id, rows in by_folder.items():
+                store.upsert_messages(rows, epoch=epochs.get(folder_id, 0))
         removals: dict[str, list[str]] = {}
         for p in planned:
             if p.row is None:

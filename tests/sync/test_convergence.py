@@ -37,7 +37,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -56,7 +56,15 @@ from mailsync.providers.graph_client import GraphClient
 from mailsync.settings import Settings
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.graph_sandbox import GraphSession, SandboxTestServer, start_sandbox
-from tests.sync.world import QueuePump, SyncWorld, change_during_sync, compare, make_world, misbehaving_worker
+from tests.sync.world import (
+    Diff,
+    QueuePump,
+    SyncWorld,
+    change_during_sync,
+    compare,
+    make_world,
+    misbehaving_worker,
+)
 
 log = logging.getLogger("tests.sync.convergence")
 
@@ -231,6 +239,8 @@ class User:
         self.world = world
         self.rng = rng
         self.fates: dict[str, int] = {}
+        self.queued: set[str] = set()       # message ids of accepted actions
+        self.ended: set[str] = set()        # message ids whose action ended done or failed
         self.refused = 0
         self.lock = threading.Lock()
         self.service = MessageActionService(AccountAccess(world.tables.accounts), world.tables.accounts,
@@ -239,8 +249,13 @@ class User:
         world.actions = self.service
 
     def observe(self, action: MessageAction, fate: str) -> None:
+        # Counted per message id: a job delivered twice (the faults) ends the same action twice.
         with self.lock:
             self.fates[fate] = self.fates.get(fate, 0) + 1
+            if fate == "queued":
+                self.queued.add(action.message_id)
+            elif fate in ("done", "failed"):
+                self.ended.add(action.message_id)
 
     def step(self) -> None:
         world = self.world
@@ -293,6 +308,7 @@ class Outcome:
     settle_s: float
     stats: Any
     fates: dict[str, int]            # the user's actions: queued, retry, done, failed
+    unfinished: list[str]            # message ids of accepted actions that never ended done or failed
 
 
 def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[..., SearchStore], *,
@@ -343,17 +359,31 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[.
         world.poll()
         pump.drain(timeout_s=600, stalled_s=90)
         settle_s = time.monotonic() - start
-        difference = compare(world)
+        difference = without_action_versions(compare(world), user.queued)
         if difference:
             explain(world, difference)
         log.info("scenario %s: %d mutations %s, settle %.1f s, pump %s, %s", plan, person.done, person.counts,
                  settle_s, pump.stats, difference.summary())
         log.info("user actions: %s, refused %d", user.fates, user.refused)
-        return Outcome(difference, person.done, person.counts, settle_s, pump.stats, dict(user.fates))
+        return Outcome(difference, person.done, person.counts, settle_s, pump.stats, dict(user.fates),
+                       sorted(user.queued - user.ended))
     finally:
         if pump is not None:
             pump.stop()
         server.stop()
+
+
+def without_action_versions(difference: Diff, acted_on: set[str]) -> Diff:
+    """The diff, except the last-modified second of messages the user acted on.
+
+    A row the user changed carries the action's time as its version, and
+    keeps it when Outlook had the value already (a no-op there leaves
+    lastModifiedDateTime where it was): by design (docs/actions.md), so only
+    the fields are compared for those.
+    """
+    stale = [(mid, mine, truth) for mid, mine, truth in difference.stale
+             if not (mid in acted_on and mine[:-1] == truth[:-1])]
+    return replace(difference, stale=stale)
 
 
 def explain(world: SyncWorld, difference: Any) -> None:
@@ -398,9 +428,8 @@ def test_store_converges_to_the_mailbox(plan: Plan, storage_env: dict[str, str],
     assert outcome.mutations >= min(SCALE.min_mutations, 20), "the scenario changed the mailbox during the sync"
     assert not outcome.diff, outcome.diff.summary()
     # Every action the user's API calls accepted ended done or failed (and so was reported), none lost.
-    fates = outcome.fates
-    assert fates.get("queued", 0) > 0, fates
-    assert fates.get("done", 0) + fates.get("failed", 0) == fates["queued"], fates
+    assert outcome.fates.get("queued", 0) > 0, outcome.fates
+    assert outcome.unfinished == [], outcome.fates
 
 
 # --- the planted bug ----------------------------------------------------------------------------------
