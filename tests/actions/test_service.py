@@ -8,6 +8,7 @@ a failure exactly between the optimistic write and the provider call.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -63,7 +64,14 @@ class World:
     mirror: Mirror
 
     def sync(self) -> None:
-        """A complete round of every folder into the store (what the engine writes)."""
+        """A complete round of every folder into the store (what the engine writes).
+
+        Outlook's delta shows a change about a second after it was made (the sandbox's ``delta_lag_s``):
+        a round right after a change would not see it yet.
+        """
+        server = getattr(self.harness, "server", None)
+        lag = getattr(getattr(getattr(server, "state", None), "config", None), "delta_lag_s", 0.0)
+        time.sleep(lag)
         self.mirror = Mirror()
         self.mirror.sync(self.harness.open())
         self.store.upsert_folders(list(self.mirror.folders.values()))
