@@ -62,7 +62,15 @@ param elasticsearchApiKey string
 @description('Prefix of the index and alias names.')
 param elasticsearchIndexPrefix string = 'mailsync'
 
-@description('Send application/json instead of the versioned Elasticsearch media type (needed for OpenSearch; harmless for Elasticsearch).')
+@allowed([
+  'auto'
+  'opensearch'
+  'elasticsearch'
+])
+@description('SEARCH_ENGINE: which client the store uses (opensearch-py or elasticsearch); auto asks the cluster (GET /).')
+param searchEngine string = 'auto'
+
+@description('Elasticsearch only: send application/json instead of the versioned Elasticsearch media type (harmless).')
 param elasticsearchPlainJson bool = true
 
 @minValue(1)
@@ -76,6 +84,14 @@ param elasticsearchBulkBytes int = 8388608
 @minValue(1)
 @description('ELASTICSEARCH_SHARDS: primary shards of a newly created index (accounts spread by routing).')
 param elasticsearchShards int = 1
+
+@minValue(1)
+@maxValue(16)
+@description('ELASTICSEARCH_BULK_WRITERS: bulk requests of one write in flight at once.')
+param elasticsearchBulkWriters int = 2
+
+@description('ELASTICSEARCH_REPLICAS: number_of_replicas of newly created indices; empty keeps the cluster default.')
+param elasticsearchReplicas string = ''
 
 // --- Secrets at rest ----------------------------------------------------------
 
@@ -138,6 +154,11 @@ param syncTimeBudgetS int = 20
 @maxValue(1000)
 @description('GRAPH_PAGE_SIZE: messages per Graph delta page.')
 param graphPageSize int = 500
+
+@minValue(2)
+@maxValue(100)
+@description('DELTA_LINKS_KEPT: how many of a folder\'s newest delta links Outlook keeps (the engine reads ahead one fewer).')
+param deltaLinksKept int = 3
 
 @minValue(1)
 @maxValue(4)
@@ -344,11 +365,14 @@ var appSettings = {
   TABLE_PREFIX: tablePrefix
   ELASTICSEARCH_URL: elasticsearchUrl
   ELASTICSEARCH_API_KEY: '@Microsoft.KeyVault(VaultName=${vaultName};SecretName=${secretNames.elasticsearchApiKey})'
+  SEARCH_ENGINE: searchEngine
   ELASTICSEARCH_PLAIN_JSON: elasticsearchPlainJson ? 'true' : 'false'
   ELASTICSEARCH_INDEX_PREFIX: elasticsearchIndexPrefix
   ELASTICSEARCH_BULK_DOCS: string(elasticsearchBulkDocs)
   ELASTICSEARCH_BULK_BYTES: string(elasticsearchBulkBytes)
   ELASTICSEARCH_SHARDS: string(elasticsearchShards)
+  ELASTICSEARCH_BULK_WRITERS: string(elasticsearchBulkWriters)
+  ELASTICSEARCH_REPLICAS: elasticsearchReplicas
   STORE_BODY_TEXT: storeBodyText ? 'true' : 'false'
   BODY_TEXT_MAX_CHARS: string(bodyTextMaxChars)
   MS_CLIENT_ID: msClientId
@@ -359,6 +383,7 @@ var appSettings = {
   TOKEN_ENCRYPTION_KEYS: '@Microsoft.KeyVault(VaultName=${vaultName};SecretName=${secretNames.tokenEncryptionKeys})'
   SYNC_TIME_BUDGET_S: string(syncTimeBudgetS)
   GRAPH_PAGE_SIZE: string(graphPageSize)
+  DELTA_LINKS_KEPT: string(deltaLinksKept)
   GRAPH_MAX_CONCURRENCY: string(graphMaxConcurrency)
   FOLDER_LEASE_S: string(folderLeaseS)
   FIRST_SCREEN_MESSAGES: string(firstScreenMessages)
