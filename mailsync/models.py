@@ -152,17 +152,24 @@ class FolderBatch:
 
 @dataclass(frozen=True)
 class BulkResult:
-    """What a bulk write did. Stale (older version) writes count as ``skipped``."""
+    """What a bulk write did. Stale (older version) writes count as ``skipped``.
+
+    ``stale_ids`` names the messages whose write was refused because a newer
+    version is stored: what they said must not be shown either (a delta page
+    read before a user action would undo it on the page, docs/actions.md).
+    """
 
     written: int = 0
     skipped: int = 0
     failed_ids: tuple[str, ...] = ()    # dead-lettered, with reasons logged/kept
+    stale_ids: tuple[str, ...] = ()     # message ids refused: a newer version is stored
 
     def __add__(self, other: BulkResult) -> BulkResult:
         return BulkResult(
             self.written + other.written,
             self.skipped + other.skipped,
             self.failed_ids + other.failed_ids,
+            self.stale_ids + other.stale_ids,
         )
 
 

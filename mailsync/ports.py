@@ -129,7 +129,7 @@ class MessageStore(Protocol):
         ...
 
     def upsert_messages(self, messages: Sequence[Message], *, epoch: int = 0) -> BulkResult:
-        """Index messages; a write older than the stored version is skipped."""
+        """Index messages; a write older than the stored version is skipped (its id in ``stale_ids``)."""
         ...
 
     def remove_messages(self, account_id: str, folder_id: str, message_ids: Sequence[str]) -> BulkResult:

@@ -62,7 +62,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -613,6 +613,7 @@ class SearchStore:
         """
         tally = _Tally()
         originals: dict[str, dict[str, Any]] = {}
+        message_ids: dict[str, str] = {}
         actions: list[_Action] = []
         indexed_at = docs.now_iso()
         for message in messages:
@@ -626,7 +627,9 @@ class SearchStore:
                 continue
             doc_id = docs.message_doc_id(message.account_id, message.message_id)
             originals[doc_id] = doc
+            message_ids[doc_id] = message.message_id
             actions.append(self.message_action(doc_id, message, doc))
+        stale: list[str] = []
         if actions:
             sent = self._bulk(actions, target="messages", what="upsert_messages", originals=originals)
             tally.written += sent.written
@@ -634,10 +637,11 @@ class SearchStore:
             tally.failed += sent.failed
             tally.transient += sent.transient
             tally.dead += sent.dead
+            stale = [message_ids[d] for d in sent.conflicts if d in message_ids]
             if epoch and sent.conflicts:
                 carried = self._carry_epoch(sent.conflicts, epoch)
                 tally.transient += carried.transient
-        return self._finish(tally, "upsert_messages")
+        return replace(self._finish(tally, "upsert_messages"), stale_ids=tuple(stale))
 
     def _carry_epoch(self, doc_ids: Sequence[str], epoch: int) -> _Tally:
         """Mark documents a round saw but did not overwrite (a newer version is stored) as seen in ``epoch``.

@@ -617,11 +617,12 @@ class _Invocation:
                             lambda: self._provider_().newest_messages(folder_id, e.settings.first_screen_messages)))
                         # The Inbox's current epoch: its first full round runs one
                         # epoch later, so it rewrites these or removes them as stale.
-                        e.store.upsert_messages(messages, epoch=state.epoch)
+                        written = e.store.upsert_messages(messages, epoch=state.epoch)
                         e.store.refresh()
                         self.upserted += len(messages)
-                        if messages:
-                            self.events.publish_changes(MessagesChanged(self.account_id, upserted=messages))
+                        shown = _kept(messages, written.stale_ids)
+                        if shown:
+                            self.events.publish_changes(MessagesChanged(self.account_id, upserted=tuple(shown)))
                         self.end_now = True
                 finally:
                     self._release_quietly(inbox_lease)
@@ -828,10 +829,12 @@ class _Invocation:
         removals = [mid for mid, m in changes.items() if m is None]
         if e.before_write is not None:
             e.before_write(folder_id, self.pages)
+        shown = upserts
         if upserts:
             result = e.store.upsert_messages(upserts, epoch=state.epoch)
             if result.failed_ids:
                 log.warning("%d message(s) dead-lettered by the store", len(result.failed_ids))
+            shown = _kept(upserts, result.stale_ids)
         if removals:
             e.store.remove_messages(self.account_id, folder_id, removals)
         self.pages += len(pages)
@@ -854,7 +857,7 @@ class _Invocation:
         if upserts or removals:
             self.changed.add(folder_id)
             self.events.publish_changes(MessagesChanged(
-                self.account_id, upserted=tuple(upserts), removed=tuple((folder_id, mid) for mid in removals)))
+                self.account_id, upserted=tuple(shown), removed=tuple((folder_id, mid) for mid in removals)))
             if not full:
                 self.followed = True
         self._publish_progress(folder_id, state.phase.value, None, live=live)
@@ -1098,3 +1101,17 @@ def _full_reason(state: SyncState, generation: str) -> str:
         return "store_generation"
     return "initial" if state.rounds == 0 else "cursor_lost"
 
+
+
+def _kept(messages: Sequence[Message], stale_ids: Sequence[str]) -> list[Message]:
+    """The messages the store kept: a write it refused as older is not shown on the page either.
+
+    A delta page read before a user action is refused by the store (the
+    action's optimistic row is newer, mailsync.actions.versions); publishing
+    it anyway would put the old value back on every open page — the action
+    undone on screen while the store still has it.
+    """
+    if not stale_ids:
+        return list(messages)
+    refused = set(stale_ids)
+    return [m for m in messages if m.message_id not in refused]

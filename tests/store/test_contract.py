@@ -94,9 +94,10 @@ def test_stale_update_is_ignored(store: SearchStore) -> None:
     older = msg("acct1", 1, version=1000, is_read=False)
     assert store.upsert_messages([newer]).written == 1
 
-    result = store.upsert_messages([older])
+    result = store.upsert_messages([older, msg("acct1", 2, version=1000)])
 
-    assert (result.written, result.skipped, result.failed_ids) == (0, 1, ())
+    assert (result.written, result.skipped, result.failed_ids) == (1, 1, ())
+    assert result.stale_ids == ("m1",)          # what the engine must not publish either
     assert store.get_message("acct1", "m1") == newer
 
 
