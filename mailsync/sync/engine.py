@@ -242,6 +242,7 @@ class _Invocation:
         self._provider: MailProvider | None = None
         self._generation: str | None = None
         self.rows: AccountSyncState | None = None
+        self.rows_current = False    # self.rows was read after this invocation's last sync-row write
         self.pages = 0
         self.upserted = 0
         self.removed_count = 0
@@ -406,6 +407,7 @@ class _Invocation:
         self.e.state.mark(self.account_id, folder_id, dirty=True)
 
     def _work(self, target: str) -> None:
+        self.rows_current = False   # the work writes rows: the next pick needs a fresh read
         if target is _LIST:
             self._sync_folder_list()
         else:
@@ -414,7 +416,9 @@ class _Invocation:
     def _next_pending(self) -> SyncState | None:
         if self.followed:
             return None   # someone is watching: deliver our events now, let others page the rest
-        rows = self._load()
+        # Rows read after our last write (a first round's end reads them all) are as good as a
+        # fresh read for picking the next row: every lease is taken with a conditional write anyway.
+        rows = self.rows if self.rows_current and self.rows is not None else self._load()
         ordered = policy.pending_order(_all_rows(rows), self._store_generation(), self.e.clock())
         return ordered[0] if ordered else None
 
@@ -722,6 +726,7 @@ class _Invocation:
             self._publish_folder_phase(done, SyncPhase.INCREMENTAL)
         if state.rounds == 0:
             rows = self._load()   # whether this was the account's last initial round: everyone's rows
+            self.rows_current = finished is None   # released: nothing of ours is written after this read
             self._publish_progress(folder_id, SyncPhase.INCREMENTAL.value, rows)
             self._maybe_synced(rows)
         else:
