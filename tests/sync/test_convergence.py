@@ -198,9 +198,10 @@ class Person:
             parent = self.rng.choice([None, *self.created])
             path = "me/mailFolders" if parent is None else f"me/mailFolders/{parent}/childFolders"
             response = self.call(self.graph, "POST", path, json={"displayName": f"Folder {self.rng.randrange(10**4)}"})
-            if response is not None and response.status_code == 201:
-                self.created.append(response.json()["id"])
-                self.folders.append(response.json()["id"])
+            created = _created_id(response)
+            if created is not None:
+                self.created.append(created)
+                self.folders.append(created)
         elif kind == "folder_rename" and self.created:
             self.call(self.graph, "PATCH", f"me/mailFolders/{self.rng.choice(self.created)}",
                       json={"displayName": f"Renamed {self.rng.randrange(10**4)}"})
@@ -219,8 +220,24 @@ class Person:
             "@odata.type": "microsoft.graph.mailSearchFolder", "displayName": f"Search {self.rng.randrange(10**6)}",
             "sourceFolderIds": [self.rng.choice(self.folders)], "includeNestedFolders": self.rng.random() < 0.5,
             "filterQuery": self.rng.choice(["isRead eq false", "flag/flagStatus eq 'flagged'", ""])})
-        if response is not None and response.status_code == 201:
-            self.searches.append(response.json()["id"])
+        created = _created_id(response)
+        if created is not None:
+            self.searches.append(created)
+
+
+def _created_id(response: requests.Response | None) -> str | None:
+    """The new object's id, or None when it was not created or its 201 body was cut by a fault.
+
+    A cut body (bad JSON) must not end the person's thread: the scenario
+    would then wait out its whole timeout for mutations that never come.
+    The folder exists all the same; the person just never picks it again.
+    """
+    if response is None or response.status_code != 201:
+        return None
+    try:
+        return str(response.json()["id"])
+    except (ValueError, KeyError):
+        return None
 
 
 # --- a user acting through mailsync's own API ------------------------------------------------------
