@@ -56,6 +56,7 @@ from mailsync.providers.graph_client import GraphClient
 from mailsync.settings import Settings
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.graph_sandbox import GraphSession, SandboxTestServer, start_sandbox
+from tests.sync.user_effects import unapplied
 from tests.sync.world import (
     Diff,
     QueuePump,
@@ -139,6 +140,7 @@ class Person:
         self.folders: list[str] = []
         self.created: list[str] = []
         self.searches: list[str] = []
+        self.touched: set[str] = set()      # message ids the person changed
         self.done = 0
         self.counts: dict[str, int] = {}
         self.refresh()
@@ -174,6 +176,8 @@ class Person:
             [30, 12, 5, 18, 8, 4, 12, 3, 3, 3, 1])[0]
         self.counts[kind] = self.counts.get(kind, 0) + 1
         message = self.rng.choice(self.ids) if self.ids else None
+        if message is not None and kind in ("read", "flag", "categories", "move", "delete", "purge"):
+            self.touched.add(message)
         if kind == "send" or message is None:
             self.call(self.colleague, "POST", "me/sendMail", json={"message": {
                 "subject": f"new mail {self.rng.randrange(10**6)}", "body": {"contentType": "text", "content": "hi"},
@@ -258,6 +262,8 @@ class User:
         self.fates: dict[str, int] = {}
         self.queued: set[str] = set()       # message ids of accepted actions
         self.ended: set[str] = set()        # message ids whose action ended done or failed
+        self.accepted: dict[str, list[MessageAction]] = {}   # per message, in the order accepted
+        self.failed: set[str] = set()       # message ids with an action that failed for good
         self.refused = 0
         self.lock = threading.Lock()
         self.service = MessageActionService(AccountAccess(world.tables.accounts), world.tables.accounts,
@@ -271,8 +277,11 @@ class User:
             self.fates[fate] = self.fates.get(fate, 0) + 1
             if fate == "queued":
                 self.queued.add(action.message_id)
+                self.accepted.setdefault(action.message_id, []).append(action)
             elif fate in ("done", "failed"):
                 self.ended.add(action.message_id)
+            if fate == "failed":
+                self.failed.add(action.message_id)
 
     def step(self) -> None:
         world = self.world
@@ -326,6 +335,9 @@ class Outcome:
     stats: Any
     fates: dict[str, int]            # the user's actions: queued, retry, done, failed
     unfinished: list[str]            # message ids of accepted actions that never ended done or failed
+    not_reported: list[str]          # failed ones the page was never told of (actionsFailed)
+    not_applied: list[Any]           # (id, wanted, mailbox) for messages only the user changed
+    checked: int                     # how many such messages there were
 
 
 def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[..., SearchStore], *,
@@ -382,8 +394,13 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], make_store: Callable[.
         log.info("scenario %s: %d mutations %s, settle %.1f s, pump %s, %s", plan, person.done, person.counts,
                  settle_s, pump.stats, difference.summary())
         log.info("user actions: %s, refused %d", user.fates, user.refused)
+        reported = {f["message_id"] for f in world.events.failures}
+        not_applied, checked = unapplied(user.accepted, person.touched | user.failed,
+                                         world.sandbox.snapshot(world.user))
+        log.info("user actions checked in the mailbox: %d messages only the user changed, %d wrong %s",
+                 checked, len(not_applied), not_applied[:5])
         return Outcome(difference, person.done, person.counts, settle_s, pump.stats, dict(user.fates),
-                       sorted(user.queued - user.ended))
+                       sorted(user.queued - user.ended), sorted(user.failed - reported), not_applied, checked)
     finally:
         if pump is not None:
             pump.stop()
@@ -447,6 +464,9 @@ def test_store_converges_to_the_mailbox(plan: Plan, storage_env: dict[str, str],
     # Every action the user's API calls accepted ended done or failed (and so was reported), none lost.
     assert outcome.fates.get("queued", 0) > 0, outcome.fates
     assert outcome.unfinished == [], outcome.fates
+    # ...a failure was told to the page, and what was done is in the mailbox where nobody else changed it.
+    assert outcome.not_reported == [], outcome.not_reported
+    assert outcome.checked > 0 and outcome.not_applied == [], (outcome.checked, outcome.not_applied[:5])
 
 
 # --- the planted bug ----------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.progress: list[SyncProgress] = []
         self.changes: list[MessagesChanged] = []
+        self.failures: list[dict[str, Any]] = []     # actionsFailed items: {message_id, code, message}
         self._lock = threading.Lock()
 
     def publish_progress(self, event: SyncProgress) -> None:
@@ -79,6 +80,10 @@ class RecordingPublisher:
     def publish_changes(self, event: MessagesChanged) -> None:
         with self._lock:
             self.changes.append(event)
+
+    def publish_action_failures(self, account_id: str, failures: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self.failures.extend(failures)
 
 
 class FaultyQueue:
