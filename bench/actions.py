@@ -1,130 +1,218 @@
-"""Actions from mailsync to Outlook: the optimistic row, the provider, and 500 marked read at once.
+"""Actions from mailsync to the mailbox: the optimistic row, the live channel, the provider, 500 marked read at once.
 
 Usage::
 
-    .venv/bin/python -m bench.actions                      # 100 ms sandbox latency, 20 single actions
-    .venv/bin/python -m bench.actions --latency-ms 0 --actions 50
+    .venv/bin/python bench/actions.py                       # 100 ms sandbox latency, 20 single actions
+    .venv/bin/python bench/actions.py --latency-ms 0 --actions 50 --skip-imap
 
-On a local stack (bench/harness.py: Azurite, the search node (OpenSearch), the Graph sandbox
-with ``--latency-ms`` on every request, the devhost running the whole app)
-one sandbox user is linked and synced, then:
+Outlook, on a local stack (bench/harness.py: Azurite, the search node, the
+Graph sandbox with ``--latency-ms`` on every request, the devhost running
+the whole app): one sandbox user is linked and synced, and a SignalR client
+connects the way the page does (``POST /api/negotiate``, the hub's
+WebSocket), standing for a second browser on the account. Then:
 
 1. ``--actions`` single ``PATCH /api/accounts/{id}/messages/{mid}`` (read,
    unread, flag in turn), one at a time. ``optimistic_ms``: request sent →
-   202 with the row as it will look (what the page renders; the page
-   patches its list before even sending). ``provider_ms``: request sent →
-   the sandbox's own state (its admin snapshot, no latency) has the change
-   (the ACTION job through the queue, a ``$batch`` to Graph).
-2. ``POST …/messages/actions`` marking 500 messages read: ``bulk_accept_ms``
-   (the 202) and ``bulk_provider_s`` until the sandbox has all 500 read.
-   ``bulk_bound_s`` is ceil(500 / 20 / 4) x latency, the issue's target;
-   Graph dispatches 4 items of a batch at a time, each holding a mailbox
-   slot, so one batch of 20 already costs 5 latencies (``batch_bound_s`` =
-   25 batches x 5 waves x latency is what the mailbox's 4 slots allow).
+   202 with the row as it will look (the acting page patches its list
+   before sending; the 202 settles it). ``live_ms``: request sent → the
+   first ``messagesChanged`` naming the message at the SignalR client.
+   ``provider_ms``: request sent → the sandbox's own state (its admin
+   snapshot, no latency) has the change (the ACTION job through the queue,
+   a ``$batch`` to Graph).
+2. ``POST …/messages/actions`` marking 500 unread messages read:
+   ``bulk_accept_ms`` (the 202) and ``bulk_provider_s`` until the sandbox
+   has all 500 read. ``bulk_bound_s`` is the issue's ceil(500 / 20 / 4) x
+   latency; Graph dispatches 4 items of a batch at a time, each holding a
+   mailbox slot, so one batch of 20 already costs 5 latencies
+   (``batch_bound_s`` = 25 batches x 5 waves x latency is what the
+   mailbox's 4 slots allow).
 
-``read_api_p50_ms`` (``GET …/messages?limit=1`` on the same host) says what
-any request costs on the machine at that moment.
+IMAP (unless ``--skip-imap``): a Dovecot (tests/fixtures/dovecot.py) user
+with 520 messages in INBOX, ``MessageActions`` for IMAP marking 500 unread
+ones read: ``imap_bulk_ms`` and the commands it sent (``imap_stores``:
+UID STORE commands; the goal is one).
 
-Goals: optimistic p99 < 100 ms, provider p50 < 1 s at 100 ms latency.
+Goals: optimistic p99 < 100 ms, live p99 < 100 ms, provider p50 < 1 s at
+100 ms latency; 500 read ≤ bulk_bound_s plus overhead on Graph, one STORE
+on IMAP.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+import re
+import sys
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests
 
-from bench.harness import figures, percentile, say, start_stack
+from bench.change_latency import Account as ClientAccount
+from bench.change_latency import Clients
+from bench.cli import parser_from_doc
+from bench.harness import Stack, figures, percentile, say, start_stack
+from mailsync.actions.models import MessageAction
+from mailsync.providers.imap_actions import ImapActions
+from mailsync.providers.imap_session import ImapSession
+from tests.fixtures.dovecot import start_dovecot
+from tests.providers.imap_harness import make_harness
+
+_COMMAND = re.compile(rb"^[A-Z]{4}\d+ ((?:UID )?[A-Za-z]+)")
 
 
-def _truth(stack: Any, address: str) -> dict[str, dict[str, Any]]:
+def _truth(stack: Stack, address: str) -> dict[str, dict[str, Any]]:
     return {m["id"]: m for m in stack.sandbox.snapshot(address)["messages"]}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--latency-ms", type=int, default=100)
-    parser.add_argument("--actions", type=int, default=20)
-    parser.add_argument("--messages", type=int, default=800)
-    args = parser.parse_args(argv)
-
+def outlook(args: Any) -> dict[str, Any]:
     with start_stack("actions", messages=args.messages, latency_ms=args.latency_ms) as stack:
         address = stack.sandbox.users()[0]["mail"]
         linked = stack.link(address)
-        stack.wait_status(linked, "synced", timeout_s=600)
+        stack.wait_status(linked, "synced", timeout_s=900)
         stack.wait_quiet(timeout_s=300)
-        http = requests.Session()
-        http.headers.update(linked.auth)
-        base = f"{stack.api}/accounts/{linked.account_id}/messages"
-        truth = _truth(stack, address)
-        ids = sorted(truth)
-        # The read API on the same host, for scale: what any request costs on this machine right now.
-        reads: list[float] = []
-        for _ in range(args.actions):
-            started = time.monotonic()
-            http.get(base, params={"limit": "1"}, timeout=30).raise_for_status()
-            reads.append((time.monotonic() - started) * 1000)
-        optimistic: list[float] = []
-        provider: list[float] = []
-        for n in range(args.actions):
-            mid = ids[n]
-            change: dict[str, Any] = ({"is_read": not truth[mid]["isRead"]} if n % 2 == 0
-                                      else {"flag_status": "notFlagged" if truth[mid]["flagStatus"] == "flagged"
-                                            else "flagged"})
-            started = time.monotonic()
-            answer = http.patch(f"{base}/{mid}", json=change, timeout=30)
-            optimistic.append((time.monotonic() - started) * 1000)
-            if answer.status_code != 202:
-                raise SystemExit(f"PATCH answered {answer.status_code}: {answer.text[:300]}")
-            key, want = (("isRead", change["is_read"]) if "is_read" in change
-                         else ("flagStatus", change["flag_status"]))
-            while _truth(stack, address)[mid][key] != want:
-                if time.monotonic() - started > 60:
-                    raise SystemExit(f"the sandbox never had the change on {mid}")
-                time.sleep(0.01)
-            provider.append((time.monotonic() - started) * 1000)
-        say(f"single actions: optimistic p50 {percentile(optimistic, 50):.0f} ms, "
-            f"provider p50 {percentile(provider, 50):.0f} ms")
+        clients = Clients(stack.api)
+        clients.connect_all([ClientAccount(linked)])
+        try:
+            return _outlook_figures(args, stack, address, linked, clients)
+        finally:
+            clients.close()
 
-        stack.wait_quiet(timeout_s=120)
-        batch = ids[:500]
-        # Start from 500 unread (through the same API, then wait until Outlook has them all).
-        prepared = http.post(f"{base}/actions", json={"message_ids": batch, "action": {"is_read": False}},
-                             timeout=60)
-        if prepared.status_code != 202:
-            raise SystemExit(f"bulk answered {prepared.status_code}: {prepared.text[:300]}")
-        while not all(not m["isRead"] for mid, m in _truth(stack, address).items() if mid in set(batch)):
-            time.sleep(0.2)
-        stack.wait_quiet(timeout_s=300)
+
+def _outlook_figures(args: Any, stack: Stack, address: str, linked: Any, clients: Clients) -> dict[str, Any]:
+    http = requests.Session()
+    http.headers.update(linked.auth)
+    base = f"{stack.api}/accounts/{linked.account_id}/messages"
+    truth = _truth(stack, address)
+    ids = sorted(truth)
+    optimistic: list[float] = []
+    live: list[float] = []
+    provider: list[float] = []
+    for n in range(args.actions):
+        mid = ids[n]
+        change: dict[str, Any] = ({"is_read": not truth[mid]["isRead"]} if n % 2 == 0
+                                  else {"flag_status": "notFlagged" if truth[mid]["flagStatus"] == "flagged"
+                                        else "flagged"})
         started = time.monotonic()
-        answer = http.post(f"{base}/actions", json={"message_ids": batch, "action": {"is_read": True}}, timeout=60)
-        accepted_ms = (time.monotonic() - started) * 1000
+        answer = http.patch(f"{base}/{mid}", json=change, timeout=30)
+        optimistic.append((time.monotonic() - started) * 1000)
         if answer.status_code != 202:
-            raise SystemExit(f"bulk answered {answer.status_code}: {answer.text[:300]}")
-        while True:
-            now = _truth(stack, address)
-            if all(now[mid]["isRead"] for mid in batch if mid in now):
-                break
-            if time.monotonic() - started > 600:
-                raise SystemExit("the sandbox never had all 500 read")
-            time.sleep(0.1)
-        bulk_s = time.monotonic() - started
-        latency_s = args.latency_ms / 1000
-        print(figures("actions", {
-            "latency_ms": args.latency_ms, "actions": args.actions,
-            "read_api_p50_ms": round(percentile(reads, 50), 1),
-            "optimistic_p50_ms": round(percentile(optimistic, 50), 1),
-            "optimistic_p99_ms": round(percentile(optimistic, 99), 1),
-            "provider_p50_ms": round(percentile(provider, 50), 1),
-            "provider_p99_ms": round(percentile(provider, 99), 1),
-            "bulk_messages": len(batch), "bulk_accept_ms": round(accepted_ms, 1),
-            "bulk_provider_s": round(bulk_s, 2),
-            "bulk_bound_s": round(math.ceil(len(batch) / 20 / 4) * latency_s, 2),
-            "batch_bound_s": round(math.ceil(len(batch) / 20) * 5 * latency_s, 2),
-        }))
+            raise SystemExit(f"PATCH answered {answer.status_code}: {answer.text[:300]}")
+        key, want = (("isRead", change["is_read"]) if "is_read" in change
+                     else ("flagStatus", change["flag_status"]))
+        reached: float | None = None
+        seen: float | None = None
+        while reached is None or seen is None:
+            if reached is None and _truth(stack, address)[mid][key] == want:
+                reached = time.monotonic()
+            if seen is None:
+                seen = clients.first_after(linked.account_id, mid, started)
+            if time.monotonic() - started > 60:
+                raise SystemExit(f"no change at the provider or on the live channel for {mid}")
+            time.sleep(0.005)
+        provider.append((reached - started) * 1000)
+        live.append((seen - started) * 1000)
+    say(f"single actions: optimistic p50 {percentile(optimistic, 0.5):.0f} ms, live p50 "
+        f"{percentile(live, 0.5):.0f} ms, provider p50 {percentile(provider, 0.5):.0f} ms")
+
+    stack.wait_quiet(timeout_s=120)
+    batch = ids[:500]
+    # Start from 500 unread (through the same API, then wait until Outlook has them all).
+    prepared = http.post(f"{base}/actions", json={"message_ids": batch, "action": {"is_read": False}}, timeout=60)
+    if prepared.status_code != 202:
+        raise SystemExit(f"bulk answered {prepared.status_code}: {prepared.text[:300]}")
+    wanted = set(batch)
+    while not all(not m["isRead"] for mid, m in _truth(stack, address).items() if mid in wanted):
+        time.sleep(0.2)
+    stack.wait_quiet(timeout_s=300)
+    started = time.monotonic()
+    answer = http.post(f"{base}/actions", json={"message_ids": batch, "action": {"is_read": True}}, timeout=60)
+    accepted_ms = (time.monotonic() - started) * 1000
+    if answer.status_code != 202:
+        raise SystemExit(f"bulk answered {answer.status_code}: {answer.text[:300]}")
+    while True:
+        now = _truth(stack, address)
+        if all(now[mid]["isRead"] for mid in batch if mid in now):
+            break
+        if time.monotonic() - started > 600:
+            raise SystemExit("the sandbox never had all 500 read")
+        time.sleep(0.1)
+    bulk_s = time.monotonic() - started
+    latency_s = args.latency_ms / 1000
+    return {
+        "latency_ms": args.latency_ms, "actions": args.actions,
+        "optimistic_p50_ms": round(percentile(optimistic, 0.5), 1),
+        "optimistic_p99_ms": round(percentile(optimistic, 0.99), 1),
+        "live_p50_ms": round(percentile(live, 0.5), 1), "live_p99_ms": round(percentile(live, 0.99), 1),
+        "provider_p50_ms": round(percentile(provider, 0.5), 1),
+        "provider_p99_ms": round(percentile(provider, 0.99), 1),
+        "bulk_messages": len(batch), "bulk_accept_ms": round(accepted_ms, 1),
+        "bulk_provider_s": round(bulk_s, 2),
+        "bulk_bound_s": round(math.ceil(len(batch) / 20 / 4) * latency_s, 2),
+        "batch_bound_s": round(math.ceil(len(batch) / 20) * 5 * latency_s, 2),
+    }
+
+
+def imap() -> dict[str, Any]:
+    """500 marked read on Dovecot through ``ImapActions``, counting the IMAP commands sent."""
+    server = start_dovecot(pool=2)
+    try:
+        harness = make_harness(server, folders={"INBOX": 520, "Trash": 0})
+        commands: Counter[str] = Counter()
+
+        def connect() -> ImapSession:
+            session = harness.connect()
+            wire = session.client._imap
+            send = wire.send
+
+            def counted(data: bytes) -> None:
+                # Every command line goes out through send(): "<tag> [UID ]<COMMAND> ..." (literals do not match).
+                sent = _COMMAND.match(data)
+                if sent:
+                    commands[sent.group(1).decode().upper()] += 1
+                send(data)
+
+            wire.send = counted
+            return session
+
+        actions = ImapActions(connect, harness.account_id)
+        try:
+            inbox = sorted(mid for mid, m in harness.messages().items() if m.folder_id == "INBOX")[:500]
+            actions.apply([MessageAction(mid, "INBOX", is_read=False) for mid in inbox])
+            commands.clear()
+            started = time.monotonic()
+            outcomes = actions.apply([MessageAction(mid, "INBOX", is_read=True) for mid in inbox])
+            elapsed_ms = (time.monotonic() - started) * 1000
+            during = Counter(commands)
+        finally:
+            actions.close()
+        truth = harness.messages()
+        read = sum(1 for mid in inbox if truth[mid].is_read)
+        say(f"IMAP: 500 read in {elapsed_ms:.0f} ms, commands {dict(during)}")
+        return {"imap_bulk_messages": len(inbox), "imap_bulk_done": sum(o.done for o in outcomes),
+                "imap_bulk_read": read, "imap_bulk_ms": round(elapsed_ms, 1),
+                "imap_stores": during.get("UID STORE", 0), "imap_commands": sum(during.values())}
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = parser_from_doc(__doc__)
+    parser.add_argument("--latency-ms", type=int, default=100, help="Graph sandbox latency per request")
+    parser.add_argument("--actions", type=int, default=20, help="single PATCHes, one at a time")
+    parser.add_argument("--messages", type=int, default=800, help="messages in the sandbox user's mailbox")
+    parser.add_argument("--skip-imap", action="store_true", help="only the Outlook part")
+    parser.add_argument("--skip-outlook", action="store_true", help="only the IMAP part")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if not args.skip_imap:
+        values.update(imap())
+    if not args.skip_outlook:
+        values.update(outlook(args))
+    print(figures("actions", values))
 
 
 if __name__ == "__main__":
