@@ -8,6 +8,11 @@
 
 Bearer-protected and account-scoped like the read API (401, 404 for
 another account's); every bad input is a 4xx from the core.
+
+The three actions publish the optimistic rows at once (``messagesChanged``
+to the account, through the same SignalR output binding as sync_worker), so
+the user's other pages show the change before the ACTION job reached the
+provider.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import azure.functions as func
 from functions._shared.http import bearer_token, handle_errors, json_response, read_json, read_json_object
 from functions._shared.runtime import runtime
 from mailsync.logs import log_context
+from mailsync.realtime.signalr_messages import BufferingPublisher
 
 bp = func.Blueprint()
 
@@ -37,6 +43,15 @@ def content_disposition(name: str) -> str:
 
 def _ids(req: func.HttpRequest) -> tuple[str, str]:
     return req.route_params.get("account_id", ""), req.route_params.get("message_id", "")
+
+# The account's live channel, as functions/sync_worker sets it (set once, when the call returns).
+_signalr_output = bp.generic_output_binding(arg_name="signalr", type="signalR", hub_name="%SIGNALR_HUB%",
+                                            connection_string_setting="AzureSignalRConnectionString")
+
+
+def _publish(events: BufferingPublisher, signalr: func.Out[str]) -> None:
+    if events:
+        signalr.set(events.messages_json())
 
 
 @bp.function_name("message_read")
@@ -72,33 +87,43 @@ def message_attachment(req: func.HttpRequest) -> func.HttpResponse:
 @bp.function_name("message_update")
 @bp.route(route="accounts/{account_id}/messages/{message_id}", methods=["PATCH"],
           auth_level=func.AuthLevel.ANONYMOUS)
+@_signalr_output
 @handle_errors
-def message_update(req: func.HttpRequest) -> func.HttpResponse:
+def message_update(req: func.HttpRequest, signalr: func.Out[str]) -> func.HttpResponse:
     account_id, message_id = _ids(req)
+    events = BufferingPublisher()
     with log_context(function="message_update", account_id=account_id):
         token = bearer_token(req)
-        body = runtime().message_actions.update(account_id, token, message_id, read_json(req))
+        body = runtime().message_actions.update(account_id, token, message_id, read_json(req), events)
+    _publish(events, signalr)
     return json_response(body, 202)
 
 
 @bp.function_name("message_delete")
 @bp.route(route="accounts/{account_id}/messages/{message_id}", methods=["DELETE"],
           auth_level=func.AuthLevel.ANONYMOUS)
+@_signalr_output
 @handle_errors
-def message_delete(req: func.HttpRequest) -> func.HttpResponse:
+def message_delete(req: func.HttpRequest, signalr: func.Out[str]) -> func.HttpResponse:
     account_id, message_id = _ids(req)
+    events = BufferingPublisher()
     with log_context(function="message_delete", account_id=account_id):
         body = runtime().message_actions.delete(account_id, bearer_token(req), message_id,
-                                                req.params.get("permanent"))
+                                                req.params.get("permanent"), events)
+    _publish(events, signalr)
     return json_response(body, 202)
 
 
 @bp.function_name("message_actions")
 @bp.route(route="accounts/{account_id}/messages/actions", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+@_signalr_output
 @handle_errors
-def message_actions(req: func.HttpRequest) -> func.HttpResponse:
+def message_actions(req: func.HttpRequest, signalr: func.Out[str]) -> func.HttpResponse:
     account_id = req.route_params.get("account_id", "")
+    events = BufferingPublisher()
     with log_context(function="message_actions", account_id=account_id):
         token = bearer_token(req)
-        body = runtime().message_actions.bulk(account_id, token, read_json_object(req, max_bytes=256_000))
+        body = runtime().message_actions.bulk(account_id, token, read_json_object(req, max_bytes=256_000),
+                                              events)
+    _publish(events, signalr)
     return json_response(body, 202)

@@ -260,26 +260,34 @@ class MessageActionService:
 
     # --- acting -------------------------------------------------------------------------------------
 
-    def update(self, account_id: str, bearer: str | None, message_id: str, body: Any) -> dict[str, Any]:
+    def update(self, account_id: str, bearer: str | None, message_id: str, body: Any,
+               events: EventPublisher | None = None) -> dict[str, Any]:
+        """PATCH: the optimistic row into the store and onto ``events`` (the page's live channel), the job queued."""
         account = self._access.authenticate(account_id, bearer)
         change = parse_change(body)
         row = self._row(account, message_id)
         planned = self._plan(account, [row], change=change)
-        self._commit(account, planned)
+        self._commit(account, planned, events)
         return {"message": message_row(planned[0].row) if planned and planned[0].row else message_row(row),
                 "pending": bool(planned)}
 
-    def delete(self, account_id: str, bearer: str | None, message_id: str, permanent_raw: str | None) -> dict[str, Any]:
+    def delete(self, account_id: str, bearer: str | None, message_id: str, permanent_raw: str | None,
+               events: EventPublisher | None = None) -> dict[str, Any]:
+        """DELETE: to the trash (the moved row) or for good (a removal), published on ``events`` like ``update``."""
         account = self._access.authenticate(account_id, bearer)
         permanent = parse_permanent(permanent_raw)
         row = self._row(account, message_id)
         planned = self._plan(account, [row], delete=True, permanent=permanent)
-        self._commit(account, planned)
+        self._commit(account, planned, events)
         moved = planned[0].row if planned else None
         return {"message": message_row(moved) if moved else None, "removed": moved is None, "pending": True}
 
-    def bulk(self, account_id: str, bearer: str | None, body: Any) -> dict[str, Any]:
-        """``{"message_ids": [...], "action": {PATCH fields} | {"delete": true, "permanent": bool}}``."""
+    def bulk(self, account_id: str, bearer: str | None, body: Any,
+             events: EventPublisher | None = None) -> dict[str, Any]:
+        """``{"message_ids": [...], "action": {PATCH fields} | {"delete": true, "permanent": bool}}``.
+
+        The optimistic rows go onto ``events`` as one ``messagesChanged`` (capped like the worker's).
+        """
         account = self._access.authenticate(account_id, bearer)
         if not isinstance(body, dict) or set(body) - {"message_ids", "action"}:
             raise InputError("the body must be {\"message_ids\": [...], \"action\": {...}}", code="invalid_request")
@@ -312,7 +320,7 @@ class MessageActionService:
             planned = self._plan(account, rows, delete=True, permanent=bool(action.get("permanent", False)))
         else:
             planned = self._plan(account, rows, change=change)
-        self._commit(account, planned)
+        self._commit(account, planned, events)
         return {"accepted": len(rows), "not_found": missing,
                 "messages": [message_row(p.row) for p in planned if p.row is not None],
                 "removed": [{"message_id": p.action.message_id, "folder_id": p.action.folder_id}
@@ -357,8 +365,14 @@ class MessageActionService:
             planned.append(Planned(action=action, row=optimistic, version=version))
         return planned
 
-    def _commit(self, account: Account, planned: Sequence[Planned]) -> None:
-        """The optimistic rows into the store, then the provider work onto the queue."""
+    def _commit(self, account: Account, planned: Sequence[Planned], events: EventPublisher | None) -> None:
+        """The optimistic rows into the store, then the provider work onto the queue, then onto ``events``.
+
+        Published here, not only when the ACTION job is done: the job waits for the provider (a Graph
+        round trip, a throttled retry), and until then the user's other pages would show the old row.
+        Published after the enqueue, so a page never shows a change that was not accepted; if the job
+        later fails, ``_revert`` publishes the provider's row and an ``actionsFailed``.
+        """
         if not planned:
             return
         store = self._store()
@@ -382,6 +396,12 @@ class MessageActionService:
         for chunk in _chunks(planned):
             queue.enqueue(new_job(JobKind.ACTION, account.account_id, reason="user action",
                                   attrs={"actions": encode_actions(chunk), "attempt": "0"}))
+        if events is not None:
+            events.publish_changes(MessagesChanged(
+                account_id=account.account_id,
+                upserted=tuple(p.row for p in planned if p.row is not None),
+                removed=tuple((p.action.folder_id, p.action.message_id) for p in planned
+                              if p.row is None or p.row.folder_id != p.action.folder_id)))
 
     # --- the worker ----------------------------------------------------------------------------------
 

@@ -154,6 +154,48 @@ def test_mark_read_is_in_the_store_at_once_and_at_the_provider_after_the_job(wor
     assert changes and changes[0]["arguments"][0]["upserted"][0]["is_read"] is True
 
 
+def test_the_optimistic_rows_are_published_at_once_before_the_provider_has_them(outlook: World) -> None:
+    """The user's other pages hear of an action from the API call itself, not from the job (issue 17)."""
+    world = outlook
+    first, second, third = _inbox(world, 3, is_read=False)
+    archive = next(f.folder_id for f in world.mirror.folders.values() if f.role == "archive")
+    trash = next(f.folder_id for f in world.mirror.folders.values() if f.role == "deleteditems")
+    inbox = world.harness.inbox_id
+
+    def published(act) -> dict:  # type: ignore[no-untyped-def]
+        events = BufferingPublisher()
+        act(events)
+        (changes,) = [m for m in events.messages() if m["target"] == TARGET_CHANGES]
+        assert changes["userId"] == world.account_id
+        return changes["arguments"][0]  # type: ignore[no-any-return]
+
+    read = published(lambda e: world.service.update(world.account_id, world.token, first, {"is_read": True}, e))
+    assert [(r["message_id"], r["is_read"], r["folder_id"]) for r in read["upserted"]] == [(first, True, inbox)]
+    assert read["removed"] == []
+    moved = published(lambda e: world.service.update(world.account_id, world.token, second,
+                                                     {"folder_id": archive}, e))
+    assert [(r["message_id"], r["folder_id"]) for r in moved["upserted"]] == [(second, archive)]
+    assert moved["removed"] == [{"folder_id": inbox, "message_id": second}]
+    trashed = published(lambda e: world.service.delete(world.account_id, world.token, third, None, e))
+    assert [(r["message_id"], r["folder_id"]) for r in trashed["upserted"]] == [(third, trash)]
+    gone = published(lambda e: world.service.delete(world.account_id, world.token, first, "true", e))
+    assert gone["upserted"] == [] and gone["removed"] == [{"folder_id": inbox, "message_id": first}]
+    ids = sorted(i for i, m in world.harness.messages().items()
+                 if not m.flagged and i not in (first, second, third))[:12]
+    flagged = published(lambda e: world.service.bulk(world.account_id, world.token,
+                                                     {"message_ids": ids, "action": {"flag_status": "flagged"}}, e))
+    assert sorted(r["message_id"] for r in flagged["upserted"]) == ids
+    assert all(r["flag_status"] == "flagged" for r in flagged["upserted"])
+    # None of it has reached Outlook: the jobs are still queued.
+    truth = world.harness.messages()
+    assert truth[first].is_read is False and truth[second].folder_id == inbox
+    assert len(world.queue.jobs) == 5
+    # Nothing to do, nothing published (a row already read).
+    events = BufferingPublisher()
+    world.service.update(world.account_id, world.token, second, {"folder_id": archive}, events)
+    assert not events
+
+
 def test_a_delta_page_read_before_the_action_never_undoes_it(outlook: World) -> None:
     world = outlook
     (message_id,) = _inbox(world, is_read=False)
