@@ -142,7 +142,7 @@ class SyncState:
     unread: int | None = None
     children: int | None = None
     first_screen: bool = False
-    relook_at: float = 0.0       # a look-again after a quiet notified round is due then (one at a time)
+    relook_at: float = 0.0       # a look-again after a notified round is due then (one at a time)
     updated_at: float = 0.0
     etag: str | None = None
 

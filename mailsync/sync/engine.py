@@ -314,11 +314,15 @@ class _Invocation:
         return outcome
 
     def _relook_if_quiet(self) -> None:
-        """After a notification whose round found nothing, look again shortly: delta lags behind.
+        """After a notified round, look again shortly: delta lags behind.
 
         Graph may notify a change before its delta shows it. Without this, a
         notification whose round ran too early is lost until the next poll
-        (hours, with a healthy subscription). Bounded (policy.RELOOK_DELAYS_S)
+        (hours, with a healthy subscription). A notified round that found
+        something looks again too: what it found may be an earlier change
+        surfacing (one its own notification's round was too early for),
+        while the change this notification is about is still hidden. A
+        look-again that finds something stops. Bounded (policy.RELOOK_DELAYS_S)
         and coalesced: one look-again pending per folder, whatever the number
         of notifications (``SyncStateTable.schedule_relook``). When the folder
         was busy, its holder runs another round (dirty), which may be early
@@ -334,19 +338,19 @@ class _Invocation:
             target, folder_id = _LIST, None    # a folder subscription's notification: names, parents, new folders
         else:
             return
-        if target in self.changed:
-            return
         try:
             attempt = int(job.attrs.get(RELOOK, "0")) if job.reason == RELOOK else 0
         except ValueError:
             attempt = 0
+        if target in self.changed and attempt:
+            return                             # a look-again that found something: the lagging change surfaced
         delay = policy.relook_delay(attempt)
         if delay is None:
             return
         e = self.e
         if not e.state.schedule_relook(self.account_id, folder_id, at=e.clock() + delay):
             return
-        log.info("quiet notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
+        log.info("notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
         e.queue.enqueue(new_job(JobKind(job.kind), self.account_id, folder_id, reason=RELOOK,
                                 attrs={RELOOK: str(attempt + 1)}), delay_s=delay)
 

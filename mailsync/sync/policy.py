@@ -36,8 +36,9 @@ MAX_FAILURES = 10
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
 # Delta can lag behind notifications ("retry the nextLink or deltaLink after
-# some time", Microsoft): after a notified round that found nothing, look
-# again after each of these waits, at most once pending per folder.
+# some time", Microsoft): after a notified round, look again after the first
+# wait, and after the next while look-agains find nothing; at most one
+# pending per folder.
 RELOOK_DELAYS_S = (2.0, 10.0)
 # Epochs are seconds since this instant, so a recreated row never reuses an
 # epoch still written on documents (and the number fits a 32-bit table int).
@@ -138,7 +139,7 @@ class Wait:
 
 
 def relook_delay(attempt: int) -> float | None:
-    """The wait before look-again number ``attempt`` (0-based) after a quiet notified round; None: enough."""
+    """The wait before look-again number ``attempt`` (0-based) after a notified round; None: enough."""
     return RELOOK_DELAYS_S[attempt] if 0 <= attempt < len(RELOOK_DELAYS_S) else None
 
 
