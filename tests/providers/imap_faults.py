@@ -58,6 +58,7 @@ class FaultProxy:
         self._listener.listen(64)
         self._stop = threading.Event()
         self._open: set[socket.socket] = set()
+        self._forced = FaultCounts()
         self._thread = threading.Thread(target=self._accept, name="imap-fault-proxy", daemon=True)
         self._thread.start()
 
@@ -68,6 +69,28 @@ class FaultProxy:
     def quiet(self) -> None:
         """No more faults from now on."""
         self.bye_rate = self.no_rate = self.cut_rate = 0.0
+        with self._lock:
+            self._forced = FaultCounts()
+
+    def force(self, *, byes: int = 0, nos: int = 0, cuts: int = 0) -> None:
+        """Inject these faults at the next commands they apply to, whatever the rates draw.
+
+        Rates alone leave it to timing whether a fault happens at all: how
+        many commands pass while the faults are on depends on how fast the
+        client gets through (an initial sync under load sent ~25 FETCHes:
+        at a cut rate of 0.08, no cut one run in eight). A test that needs
+        each fault to have happened forces one of each.
+        """
+        with self._lock:
+            self._forced = FaultCounts(byes=byes, nos=nos, cuts=cuts)
+
+    def _take(self, kind: str) -> bool:
+        """One forced fault of ``kind`` ("byes", "nos", "cuts"), if one is left."""
+        with self._lock:
+            left = getattr(self._forced, kind)
+            if left > 0:
+                setattr(self._forced, kind, left - 1)
+            return left > 0
 
     def close(self) -> None:
         self._stop.set()
@@ -163,20 +186,20 @@ class _Link:
         if command in (b"LOGIN", b"AUTHENTICATE"):
             self.logged_in = True
         if self.logged_in and command not in _NEVER and command:
-            if proxy._roll(proxy.bye_rate):
+            if proxy._take("byes") or proxy._roll(proxy.bye_rate):
                 with proxy._lock:
                     proxy.counts.byes += 1
                 with self.lock:
                     self.client.sendall(b"* BYE injected fault: shutting down\r\n")
                 self.close()
                 return False
-            if command in _NO_COMMANDS and proxy._roll(proxy.no_rate):
+            if command in _NO_COMMANDS and (proxy._take("nos") or proxy._roll(proxy.no_rate)):
                 with proxy._lock:
                     proxy.counts.nos += 1
                 with self.lock:
                     self.client.sendall(tag + b" NO [UNAVAILABLE] injected fault: try again later\r\n")
                 return True
-            if command == b"FETCH" and proxy._roll(proxy.cut_rate):
+            if command == b"FETCH" and (proxy._take("cuts") or proxy._roll(proxy.cut_rate)):
                 with proxy._lock:
                     proxy.counts.cuts += 1
                     self.cut_after = proxy._rng.randrange(1, 6000)

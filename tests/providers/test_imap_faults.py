@@ -49,6 +49,18 @@ def test_each_fault_is_provider_unavailable_and_the_next_call_recovers(harness: 
     assert getattr(proxy.counts, {"bye_rate": "byes", "no_rate": "nos", "cut_rate": "cuts"}[fault]) >= 1
 
 
+def test_a_forced_fault_happens_once_at_the_next_command_it_applies_to(harness: ImapHarness,
+                                                                       proxy: FaultProxy) -> None:
+    provider = harness.open(page_size=500)
+    assert provider.folder_changes(None).upserts
+    proxy.force(cuts=1)                                # rates stay 0: only the forced cut
+    provider.folder_changes(None)                      # LIST / STATUS are no FETCH: passed on
+    with pytest.raises(ProviderUnavailable):
+        provider.message_changes("INBOX", None)
+    assert provider.message_changes("INBOX", None).upserts
+    assert proxy.counts.cuts == 1 and proxy.counts.byes == proxy.counts.nos == 0
+
+
 def test_a_cut_inside_a_literal_never_yields_a_partial_page(harness: ImapHarness, proxy: FaultProxy) -> None:
     provider = harness.open(page_size=500)
     full = provider.message_changes("INBOX", None)

@@ -283,6 +283,9 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
                                                        raise_rate=plan.raise_rate)
         world.queue.duplicate_rate = plan.duplicate_rate
         world.proxy.bye_rate, world.proxy.no_rate, world.proxy.cut_rate = plan.bye_rate, plan.no_rate, plan.cut_rate
+        # A plan's fault happens at least once: how many commands pass before the settle quiets the proxy is
+        # timing (a fast initial sync sends few FETCHes), so the rates alone may draw none.
+        world.proxy.force(byes=int(plan.bye_rate > 0), nos=int(plan.no_rate > 0), cuts=int(plan.cut_rate > 0))
         pump = QueuePump(world, workers=4, visibility_s=2)   # type: ignore[arg-type]
         pump.start()
         world.start_initial_sync()
