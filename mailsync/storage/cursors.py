@@ -353,12 +353,20 @@ class SyncStateTable:
                 for key in chunk:
                     self._merge_unconditional(account_id, key, fields)
 
-    def schedule_relook(self, account_id: str, folder_id: str | None, *, at: float) -> bool:
-        """Claim the folder's one pending look-again, due at ``at``; False when one is pending already
-        (notifications coalesce) or the folder is gone. No lease needed: it is not the holder's field."""
+    def schedule_relook(self, account_id: str, folder_id: str | None, *, at: float,
+                        slack_s: float = 1.0) -> bool:
+        """Claim the folder's pending look-again, due at ``at``; False when one due no more than
+        ``slack_s`` earlier is pending already (notifications coalesce) or the folder is gone.
+
+        A pending look-again due well before ``at`` does not cover the caller: it was
+        scheduled for an earlier change and runs inside this change's delta lag, so it
+        can find the earlier change, stop, and leave this one hidden until the next
+        poll (a burst of 1,000 changes lost its last two that way). Then a later one is
+        claimed too; during a burst that is at most one extra round per ``slack_s``.
+        No lease needed: it is not the holder's field."""
         for _ in range(_CONFLICT_RETRIES):
             state = self.get(account_id, folder_id)
-            if state is None or state.relook_at > self._clock():
+            if state is None or (state.relook_at > self._clock() and state.relook_at >= at - slack_s):
                 return False
             try:
                 self._merge(state, {"relook_at": float(at)})

@@ -264,3 +264,15 @@ def test_delete_account_removes_every_row(table: SyncStateTable) -> None:
     assert table.delete_account(account) == 4
     loaded = table.load(account)
     assert not loaded.folders and loaded.folder_list is None and loaded.slots_busy == 0
+
+
+def test_a_look_again_due_too_early_for_a_later_change_does_not_cover_it(table: SyncStateTable, clock: Clock) -> None:
+    account = _account()
+    state = _folder(table, account)
+    assert table.schedule_relook(account, state.folder_id, at=clock.now + 2)
+    clock.now += 0.5                          # another notified round, soon after: the pending one covers it
+    assert not table.schedule_relook(account, state.folder_id, at=clock.now + 2)
+    clock.now += 1.4                          # the pending one runs in 0.1 s, inside this change's lag
+    assert table.schedule_relook(account, state.folder_id, at=clock.now + 2)
+    clock.now += 5                            # nothing pending any more
+    assert table.schedule_relook(account, state.folder_id, at=clock.now + 2)
