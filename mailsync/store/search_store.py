@@ -39,7 +39,10 @@ removal. ``remove_messages(F, ids)`` therefore reads each document
 (realtime multi-get with ``_seq_no``/``_primary_term``) and deletes it only
 if it still says F, with ``if_seq_no``/``if_primary_term`` so a write that
 lands between the read and the delete makes the delete fail (409); those
-ids are read again and re-decided. No scripts anywhere.
+ids are read again and re-decided. A refused write's ``sync_epoch`` is
+carried onto the stored copy the same way (read, decide, conditional
+update): only if the copy is still in the writer's folder, and only
+upwards (``_carry_epoch``). No scripts anywhere.
 
 Reads
 -----
@@ -639,29 +642,72 @@ class SearchStore:
             tally.dead += sent.dead
             stale = [message_ids[d] for d in sent.conflicts if d in message_ids]
             if epoch and sent.conflicts:
-                carried = self._carry_epoch(sent.conflicts, epoch)
+                refused = {d: originals[d]["folder_id"] for d in sent.conflicts if d in originals}
+                carried = self._carry_epoch(refused, epoch)
                 tally.transient += carried.transient
+                tally.failed += carried.failed
+                tally.dead += carried.dead
         return replace(self._finish(tally, "upsert_messages"), stale_ids=tuple(stale))
 
-    def _carry_epoch(self, doc_ids: Sequence[str], epoch: int) -> _Tally:
+    def _carry_epoch(self, refused: Mapping[str, str], epoch: int) -> _Tally:
         """Mark documents a round saw but did not overwrite (a newer version is stored) as seen in ``epoch``.
 
-        A newer stored version is normally a later delta page's, but it can
-        be ahead of the provider: a user action's optimistic row
+        ``refused`` maps each refused document id to the folder the refused
+        write named. A newer stored version is normally a later delta page's,
+        but it can be ahead of the provider: a user action's optimistic row
         (mailsync.actions.versions) stays above the provider's version when
         the provider had the value already. A resync that lists the message
         then writes an older version, is refused, and without this its
-        ``remove_stale`` would delete a message the provider still has. A
-        partial update of ``sync_epoch`` only (no script); a document deleted
-        meanwhile is skipped.
+        ``remove_stale`` would delete a message the provider still has.
+
+        The mark is carried only where the stored copy is still in that
+        folder, and only upwards:
+
+        * Epochs are per folder. A page of F read before the message moved to
+          G is refused once G's round has written it; F saw it in F, not in G.
+          Marking G's copy with F's epoch (smaller than the epoch of a full
+          round G runs meanwhile) made G's ``remove_stale`` delete a message
+          G holds — the convergence test's rare ``missing=1``.
+        * A folder's epochs only grow; a refused write carrying an older one
+          (an optimistic row that read the epochs before a resync began) must
+          not undo the resync's mark.
+
+        Like ``remove_messages``: read (realtime, with ``_seq_no``), decide,
+        then a partial update of ``sync_epoch`` with ``if_seq_no`` so a write
+        landing in between makes it fail and be decided again on a fresh read.
+        No script, so every engine does the same. A document deleted meanwhile
+        stays deleted.
         """
-        actions: list[_Action] = [({"update": {
-            "_index": self.names.messages,
-            "_id": doc_id,
-            "routing": doc_id.partition(":")[0],
-            "retry_on_conflict": 3,
-        }}, {"doc": {"sync_epoch": epoch}}) for doc_id in doc_ids]
-        return self._bulk(actions, target="messages", what="carry sync_epoch")
+        tally = _Tally()
+        by_account: dict[str, list[str]] = {}
+        for doc_id in refused:
+            by_account.setdefault(doc_id.partition(":")[0], []).append(doc_id)
+        for account_id, doc_ids in by_account.items():
+            pending = doc_ids
+            for _ in range(REMOVE_ROUNDS):
+                if not pending:
+                    break
+                actions: list[_Action] = []
+                for doc_id, found in self._read_current(account_id, pending, ["folder_id", "sync_epoch"],
+                                                        "carry sync_epoch"):
+                    if found is None:
+                        continue
+                    source, seq_no, primary_term = found
+                    if source.get("folder_id") != refused[doc_id] or int(source.get("sync_epoch") or 0) >= epoch:
+                        continue   # moved on (its new folder owns it), or already marked as seen
+                    actions.append(({"update": {"_index": self.names.messages, "_id": doc_id, "routing": account_id,
+                                                "if_seq_no": seq_no, "if_primary_term": primary_term}},
+                                    {"doc": {"sync_epoch": epoch}}))
+                if not actions:
+                    pending = []
+                    break
+                round_ = self._bulk(actions, target="messages", what="carry sync_epoch")
+                tally.failed += round_.failed
+                tally.dead += round_.dead
+                tally.transient += round_.transient
+                pending = round_.conflicts   # written since we read it: read again and decide again
+            tally.transient += pending
+        return tally
 
     def message_action(self, doc_id: str, message: Message, doc: dict[str, Any]) -> _Action:
         """The bulk action indexing ``doc``: external_gte version, routed by account."""
@@ -682,7 +728,8 @@ class SearchStore:
             if not pending:
                 break
             actions: list[_Action] = []
-            for doc_id, found in self._read_for_removal(account_id, pending):
+            for doc_id, found in self._read_current(account_id, pending, ["account_id", "folder_id"],
+                                                    "remove_messages"):
                 if found is None:
                     tally.skipped += 1
                     continue
@@ -705,17 +752,18 @@ class SearchStore:
         tally.transient += pending       # still racing after every round: let the caller retry
         return self._finish(tally, "remove_messages")
 
-    def _read_for_removal(self, account_id: str, doc_ids: Sequence[str]
-                          ) -> Iterator[tuple[str, tuple[dict[str, Any], int, int] | None]]:
-        with _translate("remove_messages"):
+    def _read_current(self, account_id: str, doc_ids: Sequence[str], fields: Sequence[str], what: str
+                      ) -> Iterator[tuple[str, tuple[dict[str, Any], int, int] | None]]:
+        """Each document's ``fields``, ``_seq_no`` and ``_primary_term`` (realtime), or None if it is gone."""
+        with _translate(what):
             for start in range(0, len(doc_ids), 1_000):
                 chunk = list(doc_ids[start:start + 1_000])
                 try:
                     entries = self._engine.mget(self.names.messages, chunk, routing=account_id,
-                                                source_includes=["account_id", "folder_id"])
+                                                source_includes=list(fields))
                 except EngineError as exc:
                     if exc.index_missing:
-                        raise StoreUnavailable("remove_messages: messages index missing", retry_after_s=5.0) from exc
+                        raise StoreUnavailable(f"{what}: messages index missing", retry_after_s=5.0) from exc
                     raise
                 for entry in entries:
                     doc_id = str(entry.get("_id"))

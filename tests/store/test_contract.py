@@ -551,6 +551,59 @@ def test_a_resync_keeps_a_message_stored_at_a_newer_version_than_it_read(store: 
     assert store.get_message("acct1", "m0").version >= 5000
 
 
+def test_a_stale_page_of_the_old_folder_never_marks_a_moved_message_seen(store: SearchStore) -> None:
+    # m0 moved F→G while G ran a full round (epoch 9): G's round wrote it. F's stream then writes a page it
+    # read before the move (F's epoch 5), refused since G's copy is newer. F saw it in F, not in G:
+    # G's remove_stale must keep it, and F's may not find it at all.
+    store.upsert_messages([msg("acct1", 0, folder="F", version=1000)], epoch=5)
+    store.upsert_messages([msg("acct1", 0, folder="G", version=2000)], epoch=9)
+    assert store.upsert_messages([msg("acct1", 0, folder="F", version=1000)], epoch=5).skipped == 1
+    store.refresh()
+
+    assert store.remove_stale("acct1", "G", 9) == 0
+    assert store.remove_stale("acct1", "F", 6) == 0
+    store.refresh()
+    stored = store.get_message("acct1", "m0")
+    assert stored is not None and stored.folder_id == "G"
+
+
+def test_a_refused_write_never_lowers_the_stored_epoch(store: SearchStore) -> None:
+    # A resync (epoch 9) stored m0 at a newer version; an older write carrying the folder's previous
+    # epoch (an optimistic row that read the epochs before the resync began) is refused: it must not
+    # turn the resync's mark back to 5, or the resync's remove_stale deletes a message it saw.
+    store.upsert_messages([msg("acct1", 0, version=2000)], epoch=9)
+    assert store.upsert_messages([msg("acct1", 0, version=1000)], epoch=5).skipped == 1
+    store.refresh()
+
+    assert store.remove_stale("acct1", "inbox", 9) == 0
+    store.refresh()
+    assert store.get_message("acct1", "m0") is not None
+
+
+def test_a_carried_epoch_loses_to_a_move_that_lands_after_the_read(make_store: Callable[..., SearchStore]
+                                                                  ) -> None:
+    """A move between the carry's read and its update makes if_seq_no refuse it; the re-read sees G."""
+    plan = FaultPlan()
+    racer = make_store()
+    store = make_store(wrap=faulty(plan))
+    store.upsert_messages([msg("acct1", 0, folder="F", version=2000)], epoch=9)
+
+    def move_first(items: list[tuple[str, str]]) -> None:
+        assert items == [("update", "acct1:m0")]
+        racer.upsert_messages([msg("acct1", 0, folder="G", version=3000)], epoch=4)
+
+    def arm(items: list[tuple[str, str]]) -> None:   # the refused index request; the carry's update is next
+        assert items == [("index", "acct1:m0")]
+        plan.before_bulk = move_first
+
+    plan.before_bulk = arm
+    assert store.upsert_messages([msg("acct1", 0, folder="F", version=1000)], epoch=10).skipped == 1
+
+    stored = store.engine.get_document(store.names.messages, "acct1:m0", routing="acct1")
+    assert stored is not None and (stored["folder_id"], stored["sync_epoch"]) == ("G", 4)
+    assert [r for r in plan.requests if r[0][0] == "update"] == [[("update", "acct1:m0")]]
+
+
 def test_generation_is_stable_and_changes_when_indices_are_recreated(store: SearchStore) -> None:
     first = store.generation()
     assert first == store.ensure_ready() == store.generation()
