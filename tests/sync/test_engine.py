@@ -424,8 +424,8 @@ def test_a_large_folder_resumes_from_links_outlook_still_holds(
     # 503 / 504 and cuts bodies now and then (retries). Every stop and every retry must go on from a
     # link still held: no full restart. (A worker dying twice in a row before it saves a page can
     # still lose its link: pipeline.py says why; a full round then recovers.)
-    sandbox = sandbox_factory(users=2, messages_per_user=2_500, delta_token_cache=3, latency_ms=15)
-    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="1", GRAPH_PAGE_SIZE="40"),
+    sandbox = sandbox_factory(users=2, messages_per_user=2_500, delta_token_cache=3, latency_ms=40)
+    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="1", GRAPH_PAGE_SIZE="20"),
                        sandbox, store, backoff_cap_s=1.0)
     faults = {"error_503": 0.04, "error_504": 0.02, "truncate": 0.03}
     assert sandbox.admin("PUT", "faults", json={"profile": "none", "seed": 5, "overrides": faults}).status_code == 200
