@@ -32,6 +32,16 @@ round: if ``dirty`` was set meanwhile it clears it and hands the lease back
 for one more round, else it releases. So a change that arrives while a
 folder is being paged is always followed by a round that starts after it.
 
+A round can outlast its invocation (time budget, back-off, a dead worker):
+the next holder goes on from the saved page link, and what the rest of
+that round returns was fixed when the round *began* (Graph's delta, like
+IMAP's CONDSTORE bound, pages a snapshot). So ``acquire`` clears ``dirty``
+only on a row between rounds; on a row in mid-round (``mid_round``: the
+cursor ``save`` wrote is a page link, not a round's final link) the mark
+stays until ``finish``, which then runs the round it asked for. Clearing it
+there lost a change made during a large folder's initial round until the
+next poll (hours).
+
 Slots (at most N Graph requests in flight per mailbox)
 ------------------------------------------------------
 A worker pages sequentially, one request in flight at a time, so "at most 4
@@ -78,7 +88,7 @@ _FORBIDDEN_KEY_CHARS = frozenset("/\\#?") | {chr(c) for c in range(0x20)} | {chr
 # Fields only the lease holder writes; others merge dirty/resync/info fields.
 _HOLDER_FIELDS = frozenset({
     "cursor", "phase", "epoch", "generation", "indexed", "removed", "failures",
-    "rounds", "first_screen", "round_started", "resync_requested",
+    "rounds", "first_screen", "round_started", "resync_requested", "mid_round",
 })
 
 
@@ -142,6 +152,7 @@ class SyncState:
     unread: int | None = None
     children: int | None = None
     first_screen: bool = False
+    mid_round: bool = False      # ``cursor`` is a page link inside a round, not a round's final link
     relook_at: float = 0.0       # a look-again after a notified round is due then (one at a time)
     updated_at: float = 0.0
     etag: str | None = None
@@ -422,14 +433,17 @@ class SyncStateTable:
                 except ResourceNotFoundError as exc:
                     raise LeaseLost("sync state deleted") from exc
             until = now + self._lease_s
-            fields: dict[str, Any] = {"lease_owner": owner, "lease_until": until, "dirty": False}
+            # Between rounds, the round this holder starts sees every change made so far; in mid-round
+            # it does not (module docstring), so the mark stays for ``finish``.
+            dirty = state.dirty and state.mid_round
+            fields: dict[str, Any] = {"lease_owner": owner, "lease_until": until, "dirty": dirty}
             try:
                 etag = self._merge(state, fields)
             except ResourceModifiedError:
                 continue
             except ResourceNotFoundError as exc:
                 raise LeaseLost("sync state deleted") from exc
-            return Lease(replace(state, lease_owner=owner, lease_until=until, dirty=False,
+            return Lease(replace(state, lease_owner=owner, lease_until=until, dirty=dirty,
                                  etag=etag, updated_at=now), owner)
         raise DependencyUnavailable("sync state is too contended to lease", retry_after_s=1.0)
 
@@ -444,6 +458,10 @@ class SyncStateTable:
             raise ValueError(f"not holder fields: {sorted(unknown)}")
         now = self._clock()
         fields = dict(changes)
+        if "cursor" in fields:
+            # A cursor saved here is the link of the page just written: the round goes on from it.
+            # "" starts a new round (the first request fixes what that round returns).
+            fields["mid_round"] = bool(fields["cursor"])
         fields["lease_until"] = now + self._lease_s
         return self._write_held(lease, fields, now)
 
@@ -458,10 +476,10 @@ class SyncStateTable:
             now = self._clock()
             if current.state.dirty:
                 fields = dict(changes)
-                fields.update(dirty=False, lease_until=now + self._lease_s)
+                fields.update(dirty=False, mid_round=False, lease_until=now + self._lease_s)
                 return self._write_held(current, fields, now)
             fields = dict(changes)
-            fields.update(lease_owner="", lease_until=0.0)
+            fields.update(lease_owner="", lease_until=0.0, mid_round=False)
             try:
                 self._merge(current.state, fields)
                 return None
@@ -627,7 +645,7 @@ class SyncStateTable:
 def _all_fields() -> tuple[str, ...]:
     return ("cursor", "phase", "epoch", "generation", "dirty", "resync_requested", "lease_owner", "lease_until",
             "indexed", "removed", "expected", "failures", "not_before", "rounds", "round_started", "name", "role",
-            "parent_id", "unread", "children", "first_screen", "relook_at")
+            "parent_id", "unread", "children", "first_screen", "mid_round", "relook_at")
 
 
 def _to_entity(state: SyncState, fields: set[str]) -> dict[str, Any]:
@@ -693,6 +711,7 @@ def _from_entity(entity: Mapping[str, Any]) -> SyncState:
         unread=optional_int("unread"),
         children=optional_int("children"),
         first_screen=bool(entity.get("first_screen")),
+        mid_round=bool(entity.get("mid_round")),
         relook_at=num("relook_at"),
         updated_at=num("updated_at"),
         etag=metadata.get("etag"),

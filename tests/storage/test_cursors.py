@@ -214,6 +214,38 @@ def test_release_keeps_dirty_for_the_next_worker(table: SyncStateTable) -> None:
     assert row is not None and row.dirty and row.failures == 2 and not row.lease_owner
 
 
+def test_a_mark_made_in_mid_round_outlives_the_next_holder_until_the_round_ends(table: SyncStateTable) -> None:
+    # The round's first holder saved a page link and left (time budget); the mark made meanwhile asks
+    # for a round that starts after it. The next holder goes on with the old round: it keeps the mark,
+    # and the round's end hands the lease back for one more round.
+    account = _account()
+    folder = _folder(table, account).folder_id
+    first = table.acquire(account, folder, new_owner("a"))
+    assert first is not None
+    first = table.save(first, cursor="page-2-link")
+    table.mark(account, folder)
+    table.release(first)
+    second = table.acquire(account, folder, new_owner("b"))
+    assert second is not None and second.state.dirty and second.state.mid_round
+    second = table.save(second, cursor="page-3-link")
+    again = table.finish(second, cursor="delta-link", rounds=1)
+    assert again is not None, "one more round runs"
+    assert not again.state.dirty and not again.state.mid_round
+    assert table.finish(again, cursor="delta-link-2", rounds=2) is None
+
+
+def test_a_mark_between_rounds_is_taken_by_the_next_holder(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    first = table.acquire(account, folder, new_owner("a"))
+    assert first is not None
+    assert table.finish(table.save(first, cursor="page-2-link"), cursor="delta-link", rounds=1) is None
+    table.mark(account, folder)
+    second = table.acquire(account, folder, new_owner("b"))
+    assert second is not None and not second.state.dirty   # its round starts now: it sees the change
+    assert table.finish(second, cursor="delta-link-2", rounds=2) is None
+
+
 def test_at_most_n_slots_and_expiry_frees_them(table: SyncStateTable, clock: Clock) -> None:
     account = _account()
     slots = [table.acquire_slot(account, new_owner(f"m{i}"), 4) for i in range(4)]

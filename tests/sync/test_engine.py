@@ -332,6 +332,49 @@ def test_a_rename_listed_while_the_folders_first_round_runs_stays(world: SyncWor
     assert not difference, difference.summary()
 
 
+def test_a_change_asked_for_while_a_round_spans_invocations_gets_its_own_round(
+        storage_env: dict[str, str], sandbox: SandboxTestServer, store: SearchStore) -> None:
+    # A large folder's round outlasts one invocation (time budget): the next invocation goes on from
+    # the saved nextLink, and what that round returns was fixed when it began. A change made
+    # meanwhile, and asked for meanwhile (the folder leased: the asking job marks the row dirty), is
+    # not in that round. The invocation that takes the lease over must keep `dirty`, so that the
+    # round's end runs one more round; clearing it on taking the lease lost the change until the next
+    # poll (hours): a flag set during an initial sync never reached the store.
+    assert sandbox.admin("PATCH", "config", json={"delta_replay_rate": 0.0}).status_code == 200
+    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2", GRAPH_PAGE_SIZE="20"),
+                       sandbox, store, backoff_cap_s=2.0)
+    listed = world.engine.handle(new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="poll"), Delivery("list-1"),
+                                 world.events)
+    assert listed == Outcome.DONE
+    graph = world.sandbox.graph(world.user)
+    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead").json()["value"][0]
+    asked: list[Outcome] = []
+
+    def change_and_ask_meanwhile(folder_id: str, page: int) -> None:
+        if folder_id == inbox and not asked:
+            assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).ok
+            # A poll's job for the folder while this worker holds it: it marks the row dirty and ends.
+            poll = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="poll")
+            asked.append(world.engine.handle(poll, Delivery("poll-1"), world.events))
+            time.sleep(2.1)   # past the budget: this write is the invocation's last
+
+    world.engine.before_write = change_and_ask_meanwhile
+    first = world.engine.handle(new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="start"),
+                                Delivery("inbox-1"), world.events)
+    world.engine.before_write = None
+    assert asked and first == Outcome.DONE
+    assert world.state.get(world.account_id, inbox).rounds == 0, "the round goes on in another invocation"
+    # The continuation that invocation queued (run here by hand: nothing else runs meanwhile).
+    goes_on = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="time_budget",
+                      attrs={"continuation": "1"})
+    assert world.engine.handle(goes_on, Delivery("inbox-2"), world.events) == Outcome.DONE
+    row = world.state.get(world.account_id, inbox)
+    assert row is not None and row.rounds >= 1 and not row.dirty
+    stored = world.store.get_message(world.account_id, message["id"])
+    assert stored is not None and stored.is_read is not message["isRead"], "the change asked for reached the store"
+
+
 def test_a_folder_removed_as_its_round_completes_stays_removed(world: SyncWorld, pump: QueuePump) -> None:
     # The folder list removes the folder (row, then documents) right after the
     # folder's worker finished its round and before it shows the new phase:
