@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from mailsync.actions.models import ActionOutcome, AttachmentContent, MessageAction, MessageContent
+from mailsync.actions.models import (
+    ActionClaim,
+    ActionOutcome,
+    AttachmentContent,
+    LatestActions,
+    MessageAction,
+    MessageContent,
+)
 from mailsync.models import (
     Account,
     BulkResult,
@@ -81,6 +88,22 @@ class MessageActions(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+class ActionLedger(Protocol):
+    """Per message, the latest accepted user action on each field (mailsync.actions.ordering).
+
+    ``claim`` numbers each claim higher than every earlier one on the same
+    message, atomically per message, and records it as the latest on the
+    fields it sets; ``latest`` reads what was recorded, including claims
+    made a moment ago.
+    """
+
+    def claim(self, account_id: str, claims: Sequence[ActionClaim]) -> dict[str, int]:
+        ...
+
+    def latest(self, account_id: str, message_ids: Sequence[str]) -> dict[str, LatestActions]:
         ...
 
 

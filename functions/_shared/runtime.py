@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mailsync.monitoring.notifications import NotificationReceiver
     from mailsync.monitoring.polling import PollScheduler
     from mailsync.monitoring.subscriptions import SubscriptionManager
-    from mailsync.ports import LiveConnections
+    from mailsync.ports import ActionLedger, LiveConnections
     from mailsync.providers.imap import ImapProviderFactory
     from mailsync.reading import MailReader
     from mailsync.realtime.live_channel import LiveChannel
@@ -369,7 +369,14 @@ class Runtime:
             return {fid: row.epoch for fid, row in self.sync_state.load(account_id).folders.items()}
 
         return MessageActionService(self.account_access, self.accounts, lambda: self.store, router,
-                                    lambda: self.job_queue, epochs=epochs)
+                                    lambda: self.job_queue, ledger=lambda: self.action_ledger, epochs=epochs)
+
+    @cached_property
+    def action_ledger(self) -> ActionLedger:
+        """Per message, the latest user action on each field, beside the store's indices (docs/actions.md)."""
+        from mailsync.store.action_ledger import SearchActionLedger
+
+        return SearchActionLedger.of(self.store)
 
 
 @functools.cache

@@ -87,3 +87,36 @@ class MessageContent:
     body: str
     body_type: str
     attachments: tuple[AttachmentInfo, ...]
+
+
+# The fields an action sets, as the action ledger names them (mailsync.actions.ordering).
+READ, FLAG, PLACE = "read", "flag", "place"
+LedgerValue = bool | str
+
+
+@dataclass(frozen=True)
+class ActionClaim:
+    """An accepted action as the ledger records it: each field it sets and the value it sets.
+
+    ``place`` is the destination folder id of a move or a delete to the
+    trash, ``""`` for a permanent delete.
+    """
+
+    message_id: str
+    fields: dict[str, LedgerValue]
+
+
+@dataclass(frozen=True)
+class LatestActions:
+    """The ledger's entry for one message: per field, the sequence number and value of the latest action.
+
+    ``seq`` is the highest sequence number handed out for the message; every
+    claim gets a higher one than the last (mailsync.actions.ordering).
+    """
+
+    message_id: str
+    seq: int
+    fields: dict[str, tuple[int, LedgerValue]]
+
+    def seq_of(self, name: str) -> int:
+        return self.fields[name][0] if name in self.fields else 0

@@ -13,6 +13,10 @@ HTTP side (``functions/message_api``), account-scoped like the read API
   carries what is needed to undo the row (the folder it was in, the
   optimistic version).
 
+Each accepted action is numbered in the action ledger first (per message,
+higher than every earlier action on it); the job carries the number and
+leaves alone whatever a newer action set (``mailsync.actions.ordering``).
+
 Worker side (``run_job``, a ``JobKind.ACTION`` handler): apply the actions
 through ``MessageActions`` (Graph ``$batch``, IMAP one STORE per change),
 then per outcome:
@@ -42,7 +46,8 @@ from typing import Any
 
 import orjson
 
-from mailsync.actions.models import AttachmentContent, MessageAction
+from mailsync.actions.models import FLAG, PLACE, READ, AttachmentContent, MessageAction
+from mailsync.actions.ordering import claim_of, current_part, reassertion
 from mailsync.actions.sanitise import sanitise_html
 from mailsync.actions.versions import optimistic_version, revert_version, uses_clock
 from mailsync.errors import (
@@ -57,7 +62,14 @@ from mailsync.errors import (
 from mailsync.jobs import MAX_JOB_BYTES, JobKind, new_job
 from mailsync.linking.access import AccountAccess
 from mailsync.models import Account, Address, FlagStatus, Job, Message, MessagesChanged, Provider
-from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MessageActionsFactory, MessageStore
+from mailsync.ports import (
+    AccountRepository,
+    ActionLedger,
+    EventPublisher,
+    JobQueue,
+    MessageActionsFactory,
+    MessageStore,
+)
 from mailsync.realtime.signalr_messages import message_row
 
 log = logging.getLogger("mailsync.actions")
@@ -87,6 +99,7 @@ class Planned:
     action: MessageAction                 # what the provider is asked (folder_id: where it is now)
     row: Message | None                   # the optimistic row (None: removed from the store)
     version: int                          # the optimistic version
+    seq: int = 0                          # the action ledger's number for it (0: not claimed)
 
 
 def _message_id(raw: Any) -> str:
@@ -143,7 +156,7 @@ def encode_actions(planned: Sequence[Planned]) -> str:
         "m": p.action.message_id, "f": p.action.folder_id, "r": p.action.is_read,
         "s": p.action.flag_status.value if p.action.flag_status else None, "d": p.action.destination,
         "x": p.action.delete, "p": p.action.permanent, "v": p.version,
-        "o": p.row.folder_id if p.row is not None else None,
+        "o": p.row.folder_id if p.row is not None else None, "q": p.seq,
     } for p in planned]).decode()
 
 
@@ -159,7 +172,8 @@ def decode_actions(text: str) -> list[Planned]:
             # Only the optimistic folder is needed of the row (for undoing it); the rest is read again.
             row = None if item["o"] is None else Message(account_id="", message_id=action.message_id,
                                                          folder_id=str(item["o"]), version=int(item["v"]))
-            found.append(Planned(action=action, row=row, version=int(item["v"])))
+            # "q" absent: a job queued before the ledger; 0 loses to any claim (a newer action wins).
+            found.append(Planned(action=action, row=row, version=int(item["v"]), seq=int(item.get("q") or 0)))
         return found
     except (ValueError, KeyError, TypeError) as exc:
         raise PoisonJob(f"ACTION job has unreadable actions: {exc}") from exc
@@ -183,6 +197,7 @@ class MessageActionService:
 
     def __init__(self, access: AccountAccess, accounts: AccountRepository, store: Callable[[], MessageStore],
                  actions: MessageActionsFactory, queue: Callable[[], JobQueue], *,
+                 ledger: Callable[[], ActionLedger],
                  max_attachment_bytes: int = 25 * 1024 * 1024, clock: Callable[[], float] = time.time,
                  observe: Callable[[MessageAction, str], None] | None = None,
                  epochs: Callable[[str], Mapping[str, int]] | None = None) -> None:
@@ -191,6 +206,9 @@ class MessageActionService:
         self._store = store
         self._actions = actions
         self._queue = queue
+        # Per message, the latest accepted action on each field: a job older than it leaves it be
+        # (mailsync.actions.ordering).
+        self._ledger = ledger
         self._max_attachment_bytes = max_attachment_bytes
         self._clock = clock
         # Told each action's fate: "queued" (accepted), then "retry" (back on the queue) any number of
@@ -375,6 +393,10 @@ class MessageActionService:
         """
         if not planned:
             return
+        # Numbered first: a job must never run without its number (it would lose to every claim).
+        seqs = self._ledger().claim(account.account_id, [
+            claim_of(p.action, p.row.folder_id if p.row is not None else None) for p in planned])
+        planned = [replace(p, seq=seqs[p.action.message_id]) for p in planned]
         store = self._store()
         by_folder: dict[str, list[Message]] = {}
         for p in planned:
@@ -412,6 +434,9 @@ class MessageActionService:
         account = self._accounts.get(job.account_id)
         if account is None:
             return                                  # unlinked meanwhile: nothing to do
+        planned = self._still_current(account, planned)
+        if not planned:
+            return
         provider = self._actions.open_actions(account)
         try:
             try:
@@ -423,16 +448,20 @@ class MessageActionService:
                 return
             retry: list[Planned] = []
             failed: list[tuple[Planned, MailsyncError]] = []
+            applied: list[Planned] = []
             changed = MessagesChanged(account_id=account.account_id)
             store = self._store()
             for p, outcome in zip(planned, outcomes, strict=True):
                 if outcome.done:
                     self._observe(p.action, "done")
+                    applied.append(p)
                     changed = _merge(changed, self._confirm(account, p, outcome.message_id, store))
                 elif isinstance(outcome.error, (ProviderThrottled, ProviderUnavailable)):
                     retry.append(p)
                 else:
                     failed.append((p, outcome.error or ProviderError("the provider refused the action")))
+            if applied:
+                self._reassert(account, applied, provider, events)
             if retry:
                 error = next(o.error for p, o in zip(planned, outcomes, strict=True) if p in retry)
                 assert error is not None
@@ -442,6 +471,55 @@ class MessageActionService:
             events.publish_changes(changed)
         finally:
             provider.close()
+
+    def _still_current(self, account: Account, planned: Sequence[Planned]) -> list[Planned]:
+        """The job's actions less every field a newer action of the user's claimed (mailsync.actions.ordering).
+
+        An action left with nothing is done: the newer action's job writes what the user last asked for.
+        """
+        latest = self._ledger().latest(account.account_id, [p.action.message_id for p in planned])
+        current: list[Planned] = []
+        for p in planned:
+            part = current_part(p.action, p.seq, latest.get(p.action.message_id))
+            if part is None:
+                log.info("action superseded by a newer one on the same message",
+                         extra={"account_id": account.account_id})
+                self._observe(p.action, "done")
+            else:
+                current.append(replace(p, action=part))
+        return current
+
+    def _reassert(self, account: Account, applied: Sequence[Planned], provider: Any,
+                  events: EventPublisher) -> None:
+        """A newer action claimed a field this job just wrote: its write may have landed first, so the
+        newest value is written again (mailsync.actions.ordering). Throttled: queued under the newer number."""
+        latest = self._ledger().latest(account.account_id, [p.action.message_id for p in applied])
+        graph = account.provider is Provider.OUTLOOK
+        again: list[Planned] = []
+        for p in applied:
+            entry = latest.get(p.action.message_id)
+            action = reassertion(p.action, p.seq, entry, ids_follow_moves=graph)
+            if action is not None and entry is not None:
+                again.append(Planned(action=action, row=p.row, version=p.version, seq=entry.seq))
+        if not again:
+            return
+        try:
+            outcomes = provider.apply([p.action for p in again])
+        except (ProviderThrottled, ProviderUnavailable) as exc:
+            self._retry_or_fail(account, again, 0, exc, provider, events)
+            return
+        retry = [p for p, o in zip(again, outcomes, strict=True)
+                 if isinstance(o.error, (ProviderThrottled, ProviderUnavailable))]
+        if retry:
+            error = next(o.error for o in outcomes if isinstance(o.error, (ProviderThrottled, ProviderUnavailable)))
+            assert error is not None
+            self._retry_or_fail(account, retry, 0, error, provider, events)
+        for o in outcomes:
+            if not o.done and o.error is not None and not isinstance(o.error, (ProviderThrottled,
+                                                                               ProviderUnavailable)):
+                # The newer action's own job meets the same refusal and reports it.
+                log.info("re-asserting a newer action failed: %s", o.error.message,
+                         extra={"account_id": account.account_id, "error_code": o.error.code})
 
     def _confirm(self, account: Account, p: Planned, new_id: str | None, store: MessageStore) -> MessagesChanged:
         """The provider has it: the row stays; an IMAP move takes the target's id (or waits for its round)."""
@@ -484,6 +562,7 @@ class MessageActionService:
         now_ms = int(self._clock() * 1000)
         upserted: list[Message] = []
         removed: list[tuple[str, str]] = []
+        latest = self._ledger().latest(account_id, [p.action.message_id for p, _ in failed])
         for p, error in failed:
             self._observe(p.action, "failed")
             log.warning("action failed for good: %s", error.message,
@@ -503,7 +582,13 @@ class MessageActionService:
                 continue
             base = stored or truth
             clock = uses_clock(account.provider is Provider.OUTLOOK, p.version)
-            row = replace(base, is_read=truth.is_read, flag_status=truth.flag_status, folder_id=truth.folder_id,
+            # A field a newer action claimed keeps the stored (that action's optimistic) value: its job
+            # confirms or reverts it.
+            entry = latest.get(p.action.message_id)
+            keep = {name for name in (READ, FLAG, PLACE) if entry is not None and entry.seq_of(name) > p.seq}
+            row = replace(base, is_read=base.is_read if READ in keep else truth.is_read,
+                          flag_status=base.flag_status if FLAG in keep else truth.flag_status,
+                          folder_id=base.folder_id if PLACE in keep else truth.folder_id,
                           version=revert_version(p.version, now_ms, clock=clock))
             store.upsert_messages([row])
             if stored is not None and stored.folder_id != row.folder_id:

@@ -1,6 +1,6 @@
 """Index names, aliases and explicit mappings of the search store.
 
-Three index families, all shared by every account (see docs/store.md for
+Four index families, all shared by every account (see docs/store.md for
 why not one index per user):
 
 =====================  ==========================  ==================================
@@ -9,6 +9,7 @@ alias (what we use)     physical index               holds
 <prefix>-messages       <prefix>-messages-v1         one document per message
 <prefix>-mailboxes      <prefix>-mailboxes-v1        one per linked address, one per folder
 <prefix>-deadletter     <prefix>-deadletter-v1       writes the cluster refused, with reason
+<prefix>-actions        <prefix>-actions-v1          per message, the latest user action on each field
 =====================  ==========================  ==================================
 
 The code only ever names the alias; the ``-vN`` index behind it can be
@@ -82,6 +83,14 @@ class IndexNames:
     @property
     def deadletter_index(self) -> str:
         return f"{self.deadletter}-v{SCHEMA_VERSION}"
+
+    @property
+    def actions(self) -> str:
+        return f"{self.prefix}-actions"
+
+    @property
+    def actions_index(self) -> str:
+        return f"{self.actions}-v{SCHEMA_VERSION}"
 
 
 def _keyword(**extra: Any) -> dict[str, Any]:
@@ -202,3 +211,28 @@ def index_settings(*, shards: int = 1, replicas: int | None = None) -> dict[str,
     if replicas is not None:
         settings["number_of_replicas"] = replicas
     return settings
+
+
+def actions_mapping() -> dict[str, Any]:
+    """Mapping of the action ledger: per message, the latest user action on each field (docs/actions.md).
+
+    Not part of the generation: a lost ledger only means jobs already
+    queued are checked against nothing (as before the ledger existed).
+    """
+    return {
+        "dynamic": "strict",
+        "_routing": {"required": True},
+        "_meta": {"family": "actions", "schema": SCHEMA_VERSION},
+        "properties": {
+            "account_id": _ID,
+            "message_id": _ID,
+            "seq": {"type": "long"},
+            "read_seq": {"type": "long"},
+            "read": {"type": "boolean"},
+            "flag_seq": {"type": "long"},
+            "flag": _keyword(),
+            "place_seq": {"type": "long"},
+            "place": _ID,
+            "updated_at": _DATE,
+        },
+    }

@@ -86,6 +86,7 @@ from mailsync.store import documents as docs
 from mailsync.store.engine import EngineError, SearchEngine
 from mailsync.store.mappings import (
     IndexNames,
+    actions_mapping,
     deadletter_mapping,
     index_settings,
     mailboxes_mapping,
@@ -290,6 +291,7 @@ class SearchStore:
             (self.names.messages, self.names.messages_index, messages_mapping(generation)),
             (self.names.mailboxes, self.names.mailboxes_index, mailboxes_mapping(generation)),
             (self.names.deadletter, self.names.deadletter_index, deadletter_mapping()),
+            (self.names.actions, self.names.actions_index, actions_mapping()),
         )
         with _translate("ensure_ready"):
             for alias, index, mapping in families:
@@ -850,9 +852,9 @@ class SearchStore:
                                         routing=mailbox.account_id, document=doc)
 
     def delete_account(self, account_id: str) -> None:
-        """Delete every document of the account: messages, mailbox and folders, leases, dead letters."""
+        """Delete every document of the account: messages, mailbox and folders, leases, dead letters, actions."""
         docs.check_account_id(account_id)
-        for index in (self.names.messages, self.names.mailboxes, self.names.deadletter):
+        for index in (self.names.messages, self.names.mailboxes, self.names.deadletter, self.names.actions):
             self._delete_by_query(index, account_id, [], "delete_account")
 
     # ------------------------------------------------------------------ reads

@@ -26,6 +26,7 @@ from mailsync.providers.graph_client import GraphClient
 from mailsync.providers.imap_actions import ImapActions
 from mailsync.realtime.signalr_messages import TARGET_ACTIONS_FAILED, TARGET_CHANGES, BufferingPublisher
 from mailsync.settings import Settings
+from mailsync.store.action_ledger import SearchActionLedger
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.dovecot import DovecotServer
 from tests.fixtures.graph_sandbox import SandboxTestServer
@@ -46,11 +47,25 @@ class RecordingQueue:
 
 
 class Factory:
+    """Opens the real provider; ``before_apply`` (when set) runs first inside each ``apply``, so a
+    test can put something between a job's checks and its write reaching the provider."""
+
     def __init__(self, make) -> None:  # type: ignore[no-untyped-def]
         self._make = make
+        self.before_apply = None
 
     def open_actions(self, account: Account):  # type: ignore[no-untyped-def]
-        return self._make()
+        provider = self._make()
+        hook = self.before_apply
+        if hook is not None:
+            apply = provider.apply
+
+            def hooked(actions):  # type: ignore[no-untyped-def]
+                hook(actions)
+                return apply(actions)
+
+            provider.apply = hooked
+        return provider
 
 
 @dataclass
@@ -62,6 +77,7 @@ class World:
     token: str
     harness: GraphHarness | ImapHarness
     mirror: Mirror
+    factory: Factory
 
     def sync(self) -> None:
         """A complete round of every folder into the store (what the engine writes).
@@ -100,9 +116,11 @@ def _world(storage_settings: Settings, store: SearchStore, harness, provider: Pr
                                  access_token_hash=token_hash, created_at=now, updated_at=now))
     harness.account_id = account_id
     queue = RecordingQueue()
+    ledger = SearchActionLedger.of(store)
+    factory = Factory(make_actions)
     service = MessageActionService(AccountAccess(tables.accounts), tables.accounts, lambda: store,
-                                   Factory(make_actions), lambda: queue)
-    world = World(service, store, queue, account_id, token, harness, Mirror())
+                                   factory, lambda: queue, ledger=lambda: ledger)
+    world = World(service, store, queue, account_id, token, harness, Mirror(), factory)
     world.sync()
     return world
 

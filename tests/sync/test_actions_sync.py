@@ -21,6 +21,7 @@ from mailsync.models import MessageQuery
 from mailsync.providers.graph_actions import GraphActions
 from mailsync.providers.graph_client import GraphClient
 from mailsync.settings import Settings
+from mailsync.store.action_ledger import SearchActionLedger
 from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import Delivery
 from tests.fixtures.graph_sandbox import SandboxTestServer
@@ -48,7 +49,8 @@ def world(storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTes
                                   "GRAPH_PAGE_SIZE": "50", "FOLDER_LEASE_S": "30"})
     world = make_world(settings, sandbox, store, backoff_cap_s=2.0)
     world.actions = MessageActionService(AccountAccess(world.tables.accounts), world.tables.accounts,
-                                         lambda: world.store, SandboxActions(world), lambda: world.queue)
+                                         lambda: world.store, SandboxActions(world), lambda: world.queue,
+                                         ledger=lambda: SearchActionLedger.of(world.store))
     return world
 
 

@@ -54,6 +54,7 @@ from mailsync.models import BulkResult, MessageQuery
 from mailsync.providers.graph_actions import GraphActions
 from mailsync.providers.graph_client import GraphClient
 from mailsync.settings import Settings
+from mailsync.store.action_ledger import SearchActionLedger
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.graph_sandbox import GraphSession, SandboxTestServer, start_sandbox
 from tests.sync.user_effects import unapplied
@@ -266,9 +267,10 @@ class User:
         self.failed: set[str] = set()       # message ids with an action that failed for good
         self.refused = 0
         self.lock = threading.Lock()
+        ledger = SearchActionLedger.of(world.store)
         self.service = MessageActionService(AccountAccess(world.tables.accounts), world.tables.accounts,
                                             lambda: world.store, _ActionsOf(world), lambda: world.queue,
-                                            observe=self.observe)
+                                            ledger=lambda: ledger, observe=self.observe)
         world.actions = self.service
 
     def observe(self, action: MessageAction, fate: str) -> None:

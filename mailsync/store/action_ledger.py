@@ -1,0 +1,172 @@
+"""The action ledger on the search engine: per message, the latest user action on each field.
+
+One document per message acted on, in the ``<prefix>-actions`` index
+family (created by ``SearchStore.ensure_ready``, routed by account,
+removed with the account)::
+
+    {account_id, message_id, seq, read_seq, read, flag_seq, flag, place_seq, place, updated_at}
+
+Why not in the message's own document: the sync engine replaces that
+document whole with every delta page (an ``index`` at the provider's
+version), which would wipe the ledger at the first round, exactly when an
+older job redelivered later needs it (mailsync.actions.ordering).
+
+Claims hand out sequence numbers without scripts, like the store's
+conditional removal: a realtime multi-get with ``_seq_no`` and
+``_primary_term``, then each document written with ``if_seq_no`` /
+``if_primary_term`` (``create`` when there was none); a write that lost to a
+concurrent claim (409) is read and decided again. So two claims on one
+message never get the same number, and the later one always the higher.
+The number is ``max(previous + 1, now in ms)``: increasing per message, and
+still above every number handed out before if a document was purged and
+made again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import orjson
+
+from mailsync.actions.models import FLAG, PLACE, READ, ActionClaim, LatestActions, LedgerValue
+from mailsync.errors import StoreError, StoreUnavailable
+from mailsync.store import documents as docs
+from mailsync.store.engine import EngineError, SearchEngine
+from mailsync.store.mappings import IndexNames
+
+if TYPE_CHECKING:
+    from mailsync.ports import ActionLedger
+    from mailsync.store.search_store import SearchStore
+
+log = logging.getLogger(__name__)
+
+FIELDS = (READ, FLAG, PLACE)
+CLAIM_ROUNDS = 20
+_MGET_CHUNK = 1_000
+
+
+def _raise(what: str, exc: EngineError) -> NoReturn:
+    if not exc.answered or exc.status == 429 or exc.status >= 500 or exc.index_missing:
+        raise StoreUnavailable(f"{what}: {exc.status} {exc.error_type}".strip(), retry_after_s=2.0) from exc
+    raise StoreError(f"{what}: {exc.status} {exc.error_type} {exc.reason[:200]}".strip()) from exc
+
+
+def entry_from_source(source: dict[str, Any]) -> LatestActions:
+    fields: dict[str, tuple[int, LedgerValue]] = {}
+    for name in FIELDS:
+        seq = source.get(f"{name}_seq")
+        if seq is not None and name in source:
+            fields[name] = (int(seq), source[name])
+    return LatestActions(message_id=str(source.get("message_id", "")), seq=int(source.get("seq") or 0),
+                         fields=fields)
+
+
+class SearchActionLedger:
+    """``ActionLedger`` on the search engine (see the module docstring)."""
+
+    def __init__(self, engine: SearchEngine, names: IndexNames, *, clock: Any = time.time) -> None:
+        self._engine = engine
+        self._index = names.actions
+        self._clock = clock
+
+    @classmethod
+    def of(cls, store: SearchStore) -> SearchActionLedger:
+        """The ledger beside ``store``'s indices (same engine client, same prefix)."""
+        return cls(store.engine, store.names)
+
+    def _read(self, account_id: str, doc_ids: Sequence[str]
+              ) -> Iterator[tuple[str, tuple[dict[str, Any], int, int] | None]]:
+        for start in range(0, len(doc_ids), _MGET_CHUNK):
+            chunk = list(doc_ids[start:start + _MGET_CHUNK])
+            try:
+                entries = self._engine.mget(self._index, chunk, routing=account_id,
+                                            source_includes=["account_id", "message_id", "seq",
+                                                             *(f"{f}_seq" for f in FIELDS), *FIELDS])
+            except EngineError as exc:
+                _raise("action ledger read", exc)
+            for entry in entries:
+                doc_id = str(entry.get("_id"))
+                source = entry.get("_source") or {}
+                if not entry.get("found") or source.get("account_id") != account_id:
+                    yield doc_id, None
+                else:
+                    yield doc_id, (source, int(entry["_seq_no"]), int(entry["_primary_term"]))
+
+    def latest(self, account_id: str, message_ids: Sequence[str]) -> dict[str, LatestActions]:
+        """The ledger entries of those messages that have one (realtime: a claim just made is seen)."""
+        if not message_ids:
+            return {}
+        ids = {docs.message_doc_id(account_id, m): m for m in message_ids}
+        found: dict[str, LatestActions] = {}
+        for doc_id, read in self._read(account_id, list(ids)):
+            if read is not None:
+                found[ids[doc_id]] = entry_from_source(read[0])
+        return found
+
+    def claim(self, account_id: str, claims: Sequence[ActionClaim]) -> dict[str, int]:
+        """Record each claim as the latest action on its fields; its sequence number, by message id.
+
+        A message named twice gets one number for the last of its claims (the
+        service never sends that; bulk ids are deduplicated).
+        """
+        pending = {docs.message_doc_id(account_id, c.message_id): c for c in claims}
+        seqs: dict[str, int] = {}
+        for round_ in range(CLAIM_ROUNDS):
+            if not pending:
+                return seqs
+            if round_:
+                # Lost a race: wait a little, randomly, so contenders do not collide again in lockstep.
+                time.sleep(random.uniform(0.0, min(0.5, 0.01 * 2 ** round_)))
+            now_ms = int(self._clock() * 1000)
+            updated_at = docs.now_iso()
+            lines: list[bytes] = []
+            planned: list[tuple[str, int]] = []
+            for doc_id, read in self._read(account_id, list(pending)):
+                claim = pending[doc_id]
+                source, seq_no, primary_term = read if read is not None else ({}, -1, -1)
+                seq = max(int(source.get("seq") or 0) + 1, now_ms)
+                doc = {k: v for k, v in source.items() if k in ("account_id", "message_id", "seq")
+                       or k in FIELDS or k.endswith("_seq")}
+                doc.update(account_id=account_id, message_id=claim.message_id, seq=seq, updated_at=updated_at)
+                for name, value in claim.fields.items():
+                    doc[name], doc[f"{name}_seq"] = value, seq
+                meta: dict[str, Any] = {"_index": self._index, "_id": doc_id, "routing": account_id}
+                if read is None:
+                    op = "create"
+                else:
+                    op = "index"
+                    meta.update(if_seq_no=seq_no, if_primary_term=primary_term)
+                lines.append(orjson.dumps({op: meta}) + b"\n" + orjson.dumps(doc) + b"\n")
+                planned.append((doc_id, seq))
+            try:
+                answer = self._engine.bulk(b"".join(lines))
+            except EngineError as exc:
+                _raise("action ledger claim", exc)
+            items = answer.get("items") or []
+            if len(items) != len(planned):
+                raise StoreUnavailable("action ledger claim: the store answered for fewer items than sent",
+                                       retry_after_s=2.0)
+            for (doc_id, seq), item in zip(planned, items, strict=True):
+                result = next(iter(item.values()))
+                status = int(result.get("status", 500))
+                if 200 <= status < 300:
+                    seqs[pending.pop(doc_id).message_id] = seq
+                elif status == 409:
+                    continue            # another claim won the race: read it and number after it
+                elif status == 429 or status >= 500:
+                    raise StoreUnavailable(f"action ledger claim: {status}", retry_after_s=2.0)
+                else:
+                    error = result.get("error") or {}
+                    raise StoreError(f"action ledger claim refused: {status} {error.get('type', '')}".strip())
+        if not pending:
+            return seqs
+        raise StoreUnavailable(f"action ledger claim: {len(pending)} message(s) still contended", retry_after_s=1.0)
+
+
+if TYPE_CHECKING:   # mypy proves the adapter implements the port
+    def _implements_port(ledger: SearchActionLedger) -> ActionLedger:
+        return ledger

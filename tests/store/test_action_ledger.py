@@ -1,0 +1,56 @@
+"""The action ledger on the real search node: numbering under concurrency, fields, tenancy, removal."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from mailsync.actions.models import FLAG, PLACE, READ, ActionClaim
+from mailsync.store.action_ledger import SearchActionLedger
+from mailsync.store.search_store import SearchStore
+
+
+def test_each_claim_numbers_above_the_last_and_records_only_its_fields(store: SearchStore) -> None:
+    ticks = iter([1_000.0, 1_000.0, 999.0])            # the clock stands still, then goes back
+    ledger = SearchActionLedger(store.engine, store.names, clock=lambda: next(ticks))
+    first = ledger.claim("acct", [ActionClaim("m1", {READ: True, FLAG: "flagged"})])["m1"]
+    second = ledger.claim("acct", [ActionClaim("m1", {READ: False})])["m1"]
+    third = ledger.claim("acct", [ActionClaim("m1", {PLACE: "archive"})])["m1"]
+    assert first == 1_000_000 and second == first + 1 and third == second + 1
+    entry = ledger.latest("acct", ["m1", "never"])
+    assert set(entry) == {"m1"}
+    assert entry["m1"].seq == third
+    assert entry["m1"].fields == {READ: (second, False), FLAG: (first, "flagged"), PLACE: (third, "archive")}
+    assert entry["m1"].seq_of(READ) == second
+
+
+def test_concurrent_claims_on_one_message_never_share_a_number(make_store: Callable[..., SearchStore]) -> None:
+    store = make_store()
+    ledger = SearchActionLedger(store.engine, store.names, clock=lambda: 0.0)   # numbers from the ledger alone
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def claim(n: int) -> None:
+        for _ in range(5):
+            seq = ledger.claim("acct", [ActionClaim("m", {READ: n % 2 == 0}), ActionClaim(f"own{n}", {READ: True})])
+            with lock:
+                got.append(seq["m"])
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(1, 31))             # 30 claims, 30 distinct numbers, none lost
+    assert ledger.latest("acct", ["m"])["m"].seq == 30
+
+
+def test_another_accounts_entries_are_not_seen_and_go_with_the_account(store: SearchStore) -> None:
+    ledger = SearchActionLedger.of(store)
+    ledger.claim("a", [ActionClaim("m", {READ: True})])
+    ledger.claim("b", [ActionClaim("m", {PLACE: ""})])
+    assert ledger.latest("a", ["m"])["m"].fields == {READ: (ledger.latest("a", ["m"])["m"].seq, True)}
+    assert ledger.latest("b", ["m"])["m"].fields[PLACE][1] == ""
+    store.delete_account("a")
+    assert ledger.latest("a", ["m"]) == {}
+    assert set(ledger.latest("b", ["m"])) == {"m"}
