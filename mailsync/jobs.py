@@ -37,6 +37,15 @@ class JobKind(enum.StrEnum):
 # rows dirty (one table batch) and its invocation works them after the folder list (SYNC_ACCOUNT).
 EVERY_FOLDER = "every_folder"
 
+# Reasons of the sweeps that stand in for notifications that never came: a subscription was just
+# created (Graph notifies only the changes made after it exists), Graph says it ``missed`` some, or a
+# NOTIFIED job's notifications were taken by a run that died. The engine looks again after such a
+# sweep, because delta lags behind the changes it is meant to bring in (mailsync.sync.engine).
+SUBSCRIBED = "subscribed"
+MISSED = "missed"
+NOTIFIED_REDELIVERED = "notified_redelivered"
+STAND_IN_SWEEPS = frozenset({SUBSCRIBED, MISSED, NOTIFIED_REDELIVERED})
+
 
 def new_job(kind: JobKind, account_id: str, folder_id: str | None = None, *, reason: str = "",
             attrs: dict[str, str] | None = None) -> Job:

@@ -70,7 +70,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, PoisonJob, ProviderError
-from mailsync.jobs import EVERY_FOLDER, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, NOTIFIED_REDELIVERED, JobKind, new_job
 from mailsync.models import Account, Job
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
@@ -144,7 +144,7 @@ class MonitoringJobs:
         if account is None or account.status not in WATCHED_STATUSES:
             return []
         log.info("a redelivered NOTIFIED job found no pending row; syncing every folder")
-        job = new_job(JobKind.SYNC_FOLDERS, account_id, reason="notified_redelivered", attrs={EVERY_FOLDER: "1"})
+        job = new_job(JobKind.SYNC_FOLDERS, account_id, reason=NOTIFIED_REDELIVERED, attrs={EVERY_FOLDER: "1"})
         return self._run_or_enqueue([job], account, direct)
 
     def _resolve(self, pending: PendingChanges) -> tuple[set[str], bool]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailsync.errors import InputError
-from mailsync.jobs import JobKind, new_job
+from mailsync.jobs import MISSED, JobKind, new_job
 from mailsync.models import Job
 from mailsync.monitoring.notifications import (
     NotificationAuthenticator,
@@ -92,7 +92,7 @@ def parse_lifecycle_notifications(body: Any) -> list[LifecycleItem]:
 
 def job_for(event: LifecycleEvent, account_id: str, subscription_id: str) -> Job:
     if event is LifecycleEvent.MISSED:
-        return new_job(JobKind.SYNC_ACCOUNT, account_id, reason="missed")
+        return new_job(JobKind.SYNC_ACCOUNT, account_id, reason=MISSED)
     action = "renew" if event is LifecycleEvent.REAUTHORIZATION_REQUIRED else "recreate"
     return new_job(JobKind.SUBSCRIPTION, account_id, reason=event.value,
                    attrs={"action": action, "subscription_id": subscription_id})

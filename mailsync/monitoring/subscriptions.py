@@ -58,7 +58,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, ProviderError, ReauthRequired
-from mailsync.jobs import JobKind, new_job
+from mailsync.jobs import SUBSCRIBED, JobKind, new_job
 from mailsync.models import Account, AccountStatus, Job, Provider
 from mailsync.monitoring.records import (
     AccountDirectory,
@@ -360,9 +360,9 @@ class SubscriptionManager:
             self._discard(account_id, monitor.subscription_id)
         # Close the window between Graph creating it and our row existing.
         if kind is SubscriptionKind.MESSAGES:
-            self._queue.enqueue(new_job(JobKind.SYNC_ACCOUNT, account_id, reason="subscribed"))
+            self._queue.enqueue(new_job(JobKind.SYNC_ACCOUNT, account_id, reason=SUBSCRIBED))
         else:
-            self._queue.enqueue(new_job(JobKind.SYNC_FOLDERS, account_id, reason="subscribed"))
+            self._queue.enqueue(new_job(JobKind.SYNC_FOLDERS, account_id, reason=SUBSCRIBED))
         log.info("subscription created", extra={"subscription_id": created.subscription_id, "resource": kind.value,
                                                  "expires_at": created.expires_at.isoformat()})
         return saved

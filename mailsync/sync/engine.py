@@ -110,7 +110,7 @@ from mailsync.errors import (
     ProviderAuthError,
     ReauthRequired,
 )
-from mailsync.jobs import EVERY_FOLDER, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, STAND_IN_SWEEPS, SUBSCRIBED, JobKind, new_job
 from mailsync.logs import log_context
 from mailsync.models import (
     Account,
@@ -137,7 +137,9 @@ _T = TypeVar("_T")
 ACTIVE_STATUSES = (AccountStatus.SYNCING, AccountStatus.SYNCED)
 CONTINUATION = "continuation"
 RELOOK = "relook"            # job reason and attribute (the attempt) of a look-again after a quiet round
-NOTIFIED_REASONS = frozenset({"notified", RELOOK})
+# Rounds that look again: notified ones, and the folder-list round asked for when the folder
+# subscription was created (it covers the folder changes made before, which no notification will).
+NOTIFIED_REASONS = frozenset({"notified", RELOOK, SUBSCRIBED})
 # Largest bulk the engine sends at once when pages pile up behind a slow store.
 MAX_BULK_MESSAGES = 2_000
 READ_AHEAD_PAGES = 2
@@ -146,6 +148,14 @@ REAUTH_MESSAGES: dict[Provider, str] = {
     Provider.OUTLOOK: "Outlook asked for the account to be signed in again.",
     Provider.IMAP: "The IMAP server refused the saved password; link the account again with the current one.",
 }
+
+
+def _relook_attempt(job: Job) -> int:
+    """Which look-again ``job`` is (1, 2...); 0 for any other job."""
+    try:
+        return int(job.attrs.get(RELOOK, "0")) if job.reason == RELOOK else 0
+    except ValueError:
+        return 0
 
 
 class Outcome(enum.StrEnum):
@@ -269,6 +279,9 @@ class _Invocation:
             # rows after giving its slot back, we re-check slots after marking.
             slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency)
             if slot is None:
+                # The slot holder runs the marked row next, maybe inside delta's lag (an initial
+                # sync holds every slot for minutes): a notified job looks again all the same.
+                self._relook_if_quiet(Outcome.BUSY)
                 return Outcome.BUSY
         outcome = Outcome.DONE
         try:
@@ -309,11 +322,10 @@ class _Invocation:
                 self._maybe_synced(rows)
             if outcome in (Outcome.DONE, Outcome.DEFERRED) and not self.continued:
                 self._continue_pending()
-            if outcome in (Outcome.DONE, Outcome.BUSY, Outcome.HELD):
-                self._relook_if_quiet()
+            self._relook_if_quiet(outcome)
         return outcome
 
-    def _relook_if_quiet(self) -> None:
+    def _relook_if_quiet(self, outcome: Outcome) -> None:
         """After a notified round, look again shortly: delta lags behind.
 
         Graph may notify a change before its delta shows it. Without this, a
@@ -325,23 +337,24 @@ class _Invocation:
         look-again that finds something stops. Bounded (policy.RELOOK_DELAYS_S)
         and coalesced: one look-again pending per folder, whatever the number
         of notifications (``SyncStateTable.schedule_relook``). When the folder
-        was busy, its holder runs another round (dirty), which may be early
-        too: the look-again covers that as well.
+        was busy (its lease, or every request slot of the mailbox), its
+        holder runs another round (dirty), which may be early too: the
+        look-again covers that as well. Every-folder sweeps: ``_sweep_again``.
         """
         job = self.job
-        if job.reason not in NOTIFIED_REASONS:
+        if job.kind == JobKind.SYNC_FOLDERS and job.attrs.get(EVERY_FOLDER) == "1":
+            self._sweep_again(outcome)
+            return
+        if job.reason not in NOTIFIED_REASONS or outcome not in (Outcome.DONE, Outcome.BUSY, Outcome.HELD):
             return
         folder_id = job.folder_id
         if job.kind == JobKind.SYNC_FOLDER and folder_id is not None:
             target = folder_id
-        elif job.kind == JobKind.SYNC_FOLDERS and job.attrs.get(EVERY_FOLDER) != "1":
+        elif job.kind == JobKind.SYNC_FOLDERS:
             target, folder_id = _LIST, None    # a folder subscription's notification: names, parents, new folders
         else:
             return
-        try:
-            attempt = int(job.attrs.get(RELOOK, "0")) if job.reason == RELOOK else 0
-        except ValueError:
-            attempt = 0
+        attempt = _relook_attempt(job)
         if target in self.changed and attempt:
             return                             # a look-again that found something: the lagging change surfaced
         delay = policy.relook_delay(attempt)
@@ -353,6 +366,41 @@ class _Invocation:
         log.info("notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
         e.queue.enqueue(new_job(JobKind(job.kind), self.account_id, folder_id, reason=RELOOK,
                                 attrs={RELOOK: str(attempt + 1)}), delay_s=delay)
+
+    def _sweep_again(self, outcome: Outcome) -> None:
+        """After a sweep standing in for notifications (``STAND_IN_SWEEPS``), sweep again, twice.
+
+        Graph notifies only the changes made after a subscription exists; the
+        sweep run when it is created is all that brings in the earlier ones
+        (likewise after a ``missed`` event, or when a dead run took the
+        notifications). Delta lags behind changes, so one made just before —
+        a message moved to the Inbox right before linking, a flag set a second
+        before the subscription — is not in the sweep's rounds, nor in a
+        folder's first round starting inside the lag, and nothing else will
+        ask again: it waited for the poll (hours). So the sweep runs again
+        after each look-again delay (``policy.RELOOK_DELAYS_S``), whatever
+        the earlier one found (a change found in one folder says nothing of
+        another's) and whatever its outcome (a deferred or busy sweep left
+        its marks on the rows; ours come later). Such sweeps are rare: this
+        is two more incremental rounds per folder already started (``_target``
+        marks only those; a first round not yet begun runs later anyway).
+        """
+        job = self.job
+        if outcome in (Outcome.DROPPED, Outcome.REAUTH):
+            return
+        if job.reason in STAND_IN_SWEEPS:
+            attempt = 0
+        elif job.reason == RELOOK:
+            attempt = _relook_attempt(job)
+        else:
+            return
+        delay = policy.relook_delay(attempt)
+        if delay is None:
+            return
+        log.info("sweep standing in for notifications: looking again",
+                 extra={"delay_s": delay, "attempt": attempt + 1})
+        self.e.queue.enqueue(new_job(JobKind.SYNC_FOLDERS, self.account_id, reason=RELOOK,
+                                     attrs={EVERY_FOLDER: "1", RELOOK: str(attempt + 1)}), delay_s=delay)
 
     def _reclaim_dead_leases(self, rows: AccountSyncState) -> None:
         """Give back the leases an earlier delivery of this message held when its worker died.

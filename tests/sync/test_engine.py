@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mailsync.jobs import EVERY_FOLDER, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, JobKind, new_job
 from mailsync.models import AccountStatus, SyncPhase
 from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.settings import Settings
@@ -538,6 +538,52 @@ def test_a_notified_round_that_finds_an_earlier_change_looks_again(world: SyncWo
     world.queue.enqueue(new_job(JobKind.SYNC_FOLDER, world.account_id, second["parentFolderId"], reason="notified"))
     pump.drain()
     assert not compare(world), "a round that found something else still looks again for its own change"
+
+
+def test_the_sweep_after_subscribing_looks_again(world: SyncWorld, pump: QueuePump,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # Graph notifies only the changes made after a subscription exists; the sweep run when it is
+    # created brings in the earlier ones. A change made just before (a message moved to the Inbox
+    # right before linking) is still inside delta's lag when that sweep's rounds run, and no
+    # notification will ever ask for it: it waited for the poll, hours later.
+    synced(world, pump)
+    assert world.sandbox.admin("PATCH", "config", json={"delta_lag_s": 5.0}).status_code == 200
+    graph = world.sandbox.graph(world.user)
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead").json()["value"][0]
+    assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).status_code == 200
+    with caplog.at_level(logging.INFO, logger="mailsync.sync"):
+        world.queue.enqueue(new_job(JobKind.SYNC_FOLDERS, world.account_id, reason=SUBSCRIBED,
+                                    attrs={EVERY_FOLDER: "1"}))
+        pump.drain()
+    assert not compare(world), "a look-again found the change the sweep was too early for"
+    again = [r for r in caplog.records if r.getMessage() == "sweep standing in for notifications: looking again"]
+    assert len(again) == 2, "twice, then no more"
+
+
+def test_a_notified_job_finding_every_slot_busy_still_looks_again(world: SyncWorld, pump: QueuePump) -> None:
+    # During an initial sync the folders' rounds hold every request slot of the mailbox: a notified
+    # job only marks its folder dirty and ends, and a slot holder runs that folder next — possibly
+    # inside delta's lag, so the round sees nothing, and the notification is spent.
+    synced(world, pump)
+    pump.stop()
+    assert world.sandbox.admin("PATCH", "config", json={"delta_lag_s": 4.0}).status_code == 200
+    graph = world.sandbox.graph(world.user)
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead,parentFolderId").json()["value"][0]
+    slots = [world.state.acquire_slot(world.account_id, f"holder-{n}", world.settings.graph_max_concurrency)
+             for n in range(world.settings.graph_max_concurrency)]
+    assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).status_code == 200
+    notified = new_job(JobKind.SYNC_FOLDER, world.account_id, message["parentFolderId"], reason="notified")
+    assert world.engine.handle(notified, Delivery("notified-1"), world.events) == Outcome.BUSY
+    for slot in slots:
+        assert slot is not None
+        world.state.release_slot(slot)
+    # The holder picks the marked folder up at once, inside the lag.
+    holder = world.engine.continuation(world.account_id, None, reason="time_budget")
+    assert world.engine.handle(holder, Delivery("holder-1"), world.events) == Outcome.DONE
+    assert world.state.load(world.account_id).folders[message["parentFolderId"]].dirty is False
+    pump.start()
+    pump.drain()
+    assert not compare(world), "the notified job's look-again found the change"
 
 
 class _FolderWritesHook:
