@@ -29,6 +29,17 @@ What it does, on 127.0.0.1 only:
    LIST-STATUS of every folder, logout), median of 20.
 6. ``peak_rss_mb``: the devhost's high-water mark (VmHWM) — the process
    that ran every sync job.
+7. CPU seconds per 1,000 messages during the sync, per process tree:
+   ``sync_cpu_s_per_1k`` (the devhost: engine, IMAP parsing, store
+   client), ``node_cpu_s_per_1k`` (the search node), ``dovecot_cpu_s_per_1k``
+   and ``azurite_cpu_s_per_1k``, and their sum ``cpu_s_per_1k``. Unlike
+   the rates, these hold on a loaded machine: ``2 / cpu_s_per_1k * 1000``
+   is the rate two otherwise idle cores would allow. ``load_avg`` is the
+   machine's 1-minute load average when the sync started.
+
+``--profile`` hosts the function app in this process instead (as
+bench/pipeline.py does) and prints where its threads' wall time and CPU
+go; its CPU figures are then inflated by the profiler.
 
 The final line is ``imap_initial_sync key=value ...``.
 """
@@ -50,7 +61,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests
 
-from bench.harness import figures, peak_rss_mb, remove_workdir, say, start_stack, store_ceiling
+from bench.harness import (
+    StackSampler,
+    ThreadProfiles,
+    figures,
+    peak_rss_mb,
+    remove_workdir,
+    say,
+    start_stack,
+    store_ceiling,
+    tree_cpu_s,
+)
 from mailsync.jobs import JobKind
 from mailsync.linking.imap import SealedCredentials
 from mailsync.models import Message, MessageQuery
@@ -138,6 +159,8 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=1000)
     parser.add_argument("--skip-ceilings", action="store_true")
     parser.add_argument("--small", type=int, default=0, help="seed this many messages instead of genmail's 20,000")
+    parser.add_argument("--profile", action="store_true",
+                        help="host the function app in this process and print where its threads spend time")
     args = parser.parse_args()
 
     server = start_dovecot(pool=2)
@@ -151,8 +174,15 @@ def main() -> None:
             values["provider_messages_per_s"] = round(rate)
             say(f"provider alone: {rate:,.0f} messages/s")
 
-        stack = start_stack("imap", messages=1, env={"IMAP_ALLOW_INSECURE": "1", "IMAP_ALLOWED_HOSTS": LOOPBACK_HOSTS,
-                                                     "IMAP_PAGE_SIZE": str(args.page_size)})
+        stack = start_stack("imap", messages=1, start_host=not args.profile,
+                            env={"IMAP_ALLOW_INSECURE": "1", "IMAP_ALLOWED_HOSTS": LOOPBACK_HOSTS,
+                                 "IMAP_PAGE_SIZE": str(args.page_size)})
+        profiles, sampler = None, None
+        if args.profile:
+            profiles = ThreadProfiles()
+            profiles.install()
+            stack.start_host_in_process()
+            sampler = StackSampler()
         if not args.skip_ceilings:
             ceiling = store_ceiling(stack.search.url, messages)
             values["store_ceiling_per_s"] = round(ceiling.docs_per_s)
@@ -160,6 +190,17 @@ def main() -> None:
             del messages
 
         # --- link and sync through the function app ---
+        sync_pid = stack.host.pid if stack.host is not None else os.getpid()
+        trees = {"sync": [sync_pid], "node": [stack.search.process.pid], "dovecot": [server.process.pid],
+                 "azurite": [p.pid for p in stack.azurite.processes]}
+
+        def tree_cpu(name: str) -> float:
+            return sum(tree_cpu_s(pid) for pid in trees[name])
+
+        cpu0 = {name: tree_cpu(name) for name in trees}
+        values["load_avg"] = round(os.getloadavg()[0], 1)
+        if sampler is not None:
+            sampler.start()
         started = time.monotonic()
         created = requests.post(f"{stack.api}/accounts", timeout=120, json={
             "provider": "imap", "host": user.host, "port": user.port, "security": "none",
@@ -177,10 +218,24 @@ def main() -> None:
                 raise RuntimeError(view)
             time.sleep(0.1)
         elapsed = time.monotonic() - started
+        spent = {name: tree_cpu(name) - cpu0[name] for name in trees}
+        if sampler is not None:
+            sampler.stop()
+            spent["sync"] -= sampler.cpu_s
+            for line in sampler.report():
+                print(line, flush=True)
+        if profiles is not None:
+            for line in profiles.report():
+                print(line, flush=True)
         got = stored_counts(store, account_id)
         ok = all(got.get(folder) == n for folder, n in counts.items())
         values.update(elapsed_s=round(elapsed, 2), messages=total, messages_per_s=round(total / elapsed),
                       store_equals_mailbox=ok)
+        for name, seconds in spent.items():
+            values[f"{name}_cpu_s_per_1k"] = round(1000 * seconds / total, 3)
+        values["cpu_s_per_1k"] = round(1000 * sum(spent.values()) / total, 3)
+        say("CPU per 1,000 messages: " + ", ".join(f"{name} {1000 * s / total:.3f} s" for name, s in spent.items())
+            + f" (load average {values['load_avg']})")
         say(f"synced {total} messages in {elapsed:.2f} s = {total / elapsed:,.0f}/s; store {got}; equal={ok}")
         if stack.host is not None:
             values["peak_rss_mb"] = round(peak_rss_mb(stack.host.pid) or 0.0, 1)

@@ -9,15 +9,17 @@ Starts the embedded search node (OpenSearch, ``search_node/``) on
 set, then for each chunk size loads ``--docs`` realistic messages
 (deterministic generator: subjects, senders, recipients, a preview and a
 1-4 KB plain or HTML body) through ``SearchStore.upsert_messages``
-in batches, into fresh indices, inside ``bulk_load`` as an initial sync
-does. Timed: document mapping + serialisation + bulk round trips, i.e.
-what the sync engine pays. Prints documents/s per chunk size and a final
-``key=value`` line.
+in batches, into fresh indices, inside ``bulk_load`` as a folder's first
+round does (``--refresh default`` loads without it, at the index's normal
+1 s refresh, as every later round writes). Timed: document mapping +
+serialisation + bulk round trips, i.e. what the sync engine pays. Prints
+documents/s per chunk size and a final ``key=value`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -94,7 +96,7 @@ def generate(account_id: str, count: int, *, seed: int = 7) -> Iterator[Message]
 
 
 def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int, writers: int = 1,
-        replicas: int | None = None) -> tuple[float, float, float]:
+        replicas: int | None = None, bulk: bool = True) -> tuple[float, float, float]:
     """Load ``docs`` messages with bulk chunks of ``chunk`` documents, ``writers`` requests in flight.
 
     Returns documents/s overall, for the first batch and for the last one
@@ -110,7 +112,7 @@ def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int, writers: 
     written = 0
     rates: list[float] = []
     try:
-        with store.bulk_load(account):
+        with store.bulk_load(account) if bulk else contextlib.nullcontext():
             pending: list[Message] = []
             for message in generate(account, docs):
                 pending.append(message)
@@ -156,12 +158,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated bulk chunk byte bounds (default 8 MiB)")
     parser.add_argument("--writers", default="1",
                         help="comma-separated numbers of bulk requests in flight (ELASTICSEARCH_BULK_WRITERS)")
+    parser.add_argument("--refresh", default="bulk",
+                        help="comma-separated: bulk (inside bulk_load, the relaxed refresh of a first round) "
+                             "and/or default (the index's normal refresh)")
     parser.add_argument("--batch", type=int, default=5_000,
                         help="messages per upsert_messages call (default 5000)")
     args = parser.parse_args(argv)
     chunks = [int(c) for c in args.chunk_sizes.split(",") if c.strip()]
     byte_bounds = [int(c) for c in args.chunk_bytes.split(",") if c.strip()]
     writer_counts = [int(c) for c in args.writers.split(",") if c.strip()]
+    refreshes = [r.strip() for r in args.refresh.split(",") if r.strip()]
+    if not set(refreshes) <= {"bulk", "default"}:
+        parser.error("--refresh takes bulk and/or default")
 
     url = os.environ.get("ELASTICSEARCH_URL")
     server = None
@@ -180,19 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     node_figures: dict[str, float] = {}
     try:
-        configs = [(c, b, w) for c in chunks for b in byte_bounds for w in writer_counts]
-        for n, (chunk, bound, writers) in enumerate(configs):
+        configs = [(c, b, w, r) for r in refreshes for c in chunks for b in byte_bounds for w in writer_counts]
+        for n, (chunk, bound, writers, refresh) in enumerate(configs):
             KEEP = server is not None and n == len(configs) - 1
             cpu0 = cpu_s(server.process.pid) if server else None
-            rate, first, last = run(url, args.docs, chunk, args.batch, bound, writers, replicas)
-            key = f"{chunk}x{bound // 1024}kx{writers}"
+            rate, first, last = run(url, args.docs, chunk, args.batch, bound, writers, replicas, refresh == "bulk")
+            key = f"{chunk}x{bound // 1024}kx{writers}" + ("" if refresh == "bulk" else "_refresh_default")
             results[key] = rate
             node = ""
             if server is not None and cpu0 is not None:
                 cpu = (cpu_s(server.process.pid) or 0.0) - cpu0
                 node_figures[f"node_cpu_us_per_doc_{key}"] = 1e6 * cpu / args.docs
                 node = f", node CPU {1e6 * cpu / args.docs:,.0f} us/doc"
-            print(f"  chunk={chunk:>5} docs, <= {bound // 1024:>6} KiB, {writers} writer(s)  {rate:>9,.0f} documents/s"
+            print(f"  chunk={chunk:>5} docs, <= {bound // 1024:>6} KiB, {writers} writer(s), refresh {refresh:>7}"
+                  f"  {rate:>9,.0f} documents/s"
                   f"   (first batch {first:,.0f}/s, last batch {last:,.0f}/s{node})", flush=True)
         if server is not None:
             # The last run's index is still loaded: the node's memory with args.docs messages in it.

@@ -194,12 +194,19 @@ class MessageStore(Protocol):
         """The account's mailbox document (address, status, totals), or None."""
         ...
 
-    def begin_bulk_load(self, account_id: str) -> None:
-        """An initial load starts: the store may relax its refresh (call end_bulk_load after, even on error)."""
+    def begin_bulk_load(self, account_id: str, holder: str = "") -> None:
+        """An initial load (of the account's ``holder``, e.g. a folder) starts: the store may relax its refresh.
+
+        Call end_bulk_load with the same arguments after, even on error.
+        """
         ...
 
-    def end_bulk_load(self, account_id: str) -> None:
-        """The account's initial load ended: restore normal refresh once no other load is running."""
+    def end_bulk_load(self, account_id: str, holder: str = "") -> None:
+        """That load ended: restore normal refresh once no other load is running."""
+        ...
+
+    def expire_bulk_loads(self) -> bool:
+        """Undo the relaxed refresh of loads that died without ending (expired leases); True if it did."""
         ...
 
     def refresh(self) -> None:

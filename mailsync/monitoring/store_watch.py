@@ -16,6 +16,8 @@ visibility delays ``STORE_RESYNC_PER_S`` apart so a thousand accounts do
 not all hit their providers and the store in the same second. Then the new
 generation is recorded; a tick that dies in between enqueues again next
 time, which is harmless (jobs are idempotent).
+
+The same tick sweeps the store's bulk-load leases (see ``check``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from mailsync.errors import MailsyncError
 from mailsync.jobs import JobKind, new_job
 from mailsync.monitoring.records import AccountDirectory
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES
@@ -45,8 +48,18 @@ class StoreWatch:
         self._per_s = per_s
 
     def check(self) -> int:
-        """Enqueue the resyncs if the store was recreated since the last check; returns how many."""
-        generation = self._store().generation()
+        """Enqueue the resyncs if the store was recreated since the last check; returns how many.
+
+        Also undoes the relaxed refresh of initial loads whose workers died
+        (``MessageStore.expire_bulk_loads``), so a killed worker slows the
+        store's refresh for a few minutes at most, never for good.
+        """
+        store = self._store()
+        try:
+            store.expire_bulk_loads()
+        except MailsyncError as exc:
+            log.warning("could not check the store's bulk loads: %s", exc.code, extra={"error": exc.message})
+        generation = store.generation()
         seen = self._ledger.seen()
         if generation == seen:
             return 0

@@ -14,6 +14,7 @@ stored at all when the body policy says so.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from dataclasses import dataclass
@@ -75,9 +76,16 @@ def mailbox_doc_id(account_id: str) -> str:
     return f"{check_account_id(account_id)}:mailbox"
 
 
-def bulk_load_doc_id(account_id: str) -> str:
-    """The document id of an account's bulk-load lease."""
-    return f"{check_account_id(account_id)}:bulk_load"
+def bulk_load_doc_id(account_id: str, holder: str = "") -> str:
+    """The document id of a bulk-load lease: one per account, or per (account, ``holder``).
+
+    The holder (a folder id, any length or alphabet) is hashed, so the id
+    stays short and valid whatever it is.
+    """
+    lease = f"{check_account_id(account_id)}:bulk_load"
+    if not holder:
+        return lease
+    return f"{lease}:{hashlib.sha256(holder.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
 
 
 # --------------------------------------------------------------------------- text

@@ -127,8 +127,11 @@ class StoreOptions:
     max_retries: int = 5            # rounds of re-sending 429-refused items
     initial_backoff_s: float = 0.5  # doubled each round
     max_backoff_s: float = 30.0
+    # The messages index's refresh interval while an initial load runs (begin_bulk_load), and how
+    # long a loader's lease lives: longer than an invocation's paging (SYNC_TIME_BUDGET_S plus its
+    # last writes), short enough that a dead loader's relaxed refresh is undone within minutes.
     bulk_refresh_interval: str = "30s"
-    bulk_lease_s: float = 3_600.0
+    bulk_lease_s: float = 180.0
     shards: int = 1
     replicas: int | None = None
     long_request_timeout_s: float = 600.0   # delete_by_query over a whole account
@@ -357,16 +360,25 @@ class SearchStore:
 
     # ------------------------------------------------------------------ bulk load mode
 
-    def begin_bulk_load(self, account_id: str) -> None:
-        """Relax the messages index refresh interval while ``account_id`` runs an initial load.
+    def begin_bulk_load(self, account_id: str, holder: str = "") -> None:
+        """Relax the messages index's refresh interval while ``account_id`` (its ``holder``) runs an initial load.
 
-        The index is shared, so each loading account holds a lease document
-        (expiring after ``bulk_lease_s``); the interval is restored when the
-        last live lease ends. A crashed loader leaves only a slower refresh.
+        The index is shared by every account, and several workers load
+        folders of one account at once, so each loader holds a lease
+        document of its own (per account and holder, expiring after
+        ``bulk_lease_s``) and the interval is restored when the last live
+        lease ends (:meth:`end_bulk_load`). Nothing depends on the lease for
+        correctness: a lease that lapses while its load still runs only
+        makes that load slower, and one a crashed loader left behind is
+        swept by :meth:`expire_bulk_loads` (the poll tick calls it) once it
+        has expired. The relaxed interval is finite (not ``-1``), so even
+        then writes become visible, only later.
         """
-        lease_id = docs.bulk_load_doc_id(account_id)
+        lease_id = docs.bulk_load_doc_id(account_id, holder)
         expires = datetime.now(UTC) + timedelta(seconds=self.options.bulk_lease_s)
         with _translate("begin_bulk_load"):
+            # The lease first (refreshed, so a concurrent end's count sees it), then the
+            # setting: a relaxed interval never exists without a live lease behind it.
             self._engine.index_document(
                 self.names.mailboxes, lease_id, routing=account_id, refresh=True,
                 document={"kind": docs.KIND_BULK_LOAD, "account_id": account_id,
@@ -376,28 +388,61 @@ class SearchStore:
             self._engine.put_settings(
                 self.names.messages, {"index": {"refresh_interval": self.options.bulk_refresh_interval}})
 
-    def end_bulk_load(self, account_id: str) -> None:
-        """End ``account_id``'s lease; restore the default refresh interval if no live lease remains."""
-        lease_id = docs.bulk_load_doc_id(account_id)
+    def end_bulk_load(self, account_id: str, holder: str = "") -> None:
+        """End one lease; restore the default refresh interval (and refresh) if no live lease remains.
+
+        Two ends racing a begin can restore the default while the other
+        load still runs; that load is then slower, never wrong.
+        """
+        lease_id = docs.bulk_load_doc_id(account_id, holder)
         with _translate("end_bulk_load"):
             self._engine.delete_document(self.names.mailboxes, lease_id, routing=account_id, refresh=True)
-            # Deliberately across accounts: leases are store bookkeeping, not mail.
-            live = self._engine.count(self.names.mailboxes, {"bool": {"filter": [
-                {"term": {"kind": docs.KIND_BULK_LOAD}},
-                {"range": {"expires_at": {"gt": docs.now_iso()}}},
-            ]}})
-            if live == 0:
+            if self._live_bulk_loads() == 0:
                 self._engine.put_settings(self.names.messages, {"index": {"refresh_interval": None}})
                 self._engine.refresh([self.names.messages])
 
+    def expire_bulk_loads(self) -> bool:
+        """Restore the default refresh interval if it is still relaxed but no lease is live; True if it did.
+
+        For loaders that died without :meth:`end_bulk_load` (a killed
+        worker, a host timeout): their leases expire, and this brings the
+        index back to its normal refresh. Only the interval a load set is
+        reset, never one an operator chose. Cheap (a count and a settings
+        read), so the poll tick calls it every minute.
+        """
+        with _translate("expire_bulk_loads"):
+            try:
+                if self._live_bulk_loads() > 0:
+                    return False
+                found = self._engine.get_settings(self.names.messages)
+            except EngineError as exc:
+                if exc.index_missing:
+                    return False
+                raise
+            current = {((info.get("settings") or {}).get("index") or {}).get("refresh_interval")
+                       for info in found.values()}
+            if current != {self.options.bulk_refresh_interval}:
+                return False
+            self._engine.put_settings(self.names.messages, {"index": {"refresh_interval": None}})
+            self._engine.refresh([self.names.messages])
+        log.warning("bulk-load refresh interval restored: its loaders ended without saying so (leases expired)")
+        return True
+
+    def _live_bulk_loads(self) -> int:
+        # Deliberately across accounts: leases are store bookkeeping, not mail.
+        return self._engine.count(self.names.mailboxes, {"bool": {"filter": [
+            {"term": {"kind": docs.KIND_BULK_LOAD}},
+            {"range": {"expires_at": {"gt": docs.now_iso()}}},
+        ]}})
+
     @contextlib.contextmanager
-    def bulk_load(self, account_id: str) -> Iterator[None]:
+    def bulk_load(self, account_id: str, holder: str = "") -> Iterator[None]:
         """``with store.bulk_load(account):`` — begin/end around an initial load."""
-        self.begin_bulk_load(account_id)
+        self.begin_bulk_load(account_id, holder)
         try:
             yield
         finally:
-            self.end_bulk_load(account_id)
+            self.end_bulk_load(account_id, holder)
 
     # ------------------------------------------------------------------ bulk machinery
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -121,8 +123,32 @@ def test_a_recreated_store_is_noticed_by_the_next_tick_and_every_account_resynce
     assert scheduler.tick().resynced == 0, "recorded: the next tick does not enqueue them again"
 
 
+def test_the_tick_undoes_the_relaxed_refresh_a_dead_initial_load_left(
+        storage_env: dict[str, str], make_store: Callable[..., SearchStore]) -> None:
+    h = make_harness(storage_env, POLL_INTERVAL_S="3600", POLL_INTERVAL_SUBSCRIBED_S="0")
+    store = make_store(bulk_lease_s=1.0)
+    table = table_client(h.settings, "sync")
+    ensure_table(table)
+    watch = StoreWatch(lambda: store, TableGenerationLedger(table), h.accounts, h.queue, per_s=10)
+    scheduler = PollScheduler(h.settings, h.accounts, h.subscriptions, h.queue, store_watch=watch, clock=lambda: NOW)
+
+    def interval() -> Any:
+        found = store.engine.get_settings(store.names.messages)
+        return next(iter(found.values()))["settings"]["index"].get("refresh_interval")
+
+    store.begin_bulk_load("acct1", "INBOX")   # the worker loading INBOX is killed: nobody ends its load
+    scheduler.tick()
+    assert interval() == "30s", "its lease is live: the load may still be running"
+    time.sleep(1.2)
+    scheduler.tick()
+    assert interval() is None, "expired: the next tick restored the normal refresh"
+
+
 class _DownStore:
     def generation(self) -> str:
+        raise StoreUnavailable("connection refused")
+
+    def expire_bulk_loads(self) -> bool:
         raise StoreUnavailable("connection refused")
 
 

@@ -8,6 +8,7 @@ must on a real engine (writes become searchable at the next refresh).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -646,6 +647,45 @@ def test_bulk_load_relaxes_and_restores_refresh_interval(store: SearchStore) -> 
     assert interval() == "30s"
     store.end_bulk_load("acct2")
     assert interval() == before
+
+
+def _refresh_interval(store: SearchStore) -> str | None:
+    got = store.engine.get_settings(store.names.messages)
+    value = next(iter(got.values()))["settings"]["index"].get("refresh_interval")
+    return None if value is None else str(value)
+
+
+def test_bulk_loads_count_each_holder_of_one_account(store: SearchStore) -> None:
+    # Two workers load two folders of the same account: the first to finish must not end the other's load.
+    store.begin_bulk_load("acct1", "INBOX")
+    store.begin_bulk_load("acct1", "Archive/2019 " + "x" * 600)   # any folder id: the lease id is hashed
+    store.end_bulk_load("acct1", "INBOX")
+    assert _refresh_interval(store) == "30s"
+    store.begin_bulk_load("acct1", "INBOX")   # a continuation of the same folder: the same lease again
+    store.end_bulk_load("acct1", "INBOX")
+    assert _refresh_interval(store) == "30s"
+    store.end_bulk_load("acct1", "Archive/2019 " + "x" * 600)
+    assert _refresh_interval(store) is None
+
+
+def test_a_dead_loaders_relaxed_refresh_is_undone_once_its_lease_expired(
+        make_store: Callable[..., SearchStore], store: SearchStore) -> None:
+    short = make_store(bulk_lease_s=1.0)
+    short.begin_bulk_load("acct1", "INBOX")   # ...and the worker dies: no end_bulk_load
+    assert not store.expire_bulk_loads(), "the lease is live: the load may still run"
+    assert _refresh_interval(store) == "30s"
+    store.upsert_messages([msg("acct1", 1)])
+    time.sleep(1.2)
+    assert store.expire_bulk_loads()
+    assert _refresh_interval(store) is None
+    assert ids(store.list_messages("acct1", MessageQuery()).messages) == ["m1"], "and refreshed at once"
+    assert not store.expire_bulk_loads(), "nothing left to undo"
+
+
+def test_expiring_bulk_loads_leaves_an_interval_an_operator_chose(store: SearchStore) -> None:
+    store.engine.put_settings(store.names.messages, {"index": {"refresh_interval": "5s"}})
+    assert not store.expire_bulk_loads()
+    assert _refresh_interval(store) == "5s"
 
 
 @pytest.mark.parametrize("engine", ENGINES)

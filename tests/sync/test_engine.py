@@ -115,6 +115,62 @@ def test_a_worker_dying_mid_page_is_taken_over_by_the_redelivery(world: SyncWorl
     assert world.state.load(world.account_id).slots_busy == 0
 
 
+def test_first_rounds_load_in_bulk_and_every_way_out_ends_the_load(world: SyncWorld, pump: QueuePump) -> None:
+    """Each folder's first round relaxes the store's refresh (begin_bulk_load) and ends it on every exit.
+
+    The store is the real one with its bulk-load calls noted; the first page
+    of every folder fails once with a bug (an exception the engine does not
+    expect), so each folder's load also ends through the error path.
+    """
+    store: SearchStore = world.engine.store   # type: ignore[assignment]
+    calls: list[tuple[str, str]] = []
+
+    class Noting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def begin_bulk_load(self, account_id: str, holder: str = "") -> None:
+            calls.append(("begin", holder))
+            store.begin_bulk_load(account_id, holder)
+
+        def end_bulk_load(self, account_id: str, holder: str = "") -> None:
+            calls.append(("end", holder))
+            store.end_bulk_load(account_id, holder)
+
+    def interval() -> str | None:
+        found = store.engine.get_settings(store.names.messages)
+        return next(iter(found.values()))["settings"]["index"].get("refresh_interval")
+
+    during: list[str | None] = []
+    failed: set[str] = set()
+
+    def page_written(folder_id: str, page: int) -> None:
+        if world.state.load(world.account_id).folders[folder_id].rounds == 0:
+            during.append(interval())
+        if folder_id not in failed:
+            failed.add(folder_id)
+            raise RuntimeError("a bug in the middle of a page")
+
+    world.engine.store = Noting()   # type: ignore[assignment]
+    world.engine.before_write = page_written
+    synced(world, pump)
+    world.engine.before_write = None
+
+    assert failed and pump.stats.failures >= len(failed)
+    begun = sorted(holder for op, holder in calls if op == "begin")
+    assert begun == sorted(holder for op, holder in calls if op == "end"), "every load ended, the failed ones too"
+    assert failed <= set(begun)
+    assert during and set(during) == {"30s"}, "every page of the first rounds was written under the relaxed refresh"
+    assert interval() is None, "restored once the last load ended"
+    assert store.engine.count(store.names.mailboxes, {"term": {"kind": "bulk_load"}}) == 0, "no lease left"
+
+    # Later rounds are no bulk loads: a change is visible within the normal refresh.
+    calls.clear()
+    world.poll()
+    pump.drain()
+    assert calls == []
+
+
 def test_throttling_is_waited_out_through_the_queue(world: SyncWorld, pump: QueuePump) -> None:
     world.sandbox.admin("PUT", "faults", json={"profile": "none", "overrides": {"storm": 0.1, "storm_s": 1}})
     try:
