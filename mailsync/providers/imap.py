@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -107,7 +106,7 @@ from mailsync.providers.imap_cursor import (
     uid_set,
 )
 from mailsync.providers.imap_mapping import AddressCache, flags_key, map_message
-from mailsync.providers.imap_session import ImapEndpoint, ImapSession, MailboxEntry, SelectInfo
+from mailsync.providers.imap_session import ImapEndpoint, ImapSession, LazySession, MailboxEntry, SelectInfo
 from mailsync.security.outbound import OutboundPolicy
 from mailsync.settings import Settings
 
@@ -162,33 +161,17 @@ class ImapProvider:
         unknown = set(paths) - set(PATHS)
         if unknown or not paths:
             raise ValueError(f"paths must be a non-empty subset of {PATHS}")
-        self._connect = connect
         self._account_id = account_id
         self._page_size = max(1, page_size)
         self._preview_bytes = preview_bytes
         self._paths = tuple(paths)
         self._clock = clock
-        self._session: ImapSession | None = None
-        self._lock = threading.RLock()
+        wanted = [e for p, e in (("qresync", "QRESYNC"), ("condstore", "CONDSTORE")) if p in self._paths]
+        self._session = LazySession(connect, wanted)
         self._addresses = AddressCache()
 
-    # --- the session ------------------------------------------------------------------------------
-
-    def _open(self) -> ImapSession:
-        session = self._session
-        if session is None or not session.alive:
-            if session is not None:
-                session.close()
-            session = self._session = self._connect()
-            wanted = [e for p, e in (("qresync", "QRESYNC"), ("condstore", "CONDSTORE")) if p in self._paths]
-            session.enable(*wanted)
-        return session
-
     def close(self) -> None:
-        with self._lock:
-            if self._session is not None:
-                self._session.close()
-                self._session = None
+        self._session.close()
 
     def _mode_for(self, session: ImapSession, info: SelectInfo) -> str:
         if info.highestmodseq is not None:
@@ -209,8 +192,8 @@ class ImapProvider:
 
     def folder_changes(self, cursor: str | None) -> FolderBatch:
         known = decode_list_cursor(cursor) if cursor is not None else {}
-        with self._lock:
-            entries = self._open().list_mailboxes()
+        with self._session.use() as session:
+            entries = session.list_mailboxes()
         folders = folders_from_list(self._account_id, entries)
         digests = {f.folder_id: _folder_digest(f) for f in folders}
         upserts = tuple(f for f in folders if known.get(f.folder_id) != digests[f.folder_id])
@@ -221,8 +204,7 @@ class ImapProvider:
 
     def message_changes(self, folder_id: str, cursor: str | None) -> MessageBatch:
         state = decode_folder_cursor(cursor) if cursor is not None else None
-        with self._lock:
-            session = self._open()
+        with self._session.use() as session:
             if state is None:
                 page = self._start_walk(session, folder_id)
             else:
@@ -238,8 +220,7 @@ class ImapProvider:
                             cursor=encode_folder_cursor(page.cursor), complete=page.complete)
 
     def newest_messages(self, folder_id: str, limit: int) -> tuple[Message, ...]:
-        with self._lock:
-            session = self._open()
+        with self._session.use() as session:
             info = session.examine(folder_id)
             mode = self._mode_for(session, info)
             if session.has("SORT"):

@@ -38,7 +38,6 @@ Content-ID; their id is the IMAP part number (``2``, ``1.2``).
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +61,7 @@ from mailsync.providers.imap_mapping import (
     map_message,
     parse_header_block,
 )
-from mailsync.providers.imap_session import ImapSession
+from mailsync.providers.imap_session import ImapSession, LazySession
 
 BODY_MAX_BYTES = 2 * 1024 * 1024
 _COPYUID = re.compile(rb"COPYUID (\d+) ([0-9:,]+) ([0-9:,]+)")
@@ -157,27 +156,13 @@ class ImapActions:
     """``MessageActions`` for one IMAP account (its own connection, opened lazily, reopened after a fault)."""
 
     def __init__(self, connect: Callable[[], ImapSession], account_id: str) -> None:
-        self._connect = connect
         self._account_id = account_id
-        self._session: ImapSession | None = None
-        self._lock = threading.RLock()
+        self._session = LazySession(connect, ("CONDSTORE",))
         self._addresses = AddressCache()
         self._trash: str | bool | None = False   # False: not looked up yet
 
-    def _open(self) -> ImapSession:
-        session = self._session
-        if session is None or not session.alive:
-            if session is not None:
-                session.close()
-            session = self._session = self._connect()
-            session.enable("CONDSTORE")
-        return session
-
     def close(self) -> None:
-        with self._lock:
-            if self._session is not None:
-                self._session.close()
-                self._session = None
+        self._session.close()
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -192,8 +177,7 @@ class ImapActions:
         return fetched[uid]
 
     def read_message(self, folder_id: str, message_id: str) -> MessageContent:
-        with self._lock:
-            session = self._open()
+        with self._session.use() as session:
             items = "UID FLAGS INTERNALDATE BODYSTRUCTURE BODY.PEEK[HEADER]"
             if session.has("CONDSTORE"):
                 items += " MODSEQ"
@@ -229,8 +213,7 @@ class ImapActions:
                         max_bytes: int) -> AttachmentContent:
         if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){0,8}", attachment_id):
             raise NotFound("no such attachment")
-        with self._lock:
-            session = self._open()
+        with self._session.use() as session:
             item = self._fetch_one(session, folder_id, message_id, "UID BODYSTRUCTURE")
             part = next((p for p in walk_structure(item[b"BODYSTRUCTURE"]) if p.number == attachment_id), None)
             if part is None:
@@ -260,18 +243,18 @@ class ImapActions:
                 outcomes[n] = _missing(action, exc)
                 continue
             by_folder.setdefault(action.folder_id, []).append((n, validity, uid))
-        with self._lock:
-            for folder_id, items in by_folder.items():
-                try:
-                    self._apply_folder(folder_id, items, actions, outcomes)
-                except MailsyncError as exc:
-                    for n, _v, _u in items:
-                        outcomes.setdefault(n, ActionOutcome(action=actions[n], done=False, error=exc))
+        for folder_id, items in by_folder.items():
+            try:
+                # A session per folder's turn: one a fault killed is opened again for the next folder.
+                with self._session.use() as session:
+                    self._apply_folder(session, folder_id, items, actions, outcomes)
+            except MailsyncError as exc:
+                for n, _v, _u in items:
+                    outcomes.setdefault(n, ActionOutcome(action=actions[n], done=False, error=exc))
         return [outcomes[n] for n in range(len(actions))]
 
-    def _apply_folder(self, folder_id: str, items: list[tuple[int, int, int]], actions: Sequence[MessageAction],
-                      outcomes: dict[int, ActionOutcome]) -> None:
-        session = self._open()
+    def _apply_folder(self, session: ImapSession, folder_id: str, items: list[tuple[int, int, int]],
+                      actions: Sequence[MessageAction], outcomes: dict[int, ActionOutcome]) -> None:
         trash = self._trash_folder(session) if any(actions[n].delete for n, _v, _u in items) else None
         try:
             validity = self._select(session, folder_id)

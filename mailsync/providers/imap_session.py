@@ -38,6 +38,7 @@ import logging
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -457,6 +458,49 @@ class ImapSession:
         """A command with untagged answers of the same name (NOTIFY, ...)."""
         with self.errors(command.decode()):
             return list(self.client._raw_command_untagged(command, args, uid=False))
+
+
+class LazySession:
+    """The one connection of an owner that is called from several threads (the provider, the actions).
+
+    Opened on first use, ``ENABLE``s ``extensions`` (those the server
+    offers), and opened again on the next use after it died: a fault
+    raised ``ProviderUnavailable`` and marked the session dead, the caller
+    retries later, and that retry must not reuse the broken socket. A
+    re-entrant lock serialises whole exchanges (SELECT then FETCH must not
+    interleave with another thread's SELECT on the same connection).
+    """
+
+    def __init__(self, connect: Callable[[], ImapSession], extensions: Sequence[str] = ()) -> None:
+        self._connect = connect
+        self._extensions = tuple(extensions)
+        self._session: ImapSession | None = None
+        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[ImapSession]:
+        """The live session, held for the ``with`` block (nested uses by the same thread are fine)."""
+        with self._lock:
+            session = self._session
+            if session is None or not session.alive:
+                if session is not None:
+                    session.close()
+                self._session = None
+                session = self._connect()
+                try:
+                    session.enable(*self._extensions)
+                except BaseException:
+                    session.close()
+                    raise
+                self._session = session
+            yield session
+
+    def close(self) -> None:
+        """Log out (or drop a dead connection); the next ``use`` opens a new one."""
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
 
 
 def by_uid(lines: Sequence[Any]) -> dict[int, dict[bytes, Any]]:

@@ -10,6 +10,7 @@ import pytest
 from mailsync.actions.models import MessageAction
 from mailsync.providers.imap import message_id_of
 from mailsync.providers.imap_actions import ImapActions, walk_structure
+from mailsync.providers.imap_session import ImapSession
 from tests.fixtures.dovecot import DovecotServer
 from tests.providers.actions_contract import ActionsContract, RichMessage
 from tests.providers.imap_harness import ImapHarness, make_harness
@@ -63,18 +64,26 @@ class TestImapActionsContractWithoutMove(ActionsContract):
         return make_harness(dovecot_plain, folders={"INBOX": 50, "Archive": 5, "Trash": 0})
 
 
-def test_marking_many_read_is_one_store(harness: ImapHarness, actions: ImapActions) -> None:
+def test_marking_many_read_is_one_store(harness: ImapHarness) -> None:
     sent: list[bytes] = []
-    session = actions._open()
-    original = session.client._imap.send
 
-    def spy(data: bytes) -> None:
-        sent.append(data)
-        original(data)
+    def spied() -> ImapSession:
+        session = harness.connect()
+        original = session.client._imap.send
 
-    session.client._imap.send = spy
+        def spy(data: bytes) -> None:
+            sent.append(data)
+            original(data)
+
+        session.client._imap.send = spy
+        return session
+
+    actions = ImapActions(spied, harness.account_id)
     inbox = [m for m in harness.messages().values() if m.folder_id == "INBOX"]
-    outcomes = actions.apply([MessageAction(m.message_id, "INBOX", is_read=True) for m in inbox])
+    try:
+        outcomes = actions.apply([MessageAction(m.message_id, "INBOX", is_read=True) for m in inbox])
+    finally:
+        actions.close()
     assert all(o.done for o in outcomes)
     stores = [line for line in sent if b" STORE " in line.upper()]
     assert len(stores) == 1, stores
@@ -92,10 +101,11 @@ def test_an_id_of_another_folder_or_uidvalidity_is_not_found(harness: ImapHarnes
 
 def test_structure_parts_are_numbered_as_body_sections(harness: ImapHarness, actions: ImapActions) -> None:
     rich = append_rich(harness)
-    session = actions._open()
+    session = harness.connect()
     session.examine("INBOX")
     uid = int(rich.message_id.rsplit(".", 1)[1])
     structure = session.uid_fetch(str(uid), "UID BODYSTRUCTURE")[uid][b"BODYSTRUCTURE"]
+    session.close()
     parts = {p.number: (p.content_type, p.is_attachment) for p in walk_structure(structure)}
     assert parts == {"1.1": ("text/plain", False), "1.2": ("text/html", False), "2": ("application/pdf", True)}
     content = actions.read_message("INBOX", rich.message_id)

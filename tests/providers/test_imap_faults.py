@@ -13,9 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from mailsync.actions.models import MessageAction
 from mailsync.errors import ProviderUnavailable
 from mailsync.models import FolderBatch, MessageBatch
 from mailsync.providers.imap import ImapProvider
+from mailsync.providers.imap_actions import ImapActions
 from tests.fixtures.dovecot import DovecotServer
 from tests.providers.contract import Mirror, assert_mirror_equals
 from tests.providers.imap_faults import FaultProxy
@@ -71,6 +73,27 @@ def test_a_cut_inside_a_literal_never_yields_a_partial_page(harness: ImapHarness
     proxy.quiet()
     again = provider.message_changes("INBOX", None)
     assert [m.message_id for m in again.upserts] == [m.message_id for m in full.upserts]
+
+
+def test_the_actions_open_a_new_connection_after_a_fault(harness: ImapHarness, proxy: FaultProxy) -> None:
+    """ImapActions holds its connection like the provider (LazySession): a fault kills it, the next call
+    opens another, with CONDSTORE enabled again (the read's MODSEQ says so)."""
+    message_id = sorted(i for i, m in harness.messages().items() if m.folder_id == "INBOX" and not m.is_read)[0]
+    actions = ImapActions(harness.connect, harness.account_id)
+    try:
+        proxy.force(byes=1)                                # at the SELECT, the first command after login
+        (outcome,) = actions.apply([MessageAction(message_id, "INBOX", is_read=True)])
+        assert not outcome.done and isinstance(outcome.error, ProviderUnavailable)
+        (outcome,) = actions.apply([MessageAction(message_id, "INBOX", is_read=True)])
+        assert outcome.done and harness.messages()[message_id].is_read
+        proxy.force(byes=1)                                # at the EXAMINE
+        with pytest.raises(ProviderUnavailable):
+            actions.read_message("INBOX", message_id)
+        content = actions.read_message("INBOX", message_id)
+        assert content.message.is_read and content.message.version > 0
+        assert proxy.counts.connections == 3 and proxy.counts.byes == 2
+    finally:
+        actions.close()
 
 
 def _retrying(call, attempts: int = 200):  # type: ignore[no-untyped-def]
