@@ -365,11 +365,9 @@ class Runtime:
                                                   self.token_provider),
             Provider.IMAP: ImapActionsFactory(self.imap_providers),
         })
-        def epochs(account_id: str) -> dict[str, int]:
-            return {fid: row.epoch for fid, row in self.sync_state.load(account_id).folders.items()}
-
         return MessageActionService(self.account_access, self.accounts, lambda: self.store, router,
-                                    lambda: self.job_queue, ledger=lambda: self.action_ledger, epochs=epochs)
+                                    lambda: self.job_queue, ledger=lambda: self.action_ledger,
+                                    epochs=self.sync_state.epochs)
 
     @cached_property
     def action_ledger(self) -> ActionLedger:

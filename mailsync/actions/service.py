@@ -197,10 +197,9 @@ class MessageActionService:
 
     def __init__(self, access: AccountAccess, accounts: AccountRepository, store: Callable[[], MessageStore],
                  actions: MessageActionsFactory, queue: Callable[[], JobQueue], *,
-                 ledger: Callable[[], ActionLedger],
+                 ledger: Callable[[], ActionLedger], epochs: Callable[[str], Mapping[str, int]],
                  max_attachment_bytes: int = 25 * 1024 * 1024, clock: Callable[[], float] = time.time,
-                 observe: Callable[[MessageAction, str], None] | None = None,
-                 epochs: Callable[[str], Mapping[str, int]] | None = None) -> None:
+                 observe: Callable[[MessageAction, str], None] | None = None) -> None:
         self._access = access
         self._accounts = accounts
         self._store = store
@@ -214,9 +213,11 @@ class MessageActionService:
         # Told each action's fate: "queued" (accepted), then "retry" (back on the queue) any number of
         # times, then "done" or "failed" (undone) exactly once. For metrics and the convergence test.
         self._observe = observe or (lambda action, fate: None)
-        # The folders' current sync epochs (the cursor table): an optimistic row must carry its folder's,
-        # or a resync's remove_stale running right after would delete it as unseen (docs/store.md).
-        self._epochs = epochs or (lambda account_id: {})
+        # The folders' current sync epochs (SyncStateTable.epochs): every row written here (optimistic,
+        # reverted, an IMAP move's new document) carries its folder's, or a resync of that folder that
+        # has passed the message already deletes it as unseen (docs/store.md). Required: a wiring that
+        # left it out wrote every row in epoch 0 (the convergence test's did).
+        self._epochs = epochs
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -535,7 +536,7 @@ class MessageActionService:
             # IMAP ids name folder and UID: the moved message is a new document. Version 0: the target
             # folder's round (MODSEQ or clock) overwrites it with what the server says.
             moved = replace(current, message_id=new_id, folder_id=p.row.folder_id, version=0)
-            store.upsert_messages([moved])
+            store.upsert_messages([moved], epoch=self._epochs(account_id).get(p.row.folder_id, 0))
             store.remove_messages(account_id, p.row.folder_id, [p.action.message_id])
             return MessagesChanged(account_id=account_id, upserted=(moved,),
                                    removed=((p.row.folder_id, p.action.message_id),))
@@ -563,6 +564,7 @@ class MessageActionService:
         upserted: list[Message] = []
         removed: list[tuple[str, str]] = []
         latest = self._ledger().latest(account_id, [p.action.message_id for p, _ in failed])
+        epochs = self._epochs(account_id)
         for p, error in failed:
             self._observe(p.action, "failed")
             log.warning("action failed for good: %s", error.message,
@@ -590,7 +592,9 @@ class MessageActionService:
                           flag_status=base.flag_status if FLAG in keep else truth.flag_status,
                           folder_id=base.folder_id if PLACE in keep else truth.folder_id,
                           version=revert_version(p.version, now_ms, clock=clock))
-            store.upsert_messages([row])
+            # The folder's epoch, like the optimistic row: a resync of it may have passed the message already
+            # (its write refused by our newer row), and would delete one written in no epoch as unseen.
+            store.upsert_messages([row], epoch=epochs.get(row.folder_id, 0))
             if stored is not None and stored.folder_id != row.folder_id:
                 removed.append((stored.folder_id, stored.message_id))
             upserted.append(row)

@@ -239,6 +239,10 @@ class SyncStateTable:
 
     # --- reads -------------------------------------------------------------
 
+    def epochs(self, account_id: str) -> dict[str, int]:
+        """Each folder's current epoch: what a row written outside the engine (a user action's) carries."""
+        return {folder_id: row.epoch for folder_id, row in self.load(account_id).folders.items()}
+
     def load(self, account_id: str) -> AccountSyncState:
         """All of an account's rows (one partition query)."""
         now = self._clock()

@@ -78,6 +78,7 @@ class World:
     harness: GraphHarness | ImapHarness
     mirror: Mirror
     factory: Factory
+    epochs: dict[str, int]      # the folders' sync epochs the service reads (the engine's rows, in the product)
 
     def sync(self) -> None:
         """A complete round of every folder into the store (what the engine writes).
@@ -118,9 +119,10 @@ def _world(storage_settings: Settings, store: SearchStore, harness, provider: Pr
     queue = RecordingQueue()
     ledger = SearchActionLedger.of(store)
     factory = Factory(make_actions)
+    epochs: dict[str, int] = {}
     service = MessageActionService(AccountAccess(tables.accounts), tables.accounts, lambda: store,
-                                   factory, lambda: queue, ledger=lambda: ledger)
-    world = World(service, store, queue, account_id, token, harness, Mirror(), factory)
+                                   factory, lambda: queue, ledger=lambda: ledger, epochs=lambda _account: epochs)
+    world = World(service, store, queue, account_id, token, harness, Mirror(), factory, epochs)
     world.sync()
     return world
 
@@ -287,6 +289,29 @@ def test_a_definitive_failure_puts_the_providers_truth_back_and_tells_the_page(o
     assert world.row(second).is_read is True
     failed = [m for m in events.messages() if m["target"] == TARGET_ACTIONS_FAILED]
     assert [f["message_id"] for f in failed[0]["arguments"][0]["failures"]] == [first]
+
+
+def test_a_reverted_row_carries_its_folders_epoch(outlook: World) -> None:
+    """A resync of the Inbox (epoch 9) runs while a move of one of its messages fails for good. The resync's
+    write of the message is refused (the optimistic row, in the other folder, is newer); then the row goes
+    back to the Inbox. Written without the Inbox's epoch, the resync's end deleted it as unseen, and no delta
+    round lists it again: it did not change in Outlook."""
+    world = outlook
+    (message_id,) = _inbox(world)
+    doomed = world.harness.create_folder("Doomed")
+    world.sync()
+    world.service.update(world.account_id, world.token, message_id, {"folder_id": doomed})
+    world.harness.delete_folder(doomed)               # into Deleted Items,
+    world.harness.delete_folder(doomed)               # then for good
+    inbox = world.harness.inbox_id
+    world.epochs[inbox] = 9                            # the resync began
+    assert world.store.upsert_messages([world.mirror.messages[message_id]], epoch=9).skipped == 1
+    world.work()
+    assert world.row(message_id).folder_id == inbox
+
+    world.store.remove_stale(world.account_id, inbox, 9)   # the resync completes
+    world.store.refresh()
+    assert world.row(message_id) is not None, "Outlook still has it in the Inbox"
 
 
 def test_a_repeated_patch_and_a_repeated_move_are_done(outlook: World) -> None:

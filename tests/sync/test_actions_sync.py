@@ -50,7 +50,7 @@ def world(storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTes
     world = make_world(settings, sandbox, store, backoff_cap_s=2.0)
     world.actions = MessageActionService(AccountAccess(world.tables.accounts), world.tables.accounts,
                                          lambda: world.store, SandboxActions(world), lambda: world.queue,
-                                         ledger=lambda: SearchActionLedger.of(world.store))
+                                         ledger=lambda: SearchActionLedger.of(world.store), epochs=world.state.epochs)
     return world
 
 

@@ -270,7 +270,8 @@ class User:
         ledger = SearchActionLedger.of(world.store)
         self.service = MessageActionService(AccountAccess(world.tables.accounts), world.tables.accounts,
                                             lambda: world.store, _ActionsOf(world), lambda: world.queue,
-                                            ledger=lambda: ledger, observe=self.observe)
+                                            ledger=lambda: ledger, epochs=world.state.epochs,
+                                            observe=self.observe)
         world.actions = self.service
 
     def observe(self, action: MessageAction, fate: str) -> None:
