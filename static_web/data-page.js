@@ -183,6 +183,13 @@
     highlight(fresh);
   }
 
+  // Live rows arrive out of order (an action's optimistic row from the API, a delta page's row from a
+  // worker, each maybe delayed): like the store, keep a row unless the update's version is at least its.
+  function isOlder(update, shown) {
+    return Boolean(shown) && typeof update.version === "number" && typeof shown.version === "number"
+      && update.version < shown.version;
+  }
+
   function applyChanges(change) {
     if (!change || change.account_id !== state.accountId) return;
     if (state.loading) {
@@ -199,6 +206,7 @@
       if (shown && shown.folder_id === folderId) removeRow(messageId);
     }
     for (const m of change.upserted || []) {
+      if (isOlder(m, state.rows.get(m.message_id))) continue;
       if (state.rows.has(m.message_id)) {
         if (matchesView(m)) upsertRow(m);
         else removeRow(m.message_id);

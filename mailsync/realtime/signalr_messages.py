@@ -59,11 +59,19 @@ def _received(message: Message) -> float:
 
 
 def message_row(message: Message) -> dict[str, Any]:
-    """The fields the list shows for one message."""
+    """The fields the list shows for one message.
+
+    ``version`` is the store's version of the row (the provider's, or an
+    action's optimistic one: mailsync.actions.versions). Live events reach
+    the page out of order (the API publishes an action's row at once, a
+    worker publishes a delta page's row a moment later, either may be
+    delayed); the page keeps the newest by it, as the store does.
+    """
     sender = message.sender
     return {
         "message_id": message.message_id,
         "folder_id": message.folder_id,
+        "version": message.version,
         "subject": message.subject,
         "sender": {"name": sender.name, "address": sender.address} if sender else None,
         "received_at": _iso(message.received_at),
