@@ -170,7 +170,11 @@ def subscription_of(stack: Stack, linked: Linked, timeout_s: float = 30.0) -> st
         if monitor is not None and monitor.subscription_id and folders is not None and folders.subscription_id:
             return monitor.subscription_id
         time.sleep(0.2)
-    pytest.fail("no subscription was created after linking\n" + stack.host.logs()[-4000:])
+    lines = stack.host.logs().splitlines()
+    about = [line for line in lines
+             if "subscri" in line.lower() or (linked.account_id in line and '"level":"WARNING"' in line)]
+    pytest.fail("no subscription was created after linking\n" + "\n".join(about[-40:])
+                + "\n...\n" + "\n".join(lines[-10:]))
 
 
 def mutate(stack: Stack, linked: Linked, rng: random.Random, count: int) -> None:
