@@ -97,13 +97,25 @@ class ActionLedger(Protocol):
     ``claim`` numbers each claim higher than every earlier one on the same
     message, atomically per message, and records it as the latest on the
     fields it sets; ``latest`` reads what was recorded, including claims
-    made a moment ago.
+    made a moment ago. ``put_batch`` / ``get_batch`` / ``drop_batch`` keep a
+    bulk action's list for the one job that names it.
     """
 
     def claim(self, account_id: str, claims: Sequence[ActionClaim]) -> dict[str, int]:
         ...
 
     def latest(self, account_id: str, message_ids: Sequence[str]) -> dict[str, LatestActions]:
+        ...
+
+    def put_batch(self, account_id: str, actions: str) -> str:
+        """Keep a job's action list too large for a queue message; the id the job names it by."""
+        ...
+
+    def get_batch(self, account_id: str, batch_id: str) -> str | None:
+        """The list kept as ``batch_id``; None once dropped."""
+        ...
+
+    def drop_batch(self, account_id: str, batch_id: str) -> None:
         ...
 
 
@@ -185,6 +197,10 @@ class MessageStore(Protocol):
         ...
 
     def get_message(self, account_id: str, message_id: str) -> Message | None:
+        ...
+
+    def get_messages(self, account_id: str, message_ids: Sequence[str]) -> dict[str, Message]:
+        """The account's messages among ``message_ids``, by id (the missing ones left out)."""
         ...
 
     def list_folders(self, account_id: str) -> list[FolderView]:

@@ -197,7 +197,7 @@ class MessageActionService:
 
     def __init__(self, access: AccountAccess, accounts: AccountRepository, store: Callable[[], MessageStore],
                  actions: MessageActionsFactory, queue: Callable[[], JobQueue], *,
-                 ledger: Callable[[], ActionLedger], epochs: Callable[[str], Mapping[str, int]],
+                 ledger: Callable[[], ActionLedger], epochs: Callable[[str, Sequence[str]], Mapping[str, int]],
                  max_attachment_bytes: int = 25 * 1024 * 1024, clock: Callable[[], float] = time.time,
                  observe: Callable[[MessageAction, str], None] | None = None) -> None:
         self._access = access
@@ -325,15 +325,9 @@ class MessageActionService:
             change = None
         else:
             change = parse_change(action)
-        store = self._store()
-        rows: list[Message] = []
-        missing: list[str] = []
-        for message_id in ids:
-            row = store.get_message(account.account_id, message_id)
-            if row is None:
-                missing.append(message_id)
-            else:
-                rows.append(row)
+        found = self._store().get_messages(account.account_id, ids)
+        rows = [found[i] for i in ids if i in found]
+        missing = [i for i in ids if i not in found]
         if delete:
             assert isinstance(action, dict)
             planned = self._plan(account, rows, delete=True, permanent=bool(action.get("permanent", False)))
@@ -347,10 +341,14 @@ class MessageActionService:
 
     def _plan(self, account: Account, rows: Sequence[Message], *, change: Change | None = None,
               delete: bool = False, permanent: bool = False) -> list[Planned]:
-        folders = {v.folder.folder_id: v.folder for v in self._store().list_folders(account.account_id)}
-        trash = next((f.folder_id for f in folders.values() if f.role == "deleteditems"), None)
-        if change is not None and change.folder_id is not None and change.folder_id not in folders:
-            raise InputError("folder_id is not a folder of this account", code="unknown_folder")
+        trash: str | None = None
+        if delete or (change is not None and change.folder_id is not None):
+            # Only a move or a delete needs the folder list (list_folders also counts every folder's
+            # messages: the slowest read of a PATCH that only marks read).
+            folders = {v.folder.folder_id: v.folder for v in self._store().list_folders(account.account_id)}
+            trash = next((f.folder_id for f in folders.values() if f.role == "deleteditems"), None)
+            if change is not None and change.folder_id is not None and change.folder_id not in folders:
+                raise InputError("folder_id is not a folder of this account", code="unknown_folder")
         now_ms = int(self._clock() * 1000)
         graph = account.provider is Provider.OUTLOOK
         planned: list[Planned] = []
@@ -404,7 +402,7 @@ class MessageActionService:
             if p.row is not None:
                 by_folder.setdefault(p.row.folder_id, []).append(p.row)
         if by_folder:
-            epochs = self._epochs(account.account_id)
+            epochs = self._epochs(account.account_id, sorted(by_folder))
             for folder_id, rows in by_folder.items():
                 store.upsert_messages(rows, epoch=epochs.get(folder_id, 0))
         removals: dict[str, list[str]] = {}
@@ -413,12 +411,9 @@ class MessageActionService:
                 removals.setdefault(p.action.folder_id, []).append(p.action.message_id)
         for folder_id, ids in removals.items():
             store.remove_messages(account.account_id, folder_id, ids)
-        queue = self._queue()
         for p in planned:
             self._observe(p.action, "queued")
-        for chunk in _chunks(planned):
-            queue.enqueue(new_job(JobKind.ACTION, account.account_id, reason="user action",
-                                  attrs={"actions": encode_actions(chunk), "attempt": "0"}))
+        self._enqueue(account.account_id, planned, attempt=0, reason="user action")
         if events is not None:
             events.publish_changes(MessagesChanged(
                 account_id=account.account_id,
@@ -430,11 +425,23 @@ class MessageActionService:
 
     def run_job(self, job: Job, events: EventPublisher) -> None:
         """Carry out an ACTION job (see the module docstring); never raises for a provider's refusal."""
-        planned = decode_actions(job.attrs.get("actions", ""))
+        batch_id = job.attrs.get("batch")
+        if batch_id:
+            text = self._ledger().get_batch(job.account_id, batch_id)
+            if text is None:
+                return                              # finished by an earlier delivery of this job
+        else:
+            text = job.attrs.get("actions", "")
+        planned = decode_actions(text)
         attempt = int(job.attrs.get("attempt", "0") or 0)
         account = self._accounts.get(job.account_id)
-        if account is None:
-            return                                  # unlinked meanwhile: nothing to do
+        if account is not None:
+            self._run(account, planned, attempt, events)
+        if batch_id:
+            # Only now: a worker dying before this leaves the list for the redelivery (retries have their own).
+            self._ledger().drop_batch(job.account_id, batch_id)
+
+    def _run(self, account: Account, planned: Sequence[Planned], attempt: int, events: EventPublisher) -> None:
         planned = self._still_current(account, planned)
         if not planned:
             return
@@ -536,7 +543,8 @@ class MessageActionService:
             # IMAP ids name folder and UID: the moved message is a new document. Version 0: the target
             # folder's round (MODSEQ or clock) overwrites it with what the server says.
             moved = replace(current, message_id=new_id, folder_id=p.row.folder_id, version=0)
-            store.upsert_messages([moved], epoch=self._epochs(account_id).get(p.row.folder_id, 0))
+            target = p.row.folder_id
+            store.upsert_messages([moved], epoch=self._epochs(account_id, [target]).get(target, 0))
             store.remove_messages(account_id, p.row.folder_id, [p.action.message_id])
             return MessagesChanged(account_id=account_id, upserted=(moved,),
                                    removed=((p.row.folder_id, p.action.message_id),))
@@ -550,10 +558,24 @@ class MessageActionService:
         for p in planned:
             self._observe(p.action, "retry")
         delay = max(1.0, float(getattr(error, "retry_after_s", None) or 2 ** attempt))
-        for chunk in _chunks(planned):
-            self._queue().enqueue(new_job(JobKind.ACTION, account.account_id, reason="user action (retry)",
-                                          attrs={"actions": encode_actions(chunk), "attempt": str(attempt + 1)}),
-                                  delay_s=min(delay, 300.0))
+        self._enqueue(account.account_id, planned, attempt=attempt + 1, reason="user action (retry)",
+                      delay_s=min(delay, 300.0))
+
+    def _enqueue(self, account_id: str, planned: Sequence[Planned], *, attempt: int, reason: str,
+                 delay_s: float = 0.0) -> None:
+        """One ACTION job: the actions in it when they fit a queue message, else kept in the ledger and named.
+
+        Not a job per 16 kB of actions: ~27 Graph ids fit one, so 500 made ~19 jobs that the worker ran at
+        once, whose batches then fought over the mailbox's 4 request slots (429s, Retry-After) — 40 s for
+        what one job does in ~13 (bench/actions.py).
+        """
+        text = encode_actions(planned)
+        attrs = {"attempt": str(attempt)}
+        if len(text) <= _JOB_BUDGET:
+            attrs["actions"] = text
+        else:
+            attrs["batch"] = self._ledger().put_batch(account_id, text)
+        self._queue().enqueue(new_job(JobKind.ACTION, account_id, reason=reason, attrs=attrs), delay_s=delay_s)
 
     def _revert(self, account: Account, failed: Sequence[tuple[Planned, MailsyncError]], provider: Any,
                 events: EventPublisher) -> None:
@@ -564,7 +586,6 @@ class MessageActionService:
         upserted: list[Message] = []
         removed: list[tuple[str, str]] = []
         latest = self._ledger().latest(account_id, [p.action.message_id for p, _ in failed])
-        epochs = self._epochs(account_id)
         for p, error in failed:
             self._observe(p.action, "failed")
             log.warning("action failed for good: %s", error.message,
@@ -594,7 +615,7 @@ class MessageActionService:
                           version=revert_version(p.version, now_ms, clock=clock))
             # The folder's epoch, like the optimistic row: a resync of it may have passed the message already
             # (its write refused by our newer row), and would delete one written in no epoch as unseen.
-            store.upsert_messages([row], epoch=epochs.get(row.folder_id, 0))
+            store.upsert_messages([row], epoch=self._epochs(account_id, [row.folder_id]).get(row.folder_id, 0))
             if stored is not None and stored.folder_id != row.folder_id:
                 removed.append((stored.folder_id, stored.message_id))
             upserted.append(row)
@@ -610,18 +631,3 @@ def _merge(a: MessagesChanged, b: MessagesChanged) -> MessagesChanged:
     return MessagesChanged(account_id=a.account_id, upserted=a.upserted + b.upserted, removed=a.removed + b.removed)
 
 
-def _chunks(planned: Sequence[Planned]) -> list[list[Planned]]:
-    """Split so each job stays under the queue's message size (ids are up to ~150 characters on Graph)."""
-    chunks: list[list[Planned]] = []
-    current: list[Planned] = []
-    size = 0
-    for p in planned:
-        cost = len(encode_actions([p]))
-        if current and size + cost > _JOB_BUDGET:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(p)
-        size += cost
-    if current:
-        chunks.append(current)
-    return chunks

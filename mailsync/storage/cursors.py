@@ -239,9 +239,16 @@ class SyncStateTable:
 
     # --- reads -------------------------------------------------------------
 
-    def epochs(self, account_id: str) -> dict[str, int]:
-        """Each folder's current epoch: what a row written outside the engine (a user action's) carries."""
-        return {folder_id: row.epoch for folder_id, row in self.load(account_id).folders.items()}
+    def epochs(self, account_id: str, folder_ids: Sequence[str] | None = None) -> dict[str, int]:
+        """Each folder's current epoch: what a row written outside the engine (a user action's) carries.
+
+        ``folder_ids``: only those, one point read each (a PATCH writes one folder; the whole partition
+        holds every folder's row and the slots); None: every folder (one partition query).
+        """
+        if folder_ids is None:
+            return {folder_id: row.epoch for folder_id, row in self.load(account_id).folders.items()}
+        rows = {folder_id: self.get(account_id, folder_id) for folder_id in folder_ids}
+        return {folder_id: row.epoch for folder_id, row in rows.items() if row is not None}
 
     def load(self, account_id: str) -> AccountSyncState:
         """All of an account's rows (one partition query)."""

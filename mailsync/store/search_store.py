@@ -951,6 +951,28 @@ class SearchStore:
         next_cursor = encode_cursor(page[-1]["sort"]) if len(hits) > query.limit else None
         return MessagePage(messages=messages, next_cursor=next_cursor)
 
+    def get_messages(self, account_id: str, message_ids: Sequence[str]) -> dict[str, Message]:
+        """The account's messages among ``message_ids`` (whole, as ``get_message``), by id; one multi-get
+        per 1,000 instead of a read each (a bulk action names up to 500)."""
+        docs.check_account_id(account_id)
+        wanted = {docs.message_doc_id(account_id, m): m for m in message_ids}
+        found: dict[str, Message] = {}
+        ids = list(wanted)
+        with _translate("get_messages"):
+            for start in range(0, len(ids), 1_000):
+                try:
+                    entries = self._engine.mget(self.names.messages, ids[start:start + 1_000], routing=account_id,
+                                                source_includes=["*"])
+                except EngineError as exc:
+                    if exc.index_missing:
+                        return found
+                    raise
+                for entry in entries:
+                    source = entry.get("_source") or {}
+                    if entry.get("found") and source.get("account_id") == account_id:
+                        found[wanted[str(entry.get("_id"))]] = docs.message_from_document(source)
+        return found
+
     def get_message(self, account_id: str, message_id: str) -> Message | None:
         """One message of the account with its body text, or None (also for another account's id)."""
         doc_id = docs.message_doc_id(account_id, message_id)

@@ -79,6 +79,7 @@ class World:
     mirror: Mirror
     factory: Factory
     epochs: dict[str, int]      # the folders' sync epochs the service reads (the engine's rows, in the product)
+    ledger: SearchActionLedger
 
     def sync(self) -> None:
         """A complete round of every folder into the store (what the engine writes).
@@ -121,8 +122,9 @@ def _world(storage_settings: Settings, store: SearchStore, harness, provider: Pr
     factory = Factory(make_actions)
     epochs: dict[str, int] = {}
     service = MessageActionService(AccountAccess(tables.accounts), tables.accounts, lambda: store,
-                                   factory, lambda: queue, ledger=lambda: ledger, epochs=lambda _account: epochs)
-    world = World(service, store, queue, account_id, token, harness, Mirror(), factory, epochs)
+                                   factory, lambda: queue, ledger=lambda: ledger,
+                                   epochs=lambda _account, _folders: epochs)
+    world = World(service, store, queue, account_id, token, harness, Mirror(), factory, epochs, ledger)
     world.sync()
     return world
 
@@ -335,6 +337,23 @@ def test_bulk_marks_many_and_reports_unknown_ids(outlook: World) -> None:
     world.work()
     truth = world.harness.messages()
     assert all(truth[i].is_read for i in ids)
+
+
+def test_a_bulk_action_too_large_for_one_queue_message_is_still_one_job(outlook: World) -> None:
+    """Its list is kept in the ledger and the job names it: one job's batches, not ~19 jobs' fighting over the
+    mailbox's 4 request slots. A redelivery after it finished finds the list gone and does nothing."""
+    world = outlook
+    ids = sorted(m for m, row in world.mirror.messages.items() if row.flag_status.value != "flagged")
+    world.service.bulk(world.account_id, world.token, {"message_ids": ids, "action": {"flag_status": "flagged"}})
+    (job,) = world.queue.jobs
+    assert "batch" in job.attrs and "actions" not in job.attrs, "the list fits one message: test more ids"
+    world.work()
+    truth = world.harness.messages()
+    assert all(truth[i].flagged for i in ids)
+    assert world.ledger.get_batch(world.account_id, job.attrs["batch"]) is None       # dropped once done
+    world.queue.jobs = [job]
+    events = world.work()
+    assert not events.messages() and world.queue.jobs == []
 
 
 # --- reading ------------------------------------------------------------------------------------------------

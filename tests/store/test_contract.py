@@ -352,6 +352,9 @@ def test_an_account_never_sees_another_accounts_data(store: SearchStore) -> None
         assert store.list_messages(me, MessageQuery(q=other_word)).messages == ()
         got = store.get_message(me, "m1")
         assert got is not None and got.account_id == me
+        many = store.get_messages(me, ["m1", "m2", "nope"])
+        assert sorted(many) == ["m1", "m2"] and {m.account_id for m in many.values()} == {me}
+        assert many["m1"] == got                              # whole, as get_message reads it
         views = store.list_folders(me)
         assert {v.folder.account_id for v in views} == {me}
         assert {v.folder.folder_id: v.stored_count for v in views} == {"inbox": 5, "archive": 0}
