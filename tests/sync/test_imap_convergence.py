@@ -14,6 +14,15 @@ that pick up the last changes, after which the store equals the mailbox
 (folders: name, parent; messages: folder, subject, read, flag, categories,
 sender, arrival) and a second poll finds nothing to do.
 
+A second actor, a user of mailsync's own API (tests/sync/user_actor.py),
+marks read / unread, flags, moves and deletes what the store shows, at the
+same time, through ``ImapActions`` and the same fault proxy. Besides store =
+mailbox, every action it was told was accepted must end done or failed,
+every failure must reach the page (``actionsFailed``), and for each message
+only the user changed (flags only: a move gives an IMAP message a new id)
+the mailbox must have the user's actions folded in the order they were
+accepted (tests/sync/user_effects.py).
+
 ``test_the_imap_property_catches_a_planted_bug`` runs a scenario with a
 provider that forgets expunges (drops VANISHED) and checks the property
 fails.
@@ -38,10 +47,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from imapclient import IMAPClient
 
+from mailsync.linking.access import issue_access_token
 from mailsync.linking.imap import IMAP, SealedCredentials
 from mailsync.models import Account, AccountStatus, MessageBatch, Provider
 from mailsync.monitoring.imap_poll import ImapStatusPoller
-from mailsync.providers.imap import ImapCredentials, ImapProviderFactory
+from mailsync.providers.imap import ImapCredentials, ImapProviderFactory, message_id_of
+from mailsync.providers.imap_actions import ImapActionsFactory
 from mailsync.providers.imap_session import ImapEndpoint
 from mailsync.settings import Settings
 from mailsync.storage.cursors import SyncStateTable
@@ -52,8 +63,10 @@ from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser, rfc8
 from tests.linking.tables import LinkingTables, linking_tables
 from tests.providers.imap_faults import FaultProxy
 from tests.providers.imap_harness import move, seed_messages
-from tests.sync.imap_support import Difference, compare_views
+from tests.sync.imap_support import Difference, compare_views, imap_view
 from tests.sync.support import sync_table
+from tests.sync.user_actor import User
+from tests.sync.user_effects import expected_state
 from tests.sync.world import (
     AccountWorld,
     FaultyQueue,
@@ -122,6 +135,8 @@ class ImapWorld(AccountWorld):
     factory: ImapProviderFactory
     account: Account
     events: RecordingPublisher = field(default_factory=RecordingPublisher)
+    token: str = ""                 # the account's bearer (for the user's API calls)
+    actions: Any = None             # the user's MessageActionService: the pump runs ACTION jobs with it
 
     def poller(self) -> ImapStatusPoller:
         return ImapStatusPoller(self.tables.accounts, self.state, self.factory.connect, self.queue)
@@ -157,9 +172,11 @@ def make_imap_world(storage_env: dict[str, str], dovecot: DovecotServer, store: 
     tables = linking_tables(settings_)
     now = datetime.now(UTC).replace(microsecond=0)
     address = f"{user.username}@{user.host}"
+    account_id = uuid.uuid4().hex
+    token, token_hash = issue_access_token(account_id)
     account = tables.accounts.save_with_credential(
-        Account(account_id=uuid.uuid4().hex, provider=Provider.IMAP, status=AccountStatus.SYNCING,
-                access_token_hash="ab" * 32, created_at=now, updated_at=now, address=address, display_name=address),
+        Account(account_id=account_id, provider=Provider.IMAP, status=AccountStatus.SYNCING,
+                access_token_hash=token_hash, created_at=now, updated_at=now, address=address, display_name=address),
         ImapCredentials(ImapEndpoint(user.host, proxy.port, "none", user.username), user.password).to_json(),
         kind=IMAP)
     state = sync_table(settings_, lease_s=settings_.folder_lease_s,
@@ -169,7 +186,8 @@ def make_imap_world(storage_env: dict[str, str], dovecot: DovecotServer, store: 
     engine = SyncEngine(settings_, accounts=tables.accounts,
                         providers=ForgetfulFactory(factory) if forgetful else factory, store=store, state=state,
                         queue=queue, rng=random.Random(plan.seed + 1), backoff_cap_s=2.0)
-    return ImapWorld(settings_, dovecot, user, proxy, store, tables, state, queue, engine, factory, account)
+    return ImapWorld(settings_, dovecot, user, proxy, store, tables, state, queue, engine, factory, account,
+                     token=token)
 
 
 # --- a person with another mail client ---------------------------------------------------------------------
@@ -184,6 +202,7 @@ class Person:
         self.created: list[str] = []
         self.done = 0
         self.counts: dict[str, int] = {}
+        self.touched: set[str] = set()   # ids of the messages this person changed (the user's check skips them)
 
     def _client(self) -> IMAPClient:
         if self.client is None:
@@ -241,11 +260,12 @@ class Person:
                 client.delete_folder(folder)
             return
         folder = self.rng.choice(folders)
-        client.select_folder(folder)
+        info = client.select_folder(folder)
         uids = client.search("ALL")
         if not uids:
             return
         uid = [self.rng.choice(uids)]
+        self.touched.add(message_id_of(folder, int(info[b"UIDVALIDITY"]), uid[0]))
         if kind == "read":
             (client.add_flags if self.rng.random() < 0.5 else client.remove_flags)(uid, [b"\\Seen"])
         elif kind == "flag":
@@ -271,6 +291,31 @@ class Outcome:
     faults: Any
     jobs_after_settling: int
     settle_s: float
+    fates: dict[str, int] = field(default_factory=dict)      # the user's actions: queued, retry, done, failed
+    unfinished: list[str] = field(default_factory=list)      # accepted actions that never ended done or failed
+    not_reported: list[str] = field(default_factory=list)    # failed ones the page was never told of
+    not_applied: list[Any] = field(default_factory=list)     # (id, wanted, mailbox) for messages only the user changed
+    checked: int = 0                                         # how many such messages there were
+
+
+def flags_not_applied(user: User, skip: set[str], truth: dict[str, Any]) -> tuple[list[Any], int]:
+    """``(id, what the user's actions say, what the mailbox has)`` for each message only the user changed whose
+    flags disagree, and how many were checked. Messages the user moved or deleted are left out (their id is
+    gone: the move is checked by store = mailbox), as are those gone with a folder or a new UIDVALIDITY."""
+    wrong: list[Any] = []
+    checked = 0
+    for message_id, done in user.accepted.items():
+        if message_id in skip or any(a.delete or a.destination is not None for a in done):
+            continue
+        have = truth.get(message_id)
+        if have is None:
+            continue
+        checked += 1
+        want = expected_state(done, None)
+        seen = {"isRead": have[2], "flagStatus": "flagged" if have[3] else "notFlagged"}
+        if any(seen[key] != value for key, value in want.items()):
+            wrong.append((message_id, want, seen))
+    return wrong, checked
 
 
 def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer, store: SearchStore, *,
@@ -278,6 +323,7 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
     world = make_imap_world(storage_env, dovecot, store, plan=plan, scale=scale, forgetful=forgetful)
     pump: QueuePump | None = None
     person = Person(world, random.Random(plan.seed))
+    user = User(world, random.Random(plan.seed + 5), ImapActionsFactory(world.factory))
     try:
         world.engine.before_write = misbehaving_worker(plan.seed + 7, kill_rate=plan.kill_rate,
                                                        raise_rate=plan.raise_rate)
@@ -294,6 +340,8 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
         def mutate(stop: threading.Event) -> None:
             while not stop.is_set():
                 person.step()
+                if person.done % 4 == 0:
+                    user.step()
                 if plan.uidvalidity_every and person.done % plan.uidvalidity_every == 0:
                     folder = restored.choice(["Archive", "Projects", "Projects/Old"])
                     with contextlib.suppress(Exception):
@@ -316,7 +364,13 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
         difference = compare_views(world.user, world.store, world.account_id)
         log.info("imap scenario %s: %d mutations %s, faults %s, settle %.1f s, pump %s, %s", plan, person.done,
                  person.counts, world.proxy.counts, settle_s, pump.stats, difference.summary())
-        return Outcome(difference, person.done, person.counts, world.proxy.counts, after.jobs, settle_s)
+        reported = {f["message_id"] for f in world.events.failures}
+        not_applied, checked = flags_not_applied(user, person.touched | user.failed, imap_view(world.user)[1])
+        log.info("user actions: %s, refused %d; %d messages only the user changed, %d wrong %s", user.fates,
+                 user.refused, checked, len(not_applied), not_applied[:5])
+        return Outcome(difference, person.done, person.counts, world.proxy.counts, after.jobs, settle_s,
+                       dict(user.fates), sorted(user.queued - user.ended), sorted(user.failed - reported),
+                       not_applied, checked)
     finally:
         if pump is not None:
             pump.stop()
@@ -334,6 +388,14 @@ def test_store_converges_to_the_imap_mailbox(plan: Plan, storage_env: dict[str, 
     assert outcome.mutations >= SCALE.min_mutations
     assert not outcome.diff, outcome.diff.summary()
     assert outcome.jobs_after_settling == 0, "once settled, the STATUS poll finds nothing that moved"
+    _assert_the_users_actions(outcome)
+
+
+def _assert_the_users_actions(outcome: Outcome) -> None:
+    assert outcome.fates.get("queued", 0) > 0, outcome.fates
+    assert outcome.unfinished == [], outcome.fates
+    assert outcome.not_reported == [], "a failed action the page was never told of"
+    assert outcome.not_applied == [], f"{len(outcome.not_applied)} of {outcome.checked}: {outcome.not_applied[:3]}"
 
 
 @pytest.fixture
@@ -350,6 +412,7 @@ def test_converges_with_every_fault_at_once(stormy_plan: Plan, storage_env: dict
                            scale=replace(SCALE, messages=min(SCALE.messages, 500), min_mutations=80))
     assert outcome.faults.byes and outcome.faults.nos and outcome.faults.cuts, outcome.faults
     assert not outcome.diff, outcome.diff.summary()
+    _assert_the_users_actions(outcome)
 
 
 @pytest.mark.timeout(600)

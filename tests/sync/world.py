@@ -236,7 +236,7 @@ class QueuePump:
         KillableState.dead.value = False
         keeper = _VisibilityKeeper(self.client, message, self.visibility_s)
         try:
-            actions = getattr(world, "actions", None)   # the IMAP world has no user actor
+            actions = getattr(world, "actions", None)   # set by the user actor (tests/sync/user_actor.py)
             if job.kind == JobKind.ACTION and actions is not None:
                 actions.run_job(job, world.events)   # the user's actions (mailsync.actions)
                 outcome = Outcome.DONE
