@@ -57,6 +57,7 @@ from mailsync.errors import (
     ProviderError,
     ProviderUnavailable,
 )
+from mailsync.providers.imap_fetch import parse_fetch
 from mailsync.security.outbound import STRICT, OutboundPolicy, ResolvedHost
 
 log = logging.getLogger("mailsync.providers.imap")
@@ -513,7 +514,10 @@ def by_uid(lines: Sequence[Any]) -> dict[int, dict[bytes, Any]]:
     if not lines:
         return {}
     found: dict[int, dict[bytes, Any]] = {}
-    for item in parse_fetch_response(list(lines), False, False).values():
+    parsed = parse_fetch(lines)   # the plain shapes, fast; None: imapclient reads it (see imap_fetch)
+    if parsed is None:
+        parsed = parse_fetch_response(list(lines), False, False)
+    for item in parsed.values():
         uid = item.get(b"UID")
         if isinstance(uid, int):
             found[uid] = item
