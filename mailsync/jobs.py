@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,6 +38,43 @@ class JobKind(enum.StrEnum):
 # A SYNC_FOLDERS job with this attribute set to "1" also syncs every known folder: it marks their
 # rows dirty (one table batch) and its invocation works them after the folder list (SYNC_ACCOUNT).
 EVERY_FOLDER = "every_folder"
+# A SYNC_FOLDER a NOTIFIED job runs in its own invocation may carry, under this attribute, what its
+# round must read in delta to have seen every notification naming the folder (``Expected``). Only
+# such in-process jobs carry it (it can exceed a queue message); a queued job has none.
+EXPECT = "expect"
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a notified folder round must read to have seen its notifications' changes.
+
+    ``versions``: message id → the version tag (Outlook's ``@odata.etag``)
+    the round must read as an upsert of the folder; ``removed``: ids it must
+    read leaving the folder. See ``mailsync.sync.engine`` (look-agains).
+    """
+
+    versions: Mapping[str, str] = field(default_factory=dict)
+    removed: frozenset[str] = frozenset()
+
+    def met_by(self, seen: Mapping[str, str | None]) -> bool:
+        """``seen``: message id → the version tag a round read (``""`` without one), None when it left."""
+        return all(tag and seen.get(mid) == tag for mid, tag in self.versions.items()) and \
+            all(mid in seen and seen[mid] is None for mid in self.removed)
+
+    def encode(self) -> str:
+        return orjson.dumps({"v": dict(self.versions), "r": sorted(self.removed)}).decode()
+
+    @classmethod
+    def decode(cls, text: str | None) -> Expected | None:
+        """None when absent or unreadable (the round then looks again as if nothing were expected)."""
+        if not text:
+            return None
+        try:
+            body = orjson.loads(text)
+            versions = {str(k): str(v) for k, v in body["v"].items()}
+            return cls(versions, frozenset(str(mid) for mid in body["r"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return None
 
 # Reasons of the sweeps that stand in for notifications that never came: a subscription was just
 # created (Graph notifies only the changes made after it exists), Graph says it ``missed`` some, or a

@@ -8,6 +8,7 @@ documents. Times are timezone-aware UTC ``datetime``s.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -138,6 +139,9 @@ class MessageBatch:
     removals: tuple[str, ...]          # provider message ids that left the folder
     cursor: str
     complete: bool
+    # The provider's version tag of upserts that have one (Graph's ``@odata.etag``, which its change
+    # notifications carry too): tells a round that read the notified version of a message.
+    versions: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,13 @@ still enqueued, so several workers page them in parallel. The engine's
 guarantees do not depend on who calls it: a folder leased elsewhere is
 marked dirty, a throttled mailbox is deferred through the queue.
 
+What a round must read: delta lags behind notifications, so a notified
+round looks again later (``mailsync.sync.engine``) — two more delta rounds
+per change. Outlook's notifications carry the changed version
+(``@odata.etag``), which the pending row keeps; a round run in place gets,
+per folder, the versions it must read there and the ids it must read
+leaving it (``_expectations``), and skips the look-agains when it read them.
+
 SYNC_ACCOUNT — the folder list and every known folder, incrementally
 (polling, ``missed`` lifecycle events, after a subscription is created):
 one SYNC_FOLDERS job marked ``every_folder``, which marks the folders' rows
@@ -67,10 +74,11 @@ A first delivery that finds no row is a duplicate and does nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, PoisonJob, ProviderError
-from mailsync.jobs import EVERY_FOLDER, NOTIFIED_REDELIVERED, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, EXPECT, NOTIFIED_REDELIVERED, Expected, JobKind, new_job
 from mailsync.models import Account, Job
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
@@ -147,41 +155,49 @@ class MonitoringJobs:
         job = new_job(JobKind.SYNC_FOLDERS, account_id, reason=NOTIFIED_REDELIVERED, attrs={EVERY_FOLDER: "1"})
         return self._run_or_enqueue([job], account, direct)
 
-    def _resolve(self, pending: PendingChanges) -> tuple[set[str], bool]:
-        """(folders to sync, whether the folder list needs a sync too)."""
+    def _resolve(self, pending: PendingChanges) -> _Resolved:
+        """The folders to sync, whether the folder list needs a round too, and what each round must read."""
         account_id = pending.account_id
         known = {view.folder.folder_id for view in self._store.list_folders(account_id)}
         if pending.all_folders:
-            return known, True
+            return _Resolved(known, True)
         folders: set[str] = set()
         lookups: list[str] = []
+        where: dict[str, str | None] = {}      # message id -> the folder the store holds it in
         for message_id in dict.fromkeys(mid for _, mid in pending.changes):
             types = {ct for ct, mid in pending.changes if mid == message_id}
             stored = self._store.get_message(account_id, message_id)
+            where[message_id] = stored.folder_id if stored is not None else None
             if stored is not None:
                 folders.add(stored.folder_id)
             if (stored is None and types != {ChangeType.DELETED.value}) or ChangeType.CREATED.value in types:
                 lookups.append(message_id)
+        located: Mapping[str, str | None] = {}
         if lookups:
             if len(lookups) > min(MAX_LOOKUPS, max(1, len(known))):
                 log.info("%d messages to locate; syncing every folder instead", len(lookups))
-                return known, True
+                return _Resolved(known, True)
             try:
                 located = self._locator.parent_folders(account_id, lookups)
             except (ProviderError, NotFound) as exc:
                 log.info("locating notified messages failed (%s); syncing every folder", exc.code)
-                return known, True
+                return _Resolved(known, True)
             folders.update(folder for folder in located.values() if folder is not None)
         # A folder subscription's notification: one folder-list round (names, parents, new and gone folders).
-        return folders, bool(folders - known) or pending.folders_changed
+        return _Resolved(folders, bool(folders - known) or pending.folders_changed,
+                         _expectations(pending, where, {mid: located.get(mid) for mid in lookups}))
 
-    def _dispatch(self, resolved: tuple[set[str], bool], account: Account, pending: PendingChanges,
+    def _dispatch(self, resolved: _Resolved, account: Account, pending: PendingChanges,
                   direct: DirectRunner | None) -> list[Job]:
-        folders, folder_list = resolved
-        jobs = _sync_jobs(account.account_id, sorted(folders), folder_list, reason="notified")
-        log.info("notifications resolved to %d folder(s)", len(folders),
+        jobs = _sync_jobs(account.account_id, sorted(resolved.folders), resolved.folder_list, reason="notified")
+        in_place = direct is not None and len(jobs) <= DIRECT_MAX_JOBS
+        log.info("notifications resolved to %d folder(s)", len(resolved.folders),
                  extra={"changes": len(pending.changes), "all_folders": pending.all_folders,
-                        "jobs": len(jobs), "direct": direct is not None and len(jobs) <= DIRECT_MAX_JOBS})
+                        "jobs": len(jobs), "direct": in_place, "expected": len(resolved.expected)})
+        if in_place:
+            # Only jobs run here carry what their round must read (a queue message could not hold it).
+            jobs = [replace(job, attrs={**job.attrs, EXPECT: resolved.expected[job.folder_id].encode()})
+                    if job.folder_id is not None and job.folder_id in resolved.expected else job for job in jobs]
         return self._run_or_enqueue(jobs, account, direct)
 
     def _run_or_enqueue(self, jobs: list[Job], account: Account, direct: DirectRunner | None) -> list[Job]:
@@ -223,6 +239,62 @@ class MonitoringJobs:
                 log.warning("enqueue failed after %d of %d jobs", jobs.index(job), len(jobs))
                 raise
         return jobs
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """What a row of notifications comes to: folders to sync, a folder-list round, what each round must read."""
+
+    folders: set[str]
+    folder_list: bool
+    expected: Mapping[str, Expected] = field(default_factory=dict)
+
+
+def _expectations(pending: PendingChanges, stored_in: Mapping[str, str | None],
+                  located: Mapping[str, str | None]) -> dict[str, Expected]:
+    """Per folder, the versions and removals its round must read to have seen every notification naming it.
+
+    Why: delta lags behind notifications, so a notified round looks again
+    later (``mailsync.sync.engine``), a second and third delta round per
+    change. A round that read exactly the notified version of every message
+    its notifications name has seen them, and needs no look-again. Per id:
+
+    * the folder the store holds it in, when it left that folder (the lookup
+      found it elsewhere or gone, or it was deleted and not looked up): the
+      round must read it leaving;
+    * otherwise (updated in place, or found there again): the round must
+      read the notified version there;
+    * the folder the lookup found it in, if another: the notified version.
+
+    A folder with an id of unknown version (two tags, or none) gets no
+    expectation: its round looks again as it always did.
+    """
+    versions = dict(pending.versions)
+    wanted: dict[str, dict[str, str]] = {}
+    removed: dict[str, set[str]] = {}
+    unknowable: set[str] = set()
+
+    def want(folder: str, message_id: str) -> None:
+        tag = versions.get(message_id)
+        if not tag:
+            unknowable.add(folder)
+        else:
+            wanted.setdefault(folder, {})[message_id] = tag
+
+    for message_id in dict.fromkeys(mid for _, mid in pending.changes):
+        types = {ct for ct, mid in pending.changes if mid == message_id}
+        source = stored_in.get(message_id)
+        looked_up = message_id in located
+        now_in = located.get(message_id)
+        if source is not None:
+            if (looked_up and now_in != source) or (not looked_up and ChangeType.DELETED.value in types):
+                removed.setdefault(source, set()).add(message_id)
+            else:
+                want(source, message_id)
+        if now_in is not None and now_in != source:
+            want(now_in, message_id)
+    return {folder: Expected(wanted.get(folder, {}), frozenset(removed.get(folder, ())))
+            for folder in set(wanted) | set(removed) if folder not in unknowable}
 
 
 def _sync_jobs(account_id: str, folders: Iterable[str], folder_list: bool, *, reason: str) -> list[Job]:

@@ -69,6 +69,7 @@ from mailsync.monitoring.records import (
     Subscription,
     SubscriptionKind,
     SubscriptionStore,
+    merge_versions,
 )
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES
 from mailsync.ports import JobQueue
@@ -85,6 +86,8 @@ MAX_CLIENT_STATE = 128                 # Graph's limit for clientState
 MESSAGE_ID = re.compile(r"^[A-Za-z0-9+/=_.:-]{1,512}$")
 # ``Users('u')/Messages('m')`` (documented form) or ``Users/u/Messages/m`` (what Graph sends today).
 RESOURCE_ID = re.compile(r"[Mm]essages(?:\('([^'/]{1,512})'\)|/([^/']{1,512}))$")
+# resourceData's "@odata.etag" (the message's version, W/"<changeKey>"): printable ASCII, short.
+VERSION_TAG = re.compile(r'^[\x21-\x7e]{1,256}$')
 # A pending row whose job was enqueued longer ago than this is presumed lost
 # (the job dead-lettered or the enqueue after the insert failed): the next
 # notification enqueues a fresh job. Generous, because a busy queue delays pickup.
@@ -100,6 +103,7 @@ class ChangeItem:
     client_state: str | None
     change_type: ChangeType | None     # None: a changeType we do not handle (dropped)
     message_id: str | None             # None: no usable message id (dropped)
+    version: str | None = None         # resourceData's "@odata.etag" (Outlook: the changed version), if usable
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,17 @@ def _message_id(item: dict[str, Any]) -> str | None:
     return candidate if MESSAGE_ID.match(candidate) else None
 
 
+def _version_tag(item: dict[str, Any]) -> str | None:
+    """The version tag Outlook puts in ``resourceData["@odata.etag"]``; None when absent or not tag-shaped.
+
+    Not an error when malformed: it only spares a look-again, so an unusable
+    one costs the look-again, never the notification.
+    """
+    data = item.get("resourceData")
+    tag = data.get("@odata.etag") if isinstance(data, dict) else None
+    return tag if isinstance(tag, str) and VERSION_TAG.match(tag) else None
+
+
 def parse_change_notifications(body: Any) -> list[ChangeItem]:
     """Check the shape of a ``changeNotificationCollection``; InputError rejects it whole."""
     parsed: list[ChangeItem] = []
@@ -172,7 +187,7 @@ def parse_change_notifications(body: Any) -> list[ChangeItem]:
             change_type: ChangeType | None = ChangeType(raw_type)
         except ValueError:
             change_type = None
-        parsed.append(ChangeItem(subscription_id, client_state, change_type, _message_id(item)))
+        parsed.append(ChangeItem(subscription_id, client_state, change_type, _message_id(item), _version_tag(item)))
     return parsed
 
 
@@ -244,7 +259,7 @@ class NotificationReceiver:
         """Handle one parsed JSON body. InputError: malformed (nothing done)."""
         items = parse_change_notifications(body)
         auth = NotificationAuthenticator(self._subscriptions, self._accounts)
-        per_account: dict[str, list[tuple[str, str]]] = {}
+        per_account: dict[str, list[tuple[str, str, str | None]]] = {}
         folder_notices: dict[str, int] = {}
         dropped = 0
         for item in items:
@@ -262,7 +277,8 @@ class NotificationReceiver:
             if subscription is None or item.change_type is None or item.message_id is None:
                 dropped += 1
                 continue
-            per_account.setdefault(subscription.account_id, []).append((item.change_type.value, item.message_id))
+            per_account.setdefault(subscription.account_id, []).append(
+                (item.change_type.value, item.message_id, item.version))
         if dropped:
             # Counts only: never the clientState or the forged ids.
             log.warning("dropped %d of %d notifications (unknown subscription, clientState mismatch, "
@@ -275,8 +291,11 @@ class NotificationReceiver:
         return ReceiveReport(received=len(items), accepted=len(items) - dropped, dropped=dropped,
                              jobs_enqueued=enqueued, accounts=len(per_account))
 
-    def _coalesce(self, account_id: str, changes: list[tuple[str, str]], *, folder_notices: int = 0) -> bool:
+    def _coalesce(self, account_id: str, notified: list[tuple[str, str, str | None]], *,
+                  folder_notices: int = 0) -> bool:
         """Merge into the pending row; True when this call enqueued the NOTIFIED job.
+
+        ``notified``: (change type, message id, version tag or None) per item.
 
         Folder notices are counted, never de-duplicated: they carry nothing
         to tell a replay from a second rename. A notice that finds the row
@@ -284,6 +303,7 @@ class NotificationReceiver:
         row before it runs that round); a later one starts a new row and job.
         """
         max_ids = self._settings.notify_max_ids
+        changes = [(change_type, message_id) for change_type, message_id, _ in notified]
         for attempt in range(MERGE_ATTEMPTS):
             now = self._clock()
             # Insert first, read only when a row is there: usually the account has no pending row
@@ -292,7 +312,8 @@ class NotificationReceiver:
             if current is None:
                 merged, overflow = merge_changes((), changes, max_ids=max_ids)
                 row = PendingChanges(account_id, merged, overflow, first_at=now, enqueued_at=now,
-                                     folder_notices=folder_notices)
+                                     folder_notices=folder_notices,
+                                     versions=() if overflow else merge_versions((), notified))
                 try:
                     self._pending.create(row)
                 except Conflict:
@@ -303,12 +324,15 @@ class NotificationReceiver:
                 merged, overflow = (), True
             else:
                 merged, overflow = merge_changes(current.changes, changes, max_ids=max_ids)
+            versions = () if overflow else merge_versions(current.versions, notified)
             stale = now - current.enqueued_at > timedelta(seconds=PENDING_STALE_S)
-            if merged == current.changes and overflow == current.all_folders and not folder_notices and not stale:
-                # Nothing new: a replay, or the same message changed again. Either way the row's
-                # job has not read the mailbox yet (it takes the row first), so its reads cover it.
+            if merged == current.changes and overflow == current.all_folders and versions == current.versions \
+                    and not folder_notices and not stale:
+                # Nothing new: a replay. The row's job has not read the mailbox yet (it takes the
+                # row first), so its reads cover it. (The same message changed again carries
+                # another version tag: that is new, the row must stop vouching for the first one.)
                 return False
-            updated = replace(current, changes=merged, all_folders=overflow,
+            updated = replace(current, changes=merged, all_folders=overflow, versions=versions,
                               folder_notices=current.folder_notices + folder_notices,
                               enqueued_at=now if stale else current.enqueued_at)
             try:

@@ -21,7 +21,7 @@ mailbox, nothing costs a write per email.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -110,6 +110,14 @@ class PendingChanges:
     is when the job that will read this row was sent: a row much older than
     that job's expected pickup means the job was lost, and the next
     notification enqueues a new one.
+
+    ``versions`` holds, per message id, the version tag its notifications
+    carried (Outlook's ``resourceData["@odata.etag"]``): a round that reads
+    exactly that version in delta has seen the change, and needs no
+    look-again (``mailsync.monitoring.handler``). An id notified with two
+    different tags, or a created/updated notification without one, maps to
+    ``UNKNOWN_VERSION``: which of its states is the newest cannot be told,
+    so its rounds look again as before.
     """
 
     account_id: str
@@ -119,10 +127,38 @@ class PendingChanges:
     enqueued_at: datetime
     etag: str | None = None
     folder_notices: int = 0
+    versions: tuple[tuple[str, str], ...] = ()
 
     @property
     def folders_changed(self) -> bool:
         return self.folder_notices > 0
+
+
+UNKNOWN_VERSION = ""   # PendingChanges.versions: several versions notified, or one without a tag
+
+
+def merge_versions(current: Sequence[tuple[str, str]],
+                   new: Iterable[tuple[str, str, str | None]]) -> tuple[tuple[str, str], ...]:
+    """Fold ``(change type, message id, version tag or None)`` notifications into ``current``'s versions.
+
+    A replay (same tag) changes nothing; a second, different tag makes the
+    id ``UNKNOWN_VERSION`` for good (notifications may come out of order, so
+    the later one is not necessarily the newer version). A ``deleted``
+    notification carries no tag (Outlook sends none): it adds nothing, its
+    round looks for the removal instead.
+    """
+    versions = dict(current)
+    for change_type, message_id, tag in new:
+        if tag is None:
+            if change_type != ChangeType.DELETED.value:
+                versions[message_id] = UNKNOWN_VERSION
+            continue
+        known = versions.get(message_id)
+        if known is None:
+            versions[message_id] = tag
+        elif known != tag:
+            versions[message_id] = UNKNOWN_VERSION
+    return tuple(versions.items())
 
 
 class SubscriptionStore(Protocol):

@@ -418,6 +418,7 @@ class GraphProvider:
         # and came back within a page (moved away and back) is an upsert, one
         # that changed and then left is a removal.
         last: dict[str, Message | None] = {}
+        tags: dict[str, str] = {}
         for item in items:
             if "@removed" in item:
                 if isinstance(item.get("id"), str):
@@ -428,9 +429,15 @@ class GraphProvider:
             if message.message_id in last:
                 del last[message.message_id]
             last[message.message_id] = message
+            tag = item.get("@odata.etag")
+            if isinstance(tag, str):
+                tags[message.message_id] = tag
+            else:
+                tags.pop(message.message_id, None)
         upserts, removals = _split(last)
         return MessageBatch(upserts=upserts, removals=removals,
-                            cursor=encode_cursor(link, complete=complete), complete=complete)
+                            cursor=encode_cursor(link, complete=complete), complete=complete,
+                            versions={m.message_id: tags[m.message_id] for m in upserts if m.message_id in tags})
 
     def newest_messages(self, folder_id: str, limit: int) -> tuple[Message, ...]:
         observed_ms = int(self._clock() * 1000)

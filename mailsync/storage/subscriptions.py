@@ -197,12 +197,14 @@ class TablePendingStore:
             except ResourceNotFoundError:
                 return None
         changes = orjson.loads(entity.get("changes") or "[]")
+        versions = orjson.loads(entity.get("versions") or "{}")
         return PendingChanges(account_id=account_id,
                               changes=tuple((str(ct), str(mid)) for ct, mid in changes),
                               all_folders=bool(entity.get("all_folders")),
                               first_at=_required_time(entity["first_at"]),
                               enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity),
-                              folder_notices=int(entity.get("folder_notices") or 0))
+                              folder_notices=int(entity.get("folder_notices") or 0),
+                              versions=tuple((str(mid), str(tag)) for mid, tag in versions.items()))
 
     def create(self, pending: PendingChanges) -> PendingChanges:
         with table_errors("saving pending notifications"):
@@ -241,6 +243,7 @@ class TablePendingStore:
             raise ValueError("account id is not a valid table key")
         return {"PartitionKey": _account_key(pending.account_id), "RowKey": PENDING_ROW,
                 "changes": orjson.dumps([list(pair) for pair in pending.changes]).decode(),
+                "versions": orjson.dumps(dict(pending.versions)).decode(),
                 "all_folders": pending.all_folders, "folder_notices": pending.folder_notices,
                 "first_at": _iso(pending.first_at),
                 "enqueued_at": _iso(pending.enqueued_at)}

@@ -110,7 +110,7 @@ from mailsync.errors import (
     ProviderAuthError,
     ReauthRequired,
 )
-from mailsync.jobs import EVERY_FOLDER, STAND_IN_SWEEPS, SUBSCRIBED, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, EXPECT, STAND_IN_SWEEPS, SUBSCRIBED, Expected, JobKind, new_job
 from mailsync.logs import log_context
 from mailsync.models import (
     Account,
@@ -260,6 +260,11 @@ class _Invocation:
         self.end_now = False         # first screen done, fan-out enqueued...
         self.continued = False       # a continuation is already on the queue
         self.changed: set[str] = set()   # folders whose pages this invocation wrote changes of
+        # A notified round run by its NOTIFIED job: what it must read to need no look-again, and what
+        # it read of its folder (message id -> version tag, "" without one; None: read leaving it).
+        self.expected = Expected.decode(job.attrs.get(EXPECT)) \
+            if job.reason == "notified" and job.kind == JobKind.SYNC_FOLDER else None
+        self.seen: dict[str, str | None] = {}
 
     # --- the invocation ------------------------------------------------------------
 
@@ -357,6 +362,11 @@ class _Invocation:
         attempt = _relook_attempt(job)
         if target in self.changed and attempt:
             return                             # a look-again that found something: the lagging change surfaced
+        if not attempt and self.expected is not None and self.expected.met_by(self.seen):
+            # The round read the very versions its notifications announced (or their removal):
+            # nothing they name is still inside delta's lag.
+            log.info("notified round read the notified versions: no look-again")
+            return
         delay = policy.relook_delay(attempt)
         if delay is None:
             return
@@ -910,6 +920,12 @@ class _Invocation:
                 changes[message_id] = None
         upserts = [m for m in changes.values() if m is not None]
         removals = [mid for mid, m in changes.items() if m is None]
+        if self.expected is not None and folder_id == self.job.folder_id:
+            for page in pages:   # in stream order: the last word on an id wins
+                for message in page.upserts:
+                    self.seen[message.message_id] = page.versions.get(message.message_id, "")
+                for message_id in page.removals:
+                    self.seen[message_id] = None
         if e.before_write is not None:
             e.before_write(folder_id, self.pages)
         shown = upserts

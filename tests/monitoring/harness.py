@@ -78,8 +78,8 @@ class Harness:
 
 
 def change(subscription_id: str, client_state: str | None, message_id: str,
-           change_type: str = "updated") -> dict[str, Any]:
-    """One changeNotification shaped like the ones Graph (and the sandbox) sends."""
+           change_type: str = "updated", version: str | None = None) -> dict[str, Any]:
+    """One changeNotification shaped like the ones Graph (and the sandbox) sends (``version``: its @odata.etag)."""
     item: dict[str, Any] = {
         "subscriptionId": subscription_id,
         "subscriptionExpirationDateTime": "2026-11-27T10:00:00.0000000Z",
@@ -89,6 +89,8 @@ def change(subscription_id: str, client_state: str | None, message_id: str,
                          "id": message_id},
         "tenantId": "t",
     }
+    if version is not None:
+        item["resourceData"]["@odata.etag"] = version
     if client_state is not None:
         item["clientState"] = client_state
     return item

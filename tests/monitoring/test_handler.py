@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
-from mailsync.jobs import EVERY_FOLDER, JobKind
+from mailsync.jobs import EVERY_FOLDER, EXPECT, Expected, JobKind
 from mailsync.models import Account, Folder, Job, Message
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
@@ -96,6 +96,34 @@ def test_a_small_set_runs_in_the_invocation_without_a_queue_hop(world: World) ->
     assert sorted((job.kind, job.folder_id) for job in ran) == sorted({sync(a["folderId"]), sync(b["folderId"])})
     assert world.harness.drain() == []                 # nothing went through the queue
     assert world.harness.pending.get(world.account) is None
+
+
+def test_rounds_run_in_the_invocation_carry_the_versions_and_removals_they_must_read(world: World) -> None:
+    flagged = world.stored[0]
+    moved = next(m for m in world.stored if m["folderId"] != flagged["folderId"])
+    target = next(f for f in world.folders if f not in (flagged["folderId"], moved["folderId"])
+                  and world.folders[f]["wellKnownName"] not in ("outbox", "drafts", None))
+    untagged = next((m for m in world.stored if m["folderId"] not in (flagged["folderId"], moved["folderId"], target)),
+                    None)
+    world.sandbox.graph(world.user).post(f"me/messages/{moved['id']}/move", json={"destinationId": target})
+    notes = [("updated", flagged["id"], 'W/"kf"'), ("deleted", moved["id"], None), ("created", moved["id"], 'W/"km"')]
+    if untagged is not None:
+        notes.append(("updated", untagged["id"], None))     # no version: its folder looks again as before
+    world.harness.notifications.receive(
+        {"value": [change(world.subscription, world.client_state, mid, ct, tag) for ct, mid, tag in notes]})
+    world.harness.drain()
+    ran: list[Job] = []
+    world.jobs.notified(world.account, direct=lambda job, account: ran.append(job))
+    expected = {job.folder_id: Expected.decode(job.attrs.get(EXPECT)) for job in ran}
+    assert expected[flagged["folderId"]] == Expected({flagged["id"]: 'W/"kf"'})
+    assert expected[moved["folderId"]] == Expected({}, frozenset({moved["id"]}))   # it must be read leaving
+    assert expected[target] == Expected({moved["id"]: 'W/"km"'})
+    if untagged is not None:
+        assert expected[untagged["folderId"]] is None
+    # Queued jobs never carry it (a queue message could not hold a large set): only rounds run here do.
+    world.notify(("updated", flagged["id"]))
+    world.harness.drain()
+    assert all(EXPECT not in job.attrs for job in world.jobs.notified(world.account))
 
 
 def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(world: World) -> None:

@@ -14,6 +14,7 @@ from mailsync.jobs import JobKind
 from mailsync.models import AccountStatus
 from mailsync.monitoring.lifecycle import LifecycleReceiver
 from mailsync.monitoring.notifications import MAX_SUBSCRIPTIONS, PENDING_STALE_S, NotificationReceiver
+from mailsync.monitoring.records import UNKNOWN_VERSION
 from tests.monitoring.harness import Harness, change, make_harness
 
 
@@ -113,6 +114,39 @@ def test_a_replayed_notification_enqueues_nothing_while_the_first_is_pending(har
     # Not even rewritten: the row's job has not read the mailbox yet, as it takes the row before it
     # does (a repeat arriving after that gets a job of its own: test_handler).
     assert after is not None and before is not None and after.etag == before.etag
+
+
+def test_the_row_keeps_each_messages_notified_version_and_forgets_it_once_two_differ(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    harness.notifications.receive({"value": [change(sub, state, "m1", "updated", 'W/"k1"'),
+                                             change(sub, state, "m2", "deleted"),
+                                             change(sub, state, "m3", "updated")]})
+    first = harness.pending.get(account)
+    assert first is not None
+    # m2: a deletion carries no version (its round looks for the removal); m3 came without one.
+    assert dict(first.versions) == {"m1": 'W/"k1"', "m3": UNKNOWN_VERSION}
+    harness.notifications.receive({"value": [change(sub, state, "m1", "updated", 'W/"k1"')]})   # a replay
+    replayed = harness.pending.get(account)
+    assert replayed is not None and replayed.etag == first.etag, "a replay still costs no write"
+    # The same message changed again: the row can no longer vouch for either version (they may
+    # arrive out of order), so it is rewritten, though the (change type, id) pair is not new.
+    harness.notifications.receive({"value": [change(sub, state, "m1", "updated", 'W/"k2"')]})
+    again = harness.pending.get(account)
+    assert again is not None and again.etag != first.etag
+    assert again.changes == first.changes
+    assert dict(again.versions)["m1"] == UNKNOWN_VERSION
+    assert harness.queued_count() == 1
+
+
+def test_a_version_tag_that_is_not_tag_shaped_is_ignored_not_refused(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    report = harness.notifications.receive({"value": [change(sub, state, "m1", "updated", "x" * 300),
+                                                      change(sub, state, "m2", "updated", "a b")]})
+    assert report.accepted == 2 and report.jobs_enqueued == 1
+    pending = harness.pending.get(account)
+    assert pending is not None and dict(pending.versions) == {"m1": UNKNOWN_VERSION, "m2": UNKNOWN_VERSION}
 
 
 def test_a_burst_of_1000_notifications_in_batches_becomes_one_job(harness: Harness) -> None:

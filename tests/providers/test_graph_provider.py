@@ -170,6 +170,22 @@ def test_body_text_is_stored_only_when_enabled(harness: GraphHarness) -> None:
     assert all(m.body_text is None for m in without.message_changes(harness.inbox_id, None).upserts)
 
 
+def test_a_delta_batch_carries_each_upserts_version_tag_as_notifications_name_it(harness: GraphHarness) -> None:
+    provider = harness.open()
+    batch = provider.message_changes(harness.inbox_id, None)
+    assert batch.upserts and set(batch.versions) == {m.message_id for m in batch.upserts}
+    message = batch.upserts[0]
+    tag = harness.graph.get(f"me/messages/{message.message_id}?$select=id").json()["@odata.etag"]
+    assert batch.versions[message.message_id] == tag
+    while not batch.complete:
+        batch = provider.message_changes(harness.inbox_id, batch.cursor)
+    harness.graph.patch(f"me/messages/{message.message_id}", json={"isRead": not message.is_read})
+    tag_after = harness.graph.get(f"me/messages/{message.message_id}?$select=id").json()["@odata.etag"]
+    assert tag_after != tag
+    changed = provider.message_changes(harness.inbox_id, batch.cursor)
+    assert changed.versions == {message.message_id: tag_after}
+
+
 def test_a_cursor_pointing_elsewhere_is_refused(harness: GraphHarness) -> None:
     provider = harness.open()
     batch = provider.message_changes(harness.inbox_id, None)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, EXPECT, SUBSCRIBED, Expected, JobKind, new_job
 from mailsync.models import AccountStatus, SyncPhase
 from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.settings import Settings
@@ -640,6 +640,45 @@ def test_a_notified_job_finding_every_slot_busy_still_looks_again(world: SyncWor
     pump.start()
     pump.drain()
     assert not compare(world), "the notified job's look-again found the change"
+def _notified_with_version(world: SyncWorld, graph: Any, message: dict[str, Any]) -> None:
+    """The SYNC_FOLDER its NOTIFIED job runs in place for ``message``'s change: what its round must read."""
+    tag = graph.get(f"me/messages/{message['id']}?$select=id").json()["@odata.etag"]
+    expected = Expected({message["id"]: tag})
+    world.queue.enqueue(new_job(JobKind.SYNC_FOLDER, world.account_id, message["parentFolderId"],
+                                reason="notified", attrs={EXPECT: expected.encode()}))
+
+
+def test_a_notified_round_that_read_the_notified_version_does_not_look_again(
+        world: SyncWorld, pump: QueuePump, caplog: pytest.LogCaptureFixture) -> None:
+    synced(world, pump)
+    graph = world.sandbox.graph(world.user)
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead,parentFolderId").json()["value"][0]
+    assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).status_code == 200
+    requests_before = world.sandbox.admin("GET", "counters").json()["deltaPages"]
+    with caplog.at_level(logging.INFO, logger="mailsync.sync"):
+        _notified_with_version(world, graph, message)
+        pump.drain()
+    assert not compare(world)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "notified round read the notified versions: no look-again" in messages
+    assert "notified round: looking again" not in messages
+    assert world.sandbox.admin("GET", "counters").json()["deltaPages"] - requests_before == 1, "one delta round"
+
+
+def test_a_notified_round_too_early_for_the_notified_version_still_looks_again(
+        world: SyncWorld, pump: QueuePump, caplog: pytest.LogCaptureFixture) -> None:
+    synced(world, pump)
+    assert world.sandbox.admin("PATCH", "config", json={"delta_lag_s": 4.0}).status_code == 200
+    graph = world.sandbox.graph(world.user)
+    first, second = graph.get("me/mailFolders/inbox/messages?$top=2&$select=id,isRead,parentFolderId").json()["value"]
+    assert graph.patch(f"me/messages/{first['id']}", json={"isRead": not first["isRead"]}).status_code == 200
+    time.sleep(4.1)     # the first change shows in delta now; the second will not for 4 s
+    assert graph.patch(f"me/messages/{second['id']}", json={"isRead": not second["isRead"]}).status_code == 200
+    with caplog.at_level(logging.INFO, logger="mailsync.sync"):
+        _notified_with_version(world, graph, second)   # its round reads the first change, not the second
+        pump.drain()
+    assert not compare(world), "the look-again found the version the round was too early for"
+    assert "notified round: looking again" in [r.getMessage() for r in caplog.records]
 
 
 class _FolderWritesHook:
