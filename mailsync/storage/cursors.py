@@ -48,7 +48,10 @@ A worker pages sequentially, one request in flight at a time, so "at most 4
 requests per mailbox" is "at most 4 workers per mailbox": a worker takes one
 of ``max_slots`` slot rows for its invocation (with a TTL, so a killed worker
 frees its slot) and gives it back at the end. Two table writes per
-invocation instead of two per request.
+invocation instead of two per request; for a one-round invocation (a
+notified round) the slot and the folder's lease are taken in one
+entity-group transaction (``take_slot_and_lease``) and given back in another
+(``finish_and_release_slot``): the rows share the account's partition.
 """
 
 from __future__ import annotations
@@ -376,7 +379,7 @@ class SyncStateTable:
                     self._merge_unconditional(account_id, key, fields)
 
     def schedule_relook(self, account_id: str, folder_id: str | None, *, at: float,
-                        slack_s: float = 1.0) -> bool:
+                        slack_s: float = 1.0, known: SyncState | None = None) -> bool:
         """Claim the folder's pending look-again, due at ``at``; False when one due no more than
         ``slack_s`` earlier is pending already (notifications coalesce) or the folder is gone.
 
@@ -385,9 +388,10 @@ class SyncStateTable:
         can find the earlier change, stop, and leave this one hidden until the next
         poll (a burst of 1,000 changes lost its last two that way). Then a later one is
         claimed too; during a burst that is at most one extra round per ``slack_s``.
-        No lease needed: it is not the holder's field."""
-        for _ in range(_CONFLICT_RETRIES):
-            state = self.get(account_id, folder_id)
+        No lease needed: it is not the holder's field. ``known``: the row as the caller
+        just read it (the claim is ETag-conditional, so a stale copy only costs a read)."""
+        for attempt in range(_CONFLICT_RETRIES):
+            state = known if attempt == 0 and known is not None else self.get(account_id, folder_id)
             if state is None or (state.relook_at > self._clock() and state.relook_at >= at - slack_s):
                 return False
             try:
@@ -558,17 +562,7 @@ class SyncStateTable:
                     if suffix.isdigit():
                         rows[int(suffix)] = SlotRow(int(suffix), str(found.get("owner") or ""),
                                                     float(found.get("until") or 0.0), str(found.metadata["etag"]))
-            candidate: tuple[int, SlotRow | None] | None = None
-            for index in range(max_slots):
-                row = rows.get(index)
-                if row is None:
-                    candidate = candidate or (index, None)
-                    continue
-                if row.owner and _delivery(row.owner) == _delivery(owner):
-                    candidate = (index, row)  # our own earlier delivery died holding it
-                    break
-                if not row.owner or row.until <= now:
-                    candidate = candidate or (index, row)
+            candidate = _free_slot(rows, owner, max_slots, now)
             if candidate is None:
                 if attempt == 0 and known is not None:
                     continue   # all busy in the caller's copy: look at the table itself once
@@ -586,6 +580,94 @@ class SyncStateTable:
                 continue
             return Slot(account_id, index, owner, str(meta.get("etag")))
         return None
+
+    def take_slot_and_lease(self, known: AccountSyncState, folder_id: str, owner: str,
+                            max_slots: int) -> tuple[Slot, Lease] | None:
+        """A request slot and a folder's lease in one entity-group transaction (one partition: one call).
+
+        The steady-state round takes both, one after the other, from the rows it
+        has just loaded (``known``); they are rows of the same partition, so one
+        transaction takes them together, each write ETag-conditional as
+        ``acquire_slot`` and ``acquire`` make it. None when ``known`` shows no free
+        slot or the folder leased by another delivery, or when the transaction is
+        refused (someone wrote one of the rows since: nothing was written). The
+        caller then takes them one by one, which decides busy slots and leases
+        exactly as before (marking the folder dirty, re-reading a stale row).
+        """
+        row = known.folders.get(folder_id)
+        now = self._clock()
+        if row is None or row.etag is None or (row.leased(now) and _delivery(row.lease_owner) != _delivery(owner)):
+            return None
+        candidate = _free_slot({slot.index: slot for slot in known.slots}, owner, max_slots, now)
+        if candidate is None:
+            return None
+        index, taken = candidate
+        partition = _check_partition(known.account_id)
+        slot_body = {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}", "owner": owner,
+                     "until": now + self._slot_ttl_s}
+        until = now + self._lease_s
+        dirty = row.dirty and row.mid_round     # as ``acquire``: a mid-round mark stays for ``finish``
+        lease_fields = {"lease_owner": owner, "lease_until": until, "dirty": dirty}
+        lease_entity = {**_to_entity_fields(lease_fields), "PartitionKey": partition, "RowKey": row.row_key,
+                        "updated_at": now}
+        operations: list[Any] = [
+            ("create", slot_body) if taken is None else
+            ("update", slot_body, {"mode": UpdateMode.MERGE, "etag": taken.etag,
+                                   "match_condition": MatchConditions.IfNotModified}),
+            ("update", lease_entity, {"mode": UpdateMode.MERGE, "etag": row.etag,
+                                      "match_condition": MatchConditions.IfNotModified}),
+        ]
+        results = self._transaction(operations)
+        if results is None:
+            return None
+        slot = Slot(known.account_id, index, owner, str(results[0].get("etag")))
+        lease = Lease(replace(row, lease_owner=owner, lease_until=until, dirty=dirty,
+                              etag=str(results[1].get("etag")), updated_at=now), owner)
+        return slot, lease
+
+    def finish_and_release_slot(self, lease: Lease, slot: Slot, **changes: Any) -> tuple[Lease | None, bool]:
+        """``finish`` and ``release_slot`` in one entity-group transaction: (``finish``'s answer, slot released).
+
+        For an invocation whose round is its last Graph work. When the round
+        must run again (``dirty`` set before our last write) or the transaction
+        is refused (the row was written since: ``dirty``, ``resync``, a deletion;
+        or the slot taken over), nothing was written and it is plain ``finish``,
+        whose conflict handling decides; the slot is then still held.
+        """
+        if lease.state.dirty:
+            return self.finish(lease, **changes), False
+        now = self._clock()
+        fields = {**changes, "lease_owner": "", "lease_until": 0.0, "mid_round": False}
+        partition = _check_partition(lease.state.account_id)
+        operations: list[Any] = [
+            ("update", {**_to_entity_fields(fields), "PartitionKey": partition, "RowKey": lease.state.row_key,
+                        "updated_at": now},
+             {"mode": UpdateMode.MERGE, "etag": lease.state.etag, "match_condition": MatchConditions.IfNotModified}),
+            ("update", {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{slot.index}", "owner": "",
+                        "until": 0.0},
+             {"mode": UpdateMode.MERGE, "etag": slot.etag, "match_condition": MatchConditions.IfNotModified}),
+        ]
+        if self._transaction(operations) is None:
+            return self.finish(lease, **changes), False
+        return None, True
+
+    def _transaction(self, operations: list[Any]) -> list[Mapping[str, Any]] | None:
+        """Submit one entity-group transaction; None when the service refused it (a condition failed, a
+        row exists or is gone: nothing was written). Other failures are ``DependencyUnavailable``."""
+        try:
+            return list(self._table.submit_transaction(operations))
+        except TableTransactionError as exc:
+            if exc.status_code in (404, 409, 412):
+                return None
+            raise DependencyUnavailable(f"sync table error {exc.status_code}") from exc
+        except (ResourceNotFoundError, ResourceModifiedError, ResourceExistsError):
+            return None
+        except HttpResponseError as exc:
+            if exc.status_code in (404, 409, 412):
+                return None
+            raise DependencyUnavailable(f"sync table error {exc.status_code}") from exc
+        except AzureError as exc:
+            raise DependencyUnavailable(f"sync table unavailable: {type(exc).__name__}") from exc
 
     def release_slot(self, slot: Slot) -> None:
         body = {"PartitionKey": slot.account_id, "RowKey": f"{SLOT_ROW_PREFIX}{slot.index}", "owner": "",
@@ -649,6 +731,22 @@ class SyncStateTable:
             raise DependencyUnavailable(f"sync table error {exc.status_code}") from exc
         except AzureError as exc:
             raise DependencyUnavailable(f"sync table unavailable: {type(exc).__name__}") from exc
+
+
+def _free_slot(rows: Mapping[int, SlotRow], owner: str, max_slots: int,
+               now: float) -> tuple[int, SlotRow | None] | None:
+    """The slot to take (its index, and its row if it exists), or None when every one is busy."""
+    candidate: tuple[int, SlotRow | None] | None = None
+    for index in range(max_slots):
+        row = rows.get(index)
+        if row is None:
+            candidate = candidate or (index, None)
+            continue
+        if row.owner and _delivery(row.owner) == _delivery(owner):
+            return index, row   # our own earlier delivery died holding it
+        if not row.owner or row.until <= now:
+            candidate = candidate or (index, row)
+    return candidate
 
 
 # --- entity mapping ---------------------------------------------------------------

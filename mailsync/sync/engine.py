@@ -127,7 +127,15 @@ from mailsync.models import (
 )
 from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MailProvider, MessageStore, ProviderFactory
 from mailsync.settings import Settings
-from mailsync.storage.cursors import AccountSyncState, Lease, SyncState, SyncStateTable, delivery_of, new_owner
+from mailsync.storage.cursors import (
+    AccountSyncState,
+    Lease,
+    Slot,
+    SyncState,
+    SyncStateTable,
+    delivery_of,
+    new_owner,
+)
 from mailsync.sync import policy
 from mailsync.sync.pipeline import PageReader
 
@@ -265,6 +273,12 @@ class _Invocation:
         self.expected = Expected.decode(job.attrs.get(EXPECT)) \
             if job.reason == "notified" and job.kind == JobKind.SYNC_FOLDER else None
         self.seen: dict[str, str | None] = {}
+        # A notified round or its look-again: one folder round, then the invocation ends (pending rows
+        # others left go to a continuation from the end's read, as ever). The slot and the lease are
+        # taken in one table transaction, the round's finish gives the slot back in another.
+        self.one_round = job.kind == JobKind.SYNC_FOLDER and job.reason in NOTIFIED_REASONS
+        self.slot: Slot | None = None
+        self.pretaken: Lease | None = None   # the target's lease, taken with the slot
 
     # --- the invocation ------------------------------------------------------------
 
@@ -277,17 +291,24 @@ class _Invocation:
             rows = self._load()
         target = self._target(rows)
         assert rows.folder_list is not None
-        slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency, known=rows)
-        if slot is None:
-            self._remember(target, rows)
-            # A holder may have left between our two looks: it re-checks pending
-            # rows after giving its slot back, we re-check slots after marking.
-            slot = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency)
-            if slot is None:
-                # The slot holder runs the marked row next, maybe inside delta's lag (an initial
-                # sync holds every slot for minutes): a notified job looks again all the same.
-                self._relook_if_quiet(Outcome.BUSY)
-                return Outcome.BUSY
+        taken = e.state.take_slot_and_lease(rows, target, self.owner, e.settings.graph_max_concurrency) \
+            if self._takes_both(rows, target) else None
+        if taken is not None:
+            slot, self.pretaken = taken
+        else:
+            found = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency, known=rows)
+            if found is None:
+                self._remember(target, rows)
+                # A holder may have left between our two looks: it re-checks pending
+                # rows after giving its slot back, we re-check slots after marking.
+                found = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency)
+                if found is None:
+                    # The slot holder runs the marked row next, maybe inside delta's lag (an initial
+                    # sync holds every slot for minutes): a notified job looks again all the same.
+                    self._relook_if_quiet(Outcome.BUSY)
+                    return Outcome.BUSY
+            slot = found
+        self.slot = slot
         outcome = Outcome.DONE
         try:
             # Even when held: a redelivery frees what its dead run held (its slot
@@ -303,7 +324,7 @@ class _Invocation:
                 outcome = Outcome.HELD
             else:
                 self._work(target)
-            while outcome == Outcome.DONE and not self.end_now \
+            while outcome == Outcome.DONE and not self.end_now and not self.one_round \
                     and self._time_left() > 0.2 * e.settings.sync_time_budget_s:
                 pending = self._next_pending()
                 if pending is None:
@@ -312,8 +333,11 @@ class _Invocation:
         except _Stop as stop:
             outcome = stop.outcome
         finally:
+            if self.pretaken is not None:      # taken with the slot, never used (held mailbox, a failure)
+                self._release_quietly(self.pretaken)
             self._close_provider()
-            e.state.release_slot(slot)
+            if self.slot is not None:          # not given back with the round's finish
+                e.state.release_slot(self.slot)
         if (self.upserted or self.removed_count) and e.accounts.get(self.account_id) is None:
             # Unlinked while we wrote: remove what we may have written after the unlink did.
             e.store.delete_account(self.account_id)
@@ -329,6 +353,16 @@ class _Invocation:
                 self._continue_pending()
             self._relook_if_quiet(outcome)
         return outcome
+
+    def _takes_both(self, rows: AccountSyncState, target: str) -> bool:
+        """Whether to take the slot and the target's lease together (``SyncStateTable.take_slot_and_lease``):
+        a one-round invocation whose mailbox is not held back and that has no dead
+        delivery's leases to reclaim first (those paths need the slot alone)."""
+        if not self.one_round or target is _LIST or rows.folder_list is None \
+                or rows.folder_list.not_before > self.e.clock():
+            return False
+        mine = delivery_of(self.owner)
+        return not any(row.lease_owner and delivery_of(row.lease_owner) == mine for row in _all_rows(rows))
 
     def _relook_if_quiet(self, outcome: Outcome) -> None:
         """After a notified round, look again shortly: delta lags behind.
@@ -371,7 +405,8 @@ class _Invocation:
         if delay is None:
             return
         e = self.e
-        if not e.state.schedule_relook(self.account_id, folder_id, at=e.clock() + delay):
+        # self.rows: read at the end of the run, after our last write (the claim is ETag-checked anyway).
+        if not e.state.schedule_relook(self.account_id, folder_id, at=e.clock() + delay, known=self._known(folder_id)):
             return
         log.info("notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
         e.queue.enqueue(new_job(JobKind(job.kind), self.account_id, folder_id, reason=RELOOK,
@@ -708,8 +743,13 @@ class _Invocation:
     def _sync_folder(self, folder_id: str) -> None:
         e = self.e
         try:
-            lease = e.state.acquire(self.account_id, folder_id, self.owner, known=self._known(folder_id)) \
-                if not self.is_continuation else self._acquire_quietly(folder_id)
+            if self.pretaken is not None and self.pretaken.state.folder_id == folder_id:
+                lease: Lease | None = self.pretaken
+                self.pretaken = None
+            elif not self.is_continuation:
+                lease = e.state.acquire(self.account_id, folder_id, self.owner, known=self._known(folder_id))
+            else:
+                lease = self._acquire_quietly(folder_id)
         except LeaseLost:
             # Unknown or just deleted: let the folder list decide.
             self._enqueue_continuation(None, reason="unknown_folder")
@@ -801,7 +841,13 @@ class _Invocation:
                 if removed:
                     log.info("removed %d stale message(s)", removed)
             final = {**fields, "phase": SyncPhase.INCREMENTAL, "rounds": state.rounds + 1, "failures": 0}
-            finished = e.state.finish(lease, **final)
+            if self.one_round and self.slot is not None:
+                # The round is this invocation's last Graph work: the slot goes back with the lease.
+                finished, slot_back = e.state.finish_and_release_slot(lease, self.slot, **final)
+                if slot_back:
+                    self.slot = None
+            else:
+                finished = e.state.finish(lease, **final)
         except MailsyncError as exc:
             if isinstance(exc, LeaseLost) or not policy.retryable(exc):
                 raise

@@ -308,3 +308,64 @@ def test_a_look_again_due_too_early_for_a_later_change_does_not_cover_it(table: 
     assert table.schedule_relook(account, state.folder_id, at=clock.now + 2)
     clock.now += 5                            # nothing pending any more
     assert table.schedule_relook(account, state.folder_id, at=clock.now + 2)
+
+
+def test_slot_and_lease_are_taken_together_from_the_rows_just_loaded(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    assert folder is not None
+    owner = new_owner("msg-1")
+    taken = table.take_slot_and_lease(table.load(account), folder, owner, 4)
+    assert taken is not None
+    slot, lease = taken
+    loaded = table.load(account)
+    assert loaded.slots_busy == 1 and loaded.folders[folder].lease_owner == owner
+    assert lease.state.etag == loaded.folders[folder].etag, "the lease's ETag is the row's: the holder writes on"
+    saved = table.save(lease, cursor="c1")
+    # Another job meanwhile: the folder is leased, so it takes neither and goes the one-by-one way.
+    assert table.take_slot_and_lease(table.load(account), folder, new_owner("msg-2"), 4) is None
+    assert table.acquire(account, folder, new_owner("msg-2")) is None and table.get(account, folder).dirty  # type: ignore[union-attr]
+    # The round's finish gives the slot back with the lease, unless the row must run again.
+    again, slot_back = table.finish_and_release_slot(saved, slot, cursor="c2")
+    assert again is not None and not slot_back, "dirty was set after our last write: one more round, slot kept"
+    done, slot_back = table.finish_and_release_slot(again, slot, cursor="c3")
+    assert done is None and slot_back
+    final = table.load(account)
+    assert final.slots_busy == 0 and final.folders[folder].lease_owner == "" and final.folders[folder].cursor == "c3"
+
+
+def test_taking_both_from_stale_rows_writes_nothing(table: SyncStateTable) -> None:
+    account = _account()
+    folder = _folder(table, account).folder_id
+    assert folder is not None
+    stale = table.load(account)
+    table.mark(account, folder, dirty=True)                  # the folder row changed since it was read
+    assert table.take_slot_and_lease(stale, folder, new_owner("msg-1"), 4) is None
+    loaded = table.load(account)
+    assert loaded.slots_busy == 0 and loaded.folders[folder].lease_owner == "", "all or nothing"
+    slots = [table.acquire_slot(account, new_owner(f"m{i}"), 4) for i in range(4)]
+    assert all(slots)
+    assert table.take_slot_and_lease(table.load(account), folder, new_owner("msg-2"), 4) is None, "no slot free"
+    assert table.load(account).folders[folder].lease_owner == ""
+
+
+def test_a_slot_and_lease_transaction_never_overbooks_slots(table: SyncStateTable) -> None:
+    account = _account()
+    folders = [_folder(table, account, f"f{n}").folder_id for n in range(8)]
+    rows = table.load(account)
+    got: list[object] = []
+    lock = threading.Lock()
+
+    def take(i: int) -> None:
+        taken = table.take_slot_and_lease(rows, folders[i] or "", new_owner(f"w{i}"), 4)   # all from the same read
+        with lock:
+            got.append(taken)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    taken = [t for t in got if t is not None]
+    assert 1 <= len(taken) <= 4
+    assert table.load(account).slots_busy == len(taken)

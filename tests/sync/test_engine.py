@@ -298,6 +298,27 @@ def test_job_for_a_busy_folder_marks_it_dirty_and_the_holder_runs_again(world: S
     assert world.state.finish(holder) is not None, "the holder must run one more round"
 
 
+def test_a_notified_round_is_its_invocations_only_round_and_gives_the_slot_back_with_the_lease(
+        world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    pump.stop()
+    rows = world.state.load(world.account_id)
+    inbox = next(r.folder_id for r in rows.folders.values() if r.role == "inbox")
+    other = next(r.folder_id for r in rows.folders.values() if r.role != "inbox")
+    assert inbox is not None and other is not None
+    world.state.mark(world.account_id, other, dirty=True)        # work someone left for whoever holds a slot
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified")
+    assert world.engine.handle(job, Delivery("d-1"), world.events) == Outcome.DONE
+    after = world.state.load(world.account_id)
+    assert after.slots_busy == 0 and after.folders[inbox].lease_owner == ""
+    assert after.folders[inbox].rounds == rows.folders[inbox].rounds + 1
+    assert after.folders[other].dirty, "not worked in the notified invocation: a continuation does it"
+    pump.start()
+    pump.drain()
+    assert not world.state.load(world.account_id).folders[other].dirty
+    assert not compare(world)
+
+
 def test_unknown_account_jobs_are_dropped(world: SyncWorld) -> None:
     job = new_job(JobKind.SYNC_FOLDERS, "0" * 32)
     assert world.engine.handle(job, Delivery("d"), world.events) == Outcome.DROPPED
