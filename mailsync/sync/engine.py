@@ -338,13 +338,19 @@ class _Invocation:
             self._close_provider()
             if self.slot is not None:          # not given back with the round's finish
                 e.state.release_slot(self.slot)
-        if (self.upserted or self.removed_count) and e.accounts.get(self.account_id) is None:
-            # Unlinked while we wrote: remove what we may have written after the unlink did.
-            e.store.delete_account(self.account_id)
-            e.state.delete_account(self.account_id)
-            return Outcome.DROPPED
-        if outcome != Outcome.REAUTH:
+        wrote = bool(self.upserted or self.removed_count)
+        if outcome != Outcome.REAUTH or wrote:
             rows = self._load()
+            # Unlinked while we wrote? Then remove what we may have written after the unlink did.
+            # The unlink deletes the documents, then these sync rows, then the account row
+            # (mailsync.linking.service): a folder-list row gone from the read we make anyway is
+            # the sign, seen no later than the account row's absence would be; the account row
+            # confirms it. (This read was an account read per invocation that wrote.)
+            if wrote and rows.folder_list is None and e.accounts.get(self.account_id) is None:
+                e.store.delete_account(self.account_id)
+                e.state.delete_account(self.account_id)
+                return Outcome.DROPPED
+        if outcome != Outcome.REAUTH:
             if self.account.status == AccountStatus.SYNCING:
                 # Two workers finishing the last two folders at once may each see the
                 # other's still running; whichever of us looks last sees both done.

@@ -319,6 +319,29 @@ def test_a_notified_round_is_its_invocations_only_round_and_gives_the_slot_back_
     assert not compare(world)
 
 
+def test_an_account_unlinked_while_its_round_writes_leaves_no_documents(world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    pump.stop()
+    graph = world.sandbox.graph(world.user)
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead,parentFolderId").json()["value"][0]
+    assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).status_code == 200
+
+    def unlink(folder_id: str, page: int) -> None:
+        # What the unlink does, in its order (mailsync.linking.service): documents, sync rows, account row.
+        world.engine.before_write = None
+        world.store.delete_account(world.account_id)
+        world.state.delete_account(world.account_id)
+        world.tables.accounts.delete(world.account_id)
+
+    world.engine.before_write = unlink
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, message["parentFolderId"], reason="notified")
+    assert world.engine.handle(job, Delivery("d-1"), world.events) == Outcome.DROPPED
+    world.store.refresh()
+    assert world.store.get_message(world.account_id, message["id"]) is None, "the page written after the unlink"
+    loaded = world.state.load(world.account_id)
+    assert loaded.folder_list is None and not loaded.folders and loaded.slots_busy == 0
+
+
 def test_unknown_account_jobs_are_dropped(world: SyncWorld) -> None:
     job = new_job(JobKind.SYNC_FOLDERS, "0" * 32)
     assert world.engine.handle(job, Delivery("d"), world.events) == Outcome.DROPPED
