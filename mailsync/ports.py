@@ -119,6 +119,17 @@ class ActionLedger(Protocol):
         ...
 
 
+class RequestSlots(Protocol):
+    """The mailbox's concurrent-request slots the sync engine shares out (``SyncStateTable``)."""
+
+    def acquire_slot(self, account_id: str, owner: str, max_slots: int) -> Any:
+        """One free slot (an opaque handle), or None when all are held."""
+        ...
+
+    def release_slot(self, slot: Any) -> None:
+        ...
+
+
 class MessageActionsFactory(Protocol):
     """Opens the client half for an account."""
 

@@ -367,7 +367,8 @@ class Runtime:
         })
         return MessageActionService(self.account_access, self.accounts, lambda: self.store, router,
                                     lambda: self.job_queue, ledger=lambda: self.action_ledger,
-                                    epochs=self.sync_state.epochs)
+                                    epochs=self.sync_state.epochs, slots=lambda: self.sync_state,
+                                    max_slots=self.settings.graph_max_concurrency)
 
     @cached_property
     def action_ledger(self) -> ActionLedger:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -69,6 +70,7 @@ from mailsync.ports import (
     JobQueue,
     MessageActionsFactory,
     MessageStore,
+    RequestSlots,
 )
 from mailsync.realtime.signalr_messages import message_row
 
@@ -199,7 +201,8 @@ class MessageActionService:
                  actions: MessageActionsFactory, queue: Callable[[], JobQueue], *,
                  ledger: Callable[[], ActionLedger], epochs: Callable[[str, Sequence[str]], Mapping[str, int]],
                  max_attachment_bytes: int = 25 * 1024 * 1024, clock: Callable[[], float] = time.time,
-                 observe: Callable[[MessageAction, str], None] | None = None) -> None:
+                 observe: Callable[[MessageAction, str], None] | None = None,
+                 slots: Callable[[], RequestSlots] | None = None, max_slots: int = 4) -> None:
         self._access = access
         self._accounts = accounts
         self._store = store
@@ -218,6 +221,10 @@ class MessageActionService:
         # has passed the message already deletes it as unseen (docs/store.md). Required: a wiring that
         # left it out wrote every row in epoch 0 (the convergence test's did).
         self._epochs = epochs
+        # A job whose batches fill the mailbox's concurrent requests holds the free slots while it runs, so the
+        # sync rounds its own changes trigger wait instead of taking the slots its items need (429s).
+        self._slots = slots
+        self._max_slots = max_slots
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -445,7 +452,12 @@ class MessageActionService:
         planned = self._still_current(account, planned)
         if not planned:
             return
-        provider = self._actions.open_actions(account)
+        held = self._take_slots(account, len(planned))
+        try:
+            provider = self._actions.open_actions(account)
+        except BaseException:
+            self._give_back(held)
+            raise
         try:
             try:
                 outcomes = provider.apply([p.action for p in planned])
@@ -479,6 +491,28 @@ class MessageActionService:
             events.publish_changes(changed)
         finally:
             provider.close()
+            self._give_back(held)
+
+    def _take_slots(self, account: Account, actions: int) -> list[Any]:
+        """The free ones of the mailbox's request slots, for a job that fills them (Graph runs 4 items of a
+        batch at once). Never waits for one: a user's action is not queued behind an initial sync."""
+        if self._slots is None or account.provider is not Provider.OUTLOOK or actions <= self._max_slots:
+            return []
+        table = self._slots()
+        held: list[Any] = []
+        for _ in range(self._max_slots):
+            # Its own delivery token per slot: the table hands a slot back to a token it already knows.
+            slot = table.acquire_slot(account.account_id, f"action-{uuid.uuid4().hex}#0", self._max_slots)
+            if slot is None:
+                break
+            held.append(slot)
+        return held
+
+    def _give_back(self, held: Sequence[Any]) -> None:
+        if held and self._slots is not None:
+            table = self._slots()
+            for slot in held:
+                table.release_slot(slot)
 
     def _still_current(self, account: Account, planned: Sequence[Planned]) -> list[Planned]:
         """The job's actions less every field a newer action of the user's claimed (mailsync.actions.ordering).

@@ -50,7 +50,8 @@ def world(storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTes
     world = make_world(settings, sandbox, store, backoff_cap_s=2.0)
     world.actions = MessageActionService(AccountAccess(world.tables.accounts), world.tables.accounts,
                                          lambda: world.store, SandboxActions(world), lambda: world.queue,
-                                         ledger=lambda: SearchActionLedger.of(world.store), epochs=world.state.epochs)
+                                         ledger=lambda: SearchActionLedger.of(world.store), epochs=world.state.epochs,
+                                         slots=lambda: world.state, max_slots=settings.graph_max_concurrency)
     return world
 
 
@@ -103,3 +104,42 @@ def test_a_delta_page_read_before_an_action_is_not_published_after_it(world: Syn
     _drain(world)
     difference = compare(world)
     assert not difference, difference.summary()
+
+
+def test_a_bulk_job_holds_the_free_request_slots_while_its_batches_run(world: SyncWorld) -> None:
+    """The sync rounds its own changes trigger would take the mailbox's slots its batch items need (each
+    item of a $batch is one of the mailbox's 4 concurrent requests): the job holds the free ones, a round
+    then finds none (BUSY, it looks again later), and they are given back when the job ends."""
+    world.start_initial_sync()
+    _drain(world)
+    running = world.state.acquire_slot(world.account_id, "a-sync-round#1", 4)   # a round holds one already
+    assert running is not None
+    seen: list[tuple[int, object]] = []
+    factory = world.actions._actions
+
+    class Watching:
+        def open_actions(self, account: Any) -> Any:
+            provider = factory.open_actions(account)
+            apply = provider.apply
+
+            def watched(actions: Any) -> Any:
+                held = [r for r in world.state.load(world.account_id).slots
+                        if r.owner.startswith("action-") and r.until > 0]
+                seen.append((len(held), world.state.acquire_slot(world.account_id, "another-round#1", 4)))
+                return apply(actions)
+
+            provider.apply = watched
+            return provider
+
+    world.actions._actions = Watching()
+    ids = [m.message_id for m in world.store.list_messages(world.account_id, MessageQuery(unread=True,
+                                                                                           limit=12)).messages]
+    world.actions.bulk(world.account_id, world.token, {"message_ids": ids, "action": {"is_read": True}})
+    _drain(world)
+    assert seen and seen[0] == (3, None), seen                     # the 3 free slots, none left for a round
+    truth = {m["id"]: m for m in world.sandbox.snapshot(world.user)["messages"]}
+    assert all(truth[i]["isRead"] for i in ids)
+    after = world.state.load(world.account_id).slots
+    assert not [r for r in after if r.owner.startswith("action-")], "given back"
+    assert world.state.acquire_slot(world.account_id, "another-round#2", 4) is not None
+    world.state.release_slot(running)
