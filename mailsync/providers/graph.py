@@ -440,13 +440,25 @@ class GraphProvider:
                             versions={m.message_id: tags[m.message_id] for m in upserts if m.message_id in tags})
 
     def newest_messages(self, folder_id: str, limit: int) -> tuple[Message, ...]:
-        observed_ms = int(self._clock() * 1000)
+        """The first screen, at the lowest version of each message's second (no read time in it).
+
+        This listing is not delta: it shows a change at once, while delta may
+        show it seconds later. The Inbox's first round, starting inside that
+        lag, does not list the message and removes it as unseen; the deletion
+        leaves a tombstone one version above. The round that finally lists it
+        reads the same state — with the read time in the version, often the
+        very same version (both reads a second or more after the change) — and
+        the tombstone refused it: the message stayed missing. At the second's
+        floor, any later read of the same state (its read offset is at least
+        1 ms) is at or above the tombstone, and the first screen is rewritten
+        by the rounds anyway (versions: ``message_version``).
+        """
         body = self._client.get(
             f"me/mailFolders/{quote(folder_id, safe='')}/messages",
             params={"$select": self._select, "$orderby": "receivedDateTime desc", "$top": str(limit)},
             headers=self._list_headers,
         )
-        return tuple(map_message(item, self._account_id, folder_id, self._body_max, observed_ms)
+        return tuple(map_message(item, self._account_id, folder_id, self._body_max)
                      for item in _page_items(body)[:limit])
 
     def close(self) -> None:

@@ -660,6 +660,45 @@ def test_the_sweep_after_subscribing_looks_again(world: SyncWorld, pump: QueuePu
     assert len(again) == 2, "twice, then no more"
 
 
+def test_a_message_moved_to_the_inbox_right_before_linking_reaches_it(
+        storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: SearchStore) -> None:
+    # The reader-page browser test's missing row: a message moved to the Inbox a moment before linking.
+    # The first screen shows it; the Inbox's first round starts inside delta's lag, does not see it and
+    # removes it as unseen; the sweep after subscribing runs as early. No notification will come for a
+    # change older than the subscription.
+    sandbox = sandbox_factory(users=2, messages_per_user=40, delta_lag_s=10.0)
+    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2"), sandbox, store,
+                       backoff_cap_s=2.0)
+    pump = QueuePump(world, workers=4, visibility_s=2)
+    graph = world.sandbox.graph(world.user)
+    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
+    listed = graph.get("me/messages?$top=100&$select=id,parentFolderId").json()["value"]
+    elsewhere = next(m["id"] for m in listed if m["parentFolderId"] != inbox)
+    assert graph.post(f"me/messages/{elsewhere}/move", json={"destinationId": inbox}).status_code == 201
+    # Linking, at once (a person does not wait for delta's lag): the folder list and the first screen...
+    linked = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="linked")
+    assert world.engine.handle(linked, Delivery("linked-1"), world.events) == Outcome.DONE
+    shown = world.store.get_message(world.account_id, elsewhere)
+    assert shown is not None and shown.folder_id == inbox
+    pump.client.clear_messages()   # the fan-out's jobs: the Inbox's is run here, the rest come again below
+    # ...the Inbox's first round, then the subscription's sweep, both inside the lag (its last look-again
+    # comes 10 s after the sweep: after the lag).
+    first = world.engine.continuation(world.account_id, inbox, reason="start")
+    world.engine.handle(first, Delivery("inbox-1"), world.events)
+    assert world.state.load(world.account_id).folders[inbox].rounds == 1
+    assert world.store.get_message(world.account_id, elsewhere) is None, "removed as unseen"
+    swept = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason=SUBSCRIBED, attrs={EVERY_FOLDER: "1"})
+    world.engine.handle(swept, Delivery("swept-1"), world.events)
+    pump.start()
+    try:
+        pump.drain()
+    finally:
+        pump.stop()
+    assert not compare(world)
+    stored = world.store.get_message(world.account_id, elsewhere)
+    assert stored is not None and stored.folder_id == inbox
+
+
 def test_a_notified_job_finding_every_slot_busy_still_looks_again(world: SyncWorld, pump: QueuePump) -> None:
     # During an initial sync the folders' rounds hold every request slot of the mailbox: a notified
     # job only marks its folder dirty and ends, and a slot holder runs that folder next — possibly
