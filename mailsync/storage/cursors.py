@@ -422,11 +422,14 @@ class SyncStateTable:
     # --- leases ---------------------------------------------------------------
 
     def acquire(self, account_id: str, folder_id: str | None, owner: str, *,
-                mark_busy: bool = True, known: SyncState | None = None) -> Lease | None:
+                mark_busy: bool = True, news: bool | None = None, known: SyncState | None = None) -> Lease | None:
         """Take a row's lease, or mark it dirty and return None when someone else holds it.
 
         ``mark_busy=False`` returns None without marking (a job that only
-        continues pending work has nothing new to report). Raises
+        continues pending work has nothing new to report). A job with news
+        (``news``, by default ``mark_busy``) that takes a row in mid-round
+        marks it too: the round it goes on with began before the news
+        (module docstring). Raises
         ``LeaseLost`` when the row does not exist (folder deleted or unknown).
         ``known``: the row as the caller just read it (``load``); the first
         attempt decides on it instead of reading the row again. Every write
@@ -449,8 +452,9 @@ class SyncStateTable:
                     raise LeaseLost("sync state deleted") from exc
             until = now + self._lease_s
             # Between rounds, the round this holder starts sees every change made so far; in mid-round
-            # it does not (module docstring), so the mark stays for ``finish``.
-            dirty = state.dirty and state.mid_round
+            # it does not (module docstring): the mark stays for ``finish``, and a job that comes with
+            # news (``mark_busy``: a notification, a poll) sets it, as it would on a leased row.
+            dirty = state.mid_round and (state.dirty or (mark_busy if news is None else news))
             fields: dict[str, Any] = {"lease_owner": owner, "lease_until": until, "dirty": dirty}
             try:
                 etag = self._merge(state, fields)
@@ -582,7 +586,7 @@ class SyncStateTable:
         return None
 
     def take_slot_and_lease(self, known: AccountSyncState, folder_id: str, owner: str,
-                            max_slots: int) -> tuple[Slot, Lease] | None:
+                            max_slots: int, *, news: bool = True) -> tuple[Slot, Lease] | None:
         """A request slot and a folder's lease in one entity-group transaction (one partition: one call).
 
         The steady-state round takes both, one after the other, from the rows it
@@ -593,6 +597,7 @@ class SyncStateTable:
         refused (someone wrote one of the rows since: nothing was written). The
         caller then takes them one by one, which decides busy slots and leases
         exactly as before (marking the folder dirty, re-reading a stale row).
+        ``news``: the job comes with news for the folder (as ``acquire``'s).
         """
         row = known.folders.get(folder_id)
         now = self._clock()
@@ -606,7 +611,7 @@ class SyncStateTable:
         slot_body = {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}", "owner": owner,
                      "until": now + self._slot_ttl_s}
         until = now + self._lease_s
-        dirty = row.dirty and row.mid_round     # as ``acquire``: a mid-round mark stays for ``finish``
+        dirty = row.mid_round and (row.dirty or news)     # as ``acquire``: see the module docstring
         lease_fields = {"lease_owner": owner, "lease_until": until, "dirty": dirty}
         lease_entity = {**_to_entity_fields(lease_fields), "PartitionKey": partition, "RowKey": row.row_key,
                         "updated_at": now}

@@ -291,7 +291,8 @@ class _Invocation:
             rows = self._load()
         target = self._target(rows)
         assert rows.folder_list is not None
-        taken = e.state.take_slot_and_lease(rows, target, self.owner, e.settings.graph_max_concurrency) \
+        taken = e.state.take_slot_and_lease(rows, target, self.owner, e.settings.graph_max_concurrency,
+                                            news=target == self.job.folder_id) \
             if self._takes_both(rows, target) else None
         if taken is not None:
             slot, self.pretaken = taken
@@ -753,7 +754,9 @@ class _Invocation:
                 lease: Lease | None = self.pretaken
                 self.pretaken = None
             elif not self.is_continuation:
-                lease = e.state.acquire(self.account_id, folder_id, self.owner, known=self._known(folder_id))
+                # Only the job's own folder comes with news; a pending one picked up on the way does not.
+                lease = e.state.acquire(self.account_id, folder_id, self.owner, known=self._known(folder_id),
+                                        news=folder_id == self.job.folder_id)
             else:
                 lease = self._acquire_quietly(folder_id)
         except LeaseLost:

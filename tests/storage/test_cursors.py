@@ -234,6 +234,21 @@ def test_a_mark_made_in_mid_round_outlives_the_next_holder_until_the_round_ends(
     assert table.finish(again, cursor="delta-link-2", rounds=2) is None
 
 
+def test_a_job_with_news_that_takes_a_row_in_mid_round_asks_for_one_more_round(table: SyncStateTable) -> None:
+    # A notification's job finds the folder free but in mid-round (its worker ran out of time): it goes
+    # on with that round, which began before the notified change, so the round's end runs another.
+    account = _account()
+    folder = _folder(table, account).folder_id
+    first = table.acquire(account, folder, new_owner("a"))
+    assert first is not None
+    table.release(table.save(first, cursor="page-2-link"))
+    notified = table.acquire(account, folder, new_owner("b"))
+    assert notified is not None and notified.state.dirty
+    assert table.finish(notified, cursor="delta-link", rounds=1) is not None, "one more round runs"
+    quiet = table.acquire(account, folder, new_owner("c"), mark_busy=False)
+    assert quiet is None, "still held by b for its extra round"
+
+
 def test_a_mark_between_rounds_is_taken_by_the_next_holder(table: SyncStateTable) -> None:
     account = _account()
     folder = _folder(table, account).folder_id

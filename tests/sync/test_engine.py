@@ -432,6 +432,19 @@ def test_a_rename_listed_while_the_folders_first_round_runs_stays(world: SyncWor
     assert not difference, difference.summary()
 
 
+def run_until_the_folder_rests(world: SyncWorld, folder_id: str) -> None:
+    """Run the folder's continuations by hand (nothing else runs) until a round completed and none is due."""
+    for n in range(30):
+        row = world.state.get(world.account_id, folder_id)
+        assert row is not None
+        if row.rounds >= 1 and not (row.dirty or row.mid_round or row.lease_owner):
+            return
+        goes_on = new_job(JobKind.SYNC_FOLDER, world.account_id, folder_id, reason="time_budget",
+                          attrs={"continuation": "1"})
+        assert world.engine.handle(goes_on, Delivery(f"goes-on-{n}"), world.events) == Outcome.DONE
+    pytest.fail(f"the folder did not come to rest: {world.state.get(world.account_id, folder_id)}")
+
+
 def test_a_change_asked_for_while_a_round_spans_invocations_gets_its_own_round(
         storage_env: dict[str, str], sandbox: SandboxTestServer, store: SearchStore) -> None:
     # A large folder's round outlasts one invocation (time budget): the next invocation goes on from
@@ -465,14 +478,44 @@ def test_a_change_asked_for_while_a_round_spans_invocations_gets_its_own_round(
     world.engine.before_write = None
     assert asked and first == Outcome.DONE
     assert world.state.get(world.account_id, inbox).rounds == 0, "the round goes on in another invocation"
-    # The continuation that invocation queued (run here by hand: nothing else runs meanwhile).
-    goes_on = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="time_budget",
-                      attrs={"continuation": "1"})
-    assert world.engine.handle(goes_on, Delivery("inbox-2"), world.events) == Outcome.DONE
-    row = world.state.get(world.account_id, inbox)
-    assert row is not None and row.rounds >= 1 and not row.dirty
+    run_until_the_folder_rests(world, inbox)
     stored = world.store.get_message(world.account_id, message["id"])
     assert stored is not None and stored.is_read is not message["isRead"], "the change asked for reached the store"
+
+
+def test_a_notified_job_that_goes_on_with_a_round_begun_before_its_change_runs_another(
+        storage_env: dict[str, str], sandbox: SandboxTestServer, store: SearchStore) -> None:
+    # The folder is free but in mid-round (its last worker ran out of time). The notification's job
+    # takes it and goes on with that round, which began before the notified change: the round's end
+    # must run one more round, in that same invocation, rather than leave it to look-agains that may
+    # end before the round does.
+    assert sandbox.admin("PATCH", "config", json={"delta_replay_rate": 0.0}).status_code == 200
+    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2", GRAPH_PAGE_SIZE="20"),
+                       sandbox, store, backoff_cap_s=2.0)
+    assert world.engine.handle(new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="poll"),
+                               Delivery("list-1"), world.events) == Outcome.DONE
+    graph = world.sandbox.graph(world.user)
+    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead").json()["value"][0]
+    slept: list[int] = []
+
+    def run_out_of_time(folder_id: str, page: int) -> None:
+        if folder_id == inbox and not slept:
+            slept.append(page)
+            time.sleep(2.1)
+
+    world.engine.before_write = run_out_of_time
+    assert world.engine.handle(new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="start"),
+                               Delivery("inbox-1"), world.events) == Outcome.DONE
+    world.engine.before_write = None
+    row = world.state.get(world.account_id, inbox)
+    assert row is not None and row.rounds == 0 and not row.lease_owner, "the round is cut and the folder free"
+    assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).ok
+    notified = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified")
+    assert world.engine.handle(notified, Delivery("notified-1"), world.events) == Outcome.DONE
+    run_until_the_folder_rests(world, inbox)
+    stored = world.store.get_message(world.account_id, message["id"])
+    assert stored is not None and stored.is_read is not message["isRead"], "the notified change reached the store"
 
 
 def test_a_folder_removed_as_its_round_completes_stays_removed(world: SyncWorld, pump: QueuePump) -> None:
