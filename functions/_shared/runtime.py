@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mailsync.monitoring.notifications import NotificationReceiver
     from mailsync.monitoring.polling import PollScheduler
     from mailsync.monitoring.subscriptions import SubscriptionManager
-    from mailsync.ports import ActionLedger, LiveConnections
+    from mailsync.ports import LiveConnections
     from mailsync.providers.imap import ImapProviderFactory
     from mailsync.reading import MailReader
     from mailsync.realtime.live_channel import LiveChannel
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from mailsync.storage.rate_limits import TableRateLimiter
     from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
     from mailsync.storage.tokens import TableTokenStore
+    from mailsync.store.action_ledger import SearchActionLedger
     from mailsync.store.search_store import SearchStore
     from mailsync.sync.engine import SyncEngine
     from mailsync.sync.status import SyncStatus
@@ -322,7 +323,7 @@ class Runtime:
         ledger_table = table_client(self.settings, "sync")
         ensure_table(ledger_table)
         watch = StoreWatch(lambda: self.store, TableGenerationLedger(ledger_table), self.accounts, self.job_queue,
-                           per_s=self.settings.store_resync_per_s)
+                           per_s=self.settings.store_resync_per_s, purge=lambda: self.action_ledger.purge())
         return PollScheduler(self.settings, self.accounts, self.subscription_store, self.job_queue,
                              store_watch=watch)
 
@@ -371,7 +372,7 @@ class Runtime:
                                     max_slots=self.settings.graph_max_concurrency)
 
     @cached_property
-    def action_ledger(self) -> ActionLedger:
+    def action_ledger(self) -> SearchActionLedger:
         """Per message, the latest user action on each field, beside the store's indices (docs/actions.md)."""
         from mailsync.store.action_ledger import SearchActionLedger
 

@@ -17,12 +17,15 @@ not all hit their providers and the store in the same second. Then the new
 generation is recorded; a tick that dies in between enqueues again next
 time, which is harmless (jobs are idempotent).
 
-The same tick sweeps the store's bulk-load leases (see ``check``).
+The same tick sweeps the store's bulk-load leases (see ``check``), and at
+most once an hour per instance the action ledger's old entries
+(``purge``: mailsync.store.action_ledger, kept a week past their last action).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from mailsync.errors import MailsyncError
@@ -40,12 +43,30 @@ class StoreWatch:
     """Compares the store's generation with the last one seen; resyncs every watched account on a change."""
 
     def __init__(self, store: Callable[[], MessageStore], ledger: GenerationLedger, accounts: AccountDirectory,
-                 queue: JobQueue, *, per_s: float) -> None:
+                 queue: JobQueue, *, per_s: float, purge: Callable[[], int] | None = None,
+                 purge_every_s: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._ledger = ledger
         self._accounts = accounts
         self._queue = queue
         self._per_s = per_s
+        self._purge = purge
+        self._purge_every_s = purge_every_s
+        self._clock = clock
+        self._purged_at: float | None = None
+
+    def _maybe_purge(self) -> None:
+        now = self._clock()
+        if self._purge is None or (self._purged_at is not None and now - self._purged_at < self._purge_every_s):
+            return
+        self._purged_at = now
+        try:
+            deleted = self._purge()
+        except MailsyncError as exc:
+            log.warning("could not purge the action ledger: %s", exc.code, extra={"error": exc.message})
+            return
+        if deleted:
+            log.info("action ledger: %d old entries purged", deleted)
 
     def check(self) -> int:
         """Enqueue the resyncs if the store was recreated since the last check; returns how many.
@@ -54,6 +75,7 @@ class StoreWatch:
         (``MessageStore.expire_bulk_loads``), so a killed worker slows the
         store's refresh for a few minutes at most, never for good.
         """
+        self._maybe_purge()
         store = self._store()
         try:
             store.expire_bulk_loads()

@@ -29,6 +29,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 FIELDS = (READ, FLAG, PLACE)
 CLAIM_ROUNDS = 20
+# How long an entry is kept after its last action: far past a job's retries (minutes) and redeliveries.
+RETENTION_S = 7 * 24 * 3600.0
 _MGET_CHUNK = 1_000
 
 
@@ -73,6 +76,31 @@ class SearchActionLedger:
         self._engine = engine
         self._index = names.actions
         self._clock = clock
+
+    @staticmethod
+    def _iso(epoch_s: float) -> str:
+        return docs.iso_time(datetime.fromtimestamp(epoch_s, UTC)) or ""
+
+    def purge(self, older_than_s: float = RETENTION_S) -> int:
+        """Delete every entry and kept list not written for ``older_than_s``; how many (all accounts at once).
+
+        An entry must outlive every job older than the action it records (a job is retried for
+        minutes and redelivered a few times); past that it only takes room. A list whose job was
+        poisoned is left behind the same way.
+        """
+        cutoff = docs.iso_time(datetime.fromtimestamp(self._clock() - older_than_s, UTC))
+        try:
+            self._engine.refresh([self._index])        # delete_by_query sees refreshed documents only
+            answer = self._engine.delete_by_query(self._index, {"range": {"updated_at": {"lt": cutoff}}},
+                                                  routing=None, timeout_s=600.0)
+        except EngineError as exc:
+            if exc.index_missing:
+                return 0
+            _raise("action ledger purge", exc)
+        if answer.get("failures"):
+            raise StoreUnavailable("action ledger purge: some deletions failed; the next one retries",
+                                   retry_after_s=60.0)
+        return int(answer.get("deleted", 0))
 
     @classmethod
     def of(cls, store: SearchStore) -> SearchActionLedger:
@@ -109,7 +137,7 @@ class SearchActionLedger:
         batch_id = uuid.uuid4().hex
         try:
             self._engine.index_document(self._index, self._batch_doc_id(account_id, batch_id), routing=account_id,
-                                        document={"account_id": account_id, "updated_at": docs.now_iso(),
+                                        document={"account_id": account_id, "updated_at": self._iso(self._clock()),
                                                   "batch": {"actions": actions}})
         except EngineError as exc:
             _raise("action ledger: keep a batch", exc)
@@ -158,8 +186,9 @@ class SearchActionLedger:
             if round_:
                 # Lost a race: wait a little, randomly, so contenders do not collide again in lockstep.
                 time.sleep(random.uniform(0.0, min(0.5, 0.01 * 2 ** round_)))
-            now_ms = int(self._clock() * 1000)
-            updated_at = docs.now_iso()
+            now = self._clock()
+            now_ms = int(now * 1000)
+            updated_at = self._iso(now)
             lines: list[bytes] = []
             planned: list[tuple[str, int]] = []
             for doc_id, read in self._read(account_id, list(pending)):

@@ -141,6 +141,7 @@ class SearchEngine(Protocol):
 
     def count(self, index: str, query: Mapping[str, Any]) -> int: ...
 
-    def delete_by_query(self, index: str, query: Mapping[str, Any], *, routing: str,
+    def delete_by_query(self, index: str, query: Mapping[str, Any], *, routing: str | None,
                         timeout_s: float) -> dict[str, Any]:
-        """Waits for completion, ``conflicts=proceed``, refreshes the index afterwards."""
+        """Waits for completion, ``conflicts=proceed``, refreshes the index afterwards. ``routing`` None: every
+        shard (a sweep over all accounts)."""

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from mailsync.actions.models import READ, ActionClaim
 from mailsync.errors import StoreUnavailable
 from mailsync.jobs import JobKind
 from mailsync.models import AccountStatus, Job
@@ -17,6 +18,7 @@ from mailsync.storage.connection import table_client
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.store_generation import TableGenerationLedger
 from mailsync.storage.table_errors import ensure_table
+from mailsync.store.action_ledger import SearchActionLedger
 from mailsync.store.search_store import SearchStore
 from tests.monitoring.harness import Harness, make_harness
 
@@ -165,3 +167,34 @@ def test_polling_goes_on_while_the_store_is_down(storage_env: dict[str, str]) ->
     while not jobs:
         jobs = h.drain(wait_s=0.5)
     assert [(job.account_id, job.kind) for job in jobs] == [(account, JobKind.SYNC_ACCOUNT.value)]
+
+
+def test_the_tick_purges_the_action_ledger_at_most_hourly_and_goes_on_when_it_cannot(
+        storage_env: dict[str, str], store: SearchStore) -> None:
+    h = make_harness(storage_env, POLL_INTERVAL_S="3600", POLL_INTERVAL_SUBSCRIBED_S="0")
+    table = table_client(h.settings, "sync")
+    ensure_table(table)
+    long_ago = time.time() - 10 * 24 * 3600
+    old = SearchActionLedger(store.engine, store.names, clock=lambda: long_ago)
+    old.claim("acct", [ActionClaim("m", {READ: True})])
+    ledger = SearchActionLedger.of(store)
+    now = [0.0]
+    purges: list[int] = []
+
+    def purge() -> int:
+        purges.append(ledger.purge())
+        if len(purges) == 2:
+            raise StoreUnavailable("connection refused")
+        return purges[-1]
+
+    watch = StoreWatch(lambda: store, TableGenerationLedger(table), h.accounts, h.queue, per_s=10, purge=purge,
+                       clock=lambda: now[0])
+    scheduler = PollScheduler(h.settings, h.accounts, h.subscriptions, h.queue, store_watch=watch, clock=lambda: NOW)
+    scheduler.tick()
+    assert purges == [1] and ledger.latest("acct", ["m"]) == {}      # the week-old entry is gone
+    now[0] = 1800.0
+    scheduler.tick()
+    assert purges == [1], "not again within the hour"
+    now[0] = 3600.0
+    report = scheduler.tick()                                        # the purge fails: the tick goes on
+    assert len(purges) == 2 and report.resynced == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from mailsync.actions.models import FLAG, PLACE, READ, ActionClaim
@@ -54,3 +55,19 @@ def test_another_accounts_entries_are_not_seen_and_go_with_the_account(store: Se
     store.delete_account("a")
     assert ledger.latest("a", ["m"]) == {}
     assert set(ledger.latest("b", ["m"])) == {"m"}
+
+
+def test_purge_removes_what_no_action_touched_for_the_retention_and_keeps_the_rest(store: SearchStore) -> None:
+    ten_days_ago = time.time() - 10 * 24 * 3600
+    old = SearchActionLedger(store.engine, store.names, clock=lambda: ten_days_ago)
+    ledger = SearchActionLedger.of(store)
+    old.claim("a", [ActionClaim("stale", {READ: True}), ActionClaim("again", {READ: True})])
+    old.claim("b", [ActionClaim("stale", {FLAG: "flagged"})])
+    forgotten = old.put_batch("a", "[]")                   # a poisoned job's list
+    ledger.claim("a", [ActionClaim("again", {FLAG: "flagged"}), ActionClaim("fresh", {READ: False})])
+    kept = ledger.put_batch("a", "[]")
+    assert ledger.purge(7 * 24 * 3600) == 3                 # both accounts' stale entries and the old list
+    assert set(ledger.latest("a", ["stale", "again", "fresh"])) == {"again", "fresh"}
+    assert ledger.latest("b", ["stale"]) == {}
+    assert ledger.get_batch("a", forgotten) is None and ledger.get_batch("a", kept) == "[]"
+    assert ledger.purge(7 * 24 * 3600) == 0

@@ -188,7 +188,7 @@ class ElasticsearchEngine:
         with _errors():
             return int(self.client.count(index=index, query=query)["count"])
 
-    def delete_by_query(self, index: str, query: Mapping[str, Any], *, routing: str,
+    def delete_by_query(self, index: str, query: Mapping[str, Any], *, routing: str | None,
                         timeout_s: float) -> dict[str, Any]:
         with _errors():
             return dict(self.client.options(request_timeout=timeout_s).delete_by_query(

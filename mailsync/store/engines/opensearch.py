@@ -187,7 +187,7 @@ class OpenSearchEngine:
         with _errors():
             return int(self.client.count(index=index, body={"query": dict(query)})["count"])
 
-    def delete_by_query(self, index: str, query: Mapping[str, Any], *, routing: str,
+    def delete_by_query(self, index: str, query: Mapping[str, Any], *, routing: str | None,
                         timeout_s: float) -> dict[str, Any]:
         with _errors():
             return dict(self.client.delete_by_query(
