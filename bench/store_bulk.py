@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh", default="bulk",
                         help="comma-separated: bulk (inside bulk_load, the relaxed refresh of a first round) "
                              "and/or default (the index's normal refresh)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="load this many messages first, untimed: a fresh node spends most of its first "
+                             "~50k documents' CPU compiling (JIT), which would bias whichever run comes first")
     parser.add_argument("--batch", type=int, default=5_000,
                         help="messages per upsert_messages call (default 5000)")
     args = parser.parse_args(argv)
@@ -188,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     node_figures: dict[str, float] = {}
     try:
+        if args.warmup:
+            run(url, args.warmup, chunks[0], args.batch, byte_bounds[0], writer_counts[0], replicas)
+            print(f"  warm-up: {args.warmup} messages loaded (untimed)", flush=True)
         configs = [(c, b, w, r) for r in refreshes for c in chunks for b in byte_bounds for w in writer_counts]
         for n, (chunk, bound, writers, refresh) in enumerate(configs):
             KEEP = server is not None and n == len(configs) - 1
