@@ -244,6 +244,10 @@ def _translate(what: str) -> Iterator[None]:
         _raise_store_error(what, exc)
 
 
+# Where ``_read_decide_write`` hands ``decide`` the read's sequence number and primary term.
+_CONDITION = "\x00condition"
+
+
 class SearchStore:
     """MessageStore on a search engine (OpenSearch or Elasticsearch, see ``mailsync/store/engines/``).
 
@@ -728,35 +732,18 @@ class SearchStore:
         No script, so every engine does the same. A document deleted meanwhile
         stays deleted.
         """
-        tally = _Tally()
         by_account: dict[str, list[str]] = {}
         for doc_id in refused:
             by_account.setdefault(doc_id.partition(":")[0], []).append(doc_id)
+        tally = _Tally()
         for account_id, doc_ids in by_account.items():
-            pending = doc_ids
-            for _ in range(REMOVE_ROUNDS):
-                if not pending:
-                    break
-                actions: list[_Action] = []
-                for doc_id, found in self._read_current(account_id, pending, ["folder_id", "sync_epoch"],
-                                                        "carry sync_epoch"):
-                    if found is None:
-                        continue
-                    source, seq_no, primary_term = found
-                    if source.get("folder_id") != refused[doc_id] or int(source.get("sync_epoch") or 0) >= epoch:
-                        continue   # moved on (its new folder owns it), or already marked as seen
-                    actions.append(({"update": {"_index": self.names.messages, "_id": doc_id, "routing": account_id,
-                                                "if_seq_no": seq_no, "if_primary_term": primary_term}},
-                                    {"doc": {"sync_epoch": epoch}}))
-                if not actions:
-                    pending = []
-                    break
-                round_ = self._bulk(actions, target="messages", what="carry sync_epoch")
-                tally.failed += round_.failed
-                tally.dead += round_.dead
-                tally.transient += round_.transient
-                pending = round_.conflicts   # written since we read it: read again and decide again
-            tally.transient += pending
+            def mark(doc_id: str, source: dict[str, Any], account_id: str = account_id) -> _Action | None:
+                if source.get("folder_id") != refused[doc_id] or int(source.get("sync_epoch") or 0) >= epoch:
+                    return None   # moved on (its new folder owns it), or already marked as seen
+                return ({"update": self._conditional(account_id, doc_id, source)}, {"doc": {"sync_epoch": epoch}})
+
+            tally.add(self._read_decide_write(account_id, doc_ids, ["folder_id", "sync_epoch"], mark,
+                                              what="carry sync_epoch"))
         return tally
 
     def message_action(self, doc_id: str, message: Message, doc: dict[str, Any]) -> _Action:
@@ -772,35 +759,61 @@ class SearchStore:
     def remove_messages(self, account_id: str, folder_id: str, message_ids: Sequence[str]) -> BulkResult:
         """Delete the messages that still say ``folder_id``; moved or missing ones count as skipped."""
         docs.check_account_id(account_id)
-        pending = list(dict.fromkeys(docs.message_doc_id(account_id, m) for m in message_ids))
+        doc_ids = list(dict.fromkeys(docs.message_doc_id(account_id, m) for m in message_ids))
+
+        def delete(doc_id: str, source: dict[str, Any]) -> _Action | None:
+            if source.get("folder_id") != folder_id or source.get("account_id") != account_id:
+                return None   # moved away: the destination folder owns it now
+            return ({"delete": self._conditional(account_id, doc_id, source)}, None)
+
+        tally = self._read_decide_write(account_id, doc_ids, ["account_id", "folder_id"], delete,
+                                        what="remove_messages")
+        return self._finish(tally, "remove_messages")
+
+    def _read_decide_write(self, account_id: str, doc_ids: Sequence[str], fields: Sequence[str],
+                           decide: Callable[[str, dict[str, Any]], _Action | None], *, what: str) -> _Tally:
+        """Read each document (realtime), let ``decide`` make its conditional write (or none), send them.
+
+        ``decide`` gets the document's ``fields`` (and, under ``_CONDITION``,
+        the ``_seq_no`` / ``_primary_term`` read, for :meth:`_conditional`).
+        A document written between the read and our write fails its
+        condition (409): it is read and decided again, up to
+        ``REMOVE_ROUNDS`` times; still racing after that, it counts as
+        transient and the caller retries. Gone or decided against: skipped.
+        """
         tally = _Tally()
+        pending = list(doc_ids)
         for _ in range(REMOVE_ROUNDS):
             if not pending:
                 break
             actions: list[_Action] = []
-            for doc_id, found in self._read_current(account_id, pending, ["account_id", "folder_id"],
-                                                    "remove_messages"):
-                if found is None:
+            for doc_id, found in self._read_current(account_id, pending, fields, what):
+                action = None
+                if found is not None:
+                    source, seq_no, primary_term = found
+                    action = decide(doc_id, {**source, _CONDITION: (seq_no, primary_term)})
+                if action is None:
                     tally.skipped += 1
-                    continue
-                source, seq_no, primary_term = found
-                if source.get("folder_id") != folder_id or source.get("account_id") != account_id:
-                    tally.skipped += 1   # moved away: the destination folder owns it now
-                    continue
-                actions.append(({"delete": {"_index": self.names.messages, "_id": doc_id, "routing": account_id,
-                                            "if_seq_no": seq_no, "if_primary_term": primary_term}}, None))
+                else:
+                    actions.append(action)
             if not actions:
                 pending = []
                 break
-            round_ = self._bulk(actions, target="messages", what="remove_messages")
+            round_ = self._bulk(actions, target="messages", what=what)
             tally.written += round_.written
             tally.skipped += round_.skipped
             tally.failed += round_.failed
             tally.dead += round_.dead
             tally.transient += round_.transient
-            pending = round_.conflicts   # changed since we read it: read again and decide again
+            pending = round_.conflicts   # written since we read it: read again and decide again
         tally.transient += pending       # still racing after every round: let the caller retry
-        return self._finish(tally, "remove_messages")
+        return tally
+
+    def _conditional(self, account_id: str, doc_id: str, source: Mapping[str, Any]) -> dict[str, Any]:
+        """A bulk item header that applies only if the document is still as ``_read_decide_write`` read it."""
+        seq_no, primary_term = source[_CONDITION]
+        return {"_index": self.names.messages, "_id": doc_id, "routing": account_id,
+                "if_seq_no": seq_no, "if_primary_term": primary_term}
 
     def _read_current(self, account_id: str, doc_ids: Sequence[str], fields: Sequence[str], what: str
                       ) -> Iterator[tuple[str, tuple[dict[str, Any], int, int] | None]]:
