@@ -9,14 +9,17 @@ they can check tokens and publish through the service's REST API).
 from __future__ import annotations
 
 import base64
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from devhost.services.process import free_port
 from mailsync.settings import Settings
-from tests.fixtures.devhost import DevhostProcess, app_settings
+from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 
 KEY_ENTRY = f"web1:{base64.b64encode(bytes(range(90, 122))).decode()}"
 SIGNALR_KEY = "web-tests-signalr-access-key-0123456789abcdef"
@@ -54,3 +57,17 @@ class WebHost:
     def get(self, path: str, token: str | None, **params: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         return requests.get(f"{self.api}/{path}", headers=headers, params=params, timeout=30)
+
+
+@contextlib.contextmanager
+def running_web_host(*, connection_string: str, search_store_url: str, sandbox_url: str,
+                     tmp_path_factory: Any, functions: list[str]) -> Iterator[WebHost]:
+    """A devhost serving ``functions`` on a free port (``web_env``'s settings), stopped on the way out."""
+    port = free_port()
+    env = web_env(connection_string=connection_string, search_store_url=search_store_url, sandbox_url=sandbox_url,
+                  port=port, local_dir=tmp_path_factory.mktemp("local"))
+    host = start_devhost(env, port=port, functions=functions, log_dir=tmp_path_factory.mktemp("devhost"))
+    try:
+        yield WebHost(host, env)
+    finally:
+        host.stop(timeout_s=15)

@@ -24,13 +24,11 @@ import pytest
 import requests
 from azure.storage.queue import QueueClient
 
-from devhost.services.process import free_port
 from mailsync.linking.access import issue_access_token
 from mailsync.models import Account, AccountStatus, Folder, Message, Provider
 from mailsync.store.search_store import SearchStore
-from tests.fixtures.devhost import start_devhost
 from tests.linking.tables import linking_tables
-from tests.web.conftest import WebHost, web_env
+from tests.web.conftest import WebHost, running_web_host
 from tests.web.test_negotiate import _connect, _next_invocation, negotiate
 
 FUNCTIONS = ["message_update", "message_delete", "message_actions", "signalr_negotiate"]
@@ -39,14 +37,10 @@ FUNCTIONS = ["message_update", "message_delete", "message_actions", "signalr_neg
 @pytest.fixture(scope="module")
 def web(azurite: Any, search_store_url: str, graph_sandbox: Any,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebHost]:
-    port = free_port()
-    env = web_env(connection_string=azurite.connection_string, search_store_url=search_store_url,
-                  sandbox_url=graph_sandbox.base_url, port=port, local_dir=tmp_path_factory.mktemp("local"))
-    host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
-    try:
-        yield WebHost(host, env)
-    finally:
-        host.stop(timeout_s=15)
+    with running_web_host(connection_string=azurite.connection_string, search_store_url=search_store_url,
+                          sandbox_url=graph_sandbox.base_url, tmp_path_factory=tmp_path_factory,
+                          functions=FUNCTIONS) as web:
+        yield web
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,7 @@ from devhost.services.process import free_port
 from mailsync.models import AccountStatus, Address, FlagStatus, Folder, Mailbox, Message, Provider
 from mailsync.store.engines import connect
 from mailsync.store.search_store import SearchStore, StoreOptions, encode_cursor
-from tests.fixtures.devhost import start_devhost
-from tests.web.conftest import WebHost, web_env
+from tests.web.conftest import WebHost, running_web_host
 
 FUNCTIONS = ["oauth_start", "account_get", "mail_mailboxes", "mail_messages", "page_config"]
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -67,23 +66,20 @@ def seed(store: SearchStore, account_id: str, count: int, *, offset: int = 0) ->
 @pytest.fixture(scope="module")
 def seeded(azurite: Any, search_store_url: str, graph_sandbox: Any,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
-    port = free_port()
-    env = web_env(connection_string=azurite.connection_string, search_store_url=search_store_url,
-                  sandbox_url=graph_sandbox.base_url, port=port, local_dir=tmp_path_factory.mktemp("local"))
-    host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
-    web = WebHost(host, env)
-    store = SearchStore(connect(search_store_url), StoreOptions(prefix=web.settings.index_prefix))
-    try:
-        store.ensure_ready()
-        account_id, token = web.create_account()
-        other_id, other_token = web.create_account()
-        messages = seed(store, account_id, 40)
-        seed(store, other_id, 7, offset=500)
-        store.refresh()
-        yield Seeded(web, account_id, token, other_id, other_token, messages)
-    finally:
-        host.stop(timeout_s=15)
-        store.close()
+    with running_web_host(connection_string=azurite.connection_string, search_store_url=search_store_url,
+                          sandbox_url=graph_sandbox.base_url, tmp_path_factory=tmp_path_factory,
+                          functions=FUNCTIONS) as web:
+        store = SearchStore(connect(search_store_url), StoreOptions(prefix=web.settings.index_prefix))
+        try:
+            store.ensure_ready()
+            account_id, token = web.create_account()
+            other_id, other_token = web.create_account()
+            messages = seed(store, account_id, 40)
+            seed(store, other_id, 7, offset=500)
+            store.refresh()
+            yield Seeded(web, account_id, token, other_id, other_token, messages)
+        finally:
+            store.close()
 
 
 def all_pages(seeded: Seeded, **params: Any) -> list[dict[str, Any]]:
@@ -219,12 +215,9 @@ def test_config_is_public_and_names_the_sandbox(seeded: Seeded) -> None:
 
 def test_store_down_is_503_with_retry_after(azurite: Any, graph_sandbox: Any,
                                             tmp_path_factory: pytest.TempPathFactory) -> None:
-    port = free_port()
-    env = web_env(connection_string=azurite.connection_string, search_store_url=f"http://127.0.0.1:{free_port()}",
-                  sandbox_url=graph_sandbox.base_url, port=port, local_dir=tmp_path_factory.mktemp("local"))
-    host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
-    try:
-        web = WebHost(host, env)
+    with running_web_host(connection_string=azurite.connection_string,
+                          search_store_url=f"http://127.0.0.1:{free_port()}", sandbox_url=graph_sandbox.base_url,
+                          tmp_path_factory=tmp_path_factory, functions=FUNCTIONS) as web:
         account_id, token = web.create_account()
         for path in ("mailboxes", "messages"):
             answer = web.get(f"accounts/{account_id}/{path}", token)
@@ -232,5 +225,3 @@ def test_store_down_is_503_with_retry_after(azurite: Any, graph_sandbox: Any,
             assert int(answer.headers["Retry-After"]) >= 1
             assert answer.json()["error"]["code"] in ("store_unavailable", "dependency_unavailable")
         assert web.get(f"accounts/{account_id}/messages", "bad-token").status_code == 401
-    finally:
-        host.stop(timeout_s=15)

@@ -28,8 +28,7 @@ from mailsync.errors import ConfigurationError, DependencyUnavailable, InputErro
 from mailsync.realtime.connection_info import KeySignedConnections, connections_from_settings
 from mailsync.realtime.service_tokens import ServiceIssuedConnections
 from mailsync.settings import Settings
-from tests.fixtures.devhost import start_devhost
-from tests.web.conftest import SIGNALR_KEY, WebHost, web_env
+from tests.web.conftest import SIGNALR_KEY, WebHost, running_web_host
 
 FUNCTIONS = ["oauth_start", "account_get", "account_delete", "signalr_negotiate"]
 RS = "\x1e"
@@ -38,14 +37,10 @@ RS = "\x1e"
 @pytest.fixture(scope="module")
 def web(azurite: Any, search_store_url: str, graph_sandbox: Any,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebHost]:
-    port = free_port()
-    env = web_env(connection_string=azurite.connection_string, search_store_url=search_store_url,
-                  sandbox_url=graph_sandbox.base_url, port=port, local_dir=tmp_path_factory.mktemp("local"))
-    host = start_devhost(env, port=port, functions=FUNCTIONS, log_dir=tmp_path_factory.mktemp("devhost"))
-    try:
-        yield WebHost(host, env)
-    finally:
-        host.stop(timeout_s=15)
+    with running_web_host(connection_string=azurite.connection_string, search_store_url=search_store_url,
+                          sandbox_url=graph_sandbox.base_url, tmp_path_factory=tmp_path_factory,
+                          functions=FUNCTIONS) as web:
+        yield web
 
 
 def negotiate(web: WebHost, token: str | None, **kwargs: Any) -> requests.Response:
