@@ -451,10 +451,7 @@ class SyncStateTable:
                 except ResourceNotFoundError as exc:
                     raise LeaseLost("sync state deleted") from exc
             until = now + self._lease_s
-            # Between rounds, the round this holder starts sees every change made so far; in mid-round
-            # it does not (module docstring): the mark stays for ``finish``, and a job that comes with
-            # news (``mark_busy``: a notification, a poll) sets it, as it would on a leased row.
-            dirty = state.mid_round and (state.dirty or (mark_busy if news is None else news))
+            dirty = _dirty_when_taken(state, mark_busy if news is None else news)
             fields: dict[str, Any] = {"lease_owner": owner, "lease_until": until, "dirty": dirty}
             try:
                 etag = self._merge(state, fields)
@@ -611,7 +608,7 @@ class SyncStateTable:
         slot_body = {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}", "owner": owner,
                      "until": now + self._slot_ttl_s}
         until = now + self._lease_s
-        dirty = row.mid_round and (row.dirty or news)     # as ``acquire``: see the module docstring
+        dirty = _dirty_when_taken(row, news)
         lease_fields = {"lease_owner": owner, "lease_until": until, "dirty": dirty}
         lease_entity = {**_to_entity_fields(lease_fields), "PartitionKey": partition, "RowKey": row.row_key,
                         "updated_at": now}
@@ -752,6 +749,17 @@ def _free_slot(rows: Mapping[int, SlotRow], owner: str, max_slots: int,
         if not row.owner or row.until <= now:
             candidate = candidate or (index, row)
     return candidate
+
+
+def _dirty_when_taken(state: SyncState, news: bool) -> bool:
+    """``dirty`` as a new holder takes the row (``acquire``, ``take_slot_and_lease``).
+
+    Between rounds the round this holder starts sees every change made so far:
+    clear. In mid-round it does not (module docstring): the mark stays for
+    ``finish``, and a job that comes with news (a notification, a poll) sets
+    it, as it would on a leased row.
+    """
+    return state.mid_round and (state.dirty or news)
 
 
 # --- entity mapping ---------------------------------------------------------------
