@@ -432,6 +432,21 @@ def test_a_rename_listed_while_the_folders_first_round_runs_stays(world: SyncWor
     assert not difference, difference.summary()
 
 
+def _inbox_paged_by_hand(storage_env: dict[str, str], sandbox: SandboxTestServer,
+                         store: SearchStore) -> tuple[SyncWorld, str, dict[str, Any]]:
+    """A world whose folders are listed and whose Inbox rounds outlast a 2 s budget (20-message pages, no
+    delta replays: a change shows only in the round it belongs to); (world, Inbox id, its first message)."""
+    assert sandbox.admin("PATCH", "config", json={"delta_replay_rate": 0.0}).status_code == 200
+    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2", GRAPH_PAGE_SIZE="20"),
+                       sandbox, store, backoff_cap_s=2.0)
+    assert world.engine.handle(new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="poll"),
+                               Delivery("list-1"), world.events) == Outcome.DONE
+    graph = world.sandbox.graph(world.user)
+    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead").json()["value"][0]
+    return world, inbox, message
+
+
 def run_until_the_folder_rests(world: SyncWorld, folder_id: str) -> None:
     """Run the folder's continuations by hand (nothing else runs) until a round completed and none is due."""
     for n in range(30):
@@ -453,15 +468,8 @@ def test_a_change_asked_for_while_a_round_spans_invocations_gets_its_own_round(
     # not in that round. The invocation that takes the lease over must keep `dirty`, so that the
     # round's end runs one more round; clearing it on taking the lease lost the change until the next
     # poll (hours): a flag set during an initial sync never reached the store.
-    assert sandbox.admin("PATCH", "config", json={"delta_replay_rate": 0.0}).status_code == 200
-    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2", GRAPH_PAGE_SIZE="20"),
-                       sandbox, store, backoff_cap_s=2.0)
-    listed = world.engine.handle(new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="poll"), Delivery("list-1"),
-                                 world.events)
-    assert listed == Outcome.DONE
+    world, inbox, message = _inbox_paged_by_hand(storage_env, sandbox, store)
     graph = world.sandbox.graph(world.user)
-    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
-    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead").json()["value"][0]
     asked: list[Outcome] = []
 
     def change_and_ask_meanwhile(folder_id: str, page: int) -> None:
@@ -489,14 +497,8 @@ def test_a_notified_job_that_goes_on_with_a_round_begun_before_its_change_runs_a
     # takes it and goes on with that round, which began before the notified change: the round's end
     # must run one more round, in that same invocation, rather than leave it to look-agains that may
     # end before the round does.
-    assert sandbox.admin("PATCH", "config", json={"delta_replay_rate": 0.0}).status_code == 200
-    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2", GRAPH_PAGE_SIZE="20"),
-                       sandbox, store, backoff_cap_s=2.0)
-    assert world.engine.handle(new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="poll"),
-                               Delivery("list-1"), world.events) == Outcome.DONE
+    world, inbox, message = _inbox_paged_by_hand(storage_env, sandbox, store)
     graph = world.sandbox.graph(world.user)
-    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
-    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead").json()["value"][0]
     slept: list[int] = []
 
     def run_out_of_time(folder_id: str, page: int) -> None:
