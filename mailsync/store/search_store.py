@@ -244,10 +244,6 @@ def _translate(what: str) -> Iterator[None]:
         _raise_store_error(what, exc)
 
 
-# Where ``_read_decide_write`` hands ``decide`` the read's sequence number and primary term.
-_CONDITION = "\x00condition"
-
-
 class SearchStore:
     """MessageStore on a search engine (OpenSearch or Elasticsearch, see ``mailsync/store/engines/``).
 
@@ -737,10 +733,10 @@ class SearchStore:
             by_account.setdefault(doc_id.partition(":")[0], []).append(doc_id)
         tally = _Tally()
         for account_id, doc_ids in by_account.items():
-            def mark(doc_id: str, source: dict[str, Any], account_id: str = account_id) -> _Action | None:
+            def mark(doc_id: str, source: dict[str, Any]) -> tuple[str, dict[str, Any] | None] | None:
                 if source.get("folder_id") != refused[doc_id] or int(source.get("sync_epoch") or 0) >= epoch:
                     return None   # moved on (its new folder owns it), or already marked as seen
-                return ({"update": self._conditional(account_id, doc_id, source)}, {"doc": {"sync_epoch": epoch}})
+                return "update", {"doc": {"sync_epoch": epoch}}
 
             tally.add(self._read_decide_write(account_id, doc_ids, ["folder_id", "sync_epoch"], mark,
                                               what="carry sync_epoch"))
@@ -761,21 +757,22 @@ class SearchStore:
         docs.check_account_id(account_id)
         doc_ids = list(dict.fromkeys(docs.message_doc_id(account_id, m) for m in message_ids))
 
-        def delete(doc_id: str, source: dict[str, Any]) -> _Action | None:
+        def delete(doc_id: str, source: dict[str, Any]) -> tuple[str, dict[str, Any] | None] | None:
             if source.get("folder_id") != folder_id or source.get("account_id") != account_id:
                 return None   # moved away: the destination folder owns it now
-            return ({"delete": self._conditional(account_id, doc_id, source)}, None)
+            return "delete", None
 
         tally = self._read_decide_write(account_id, doc_ids, ["account_id", "folder_id"], delete,
                                         what="remove_messages")
         return self._finish(tally, "remove_messages")
 
     def _read_decide_write(self, account_id: str, doc_ids: Sequence[str], fields: Sequence[str],
-                           decide: Callable[[str, dict[str, Any]], _Action | None], *, what: str) -> _Tally:
-        """Read each document (realtime), let ``decide`` make its conditional write (or none), send them.
+                           decide: Callable[[str, dict[str, Any]], tuple[str, dict[str, Any] | None] | None], *,
+                           what: str) -> _Tally:
+        """Read each document (realtime), let ``decide`` pick its write (or none), send them conditionally.
 
-        ``decide`` gets the document's ``fields`` (and, under ``_CONDITION``,
-        the ``_seq_no`` / ``_primary_term`` read, for :meth:`_conditional`).
+        ``decide`` gets the document's ``fields`` and answers ``(bulk op, body)``
+        or None; the write carries the ``_seq_no`` / ``_primary_term`` read.
         A document written between the read and our write fails its
         condition (409): it is read and decided again, up to
         ``REMOVE_ROUNDS`` times; still racing after that, it counts as
@@ -788,14 +785,16 @@ class SearchStore:
                 break
             actions: list[_Action] = []
             for doc_id, found in self._read_current(account_id, pending, fields, what):
-                action = None
+                decided = None
                 if found is not None:
                     source, seq_no, primary_term = found
-                    action = decide(doc_id, {**source, _CONDITION: (seq_no, primary_term)})
-                if action is None:
+                    decided = decide(doc_id, source)
+                if decided is None:
                     tally.skipped += 1
-                else:
-                    actions.append(action)
+                    continue
+                op, body = decided
+                actions.append(({op: {"_index": self.names.messages, "_id": doc_id, "routing": account_id,
+                                      "if_seq_no": seq_no, "if_primary_term": primary_term}}, body))
             if not actions:
                 pending = []
                 break
@@ -808,12 +807,6 @@ class SearchStore:
             pending = round_.conflicts   # written since we read it: read again and decide again
         tally.transient += pending       # still racing after every round: let the caller retry
         return tally
-
-    def _conditional(self, account_id: str, doc_id: str, source: Mapping[str, Any]) -> dict[str, Any]:
-        """A bulk item header that applies only if the document is still as ``_read_decide_write`` read it."""
-        seq_no, primary_term = source[_CONDITION]
-        return {"_index": self.names.messages, "_id": doc_id, "routing": account_id,
-                "if_seq_no": seq_no, "if_primary_term": primary_term}
 
     def _read_current(self, account_id: str, doc_ids: Sequence[str], fields: Sequence[str], what: str
                       ) -> Iterator[tuple[str, tuple[dict[str, Any], int, int] | None]]:
