@@ -182,6 +182,10 @@ class MessageStore(Protocol):
         """Delete messages that still say ``folder_id`` (moved ones are left alone)."""
         ...
 
+    def raise_epoch(self, account_id: str, folder_id: str, message_ids: Sequence[str], epoch: int) -> BulkResult:
+        """Mark messages still in ``folder_id`` as seen in ``epoch`` (only upwards; gone or moved ones skipped)."""
+        ...
+
     def remove_stale(self, account_id: str, folder_id: str, epoch: int) -> int:
         """After a resync: delete the folder's messages not written in ``epoch``."""
         ...

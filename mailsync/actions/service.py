@@ -404,14 +404,7 @@ class MessageActionService:
             claim_of(p.action, p.row.folder_id if p.row is not None else None) for p in planned])
         planned = [replace(p, seq=seqs[p.action.message_id]) for p in planned]
         store = self._store()
-        by_folder: dict[str, list[Message]] = {}
-        for p in planned:
-            if p.row is not None:
-                by_folder.setdefault(p.row.folder_id, []).append(p.row)
-        if by_folder:
-            epochs = self._epochs(account.account_id, sorted(by_folder))
-            for folder_id, rows in by_folder.items():
-                store.upsert_messages(rows, epoch=epochs.get(folder_id, 0))
+        self._write_rows(account.account_id, [p.row for p in planned if p.row is not None])
         removals: dict[str, list[str]] = {}
         for p in planned:
             if p.row is None:
@@ -427,6 +420,36 @@ class MessageActionService:
                 upserted=tuple(p.row for p in planned if p.row is not None),
                 removed=tuple((p.action.folder_id, p.action.message_id) for p in planned
                               if p.row is None or p.row.folder_id != p.action.folder_id)))
+
+    def _write_rows(self, account_id: str, rows: Sequence[Message]) -> None:
+        """Rows into the store at their folders' sync epochs, raised to the epoch of a resync begun meanwhile.
+
+        Every row the service writes carries its folder's current epoch, or a resync of that folder that
+        has passed the message deletes it as unseen (docs/store.md). "Current" is read before the write,
+        though, and a resync can begin in between: it bumps the epoch, lists the message and writes it in
+        the new epoch, and then our write, a whole document, puts the old epoch back over the resync's
+        mark. When that resync ends, ``remove_stale`` deletes the row; if the action was a no-op at the
+        provider (the other client had moved it there, or set that flag, already) no delta round lists it
+        again: missing for good (the convergence test's rare ``missing=1``, a message in Deleted Items after
+        a burst of resyncs). So the epochs are read again after the write, and where one rose the row is
+        marked with it (only upwards, only where still in that folder: ``MessageStore.raise_epoch``). A
+        resync begun after that second read pages after our write, so it sees the row like any other.
+        Left open: a resync that begins, lists the message and also *ends* between the first read and the
+        mark (one bulk write and one point read apart) still deletes it.
+        """
+        if not rows:
+            return
+        store = self._store()
+        by_folder: dict[str, list[Message]] = {}
+        for row in rows:
+            by_folder.setdefault(row.folder_id, []).append(row)
+        folders = sorted(by_folder)
+        before = self._epochs(account_id, folders)
+        for folder_id, group in by_folder.items():
+            store.upsert_messages(group, epoch=before.get(folder_id, 0))
+        for folder_id, epoch in self._epochs(account_id, folders).items():
+            if epoch > before.get(folder_id, 0):
+                store.raise_epoch(account_id, folder_id, [row.message_id for row in by_folder[folder_id]], epoch)
 
     # --- the worker ----------------------------------------------------------------------------------
 
@@ -577,8 +600,7 @@ class MessageActionService:
             # IMAP ids name folder and UID: the moved message is a new document. Version 0: the target
             # folder's round (MODSEQ or clock) overwrites it with what the server says.
             moved = replace(current, message_id=new_id, folder_id=p.row.folder_id, version=0)
-            target = p.row.folder_id
-            store.upsert_messages([moved], epoch=self._epochs(account_id, [target]).get(target, 0))
+            self._write_rows(account_id, [moved])
             store.remove_messages(account_id, p.row.folder_id, [p.action.message_id])
             return MessagesChanged(account_id=account_id, upserted=(moved,),
                                    removed=((p.row.folder_id, p.action.message_id),))
@@ -649,7 +671,7 @@ class MessageActionService:
                           version=revert_version(p.version, now_ms, clock=clock))
             # The folder's epoch, like the optimistic row: a resync of it may have passed the message already
             # (its write refused by our newer row), and would delete one written in no epoch as unseen.
-            store.upsert_messages([row], epoch=self._epochs(account_id, [row.folder_id]).get(row.folder_id, 0))
+            self._write_rows(account_id, [row])
             if stored is not None and stored.folder_id != row.folder_id:
                 removed.append((stored.folder_id, stored.message_id))
             upserted.append(row)

@@ -742,6 +742,19 @@ class SearchStore:
                                               what="carry sync_epoch"))
         return tally
 
+    def raise_epoch(self, account_id: str, folder_id: str, message_ids: Sequence[str], epoch: int) -> BulkResult:
+        """Mark the messages as seen in ``epoch`` where they are still in ``folder_id`` and marked lower.
+
+        The carry of a refused write (``_carry_epoch``: same rules, same
+        conditional update), for a writer that learns of a newer epoch only
+        after it wrote: a user action's row, written with an epoch read
+        before a resync of its folder began (docs/actions.md). Gone, moved
+        or already marked: skipped.
+        """
+        docs.check_account_id(account_id)
+        refused = {docs.message_doc_id(account_id, m): folder_id for m in message_ids}
+        return self._finish(self._carry_epoch(refused, epoch), "raise_epoch")
+
     def message_action(self, doc_id: str, message: Message, doc: dict[str, Any]) -> _Action:
         """The bulk action indexing ``doc``: external_gte version, routed by account."""
         return ({"index": {

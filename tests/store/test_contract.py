@@ -583,6 +583,25 @@ def test_a_refused_write_never_lowers_the_stored_epoch(store: SearchStore) -> No
     assert store.get_message("acct1", "m0") is not None
 
 
+def test_raise_epoch_marks_only_copies_still_in_the_folder_and_only_upwards(store: SearchStore) -> None:
+    # A user action learnt of inbox's resync (epoch 9) after writing its rows in 5: m0 is raised; m1 has
+    # moved on to G (G's round owns it), m2 is marked 12 already (kept), m3 is gone (stays gone).
+    store.upsert_messages([msg("acct1", 0), msg("acct1", 3)], epoch=5)
+    store.upsert_messages([msg("acct1", 1, folder="G")], epoch=5)
+    store.upsert_messages([msg("acct1", 2)], epoch=12)
+    store.remove_messages("acct1", "inbox", ["m3"])
+
+    result = store.raise_epoch("acct1", "inbox", ["m0", "m1", "m2", "m3"], 9)
+
+    assert (result.written, result.skipped) == (1, 3)
+    epochs = {m: store.engine.get_document(store.names.messages, f"acct1:{m}", routing="acct1")
+              for m in ("m0", "m1", "m2", "m3")}
+    assert {m: (d["folder_id"], d["sync_epoch"]) if d else None for m, d in epochs.items()} == {
+        "m0": ("inbox", 9), "m1": ("G", 5), "m2": ("inbox", 12), "m3": None}
+    store.refresh()
+    assert store.remove_stale("acct1", "inbox", 9) == 0
+
+
 def test_a_carried_epoch_loses_to_a_move_that_lands_after_the_read(make_store: Callable[..., SearchStore]
                                                                   ) -> None:
     """A move between the carry's read and its update makes if_seq_no refuse it; the re-read sees G."""
