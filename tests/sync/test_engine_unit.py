@@ -33,7 +33,7 @@ from mailsync.providers.graph_client import MAX_RETRY_AFTER_S, backoff_delay, pa
 from mailsync.realtime.signalr_messages import MAX_UPSERTS, BufferingPublisher
 from mailsync.storage.cursors import AccountSyncState, SyncState
 from mailsync.sync import policy
-from mailsync.sync.engine import REAUTH_MESSAGES, Delivery
+from mailsync.sync.invocation import REAUTH_MESSAGES, Delivery
 from mailsync.sync.pipeline import PageReader
 from mailsync.sync.status import account_phase
 from mailsync.sync.worker import Invocation, SyncWorker
@@ -457,7 +457,7 @@ def test_good_messages_never_touch_the_poison_output(monkeypatch: pytest.MonkeyP
 
 
 def test_a_removed_folder_takes_its_known_subfolders_along() -> None:
-    from mailsync.sync.engine import _with_descendants
+    from mailsync.sync.folder_list import _with_descendants
 
     tree = {"A": "root", "B": "A", "C": "B", "D": "root"}
     rows = AccountSyncState("a", None, {f: row(f, parent_id=p) for f, p in tree.items()}, 0)

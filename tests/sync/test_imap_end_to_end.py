@@ -30,7 +30,7 @@ from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.store.engines import connect
 from mailsync.store.search_store import SearchStore, StoreOptions
-from mailsync.sync.engine import REAUTH_MESSAGES
+from mailsync.sync.invocation import REAUTH_MESSAGES
 from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.dovecot import DovecotServer, ImapUser, rfc822
 from tests.linking.tables import LinkingTables, linking_tables
