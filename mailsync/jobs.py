@@ -105,6 +105,41 @@ def encode_job(job: Job) -> str:
     return orjson.dumps(body).decode()
 
 
+class JobOutbox:
+    """A ``JobQueue`` keeping the jobs one invocation enqueues, for its queue output binding to send.
+
+    Why not send them straight to Storage: the Functions host wakes its own
+    listener on a queue the moment one of its functions writes a message to
+    that queue through an output binding (the Storage queues extension's
+    ``QueueAsyncCollector.AddAsync`` calls ``SharedQueueWatcher.Notify``,
+    which cuts the listener's back-off short), while a message sent with the
+    SDK waits for the listener's next poll: up to ``maxPollingInterval``
+    (host.json, 2.5 s) after a quiet spell. An ACTION job from the API is
+    then run as soon as a worker thread is free instead.
+
+    The host writes the messages after the function returned and before the
+    HTTP response goes (a failed write fails the invocation, 500), so a 202
+    still means the job is on the queue. An output binding cannot delay a
+    message, and its messages get the queue's default time-to-live (7 days;
+    ``AzureJobQueue`` sends with none): only jobs to run now, at once, go here.
+    """
+
+    def __init__(self) -> None:
+        self._bodies: list[str] = []
+
+    def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+        if delay_s:
+            raise ValueError("an output binding cannot delay a message: send a delayed job with the queue")
+        self._bodies.append(encode_job(job))
+
+    def bodies(self) -> list[str]:
+        """The queue output binding's value: one message body per job, in the order enqueued."""
+        return list(self._bodies)
+
+    def __bool__(self) -> bool:
+        return bool(self._bodies)
+
+
 def decode_job(text: str | bytes) -> Job:
     """Parse a queue message; anything malformed raises PoisonJob (never retried)."""
     raw = text.encode() if isinstance(text, str) else text

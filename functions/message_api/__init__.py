@@ -12,7 +12,9 @@ another account's); every bad input is a 4xx from the core.
 The three actions publish the optimistic rows at once (``messagesChanged``
 to the account, through the same SignalR output binding as sync_worker), so
 the user's other pages show the change before the ACTION job reached the
-provider.
+provider. Their ACTION job goes out through a queue output binding
+(``mailsync.jobs.JobOutbox``): the host then wakes its own queue listener at
+once instead of leaving the job to its next poll.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import azure.functions as func
 
 from functions._shared.http import bearer_token, handle_errors, json_response, read_json, read_json_object
 from functions._shared.runtime import runtime
+from mailsync.jobs import JobOutbox
 from mailsync.logs import log_context
 from mailsync.realtime.signalr_messages import BufferingPublisher
 
@@ -49,7 +52,13 @@ _signalr_output = bp.generic_output_binding(arg_name="signalr", type="signalR", 
                                             connection_string_setting="AzureSignalRConnectionString")
 
 
-def _publish(events: BufferingPublisher, signalr: func.Out[str]) -> None:
+# The ACTION job, on the queue sync_worker listens to (see mailsync.jobs.JobOutbox for why a binding).
+_jobs_output = bp.queue_output(arg_name="jobs", queue_name="%SYNC_QUEUE_NAME%", connection="AzureWebJobsStorage")
+
+
+def _publish(events: BufferingPublisher, signalr: func.Out[str], outbox: JobOutbox, jobs: func.Out[list[str]]) -> None:
+    if outbox:
+        jobs.set(outbox.bodies())
     if events:
         signalr.set(events.messages_json())
 
@@ -88,14 +97,15 @@ def message_attachment(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="accounts/{account_id}/messages/{message_id}", methods=["PATCH"],
           auth_level=func.AuthLevel.ANONYMOUS)
 @_signalr_output
+@_jobs_output
 @handle_errors
-def message_update(req: func.HttpRequest, signalr: func.Out[str]) -> func.HttpResponse:
+def message_update(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out[list[str]]) -> func.HttpResponse:
     account_id, message_id = _ids(req)
-    events = BufferingPublisher()
+    events, outbox = BufferingPublisher(), JobOutbox()
     with log_context(function="message_update", account_id=account_id):
         token = bearer_token(req)
-        body = runtime().message_actions.update(account_id, token, message_id, read_json(req), events)
-    _publish(events, signalr)
+        body = runtime().message_actions.update(account_id, token, message_id, read_json(req), events, outbox)
+    _publish(events, signalr, outbox, jobs)
     return json_response(body, 202)
 
 
@@ -103,27 +113,29 @@ def message_update(req: func.HttpRequest, signalr: func.Out[str]) -> func.HttpRe
 @bp.route(route="accounts/{account_id}/messages/{message_id}", methods=["DELETE"],
           auth_level=func.AuthLevel.ANONYMOUS)
 @_signalr_output
+@_jobs_output
 @handle_errors
-def message_delete(req: func.HttpRequest, signalr: func.Out[str]) -> func.HttpResponse:
+def message_delete(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out[list[str]]) -> func.HttpResponse:
     account_id, message_id = _ids(req)
-    events = BufferingPublisher()
+    events, outbox = BufferingPublisher(), JobOutbox()
     with log_context(function="message_delete", account_id=account_id):
         body = runtime().message_actions.delete(account_id, bearer_token(req), message_id,
-                                                req.params.get("permanent"), events)
-    _publish(events, signalr)
+                                                req.params.get("permanent"), events, outbox)
+    _publish(events, signalr, outbox, jobs)
     return json_response(body, 202)
 
 
 @bp.function_name("message_actions")
 @bp.route(route="accounts/{account_id}/messages/actions", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 @_signalr_output
+@_jobs_output
 @handle_errors
-def message_actions(req: func.HttpRequest, signalr: func.Out[str]) -> func.HttpResponse:
+def message_actions(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out[list[str]]) -> func.HttpResponse:
     account_id = req.route_params.get("account_id", "")
-    events = BufferingPublisher()
+    events, outbox = BufferingPublisher(), JobOutbox()
     with log_context(function="message_actions", account_id=account_id):
         token = bearer_token(req)
         body = runtime().message_actions.bulk(account_id, token, read_json_object(req, max_bytes=256_000),
-                                              events)
-    _publish(events, signalr)
+                                              events, outbox)
+    _publish(events, signalr, outbox, jobs)
     return json_response(body, 202)

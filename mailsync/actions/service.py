@@ -287,29 +287,30 @@ class MessageActionService:
     # --- acting -------------------------------------------------------------------------------------
 
     def update(self, account_id: str, bearer: str | None, message_id: str, body: Any,
-               events: EventPublisher | None = None) -> dict[str, Any]:
-        """PATCH: the optimistic row into the store and onto ``events`` (the page's live channel), the job queued."""
+               events: EventPublisher | None = None, jobs: JobQueue | None = None) -> dict[str, Any]:
+        """PATCH: the optimistic row into the store and onto ``events`` (the page's live channel), the job queued
+        (on ``jobs`` when given: the invocation's queue output binding, see ``mailsync.jobs.JobOutbox``)."""
         account = self._access.authenticate(account_id, bearer)
         change = parse_change(body)
         row = self._row(account, message_id)
         planned = self._plan(account, [row], change=change)
-        self._commit(account, planned, events)
+        self._commit(account, planned, events, jobs)
         return {"message": message_row(planned[0].row) if planned and planned[0].row else message_row(row),
                 "pending": bool(planned)}
 
     def delete(self, account_id: str, bearer: str | None, message_id: str, permanent_raw: str | None,
-               events: EventPublisher | None = None) -> dict[str, Any]:
-        """DELETE: to the trash (the moved row) or for good (a removal), published on ``events`` like ``update``."""
+               events: EventPublisher | None = None, jobs: JobQueue | None = None) -> dict[str, Any]:
+        """DELETE: to the trash (the moved row) or for good (a removal), published and queued like ``update``."""
         account = self._access.authenticate(account_id, bearer)
         permanent = parse_permanent(permanent_raw)
         row = self._row(account, message_id)
         planned = self._plan(account, [row], delete=True, permanent=permanent)
-        self._commit(account, planned, events)
+        self._commit(account, planned, events, jobs)
         moved = planned[0].row if planned else None
         return {"message": message_row(moved) if moved else None, "removed": moved is None, "pending": True}
 
     def bulk(self, account_id: str, bearer: str | None, body: Any,
-             events: EventPublisher | None = None) -> dict[str, Any]:
+             events: EventPublisher | None = None, jobs: JobQueue | None = None) -> dict[str, Any]:
         """``{"message_ids": [...], "action": {PATCH fields} | {"delete": true, "permanent": bool}}``.
 
         The optimistic rows go onto ``events`` as one ``messagesChanged`` (capped like the worker's).
@@ -340,7 +341,7 @@ class MessageActionService:
             planned = self._plan(account, rows, delete=True, permanent=bool(action.get("permanent", False)))
         else:
             planned = self._plan(account, rows, change=change)
-        self._commit(account, planned, events)
+        self._commit(account, planned, events, jobs)
         return {"accepted": len(rows), "not_found": missing,
                 "messages": [message_row(p.row) for p in planned if p.row is not None],
                 "removed": [{"message_id": p.action.message_id, "folder_id": p.action.folder_id}
@@ -389,13 +390,15 @@ class MessageActionService:
             planned.append(Planned(action=action, row=optimistic, version=version))
         return planned
 
-    def _commit(self, account: Account, planned: Sequence[Planned], events: EventPublisher | None) -> None:
+    def _commit(self, account: Account, planned: Sequence[Planned], events: EventPublisher | None,
+                jobs: JobQueue | None = None) -> None:
         """The optimistic rows into the store, then the provider work onto the queue, then onto ``events``.
 
         Published here, not only when the ACTION job is done: the job waits for the provider (a Graph
         round trip, a throttled retry), and until then the user's other pages would show the old row.
         Published after the enqueue, so a page never shows a change that was not accepted; if the job
-        later fails, ``_revert`` publishes the provider's row and an ``actionsFailed``.
+        later fails, ``_revert`` publishes the provider's row and an ``actionsFailed``. With ``jobs`` (the
+        invocation's queue output binding) both leave when the function returns, the job first.
         """
         if not planned:
             return
@@ -413,7 +416,7 @@ class MessageActionService:
             store.remove_messages(account.account_id, folder_id, ids)
         for p in planned:
             self._observe(p.action, "queued")
-        self._enqueue(account.account_id, planned, attempt=0, reason="user action")
+        self._enqueue(account.account_id, planned, attempt=0, reason="user action", queue=jobs)
         if events is not None:
             events.publish_changes(MessagesChanged(
                 account_id=account.account_id,
@@ -624,7 +627,7 @@ class MessageActionService:
                       delay_s=min(delay, 300.0))
 
     def _enqueue(self, account_id: str, planned: Sequence[Planned], *, attempt: int, reason: str,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, queue: JobQueue | None = None) -> None:
         """One ACTION job: the actions in it when they fit a queue message, else kept in the ledger and named.
 
         Not a job per 16 kB of actions: ~27 Graph ids fit one, so 500 made ~19 jobs that the worker ran at
@@ -637,7 +640,8 @@ class MessageActionService:
             attrs["actions"] = text
         else:
             attrs["batch"] = self._ledger().put_batch(account_id, text)
-        self._queue().enqueue(new_job(JobKind.ACTION, account_id, reason=reason, attrs=attrs), delay_s=delay_s)
+        target = queue if queue is not None else self._queue()   # (an empty JobOutbox is falsy)
+        target.enqueue(new_job(JobKind.ACTION, account_id, reason=reason, attrs=attrs), delay_s=delay_s)
 
     def _revert(self, account: Account, failed: Sequence[tuple[Planned, MailsyncError]], provider: Any,
                 events: EventPublisher) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from mailsync.actions.service import MessageActionService
 from mailsync.errors import AuthenticationError, InputError, NotFound
-from mailsync.jobs import decode_job, encode_job
+from mailsync.jobs import JobOutbox, decode_job, encode_job
 from mailsync.linking.access import AccountAccess, issue_access_token
 from mailsync.models import Account, AccountStatus, FlagStatus, Job, Provider
 from mailsync.providers.graph_actions import GraphActions
@@ -227,6 +227,33 @@ def test_the_optimistic_rows_are_published_at_once_before_the_provider_has_them(
     events = BufferingPublisher()
     world.service.update(world.account_id, world.token, second, {"folder_id": archive}, events)
     assert not events
+
+
+def test_an_action_given_the_invocations_outbox_queues_its_job_there(outlook: World) -> None:
+    """The HTTP functions hand the service their queue output binding (``JobOutbox``): the host wakes its
+    listener for a message written that way, not for one sent with the SDK (mailsync.jobs.JobOutbox)."""
+    world = outlook
+    first, second, third = _inbox(world, 3, is_read=False)
+    outboxes = [JobOutbox() for _ in range(3)]
+    world.service.update(world.account_id, world.token, first, {"is_read": True}, BufferingPublisher(), outboxes[0])
+    world.service.delete(world.account_id, world.token, second, None, BufferingPublisher(), outboxes[1])
+    world.service.bulk(world.account_id, world.token, {"message_ids": [third], "action": {"flag_status": "flagged"}},
+                       BufferingPublisher(), outboxes[2])
+    assert world.queue.jobs == []
+    jobs = [decode_job(body) for outbox in outboxes for body in outbox.bodies()]
+    assert [j.kind for j in jobs] == ["action"] * 3
+    # What the worker reads back from the queue carries the actions out.
+    world.queue.jobs = jobs
+    world.work()
+    truth = world.harness.messages()
+    assert truth[first].is_read is True and truth[third].flagged is True
+    assert truth[second].folder_id != world.harness.inbox_id
+    # Nothing to do, nothing queued.
+    idle = JobOutbox()
+    world.service.update(world.account_id, world.token, first, {"is_read": True}, BufferingPublisher(), idle)
+    assert not idle and world.queue.jobs == []
+    with pytest.raises(ValueError, match="cannot delay"):
+        idle.enqueue(jobs[0], delay_s=2)
 
 
 def test_a_delta_page_read_before_the_action_never_undoes_it(outlook: World) -> None:
