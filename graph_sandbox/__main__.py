@@ -21,7 +21,10 @@ def parse_args(argv: list[str] | None = None) -> SandboxConfig:
     parser.add_argument("--users", type=int, default=defaults.users, help="sandbox users (default %(default)s)")
     parser.add_argument("--messages-per-user", type=int, default=defaults.messages_per_user,
                         help="messages seeded per mailbox (default %(default)s)")
-    parser.add_argument("--latency-ms", type=int, default=0, help="added to every mail API request")
+    parser.add_argument("--latency-ms", type=int, default=0,
+                        help="added to every mail API request (once per $batch, not per item)")
+    parser.add_argument("--execution-ms", type=int, default=0,
+                        help="time a $batch item holds its mailbox concurrency slot (Outlook executing it)")
     parser.add_argument("--faults", default="none", choices=sorted(PROFILES), help="fault profile")
     parser.add_argument("--fault-seed", type=int, default=None, help="seed of the fault plan (default: --seed)")
     parser.add_argument("--access-token-lifetime-s", type=int, default=defaults.access_token_lifetime_s)
@@ -62,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> SandboxConfig:
     try:
         return SandboxConfig(host=args.host, port=args.port, seed=args.seed, users=args.users,
                              messages_per_user=args.messages_per_user, latency_ms=args.latency_ms,
+                             execution_ms=args.execution_ms,
                              faults=args.faults, fault_seed=args.fault_seed,
                              access_token_lifetime_s=args.access_token_lifetime_s,
                              delta_token_ttl_s=args.delta_token_ttl_s, public_url=args.public_url,

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     from graph_sandbox.state import SandboxState, SandboxUser
 
 RUNTIME_SETTINGS = frozenset({
-    "latency_ms", "rate_limit_requests", "rate_limit_window_s", "max_concurrency", "concurrency_retry_after_s",
+    "latency_ms", "execution_ms", "rate_limit_requests", "rate_limit_window_s", "max_concurrency",
+    "concurrency_retry_after_s",
     "delta_token_ttl_s", "access_token_lifetime_s", "default_page_size", "max_delta_page_size", "faults",
     "fault_seed", "public_url", "delta_token_cache", "delta_expired_status", "delta_lag_s", "delta_replay_rate",
     "search_folder_idle_days",

@@ -53,7 +53,11 @@ class SandboxConfig:
     users: int = 3
     messages_per_user: int = 200
     anchor: datetime = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
+    # The network round trip, paid once per HTTP request (a $batch too: once for the whole envelope). A
+    # plain request holds its mailbox concurrency slot through it (the sandbox's stand-in for its time at
+    # Outlook); the items of a $batch hold a slot for ``execution_ms`` each, as Outlook executes them.
     latency_ms: int = 0
+    execution_ms: int = 0
     faults: str = "none"
     fault_seed: int | None = None                 # None: derived from seed
     access_token_lifetime_s: int = 3600
@@ -103,6 +107,8 @@ class SandboxConfig:
             raise ValueError("messages_per_user must not be negative")
         if self.latency_ms < 0:
             raise ValueError("latency_ms must not be negative")
+        if self.execution_ms < 0:
+            raise ValueError("execution_ms must not be negative")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         if self.rate_limit_requests < 1 or self.rate_limit_window_s <= 0:

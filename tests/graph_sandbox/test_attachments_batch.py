@@ -97,9 +97,9 @@ def test_batch_limits_and_dependencies(sandbox: SandboxTestServer) -> None:
 
 
 def test_batch_items_share_the_mailbox_concurrency_limit(sandbox_factory) -> None:
-    # Four at a time from a batch fill the mailbox's four slots: a fifth request to the same mailbox
-    # made meanwhile is refused, like Graph's MailboxConcurrency 429 inside a batch.
-    sandbox = sandbox_factory(users=1, messages_per_user=30, latency_ms=150)
+    # Four at a time from a batch fill the mailbox's four slots while they execute: a fifth request to the
+    # same mailbox made meanwhile is refused, like Graph's MailboxConcurrency 429 inside a batch.
+    sandbox = sandbox_factory(users=1, messages_per_user=30, execution_ms=300)
     graph = sandbox.graph(sandbox.users[0])
     ids = [m["id"] for m in graph.get("me/messages", params={"$top": "20", "$select": "id"}).json()["value"]]
     items = [{"id": str(n), "method": "GET", "url": f"me/messages/{mid}?$select=id"} for n, mid in enumerate(ids)]
@@ -115,3 +115,73 @@ def test_batch_items_share_the_mailbox_concurrency_limit(sandbox_factory) -> Non
     thread.join()
     assert all(a["status"] == 200 for a in answers)
     assert outside == [429]
+
+
+def _message_ids(sandbox: SandboxTestServer, n: int) -> list[str]:
+    graph = sandbox.graph(sandbox.users[0])
+    return [m["id"] for m in graph.get("me/messages", params={"$top": str(n), "$select": "id"}).json()["value"]]
+
+
+def test_a_batch_pays_the_round_trip_once_and_holds_no_slot_meanwhile(sandbox_factory) -> None:
+    """Microsoft: "Requests in a batch are evaluated individually against throttling limits" (json-batching,
+    "Batch size limitations"); Graph "sends the Outlook service up to four individual requests from the
+    batch at a time" (throttling-limits, "Outlook service limits for JSON batching"). The items travel
+    inside Microsoft's network: the client's round trip (``latency_ms``) is the one POST, and an item holds
+    a mailbox slot only while Outlook executes it (``execution_ms``). A request to the mailbox made while
+    the batch is on the wire finds the slots free; the sandbox used to charge the latency to every item
+    inside its slot (a batch of 20 was five round trips, and this request got a 429)."""
+    import threading
+
+    sandbox = sandbox_factory(users=1, messages_per_user=30, latency_ms=400)
+    graph = sandbox.graph(sandbox.users[0])
+    items = [{"id": str(n), "method": "GET", "url": f"me/messages/{mid}?$select=id"}
+             for n, mid in enumerate(_message_ids(sandbox, 20))]
+    outside: list[int] = []
+    poke = threading.Timer(0.2, lambda: outside.append(
+        sandbox.graph(sandbox.users[0]).get("me/messages", params={"$top": "1"}).status_code))
+    poke.start()
+    answers = graph.post("$batch", json={"requests": items}).json()["responses"]
+    poke.join()
+    assert outside == [200]
+    assert [a["status"] for a in answers] == [200] * 20
+
+
+def test_four_dependson_batches_at_once_fit_the_mailbox_a_fifth_does_not(sandbox_factory) -> None:
+    """With ``dependsOn`` Graph sends "one request from the batch at a time", so apps targeting one mailbox
+    can "have up to four such batch requests run concurrently" (throttling-limits, "Outlook service limits
+    for JSON batching"): each holds one slot at a time. A fifth at once meets a full mailbox: its item is
+    429 and the items depending on it are 424."""
+    import threading
+
+    sandbox = sandbox_factory(users=1, messages_per_user=30, execution_ms=1000)
+    ids = _message_ids(sandbox, 15)
+
+    def chain(part: list[str]) -> list[dict]:
+        return [{"id": str(n), "method": "GET", "url": f"me/messages/{mid}?$select=id",
+                 **({"dependsOn": [str(n - 1)]} if n else {})} for n, mid in enumerate(part)]
+
+    def send_at_once(batches: list[list[dict]]) -> list[list[int]]:
+        start = threading.Barrier(len(batches))
+        answers: list[list[int]] = [[] for _ in batches]
+
+        def one(n: int) -> None:
+            graph = sandbox.graph(sandbox.users[0])
+            start.wait()
+            found = graph.post("$batch", json={"requests": batches[n]}).json()["responses"]
+            answers[n] = [a["status"] for a in sorted(found, key=lambda a: int(a["id"]))]
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(len(batches))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return answers
+
+    four = send_at_once([chain(ids[n * 3:n * 3 + 3]) for n in range(4)])
+    assert four == [[200, 200, 200]] * 4
+    five = send_at_once([chain(ids[n * 3:n * 3 + 3]) for n in range(5)])
+    refused = [statuses for statuses in five if 429 in statuses]
+    assert refused, "five chains of one slot each over a mailbox of four"
+    for statuses in refused:
+        first = statuses.index(429)
+        assert statuses[first + 1:] == [424] * (len(statuses) - first - 1)

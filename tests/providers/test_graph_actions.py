@@ -64,7 +64,7 @@ def test_actions_go_in_batches_of_twenty_with_immutable_ids_per_item(harness: Gr
 
 
 def test_items_refused_for_concurrency_are_sent_again(sandbox_factory) -> None:
-    server: SandboxTestServer = sandbox_factory(users=2, messages_per_user=40, max_concurrency=2, latency_ms=50)
+    server: SandboxTestServer = sandbox_factory(users=2, messages_per_user=40, max_concurrency=2, execution_ms=50)
     harness = GraphHarness(server, server.users[0], server.users[1])  # noqa: F811
     seen: list = []
     actions = _actions(harness, seen)
