@@ -68,6 +68,11 @@ def _keys(raw: str | None) -> tuple[tuple[str, bytes], ...]:
     return tuple(keys)
 
 
+def _proxy_configured(env: Mapping[str, str]) -> bool:
+    """True when a proxy variable is set (urllib's rule: a name ending in ``_proxy``, any case, non-empty)."""
+    return any(value and name.lower().endswith("_proxy") for name, value in env.items())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting mailsync reads. Frozen: pass it down, never mutate it."""
@@ -156,6 +161,17 @@ class Settings:
     signalr_service_uri: str | None = None
     signalr_client_id: str | None = None
 
+    # Outbound HTTP settings of the environment, read here once. requests (``Session.trust_env``)
+    # and the Azure SDK's transport (``use_env_settings``) otherwise read the environment on
+    # *every* request: two scans of all of os.environ for proxy variables, the CA bundle variables
+    # and a look for ~/.netrc. That was the largest single CPU item of a mailbox change (~17.5
+    # scans per change, 1-3 ms each on a loaded machine; docs/scaling.md). So: with no proxy
+    # variable at start-up (Azure Functions, local runs) the clients are told not to read the
+    # environment and get the CA bundle from here (``http_clients_read_env``); with one, they keep
+    # reading it per request as before (requests applies no_proxy only in that mode).
+    http_proxy_configured: bool = False
+    http_ca_bundle: str | None = None            # REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE (requests' order)
+
     # HTTP front door.
     max_body_bytes: int = 1_000_000
     # How many proxies of ours append to X-Forwarded-For: 1 = the Functions front end (or the devhost),
@@ -173,6 +189,16 @@ class Settings:
 
     # Local state (sandbox-only development key, ...): never used in Azure.
     local_dir: str = ".local"
+
+    @property
+    def http_clients_read_env(self) -> bool:
+        """Whether HTTP clients read proxies (and the CA bundle) from the environment per request."""
+        return self.http_proxy_configured
+
+    @property
+    def http_verify(self) -> str | bool:
+        """TLS verification for clients that do not read the environment: the CA bundle it named, else the default."""
+        return self.http_ca_bundle or True
 
     @property
     def uses_graph_sandbox(self) -> bool:
@@ -257,6 +283,8 @@ class Settings:
             stale_linking_s=_int(e, "STALE_LINKING_S", 3600),
             log_format=e.get("LOG_FORMAT") or "json",
             local_dir=e.get("MAILSYNC_LOCAL_DIR") or ".local",
+            http_proxy_configured=_proxy_configured(e),
+            http_ca_bundle=e.get("REQUESTS_CA_BUNDLE") or e.get("CURL_CA_BUNDLE") or None,
         )
         settings.validate()
         return settings

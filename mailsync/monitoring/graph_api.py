@@ -113,7 +113,7 @@ class AccountGraphClients:
     def __init__(self, settings: Settings, tokens: TokenProvider) -> None:
         self._tokens = tokens
         self._base_url = f"{settings.graph_sandbox_url}/v1.0" if settings.graph_sandbox_url else GRAPH_URL
-        self._session = GraphClient.new_session(pool_size=16)
+        self._session = GraphClient.new_session(pool_size=16, settings=settings)
 
     def __call__(self, account_id: str) -> GraphClient:
         def token(force_refresh: bool) -> str:

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import orjson
+import requests
 
 from mailsync.errors import CursorExpired, MalformedResponse, NotFound
 from mailsync.models import (
@@ -481,12 +482,16 @@ class GraphProviderFactory:
         self._settings = settings
         self._tokens = token_provider
         self._base_url = (settings.graph_sandbox_url + "/v1.0") if settings.graph_sandbox_url else GRAPH_URL
-        self._session = GraphClient.new_session(pool_size=32)
+        self._session = self.new_session(32)
         self._client_factory = client_factory
 
     @property
     def base_url(self) -> str:
         return self._base_url
+
+    def new_session(self, pool_size: int) -> requests.Session:
+        """Another pooled session to Graph, configured as this factory's."""
+        return GraphClient.new_session(pool_size=pool_size, settings=self._settings)
 
     def open(self, account: Account) -> GraphProvider:
         account_id = account.account_id

@@ -287,7 +287,7 @@ class GraphActionsFactory:
     def __init__(self, providers: GraphProviderFactory, token_provider: TokenProvider) -> None:
         self._providers = providers
         self._tokens = token_provider
-        self._session = GraphClient.new_session(pool_size=16)
+        self._session = providers.new_session(16)
 
     def open_actions(self, account: Account) -> GraphActions:
         account_id = account.account_id

@@ -43,6 +43,7 @@ from mailsync.errors import (
     ProviderThrottled,
     ProviderUnavailable,
 )
+from mailsync.settings import Settings
 
 GRAPH_URL = "https://graph.microsoft.com/v1.0"
 DEFAULT_TIMEOUT_S = 30.0
@@ -122,8 +123,13 @@ class GraphClient:
         self._session = session or self.new_session()
 
     @staticmethod
-    def new_session(pool_size: int = 16) -> requests.Session:
+    def new_session(pool_size: int = 16, *, settings: Settings | None = None) -> requests.Session:
+        """A pooled session. With ``settings``, it reads proxies and the CA bundle from the environment
+        per request only when ``Settings.http_clients_read_env`` says so (else from the settings)."""
         session = requests.Session()
+        if settings is not None and not settings.http_clients_read_env:
+            session.trust_env = False
+            session.verify = settings.http_verify
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         session.mount("https://", adapter)
         session.mount("http://", adapter)

@@ -35,8 +35,12 @@ from mailsync.settings import Settings
 CLIENT_OPTIONS: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 30}
 
 
-def _options(overrides: dict[str, Any]) -> dict[str, Any]:
-    return {**CLIENT_OPTIONS, **overrides}
+def _options(settings: Settings, overrides: dict[str, Any]) -> dict[str, Any]:
+    # use_env_settings: the transport's read of proxies and the CA bundle from the environment on
+    # every request; Settings read them once (http_clients_read_env, http_verify).
+    env: dict[str, Any] = {"use_env_settings": True} if settings.http_clients_read_env else \
+        {"use_env_settings": False, "connection_verify": settings.http_verify}
+    return {**CLIENT_OPTIONS, **env, **overrides}
 
 
 def _queue_retry() -> ExponentialRetry:
@@ -60,7 +64,7 @@ def _require_storage(settings: Settings) -> None:
 def table_service(settings: Settings, **options: Any) -> TableServiceClient:
     """A Tables service client (``options`` override the client defaults, e.g. ``retry_total=0``)."""
     _require_storage(settings)
-    kwargs = _options(options)
+    kwargs = _options(settings, options)
     if settings.storage_connection_string:
         return TableServiceClient.from_connection_string(settings.storage_connection_string, **kwargs)
     endpoint = f"https://{settings.storage_account_name}.table.core.windows.net"
@@ -80,18 +84,18 @@ def table_client(settings: Settings, suffix: str, **options: Any) -> TableClient
     return table_service(settings, **options).get_table_client(table_name(settings, suffix))
 
 
-def _queue_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+def _queue_kwargs(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
     defaults: dict[str, Any] = {"message_encode_policy": TextBase64EncodePolicy(),
                                 "message_decode_policy": BinaryBase64DecodePolicy()}
     if "retry_total" not in options:
         defaults["retry_policy"] = _queue_retry()
-    return _options({**defaults, **options})
+    return _options(settings, {**defaults, **options})
 
 
 def queue_service(settings: Settings, **options: Any) -> QueueServiceClient:
     """A Queues service client (account-level calls: list, create, properties)."""
     _require_storage(settings)
-    kwargs = _options({} if "retry_total" in options else {"retry_policy": _queue_retry()})
+    kwargs = _options(settings, {} if "retry_total" in options else {"retry_policy": _queue_retry()})
     kwargs.update(options)
     if settings.storage_connection_string:
         return QueueServiceClient.from_connection_string(settings.storage_connection_string, **kwargs)
@@ -102,7 +106,7 @@ def queue_service(settings: Settings, **options: Any) -> QueueServiceClient:
 def queue_client(settings: Settings, queue_name: str, **options: Any) -> QueueClient:
     """A client for one queue; bodies are base64 both ways, as the Functions queue trigger expects."""
     _require_storage(settings)
-    kwargs = _queue_kwargs(options)
+    kwargs = _queue_kwargs(settings, options)
     if settings.storage_connection_string:
         return QueueClient.from_connection_string(settings.storage_connection_string, queue_name, **kwargs)
     endpoint = f"https://{settings.storage_account_name}.queue.core.windows.net"

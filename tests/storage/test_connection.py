@@ -42,3 +42,50 @@ def test_no_storage_configured_is_a_configuration_error() -> None:
 def test_development_storage_shortcut() -> None:
     settings = Settings.from_env({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
     assert queue_client(settings, "jobs").url == "http://127.0.0.1:10001/devstoreaccount1/jobs"
+
+
+def _count_proxy_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import urllib.request
+
+    scans: list[int] = []
+    real = urllib.request.getproxies_environment
+
+    def counting() -> dict[str, str]:
+        scans.append(1)
+        return real()
+
+    monkeypatch.setattr(urllib.request, "getproxies_environment", counting)
+    return scans
+
+
+def test_clients_do_not_scan_the_environment_per_request_when_it_configures_no_proxy(
+        storage_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # requests' trust_env scanned all of os.environ for proxies (twice) on every table and
+    # queue call: the largest CPU item of a mailbox change (docs/scaling.md).
+    scans = _count_proxy_scans(monkeypatch)
+    assert not storage_settings.http_clients_read_env
+    table = table_client(storage_settings, "noenv")
+    table.create_table()
+    table.upsert_entity({"PartitionKey": "p", "RowKey": "r", "v": 1})
+    queue = queue_client(storage_settings, storage_settings.sync_queue_name + "-noenv")
+    queue.create_queue()
+    queue.send_message("x")
+    assert scans == []
+
+
+def test_a_proxy_in_the_environment_keeps_the_per_request_reading(
+        storage_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet = Settings.from_env({"PATH": "/bin", "HTTPS_PROXY": "", "REQUESTS_CA_BUNDLE": "/etc/ca.pem"})
+    assert not quiet.http_clients_read_env and quiet.http_verify == "/etc/ca.pem"   # the bundle, read once
+    assert Settings.from_env({"CURL_CA_BUNDLE": "/c.pem"}).http_verify == "/c.pem"
+    assert Settings.from_env({}).http_verify is True
+    for name in ("HTTPS_PROXY", "http_proxy", "no_proxy", "ALL_PROXY"):
+        assert Settings.from_env({name: "x"}).http_clients_read_env, name
+    # With a proxy variable, requests reads the environment per request as before
+    # (no_proxy=* lets Azurite through), so no_proxy keeps working.
+    settings = Settings.from_env({"no_proxy": "*", "AzureWebJobsStorage": storage_settings.storage_connection_string
+                                  or "", "TABLE_PREFIX": storage_settings.table_prefix})
+    scans = _count_proxy_scans(monkeypatch)
+    table = table_client(settings, "withenv")
+    table.create_table()
+    assert scans
