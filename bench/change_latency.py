@@ -63,6 +63,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -490,7 +491,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             cpu_before = sum(cpu_s(h.pid) or 0.0 for h in hosts)
             before = stack.sandbox.counters()
             writes_before = maker.graph_writes   # the benchmark's own Graph writes, this window's only
-            posts_before = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
+            delivery_before = stack.sandbox.admin("GET", "subscriptions")["delivery"]
+            posts_before = delivery_before.get("posts", 0)
+            wall_started = time.time()
             say(f"{clients.connected} clients connected; making {args.changes} changes at {args.rate}/s with "
                 f"{1 + len(stack.workers)} host process(es)")
             changes: list[Change] = []
@@ -559,7 +562,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 storage["idle_table_tx_per_s"] = idle.get("table_total", 0.0)
                 say(f"storage transactions during the changes: {used}; idle rate per s: "
                     f"{ {k: round(v, 2) for k, v in idle.items()} }")
-            posts_after = stack.sandbox.admin("GET", "subscriptions")["delivery"].get("posts", 0)
+            delivery_after = stack.sandbox.admin("GET", "subscriptions")["delivery"]
+            posts_after = delivery_after.get("posts", 0)
+            # Where a change's time goes: at the sandbox (queued until its POST was answered), in the
+            # webhook (the POST's round trip), on our queue and in the NOTIFIED job (the hosts' logs).
+            delivered = delivery_after.get("delivered", 0) - delivery_before.get("delivered", 0)
+            waits: dict[str, float] = {}
+            if delivered and "delivered_wait_ms" in delivery_after:
+                waits["sandbox_wait_ms_mean"] = (delivery_after["delivered_wait_ms"]
+                                                 - delivery_before["delivered_wait_ms"]) / delivered
+                waits["webhook_post_ms_mean"] = (delivery_after["post_ms"] - delivery_before["post_ms"]) \
+                    / max(1, posts_after - posts_before)
+            logs = [h.log_path for h in hosts if getattr(h, "log_path", None)]
+            if stack.in_process is not None:
+                logs.append(stack.workdir / "app.log")
+            waits.update(job_timings(logs, wall_started, time.time()))
             latencies = [1000 * (c.seen - c.sent) for c in changes if c.seen is not None]
             # Changes delivered per second, from the first change sent to the last event seen.
             last_seen = max((c.seen for c in changes if c.seen is not None), default=started)
@@ -592,7 +609,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "delta_pages_per_change": delta_pages / max(1, len(changes)),
                 "notification_posts": posts,
                 "delta_pages_per_notification_post": delta_pages / max(1, posts),
-                "latency_ms": args.latency_ms, "workers_killed": killed, **storage, **onboarding, **sweep, **verified,
+                "latency_ms": args.latency_ms, "workers_killed": killed, **waits, **storage, **onboarding,
+                **sweep, **verified,
             }
 
         for step_index, extra in enumerate(steps):
@@ -617,6 +635,40 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         stack.stop()
         if not args.keep:
             remove_workdir(stack.workdir)
+
+
+def job_timings(logs: list[Path], since: float, until: float) -> dict[str, float]:
+    """Where a change waits on our side: NOTIFIED jobs' queue wait and run time, from the hosts' logs.
+
+    The sync worker logs one "job ran" line per job with ``queued_s`` (insertion to start) and
+    ``run_s``; lines between ``since`` and ``until`` (epoch seconds) count.
+    """
+    queued: list[float] = []
+    ran: list[float] = []
+    jobs = 0
+    for path in logs:
+        if not path.exists():
+            continue
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if '"job ran"' not in line:
+                    continue
+                try:
+                    entry = json.loads(line)
+                    at = datetime.fromisoformat(entry["ts"]).timestamp()
+                except (ValueError, KeyError):
+                    continue
+                if not since <= at <= until:
+                    continue
+                jobs += 1
+                if entry.get("kind") == "notified" and entry.get("queued_s") is not None:
+                    queued.append(1000 * float(entry["queued_s"]))
+                    ran.append(1000 * float(entry.get("run_s", 0.0)))
+    if not queued:
+        return {}
+    return {"jobs_ran": jobs, "notified_jobs": len(queued),
+            "notified_queued_p50_ms": percentile(queued, 0.5), "notified_queued_p99_ms": percentile(queued, 0.99),
+            "notified_run_p50_ms": percentile(ran, 0.5), "notified_run_p99_ms": percentile(ran, 0.99)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,8 @@ Failures:
 from __future__ import annotations
 
 import logging
+import time
+from datetime import UTC, datetime
 
 import azure.functions as func
 import orjson
@@ -44,6 +46,12 @@ def poison_record(body: bytes, reason: str, *, message_id: str, dequeue_count: i
                          "body": body.decode("utf-8", errors="replace")}).decode()
 
 
+def queued_s(msg: func.QueueMessage) -> str | None:
+    """Seconds the message waited on the queue (insertion to now, any visibility delay included), for the log."""
+    inserted = msg.insertion_time
+    return None if inserted is None else f"{max(0.0, (datetime.now(UTC) - inserted).total_seconds()):.3f}"
+
+
 @bp.function_name("sync_worker")
 @bp.queue_trigger(arg_name="msg", queue_name="%SYNC_QUEUE_NAME%", connection="AzureWebJobsStorage")
 @bp.generic_output_binding(arg_name="signalr", type="signalR", hub_name="%SIGNALR_HUB%",
@@ -52,7 +60,8 @@ def poison_record(body: bytes, reason: str, *, message_id: str, dequeue_count: i
 def sync_worker(msg: func.QueueMessage, signalr: func.Out[str], poison: func.Out[str]) -> None:
     body = msg.get_body()
     dequeue_count = int(msg.dequeue_count or 1)
-    with log_context(function="sync_worker", queue_message_id=msg.id):
+    # Queue age is the signal to scale on (docs/scaling.md): every line of the invocation carries it.
+    with log_context(function="sync_worker", queue_message_id=msg.id, queued_s=queued_s(msg)):
         try:
             job = decode_job(body)
         except PoisonJob as exc:
@@ -66,6 +75,9 @@ def sync_worker(msg: func.QueueMessage, signalr: func.Out[str], poison: func.Out
             poison.set(poison_record(body, reason, message_id=msg.id, dequeue_count=dequeue_count))
             return
         events = BufferingPublisher()
+        started = time.monotonic()
         worker.run(job, Invocation(Delivery(delivery_id=msg.id or job.job_id, dequeue_count=dequeue_count), events))
         if events:
             signalr.set(events.messages_json())
+        log.info("job ran", extra={"kind": job.kind, "reason": job.reason,
+                                   "run_s": round(time.monotonic() - started, 3)})
