@@ -29,11 +29,12 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import hashlib
 import quopri
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from mailsync.models import Address, FlagStatus, Message
@@ -61,6 +62,9 @@ DRAFT = b"\\Draft"
 _ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)(?:\?=|$)")
 _BETWEEN_WORDS = re.compile(rb"\?=[ \t\r\n]+=\?")
 _PARAM = re.compile(r'''(?i);\s*([a-z0-9*_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))''')
+_DATE = re.compile(rb"(?:[A-Za-z]{3}, ?)?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})")
+_MONTHS = {m: n for n, m in enumerate(
+    (b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec"), start=1)}
 _TAG = re.compile(r"<[^>]*>")
 _STYLE = re.compile(r"(?is)<(style|script)\b.*?</\1>")
 _ENTITIES = (("&nbsp;", " "), ("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&#39;", "'"), ("&amp;", "&"))
@@ -127,6 +131,14 @@ def parse_header_block(raw: bytes | None, wanted: frozenset[bytes] | None = None
     headers: dict[bytes, bytes] = {}
     if not raw:
         return headers
+    if wanted is not None:
+        # One C scan finds the wanted fields; the lines of the others (most of a real header
+        # block: Received, DKIM, ARC...) never reach Python. Same rules as the loop below.
+        for match in _wanted_fields(wanted).finditer(raw):
+            field = match.group(1).lower()
+            if field not in headers:
+                headers[field] = _unfold(match.group(2), match.group(3))
+        return headers
     name: bytes | None = None
     parts: list[bytes] = []
     size = 0
@@ -142,7 +154,7 @@ def parse_header_block(raw: bytes | None, wanted: frozenset[bytes] | None = None
             headers[name] = b"".join(parts)[:MAX_HEADER_BYTES].strip()
         key, sep, value = line.partition(b":")
         name = key.strip().lower() if sep else None
-        if not name or b" " in name or name in headers or (wanted is not None and name not in wanted):
+        if not name or b" " in name or name in headers:
             name = None
             continue
         value = value.rstrip(b"\r")[:MAX_HEADER_BYTES]
@@ -151,6 +163,32 @@ def parse_header_block(raw: bytes | None, wanted: frozenset[bytes] | None = None
     if name is not None:
         headers[name] = b"".join(parts)[:MAX_HEADER_BYTES].strip()
     return headers
+
+
+def _unfold(value: bytes, continuation: bytes) -> bytes:
+    """A field's first-line value and its continuation lines as one value (``parse_header_block``'s rules)."""
+    value = value.rstrip(b"\r")[:MAX_HEADER_BYTES]
+    if continuation:
+        parts = [value]
+        size = len(value)
+        for line in continuation.split(b"\n")[1:]:
+            if size >= MAX_HEADER_BYTES:
+                break
+            piece = line.strip()
+            parts.append(b" " + piece)
+            size += len(piece) + 1
+        value = b"".join(parts)
+    return value[:MAX_HEADER_BYTES].strip()
+
+
+@functools.cache
+def _wanted_fields(wanted: frozenset[bytes]) -> re.Pattern[bytes]:
+    """A line whose name (the text before its first colon, stripped, any case) is in ``wanted``, with its
+    continuation lines. A line starting with a space or a tab continues the one before; ``bytes.strip``
+    would also take \\r, \\v and \\f off the name's ends, so they may stand around it here too."""
+    names = b"|".join(re.escape(n) for n in sorted(wanted, key=len, reverse=True))
+    return re.compile(rb"^(?:[\r\x0b\x0c][ \t\r\x0b\x0c]*)?(" + names
+                      + rb")[ \t\r\x0b\x0c]*:([^\n]*)((?:\n[ \t][^\n]*)*)", re.MULTILINE | re.IGNORECASE)
 
 
 class AddressCache:
@@ -204,10 +242,13 @@ def parse_addresses(raw: bytes) -> tuple[Address, ...]:
 
 
 def parse_date(raw: bytes | None) -> datetime | None:
+    """A Date header as UTC (None when unreadable): RFC 5322's usual form read here, any other by the stdlib."""
     if not raw:
         return None
     try:
-        parsed = email.utils.parsedate_to_datetime(to_text(raw))
+        parsed = _plain_date(raw)
+        if parsed is None:
+            parsed = email.utils.parsedate_to_datetime(to_text(raw))
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if parsed is None:
@@ -218,6 +259,23 @@ def parse_date(raw: bytes | None) -> datetime | None:
         return parsed.astimezone(UTC)
     except (OverflowError, ValueError):
         return None
+
+
+def _plain_date(raw: bytes) -> datetime | None:
+    """``[Day, ]dd Mon yyyy hh:mm:ss +zzzz`` (nearly every Date header) as the stdlib reads it, ~5x faster;
+    None for any other shape. Raises ValueError where the stdlib's datetime would (day 31 of February)."""
+    match = _DATE.fullmatch(raw.strip())
+    month = _MONTHS.get(match.group(2).lower()) if match else None
+    if match is None or month is None:
+        return None
+    day, _, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
+    offset = int(zone_h) * 3600 + int(zone_m) * 60
+    # "-0000" is "zone unknown" (the stdlib answers a naive time, read as UTC by the caller): the same instant.
+    zone = timezone(timedelta(seconds=-offset if sign == b"-" else offset))
+    century = int(year)
+    if century < 100:   # the stdlib's two-digit-year rule, which it applies to "0001" as well
+        century += 1900 if century > 68 else 2000
+    return datetime(century, month, int(day), int(hour), int(minute), int(second), tzinfo=zone)
 
 
 def utc(value: Any) -> datetime | None:
@@ -298,11 +356,15 @@ def _first_text(body: bytes, ctype: str, params: Mapping[str, str], encoding: st
     return text, ctype == "text/html"
 
 
-def preview_of(body: bytes | None, headers: Mapping[bytes, bytes]) -> str:
-    """Up to ``PREVIEW_CHARS`` of readable body text, whitespace collapsed."""
+def preview_of(body: bytes | None, headers: Mapping[bytes, bytes],
+               parsed_type: tuple[str, dict[str, str]] | None = None) -> str:
+    """Up to ``PREVIEW_CHARS`` of readable body text, whitespace collapsed.
+
+    ``parsed_type``: ``content_type`` of the headers, when the caller has it already.
+    """
     if not body:
         return ""
-    ctype, params = content_type(headers.get(b"content-type"))
+    ctype, params = parsed_type or content_type(headers.get(b"content-type"))
     try:
         found = _first_text(body, ctype, params, to_text(headers.get(b"content-transfer-encoding", b"")))
     except (ValueError, UnicodeError, LookupError):
@@ -315,9 +377,9 @@ def preview_of(body: bytes | None, headers: Mapping[bytes, bytes]) -> str:
     return " ".join(text[: PREVIEW_CHARS * 8].split())[:PREVIEW_CHARS]
 
 
-def has_attachments(headers: Mapping[bytes, bytes]) -> bool:
+def has_attachments(headers: Mapping[bytes, bytes], parsed_type: tuple[str, dict[str, str]] | None = None) -> bool:
     """multipart/mixed, or a body that is not text at all (a bare PDF): the common clients' rule of thumb."""
-    ctype, _ = content_type(headers.get(b"content-type"))
+    ctype, _ = parsed_type or content_type(headers.get(b"content-type"))
     if ctype.startswith("multipart/"):
         return ctype == "multipart/mixed"
     return not ctype.startswith("text/")
@@ -376,6 +438,7 @@ def map_message(*, account_id: str, folder_id: str, message_id: str, version: in
     get = headers.get
     senders = addresses.parse(get(b"from")) or addresses.parse(get(b"sender"))
     message_id_header = get(b"message-id")
+    parsed_type = content_type(get(b"content-type"))
     return record(Message, {
         "account_id": account_id,
         "message_id": message_id,
@@ -392,10 +455,10 @@ def map_message(*, account_id: str, folder_id: str, message_id: str, version: in
         "flag_status": FlagStatus.FLAGGED if FLAGGED in flags else FlagStatus.NOT_FLAGGED,
         "importance": importance(headers),
         "categories": categories(flags),
-        "has_attachments": has_attachments(headers),
+        "has_attachments": has_attachments(headers, parsed_type),
         "conversation_id": conversation_id(headers),
         "internet_message_id": to_text(message_id_header).strip()[:998] if message_id_header else None,
-        "body_preview": preview_of(text, headers),
+        "body_preview": preview_of(text, headers, parsed_type),
         "body_text": None,
         "is_draft": DRAFT in flags,
     })

@@ -93,6 +93,8 @@ def bulk_load_doc_id(account_id: str, holder: str = "") -> str:
 
 def clean_text(value: str) -> str:
     """Replace lone surrogates (IMAP's surrogateescape decoding makes them) so JSON encoding cannot fail."""
+    if value.isascii():   # a flag CPython keeps on every str: no scan, and most header text is ASCII
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

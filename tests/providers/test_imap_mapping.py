@@ -7,6 +7,7 @@ here each rule is pinned down on its own.
 from __future__ import annotations
 
 import base64
+import email.utils
 from datetime import UTC, datetime
 
 import pytest
@@ -35,6 +36,7 @@ from mailsync.providers.imap_mapping import (
     flags_key,
     has_attachments,
     map_message,
+    parse_date,
     parse_header_block,
     preview_of,
 )
@@ -72,6 +74,38 @@ def test_header_blocks_unfold_keep_the_first_and_cap_giants() -> None:
     assert headers[b"subject"] == b"first line"
     assert len(headers[b"x-big"]) <= 16_384
     assert headers[b"from"] == b"A <a@x>"
+
+
+@pytest.mark.parametrize("block", [
+    b"Subject: first\r\n line\r\nSUBJECT: second\r\n\r\n",                 # first wins, any case
+    b"Received: from a\r\n\tby b\r\nSubject: s\r\n\tcontinued\r\n",        # an unwanted field's lines skipped
+    b"\x0bSubject\t: spaced\r\nFrom : A <a@x>\r\n",                          # what bytes.strip takes off a name
+    b" Subject: a continuation first\r\nSub ject: no\r\nX-Subject: no\r\n",  # none of these is Subject
+    b"Subject: " + b"a" * 20_000 + b"\r\n " + b"b" * 10 + b"\r\nTo:\r\n",        # capped; an empty value
+    b"subject:no space\nfrom:\n continued only\n",                          # bare LF lines
+])
+def test_wanted_fields_read_as_the_whole_block_reads_them(block: bytes) -> None:
+    # The wanted fields are found by one regular expression, not the line loop: same answers.
+    wanted = frozenset({b"subject", b"from", b"to"})
+    everything = parse_header_block(block)
+    assert parse_header_block(block, wanted) == {k: v for k, v in everything.items() if k in wanted}
+
+
+@pytest.mark.parametrize("raw", [
+    b"Sun, 01 Jan 2023 05:52:56 +0200", b"1 Jan 2023 00:00:00 -0000", b"Xyz,31 Dec 1999 23:59:59 +1400",
+    b"01 jan 0001 00:00:00 +0000", b"01 Jan 69 00:00:00 +0000", b"01 Jan 0068 12:00:00 -0930",
+    b"31 Feb 2023 00:00:00 +0000", b"01 Jan 2023 24:00:00 +0000", b"01 Jan 2023 00:00:00 +9900",
+    b"  01 Jan 2023 00:00:00 +0000  ", b"01 Jan 2023 00:00 +0000", b"01 Jan 2023 00:00:00 GMT",
+    b"Mon, 2 Feb 2026 10:00:00 +0100 (CET)",
+])
+def test_dates_read_as_the_stdlib_reads_them(raw: bytes) -> None:
+    # The usual RFC 5322 form is read by a regular expression, others by the stdlib: same answers.
+    try:
+        expected = email.utils.parsedate_to_datetime(raw.decode())
+        expected = expected.replace(tzinfo=UTC) if expected.tzinfo is None else expected.astimezone(UTC)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        expected = None
+    assert parse_date(raw) == expected
 
 
 def test_a_message_with_every_odd_header_maps() -> None:
