@@ -469,7 +469,10 @@ class MessageActionService:
         attempt = int(job.attrs.get("attempt", "0") or 0)
         account = self._accounts.get(job.account_id)
         if account is not None:
-            self._run(account, planned, attempt, events)
+            if job.attrs.get("restore"):
+                self._run_restore(account, planned, attempt, events)
+            else:
+                self._run(account, planned, attempt, events)
         if batch_id:
             # Only now: a worker dying before this leaves the list for the redelivery (retries have their own).
             self._ledger().drop_batch(job.account_id, batch_id)
@@ -523,6 +526,15 @@ class MessageActionService:
         finally:
             provider.close()
             self._give_back(held)
+
+    def _run_restore(self, account: Account, planned: Sequence[Planned], attempt: int,
+                     events: EventPublisher) -> None:
+        """A restore job: failed actions whose rows ``_restore`` could not put back yet."""
+        provider = self._actions.open_actions(account)
+        try:
+            self._restore(account, planned, provider, events, attempt=attempt)
+        finally:
+            provider.close()
 
     def _take_slots(self, account: Account, actions: int) -> list[Any]:
         """The free ones of the mailbox's request slots, for a job that fills them (Graph runs 4 items of a
@@ -627,7 +639,7 @@ class MessageActionService:
                       delay_s=min(delay, 300.0))
 
     def _enqueue(self, account_id: str, planned: Sequence[Planned], *, attempt: int, reason: str,
-                 delay_s: float = 0.0, queue: JobQueue | None = None) -> None:
+                 delay_s: float = 0.0, queue: JobQueue | None = None, restore: bool = False) -> None:
         """One ACTION job: the actions in it when they fit a queue message, else kept in the ledger and named.
 
         Not a job per 16 kB of actions: ~27 Graph ids fit one, so 500 made ~19 jobs that the worker ran at
@@ -636,6 +648,8 @@ class MessageActionService:
         """
         text = encode_actions(planned)
         attrs = {"attempt": str(attempt)}
+        if restore:
+            attrs["restore"] = "1"     # put the rows back only: the actions failed already (``_restore``)
         if len(text) <= _JOB_BUDGET:
             attrs["actions"] = text
         else:
@@ -646,23 +660,44 @@ class MessageActionService:
     def _revert(self, account: Account, failed: Sequence[tuple[Planned, MailsyncError]], provider: Any,
                 events: EventPublisher) -> None:
         """Definitive failure: the rows go back to what the provider has, and the page is told."""
+        account_id = account.account_id
+        for p, error in failed:
+            self._observe(p.action, "failed")
+            log.warning("action failed for good: %s", error.message,
+                        extra={"account_id": account_id, "error_code": error.code})
+        self._restore(account, [p for p, _ in failed], provider, events, attempt=0)
+        notify = getattr(events, "publish_action_failures", None)
+        if notify is not None:
+            notify(account_id, [{"message_id": p.action.message_id, "code": e.code, "message": e.message}
+                                for p, e in failed])
+
+    def _restore(self, account: Account, planned: Sequence[Planned], provider: Any, events: EventPublisher, *,
+                 attempt: int) -> None:
+        """The rows of failed actions back to the provider's truth, read now (removed if the message is gone).
+
+        A message the provider cannot be asked about now (a dropped connection, a NO, a 429) is asked again
+        later by a restore job, not left as it is: its optimistic row says what never happened, and no delta
+        round corrects a message that did not change at the provider. On IMAP the row of a failed move even
+        sits in a folder that is not the message's, and the removal of that folder (the very reason a move
+        fails) then deleted it from the store for good (the IMAP convergence test's every-fault scenario).
+        """
         store = self._store()
         account_id = account.account_id
         now_ms = int(self._clock() * 1000)
         upserted: list[Message] = []
         removed: list[tuple[str, str]] = []
-        latest = self._ledger().latest(account_id, [p.action.message_id for p, _ in failed])
-        for p, error in failed:
-            self._observe(p.action, "failed")
-            log.warning("action failed for good: %s", error.message,
-                        extra={"account_id": account_id, "error_code": error.code})
+        unread: list[Planned] = []
+        latest = self._ledger().latest(account_id, [p.action.message_id for p in planned])
+        for p in planned:
             where = p.row.folder_id if p.row is not None else p.action.folder_id
             try:
                 truth = provider.read_message(p.action.folder_id, p.action.message_id).message
             except NotFound:
                 truth = None
-            except MailsyncError:
-                # Cannot even read it now: leave the row; the next delta round corrects it.
+            except MailsyncError as exc:
+                log.info("cannot read the provider's copy to undo a failed action now: %s", exc.code,
+                         extra={"account_id": account_id, "error_code": exc.code})
+                unread.append(p)
                 continue
             stored = store.get_message(account_id, p.action.message_id)
             if truth is None:
@@ -678,19 +713,24 @@ class MessageActionService:
             row = replace(base, is_read=base.is_read if READ in keep else truth.is_read,
                           flag_status=base.flag_status if FLAG in keep else truth.flag_status,
                           folder_id=base.folder_id if PLACE in keep else truth.folder_id,
-                          version=revert_version(p.version, now_ms, clock=clock))
+                          version=revert_version(p.version, now_ms, clock=clock, truth=truth.version))
             # The folder's epoch, like the optimistic row: a resync of it may have passed the message already
             # (its write refused by our newer row), and would delete one written in no epoch as unseen.
             self._write_rows(account_id, [row])
             if stored is not None and stored.folder_id != row.folder_id:
                 removed.append((stored.folder_id, stored.message_id))
             upserted.append(row)
-        events.publish_changes(MessagesChanged(account_id=account_id, upserted=tuple(upserted),
-                                               removed=tuple(removed)))
-        notify = getattr(events, "publish_action_failures", None)
-        if notify is not None:
-            notify(account_id, [{"message_id": p.action.message_id, "code": e.code, "message": e.message}
-                                for p, e in failed])
+        if upserted or removed:
+            events.publish_changes(MessagesChanged(account_id=account_id, upserted=tuple(upserted),
+                                                   removed=tuple(removed)))
+        if not unread:
+            return
+        if attempt + 1 >= MAX_ATTEMPTS:
+            log.error("gave up undoing %d failed action(s): the provider could not be read", len(unread),
+                      extra={"account_id": account_id})
+            return
+        self._enqueue(account_id, unread, attempt=attempt + 1, reason="user action (restore)",
+                      delay_s=min(float(2 ** attempt), 300.0), restore=True)
 
 
 def _merge(a: MessagesChanged, b: MessagesChanged) -> MessagesChanged:

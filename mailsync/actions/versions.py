@@ -26,9 +26,21 @@ it. How, depends on what the provider's versions are:
 * IMAP without CONDSTORE: versions are read times in ms, like Graph's
   fill: the Graph rule applies.
 
-A row reverted after a definitive failure must beat the optimistic one:
-Graph and IMAP-time rows one ms past it, IMAP-MODSEQ rows at the same
-version (equal wins, and the next MODSEQ round is the truth anyway).
+A row reverted after a definitive failure must beat the optimistic one,
+and also the optimistic one's *tombstone*: a removal bumps a document's
+version by one and the store keeps that for a minute (docs/store.md). An
+IMAP move into a folder that another client deletes meanwhile fails at the
+server, but the engine's folder round may have removed the folder first —
+and with it the optimistic row, which said it was there. Written at the
+optimistic MODSEQ, the provider's truth was then refused by that
+tombstone, and since the message did not change at the server no delta
+round ever brought it back: missing for good (the IMAP convergence test's
+every-fault scenario, 5 runs in 7). So: Graph and IMAP-time rows one ms
+past the optimistic version (or now), IMAP-MODSEQ rows one past the
+higher of the optimistic version and the MODSEQ just read. That never
+hides a later change: the server gives the message's next change a MODSEQ
+above the folder's HIGHESTMODSEQ, which is at least the one just read, so
+at least this one (equal wins).
 """
 
 from __future__ import annotations
@@ -50,5 +62,6 @@ def optimistic_version(stored: int, now_ms: int, *, clock: bool) -> int:
     return max(stored, now_ms) if clock else stored
 
 
-def revert_version(optimistic: int, now_ms: int, *, clock: bool) -> int:
-    return max(optimistic + 1, now_ms) if clock else optimistic
+def revert_version(optimistic: int, now_ms: int, *, clock: bool, truth: int = 0) -> int:
+    """The version of a row put back to the provider's truth (``truth``: the version the provider just gave)."""
+    return max(optimistic + 1, now_ms) if clock else max(optimistic, truth) + 1

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import pytest
 
 from mailsync.actions.service import MessageActionService
-from mailsync.errors import AuthenticationError, InputError, NotFound
+from mailsync.errors import AuthenticationError, InputError, NotFound, ProviderUnavailable
 from mailsync.jobs import JobOutbox, decode_job, encode_job
 from mailsync.linking.access import AccountAccess, issue_access_token
 from mailsync.models import Account, AccountStatus, FlagStatus, Job, Provider
@@ -48,14 +48,25 @@ class RecordingQueue:
 
 class Factory:
     """Opens the real provider; ``before_apply`` (when set) runs first inside each ``apply``, so a
-    test can put something between a job's checks and its write reaching the provider."""
+    test can put something between a job's checks and its write reaching the provider; ``before_read``
+    the same inside each ``read_message`` (it may raise what a dropped connection raises)."""
 
     def __init__(self, make) -> None:  # type: ignore[no-untyped-def]
         self._make = make
         self.before_apply = None
+        self.before_read = None
 
     def open_actions(self, account: Account):  # type: ignore[no-untyped-def]
         provider = self._make()
+        before_read = self.before_read
+        if before_read is not None:
+            read = provider.read_message
+
+            def hooked_read(folder_id, message_id):  # type: ignore[no-untyped-def]
+                before_read(folder_id, message_id)
+                return read(folder_id, message_id)
+
+            provider.read_message = hooked_read
         hook = self.before_apply
         if hook is not None:
             apply = provider.apply
@@ -467,3 +478,63 @@ def test_scoping_and_unknown_messages(outlook: World) -> None:
     row = outlook.row(message_id)
     assert replace(row, version=0) == replace(outlook.row(message_id), version=0)
     assert row.flag_status in tuple(FlagStatus)
+
+
+
+
+def test_a_failed_imap_move_into_a_folder_removed_meanwhile_puts_the_message_back(imap: World) -> None:
+    """The user moves an Inbox message into a folder another client deletes before the move runs; the
+    engine's folder round removes the folder from the store first, and with it the optimistic row (which
+    said the message was there), leaving a tombstone one version above it. The move then fails at the
+    server. Written at the optimistic version (the unchanged MODSEQ), the Inbox row was refused by that
+    tombstone, and no delta round lists a message that did not change: missing for good (the IMAP
+    convergence test's every-fault scenario)."""
+    world = imap
+    (message_id,) = _inbox(world)
+    doomed = world.harness.create_folder("Doomed")
+    world.sync()
+    world.service.update(world.account_id, world.token, message_id, {"folder_id": doomed})
+    world.harness.delete_folder(doomed)
+    world.store.remove_folder(world.account_id, doomed)     # the engine's folder-list round
+    world.store.refresh()
+    assert world.row(message_id) is None
+    events = world.work()
+    row = world.row(message_id)
+    assert row is not None and row.folder_id == world.harness.inbox_id
+    failed = [m for m in events.messages() if m["target"] == TARGET_ACTIONS_FAILED]
+    assert [f["message_id"] for f in failed[0]["arguments"][0]["failures"]] == [message_id]
+    world.sync()                                             # what the Inbox's rounds write agrees
+    assert world.row(message_id).folder_id == world.harness.inbox_id
+
+
+def test_a_failed_action_whose_truth_cannot_be_read_now_is_put_back_later(imap: World) -> None:
+    """The same failed move, but the provider cannot be read when the job undoes it (the connection
+    drops). The optimistic row was left as it was, in the folder being deleted, "for the next delta
+    round" — which never lists a message that did not change — and the folder's removal then deleted it
+    from the store. A restore job asks the provider again later."""
+    world = imap
+    (message_id,) = _inbox(world)
+    doomed = world.harness.create_folder("Doomed")
+    world.sync()
+    world.service.update(world.account_id, world.token, message_id, {"folder_id": doomed})
+    world.harness.delete_folder(doomed)
+    drops = [1]
+
+    def dropped(folder_id: str, _message_id: str) -> None:
+        if drops:
+            drops.pop()
+            raise ProviderUnavailable("IMAP connection lost (injected)")
+
+    world.factory.before_read = dropped
+    events = world.work()
+    failed = [m for m in events.messages() if m["target"] == TARGET_ACTIONS_FAILED]
+    assert [f["message_id"] for f in failed[0]["arguments"][0]["failures"]] == [message_id]
+    assert [job.attrs.get("restore") for job in world.queue.jobs] == ["1"]
+    assert world.queue.delays[-1] == 1.0
+    world.store.remove_folder(world.account_id, doomed)     # the engine's folder-list round
+    world.store.refresh()
+    world.work()                                             # the restore job
+    row = world.row(message_id)
+    assert row is not None and row.folder_id == world.harness.inbox_id
+    assert world.queue.jobs == []
+
