@@ -9,13 +9,14 @@ new module implementing one of these, plus the shared contract suite in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from mailsync.actions.models import (
     ActionClaim,
     ActionOutcome,
     AttachmentContent,
+    Claimed,
     LatestActions,
     MessageAction,
     MessageContent,
@@ -101,7 +102,12 @@ class ActionLedger(Protocol):
     bulk action's list for the one job that names it.
     """
 
-    def claim(self, account_id: str, claims: Sequence[ActionClaim]) -> dict[str, int]:
+    def claim(self, account_id: str, claims: Sequence[ActionClaim]) -> dict[str, Claimed]:
+        ...
+
+    def release(self, account_id: str, claimed: Mapping[str, Claimed]) -> None:
+        """Undo claims whose action was never queued: each field still at the claim's number goes back
+        to what the claim found (a field a newer claim took since stays that claim's)."""
         ...
 
     def latest(self, account_id: str, message_ids: Sequence[str]) -> dict[str, LatestActions]:

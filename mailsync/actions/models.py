@@ -107,6 +107,15 @@ class ActionClaim:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """What ``ActionLedger.claim`` gave one message: its number, and the fields it took over as they were
+    (name → (sequence number, value); a field absent had no claim), which ``release`` puts back."""
+
+    seq: int
+    prior: dict[str, tuple[int, LedgerValue]]
+
+
+@dataclass(frozen=True)
 class LatestActions:
     """The ledger's entry for one message: per field, the sequence number and value of the latest action.
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import orjson
 
-from mailsync.actions.models import FLAG, PLACE, READ, AttachmentContent, MessageAction
+from mailsync.actions.models import FLAG, PLACE, READ, AttachmentContent, Claimed, MessageAction
 from mailsync.actions.ordering import claim_of, current_part, reassertion
 from mailsync.actions.sanitise import sanitise_html
 from mailsync.actions.versions import optimistic_version, revert_version, uses_clock
@@ -102,6 +102,7 @@ class Planned:
     row: Message | None                   # the optimistic row (None: removed from the store)
     version: int                          # the optimistic version
     seq: int = 0                          # the action ledger's number for it (0: not claimed)
+    before: Message | None = None         # the row as the store had it (only while accepting; not in the job)
 
 
 def _message_id(raw: Any) -> str:
@@ -367,7 +368,7 @@ class MessageActionService:
                 to_trash = not permanent and trash is not None and row.folder_id != trash
                 action = MessageAction(row.message_id, row.folder_id, delete=True, permanent=not to_trash)
                 optimistic = replace(row, folder_id=trash, version=version) if to_trash and trash else None
-                planned.append(Planned(action=action, row=optimistic, version=version))
+                planned.append(Planned(action=action, row=optimistic, version=version, before=row))
                 continue
             assert change is not None
             flag = change.flag_status
@@ -387,7 +388,7 @@ class MessageActionService:
                                  is_read=row.is_read if is_read is None else is_read,
                                  flag_status=row.flag_status if flag is None else flag,
                                  folder_id=destination or row.folder_id)
-            planned.append(Planned(action=action, row=optimistic, version=version))
+            planned.append(Planned(action=action, row=optimistic, version=version, before=row))
         return planned
 
     def _commit(self, account: Account, planned: Sequence[Planned], events: EventPublisher | None,
@@ -403,9 +404,22 @@ class MessageActionService:
         if not planned:
             return
         # Numbered first: a job must never run without its number (it would lose to every claim).
-        seqs = self._ledger().claim(account.account_id, [
+        claimed = self._ledger().claim(account.account_id, [
             claim_of(p.action, p.row.folder_id if p.row is not None else None) for p in planned])
-        planned = [replace(p, seq=seqs[p.action.message_id]) for p in planned]
+        planned = [replace(p, seq=claimed[p.action.message_id].seq) for p in planned]
+        try:
+            self._write_and_enqueue(account, planned, jobs)
+        except BaseException:
+            self._take_back(account, planned, claimed)
+            raise
+        if events is not None:
+            events.publish_changes(MessagesChanged(
+                account_id=account.account_id,
+                upserted=tuple(p.row for p in planned if p.row is not None),
+                removed=tuple((p.action.folder_id, p.action.message_id) for p in planned
+                              if p.row is None or p.row.folder_id != p.action.folder_id)))
+
+    def _write_and_enqueue(self, account: Account, planned: Sequence[Planned], jobs: JobQueue | None) -> None:
         store = self._store()
         self._write_rows(account.account_id, [p.row for p in planned if p.row is not None])
         removals: dict[str, list[str]] = {}
@@ -417,12 +431,38 @@ class MessageActionService:
         for p in planned:
             self._observe(p.action, "queued")
         self._enqueue(account.account_id, planned, attempt=0, reason="user action", queue=jobs)
-        if events is not None:
-            events.publish_changes(MessagesChanged(
-                account_id=account.account_id,
-                upserted=tuple(p.row for p in planned if p.row is not None),
-                removed=tuple((p.action.folder_id, p.action.message_id) for p in planned
-                              if p.row is None or p.row.folder_id != p.action.folder_id)))
+
+    def _take_back(self, account: Account, planned: Sequence[Planned], claimed: Mapping[str, Claimed]) -> None:
+        """The actions were claimed but never queued (the queue or the store failed): undo both, then the
+        caller's error answers the request, so the user knows they did not happen.
+
+        Left claimed, the ledger said a newer action owned those fields, and an older action's job still
+        on the queue dropped them as superseded (mailsync.actions.ordering) — for an action that never
+        runs: neither the older nor the newer value reached the provider, and the optimistic row stayed.
+        So the rows go back to what the store had (one version above the optimistic one, like a revert:
+        it must beat it, or its tombstone) and each claim hands its fields back to the claims it took
+        them from. Best effort: if the store or the ledger fails here too, that is logged; the original
+        error is what the caller sees.
+        """
+        account_id = account.account_id
+        for p in planned:
+            self._observe(p.action, "failed")
+        try:
+            self._ledger().release(account_id, {p.action.message_id: claimed[p.action.message_id]
+                                                for p in planned})
+        except MailsyncError as exc:
+            log.error("could not release the claims of actions that were not queued: %s", exc.code,
+                      extra={"account_id": account_id, "error_code": exc.code})
+        now_ms = int(self._clock() * 1000)
+        graph = account.provider is Provider.OUTLOOK
+        try:
+            self._write_rows(account_id, [
+                replace(p.before, version=revert_version(p.version, now_ms, clock=uses_clock(graph, p.version),
+                                                         truth=p.before.version))
+                for p in planned if p.before is not None])
+        except MailsyncError as exc:
+            log.error("could not put back the rows of actions that were not queued: %s", exc.code,
+                      extra={"account_id": account_id, "error_code": exc.code})
 
     def _write_rows(self, account_id: str, rows: Sequence[Message]) -> None:
         """Rows into the store at their folders' sync epochs, raised to the epoch of a resync begun meanwhile.

@@ -28,13 +28,13 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
-from mailsync.actions.models import FLAG, PLACE, READ, ActionClaim, LatestActions, LedgerValue
+from mailsync.actions.models import FLAG, PLACE, READ, ActionClaim, Claimed, LatestActions, LedgerValue
 from mailsync.errors import StoreError, StoreUnavailable
 from mailsync.store import documents as docs
 from mailsync.store.engine import EngineError, SearchEngine
@@ -172,14 +172,14 @@ class SearchActionLedger:
                 found[ids[doc_id]] = entry_from_source(read[0])
         return found
 
-    def claim(self, account_id: str, claims: Sequence[ActionClaim]) -> dict[str, int]:
-        """Record each claim as the latest action on its fields; its sequence number, by message id.
+    def claim(self, account_id: str, claims: Sequence[ActionClaim]) -> dict[str, Claimed]:
+        """Record each claim as the latest action on its fields; its number and what it took over, by message id.
 
         A message named twice gets one number for the last of its claims (the
         service never sends that; bulk ids are deduplicated).
         """
         pending = {docs.message_doc_id(account_id, c.message_id): c for c in claims}
-        seqs: dict[str, int] = {}
+        seqs: dict[str, Claimed] = {}
         for round_ in range(CLAIM_ROUNDS):
             if not pending:
                 return seqs
@@ -190,11 +190,13 @@ class SearchActionLedger:
             now_ms = int(now * 1000)
             updated_at = self._iso(now)
             lines: list[bytes] = []
-            planned: list[tuple[str, int]] = []
+            planned: list[tuple[str, Claimed]] = []
             for doc_id, read in self._read(account_id, list(pending)):
                 claim = pending[doc_id]
                 source, seq_no, primary_term = read if read is not None else ({}, -1, -1)
                 seq = max(int(source.get("seq") or 0) + 1, now_ms)
+                found = entry_from_source(source).fields
+                prior = {name: found[name] for name in claim.fields if name in found}
                 doc = {k: v for k, v in source.items() if k in ("account_id", "message_id", "seq")
                        or k in FIELDS or k.endswith("_seq")}
                 doc.update(account_id=account_id, message_id=claim.message_id, seq=seq, updated_at=updated_at)
@@ -207,7 +209,7 @@ class SearchActionLedger:
                     op = "index"
                     meta.update(if_seq_no=seq_no, if_primary_term=primary_term)
                 lines.append(orjson.dumps({op: meta}) + b"\n" + orjson.dumps(doc) + b"\n")
-                planned.append((doc_id, seq))
+                planned.append((doc_id, Claimed(seq=seq, prior=prior)))
             try:
                 answer = self._engine.bulk(b"".join(lines))
             except EngineError as exc:
@@ -216,11 +218,11 @@ class SearchActionLedger:
             if len(items) != len(planned):
                 raise StoreUnavailable("action ledger claim: the store answered for fewer items than sent",
                                        retry_after_s=2.0)
-            for (doc_id, seq), item in zip(planned, items, strict=True):
+            for (doc_id, claimed), item in zip(planned, items, strict=True):
                 result = next(iter(item.values()))
                 status = int(result.get("status", 500))
                 if 200 <= status < 300:
-                    seqs[pending.pop(doc_id).message_id] = seq
+                    seqs[pending.pop(doc_id).message_id] = claimed
                 elif status == 409:
                     continue            # another claim won the race: read it and number after it
                 elif status == 429 or status >= 500:
@@ -231,6 +233,72 @@ class SearchActionLedger:
         if not pending:
             return seqs
         raise StoreUnavailable(f"action ledger claim: {len(pending)} message(s) still contended", retry_after_s=1.0)
+
+
+    def release(self, account_id: str, claimed: Mapping[str, Claimed]) -> None:
+        """Put back what each claim took over, on the fields still at its number (see ``ActionLedger``).
+
+        Read, decide, write with ``if_seq_no`` like ``claim``: a claim landing in between makes the write
+        fail (409) and the entry is read and decided again. The message's ``seq`` stays: numbers are never
+        handed out twice. Only the claim's own fields are touched, so a newer claim on another field and
+        a claim already released are left as they are.
+        """
+        pending = {docs.message_doc_id(account_id, m): c for m, c in claimed.items()}
+        for round_ in range(CLAIM_ROUNDS):
+            if not pending:
+                return
+            if round_:
+                time.sleep(random.uniform(0.0, min(0.5, 0.01 * 2 ** round_)))
+            lines: list[bytes] = []
+            sent: list[str] = []
+            for doc_id, read in self._read(account_id, list(pending)):
+                if read is None:
+                    pending.pop(doc_id)          # purged or the account deleted: nothing claims anything
+                    continue
+                source, seq_no, primary_term = read
+                claim = pending[doc_id]
+                doc = dict(source)
+                changed = False
+                for name in FIELDS:
+                    if source.get(f"{name}_seq") != claim.seq:
+                        continue
+                    changed = True
+                    if name in claim.prior:
+                        doc[f"{name}_seq"], doc[name] = claim.prior[name]
+                    else:
+                        doc.pop(f"{name}_seq", None)
+                        doc.pop(name, None)
+                if not changed:
+                    pending.pop(doc_id)
+                    continue
+                doc["updated_at"] = self._iso(self._clock())
+                meta = {"_index": self._index, "_id": doc_id, "routing": account_id, "if_seq_no": seq_no,
+                        "if_primary_term": primary_term}
+                lines.append(orjson.dumps({"index": meta}) + b"\n" + orjson.dumps(doc) + b"\n")
+                sent.append(doc_id)
+            if not lines:
+                return
+            try:
+                answer = self._engine.bulk(b"".join(lines))
+            except EngineError as exc:
+                _raise("action ledger release", exc)
+            items = answer.get("items") or []
+            if len(items) != len(sent):
+                raise StoreUnavailable("action ledger release: the store answered for fewer items than sent",
+                                       retry_after_s=2.0)
+            for doc_id, item in zip(sent, items, strict=True):
+                status = int(next(iter(item.values())).get("status", 500))
+                if 200 <= status < 300:
+                    pending.pop(doc_id)
+                elif status == 409:
+                    continue            # a claim landed meanwhile: read and decide again
+                elif status == 429 or status >= 500:
+                    raise StoreUnavailable(f"action ledger release: {status}", retry_after_s=2.0)
+                else:
+                    raise StoreError(f"action ledger release refused: {status}")
+        if pending:
+            raise StoreUnavailable(f"action ledger release: {len(pending)} message(s) still contended",
+                                   retry_after_s=1.0)
 
 
 if TYPE_CHECKING:   # mypy proves the adapter implements the port

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import pytest
 
 from mailsync.actions.service import MessageActionService
-from mailsync.errors import AuthenticationError, InputError, NotFound, ProviderUnavailable
+from mailsync.errors import AuthenticationError, DependencyUnavailable, InputError, NotFound, ProviderUnavailable
 from mailsync.jobs import JobOutbox, decode_job, encode_job
 from mailsync.linking.access import AccountAccess, issue_access_token
 from mailsync.models import Account, AccountStatus, FlagStatus, Job, Provider
@@ -40,8 +40,11 @@ from tests.providers.test_graph_provider import GraphHarness
 class RecordingQueue:
     jobs: list[Job] = field(default_factory=list)
     delays: list[float] = field(default_factory=list)
+    down: bool = False          # enqueue raises what AzureJobQueue raises when Azure Queues fails
 
     def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+        if self.down:
+            raise DependencyUnavailable("cannot enqueue a job on queue sync: ServiceRequestError")
         self.jobs.append(decode_job(encode_job(job)))   # what the worker would read back
         self.delays.append(delay_s)
 
@@ -537,4 +540,24 @@ def test_a_failed_action_whose_truth_cannot_be_read_now_is_put_back_later(imap: 
     row = world.row(message_id)
     assert row is not None and row.folder_id == world.harness.inbox_id
     assert world.queue.jobs == []
+
+
+def test_an_action_that_could_not_be_queued_takes_its_claim_and_row_back(outlook: World) -> None:
+    """Mark read is queued; mark unread is claimed, then its enqueue fails (the request answers 503). Left
+    claimed, the ledger said a newer action owned "read", so the mark-read job dropped it as superseded
+    — for an action that never runs: Outlook stayed unread and the store showed unread."""
+    world = outlook
+    (message_id,) = _inbox(world, is_read=False)
+    world.service.update(world.account_id, world.token, message_id, {"is_read": True})
+    world.queue.down = True
+    with pytest.raises(DependencyUnavailable):
+        world.service.update(world.account_id, world.token, message_id, {"is_read": False})
+    world.queue.down = False
+    world.store.refresh()
+    assert world.row(message_id).is_read is True          # mark read's row again, not the one never queued
+    world.work()
+    assert world.harness.messages()[message_id].is_read is True
+    assert world.row(message_id).is_read is True
+    world.sync()
+    assert world.row(message_id).is_read is True
 

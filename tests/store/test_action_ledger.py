@@ -14,9 +14,9 @@ from mailsync.store.search_store import SearchStore
 def test_each_claim_numbers_above_the_last_and_records_only_its_fields(store: SearchStore) -> None:
     ticks = iter([1_000.0, 1_000.0, 999.0])            # the clock stands still, then goes back
     ledger = SearchActionLedger(store.engine, store.names, clock=lambda: next(ticks))
-    first = ledger.claim("acct", [ActionClaim("m1", {READ: True, FLAG: "flagged"})])["m1"]
-    second = ledger.claim("acct", [ActionClaim("m1", {READ: False})])["m1"]
-    third = ledger.claim("acct", [ActionClaim("m1", {PLACE: "archive"})])["m1"]
+    first = ledger.claim("acct", [ActionClaim("m1", {READ: True, FLAG: "flagged"})])["m1"].seq
+    second = ledger.claim("acct", [ActionClaim("m1", {READ: False})])["m1"].seq
+    third = ledger.claim("acct", [ActionClaim("m1", {PLACE: "archive"})])["m1"].seq
     assert first == 1_000_000 and second == first + 1 and third == second + 1
     entry = ledger.latest("acct", ["m1", "never"])
     assert set(entry) == {"m1"}
@@ -35,7 +35,7 @@ def test_concurrent_claims_on_one_message_never_share_a_number(make_store: Calla
         for _ in range(5):
             seq = ledger.claim("acct", [ActionClaim("m", {READ: n % 2 == 0}), ActionClaim(f"own{n}", {READ: True})])
             with lock:
-                got.append(seq["m"])
+                got.append(seq["m"].seq)
 
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(6)]
     for t in threads:
@@ -71,3 +71,21 @@ def test_purge_removes_what_no_action_touched_for_the_retention_and_keeps_the_re
     assert ledger.latest("b", ["stale"]) == {}
     assert ledger.get_batch("a", forgotten) is None and ledger.get_batch("a", kept) == "[]"
     assert ledger.purge(7 * 24 * 3600) == 0
+
+
+def test_release_hands_back_only_the_fields_still_at_the_claims_number(store: SearchStore) -> None:
+    ticks = iter(float(t) for t in range(1_000, 1_100))
+    ledger = SearchActionLedger(store.engine, store.names, clock=lambda: next(ticks))
+    older = ledger.claim("acct", [ActionClaim("m", {READ: True})])["m"]
+    lost = ledger.claim("acct", [ActionClaim("m", {READ: False, FLAG: "flagged"}), ActionClaim("new", {READ: True})])
+    assert lost["m"].prior == {READ: (older.seq, True)} and lost["new"].prior == {}
+    newer = ledger.claim("acct", [ActionClaim("m", {FLAG: "notFlagged"})])["m"]   # takes the flag over
+    ledger.release("acct", lost)
+    entry = ledger.latest("acct", ["m", "new"])
+    assert entry["m"].fields == {READ: (older.seq, True), FLAG: (newer.seq, "notFlagged")}
+    assert entry["m"].seq == newer.seq                    # numbers are never handed out again
+    assert entry["new"].fields == {}                      # nothing claimed it before
+    ledger.release("acct", lost)                          # again: nothing left at its number
+    assert ledger.latest("acct", ["m"])["m"].fields == entry["m"].fields
+    assert ledger.claim("acct", [ActionClaim("m", {READ: False})])["m"].seq > newer.seq
+
