@@ -109,10 +109,27 @@ _ADDRESS: dict[str, Any] = {
         "address": _keyword(fields={"text": {"type": "text", "analyzer": "simple"}}),
     }
 }
+# Kept in _source and returned, but neither indexed nor given doc values: nothing searches,
+# filters, sorts or aggregates on these (the reads are search_store's list_messages,
+# list_folders, remove_stale). Each indexed field was CPU on every write of every message:
+# on the bench mailbox's records, with these unindexed, the node spent ~25-30 % less CPU per
+# document (bench/README.md). Searching one later means indexing it again: a new mapping
+# (SCHEMA_VERSION) and a reindex, as docs/store.md describes.
+_STORED_ONLY: dict[str, Any] = {"type": "keyword", "index": False, "doc_values": False}
+_DATE_STORED_ONLY: dict[str, Any] = {**_DATE, "index": False, "doc_values": False}
+# Recipient lists: not even parsed (any shape is kept in _source as it came).
+_UNPARSED: dict[str, Any] = {"type": "object", "enabled": False}
 
 
 def messages_mapping(generation: str) -> dict[str, Any]:
-    """Mapping of the messages index; ``generation`` goes into ``_meta``."""
+    """Mapping of the messages index; ``generation`` goes into ``_meta``.
+
+    Indexed: what the store's reads use (``account_id``, ``folder_id``,
+    ``is_read``, ``flag_status``, ``sync_epoch``, ``sort_ts`` and
+    ``message_id`` for the list order) and the full-text fields of a search
+    (``subject``, ``from``, ``body_preview``, ``body_text``). The rest is
+    stored only (``_STORED_ONLY``).
+    """
     return {
         "dynamic": "strict",
         "_routing": {"required": True},
@@ -121,32 +138,32 @@ def messages_mapping(generation: str) -> dict[str, Any]:
             "account_id": _ID,
             "message_id": _ID,
             "folder_id": _ID,
-            # The provider version (also the external _version) and the resync
-            # epoch of the last write; remove_stale compares sync_epoch.
-            "version": {"type": "long"},
+            # The provider version (also the external _version, which is what the engine
+            # compares) and the resync epoch of the last write; remove_stale compares sync_epoch.
+            "version": {"type": "long", "index": False, "doc_values": False},
             "sync_epoch": {"type": "long"},
             # Sort key: received time in epoch ms, never missing (falls back
             # to sent/modified time, then 0) so search_after cursors never
             # carry a null, which servers treat differently.
             "sort_ts": {"type": "long"},
-            "subject": {"type": "text", "fields": {"keyword": _keyword()}},
+            "subject": {"type": "text"},
             "from": _ADDRESS,
-            "to": _ADDRESS,
-            "cc": _ADDRESS,
-            "received_at": _DATE,
-            "sent_at": _DATE,
-            "modified_at": _DATE,
+            "to": _UNPARSED,
+            "cc": _UNPARSED,
+            "received_at": _DATE_STORED_ONLY,
+            "sent_at": _DATE_STORED_ONLY,
+            "modified_at": _DATE_STORED_ONLY,
             "is_read": {"type": "boolean"},
-            "is_draft": {"type": "boolean"},
+            "is_draft": {"type": "boolean", "index": False, "doc_values": False},
             "flag_status": _keyword(),
-            "importance": _keyword(),
-            "categories": _keyword(),
-            "has_attachments": {"type": "boolean"},
-            "conversation_id": _keyword(),
-            "internet_message_id": _keyword(),
+            "importance": _STORED_ONLY,
+            "categories": _STORED_ONLY,
+            "has_attachments": {"type": "boolean", "index": False, "doc_values": False},
+            "conversation_id": _STORED_ONLY,
+            "internet_message_id": _STORED_ONLY,
             "body_preview": {"type": "text"},
             "body_text": {"type": "text"},
-            "indexed_at": _DATE,
+            "indexed_at": _DATE_STORED_ONLY,
         },
     }
 
