@@ -41,7 +41,9 @@ class ActionOutcome:
     ``done`` is True when the mailbox now has the change (also when it had it
     already: a repeated move answers done). ``message_id``/``folder_id`` say
     where the message is now (IMAP gives a moved message a new id; Graph's
-    immutable id stays), ``gone`` that it was deleted for good. ``message`` is
+    immutable id stays), ``gone`` that it was deleted for good, ``absent``
+    that a delete found no such message (deleted meanwhile: by another client,
+    with its folder, or by an earlier try of this one). ``message`` is
     the provider's own record of the result when its answer carried one.
     ``error`` is set when not done; a ``ProviderThrottled`` or
     ``ProviderUnavailable`` there means "try again", anything else is final.
@@ -52,6 +54,7 @@ class ActionOutcome:
     message_id: str | None = None
     folder_id: str | None = None
     gone: bool = False
+    absent: bool = False
     message: Message | None = None
     error: MailsyncError | None = None
 

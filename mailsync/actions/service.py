@@ -47,7 +47,7 @@ from typing import Any
 
 import orjson
 
-from mailsync.actions.models import FLAG, PLACE, READ, AttachmentContent, Claimed, MessageAction
+from mailsync.actions.models import FLAG, PLACE, READ, ActionOutcome, AttachmentContent, Claimed, MessageAction
 from mailsync.actions.ordering import claim_of, current_part, reassertion
 from mailsync.actions.sanitise import sanitise_html
 from mailsync.actions.versions import optimistic_version, revert_version, uses_clock
@@ -548,8 +548,8 @@ class MessageActionService:
                 if outcome.done:
                     self._observe(p.action, "done")
                     applied.append(p)
-                    changed = _merge(changed, self._confirm(account, p, outcome.message_id,
-                                                            stored.get(p.action.message_id), store))
+                    changed = _merge(changed, self._confirm(account, p, outcome, stored.get(p.action.message_id),
+                                                            store))
                 elif isinstance(outcome.error, (ProviderThrottled, ProviderUnavailable)):
                     retry.append(p)
                 else:
@@ -646,13 +646,20 @@ class MessageActionService:
                 log.info("re-asserting a newer action failed: %s", o.error.message,
                          extra={"account_id": account.account_id, "error_code": o.error.code})
 
-    def _confirm(self, account: Account, p: Planned, new_id: str | None, current: Message | None,
+    def _confirm(self, account: Account, p: Planned, outcome: ActionOutcome, current: Message | None,
                  store: MessageStore) -> MessagesChanged:
         """The provider has it: the row (``current``, as stored) stays; an IMAP move takes the target's id (or
         waits for its round)."""
         account_id = account.account_id
+        new_id = outcome.message_id
         if p.row is None:
             return MessagesChanged(account_id=account_id, removed=((p.action.folder_id, p.action.message_id),))
+        if outcome.absent:
+            # A delete into the trash of a message the provider no longer had (the other client purged it, or
+            # deleted its folder with it, before the page caught up): "done", but the optimistic row in the trash
+            # is one no round will ever list or remove (the trash's stream never had it), so it goes now.
+            store.remove_messages(account_id, p.row.folder_id, [p.action.message_id])
+            return MessagesChanged(account_id=account_id, removed=((p.row.folder_id, p.action.message_id),))
         if new_id is None and (p.action.delete or p.action.destination) and account.provider is Provider.IMAP:
             # Moved (or trashed) without a COPYUID answer: the target folder's round brings it under its new id.
             store.remove_messages(account_id, p.row.folder_id, [p.action.message_id])

@@ -210,7 +210,8 @@ class GraphActions:
                                 folder_id=moved.folder_id if moved else action.destination, message=moved)
                         continue
                     if step.kind == "delete" and isinstance(error, NotFound):
-                        outcomes[step.index] = _deleted(action)   # already gone: a retried delete is done
+                        # Already gone: done (a retried delete), and said so (no trash copy to keep either).
+                        outcomes[step.index] = _deleted(action, absent=True)
                     elif isinstance(error, (ProviderThrottled, ProviderUnavailable)):
                         retry.append(step)
                         wait = max(wait, error.retry_after_s or 0.0)
@@ -256,10 +257,10 @@ class GraphActions:
         self._client.close()
 
 
-def _deleted(action: MessageAction) -> ActionOutcome:
+def _deleted(action: MessageAction, *, absent: bool = False) -> ActionOutcome:
     # DELETE moves to Deleted Items at Graph; the delta of that folder brings it in. The store
     # drops it from where it was either way (the page removes the row).
-    return ActionOutcome(action=action, done=True, gone=True)
+    return ActionOutcome(action=action, done=True, gone=True, absent=absent)
 
 
 def _patch_body(action: MessageAction) -> dict[str, Any]:

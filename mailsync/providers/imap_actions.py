@@ -379,7 +379,7 @@ def _wanted(action: MessageAction, flag: bytes) -> bool | None:
 
 def _missing(action: MessageAction, error: MailsyncError) -> ActionOutcome:
     if action.delete:
-        return ActionOutcome(action=action, done=True, gone=True)   # deleting what is gone is done
+        return ActionOutcome(action=action, done=True, gone=True, absent=True)   # deleting what is gone is done
     return ActionOutcome(action=action, done=False, error=error)
 
 

@@ -398,6 +398,26 @@ def test_a_resync_begun_between_the_epoch_read_and_the_optimistic_write_keeps_th
     assert world.harness.messages()[message_id].folder_id == trash
 
 
+def test_deleting_a_message_outlook_no_longer_has_leaves_no_row_in_the_trash(outlook: World) -> None:
+    """The other client deleted a folder for good, with its mail; the page still shows a message of it, and
+    the user deletes it. Outlook answers 404, which is done (deleting what is gone), but the optimistic row
+    in Deleted Items stayed: that folder's delta never had the message, so nothing ever removed it (extra)."""
+    world = outlook
+    (message_id,) = _inbox(world)
+    doomed = world.harness.create_folder("Doomed")
+    world.harness.move(message_id, doomed)
+    world.sync()
+    world.harness.delete_folder(doomed)               # into Deleted Items,
+    world.harness.delete_folder(doomed)               # then for good, with its mail
+    world.service.delete(world.account_id, world.token, message_id, None)
+    trash = next(f.folder_id for f in world.mirror.folders.values() if f.role == "deleteditems")
+    assert world.row(message_id).folder_id == trash
+    events = world.work()
+    assert message_id not in world.harness.messages()
+    assert world.row(message_id) is None
+    assert not [m for m in events.messages() if m["target"] == TARGET_ACTIONS_FAILED], "done, not failed"
+
+
 def test_a_repeated_patch_and_a_repeated_move_are_done(outlook: World) -> None:
     world = outlook
     (message_id,) = _inbox(world)
