@@ -84,8 +84,11 @@ class MessageActions(Protocol):
         """One attachment's bytes; ``PayloadTooLarge`` when over ``max_bytes`` (nothing more is read)."""
         ...
 
-    def apply(self, actions: Sequence[MessageAction]) -> list[ActionOutcome]:
-        """Carry out the actions (batched as the provider allows); one outcome per action, in order."""
+    def apply(self, actions: Sequence[MessageAction], *, parallel: int = 1) -> list[ActionOutcome]:
+        """Carry out the actions (batched as the provider allows); one outcome per action, in order.
+
+        ``parallel``: how many of the mailbox's concurrent requests the caller holds for the call, which a
+        provider whose requests can overlap may fill (Graph: that many chained batches at once)."""
         ...
 
     def close(self) -> None:

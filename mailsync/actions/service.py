@@ -529,7 +529,8 @@ class MessageActionService:
             raise
         try:
             try:
-                outcomes = provider.apply([p.action for p in planned])
+                # As many chained batches at once as the mailbox slots it holds (mailsync.providers.graph_actions).
+                outcomes = provider.apply([p.action for p in planned], parallel=max(1, len(held)))
             except (ProviderThrottled, ProviderUnavailable) as exc:
                 outcomes = None
                 self._retry_or_fail(account, planned, attempt, exc, provider, events)

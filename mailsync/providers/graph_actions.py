@@ -20,10 +20,20 @@ Acting, in JSON batches (``POST $batch``, at most 20 items):
 * Each item carries its own ``Prefer: IdType="ImmutableId"``: headers of the
   batch request do not apply to its items, and without it the answer of a
   move would name the message by a REST id that changes with every move.
-* Graph dispatches up to four items of a batch at once to the mailbox, and
-  each counts against the mailbox's four concurrent requests: so batches
-  are sent one at a time (one batch already fills the mailbox's slots), and
-  items answered 429 / 503 / 504 (MailboxConcurrency, a sync call holding a
+* Graph sends Outlook up to four items of an unordered batch at once, and
+  each counts against the mailbox's four concurrent requests; with
+  ``dependsOn`` it sends one item at a time, so up to four such batches may
+  run at once (throttling-limits, "Outlook service limits for JSON
+  batching"). A caller holding ``parallel`` of the mailbox's request slots
+  (a bulk job, mailsync.actions.service) gets that many chained batches in
+  flight at once: 500 actions are 25 batches in ceil(25 / 4) = 7 round
+  trips instead of 25. Otherwise, and for whatever a first round left
+  over, batches are unordered and go one at a time (one already fills the
+  mailbox's slots), so a failing item stops nothing else.
+* In a chained batch an item that fails stops the rest of its chain: they
+  are answered 424 (Failed Dependency) without being run, and are sent
+  again at once in the next round, unordered.
+* Items answered 429 / 503 / 504 (MailboxConcurrency, a sync call holding a
   slot) are sent again in the next batch after their ``Retry-After``, up to
   ``retry_rounds`` times or while the wait stays under ``max_wait_s``;
   past that the outcome carries the ``ProviderThrottled`` /
@@ -40,6 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -65,6 +76,7 @@ from mailsync.providers.graph import MESSAGE_FIELDS, GraphProviderFactory, map_m
 from mailsync.providers.graph_client import GraphClient, error_for_status
 
 BATCH_LIMIT = 20
+FAILED_DEPENDENCY = 424          # an item of a dependsOn chain not run because an earlier one failed
 IMMUTABLE = 'IdType="ImmutableId"'
 READ_FIELDS = ",".join((*MESSAGE_FIELDS, "body", "replyTo"))
 ATTACHMENT_FIELDS = "id,name,contentType,size,isInline"
@@ -79,6 +91,10 @@ class _Step:
     url: str
     body: dict[str, Any] | None
     kind: str                    # update | move | delete
+
+
+# A batch's answers by item id: (status, the error or None, the body).
+_Answers = dict[str, tuple[int, MailsyncError | None, Any]]
 
 
 def _mid(message_id: str) -> str:
@@ -143,13 +159,15 @@ class GraphActions:
 
     # --- acting ---------------------------------------------------------------------------------
 
-    def apply(self, actions: Sequence[MessageAction]) -> list[ActionOutcome]:
+    def apply(self, actions: Sequence[MessageAction], *, parallel: int = 1) -> list[ActionOutcome]:
+        """``parallel``: how many of the mailbox's concurrent requests the caller holds for this call (that
+        many chained batches in flight at once; 1: unordered batches, one at a time)."""
         outcomes: dict[int, ActionOutcome] = {}
         messages: dict[int, Message] = {}
         # Round 1: updates; round 2: moves and deletes of what round 1 did not fail.
         updates = [_Step(n, "PATCH", f"me/messages/{_mid(a.message_id)}", _patch_body(a), "update")
                    for n, a in enumerate(actions) if a.updates and not a.delete]
-        self._run(updates, actions, outcomes, messages)
+        self._run(updates, actions, outcomes, messages, parallel)
         second: list[_Step] = []
         for n, action in enumerate(actions):
             if n in outcomes:
@@ -163,7 +181,7 @@ class GraphActions:
             elif action.destination is not None:
                 second.append(_Step(n, "POST", f"me/messages/{_mid(action.message_id)}/move",
                                     {"destinationId": action.destination}, "move"))
-        self._run(second, actions, outcomes, messages)
+        self._run(second, actions, outcomes, messages, parallel)
         for n, action in enumerate(actions):
             if n not in outcomes:   # updates only, and they worked
                 message = messages.get(n)
@@ -173,43 +191,36 @@ class GraphActions:
         return [outcomes[n] for n in range(len(actions))]
 
     def _run(self, steps: list[_Step], actions: Sequence[MessageAction], outcomes: dict[int, ActionOutcome],
-             messages: dict[int, Message]) -> None:
-        """Send ``steps`` in batches; record failures in ``outcomes`` and answered messages in ``messages``."""
+             messages: dict[int, Message], parallel: int) -> None:
+        """Send ``steps`` in batches; record failures in ``outcomes`` and answered messages in ``messages``.
+
+        The first round chains each batch (``dependsOn``) and sends ``parallel`` of them at once when the
+        caller holds that many slots and there is more than one batch to fill them; every later round
+        (items not run, throttled, unavailable) sends unordered batches one at a time.
+        """
         pending = list(steps)
         rounds = 0
+        chained = parallel > 1 and len(pending) > BATCH_LIMIT
         while pending:
+            chunks = [pending[start:start + BATCH_LIMIT] for start in range(0, len(pending), BATCH_LIMIT)]
+            answered = self._send_chunks(chunks, chained, parallel if chained else 1)
             retry: list[_Step] = []
+            not_run: list[_Step] = []
             wait = 0.0
-            for start in range(0, len(pending), BATCH_LIMIT):
-                chunk = pending[start:start + BATCH_LIMIT]
-                try:
-                    answers = self._batch(chunk)
-                except (ProviderThrottled, ProviderUnavailable) as exc:
-                    # The whole batch was refused: every item waits like a refused item.
-                    answers = {str(i): (exc, None) for i in range(len(chunk))}
-                except MailsyncError as exc:
+            for chunk, answers in zip(chunks, answered, strict=True):
+                if isinstance(answers, MailsyncError):
                     for step in chunk:
-                        outcomes[step.index] = ActionOutcome(action=actions[step.index], done=False, error=exc)
+                        outcomes[step.index] = ActionOutcome(action=actions[step.index], done=False, error=answers)
                     continue
                 for position, step in enumerate(chunk):
-                    error, body = answers.get(str(position), (MalformedResponse("Graph's batch left an item out"),
-                                                              None))
+                    status, error, body = answers.get(
+                        str(position), (0, MalformedResponse("Graph's batch left an item out"), None))
                     action = actions[step.index]
                     if error is None:
-                        if isinstance(body, dict) and body.get("id"):
-                            message = map_message(body, self._account_id,
-                                                  str(body.get("parentFolderId") or action.folder_id),
-                                                  observed_ms=int(self._clock() * 1000))
-                            messages[step.index] = message
-                        if step.kind == "delete":
-                            outcomes[step.index] = _deleted(action)
-                        elif step.kind == "move":
-                            moved = messages.get(step.index)
-                            outcomes[step.index] = ActionOutcome(
-                                action=action, done=True, message_id=action.message_id,
-                                folder_id=moved.folder_id if moved else action.destination, message=moved)
-                        continue
-                    if step.kind == "delete" and isinstance(error, NotFound):
+                        self._record(step, action, body, outcomes, messages)
+                    elif chained and status == FAILED_DEPENDENCY:
+                        not_run.append(step)
+                    elif step.kind == "delete" and isinstance(error, NotFound):
                         # Already gone: done (a retried delete), and said so (no trash copy to keep either).
                         outcomes[step.index] = _deleted(action, absent=True)
                     elif isinstance(error, (ProviderThrottled, ProviderUnavailable)):
@@ -217,23 +228,61 @@ class GraphActions:
                         wait = max(wait, error.retry_after_s or 0.0)
                     else:
                         outcomes[step.index] = ActionOutcome(action=action, done=False, error=error)
-            rounds += 1
-            if not retry:
-                return
-            if rounds > self._retry_rounds or wait > self._max_wait_s:
-                error = ProviderThrottled("Graph kept refusing the action; try again later",
-                                          retry_after_s=max(wait, 1.0))
-                for step in retry:
-                    outcomes[step.index] = ActionOutcome(action=actions[step.index], done=False, error=error)
-                return
-            self._sleep(wait or min(0.1 * 2 ** rounds, 2.0))
-            pending = retry
+            chained = False
+            if retry:
+                rounds += 1
+                if rounds > self._retry_rounds or wait > self._max_wait_s:
+                    error = ProviderThrottled("Graph kept refusing the action; try again later",
+                                              retry_after_s=max(wait, 1.0))
+                    for step in retry:
+                        outcomes[step.index] = ActionOutcome(action=actions[step.index], done=False, error=error)
+                    retry = []
+                else:
+                    self._sleep(wait or min(0.1 * 2 ** rounds, 2.0))
+            # In the caller's order: an update's round stays ahead of nothing, but logs and tests read easier.
+            pending = sorted(retry + not_run, key=lambda step: step.index)
 
-    def _batch(self, chunk: list[_Step]) -> dict[str, tuple[MailsyncError | None, Any]]:
+    def _record(self, step: _Step, action: MessageAction, body: Any, outcomes: dict[int, ActionOutcome],
+                messages: dict[int, Message]) -> None:
+        """One item Graph carried out: the message it answered, and the outcome of a move or a delete."""
+        if isinstance(body, dict) and body.get("id"):
+            message = map_message(body, self._account_id, str(body.get("parentFolderId") or action.folder_id),
+                                  observed_ms=int(self._clock() * 1000))
+            messages[step.index] = message
+        if step.kind == "delete":
+            outcomes[step.index] = _deleted(action)
+        elif step.kind == "move":
+            moved = messages.get(step.index)
+            outcomes[step.index] = ActionOutcome(action=action, done=True, message_id=action.message_id,
+                                                 folder_id=moved.folder_id if moved else action.destination,
+                                                 message=moved)
+
+    def _send_chunks(self, chunks: list[list[_Step]], chained: bool, lanes: int
+                     ) -> list[_Answers | MailsyncError]:
+        """Each chunk as one ``$batch``, ``lanes`` of them in flight at once; per chunk its answers, or the error
+        that refused the whole batch (throttled / unavailable: every item answered as such, to be resent)."""
+
+        def send(chunk: list[_Step]) -> _Answers | MailsyncError:
+            try:
+                return self._batch(chunk, chained=chained)
+            except (ProviderThrottled, ProviderUnavailable) as exc:
+                status = 429 if isinstance(exc, ProviderThrottled) else 503
+                return {str(i): (status, exc, None) for i in range(len(chunk))}
+            except MailsyncError as exc:
+                return exc
+
+        if lanes <= 1 or len(chunks) <= 1:
+            return [send(chunk) for chunk in chunks]
+        with ThreadPoolExecutor(max_workers=min(lanes, len(chunks)), thread_name_prefix="graph-batch") as pool:
+            return list(pool.map(send, chunks))
+
+    def _batch(self, chunk: list[_Step], *, chained: bool = False) -> _Answers:
         requests = []
         for position, step in enumerate(chunk):
             item: dict[str, Any] = {"id": str(position), "method": step.method, "url": f"/{step.url}",
                                     "headers": {"Prefer": IMMUTABLE}}
+            if chained and position:
+                item["dependsOn"] = [str(position - 1)]
             if step.body is not None:
                 item["body"] = step.body
                 item["headers"]["Content-Type"] = "application/json"
@@ -242,7 +291,7 @@ class GraphActions:
         responses = answer.get("responses") if isinstance(answer, dict) else None
         if not isinstance(responses, list):
             raise MalformedResponse("Graph's batch answer has no responses array")
-        found: dict[str, tuple[MailsyncError | None, Any]] = {}
+        found: _Answers = {}
         for response in responses:
             if not isinstance(response, dict) or not isinstance(response.get("status"), int):
                 continue
@@ -250,7 +299,7 @@ class GraphActions:
             headers = response.get("headers") or {}
             retry_after = next((str(v) for k, v in headers.items() if k.lower() == "retry-after"), None)
             error = None if 200 <= status < 300 else error_for_status(status, body, retry_after)
-            found[str(response.get("id"))] = (error, body)
+            found[str(response.get("id"))] = (status, error, body)
         return found
 
     def close(self) -> None:

@@ -233,7 +233,8 @@ class ImapActions:
 
     # --- acting ----------------------------------------------------------------------------------
 
-    def apply(self, actions: Sequence[MessageAction]) -> list[ActionOutcome]:
+    def apply(self, actions: Sequence[MessageAction], *, parallel: int = 1) -> list[ActionOutcome]:
+        # ``parallel`` is for providers whose requests can overlap; one connection sends one command at a time.
         outcomes: dict[int, ActionOutcome] = {}
         by_folder: dict[str, list[tuple[int, int, int]]] = {}
         for n, action in enumerate(actions):

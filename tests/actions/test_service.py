@@ -74,9 +74,9 @@ class Factory:
         if hook is not None:
             apply = provider.apply
 
-            def hooked(actions):  # type: ignore[no-untyped-def]
+            def hooked(actions, **options):  # type: ignore[no-untyped-def]
                 hook(actions)
-                return apply(actions)
+                return apply(actions, **options)
 
             provider.apply = hooked
         return provider

@@ -122,11 +122,12 @@ def test_a_bulk_job_holds_the_free_request_slots_while_its_batches_run(world: Sy
             provider = factory.open_actions(account)
             apply = provider.apply
 
-            def watched(actions: Any) -> Any:
+            def watched(actions: Any, **options: Any) -> Any:
                 held = [r for r in world.state.load(world.account_id).slots
                         if r.owner.startswith("action-") and r.until > 0]
-                seen.append((len(held), world.state.acquire_slot(world.account_id, "another-round#1", 4)))
-                return apply(actions)
+                seen.append((len(held), world.state.acquire_slot(world.account_id, "another-round#1", 4),
+                             options.get("parallel")))
+                return apply(actions, **options)
 
             provider.apply = watched
             return provider
@@ -136,7 +137,8 @@ def test_a_bulk_job_holds_the_free_request_slots_while_its_batches_run(world: Sy
                                                                                            limit=12)).messages]
     world.actions.bulk(world.account_id, world.token, {"message_ids": ids, "action": {"is_read": True}})
     _drain(world)
-    assert seen and seen[0] == (3, None), seen                     # the 3 free slots, none left for a round
+    # The 3 free slots, none left for a round; the provider told it holds three (three chained batches at once).
+    assert seen and seen[0] == (3, None, 3), seen
     truth = {m["id"]: m for m in world.sandbox.snapshot(world.user)["messages"]}
     assert all(truth[i]["isRead"] for i in ids)
     after = world.state.load(world.account_id).slots
