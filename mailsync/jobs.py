@@ -11,12 +11,15 @@ import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from mailsync.errors import PoisonJob
 from mailsync.models import Job
+
+if TYPE_CHECKING:
+    from mailsync.ports import JobQueue
 
 JOB_SCHEMA_VERSION = 1
 MAX_JOB_BYTES = 16_000
@@ -33,6 +36,9 @@ class JobKind(enum.StrEnum):
     SUBSCRIPTION = "subscription"      # ensure / renew / recreate the account's Graph subscription
     # The client half (mailsync.actions.service runs it):
     ACTION = "action"                  # carry out user actions on messages at the provider (attrs["actions"])
+    # Nothing to do: written by an HTTP function through its queue output binding so that the host's own
+    # listener polls at once, for a job it sent with the SDK a moment before (WakingJobQueue).
+    WAKE = "wake"
 
 
 # A SYNC_FOLDERS job with this attribute set to "1" also syncs every known folder: it marks their
@@ -108,20 +114,9 @@ def encode_job(job: Job) -> str:
 class JobOutbox:
     """A ``JobQueue`` keeping the jobs one invocation enqueues, for its queue output binding to send.
 
-    Why not send them straight to Storage: the Functions host wakes its own
-    listener on a queue the moment one of its functions writes a message to
-    that queue through an output binding (the Storage queues extension's
-    ``QueueAsyncCollector.AddAsync`` calls ``SharedQueueWatcher.Notify``,
-    which cuts the listener's back-off short), while a message sent with the
-    SDK waits for the listener's next poll: up to ``maxPollingInterval``
-    (host.json, 2.5 s) after a quiet spell. An ACTION job from the API is
-    then run as soon as a worker thread is free instead.
-
-    The host writes the messages after the function returned and before the
-    HTTP response goes (a failed write fails the invocation, 500), so a 202
-    still means the job is on the queue. An output binding cannot delay a
-    message, and its messages get the queue's default time-to-live (7 days;
-    ``AzureJobQueue`` sends with none): only jobs to run now, at once, go here.
+    The host writes them after the function returned (before the HTTP response; a failed write fails the
+    invocation), so a function cannot undo its own work when the write fails. An output binding cannot
+    delay a message either. See ``WakingJobQueue`` for what this is used for.
     """
 
     def __init__(self) -> None:
@@ -138,6 +133,31 @@ class JobOutbox:
 
     def __bool__(self) -> bool:
         return bool(self._bodies)
+
+
+class WakingJobQueue:
+    """Sends each job with ``queue``, and for one to run now puts a ``WAKE`` job in ``outbox`` (the HTTP
+    function's queue output binding on the same queue).
+
+    Why: the Functions host wakes its own listener on a queue the moment one of its functions writes a
+    message to that queue through an output binding (the Storage queues extension's
+    ``QueueAsyncCollector.AddAsync`` calls ``SharedQueueWatcher.Notify``, which cuts the listener's
+    back-off short), while a message sent with the SDK waits for the listener's next poll: up to
+    ``maxPollingInterval`` (host.json, 2.5 s) after a quiet spell. The job itself still goes with the SDK,
+    inside the function: a failed send is the caller's to handle (an action gives its ledger claim and
+    its optimistic rows back), which a failed output write, after the function returned, would not let
+    it do. The wake costs one more queue message and no work; a failed wake write fails the request of
+    an action that will still run (a retry of it is a no-op).
+    """
+
+    def __init__(self, queue: JobQueue, outbox: JobOutbox) -> None:
+        self._queue = queue
+        self._outbox = outbox
+
+    def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+        self._queue.enqueue(job, delay_s=delay_s)
+        if not delay_s and not self._outbox:
+            self._outbox.enqueue(new_job(JobKind.WAKE, job.account_id, reason=f"wake for {job.job_id}"))
 
 
 def decode_job(text: str | bytes) -> Job:

@@ -227,6 +227,7 @@ class Runtime:
         from mailsync.jobs import JobKind
 
         worker.register([JobKind.ACTION], lambda job, invocation: self.message_actions.run_job(job, invocation.events))
+        worker.register([JobKind.WAKE], lambda job, invocation: None)   # its arrival was the point (WakingJobQueue)
         worker.register(MONITORING_KINDS, lambda job, invocation: self.monitoring_jobs.run(
             job, direct=lambda sync_job, account: engine.handle(sync_job, invocation.delivery, invocation.events,
                                                                 account=account),

@@ -12,9 +12,10 @@ another account's); every bad input is a 4xx from the core.
 The three actions publish the optimistic rows at once (``messagesChanged``
 to the account, through the same SignalR output binding as sync_worker), so
 the user's other pages show the change before the ACTION job reached the
-provider. Their ACTION job goes out through a queue output binding
-(``mailsync.jobs.JobOutbox``): the host then wakes its own queue listener at
-once instead of leaving the job to its next poll.
+provider. Their ACTION job is sent inside the call, and a WAKE message goes
+out through a queue output binding (``mailsync.jobs.WakingJobQueue``): the
+host then wakes its own queue listener at once instead of leaving the job to
+its next poll.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import azure.functions as func
 
 from functions._shared.http import bearer_token, handle_errors, json_response, read_json, read_json_object
 from functions._shared.runtime import runtime
-from mailsync.jobs import JobOutbox
+from mailsync.jobs import JobOutbox, WakingJobQueue
 from mailsync.logs import log_context
 from mailsync.realtime.signalr_messages import BufferingPublisher
 
@@ -52,8 +53,12 @@ _signalr_output = bp.generic_output_binding(arg_name="signalr", type="signalR", 
                                             connection_string_setting="AzureSignalRConnectionString")
 
 
-# The ACTION job, on the queue sync_worker listens to (see mailsync.jobs.JobOutbox for why a binding).
+# A WAKE message on the queue sync_worker listens to, after the ACTION job (mailsync.jobs.WakingJobQueue).
 _jobs_output = bp.queue_output(arg_name="jobs", queue_name="%SYNC_QUEUE_NAME%", connection="AzureWebJobsStorage")
+
+
+def _waking(outbox: JobOutbox) -> WakingJobQueue:
+    return WakingJobQueue(runtime().job_queue, outbox)
 
 
 def _publish(events: BufferingPublisher, signalr: func.Out[str], outbox: JobOutbox, jobs: func.Out[list[str]]) -> None:
@@ -104,7 +109,8 @@ def message_update(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out
     events, outbox = BufferingPublisher(), JobOutbox()
     with log_context(function="message_update", account_id=account_id):
         token = bearer_token(req)
-        body = runtime().message_actions.update(account_id, token, message_id, read_json(req), events, outbox)
+        body = runtime().message_actions.update(account_id, token, message_id, read_json(req), events,
+                                                _waking(outbox))
     _publish(events, signalr, outbox, jobs)
     return json_response(body, 202)
 
@@ -120,7 +126,7 @@ def message_delete(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out
     events, outbox = BufferingPublisher(), JobOutbox()
     with log_context(function="message_delete", account_id=account_id):
         body = runtime().message_actions.delete(account_id, bearer_token(req), message_id,
-                                                req.params.get("permanent"), events, outbox)
+                                                req.params.get("permanent"), events, _waking(outbox))
     _publish(events, signalr, outbox, jobs)
     return json_response(body, 202)
 
@@ -136,6 +142,6 @@ def message_actions(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Ou
     with log_context(function="message_actions", account_id=account_id):
         token = bearer_token(req)
         body = runtime().message_actions.bulk(account_id, token, read_json_object(req, max_bytes=256_000),
-                                              events, outbox)
+                                              events, _waking(outbox))
     _publish(events, signalr, outbox, jobs)
     return json_response(body, 202)

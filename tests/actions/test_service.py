@@ -18,7 +18,7 @@ import pytest
 
 from mailsync.actions.service import MessageActionService
 from mailsync.errors import AuthenticationError, DependencyUnavailable, InputError, NotFound, ProviderUnavailable
-from mailsync.jobs import JobOutbox, decode_job, encode_job
+from mailsync.jobs import JobOutbox, WakingJobQueue, decode_job, encode_job
 from mailsync.linking.access import AccountAccess, issue_access_token
 from mailsync.models import Account, AccountStatus, FlagStatus, Job, Provider
 from mailsync.providers.graph_actions import GraphActions
@@ -243,31 +243,50 @@ def test_the_optimistic_rows_are_published_at_once_before_the_provider_has_them(
     assert not events
 
 
-def test_an_action_given_the_invocations_outbox_queues_its_job_there(outlook: World) -> None:
-    """The HTTP functions hand the service their queue output binding (``JobOutbox``): the host wakes its
-    listener for a message written that way, not for one sent with the SDK (mailsync.jobs.JobOutbox)."""
+def test_an_action_sent_through_a_waking_queue_also_leaves_a_wake_for_the_output_binding(outlook: World) -> None:
+    """The HTTP functions hand the service a ``WakingJobQueue``: the ACTION job goes on the queue inside the
+    call (a failure there is still the service's to undo), and a WAKE goes to the function's queue output
+    binding, for which the host wakes its listener at once (mailsync.jobs.WakingJobQueue)."""
     world = outlook
     first, second, third = _inbox(world, 3, is_read=False)
     outboxes = [JobOutbox() for _ in range(3)]
-    world.service.update(world.account_id, world.token, first, {"is_read": True}, BufferingPublisher(), outboxes[0])
-    world.service.delete(world.account_id, world.token, second, None, BufferingPublisher(), outboxes[1])
+    world.service.update(world.account_id, world.token, first, {"is_read": True}, BufferingPublisher(),
+                         WakingJobQueue(world.queue, outboxes[0]))
+    world.service.delete(world.account_id, world.token, second, None, BufferingPublisher(),
+                         WakingJobQueue(world.queue, outboxes[1]))
     world.service.bulk(world.account_id, world.token, {"message_ids": [third], "action": {"flag_status": "flagged"}},
-                       BufferingPublisher(), outboxes[2])
-    assert world.queue.jobs == []
-    jobs = [decode_job(body) for outbox in outboxes for body in outbox.bodies()]
-    assert [j.kind for j in jobs] == ["action"] * 3
-    # What the worker reads back from the queue carries the actions out.
-    world.queue.jobs = jobs
+                       BufferingPublisher(), WakingJobQueue(world.queue, outboxes[2]))
+    assert [j.kind for j in world.queue.jobs] == ["action"] * 3
+    wakes = [decode_job(body) for outbox in outboxes for body in outbox.bodies()]
+    assert [(w.kind, w.account_id) for w in wakes] == [("wake", world.account_id)] * 3
     world.work()
     truth = world.harness.messages()
     assert truth[first].is_read is True and truth[third].flagged is True
     assert truth[second].folder_id != world.harness.inbox_id
-    # Nothing to do, nothing queued.
+    # Nothing to do: nothing queued, no wake. A delayed job (a retry) wakes nobody: it is not due.
     idle = JobOutbox()
-    world.service.update(world.account_id, world.token, first, {"is_read": True}, BufferingPublisher(), idle)
+    world.service.update(world.account_id, world.token, first, {"is_read": True}, BufferingPublisher(),
+                         WakingJobQueue(world.queue, idle))
     assert not idle and world.queue.jobs == []
+    WakingJobQueue(world.queue, idle).enqueue(wakes[0], delay_s=2)
+    assert not idle and world.queue.delays[-1] == 2
     with pytest.raises(ValueError, match="cannot delay"):
-        idle.enqueue(jobs[0], delay_s=2)
+        idle.enqueue(wakes[0], delay_s=2)
+
+
+def test_the_worker_takes_a_wake_as_done_with_nothing_to_do(storage_env: dict[str, str],
+                                                           search_store_url: str) -> None:
+    """The app's sync worker: a WAKE is a known kind (never poisoned) whose handler does nothing."""
+    from functions._shared.runtime import Runtime
+    from mailsync.jobs import JobKind, new_job
+    from mailsync.sync.worker import Delivery, Invocation, Outcome
+
+    worker = Runtime(Settings.from_env({**storage_env, "ELASTICSEARCH_URL": search_store_url})).sync_worker
+    assert worker.handles(JobKind.WAKE)
+    events = BufferingPublisher()
+    invocation = Invocation(Delivery(delivery_id="q-1", dequeue_count=1), events)
+    assert worker.run(new_job(JobKind.WAKE, uuid.uuid4().hex, reason="wake"), invocation) is Outcome.DONE
+    assert not events
 
 
 def test_a_delta_page_read_before_the_action_never_undoes_it(outlook: World) -> None:

@@ -22,8 +22,9 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
-from azure.storage.queue import QueueClient
+from azure.storage.queue import QueueClient, TextBase64DecodePolicy
 
+from mailsync.jobs import decode_job
 from mailsync.linking.access import issue_access_token
 from mailsync.models import Account, AccountStatus, Folder, Message, Provider
 from mailsync.store.search_store import SearchStore
@@ -123,6 +124,9 @@ def test_the_other_page_hears_each_action_before_its_job_ran(web: WebHost, store
     assert sorted((r["message_id"], r["flag_status"]) for r in flagged["upserted"]) == [
         ("m0", "flagged"), ("m1", "flagged")]
     assert other_heard["arguments"][0]["account_id"] == other
-    # Every one of the five ACTION jobs is still waiting: no worker ran, the provider has none of it.
-    queue = QueueClient.from_connection_string(web.env["AzureWebJobsStorage"], web.env["SYNC_QUEUE_NAME"])
-    assert queue.get_queue_properties().approximate_message_count == 5
+    # Every one of the five ACTION jobs is still waiting: no worker ran, the provider has none of it. Each
+    # came with a WAKE through the function's queue output binding (mailsync.jobs.WakingJobQueue).
+    queue = QueueClient.from_connection_string(web.env["AzureWebJobsStorage"], web.env["SYNC_QUEUE_NAME"],
+                                               message_decode_policy=TextBase64DecodePolicy())
+    kinds = sorted(decode_job(m.content).kind for m in queue.peek_messages(max_messages=32))
+    assert kinds == ["action"] * 5 + ["wake"] * 5
