@@ -32,6 +32,8 @@ from typing import Any, Protocol
 
 # EngineError.status when no answer came at all (connection refused or reset, timeout, TLS failure).
 NO_ANSWER = 0
+# What ``get_indices`` returns of each physical index (its ``filter_path``).
+INDEX_IDENTITY_PATHS = ("*.mappings._meta", "*.settings.index.uuid")
 
 
 class EngineError(Exception):
@@ -101,7 +103,9 @@ class SearchEngine(Protocol):
     def put_alias(self, index: str, name: str) -> None: ...
 
     def get_indices(self, names: Sequence[str]) -> dict[str, Any]:
-        """``GET /<names>`` (mappings, settings, aliases per physical index); 404 if one is missing."""
+        """``GET /<names>``, per physical index only ``mappings._meta`` and ``settings.index.uuid``
+        (``filter_path``: the whole mappings were most of what a sync invocation parsed to learn the
+        store's generation); 404 if one is missing."""
 
     def get_settings(self, index: str) -> dict[str, Any]:
         """``GET /<index>/_settings`` per physical index."""

@@ -643,6 +643,15 @@ def test_generation_is_stable_and_changes_when_indices_are_recreated(store: Sear
     assert store.engine.alias_exists(store.names.deadletter)   # ...but the index comes back
 
 
+def test_the_generation_read_fetches_only_each_indexs_identity(store: SearchStore) -> None:
+    # Every sync invocation reads the generation: the whole mappings were most of that answer.
+    found = store.engine.get_indices([store.names.messages, store.names.mailboxes])
+    assert len(found) == 2
+    for info in found.values():
+        assert set(info) == {"mappings", "settings"} and set(info["mappings"]) == {"_meta"}
+        assert set(info["settings"]) == {"index"} and set(info["settings"]["index"]) == {"uuid"}
+
+
 def test_writes_never_auto_create_a_deleted_index(store: SearchStore) -> None:
     store.engine.delete_indices([store.names.messages_index])
 

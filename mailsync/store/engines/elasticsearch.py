@@ -29,7 +29,7 @@ from elasticsearch import ApiError, Elasticsearch, NotFoundError
 from elasticsearch.serializer import OrjsonSerializer
 
 from mailsync.errors import StoreError
-from mailsync.store.engine import NO_ANSWER, EngineError
+from mailsync.store.engine import INDEX_IDENTITY_PATHS, NO_ANSWER, EngineError
 
 if TYPE_CHECKING:
     from mailsync.store.engine import SearchEngine
@@ -119,7 +119,7 @@ class ElasticsearchEngine:
 
     def get_indices(self, names: Sequence[str]) -> dict[str, Any]:
         with _errors():
-            return dict(self.client.indices.get(index=list(names)).body)
+            return dict(self.client.indices.get(index=list(names), filter_path=list(INDEX_IDENTITY_PATHS)).body)
 
     def get_settings(self, index: str) -> dict[str, Any]:
         with _errors():

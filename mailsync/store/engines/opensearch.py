@@ -26,7 +26,7 @@ from opensearchpy.exceptions import NotFoundError, SerializationError, Transport
 from opensearchpy.serializer import JSONSerializer
 
 from mailsync.errors import StoreError
-from mailsync.store.engine import NO_ANSWER, EngineError
+from mailsync.store.engine import INDEX_IDENTITY_PATHS, NO_ANSWER, EngineError
 
 if TYPE_CHECKING:
     from mailsync.store.engine import SearchEngine
@@ -117,7 +117,7 @@ class OpenSearchEngine:
 
     def get_indices(self, names: Sequence[str]) -> dict[str, Any]:
         with _errors():
-            return dict(self.client.indices.get(index=list(names)))
+            return dict(self.client.indices.get(index=list(names), filter_path=list(INDEX_IDENTITY_PATHS)))
 
     def get_settings(self, index: str) -> dict[str, Any]:
         with _errors():
