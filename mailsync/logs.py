@@ -88,5 +88,6 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     # Third-party chatter that would drown the sync logs (and can echo URLs with codes).
-    for noisy in ("azure", "urllib3", "elastic_transport", "msal", "aiohttp.access"):
+    # opensearch-py logs every request at INFO (~5 lines per mailbox change, each a JSON record).
+    for noisy in ("azure", "urllib3", "elastic_transport", "opensearch", "msal", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
