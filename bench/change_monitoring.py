@@ -51,6 +51,7 @@ from mailsync.security.secrets import hash_secret, new_secret
 from mailsync.settings import Settings
 from mailsync.storage.accounts import TableAccountRepository
 from mailsync.storage.connection import table_client
+from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
 from mailsync.storage.table_errors import ensure_table
@@ -75,7 +76,9 @@ class Bench:
         monitor_table = table_client(settings, "subscriptions")
         ensure_table(monitor_table)
         self.subscriptions = TableSubscriptionStore(monitor_table)
-        self.pending = TablePendingStore(monitor_table)
+        sync_table = table_client(settings, "sync")
+        ensure_table(sync_table)
+        self.pending = TablePendingStore(sync_table)   # shares the account's partition with its sync rows
         self.queue = AzureJobQueue(settings)
         now = datetime.now(UTC)
         self.account = uuid.uuid4().hex
@@ -89,7 +92,7 @@ class Bench:
         manager = SubscriptionManager(settings, self.subscriptions, GraphSubscriptionApi(client_for), self.accounts,
                                       self.queue)
         self.jobs = MonitoringJobs(self.pending, self.accounts, store, GraphMessageLocator(client_for), manager,
-                                   self.queue)
+                                   self.queue, rows=SyncStateTable(sync_table).load)
         self.delta_links: dict[str, str] = {}
 
     def requests_served(self) -> int:

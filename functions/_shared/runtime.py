@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mailsync.linking.access import AccountAccess
     from mailsync.linking.browser_binding import BrowserBinding
     from mailsync.linking.service import LinkingService
+    from mailsync.monitoring.client_state import ClientStates
     from mailsync.monitoring.handler import MonitoringJobs
     from mailsync.monitoring.imap_poll import ImapStatusPoller
     from mailsync.monitoring.lifecycle import LifecycleReceiver
@@ -229,8 +230,8 @@ class Runtime:
         worker.register([JobKind.ACTION], lambda job, invocation: self.message_actions.run_job(job, invocation.events))
         worker.register([JobKind.WAKE], lambda job, invocation: None)   # its arrival was the point (WakingJobQueue)
         worker.register(MONITORING_KINDS, lambda job, invocation: self.monitoring_jobs.run(
-            job, direct=lambda sync_job, account: engine.handle(sync_job, invocation.delivery, invocation.events,
-                                                                account=account),
+            job, direct=lambda sync_job, account, rows: engine.handle(sync_job, invocation.delivery,
+                                                                      invocation.events, account=account, rows=rows),
             redelivered=invocation.delivery.dequeue_count > 1))
         return worker
 
@@ -263,9 +264,15 @@ class Runtime:
 
     @cached_property
     def pending_notifications(self) -> TablePendingStore:
+        """Notifications awaiting their NOTIFIED job, in the account's sync partition (docs/change-monitoring.md)."""
+        from mailsync.storage.connection import table_client
         from mailsync.storage.subscriptions import TablePendingStore
+        from mailsync.storage.table_errors import ensure_table
 
-        return TablePendingStore(self._monitoring_table)
+        # Few, quick retries, like the subscription table's: the webhook must answer Graph within 3 s.
+        table = table_client(self.settings, "sync", retry_total=2, retry_backoff_factor=0.3)
+        ensure_table(table)
+        return TablePendingStore(table)
 
     @cached_property
     def subscription_manager(self) -> SubscriptionManager:
@@ -274,7 +281,8 @@ class Runtime:
         from mailsync.monitoring.subscriptions import SubscriptionManager
 
         api = GraphSubscriptionApi(AccountGraphClients(self.settings, self.token_provider))
-        return SubscriptionManager(self.settings, self.subscription_store, api, self.accounts, self.job_queue)
+        return SubscriptionManager(self.settings, self.subscription_store, api, self.accounts, self.job_queue,
+                                   client_states=self.client_states)
 
     @cached_property
     def subscription_registry(self) -> SubscriptionManager:
@@ -287,7 +295,15 @@ class Runtime:
         from mailsync.monitoring.notifications import NotificationReceiver
 
         return NotificationReceiver(self.settings, self.subscription_store, self.accounts,
-                                    self.pending_notifications, self.job_queue)
+                                    self.pending_notifications, self.job_queue, client_states=self.client_states)
+
+    @cached_property
+    def client_states(self) -> ClientStates:
+        """Signs subscriptions' clientStates, so the webhook authenticates without a table read."""
+        from mailsync.monitoring.client_state import ClientStates
+        from mailsync.security.crypto import secret_keys
+
+        return ClientStates(secret_keys(self.settings))
 
     @cached_property
     def lifecycle_receiver(self) -> LifecycleReceiver:
@@ -303,7 +319,7 @@ class Runtime:
 
         locator = GraphMessageLocator(AccountGraphClients(self.settings, self.token_provider))
         return MonitoringJobs(self.pending_notifications, self.accounts, self.store, locator,
-                              self.subscription_manager, self.job_queue)
+                              self.subscription_manager, self.job_queue, rows=self.sync_state.load)
 
     @cached_property
     def imap_poller(self) -> ImapStatusPoller:

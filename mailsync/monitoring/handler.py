@@ -5,7 +5,7 @@ A message subscription on ``me/messages`` says "message X changed" with no
 folder, but the engine syncs per folder. Resolution, cheapest first:
 
 1. ``updated`` / ``deleted`` ids the store already holds: the store knows
-   their folder (one document read each; no Graph call).
+   their folder (one multi-get of the row's ids from the store; no Graph call).
 2. ``created`` ids (new mail, or the target half of a move — with immutable
    ids a moved message keeps its id, so the store still names the *source*
    folder, which needs syncing too) and ids the store does not hold yet: one
@@ -15,7 +15,7 @@ folder, but the engine syncs per folder. Resolution, cheapest first:
    folder. Each folder costs one delta request that returns nothing when
    nothing changed, so past that point per-message lookups cost more.
 
-A resolved folder the store does not know yet (a new folder) also gets a
+A resolved folder we have no sync row for yet (a new folder) also gets a
 SYNC_FOLDERS job, which starts it; so does a pending row marked
 with ``folder_notices`` by the account's ``me/mailFolders`` subscription (a
 folder created, renamed, moved or deleted). Extra jobs are harmless: the engine's
@@ -61,7 +61,14 @@ before is covered by this job's reads, which come after it. A delete that
 fails means notifications were merged meanwhile: the job reads the row
 again. Deleting after the sync, as before, lost such a change until the
 next notification or the 6-hour sweep whenever it arrived during the job's
-folder rounds. The cost is unchanged: one read and one delete per job.
+folder rounds.
+
+Cost: the row lives in the account's partition of the sync table
+(``mailsync.storage.subscriptions``), so the job reads it with the one
+partition query its first folder round needs anyway (handed to that round,
+which then starts from it instead of reading again) and deletes it: two
+table calls for the row and the round's start, where a read of the row, its
+delete and the round's own read were three.
 
 Crash safety of NOTIFIED: a job that dies after taking the row (host killed,
 a bug raised) is redelivered by the queue and finds no row. It cannot know
@@ -83,6 +90,7 @@ from mailsync.models import Account, Job
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
 from mailsync.ports import JobQueue, MessageStore
+from mailsync.storage.cursors import AccountSyncState
 
 log = logging.getLogger("mailsync.monitoring.handler")
 
@@ -91,16 +99,21 @@ MAX_LOOKUPS = 25          # Graph GETs per NOTIFIED job at most (keeps the job s
 MAX_ROUNDS = 10           # re-reads of a pending row that keeps changing under us
 DIRECT_MAX_JOBS = 4       # sync jobs a NOTIFIED job runs itself (more: enqueued for several workers)
 
-# Runs a sync job in this invocation, given the account as the NOTIFIED job just read it.
-DirectRunner = Callable[[Job, Account], object]
+# Runs a sync job in this invocation, given the account as the NOTIFIED job just read it, and
+# for the first job the account's sync rows as it read them with the pending row (else None).
+DirectRunner = Callable[[Job, Account, AccountSyncState | None], object]
+# Reads an account's sync rows (and, in the same partition, its pending row): one table query.
+RowsLoader = Callable[[str], AccountSyncState]
 
 
 class MonitoringJobs:
     """Runs NOTIFIED, SYNC_ACCOUNT and SUBSCRIPTION jobs."""
 
     def __init__(self, pending: PendingStore, accounts: AccountDirectory, store: MessageStore,
-                 locator: MessageLocator, subscriptions: SubscriptionManager, queue: JobQueue) -> None:
+                 locator: MessageLocator, subscriptions: SubscriptionManager, queue: JobQueue,
+                 rows: RowsLoader) -> None:
         self._pending = pending
+        self._rows = rows
         self._accounts = accounts
         self._store = store
         self._locator = locator
@@ -131,7 +144,10 @@ class MonitoringJobs:
                  redelivered: bool = False) -> list[Job]:
         """Take the account's pending notifications and sync what they name; returns the sync jobs enqueued or run."""
         for _ in range(MAX_ROUNDS):
-            pending = self._pending.get(account_id)
+            # The pending row shares the account's sync partition: one query reads it and the
+            # rows the first round starts from (that round's own read, saved).
+            rows = self._rows(account_id)
+            pending = self._pending.from_rows(rows)
             if pending is None:
                 # Already handled (a duplicate job), or taken by this message's earlier, dead run.
                 return self._after_a_lost_run(account_id, direct) if redelivered else []
@@ -142,7 +158,7 @@ class MonitoringJobs:
             account = self._accounts.get(account_id)
             if account is None or account.status not in WATCHED_STATUSES:
                 return []
-            return self._dispatch(self._resolve(pending), account, pending, direct)
+            return self._dispatch(self._resolve(pending, rows), account, pending, direct, rows)
         # Still changing after many reads: let a fresh job carry on instead of looping.
         self._queue.enqueue(new_job(JobKind.NOTIFIED, account_id, reason="continue"))
         return []
@@ -155,18 +171,22 @@ class MonitoringJobs:
         job = new_job(JobKind.SYNC_FOLDERS, account_id, reason=NOTIFIED_REDELIVERED, attrs={EVERY_FOLDER: "1"})
         return self._run_or_enqueue([job], account, direct)
 
-    def _resolve(self, pending: PendingChanges) -> _Resolved:
+    def _resolve(self, pending: PendingChanges, rows: AccountSyncState) -> _Resolved:
         """The folders to sync, whether the folder list needs a round too, and what each round must read."""
         account_id = pending.account_id
-        known = {view.folder.folder_id for view in self._store.list_folders(account_id)}
+        # The folders we know: their sync rows, read with the pending row (the folder-list round
+        # writes a folder's row and its store document together; this was a store search per job).
+        known = set(rows.folders)
         if pending.all_folders:
             return _Resolved(known, True)
         folders: set[str] = set()
         lookups: list[str] = []
         where: dict[str, str | None] = {}      # message id -> the folder the store holds it in
-        for message_id in dict.fromkeys(mid for _, mid in pending.changes):
+        ids = list(dict.fromkeys(mid for _, mid in pending.changes))
+        held = self._store.get_messages(account_id, ids) if ids else {}   # one multi-get, not a read per id
+        for message_id in ids:
             types = {ct for ct, mid in pending.changes if mid == message_id}
-            stored = self._store.get_message(account_id, message_id)
+            stored = held.get(message_id)
             where[message_id] = stored.folder_id if stored is not None else None
             if stored is not None:
                 folders.add(stored.folder_id)
@@ -188,7 +208,7 @@ class MonitoringJobs:
                          _expectations(pending, where, {mid: located.get(mid) for mid in lookups}))
 
     def _dispatch(self, resolved: _Resolved, account: Account, pending: PendingChanges,
-                  direct: DirectRunner | None) -> list[Job]:
+                  direct: DirectRunner | None, rows: AccountSyncState) -> list[Job]:
         jobs = _sync_jobs(account.account_id, sorted(resolved.folders), resolved.folder_list, reason="notified")
         in_place = direct is not None and len(jobs) <= DIRECT_MAX_JOBS
         log.info("notifications resolved to %d folder(s)", len(resolved.folders),
@@ -198,12 +218,16 @@ class MonitoringJobs:
             # Only jobs run here carry what their round must read (a queue message could not hold it).
             jobs = [replace(job, attrs={**job.attrs, EXPECT: resolved.expected[job.folder_id].encode()})
                     if job.folder_id is not None and job.folder_id in resolved.expected else job for job in jobs]
-        return self._run_or_enqueue(jobs, account, direct)
+        return self._run_or_enqueue(jobs, account, direct, rows)
 
-    def _run_or_enqueue(self, jobs: list[Job], account: Account, direct: DirectRunner | None) -> list[Job]:
+    def _run_or_enqueue(self, jobs: list[Job], account: Account, direct: DirectRunner | None,
+                        rows: AccountSyncState | None = None) -> list[Job]:
         if direct is not None and len(jobs) <= DIRECT_MAX_JOBS:
-            for job in jobs:
-                direct(job, account)
+            for index, job in enumerate(jobs):
+                # Only the first round may start from the rows read before it: the rounds write rows.
+                # (Read before the pending row was taken and the messages resolved: its take of the
+                # slot and lease is ETag-conditional, so a row changed meanwhile only costs a re-read.)
+                direct(job, account, rows if index == 0 else None)
             return jobs
         return self._enqueue(jobs)
 

@@ -7,14 +7,23 @@ checks each item, merges what is left into the account's *pending* row,
 and enqueues at most one NOTIFIED job per account.
 
 Trust: the URL is public, so anyone can POST to it. An item counts only if
-its ``subscriptionId`` is one we created and its ``clientState`` hashes to
-the value stored for *that* subscription (constant-time compare), and the
+its ``clientState`` is one we gave a subscription. Subscriptions get a
+*signed* clientState (``mailsync.monitoring.client_state``): it names the
+account and the subscription's kind under our MAC, so the webhook
+authenticates it without any table read, and the NOTIFIED job, which reads
+the account anyway, drops the work of an account that is gone or not linked.
+A clientState of the older, random kind counts only if its
+``subscriptionId`` is one we created, the clientState hashes to the value
+stored for *that* subscription (constant-time compare), and the
 subscription's account still exists and is linked. Everything else is
 dropped and logged (counts only, never the clientState) and acts on
 nothing. A body that is not a well-formed notification collection is
 rejected whole (400), before any item is looked at.
 
-Cost (the URL is anonymous, so a flood must stay cheap): a request names at
+Cost (the URL is anonymous, so a flood must stay cheap): an item with a
+signed clientState costs no read at all (a forged MAC is dropped on the
+spot); a genuine one costs the pending row's insert and the job's send. For
+the older clientStates: a request names at
 most ``MAX_SUBSCRIPTIONS`` distinct subscription ids (Graph batches per
 subscription; more is a 400, counted while parsing, before any storage
 read), and the first id we do not know rejects the whole request without
@@ -61,6 +70,7 @@ from typing import Any
 from mailsync.errors import Conflict, DependencyUnavailable, InputError, MailsyncError
 from mailsync.jobs import JobKind, new_job
 from mailsync.models import Job
+from mailsync.monitoring.client_state import ClientStates
 from mailsync.monitoring.records import (
     AccountDirectory,
     ChangeType,
@@ -195,8 +205,16 @@ class UnknownSubscription(Exception):
     """Internal: an item names a subscription we do not have; the whole request is rejected."""
 
 
+@dataclass(frozen=True)
+class Vouched:
+    """Whom an authentic item is about: the account, and whether its subscription watches folders."""
+
+    account_id: str
+    folders: bool
+
+
 class NotificationAuthenticator:
-    """Decides which items are ours: known subscription, matching clientState, live account.
+    """Decides which items are ours: a signed clientState, or a known subscription, its clientState, a live account.
 
     Caches lookups for the length of one request only, so a deleted
     subscription or account stops being accepted at once. An unknown
@@ -204,11 +222,27 @@ class NotificationAuthenticator:
     without looking up the request's other ids (the module docstring's cost rule).
     """
 
-    def __init__(self, subscriptions: SubscriptionStore, accounts: AccountDirectory) -> None:
+    def __init__(self, subscriptions: SubscriptionStore, accounts: AccountDirectory,
+                 client_states: ClientStates | None = None) -> None:
         self._subscriptions = subscriptions
         self._accounts = accounts
+        self._client_states = client_states
         self._subscription_cache: dict[str, Subscription | None] = {}
         self._account_cache: dict[str, bool] = {}
+
+    def vouch(self, subscription_id: str, client_state: str | None) -> Vouched | None:
+        """Whom the item is about, or None (drop the item); UnknownSubscription (drop the request).
+
+        A signed clientState decides alone, with no storage call (``mailsync.monitoring.client_state``).
+        """
+        if client_state is not None and self._client_states is not None and ClientStates.is_signed(client_state):
+            signed = self._client_states.verify(client_state)
+            return None if signed is None else Vouched(signed.account_id, signed.kind is SubscriptionKind.FOLDERS)
+        subscription = self.authenticate(subscription_id, client_state)
+        if subscription is None:
+            return None
+        return Vouched(subscription.account_id,
+                       SubscriptionKind.of_resource(subscription.resource) is SubscriptionKind.FOLDERS)
 
     def authenticate(self, subscription_id: str, client_state: str | None) -> Subscription | None:
         """The subscription the item belongs to, or None (drop the item); UnknownSubscription (drop the request)."""
@@ -246,9 +280,10 @@ class NotificationReceiver:
     """The webhook's use case: authenticate items, coalesce per account, enqueue."""
 
     def __init__(self, settings: Settings, subscriptions: SubscriptionStore, accounts: AccountDirectory,
-                 pending: PendingStore, queue: JobQueue, *,
+                 pending: PendingStore, queue: JobQueue, *, client_states: ClientStates | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._settings = settings
+        self._client_states = client_states
         self._subscriptions = subscriptions
         self._accounts = accounts
         self._pending = pending
@@ -258,26 +293,25 @@ class NotificationReceiver:
     def receive(self, body: Any) -> ReceiveReport:
         """Handle one parsed JSON body. InputError: malformed (nothing done)."""
         items = parse_change_notifications(body)
-        auth = NotificationAuthenticator(self._subscriptions, self._accounts)
+        auth = NotificationAuthenticator(self._subscriptions, self._accounts, self._client_states)
         per_account: dict[str, list[tuple[str, str, str | None]]] = {}
         folder_notices: dict[str, int] = {}
         dropped = 0
         for item in items:
             try:
-                subscription = auth.authenticate(item.subscription_id, item.client_state)
+                vouched = auth.vouch(item.subscription_id, item.client_state)
             except UnknownSubscription:
                 log.warning("rejected a notification request naming an unknown subscription (%d items)",
                             len(items), extra={"received": len(items)})
                 return ReceiveReport(received=len(items), dropped=len(items), rejected=True)
-            if subscription is not None and item.change_type is not None \
-                    and SubscriptionKind.of_resource(subscription.resource) is SubscriptionKind.FOLDERS:
-                folder_notices[subscription.account_id] = folder_notices.get(subscription.account_id, 0) + 1
-                per_account.setdefault(subscription.account_id, [])
+            if vouched is not None and item.change_type is not None and vouched.folders:
+                folder_notices[vouched.account_id] = folder_notices.get(vouched.account_id, 0) + 1
+                per_account.setdefault(vouched.account_id, [])
                 continue
-            if subscription is None or item.change_type is None or item.message_id is None:
+            if vouched is None or item.change_type is None or item.message_id is None:
                 dropped += 1
                 continue
-            per_account.setdefault(subscription.account_id, []).append(
+            per_account.setdefault(vouched.account_id, []).append(
                 (item.change_type.value, item.message_id, item.version))
         if dropped:
             # Counts only: never the clientState or the forged ids.

@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Protocol
 
 from mailsync.models import Account
+from mailsync.storage.cursors import AccountSyncState
 
 
 class ChangeType(enum.StrEnum):
@@ -198,6 +199,10 @@ class PendingStore(Protocol):
     """The per-account coalescing gate (Azure Tables, ETag concurrency)."""
 
     def get(self, account_id: str) -> PendingChanges | None:
+        ...
+
+    def from_rows(self, rows: AccountSyncState) -> PendingChanges | None:
+        """The pending row as the partition query of the account's sync rows read it (the same partition)."""
         ...
 
     def create(self, pending: PendingChanges) -> PendingChanges:

@@ -20,7 +20,7 @@ Lifecycle of an account's subscription::
       ┌──────────── create ─────────────┐   fails (5xx, 429, handshake 400)
       │  POST /subscriptions            │──────────────► failing: failures+1,
       │  me/messages created,updated,   │                retry_at = now+backoff,
-      │  deleted, clientState (random,  │                the account is POLLED
+      │  deleted, clientState (signed,  │                the account is POLLED
       │  only its SHA-256 kept)         │                until a retry succeeds
       └──────────────┬──────────────────┘
                      ▼
@@ -60,6 +60,7 @@ from urllib.parse import urlsplit
 from mailsync.errors import Conflict, MailsyncError, NotFound, ProviderError, ReauthRequired
 from mailsync.jobs import SUBSCRIBED, JobKind, new_job
 from mailsync.models import Account, AccountStatus, Job, Provider
+from mailsync.monitoring.client_state import ClientStates
 from mailsync.monitoring.records import (
     AccountDirectory,
     AccountMonitor,
@@ -138,8 +139,12 @@ class SubscriptionManager:
     """
 
     def __init__(self, settings: Settings, store: SubscriptionStore, api: SubscriptionApi,
-                 accounts: AccountDirectory, queue: JobQueue, *, clock: Clock = utcnow) -> None:
+                 accounts: AccountDirectory, queue: JobQueue, *, client_states: ClientStates | None = None,
+                 clock: Clock = utcnow) -> None:
         self._settings = settings
+        # Signed clientStates let the webhook authenticate without a table read; without a
+        # signer, a random one (only its hash kept) as before.
+        self._client_states = client_states
         self._store = store
         self._api = api
         self._accounts = accounts
@@ -335,7 +340,8 @@ class SubscriptionManager:
             log.info("no subscription for an account that is gone or not linked")
             return monitor
         now = self._clock()
-        client_state = new_secret(CLIENT_STATE_BYTES)
+        client_state = self._client_states.new(account_id, kind) if self._client_states is not None \
+            else new_secret(CLIENT_STATE_BYTES)
         request = SubscriptionRequest(resource=kind.value, change_types=CHANGE_TYPES,
                                       notification_url=self.notification_url, lifecycle_url=self.lifecycle_url,
                                       client_state=client_state, expires_at=self._expiration(now))

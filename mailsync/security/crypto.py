@@ -109,18 +109,24 @@ def generate_key() -> str:
 
 
 def load_cipher(settings: Settings) -> TokenCipher:
-    """The cipher for this deployment, from the settings.
+    """The cipher for this deployment, from the settings (``secret_keys``)."""
+    return TokenCipher(secret_keys(settings))
+
+
+def secret_keys(settings: Settings) -> Sequence[tuple[str, bytes]]:
+    """The deployment's secret keys, ``(kid, key)``, the first one current.
 
     Keys configured → those. None configured → a persisted development key,
-    but only in sandbox mode; against real Microsoft that is refused.
+    but only in sandbox mode; against real Microsoft that is refused. Other
+    uses (signing clientStates) derive their own keys from these.
     """
     if settings.token_encryption_keys:
-        return TokenCipher(settings.token_encryption_keys)
+        return settings.token_encryption_keys
     if not settings.uses_graph_sandbox:
         raise ConfigurationError(
             "TOKEN_ENCRYPTION_KEYS is required when linking real Microsoft accounts "
             "(format kid:base64key; generate one with `python -m mailsync.security.crypto`)")
-    return TokenCipher([(DEV_KEY_ID, dev_key(Path(settings.local_dir)))])
+    return [(DEV_KEY_ID, dev_key(Path(settings.local_dir)))]
 
 
 def dev_key(directory: Path) -> bytes:

@@ -10,6 +10,9 @@ RowKey               what it holds
 ``f:<folder id>``    one folder: opaque provider cursor, phase, epoch, counts,
                      dirty / resync flags, lease (owner + until), back-off
 ``slot:<n>``         one of the mailbox's request slots (owner + until)
+``pending``          the account's notifications awaiting their NOTIFIED job, written by
+                     the webhook (``mailsync.storage.subscriptions.TablePendingStore``):
+                     here so the job reads it with the rows its first round needs
 ===================  ===============================================================
 
 Nothing here is written per email: a folder row changes once per page of
@@ -62,7 +65,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from azure.core import MatchConditions
@@ -213,6 +216,8 @@ class AccountSyncState:
     folders: Mapping[str, SyncState]
     slots_busy: int
     slots: tuple[SlotRow, ...] = ()
+    # Rows of the partition that are not the engine's (the pending notifications), as read: RowKey -> entity.
+    others: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def folder(self, folder_id: str) -> SyncState | None:
         return self.folders.get(folder_id)
@@ -260,6 +265,7 @@ class SyncStateTable:
         folders: dict[str, SyncState] = {}
         busy = 0
         slots: list[SlotRow] = []
+        others: dict[str, Mapping[str, Any]] = {}
         for entity in self._query(account_id):
             key = entity["RowKey"]
             if key.startswith(SLOT_ROW_PREFIX):
@@ -275,7 +281,9 @@ class SyncStateTable:
                 state = _from_entity(entity)
                 if state.folder_id is not None:
                     folders[state.folder_id] = state
-        return AccountSyncState(account_id, folder_list, folders, busy, tuple(slots))
+            else:
+                others[key] = entity
+        return AccountSyncState(account_id, folder_list, folders, busy, tuple(slots), others)
 
     def get(self, account_id: str, folder_id: str | None) -> SyncState | None:
         key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)

@@ -6,7 +6,14 @@ one account, so none grows::
     PartitionKey = "s-<subscription id>"  RowKey = "subscription"  account, clientState hash, expiry
     PartitionKey = "a-<account id>"       RowKey = "monitor"       current me/messages subscription, failures
     PartitionKey = "a-<account id>"       RowKey = "monitor-folders"  the same for me/mailFolders
-    PartitionKey = "a-<account id>"       RowKey = "pending"       notifications awaiting their job
+
+Pending notifications (``TablePendingStore``) live in the *sync* table, in
+the account's partition (``PartitionKey = <account id>``, ``RowKey =
+"pending"``), beside the rows of the account's folders and slots: the
+NOTIFIED job reads the row with the same partition query that gives its
+first folder round the rows it needs (``mailsync.storage.cursors``), one
+table call where there were two. (They lived here as ``a-<account id>`` /
+``pending``; ``delete_monitor`` still removes such a row.)
 
 The webhook's lookup by subscription id is a point read. The timers scan
 the ``monitor`` rows (one per account; a full-table query filtered on the
@@ -31,6 +38,7 @@ from azure.data.tables import TableClient, UpdateMode
 
 from mailsync.errors import Conflict
 from mailsync.monitoring.records import AccountMonitor, PendingChanges, Subscription, SubscriptionKind
+from mailsync.storage.cursors import AccountSyncState
 from mailsync.storage.table_errors import ensure_table, table_errors
 
 SUBSCRIPTION_ROW = "subscription"
@@ -164,7 +172,7 @@ class TableSubscriptionStore:
         with table_errors("deleting an account monitor"):
             for row in MONITOR_ROWS.values():
                 self._table.delete_entity(_account_key(account_id), row)
-            self._table.delete_entity(_account_key(account_id), PENDING_ROW)
+            self._table.delete_entity(_account_key(account_id), PENDING_ROW)   # where it lived before (docstring)
 
     def monitors(self) -> Iterator[AccountMonitor]:
         rows = list(MONITOR_ROWS.values())
@@ -183,7 +191,11 @@ def _monitor(entity: Any) -> AccountMonitor:
 
 
 class TablePendingStore:
-    """``PendingStore`` on Azure Tables: the per-account coalescing gate (ETag concurrency)."""
+    """``PendingStore`` on Azure Tables: the per-account coalescing gate (ETag concurrency).
+
+    ``table`` is the sync table (``<prefix>sync``): the row shares the account's partition with
+    its sync rows (the module docstring).
+    """
 
     def __init__(self, table: TableClient) -> None:
         self._table = table
@@ -193,9 +205,18 @@ class TablePendingStore:
             return None
         with table_errors("reading pending notifications"):
             try:
-                entity = self._table.get_entity(_account_key(account_id), PENDING_ROW)
+                entity = self._table.get_entity(account_id, PENDING_ROW)
             except ResourceNotFoundError:
                 return None
+        return self._from_entity(account_id, entity)
+
+    def from_rows(self, rows: AccountSyncState) -> PendingChanges | None:
+        """The pending row among an account's sync rows, as one partition query read them."""
+        entity = rows.others.get(PENDING_ROW)
+        return None if entity is None else self._from_entity(rows.account_id, entity)
+
+    @staticmethod
+    def _from_entity(account_id: str, entity: Any) -> PendingChanges:
         changes = orjson.loads(entity.get("changes") or "[]")
         versions = orjson.loads(entity.get("versions") or "{}")
         return PendingChanges(account_id=account_id,
@@ -230,7 +251,7 @@ class TablePendingStore:
             return
         with table_errors("deleting pending notifications"):
             try:
-                self._table.delete_entity(_account_key(pending.account_id), PENDING_ROW, etag=pending.etag,
+                self._table.delete_entity(pending.account_id, PENDING_ROW, etag=pending.etag,
                                           match_condition=MatchConditions.IfNotModified)
             except ResourceModifiedError as exc:
                 raise Conflict("pending notifications changed concurrently") from exc
@@ -241,7 +262,7 @@ class TablePendingStore:
     def _entity(pending: PendingChanges) -> dict[str, Any]:
         if not valid_key(pending.account_id):
             raise ValueError("account id is not a valid table key")
-        return {"PartitionKey": _account_key(pending.account_id), "RowKey": PENDING_ROW,
+        return {"PartitionKey": pending.account_id, "RowKey": PENDING_ROW,
                 "changes": orjson.dumps([list(pair) for pair in pending.changes]).decode(),
                 "versions": orjson.dumps(dict(pending.versions)).decode(),
                 "all_folders": pending.all_folders, "folder_notices": pending.folder_notices,

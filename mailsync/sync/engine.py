@@ -158,11 +158,15 @@ class SyncEngine:
         self.before_write: Callable[[str, int], None] | None = None
 
     def handle(self, job: Job, delivery: Delivery, events: EventPublisher, *,
-               account: Account | None = None) -> Outcome:
+               account: Account | None = None, rows: AccountSyncState | None = None) -> Outcome:
         """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT).
 
         ``account``: the account as the caller has just read it (a NOTIFIED job
-        running the job in its own invocation); else it is read here.
+        running the job in its own invocation); else it is read here. ``rows``:
+        the account's sync rows as the caller has just read them (the NOTIFIED
+        job's read of its pending row), used instead of the invocation's first
+        read; every write from them is ETag-conditional, so rows changed since
+        cost a re-read, never a wrong write.
         """
         with log_context(account_id=job.account_id, job_id=job.job_id, folder_id=job.folder_id):
             if account is None or account.account_id != job.account_id:
@@ -176,7 +180,7 @@ class SyncEngine:
                 log.info("job dropped: account is %s", account.status.value, extra={"kind": job.kind})
                 return Outcome.DROPPED
             run = _Invocation(self, account, job, delivery, events)
-            outcome = run.run()
+            outcome = run.run(rows if rows is not None and rows.account_id == account.account_id else None)
             log.info("sync job %s", outcome.value, extra={
                 "kind": job.kind, "pages": run.pages, "upserted": run.upserted, "removed": run.removed_count,
                 "elapsed_s": round(self.clock() - run.started, 3)})
@@ -190,9 +194,12 @@ class SyncEngine:
 class _Invocation(FolderSync, FolderListSync):
     """One job's run: which target, then pending rows while time is left, then what comes after."""
 
-    def run(self) -> Outcome:
+    def run(self, preloaded: AccountSyncState | None = None) -> Outcome:
         e = self.e
-        rows = self._load()
+        if preloaded is not None:
+            self.rows = rows = preloaded
+        else:
+            rows = self._load()
         if rows.folder_list is None:
             e.state.create(SyncState(account_id=self.account_id, folder_id=None, phase=SyncPhase.INITIAL,
                                      epoch=policy.next_epoch(0, e.clock())))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,12 +15,14 @@ from azure.storage.queue import QueueClient
 
 from mailsync.jobs import decode_job
 from mailsync.models import Account, AccountStatus, Job, Provider
+from mailsync.monitoring.client_state import ClientStates
 from mailsync.monitoring.lifecycle import LifecycleReceiver
 from mailsync.monitoring.notifications import NotificationReceiver
-from mailsync.monitoring.records import Subscription
+from mailsync.monitoring.records import Subscription, SubscriptionKind
 from mailsync.security.secrets import hash_secret, new_secret
 from mailsync.settings import Settings
 from mailsync.storage.connection import queue_client, table_client
+from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
 from mailsync.storage.table_errors import ensure_table
@@ -36,6 +39,8 @@ class Harness:
     queue_client: QueueClient
     notifications: NotificationReceiver
     lifecycle: LifecycleReceiver
+    signer: ClientStates
+    sync_rows: SyncStateTable                 # the table the pending rows share with the sync rows
     client_states: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -49,10 +54,16 @@ class Harness:
                                    access_token_hash=hash_secret(new_secret()), created_at=now, updated_at=now))
         return account_id
 
-    def add_subscription(self, account_id: str, resource: str = "me/messages") -> tuple[str, str]:
-        """A subscription row as SubscriptionManager writes it: (subscription id, clientState)."""
+    def add_subscription(self, account_id: str, resource: str = "me/messages", *,
+                         signed: bool = False) -> tuple[str, str]:
+        """A subscription row as SubscriptionManager writes it: (subscription id, clientState).
+
+        ``signed``: a signed clientState (what SubscriptionManager gives new subscriptions); else a
+        random one, as subscriptions created before signing have (the webhook reads their row).
+        """
         subscription_id = str(uuid.uuid4())
-        client_state = new_secret(48)
+        client_state = self.signer.new(account_id, SubscriptionKind.of_resource(resource)) if signed \
+            else new_secret(48)
         now = datetime.now(UTC)
         self.subscriptions.put(Subscription(subscription_id, account_id, hash_secret(client_state),
                                             now + timedelta(days=2), now, resource=resource))
@@ -101,12 +112,15 @@ def make_harness(storage_env: dict[str, str], **settings: str) -> Harness:
     table = table_client(config, "subscriptions")
     ensure_table(table)
     subscriptions = TableSubscriptionStore(table)
-    pending = TablePendingStore(table)
+    sync_table = table_client(config, "sync")
+    ensure_table(sync_table)
+    pending = TablePendingStore(sync_table)
     linking = linking_tables(config)
     queue = AzureJobQueue(config)
     inspect = queue_client(config, config.sync_queue_name)
     with contextlib.suppress(ResourceExistsError):
         inspect.create_queue()
+    signer = ClientStates([("test1", os.urandom(32))])
     return Harness(config, subscriptions, pending, linking, queue, inspect,
-                   NotificationReceiver(config, subscriptions, linking.accounts, pending, queue),
-                   LifecycleReceiver(subscriptions, linking.accounts, queue))
+                   NotificationReceiver(config, subscriptions, linking.accounts, pending, queue, client_states=signer),
+                   LifecycleReceiver(subscriptions, linking.accounts, queue), signer, SyncStateTable(sync_table))

@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 import pytest
 
 from mailsync.jobs import EVERY_FOLDER, EXPECT, Expected, JobKind
-from mailsync.models import Account, Folder, Job, Message
+from mailsync.models import Account, Folder, Job, Message, SyncPhase
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
+from mailsync.storage.cursors import AccountSyncState, SyncState
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.monitoring.harness import Harness, change, make_harness
@@ -32,12 +33,16 @@ class World:
         self.sandbox = sandbox
         self.user = sandbox.users[0]
         self.account = harness.add_account()
-        self.subscription, self.client_state = harness.add_subscription(self.account)
+        self.subscription, self.client_state = harness.add_subscription(self.account, signed=True)
         snap = sandbox.snapshot(self.user)
         self.folders = {f["id"]: f for f in snap["folders"]}
         self.inbox = next(f["id"] for f in snap["folders"] if f["wellKnownName"] == "inbox")
         self.messages = snap["messages"]
         store.upsert_folders([Folder(self.account, f["id"], f["displayName"]) for f in snap["folders"]])
+        # The folder-list round writes a folder's store document and its sync row together.
+        harness.sync_rows.create_many([SyncState(self.account, None, phase=SyncPhase.INCREMENTAL, epoch=1),
+                                       *(SyncState(self.account, f["id"], phase=SyncPhase.INCREMENTAL, epoch=1)
+                                         for f in snap["folders"])])
         self.stored = self.messages[::2]
         self.unstored = self.messages[1::2]
         store.upsert_messages([Message(self.account, m["id"], m["folderId"], version=1) for m in self.stored])
@@ -45,7 +50,8 @@ class World:
         self.locator = GraphMessageLocator(self.client_for)
         manager = SubscriptionManager(harness.settings, harness.subscriptions, GraphSubscriptionApi(self.client_for),
                                       harness.accounts, harness.queue)
-        self.jobs = MonitoringJobs(harness.pending, harness.accounts, store, self.locator, manager, harness.queue)
+        self.jobs = MonitoringJobs(harness.pending, harness.accounts, store, self.locator, manager, harness.queue,
+                                   rows=harness.sync_rows.load)
 
     def client_for(self, account_id: str) -> GraphClient:
         assert account_id == self.account
@@ -91,10 +97,39 @@ def test_a_small_set_runs_in_the_invocation_without_a_queue_hop(world: World) ->
     world.notify(("updated", a["id"]), ("deleted", b["id"]))
     world.harness.drain()
     ran: list[Job] = []
-    sent = world.jobs.notified(world.account, direct=lambda job, account: ran.append(job))
+    sent = world.jobs.notified(world.account, direct=lambda job, account, rows: ran.append(job))
     assert ran == sent
     assert sorted((job.kind, job.folder_id) for job in ran) == sorted({sync(a["folderId"]), sync(b["folderId"])})
     assert world.harness.drain() == []                 # nothing went through the queue
+    assert world.harness.pending.get(world.account) is None
+
+
+def test_the_pending_row_comes_with_the_first_rounds_rows_in_one_read(world: World) -> None:
+    # The row shares the account's sync partition: the job's one query reads it and the rows
+    # its first round starts from (that round then reads nothing before taking its slot).
+    a = world.stored[0]
+    b = next(m for m in world.stored if m["folderId"] != a["folderId"])
+    world.notify(("updated", a["id"]), ("deleted", b["id"]))
+    world.harness.drain()
+    loads: list[str] = []
+
+    def load(account_id: str) -> AccountSyncState:
+        loads.append(account_id)
+        return world.harness.sync_rows.load(account_id)
+
+    class NoPointReads:
+        def __getattr__(self, name: str) -> object:
+            assert name != "get", "the pending row was read on its own"
+            return getattr(world.harness.pending, name)
+
+    jobs = MonitoringJobs(NoPointReads(), world.harness.accounts, world.store, world.locator,  # type: ignore[arg-type]
+                          world.jobs._subscriptions, world.harness.queue, rows=load)
+    given: list[AccountSyncState | None] = []
+    sent = jobs.notified(world.account, direct=lambda job, account, rows: given.append(rows))
+    assert len(sent) == 2 and loads == [world.account]
+    first, second = given
+    assert first is not None and first.account_id == world.account and first.folder_list is not None
+    assert second is None                      # later rounds read rows written by the first
     assert world.harness.pending.get(world.account) is None
 
 
@@ -113,7 +148,7 @@ def test_rounds_run_in_the_invocation_carry_the_versions_and_removals_they_must_
         {"value": [change(world.subscription, world.client_state, mid, ct, tag) for ct, mid, tag in notes]})
     world.harness.drain()
     ran: list[Job] = []
-    world.jobs.notified(world.account, direct=lambda job, account: ran.append(job))
+    world.jobs.notified(world.account, direct=lambda job, account, rows: ran.append(job))
     expected = {job.folder_id: Expected.decode(job.attrs.get(EXPECT)) for job in ran}
     assert expected[flagged["folderId"]] == Expected({flagged["id"]: 'W/"kf"'})
     assert expected[moved["folderId"]] == Expected({}, frozenset({moved["id"]}))   # it must be read leaving
@@ -132,7 +167,7 @@ def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(w
         world.notify(*(("updated", f"{mid}x{start}") for mid in ids[:50]))
     world.harness.drain()
     ran: list[Job] = []
-    world.jobs.notified(world.account, direct=lambda job, account: ran.append(job))
+    world.jobs.notified(world.account, direct=lambda job, account, rows: ran.append(job))
     assert ran == []
     assert len(world.harness.drain()) == len(world.folders) + 1
 
@@ -201,7 +236,7 @@ def folder_change(subscription_id: str, client_state: str, folder_id: str, chang
 
 
 def test_a_folder_notification_is_one_folder_list_round(world: World) -> None:
-    folders_sub = world.harness.add_subscription(world.account, resource="me/mailFolders")
+    folders_sub = world.harness.add_subscription(world.account, resource="me/mailFolders", signed=True)
     body = {"value": [folder_change(*folders_sub, world.inbox, "updated"),
                       folder_change(*folders_sub, world.inbox, "created")]}
     report = world.harness.notifications.receive(body)
@@ -222,13 +257,13 @@ def test_a_folder_notification_is_one_folder_list_round(world: World) -> None:
 def test_a_folder_notice_during_the_folder_round_gets_another_job(world: World) -> None:
     # A folder notice says nothing that tells a second rename from a replay, and the
     # job has read the folder list once its round runs: the notice must bring another round.
-    folders_sub = world.harness.add_subscription(world.account, resource="me/mailFolders")
+    folders_sub = world.harness.add_subscription(world.account, resource="me/mailFolders", signed=True)
     notice = {"value": [folder_change(*folders_sub, world.inbox, "updated")]}
     world.harness.notifications.receive(notice)
     world.harness.drain()
     rounds: list[str] = []
 
-    def direct(job: Job, account: Account) -> None:
+    def direct(job: Job, account: Account, rows: AccountSyncState | None) -> None:
         rounds.append(job.kind)
         if len(rounds) == 1:
             assert world.harness.notifications.receive(notice).jobs_enqueued == 1
@@ -250,7 +285,7 @@ def test_a_repeat_of_a_pending_notification_after_the_job_took_it_gets_another_l
     world.harness.drain()
     rounds: list[Job] = []
 
-    def direct(job: Job, account: Account) -> None:
+    def direct(job: Job, account: Account, rows: AccountSyncState | None) -> None:
         rounds.append(job)
         if len(rounds) == 1:          # the round has started: the mailbox is being read
             world.notify(repeat)
@@ -294,13 +329,13 @@ def test_a_redelivered_job_whose_row_was_taken_syncs_every_folder(world: World) 
     world.notify(("updated", world.stored[0]["id"]))
     world.harness.drain()
 
-    def dies(job: Job, account: Account) -> None:
+    def dies(job: Job, account: Account, rows: AccountSyncState | None) -> None:
         raise RuntimeError("the host went away mid-round")
     with pytest.raises(RuntimeError):
         world.jobs.notified(world.account, dies)
     assert world.harness.pending.get(world.account) is None
     ran: list[Job] = []
-    world.jobs.notified(world.account, lambda job, account: ran.append(job), redelivered=True)
+    world.jobs.notified(world.account, lambda job, account, rows: ran.append(job), redelivered=True)
     assert [(job.kind, job.folder_id, job.attrs) for job in ran] == [
         (JobKind.SYNC_FOLDERS.value, None, {EVERY_FOLDER: "1"})]
 
@@ -314,6 +349,15 @@ def test_a_duplicate_job_finds_nothing_to_do(world: World) -> None:
 def test_a_deleted_account_gets_no_jobs_and_its_row_goes(world: World) -> None:
     world.notify(("updated", world.stored[0]["id"]))
     world.harness.accounts.delete(world.account)
+    assert world.run() == []
+    assert world.harness.pending.get(world.account) is None
+
+
+def test_a_signed_notification_for_a_deleted_account_is_dropped_by_its_job_and_leaves_no_row(world: World) -> None:
+    # The webhook reads no account for a signed clientState; the job, which reads it anyway, drops the work.
+    world.harness.accounts.delete(world.account)
+    world.notify(("updated", world.stored[0]["id"]))
+    assert world.harness.pending.get(world.account) is not None
     assert world.run() == []
     assert world.harness.pending.get(world.account) is None
 

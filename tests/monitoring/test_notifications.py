@@ -198,6 +198,18 @@ def test_a_pending_row_whose_job_was_lost_gets_a_new_job(harness: Harness) -> No
 
 # --- cost: an anonymous flood must stay cheap ----------------------------------------------------------------------
 
+class CountingAccounts:
+    """The real account table, counting the reads the webhook makes."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.reads: list[str] = []
+
+    def get(self, account_id: str) -> Any:
+        self.reads.append(account_id)
+        return self._inner.get(account_id)
+
+
 class CountingSubscriptions:
     """The real subscription table, counting the reads the webhook makes."""
 
@@ -251,3 +263,40 @@ def test_a_forged_request_costs_one_read_whatever_it_holds(harness: Harness) -> 
     counting.reads.clear()
     report = notifications.receive({"value": [change(sub, state, f"AAMk{n}") for n in range(200)]})
     assert not report.rejected and report.accepted == 200 and counting.reads == [sub]
+
+
+def test_a_signed_client_state_is_authenticated_without_any_table_read(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account, signed=True)
+    folders_sub, folders_state = harness.add_subscription(account, resource="me/mailFolders", signed=True)
+    subscriptions, accounts = CountingSubscriptions(harness.subscriptions), CountingAccounts(harness.accounts)
+    receiver = NotificationReceiver(harness.settings, subscriptions, accounts, harness.pending,  # type: ignore[arg-type]
+                                    harness.queue, client_states=harness.signer)
+    folder_item = {**change(folders_sub, folders_state, "AAMk2"), "resource": "Users/u/MailFolders/f1"}
+    report = receiver.receive({"value": [change(sub, state, "AAMk1", "created"), folder_item]})
+    assert (report.accepted, report.dropped, report.jobs_enqueued) == (2, 0, 1)
+    assert subscriptions.reads == [] and accounts.reads == []
+    pending = harness.pending.get(account)
+    assert pending is not None and pending.changes == (("created", "AAMk1"),) and pending.folder_notices == 1
+
+
+def test_forged_signed_client_states_are_dropped_without_any_read(harness: Harness) -> None:
+    from mailsync.monitoring.client_state import ClientStates
+    from mailsync.monitoring.records import SubscriptionKind
+
+    victim = harness.add_account()
+    sub, state = harness.add_subscription(victim, signed=True)
+    elsewhere = ClientStates([("test1", b"k" * 32)]).new(victim, SubscriptionKind.MESSAGES)  # another key
+    attacker = harness.add_account()
+    retargeted = harness.signer.new(attacker, SubscriptionKind.MESSAGES).replace(attacker, victim)
+    subscriptions, accounts = CountingSubscriptions(harness.subscriptions), CountingAccounts(harness.accounts)
+    receiver = NotificationReceiver(harness.settings, subscriptions, accounts, harness.pending,  # type: ignore[arg-type]
+                                    harness.queue, client_states=harness.signer)
+    flipped = state[:-1] + ("A" if state[-1] != "A" else "B")
+    for forged in (elsewhere, retargeted, flipped, state.replace(".m.", ".f.")):
+        report = receiver.receive({"value": [change(sub, forged, "m1")]})
+        assert report.accepted == 0 and report.dropped == 1, forged
+    # Unknown subscription ids do not matter to a signed state: nothing was looked up.
+    report = receiver.receive({"value": [change(i, elsewhere, "m1") for i in forged_ids(MAX_SUBSCRIPTIONS)]})
+    assert report.accepted == 0 and not report.rejected
+    assert subscriptions.reads == [] and accounts.reads == [] and harness.queued_count() == 0

@@ -119,7 +119,8 @@ def rig(storage_env: dict[str, str], store: SearchStore, devhost_factory: Callab
     manager = SubscriptionManager(harness.settings, harness.subscriptions, api, harness.accounts, harness.queue,
                                   clock=lambda: holder["rig"].now())
     locator = GraphMessageLocator(lambda account: holder["rig"].client_for(account))
-    jobs = MonitoringJobs(harness.pending, harness.accounts, store, locator, manager, harness.queue)
+    jobs = MonitoringJobs(harness.pending, harness.accounts, store, locator, manager, harness.queue,
+                          rows=harness.sync_rows.load)
     holder["rig"] = Rig(harness, sandbox, webhook, manager, jobs, {})
     yield holder["rig"]
 

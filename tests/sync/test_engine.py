@@ -363,6 +363,33 @@ def test_a_notified_round_is_its_invocations_only_round_and_gives_the_slot_back_
     assert not compare(world)
 
 
+def test_a_notified_round_starts_from_the_rows_its_caller_read_and_a_stale_one_costs_a_reread(
+        world: SyncWorld, pump: QueuePump, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The NOTIFIED job hands the rows it read with the pending row to its first round.
+    synced(world, pump)
+    pump.stop()
+    rows = world.state.load(world.account_id)
+    inbox = next(r.folder_id for r in rows.folders.values() if r.role == "inbox")
+    assert inbox is not None
+    loads: list[str] = []
+    real_load = world.state.load
+    monkeypatch.setattr(world.state, "load", lambda account_id: loads.append(account_id) or real_load(account_id))
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified")
+    assert world.engine.handle(job, Delivery("d-1"), world.events, rows=rows) == Outcome.DONE
+    assert loads == [world.account_id], "one read, after the slot was given back (none before the round)"
+    after = real_load(world.account_id)
+    assert after.folders[inbox].rounds == rows.folders[inbox].rounds + 1
+    # Rows changed since the caller read them: the conditional take is refused, the round still runs.
+    stale = after
+    world.state.mark(world.account_id, inbox, dirty=True)
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified")
+    assert world.engine.handle(job, Delivery("d-2"), world.events, rows=stale) == Outcome.DONE
+    final = real_load(world.account_id)
+    assert final.slots_busy == 0 and final.folders[inbox].lease_owner == "" and not final.folders[inbox].dirty
+    assert final.folders[inbox].rounds > stale.folders[inbox].rounds
+    assert not compare(world)
+
+
 def test_an_account_unlinked_while_its_round_writes_leaves_no_documents(world: SyncWorld, pump: QueuePump) -> None:
     synced(world, pump)
     pump.stop()
