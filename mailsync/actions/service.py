@@ -451,9 +451,9 @@ class MessageActionService:
         Left claimed, the ledger said a newer action owned those fields, and an older action's job still
         on the queue dropped them as superseded (mailsync.actions.ordering) — for an action that never
         runs: neither the older nor the newer value reached the provider, and the optimistic row stayed.
-        So the rows go back to what the store had (one version above the optimistic one, like a revert:
-        it must beat it, or its tombstone) and each claim hands its fields back to the claims it took
-        them from. Best effort: if the store or the ledger fails here too, that is logged; the original
+        So the rows go back to what the store had (at a version that beats the optimistic row, or the
+        tombstone of its removal, like a revert) and each claim hands its fields back to the claims it
+        took them from. Best effort: if the store or the ledger fails here too, that is logged; the original
         error is what the caller sees.
         """
         account_id = account.account_id
@@ -468,9 +468,10 @@ class MessageActionService:
         now_ms = int(self._clock() * 1000)
         graph = account.provider is Provider.OUTLOOK
         try:
+            # Absent: the optimistic row was a removal (a delete for good), whose tombstone is one above.
             self._write_rows(account_id, [
                 replace(p.before, version=revert_version(p.version, now_ms, clock=uses_clock(graph, p.version),
-                                                         truth=p.before.version))
+                                                         truth=p.before.version, absent=p.row is None))
                 for p in planned if p.before is not None])
         except MailsyncError as exc:
             log.error("could not put back the rows of actions that were not queued: %s", exc.code,
@@ -758,6 +759,11 @@ class MessageActionService:
         latest = self._ledger().latest(account_id, [p.action.message_id for p in planned])
         for p in planned:
             where = p.row.folder_id if p.row is not None else p.action.folder_id
+            # The store first, then the provider: a row absent before the provider still had the message
+            # was removed with the optimistic row's folder (or never written), and must beat that removal's
+            # tombstone; one present then must not beat the tombstone of a removal that lands meanwhile
+            # (``revert_version``).
+            stored = store.get_message(account_id, p.action.message_id)
             try:
                 truth = provider.read_message(p.action.folder_id, p.action.message_id).message
             except NotFound:
@@ -767,7 +773,6 @@ class MessageActionService:
                          extra={"account_id": account_id, "error_code": exc.code})
                 unread.append(p)
                 continue
-            stored = store.get_message(account_id, p.action.message_id)
             if truth is None:
                 store.remove_messages(account_id, where, [p.action.message_id])
                 removed.append((where, p.action.message_id))
@@ -781,7 +786,8 @@ class MessageActionService:
             row = replace(base, is_read=base.is_read if READ in keep else truth.is_read,
                           flag_status=base.flag_status if FLAG in keep else truth.flag_status,
                           folder_id=base.folder_id if PLACE in keep else truth.folder_id,
-                          version=revert_version(p.version, now_ms, clock=clock, truth=truth.version))
+                          version=revert_version(p.version, now_ms, clock=clock, truth=truth.version,
+                                                 absent=stored is None))
             # The folder's epoch, like the optimistic row: a resync of it may have passed the message already
             # (its write refused by our newer row), and would delete one written in no epoch as unseen.
             self._write_rows(account_id, [row])

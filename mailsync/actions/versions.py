@@ -26,21 +26,24 @@ it. How, depends on what the provider's versions are:
 * IMAP without CONDSTORE: versions are read times in ms, like Graph's
   fill: the Graph rule applies.
 
-A row reverted after a definitive failure must beat the optimistic one,
-and also the optimistic one's *tombstone*: a removal bumps a document's
-version by one and the store keeps that for a minute (docs/store.md). An
-IMAP move into a folder that another client deletes meanwhile fails at the
-server, but the engine's folder round may have removed the folder first —
-and with it the optimistic row, which said it was there. Written at the
-optimistic MODSEQ, the provider's truth was then refused by that
-tombstone, and since the message did not change at the server no delta
-round ever brought it back: missing for good (the IMAP convergence test's
-every-fault scenario, 5 runs in 7). So: Graph and IMAP-time rows one ms
-past the optimistic version (or now), IMAP-MODSEQ rows one past the
-higher of the optimistic version and the MODSEQ just read. That never
-hides a later change: the server gives the message's next change a MODSEQ
-above the folder's HIGHESTMODSEQ, which is at least the one just read, so
-at least this one (equal wins).
+A row reverted after a definitive failure must beat the optimistic one.
+Graph and IMAP-time rows: one ms past it (or now). IMAP-MODSEQ rows: the
+higher of it and the MODSEQ just read (equal wins) — and one more when the
+row is *absent* from the store when the undo begins. A removal bumps a
+document's version by one and the store keeps that tombstone for a minute
+(docs/store.md): an IMAP move into a folder another client deletes meanwhile
+fails at the server, but the engine's folder round may remove the folder
+from the store first, and with it the optimistic row that said the message
+was there. Written at the optimistic MODSEQ, the provider's truth was then
+refused by that tombstone, and since the message did not change at the
+server no delta round ever brought it back: missing for good (the IMAP
+convergence test's every-fault scenario, 5 runs in 7). One above never
+hides a later change (the server gives the message's next change a MODSEQ
+above the folder's HIGHESTMODSEQ, so at least this one). But only for an
+absent row: a present one needs no more than equal, and "one more" there
+would also beat the tombstone of a removal that lands while the undo runs
+(the message expunged and its removal written between the read and the
+write), bringing back a message that is gone.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ def optimistic_version(stored: int, now_ms: int, *, clock: bool) -> int:
     return max(stored, now_ms) if clock else stored
 
 
-def revert_version(optimistic: int, now_ms: int, *, clock: bool, truth: int = 0) -> int:
-    """The version of a row put back to the provider's truth (``truth``: the version the provider just gave)."""
-    return max(optimistic + 1, now_ms) if clock else max(optimistic, truth) + 1
+def revert_version(optimistic: int, now_ms: int, *, clock: bool, truth: int = 0, absent: bool = False) -> int:
+    """The version of a row put back to the provider's truth.
+
+    ``truth``: the version the provider just gave; ``absent``: the store had no row for the message when
+    the undo began (read before the provider was asked).
+    """
+    if clock:
+        return max(optimistic + 1, now_ms)
+    return max(optimistic, truth) + (1 if absent else 0)

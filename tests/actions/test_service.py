@@ -52,22 +52,28 @@ class RecordingQueue:
 class Factory:
     """Opens the real provider; ``before_apply`` (when set) runs first inside each ``apply``, so a
     test can put something between a job's checks and its write reaching the provider; ``before_read``
-    the same inside each ``read_message`` (it may raise what a dropped connection raises)."""
+    the same inside each ``read_message`` (it may raise what a dropped connection raises), ``after_read``
+    once the provider answered it."""
 
     def __init__(self, make) -> None:  # type: ignore[no-untyped-def]
         self._make = make
         self.before_apply = None
         self.before_read = None
+        self.after_read = None
 
     def open_actions(self, account: Account):  # type: ignore[no-untyped-def]
         provider = self._make()
-        before_read = self.before_read
-        if before_read is not None:
+        before_read, after_read = self.before_read, self.after_read
+        if before_read is not None or after_read is not None:
             read = provider.read_message
 
             def hooked_read(folder_id, message_id):  # type: ignore[no-untyped-def]
-                before_read(folder_id, message_id)
-                return read(folder_id, message_id)
+                if before_read is not None:
+                    before_read(folder_id, message_id)
+                answer = read(folder_id, message_id)
+                if after_read is not None:
+                    after_read(folder_id, message_id)
+                return answer
 
             provider.read_message = hooked_read
         hook = self.before_apply
@@ -547,6 +553,29 @@ def test_a_failed_imap_move_into_a_folder_removed_meanwhile_puts_the_message_bac
     assert [f["message_id"] for f in failed[0]["arguments"][0]["failures"]] == [message_id]
     world.sync()                                             # what the Inbox's rounds write agrees
     assert world.row(message_id).folder_id == world.harness.inbox_id
+
+
+def test_the_undo_of_a_failed_imap_move_does_not_bring_back_a_message_removed_meanwhile(imap: World) -> None:
+    """The same failed move, but while the job reads the Inbox's copy to undo it the other client deletes
+    the message for good and the folder's removal lands (the optimistic row with it). The undo must not
+    beat the tombstone of that removal: the message is gone (written one version above any row, it came
+    back for good: the every-fault scenario's ``extra``)."""
+    world = imap
+    (message_id,) = _inbox(world)
+    doomed = world.harness.create_folder("Doomed")
+    world.sync()
+    world.service.update(world.account_id, world.token, message_id, {"folder_id": doomed})
+    world.harness.delete_folder(doomed)
+
+    def gone_meanwhile(_folder_id: str, _message_id: str) -> None:
+        world.factory.after_read = None
+        world.harness.delete(message_id, permanently=True)
+        world.store.remove_folder(world.account_id, doomed)     # the engine's folder-list round
+
+    world.factory.after_read = gone_meanwhile
+    world.work()
+    assert message_id not in world.harness.messages()
+    assert world.row(message_id) is None
 
 
 def test_a_failed_action_whose_truth_cannot_be_read_now_is_put_back_later(imap: World) -> None:
