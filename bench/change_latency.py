@@ -30,7 +30,12 @@ goal is about one delta call per coalesced notification batch). With
 ``--count-storage``, queue and table transactions per change (net of the
 hosts' idle queue polling, which is reported per host-hour).
 ``app_cpu_ms_per_change``: CPU of the devhost processes (all functions)
-per change, net of their idle rate. Afterwards, ``--sweeps`` quiet
+per change, net of their idle rate. Where a change waits:
+``sandbox_wait_ms_mean`` (a notification at the sandbox, queued until its
+POST was answered), ``webhook_post_ms_mean`` (the POSTs' round trip),
+``notified_queued_p50_ms`` / ``_p99_ms`` and ``notified_run_p50_ms`` /
+``_p99_ms`` (the NOTIFIED jobs' queue wait and run time, from the hosts'
+"job ran" log lines). Afterwards, ``--sweeps`` quiet
 accounts get a safety sweep (SYNC_ACCOUNT: folder list and every folder,
 incrementally): ``sweep_graph_requests``, ``sweep_cpu_ms``,
 ``sweep_table_tx``, ``sweep_queue_tx`` per account.
