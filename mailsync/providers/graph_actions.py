@@ -15,8 +15,11 @@ Acting, in JSON batches (``POST $batch``, at most 20 items):
 
 * read / flag: ``PATCH me/messages/{id}`` with ``isRead`` and
   ``flag.flagStatus``; move: ``POST …/move`` with ``destinationId``;
-  delete: ``DELETE`` (to Deleted Items, as Outlook does) or
-  ``POST …/permanentDelete``.
+  delete: ``POST …/move`` to the well-known ``deleteditems`` (what
+  Outlook's delete does), or ``POST …/permanentDelete``. Not ``DELETE``:
+  an ACTION job redelivered after its delete went through sends it again,
+  and a ``DELETE`` of a message already in Deleted Items deletes it for
+  good; the move is a no-op there.
 * Each item carries its own ``Prefer: IdType="ImmutableId"``: headers of the
   batch request do not apply to its items, and without it the answer of a
   move would name the message by a REST id that changes with every move.
@@ -42,8 +45,9 @@ Acting, in JSON batches (``POST $batch``, at most 20 items):
   round first, then the move round), as Outlook applies them.
 * Idempotence: a PATCH to the values the message has is a no-op at Graph
   (no new change key), a move to the folder it is already in answers the
-  message, and a DELETE or permanentDelete of a message that is not there
-  any more (404) counts as done: a retried action answers as done.
+  message (so a delete to the trash, being a move, is one too), and a
+  permanentDelete, or a delete, of a message that is not there any more
+  (404) counts as done: a retried action answers as done.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from mailsync.providers.graph_client import GraphClient, error_for_status
 BATCH_LIMIT = 20
 FAILED_DEPENDENCY = 424          # an item of a dependsOn chain not run because an earlier one failed
 IMMUTABLE = 'IdType="ImmutableId"'
+DELETED_ITEMS = "deleteditems"   # a well-known folder name: Graph resolves it in every mailbox
 READ_FIELDS = ",".join((*MESSAGE_FIELDS, "body", "replyTo"))
 ATTACHMENT_FIELDS = "id,name,contentType,size,isInline"
 
@@ -177,7 +182,8 @@ class GraphActions:
                     second.append(_Step(n, "POST", f"me/messages/{_mid(action.message_id)}/permanentDelete", None,
                                         "delete"))
                 else:
-                    second.append(_Step(n, "DELETE", f"me/messages/{_mid(action.message_id)}", None, "delete"))
+                    second.append(_Step(n, "POST", f"me/messages/{_mid(action.message_id)}/move",
+                                        {"destinationId": DELETED_ITEMS}, "delete"))
             elif action.destination is not None:
                 second.append(_Step(n, "POST", f"me/messages/{_mid(action.message_id)}/move",
                                     {"destinationId": action.destination}, "move"))
@@ -307,7 +313,7 @@ class GraphActions:
 
 
 def _deleted(action: MessageAction, *, absent: bool = False) -> ActionOutcome:
-    # DELETE moves to Deleted Items at Graph; the delta of that folder brings it in. The store
+    # The message went to Deleted Items; the delta of that folder brings it in. The store
     # drops it from where it was either way (the page removes the row).
     return ActionOutcome(action=action, done=True, gone=True, absent=absent)
 

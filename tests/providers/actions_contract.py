@@ -108,6 +108,20 @@ class ActionsContract:
         again = actions.apply([MessageAction(second.message_id, second.folder_id, delete=True, permanent=True)])
         assert again[0].done and again[0].absent, "and says it found none"
 
+    def test_a_retried_delete_to_the_trash_leaves_the_message_in_the_trash(self, harness: MailboxHarness,
+                                                                             actions: MessageActions) -> None:
+        # An ACTION job redelivered after its delete went through sends the same delete again. A plain
+        # Graph DELETE of a message already in Deleted Items deletes it for good, which the user never asked.
+        (first,) = _inbox(harness, 1)
+        action = MessageAction(first.message_id, first.folder_id, delete=True)
+        assert actions.apply([action])[0].done
+        again = actions.apply([action])
+        assert again[0].done and not again[0].error, again
+        trashed = [m for m in harness.messages().values()
+                   if m.subject == first.subject and m.received_at == first.received_at]
+        assert len(trashed) == 1, "the retried delete must not delete the trashed copy for good"
+        assert harness.folders()[trashed[0].folder_id].name.lower() in ("trash", "deleted items")
+
     def test_an_unknown_message_is_not_found_and_the_rest_still_happens(self, harness: MailboxHarness,
                                                                         actions: MessageActions) -> None:
         (message,) = _inbox(harness, 1)
