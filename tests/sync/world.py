@@ -294,7 +294,7 @@ class QueuePump:
         for message in self.client.peek_messages(max_messages=32):
             body = message.content.decode() if isinstance(message.content, bytes) else message.content
             job = decode_job(body)
-            lines.append(f"  queued {job.kind.value} folder={job.folder_id} attrs={job.attrs} "
+            lines.append(f"  queued {job.kind} folder={job.folder_id} attrs={job.attrs} "
                          f"dequeued={message.dequeue_count}")
         now = time.time()
         rows = self.world.state.load(self.world.account_id)
