@@ -17,8 +17,11 @@ A signed clientState carries what the webhook needs and proves it::
 * ``mac``: HMAC-SHA256 over the fields before it, truncated to 128 bits,
   under a key derived from the deployment's secret keys
   (``TOKEN_ENCRYPTION_KEYS``, or the sandbox's development key): the first
-  key signs, every listed key verifies, so keys rotate as the sealed tokens do
-  (subscriptions get a new clientState when they are recreated).
+  key signs, every listed key verifies. A renewal keeps a subscription's
+  clientState, so one signed under a key no longer listed is checked the
+  old way, against the SHA-256 its subscription row keeps (stored for every
+  clientState): dropping a key costs those subscriptions the two reads, never
+  their notifications.
 
 What changes against the stored hash: a subscription we deleted (replaced,
 or its account unlinked) is no longer refused by the webhook. Its
@@ -88,6 +91,16 @@ class ClientStates:
     def is_signed(client_state: str) -> bool:
         """Whether ``client_state`` has the signed shape (else: a random one of an older subscription)."""
         return client_state.startswith(VERSION + ".")
+
+    def can_verify(self, client_state: str) -> bool:
+        """Whether ``client_state`` is signed under a key listed now (else the webhook checks its stored hash).
+
+        A key dropped from the list leaves the subscriptions signed under it (a renewal keeps its
+        clientState) to the subscription row's hash, as older random clientStates: their
+        notifications keep arriving, at the old cost, until the subscriptions are recreated.
+        """
+        parts = client_state.split(".")
+        return len(parts) == 6 and parts[0] == VERSION and parts[4] in self._keys
 
     def verify(self, client_state: str) -> SignedState | None:
         """The account and kind a signed clientState vouches for; None when it is not genuine."""

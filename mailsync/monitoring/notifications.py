@@ -235,7 +235,8 @@ class NotificationAuthenticator:
 
         A signed clientState decides alone, with no storage call (``mailsync.monitoring.client_state``).
         """
-        if client_state is not None and self._client_states is not None and ClientStates.is_signed(client_state):
+        if client_state is not None and self._client_states is not None \
+                and self._client_states.can_verify(client_state):
             signed = self._client_states.verify(client_state)
             return None if signed is None else Vouched(signed.account_id, signed.kind is SubscriptionKind.FOLDERS)
         subscription = self.authenticate(subscription_id, client_state)

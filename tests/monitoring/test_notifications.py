@@ -300,3 +300,26 @@ def test_forged_signed_client_states_are_dropped_without_any_read(harness: Harne
     report = receiver.receive({"value": [change(i, elsewhere, "m1") for i in forged_ids(MAX_SUBSCRIPTIONS)]})
     assert report.accepted == 0 and not report.rejected
     assert subscriptions.reads == [] and accounts.reads == [] and harness.queued_count() == 0
+
+
+def test_a_state_signed_under_a_dropped_key_is_checked_against_its_subscription_row(harness: Harness) -> None:
+    # A renewal keeps a subscription's clientState: dropping the key it was signed under must not
+    # drop its notifications; they are checked the old way, against the stored hash.
+    from mailsync.monitoring.client_state import ClientStates
+    from mailsync.monitoring.records import Subscription, SubscriptionKind
+    from mailsync.security.secrets import hash_secret
+
+    account = harness.add_account()
+    old_state = ClientStates([("retired", b"r" * 32)]).new(account, SubscriptionKind.MESSAGES)
+    sub = "0f6a2c1e-0000-4000-8000-00000000feed"
+    now = datetime.now(UTC)
+    harness.subscriptions.put(Subscription(sub, account, hash_secret(old_state), now + timedelta(days=2), now))
+    subscriptions = CountingSubscriptions(harness.subscriptions)
+    receiver = NotificationReceiver(harness.settings, subscriptions, harness.accounts, harness.pending,  # type: ignore[arg-type]
+                                    harness.queue, client_states=harness.signer)
+    report = receiver.receive({"value": [change(sub, old_state, "m1")]})
+    assert (report.accepted, report.jobs_enqueued) == (1, 1) and subscriptions.reads == [sub]
+    # A forged state under an unknown key id costs what any forged request costs: one read, then nothing.
+    forged = old_state.replace(".retired.", ".gone.")
+    report = receiver.receive({"value": [change(sub, forged, "m2")]})
+    assert report.accepted == 0 and report.dropped == 1
