@@ -22,6 +22,7 @@ from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.store_generation import TableGenerationLedger
 from mailsync.store.search_store import SearchStore
+from mailsync.sync import policy
 from mailsync.sync.engine import Delivery, Outcome
 from mailsync.sync.status import SyncStatus
 from tests.fixtures.graph_sandbox import SandboxTestServer
@@ -739,7 +740,12 @@ def test_a_quiet_notified_round_looks_again(world: SyncWorld, pump: QueuePump,
         pump.drain()
     assert not compare(world), "the look-again found the change the notified round was too early for"
     relooks = [r for r in caplog.records if r.getMessage() == "notified round: looking again"]
-    assert 1 <= len(relooks) <= 2, "bounded and coalesced"
+    assert relooks, "a notified round inside delta's lag looks again"
+    # Bounded: each chain of look-agains ends after policy.RELOOK_DELAYS_S. How many chains start
+    # depends on when the four jobs run (one that runs after the pending look-again was used starts
+    # another), so their number is not asserted here; that only one is pending per folder at a time
+    # is SyncStateTable.schedule_relook's, tested in tests/storage/test_cursors.py.
+    assert all(1 <= r.attempt <= len(policy.RELOOK_DELAYS_S) for r in relooks), "bounded"  # type: ignore[attr-defined]
 
 
 def test_a_notified_round_that_finds_an_earlier_change_looks_again(world: SyncWorld, pump: QueuePump) -> None:
