@@ -160,9 +160,28 @@ class ImapActions:
         self._session = LazySession(connect, ("CONDSTORE",))
         self._addresses = AddressCache()
         self._trash: str | bool | None = False   # False: not looked up yet
+        self._by_key: dict[str, str] | None = None   # folder key -> folder name (LIST), looked up once if needed
 
     def close(self) -> None:
         self._session.close()
+
+    def _folder_of(self, session: ImapSession, folder_id: str, message_id: str) -> str:
+        """The folder ``message_id`` names, which is not always ``folder_id``, the store row's folder.
+
+        An IMAP id carries its folder's key, and the store shows a message moved here at once under the
+        id it had, in the folder it is going to (the optimistic row) — until the move's job has run. A
+        second action taken on that row (delete it for good, flag it) names the destination: there the id
+        is no message, and a delete answered "done, it is gone" while the message sat on in its folder;
+        the move, superseded by the delete, never ran either: the store lost the message for good (the
+        IMAP convergence test's every-fault scenario). So the folder is found from the key (one LIST,
+        then remembered); an unknown key leaves ``folder_id`` (deleted or renamed: ``NotFound`` as before).
+        """
+        key = message_id.split(".", 1)[0]
+        if key == folder_key(folder_id):
+            return folder_id
+        if self._by_key is None:
+            self._by_key = {folder_key(e.name): e.name for e in session.list_mailboxes(status_items=())}
+        return self._by_key.get(key, folder_id)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -178,6 +197,7 @@ class ImapActions:
 
     def read_message(self, folder_id: str, message_id: str) -> MessageContent:
         with self._session.use() as session:
+            folder_id = self._folder_of(session, folder_id, message_id)
             items = "UID FLAGS INTERNALDATE BODYSTRUCTURE BODY.PEEK[HEADER]"
             if session.has("CONDSTORE"):
                 items += " MODSEQ"
@@ -214,6 +234,7 @@ class ImapActions:
         if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){0,8}", attachment_id):
             raise NotFound("no such attachment")
         with self._session.use() as session:
+            folder_id = self._folder_of(session, folder_id, message_id)
             item = self._fetch_one(session, folder_id, message_id, "UID BODYSTRUCTURE")
             part = next((p for p in walk_structure(item[b"BODYSTRUCTURE"]) if p.number == attachment_id), None)
             if part is None:
@@ -237,13 +258,18 @@ class ImapActions:
         # ``parallel`` is for providers whose requests can overlap; one connection sends one command at a time.
         outcomes: dict[int, ActionOutcome] = {}
         by_folder: dict[str, list[tuple[int, int, int]]] = {}
+        try:
+            with self._session.use() as session:
+                located = [self._folder_of(session, a.folder_id, a.message_id) for a in actions]
+        except MailsyncError as exc:
+            return [ActionOutcome(action=a, done=False, error=exc) for a in actions]
         for n, action in enumerate(actions):
             try:
-                validity, uid = parse_message_id(action.folder_id, action.message_id)
+                validity, uid = parse_message_id(located[n], action.message_id)
             except NotFound as exc:
                 outcomes[n] = _missing(action, exc)
                 continue
-            by_folder.setdefault(action.folder_id, []).append((n, validity, uid))
+            by_folder.setdefault(located[n], []).append((n, validity, uid))
         for folder_id, items in by_folder.items():
             try:
                 # A session per folder's turn: one a fault killed is opened again for the next folder.

@@ -629,3 +629,22 @@ def test_an_action_that_could_not_be_queued_takes_its_claim_and_row_back(outlook
     world.sync()
     assert world.row(message_id).is_read is True
 
+
+
+def test_deleting_the_row_of_an_imap_move_not_done_yet_deletes_the_message(imap: World) -> None:
+    """The page shows a message moved to Archive at once, under the id it had (an IMAP id names its folder:
+    the Inbox's), before the move's job ran; the user deletes that row for good. The delete named Archive,
+    where the id is no message, and answered "done, gone"; the move, superseded by the newer delete, never
+    ran: the message stayed in the Inbox and left the store for good (the every-fault scenario's missing)."""
+    world = imap
+    (message_id,) = _inbox(world)
+    subject = world.mirror.messages[message_id].subject
+    world.service.update(world.account_id, world.token, message_id, {"folder_id": "Archive"})
+    assert world.row(message_id).folder_id == "Archive"
+    world.service.delete(world.account_id, world.token, message_id, "true")
+    world.work()
+    assert [m for m in world.harness.messages().values() if m.subject == subject] == []
+    world.store.refresh()
+    assert world.row(message_id) is None
+    world.sync()
+    assert [m for m in world.mirror.messages.values() if m.subject == subject] == []
