@@ -49,12 +49,7 @@ class FolderSync(InvocationBase):
             return
         held: Lease | None = lease
         # The folder's first round is a bulk load: the store may refresh less often meanwhile
-        # (a 3-5x cheaper index on a real engine). Every way out of here ends it but one: a round
-        # handed on to a continuation at the end of the time budget (``handed_on``) keeps it, and
-        # the continuation's begin renews its lease. Ending it there restored the default refresh,
-        # refreshed the index and relaxed it again a moment later, at every budget of a large
-        # folder (a settings update, a refresh and two lease writes each time: seconds on a busy
-        # node). Should the continuation never run, the lease lapses and the poll tick restores it.
+        # (a 3-5x cheaper index on a real engine); every way out of here ends it.
         loading = lease.state.rounds == 0 and self._bulk_load(folder_id, begin=True)
         try:
             while held is not None:
@@ -70,7 +65,7 @@ class FolderSync(InvocationBase):
             self._release_quietly(held)
             raise
         finally:
-            if loading and folder_id not in self.handed_on:
+            if loading:
                 self._bulk_load(folder_id, begin=False)
 
     def _bulk_load(self, folder_id: str, *, begin: bool) -> bool:
@@ -204,7 +199,6 @@ class FolderSync(InvocationBase):
                     if out_of_time or not pages:
                         e.state.release(lease)
                         self._enqueue_continuation(folder_id, reason="time_budget")
-                        self.handed_on.add(folder_id)
                         self.end_now = True
                         return _OutOfTime()
             except CursorExpired:

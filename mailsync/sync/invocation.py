@@ -96,7 +96,6 @@ class InvocationBase:
         self.end_now = False         # first screen done, fan-out enqueued...
         self.continued = False       # a continuation is already on the queue
         self.changed: set[str] = set()   # folders whose pages this invocation wrote changes of
-        self.handed_on: set[str] = set()  # folders whose round a continuation of ours takes up (time budget)
         # A notified round run by its NOTIFIED job: what it must read to need no look-again, and what
         # it read of its folder (message id -> version tag, "" without one; None: read leaving it).
         self.expected = Expected.decode(job.attrs.get(EXPECT)) \

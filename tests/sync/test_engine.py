@@ -172,50 +172,6 @@ def test_first_rounds_load_in_bulk_and_every_way_out_ends_the_load(world: SyncWo
     assert calls == []
 
 
-def test_a_first_round_over_several_invocations_stays_one_bulk_load(
-        storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: SearchStore,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """A round handed on at the end of the time budget keeps the relaxed refresh for its continuation.
-
-    Ending the load at each hand-over restored the default refresh, refreshed the index and relaxed
-    it again at once (a settings update, a refresh, two lease writes per budget of a large folder).
-    Each folder's load ends once, when its round completes; the continuations' begins renew it.
-    """
-    sandbox = sandbox_factory(users=1, messages_per_user=600, delta_lag_s=0.0, latency_ms=40)
-    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="0.5", GRAPH_PAGE_SIZE="20"),
-                       sandbox, store, backoff_cap_s=1.0)
-    calls: list[tuple[str, str]] = []
-
-    class Noting:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(store, name)
-
-        def begin_bulk_load(self, account_id: str, holder: str = "") -> None:
-            calls.append(("begin", holder))
-            store.begin_bulk_load(account_id, holder)
-
-        def end_bulk_load(self, account_id: str, holder: str = "") -> None:
-            calls.append(("end", holder))
-            store.end_bulk_load(account_id, holder)
-
-    world.engine.store = Noting()   # type: ignore[assignment]
-    pump = QueuePump(world, workers=4, visibility_s=2)
-    pump.start()
-    try:
-        with caplog.at_level(logging.INFO, logger="mailsync.sync"):
-            synced(world, pump)
-    finally:
-        pump.stop()
-    assert [r for r in caplog.records if r.getMessage() == "full round resumes"], "a round took several invocations"
-    begun = {holder: sum(1 for op, h in calls if (op, h) == ("begin", holder)) for _, holder in calls}
-    ended = {holder: sum(1 for op, h in calls if (op, h) == ("end", holder)) for _, holder in calls}
-    assert max(begun.values()) > 1, "a continuation renewed its folder's load"
-    assert ended == dict.fromkeys(begun, 1), "each folder's load ended once, when its round completed"
-    found = store.engine.get_settings(store.names.messages)
-    assert next(iter(found.values()))["settings"]["index"].get("refresh_interval") is None, "restored at the end"
-    assert store.engine.count(store.names.mailboxes, {"term": {"kind": "bulk_load"}}) == 0, "no lease left"
-
-
 def test_throttling_is_waited_out_through_the_queue(world: SyncWorld, pump: QueuePump) -> None:
     world.sandbox.admin("PUT", "faults", json={"profile": "none", "overrides": {"storm": 0.1, "storm_s": 1}})
     try:
