@@ -50,7 +50,6 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import orjson
-import requests
 
 from mailsync.errors import CursorExpired, MalformedResponse, NotFound
 from mailsync.models import (
@@ -63,7 +62,7 @@ from mailsync.models import (
     MessageBatch,
 )
 from mailsync.ports import TokenProvider
-from mailsync.providers.graph_client import GRAPH_URL, GraphClient
+from mailsync.providers.graph_client import GRAPH_URL, GraphClient, GraphSession
 from mailsync.settings import Settings
 
 # Fields the store keeps (see mailsync.models.Message); body only when enabled.
@@ -489,7 +488,7 @@ class GraphProviderFactory:
     def base_url(self) -> str:
         return self._base_url
 
-    def new_session(self, pool_size: int) -> requests.Session:
+    def new_session(self, pool_size: int) -> GraphSession:
         """Another pooled session to Graph, configured as this factory's."""
         return GraphClient.new_session(pool_size=pool_size, settings=self._settings)
 

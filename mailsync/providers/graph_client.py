@@ -45,6 +45,9 @@ from mailsync.errors import (
 )
 from mailsync.settings import Settings
 
+# The pooled HTTP session type, named here so other modules need not import requests.
+GraphSession = requests.Session
+
 GRAPH_URL = "https://graph.microsoft.com/v1.0"
 DEFAULT_TIMEOUT_S = 30.0
 MAX_RETRY_AFTER_S = 3600.0
