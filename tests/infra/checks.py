@@ -462,6 +462,9 @@ NOT_IN_AZURE = {
     "Dovecot); a deployment connects to public addresses only",
     "AzureSignalRConnectionString": "a connection string carries the AccessKey (the devhost's); Azure uses the "
     "identity-based AzureSignalRConnectionString__serviceUri/__credential/__clientId (access keys are disabled)",
+    "REQUESTS_CA_BUNDLE": "a private CA for an intercepting proxy on a developer's network; Azure's outbound "
+    "TLS uses the platform's trust store",
+    "CURL_CA_BUNDLE": "the same as REQUESTS_CA_BUNDLE under curl's name (requests reads both); not set in Azure",
 }
 # Settings the Functions host and its platform read themselves.
 HOST_PREFIXES = ("AzureWebJobs", "FUNCTIONS_", "APPLICATIONINSIGHTS_")
