@@ -158,20 +158,13 @@ class InvocationBase:
             return
         if not all(policy.round_done(row, generation) for row in rows.folders.values()):
             return
-        e = self.e
-        for _ in range(3):
-            account = e.accounts.get(self.account_id)
-            if account is None or account.status != AccountStatus.SYNCING:
-                return
-            try:
-                self.account = e.accounts.save(replace(account, status=AccountStatus.SYNCED,
-                                                       updated_at=datetime.now(UTC), error=None))
-            except Conflict:
-                continue
-            log.info("account synced", extra={"elapsed_s": round(e.clock() - self.started, 3)})
-            self._upsert_mailbox(AccountStatus.SYNCED)
-            self._publish_progress(None, "synced", rows)
+        if not self._update_account(lambda account: replace(
+                account, status=AccountStatus.SYNCED, updated_at=datetime.now(UTC), error=None)
+                if account.status == AccountStatus.SYNCING else None):
             return
+        log.info("account synced", extra={"elapsed_s": round(self.e.clock() - self.started, 3)})
+        self._upsert_mailbox(AccountStatus.SYNCED)
+        self._publish_progress(None, "synced", rows)
 
     def _store_lost(self) -> None:
         """The store was recreated under a synced account: it is ``syncing`` again until every folder is back.
@@ -179,35 +172,36 @@ class InvocationBase:
         Its list is empty meanwhile, so ``synced`` would be a lie; ``_maybe_synced``
         sets it back once every row has completed a round in the new generation.
         """
-        e = self.e
-        for _ in range(3):
-            account = e.accounts.get(self.account_id)
-            if account is None or account.status != AccountStatus.SYNCED:
-                return
-            try:
-                self.account = e.accounts.save(replace(account, status=AccountStatus.SYNCING,
-                                                       updated_at=datetime.now(UTC)))
-            except Conflict:
-                continue
+        if self._update_account(lambda account: replace(
+                account, status=AccountStatus.SYNCING, updated_at=datetime.now(UTC))
+                if account.status == AccountStatus.SYNCED else None):
             log.warning("the store was recreated: the account is syncing again")
-            return
 
     def _reauth(self, error: MailsyncError) -> None:
-        e = self.e
         log.warning("account needs to sign in again (%s)", error.code)
-        for _ in range(3):
-            account = e.accounts.get(self.account_id)
-            if account is None or account.status == AccountStatus.REAUTH_REQUIRED:
-                break
-            try:
-                message = REAUTH_MESSAGES[account.provider]
-                self.account = e.accounts.save(replace(account, status=AccountStatus.REAUTH_REQUIRED,
-                                                       error=message, updated_at=datetime.now(UTC)))
-                break
-            except Conflict:
-                continue
+        self._update_account(lambda account: replace(
+            account, status=AccountStatus.REAUTH_REQUIRED, error=REAUTH_MESSAGES[account.provider],
+            updated_at=datetime.now(UTC)) if account.status != AccountStatus.REAUTH_REQUIRED else None)
         self._upsert_mailbox(AccountStatus.REAUTH_REQUIRED)
         self._publish_progress(None, AccountStatus.REAUTH_REQUIRED.value, self._load())
+
+    def _update_account(self, change: Callable[[Account], Account | None]) -> bool:
+        """Save ``change(account)`` over the account as read now; ``change`` answers None to leave it.
+
+        Retried (three reads) when another writer saved the account in between (ETag conflict).
+        True if this call saved it; False if the account is gone, ``change`` declined, or it kept racing.
+        """
+        for _ in range(3):
+            account = self.e.accounts.get(self.account_id)
+            changed = change(account) if account is not None else None
+            if changed is None:
+                return False
+            try:
+                self.account = self.e.accounts.save(changed)
+            except Conflict:
+                continue
+            return True
+        return False
 
     def _upsert_mailbox(self, status: AccountStatus) -> None:
         rows = self.rows
