@@ -210,30 +210,36 @@ class SearchActionLedger:
                     meta.update(if_seq_no=seq_no, if_primary_term=primary_term)
                 lines.append(orjson.dumps({op: meta}) + b"\n" + orjson.dumps(doc) + b"\n")
                 planned.append((doc_id, Claimed(seq=seq, prior=prior)))
-            try:
-                answer = self._engine.bulk(b"".join(lines))
-            except EngineError as exc:
-                _raise("action ledger claim", exc)
-            items = answer.get("items") or []
-            if len(items) != len(planned):
-                raise StoreUnavailable("action ledger claim: the store answered for fewer items than sent",
-                                       retry_after_s=2.0)
-            for (doc_id, claimed), item in zip(planned, items, strict=True):
-                result = next(iter(item.values()))
-                status = int(result.get("status", 500))
-                if 200 <= status < 300:
+            written = self._send_conditional(lines, "action ledger claim")
+            for (doc_id, claimed), ok in zip(planned, written, strict=True):
+                if ok:                  # else another claim won the race: read it and number after it
                     seqs[pending.pop(doc_id).message_id] = claimed
-                elif status == 409:
-                    continue            # another claim won the race: read it and number after it
-                elif status == 429 or status >= 500:
-                    raise StoreUnavailable(f"action ledger claim: {status}", retry_after_s=2.0)
-                else:
-                    error = result.get("error") or {}
-                    raise StoreError(f"action ledger claim refused: {status} {error.get('type', '')}".strip())
         if not pending:
             return seqs
         raise StoreUnavailable(f"action ledger claim: {len(pending)} message(s) still contended", retry_after_s=1.0)
 
+    def _send_conditional(self, lines: list[bytes], what: str) -> list[bool]:
+        """One ``_bulk`` of conditional writes (``create`` / ``index`` with ``if_seq_no``): per line, written
+        (True) or lost a race to a write landing since the read (409, False). Any other refusal raises:
+        429 / 5xx as ``StoreUnavailable`` (retry later), the rest as ``StoreError``."""
+        try:
+            answer = self._engine.bulk(b"".join(lines))
+        except EngineError as exc:
+            _raise(what, exc)
+        items = answer.get("items") or []
+        if len(items) != len(lines):
+            raise StoreUnavailable(f"{what}: the store answered for fewer items than sent", retry_after_s=2.0)
+        written: list[bool] = []
+        for item in items:
+            result = next(iter(item.values()))
+            status = int(result.get("status", 500))
+            if status == 429 or status >= 500:
+                raise StoreUnavailable(f"{what}: {status}", retry_after_s=2.0)
+            if status != 409 and not 200 <= status < 300:
+                error = result.get("error") or {}
+                raise StoreError(f"{what} refused: {status} {error.get('type', '')}".strip())
+            written.append(status != 409)
+        return written
 
     def release(self, account_id: str, claimed: Mapping[str, Claimed]) -> None:
         """Put back what each claim took over, on the fields still at its number (see ``ActionLedger``).
@@ -278,24 +284,10 @@ class SearchActionLedger:
                 sent.append(doc_id)
             if not lines:
                 return
-            try:
-                answer = self._engine.bulk(b"".join(lines))
-            except EngineError as exc:
-                _raise("action ledger release", exc)
-            items = answer.get("items") or []
-            if len(items) != len(sent):
-                raise StoreUnavailable("action ledger release: the store answered for fewer items than sent",
-                                       retry_after_s=2.0)
-            for doc_id, item in zip(sent, items, strict=True):
-                status = int(next(iter(item.values())).get("status", 500))
-                if 200 <= status < 300:
+            written = self._send_conditional(lines, "action ledger release")
+            for doc_id, ok in zip(sent, written, strict=True):
+                if ok:                  # else a claim landed meanwhile: read and decide again
                     pending.pop(doc_id)
-                elif status == 409:
-                    continue            # a claim landed meanwhile: read and decide again
-                elif status == 429 or status >= 500:
-                    raise StoreUnavailable(f"action ledger release: {status}", retry_after_s=2.0)
-                else:
-                    raise StoreError(f"action ledger release refused: {status}")
         if pending:
             raise StoreUnavailable(f"action ledger release: {len(pending)} message(s) still contended",
                                    retry_after_s=1.0)
