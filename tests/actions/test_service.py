@@ -187,6 +187,16 @@ def _inbox(world: World, n: int = 1, **where: bool) -> list[str]:
     return found[:n]
 
 
+def _moved_into_a_folder_then_deleted(world: World) -> tuple[str, str]:
+    """An Inbox message the user moves (not yet carried out) into a folder another client then deletes."""
+    (message_id,) = _inbox(world)
+    doomed = world.harness.create_folder("Doomed")
+    world.sync()
+    world.service.update(world.account_id, world.token, message_id, {"folder_id": doomed})
+    world.harness.delete_folder(doomed)
+    return message_id, doomed
+
+
 # --- the optimistic row, then the provider ----------------------------------------------------------------
 
 @pytest.mark.parametrize("world_name", ["outlook", "imap"])
@@ -538,11 +548,7 @@ def test_a_failed_imap_move_into_a_folder_removed_meanwhile_puts_the_message_bac
     tombstone, and no delta round lists a message that did not change: missing for good (the IMAP
     convergence test's every-fault scenario)."""
     world = imap
-    (message_id,) = _inbox(world)
-    doomed = world.harness.create_folder("Doomed")
-    world.sync()
-    world.service.update(world.account_id, world.token, message_id, {"folder_id": doomed})
-    world.harness.delete_folder(doomed)
+    message_id, doomed = _moved_into_a_folder_then_deleted(world)
     world.store.remove_folder(world.account_id, doomed)     # the engine's folder-list round
     world.store.refresh()
     assert world.row(message_id) is None
@@ -561,11 +567,7 @@ def test_the_undo_of_a_failed_imap_move_does_not_bring_back_a_message_removed_me
     beat the tombstone of that removal: the message is gone (written one version above any row, it came
     back for good: the every-fault scenario's ``extra``)."""
     world = imap
-    (message_id,) = _inbox(world)
-    doomed = world.harness.create_folder("Doomed")
-    world.sync()
-    world.service.update(world.account_id, world.token, message_id, {"folder_id": doomed})
-    world.harness.delete_folder(doomed)
+    message_id, doomed = _moved_into_a_folder_then_deleted(world)
 
     def gone_meanwhile(_folder_id: str, _message_id: str) -> None:
         world.factory.after_read = None
@@ -584,11 +586,7 @@ def test_a_failed_action_whose_truth_cannot_be_read_now_is_put_back_later(imap: 
     round" — which never lists a message that did not change — and the folder's removal then deleted it
     from the store. A restore job asks the provider again later."""
     world = imap
-    (message_id,) = _inbox(world)
-    doomed = world.harness.create_folder("Doomed")
-    world.sync()
-    world.service.update(world.account_id, world.token, message_id, {"folder_id": doomed})
-    world.harness.delete_folder(doomed)
+    message_id, doomed = _moved_into_a_folder_then_deleted(world)
     drops = [1]
 
     def dropped(folder_id: str, _message_id: str) -> None:
