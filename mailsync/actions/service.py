@@ -294,7 +294,8 @@ class MessageActionService:
     def update(self, account_id: str, bearer: str | None, message_id: str, body: Any,
                events: EventPublisher | None = None, jobs: JobQueue | None = None) -> dict[str, Any]:
         """PATCH: the optimistic row into the store and onto ``events`` (the page's live channel), the job queued
-        (on ``jobs`` when given: the invocation's queue output binding, see ``mailsync.jobs.JobOutbox``)."""
+        (on ``jobs`` when given: the function's ``mailsync.jobs.WakingJobQueue``, which also wakes the host's
+        queue listener)."""
         account = self._access.authenticate(account_id, bearer)
         change = parse_change(body)
         row = self._row(account, message_id)
@@ -402,8 +403,9 @@ class MessageActionService:
         Published here, not only when the ACTION job is done: the job waits for the provider (a Graph
         round trip, a throttled retry), and until then the user's other pages would show the old row.
         Published after the enqueue, so a page never shows a change that was not accepted; if the job
-        later fails, ``_revert`` publishes the provider's row and an ``actionsFailed``. With ``jobs`` (the
-        invocation's queue output binding) both leave when the function returns, the job first.
+        later fails, ``_revert`` publishes the provider's row and an ``actionsFailed``. The job is sent
+        inside the call, on ``jobs`` when given (``mailsync.jobs.WakingJobQueue``), so a failed send is
+        answered here (``_take_back``).
         """
         if not planned:
             return
@@ -729,7 +731,7 @@ class MessageActionService:
             attrs["actions"] = text
         else:
             attrs["batch"] = self._ledger().put_batch(account_id, text)
-        target = queue if queue is not None else self._queue()   # (an empty JobOutbox is falsy)
+        target = queue if queue is not None else self._queue()
         target.enqueue(new_job(JobKind.ACTION, account_id, reason=reason, attrs=attrs), delay_s=delay_s)
 
     def _revert(self, account: Account, failed: Sequence[tuple[Planned, MailsyncError]], provider: Any,
