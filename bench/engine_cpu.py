@@ -14,7 +14,7 @@ are timed separately (best of ``--repeat`` rounds, process CPU time):
 * ``map_us``: Graph JSON → ``Message`` (``providers.graph.map_message``);
 * ``document_us``: ``Message`` → store document (``store.documents``);
 * ``encode_us``: the store's bulk actions → one NDJSON body per chunk
-  (``SearchStore._chunks``, what is sent to ``_bulk``).
+  (``BulkWriter.chunks``, what is sent to ``_bulk``).
 
 ``total_us`` is their sum. Less noisy than bench/pipeline.py, which also
 counts HTTP, table and queue calls and is the figure of record.
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def encode() -> int:
         actions = [store.message_action(docs.message_doc_id(m.account_id, m.message_id), m, d)
                    for m, d in zip(mapped, documents, strict=True)]
-        return sum(len(chunk) for chunk in store._chunks(actions))
+        return sum(len(chunk) for chunk in store.bulk_writer.chunks(actions))
 
     encode_s, _ = cpu_best(encode, args.repeat)
     stages = {"parse_us": parse_s, "map_us": map_s, "document_us": doc_s, "encode_us": encode_s}

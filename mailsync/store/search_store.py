@@ -11,26 +11,16 @@ OpenSearch with ``opensearch-py``, Elasticsearch 8/9 with
 
 Writes
 ------
-* Bulk bodies are written directly: each action is encoded once with
-  orjson into one NDJSON buffer per chunk (bounded by count and bytes) and
-  sent with one ``_bulk`` request, with ``require_alias`` so a deleted
-  index is never silently re-created by a write with guessed mappings.
-  (``helpers.streaming_bulk`` did the same with ~8-10 us of Python per
-  document — action copying, re-chunking, per-item result dicts —
-  measured by bench/pipeline.py; the chunking, retry and per-item rules
-  below are the helper's, kept.)
 * Messages are indexed with ``version_type=external_gte`` and the
   provider's version: an older write is answered 409 by the cluster and
   counted as *skipped* — never going backwards costs no read.
-* Items refused with 429 (``es_rejected_execution_exception``), or a
-  whole request answered 429, are retried, alone, with exponential
-  back-off. Whatever is still
-  refused after that — and item-level 5xx — makes the call raise
+* Every write goes through :class:`mailsync.store.bulk_writer.BulkWriter`
+  (chunks, concurrent requests, the 429 rule, dead letters), with
+  ``require_alias`` so a deleted index is never silently re-created by a
+  write with guessed mappings. Transient refusals make the call raise
   ``StoreUnavailable`` *after* the rest of the batch was written, so the
-  caller re-applies the page (idempotent).
-* Any other refused item (mapping errors, a poison document) is logged
-  with its id and reason, written to the dead-letter index and returned
-  in ``BulkResult.failed_ids``. It never fails the rest of the batch.
+  caller re-applies the page (idempotent); a poison document goes to the
+  dead-letter index and never fails the rest.
 
 Conditional removal
 -------------------
@@ -59,17 +49,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
-
-import orjson
+from typing import TYPE_CHECKING, Any
 
 from mailsync.errors import InputError, StoreError, StoreUnavailable
 from mailsync.models import (
@@ -83,7 +67,9 @@ from mailsync.models import (
 )
 from mailsync.settings import Settings
 from mailsync.store import documents as docs
+from mailsync.store.bulk_writer import BulkAction, BulkLimits, BulkWriter, Tally
 from mailsync.store.engine import EngineError, SearchEngine
+from mailsync.store.engine_errors import raise_store_error, translating
 from mailsync.store.mappings import (
     IndexNames,
     actions_mapping,
@@ -102,15 +88,8 @@ MAX_PAGE_SIZE = 500
 MAX_QUERY_CHARS = 1_000
 MAX_FOLDERS = 10_000
 REMOVE_ROUNDS = 5
-# Elasticsearch and OpenSearch refuse a document id over 512 bytes (UTF-8) -- and not just the
-# item: the whole _bulk request fails validation (400 action_request_validation_exception), so one
-# long IMAP folder name would poison every page it is in. Such items never leave the store.
-MAX_ID_BYTES = 512
 _TEXT_FIELDS = ["subject", "from.name", "from.address.text", "body_preview", "body_text"]
 
-# Elasticsearch quotes a slice of the refused value in mapping errors; that
-# is message content and stays out of the logs (the dead letter keeps it).
-_VALUE_PREVIEW_RE = re.compile(r"\s*Preview of field's value:.*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -152,35 +131,6 @@ class DeadLetter:
     document: dict[str, Any] | None
 
 
-# One bulk action: the header line's object (``{op: metadata}``) and the
-# source line's (None for a delete), as the bulk API takes them.
-_Action = tuple[dict[str, dict[str, Any]], dict[str, Any] | None]
-# orjson appends the newline itself: concatenating b"\n" copied each ~1.5 KB line once more.
-_NDJSON_LINE = orjson.OPT_APPEND_NEWLINE
-
-
-@dataclass
-class _Tally:
-    """What one bulk call did, item by item."""
-
-    written: int = 0
-    skipped: int = 0
-    failed: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)   # 409s (meaning depends on the caller)
-    transient: list[str] = field(default_factory=list)   # still 429 after retries, 5xx, index gone
-    dead: list[dict[str, Any]] = field(default_factory=list)
-
-    def add(self, other: _Tally) -> None:
-        self.written += other.written
-        self.skipped += other.skipped
-        self.failed += other.failed
-        self.conflicts += other.conflicts
-        self.transient += other.transient
-        self.dead += other.dead
-
-    def result(self) -> BulkResult:
-        return BulkResult(self.written, self.skipped, tuple(self.failed))
-
 
 def encode_cursor(sort_values: Sequence[Any]) -> str:
     """An opaque page cursor from a hit's sort values."""
@@ -213,36 +163,6 @@ def decode_cursor(cursor: str) -> list[Any]:
     return after
 
 
-def _short_reason(reason: str) -> str:
-    return _VALUE_PREVIEW_RE.sub("", reason)[:500]
-
-
-def _error_parts(item: Mapping[str, Any]) -> tuple[str, str]:
-    error = item.get("error")
-    if isinstance(error, dict):
-        return str(error.get("type", "unknown")), str(error.get("reason", ""))
-    if error is None:
-        return str(item.get("result", "unknown")), ""
-    return "error", str(error)
-
-
-def _raise_store_error(what: str, exc: EngineError) -> NoReturn:
-    """Translate an engine error into the project's errors (503-worthy ones to StoreUnavailable)."""
-    if not exc.answered:
-        raise StoreUnavailable(f"{what}: search store unreachable ({exc.error_type})", retry_after_s=5.0) from exc
-    detail = f"{what}: {exc.status} {exc.error_type} {_short_reason(exc.reason)}".strip()
-    if exc.status == 429 or exc.status >= 500:
-        raise StoreUnavailable(detail, retry_after_s=5.0) from exc
-    raise StoreError(detail) from exc
-
-
-@contextlib.contextmanager
-def _translate(what: str) -> Iterator[None]:
-    try:
-        yield
-    except EngineError as exc:
-        _raise_store_error(what, exc)
-
 
 class SearchStore:
     """MessageStore on a search engine (OpenSearch or Elasticsearch, see ``mailsync/store/engines/``).
@@ -258,8 +178,11 @@ class SearchStore:
         self._clock = clock
         self.options = options or StoreOptions()
         self.names = IndexNames(self.options.prefix)
-        self._writers: ThreadPoolExecutor | None = None
-        self._writers_lock = threading.Lock()
+        self._writer = BulkWriter(engine, BulkLimits(
+            chunk_docs=self.options.chunk_docs, chunk_bytes=self.options.chunk_bytes,
+            bulk_writers=self.options.bulk_writers, max_retries=self.options.max_retries,
+            initial_backoff_s=self.options.initial_backoff_s, max_backoff_s=self.options.max_backoff_s,
+        ), deadletter_index=self.names.deadletter)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: SearchEngine | None = None) -> SearchStore:
@@ -283,9 +206,13 @@ class SearchStore:
     def engine(self) -> SearchEngine:
         return self._engine
 
+    @property
+    def bulk_writer(self) -> BulkWriter:
+        """How this store's bulk requests travel (bench/engine_cpu.py times its encoding)."""
+        return self._writer
+
     def close(self) -> None:
-        if self._writers is not None:
-            self._writers.shutdown(wait=True)
+        self._writer.close()
         self._engine.close()
 
     # ------------------------------------------------------------------ indices and generation
@@ -299,7 +226,7 @@ class SearchStore:
             (self.names.deadletter, self.names.deadletter_index, deadletter_mapping()),
             (self.names.actions, self.names.actions_index, actions_mapping()),
         )
-        with _translate("ensure_ready"):
+        with translating("ensure_ready"):
             for alias, index, mapping in families:
                 if self._engine.alias_exists(alias):
                     continue
@@ -341,7 +268,7 @@ class SearchStore:
         except EngineError as exc:
             if exc.index_missing:
                 raise _IndicesMissing() from exc
-            _raise_store_error("generation", exc)
+            raise_store_error("generation", exc)
         parts: list[str] = []
         families: set[str] = set()
         for name in sorted(found):
@@ -358,7 +285,7 @@ class SearchStore:
 
     def refresh(self) -> None:
         """Make every write so far visible to searches."""
-        with _translate("refresh"):
+        with translating("refresh"):
             self._engine.refresh([self.names.messages, self.names.mailboxes])
 
     # ------------------------------------------------------------------ bulk load mode
@@ -379,7 +306,7 @@ class SearchStore:
         """
         lease_id = docs.bulk_load_doc_id(account_id, holder)
         expires = self._clock() + timedelta(seconds=self.options.bulk_lease_s)
-        with _translate("begin_bulk_load"):
+        with translating("begin_bulk_load"):
             # The lease first (refreshed, so a concurrent end's count sees it), then the
             # setting: a relaxed interval never exists without a live lease behind it.
             self._engine.index_document(
@@ -398,7 +325,7 @@ class SearchStore:
         load still runs; that load is then slower, never wrong.
         """
         lease_id = docs.bulk_load_doc_id(account_id, holder)
-        with _translate("end_bulk_load"):
+        with translating("end_bulk_load"):
             self._engine.delete_document(self.names.mailboxes, lease_id, routing=account_id, refresh=True)
             if self._live_bulk_loads() == 0:
                 self._engine.put_settings(self.names.messages, {"index": {"refresh_interval": None}})
@@ -413,7 +340,7 @@ class SearchStore:
         reset, never one an operator chose. Cheap (a count and a settings
         read), so the poll tick calls it every minute.
         """
-        with _translate("expire_bulk_loads"):
+        with translating("expire_bulk_loads"):
             try:
                 if self._live_bulk_loads() > 0:
                     return False
@@ -447,213 +374,6 @@ class SearchStore:
         finally:
             self.end_bulk_load(account_id, holder)
 
-    # ------------------------------------------------------------------ bulk machinery
-
-    def _bulk(self, actions: Iterable[_Action], *, target: str, what: str,
-              originals: Mapping[str, dict[str, Any]] | None = None,
-              max_retries: int | None = None) -> _Tally:
-        """Send ``actions`` in chunks and sort each item's outcome.
-
-        ``originals`` maps doc ids to what was sent, for the dead letter.
-        """
-        tally = _Tally()
-        retries = self.options.max_retries if max_retries is None else max_retries
-        chunks = self._chunks(self._sendable(actions, tally, target=target, originals=originals))
-        try:
-            if self.options.bulk_writers <= 1:
-                for chunk in chunks:
-                    self._send_chunk(chunk, tally, target=target, originals=originals, max_retries=retries)
-            else:
-                self._send_concurrently(chunks, tally, target=target, originals=originals, max_retries=retries)
-        except EngineError as exc:
-            _raise_store_error(what, exc)
-        return tally
-
-    def _send_concurrently(self, chunks: Iterator[list[tuple[str, bytes]]], tally: _Tally, *, target: str,
-                           originals: Mapping[str, dict[str, Any]] | None, max_retries: int) -> None:
-        """Up to ``bulk_writers`` chunks in flight; the next one is encoded while they are indexed.
-
-        Each chunk sorts its items into a tally of its own, merged in order.
-        Memory stays bounded: encoding waits for the oldest request once
-        ``bulk_writers`` are in flight. The first error is raised after every
-        request already sent has been answered (so the caller's retry of the
-        whole batch never races one of ours).
-        """
-        pool = self._writer_pool()
-        in_flight: list[tuple[_Tally, Future[None]]] = []
-        error: BaseException | None = None
-
-        def settle(entry: tuple[_Tally, Future[None]]) -> None:
-            nonlocal error
-            part, future = entry
-            try:
-                future.result()
-            except BaseException as exc:   # re-raised below, once every request has come back
-                error = error or exc
-            tally.add(part)
-
-        for chunk in chunks:
-            if len(in_flight) >= self.options.bulk_writers:
-                settle(in_flight.pop(0))
-            if error is not None:
-                break
-            part = _Tally()
-            in_flight.append((part, pool.submit(self._send_chunk, chunk, part, target=target, originals=originals,
-                                                max_retries=max_retries)))
-        for entry in in_flight:
-            settle(entry)
-        if error is not None:
-            raise error
-
-    def _writer_pool(self) -> ThreadPoolExecutor:
-        with self._writers_lock:
-            if self._writers is None:
-                self._writers = ThreadPoolExecutor(self.options.bulk_writers, thread_name_prefix="store-bulk")
-            return self._writers
-
-    def _sendable(self, actions: Iterable[_Action], tally: _Tally, *, target: str,
-                  originals: Mapping[str, dict[str, Any]] | None) -> Iterator[_Action]:
-        """The actions the engine can take; an id over MAX_ID_BYTES goes to the dead letter instead."""
-        for header, source in actions:
-            op, meta = next(iter(header.items()))
-            doc_id = str(meta.get("_id", ""))
-            if len(doc_id.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES:
-                yield header, source
-                continue
-            self._dead(tally, doc_id=doc_id, routing=str(meta.get("routing") or ""), target=target, action=op,
-                       status=400, error_type="id_too_long",
-                       reason=f"document id of {len(doc_id.encode('utf-8', 'surrogatepass'))} bytes; "
-                              f"the engine takes at most {MAX_ID_BYTES}",
-                       document=(originals or {}).get(doc_id))
-
-    def _chunks(self, actions: Iterable[_Action]) -> Iterator[list[tuple[str, bytes]]]:
-        """Encoded actions ``(op, header+source lines)``, grouped by ``chunk_docs`` and ``chunk_bytes``.
-
-        An action larger than ``chunk_bytes`` goes alone (the cluster then
-        decides), as the client's helper did.
-        """
-        limit_docs, limit_bytes = self.options.chunk_docs, self.options.chunk_bytes
-        chunk: list[tuple[str, bytes]] = []
-        size = 0
-        for header, source in actions:
-            try:
-                lines = orjson.dumps(header, option=_NDJSON_LINE)
-                if source is not None:
-                    lines += orjson.dumps(source, option=_NDJSON_LINE)
-            except orjson.JSONEncodeError as exc:
-                raise StoreError(f"cannot encode a bulk action: {exc}") from exc
-            if chunk and (len(chunk) >= limit_docs or size + len(lines) > limit_bytes):
-                yield chunk
-                chunk, size = [], 0
-            chunk.append((next(iter(header)), lines))
-            size += len(lines)
-        if chunk:
-            yield chunk
-
-    def _send_chunk(self, chunk: list[tuple[str, bytes]], tally: _Tally, *, target: str,
-                    originals: Mapping[str, dict[str, Any]] | None, max_retries: int) -> None:
-        """One chunk, with the 429 rule: refused items (or a refused request) again, alone, with back-off."""
-        for attempt in range(max_retries + 1):
-            if attempt:
-                time.sleep(min(self.options.max_backoff_s, self.options.initial_backoff_s * 2 ** (attempt - 1)))
-            try:
-                    answer = self._engine.bulk(b"".join(lines for _, lines in chunk))
-            except EngineError as exc:
-                if attempt == max_retries or exc.status != 429:
-                    raise
-                continue
-            items: list[dict[str, dict[str, Any]]] = answer.get("items") or []
-            retry: list[tuple[str, bytes]] = []
-            for (op, lines), answer in zip(chunk, items, strict=False):
-                item = answer.get(op) or next(iter(answer.values()))
-                status = int(item.get("status", 500))
-                if status == 429 and attempt < max_retries:
-                    retry.append((op, lines))
-                else:
-                    self._tally_item(tally, 200 <= status < 300, op, item, target, originals)
-            if len(items) < len(chunk):   # an answer short of items: let the caller re-apply the batch
-                tally.transient += [_doc_id_of(lines) for _, lines in chunk[len(items):]]
-            if not retry:
-                return
-            chunk = retry
-
-    def _tally_item(self, tally: _Tally, ok: bool, op: str, item: Mapping[str, Any], target: str,
-                    originals: Mapping[str, dict[str, Any]] | None) -> None:
-        doc_id = str(item.get("_id", ""))
-        status = int(item.get("status", 500))
-        if ok:
-            if item.get("result") == "noop":
-                tally.skipped += 1
-            else:
-                tally.written += 1
-            return
-        error_type, reason = _error_parts(item)
-        if status == 409:
-            tally.conflicts.append(doc_id)
-        elif status == 404 and ((op == "delete" and error_type == "not_found")
-                                or (op == "update" and error_type == "document_missing_exception")):
-            tally.skipped += 1   # already gone
-        elif status == 429 or status >= 500 or error_type == "index_not_found_exception":
-            tally.transient.append(doc_id)
-            log.warning("store write refused for now", extra={
-                "doc_id": doc_id, "status": status, "error_type": error_type, "reason": _short_reason(reason)})
-        else:
-            self._dead(tally, doc_id=doc_id, routing=str(item.get("_routing") or ""), target=target, action=op,
-                       status=status, error_type=error_type, reason=reason,
-                       document=(originals or {}).get(doc_id))
-
-    def _dead(self, tally: _Tally, *, doc_id: str, routing: str, target: str, action: str, status: int,
-              error_type: str, reason: str, document: dict[str, Any] | None) -> None:
-        account_id = routing or (str(document.get("account_id", "")) if document else "") \
-            or doc_id.partition(":")[0]
-        log.error("store write refused; kept in the dead-letter index", extra={
-            "doc_id": doc_id, "target": target, "status": status, "error_type": error_type,
-            "reason": _short_reason(reason)})
-        tally.failed.append(doc_id)
-        tally.dead.append({
-            "account_id": account_id or "_unknown",
-            "doc_id": doc_id,
-            "target": target,
-            "action": action,
-            "status": status,
-            "error_type": error_type,
-            "reason": reason[:10_000],
-            "recorded_at": docs.now_iso(),
-            "document": document,
-        })
-
-    def _flush_dead(self, tally: _Tally) -> None:
-        """Write the dead letters; if even that fails, the error log above is the record."""
-        if not tally.dead:
-            return
-        actions: list[_Action] = [({"index": {
-            "_index": self.names.deadletter,
-            "_id": _dead_letter_id(letter["target"], letter["doc_id"]),
-            "routing": letter["account_id"],
-        }}, letter) for letter in tally.dead]
-        try:
-            written = self._bulk(actions, target="deadletter", what="dead letters", max_retries=2)
-        except StoreError as exc:
-            log.error("could not write dead letters", extra={"count": len(actions), "error": type(exc).__name__})
-        else:
-            # A dead letter refused in turn is not dead-lettered again: the error log is its record.
-            for doc_id in written.conflicts + written.transient + written.failed:
-                log.error("could not write a dead letter", extra={"doc_id": doc_id})
-            # Dead letters are rare and read by people right after the failure they explain
-            # (dead_letters() searches): make them searchable now, not at the next refresh.
-            with contextlib.suppress(StoreError), _translate("dead letters"):
-                self._engine.refresh([self.names.deadletter])
-        tally.dead = []
-
-    def _finish(self, tally: _Tally, what: str) -> BulkResult:
-        self._flush_dead(tally)
-        if tally.transient:
-            raise StoreUnavailable(
-                f"{what}: {len(tally.transient)} item(s) refused by an overloaded or missing index "
-                f"(first: {tally.transient[0]}); the rest was applied, re-apply the batch",
-                retry_after_s=5.0,
-            )
-        return tally.result()
 
     # ------------------------------------------------------------------ message writes
 
@@ -664,17 +384,17 @@ class SearchStore:
         Invalid messages (no id, bad version, bad account id) never reach
         the cluster: they go to the dead letter like refused ones.
         """
-        tally = _Tally()
+        tally = Tally()
         originals: dict[str, dict[str, Any]] = {}
         message_ids: dict[str, str] = {}
-        actions: list[_Action] = []
+        actions: list[BulkAction] = []
         indexed_at = docs.now_iso()
         for message in messages:
             try:
                 docs.check_message(message)
                 doc = docs.message_to_document(message, epoch=epoch, body=self.options.body, indexed_at=indexed_at)
             except InputError as exc:
-                self._dead(tally, doc_id=f"{message.account_id}:{message.message_id}", routing="",
+                self._writer.dead(tally, doc_id=f"{message.account_id}:{message.message_id}", routing="",
                            target="messages", action="index", status=400, error_type=exc.code,
                            reason=exc.message, document=_raw_message(message))
                 continue
@@ -684,7 +404,7 @@ class SearchStore:
             actions.append(self.message_action(doc_id, message, doc))
         stale: list[str] = []
         if actions:
-            sent = self._bulk(actions, target="messages", what="upsert_messages", originals=originals)
+            sent = self._writer.send(actions, target="messages", what="upsert_messages", originals=originals)
             tally.written += sent.written
             tally.skipped += sent.skipped + len(sent.conflicts)   # 409 = an equal-or-newer version is stored
             tally.failed += sent.failed
@@ -697,9 +417,9 @@ class SearchStore:
                 tally.transient += carried.transient
                 tally.failed += carried.failed
                 tally.dead += carried.dead
-        return replace(self._finish(tally, "upsert_messages"), stale_ids=tuple(stale))
+        return replace(self._writer.finish(tally, "upsert_messages"), stale_ids=tuple(stale))
 
-    def _carry_epoch(self, refused: Mapping[str, str], epoch: int) -> _Tally:
+    def _carry_epoch(self, refused: Mapping[str, str], epoch: int) -> Tally:
         """Mark documents a round saw but did not overwrite (a newer version is stored) as seen in ``epoch``.
 
         ``refused`` maps each refused document id to the folder the refused
@@ -731,7 +451,7 @@ class SearchStore:
         by_account: dict[str, list[str]] = {}
         for doc_id in refused:
             by_account.setdefault(doc_id.partition(":")[0], []).append(doc_id)
-        tally = _Tally()
+        tally = Tally()
         for account_id, doc_ids in by_account.items():
             def mark(doc_id: str, source: dict[str, Any]) -> tuple[str, dict[str, Any] | None] | None:
                 if source.get("folder_id") != refused[doc_id] or int(source.get("sync_epoch") or 0) >= epoch:
@@ -753,9 +473,9 @@ class SearchStore:
         """
         docs.check_account_id(account_id)
         refused = {docs.message_doc_id(account_id, m): folder_id for m in message_ids}
-        return self._finish(self._carry_epoch(refused, epoch), "raise_epoch")
+        return self._writer.finish(self._carry_epoch(refused, epoch), "raise_epoch")
 
-    def message_action(self, doc_id: str, message: Message, doc: dict[str, Any]) -> _Action:
+    def message_action(self, doc_id: str, message: Message, doc: dict[str, Any]) -> BulkAction:
         """The bulk action indexing ``doc``: external_gte version, routed by account."""
         return ({"index": {
             "_index": self.names.messages,
@@ -777,11 +497,11 @@ class SearchStore:
 
         tally = self._read_decide_write(account_id, doc_ids, ["account_id", "folder_id"], delete,
                                         what="remove_messages")
-        return self._finish(tally, "remove_messages")
+        return self._writer.finish(tally, "remove_messages")
 
     def _read_decide_write(self, account_id: str, doc_ids: Sequence[str], fields: Sequence[str],
                            decide: Callable[[str, dict[str, Any]], tuple[str, dict[str, Any] | None] | None], *,
-                           what: str) -> _Tally:
+                           what: str) -> Tally:
         """Read each document (realtime), let ``decide`` pick its write (or none), send them conditionally.
 
         ``decide`` gets the document's ``fields`` and answers ``(bulk op, body)``
@@ -791,12 +511,12 @@ class SearchStore:
         ``REMOVE_ROUNDS`` times; still racing after that, it counts as
         transient and the caller retries. Gone or decided against: skipped.
         """
-        tally = _Tally()
+        tally = Tally()
         pending = list(doc_ids)
         for _ in range(REMOVE_ROUNDS):
             if not pending:
                 break
-            actions: list[_Action] = []
+            actions: list[BulkAction] = []
             for doc_id, found in self._read_current(account_id, pending, fields, what):
                 decided = None
                 if found is not None:
@@ -811,7 +531,7 @@ class SearchStore:
             if not actions:
                 pending = []
                 break
-            round_ = self._bulk(actions, target="messages", what=what)
+            round_ = self._writer.send(actions, target="messages", what=what)
             tally.written += round_.written
             tally.skipped += round_.skipped
             tally.failed += round_.failed
@@ -824,7 +544,7 @@ class SearchStore:
     def _read_current(self, account_id: str, doc_ids: Sequence[str], fields: Sequence[str], what: str
                       ) -> Iterator[tuple[str, tuple[dict[str, Any], int, int] | None]]:
         """Each document's ``fields``, ``_seq_no`` and ``_primary_term`` (realtime), or None if it is gone."""
-        with _translate(what):
+        with translating(what):
             for start in range(0, len(doc_ids), 1_000):
                 chunk = list(doc_ids[start:start + 1_000])
                 try:
@@ -851,7 +571,7 @@ class SearchStore:
 
     def _delete_by_query(self, index: str, account_id: str, filters: list[dict[str, Any]], what: str) -> int:
         query = {"bool": {"filter": [{"term": {"account_id": account_id}}, *filters]}}
-        with _translate(what):
+        with translating(what):
             try:
                 # delete_by_query sees only refreshed documents.
                 self._engine.refresh([index])
@@ -870,7 +590,7 @@ class SearchStore:
 
     def upsert_folders(self, folders: Sequence[Folder], *, phase: str | None = None) -> None:
         """Create or update folder documents; ``phase`` (when given) is set on each, else kept."""
-        actions: list[_Action] = []
+        actions: list[BulkAction] = []
         originals: dict[str, dict[str, Any]] = {}
         updated_at = docs.now_iso()
         for folder in folders:
@@ -880,9 +600,9 @@ class SearchStore:
             actions.append(({"update": {"_index": self.names.mailboxes, "_id": doc_id, "routing": folder.account_id,
                                         "retry_on_conflict": 3}}, {"doc": doc, "doc_as_upsert": True}))
         if actions:
-            tally = self._bulk(actions, target="mailboxes", what="upsert_folders", originals=originals)
+            tally = self._writer.send(actions, target="mailboxes", what="upsert_folders", originals=originals)
             tally.transient += tally.conflicts
-            self._finish(tally, "upsert_folders")
+            self._writer.finish(tally, "upsert_folders")
 
     def set_folder_phase(self, account_id: str, folder_id: str, phase: str) -> bool:
         """Set the sync phase of an existing folder document; False (nothing written) when it is gone.
@@ -892,7 +612,7 @@ class SearchStore:
         upsert either, so a folder removed meanwhile is not brought back.
         """
         doc_id = docs.folder_doc_id(account_id, folder_id)
-        with _translate("set_folder_phase"):
+        with translating("set_folder_phase"):
             try:
                 return self._engine.update_document(self.names.mailboxes, doc_id, routing=account_id,
                                                     doc={"phase": phase, "updated_at": docs.now_iso()})
@@ -906,7 +626,7 @@ class SearchStore:
     def remove_folder(self, account_id: str, folder_id: str) -> None:
         """Delete a folder document and every message still in it."""
         doc_id = docs.folder_doc_id(account_id, folder_id)
-        with _translate("remove_folder"):
+        with translating("remove_folder"):
             self._engine.delete_document(self.names.mailboxes, doc_id, routing=account_id)
         self._delete_by_query(self.names.messages, account_id, [{"term": {"folder_id": folder_id}}],
                               "remove_folder")
@@ -914,7 +634,7 @@ class SearchStore:
     def upsert_mailbox(self, mailbox: Mailbox) -> None:
         """Create or replace the account's mailbox document."""
         doc = docs.mailbox_to_document(mailbox)
-        with _translate("upsert_mailbox"):
+        with translating("upsert_mailbox"):
             self._engine.index_document(self.names.mailboxes, docs.mailbox_doc_id(mailbox.account_id),
                                         routing=mailbox.account_id, document=doc)
 
@@ -980,7 +700,7 @@ class SearchStore:
         wanted = {docs.message_doc_id(account_id, m): m for m in message_ids}
         found: dict[str, Message] = {}
         ids = list(wanted)
-        with _translate("get_messages"):
+        with translating("get_messages"):
             for start in range(0, len(ids), 1_000):
                 try:
                     entries = self._engine.mget(self.names.messages, ids[start:start + 1_000], routing=account_id,
@@ -998,7 +718,7 @@ class SearchStore:
     def get_message(self, account_id: str, message_id: str) -> Message | None:
         """One message of the account with its body text, or None (also for another account's id)."""
         doc_id = docs.message_doc_id(account_id, message_id)
-        with _translate("get_message"):
+        with translating("get_message"):
             source = self._engine.get_document(self.names.messages, doc_id, routing=account_id)
         if source is None or source.get("account_id") != account_id:
             return None
@@ -1006,7 +726,7 @@ class SearchStore:
 
     def get_mailbox(self, account_id: str) -> Mailbox | None:
         """The account's mailbox document, or None."""
-        with _translate("get_mailbox"):
+        with translating("get_mailbox"):
             source = self._engine.get_document(self.names.mailboxes, docs.mailbox_doc_id(account_id),
                                                routing=account_id)
         if source is None or source.get("account_id") != account_id or source.get("kind") != docs.KIND_MAILBOX:
@@ -1071,7 +791,7 @@ class SearchStore:
 
     def _search_raw(self, index: str, account_id: str, body: dict[str, Any], what: str) -> dict[str, Any] | None:
         """A search routed to the account's shard; None when the index does not exist (nothing stored)."""
-        with _translate(what):
+        with translating(what):
             try:
                 return self._engine.search(index, body, routing=account_id)
             except EngineError as exc:
@@ -1084,19 +804,6 @@ class SearchStore:
 class _IndicesMissing(Exception):
     """Internal: an alias the store needs does not exist."""
 
-
-def _dead_letter_id(target: str, doc_id: str) -> str:
-    """``<target>:<doc id>``, or a digest of it when that would be too long for an id (an id_too_long letter)."""
-    letter_id = f"{target}:{doc_id}"
-    if len(letter_id.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES:
-        return letter_id
-    return f"{target}:sha256:{hashlib.sha256(doc_id.encode('utf-8', 'surrogatepass')).hexdigest()}"
-
-
-def _doc_id_of(lines: bytes) -> str:
-    """The ``_id`` in an encoded action's header line (only for the rare short-answer report)."""
-    header: dict[str, dict[str, Any]] = orjson.loads(lines.split(b"\n", 1)[0])
-    return str(next(iter(header.values())).get("_id", ""))
 
 
 def _raw_message(message: Message) -> dict[str, Any]:
