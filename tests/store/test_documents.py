@@ -12,7 +12,7 @@ from mailsync.errors import InputError
 from mailsync.models import AccountStatus, Address, FlagStatus, Folder, Mailbox, Message, Provider
 from mailsync.store import documents as d
 from mailsync.store.mappings import IndexNames, mailboxes_mapping, messages_mapping
-from mailsync.store.search_store import decode_cursor, encode_cursor
+from mailsync.store.reads import decode_cursor, encode_cursor
 
 WHEN = datetime(2025, 3, 1, 9, 30, 15, 123000, tzinfo=UTC)
 

@@ -19,7 +19,8 @@ import requests
 from devhost.services.process import free_port
 from mailsync.models import AccountStatus, Address, FlagStatus, Folder, Mailbox, Message, Provider
 from mailsync.store.engines import connect
-from mailsync.store.search_store import SearchStore, StoreOptions, encode_cursor
+from mailsync.store.reads import encode_cursor
+from mailsync.store.search_store import SearchStore, StoreOptions
 from tests.web.conftest import WebHost, running_web_host
 
 FUNCTIONS = ["oauth_start", "account_get", "mail_mailboxes", "mail_messages", "page_config"]
