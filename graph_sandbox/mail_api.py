@@ -40,23 +40,20 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from graph_sandbox import payloads
+from graph_sandbox.api_errors import ApiError, bad_request
 from graph_sandbox.attachments import Attachment, attachment_json, attachment_of, attachment_select, attachments_of
 from graph_sandbox.delta import DELTA, SKIP, BadToken, DeltaToken, Tombstone, decode_token, encode_token
 from graph_sandbox.faults import RequestFault
 from graph_sandbox.mailbox import (
-    FLAG_STATUS,
-    IMPORTANCE,
-    INFERENCE,
     Folder,
     Mailbox,
     MailboxError,
     Message,
     SearchSpec,
-    iso,
     newest_first_key,
-    recipient,
 )
-from graph_sandbox.seed import text_preview
+from graph_sandbox.message_bodies import message_changes, new_message_fields, require_recipients
+from graph_sandbox.query_options import instant_ms, int_option, parse_delta_filter, parse_filter, parse_orderby
 from graph_sandbox.sync_states import SYNC_STATE_INVALID, SYNC_STATE_NOT_FOUND, StateKey
 
 if TYPE_CHECKING:
@@ -65,18 +62,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("graph_sandbox")
 
 JSON_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
-
-
-class ApiError(MailboxError):
-    """An error answer in Graph's envelope, optionally with extra headers."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, code, message)
-        self.headers = headers or {}
-
-
-def bad_request(message: str, code: str = "BadRequest") -> ApiError:
-    return ApiError(400, code, message)
 
 
 def _corrupt_state() -> ApiError:
@@ -564,7 +549,7 @@ class MailApi:
         ordered = ctx.box.messages_newest_first(folder_id)
         orderby = ctx.query.get("$orderby")
         if orderby is not None:
-            order = _parse_orderby(orderby)
+            order = parse_orderby(orderby)
             if order == "asc":
                 ordered = ordered[::-1]
         page: list[Message] = []
@@ -688,7 +673,7 @@ class MailApi:
         if not isinstance(save, bool):
             raise bad_request("saveToSentItems must be a boolean.")
         fields = new_message_fields(body["message"], ctx.box)
-        _require_recipients(fields)
+        require_recipients(fields)
         ctx.state.mailboxes.send_mail(ctx.box, fields, save_to_sent=save)
         return Reply(202)
 
@@ -699,7 +684,7 @@ class MailApi:
         fields = {name: getattr(draft, name) for name in ("subject", "to", "cc", "bcc", "reply_to", "importance",
                                                           "categories", "flag", "body_type", "has_attachments")}
         fields["body_content"] = ctx.box.body_of(draft)[0]
-        _require_recipients(fields)
+        require_recipients(fields)
         ctx.state.mailboxes.send_mail(ctx.box, fields, save_to_sent=True, draft=draft)
         return Reply(202)
 
@@ -922,9 +907,9 @@ class MailApi:
             change_type = ctx.query.get("changeType")
             if change_type is not None and change_type not in ("created", "updated", "deleted"):
                 raise bad_request(f"Invalid changeType '{change_type}'. Use created, updated or deleted.")
-            received = _parse_delta_filter(ctx.query.get("$filter"))
+            received = parse_delta_filter(ctx.query.get("$filter"))
             order = ctx.query.get("$orderby")
-            desc = order is not None and _parse_orderby(order) == "desc"
+            desc = order is not None and parse_orderby(order) == "desc"
             top = self._delta_top(ctx)
             token = DeltaToken(SKIP, ctx.user.id, folder.id, self._epoch(box), since=0,
                                upto=self._visible_seq(ctx, box), cursor=0, issued_ms=now_ms, select=select,
@@ -980,7 +965,7 @@ class MailApi:
     def _keeper(token: DeltaToken) -> Callable[[Message | Tombstone], bool]:
         """Does a changed entry belong in this round (changeType, $filter)?"""
         since, change_type = token.since, token.change_type
-        bound_ms = _ms(token.received_filter[1]) if token.received_filter else None
+        bound_ms = instant_ms(token.received_filter[1]) if token.received_filter else None
         strict = token.received_filter is not None and token.received_filter[0] == "gt"
 
         def keep(entry: Message | Tombstone) -> bool:
@@ -1089,7 +1074,7 @@ class MailApi:
         """
         if "$top" not in ctx.query:
             return None
-        top = _int_option(ctx.query, "$top", 0)
+        top = int_option(ctx.query, "$top", 0)
         if top < 1:
             raise bad_request("Invalid value for $top: it must be a positive integer.")
         return top
@@ -1097,8 +1082,8 @@ class MailApi:
     # -- small helpers -----------------------------------------------------------------------
 
     def _top_skip(self, ctx: Ctx) -> tuple[int, int]:
-        top = _int_option(ctx.query, "$top", ctx.state.config.default_page_size)
-        skip = _int_option(ctx.query, "$skip", 0)
+        top = int_option(ctx.query, "$top", ctx.state.config.default_page_size)
+        skip = int_option(ctx.query, "$skip", 0)
         if top < 1:
             raise bad_request("Invalid value for $top: it must be a positive integer.")
         if top > 1000:
@@ -1165,273 +1150,3 @@ def _batch_answer(item_id: str, response: web.StreamResponse) -> dict[str, Any]:
 
 def _capped(size: int, left: int | None) -> int:
     return size if left is None else max(1, min(size, left))
-
-
-def _int_option(query: MultiMapping[str], name: str, default: int) -> int:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise bad_request(f"Invalid value '{raw}' for query option {name}.") from None
-
-
-def _parse_orderby(raw: str) -> str:
-    parts = raw.strip().split()
-    if parts and parts[0].lower() == "receiveddatetime" and len(parts) <= 2:
-        direction = parts[1].lower() if len(parts) == 2 else "asc"
-        if direction in ("asc", "desc"):
-            return direction
-    raise bad_request(f"The $orderby expression '{raw}' is not supported; use receivedDateTime desc.",
-                      "ErrorInvalidUrlQuery")
-
-
-_CLAUSE = re.compile(
-    r"^\s*(isRead|isDraft|receivedDateTime|flag/flagStatus|importance|hasAttachments)\s+"
-    r"(eq|ne|ge|gt|le|lt)\s+(.+?)\s*$", re.IGNORECASE)
-
-
-def _ms(instant: str) -> int:
-    text = instant.strip().strip("'")
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(400, "ErrorInvalidUrlQueryFilter", f"'{instant}' is not a valid DateTimeOffset.") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
-
-
-def parse_filter(raw: str | None) -> Callable[[Message], bool] | None:
-    """The ``$filter`` subset mail clients use: isRead, isDraft, hasAttachments,
-    importance, flag/flagStatus (eq/ne) and receivedDateTime (ge/gt/le/lt/eq), joined by ``and``."""
-    if raw is None or not raw.strip():
-        return None
-    checks: list[Callable[[Message], bool]] = []
-    for clause in re.split(r"\s+and\s+", raw.strip(), flags=re.IGNORECASE):
-        clause = clause.strip()
-        while clause.startswith("(") and clause.endswith(")"):
-            clause = clause[1:-1].strip()
-        match = _CLAUSE.match(clause)
-        if not match:
-            raise ApiError(400, "ErrorInvalidUrlQueryFilter", "The query filter contains one or more invalid nodes.")
-        prop, op, value = match.group(1).lower(), match.group(2).lower(), match.group(3)
-        checks.append(_clause(prop, op, value))
-    return lambda m: all(check(m) for check in checks)
-
-
-def _clause(prop: str, op: str, value: str) -> Callable[[Message], bool]:
-    invalid = ApiError(400, "ErrorInvalidUrlQueryFilter", "The query filter contains one or more invalid nodes.")
-    if prop in ("isread", "isdraft", "hasattachments"):
-        if value.lower() not in ("true", "false") or op not in ("eq", "ne"):
-            raise invalid
-        want = (value.lower() == "true") == (op == "eq")
-        attr = {"isread": "is_read", "isdraft": "is_draft", "hasattachments": "has_attachments"}[prop]
-        return lambda m: getattr(m, attr) is want
-    if prop in ("flag/flagstatus", "importance"):
-        text = value.strip("'")
-        if op not in ("eq", "ne") or text not in (FLAG_STATUS if prop == "flag/flagstatus" else IMPORTANCE):
-            raise invalid
-        equal = op == "eq"
-        if prop == "importance":
-            return lambda m: (m.importance == text) is equal
-        return lambda m: (m.flag.get("flagStatus") == text) is equal
-    bound = _ms(value)
-    return {
-        "eq": lambda m: m.received_ms == bound, "ne": lambda m: m.received_ms != bound,
-        "ge": lambda m: m.received_ms >= bound, "gt": lambda m: m.received_ms > bound,
-        "le": lambda m: m.received_ms <= bound, "lt": lambda m: m.received_ms < bound,
-    }[op]
-
-
-def _parse_delta_filter(raw: str | None) -> tuple[str, str] | None:
-    """Delta accepts only ``receivedDateTime ge|gt {instant}`` (as Graph documents)."""
-    if raw is None or not raw.strip():
-        return None
-    match = _CLAUSE.match(raw)
-    if not match or match.group(1).lower() != "receiveddatetime" or match.group(2).lower() not in ("ge", "gt"):
-        raise ApiError(400, "ErrorInvalidUrlQueryFilter",
-                       "Delta supports only $filter=receivedDateTime ge|gt {value}.")
-    value = match.group(3)
-    _ms(value)
-    return match.group(2).lower(), value
-
-
-# -- message bodies -----------------------------------------------------------------------------
-
-_ALWAYS_UPDATABLE = {"isRead", "flag", "categories", "importance", "inferenceClassification"}
-_DRAFT_UPDATABLE = {"subject", "body", "toRecipients", "ccRecipients", "bccRecipients", "replyTo"}
-_READ_ONLY = {"id", "changeKey", "createdDateTime", "lastModifiedDateTime", "parentFolderId", "conversationId",
-              "conversationIndex", "webLink", "receivedDateTime", "sentDateTime", "isDraft", "hasAttachments",
-              "internetMessageId", "bodyPreview", "sender", "from", "uniqueBody", "isDeliveryReceiptRequested",
-              "isReadReceiptRequested"}
-
-
-def message_changes(body: dict[str, Any], message: Message, now_ms: int) -> dict[str, Any]:
-    """Validate a PATCH body into Message attribute changes."""
-    changes: dict[str, Any] = {}
-    for key, value in body.items():
-        if key in _ALWAYS_UPDATABLE:
-            pass
-        elif key in _DRAFT_UPDATABLE:
-            if not message.is_draft:
-                raise ApiError(400, "ErrorInvalidPropertyUpdateSentMessage",
-                               "Update operation is not supported for some properties of a sent message.")
-        elif key in _READ_ONLY:
-            continue          # Graph ignores read-only properties on PATCH
-        else:
-            raise ApiError(400, "RequestBodyRead",
-                           f"The property '{key}' does not exist on type 'microsoft.graph.message'. "
-                           "Make sure to only use property names that are defined by the type.")
-        if key == "isRead":
-            changes["is_read"] = _bool(value, key)
-        elif key == "flag":
-            changes["flag"] = parse_flag(value, now_ms)
-        elif key == "categories":
-            changes["categories"] = _categories(value)
-        elif key == "importance":
-            changes["importance"] = _enum(value, IMPORTANCE, key)
-        elif key == "inferenceClassification":
-            changes["inference"] = _enum(value, INFERENCE, key)
-        elif key == "subject":
-            changes["subject"] = _string(value, key)
-        elif key == "body":
-            content, content_type = parse_body(value)
-            changes["body_content"], changes["body_type"] = content, content_type
-            changes["preview"] = None
-        else:
-            attr = {"toRecipients": "to", "ccRecipients": "cc", "bccRecipients": "bcc", "replyTo": "reply_to"}[key]
-            changes[attr] = parse_recipients(value, key)
-    return changes
-
-
-def new_message_fields(body: dict[str, Any], box: Mailbox) -> dict[str, Any]:
-    """Fields of a new draft (POST /messages) or of a message to send (sendMail)."""
-    allowed = _ALWAYS_UPDATABLE | _DRAFT_UPDATABLE
-    for key in body:
-        if key not in allowed and key not in _READ_ONLY:
-            raise ApiError(400, "RequestBodyRead",
-                           f"The property '{key}' does not exist on type 'microsoft.graph.message'. "
-                           "Make sure to only use property names that are defined by the type.")
-    content, content_type = parse_body(body.get("body", {"contentType": "text", "content": ""}))
-    subject = _string(body.get("subject", ""), "subject")
-    fields: dict[str, Any] = {
-        "subject": subject,
-        "sender": box.me,
-        "from_": box.me,
-        "to": parse_recipients(body.get("toRecipients", []), "toRecipients"),
-        "cc": parse_recipients(body.get("ccRecipients", []), "ccRecipients"),
-        "bcc": parse_recipients(body.get("bccRecipients", []), "bccRecipients"),
-        "reply_to": parse_recipients(body.get("replyTo", []), "replyTo"),
-        "is_read": True,
-        "is_draft": True,
-        "importance": _enum(body.get("importance", "normal"), IMPORTANCE, "importance"),
-        "flag": parse_flag(body.get("flag", {"flagStatus": "notFlagged"}), 0),
-        "categories": _categories(body.get("categories", [])),
-        "has_attachments": False,
-        "internet_message_id": f"<{uuid.uuid4().hex[:16]}@{box.address.split('@')[-1]}>",
-        "conversation_id": box._hash("conv", subject, uuid.uuid4().hex, size=33),
-        "conversation_index": base64.b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes[:6]).decode("ascii"),
-        "inference": "focused",
-        "body_content": content,
-        "body_type": content_type,
-        "preview": text_preview(content) if content_type == "html" else content[:255],
-    }
-    return fields
-
-
-def _require_recipients(fields: dict[str, Any]) -> None:
-    if not (fields.get("to") or fields.get("cc") or fields.get("bcc")):
-        raise ApiError(400, "ErrorInvalidRecipients", "At least one recipient is required, but none were found.")
-
-
-def parse_recipients(value: Any, name: str) -> tuple[dict[str, Any], ...]:
-    if not isinstance(value, list):
-        raise bad_request(f"{name} must be an array of recipients.")
-    out = []
-    for item in value:
-        email = item.get("emailAddress") if isinstance(item, dict) else None
-        address = email.get("address") if isinstance(email, dict) else None
-        if not isinstance(address, str) or "@" not in address.strip() or len(address) > 320:
-            raise ApiError(400, "ErrorInvalidRecipients",
-                           f"At least one recipient in {name} is not valid: an emailAddress.address is required.")
-        display = email.get("name") or address
-        if not isinstance(display, str):
-            raise bad_request(f"{name}: emailAddress.name must be a string.")
-        out.append(recipient(address.strip(), display))
-    return tuple(out)
-
-
-def parse_body(value: Any) -> tuple[str, str]:
-    if not isinstance(value, dict):
-        raise bad_request("body must be an itemBody object.")
-    content = value.get("content", "")
-    content_type = str(value.get("contentType", "text")).lower()
-    if not isinstance(content, str) or content_type not in ("text", "html"):
-        raise bad_request("body needs a string content and a contentType of text or html.")
-    return content, content_type
-
-
-def parse_flag(value: Any, now_ms: int) -> dict[str, Any]:
-    """A followupFlag; Outlook fills start/due (flagged) or completed (complete) when absent."""
-    if not isinstance(value, dict):
-        raise bad_request("flag must be a followupFlag object.")
-    unknown = set(value) - {"flagStatus", "startDateTime", "dueDateTime", "completedDateTime"}
-    if unknown:
-        raise ApiError(400, "RequestBodyRead", f"The property '{sorted(unknown)[0]}' does not exist on type "
-                                               "'microsoft.graph.followupFlag'.")
-    status = _enum(value.get("flagStatus", "notFlagged"), FLAG_STATUS, "flagStatus")
-    flag: dict[str, Any] = {"flagStatus": status}
-    for name in ("startDateTime", "dueDateTime", "completedDateTime"):
-        if value.get(name) is not None:
-            flag[name] = _date_time_time_zone(value[name], name)
-    if now_ms and status == "flagged":
-        flag.setdefault("startDateTime", _dttz(now_ms))
-        flag.setdefault("dueDateTime", _dttz(now_ms))
-    if now_ms and status == "complete":
-        flag.setdefault("completedDateTime", _dttz(now_ms))
-    if status == "notFlagged":
-        flag = {"flagStatus": "notFlagged"}
-    return flag
-
-
-def _dttz(ms: int) -> dict[str, str]:
-    return {"dateTime": iso(ms)[:-1] + ".0000000", "timeZone": "UTC"}
-
-
-def _date_time_time_zone(value: Any, name: str) -> dict[str, str]:
-    if not isinstance(value, dict) or not isinstance(value.get("dateTime"), str):
-        raise bad_request(f"{name} must be a dateTimeTimeZone object with a dateTime string.")
-    zone = value.get("timeZone", "UTC")
-    if not isinstance(zone, str):
-        raise bad_request(f"{name}.timeZone must be a string.")
-    try:
-        datetime.fromisoformat(value["dateTime"][:26])
-    except ValueError:
-        raise bad_request(f"{name}.dateTime '{value['dateTime']}' is not a valid date and time.") from None
-    return {"dateTime": value["dateTime"], "timeZone": zone}
-
-
-def _bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise bad_request(f"Cannot convert the literal '{value}' to the expected type 'Edm.Boolean' ({name}).")
-    return value
-
-
-def _string(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise bad_request(f"{name} must be a string.")
-    return value
-
-
-def _enum(value: Any, allowed: tuple[str, ...], name: str) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise bad_request(f"Requested value '{value}' was not found for {name}; expected one of {', '.join(allowed)}.")
-    return value
-
-
-def _categories(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(c, str) and c for c in value):
-        raise bad_request("categories must be an array of non-empty strings.")
-    return tuple(dict.fromkeys(value))

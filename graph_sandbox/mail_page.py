@@ -24,8 +24,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from graph_sandbox.mail_api import message_changes, new_message_fields
 from graph_sandbox.mailbox import Folder, Mailbox, MailboxError, Message
+from graph_sandbox.message_bodies import message_changes, new_message_fields
 
 PAGE_SIZE = 50
 ACTIONS = {

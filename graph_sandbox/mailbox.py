@@ -183,7 +183,7 @@ class SearchSpec:
 
 @functools.lru_cache(maxsize=256)
 def _compiled_filter(query: str) -> Callable[[Message], bool]:
-    from graph_sandbox.mail_api import parse_filter  # late: mail_api imports this module
+    from graph_sandbox.query_options import parse_filter  # late: query_options imports this module
 
     return parse_filter(query) or _everything
 
