@@ -59,6 +59,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
+from graph_sandbox.app_registrations import (
+    DEMO_APP,
+    GRAPH_DELEGATED_SCOPES,
+    OIDC_SCOPES,
+    AppRegistration,
+    graph_permission,
+    parse_scopes,
+)
 from graph_sandbox.tokens import (
     GRAPH_APP_ID,
     GRAPH_AUDIENCES,
@@ -69,79 +77,6 @@ from graph_sandbox.tokens import (
     opaque,
     s256_challenge,
 )
-
-# ---------------------------------------------------------------------------
-# App registrations
-# ---------------------------------------------------------------------------
-
-# The demo app the product uses when no Microsoft app registration is
-# configured. Same values as mailsync.auth.sandbox_routing (a test checks).
-DEMO_CLIENT_ID = "3f8e2a6c-51d4-4b7e-9c0a-6d2b1e7f4a93"
-DEMO_CLIENT_SECRET = "demo~sandbox-secret-not-for-production"
-
-# Delegated Graph permissions the sandbox knows (the mail subset of Graph's).
-GRAPH_DELEGATED_SCOPES = frozenset({
-    "Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite", "Mail.Send",
-    "MailboxSettings.Read", "MailboxSettings.ReadWrite", "User.Read", "User.ReadBasic.All",
-})
-# Application permissions (roles) an app-only token can carry.
-GRAPH_APP_ROLES = frozenset({
-    "Mail.Read", "Mail.ReadBasic", "Mail.ReadBasic.All", "Mail.ReadWrite", "Mail.Send",
-    "User.Read.All", "MailboxSettings.Read",
-})
-OIDC_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
-
-
-@dataclass(frozen=True)
-class AppRegistration:
-    """One app registration (a confidential web app unless ``client_secret`` is None).
-
-    ``redirect_uris`` are compared exactly, except Entra's loopback rule: a
-    registered ``http://127.0.0.1/...`` or ``http://localhost/...`` URI matches
-    any port at run time (the path must still match).
-    """
-
-    client_id: str
-    display_name: str
-    client_secret: str | None
-    redirect_uris: tuple[str, ...]
-    # Delegated permissions consented for the app ("/.default" asks for these).
-    delegated_scopes: frozenset[str] = GRAPH_DELEGATED_SCOPES
-    # Application permissions granted by an admin (client_credentials roles).
-    app_roles: frozenset[str] = frozenset({"Mail.ReadWrite", "User.Read.All"})
-    # Entra only insists on PKCE for SPAs and public clients; the sandbox can
-    # insist for any app so a client that forgets PKCE fails here first.
-    require_pkce: bool = True
-
-    def redirect_uri_allowed(self, uri: str) -> bool:
-        return any(_redirect_matches(registered, uri) for registered in self.redirect_uris)
-
-
-def _redirect_matches(registered: str, uri: str) -> bool:
-    if registered == uri:
-        return True
-    reg, got = urlsplit(registered), urlsplit(uri)
-    loopback = {"127.0.0.1", "localhost", "[::1]", "::1"}
-    if reg.scheme == "http" and got.scheme == "http" and (reg.hostname or "") in loopback:
-        try:
-            got.port  # noqa: B018 - raises ValueError for a malformed port
-        except ValueError:
-            return False
-        return (got.hostname == reg.hostname and got.path == reg.path and got.query == reg.query
-                and not got.fragment)
-    return False
-
-
-DEMO_APP = AppRegistration(
-    client_id=DEMO_CLIENT_ID,
-    display_name="mailsync (sandbox demo)",
-    client_secret=DEMO_CLIENT_SECRET,
-    redirect_uris=(
-        "http://127.0.0.1/api/oauth/callback",
-        "http://localhost/api/oauth/callback",
-    ),
-)
-
 
 # ---------------------------------------------------------------------------
 # The caller of a Graph request
@@ -415,7 +350,7 @@ class IdentityPlatform:
             raise OAuthError("invalid_request", 900144,
                              f"The provided value for the input parameter 'response_mode' is not valid: "
                              f"'{response_mode}'.")
-        scopes = _parse_scopes(params.get("scope", ""))
+        scopes = parse_scopes(params.get("scope", ""))
         if not scopes:
             raise OAuthError("invalid_request", 900144,
                              "The request body must contain the following parameter: 'scope'.")
@@ -456,7 +391,7 @@ class IdentityPlatform:
                 if scope != "offline_access":
                     spelled.append(scope)
                 continue
-            name = _graph_permission(scope)
+            name = graph_permission(scope)
             if name == ".default":
                 names.extend(sorted(app.delegated_scopes))
                 spelled.extend(f"{GRAPH_RESOURCE}/{n}" for n in sorted(app.delegated_scopes))
@@ -687,11 +622,11 @@ class IdentityPlatform:
             raise OAuthError("invalid_grant", 70000,
                              "The provided grant is invalid or malformed: this refresh token was already "
                              "redeemed (the sandbox runs with single-use refresh tokens).")
-        requested = _parse_scopes(form.get("scope", ""))
+        requested = parse_scopes(form.get("scope", ""))
         scopes = _Scopes(names=record.scopes, spelled=tuple(s for s in record.scopes if s != "offline_access"))
         if requested:
             scopes = self._check_delegated_scopes(app, requested)
-            asked = {_graph_permission(s) for s in requested if s not in OIDC_SCOPES}
+            asked = {graph_permission(s) for s in requested if s not in OIDC_SCOPES}
             missing = [s for s in scopes.names if s in asked and s not in record.scopes]
             if missing:
                 raise OAuthError("invalid_grant", 65001,
@@ -956,31 +891,6 @@ class IdentityPlatform:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _parse_scopes(raw: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(s for s in raw.split() if s))
-
-
-def _graph_permission(scope: str) -> str:
-    """``https://graph.microsoft.com/Mail.Read`` -> ``Mail.Read``; unqualified names pass through.
-
-    Permission names are case-insensitive in Entra; answer in Graph's casing.
-    """
-    name = scope
-    for prefix in (GRAPH_RESOURCE + "/", GRAPH_APP_ID + "/"):
-        if scope.lower().startswith(prefix.lower()):
-            name = scope[len(prefix):]
-            break
-    else:
-        if "/" in scope or ":" in scope:
-            return scope  # another resource: unknown here
-    if name == ".default":
-        return name
-    for known in GRAPH_DELEGATED_SCOPES:
-        if known.lower() == name.lower():
-            return known
-    return name
 
 
 def _pairwise_sub(user_id: str, client_id: str) -> str:

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 
-from graph_sandbox.identity import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
+from graph_sandbox.app_registrations import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
 
 REDIRECT = "http://127.0.0.1:7071/api/oauth/callback"
 SCOPE = "Mail.ReadWrite User.Read offline_access openid profile"

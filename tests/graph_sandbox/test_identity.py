@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import requests
 
+from graph_sandbox.app_registrations import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
 from graph_sandbox.config import SandboxConfig
-from graph_sandbox.identity import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
 from graph_sandbox.server import SandboxServer
 from graph_sandbox.tokens import TokenSigner, unverified_claims
 from mailsync.auth.sandbox_routing import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
