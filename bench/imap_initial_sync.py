@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,42 @@ def node_times_ms(url: str) -> dict[str, float]:
     return found
 
 
+# The node's threads by what they do: the group is the pool name in "opensearch[node][write][T#1]",
+# else the JVM's own thread kind. "jit" (the C1/C2 compiler threads) is the JVM compiling the node's
+# hot code: a node that has run for days spends nothing there, a benchmark's fresh node spends much.
+_JAVA_POOL = re.compile(r"opensearch\[[^\]]*\]\[([^\]#]+)")
+_JVM_THREAD = re.compile(r'^"([^"]+)".*?\bcpu=([\d.]+)ms', re.MULTILINE)
+NODE_THREAD_GROUPS = {"write": "write", "transport_worker": "http", "refresh": "refresh", "search": "search",
+                      "flush": "flush"}
+
+
+def node_thread_cpu_s(pid: int) -> dict[str, float] | None:
+    """CPU seconds the node's live threads have spent, per group (jit, gc, write, http, refresh, search,
+    flush, merge, other), from ``jcmd <pid> Thread.print`` (JDK 17 prints each thread's ``cpu=``); None
+    without jcmd. Threads that ended are missing, so only differences between two calls close in time
+    mean anything (the node's pools keep their threads)."""
+    try:
+        out = subprocess.run(["jcmd", str(pid), "Thread.print"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    groups: dict[str, float] = {}
+    for name, ms in _JVM_THREAD.findall(out):
+        pool = _JAVA_POOL.match(name)
+        if pool is not None:
+            group = NODE_THREAD_GROUPS.get(pool.group(1), "other")
+        elif "CompilerThread" in name:
+            group = "jit"
+        elif name.startswith(("GC Thread", "G1 ")):
+            group = "gc"
+        elif name.startswith("Lucene Merge Thread"):
+            group = "merge"
+        else:
+            group = "other"
+        groups[group] = groups.get(group, 0.0) + float(ms) / 1000
+    return groups
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--page-size", type=int, default=1000)
@@ -235,6 +272,7 @@ def main() -> None:
         def tree_cpu(name: str) -> float:
             return sum(tree_cpu_s(pid) for pid in trees[name])
 
+        threads0 = node_thread_cpu_s(stack.search.process.pid)   # before cpu0: jcmd costs the node a little
         cpu0 = {name: tree_cpu(name) for name in trees}
         node0 = node_times_ms(stack.search.url)
         values["load_avg"] = round(os.getloadavg()[0], 1)
@@ -264,6 +302,7 @@ def main() -> None:
         elapsed = time.monotonic() - started
         spent = {name: tree_cpu(name) - cpu0[name] for name in trees}
         node_spent = {k: v - node0.get(k, 0.0) for k, v in node_times_ms(stack.search.url).items()}
+        threads1 = node_thread_cpu_s(stack.search.process.pid)
         if sampler is not None:
             sampler.stop()
             spent["sync"] -= sampler.cpu_s
@@ -281,6 +320,15 @@ def main() -> None:
         values["cpu_s_per_1k"] = round(1000 * sum(spent.values()) / total, 3)
         for name, ms in node_spent.items():
             values[f"node_{name}_ms_per_1k"] = round(1000 * ms / total, 1)
+        if threads0 is not None and threads1 is not None:
+            for group, seconds in sorted(threads1.items()):
+                values[f"node_{group}_cpu_s_per_1k"] = round(1000 * (seconds - threads0.get(group, 0.0)) / total, 3)
+            # What the same run would have cost with a node as warm as a long-running one (its JIT done):
+            # the rate two otherwise idle cores would then allow.
+            warm = values["cpu_s_per_1k"] - values.get("node_jit_cpu_s_per_1k", 0.0)
+            values["cpu_s_per_1k_warm_node"] = round(warm, 3)
+            values["idle_2core_msgs_per_s_warm_node"] = round(2000 / warm) if warm > 0 else 0
+        values["idle_2core_msgs_per_s"] = round(2000 / values["cpu_s_per_1k"]) if values["cpu_s_per_1k"] else 0
         values["status_polls"] = polls
         say("CPU per 1,000 messages: " + ", ".join(f"{name} {1000 * s / total:.3f} s" for name, s in spent.items())
             + f" (load average {values['load_avg']})")
