@@ -134,10 +134,13 @@ def parse_header_block(raw: bytes | None, wanted: frozenset[bytes] | None = None
     if wanted is not None:
         # One C scan finds the wanted fields; the lines of the others (most of a real header
         # block: Received, DKIM, ARC...) never reach Python. Same rules as the loop below.
-        for match in _wanted_fields(wanted).finditer(raw):
-            field = match.group(1).lower()
+        # findall hands back each field's groups as one tuple (no match objects), and a field
+        # without continuation lines (nearly all) is unfolded inline: ~7 -> ~4 us per header block.
+        for name, value, continuation in _wanted_fields(wanted).findall(raw):
+            field = name.lower()
             if field not in headers:
-                headers[field] = _unfold(match.group(2), match.group(3))
+                headers[field] = (_unfold(value, continuation) if continuation
+                                  else value.rstrip(b"\r")[:MAX_HEADER_BYTES].strip())
         return headers
     name: bytes | None = None
     parts: list[bytes] = []
@@ -374,7 +377,13 @@ def preview_of(body: bytes | None, headers: Mapping[bytes, bytes],
     text, is_html = found
     if is_html:
         text = html_to_text(text)
-    return " ".join(text[: PREVIEW_CHARS * 8].split())[:PREVIEW_CHARS]
+    # Collapsing the whitespace of a prefix gives a prefix of the whole text collapsed, so when
+    # twice the preview's length is already enough the rest is never split into words (a body's
+    # ~2 KB: ~4.5 us per message against ~2 for its first 510 characters).
+    preview = " ".join(text[: PREVIEW_CHARS * 2].split())
+    if len(preview) < PREVIEW_CHARS:
+        preview = " ".join(text[: PREVIEW_CHARS * 8].split())
+    return preview[:PREVIEW_CHARS]
 
 
 def has_attachments(headers: Mapping[bytes, bytes], parsed_type: tuple[str, dict[str, str]] | None = None) -> bool:

@@ -167,6 +167,24 @@ def test_preview_falls_back_to_html_and_decodes_base64_cut_anywhere() -> None:
     assert not has_attachments({b"content-type": b"multipart/alternative; boundary=x"})
 
 
+@pytest.mark.parametrize("body", [
+    b"word " * 400,                                   # plenty of text: the first 510 characters suffice
+    b"x" * 300 + b" tail",                            # one long word across the first window's end
+    b"a" + b" " * 600 + b"b " * 300,                  # a whitespace run: the short window collapses short
+    b"\r\n\r\n  " + b"\t\r\n".join([b"line"] * 120),  # leading blank lines, tabs, CRLFs
+    b"short text",
+    b"caf\xc3\xa9 " * 150 + b"\xe2\x80\x83end",          # non-ASCII letters and a Unicode space
+])
+def test_a_preview_reads_as_the_whole_window_collapsed(body: bytes) -> None:
+    # preview_of splits only the first 2 x PREVIEW_CHARS characters into words when that is enough:
+    # the answer must be that of the whole 8 x PREVIEW_CHARS window, collapsed, then cut.
+    from mailsync.providers.imap_mapping import PREVIEW_CHARS
+
+    text = body.decode("utf-8")
+    assert preview_of(body, {b"content-type": b"text/plain; charset=utf-8"}) == \
+        " ".join(text[: PREVIEW_CHARS * 8].split())[:PREVIEW_CHARS]
+
+
 def test_preview_of_a_boundary_that_never_comes_is_empty() -> None:
     assert preview_of(b"just text without the boundary", {b"content-type": b"multipart/mixed; boundary=zz"}) == ""
 
