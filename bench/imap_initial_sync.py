@@ -39,6 +39,11 @@ What it does, on 127.0.0.1 only:
    ``node_{index,refresh,merge,flush,search,gc}_ms_per_1k``: where the
    node says its threads spent that time (``_nodes/stats``; wall time of
    its threads, so inflated by load, but the split is what counts).
+   ``node_{write,http,refresh,search,jit,gc,other}_cpu_s_per_1k``: the
+   node's CPU by thread group (``jcmd Thread.print``; ``jit`` is the JVM
+   compiling the node's code, which a long-running node no longer pays).
+   ``idle_2core_msgs_per_s``: ``2000 / cpu_s_per_1k``, and
+   ``idle_2core_msgs_per_s_warm_node`` the same without ``jit``.
    ``status_polls``: the ``GET /api/accounts/{id}`` calls that watched the
    sync (every 0.5 s until 90 % is indexed, then every 50 ms); each costs
    the syncing host and Azurite a table read, counted in their CPU.
