@@ -29,6 +29,12 @@ WebSocket), standing for a second browser on the account. Then:
    here, per item). ``batch_bound_s`` = 25 x latency is what one batch at
    a time would allow.
 
+``--trace`` hosts the app in this process instead and prints, per PATCH
+and for the bulk action, when each store, ledger, table, queue and Graph call
+of the request (and of its ACTION job) started and ended, relative to the
+request's send time (bench/call_spans.py): where the time before the 202
+goes. Its figures are not the goal lines' (the app shares this process).
+
 IMAP (unless ``--skip-imap``): a Dovecot (tests/fixtures/dovecot.py) user
 with 520 messages in INBOX, ``MessageActions`` for IMAP marking 500 unread
 ones read: ``imap_bulk_ms`` and the commands it sent (``imap_stores``:
@@ -53,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests
 
+from bench.call_spans import CallSpans, timeline
 from bench.change_latency import Account as ClientAccount
 from bench.change_latency import Clients
 from bench.cli import parser_from_doc
@@ -70,8 +77,49 @@ def _truth(stack: Stack, address: str) -> dict[str, dict[str, Any]]:
     return {m["id"]: m for m in stack.sandbox.snapshot(address)["messages"]}
 
 
+def _install_spans() -> CallSpans:
+    """Spans around the calls a PATCH, a bulk action and their ACTION jobs make (``--trace``)."""
+    from devhost.bindings import Bindings
+    from mailsync.actions.service import MessageActionService
+    from mailsync.linking.access import AccountAccess
+    from mailsync.providers.graph_actions import GraphActions
+    from mailsync.storage.cursors import SyncStateTable
+    from mailsync.storage.job_queue import AzureJobQueue
+    from mailsync.store.action_ledger import SearchActionLedger
+    from mailsync.store.search_store import SearchStore
+
+    spans = CallSpans()
+    spans.wrap(AccountAccess, "authenticate")
+    spans.wrap(SearchStore, "get_message", "get_messages", "upsert_messages", "raise_epoch", "remove_messages",
+               "list_folders")
+    spans.wrap(SearchActionLedger, "claim", "latest", "put_batch", "get_batch", "drop_batch", "release")
+    spans.wrap(SyncStateTable, "epochs", "acquire_slot", "release_slot")
+    spans.wrap(AzureJobQueue, "enqueue")
+    spans.wrap(MessageActionService, "update", "bulk", "run_job")
+    spans.wrap(GraphActions, "apply", "_batch")
+    spans.wrap_async(Bindings, "write")
+    return spans
+
+
+def _print_steps(spans: CallSpans, function: str, windows: list[tuple[float, float]]) -> None:
+    """Per call name: how many, p50 start and end after the request was sent, p50 duration."""
+    offsets: dict[str, list[tuple[float, float, float]]] = {}
+    for started, answered in windows:
+        for span in spans.of(function, started, answered):
+            offsets.setdefault(span.name, []).append(((span.started - started) * 1000,
+                                                      (span.ended - started) * 1000, span.ms))
+    for name, values in sorted(offsets.items(), key=lambda kv: percentile([v[0] for v in kv[1]], 0.5)):
+        say(f"  {function} {name}: n={len(values)} start p50 {percentile([v[0] for v in values], 0.5):.1f} "
+            f"end p50 {percentile([v[1] for v in values], 0.5):.1f} took p50 "
+            f"{percentile([v[2] for v in values], 0.5):.1f} ms")
+
+
 def outlook(args: Any) -> dict[str, Any]:
-    with start_stack("actions", messages=args.messages, latency_ms=args.latency_ms) as stack:
+    with start_stack("actions", messages=args.messages, latency_ms=args.latency_ms,
+                     start_host=not args.trace) as stack:
+        if args.trace:
+            args.spans = _install_spans()
+            stack.start_host_in_process()
         address = stack.sandbox.users()[0]["mail"]
         linked = stack.link(address)
         stack.wait_status(linked, "synced", timeout_s=900)
@@ -93,6 +141,8 @@ def _outlook_figures(args: Any, stack: Stack, address: str, linked: Any, clients
     optimistic: list[float] = []
     live: list[float] = []
     provider: list[float] = []
+    windows: list[tuple[float, float]] = []
+    spans: CallSpans | None = getattr(args, "spans", None)
     for n in range(args.actions):
         mid = ids[n]
         change: dict[str, Any] = ({"is_read": not truth[mid]["isRead"]} if n % 2 == 0
@@ -117,6 +167,13 @@ def _outlook_figures(args: Any, stack: Stack, address: str, linked: Any, clients
             time.sleep(0.005)
         provider.append((reached - started) * 1000)
         live.append((seen - started) * 1000)
+        windows.append((started, started + optimistic[-1] / 1000))
+        if spans is not None:
+            say(f"PATCH {n}: 202 {optimistic[-1]:.0f} live {live[-1]:.0f} provider {provider[-1]:.0f} ms: "
+                + timeline(spans.of("message_update", started, windows[-1][1]), started))
+            say("  its job: " + timeline([s for s in spans.of("sync_worker", started, reached)], started))
+    if spans is not None:
+        _print_steps(spans, "message_update", windows)
     say(f"single actions: optimistic p50 {percentile(optimistic, 0.5):.0f} ms, live p50 "
         f"{percentile(live, 0.5):.0f} ms, provider p50 {percentile(provider, 0.5):.0f} ms")
 
@@ -144,6 +201,9 @@ def _outlook_figures(args: Any, stack: Stack, address: str, linked: Any, clients
             raise SystemExit("the sandbox never had all 500 read")
         time.sleep(0.1)
     bulk_s = time.monotonic() - started
+    if spans is not None:
+        say("bulk POST: " + timeline(spans.of("message_actions", started, started + accepted_ms / 1000), started))
+        say("bulk job: " + timeline(spans.of("sync_worker", started, started + bulk_s), started))
     after = stack.sandbox.admin("GET", "counters")
     latency_s = args.latency_ms / 1000
     return {
@@ -215,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=800, help="messages in the sandbox user's mailbox")
     parser.add_argument("--skip-imap", action="store_true", help="only the Outlook part")
     parser.add_argument("--skip-outlook", action="store_true", help="only the IMAP part")
+    parser.add_argument("--trace", action="store_true",
+                        help="host the app in this process and print where each request's time goes")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if not args.skip_imap:
