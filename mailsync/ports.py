@@ -135,6 +135,10 @@ class RequestSlots(Protocol):
         """One free slot (an opaque handle), or None when all are held."""
         ...
 
+    def acquire_slots(self, account_id: str, owners: Sequence[str], max_slots: int) -> Sequence[Any]:
+        """Up to one free slot per owner (each its own delivery), as many as are free; none when all are held."""
+        ...
+
     def release_slot(self, slot: Any) -> None:
         ...
 

@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -85,6 +85,7 @@ CHANGE_FIELDS = frozenset({"is_read", "flag_status", "folder_id"})
 _FLAGS = {status.value: status for status in FlagStatus}
 # The actions travel as a JSON string inside the job's JSON: every quote is escaped, so half the size.
 _JOB_BUDGET = (MAX_JOB_BYTES - 1500) // 2
+_Parsed = TypeVar("_Parsed")
 
 
 @dataclass(frozen=True)
@@ -228,16 +229,42 @@ class MessageActionService:
         # sync rounds its own changes trigger wait instead of taking the slots its items need (429s).
         self._slots = slots
         self._max_slots = max_slots
-        # For reads an action needs beside its ledger claim (see _commit); shared by the host's threads.
-        self._side = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailsync-actions")
+        # For the calls an action makes side by side (_authenticated_row, _commit, _run); shared by the host's
+        # threads. Its tasks never wait for one another (a full pool only queues them): all are I/O.
+        self._side = ThreadPoolExecutor(max_workers=16, thread_name_prefix="mailsync-actions")
 
     # --- reading ----------------------------------------------------------------------------------
 
     def _row(self, account: Account, message_id: str) -> Message:
-        row = self._store().get_message(account.account_id, _message_id(message_id))
+        return self._stored_row(account.account_id, message_id)
+
+    def _stored_row(self, account_id: str, message_id: str) -> Message:
+        row = self._store().get_message(account_id, _message_id(message_id))
         if row is None:
             raise NotFound("no such message")
         return row
+
+    def _side_task(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """``call`` on the service's side pool, in a copy of this thread's context (log fields)."""
+        return self._side.submit(contextvars.copy_context().run, call, *args, **kwargs)
+
+    def _authenticated_row(self, account_id: str, bearer: str | None, message_id: str,
+                           parse: Callable[[], _Parsed]) -> tuple[Account, _Parsed, Message]:
+        """The account the bearer opens and the message's row, read side by side (one round trip less before
+        the 202: the account is a table read, the row a store read).
+
+        The row is read under the account id the request names, before the bearer is known to open it, and
+        is used only once it does: a request refused 401 or 404 costs one store read more, and learns
+        nothing of it. The errors keep their order: the account's 401/404, then ``parse``'s 400 (the request
+        body's), then the row's."""
+        row = self._side_task(self._stored_row, account_id, message_id)
+        try:
+            account = self._access.authenticate(account_id, bearer)
+            parsed = parse()
+        except BaseException:
+            row.cancel()
+            raise
+        return account, parsed, row.result()
 
     def read_message(self, account_id: str, bearer: str | None, message_id: str) -> dict[str, Any]:
         """The whole message: headers, flags, the body (HTML sanitised, or text) and the attachment list."""
@@ -296,9 +323,7 @@ class MessageActionService:
         """PATCH: the optimistic row into the store and onto ``events`` (the page's live channel), the job queued
         (on ``jobs`` when given: the function's ``mailsync.jobs.WakingJobQueue``, which also wakes the host's
         queue listener)."""
-        account = self._access.authenticate(account_id, bearer)
-        change = parse_change(body)
-        row = self._row(account, message_id)
+        account, change, row = self._authenticated_row(account_id, bearer, message_id, lambda: parse_change(body))
         planned = self._plan(account, [row], change=change)
         self._commit(account, planned, events, jobs)
         return {"message": message_row(planned[0].row) if planned and planned[0].row else message_row(row),
@@ -307,9 +332,8 @@ class MessageActionService:
     def delete(self, account_id: str, bearer: str | None, message_id: str, permanent_raw: str | None,
                events: EventPublisher | None = None, jobs: JobQueue | None = None) -> dict[str, Any]:
         """DELETE: to the trash (the moved row) or for good (a removal), published and queued like ``update``."""
-        account = self._access.authenticate(account_id, bearer)
-        permanent = parse_permanent(permanent_raw)
-        row = self._row(account, message_id)
+        account, permanent, row = self._authenticated_row(account_id, bearer, message_id,
+                                                          lambda: parse_permanent(permanent_raw))
         planned = self._plan(account, [row], delete=True, permanent=permanent)
         self._commit(account, planned, events, jobs)
         moved = planned[0].row if planned else None
@@ -398,55 +422,56 @@ class MessageActionService:
 
     def _commit(self, account: Account, planned: Sequence[Planned], events: EventPublisher | None,
                 jobs: JobQueue | None = None) -> None:
-        """The optimistic rows into the store, then the provider work onto the queue, then onto ``events``.
+        """Claim, store the optimistic rows, publish them, mark a risen epoch, queue the job (docs/actions.md).
 
-        Published here, not only when the ACTION job is done: the job waits for the provider (a Graph
-        round trip, a throttled retry), and until then the user's other pages would show the old row.
-        Published after the enqueue, so a page never shows a change that was not accepted; if the job
-        later fails, ``_revert`` publishes the provider's row and an ``actionsFailed``. The job is sent
-        inside the call, on ``jobs`` when given (``mailsync.jobs.WakingJobQueue``), so a failed send is
-        answered here (``_take_back``).
+        Each step waits only for what it needs. The claim comes first (a job must never run without its
+        number); the rows' folder epochs are read beside it, and a bulk action's kept list is written beside
+        the rows (neither needs more than the claim's numbers). Published onto ``events`` as soon as the
+        rows are stored, not only when the ACTION job is done (the job waits for the provider, and until
+        then the user's other pages would show the old row), and not after the enqueue either: that is the
+        path to the other pages, and the epoch re-read and the enqueue after the write are two more round
+        trips (``events`` sends at once in the HTTP functions: ``ImmediatePublisher``). So a page may show a
+        change for a moment whose job then could not be queued: the request answers that error, and
+        ``_take_back`` puts the rows back, at a version above the optimistic one, and publishes them too, so
+        every page ends as the store does, as after a revert. The job is still queued before the call
+        returns (before the 202), sent inside the call, on ``jobs`` when given
+        (``mailsync.jobs.WakingJobQueue``), so a failed send is answered here.
         """
         if not planned:
             return
-        # Numbered first: a job must never run without its number (it would lose to every claim). The rows'
-        # folder epochs are read meanwhile (a table read that needs nothing from the claim): one round trip
-        # less before the 202.
+        account_id = account.account_id
         rows = [p.row for p in planned if p.row is not None]
-        epochs = self._side.submit(contextvars.copy_context().run, self._epochs, account.account_id,
-                                   sorted({r.folder_id for r in rows})) if rows else None
-        claimed = self._ledger().claim(account.account_id, [
+        epochs = self._side_task(self._epochs, account_id, sorted({r.folder_id for r in rows})) if rows else None
+        claimed = self._ledger().claim(account_id, [
             claim_of(p.action, p.row.folder_id if p.row is not None else None) for p in planned])
         planned = [replace(p, seq=claimed[p.action.message_id].seq) for p in planned]
+        job = self._side_task(self._action_job, account_id, planned, attempt=0, reason="user action")
+        published: Future[Any] | None = None
         try:
-            self._write_and_enqueue(account, planned, jobs, epochs)
+            before = epochs.result() if epochs is not None else {}
+            self._write_at_epochs(account_id, rows, before)
+            removals: dict[str, list[str]] = {}
+            for p in planned:
+                if p.row is None:
+                    removals.setdefault(p.action.folder_id, []).append(p.action.message_id)
+            for folder_id, ids in removals.items():
+                self._store().remove_messages(account_id, folder_id, ids)
+            if events is not None:
+                published = self._side_task(events.publish_changes, _optimistic_changes(account_id, planned))
+            self._mark_risen_epochs(account_id, rows, before)
+            for p in planned:
+                self._observe(p.action, "queued")
+            (jobs if jobs is not None else self._queue()).enqueue(job.result())
         except BaseException:
-            self._take_back(account, planned, claimed)
+            if published is not None:
+                _settle(published)          # the optimistic rows go out before the rows put back
+            self._take_back(account, planned, claimed, events if published is not None else None, job)
             raise
-        if events is not None:
-            events.publish_changes(MessagesChanged(
-                account_id=account.account_id,
-                upserted=tuple(p.row for p in planned if p.row is not None),
-                removed=tuple((p.action.folder_id, p.action.message_id) for p in planned
-                              if p.row is None or p.row.folder_id != p.action.folder_id)))
+        if published is not None:
+            published.result()
 
-    def _write_and_enqueue(self, account: Account, planned: Sequence[Planned], jobs: JobQueue | None,
-                           epochs: Future[Mapping[str, int]] | None) -> None:
-        store = self._store()
-        if epochs is not None:
-            self._write_rows(account.account_id, [p.row for p in planned if p.row is not None],
-                             before=epochs.result())
-        removals: dict[str, list[str]] = {}
-        for p in planned:
-            if p.row is None:
-                removals.setdefault(p.action.folder_id, []).append(p.action.message_id)
-        for folder_id, ids in removals.items():
-            store.remove_messages(account.account_id, folder_id, ids)
-        for p in planned:
-            self._observe(p.action, "queued")
-        self._enqueue(account.account_id, planned, attempt=0, reason="user action", queue=jobs)
-
-    def _take_back(self, account: Account, planned: Sequence[Planned], claimed: Mapping[str, Claimed]) -> None:
+    def _take_back(self, account: Account, planned: Sequence[Planned], claimed: Mapping[str, Claimed],
+                   events: EventPublisher | None, job: Future[Job]) -> None:
         """The actions were claimed but never queued (the queue or the store failed): undo both, then the
         caller's error answers the request, so the user knows they did not happen.
 
@@ -455,8 +480,9 @@ class MessageActionService:
         runs: neither the older nor the newer value reached the provider, and the optimistic row stayed.
         So the rows go back to what the store had (at a version that beats the optimistic row, or the
         tombstone of its removal, like a revert) and each claim hands its fields back to the claims it
-        took them from. Best effort: if the store or the ledger fails here too, that is logged; the original
-        error is what the caller sees.
+        took them from. ``events``: the optimistic rows were published (``_commit``), so the rows put back
+        are too. A bulk action's kept list goes. Best effort: if the store or the ledger fails here too,
+        that is logged; the original error is what the caller sees.
         """
         account_id = account.account_id
         for p in planned:
@@ -469,15 +495,25 @@ class MessageActionService:
                       extra={"account_id": account_id, "error_code": exc.code})
         now_ms = int(self._clock() * 1000)
         graph = account.provider is Provider.OUTLOOK
-        try:
-            # Absent: the optimistic row was a removal (a delete for good), whose tombstone is one above.
-            self._write_rows(account_id, [
-                replace(p.before, version=revert_version(p.version, now_ms, clock=uses_clock(graph, p.version),
+        # Absent: the optimistic row was a removal (a delete for good), whose tombstone is one above.
+        rows = [replace(p.before, version=revert_version(p.version, now_ms, clock=uses_clock(graph, p.version),
                                                          truth=p.before.version, absent=p.row is None))
-                for p in planned if p.before is not None])
+                for p in planned if p.before is not None]
+        try:
+            self._write_rows(account_id, rows)
         except MailsyncError as exc:
             log.error("could not put back the rows of actions that were not queued: %s", exc.code,
                       extra={"account_id": account_id, "error_code": exc.code})
+        else:
+            if events is not None and rows:
+                events.publish_changes(MessagesChanged(account_id=account_id, upserted=tuple(rows)))
+        batch_id = job.result().attrs.get("batch") if job.done() and job.exception() is None else None
+        if batch_id:
+            try:
+                self._ledger().drop_batch(account_id, batch_id)
+            except MailsyncError as exc:     # the hourly purge takes it (SearchActionLedger.purge)
+                log.info("could not drop the list of a bulk action that was not queued: %s", exc.code,
+                         extra={"account_id": account_id, "error_code": exc.code})
 
     def _write_rows(self, account_id: str, rows: Sequence[Message], *,
                     before: Mapping[str, int] | None = None) -> None:
@@ -496,32 +532,44 @@ class MessageActionService:
         Left open: a resync that begins, lists the message and also *ends* between the first read and the
         mark (one bulk write and one point read apart) still deletes it.
 
-        ``before``: the epochs, when the caller read them already. Rows go in one bulk write per epoch
-        value, not per folder: a bulk action's 500 rows span a dozen folders, mostly at the same epoch.
+        ``before``: the epochs, when the caller read them already. ``_commit`` runs the two halves itself
+        (``_write_at_epochs``, ``_mark_risen_epochs``), publishing between them.
         """
         if not rows:
             return
-        store = self._store()
-        by_folder: dict[str, list[Message]] = {}
-        for row in rows:
-            by_folder.setdefault(row.folder_id, []).append(row)
-        folders = sorted(by_folder)
         if before is None:
-            before = self._epochs(account_id, folders)
+            before = self._epochs(account_id, sorted({row.folder_id for row in rows}))
+        self._write_at_epochs(account_id, rows, before)
+        self._mark_risen_epochs(account_id, rows, before)
+
+    def _write_at_epochs(self, account_id: str, rows: Sequence[Message], epochs: Mapping[str, int]) -> None:
+        """The rows in one bulk write per epoch value (``epochs``: per folder), not per folder: a bulk action's
+        500 rows span a dozen folders, mostly at the same epoch. The groups, disjoint documents, are written
+        side by side (500 rows in 11 folders were 7 groups, after resyncs)."""
+        if not rows:
+            return
+        store = self._store()
         by_epoch: dict[int, list[Message]] = {}
-        for folder_id, group in by_folder.items():
-            by_epoch.setdefault(before.get(folder_id, 0), []).extend(group)
-        # Folders' epochs differ after resyncs (500 rows in 11 folders were 7 groups): the groups, disjoint
-        # documents, are written side by side.
+        for row in rows:
+            by_epoch.setdefault(epochs.get(row.folder_id, 0), []).append(row)
         groups = list(by_epoch.items())
-        written = [self._side.submit(contextvars.copy_context().run, store.upsert_messages, group, epoch=epoch)
-                   for epoch, group in groups[1:]]
+        written = [self._side_task(store.upsert_messages, group, epoch=epoch) for epoch, group in groups[1:]]
         store.upsert_messages(groups[0][1], epoch=groups[0][0])
         for future in written:
             future.result()
-        for folder_id, epoch in self._epochs(account_id, folders).items():
+
+    def _mark_risen_epochs(self, account_id: str, rows: Sequence[Message], before: Mapping[str, int]) -> None:
+        """After ``_write_at_epochs``: the epochs read again, and the rows of a folder whose epoch rose since
+        ``before`` marked with it (``_write_rows`` says why)."""
+        if not rows:
+            return
+        by_folder: dict[str, list[str]] = {}
+        for row in rows:
+            by_folder.setdefault(row.folder_id, []).append(row.message_id)
+        store = self._store()
+        for folder_id, epoch in self._epochs(account_id, sorted(by_folder)).items():
             if epoch > before.get(folder_id, 0):
-                store.raise_epoch(account_id, folder_id, [row.message_id for row in by_folder[folder_id]], epoch)
+                store.raise_epoch(account_id, folder_id, by_folder[folder_id], epoch)
 
     # --- the worker ----------------------------------------------------------------------------------
 
@@ -547,10 +595,20 @@ class MessageActionService:
             self._ledger().drop_batch(job.account_id, batch_id)
 
     def _run(self, account: Account, planned: Sequence[Planned], attempt: int, events: EventPublisher) -> None:
-        planned = self._still_current(account, planned)
+        # The ledger read (what a newer action superseded) and a bulk job's request slots side by side: they
+        # need nothing from each other, and both come before the first batch.
+        slots = self._side_task(self._take_slots, account, len(planned))
+        try:
+            planned = self._still_current(account, planned)
+        except BaseException:
+            self._give_back(_held(slots))
+            raise
+        held = slots.result()
+        if len(planned) <= self._max_slots:
+            self._give_back(held)       # superseded down to what one batch at a time sends
+            held = []
         if not planned:
             return
-        held = self._take_slots(account, len(planned))
         try:
             provider = self._actions.open_actions(account)
         except BaseException:
@@ -611,15 +669,10 @@ class MessageActionService:
         batch at once). Never waits for one: a user's action is not queued behind an initial sync."""
         if self._slots is None or account.provider is not Provider.OUTLOOK or actions <= self._max_slots:
             return []
-        table = self._slots()
-        held: list[Any] = []
-        for _ in range(self._max_slots):
-            # Its own delivery token per slot: the table hands a slot back to a token it already knows.
-            slot = table.acquire_slot(account.account_id, f"action-{uuid.uuid4().hex}#0", self._max_slots)
-            if slot is None:
-                break
-            held.append(slot)
-        return held
+        # Its own delivery token per slot: the table hands a slot back to a token it already knows.
+        return list(self._slots().acquire_slots(account.account_id,
+                                                [f"action-{uuid.uuid4().hex}#0" for _ in range(self._max_slots)],
+                                                self._max_slots))
 
     def _give_back(self, held: Sequence[Any]) -> None:
         if held and self._slots is not None:
@@ -716,7 +769,12 @@ class MessageActionService:
                       delay_s=min(delay, 300.0))
 
     def _enqueue(self, account_id: str, planned: Sequence[Planned], *, attempt: int, reason: str,
-                 delay_s: float = 0.0, queue: JobQueue | None = None, restore: bool = False) -> None:
+                 delay_s: float = 0.0, restore: bool = False) -> None:
+        self._queue().enqueue(self._action_job(account_id, planned, attempt=attempt, reason=reason,
+                                               restore=restore), delay_s=delay_s)
+
+    def _action_job(self, account_id: str, planned: Sequence[Planned], *, attempt: int, reason: str,
+                    restore: bool = False) -> Job:
         """One ACTION job: the actions in it when they fit a queue message, else kept in the ledger and named.
 
         Not a job per 16 kB of actions: ~27 Graph ids fit one, so 500 made ~19 jobs that the worker ran at
@@ -731,8 +789,7 @@ class MessageActionService:
             attrs["actions"] = text
         else:
             attrs["batch"] = self._ledger().put_batch(account_id, text)
-        target = queue if queue is not None else self._queue()
-        target.enqueue(new_job(JobKind.ACTION, account_id, reason=reason, attrs=attrs), delay_s=delay_s)
+        return new_job(JobKind.ACTION, account_id, reason=reason, attrs=attrs)
 
     def _revert(self, account: Account, failed: Sequence[tuple[Planned, MailsyncError]], provider: Any,
                 events: EventPublisher) -> None:
@@ -813,6 +870,33 @@ class MessageActionService:
             return
         self._enqueue(account_id, unread, attempt=attempt + 1, reason="user action (restore)",
                       delay_s=min(float(2 ** attempt), 300.0), restore=True)
+
+
+def _optimistic_changes(account_id: str, planned: Sequence[Planned]) -> MessagesChanged:
+    """What the user's other pages are told of accepted actions: the rows as they will look; a move also
+    leaves the folder it was in, a delete for good is a removal."""
+    return MessagesChanged(
+        account_id=account_id,
+        upserted=tuple(p.row for p in planned if p.row is not None),
+        removed=tuple((p.action.folder_id, p.action.message_id) for p in planned
+                      if p.row is None or p.row.folder_id != p.action.folder_id))
+
+
+def _held(slots: Future[list[Any]]) -> list[Any]:
+    """The slots ``_take_slots`` took, when the job cannot use them (the ledger read failed): none if taking
+    them failed too (that error is not the one the job fails with)."""
+    try:
+        return slots.result()
+    except Exception:
+        return []
+
+
+def _settle(future: Future[Any]) -> None:
+    """Wait for ``future`` and log what it raised (a cleanup path: the error being answered matters more)."""
+    try:
+        future.result()
+    except Exception:
+        log.exception("publishing the optimistic rows failed")
 
 
 def _merge(a: MessagesChanged, b: MessagesChanged) -> MessagesChanged:

@@ -590,6 +590,46 @@ class SyncStateTable:
             return Slot(account_id, index, owner, str(meta.get("etag")))
         return None
 
+    def acquire_slots(self, account_id: str, owners: Sequence[str], max_slots: int) -> list[Slot]:
+        """As many free slots as there are ``owners`` (one each, each owner its own delivery) or are free.
+
+        For a bulk user action that fills the mailbox's slots: one query and one entity-group transaction
+        (two round trips) instead of ``acquire_slot``'s two per slot, one slot after another. When the
+        transaction is refused (a slot was taken or freed since the query: nothing was written), the slots
+        are taken one by one, which decides races exactly as ``acquire_slot`` does.
+        """
+        partition = _check_partition(account_id)
+        rows: dict[int, SlotRow] = {}
+        for found in self._query(account_id, prefix=SLOT_ROW_PREFIX):
+            suffix = str(found["RowKey"])[len(SLOT_ROW_PREFIX):]
+            if suffix.isdigit():
+                rows[int(suffix)] = SlotRow(int(suffix), str(found.get("owner") or ""),
+                                            float(found.get("until") or 0.0), str(found.metadata["etag"]))
+        now = self._clock()
+        free = [index for index in range(max_slots)
+                if index not in rows or not rows[index].owner or rows[index].until <= now][:len(owners)]
+        if not free:
+            return []
+        operations: list[Any] = []
+        for index, owner in zip(free, owners, strict=False):
+            body = {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}", "owner": owner,
+                    "until": now + self._slot_ttl_s}
+            taken = rows.get(index)
+            operations.append(("create", body) if taken is None else
+                              ("update", body, {"mode": UpdateMode.MERGE, "etag": taken.etag,
+                                                "match_condition": MatchConditions.IfNotModified}))
+        results = self._transaction(operations)
+        if results is not None:
+            return [Slot(account_id, index, owner, str(result.get("etag")))
+                    for index, owner, result in zip(free, owners, results, strict=False)]
+        slots: list[Slot] = []
+        for owner in owners:
+            slot = self.acquire_slot(account_id, owner, max_slots)
+            if slot is None:
+                break
+            slots.append(slot)
+        return slots
+
     def take_slot_and_lease(self, known: AccountSyncState, folder_id: str, owner: str,
                             max_slots: int, *, news: bool = True) -> tuple[Slot, Lease] | None:
         """A request slot and a folder's lease in one entity-group transaction (one partition: one call).

@@ -8,6 +8,7 @@ a failure exactly between the optimistic write and the provider call.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from mailsync.actions.service import MessageActionService
 from mailsync.errors import AuthenticationError, DependencyUnavailable, InputError, NotFound, ProviderUnavailable
 from mailsync.jobs import JobOutbox, WakingJobQueue, decode_job, encode_job
 from mailsync.linking.access import AccountAccess, issue_access_token
-from mailsync.models import Account, AccountStatus, FlagStatus, Job, Provider
+from mailsync.models import Account, AccountStatus, FlagStatus, Job, MessagesChanged, Provider
 from mailsync.providers.graph_actions import GraphActions
 from mailsync.providers.graph_client import GraphClient
 from mailsync.providers.imap_actions import ImapActions
@@ -627,6 +628,89 @@ def test_an_action_that_could_not_be_queued_takes_its_claim_and_row_back(outlook
     world.sync()
     assert world.row(message_id).is_read is True
 
+
+
+class PublishedLog(BufferingPublisher):
+    """A publisher recording each ``publish_changes`` in order (and saying when the first one came)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: list[MessagesChanged] = []
+        self.heard = threading.Event()
+
+    def publish_changes(self, event: MessagesChanged) -> None:
+        super().publish_changes(event)
+        self.changes.append(event)
+        self.heard.set()
+
+
+def test_the_optimistic_row_is_published_before_the_job_is_queued(outlook: World) -> None:
+    """The path to the user's other pages ends at the optimistic write: the row goes out while the epoch
+    re-read and the enqueue still run (one enqueue here waits until the page heard it; published after the
+    enqueue, as before, it waited in vain). The job is still queued before the call returns."""
+    world = outlook
+    (message_id,) = _inbox(world, is_read=False)
+    events = PublishedLog()
+    order: list[str] = []
+
+    class WaitsForThePage(RecordingQueue):
+        def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+            order.append("heard" if events.heard.wait(5) else "not heard")
+            super().enqueue(job, delay_s=delay_s)
+
+    queue = WaitsForThePage()
+    world.service.update(world.account_id, world.token, message_id, {"is_read": True}, events, queue)
+    assert order == ["heard"]
+    assert [job.kind for job in queue.jobs] == ["action"]
+    (published,) = events.changes
+    assert [(r.message_id, r.is_read) for r in published.upserted] == [(message_id, True)]
+
+
+def test_an_action_published_but_not_queued_is_published_again_as_the_store_has_it_back(outlook: World) -> None:
+    """The row reached the other pages before the enqueue failed: the rows put back go to them too, at a
+    version above the optimistic one (a page keeps the newest), and the earlier action on the message stays
+    the one that runs."""
+    world = outlook
+    (message_id,) = _inbox(world, is_read=False)
+    world.service.update(world.account_id, world.token, message_id, {"is_read": True})
+    world.store.refresh()
+    accepted = world.row(message_id)
+    world.queue.down = True
+    events = PublishedLog()
+    with pytest.raises(DependencyUnavailable):
+        world.service.update(world.account_id, world.token, message_id, {"is_read": False}, events)
+    world.queue.down = False
+    optimistic, put_back = events.changes
+    assert [(r.message_id, r.is_read) for r in optimistic.upserted] == [(message_id, False)]
+    assert [(r.message_id, r.is_read) for r in put_back.upserted] == [(message_id, True)]
+    assert put_back.upserted[0].version > optimistic.upserted[0].version > accepted.version
+    world.store.refresh()
+    assert world.row(message_id).is_read is True
+    world.work()
+    assert world.harness.messages()[message_id].is_read is True
+
+
+def test_a_bulk_action_not_queued_drops_its_kept_list(outlook: World) -> None:
+    """A bulk action's list is written beside its rows, before the enqueue: when the enqueue fails, the list
+    goes with the claims (left, only the hourly purge would take it)."""
+    world = outlook
+    ids = sorted(m for m, row in world.mirror.messages.items() if row.flag_status.value != "flagged")
+    kept: list[str] = []
+    put_batch = world.ledger.put_batch
+
+    def recorded(account_id: str, actions: str) -> str:
+        kept.append(put_batch(account_id, actions))
+        return kept[-1]
+
+    world.ledger.put_batch = recorded  # type: ignore[method-assign]
+    world.queue.down = True
+    with pytest.raises(DependencyUnavailable):
+        world.service.bulk(world.account_id, world.token, {"message_ids": ids, "action": {"flag_status": "flagged"}})
+    assert len(kept) == 1, "the list fits one message: test more ids"
+    assert world.ledger.get_batch(world.account_id, kept[0]) is None
+    world.store.refresh()
+    assert not any(world.row(i).flag_status.value == "flagged" for i in ids)
+    assert world.queue.jobs == []
 
 
 def test_deleting_the_row_of_an_imap_move_not_done_yet_deletes_the_message(imap: World) -> None:

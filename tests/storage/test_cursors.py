@@ -295,6 +295,43 @@ def test_slots_are_not_overbooked_by_concurrent_workers(table: SyncStateTable) -
     assert len({slot.index for slot in taken}) == 4  # type: ignore[attr-defined]
 
 
+def test_several_free_slots_are_taken_at_once_and_never_overbooked(table: SyncStateTable, clock: Clock) -> None:
+    """A bulk action takes the mailbox's free slots in one transaction (mailsync.actions.service._take_slots)."""
+    account = _account()
+    held = table.acquire_slot(account, new_owner("sync"), 4)
+    assert held is not None
+    taken = table.acquire_slots(account, [new_owner(f"bulk{i}") for i in range(4)], 4)
+    assert len(taken) == 3 and held.index not in {slot.index for slot in taken}
+    assert table.load(account).slots_busy == 4
+    assert table.acquire_slots(account, [new_owner("late")], 4) == []
+    for slot in taken:
+        table.release_slot(slot)
+    clock.now += 121                                     # the sync's slot expired: free again
+    assert sorted(slot.index for slot in table.acquire_slots(account, [new_owner(f"again{i}") for i in range(4)],
+                                                             4)) == [0, 1, 2, 3]
+
+
+def test_slots_taken_at_once_race_with_single_takes_without_overbooking(table: SyncStateTable) -> None:
+    account = _account()
+    got: list[object] = []
+    lock = threading.Lock()
+
+    def take(i: int) -> None:
+        slots = (table.acquire_slots(account, [new_owner(f"b{i}-{k}") for k in range(4)], 4) if i % 2
+                 else [table.acquire_slot(account, new_owner(f"w{i}"), 4)])
+        with lock:
+            got.extend(slots)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    taken = [slot for slot in got if slot is not None]
+    assert len(taken) == 4
+    assert len({slot.index for slot in taken}) == 4  # type: ignore[attr-defined]
+
+
 def test_redelivery_reclaims_its_slot(table: SyncStateTable) -> None:
     account = _account()
     for i in range(4):
