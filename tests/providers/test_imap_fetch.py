@@ -20,7 +20,7 @@ from imapclient.exceptions import ProtocolError
 from imapclient.response_parser import parse_fetch_response
 
 from mailsync.providers import imap_session
-from mailsync.providers.imap_fetch import parse_fetch
+from mailsync.providers.imap_fetch import _parse_pairs, _parse_tokens, parse_fetch
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession
 from tests.fixtures.dovecot import ImapUser, loopback_policy
 from tests.providers.imap_harness import seed_messages
@@ -113,6 +113,20 @@ def test_the_fast_path_answers_as_imapclient_or_not_at_all(lines: list[Any]) -> 
     assert_same(fast, reference(lines))
 
 
+@settings(max_examples=400, deadline=None)
+@given(answers())
+def test_the_pair_path_answers_as_the_token_path_or_not_at_all(lines: list[Any]) -> None:
+    # parse_fetch tries the pair path first: where it answers, the token path (held to imapclient
+    # above) must answer the same; where it does not, parse_fetch is the token path.
+    pairs = _parse_pairs(lines)
+    if pairs is None:
+        assert parse_fetch(lines) == _parse_tokens(lines)
+        return
+    tokens = _parse_tokens(lines)
+    assert tokens is not None
+    assert_same(pairs, tokens)
+
+
 def test_plain_answers_take_the_fast_path_and_odd_ones_fall_back() -> None:
     plain = [
         (b'1 (UID 7 FLAGS (\\Seen $Forwarded) INTERNALDATE " 5-Jan-2026 08:07:00 +0530" MODSEQ (12) '
@@ -125,6 +139,7 @@ def test_plain_answers_take_the_fast_path_and_odd_ones_fall_back() -> None:
     fast = parse_fetch(plain)
     assert fast is not None
     assert_same(fast, reference(plain))
+    assert _parse_pairs(plain) == fast, "the shapes a sync asks for are plain pairs"
     assert fast[1][b"BODY[TEXT]<0>"] == b"(){"
     assert fast[2][b"INTERNALDATE"].utcoffset() == timedelta(0)
     for odd in (
@@ -172,7 +187,7 @@ def test_dovecots_answers_parse_the_same_both_ways(imap_user: ImapUser, monkeypa
     assert len(fetched) == 40
     assert len(seen) == 3
     for lines in seen[:2]:
-        fast = parse_fetch(lines)
-        assert fast is not None, "a plain answer takes the fast path"
+        fast = _parse_pairs(lines)
+        assert fast is not None, "a plain answer takes the pair path"
         assert_same(fast, reference(lines))
     assert parse_fetch(seen[2]) is None, "BODYSTRUCTURE is imapclient's"
