@@ -326,3 +326,11 @@ class LiveConnections(Protocol):
 
     def connection_info(self, user_id: str) -> LiveConnectionInfo:
         ...
+
+
+class LiveSender(Protocol):
+    """Sends SignalR messages to the live page now, not when the function returns (its output binding)."""
+
+    def send(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        """``{"userId", "target", "arguments"}`` each; ``MailsyncError`` when they could not be sent."""
+        ...

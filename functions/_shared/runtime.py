@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from mailsync.monitoring.notifications import NotificationReceiver
     from mailsync.monitoring.polling import PollScheduler
     from mailsync.monitoring.subscriptions import SubscriptionManager
-    from mailsync.ports import LiveConnections
+    from mailsync.ports import LiveConnections, LiveSender
     from mailsync.providers.imap import ImapProviderFactory
     from mailsync.reading import MailReader
     from mailsync.realtime.live_channel import LiveChannel
@@ -352,6 +352,14 @@ class Runtime:
         from mailsync.realtime.connection_info import connections_from_settings
 
         return connections_from_settings(self.settings)
+
+    @cached_property
+    def live_sender(self) -> LiveSender:
+        """Sends SignalR messages from inside a function, through the service's REST API (the action functions:
+        their optimistic rows reach the other pages before the function returns)."""
+        from mailsync.realtime.live_sender import sender_from_settings
+
+        return sender_from_settings(self.settings)
 
     @cached_property
     def live_channel(self) -> LiveChannel:

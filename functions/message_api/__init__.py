@@ -10,9 +10,12 @@ Bearer-protected and account-scoped like the read API (401, 404 for
 another account's); every bad input is a 4xx from the core.
 
 The three actions publish the optimistic rows at once (``messagesChanged``
-to the account, through the same SignalR output binding as sync_worker), so
-the user's other pages show the change before the ACTION job reached the
-provider. Their ACTION job is sent inside the call, and a WAKE message goes
+to the account), so the user's other pages show the change before the ACTION
+job reached the provider: sent through the SignalR service's REST API as
+soon as the rows are stored, while the function still queues the job
+(``ImmediatePublisher``, mailsync.realtime.live_sender); only what could
+not be sent so goes out through the SignalR output binding, which the host
+writes after the function returned. Their ACTION job is sent inside the call, and a WAKE message goes
 out through a queue output binding (``mailsync.jobs.WakingJobQueue``): the
 host then wakes its own queue listener at once instead of leaving the job to
 its next poll.
@@ -30,7 +33,7 @@ from functions._shared.http import bearer_token, handle_errors, json_response, r
 from functions._shared.runtime import runtime
 from mailsync.jobs import JobOutbox, WakingJobQueue
 from mailsync.logs import log_context
-from mailsync.realtime.signalr_messages import BufferingPublisher
+from mailsync.realtime.signalr_messages import BufferingPublisher, ImmediatePublisher
 
 bp = func.Blueprint()
 
@@ -48,7 +51,8 @@ def content_disposition(name: str) -> str:
 def _ids(req: func.HttpRequest) -> tuple[str, str]:
     return req.route_params.get("account_id", ""), req.route_params.get("message_id", "")
 
-# The account's live channel, as functions/sync_worker sets it (set once, when the call returns).
+# The account's live channel, as functions/sync_worker sets it (set once, when the call returns): what
+# ImmediatePublisher could not send at once.
 _signalr_output = bp.generic_output_binding(arg_name="signalr", type="signalR", hub_name="%SIGNALR_HUB%",
                                             connection_string_setting="AzureSignalRConnectionString")
 
@@ -106,7 +110,7 @@ def message_attachment(req: func.HttpRequest) -> func.HttpResponse:
 @handle_errors
 def message_update(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out[list[str]]) -> func.HttpResponse:
     account_id, message_id = _ids(req)
-    events, outbox = BufferingPublisher(), JobOutbox()
+    events, outbox = ImmediatePublisher(runtime().live_sender), JobOutbox()
     with log_context(function="message_update", account_id=account_id):
         token = bearer_token(req)
         body = runtime().message_actions.update(account_id, token, message_id, read_json(req), events,
@@ -123,7 +127,7 @@ def message_update(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out
 @handle_errors
 def message_delete(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out[list[str]]) -> func.HttpResponse:
     account_id, message_id = _ids(req)
-    events, outbox = BufferingPublisher(), JobOutbox()
+    events, outbox = ImmediatePublisher(runtime().live_sender), JobOutbox()
     with log_context(function="message_delete", account_id=account_id):
         body = runtime().message_actions.delete(account_id, bearer_token(req), message_id,
                                                 req.params.get("permanent"), events, _waking(outbox))
@@ -138,7 +142,7 @@ def message_delete(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out
 @handle_errors
 def message_actions(req: func.HttpRequest, signalr: func.Out[str], jobs: func.Out[list[str]]) -> func.HttpResponse:
     account_id = req.route_params.get("account_id", "")
-    events, outbox = BufferingPublisher(), JobOutbox()
+    events, outbox = ImmediatePublisher(runtime().live_sender), JobOutbox()
     with log_context(function="message_actions", account_id=account_id):
         token = bearer_token(req)
         body = runtime().message_actions.bulk(account_id, token, read_json_object(req, max_bytes=256_000),

@@ -96,9 +96,9 @@ class KeySignedConnections:
         return LiveConnectionInfo(url=self._url, access_token=sign_hs256(self._key, claims))
 
 
-def connections_from_settings(settings: Settings) -> LiveConnections:
-    """The minting adapter the settings describe (see the module docstring)."""
-    hub = settings.signalr_hub
+def service_of(settings: Settings) -> tuple[str, str | None, str | None]:
+    """The SignalR service the settings name: its endpoint, the AccessKey (None: identity-based) and the
+    managed identity's client id."""
     parsed = parse_connection_string(settings.signalr_connection_string or "")
     endpoint = parsed.get("endpoint") or settings.signalr_service_uri
     if not endpoint:
@@ -106,10 +106,16 @@ def connections_from_settings(settings: Settings) -> LiveConnections:
                                  "AccessKey=...) or AzureSignalRConnectionString__serviceUri (managed identity)")
     if parsed.get("port"):
         endpoint = f"{endpoint.rstrip('/')}:{parsed['port']}"
-    if parsed.get("accesskey"):
-        return KeySignedConnections(endpoint, parsed["accesskey"], hub)
+    return endpoint, parsed.get("accesskey") or None, parsed.get("clientid") or settings.signalr_client_id
+
+
+def connections_from_settings(settings: Settings) -> LiveConnections:
+    """The minting adapter the settings describe (see the module docstring)."""
+    hub = settings.signalr_hub
+    endpoint, access_key, client_id = service_of(settings)
+    if access_key:
+        return KeySignedConnections(endpoint, access_key, hub)
     # Identity-based: imported on this path only (it needs the Azure identity libraries).
     from mailsync.realtime.service_tokens import ServiceIssuedConnections
 
-    client_id = parsed.get("clientid") or settings.signalr_client_id
     return ServiceIssuedConnections.with_managed_identity(endpoint, hub, client_id=client_id)

@@ -35,12 +35,20 @@ part: the page should refetch its current view instead of patching.
 
 from __future__ import annotations
 
+import logging
+import threading
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from mailsync.errors import MailsyncError
 from mailsync.models import Message, MessagesChanged, SyncProgress
+
+if TYPE_CHECKING:
+    from mailsync.ports import LiveSender
+
+log = logging.getLogger(__name__)
 
 TARGET_PROGRESS = "syncProgress"
 TARGET_CHANGES = "messagesChanged"
@@ -180,3 +188,45 @@ class BufferingPublisher:
     def messages_json(self) -> str:
         """The output binding's value: a JSON array of SignalR messages."""
         return orjson.dumps(self.messages()).decode()
+
+
+class ImmediatePublisher(BufferingPublisher):
+    """An ``EventPublisher`` that sends each ``messagesChanged`` at once (``LiveSender``: the service's REST
+    API), and buffers for the output binding only what could not be sent.
+
+    For the HTTP functions that act on messages: their optimistic rows reach the user's other pages while
+    the function still works (mailsync.realtime.live_sender says why). A failed send is logged and left to
+    the binding, which the host writes when the function returns: later, never lost. ``publish_changes``
+    may be called from another thread than the one reading the buffer afterwards (the action service
+    publishes beside its last round trips), hence the lock.
+    """
+
+    def __init__(self, sender: LiveSender) -> None:
+        super().__init__()
+        self._sender = sender
+        self._lock = threading.Lock()
+
+    def publish_changes(self, event: MessagesChanged) -> None:
+        if not event.upserted and not event.removed:
+            return
+        one = BufferingPublisher()
+        one.publish_changes(event)
+        try:
+            self._sender.send(one.messages())
+        except MailsyncError as exc:
+            log.warning("live page not told at once (the output binding tells it): %s", exc.code,
+                        extra={"account_id": event.account_id, "error_code": exc.code})
+            with self._lock:
+                super().publish_changes(event)
+
+    def publish_progress(self, event: SyncProgress) -> None:
+        with self._lock:
+            super().publish_progress(event)
+
+    def publish_action_failures(self, account_id: str, failures: list[dict[str, Any]]) -> None:
+        with self._lock:
+            super().publish_action_failures(account_id, failures)
+
+    def messages(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return super().messages()
