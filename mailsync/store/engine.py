@@ -137,8 +137,13 @@ class SearchEngine(Protocol):
         """True if it existed."""
 
     def mget(self, index: str, ids: Sequence[str], *, routing: str,
-             source_includes: Sequence[str]) -> list[dict[str, Any]]:
-        """Realtime multi-get: one entry per id (``found``, ``_seq_no``, ``_primary_term``, ``_source``)."""
+             source_includes: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Realtime multi-get: one entry per id (``found``, ``_seq_no``, ``_primary_term``, ``_source``).
+
+        ``source_includes``: only those fields of ``_source``; empty, the whole of it. Filtering is not free:
+        the node filters each document's source on its own, and a multi-get of 500 small ledger entries took
+        0.5-0.8 s with nine fields named, 0.2-0.3 s with ``*`` and 40-90 ms with no filter (OpenSearch 2, load
+        ~25). Name fields only where they spare a large source."""
 
     def search(self, index: str, body: Mapping[str, Any], *, routing: str | None = None) -> dict[str, Any]:
         """``POST /<index>/_search`` (routed when ``routing`` is given)."""

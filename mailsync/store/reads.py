@@ -144,8 +144,7 @@ class StoreReads:
         with translating("get_messages"):
             for start in range(0, len(ids), 1_000):
                 try:
-                    entries = self._engine.mget(self.names.messages, ids[start:start + 1_000], routing=account_id,
-                                                source_includes=["*"])
+                    entries = self._engine.mget(self.names.messages, ids[start:start + 1_000], routing=account_id)
                 except EngineError as exc:
                     if exc.index_missing:
                         return found

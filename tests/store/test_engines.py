@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -86,3 +87,20 @@ def test_credentials_in_the_url_stay_out_of_errors() -> None:
     with pytest.raises(StoreUnavailable) as caught:
         connect(f"http://admin:s3cret@127.0.0.1:{port}", request_timeout_s=2)
     assert "s3cret" not in str(caught.value) and f"127.0.0.1:{port}" in str(caught.value)
+
+
+def test_mget_gives_the_whole_source_unless_fields_are_named(search_engine: SearchEngine) -> None:
+    """No filter unless asked (SearchEngine.mget: the node filters each document's source on its own)."""
+    index = f"mget-{uuid.uuid4().hex[:8]}"
+    search_engine.create_index(f"{index}-v1")
+    search_engine.put_alias(f"{index}-v1", index)     # documents are written through aliases only
+    search_engine.index_document(index, "d1", routing="r", document={"a": 1, "b": {"c": 2}, "d": "x"})
+    try:
+        (whole, missing) = search_engine.mget(index, ["d1", "nope"], routing="r")
+        assert whole["found"] and whole["_source"] == {"a": 1, "b": {"c": 2}, "d": "x"}
+        assert isinstance(whole["_seq_no"], int) and isinstance(whole["_primary_term"], int)
+        assert not missing["found"]
+        (named,) = search_engine.mget(index, ["d1"], routing="r", source_includes=["a", "b.c"])
+        assert named["_source"] == {"a": 1, "b": {"c": 2}}
+    finally:
+        search_engine.delete_indices([f"{index}-v1"])

@@ -173,10 +173,10 @@ class ElasticsearchEngine:
         return True
 
     def mget(self, index: str, ids: Sequence[str], *, routing: str,
-             source_includes: Sequence[str]) -> list[dict[str, Any]]:
+             source_includes: Sequence[str] = ()) -> list[dict[str, Any]]:
         with _errors():
             found = self.client.mget(index=index, ids=list(ids), routing=routing,
-                                     source_includes=list(source_includes), realtime=True).body
+                                     source_includes=list(source_includes) or None, realtime=True).body
         docs: list[dict[str, Any]] = found.get("docs") or []
         return docs
 

@@ -170,10 +170,11 @@ class OpenSearchEngine:
         return True
 
     def mget(self, index: str, ids: Sequence[str], *, routing: str,
-             source_includes: Sequence[str]) -> list[dict[str, Any]]:
+             source_includes: Sequence[str] = ()) -> list[dict[str, Any]]:
+        filtered = {"_source_includes": list(source_includes)} if source_includes else {}
         with _errors():
-            found = self.client.mget(index=index, body={"ids": list(ids)}, routing=routing,
-                                     _source_includes=list(source_includes), realtime=True)
+            found = self.client.mget(index=index, body={"ids": list(ids)}, routing=routing, realtime=True,
+                                     **filtered)
         docs: list[dict[str, Any]] = found.get("docs") or []
         return docs
 
