@@ -710,8 +710,7 @@ def _scratch_store(search_url: str, chunk: int) -> Iterator[SearchStore]:
     finally:
         names = IndexNames(prefix)
         with contextlib.suppress(Exception):
-            store.engine.delete_indices([names.messages_index, names.mailboxes_index, names.deadletter_index,
-                                          names.actions_index])
+            store.engine.delete_indices(names.physical_indices)
         store.close()
 
 

@@ -136,8 +136,7 @@ def run(url: str, docs: int, chunk: int, batch: int, chunk_bytes: int, writers: 
     finally:
         if not KEEP:
             names = IndexNames(prefix)
-            store.engine.delete_indices([names.messages_index, names.mailboxes_index, names.deadletter_index,
-                                          names.actions_index])
+            store.engine.delete_indices(names.physical_indices)
         store.close()
     return docs / elapsed, rates[0], rates[-1]
 

@@ -1,6 +1,6 @@
 """Index names, aliases and explicit mappings of the search store.
 
-Four index families, all shared by every account (see docs/store.md for
+Five index families, all shared by every account (see docs/store.md for
 why not one index per user):
 
 =====================  ==========================  ==================================
@@ -10,6 +10,7 @@ alias (what we use)     physical index               holds
 <prefix>-mailboxes      <prefix>-mailboxes-v1        one per linked address, one per folder
 <prefix>-deadletter     <prefix>-deadletter-v1       writes the cluster refused, with reason
 <prefix>-actions        <prefix>-actions-v1          per message, the latest user action on each field
+<prefix>-seen           <prefix>-seen-v1             "a folder's round of epoch E saw this message" marks
 =====================  ==========================  ==================================
 
 The code only ever names the alias; the ``-vN`` index behind it can be
@@ -91,6 +92,20 @@ class IndexNames:
     @property
     def actions_index(self) -> str:
         return f"{self.actions}-v{SCHEMA_VERSION}"
+
+    @property
+    def seen(self) -> str:
+        return f"{self.prefix}-seen"
+
+    @property
+    def seen_index(self) -> str:
+        return f"{self.seen}-v{SCHEMA_VERSION}"
+
+    @property
+    def physical_indices(self) -> list[str]:
+        """Every family's physical index (what a test or a benchmark deletes when it is done)."""
+        return [self.messages_index, self.mailboxes_index, self.deadletter_index, self.actions_index,
+                self.seen_index]
 
 
 def _keyword(**extra: Any) -> dict[str, Any]:
@@ -253,5 +268,25 @@ def actions_mapping() -> dict[str, Any]:
             "updated_at": _DATE,
             # A bulk action's list, too large for one queue message (docs/actions.md): kept, not indexed.
             "batch": {"type": "object", "enabled": False},
+        },
+    }
+
+
+def seen_mapping() -> dict[str, Any]:
+    """Mapping of the seen marks: a folder's round of ``sync_epoch`` saw ``message_id`` (docs/store.md).
+
+    Not part of the generation. Kept apart from the message so that marking
+    one never writes the message's document (which would raise its version:
+    ``mailsync.store.seen_marks``).
+    """
+    return {
+        "dynamic": "strict",
+        "_routing": {"required": True},
+        "_meta": {"family": "seen", "schema": SCHEMA_VERSION},
+        "properties": {
+            "account_id": _ID,
+            "folder_id": _ID,
+            "message_id": _ID,
+            "sync_epoch": {"type": "long"},
         },
     }

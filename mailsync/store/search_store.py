@@ -29,10 +29,15 @@ removal. ``remove_messages(F, ids)`` therefore reads each document
 (realtime multi-get with ``_seq_no``/``_primary_term``) and deletes it only
 if it still says F, with ``if_seq_no``/``if_primary_term`` so a write that
 lands between the read and the delete makes the delete fail (409); those
-ids are read again and re-decided. A refused write's ``sync_epoch`` is
-carried onto the stored copy the same way (read, decide, conditional
-update): only if the copy is still in the writer's folder, and only
-upwards (``_carry_epoch``). No scripts anywhere.
+ids are read again and re-decided. No scripts anywhere.
+
+Seen marks
+----------
+A refused write still saw its message: that is recorded as a mark of the
+writer's folder and epoch in the ``<prefix>-seen`` index, which
+``remove_stale`` honours (``_carry_epoch``, ``raise_epoch``). Never on the
+message's document: any update of it would raise its external version by
+one (:mod:`mailsync.store.seen_marks` says why that lost messages).
 
 Reads
 -----
@@ -46,7 +51,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -73,8 +78,10 @@ from mailsync.store.mappings import (
     index_settings,
     mailboxes_mapping,
     messages_mapping,
+    seen_mapping,
 )
 from mailsync.store.reads import DeadLetter, StoreReads
+from mailsync.store.seen_marks import SeenMarks, Sighting
 
 if TYPE_CHECKING:
     from mailsync.ports import MessageStore
@@ -129,6 +136,7 @@ class SearchStore:
             initial_backoff_s=self.options.initial_backoff_s, max_backoff_s=self.options.max_backoff_s,
         ), deadletter_index=self.names.deadletter)
         self._reads = StoreReads(engine, self.names)
+        self._marks = SeenMarks(engine, self.names)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: SearchEngine | None = None) -> SearchStore:
@@ -171,6 +179,7 @@ class SearchStore:
             (self.names.mailboxes, self.names.mailboxes_index, mailboxes_mapping(generation)),
             (self.names.deadletter, self.names.deadletter_index, deadletter_mapping()),
             (self.names.actions, self.names.actions_index, actions_mapping()),
+            (self.names.seen, self.names.seen_index, seen_mapping()),
         )
         with translating("ensure_ready"):
             for alias, index, mapping in families:
@@ -207,8 +216,9 @@ class SearchStore:
             return self.ensure_ready()
 
     def _read_generation(self) -> str:
-        # The dead-letter index is fetched too, so a missing one gets recreated, but not part of the id.
-        wanted = [self.names.messages, self.names.mailboxes, self.names.deadletter]
+        # The dead-letter and seen-mark indices are fetched too, so a missing one gets recreated (a store
+        # created before the marks existed gets them here), but they are not part of the id.
+        wanted = [self.names.messages, self.names.mailboxes, self.names.deadletter, self.names.seen]
         try:
             found = self._engine.get_indices(wanted)
         except EngineError as exc:
@@ -223,7 +233,7 @@ class SearchStore:
             uuid_ = ((info.get("settings") or {}).get("index") or {}).get("uuid", "")
             family = str(meta.get("family", ""))
             families.add(family)
-            if family != "deadletter":
+            if family not in ("deadletter", "seen"):
                 parts.append(f"{name}={meta.get('generation', '')}/{uuid_}")
         if not {"messages", "mailboxes"} <= families:
             raise StoreError(f"indices behind {','.join(wanted)} were not created by mailsync (no _meta.family)")
@@ -358,68 +368,47 @@ class SearchStore:
             tally.dead += sent.dead
             stale = [message_ids[d] for d in sent.conflicts if d in message_ids]
             if epoch and sent.conflicts:
-                refused = {d: originals[d]["folder_id"] for d in sent.conflicts if d in originals}
+                refused = [Sighting(originals[d]["account_id"], originals[d]["folder_id"], message_ids[d])
+                           for d in sent.conflicts if d in originals]
                 carried = self._carry_epoch(refused, epoch)
                 tally.transient += carried.transient
                 tally.failed += carried.failed
                 tally.dead += carried.dead
         return replace(self._writer.finish(tally, "upsert_messages"), stale_ids=tuple(stale))
 
-    def _carry_epoch(self, refused: Mapping[str, str], epoch: int) -> Tally:
-        """Mark documents a round saw but did not overwrite (a newer version is stored) as seen in ``epoch``.
+    def _carry_epoch(self, refused: Sequence[Sighting], epoch: int) -> Tally:
+        """Mark messages a round saw but did not overwrite (a newer version is stored) as seen in ``epoch``.
 
-        ``refused`` maps each refused document id to the folder the refused
-        write named. A newer stored version is normally a later delta page's,
-        but it can be ahead of the provider: a user action's optimistic row
-        (mailsync.actions.versions) stays above the provider's version when
-        the provider had the value already. A resync that lists the message
-        then writes an older version, is refused, and without this its
-        ``remove_stale`` would delete a message the provider still has.
+        Each sighting names the folder the refused write named. A newer stored
+        version is normally a later delta page's, but it can be ahead of the
+        provider: a user action's optimistic row (mailsync.actions.versions)
+        stays above the provider's version when the provider had the value
+        already. A resync that lists the message then writes an older version,
+        is refused, and without the mark its ``remove_stale`` would delete a
+        message the provider still has.
 
-        The mark is carried only where the stored copy is still in that
-        folder, and only upwards:
-
-        * Epochs are per folder. A page of F read before the message moved to
-          G is refused once G's round has written it; F saw it in F, not in G.
-          Marking G's copy with F's epoch (smaller than the epoch of a full
-          round G runs meanwhile) made G's ``remove_stale`` delete a message
-          G holds — the convergence test's rare ``missing=1``.
-        * A folder's epochs only grow; a refused write carrying an older one
-          (an optimistic row that read the epochs before a resync began) must
-          not undo the resync's mark.
-
-        Like ``remove_messages``: read (realtime, with ``_seq_no``), decide,
-        then a partial update of ``sync_epoch`` with ``if_seq_no`` so a write
-        landing in between makes it fail and be decided again on a fresh read.
-        No script, so every engine does the same. A document deleted meanwhile
-        stays deleted.
+        The mark is a document of its own (:mod:`mailsync.store.seen_marks`),
+        never an update of the message's: an update raises a document's
+        external ``_version`` by one, after which the equal-version writes the
+        version rule depends on were refused. It belongs to the refused
+        write's folder, so it never keeps another folder's copy (a page of F
+        read before its message moved to G saw it in F, not in G), and it
+        only adds: a mark of an older epoch keeps nothing a newer resync did
+        not see, and a message deleted meanwhile stays deleted.
         """
-        by_account: dict[str, list[str]] = {}
-        for doc_id in refused:
-            by_account.setdefault(doc_id.partition(":")[0], []).append(doc_id)
-        tally = Tally()
-        for account_id, doc_ids in by_account.items():
-            def mark(doc_id: str, source: dict[str, Any]) -> tuple[str, dict[str, Any] | None] | None:
-                if source.get("folder_id") != refused[doc_id] or int(source.get("sync_epoch") or 0) >= epoch:
-                    return None   # moved on (its new folder owns it), or already marked as seen
-                return "update", {"doc": {"sync_epoch": epoch}}
-
-            tally.add(self._read_decide_write(account_id, doc_ids, ["folder_id", "sync_epoch"], mark,
-                                              what="carry sync_epoch"))
-        return tally
+        return self._writer.send(self._marks.actions(refused, epoch), target="seen", what="mark seen")
 
     def raise_epoch(self, account_id: str, folder_id: str, message_ids: Sequence[str], epoch: int) -> BulkResult:
-        """Mark the messages as seen in ``epoch`` where they are still in ``folder_id`` and marked lower.
+        """Mark the messages as seen in ``epoch`` by ``folder_id``'s round (``_carry_epoch``'s mark).
 
-        The carry of a refused write (``_carry_epoch``: same rules, same
-        conditional update), for a writer that learns of a newer epoch only
-        after it wrote: a user action's row, written with an epoch read
-        before a resync of its folder began (docs/actions.md). Gone, moved
-        or already marked: skipped.
+        For a writer that learns of a newer epoch only after it wrote: a user
+        action's row, written with an epoch read before a resync of its folder
+        began (docs/actions.md). The message's document is not touched; a mark
+        of a message gone or moved meanwhile keeps nothing.
         """
         docs.check_account_id(account_id)
-        refused = {docs.message_doc_id(account_id, m): folder_id for m in message_ids}
-        return self._writer.finish(self._carry_epoch(refused, epoch), "raise_epoch")
+        sightings = [Sighting(account_id, folder_id, m) for m in message_ids]
+        return self._writer.finish(self._carry_epoch(sightings, epoch), "raise_epoch")
 
     def message_action(self, doc_id: str, message: Message, doc: dict[str, Any]) -> BulkAction:
         """The bulk action indexing ``doc``: external_gte version, routed by account."""
@@ -508,15 +497,28 @@ class SearchStore:
                         yield doc_id, (entry.get("_source") or {}, int(entry["_seq_no"]), int(entry["_primary_term"]))
 
     def remove_stale(self, account_id: str, folder_id: str, epoch: int) -> int:
-        """Delete the folder's messages whose ``sync_epoch`` is below ``epoch``; return how many."""
+        """Delete the folder's messages the round of ``epoch`` did not see; return how many.
+
+        Not seen: written with a ``sync_epoch`` below ``epoch`` and without a
+        seen mark of this folder at ``epoch`` or above (``_carry_epoch``). The
+        folder's older marks are dropped afterwards: epochs only grow, so no
+        later round can use them.
+        """
         docs.check_account_id(account_id)
-        return self._delete_by_query(self.names.messages, account_id, [
+        seen = self._marks.seen_since(account_id, folder_id, epoch)
+        removed = self._delete_by_query(self.names.messages, account_id, [
             {"term": {"folder_id": folder_id}},
             {"range": {"sync_epoch": {"lt": epoch}}},
-        ], "remove_stale")
+        ], "remove_stale", must_not=self._marks.keep(seen))
+        self._delete_by_query(self.names.seen, account_id, self._marks.older_than(folder_id, epoch),
+                              "remove_stale (older marks)")
+        return removed
 
-    def _delete_by_query(self, index: str, account_id: str, filters: list[dict[str, Any]], what: str) -> int:
-        query = {"bool": {"filter": [{"term": {"account_id": account_id}}, *filters]}}
+    def _delete_by_query(self, index: str, account_id: str, filters: list[dict[str, Any]], what: str, *,
+                         must_not: list[dict[str, Any]] | None = None) -> int:
+        query: dict[str, Any] = {"bool": {"filter": [{"term": {"account_id": account_id}}, *filters]}}
+        if must_not:
+            query["bool"]["must_not"] = must_not
         with translating(what):
             try:
                 # delete_by_query sees only refreshed documents.
@@ -576,6 +578,8 @@ class SearchStore:
             self._engine.delete_document(self.names.mailboxes, doc_id, routing=account_id)
         self._delete_by_query(self.names.messages, account_id, [{"term": {"folder_id": folder_id}}],
                               "remove_folder")
+        self._delete_by_query(self.names.seen, account_id, [{"term": {"folder_id": folder_id}}],
+                              "remove_folder (marks)")
 
     def upsert_mailbox(self, mailbox: Mailbox) -> None:
         """Create or replace the account's mailbox document."""
@@ -585,9 +589,11 @@ class SearchStore:
                                         routing=mailbox.account_id, document=doc)
 
     def delete_account(self, account_id: str) -> None:
-        """Delete every document of the account: messages, mailbox and folders, leases, dead letters, actions."""
+        """Delete every document of the account: messages, mailbox and folders, leases, dead letters, actions,
+        seen marks."""
         docs.check_account_id(account_id)
-        for index in (self.names.messages, self.names.mailboxes, self.names.deadletter, self.names.actions):
+        for index in (self.names.messages, self.names.mailboxes, self.names.deadletter, self.names.actions,
+                      self.names.seen):
             self._delete_by_query(index, account_id, [], "delete_account")
 
     # ------------------------------------------------------------------ reads (mailsync.store.reads)

@@ -25,6 +25,7 @@ from mailsync.models import (
     Provider,
 )
 from mailsync.ports import MessageStore
+from mailsync.store import seen_marks
 from mailsync.store.engine import SearchEngine
 from mailsync.store.engines import ENGINES, connect
 from mailsync.store.mappings import IndexNames, index_settings, messages_mapping
@@ -583,47 +584,77 @@ def test_a_refused_write_never_lowers_the_stored_epoch(store: SearchStore) -> No
     assert store.get_message("acct1", "m0") is not None
 
 
-def test_raise_epoch_marks_only_copies_still_in_the_folder_and_only_upwards(store: SearchStore) -> None:
-    # A user action learnt of inbox's resync (epoch 9) after writing its rows in 5: m0 is raised; m1 has
-    # moved on to G (G's round owns it), m2 is marked 12 already (kept), m3 is gone (stays gone).
+def _stored_version(store: SearchStore, account: str, message_id: str) -> int | None:
+    entry = store.engine.mget(store.names.messages, [f"{account}:{message_id}"], routing=account,
+                              source_includes=["folder_id"])[0]
+    return int(entry["_version"]) if entry.get("found") else None
+
+
+def test_raise_epoch_marks_only_copies_still_in_the_folder(store: SearchStore) -> None:
+    # A user action learnt of inbox's resync (epoch 9) after writing its rows in 5: m0 is kept; m1 has
+    # moved on to G (G's round owns it: inbox's mark must not keep it from G's resync), m2 is marked 12
+    # already (kept), m3 is gone (stays gone).
     store.upsert_messages([msg("acct1", 0), msg("acct1", 3)], epoch=5)
     store.upsert_messages([msg("acct1", 1, folder="G")], epoch=5)
     store.upsert_messages([msg("acct1", 2)], epoch=12)
     store.remove_messages("acct1", "inbox", ["m3"])
 
-    result = store.raise_epoch("acct1", "inbox", ["m0", "m1", "m2", "m3"], 9)
+    store.raise_epoch("acct1", "inbox", ["m0", "m1", "m2", "m3"], 9)
 
-    assert (result.written, result.skipped) == (1, 3)
-    epochs = {m: store.engine.get_document(store.names.messages, f"acct1:{m}", routing="acct1")
-              for m in ("m0", "m1", "m2", "m3")}
-    assert {m: (d["folder_id"], d["sync_epoch"]) if d else None for m, d in epochs.items()} == {
-        "m0": ("inbox", 9), "m1": ("G", 5), "m2": ("inbox", 12), "m3": None}
+    assert store.get_message("acct1", "m3") is None
+    assert store.remove_stale("acct1", "inbox", 9) == 0
+    assert store.remove_stale("acct1", "G", 6) == 1      # G's resync did not see m1: inbox's mark is no sighting
     store.refresh()
+    assert all_ids(store, "acct1") == ["m2", "m0"]
+
+
+def test_an_epoch_mark_leaves_the_version_alone_so_equal_writes_and_undos_still_win(store: SearchStore) -> None:
+    # IMAP versions are MODSEQs, and equal wins: a failed action's undo, or a round re-writing the same
+    # MODSEQ, lands on a row at that version. The mark was a partial update, which raised the document's
+    # external version by one (7 -> 8): the equal write was refused, and the undo "one above the
+    # removal's tombstone" (mailsync.actions.versions) was one short.
+    store.upsert_messages([msg("acct1", 0, version=7), msg("acct1", 1, version=7)], epoch=5)
+    store.raise_epoch("acct1", "inbox", ["m0"], 9)                       # a user action's late mark
+    assert store.upsert_messages([msg("acct1", 1, version=6)], epoch=9).skipped == 1   # a refused page's carry
+    assert (_stored_version(store, "acct1", "m0"), _stored_version(store, "acct1", "m1")) == (7, 7)
+
+    undone = store.upsert_messages([msg("acct1", 0, version=7, is_read=True)], epoch=5)
+    rewritten = store.upsert_messages([msg("acct1", 1, version=7, is_read=True)], epoch=9)
+    assert (undone.written, rewritten.written) == (1, 1)
+    assert store.get_message("acct1", "m0").is_read and store.get_message("acct1", "m1").is_read
+
+    store.remove_messages("acct1", "inbox", ["m0"])                     # its tombstone is one above: 8
+    assert store.upsert_messages([msg("acct1", 0, version=8)], epoch=9).written == 1
     assert store.remove_stale("acct1", "inbox", 9) == 0
 
 
-def test_a_carried_epoch_loses_to_a_move_that_lands_after_the_read(make_store: Callable[..., SearchStore]
-                                                                  ) -> None:
-    """A move between the carry's read and its update makes if_seq_no refuse it; the re-read sees G."""
-    plan = FaultPlan()
-    racer = make_store()
-    store = make_store(wrap=faulty(plan))
-    store.upsert_messages([msg("acct1", 0, folder="F", version=2000)], epoch=9)
+def test_remove_stale_drops_the_folders_older_marks(store: SearchStore) -> None:
+    # The resync of epoch 9 refused m0's page (an optimistic row ahead) and kept it on that mark; once
+    # the resync is over the mark keeps nothing: the next resync (12) that does not list m0 deletes it.
+    store.upsert_messages([msg("acct1", 0, version=5000)], epoch=5)
+    store.upsert_messages([msg("acct1", 0, version=1000)], epoch=9)
+    store.raise_epoch("acct1", "other", ["m7"], 4)     # another folder's marks are left alone
 
-    def move_first(items: list[tuple[str, str]]) -> None:
-        assert items == [("update", "acct1:m0")]
-        racer.upsert_messages([msg("acct1", 0, folder="G", version=3000)], epoch=4)
+    assert store.remove_stale("acct1", "inbox", 9) == 0
+    marks = store.engine.count(store.names.seen, {"term": {"account_id": "acct1"}})
+    assert marks == 2
+    assert store.remove_stale("acct1", "inbox", 12) == 1
+    store.engine.refresh([store.names.seen])
+    assert store.engine.count(store.names.seen, {"term": {"folder_id": "inbox"}}) == 0
+    assert store.engine.count(store.names.seen, {"term": {"folder_id": "other"}}) == 1
 
-    def arm(items: list[tuple[str, str]]) -> None:   # the refused index request; the carry's update is next
-        assert items == [("index", "acct1:m0")]
-        plan.before_bulk = move_first
 
-    plan.before_bulk = arm
-    assert store.upsert_messages([msg("acct1", 0, folder="F", version=1000)], epoch=10).skipped == 1
+def test_a_resync_keeps_every_message_it_saw_past_one_terms_clause(store: SearchStore,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The marks are excluded from the deletion in terms clauses of at most TERMS_PER_CLAUSE ids each
+    # (an engine refuses a terms query over index.max_terms_count values).
+    monkeypatch.setattr(seen_marks, "TERMS_PER_CLAUSE", 2)
+    store.upsert_messages([msg("acct1", n) for n in range(7)], epoch=5)
+    store.raise_epoch("acct1", "inbox", ["m0", "m1", "m2", "m3", "m4"], 9)
 
-    stored = store.engine.get_document(store.names.messages, "acct1:m0", routing="acct1")
-    assert stored is not None and (stored["folder_id"], stored["sync_epoch"]) == ("G", 4)
-    assert [r for r in plan.requests if r[0][0] == "update"] == [[("update", "acct1:m0")]]
+    assert store.remove_stale("acct1", "inbox", 9) == 2
+    store.refresh()
+    assert all_ids(store, "acct1") == ["m4", "m3", "m2", "m1", "m0"]
 
 
 def test_generation_is_stable_and_changes_when_indices_are_recreated(store: SearchStore) -> None:

@@ -319,7 +319,7 @@ def flags_not_applied(user: User, skip: set[str], truth: dict[str, Any]) -> tupl
 
 
 def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer, store: SearchStore, *,
-                 scale: Scale = SCALE, forgetful: bool = False, user_acts: bool = True) -> Outcome:
+                 scale: Scale = SCALE, forgetful: bool = False) -> Outcome:
     world = make_imap_world(storage_env, dovecot, store, plan=plan, scale=scale, forgetful=forgetful)
     pump: QueuePump | None = None
     person = Person(world, random.Random(plan.seed))
@@ -340,7 +340,7 @@ def run_scenario(plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer
         def mutate(stop: threading.Event) -> None:
             while not stop.is_set():
                 person.step()
-                if user_acts and person.done % 4 == 0:
+                if person.done % 4 == 0:
                     user.step()
                 if plan.uidvalidity_every and person.done % plan.uidvalidity_every == 0:
                     folder = restored.choice(["Archive", "Projects", "Projects/Old"])
@@ -408,16 +408,11 @@ def stormy_plan() -> Iterator[Plan]:
 @pytest.mark.timeout(900)
 def test_converges_with_every_fault_at_once(stormy_plan: Plan, storage_env: dict[str, str], dovecot: DovecotServer,
                                             make_store: Callable[..., SearchStore]) -> None:
-    # Without the user actor until a known product bug is fixed (issue 17): an epoch mark
-    # (SearchStore.raise_epoch / the refused write's carry) is a partial update, which raises the
-    # document's version by one, so the next equal-MODSEQ write of that message (a failed action's
-    # undo, a round's rewrite) is refused, and the "one above the tombstone" undo is one short.
-    # With the actor this plan failed 1 of 14 runs after the undo fixes (06c3fe5, fb03fb4, 5c88c29),
-    # and 1 of 1 in a fresh-clone run (extra=1, not analysed). The property test above keeps the actor.
     outcome = run_scenario(stormy_plan, storage_env, dovecot, make_store(),
-                           scale=replace(SCALE, messages=min(SCALE.messages, 500), min_mutations=80), user_acts=False)
+                           scale=replace(SCALE, messages=min(SCALE.messages, 500), min_mutations=80))
     assert outcome.faults.byes and outcome.faults.nos and outcome.faults.cuts, outcome.faults
     assert not outcome.diff, outcome.diff.summary()
+    _assert_the_users_actions(outcome)
 
 
 @pytest.mark.timeout(600)
