@@ -196,11 +196,11 @@ class MessageStore(Protocol):
         ...
 
     def raise_epoch(self, account_id: str, folder_id: str, message_ids: Sequence[str], epoch: int) -> BulkResult:
-        """Mark messages still in ``folder_id`` as seen in ``epoch`` (only upwards; gone or moved ones skipped)."""
+        """Mark messages as seen by ``folder_id``'s round of ``epoch`` (their documents and versions untouched)."""
         ...
 
     def remove_stale(self, account_id: str, folder_id: str, epoch: int) -> int:
-        """After a resync: delete the folder's messages not written in ``epoch``."""
+        """After a resync: delete the folder's messages neither written in ``epoch`` (or later) nor marked seen."""
         ...
 
     def upsert_folders(self, folders: Sequence[Folder], *, phase: str | None = None) -> None:

@@ -527,10 +527,11 @@ class MessageActionService:
         provider (the other client had moved it there, or set that flag, already) no delta round lists it
         again: missing for good (the convergence test's rare ``missing=1``, a message in Deleted Items after
         a burst of resyncs). So the epochs are read again after the write, and where one rose the row is
-        marked with it (only upwards, only where still in that folder: ``MessageStore.raise_epoch``). A
-        resync begun after that second read pages after our write, so it sees the row like any other.
-        Left open: a resync that begins, lists the message and also *ends* between the first read and the
-        mark (one bulk write and one point read apart) still deletes it.
+        marked as seen by that folder's resync (``MessageStore.raise_epoch``: a seen mark beside the row,
+        never an update of it, which would raise its version and refuse the equal-MODSEQ undo). A resync
+        begun after that second read pages after our write, so it sees the row like any other. Left open:
+        a resync that begins, lists the message and also *ends* between the first read and the mark (one
+        bulk write and one point read apart) still deletes it.
 
         ``before``: the epochs, when the caller read them already. ``_commit`` runs the two halves itself
         (``_write_at_epochs``, ``_mark_risen_epochs``), publishing between them.

@@ -31,19 +31,22 @@ Graph and IMAP-time rows: one ms past it (or now). IMAP-MODSEQ rows: the
 higher of it and the MODSEQ just read (equal wins) — and one more when the
 row is *absent* from the store when the undo begins. A removal bumps a
 document's version by one and the store keeps that tombstone for a minute
-(docs/store.md): an IMAP move into a folder another client deletes meanwhile
-fails at the server, but the engine's folder round may remove the folder
-from the store first, and with it the optimistic row that said the message
-was there. Written at the optimistic MODSEQ, the provider's truth was then
-refused by that tombstone, and since the message did not change at the
-server no delta round ever brought it back: missing for good (the IMAP
-convergence test's every-fault scenario, 5 runs in 7). One above never
-hides a later change (the server gives the message's next change a MODSEQ
-above the folder's HIGHESTMODSEQ, so at least this one). But only for an
-absent row: a present one needs no more than equal, and "one more" there
-would also beat the tombstone of a removal that lands while the undo runs
-(the message expunged and its removal written between the read and the
-write), bringing back a message that is gone.
+(docs/store.md; and only a removal moves a stored version past what was
+written: a round's seen mark is a document of its own, since an update of
+the row would raise its version too and leave this one short): an IMAP
+move into a folder another client deletes meanwhile fails at the server,
+but the engine's folder round may remove the folder from the store first,
+and with it the optimistic row that said the message was there. Written at
+the optimistic MODSEQ, the provider's truth was then refused by that
+tombstone, and since the message did not change at the server no delta
+round ever brought it back: missing for good (the IMAP convergence test's
+every-fault scenario, 5 runs in 7). One above never hides a later change
+(the server gives the message's next change a MODSEQ above the folder's
+HIGHESTMODSEQ, so at least this one). But only for an absent row: a
+present one needs no more than equal, and "one more" there would also beat
+the tombstone of a removal that lands while the undo runs (the message
+expunged and its removal written between the read and the write), bringing
+back a message that is gone.
 """
 
 from __future__ import annotations
