@@ -505,13 +505,14 @@ class SearchStore:
         later round can use them.
         """
         docs.check_account_id(account_id)
-        seen = self._marks.seen_since(account_id, folder_id, epoch)
+        seen, older_marks = self._marks.of_folder(account_id, folder_id, epoch)
         removed = self._delete_by_query(self.names.messages, account_id, [
             {"term": {"folder_id": folder_id}},
             {"range": {"sync_epoch": {"lt": epoch}}},
         ], "remove_stale", must_not=self._marks.keep(seen))
-        self._delete_by_query(self.names.seen, account_id, self._marks.older_than(folder_id, epoch),
-                              "remove_stale (older marks)")
+        if older_marks:
+            self._delete_by_query(self.names.seen, account_id, self._marks.older_than(folder_id, epoch),
+                                  "remove_stale (older marks)")
         return removed
 
     def _delete_by_query(self, index: str, account_id: str, filters: list[dict[str, Any]], what: str, *,

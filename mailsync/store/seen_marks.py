@@ -117,10 +117,21 @@ class SeenMarks:
                   "sync_epoch": epoch})
                 for s in dict.fromkeys(sightings)]
 
-    def seen_since(self, account_id: str, folder_id: str, epoch: int) -> set[str]:
-        """The message ids of ``folder_id`` marked with an epoch ≥ ``epoch`` (refreshes the marks first)."""
-        return set(self._marked(account_id, [{"term": {"folder_id": folder_id}},
-                                             {"range": {"sync_epoch": {"gte": epoch}}}]))
+    def of_folder(self, account_id: str, folder_id: str, epoch: int) -> tuple[set[str], bool]:
+        """The message ids of ``folder_id`` marked with an epoch ≥ ``epoch``, and whether it has older marks.
+
+        Refreshes the marks first (the round's own were written just before).
+        One read of all the folder's marks: a folder has few (refused writes
+        only), and knowing that none is old spares the deletion request.
+        """
+        seen: set[str] = set()
+        older = False
+        for message_id, marked in self._marks(account_id, folder_id):
+            if marked >= epoch:
+                seen.add(message_id)
+            else:
+                older = True
+        return seen, older
 
     @staticmethod
     def keep(message_ids: set[str]) -> list[dict[str, Any]]:
@@ -134,21 +145,21 @@ class SeenMarks:
         """Filters of the folder's marks that no round can use any more."""
         return [{"term": {"folder_id": folder_id}}, {"range": {"sync_epoch": {"lt": epoch}}}]
 
-    def _marked(self, account_id: str, filters: list[dict[str, Any]]) -> Iterator[str]:
-        query = {"bool": {"filter": [{"term": {"account_id": account_id}}, *filters]}}
-        body: dict[str, Any] = {"query": query, "size": _PAGE, "_source": ["message_id"],
+    def _marks(self, account_id: str, folder_id: str) -> Iterator[tuple[str, int]]:
+        query = {"bool": {"filter": [{"term": {"account_id": account_id}}, {"term": {"folder_id": folder_id}}]}}
+        body: dict[str, Any] = {"query": query, "size": _PAGE, "_source": ["account_id", "message_id", "sync_epoch"],
                                 "sort": [{"message_id": "asc"}, {"sync_epoch": "asc"}], "track_total_hits": False}
         with translating("seen marks"):
             try:
-                # A search sees refreshed documents only: the round's own marks were written just before.
+                # A search sees refreshed documents only.
                 self._engine.refresh([self._names.seen])
                 while True:
                     hits = self._engine.search(self._names.seen, body, routing=account_id).get("hits", {}).get(
                         "hits", [])
                     for hit in hits:
                         source = hit.get("_source") or {}
-                        if source.get("message_id"):
-                            yield str(source["message_id"])
+                        if source.get("account_id") == account_id and source.get("message_id"):
+                            yield str(source["message_id"]), int(source.get("sync_epoch") or 0)
                     if len(hits) < _PAGE:
                         return
                     body = {**body, "search_after": hits[-1]["sort"]}

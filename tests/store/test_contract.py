@@ -385,6 +385,7 @@ def test_deleting_an_account_removes_all_its_documents(store: SearchStore) -> No
     _two_accounts(store)
     store.upsert_messages([msg("alice", 9, version=-1)])   # a dead letter of alice's too
     assert store.dead_letters("alice")
+    store.raise_epoch("alice", "inbox", ["m1"], 3)          # and a seen mark
 
     store.delete_account("alice")
     store.refresh()
@@ -394,7 +395,7 @@ def test_deleting_an_account_removes_all_its_documents(store: SearchStore) -> No
     assert store.get_mailbox("alice") is None
     assert store.get_message("alice", "m1") is None
     assert store.dead_letters("alice") == []
-    every_index = ",".join([store.names.messages, store.names.mailboxes, store.names.deadletter])
+    every_index = ",".join([store.names.messages, store.names.mailboxes, store.names.deadletter, store.names.seen])
     assert store.engine.count(every_index, {"term": {"account_id": "alice"}}) == 0
     assert len(all_ids(store, "bob")) == 5 and len(store.list_folders("bob")) == 2
 
