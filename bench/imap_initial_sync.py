@@ -45,8 +45,10 @@ What it does, on 127.0.0.1 only:
    ``idle_2core_msgs_per_s``: ``2000 / cpu_s_per_1k``, and
    ``idle_2core_msgs_per_s_warm_node`` the same without ``jit``.
    ``status_polls``: the ``GET /api/accounts/{id}`` calls that watched the
-   sync (every 0.5 s until 90 % is indexed, then every 50 ms); each costs
-   the syncing host and Azurite a table read, counted in their CPU.
+   sync (once a second, as the page does); each costs the syncing host and
+   Azurite a table read, counted in their CPU. The sync's end is the
+   summary's ``last_sync_at`` (the last folder's final save), not the poll
+   that saw ``synced``.
 
 ``--profile`` hosts the function app in this process instead (as
 bench/pipeline.py does) and prints where its threads' wall time and CPU
@@ -66,6 +68,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +286,7 @@ def main() -> None:
         values["load_avg"] = round(os.getloadavg()[0], 1)
         if sampler is not None:
             sampler.start()
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
         created = requests.post(f"{stack.api}/accounts", timeout=120, json={
             "provider": "imap", "host": user.host, "port": user.port, "security": "none",
             "username": user.username, "password": user.password})
@@ -300,11 +303,15 @@ def main() -> None:
                 break
             if view["status"] in ("error", "reauth_required"):
                 raise RuntimeError(view)
-            # Each look costs the syncing host and Azurite a table read or two (the page polls every
-            # second or two): coarse until the last tenth, then fine, so the end is seen within 50 ms.
-            indexed = (view.get("sync") or {}).get("messages_indexed") or 0
-            time.sleep(0.05 if indexed >= 0.9 * total else 0.5)
+            # Each look costs the syncing host and Azurite a table read or two, counted in their CPU:
+            # once a second, as the page looks. The end is not when this loop sees it but the last
+            # folder's final save (the summary's last_sync_at, the host's clock: this machine's).
+            time.sleep(1.0)
         elapsed = time.monotonic() - started
+        finished = (view.get("sync") or {}).get("last_sync_at")
+        if finished:
+            saved = datetime.fromisoformat(finished).timestamp() - started_wall
+            elapsed = saved if 0 < saved <= elapsed else elapsed
         spent = {name: tree_cpu(name) - cpu0[name] for name in trees}
         node_spent = {k: v - node0.get(k, 0.0) for k, v in node_times_ms(stack.search.url).items()}
         threads1 = node_thread_cpu_s(stack.search.process.pid)
