@@ -93,7 +93,7 @@ def _install_spans() -> CallSpans:
     spans.wrap(SearchStore, "get_message", "get_messages", "upsert_messages", "raise_epoch", "remove_messages",
                "list_folders")
     spans.wrap(SearchActionLedger, "claim", "latest", "put_batch", "get_batch", "drop_batch", "release")
-    spans.wrap(SyncStateTable, "epochs", "acquire_slot", "release_slot")
+    spans.wrap(SyncStateTable, "epochs", "acquire_slot", "acquire_slots", "release_slot")
     spans.wrap(AzureJobQueue, "enqueue")
     spans.wrap(MessageActionService, "update", "bulk", "run_job")
     spans.wrap(GraphActions, "apply", "_batch")

@@ -223,6 +223,10 @@ class AccountSyncState:
         return self.folders.get(folder_id)
 
 
+# Above this many folders, ``epochs`` reads the account's partition in one query instead of a row each.
+POINT_READS_UP_TO = 2
+
+
 class SyncStateTable:
     """The cursor/lease/slot table. Thread-safe (the table client is)."""
 
@@ -250,11 +254,15 @@ class SyncStateTable:
     def epochs(self, account_id: str, folder_ids: Sequence[str] | None = None) -> dict[str, int]:
         """Each folder's current epoch: what a row written outside the engine (a user action's) carries.
 
-        ``folder_ids``: only those, one point read each (a PATCH writes one folder; the whole partition
-        holds every folder's row and the slots); None: every folder (one partition query).
+        ``folder_ids``: only those, one point read each when there are at most ``POINT_READS_UP_TO`` (a
+        PATCH writes one folder; the whole partition holds every folder's row and the slots); more (a bulk
+        action's rows span a dozen folders), or None: every folder, in one partition query. The point reads
+        went one after another: 11 folders were 11 round trips, 0.35-0.7 s at load ~26, twice per bulk action.
         """
-        if folder_ids is None:
-            return {folder_id: row.epoch for folder_id, row in self.load(account_id).folders.items()}
+        if folder_ids is None or len(folder_ids) > POINT_READS_UP_TO:
+            wanted = None if folder_ids is None else set(folder_ids)
+            return {folder_id: row.epoch for folder_id, row in self.load(account_id).folders.items()
+                    if wanted is None or folder_id in wanted}
         rows = {folder_id: self.get(account_id, folder_id) for folder_id in folder_ids}
         return {folder_id: row.epoch for folder_id, row in rows.items() if row is not None}
 

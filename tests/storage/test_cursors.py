@@ -20,7 +20,7 @@ import pytest
 from mailsync.errors import InputError, LeaseLost
 from mailsync.models import SyncPhase
 from mailsync.settings import Settings
-from mailsync.storage.cursors import SyncState, SyncStateTable, folder_row_key, new_owner
+from mailsync.storage.cursors import POINT_READS_UP_TO, SyncState, SyncStateTable, folder_row_key, new_owner
 from tests.sync.support import sync_table
 
 
@@ -421,3 +421,16 @@ def test_a_slot_and_lease_transaction_never_overbooks_slots(table: SyncStateTabl
     taken = [t for t in got if t is not None]
     assert 1 <= len(taken) <= 4
     assert table.load(account).slots_busy == len(taken)
+
+
+def test_epochs_of_a_few_folders_or_of_many_give_the_same_answer(table: SyncStateTable) -> None:
+    """Up to POINT_READS_UP_TO folders are read one row each; more in one partition query (a bulk action's)."""
+    account = _account()
+    for n in range(5):
+        table.create(SyncState(account_id=account, folder_id=f"f{n}", name=f"folder {n}", epoch=10 + n))
+    assert table.epochs(account, ["f1"]) == {"f1": 11}
+    assert table.epochs(account, ["f3", "gone"]) == {"f3": 13}
+    many = ["f0", "f2", "f3", "f4", "gone"]
+    assert len(many) > POINT_READS_UP_TO
+    assert table.epochs(account, many) == {"f0": 10, "f2": 12, "f3": 13, "f4": 14}
+    assert table.epochs(account) == {f"f{n}": 10 + n for n in range(5)}
