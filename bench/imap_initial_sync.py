@@ -44,6 +44,12 @@ What it does, on 127.0.0.1 only:
    compiling the node's code, which a long-running node no longer pays).
    ``idle_2core_msgs_per_s``: ``2000 / cpu_s_per_1k``, and
    ``idle_2core_msgs_per_s_warm_node`` the same without ``jit``.
+   ``*_idle_cores``: each process tree's CPU while the stack sits idle
+   (``--idle-s`` before linking: pollers, timers, housekeeping), paid per
+   second, so a slow sync on a loaded machine carries more of it per
+   message; ``cpu_s_per_1k_work`` is what is left per message without it,
+   and ``projected_2core_msgs_per_s = (2 - idle cores) x 1000 /
+   cpu_s_per_1k_work`` the rate two otherwise idle cores would allow.
    ``status_polls``: the ``GET /api/accounts/{id}`` calls that watched the
    sync (once a second, as the page does); each costs the syncing host and
    Azurite a table read, counted in their CPU. The sync's end is the
@@ -239,6 +245,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="processes running sync jobs: the devhost plus this many minus one queue-only "
                              "devhosts (FUNCTIONS_WORKER_PROCESS_COUNT in Azure); one GIL each")
+    parser.add_argument("--idle-s", type=float, default=10.0,
+                        help="seconds the stack's idle CPU is measured before linking")
     parser.add_argument("--profile", action="store_true",
                         help="host the function app in this process and print where its threads spend time")
     args = parser.parse_args()
@@ -280,6 +288,13 @@ def main() -> None:
         def tree_cpu(name: str) -> float:
             return sum(tree_cpu_s(pid) for pid in trees[name])
 
+        # The stack's own CPU while nothing syncs (queue pollers, timers, the node's housekeeping): it is
+        # paid per second, not per message, so a sync that takes 8x longer on a loaded machine carries
+        # 8x of it. Measured first (after the ceilings' last merges settle), to be told apart below.
+        time.sleep(3.0)
+        idle0 = {name: tree_cpu(name) for name in trees}
+        time.sleep(args.idle_s)
+        idle_cores = {name: (tree_cpu(name) - idle0[name]) / args.idle_s for name in trees}
         threads0 = node_thread_cpu_s(stack.search.process.pid)   # before cpu0: jcmd costs the node a little
         cpu0 = {name: tree_cpu(name) for name in trees}
         node0 = node_times_ms(stack.search.url)
@@ -313,6 +328,7 @@ def main() -> None:
             saved = datetime.fromisoformat(finished).timestamp() - started_wall
             elapsed = saved if 0 < saved <= elapsed else elapsed
         spent = {name: tree_cpu(name) - cpu0[name] for name in trees}
+        window = time.monotonic() - started
         node_spent = {k: v - node0.get(k, 0.0) for k, v in node_times_ms(stack.search.url).items()}
         threads1 = node_thread_cpu_s(stack.search.process.pid)
         if sampler is not None:
@@ -341,6 +357,15 @@ def main() -> None:
             values["cpu_s_per_1k_warm_node"] = round(warm, 3)
             values["idle_2core_msgs_per_s_warm_node"] = round(2000 / warm) if warm > 0 else 0
         values["idle_2core_msgs_per_s"] = round(2000 / values["cpu_s_per_1k"]) if values["cpu_s_per_1k"] else 0
+        # Per message alone: what each process spent beyond its idle rate over the same window. On two
+        # otherwise idle cores a sync at rate R pays work + idle x (1000 / R) per 1,000 messages, so
+        # R = (2 - idle cores) x 1000 / work per 1,000.
+        for name in trees:
+            values[f"{name}_idle_cores"] = round(idle_cores[name], 4)
+        work = 1000 * sum(spent[name] - idle_cores[name] * window for name in trees) / total
+        idle_total = sum(idle_cores.values())
+        values["cpu_s_per_1k_work"] = round(work, 3)
+        values["projected_2core_msgs_per_s"] = round((2 - idle_total) * 1000 / work) if work > 0 else 0
         values["status_polls"] = polls
         say("CPU per 1,000 messages: " + ", ".join(f"{name} {1000 * s / total:.3f} s" for name, s in spent.items())
             + f" (load average {values['load_avg']})")
