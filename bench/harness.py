@@ -28,12 +28,14 @@ import contextlib
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -835,8 +837,10 @@ class StorageCounter:
         from aiohttp import web
 
         async def forward(request: web.Request) -> web.Response:
-            self.count(service, request.method, request.path)
             body = await request.read()
+            self.count(service, request.method, request.path)
+            if service == "table":
+                self.count_rows(request.method, request.path, request.query_string, body)
             # Exactly the signed headers: no Host rewrite beyond the port, nothing added by aiohttp.
             headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "transfer-encoding")}
             # encoded=True: the path goes out byte for byte (the signature covers it; yarl would re-quote).
@@ -874,6 +878,37 @@ class StorageCounter:
             self.counts[where] = self.counts.get(where, 0) + 1
             self.counts[f"{service}_total"] = self.counts.get(f"{service}_total", 0) + 1
 
+    def count_rows(self, method: str, path: str, query: str, body: bytes) -> None:
+        """Also count table calls by the kind of row they touch (``rows@<table>_<op>:<kinds>``).
+
+        Which step of the change path a call belongs to shows in its rows: the
+        webhook's ``pending`` row, the mailbox's ``slot`` rows, a ``folder``
+        row (lease, cursor, look-again claim), the ``folders`` (folder-list)
+        row, a whole ``partition`` query, an ``account`` row. A batch lists
+        every kind it writes (slot + lease in one transaction: ``folder+slot``).
+        """
+        parts = path.split("/")
+        target = parts[2].split("(")[0] if len(parts) > 2 else ""
+        if target.rstrip("/").endswith("Tables") or not target:
+            return
+        if path.endswith("$batch"):
+            text = body.decode("utf-8", errors="replace")
+            keys = _ROW_KEY_IN_PATH.findall(urllib.parse.unquote(text)) + _ROW_KEY_IN_JSON.findall(text)
+            what = "batch"
+        else:
+            keys = _ROW_KEY_IN_PATH.findall(urllib.parse.unquote(path))
+            if not keys and method == "POST":   # an insert names its row in the body
+                keys = _ROW_KEY_IN_JSON.findall(body.decode("utf-8", errors="replace"))
+            what = {"GET": "query" if not keys else "get", "POST": "insert", "PUT": "update", "MERGE": "update",
+                    "PATCH": "update", "DELETE": "delete"}.get(method, method.lower())
+            if not keys:
+                keys = ["partition" if "PartitionKey" in urllib.parse.unquote(query) else "scan"]
+        kinds = "+".join(sorted({_row_kind(key) for key in keys})) or "?"
+        table = "" if what == "batch" else target[9:]   # a batch's path names no table
+        key = f"rows@{table}_{what}:{kinds}"
+        with self._lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
@@ -889,6 +924,21 @@ class StorageCounter:
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+_ROW_KEY_IN_PATH = re.compile(r"RowKey='([^']*)'")
+_ROW_KEY_IN_JSON = re.compile(r'"RowKey":\s*"([^"]*)"')
+
+
+def _row_kind(key: str) -> str:
+    """A row's kind from its RowKey (the sync table's ``f:<id>`` and ``slot:<n>``, else the key itself)."""
+    if key in ("partition", "scan"):
+        return key
+    if key.startswith("f:"):
+        return "folder"
+    if key.startswith("slot:"):
+        return "slot"
+    return key if len(key) <= 24 else "other"
 
 
 def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
