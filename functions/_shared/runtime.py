@@ -230,8 +230,8 @@ class Runtime:
         worker.register([JobKind.ACTION], lambda job, invocation: self.message_actions.run_job(job, invocation.events))
         worker.register([JobKind.WAKE], lambda job, invocation: None)   # its arrival was the point (WakingJobQueue)
         worker.register(MONITORING_KINDS, lambda job, invocation: self.monitoring_jobs.run(
-            job, direct=lambda sync_job, account, rows: engine.handle(sync_job, invocation.delivery,
-                                                                      invocation.events, account=account, rows=rows),
+            job, direct=lambda sync_job, account, rows: engine.run_in_place(
+                sync_job, invocation.delivery, invocation.events, account=account, rows=rows),
             redelivered=invocation.delivery.dequeue_count > 1))
         return worker
 

@@ -99,9 +99,10 @@ MAX_LOOKUPS = 25          # Graph GETs per NOTIFIED job at most (keeps the job s
 MAX_ROUNDS = 10           # re-reads of a pending row that keeps changing under us
 DIRECT_MAX_JOBS = 4       # sync jobs a NOTIFIED job runs itself (more: enqueued for several workers)
 
-# Runs a sync job in this invocation, given the account as the NOTIFIED job just read it, and
-# for the first job the account's sync rows as it read them with the pending row (else None).
-DirectRunner = Callable[[Job, Account, AccountSyncState | None], object]
+# Runs a sync job in this invocation, given the account as the NOTIFIED job just read it, and the
+# account's sync rows to start from (the first job: as read with the pending row; a later one: as the
+# job before ended with them; None: read them). Returns the rows it ended with, or None.
+DirectRunner = Callable[[Job, Account, AccountSyncState | None], AccountSyncState | None]
 # Reads an account's sync rows (and, in the same partition, its pending row): one table query.
 RowsLoader = Callable[[str], AccountSyncState]
 
@@ -223,11 +224,12 @@ class MonitoringJobs:
     def _run_or_enqueue(self, jobs: list[Job], account: Account, direct: DirectRunner | None,
                         rows: AccountSyncState | None = None) -> list[Job]:
         if direct is not None and len(jobs) <= DIRECT_MAX_JOBS:
-            for index, job in enumerate(jobs):
-                # Only the first round may start from the rows read before it: the rounds write rows.
-                # (Read before the pending row was taken and the messages resolved: its take of the
-                # slot and lease is ETag-conditional, so a row changed meanwhile only costs a re-read.)
-                direct(job, account, rows if index == 0 else None)
+            for job in jobs:
+                # The first round starts from the rows read with the pending row (read before the row
+                # was taken and the messages resolved), each later one from the rows the round before
+                # ended with (read, or known, after its last write: ``SyncEngine.run_in_place``). Every
+                # take from them is ETag-conditional, so a row changed meanwhile only costs a re-read.
+                rows = direct(job, account, rows)
             return jobs
         return self._enqueue(jobs)
 

@@ -55,6 +55,19 @@ invocation instead of two per request; for a one-round invocation (a
 notified round) the slot and the folder's lease are taken in one
 entity-group transaction (``take_slot_and_lease``) and given back in another
 (``finish_and_release_slot``): the rows share the account's partition.
+
+A job that finds every slot busy leaves its intent on its row (``dirty``)
+for whoever holds a slot, then looks at the slots once more and ends. Its
+mark and a signal to every slot (a merge into each slot row, which changes
+its ETag) are one transaction (``mark_waiting``). So a holder learns whether
+anyone waited on it from its own slot: a conditional release that goes
+through means nobody signalled since its take, and a notified round whose
+slot and lease were taken from the rows it had read, and given back
+together, ends from those rows without reading them again (a signal older
+than that read came with a mark the read shows). A refused release means
+someone may be waiting: the holder reads the rows and continues what is
+pending. Whoever gave its slot back before the signal left it free for the
+waiter's second look.
 """
 
 from __future__ import annotations
@@ -205,6 +218,14 @@ class SlotRow:
     owner: str
     until: float
     etag: str
+
+
+@dataclass(frozen=True)
+class Released:
+    """A folder's row and the slot given back together (``finish_and_release_slot``), as that left them."""
+
+    row: SyncState
+    slot: SlotRow
 
 
 @dataclass(frozen=True)
@@ -683,17 +704,23 @@ class SyncStateTable:
                               etag=str(results[1].get("etag")), updated_at=now), owner)
         return slot, lease
 
-    def finish_and_release_slot(self, lease: Lease, slot: Slot, **changes: Any) -> tuple[Lease | None, bool]:
-        """``finish`` and ``release_slot`` in one entity-group transaction: (``finish``'s answer, slot released).
+    def finish_and_release_slot(self, lease: Lease, slot: Slot,
+                                **changes: Any) -> tuple[Lease | None, Released | None]:
+        """``finish`` and ``release_slot`` in one entity-group transaction: (``finish``'s answer, what was released).
 
-        For an invocation whose round is its last Graph work. When the round
-        must run again (``dirty`` set before our last write) or the transaction
-        is refused (the row was written since: ``dirty``, ``resync``, a deletion;
-        or the slot taken over), nothing was written and it is plain ``finish``,
-        whose conflict handling decides; the slot is then still held.
+        For an invocation whose round is its last Graph work. The second value
+        is the folder's row and the slot as the transaction left them (released,
+        with their new ETags) when the slot went back with the lease: the slot's ETag was still
+        the one our take got, so no job signalled waiting on the mailbox's slots
+        meanwhile (``mark_waiting``) and the caller may end without reading the
+        rows again. When the round must run again (``dirty`` set before our last
+        write) or the transaction is refused (the row was written since:
+        ``dirty``, ``resync``, a deletion; or the slot: a waiting job's signal, a
+        takeover), nothing was written and it is plain ``finish``, whose conflict
+        handling decides; the slot is then still held and the value None.
         """
         if lease.state.dirty:
-            return self.finish(lease, **changes), False
+            return self.finish(lease, **changes), None
         now = self._clock()
         fields = {**changes, "lease_owner": "", "lease_until": 0.0, "mid_round": False}
         partition = _check_partition(lease.state.account_id)
@@ -705,9 +732,11 @@ class SyncStateTable:
                         "until": 0.0},
              {"mode": UpdateMode.MERGE, "etag": slot.etag, "match_condition": MatchConditions.IfNotModified}),
         ]
-        if self._transaction(operations) is None:
-            return self.finish(lease, **changes), False
-        return None, True
+        results = self._transaction(operations)
+        if results is None:
+            return self.finish(lease, **changes), None
+        return None, Released(_apply(lease.state, fields, str(results[0].get("etag")), now),
+                              SlotRow(slot.index, "", 0.0, str(results[1].get("etag"))))
 
     def _transaction(self, operations: list[Any]) -> list[Mapping[str, Any]] | None:
         """Submit one entity-group transaction; None when the service refused it (a condition failed, a
@@ -728,12 +757,57 @@ class SyncStateTable:
             raise DependencyUnavailable(f"sync table unavailable: {type(exc).__name__}") from exc
 
     def release_slot(self, slot: Slot) -> None:
-        body = {"PartitionKey": slot.account_id, "RowKey": f"{SLOT_ROW_PREFIX}{slot.index}", "owner": "",
-                "until": 0.0}
-        # Expired and taken over, or the account was deleted: nothing to give back.
-        with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
-            self._call(self._table.update_entity, body, mode=UpdateMode.MERGE, etag=slot.etag,
-                       match_condition=MatchConditions.IfNotModified)
+        """Give the slot back. A slot whose row changed since we took it (a job signalled waiting on it:
+        ``mark_waiting``) is re-read and given back if it is still ours; expired and taken over, or the
+        account deleted, there is nothing to give back."""
+        partition = _check_partition(slot.account_id)
+        key = f"{SLOT_ROW_PREFIX}{slot.index}"
+        etag = slot.etag
+        for _ in range(_CONFLICT_RETRIES):
+            try:
+                self._call(self._table.update_entity, {"PartitionKey": partition, "RowKey": key, "owner": "",
+                                                       "until": 0.0},
+                           mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified)
+                return
+            except ResourceNotFoundError:
+                return
+            except ResourceModifiedError:
+                try:
+                    entity = self._call(self._table.get_entity, partition, key)
+                except ResourceNotFoundError:
+                    return
+                if entity.get("owner") != slot.owner:
+                    return
+                etag = str(entity.metadata["etag"])
+        raise DependencyUnavailable("sync state is too contended to give a slot back", retry_after_s=1.0)
+
+    def mark_waiting(self, account_id: str, folder_id: str | None, *, dirty: bool, max_slots: int) -> None:
+        """A job that found every slot busy: mark its row (``dirty``) and signal every slot's holder.
+
+        One entity-group transaction: the mark, and a merge into each of the
+        ``max_slots`` slot rows (all exist: every one was busy), which changes
+        their ETags. A holder whose slot was signalled finds its conditional
+        release refused (``finish_and_release_slot``) and reads the rows before
+        it ends, so it sees the mark; one that gave its slot back before the
+        signal left it free for the caller's next look at the slots. So the
+        caller may end after that look: the row is someone's to pick up.
+        A row gone meanwhile refuses the batch: the writes go one by one.
+        """
+        partition = _check_partition(account_id)
+        now = self._clock()
+        operations: list[Any] = []
+        if dirty:
+            key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
+            operations.append(("update", {"PartitionKey": partition, "RowKey": key, "dirty": True, "updated_at": now},
+                               {"mode": UpdateMode.MERGE}))
+        for index in range(max_slots):
+            operations.append(("update", {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}",
+                                          "waiting": now}, {"mode": UpdateMode.MERGE}))
+        if not operations or self._transaction(operations) is not None:
+            return
+        for _, entity, _options in operations:
+            self._merge_unconditional(account_id, entity["RowKey"],
+                                      {k: v for k, v in entity.items() if k not in ("PartitionKey", "RowKey")})
 
     # --- plumbing ------------------------------------------------------------------
 

@@ -102,6 +102,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from mailsync.jobs import EVERY_FOLDER, STAND_IN_SWEEPS, JobKind, new_job
 from mailsync.logs import log_context
@@ -159,7 +160,24 @@ class SyncEngine:
 
     def handle(self, job: Job, delivery: Delivery, events: EventPublisher, *,
                account: Account | None = None, rows: AccountSyncState | None = None) -> Outcome:
-        """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT).
+        """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT); see ``run_in_place``."""
+        return self._handle(job, delivery, events, account, rows)[0]
+
+    def run_in_place(self, job: Job, delivery: Delivery, events: EventPublisher, *, account: Account,
+                     rows: AccountSyncState | None = None) -> AccountSyncState | None:
+        """``handle`` for a NOTIFIED job running its rounds one after the other: returns the rows this run
+        ended with, for the next round to start from (None: it should read them). They were read, or
+        known (``_rows_known_at_end``), after the run's last write of the rows its next round takes;
+        every write from them is ETag-conditional, so a row changed since costs a re-read, never a wrong write.
+        """
+        outcome, run = self._handle(job, delivery, events, account, rows)
+        if run is None or outcome != Outcome.DONE or run.rows is None or run.rows.account_id != job.account_id:
+            return None
+        return run.rows
+
+    def _handle(self, job: Job, delivery: Delivery, events: EventPublisher, account: Account | None,
+                rows: AccountSyncState | None) -> tuple[Outcome, _Invocation | None]:
+        """Run one sync job and return its outcome and run (None when dropped before it began).
 
         ``account``: the account as the caller has just read it (a NOTIFIED job
         running the job in its own invocation); else it is read here. ``rows``:
@@ -175,16 +193,16 @@ class SyncEngine:
                 # Unlinked meanwhile: its documents are gone; drop its sync rows too.
                 self.state.delete_account(job.account_id)
                 log.info("job for an unknown account dropped", extra={"kind": job.kind})
-                return Outcome.DROPPED
+                return Outcome.DROPPED, None
             if account.status not in ACTIVE_STATUSES:
                 log.info("job dropped: account is %s", account.status.value, extra={"kind": job.kind})
-                return Outcome.DROPPED
+                return Outcome.DROPPED, None
             run = _Invocation(self, account, job, delivery, events)
             outcome = run.run(rows if rows is not None and rows.account_id == account.account_id else None)
             log.info("sync job %s", outcome.value, extra={
                 "kind": job.kind, "pages": run.pages, "upserted": run.upserted, "removed": run.removed_count,
                 "elapsed_s": round(self.clock() - run.started, 3)})
-            return outcome
+            return outcome, run
 
     def continuation(self, account_id: str, folder_id: str | None, *, reason: str) -> Job:
         kind = JobKind.SYNC_FOLDERS if folder_id is None else JobKind.SYNC_FOLDER
@@ -211,12 +229,14 @@ class _Invocation(FolderSync, FolderListSync):
             if self._takes_both(rows, target) else None
         if taken is not None:
             slot, self.pretaken = taken
+            self.took_from = rows
         else:
             found = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency, known=rows)
             if found is None:
-                self._remember(target, rows)
-                # A holder may have left between our two looks: it re-checks pending
-                # rows after giving its slot back, we re-check slots after marking.
+                self._remember(target, rows, waiting=True)
+                # A holder may have left between our two looks: one signalled with our mark reads
+                # the rows after giving its slot back, we re-check slots after marking
+                # (SyncStateTable.mark_waiting).
                 found = e.state.acquire_slot(self.account_id, self.owner, e.settings.graph_max_concurrency)
                 if found is None:
                     # The slot holder runs the marked row next, maybe inside delta's lag (an initial
@@ -255,7 +275,10 @@ class _Invocation(FolderSync, FolderListSync):
             if self.slot is not None:          # not given back with the round's finish
                 e.state.release_slot(self.slot)
         wrote = bool(self.upserted or self.removed_count)
-        if outcome != Outcome.REAUTH or wrote:
+        known = self._rows_known_at_end(outcome)
+        if known is not None:
+            rows = self.rows = known
+        elif outcome != Outcome.REAUTH or wrote:
             rows = self._load()
             # Unlinked while we wrote? Then remove what we may have written after the unlink did.
             # The unlink deletes the documents, then these sync rows, then the account row
@@ -275,6 +298,35 @@ class _Invocation(FolderSync, FolderListSync):
                 self._continue_pending()
             self._relook_if_quiet(outcome)
         return outcome
+
+    def _rows_known_at_end(self, outcome: Outcome) -> AccountSyncState | None:
+        """The rows a notified round's invocation ends from without reading them again, or None: read them.
+
+        The end's read serves three things: slots' waiters (a job that found
+        every slot busy marked its row for whoever holds one), the last
+        initial round's ``synced`` check, and the unlink check. A one-round
+        invocation whose slot and lease were taken together from the rows it
+        had read (``took_from``) and given back together, unsignalled
+        (``released``), knows every waiter's mark from that read
+        (``SyncStateTable.mark_waiting``): the rows it read, with its folder
+        and slot as its finish left them, are as good for what is pending
+        (and for the next round of the same NOTIFIED job to start from). A ``syncing``
+        account still reads (whether the account is ``synced`` now needs
+        everyone's rows). An unlink shows in the finish (its transaction is
+        refused on the deleted row: ``LeaseLost``, the pages written are
+        removed, and this path reads); one whose row deletion comes after the
+        finish is not seen, as one after the end's read never was.
+        """
+        released = self.released
+        if outcome != Outcome.DONE or not self.one_round or self.took_from is None or released is None \
+                or released.row.folder_id is None or self.account.status != AccountStatus.SYNCED:
+            return None
+        if self.rows_current and self.rows is not None:
+            return self.rows        # read after the finish already (a first round's end)
+        taken = self.took_from
+        slots = (*(slot for slot in taken.slots if slot.index != released.slot.index), released.slot)
+        return replace(taken, folders={**taken.folders, released.row.folder_id: released.row}, slots=slots,
+                       slots_busy=sum(1 for slot in slots if slot.owner and slot.until > self.e.clock()))
 
     def _takes_both(self, rows: AccountSyncState, target: str) -> bool:
         """Whether to take the slot and the target's lease together (``SyncStateTable.take_slot_and_lease``):
@@ -408,7 +460,7 @@ class _Invocation(FolderSync, FolderListSync):
             state.mark(self.account_id, folder_id, dirty=False, resync=True)
         return folder_id
 
-    def _remember(self, target: str, rows: AccountSyncState) -> None:
+    def _remember(self, target: str, rows: AccountSyncState, *, waiting: bool = False) -> None:
         """Leave the job's intent on its row for whoever holds a slot.
 
         A continuation's work usually shows on its row already (a full round
@@ -416,14 +468,20 @@ class _Invocation(FolderSync, FolderListSync):
         the time budget or a back-off, a folder-list round asked for by a
         folder that was not found), the row is marked too, or dropping the
         continuation would leave that work to the next poll, hours later.
+        ``waiting``: every slot is busy; the mark goes with a signal to their
+        holders (``SyncStateTable.mark_waiting``), even when the row needs none.
         """
         folder_id = None if target is FOLDER_LIST else target
+        mark = True
         if self.is_continuation:
             row = rows.folder_list if folder_id is None else rows.folders.get(folder_id)
-            if row is None or row.dirty or row.resync_requested or row.rounds == 0 \
-                    or row.phase != SyncPhase.INCREMENTAL:
-                return
-        self.e.state.mark(self.account_id, folder_id, dirty=True)
+            mark = not (row is None or row.dirty or row.resync_requested or row.rounds == 0
+                        or row.phase != SyncPhase.INCREMENTAL)
+        if waiting:
+            self.e.state.mark_waiting(self.account_id, folder_id, dirty=mark,
+                                      max_slots=self.e.settings.graph_max_concurrency)
+        elif mark:
+            self.e.state.mark(self.account_id, folder_id, dirty=True)
 
     def _work(self, target: str) -> None:
         self.rows_current = False   # the work writes rows: the next pick needs a fresh read

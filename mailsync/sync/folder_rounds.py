@@ -134,9 +134,10 @@ class FolderSync(InvocationBase):
             final = {**fields, "phase": SyncPhase.INCREMENTAL, "rounds": state.rounds + 1, "failures": 0}
             if self.one_round and self.slot is not None:
                 # The round is this invocation's last Graph work: the slot goes back with the lease.
-                finished, slot_back = e.state.finish_and_release_slot(lease, self.slot, **final)
-                if slot_back:
+                finished, released = e.state.finish_and_release_slot(lease, self.slot, **final)
+                if released is not None:
                     self.slot = None
+                    self.released = released
             else:
                 finished = e.state.finish(lease, **final)
         except MailsyncError as exc:

@@ -21,7 +21,7 @@ from mailsync.errors import Conflict, LeaseLost, MailsyncError
 from mailsync.jobs import EXPECT, SUBSCRIBED, Expected, JobKind
 from mailsync.models import Account, AccountStatus, Job, Mailbox, Message, Provider, SyncPhase, SyncProgress
 from mailsync.ports import EventPublisher, MailProvider
-from mailsync.storage.cursors import AccountSyncState, Lease, Slot, SyncState, new_owner
+from mailsync.storage.cursors import AccountSyncState, Lease, Released, Slot, SyncState, new_owner
 from mailsync.sync import policy
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ class InvocationBase:
         self.one_round = job.kind == JobKind.SYNC_FOLDER and job.reason in NOTIFIED_REASONS
         self.slot: Slot | None = None
         self.pretaken: Lease | None = None   # the target's lease, taken with the slot
+        self.took_from: AccountSyncState | None = None   # the rows that slot and lease were taken from
+        self.released: Released | None = None   # the round's row and the slot, given back together (unsignalled)
 
     def _come_back(self, target: str, delay_s: float, *, reason: str) -> None:
         self._enqueue_continuation(None if target is FOLDER_LIST else target, reason=reason, delay_s=max(0.0, delay_s))

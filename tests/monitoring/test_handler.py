@@ -133,6 +133,23 @@ def test_the_pending_row_comes_with_the_first_rounds_rows_in_one_read(world: Wor
     assert world.harness.pending.get(world.account) is None
 
 
+def test_each_round_run_in_the_invocation_starts_from_the_rows_the_one_before_ended_with(world: World) -> None:
+    a = world.stored[0]
+    b = next(m for m in world.stored if m["folderId"] != a["folderId"])
+    world.notify(("updated", a["id"]), ("deleted", b["id"]))
+    world.harness.drain()
+    given: list[AccountSyncState | None] = []
+    ended: list[AccountSyncState] = []
+
+    def direct(job: Job, account: Account, rows: AccountSyncState | None) -> AccountSyncState:
+        given.append(rows)
+        ended.append(world.harness.sync_rows.load(job.account_id))   # what a round would end with
+        return ended[-1]
+
+    assert len(world.jobs.notified(world.account, direct)) == 2
+    assert given[0] is not None and given[1] is ended[0], "the second round starts where the first ended"
+
+
 def test_rounds_run_in_the_invocation_carry_the_versions_and_removals_they_must_read(world: World) -> None:
     flagged = world.stored[0]
     moved = next(m for m in world.stored if m["folderId"] != flagged["folderId"])

@@ -20,6 +20,7 @@ from mailsync.models import AccountStatus, SyncPhase
 from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
+from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.store_generation import TableGenerationLedger
 from mailsync.store.search_store import SearchStore
 from mailsync.sync import policy
@@ -333,7 +334,7 @@ def test_a_notified_round_starts_from_the_rows_its_caller_read_and_a_stale_one_c
     monkeypatch.setattr(world.state, "load", lambda account_id: loads.append(account_id) or real_load(account_id))
     job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified")
     assert world.engine.handle(job, Delivery("d-1"), world.events, rows=rows) == Outcome.DONE
-    assert loads == [world.account_id], "one read, after the slot was given back (none before the round)"
+    assert loads == [], "no read: none before the round, none after it (nobody signalled its slot)"
     after = real_load(world.account_id)
     assert after.folders[inbox].rounds == rows.folders[inbox].rounds + 1
     # Rows changed since the caller read them: the conditional take is refused, the round still runs.
@@ -344,6 +345,122 @@ def test_a_notified_round_starts_from_the_rows_its_caller_read_and_a_stale_one_c
     final = real_load(world.account_id)
     assert final.slots_busy == 0 and final.folders[inbox].lease_owner == "" and not final.folders[inbox].dirty
     assert final.folders[inbox].rounds > stale.folders[inbox].rounds
+    assert not compare(world)
+
+
+class _TableCalls:
+    """Every request a table client sends (one billed transaction each), by method."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, request: Any) -> None:
+        http = request.http_request
+        self.calls.append("batch" if http.url.endswith("$batch") else http.method)
+
+
+def _counted_state(world: SyncWorld) -> _TableCalls:
+    """Point the engine at a sync table client that counts its requests."""
+    calls = _TableCalls()
+    world.engine.state = SyncStateTable(table_client(world.settings, "sync", raw_request_hook=calls),
+                                        lease_s=world.settings.folder_lease_s,
+                                        slot_ttl_s=2 * world.settings.sync_time_budget_s + 60)
+    return calls
+
+
+def test_a_steady_state_notified_round_costs_two_table_calls(world: SyncWorld, pump: QueuePump) -> None:
+    # Slot + lease in one transaction, finish + slot in another; the rows it was handed (read with the
+    # pending row) are as good as a read at the end for what is pending: nobody signalled its slot.
+    synced(world, pump)
+    pump.stop()
+    graph = world.sandbox.graph(world.user)
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead,parentFolderId").json()["value"][0]
+    assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).status_code == 200
+    other = next(f for f in world.state.load(world.account_id).folders if f != message["parentFolderId"])
+    world.state.mark(world.account_id, other, dirty=True)     # work someone left: it shows in the rows handed in
+    calls = _counted_state(world)
+    rows = world.engine.state.load(world.account_id)
+    calls.calls.clear()
+    tag = graph.get(f"me/messages/{message['id']}?$select=id").json()["@odata.etag"]
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, message["parentFolderId"], reason="notified",
+                  attrs={EXPECT: Expected({message["id"]: tag}).encode()})     # read it: no look-again claim
+    assert world.engine.handle(job, Delivery("d-1"), world.events, rows=rows) == Outcome.DONE
+    assert calls.calls == ["batch", "batch"], calls.calls
+    after = world.state.load(world.account_id)
+    assert after.slots_busy == 0 and after.folders[message["parentFolderId"]].lease_owner == ""
+    assert pump.client.peek_messages(max_messages=32), "the marked folder's continuation, from the rows handed in"
+    _drained_by_a_fresh_pump(world)
+    assert not world.state.load(world.account_id).folders[other].dirty
+    assert not compare(world)
+
+
+def test_a_notified_jobs_second_round_starts_from_the_rows_the_first_ended_with(
+        world: SyncWorld, pump: QueuePump) -> None:
+    # A move notifies two folders: the NOTIFIED job runs both rounds, the second from the rows the
+    # first ended with (its slot and folder as its finish left them): two table calls each.
+    synced(world, pump)
+    pump.stop()
+    graph = world.sandbox.graph(world.user)
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,parentFolderId").json()["value"][0]
+    source = message["parentFolderId"]
+    target = next(f for f in world.state.load(world.account_id).folders if f != source)
+    assert graph.post(f"me/messages/{message['id']}/move", json={"destinationId": target}).status_code < 300
+    tag = graph.get(f"me/messages/{message['id']}?$select=id").json()["@odata.etag"]
+    calls = _counted_state(world)
+    rows = world.engine.state.load(world.account_id)
+    calls.calls.clear()
+    account = world.tables.accounts.get(world.account_id)
+    assert account is not None
+    jobs = [new_job(JobKind.SYNC_FOLDER, world.account_id, source, reason="notified",
+                    attrs={EXPECT: Expected({}, frozenset({message["id"]})).encode()}),
+            new_job(JobKind.SYNC_FOLDER, world.account_id, target, reason="notified",
+                    attrs={EXPECT: Expected({message["id"]: tag}).encode()})]
+    for job in jobs:
+        rows = world.engine.run_in_place(job, Delivery("d-1"), world.events, account=account, rows=rows)
+        assert rows is not None
+    assert calls.calls == ["batch"] * 4, calls.calls
+    after = world.state.load(world.account_id)
+    assert after.slots_busy == 0 and not any(r.lease_owner for r in after.folders.values())
+    assert not compare(world)
+
+
+def test_a_holder_whose_slot_a_waiting_job_signalled_reads_the_rows_and_continues_its_work(
+        world: SyncWorld, pump: QueuePump) -> None:
+    # While a notified round holds a slot, a job finds every slot busy: it marks its row and signals
+    # the slots. The round's release with the finish is refused on the signalled slot, so it reads
+    # the rows at the end and continues the marked row (it would wait for the next poll otherwise).
+    synced(world, pump)
+    pump.stop()
+    pump.client.clear_messages()
+    graph = world.sandbox.graph(world.user)
+    folder = graph.post("me/mailFolders", json={"displayName": "Unknown yet"}).json()["id"]
+    inbox = next(f for f, r in world.state.load(world.account_id).folders.items() if r.role == "inbox")
+    others: list[Any] = []
+
+    def a_job_waits(folder_id: str, page: int) -> None:
+        world.engine.before_write = None
+        others.extend(world.state.acquire_slot(world.account_id, f"holder-{n}#1", world.settings.graph_max_concurrency)
+                      for n in range(world.settings.graph_max_concurrency - 1))
+        waiter = world.engine.continuation(world.account_id, None, reason="folder_not_found")
+        assert world.engine.handle(waiter, Delivery("waiter"), world.events) == Outcome.BUSY
+
+    world.engine.before_write = a_job_waits
+    # Notified with the version it reads: no look-again, which would find the marked row on its own.
+    message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead").json()["value"][0]
+    assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).status_code == 200
+    tag = graph.get(f"me/messages/{message['id']}?$select=id").json()["@odata.etag"]
+    notified = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified",
+                       attrs={EXPECT: Expected({message["id"]: tag}).encode()})
+    assert world.engine.handle(notified, Delivery("d-1"), world.events,
+                               rows=world.state.load(world.account_id)) == Outcome.DONE
+    assert others, "the waiting job ran while the round held its slot"
+    for slot in others:
+        assert slot is not None
+        world.state.release_slot(slot)        # signalled too: given back all the same
+    assert world.state.load(world.account_id).slots_busy == 0
+    _drained_by_a_fresh_pump(world)
+    row = world.state.get(world.account_id, folder)
+    assert row is not None and row.rounds >= 1, "the folder list ran after the holder left, and found the folder"
     assert not compare(world)
 
 
