@@ -318,8 +318,11 @@ class Runtime:
         from mailsync.monitoring.handler import MonitoringJobs
 
         locator = GraphMessageLocator(AccountGraphClients(self.settings, self.token_provider))
+        from mailsync.monitoring.recent_accounts import RecentAccounts
+
         return MonitoringJobs(self.pending_notifications, self.accounts, self.store, locator,
-                              self.subscription_manager, self.job_queue, rows=self.sync_state.load)
+                              self.subscription_manager, self.job_queue, rows=self.sync_state.load,
+                              recent=RecentAccounts(self.accounts))
 
     @cached_property
     def imap_poller(self) -> ImapStatusPoller:

@@ -87,6 +87,7 @@ from dataclasses import dataclass, field, replace
 from mailsync.errors import Conflict, MailsyncError, NotFound, PoisonJob, ProviderError
 from mailsync.jobs import EVERY_FOLDER, EXPECT, NOTIFIED_REDELIVERED, Expected, JobKind, new_job
 from mailsync.models import Account, Job
+from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
 from mailsync.ports import JobQueue, MessageStore
@@ -112,10 +113,13 @@ class MonitoringJobs:
 
     def __init__(self, pending: PendingStore, accounts: AccountDirectory, store: MessageStore,
                  locator: MessageLocator, subscriptions: SubscriptionManager, queue: JobQueue,
-                 rows: RowsLoader) -> None:
+                 rows: RowsLoader, *, recent: RecentAccounts | None = None) -> None:
+        """``recent``: reuse this process's recent reads of an account for NOTIFIED jobs
+        (``mailsync.monitoring.recent_accounts``); None reads the account for every job."""
         self._pending = pending
         self._rows = rows
         self._accounts = accounts
+        self._recent = recent
         self._store = store
         self._locator = locator
         self._subscriptions = subscriptions
@@ -156,7 +160,9 @@ class MonitoringJobs:
                 self._pending.delete(pending)   # take it before reading the mailbox (module docstring)
             except Conflict:
                 continue  # more notifications merged meanwhile: read the row again
-            account = self._accounts.get(account_id)
+            # Its sync rows (read above) show the account still linked: a read of it moments ago will do.
+            account = self._recent.get(account_id, linked=rows.folder_list is not None) \
+                if self._recent is not None else self._accounts.get(account_id)
             if account is None or account.status not in WATCHED_STATUSES:
                 return []
             return self._dispatch(self._resolve(pending, rows), account, pending, direct, rows)

@@ -16,6 +16,7 @@ from mailsync.jobs import EVERY_FOLDER, EXPECT, Expected, JobKind
 from mailsync.models import Account, Folder, Job, Message, SyncPhase
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
+from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
 from mailsync.storage.cursors import AccountSyncState, SyncState
@@ -176,6 +177,37 @@ def test_rounds_run_in_the_invocation_carry_the_versions_and_removals_they_must_
     world.notify(("updated", flagged["id"]))
     world.harness.drain()
     assert all(EXPECT not in job.attrs for job in world.jobs.notified(world.account))
+
+
+def test_a_notified_job_reuses_its_processs_recent_read_of_a_linked_account(world: World) -> None:
+    # The account row was read for every NOTIFIED job; its sync rows, read with the pending row, show
+    # it still linked, so this process's read of a moment ago does (mailsync.monitoring.recent_accounts).
+    reads: list[str] = []
+
+    class CountingAccounts:
+        def get(self, account_id: str) -> Account | None:
+            reads.append(account_id)
+            return world.harness.accounts.get(account_id)  # type: ignore[no-any-return]
+
+        def iter_accounts(self) -> object:
+            return world.harness.accounts.iter_accounts()
+
+    counting = CountingAccounts()
+    jobs = MonitoringJobs(world.harness.pending, counting, world.store, world.locator,  # type: ignore[arg-type]
+                          world.jobs._subscriptions, world.harness.queue, rows=world.harness.sync_rows.load,
+                          recent=RecentAccounts(counting))  # type: ignore[arg-type]
+    message = world.stored[0]
+    for _ in range(3):
+        world.notify(("updated", message["id"]))
+        world.harness.drain()
+        assert jobs.notified(world.account, direct=lambda job, account, rows: None) != []
+    assert reads == [world.account], "one account read for three jobs"
+    # Its sync rows gone (an unlink deletes them before the account row): the account is read again.
+    world.harness.sync_rows.delete(world.account, None)
+    world.notify(("updated", message["id"]))
+    world.harness.drain()
+    jobs.notified(world.account, direct=lambda job, account, rows: None)
+    assert reads == [world.account] * 2
 
 
 def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(world: World) -> None:
