@@ -103,6 +103,13 @@ class Conflict(MailsyncError):
     http_status = 409
 
 
+class PendingChanged(Conflict):
+    """The account's pending notifications changed after a NOTIFIED job read them and before it took
+    them: the job must read them again (``mailsync.monitoring.handler``)."""
+
+    code = "pending_changed"
+
+
 class RateLimited(MailsyncError):
     """The caller spent its allowance of anonymous work; it may try again after ``retry_after_s``."""
 

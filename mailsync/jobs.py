@@ -48,6 +48,11 @@ EVERY_FOLDER = "every_folder"
 # round must read in delta to have seen every notification naming the folder (``Expected``). Only
 # such in-process jobs carry it (it can exceed a queue message); a queued job has none.
 EXPECT = "expect"
+# A SYNC_FOLDER a NOTIFIED job runs in its own invocation as its first round may carry, under this
+# attribute, the ETag of the account's pending row, which the job has read but not taken (deleted)
+# yet: the round takes it with its slot and lease, in one transaction, before it reads the mailbox
+# (``mailsync.monitoring.handler``: taking the row), or on its own first when it cannot.
+TAKE_PENDING = "take_pending"
 
 
 @dataclass(frozen=True)

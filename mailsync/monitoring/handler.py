@@ -54,8 +54,8 @@ webhook writes nothing for a notification the row already holds (Graph
 redelivers notifications, and a replay must stay free). A second change to
 a pending message looks exactly like a replay, though, so it must find the
 row only while nothing has read the mailbox for it yet. The job therefore
-reads the row and deletes it with the ETag it read, and only then resolves
-and syncs: a notification that arrives afterwards finds no row, creates one
+reads the row and deletes it with the ETag it read before it reads the
+mailbox (its lookups at Graph, its rounds' delta): a notification that arrives afterwards finds no row, creates one
 and enqueues another NOTIFIED job (another look), while one that arrived
 before is covered by this job's reads, which come after it. A delete that
 fails means notifications were merged meanwhile: the job reads the row
@@ -63,12 +63,21 @@ again. Deleting after the sync, as before, lost such a change until the
 next notification or the 6-hour sweep whenever it arrived during the job's
 folder rounds.
 
+When the store alone resolves the notifications (updates and deletions of
+messages it holds: no Graph lookup), nothing reads the mailbox before the
+first folder round, so that round takes the row: its delete, ETag-checked,
+rides in the entity-group transaction that takes the round's slot and lease
+(``TAKE_PENDING``; on its own first when the round cannot take both that
+way). A row changed since the job read it refuses the transaction, nothing
+is written, and the job reads the row again (``PendingChanged``). With
+lookups (new mail, moves) the job takes the row before it asks Graph.
+
 Cost: the row lives in the account's partition of the sync table
 (``mailsync.storage.subscriptions``), so the job reads it with the one
 partition query its first folder round needs anyway (handed to that round,
-which then starts from it instead of reading again) and deletes it: two
-table calls for the row and the round's start, where a read of the row, its
-delete and the round's own read were three.
+which then starts from it instead of reading again), and takes it with that
+round's slot and lease: one table call for the row and the round's start,
+where a read of the row, its delete and the round's own read were three.
 
 Crash safety of NOTIFIED: a job that dies after taking the row (host killed,
 a bug raised) is redelivered by the queue and finds no row. It cannot know
@@ -84,8 +93,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from mailsync.errors import Conflict, MailsyncError, NotFound, PoisonJob, ProviderError
-from mailsync.jobs import EVERY_FOLDER, EXPECT, NOTIFIED_REDELIVERED, Expected, JobKind, new_job
+from mailsync.errors import Conflict, MailsyncError, NotFound, PendingChanged, PoisonJob, ProviderError
+from mailsync.jobs import EVERY_FOLDER, EXPECT, NOTIFIED_REDELIVERED, TAKE_PENDING, Expected, JobKind, new_job
 from mailsync.models import Account, Job
 from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
@@ -157,15 +166,17 @@ class MonitoringJobs:
                 # Already handled (a duplicate job), or taken by this message's earlier, dead run.
                 return self._after_a_lost_run(account_id, direct) if redelivered else []
             try:
-                self._pending.delete(pending)   # take it before reading the mailbox (module docstring)
-            except Conflict:
-                continue  # more notifications merged meanwhile: read the row again
-            # Its sync rows (read above) show the account still linked: a read of it moments ago will do.
-            account = self._recent.get(account_id, linked=rows.folder_list is not None) \
-                if self._recent is not None else self._accounts.get(account_id)
-            if account is None or account.status not in WATCHED_STATUSES:
-                return []
-            return self._dispatch(self._resolve(pending, rows), account, pending, direct, rows)
+                # Its sync rows (read above) show the account still linked: a read of it moments ago will do.
+                account = self._recent.get(account_id, linked=rows.folder_list is not None) \
+                    if self._recent is not None else self._accounts.get(account_id)
+                if account is None or account.status not in WATCHED_STATUSES:
+                    self._take(pending)          # nothing stays behind
+                    return []
+                # The row is taken before the mailbox is read (module docstring): before the lookups,
+                # or by the first round with its slot and lease.
+                return self._dispatch(self._resolve(pending, rows), account, pending, direct, rows)
+            except PendingChanged:
+                continue  # more notifications merged since the read, nothing read yet: read the row again
         # Still changing after many reads: let a fresh job carry on instead of looping.
         self._queue.enqueue(new_job(JobKind.NOTIFIED, account_id, reason="continue"))
         return []
@@ -178,8 +189,19 @@ class MonitoringJobs:
         job = new_job(JobKind.SYNC_FOLDERS, account_id, reason=NOTIFIED_REDELIVERED, attrs={EVERY_FOLDER: "1"})
         return self._run_or_enqueue([job], account, direct)
 
+    def _take(self, pending: PendingChanges) -> None:
+        """Delete the pending row as read; ``PendingChanged`` when notifications were merged since."""
+        try:
+            self._pending.delete(pending)
+        except Conflict as exc:
+            raise PendingChanged("pending notifications changed since they were read") from exc
+
     def _resolve(self, pending: PendingChanges, rows: AccountSyncState) -> _Resolved:
-        """The folders to sync, whether the folder list needs a round too, and what each round must read."""
+        """The folders to sync, whether the folder list needs a round too, and what each round must read.
+
+        Takes the pending row before the lookups read the mailbox (``_Resolved.taken``); the store's
+        copy is ours, not the mailbox, so a resolution from it alone leaves the take to the rounds.
+        """
         account_id = pending.account_id
         # The folders we know: their sync rows, read with the pending row (the folder-list round
         # writes a folder's row and its store document together; this was a store search per job).
@@ -204,15 +226,17 @@ class MonitoringJobs:
             if len(lookups) > min(MAX_LOOKUPS, max(1, len(known))):
                 log.info("%d messages to locate; syncing every folder instead", len(lookups))
                 return _Resolved(known, True)
+            self._take(pending)
             try:
                 located = self._locator.parent_folders(account_id, lookups)
             except (ProviderError, NotFound) as exc:
                 log.info("locating notified messages failed (%s); syncing every folder", exc.code)
-                return _Resolved(known, True)
+                return _Resolved(known, True, taken=True)
             folders.update(folder for folder in located.values() if folder is not None)
         # A folder subscription's notification: one folder-list round (names, parents, new and gone folders).
         return _Resolved(folders, bool(folders - known) or pending.folders_changed,
-                         _expectations(pending, where, {mid: located.get(mid) for mid in lookups}))
+                         _expectations(pending, where, {mid: located.get(mid) for mid in lookups}),
+                         taken=bool(lookups))
 
     def _dispatch(self, resolved: _Resolved, account: Account, pending: PendingChanges,
                   direct: DirectRunner | None, rows: AccountSyncState) -> list[Job]:
@@ -225,6 +249,12 @@ class MonitoringJobs:
             # Only jobs run here carry what their round must read (a queue message could not hold it).
             jobs = [replace(job, attrs={**job.attrs, EXPECT: resolved.expected[job.folder_id].encode()})
                     if job.folder_id is not None and job.folder_id in resolved.expected else job for job in jobs]
+        if not resolved.taken:
+            if in_place and jobs and jobs[0].kind == JobKind.SYNC_FOLDER and pending.etag is not None:
+                # The first round takes the row with its slot and lease (one transaction instead of two).
+                jobs[0] = replace(jobs[0], attrs={**jobs[0].attrs, TAKE_PENDING: pending.etag})
+            else:
+                self._take(pending)
         return self._run_or_enqueue(jobs, account, direct, rows)
 
     def _run_or_enqueue(self, jobs: list[Job], account: Account, direct: DirectRunner | None,
@@ -280,6 +310,7 @@ class _Resolved:
     folders: set[str]
     folder_list: bool
     expected: Mapping[str, Expected] = field(default_factory=dict)
+    taken: bool = False      # the pending row was taken (before lookups read the mailbox)
 
 
 def _expectations(pending: PendingChanges, stored_in: Mapping[str, str | None],

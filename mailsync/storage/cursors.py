@@ -91,7 +91,7 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 
-from mailsync.errors import DependencyUnavailable, InputError, LeaseLost
+from mailsync.errors import DependencyUnavailable, InputError, LeaseLost, PendingChanged
 from mailsync.models import SyncPhase
 
 log = logging.getLogger("mailsync.cursors")
@@ -99,6 +99,7 @@ log = logging.getLogger("mailsync.cursors")
 FOLDER_LIST_ROW = "folders"
 FOLDER_ROW_PREFIX = "f:"
 SLOT_ROW_PREFIX = "slot:"
+PENDING_ROW = "pending"    # the account's pending notifications (mailsync.storage.subscriptions)
 _CONFLICT_RETRIES = 20
 _BATCH_MAX = 100   # operations per entity-group transaction (Azure Tables' limit)
 _OPTIONAL_INTS = frozenset({"expected", "unread", "children"})
@@ -659,8 +660,20 @@ class SyncStateTable:
             slots.append(slot)
         return slots
 
+    def take_pending(self, account_id: str, etag: str) -> None:
+        """Delete the account's pending row if it is still as read (``etag``); ``PendingChanged`` when it
+        changed (the caller must read it again). A row already gone is fine: someone took it."""
+        try:
+            self._call(self._table.delete_entity, _check_partition(account_id), PENDING_ROW, etag=etag,
+                       match_condition=MatchConditions.IfNotModified)
+        except ResourceModifiedError as exc:
+            raise PendingChanged("pending notifications changed since they were read") from exc
+        except ResourceNotFoundError:
+            pass
+
     def take_slot_and_lease(self, known: AccountSyncState, folder_id: str, owner: str,
-                            max_slots: int, *, news: bool = True) -> tuple[Slot, Lease] | None:
+                            max_slots: int, *, news: bool = True,
+                            take_pending: str | None = None) -> tuple[Slot, Lease] | None:
         """A request slot and a folder's lease in one entity-group transaction (one partition: one call).
 
         The steady-state round takes both, one after the other, from the rows it
@@ -672,6 +685,9 @@ class SyncStateTable:
         caller then takes them one by one, which decides busy slots and leases
         exactly as before (marking the folder dirty, re-reading a stale row).
         ``news``: the job comes with news for the folder (as ``acquire``'s).
+        ``take_pending``: the ETag of the pending row, deleted in the same
+        transaction (a NOTIFIED job's first round takes its notifications with
+        its slot and lease); refused, nothing was taken either.
         """
         row = known.folders.get(folder_id)
         now = self._clock()
@@ -696,6 +712,9 @@ class SyncStateTable:
             ("update", lease_entity, {"mode": UpdateMode.MERGE, "etag": row.etag,
                                       "match_condition": MatchConditions.IfNotModified}),
         ]
+        if take_pending is not None:
+            operations.append(("delete", {"PartitionKey": partition, "RowKey": PENDING_ROW},
+                               {"etag": take_pending, "match_condition": MatchConditions.IfNotModified}))
         results = self._transaction(operations)
         if results is None:
             return None

@@ -38,14 +38,13 @@ from azure.data.tables import TableClient, UpdateMode
 
 from mailsync.errors import Conflict
 from mailsync.monitoring.records import AccountMonitor, PendingChanges, Subscription, SubscriptionKind
-from mailsync.storage.cursors import AccountSyncState
+from mailsync.storage.cursors import PENDING_ROW, AccountSyncState
 from mailsync.storage.table_errors import ensure_table, table_errors
 
 SUBSCRIPTION_ROW = "subscription"
 MONITOR_ROW = "monitor"
 # The messages row keeps its original key, so rows written before folder subscriptions still read.
 MONITOR_ROWS = {SubscriptionKind.MESSAGES: MONITOR_ROW, SubscriptionKind.FOLDERS: "monitor-folders"}
-PENDING_ROW = "pending"
 # Graph subscription ids are GUIDs; our account ids are hex. Both fit this.
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

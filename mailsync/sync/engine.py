@@ -104,7 +104,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from mailsync.jobs import EVERY_FOLDER, STAND_IN_SWEEPS, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, STAND_IN_SWEEPS, TAKE_PENDING, JobKind, new_job
 from mailsync.logs import log_context
 from mailsync.models import Account, AccountStatus, Job, SyncPhase
 from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MessageStore, ProviderFactory
@@ -224,9 +224,15 @@ class _Invocation(FolderSync, FolderListSync):
             rows = self._load()
         target = self._target(rows)
         assert rows.folder_list is not None
+        # A NOTIFIED job's first round may take the job's notifications (the pending row) with its
+        # slot and lease; when it cannot, it takes them on its own before anything else: they must be
+        # taken before the mailbox is read (mailsync.monitoring.handler). PendingChanged propagates.
+        pending_etag = self.job.attrs.get(TAKE_PENDING) or None
         taken = e.state.take_slot_and_lease(rows, target, self.owner, e.settings.graph_max_concurrency,
-                                            news=target == self.job.folder_id) \
+                                            news=target == self.job.folder_id, take_pending=pending_etag) \
             if self._takes_both(rows, target) else None
+        if taken is None and pending_etag is not None:
+            e.state.take_pending(self.account_id, pending_etag)
         if taken is not None:
             slot, self.pretaken = taken
             self.took_from = rows

@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
-from mailsync.jobs import EVERY_FOLDER, EXPECT, Expected, JobKind
+from mailsync.jobs import EVERY_FOLDER, EXPECT, TAKE_PENDING, Expected, JobKind
 from mailsync.models import Account, Folder, Job, Message, SyncPhase
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
-from mailsync.monitoring.handler import MonitoringJobs
+from mailsync.monitoring.handler import DirectRunner, MonitoringJobs
 from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
@@ -59,6 +59,17 @@ class World:
         token = self.sandbox.user_token(self.user.mail)
         return GraphClient(lambda _force: token, base_url=f"{self.sandbox.base_url}/v1.0")
 
+    def runner(self, record: Callable[[Job, Account, AccountSyncState | None], object]) -> DirectRunner:
+        """A direct runner standing in for the engine: it takes the pending row as a NOTIFIED job's first
+        round does (``TAKE_PENDING``: with its slot and lease, before it reads the mailbox), then records."""
+        def run(job: Job, account: Account, rows: AccountSyncState | None) -> AccountSyncState | None:
+            etag = job.attrs.get(TAKE_PENDING)
+            if etag:
+                self.harness.sync_rows.take_pending(job.account_id, etag)
+            result = record(job, account, rows)
+            return result if isinstance(result, AccountSyncState) else None
+        return run
+
     def notify(self, *changes: tuple[str, str]) -> None:
         self.harness.notifications.receive(
             {"value": [change(self.subscription, self.client_state, mid, ct) for ct, mid in changes]})
@@ -98,7 +109,7 @@ def test_a_small_set_runs_in_the_invocation_without_a_queue_hop(world: World) ->
     world.notify(("updated", a["id"]), ("deleted", b["id"]))
     world.harness.drain()
     ran: list[Job] = []
-    sent = world.jobs.notified(world.account, direct=lambda job, account, rows: ran.append(job))
+    sent = world.jobs.notified(world.account, direct=world.runner(lambda job, account, rows: ran.append(job)))
     assert ran == sent
     assert sorted((job.kind, job.folder_id) for job in ran) == sorted({sync(a["folderId"]), sync(b["folderId"])})
     assert world.harness.drain() == []                 # nothing went through the queue
@@ -126,7 +137,7 @@ def test_the_pending_row_comes_with_the_first_rounds_rows_in_one_read(world: Wor
     jobs = MonitoringJobs(NoPointReads(), world.harness.accounts, world.store, world.locator,  # type: ignore[arg-type]
                           world.jobs._subscriptions, world.harness.queue, rows=load)
     given: list[AccountSyncState | None] = []
-    sent = jobs.notified(world.account, direct=lambda job, account, rows: given.append(rows))
+    sent = jobs.notified(world.account, direct=world.runner(lambda job, account, rows: given.append(rows)))
     assert len(sent) == 2 and loads == [world.account]
     first, second = given
     assert first is not None and first.account_id == world.account and first.folder_list is not None
@@ -147,7 +158,7 @@ def test_each_round_run_in_the_invocation_starts_from_the_rows_the_one_before_en
         ended.append(world.harness.sync_rows.load(job.account_id))   # what a round would end with
         return ended[-1]
 
-    assert len(world.jobs.notified(world.account, direct)) == 2
+    assert len(world.jobs.notified(world.account, world.runner(direct))) == 2
     assert given[0] is not None and given[1] is ended[0], "the second round starts where the first ended"
 
 
@@ -166,7 +177,7 @@ def test_rounds_run_in_the_invocation_carry_the_versions_and_removals_they_must_
         {"value": [change(world.subscription, world.client_state, mid, ct, tag) for ct, mid, tag in notes]})
     world.harness.drain()
     ran: list[Job] = []
-    world.jobs.notified(world.account, direct=lambda job, account, rows: ran.append(job))
+    world.jobs.notified(world.account, direct=world.runner(lambda job, account, rows: ran.append(job)))
     expected = {job.folder_id: Expected.decode(job.attrs.get(EXPECT)) for job in ran}
     assert expected[flagged["folderId"]] == Expected({flagged["id"]: 'W/"kf"'})
     assert expected[moved["folderId"]] == Expected({}, frozenset({moved["id"]}))   # it must be read leaving
@@ -200,14 +211,55 @@ def test_a_notified_job_reuses_its_processs_recent_read_of_a_linked_account(worl
     for _ in range(3):
         world.notify(("updated", message["id"]))
         world.harness.drain()
-        assert jobs.notified(world.account, direct=lambda job, account, rows: None) != []
+        assert jobs.notified(world.account, direct=world.runner(lambda job, account, rows: None)) != []
     assert reads == [world.account], "one account read for three jobs"
     # Its sync rows gone (an unlink deletes them before the account row): the account is read again.
     world.harness.sync_rows.delete(world.account, None)
     world.notify(("updated", message["id"]))
     world.harness.drain()
-    jobs.notified(world.account, direct=lambda job, account, rows: None)
+    jobs.notified(world.account, direct=world.runner(lambda job, account, rows: None))
     assert reads == [world.account] * 2
+
+
+def test_notifications_the_store_resolves_are_taken_by_the_first_round_and_others_before_the_lookups(
+        world: World) -> None:
+    # Updates of stored messages: no mailbox read before the rounds, so the first round takes the row
+    # with its slot and lease (one table transaction for both).
+    message = world.stored[0]
+    world.notify(("updated", message["id"]))
+    world.harness.drain()
+    seen: list[tuple[Job, bool]] = []
+    world.jobs.notified(world.account, direct=lambda job, account, rows: seen.append(
+        (job, world.harness.pending.get(world.account) is not None)))
+    [(job, still_pending)] = seen
+    assert still_pending and job.attrs.get(TAKE_PENDING), "left for the round to take"
+    # New mail: looked up at Graph, so the row is taken before that read.
+    world.harness.sync_rows.take_pending(world.account, job.attrs[TAKE_PENDING])
+    world.notify(("created", world.unstored[0]["id"]))
+    world.harness.drain()
+    seen.clear()
+    world.jobs.notified(world.account, direct=lambda job, account, rows: seen.append(
+        (job, world.harness.pending.get(world.account) is not None)))
+    [(job, still_pending)] = seen
+    assert not still_pending and TAKE_PENDING not in job.attrs
+
+
+def test_notifications_merged_before_the_round_took_them_are_read_again(world: World) -> None:
+    a, b = world.stored[0], world.stored[1]
+    world.notify(("updated", a["id"]))
+    world.harness.drain()
+    rounds: list[Job] = []
+
+    def direct(job: Job, account: Account, rows: AccountSyncState | None) -> None:
+        if not rounds:
+            world.notify(("updated", b["id"]))      # merged after the job read the row
+        rounds.append(job)
+        if TAKE_PENDING in job.attrs:
+            world.harness.sync_rows.take_pending(job.account_id, job.attrs[TAKE_PENDING])   # as the round does
+    world.jobs.notified(world.account, direct)
+    assert len(rounds) >= 2, "the first take was refused: the job read the row again"
+    assert world.harness.pending.get(world.account) is None
+    assert {job.folder_id for job in rounds[1:]} == {a["folderId"], b["folderId"]}
 
 
 def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(world: World) -> None:
@@ -216,7 +268,7 @@ def test_a_large_set_is_enqueued_for_several_workers_even_with_a_direct_runner(w
         world.notify(*(("updated", f"{mid}x{start}") for mid in ids[:50]))
     world.harness.drain()
     ran: list[Job] = []
-    world.jobs.notified(world.account, direct=lambda job, account, rows: ran.append(job))
+    world.jobs.notified(world.account, direct=world.runner(lambda job, account, rows: ran.append(job)))
     assert ran == []
     assert len(world.harness.drain()) == len(world.folders) + 1
 
@@ -316,10 +368,10 @@ def test_a_folder_notice_during_the_folder_round_gets_another_job(world: World) 
         rounds.append(job.kind)
         if len(rounds) == 1:
             assert world.harness.notifications.receive(notice).jobs_enqueued == 1
-    world.jobs.notified(world.account, direct)
+    world.jobs.notified(world.account, world.runner(direct))
     assert rounds == [JobKind.SYNC_FOLDERS.value]
     assert [job.kind for job in world.harness.drain()] == [JobKind.NOTIFIED.value]
-    world.jobs.notified(world.account, direct)
+    world.jobs.notified(world.account, world.runner(direct))
     assert rounds == [JobKind.SYNC_FOLDERS.value, JobKind.SYNC_FOLDERS.value]
     assert world.harness.pending.get(world.account) is None
 
@@ -338,12 +390,12 @@ def test_a_repeat_of_a_pending_notification_after_the_job_took_it_gets_another_l
         rounds.append(job)
         if len(rounds) == 1:          # the round has started: the mailbox is being read
             world.notify(repeat)
-    world.jobs.notified(world.account, direct)
+    world.jobs.notified(world.account, world.runner(direct))
     assert [(job.kind, job.folder_id) for job in rounds] == [sync(message["folderId"])]
     assert [job.kind for job in world.harness.drain()] == [JobKind.NOTIFIED.value]
     pending = world.harness.pending.get(world.account)
     assert pending is not None and pending.changes == (repeat,)
-    world.jobs.notified(world.account, direct)
+    world.jobs.notified(world.account, world.runner(direct))
     assert [(job.kind, job.folder_id) for job in rounds] == [sync(message["folderId"])] * 2
 
 
@@ -381,10 +433,10 @@ def test_a_redelivered_job_whose_row_was_taken_syncs_every_folder(world: World) 
     def dies(job: Job, account: Account, rows: AccountSyncState | None) -> None:
         raise RuntimeError("the host went away mid-round")
     with pytest.raises(RuntimeError):
-        world.jobs.notified(world.account, dies)
+        world.jobs.notified(world.account, world.runner(dies))
     assert world.harness.pending.get(world.account) is None
     ran: list[Job] = []
-    world.jobs.notified(world.account, lambda job, account, rows: ran.append(job), redelivered=True)
+    world.jobs.notified(world.account, world.runner(lambda job, account, rows: ran.append(job)), redelivered=True)
     assert [(job.kind, job.folder_id, job.attrs) for job in ran] == [
         (JobKind.SYNC_FOLDERS.value, None, {EVERY_FOLDER: "1"})]
 

@@ -11,17 +11,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from mailsync.jobs import EVERY_FOLDER, EXPECT, SUBSCRIBED, Expected, JobKind, new_job
+from mailsync.errors import PendingChanged
+from mailsync.jobs import EVERY_FOLDER, EXPECT, SUBSCRIBED, TAKE_PENDING, Expected, JobKind, new_job
 from mailsync.models import AccountStatus, SyncPhase
+from mailsync.monitoring.records import PendingChanges
 from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.store_generation import TableGenerationLedger
+from mailsync.storage.subscriptions import TablePendingStore
 from mailsync.store.search_store import SearchStore
 from mailsync.sync import policy
 from mailsync.sync.engine import Delivery, Outcome
@@ -392,6 +397,50 @@ def test_a_steady_state_notified_round_costs_two_table_calls(world: SyncWorld, p
     _drained_by_a_fresh_pump(world)
     assert not world.state.load(world.account_id).folders[other].dirty
     assert not compare(world)
+
+
+def _pending_row(world: SyncWorld) -> PendingChanges:
+    """The account's pending notifications, as the webhook writes them into its sync partition."""
+    now = datetime.now(UTC)
+    return TablePendingStore(table_client(world.settings, "sync")).create(
+        PendingChanges(world.account_id, (("updated", "m1"),), False, first_at=now, enqueued_at=now))
+
+
+def test_a_notified_jobs_first_round_takes_its_notifications_with_its_slot_and_lease(
+        world: SyncWorld, pump: QueuePump) -> None:
+    # The NOTIFIED job read the pending row and resolved it from the store alone: its first round
+    # deletes the row in the transaction that takes its slot and lease, before it reads the mailbox.
+    synced(world, pump)
+    pump.stop()
+    pending = _pending_row(world)
+    calls = _counted_state(world)
+    rows = world.engine.state.load(world.account_id)
+    inbox = next(f for f, r in rows.folders.items() if r.role == "inbox")
+    calls.calls.clear()
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified",
+                  attrs={TAKE_PENDING: pending.etag or ""})
+    world.engine.handle(job, Delivery("d-1"), world.events, rows=rows)
+    assert calls.calls[0] == "batch" and "DELETE" not in calls.calls, "taken with the slot and lease"
+    assert "pending" not in world.state.load(world.account_id).others
+
+
+def test_notifications_merged_after_the_job_read_them_stop_its_round_before_it_reads_anything(
+        world: SyncWorld, pump: QueuePump) -> None:
+    synced(world, pump)
+    pump.stop()
+    pending = _pending_row(world)
+    rows = world.state.load(world.account_id)
+    store = TablePendingStore(table_client(world.settings, "sync"))
+    store.replace(replace(pending, changes=(("updated", "m1"), ("updated", "m2"))))   # a webhook merged more
+    inbox = next(f for f, r in rows.folders.items() if r.role == "inbox")
+    requests_before = world.sandbox.admin("GET", "counters").json()["requests"]
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified",
+                  attrs={TAKE_PENDING: pending.etag or ""})
+    with pytest.raises(PendingChanged):
+        world.engine.handle(job, Delivery("d-1"), world.events, rows=rows)
+    after = world.state.load(world.account_id)
+    assert "pending" in after.others and after.slots_busy == 0 and after.folders[inbox].lease_owner == ""
+    assert world.sandbox.admin("GET", "counters").json()["requests"] == requests_before, "the mailbox was not read"
 
 
 def test_a_notified_jobs_second_round_starts_from_the_rows_the_first_ended_with(
