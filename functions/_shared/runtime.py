@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from mailsync.monitoring.lifecycle import LifecycleReceiver
     from mailsync.monitoring.notifications import NotificationReceiver
     from mailsync.monitoring.polling import PollScheduler
+    from mailsync.monitoring.recent_accounts import RecentAccounts
     from mailsync.monitoring.subscriptions import SubscriptionManager
     from mailsync.ports import LiveConnections, LiveSender
     from mailsync.providers.imap import ImapProviderFactory
@@ -213,7 +214,15 @@ class Runtime:
                                     Provider.IMAP: self.imap_providers})
         return SyncEngine(self.settings, accounts=self.accounts,
                           providers=providers,
-                          store=self.store, state=self.sync_state, queue=self.job_queue)
+                          store=self.store, state=self.sync_state, queue=self.job_queue,
+                          recent=self.recent_accounts)
+
+    @cached_property
+    def recent_accounts(self) -> RecentAccounts:
+        """This process's recent account reads, shared by NOTIFIED jobs and their rounds' look-agains."""
+        from mailsync.monitoring.recent_accounts import RecentAccounts
+
+        return RecentAccounts(self.accounts)
 
     @cached_property
     def sync_worker(self) -> SyncWorker:
@@ -318,11 +327,9 @@ class Runtime:
         from mailsync.monitoring.handler import MonitoringJobs
 
         locator = GraphMessageLocator(AccountGraphClients(self.settings, self.token_provider))
-        from mailsync.monitoring.recent_accounts import RecentAccounts
-
         return MonitoringJobs(self.pending_notifications, self.accounts, self.store, locator,
                               self.subscription_manager, self.job_queue, rows=self.sync_state.load,
-                              recent=RecentAccounts(self.accounts))
+                              recent=self.recent_accounts)
 
     @cached_property
     def imap_poller(self) -> ImapStatusPoller:

@@ -103,6 +103,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Protocol
 
 from mailsync.jobs import EVERY_FOLDER, STAND_IN_SWEEPS, TAKE_PENDING, JobKind, new_job
 from mailsync.logs import log_context
@@ -138,15 +139,28 @@ def _relook_attempt(job: Job) -> int:
         return 0
 
 
+class RecentReads(Protocol):
+    """Accounts this process read moments ago (``mailsync.monitoring.recent_accounts.RecentAccounts``)."""
+
+    def get(self, account_id: str, *, linked: bool) -> Account | None:
+        """The account; a recent read of it when ``linked`` (the caller's read shows its sync rows)."""
+        ...
+
+
 class SyncEngine:
     """Runs sync jobs. One instance per process; ``handle`` is thread-safe."""
 
     def __init__(self, settings: Settings, *, accounts: AccountRepository, providers: ProviderFactory,
                  store: MessageStore, state: SyncStateTable, queue: JobQueue,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None, backoff_cap_s: float = policy.BACKOFF_CAP_S) -> None:
+                 rng: random.Random | None = None, backoff_cap_s: float = policy.BACKOFF_CAP_S,
+                 recent: RecentReads | None = None) -> None:
+        """``recent``: a notified round or look-again queued on its own reads its rows first and, when they
+        show the account linked, reuses this process's read of the account of moments ago (the NOTIFIED
+        job's, 2 s before a look-again); None reads the account for every job."""
         self.settings = settings
         self.accounts = accounts
+        self.recent = recent
         self.providers = providers
         self.store = store
         self.state = state
@@ -188,7 +202,14 @@ class SyncEngine:
         """
         with log_context(account_id=job.account_id, job_id=job.job_id, folder_id=job.folder_id):
             if account is None or account.account_id != job.account_id:
-                account = self.accounts.get(job.account_id)
+                if self.recent is not None and rows is None and job.kind == JobKind.SYNC_FOLDER \
+                        and job.reason in NOTIFIED_REASONS:
+                    # Its rows, read first (the run's own first read), show the account still linked
+                    # (an unlink deletes them before the account row): a read of moments ago will do.
+                    rows = self.state.load(job.account_id)
+                    account = self.recent.get(job.account_id, linked=rows.folder_list is not None)
+                else:
+                    account = self.accounts.get(job.account_id)
             if account is None:
                 # Unlinked meanwhile: its documents are gone; drop its sync rows too.
                 self.state.delete_account(job.account_id)

@@ -20,6 +20,7 @@ import pytest
 from mailsync.errors import PendingChanged
 from mailsync.jobs import EVERY_FOLDER, EXPECT, SUBSCRIBED, TAKE_PENDING, Expected, JobKind, new_job
 from mailsync.models import AccountStatus, SyncPhase
+from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.records import PendingChanges
 from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.settings import Settings
@@ -471,6 +472,34 @@ def test_a_notified_jobs_second_round_starts_from_the_rows_the_first_ended_with(
     after = world.state.load(world.account_id)
     assert after.slots_busy == 0 and not any(r.lease_owner for r in after.folders.values())
     assert not compare(world)
+
+
+def test_a_look_again_reuses_its_processs_read_of_the_account_its_rows_show_linked(
+        world: SyncWorld, pump: QueuePump) -> None:
+    # A look-again comes 2 s after its NOTIFIED job read the account: it reads its rows first (its
+    # run's first read) and, as they show the account linked, reads no account row.
+    synced(world, pump)
+    pump.stop()
+    reads: list[str] = []
+
+    class CountingAccounts:
+        def get(self, account_id: str) -> Any:
+            reads.append(account_id)
+            return world.tables.accounts.get(account_id)
+
+        def iter_accounts(self) -> Any:
+            return world.tables.accounts.iter_accounts()
+
+    world.engine.recent = RecentAccounts(CountingAccounts())  # type: ignore[arg-type]
+    inbox = next(f for f, r in world.state.load(world.account_id).folders.items() if r.role == "inbox")
+    for attempt in ("1", "2"):
+        job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="relook", attrs={"relook": attempt})
+        assert world.engine.handle(job, Delivery(f"d-{attempt}"), world.events) == Outcome.DONE
+    assert reads == [world.account_id], "read once, then reused"
+    world.state.delete(world.account_id, None)      # an unlink deletes the rows first: read the account
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="relook", attrs={"relook": "1"})
+    world.engine.handle(job, Delivery("d-3"), world.events)
+    assert reads == [world.account_id] * 2
 
 
 def test_a_holder_whose_slot_a_waiting_job_signalled_reads_the_rows_and_continues_its_work(
