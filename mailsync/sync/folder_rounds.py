@@ -48,9 +48,11 @@ class FolderSync(InvocationBase):
         if lease is None:
             return
         held: Lease | None = lease
-        # The folder's first round is a bulk load: the store may refresh less often meanwhile
-        # (a 3-5x cheaper index on a real engine); every way out of here ends it.
-        loading = lease.state.rounds == 0 and self._bulk_load(folder_id, begin=True)
+        # A large folder's first round is a bulk load: the store may refresh less often meanwhile
+        # (a 3-5x cheaper index on a real engine); every way out of here ends it. A small folder's
+        # is not: beginning and ending one costs more than it saves (policy.BULK_LOAD_MIN_MESSAGES).
+        loading = (lease.state.rounds == 0 and policy.worth_a_bulk_load(lease.state)
+                   and self._bulk_load(folder_id, begin=True))
         try:
             while held is not None:
                 held = self._folder_round(held)

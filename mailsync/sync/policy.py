@@ -40,6 +40,14 @@ BACKOFF_CAP_S = 300.0
 # wait, and after the next while look-agains find nothing; at most one
 # pending per folder.
 RELOOK_DELAYS_S = (2.0, 10.0)
+# A folder's first round relaxes the store's refresh (a bulk load) only when the folder list says it
+# holds at least this many messages. Beginning and ending a bulk load costs two index-settings updates
+# (cluster-state publications), two refreshed lease writes, a count and a refresh: ~1 s on the embedded
+# node at load 17 (docs/scaling.md, "Onboarding"), paid per folder. What it
+# saves is the refreshes the load would have caused, ~one per second of loading: below a few thousand
+# messages (a few seconds of bulk writes) that is less than it costs, and onboarding pays it for every
+# one of a mailbox's ~13 mostly small folders.
+BULK_LOAD_MIN_MESSAGES = 2_000
 # Epochs are seconds since this instant, so a recreated row never reuses an
 # epoch still written on documents (and the number fits a 32-bit table int).
 EPOCH_BASE_S = 1_700_000_000
@@ -48,6 +56,11 @@ EPOCH_BASE_S = 1_700_000_000
 def next_epoch(previous: int, now: float) -> int:
     """A full round's epoch: larger than every earlier one of the folder."""
     return max(previous + 1, int(now) - EPOCH_BASE_S)
+
+
+def worth_a_bulk_load(state: SyncState) -> bool:
+    """Whether the folder's first round should relax the store's refresh (unknown size: yes, as before)."""
+    return state.expected is None or state.expected >= BULK_LOAD_MIN_MESSAGES
 
 
 def store_lost(state: SyncState, generation: str) -> bool:

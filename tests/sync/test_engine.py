@@ -123,13 +123,20 @@ def test_a_worker_dying_mid_page_is_taken_over_by_the_redelivery(world: SyncWorl
     assert world.state.load(world.account_id).slots_busy == 0
 
 
-def test_first_rounds_load_in_bulk_and_every_way_out_ends_the_load(world: SyncWorld, pump: QueuePump) -> None:
-    """Each folder's first round relaxes the store's refresh (begin_bulk_load) and ends it on every exit.
+@pytest.mark.parametrize("threshold", [0, 3])
+def test_first_rounds_load_in_bulk_and_every_way_out_ends_the_load(world: SyncWorld, pump: QueuePump,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   threshold: int) -> None:
+    """A large folder's first round relaxes the store's refresh (begin_bulk_load) and ends it on every exit.
 
     The store is the real one with its bulk-load calls noted; the first page
     of every folder fails once with a bug (an exception the engine does not
-    expect), so each folder's load also ends through the error path.
+    expect), so each folder's load also ends through the error path. With
+    the threshold at 0 every folder is large; at 3 the folders the folder
+    list counted below 3 messages get no bulk load (it costs more than it
+    saves: policy.BULK_LOAD_MIN_MESSAGES).
     """
+    monkeypatch.setattr(policy, "BULK_LOAD_MIN_MESSAGES", threshold)
     store: SearchStore = world.engine.store   # type: ignore[assignment]
     calls: list[tuple[str, str]] = []
 
@@ -167,8 +174,12 @@ def test_first_rounds_load_in_bulk_and_every_way_out_ends_the_load(world: SyncWo
     assert failed and pump.stats.failures >= len(failed)
     begun = sorted(holder for op, holder in calls if op == "begin")
     assert begun == sorted(holder for op, holder in calls if op == "end"), "every load ended, the failed ones too"
-    assert failed <= set(begun)
-    assert during and set(during) == {"30s"}, "every page of the first rounds was written under the relaxed refresh"
+    rows = world.state.load(world.account_id).folders
+    large = {f for f, r in rows.items() if r.expected is None or r.expected >= threshold}
+    assert set(begun) == large, {f: r.expected for f, r in rows.items()}
+    assert failed & large and (threshold == 0 or failed - large), "both kinds of folder were written"
+    if threshold == 0:
+        assert during and set(during) == {"30s"}, "every page of the first rounds was written under the relaxed refresh"
     assert interval() is None, "restored once the last load ended"
     assert store.engine.count(store.names.mailboxes, {"term": {"kind": "bulk_load"}}) == 0, "no lease left"
 
