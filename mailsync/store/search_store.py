@@ -277,14 +277,24 @@ class SearchStore:
     def end_bulk_load(self, account_id: str, holder: str = "") -> None:
         """End one lease; restore the default refresh interval (and refresh) if no live lease remains.
 
-        Two ends racing a begin can restore the default while the other
-        load still runs; that load is then slower, never wrong.
+        Settings have no compare-and-set, so an end can race a begin: the end
+        counts no live lease, the begin writes its lease and relaxes the
+        interval, then the end restores the default under a running load. So
+        the end counts again after restoring and relaxes once more if a lease
+        appeared: a begin writes its lease (refreshed) before it relaxes, so a
+        begin whose relaxing the restore overwrote has its lease counted here.
+        What remains is a moment of default refresh for that load: slower,
+        never wrong (only speed depends on the interval).
         """
         lease_id = docs.bulk_load_doc_id(account_id, holder)
         with translating("end_bulk_load"):
             self._engine.delete_document(self.names.mailboxes, lease_id, routing=account_id, refresh=True)
             if self._live_bulk_loads() == 0:
                 self._engine.put_settings(self.names.messages, {"index": {"refresh_interval": None}})
+                if self._live_bulk_loads() > 0:
+                    self._engine.put_settings(
+                        self.names.messages, {"index": {"refresh_interval": self.options.bulk_refresh_interval}})
+                    return
                 self._engine.refresh([self.names.messages])
 
     def expire_bulk_loads(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -728,6 +729,42 @@ def test_bulk_loads_count_each_holder_of_one_account(store: SearchStore) -> None
     assert _refresh_interval(store) == "30s"
     store.end_bulk_load("acct1", "Archive/2019 " + "x" * 600)
     assert _refresh_interval(store) is None
+
+
+def test_a_begin_racing_the_last_end_keeps_its_relaxed_refresh(make_store: Callable[..., SearchStore]) -> None:
+    # The end counted no live lease; before it restores the default, another worker's begin writes
+    # its lease and relaxes the interval. The restore then lands under a running load: the end must
+    # count again and relax once more (before, that load ran at the default refresh to its end).
+    racing: list[SearchStore] = []
+
+    class BeginJustBeforeTheRestore:
+        def __init__(self, engine: SearchEngine) -> None:
+            self._engine = engine
+            self.armed = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._engine, name)
+
+        def put_settings(self, index: str, settings: dict[str, Any]) -> None:
+            if self.armed and settings == {"index": {"refresh_interval": None}}:
+                self.armed = False
+                racing[0].begin_bulk_load("acct2")
+            self._engine.put_settings(index, settings)
+
+    wrapper: list[BeginJustBeforeTheRestore] = []
+
+    def wrap(engine: SearchEngine) -> SearchEngine:
+        wrapper.append(BeginJustBeforeTheRestore(engine))
+        return wrapper[0]   # type: ignore[return-value]
+
+    ending = make_store(wrap=wrap)
+    racing.append(make_store())   # the same prefix: the same indices, another worker
+    ending.begin_bulk_load("acct1")
+    wrapper[0].armed = True
+    ending.end_bulk_load("acct1")
+    assert _refresh_interval(ending) == "30s", "acct2 is loading"
+    racing[0].end_bulk_load("acct2")
+    assert _refresh_interval(ending) is None
 
 
 def test_a_dead_loaders_relaxed_refresh_is_undone_once_its_lease_expired(
