@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,7 +323,7 @@ def wait_until_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: fl
 def start_search_node(home: Path, *, data: Path | None = None, host: str = "127.0.0.1", port: int = 0,
                       heap: str = DEFAULT_HEAP, timeout_s: float = 120.0, log_path: Path | None = None,
                       own_session: bool = False, parent_pid: int | None = None,
-                      layout: BuildLayout = BuildLayout()) -> SearchNode:
+                      layout: BuildLayout = BuildLayout(), jvm_flags: Sequence[str] = ()) -> SearchNode:
     """Build if needed, start the node (``home`` for its folders, ``data`` for the indices; port 0 = free).
 
     Returns once the node answers ``yellow``, so documents written before the
@@ -339,7 +339,8 @@ def start_search_node(home: Path, *, data: Path | None = None, host: str = "127.
     data = data or home / "data"
     log_path = log_path or home / "logs" / "search-node.out"
     archive = layout.class_archive
-    extra = (f"-XX:SharedArchiveFile={archive}", "-Xshare:auto") if archive.exists() else ()
+    extra: tuple[str, ...] = (f"-XX:SharedArchiveFile={archive}", "-Xshare:auto") if archive.exists() else ()
+    extra += tuple(jvm_flags)   # after JVM_FLAGS: a later -XX flag wins (bench/node_loads.py compares some)
     process = _launch(java, layout, home, data=data, host=host, port=port, heap=heap, log_path=log_path,
                       own_session=own_session, extra=extra, parent_pid=parent_pid)
     started = time.monotonic()
