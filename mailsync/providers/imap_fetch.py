@@ -66,10 +66,10 @@ def parse_fetch(lines: Sequence[Any]) -> dict[int, dict[bytes, Any]] | None:
 # The pair path: what a sync's FETCH answers are made of, ``KEY value`` pairs whose value is an
 # atom, a quoted string without escapes, a flat list of atoms, or a literal, read one line at a
 # time by one findall (each pair's groups come back as one tuple) instead of token by token:
-# ~20 -> ~11 us per message on the bench mailbox. Tokens as ``_TOKEN`` reads them, but stricter
-# (one space between a key and its value; nothing nested). Whatever it does not accept — or
-# accepts only in part — goes to the token path below, which answers the same where both answer
-# (tests/providers/test_imap_fetch.py holds them to each other and to imapclient).
+# ~20 -> ~13 us per message on the bench mailbox (with by_uid). Tokens as ``_TOKEN`` reads them,
+# but stricter (one space between a key and its value; nothing nested). Whatever it does not
+# accept — or accepts only in part — goes to the token path below, which answers the same where
+# both answer (tests/providers/test_imap_fetch.py holds them to each other and to imapclient).
 _ATOM_RE = rb'[^ \t()"{\r\n]++'
 _QUOTED_RE = rb'"[^"\\\r\n]*+"'
 _FLAT_RE = rb'\((?>[ ]*+' + _ATOM_RE + rb')*+[ ]*+\)'
