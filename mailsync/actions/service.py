@@ -43,7 +43,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -507,7 +507,8 @@ class MessageActionService:
         else:
             if events is not None and rows:
                 events.publish_changes(MessagesChanged(account_id=account_id, upserted=tuple(rows)))
-        batch_id = job.result().attrs.get("batch") if job.done() and job.exception() is None else None
+        wait([job])                           # its kept list, if it wrote one, is ours to drop
+        batch_id = job.result().attrs.get("batch") if job.exception() is None else None
         if batch_id:
             try:
                 self._ledger().drop_batch(account_id, batch_id)
