@@ -306,11 +306,26 @@ class ImapProvider:
     def _incremental_qresync(self, session: ImapSession, folder_id: str, state: FolderCursor) -> _Page:
         info = session.examine(folder_id, qresync=(state.uidvalidity, state.modseq))
         self._check_validity(state, info)
+        if info.highestmodseq is None:
+            # Protocol quirk. With CONDSTORE enabled (QRESYNC enables it) every SELECT/EXAMINE answer
+            # must carry HIGHESTMODSEQ, or NOMODSEQ for a mailbox without mod-sequences (RFC 7162
+            # 3.1.2.1); VANISHED and the changed FETCHes only mean "nothing else changed since modseq"
+            # when it does. Dovecot 2.3 (Maildir) answers without either once a mailbox's index was
+            # reset, and a UIDVALIDITY change resets it (a restore; the tests' `doveadm mailbox update
+            # --uid-validity`). Worse, a connection that had the mailbox open shortly before (Dovecot
+            # keeps recently closed indexes open) got the *old* UIDVALIDITY in its first EXAMINE after
+            # the reset — its cached index — and the right one from the next EXAMINE on: 12 of 25 times
+            # in a loop of sync, reset, round (tests/providers contract's broken-cursor test failed "did
+            # not raise" under load that way). The UIDVALIDITY check above passed, QRESYNC reported
+            # nothing, and the round completed on a broken cursor; only the next round noticed. Taken as
+            # "unchanged" (the cursor's own modseq), a missing HIGHESTMODSEQ hid exactly that. So, as on
+            # the CONDSTORE path: no HIGHESTMODSEQ, no incremental round — the folder starts again.
+            raise CursorExpired("the folder stopped reporting HIGHESTMODSEQ")
         upper = max(info.uidnext, state.uidnext)
         removals = [message_id_of(folder_id, state.uidvalidity, uid)
                     for line in info.vanished for uid in _vanished_uids(line, upper)]
         changed = sorted(info.changed)
-        target = (info.highestmodseq or state.modseq, max(info.uidnext, state.uidnext))
+        target = (info.highestmodseq, max(info.uidnext, state.uidnext))
         return self._changed_page(session, folder_id, state, changed, removals, target)
 
     def _incremental_condstore(self, session: ImapSession, folder_id: str, state: FolderCursor) -> _Page:

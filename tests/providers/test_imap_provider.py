@@ -15,7 +15,7 @@ import pytest
 
 from mailsync.errors import CursorExpired, NotFound
 from mailsync.providers.imap import ImapProvider, message_id_of
-from mailsync.providers.imap_cursor import decode_folder_cursor
+from mailsync.providers.imap_cursor import decode_folder_cursor, encode_folder_cursor
 from tests.fixtures.dovecot import DovecotServer
 from tests.providers.contract import Mirror, ProviderContract, assert_mirror_equals
 from tests.providers.imap_harness import ImapHarness, make_harness
@@ -155,6 +155,24 @@ def test_uidvalidity_change_is_cursor_expired_for_that_folder_only(dovecot: Dove
     assert provider.message_changes("INBOX", mirror.cursors["INBOX"]).complete
     fresh = provider.message_changes("Archive", None)
     assert all(m.message_id.split(".")[1] == "4242" for m in fresh.upserts)
+
+
+def test_a_qresync_answer_without_highestmodseq_is_cursor_expired(dovecot: DovecotServer) -> None:
+    # Once a mailbox's index was reset by a UIDVALIDITY change, Dovecot answers EXAMINE without HIGHESTMODSEQ
+    # on a connection that had the mailbox open shortly before, and that connection's first answer even gave
+    # the *old* UIDVALIDITY: the UIDVALIDITY check passed and the round completed on a broken cursor (the
+    # contract's broken-cursor test, "did not raise" under load). The first round here takes that first
+    # answer, stale or not; the second names the UIDVALIDITY the server now gives, as the stale answer did
+    # its own: the missing HIGHESTMODSEQ alone must end the incremental round.
+    harness = make_harness(dovecot)
+    provider, mirror = _synced(harness)
+    dovecot.set_uidvalidity(harness.user, "INBOX", 4242)
+    state = decode_folder_cursor(mirror.cursors["INBOX"] or "")
+    assert (state.mode, state.stage) == ("q", "sync")
+    with pytest.raises(CursorExpired):
+        provider.message_changes("INBOX", mirror.cursors["INBOX"])
+    with pytest.raises(CursorExpired, match="HIGHESTMODSEQ"):
+        provider.message_changes("INBOX", encode_folder_cursor(state.with_(uidvalidity=4242)))
 
 
 def test_a_cursor_from_another_path_is_cursor_expired(dovecot: DovecotServer) -> None:
