@@ -119,24 +119,18 @@ from mailsync.sync.invocation import (
     FOLDER_LIST,
     NOTIFIED_REASONS,
     RELOOK,
+    RELOOK_COVERED,
     Delivery,
     Outcome,
     StopInvocation,
     all_rows,
+    relook_attempt,
 )
 
 log = logging.getLogger("mailsync.sync")
 
 ACTIVE_STATUSES = (AccountStatus.SYNCING, AccountStatus.SYNCED)
 __all__ = ["Delivery", "Outcome", "SyncEngine"]
-
-
-def _relook_attempt(job: Job) -> int:
-    """Which look-again ``job`` is (1, 2...); 0 for any other job."""
-    try:
-        return int(job.attrs.get(RELOOK, "0")) if job.reason == RELOOK else 0
-    except ValueError:
-        return 0
 
 
 class RecentReads(Protocol):
@@ -394,20 +388,23 @@ class _Invocation(FolderSync, FolderListSync):
             target, folder_id = FOLDER_LIST, None    # a folder subscription's notification: names, parents, new folders
         else:
             return
-        attempt = _relook_attempt(job)
-        if target in self.changed and attempt:
-            return                             # a look-again that found something: the lagging change surfaced
-        if not attempt and self.expected is not None and self.expected.met_by(self.seen):
-            # The round read the very versions its notifications announced (or their removal):
-            # nothing they name is still inside delta's lag.
-            log.info("notified round read the notified versions: no look-again")
-            return
-        delay = policy.relook_delay(attempt)
+        attempt = relook_attempt(job)
+        delay = self._relook_delay(target)
         if delay is None:
+            if not attempt and self.expected is not None and self.expected.met_by(self.seen):
+                # The round read the very versions its notifications announced (or their removal):
+                # nothing they name is still inside delta's lag.
+                log.info("notified round read the notified versions: no look-again")
             return
         e = self.e
+        claimed = self.relook_claim if outcome == Outcome.DONE else None
+        if claimed == RELOOK_COVERED:
+            return
+        if claimed is not None:
+            delay = max(0.0, claimed - e.clock())   # claimed with the round's finish (_complete_round)
         # self.rows: read at the end of the run, after our last write (the claim is ETag-checked anyway).
-        if not e.state.schedule_relook(self.account_id, folder_id, at=e.clock() + delay, known=self._known(folder_id)):
+        elif not e.state.schedule_relook(self.account_id, folder_id, at=e.clock() + delay,
+                                         known=self._known(folder_id)):
             return
         log.info("notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
         e.queue.enqueue(new_job(JobKind(job.kind), self.account_id, folder_id, reason=RELOOK,
@@ -437,7 +434,7 @@ class _Invocation(FolderSync, FolderListSync):
         if job.reason in STAND_IN_SWEEPS:
             attempt = 0
         elif job.reason == RELOOK:
-            attempt = _relook_attempt(job)
+            attempt = relook_attempt(job)
         else:
             return
         delay = policy.relook_delay(attempt)

@@ -16,7 +16,14 @@ from mailsync.errors import CursorExpired, LeaseLost, MailsyncError, NotFound, P
 from mailsync.models import Message, MessageBatch, MessagesChanged, SyncPhase
 from mailsync.storage.cursors import Lease, SyncState
 from mailsync.sync import policy
-from mailsync.sync.invocation import InvocationBase, Outcome, StopInvocation, kept
+from mailsync.sync.invocation import (
+    NOTIFIED_REASONS,
+    RELOOK_COVERED,
+    InvocationBase,
+    Outcome,
+    StopInvocation,
+    kept,
+)
 from mailsync.sync.pipeline import PageReader
 
 log = logging.getLogger("mailsync.sync")
@@ -134,6 +141,9 @@ class FolderSync(InvocationBase):
                 if removed:
                     log.info("removed %d stale message(s)", removed)
             final = {**fields, "phase": SyncPhase.INCREMENTAL, "rounds": state.rounds + 1, "failures": 0}
+            claim = self._relook_with_finish(state)
+            if claim is not None and claim != RELOOK_COVERED:
+                final["relook_at"] = claim
             if self.one_round and self.slot is not None:
                 # The round is this invocation's last Graph work: the slot goes back with the lease.
                 finished, released = e.state.finish_and_release_slot(lease, self.slot, **final)
@@ -149,6 +159,7 @@ class FolderSync(InvocationBase):
             self._defer(lease, policy.wait_for(exc, attempt=policy.MAX_QUICK_RETRIES, failures=state.failures,
                                                time_left_s=0.0, rng=e.rng, cap_s=e.backoff_cap_s))
             raise StopInvocation(Outcome.DEFERRED) from exc
+        self.relook_claim = claim
         done = replace(state, phase=SyncPhase.INCREMENTAL, rounds=state.rounds + 1)
         if was_full:
             self._publish_folder_phase(done, SyncPhase.INCREMENTAL)
@@ -161,6 +172,29 @@ class FolderSync(InvocationBase):
             # Steady state: progress only needs this folder's new state; no table read for it.
             self._publish_progress(folder_id, SyncPhase.INCREMENTAL.value, None, live=done)
         return finished
+
+    def _relook_with_finish(self, state: SyncState) -> float | None:
+        """A notified round's look-again, claimed in the finish's write instead of a merge of its own.
+
+        The round is the invocation's only one and its last Graph work: whether it
+        needs a look-again (``_folder_relook_delay``) is known once it read its pages.
+        Its due time goes into the finish's fields (``relook_at``), unless the row as
+        the round holds it shows one pending that covers it (due no more than a second
+        before: ``SyncStateTable.schedule_relook``'s rule), which is ``RELOOK_COVERED``.
+        None: decided after the run, as for every other invocation.
+        """
+        job = self.job
+        if not self.one_round or state.folder_id is None or state.folder_id != job.folder_id \
+                or job.reason not in NOTIFIED_REASONS:
+            return None
+        delay = self._relook_delay(state.folder_id)
+        if delay is None:
+            return None
+        now = self.e.clock()
+        at = now + delay
+        if state.relook_at > now and state.relook_at >= at - 1.0:
+            return RELOOK_COVERED
+        return at
 
     def _start_full_round(self, lease: Lease, generation: str) -> Lease:
         state = lease.state

@@ -42,6 +42,15 @@ REAUTH_MESSAGES: dict[Provider, str] = {
 }
 
 FOLDER_LIST = "\x00folder-list"   # sentinel target: the folder list (never a provider folder id)
+RELOOK_COVERED = -1.0             # InvocationBase.relook_claim: a pending look-again covers this round's
+
+
+def relook_attempt(job: Job) -> int:
+    """Which look-again ``job`` is (1, 2...); 0 for any other job."""
+    try:
+        return int(job.attrs.get(RELOOK, "0")) if job.reason == RELOOK else 0
+    except ValueError:
+        return 0
 
 
 class Outcome(enum.StrEnum):
@@ -109,6 +118,22 @@ class InvocationBase:
         self.pretaken: Lease | None = None   # the target's lease, taken with the slot
         self.took_from: AccountSyncState | None = None   # the rows that slot and lease were taken from
         self.released: Released | None = None   # the round's row and the slot, given back together (unsignalled)
+        # The look-again of a notified round, claimed with the round's finish: its due time (claimed),
+        # RELOOK_COVERED (one pending covers it), or None (decided after the run, the claim on its own).
+        self.relook_claim: float | None = None
+
+    def _relook_delay(self, target: str) -> float | None:
+        """The wait before the look-again this notified round of ``target`` needs, or None (it needs none).
+
+        Delta lags behind notifications (``SyncEngine``'s ``_relook_if_quiet`` says why); a
+        look-again that found something, or a round that read the notified versions, needs none.
+        """
+        attempt = relook_attempt(self.job)
+        if target in self.changed and attempt:
+            return None                        # a look-again that found something: the lagging change surfaced
+        if not attempt and self.expected is not None and self.expected.met_by(self.seen):
+            return None                        # it read the very versions its notifications announced
+        return policy.relook_delay(attempt)
 
     def _come_back(self, target: str, delay_s: float, *, reason: str) -> None:
         self._enqueue_continuation(None if target is FOLDER_LIST else target, reason=reason, delay_s=max(0.0, delay_s))

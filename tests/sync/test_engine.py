@@ -463,6 +463,30 @@ def test_notifications_merged_after_the_job_read_them_stop_its_round_before_it_r
     assert world.sandbox.admin("GET", "counters").json()["requests"] == requests_before, "the mailbox was not read"
 
 
+def test_a_notified_round_claims_its_look_again_with_its_finish(world: SyncWorld, pump: QueuePump) -> None:
+    # A round that did not read its notification's version looks again 2 s later: the claim on the
+    # folder row (one look-again pending at a time) goes into the finish's transaction.
+    synced(world, pump)
+    pump.stop()
+    pump.client.clear_messages()
+    inbox = next(f for f, r in world.state.load(world.account_id).folders.items() if r.role == "inbox")
+    calls = _counted_state(world)
+    rows = world.engine.state.load(world.account_id)
+    calls.calls.clear()
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified",
+                  attrs={EXPECT: Expected({"not-read-yet": 'W/"x"'}).encode()})
+    before = time.time()
+    assert world.engine.handle(job, Delivery("d-1"), world.events, rows=rows) == Outcome.DONE
+    assert calls.calls == ["batch", "batch"], calls.calls
+    assert world.state.get(world.account_id, inbox).relook_at > before  # type: ignore[union-attr]
+    assert int(pump.client.get_queue_properties().approximate_message_count or 0) == 1, "the look-again job"
+    # A second notified round now: the pending look-again covers it (no claim, no job).
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified",
+                  attrs={EXPECT: Expected({"not-read-yet": 'W/"x"'}).encode()})
+    assert world.engine.handle(job, Delivery("d-2"), world.events) == Outcome.DONE
+    assert int(pump.client.get_queue_properties().approximate_message_count or 0) == 1
+
+
 def test_a_notified_jobs_second_round_starts_from_the_rows_the_first_ended_with(
         world: SyncWorld, pump: QueuePump) -> None:
     # A move notifies two folders: the NOTIFIED job runs both rounds, the second from the rows the
