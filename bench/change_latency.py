@@ -428,6 +428,8 @@ def verify_all(stack: Stack, accounts: list[Account], settle_s: float) -> dict[s
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = random.Random(args.seed)
     env = {"POLL_INTERVAL_SUBSCRIBED_S": "0"}
+    if args.notify_coalesce_s is not None:
+        env["NOTIFY_COALESCE_S"] = str(args.notify_coalesce_s)
     stack = start_stack("change-latency", users=args.accounts, messages=args.messages_per_account,
                         latency_ms=args.latency_ms, seed=args.seed, env=env, count_storage=args.count_storage,
                         start_host=not args.in_process and not args.max_polling_interval)
@@ -712,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-steps", default="",
                         help="e.g. 0,1,2: after onboarding, one window of --changes per entry, with that many "
                              "--workers processes (throughput and p99 against 1, 2, 3 processes on one stack)")
+    parser.add_argument("--notify-coalesce-s", type=int, default=None,
+                        help="the app's NOTIFY_COALESCE_S: the NOTIFIED job's visibility delay after its first "
+                             "notification (default: the app's, 0)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = parser.parse_args(argv)
     results = run(args)   # each window's figures line is printed as it ends
