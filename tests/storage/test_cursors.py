@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -275,24 +277,29 @@ def test_at_most_n_slots_and_expiry_frees_them(table: SyncStateTable, clock: Clo
     assert table.acquire_slot(account, new_owner("m12"), 4) is not None
 
 
-def test_slots_are_not_overbooked_by_concurrent_workers(table: SyncStateTable) -> None:
-    account = _account()
-    got: list[object] = []
+def _race(workers: int, take: Callable[[int], list[Any]]) -> list[Any]:
+    """Run ``take(0..workers-1)`` in as many threads at once; everything they took that is not None."""
+    got: list[Any] = []
     lock = threading.Lock()
 
-    def take(i: int) -> None:
-        slot = table.acquire_slot(account, new_owner(f"w{i}"), 4)
+    def run(i: int) -> None:
+        taken = take(i)
         with lock:
-            got.append(slot)
+            got.extend(taken)
 
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(10)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    taken = [slot for slot in got if slot is not None]
+    return [t for t in got if t is not None]
+
+
+def test_slots_are_not_overbooked_by_concurrent_workers(table: SyncStateTable) -> None:
+    account = _account()
+    taken = _race(10, lambda i: [table.acquire_slot(account, new_owner(f"w{i}"), 4)])
     assert len(taken) == 4
-    assert len({slot.index for slot in taken}) == 4  # type: ignore[attr-defined]
+    assert len({slot.index for slot in taken}) == 4
 
 
 def test_several_free_slots_are_taken_at_once_and_never_overbooked(table: SyncStateTable, clock: Clock) -> None:
@@ -313,23 +320,10 @@ def test_several_free_slots_are_taken_at_once_and_never_overbooked(table: SyncSt
 
 def test_slots_taken_at_once_race_with_single_takes_without_overbooking(table: SyncStateTable) -> None:
     account = _account()
-    got: list[object] = []
-    lock = threading.Lock()
-
-    def take(i: int) -> None:
-        slots = (table.acquire_slots(account, [new_owner(f"b{i}-{k}") for k in range(4)], 4) if i % 2
-                 else [table.acquire_slot(account, new_owner(f"w{i}"), 4)])
-        with lock:
-            got.extend(slots)
-
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    taken = [slot for slot in got if slot is not None]
+    taken = _race(8, lambda i: (table.acquire_slots(account, [new_owner(f"b{i}-{k}") for k in range(4)], 4) if i % 2
+                                else [table.acquire_slot(account, new_owner(f"w{i}"), 4)]))
     assert len(taken) == 4
-    assert len({slot.index for slot in taken}) == 4  # type: ignore[attr-defined]
+    assert len({slot.index for slot in taken}) == 4
 
 
 def test_redelivery_reclaims_its_slot(table: SyncStateTable) -> None:
@@ -405,20 +399,8 @@ def test_a_slot_and_lease_transaction_never_overbooks_slots(table: SyncStateTabl
     account = _account()
     folders = [_folder(table, account, f"f{n}").folder_id for n in range(8)]
     rows = table.load(account)
-    got: list[object] = []
-    lock = threading.Lock()
-
-    def take(i: int) -> None:
-        taken = table.take_slot_and_lease(rows, folders[i] or "", new_owner(f"w{i}"), 4)   # all from the same read
-        with lock:
-            got.append(taken)
-
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    taken = [t for t in got if t is not None]
+    # All from the same read.
+    taken = _race(8, lambda i: [table.take_slot_and_lease(rows, folders[i] or "", new_owner(f"w{i}"), 4)])
     assert 1 <= len(taken) <= 4
     assert table.load(account).slots_busy == len(taken)
 

@@ -3,18 +3,20 @@
 ``web_env(...)`` builds the app settings every web test module uses (its
 own queue, tables and index prefix; a SignalR AccessKey the tests know, so
 they can check tokens and publish through the service's REST API).
-``WebHost`` wraps a started devhost with small HTTP helpers.
+``WebHost`` wraps a started devhost with small HTTP helpers;
+``web_host_fixture(functions)`` is a module's ``web`` fixture serving them.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from devhost.services.process import free_port
@@ -71,3 +73,17 @@ def running_web_host(*, connection_string: str, search_store_url: str, sandbox_u
         yield WebHost(host, env)
     finally:
         host.stop(timeout_s=15)
+
+
+def web_host_fixture(functions: list[str]) -> Callable[..., Iterator[WebHost]]:
+    """A module-scoped fixture (assign it to ``web``) running a devhost that serves ``functions``."""
+
+    @pytest.fixture(scope="module")
+    def web(azurite: Any, search_store_url: str, graph_sandbox: Any,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebHost]:
+        with running_web_host(connection_string=azurite.connection_string, search_store_url=search_store_url,
+                              sandbox_url=graph_sandbox.base_url, tmp_path_factory=tmp_path_factory,
+                              functions=functions) as web:
+            yield web
+
+    return web

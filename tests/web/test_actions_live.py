@@ -29,19 +29,13 @@ from mailsync.linking.access import issue_access_token
 from mailsync.models import Account, AccountStatus, Folder, Message, Provider
 from mailsync.store.search_store import SearchStore
 from tests.linking.tables import linking_tables
-from tests.web.conftest import WebHost, running_web_host
+from tests.web.conftest import WebHost, web_host_fixture
 from tests.web.test_negotiate import _connect, _next_invocation, negotiate
 
 FUNCTIONS = ["message_update", "message_delete", "message_actions", "signalr_negotiate"]
 
 
-@pytest.fixture(scope="module")
-def web(azurite: Any, search_store_url: str, graph_sandbox: Any,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebHost]:
-    with running_web_host(connection_string=azurite.connection_string, search_store_url=search_store_url,
-                          sandbox_url=graph_sandbox.base_url, tmp_path_factory=tmp_path_factory,
-                          functions=FUNCTIONS) as web:
-        yield web
+web = web_host_fixture(FUNCTIONS)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ web tests configure); the pages are SignalR clients of two accounts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -20,19 +20,13 @@ from mailsync.errors import ConfigurationError, DependencyUnavailable
 from mailsync.models import Message, MessagesChanged
 from mailsync.realtime.live_sender import RestLiveSender, key_authorization, sender_from_settings
 from mailsync.realtime.signalr_messages import TARGET_CHANGES, ImmediatePublisher
-from tests.web.conftest import WebHost, running_web_host
+from tests.web.conftest import WebHost, web_host_fixture
 from tests.web.test_negotiate import _connect, _next_invocation, negotiate
 
 FUNCTIONS = ["oauth_start", "signalr_negotiate"]
 
 
-@pytest.fixture(scope="module")
-def web(azurite: Any, search_store_url: str, graph_sandbox: Any,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebHost]:
-    with running_web_host(connection_string=azurite.connection_string, search_store_url=search_store_url,
-                          sandbox_url=graph_sandbox.base_url, tmp_path_factory=tmp_path_factory,
-                          functions=FUNCTIONS) as web:
-        yield web
+web = web_host_fixture(FUNCTIONS)
 
 
 def _row(account_id: str) -> Message:

@@ -28,19 +28,13 @@ from mailsync.errors import ConfigurationError, DependencyUnavailable, InputErro
 from mailsync.realtime.connection_info import KeySignedConnections, connections_from_settings
 from mailsync.realtime.service_tokens import ServiceIssuedConnections
 from mailsync.settings import Settings
-from tests.web.conftest import SIGNALR_KEY, WebHost, running_web_host
+from tests.web.conftest import SIGNALR_KEY, WebHost, web_host_fixture
 
 FUNCTIONS = ["oauth_start", "account_get", "account_delete", "signalr_negotiate"]
 RS = "\x1e"
 
 
-@pytest.fixture(scope="module")
-def web(azurite: Any, search_store_url: str, graph_sandbox: Any,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebHost]:
-    with running_web_host(connection_string=azurite.connection_string, search_store_url=search_store_url,
-                          sandbox_url=graph_sandbox.base_url, tmp_path_factory=tmp_path_factory,
-                          functions=FUNCTIONS) as web:
-        yield web
+web = web_host_fixture(FUNCTIONS)
 
 
 def negotiate(web: WebHost, token: str | None, **kwargs: Any) -> requests.Response:
