@@ -100,7 +100,7 @@ from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
 from mailsync.ports import JobQueue, MessageStore
-from mailsync.storage.cursors import AccountSyncState
+from mailsync.storage.sync_rows import AccountSyncState
 
 log = logging.getLogger("mailsync.monitoring.handler")
 

@@ -41,7 +41,7 @@ from mailsync.models import Account, AccountStatus, Job, Provider
 from mailsync.ports import JobQueue
 from mailsync.providers.imap import STATUS_ITEMS, folder_moved, folders_from_list
 from mailsync.providers.imap_session import ImapSession
-from mailsync.storage.cursors import AccountSyncState
+from mailsync.storage.sync_rows import AccountSyncState
 
 log = logging.getLogger("mailsync.monitoring.imap_poll")
 

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Protocol
 
 from mailsync.models import Account
-from mailsync.storage.cursors import AccountSyncState
+from mailsync.storage.sync_rows import AccountSyncState
 
 
 class ChangeType(enum.StrEnum):

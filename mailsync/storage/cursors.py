@@ -72,13 +72,11 @@ waiter's second look.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from azure.core import MatchConditions
@@ -91,19 +89,32 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 
-from mailsync.errors import DependencyUnavailable, InputError, LeaseLost, PendingChanged
-from mailsync.models import SyncPhase
+from mailsync.errors import DependencyUnavailable, LeaseLost, PendingChanged
+from mailsync.storage.sync_rows import (
+    FOLDER_LIST_ROW,
+    FOLDER_ROW_PREFIX,
+    PENDING_ROW,
+    SLOT_ROW_PREFIX,
+    AccountSyncState,
+    Lease,
+    Released,
+    Slot,
+    SlotRow,
+    SyncState,
+    all_fields,
+    apply_fields,
+    check_partition,
+    delivery_of,
+    folder_row_key,
+    from_entity,
+    to_entity,
+    to_entity_fields,
+)
 
 log = logging.getLogger("mailsync.cursors")
 
-FOLDER_LIST_ROW = "folders"
-FOLDER_ROW_PREFIX = "f:"
-SLOT_ROW_PREFIX = "slot:"
-PENDING_ROW = "pending"    # the account's pending notifications (mailsync.storage.subscriptions)
 _CONFLICT_RETRIES = 20
 _BATCH_MAX = 100   # operations per entity-group transaction (Azure Tables' limit)
-_OPTIONAL_INTS = frozenset({"expected", "unread", "children"})
-_FORBIDDEN_KEY_CHARS = frozenset("/\\#?") | {chr(c) for c in range(0x20)} | {chr(0x7F)}
 
 # Fields only the lease holder writes; others merge dirty/resync/info fields.
 _HOLDER_FIELDS = frozenset({
@@ -111,142 +122,9 @@ _HOLDER_FIELDS = frozenset({
     "rounds", "first_screen", "round_started", "resync_requested", "mid_round",
 })
 
-
-def folder_row_key(folder_id: str) -> str:
-    """RowKey of a folder: base64url of its id (provider ids may hold '/', '+', '=')."""
-    return FOLDER_ROW_PREFIX + base64.urlsafe_b64encode(folder_id.encode()).decode().rstrip("=")
-
-
-def _check_partition(account_id: str) -> str:
-    if not account_id or len(account_id) > 200 or any(ch in _FORBIDDEN_KEY_CHARS for ch in account_id):
-        raise InputError("account id is not usable as a table key")
-    return account_id
-
-
-def new_owner(delivery_id: str) -> str:
-    """A lease owner token: the queue delivery it came from plus a nonce for this run."""
-    return f"{delivery_id}#{uuid.uuid4().hex[:12]}"
-
-
-def delivery_of(owner: str) -> str:
-    """The queue delivery part of a lease owner token."""
-    return owner.rpartition("#")[0] or owner
-
-
-_delivery = delivery_of
-
-
-@dataclass(frozen=True)
-class SyncState:
-    """One row: the folder list (``folder_id is None``) or one folder of an account.
-
-    ``cursor`` is the provider's opaque cursor (None: start a full round).
-    ``epoch`` numbers the full rounds (initial, resyncs); writes of a round
-    carry it so the round's end can delete what it did not see. ``rounds``
-    counts completed rounds: 0 means the initial round never finished.
-    ``generation`` is the store generation this cursor belongs to: if the
-    store reports another one, the index was recreated and the folder must
-    be read again from scratch.
-    """
-
-    account_id: str
-    folder_id: str | None
-    cursor: str | None = None
-    phase: SyncPhase = SyncPhase.INITIAL
-    epoch: int = 0
-    generation: str = ""
-    dirty: bool = False
-    resync_requested: bool = False
-    lease_owner: str = ""
-    lease_until: float = 0.0
-    indexed: int = 0
-    removed: int = 0
-    expected: int | None = None
-    failures: int = 0
-    not_before: float = 0.0
-    rounds: int = 0
-    round_started: float = 0.0
-    name: str = ""
-    role: str | None = None
-    parent_id: str | None = None
-    unread: int | None = None
-    children: int | None = None
-    first_screen: bool = False
-    mid_round: bool = False      # ``cursor`` is a page link inside a round, not a round's final link
-    relook_at: float = 0.0       # a look-again after a notified round is due then (one at a time)
-    updated_at: float = 0.0
-    etag: str | None = None
-
-    @property
-    def is_folder_list(self) -> bool:
-        return self.folder_id is None
-
-    @property
-    def row_key(self) -> str:
-        return FOLDER_LIST_ROW if self.folder_id is None else folder_row_key(self.folder_id)
-
-    @property
-    def initial_done(self) -> bool:
-        return self.rounds > 0
-
-    def leased(self, now: float) -> bool:
-        return bool(self.lease_owner) and self.lease_until > now
-
-
-@dataclass(frozen=True)
-class Lease:
-    """Proof of holding a row's lease: the row as last written by us, and our token."""
-
-    state: SyncState
-    owner: str
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One of the mailbox's request slots, held for an invocation."""
-
-    account_id: str
-    index: int
-    owner: str
-    etag: str
-
-
-@dataclass(frozen=True)
-class SlotRow:
-    """A slot row as ``load`` read it: who holds it until when, and its ETag (to take it without re-reading)."""
-
-    index: int
-    owner: str
-    until: float
-    etag: str
-
-
-@dataclass(frozen=True)
-class Released:
-    """A folder's row and the slot given back together (``finish_and_release_slot``), as that left them."""
-
-    row: SyncState
-    slot: SlotRow
-
-
-@dataclass(frozen=True)
-class AccountSyncState:
-    """Every sync row of one account, read with one partition query."""
-
-    account_id: str
-    folder_list: SyncState | None
-    folders: Mapping[str, SyncState]
-    slots_busy: int
-    slots: tuple[SlotRow, ...] = ()
-    # Rows of the partition that are not the engine's (the pending notifications), as read: RowKey -> entity.
-    others: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    def folder(self, folder_id: str) -> SyncState | None:
-        return self.folders.get(folder_id)
-
-
 # Above this many folders, ``epochs`` reads the account's partition in one query instead of a row each.
 POINT_READS_UP_TO = 2
+_delivery = delivery_of
 
 
 class SyncStateTable:
@@ -306,9 +184,9 @@ class SyncStateTable:
                     slots.append(SlotRow(int(suffix), str(entity.get("owner") or ""),
                                          float(entity.get("until") or 0.0), str(entity.metadata["etag"])))
             elif key == FOLDER_LIST_ROW:
-                folder_list = _from_entity(entity)
+                folder_list = from_entity(entity)
             elif key.startswith(FOLDER_ROW_PREFIX):
-                state = _from_entity(entity)
+                state = from_entity(entity)
                 if state.folder_id is not None:
                     folders[state.folder_id] = state
             else:
@@ -318,17 +196,17 @@ class SyncStateTable:
     def get(self, account_id: str, folder_id: str | None) -> SyncState | None:
         key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
         try:
-            entity = self._call(self._table.get_entity, _check_partition(account_id), key)
+            entity = self._call(self._table.get_entity, check_partition(account_id), key)
         except ResourceNotFoundError:
             return None
-        return _from_entity(entity)
+        return from_entity(entity)
 
     # --- rows without a lease ------------------------------------------------
 
     def create(self, state: SyncState) -> SyncState:
         """Insert a row if it does not exist; return the stored row either way."""
-        entity = _to_entity(state, set(_all_fields()))
-        entity["PartitionKey"] = _check_partition(state.account_id)
+        entity = to_entity(state, set(all_fields()))
+        entity["PartitionKey"] = check_partition(state.account_id)
         entity["RowKey"] = state.row_key
         entity["updated_at"] = self._clock()
         try:
@@ -350,7 +228,7 @@ class SyncStateTable:
         """
         if not states:
             return
-        partition = _check_partition(states[0].account_id)
+        partition = check_partition(states[0].account_id)
         if any(state.account_id != states[0].account_id for state in states):
             raise ValueError("create_many takes the rows of one account (one partition)")
         now = self._clock()
@@ -358,7 +236,7 @@ class SyncStateTable:
             chunk = states[start:start + _BATCH_MAX]
             operations: list[Any] = []
             for state in chunk:
-                entity = _to_entity(state, set(_all_fields()))
+                entity = to_entity(state, set(all_fields()))
                 entity.update(PartitionKey=partition, RowKey=state.row_key, updated_at=now)
                 operations.append(("create", entity))
             try:
@@ -395,7 +273,7 @@ class SyncStateTable:
         A batch is all-or-nothing: when a row is gone (a folder deleted
         meanwhile) the batch is refused and its rows are marked one by one.
         """
-        partition = _check_partition(account_id)
+        partition = check_partition(account_id)
         fields: dict[str, Any] = {}
         if dirty:
             fields["dirty"] = True
@@ -408,7 +286,7 @@ class SyncStateTable:
             chunk = keys[start:start + _BATCH_MAX]
             now = self._clock()
             operations: list[Any] = [
-                ("update", {**_to_entity_fields(fields), "PartitionKey": partition, "RowKey": key, "updated_at": now},
+                ("update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": key, "updated_at": now},
                  {"mode": UpdateMode.MERGE}) for key in chunk]
             try:
                 self._call(self._table.submit_transaction, operations)
@@ -444,7 +322,7 @@ class SyncStateTable:
     def delete(self, account_id: str, folder_id: str | None) -> None:
         key = FOLDER_LIST_ROW if folder_id is None else folder_row_key(folder_id)
         with contextlib.suppress(ResourceNotFoundError):
-            self._call(self._table.delete_entity, _check_partition(account_id), key)
+            self._call(self._table.delete_entity, check_partition(account_id), key)
 
     def delete_account(self, account_id: str) -> int:
         """Delete every sync row of an account (unlink). Returns how many were deleted."""
@@ -568,7 +446,7 @@ class SyncStateTable:
                 continue
             except ResourceNotFoundError as exc:
                 raise LeaseLost("sync state deleted", code="folder_gone") from exc
-            return Lease(_apply(current.state, fields, etag, now), current.owner)
+            return Lease(apply_fields(current.state, fields, etag, now), current.owner)
         raise DependencyUnavailable("sync state is too contended to save", retry_after_s=1.0)
 
     def _reread(self, lease: Lease) -> Lease:
@@ -589,7 +467,7 @@ class SyncStateTable:
         first attempt picks a slot from those instead of querying again (the
         take is ETag-conditional, so a stale copy only costs a retry).
         """
-        partition = _check_partition(account_id)
+        partition = check_partition(account_id)
         for attempt in range(_CONFLICT_RETRIES):
             now = self._clock()
             if attempt == 0 and known is not None:
@@ -628,7 +506,7 @@ class SyncStateTable:
         transaction is refused (a slot was taken or freed since the query: nothing was written), the slots
         are taken one by one, which decides races exactly as ``acquire_slot`` does.
         """
-        partition = _check_partition(account_id)
+        partition = check_partition(account_id)
         rows: dict[int, SlotRow] = {}
         for found in self._query(account_id, prefix=SLOT_ROW_PREFIX):
             suffix = str(found["RowKey"])[len(SLOT_ROW_PREFIX):]
@@ -664,7 +542,7 @@ class SyncStateTable:
         """Delete the account's pending row if it is still as read (``etag``); ``PendingChanged`` when it
         changed (the caller must read it again). A row already gone is fine: someone took it."""
         try:
-            self._call(self._table.delete_entity, _check_partition(account_id), PENDING_ROW, etag=etag,
+            self._call(self._table.delete_entity, check_partition(account_id), PENDING_ROW, etag=etag,
                        match_condition=MatchConditions.IfNotModified)
         except ResourceModifiedError as exc:
             raise PendingChanged("pending notifications changed since they were read") from exc
@@ -697,13 +575,13 @@ class SyncStateTable:
         if candidate is None:
             return None
         index, taken = candidate
-        partition = _check_partition(known.account_id)
+        partition = check_partition(known.account_id)
         slot_body = {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}", "owner": owner,
                      "until": now + self._slot_ttl_s}
         until = now + self._lease_s
         dirty = _dirty_when_taken(row, news)
         lease_fields = {"lease_owner": owner, "lease_until": until, "dirty": dirty}
-        lease_entity = {**_to_entity_fields(lease_fields), "PartitionKey": partition, "RowKey": row.row_key,
+        lease_entity = {**to_entity_fields(lease_fields), "PartitionKey": partition, "RowKey": row.row_key,
                         "updated_at": now}
         operations: list[Any] = [
             ("create", slot_body) if taken is None else
@@ -742,9 +620,9 @@ class SyncStateTable:
             return self.finish(lease, **changes), None
         now = self._clock()
         fields = {**changes, "lease_owner": "", "lease_until": 0.0, "mid_round": False}
-        partition = _check_partition(lease.state.account_id)
+        partition = check_partition(lease.state.account_id)
         operations: list[Any] = [
-            ("update", {**_to_entity_fields(fields), "PartitionKey": partition, "RowKey": lease.state.row_key,
+            ("update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": lease.state.row_key,
                         "updated_at": now},
              {"mode": UpdateMode.MERGE, "etag": lease.state.etag, "match_condition": MatchConditions.IfNotModified}),
             ("update", {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{slot.index}", "owner": "",
@@ -754,7 +632,7 @@ class SyncStateTable:
         results = self._transaction(operations)
         if results is None:
             return self.finish(lease, **changes), None
-        return None, Released(_apply(lease.state, fields, str(results[0].get("etag")), now),
+        return None, Released(apply_fields(lease.state, fields, str(results[0].get("etag")), now),
                               SlotRow(slot.index, "", 0.0, str(results[1].get("etag"))))
 
     def _transaction(self, operations: list[Any]) -> list[Mapping[str, Any]] | None:
@@ -779,7 +657,7 @@ class SyncStateTable:
         """Give the slot back. A slot whose row changed since we took it (a job signalled waiting on it:
         ``mark_waiting``) is re-read and given back if it is still ours; expired and taken over, or the
         account deleted, there is nothing to give back."""
-        partition = _check_partition(slot.account_id)
+        partition = check_partition(slot.account_id)
         key = f"{SLOT_ROW_PREFIX}{slot.index}"
         etag = slot.etag
         for _ in range(_CONFLICT_RETRIES):
@@ -812,7 +690,7 @@ class SyncStateTable:
         caller may end after that look: the row is someone's to pick up.
         A row gone meanwhile refuses the batch: the writes go one by one.
         """
-        partition = _check_partition(account_id)
+        partition = check_partition(account_id)
         now = self._clock()
         operations: list[Any] = []
         if dirty:
@@ -831,7 +709,7 @@ class SyncStateTable:
     # --- plumbing ------------------------------------------------------------------
 
     def _query(self, account_id: str, prefix: str | None = None) -> Iterable[Any]:
-        partition = _check_partition(account_id)
+        partition = check_partition(account_id)
         if prefix is None:
             query, params = "PartitionKey eq @p", {"p": partition}
         else:
@@ -845,8 +723,8 @@ class SyncStateTable:
             raise DependencyUnavailable(f"sync table unavailable: {type(exc).__name__}") from exc
 
     def _merge(self, state: SyncState, fields: Mapping[str, Any]) -> str:
-        entity = _to_entity_fields(fields)
-        entity["PartitionKey"] = _check_partition(state.account_id)
+        entity = to_entity_fields(fields)
+        entity["PartitionKey"] = check_partition(state.account_id)
         entity["RowKey"] = state.row_key
         entity["updated_at"] = self._clock()
         meta = self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE, etag=state.etag,
@@ -854,8 +732,8 @@ class SyncStateTable:
         return str(meta.get("etag"))
 
     def _merge_unconditional(self, account_id: str, row_key: str, fields: Mapping[str, Any]) -> bool:
-        entity = _to_entity_fields(fields)
-        entity["PartitionKey"] = _check_partition(account_id)
+        entity = to_entity_fields(fields)
+        entity["PartitionKey"] = check_partition(account_id)
         entity["RowKey"] = row_key
         entity["updated_at"] = self._clock()
         try:
@@ -910,87 +788,3 @@ def _dirty_when_taken(state: SyncState, news: bool) -> bool:
     """
     return state.mid_round and (state.dirty or news)
 
-
-# --- entity mapping ---------------------------------------------------------------
-
-def _all_fields() -> tuple[str, ...]:
-    return ("cursor", "phase", "epoch", "generation", "dirty", "resync_requested", "lease_owner", "lease_until",
-            "indexed", "removed", "expected", "failures", "not_before", "rounds", "round_started", "name", "role",
-            "parent_id", "unread", "children", "first_screen", "mid_round", "relook_at")
-
-
-def _to_entity(state: SyncState, fields: set[str]) -> dict[str, Any]:
-    values = {name: getattr(state, name) for name in fields}
-    values["folder_id"] = state.folder_id or ""
-    return _to_entity_fields(values)
-
-
-def _to_entity_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    entity: dict[str, Any] = {}
-    for name, value in fields.items():
-        if isinstance(value, SyncPhase):
-            value = value.value
-        elif value is None:
-            # Tables drop None; "" / -1 mean "unset" so a merge can clear a field.
-            value = -1 if name in _OPTIONAL_INTS else ""
-        elif isinstance(value, float):
-            value = float(value)
-        entity[name] = value
-    return entity
-
-
-def _from_entity(entity: Mapping[str, Any]) -> SyncState:
-    def num(name: str, default: float = 0.0) -> float:
-        value = entity.get(name)
-        return float(value) if isinstance(value, (int, float)) else default
-
-    def integer(name: str) -> int:
-        value = entity.get(name)
-        return int(value) if isinstance(value, (int, float)) else 0
-
-    def optional_int(name: str) -> int | None:
-        value = entity.get(name)
-        return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-    phase_raw = entity.get("phase") or SyncPhase.INITIAL.value
-    try:
-        phase = SyncPhase(phase_raw)
-    except ValueError:
-        phase = SyncPhase.RESYNC  # unknown phase written by a future version: start over
-    metadata = getattr(entity, "metadata", None) or {}
-    return SyncState(
-        account_id=entity["PartitionKey"],
-        folder_id=(entity.get("folder_id") or None) if entity["RowKey"] != FOLDER_LIST_ROW else None,
-        cursor=entity.get("cursor") or None,
-        phase=phase,
-        epoch=integer("epoch"),
-        generation=str(entity.get("generation") or ""),
-        dirty=bool(entity.get("dirty")),
-        resync_requested=bool(entity.get("resync_requested")),
-        lease_owner=str(entity.get("lease_owner") or ""),
-        lease_until=num("lease_until"),
-        indexed=integer("indexed"),
-        removed=integer("removed"),
-        expected=optional_int("expected"),
-        failures=integer("failures"),
-        not_before=num("not_before"),
-        rounds=integer("rounds"),
-        round_started=num("round_started"),
-        name=str(entity.get("name") or ""),
-        role=str(entity.get("role") or "") or None,
-        parent_id=str(entity.get("parent_id") or "") or None,
-        unread=optional_int("unread"),
-        children=optional_int("children"),
-        first_screen=bool(entity.get("first_screen")),
-        mid_round=bool(entity.get("mid_round")),
-        relook_at=num("relook_at"),
-        updated_at=num("updated_at"),
-        etag=metadata.get("etag"),
-    )
-
-
-def _apply(state: SyncState, fields: Mapping[str, Any], etag: str, now: float) -> SyncState:
-    values = {k: v for k, v in fields.items() if k in SyncState.__dataclass_fields__}
-    if values.get("cursor") == "":
-        values["cursor"] = None
-    return replace(state, etag=etag, updated_at=now, **values)

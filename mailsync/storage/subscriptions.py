@@ -38,7 +38,7 @@ from azure.data.tables import TableClient, UpdateMode
 
 from mailsync.errors import Conflict
 from mailsync.monitoring.records import AccountMonitor, PendingChanges, Subscription, SubscriptionKind
-from mailsync.storage.cursors import PENDING_ROW, AccountSyncState
+from mailsync.storage.sync_rows import PENDING_ROW, AccountSyncState
 from mailsync.storage.table_errors import ensure_table, table_errors
 
 SUBSCRIPTION_ROW = "subscription"

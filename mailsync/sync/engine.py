@@ -110,7 +110,8 @@ from mailsync.logs import log_context
 from mailsync.models import Account, AccountStatus, Job, SyncPhase
 from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MessageStore, ProviderFactory
 from mailsync.settings import Settings
-from mailsync.storage.cursors import AccountSyncState, Lease, SyncState, SyncStateTable, delivery_of
+from mailsync.storage.cursors import SyncStateTable
+from mailsync.storage.sync_rows import AccountSyncState, Lease, SyncState, delivery_of
 from mailsync.sync import policy
 from mailsync.sync.folder_list import FolderListSync
 from mailsync.sync.folder_rounds import FolderSync

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from mailsync.errors import CursorExpired, LeaseLost, MailsyncError, ProviderAuthError, ReauthRequired
 from mailsync.models import Folder, MessagesChanged, SyncPhase
-from mailsync.storage.cursors import AccountSyncState, Lease, SyncState
+from mailsync.storage.sync_rows import AccountSyncState, Lease, SyncState
 from mailsync.sync import policy
 from mailsync.sync.invocation import FOLDER_LIST, InvocationBase, Outcome, StopInvocation, all_rows, kept
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mailsync.errors import CursorExpired, LeaseLost, MailsyncError, NotFound, ProviderAuthError, ReauthRequired
 from mailsync.models import Message, MessageBatch, MessagesChanged, SyncPhase
-from mailsync.storage.cursors import Lease, SyncState
+from mailsync.storage.sync_rows import Lease, SyncState
 from mailsync.sync import policy
 from mailsync.sync.invocation import (
     NOTIFIED_REASONS,

@@ -21,7 +21,7 @@ from mailsync.errors import Conflict, LeaseLost, MailsyncError
 from mailsync.jobs import EXPECT, SUBSCRIBED, Expected, JobKind
 from mailsync.models import Account, AccountStatus, Job, Mailbox, Message, Provider, SyncPhase, SyncProgress
 from mailsync.ports import EventPublisher, MailProvider
-from mailsync.storage.cursors import AccountSyncState, Lease, Released, Slot, SyncState, new_owner
+from mailsync.storage.sync_rows import AccountSyncState, Lease, Released, Slot, SyncState, new_owner
 from mailsync.sync import policy
 
 if TYPE_CHECKING:

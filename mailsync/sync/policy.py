@@ -23,7 +23,7 @@ from mailsync.errors import (
 )
 from mailsync.models import SyncPhase
 from mailsync.providers.graph_client import backoff_delay
-from mailsync.storage.cursors import SyncState
+from mailsync.storage.sync_rows import SyncState
 
 # Waits up to this long are slept inside the invocation; longer ones are a
 # queue visibility delay (a sleeping function still bills and holds a slot).

@@ -19,7 +19,7 @@ from mailsync.monitoring.handler import DirectRunner, MonitoringJobs
 from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
-from mailsync.storage.cursors import AccountSyncState, SyncState
+from mailsync.storage.sync_rows import AccountSyncState, SyncState
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.monitoring.harness import Harness, change, make_harness

@@ -26,7 +26,7 @@ from mailsync.monitoring.imap_poll import ImapStatusPoller
 from mailsync.providers.imap_listener import ImapListener
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession
 from mailsync.settings import Settings
-from mailsync.storage.cursors import AccountSyncState, SyncState
+from mailsync.storage.sync_rows import AccountSyncState, SyncState
 from tests.fixtures.dovecot import DovecotServer, loopback_policy, rfc822
 from tests.providers.contract import Mirror
 from tests.providers.imap_harness import ImapHarness, make_harness

@@ -22,7 +22,8 @@ import pytest
 from mailsync.errors import InputError, LeaseLost
 from mailsync.models import SyncPhase
 from mailsync.settings import Settings
-from mailsync.storage.cursors import POINT_READS_UP_TO, SyncState, SyncStateTable, folder_row_key, new_owner
+from mailsync.storage.cursors import POINT_READS_UP_TO, SyncStateTable
+from mailsync.storage.sync_rows import SyncState, folder_row_key, new_owner
 from tests.sync.support import sync_table
 
 

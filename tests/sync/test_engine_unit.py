@@ -31,7 +31,7 @@ from mailsync.jobs import JobKind, encode_job, new_job
 from mailsync.models import Address, Message, MessageBatch, MessagesChanged, Provider, SyncPhase, SyncProgress
 from mailsync.providers.graph_client import MAX_RETRY_AFTER_S, backoff_delay, parse_retry_after
 from mailsync.realtime.signalr_messages import MAX_UPSERTS, BufferingPublisher
-from mailsync.storage.cursors import AccountSyncState, SyncState
+from mailsync.storage.sync_rows import AccountSyncState, SyncState
 from mailsync.sync import policy
 from mailsync.sync.invocation import REAUTH_MESSAGES, Delivery
 from mailsync.sync.pipeline import PageReader
