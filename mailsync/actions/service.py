@@ -44,20 +44,19 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
-import orjson
-
+from mailsync.actions.job_payload import Planned, decode_actions, encode_actions
 from mailsync.actions.models import FLAG, PLACE, READ, ActionOutcome, AttachmentContent, Claimed, MessageAction
 from mailsync.actions.ordering import claim_of, current_part, reassertion
+from mailsync.actions.requests import MAX_ID_CHARS, Change, message_id_of, parse_change, parse_permanent
 from mailsync.actions.sanitise import sanitise_html
 from mailsync.actions.versions import optimistic_version, revert_version, uses_clock
 from mailsync.errors import (
     InputError,
     MailsyncError,
     NotFound,
-    PoisonJob,
     ProviderError,
     ProviderThrottled,
     ProviderUnavailable,
@@ -80,73 +79,9 @@ log = logging.getLogger("mailsync.actions")
 
 MAX_BULK = 500
 MAX_ATTEMPTS = 8
-MAX_ID_CHARS = 1024
-CHANGE_FIELDS = frozenset({"is_read", "flag_status", "folder_id"})
-_FLAGS = {status.value: status for status in FlagStatus}
 # The actions travel as a JSON string inside the job's JSON: every quote is escaped, so half the size.
 _JOB_BUDGET = (MAX_JOB_BYTES - 1500) // 2
 _Parsed = TypeVar("_Parsed")
-
-
-@dataclass(frozen=True)
-class Change:
-    """A validated PATCH body (at least one field set)."""
-
-    is_read: bool | None = None
-    flag_status: FlagStatus | None = None
-    folder_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One action as the store and the queue see it."""
-
-    action: MessageAction                 # what the provider is asked (folder_id: where it is now)
-    row: Message | None                   # the optimistic row (None: removed from the store)
-    version: int                          # the optimistic version
-    seq: int = 0                          # the action ledger's number for it (0: not claimed)
-    before: Message | None = None         # the row as the store had it (only while accepting; not in the job)
-
-
-def _message_id(raw: Any) -> str:
-    if not isinstance(raw, str) or not raw or len(raw) > MAX_ID_CHARS or not raw.isprintable():
-        raise InputError("message id must be a non-empty printable string", code="invalid_message_id")
-    return raw
-
-
-def parse_change(body: Any) -> Change:
-    """``{"is_read": bool, "flag_status": "notFlagged"|"flagged"|"complete", "folder_id": str}`` (any, not none)."""
-    if not isinstance(body, dict):
-        raise InputError("the body must be a JSON object", code="invalid_request")
-    unknown = sorted(set(body) - CHANGE_FIELDS)
-    if unknown:
-        raise InputError(f"unknown field {unknown[0]!r} (accepted: {', '.join(sorted(CHANGE_FIELDS))})",
-                         code="invalid_field")
-    if not body:
-        raise InputError("nothing to change: give is_read, flag_status or folder_id", code="empty_change")
-    is_read = body.get("is_read")
-    if is_read is not None and not isinstance(is_read, bool):
-        raise InputError("is_read must be true or false", code="invalid_field")
-    flag_raw = body.get("flag_status")
-    flag = None
-    if flag_raw is not None:
-        flag = _FLAGS.get(flag_raw) if isinstance(flag_raw, str) else None
-        if flag is None:
-            raise InputError("flag_status must be notFlagged, flagged or complete", code="invalid_field")
-    folder_id = body.get("folder_id")
-    if folder_id is not None and (not isinstance(folder_id, str) or not folder_id or len(folder_id) > MAX_ID_CHARS):
-        raise InputError("folder_id must be a folder id", code="invalid_field")
-    if is_read is None and flag is None and folder_id is None:
-        raise InputError("nothing to change: give is_read, flag_status or folder_id", code="empty_change")
-    return Change(is_read=is_read, flag_status=flag, folder_id=folder_id)
-
-
-def parse_permanent(raw: str | None) -> bool:
-    if raw is None or raw == "" or raw.lower() == "false":
-        return False
-    if raw.lower() == "true":
-        return True
-    raise InputError("permanent must be true or false", code="invalid_parameter")
 
 
 def _address_json(address: Address | None) -> dict[str, str] | None:
@@ -155,34 +90,6 @@ def _address_json(address: Address | None) -> dict[str, str] | None:
 
 def _iso(value: Any) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def encode_actions(planned: Sequence[Planned]) -> str:
-    return orjson.dumps([{
-        "m": p.action.message_id, "f": p.action.folder_id, "r": p.action.is_read,
-        "s": p.action.flag_status.value if p.action.flag_status else None, "d": p.action.destination,
-        "x": p.action.delete, "p": p.action.permanent, "v": p.version,
-        "o": p.row.folder_id if p.row is not None else None, "q": p.seq,
-    } for p in planned]).decode()
-
-
-def decode_actions(text: str) -> list[Planned]:
-    """The job's actions; PoisonJob when they are not what ``encode_actions`` writes."""
-    try:
-        items = orjson.loads(text)
-        found = []
-        for item in items:
-            action = MessageAction(message_id=str(item["m"]), folder_id=str(item["f"]), is_read=item["r"],
-                                   flag_status=_FLAGS[item["s"]] if item["s"] else None, destination=item["d"],
-                                   delete=bool(item["x"]), permanent=bool(item["p"]))
-            # Only the optimistic folder is needed of the row (for undoing it); the rest is read again.
-            row = None if item["o"] is None else Message(account_id="", message_id=action.message_id,
-                                                         folder_id=str(item["o"]), version=int(item["v"]))
-            # "q" absent: a job queued before the ledger; 0 loses to any claim (a newer action wins).
-            found.append(Planned(action=action, row=row, version=int(item["v"]), seq=int(item.get("q") or 0)))
-        return found
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PoisonJob(f"ACTION job has unreadable actions: {exc}") from exc
 
 
 class ActionsRouter:
@@ -239,7 +146,7 @@ class MessageActionService:
         return self._stored_row(account.account_id, message_id)
 
     def _stored_row(self, account_id: str, message_id: str) -> Message:
-        row = self._store().get_message(account_id, _message_id(message_id))
+        row = self._store().get_message(account_id, message_id_of(message_id))
         if row is None:
             raise NotFound("no such message")
         return row
@@ -353,7 +260,7 @@ class MessageActionService:
             raise InputError("message_ids must be a non-empty list", code="invalid_field")
         if len(ids) > MAX_BULK:
             raise InputError(f"at most {MAX_BULK} message ids at once", code="too_many_messages")
-        ids = list(dict.fromkeys(_message_id(i) for i in ids))
+        ids = list(dict.fromkeys(message_id_of(i) for i in ids))
         action = body.get("action")
         delete = isinstance(action, dict) and action.get("delete") is True
         if delete:
