@@ -107,6 +107,7 @@ from mailsync.storage.sync_rows import (
     delivery_of,
     folder_row_key,
     from_entity,
+    slot_row_from_entity,
     to_entity,
     to_entity_fields,
 )
@@ -179,10 +180,9 @@ class SyncStateTable:
             if key.startswith(SLOT_ROW_PREFIX):
                 if entity.get("owner") and float(entity.get("until") or 0.0) > now:
                     busy += 1
-                suffix = key[len(SLOT_ROW_PREFIX):]
-                if suffix.isdigit():
-                    slots.append(SlotRow(int(suffix), str(entity.get("owner") or ""),
-                                         float(entity.get("until") or 0.0), str(entity.metadata["etag"])))
+                slot = slot_row_from_entity(entity)
+                if slot is not None:
+                    slots.append(slot)
             elif key == FOLDER_LIST_ROW:
                 folder_list = from_entity(entity)
             elif key.startswith(FOLDER_ROW_PREFIX):
@@ -473,12 +473,7 @@ class SyncStateTable:
             if attempt == 0 and known is not None:
                 rows = {row.index: row for row in known.slots}
             else:
-                rows = {}
-                for found in self._query(account_id, prefix=SLOT_ROW_PREFIX):
-                    suffix = str(found["RowKey"])[len(SLOT_ROW_PREFIX):]
-                    if suffix.isdigit():
-                        rows[int(suffix)] = SlotRow(int(suffix), str(found.get("owner") or ""),
-                                                    float(found.get("until") or 0.0), str(found.metadata["etag"]))
+                rows = self._slot_rows(account_id)
             candidate = _free_slot(rows, owner, max_slots, now)
             if candidate is None:
                 if attempt == 0 and known is not None:
@@ -498,6 +493,11 @@ class SyncStateTable:
             return Slot(account_id, index, owner, str(meta.get("etag")))
         return None
 
+    def _slot_rows(self, account_id: str) -> dict[int, SlotRow]:
+        """The account's slot rows by index (one query of the ``slot:`` rows)."""
+        rows = (slot_row_from_entity(found) for found in self._query(account_id, prefix=SLOT_ROW_PREFIX))
+        return {row.index: row for row in rows if row is not None}
+
     def acquire_slots(self, account_id: str, owners: Sequence[str], max_slots: int) -> list[Slot]:
         """As many free slots as there are ``owners`` (one each, each owner its own delivery) or are free.
 
@@ -507,12 +507,7 @@ class SyncStateTable:
         are taken one by one, which decides races exactly as ``acquire_slot`` does.
         """
         partition = check_partition(account_id)
-        rows: dict[int, SlotRow] = {}
-        for found in self._query(account_id, prefix=SLOT_ROW_PREFIX):
-            suffix = str(found["RowKey"])[len(SLOT_ROW_PREFIX):]
-            if suffix.isdigit():
-                rows[int(suffix)] = SlotRow(int(suffix), str(found.get("owner") or ""),
-                                            float(found.get("until") or 0.0), str(found.metadata["etag"]))
+        rows = self._slot_rows(account_id)
         now = self._clock()
         free = [index for index in range(max_slots)
                 if index not in rows or not rows[index].owner or rows[index].until <= now][:len(owners)]

@@ -242,6 +242,16 @@ def from_entity(entity: Mapping[str, Any]) -> SyncState:
     )
 
 
+def slot_row_from_entity(entity: Mapping[str, Any]) -> SlotRow | None:
+    """A ``slot:<n>`` row as read (with its ETag); None for a slot key without a number."""
+    suffix = str(entity["RowKey"])[len(SLOT_ROW_PREFIX):]
+    if not suffix.isdigit():
+        return None
+    metadata = getattr(entity, "metadata", None) or {}
+    return SlotRow(int(suffix), str(entity.get("owner") or ""), float(entity.get("until") or 0.0),
+                   str(metadata.get("etag")))
+
+
 def apply_fields(state: SyncState, fields: Mapping[str, Any], etag: str, now: float) -> SyncState:
     """``state`` as a merge of ``fields`` that answered ``etag`` at ``now`` left it."""
     values = {k: v for k, v in fields.items() if k in SyncState.__dataclass_fields__}
