@@ -14,7 +14,8 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 500
 MAX_QUERY_CHARS = 1_000
 MAX_FOLDERS = 10_000
+# A search that reaches an index whose primary shard has not started yet (it was just created, by the
+# poll tick's resync of a lost store or by another worker) is answered 503 "all shards failed": the
+# index is in the cluster state before its shard is allocated. The shard starts within a moment, so a
+# read waits that long rather than answer the page "try again"; a shard still down after it is an outage.
+SHARD_START_WAITS_S = (0.1, 0.2, 0.4, 0.8)
 _TEXT_FIELDS = ["subject", "from.name", "from.address.text", "body_preview", "body_text"]
 
 
@@ -83,9 +89,11 @@ def decode_cursor(cursor: str) -> list[Any]:
 class StoreReads:
     """The read half of :class:`~mailsync.store.search_store.SearchStore`, which delegates to it."""
 
-    def __init__(self, engine: SearchEngine, names: IndexNames) -> None:
+    def __init__(self, engine: SearchEngine, names: IndexNames, *,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._engine = engine
         self.names = names
+        self._sleep = sleep
 
     def list_messages(self, account_id: str, query: MessageQuery) -> MessagePage:
         """One page of the account's messages, newest first, with the next page's cursor."""
@@ -232,10 +240,25 @@ class StoreReads:
     def _search_raw(self, index: str, account_id: str, body: dict[str, Any], what: str) -> dict[str, Any] | None:
         """A search routed to the account's shard; None when the index does not exist (nothing stored)."""
         with translating(what):
-            try:
-                return self._engine.search(index, body, routing=account_id)
-            except EngineError as exc:
-                if exc.index_missing:
-                    log.warning("search on a missing index", extra={"index": index})
-                    return None
-                raise
+            for wait_s in SHARD_START_WAITS_S:
+                try:
+                    return self._search_once(index, account_id, body)
+                except EngineError as exc:
+                    if not _shard_not_started(exc):
+                        raise
+                self._sleep(wait_s)
+            return self._search_once(index, account_id, body)
+
+    def _search_once(self, index: str, account_id: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self._engine.search(index, body, routing=account_id)
+        except EngineError as exc:
+            if exc.index_missing:
+                log.warning("search on a missing index", extra={"index": index})
+                return None
+            raise
+
+
+def _shard_not_started(exc: EngineError) -> bool:
+    """A search refused because no copy of a shard is started (see ``SHARD_START_WAITS_S``)."""
+    return exc.status == 503 and exc.error_type == "search_phase_execution_exception"
