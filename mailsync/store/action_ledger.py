@@ -38,6 +38,7 @@ from mailsync.actions.models import FLAG, PLACE, READ, ActionClaim, Claimed, Lat
 from mailsync.errors import StoreError, StoreUnavailable
 from mailsync.store import documents as docs
 from mailsync.store.engine import EngineError, SearchEngine
+from mailsync.store.engine_errors import error_parts, raise_store_error, short_reason
 from mailsync.store.mappings import IndexNames
 
 if TYPE_CHECKING:
@@ -54,9 +55,17 @@ _MGET_CHUNK = 1_000
 
 
 def _raise(what: str, exc: EngineError) -> NoReturn:
-    if not exc.answered or exc.status == 429 or exc.status >= 500 or exc.index_missing:
-        raise StoreUnavailable(f"{what}: {exc.status} {exc.error_type}".strip(), retry_after_s=2.0) from exc
-    raise StoreError(f"{what}: {exc.status} {exc.error_type} {exc.reason[:200]}".strip()) from exc
+    """The store's translation, except that a missing ledger index is "later", not a refusal: it is missing
+    only after a lost store, and the poll tick's generation check recreates it."""
+    if exc.index_missing:
+        raise StoreUnavailable(f"{what}: the action ledger's index is missing", retry_after_s=5.0) from exc
+    raise_store_error(what, exc)
+
+
+def _unavailable(what: str, error_type: str, reason: str) -> StoreUnavailable:
+    if error_type == "index_not_found_exception":
+        return StoreUnavailable(f"{what}: the action ledger's index is missing", retry_after_s=5.0)
+    return StoreUnavailable(f"{what}: {error_type} {short_reason(reason)}".strip(), retry_after_s=5.0)
 
 
 def entry_from_source(source: dict[str, Any]) -> LatestActions:
@@ -119,6 +128,11 @@ class SearchActionLedger:
                 _raise("action ledger read", exc)
             for entry in entries:
                 doc_id = str(entry.get("_id"))
+                if "error" in entry:
+                    # A multi-get answers a missing index (a lost store) or a failed shard per document, not
+                    # for the request; read as "no entry", a claim would be refused for good and a release
+                    # would drop its put-back.
+                    raise _unavailable("action ledger read", *error_parts(entry))
                 source = entry.get("_source") or {}
                 if not entry.get("found") or source.get("account_id") != account_id:
                     yield doc_id, None
@@ -228,16 +242,16 @@ class SearchActionLedger:
             _raise(what, exc)
         items = answer.get("items") or []
         if len(items) != len(lines):
-            raise StoreUnavailable(f"{what}: the store answered for fewer items than sent", retry_after_s=2.0)
+            raise StoreUnavailable(f"{what}: the store answered for fewer items than sent", retry_after_s=5.0)
         written: list[bool] = []
         for item in items:
             result = next(iter(item.values()))
             status = int(result.get("status", 500))
-            if status == 429 or status >= 500:
-                raise StoreUnavailable(f"{what}: {status}", retry_after_s=2.0)
+            error_type, reason = error_parts(result)
+            if status == 429 or status >= 500 or error_type == "index_not_found_exception":
+                raise _unavailable(what, error_type, reason)
             if status != 409 and not 200 <= status < 300:
-                error = result.get("error") or {}
-                raise StoreError(f"{what} refused: {status} {error.get('type', '')}".strip())
+                raise StoreError(f"{what} refused: {status} {error_type} {short_reason(reason)}".strip())
             written.append(status != 409)
         return written
 

@@ -6,8 +6,12 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
 from mailsync.actions.models import FLAG, PLACE, READ, ActionClaim
+from mailsync.errors import StoreUnavailable
 from mailsync.store.action_ledger import SearchActionLedger
+from mailsync.store.engine import EngineError
 from mailsync.store.search_store import SearchStore
 
 
@@ -89,3 +93,19 @@ def test_release_hands_back_only_the_fields_still_at_the_claims_number(store: Se
     assert ledger.latest("acct", ["m"])["m"].fields == entry["m"].fields
     assert ledger.claim("acct", [ActionClaim("m", {READ: False})])["m"].seq > newer.seq
 
+
+
+def test_a_lost_ledger_index_is_a_try_again_later_and_is_not_made_again_by_a_claim(store: SearchStore) -> None:
+    # Only a lost store loses the index; the poll tick's generation check recreates it. Until then a
+    # claim must be retried (StoreUnavailable), not refused for good, and must not auto-create an
+    # unmapped index under the alias's name.
+    ledger = SearchActionLedger.of(store)
+    ledger.claim("acct", [ActionClaim("m", {READ: True})])
+    store.engine.delete_indices([store.names.actions_index])
+    with pytest.raises(StoreUnavailable, match="index is missing"):
+        ledger.claim("acct", [ActionClaim("m", {READ: False})])
+    with pytest.raises(StoreUnavailable):
+        ledger.put_batch("acct", "[]")
+    with pytest.raises(EngineError) as still_missing:
+        store.engine.get_indices([store.names.actions])
+    assert still_missing.value.index_missing
