@@ -70,7 +70,7 @@ from mailsync.settings import Settings
 from mailsync.store import documents as docs
 from mailsync.store.bulk_writer import BulkAction, BulkLimits, BulkWriter, Tally
 from mailsync.store.engine import EngineError, SearchEngine
-from mailsync.store.engine_errors import raise_store_error, translating
+from mailsync.store.engine_errors import error_parts, raise_store_error, short_reason, translating
 from mailsync.store.mappings import (
     IndexNames,
     actions_mapping,
@@ -501,6 +501,12 @@ class SearchStore:
                     raise
                 for entry in entries:
                     doc_id = str(entry.get("_id"))
+                    if "error" in entry:
+                        # Answered per document (a failed shard, an index lost since): "gone" would skip a
+                        # removal for good, so the caller retries instead.
+                        error_type, reason = error_parts(entry)
+                        raise StoreUnavailable(f"{what}: {error_type} {short_reason(reason)}".strip(),
+                                               retry_after_s=5.0)
                     if not entry.get("found"):
                         yield doc_id, None
                     else:

@@ -694,6 +694,16 @@ def test_writes_never_auto_create_a_deleted_index(store: SearchStore) -> None:
     assert store.list_messages("acct1", MessageQuery()).messages == ()   # reads: nothing stored
 
 
+def test_a_conditional_removal_on_a_deleted_index_is_retried_not_skipped(store: SearchStore) -> None:
+    # A multi-get answers a missing index (or a failed shard) per document; read as "already gone", the
+    # round would count the removal done and never make it once the index is back.
+    store.upsert_messages([msg("acct1", 1)])
+    store.engine.delete_indices([store.names.messages_index])
+
+    with pytest.raises(StoreUnavailable):
+        store.remove_messages("acct1", "inbox", ["m1"])
+
+
 def test_bulk_load_relaxes_and_restores_refresh_interval(store: SearchStore) -> None:
     def interval() -> str | None:
         got = store.engine.get_settings(store.names.messages)
