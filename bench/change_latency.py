@@ -601,8 +601,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             delta_pages = int(after["deltaPages"]) - int(before["deltaPages"])
             posts = int(posts_after) - int(posts_before)
             if profiles is not None:
-                for line in profiles.report():
+                dump = stack.workdir / f"app-{step_index}.prof"
+                for line in profiles.report(dump=dump):
                     print(line, flush=True)
+                say(f"profile saved to {dump} (read it with pstats; --keep keeps it)")
             last = step_index == len(steps) - 1
             sweep = measure_sweeps(stack, accounts[: args.sweeps]) if args.sweeps and last else {}
             verified = verify_all(stack, accounts, args.settle_s) if args.verify and last else {}

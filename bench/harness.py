@@ -1078,7 +1078,8 @@ class ThreadProfiles:
             for profile in self._profiles:
                 profile.clear()
 
-    def report(self, top: int = 25) -> list[str]:
+    def report(self, top: int = 25, dump: Path | None = None) -> list[str]:
+        """The profile's summary lines; ``dump``: also save the merged stats there (``pstats`` format)."""
         import io
         import pstats
 
@@ -1091,6 +1092,8 @@ class ThreadProfiles:
         for profile in profiles[1:]:
             with contextlib.suppress(TypeError):   # a thread that never ran Python code
                 stats.add(profile)
+        if dump is not None:
+            stats.dump_stats(str(dump))
         by_area: dict[str, float] = {}
         for (filename, _line, _name), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
             by_area[_area(filename)] = by_area.get(_area(filename), 0.0) + tottime
