@@ -111,6 +111,7 @@ from mailsync.storage.sync_rows import (
     to_entity,
     to_entity_fields,
 )
+from mailsync.storage.table_batch import submit_transaction
 
 log = logging.getLogger("mailsync.cursors")
 
@@ -240,7 +241,7 @@ class SyncStateTable:
                 entity.update(PartitionKey=partition, RowKey=state.row_key, updated_at=now)
                 operations.append(("create", entity))
             try:
-                self._call(self._table.submit_transaction, operations)
+                self._call(submit_transaction, self._table, operations)
             except (TableTransactionError, ResourceExistsError):
                 for state in chunk:
                     self.create(state)
@@ -289,7 +290,7 @@ class SyncStateTable:
                 ("update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": key, "updated_at": now},
                  {"mode": UpdateMode.MERGE}) for key in chunk]
             try:
-                self._call(self._table.submit_transaction, operations)
+                self._call(submit_transaction, self._table, operations)
             except (TableTransactionError, ResourceExistsError, ResourceNotFoundError):
                 for key in chunk:
                     self._merge_unconditional(account_id, key, fields)
@@ -634,7 +635,7 @@ class SyncStateTable:
         """Submit one entity-group transaction; None when the service refused it (a condition failed, a
         row exists or is gone: nothing was written). Other failures are ``DependencyUnavailable``."""
         try:
-            return list(self._table.submit_transaction(operations))
+            return submit_transaction(self._table, operations)
         except TableTransactionError as exc:
             if exc.status_code in (404, 409, 412):
                 return None
