@@ -50,6 +50,8 @@ What it does, on 127.0.0.1 only:
    message; ``cpu_s_per_1k_work`` is what is left per message without it,
    and ``projected_2core_msgs_per_s = (2 - idle cores) x 1000 /
    cpu_s_per_1k_work`` the rate two otherwise idle cores would allow.
+   ``busy_cores``: all of that CPU divided by ``elapsed_s``, the cores
+   the sync kept busy (two idle cores allow at most 2).
    ``status_polls``: the ``GET /api/accounts/{id}`` calls that watched the
    sync (once a second, as the page does); each costs the syncing host and
    Azurite a table read, counted in their CPU. The sync's end is the
@@ -346,6 +348,9 @@ def main() -> None:
         for name, seconds in spent.items():
             values[f"{name}_cpu_s_per_1k"] = round(1000 * seconds / total, 3)
         values["cpu_s_per_1k"] = round(1000 * sum(spent.values()) / total, 3)
+        # How many of the machine's cores the sync kept busy, all processes together: on two otherwise
+        # idle cores a sync that overlaps well approaches 2 (rate = busy_cores x 1000 / cpu_s_per_1k).
+        values["busy_cores"] = round(sum(spent.values()) / elapsed, 2)
         for name, ms in node_spent.items():
             values[f"node_{name}_ms_per_1k"] = round(1000 * ms / total, 1)
         if threads0 is not None and threads1 is not None:
