@@ -49,6 +49,11 @@ class MailProvider(Protocol):
     folder from scratch), ``ReauthRequired`` (stop until re-linked).
     """
 
+    # Whether only a folder's newest few cursors stay valid (Outlook's delta links: each page read
+    # issues one and pushes the oldest out), so the engine must not read far ahead of the one it
+    # saved (mailsync.sync.pipeline's window). False: any cursor the provider issued stays valid.
+    cursors_expire: bool
+
     def folder_changes(self, cursor: str | None) -> FolderBatch:
         """Next batch of folder-list changes after ``cursor``."""
         ...

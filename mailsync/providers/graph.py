@@ -318,6 +318,9 @@ def _split(last: Mapping[str, _R | None]) -> tuple[tuple[_R, ...], tuple[str, ..
 class GraphProvider:
     """``MailProvider`` for one Outlook account, over one pooled ``GraphClient``."""
 
+    # Outlook keeps only a folder's newest few delta links (mailsync.sync.pipeline).
+    cursors_expire = True
+
     def __init__(self, client: GraphClient, account_id: str, *, page_size: int = 500,
                  store_body_text: bool = True, body_text_max_chars: int = 32_000,
                  clock: Callable[[], float] = time.time) -> None:

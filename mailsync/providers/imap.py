@@ -155,6 +155,10 @@ class ImapProvider:
     its own thread.
     """
 
+    # A cursor is our own record of the folder (imap_cursor.FolderCursor), not a server-side link:
+    # an old one is as good as a new one, so the engine may read ahead as far as memory allows.
+    cursors_expire = False
+
     def __init__(self, connect: Callable[[], ImapSession], account_id: str, *, page_size: int = 500,
                  preview_bytes: int = PREVIEW_BYTES, paths: Sequence[str] = PATHS,
                  clock: Callable[[], float] = time.time) -> None:

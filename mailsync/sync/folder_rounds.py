@@ -24,6 +24,7 @@ from mailsync.sync.invocation import (
     StopInvocation,
     kept,
 )
+from mailsync.sync.page_writes import PageWrites
 from mailsync.sync.pipeline import PageReader
 
 log = logging.getLogger("mailsync.sync")
@@ -31,6 +32,9 @@ log = logging.getLogger("mailsync.sync")
 # Largest bulk the engine sends at once when pages pile up behind a slow store.
 MAX_BULK_MESSAGES = 2_000
 READ_AHEAD_PAGES = 2
+# Writes of one folder's pages in flight at once (page_writes.py): a second keeps another of the
+# node's write threads busy while the engine records the first and takes the next pages.
+WRITES_IN_FLIGHT = 2
 
 
 class FolderSync(InvocationBase):
@@ -209,47 +213,83 @@ class FolderSync(InvocationBase):
                                  rounds=rounds, round_started=self.e.clock())
 
     def _page_round(self, lease: Lease) -> _RoundDone | _Deferred | _Resync | _OutOfTime:
-        """Pages until the round completes, time runs out, or a fault."""
+        """Pages until the round completes, time runs out, or a fault.
+
+        Pages are read ahead (``pipeline.PageReader``) and written with up to
+        ``WRITES_IN_FLIGHT`` writes in flight (``page_writes.PageWrites``); a
+        cursor is saved once its page and every page before it are written.
+        Whatever way the round leaves, no write of it is still running.
+        """
         e = self.e
         folder_id = lease.state.folder_id
         assert folder_id is not None
+        held = _Held(lease)
         attempt = 0
+        provider = self._provider_()
+        # Outlook keeps only a folder's newest few delta links: reading far ahead of the saved one
+        # could leave it expired (pipeline.py). An IMAP cursor is our own state and never expires.
+        window = e.settings.delta_links_kept - 1 if provider.cursors_expire else None
         while True:
-            cursor = lease.state.cursor or None
-            reader = PageReader(functools.partial(self._provider_().message_changes, folder_id), cursor,
-                                depth=READ_AHEAD_PAGES, deadline=self.deadline, clock=e.clock,
-                                window=e.settings.delta_links_kept - 1)
+            reader = PageReader(functools.partial(provider.message_changes, folder_id), held.lease.state.cursor or None,
+                                depth=READ_AHEAD_PAGES, deadline=self.deadline, clock=e.clock, window=window)
+            writes: PageWrites[_Applied] = PageWrites(
+                functools.partial(self._store_pages, folder_id, held.lease.state.epoch), depth=WRITES_IN_FLIGHT)
             try:
                 while True:
                     # Out of time: write what was read (never drop it and read it again, which
                     # would issue newer links than the saved one), then stop with the newest link.
                     out_of_time = self._time_left() <= 0
-                    pages = reader.drain() if out_of_time else reader.take(MAX_BULK_MESSAGES)
+                    if len(writes) and reader.waits_for_a_save():
+                        # Outlook's window is full of pages being written: the reader reads on
+                        # once the oldest one's cursor is saved.
+                        final = self._settle(held, writes, reader, every=False, wait=True)
+                        if final is not None or held.lease.state.resync_requested:
+                            return _RoundDone(held.lease, final or {})
+                    try:
+                        pages = reader.drain() if out_of_time else reader.take(MAX_BULK_MESSAGES)
+                    except BaseException:
+                        # A fault of the provider comes after the pages before it: those are written
+                        # and their cursor saved first, so the retry starts from the failed request.
+                        self._settle(held, writes, reader, every=True)
+                        raise
                     if pages:
-                        lease, final = self._write_pages(lease, pages)
-                        reader.saved(len(pages))
                         attempt = 0
-                        if final is not None:
-                            return _RoundDone(lease, final)
-                        if lease.state.resync_requested:
-                            return _RoundDone(lease, {})
-                    if out_of_time or not pages:
-                        e.state.release(lease)
+                        overlap = writes.overlaps(pages)
+                        if overlap or writes.full:
+                            # Room first: the oldest write, or every one when these pages name a
+                            # message in flight (two writes of one message must not race).
+                            final = self._settle(held, writes, reader, every=overlap, wait=True)
+                            if final is not None or held.lease.state.resync_requested:
+                                return _RoundDone(held.lease, final or {})
+                        if e.before_write is not None:
+                            e.before_write(folder_id, self.pages)
+                        self._note_seen(folder_id, pages)
+                        writes.start(pages)
+                    last = out_of_time or not pages or pages[-1].complete
+                    # The answers already in are recorded now (one cursor save for all of them); at
+                    # the end of what was read, every write in flight is waited for.
+                    final = self._settle(held, writes, reader, every=last)
+                    if final is not None:
+                        return _RoundDone(held.lease, final)
+                    if held.lease.state.resync_requested:
+                        return _RoundDone(held.lease, {})
+                    if last:
+                        e.state.release(held.lease)
                         self._enqueue_continuation(folder_id, reason="time_budget")
                         self.end_now = True
                         return _OutOfTime()
             except CursorExpired:
                 log.info("cursor expired: resync")
-                return _Resync(lease)
+                return _Resync(held.lease)
             except (ProviderAuthError, ReauthRequired) as exc:
-                self._release_quietly(lease)
+                self._release_quietly(held.lease)
                 self._reauth(exc)
                 raise StopInvocation(Outcome.REAUTH) from exc
             except NotFound:
                 # The folder is gone at the provider (or never was): the folder list decides.
-                delay = policy.backoff_seconds(lease.state.failures, e.rng, cap_s=e.backoff_cap_s)
+                delay = policy.backoff_seconds(held.lease.state.failures, e.rng, cap_s=e.backoff_cap_s)
                 wait = policy.Wait(delay, False, False, "not_found")
-                self._defer(lease, wait, requeue=False)
+                self._defer(held.lease, wait, requeue=False)
                 self._enqueue_continuation(None, reason="folder_not_found")
                 return _Deferred()
             except MailsyncError as exc:
@@ -257,37 +297,100 @@ class FolderSync(InvocationBase):
                     raise
                 if not policy.retryable(exc):
                     log.warning("folder failed: %s", exc.code, extra={"error": exc.message})
-                    self._defer(lease, policy.wait_for(exc, attempt=policy.MAX_QUICK_RETRIES,
-                                                       failures=lease.state.failures,
-                                                       time_left_s=0.0, rng=e.rng, cap_s=e.backoff_cap_s))
+                    self._defer(held.lease, policy.wait_for(exc, attempt=policy.MAX_QUICK_RETRIES,
+                                                            failures=held.lease.state.failures,
+                                                            time_left_s=0.0, rng=e.rng, cap_s=e.backoff_cap_s))
                     return _Deferred()
-                wait = policy.wait_for(exc, attempt=attempt, failures=lease.state.failures,
+                wait = policy.wait_for(exc, attempt=attempt, failures=held.lease.state.failures,
                                        time_left_s=self._time_left(), rng=e.rng, cap_s=e.backoff_cap_s)
                 if not wait.in_place:
                     log.info("transient fault, back later: %s", exc.code, extra={"wait_s": round(wait.seconds, 2)})
-                    self._defer(lease, wait)
+                    self._defer(held.lease, wait)
                     return _Deferred()
                 attempt += 1
                 e.sleep(wait.seconds)
             finally:
+                # Before the lease goes back or the next round starts: no write of ours may still run.
+                writes.close()
                 reader.close()
 
-    def _write_pages(self, lease: Lease, pages: list[MessageBatch]) -> tuple[Lease, dict[str, Any] | None]:
+    def _settle(self, held: _Held, writes: PageWrites[_Applied], reader: PageReader, *, every: bool,
+                wait: bool = False) -> dict[str, Any] | None:
+        """Record the writes that have their answer, oldest first, and save the newest one's cursor.
+
+        ``every``: wait for every write in flight; ``wait``: for the oldest at
+        least (to make room). Returns the round's final fields when its last
+        page was among them (saved by ``_complete_round``, not here).
+
+        A write that failed stops the recording there: the writes behind it
+        are waited for and dropped, and its pages and theirs are written
+        again in one go with short faults retried in place (``_rewrite``),
+        their cursor saved after that; a fault that is not retried in place
+        propagates with nothing after the failed write saved.
+        """
+        done: list[tuple[list[MessageBatch], _Applied]] = []
+        final: dict[str, Any] | None = None
+        try:
+            while len(writes) and (every or writes.oldest_done() or (wait and not done)):
+                done.append(writes.pop())
+        except BaseException as exc:
+            failed = writes.last_failed
+            rest = writes.abandon()
+            if done:
+                held.lease, final = self._record_pages(held.lease, done)
+                reader.saved(sum(len(pages) for pages, _ in done))
+            if not isinstance(exc, MailsyncError) or isinstance(exc, LeaseLost):
+                raise
+            held.lease, final = self._rewrite(held.lease, [*failed, *rest], exc)
+            reader.saved(len(failed) + len(rest))
+            return final
+        if done:
+            held.lease, final = self._record_pages(held.lease, done)
+            reader.saved(sum(len(pages) for pages, _ in done))
+        return final
+
+    def _rewrite(self, lease: Lease, pages: list[MessageBatch], error: MailsyncError
+                 ) -> tuple[Lease, dict[str, Any] | None]:
+        """Pages whose write failed with ``error``: written again now, short store faults waited for in place."""
+        if not policy.retryable(error):
+            raise error
+        wait = policy.wait_for(error, attempt=0, failures=0, time_left_s=self._time_left(), rng=self.e.rng,
+                               cap_s=self.e.backoff_cap_s)
+        if not wait.in_place:
+            raise error
+        log.info("page write failed, writing again: %s", error.code, extra={"pages": len(pages)})
+        self.e.sleep(wait.seconds)
+        return self._write_pages(lease, pages, attempt=1)
+
+    def _write_pages(self, lease: Lease, pages: list[MessageBatch], *, attempt: int = 0
+                     ) -> tuple[Lease, dict[str, Any] | None]:
         """``_apply_pages`` with short store faults retried in place: the pages were read, and reading
         them again would issue newer delta links than the one saved (see pipeline.py)."""
-        return self._retrying(lambda: self._apply_pages(lease, pages))
+        return self._retrying(lambda: self._apply_pages(lease, pages), attempt=attempt)
 
     def _apply_pages(self, lease: Lease, pages: list[MessageBatch]) -> tuple[Lease, dict[str, Any] | None]:
-        """Write the pages' changes (last one wins per id), then save the last page's cursor.
-
-        On the round's last page the cursor and counts are *returned* instead
-        of saved: ``_complete_round`` saves them after ``remove_stale``, or a
-        crash in between would leave the folder "complete" with stale documents.
-        """
-        e = self.e
-        state = lease.state
-        folder_id = state.folder_id
+        """Write the pages' changes, then record them (``_record_pages``), on this thread."""
+        folder_id = lease.state.folder_id
         assert folder_id is not None
+        return self._record_pages(lease, [(pages, self._store_pages(folder_id, lease.state.epoch, pages))])
+
+    def _note_seen(self, folder_id: str, pages: list[MessageBatch]) -> None:
+        """What a notified round read of its folder (``Expected``), in stream order: the last word on an id wins."""
+        if self.expected is None or folder_id != self.job.folder_id:
+            return
+        for page in pages:
+            for message in page.upserts:
+                self.seen[message.message_id] = page.versions.get(message.message_id, "")
+            for message_id in page.removals:
+                self.seen[message_id] = None
+
+    def _store_pages(self, folder_id: str, epoch: int, pages: list[MessageBatch]) -> _Applied:
+        """Write the pages' changes to the store (last one wins per id); on a writer thread or the engine's.
+
+        Touches no state of the invocation: ``_record_pages`` does, on the
+        engine thread, once the write is acknowledged.
+        """
+        store = self.e.store
         changes: dict[str, Message | None] = {}
         for page in pages:
             for message in page.upserts:
@@ -296,47 +399,76 @@ class FolderSync(InvocationBase):
                 changes[message_id] = None
         upserts = [m for m in changes.values() if m is not None]
         removals = [mid for mid, m in changes.items() if m is None]
-        if self.expected is not None and folder_id == self.job.folder_id:
-            for page in pages:   # in stream order: the last word on an id wins
-                for message in page.upserts:
-                    self.seen[message.message_id] = page.versions.get(message.message_id, "")
-                for message_id in page.removals:
-                    self.seen[message_id] = None
-        if e.before_write is not None:
-            e.before_write(folder_id, self.pages)
         shown = upserts
         if upserts:
-            result = e.store.upsert_messages(upserts, epoch=state.epoch)
+            result = store.upsert_messages(upserts, epoch=epoch)
             if result.failed_ids:
                 log.warning("%d message(s) dead-lettered by the store", len(result.failed_ids))
             shown = kept(upserts, result.stale_ids)
         if removals:
-            e.store.remove_messages(self.account_id, folder_id, removals)
-        self.pages += len(pages)
-        self.upserted += len(upserts)
-        self.removed_count += len(removals)
+            store.remove_messages(self.account_id, folder_id, removals)
+        return _Applied(len(upserts), len(removals), tuple(shown), tuple(removals))
+
+    def _record_pages(self, lease: Lease, written: list[tuple[list[MessageBatch], _Applied]]
+                      ) -> tuple[Lease, dict[str, Any] | None]:
+        """Pages whose writes are acknowledged, oldest first: count them, save the newest cursor, publish.
+
+        One cursor save for all of them (a page's save is a table write). On
+        the round's last page the cursor and counts are *returned* instead
+        of saved: ``_complete_round`` saves them after ``remove_stale``, or a
+        crash in between would leave the folder "complete" with stale documents.
+        """
+        e = self.e
+        state = lease.state
+        folder_id = state.folder_id
+        assert folder_id is not None
         full = state.phase != SyncPhase.INCREMENTAL
-        last = pages[-1]
+        upserted = sum(applied.upserted for _, applied in written)
+        removed = sum(applied.removed for _, applied in written)
+        last = written[-1][0][-1]
         fields: dict[str, Any] = {"cursor": last.cursor, "failures": 0}
         if full:
-            fields["indexed"] = state.indexed + len(upserts)
+            fields["indexed"] = state.indexed + upserted
         else:
-            fields["removed"] = state.removed + len(removals)
+            fields["removed"] = state.removed + removed
         final: dict[str, Any] | None = None
         if last.complete:
             final = fields
             live = replace(state, **{k: v for k, v in fields.items() if k != "cursor"})
         else:
-            lease = e.state.save(lease, **fields)
+            held = lease
+            lease = self._retrying(lambda: e.state.save(held, **fields))
             live = lease.state
-        if upserts or removals:
-            self.changed.add(folder_id)
-            self.events.publish_changes(MessagesChanged(
-                self.account_id, upserted=tuple(shown), removed=tuple((folder_id, mid) for mid in removals)))
-            if not full:
-                self.followed = True
+        self.pages += sum(len(pages) for pages, _ in written)
+        self.upserted += upserted
+        self.removed_count += removed
+        for _, applied in written:
+            if applied.upserted or applied.removed:
+                self.changed.add(folder_id)
+                self.events.publish_changes(MessagesChanged(
+                    self.account_id, upserted=applied.shown,
+                    removed=tuple((folder_id, mid) for mid in applied.removals)))
+                if not full:
+                    self.followed = True
         self._publish_progress(folder_id, state.phase.value, None, live=live)
         return lease, final
+
+
+@dataclass
+class _Held:
+    """The round's lease as last written: every save renews it, whichever helper made the save."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """What one write of pages did at the store (for ``_record_pages``)."""
+
+    upserted: int
+    removed: int
+    shown: tuple[Message, ...]       # the upserts the store kept (not refused as older)
+    removals: tuple[str, ...]
 
 
 class _Deferred:

@@ -161,9 +161,11 @@ class InvocationBase:
                       extra={"failures": failures, "reason": wait.reason})
         self.end_now = True
 
-    def _retrying(self, call: Callable[[], _T]) -> _T:
-        """A provider call, with short transient waits slept in place; other faults propagate."""
-        attempt = 0
+    def _retrying(self, call: Callable[[], _T], *, attempt: int = 0) -> _T:
+        """A provider or store call, with short transient waits slept in place; other faults propagate.
+
+        ``attempt``: the failed tries already made (their waits grow the next one).
+        """
         while True:
             try:
                 return call()

@@ -120,6 +120,17 @@ class PageReader:
                     return True
                 self._room.wait(0.1)
 
+    def waits_for_a_save(self) -> bool:
+        """Nothing is read and the window allows no request until a cursor is saved.
+
+        ``take()`` would then wait forever when the pages whose cursors are
+        next to be saved are still being written: the caller saves first.
+        (Also True, harmlessly, for the instant between a page's request
+        and its hand-over.)
+        """
+        with self._room:
+            return self._window is not None and self._unsaved >= self._window and self._items.empty()
+
     def saved(self, pages: int) -> None:
         """The cursors of ``pages`` more pages are saved: the window may move on."""
         with self._room:

@@ -296,6 +296,26 @@ def test_reader_never_reads_more_than_the_window_beyond_the_saved_page() -> None
     assert saved == 12
 
 
+def test_a_reader_whose_window_is_full_of_pages_being_written_says_it_waits_for_a_save() -> None:
+    # Both pages of the window taken (their writes in flight): take() would wait forever, the engine saves first.
+    pages = _pages(6)
+    with PageReader(lambda c: pages[c], None, depth=4, window=2) as reader:
+        time.sleep(0.2)
+        assert not reader.waits_for_a_save(), "two pages are read and waiting to be taken"
+        taken = reader.take(1)
+        assert not reader.waits_for_a_save()
+        taken += reader.take(1)
+        assert reader.waits_for_a_save()
+        reader.saved(1)
+        time.sleep(0.2)
+        assert not reader.waits_for_a_save(), "one more page was read"
+    with PageReader(lambda c: pages[c], None, depth=4) as unbounded:
+        time.sleep(0.2)
+        for _ in range(4):
+            unbounded.take(1)
+        assert not unbounded.waits_for_a_save(), "without a window the reader never waits for a save"
+
+
 def test_drain_hands_over_every_page_read_and_reads_no_more() -> None:
     started, release = threading.Event(), threading.Event()
     pages = _pages(10)
