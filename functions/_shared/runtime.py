@@ -281,7 +281,7 @@ class Runtime:
         # Few, quick retries, like the subscription table's: the webhook must answer Graph within 3 s.
         table = table_client(self.settings, "sync", retry_total=2, retry_backoff_factor=0.3)
         ensure_table(table)
-        return TablePendingStore(table)
+        return TablePendingStore(table, max_ids=self.settings.notify_max_ids)
 
     @cached_property
     def subscription_manager(self) -> SubscriptionManager:

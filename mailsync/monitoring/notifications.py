@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -71,14 +71,17 @@ from mailsync.errors import Conflict, DependencyUnavailable, InputError, Mailsyn
 from mailsync.jobs import JobKind, new_job
 from mailsync.models import Job
 from mailsync.monitoring.client_state import ClientStates
+from mailsync.monitoring.pending_seen import SeenPendingRows
 from mailsync.monitoring.records import (
     AccountDirectory,
     ChangeType,
     PendingChanges,
+    PendingPart,
     PendingStore,
     Subscription,
     SubscriptionKind,
     SubscriptionStore,
+    merge_changes,
     merge_versions,
 )
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES
@@ -102,6 +105,9 @@ VERSION_TAG = re.compile(r'^[\x21-\x7e]{1,256}$')
 # (the job dead-lettered or the enqueue after the insert failed): the next
 # notification enqueues a fresh job. Generous, because a busy queue delays pickup.
 PENDING_STALE_S = 300
+# A row whose job this process saw enqueued less than this ago is added to without a read
+# (mailsync.monitoring.pending_seen); the minute's margin covers clocks of other processes.
+PENDING_FRESH_S = PENDING_STALE_S - 60
 MERGE_ATTEMPTS = 8
 
 
@@ -263,26 +269,15 @@ class NotificationAuthenticator:
         return subscription if self._account_cache[subscription.account_id] else None
 
 
-def merge_changes(current: Sequence[tuple[str, str]], new: Iterable[tuple[str, str]], *,
-                  max_ids: int) -> tuple[tuple[tuple[str, str], ...], bool]:
-    """Distinct (changeType, id) pairs in arrival order; (pairs, overflowed)."""
-    seen = set(current)
-    merged = list(current)
-    for pair in new:
-        if pair not in seen:
-            seen.add(pair)
-            merged.append(pair)
-    if len({message_id for _, message_id in merged}) > max_ids:
-        return (), True
-    return tuple(merged), False
-
-
 class NotificationReceiver:
     """The webhook's use case: authenticate items, coalesce per account, enqueue."""
 
     def __init__(self, settings: Settings, subscriptions: SubscriptionStore, accounts: AccountDirectory,
                  pending: PendingStore, queue: JobQueue, *, client_states: ClientStates | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 seen: SeenPendingRows | None = None) -> None:
+        """``seen``: the pending rows this process saw with a live job (one per process; a fresh one
+        by default), which requests for those accounts add to without reading them."""
         self._settings = settings
         self._client_states = client_states
         self._subscriptions = subscriptions
@@ -290,6 +285,7 @@ class NotificationReceiver:
         self._pending = pending
         self._queue = queue
         self._clock = clock
+        self._seen = seen if seen is not None else SeenPendingRows(fresh_s=PENDING_FRESH_S)
 
     def receive(self, body: Any) -> ReceiveReport:
         """Handle one parsed JSON body. InputError: malformed (nothing done)."""
@@ -339,12 +335,13 @@ class NotificationReceiver:
         """
         max_ids = self._settings.notify_max_ids
         changes = [(change_type, message_id) for change_type, message_id, _ in notified]
-        for attempt in range(MERGE_ATTEMPTS):
+        seen = self._seen
+        row_there = False
+        for _attempt in range(MERGE_ATTEMPTS):
             now = self._clock()
-            # Insert first, read only when a row is there: usually the account has no pending row
-            # (its last job already took it), and the insert alone is one table call instead of two.
-            current = None if attempt == 0 else self._pending.get(account_id)
-            if current is None:
+            if not row_there:
+                # Insert first, read only when a row is there: usually the account has no pending row
+                # (its last job already took it), and the insert alone is one table call instead of two.
                 merged, overflow = merge_changes((), changes, max_ids=max_ids)
                 row = PendingChanges(account_id, merged, overflow, first_at=now, enqueued_at=now,
                                      folder_notices=folder_notices,
@@ -352,9 +349,32 @@ class NotificationReceiver:
                 try:
                     self._pending.create(row)
                 except Conflict:
+                    row_there = True
+                else:
+                    self._enqueue_or_undo(account_id)
+                    seen.saw(account_id, now, notified)
+                    return True
+            if seen.is_replay(account_id, now, notified, folder_notices):
+                # The very versions this process put in a row whose job is live: that job reads them.
+                return False
+            if seen.may_add(account_id, now):
+                # The row's job was enqueued moments ago (mailsync.monitoring.pending_seen): add to the
+                # row without reading it, one write instead of a read and a replace.
+                distinct = len({message_id for _, message_id in changes})
+                part = PendingPart((), folder_notices, True) if distinct > max_ids \
+                    else PendingPart(tuple(notified), folder_notices)
+                try:
+                    if self._pending.add(account_id, part):
+                        seen.added(account_id, notified)
+                        return False
+                    row_there = False     # taken meanwhile: insert a new one
                     continue
-                self._enqueue_or_undo(account_id)
-                return True
+                except Conflict:
+                    pass                  # too large for a part: read and replace (which folds the parts)
+            current = self._pending.get(account_id)
+            if current is None:
+                row_there = False
+                continue
             if current.all_folders:
                 merged, overflow = (), True
             else:
@@ -366,6 +386,7 @@ class NotificationReceiver:
                 # Nothing new: a replay. The row's job has not read the mailbox yet (it takes the
                 # row first), so its reads cover it. (The same message changed again carries
                 # another version tag: that is new, the row must stop vouching for the first one.)
+                seen.saw(account_id, current.enqueued_at, notified)
                 return False
             updated = replace(current, changes=merged, all_folders=overflow, versions=versions,
                               folder_notices=current.folder_notices + folder_notices,
@@ -377,8 +398,8 @@ class NotificationReceiver:
             if stale:
                 log.warning("pending notifications had no live job; enqueueing another")
                 self._queue.enqueue(self._job(account_id), delay_s=self._settings.notify_coalesce_s)
-                return True
-            return False
+            seen.saw(account_id, updated.enqueued_at, notified)
+            return stale
         raise DependencyUnavailable("notification gate is too contended; retry", retry_after_s=1)
 
     def _job(self, account_id: str) -> Job:

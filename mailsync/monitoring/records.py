@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -162,6 +162,46 @@ def merge_versions(current: Sequence[tuple[str, str]],
     return tuple(versions.items())
 
 
+def merge_changes(current: Sequence[tuple[str, str]], new: Iterable[tuple[str, str]], *,
+                  max_ids: int) -> tuple[tuple[tuple[str, str], ...], bool]:
+    """Distinct (changeType, id) pairs in arrival order; (pairs, overflowed)."""
+    seen = set(current)
+    merged = list(current)
+    for pair in new:
+        if pair not in seen:
+            seen.add(pair)
+            merged.append(pair)
+    if len({message_id for _, message_id in merged}) > max_ids:
+        return (), True
+    return tuple(merged), False
+
+
+@dataclass(frozen=True)
+class PendingPart:
+    """One webhook request's notifications for an account whose row was already pending.
+
+    Written into the row as a property of its own (``PendingStore.add``), without
+    reading the row first; the row as read is its own fields with every part folded
+    in (``fold_part``). ``notified``: (change type, message id, version tag or None);
+    ``all_folders``: the request alone named more ids than a row keeps.
+    """
+
+    notified: tuple[tuple[str, str, str | None], ...]
+    folder_notices: int = 0
+    all_folders: bool = False
+
+
+def fold_part(row: PendingChanges, part: PendingPart, *, max_ids: int) -> PendingChanges:
+    """``row`` with ``part`` merged in, as the webhook's read-and-replace would have merged it."""
+    changes: tuple[tuple[str, str], ...] = ()
+    overflow = True
+    if not (row.all_folders or part.all_folders):
+        changes, overflow = merge_changes(row.changes, ((ct, mid) for ct, mid, _ in part.notified), max_ids=max_ids)
+    versions = () if overflow else merge_versions(row.versions, part.notified)
+    return replace(row, changes=changes, all_folders=overflow, versions=versions,
+                   folder_notices=row.folder_notices + part.folder_notices)
+
+
 class SubscriptionStore(Protocol):
     """Subscription and monitor rows (Azure Tables)."""
 
@@ -210,7 +250,17 @@ class PendingStore(Protocol):
         ...
 
     def replace(self, pending: PendingChanges) -> PendingChanges:
-        """Replace if unchanged since read (``pending.etag``); Conflict otherwise or if gone."""
+        """Replace if unchanged since read (``pending.etag``); Conflict otherwise or if gone.
+
+        The row is written whole: the parts ``add`` wrote are folded into it and go."""
+        ...
+
+    def add(self, account_id: str, part: PendingPart) -> bool:
+        """Merge ``part`` into the account's row without reading it (one write, which changes its ETag).
+
+        False when there is no row (taken meanwhile); Conflict when the part cannot be
+        stored that way (too large, or the row holds too many parts): read and replace instead.
+        """
         ...
 
     def delete(self, pending: PendingChanges) -> None:

@@ -27,17 +27,26 @@ table (a ``/`` or ``#`` in a key would otherwise become a different URL).
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
 from mailsync.errors import Conflict
-from mailsync.monitoring.records import AccountMonitor, PendingChanges, Subscription, SubscriptionKind
+from mailsync.monitoring.records import (
+    AccountMonitor,
+    PendingChanges,
+    PendingPart,
+    Subscription,
+    SubscriptionKind,
+    fold_part,
+)
 from mailsync.storage.sync_rows import PENDING_ROW, AccountSyncState
 from mailsync.storage.table_errors import ensure_table, table_errors
 
@@ -45,6 +54,9 @@ SUBSCRIPTION_ROW = "subscription"
 MONITOR_ROW = "monitor"
 # The messages row keeps its original key, so rows written before folder subscriptions still read.
 MONITOR_ROWS = {SubscriptionKind.MESSAGES: MONITOR_ROW, SubscriptionKind.FOLDERS: "monitor-folders"}
+# A pending row's parts (TablePendingStore.add): properties of this prefix, one per request that found the row.
+PART_PREFIX = "part_"
+MAX_PART_CHARS = 30_000     # a string property holds 64 KiB (UTF-16): 32K characters, with room to spare
 # Graph subscription ids are GUIDs; our account ids are hex. Both fit this.
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -193,11 +205,25 @@ class TablePendingStore:
     """``PendingStore`` on Azure Tables: the per-account coalescing gate (ETag concurrency).
 
     ``table`` is the sync table (``<prefix>sync``): the row shares the account's partition with
-    its sync rows (the module docstring).
+    its sync rows (the module docstring). ``max_ids``: ``Settings.notify_max_ids``, applied as
+    parts are folded in.
+
+    Parts (``add``): a request for an account whose row is pending writes its
+    notifications as one more property of the row (``part_<time><nonce>``, JSON),
+    with an unconditional merge: no read, no ETag, one write instead of a read and
+    an ETag replace. The merge changes the row's ETag like any write, so the job's
+    ETag-conditional take still notices it; it needs the row (``If-Match: *``), so a
+    row taken meanwhile refuses it and the caller inserts a new one. Reading folds
+    the parts in, in the order of their names; ``replace`` writes the folded row
+    whole (a REPLACE drops every property it does not name). An entity holds at most
+    252 properties and a string 64 KiB: a part too large, or one the service
+    refuses, is a ``Conflict`` and the caller reads and replaces instead, which
+    folds the parts away.
     """
 
-    def __init__(self, table: TableClient) -> None:
+    def __init__(self, table: TableClient, *, max_ids: int = 100) -> None:
         self._table = table
+        self._max_ids = max_ids
 
     def get(self, account_id: str) -> PendingChanges | None:
         if not valid_key(account_id):
@@ -214,17 +240,40 @@ class TablePendingStore:
         entity = rows.others.get(PENDING_ROW)
         return None if entity is None else self._from_entity(rows.account_id, entity)
 
-    @staticmethod
-    def _from_entity(account_id: str, entity: Any) -> PendingChanges:
+    def _from_entity(self, account_id: str, entity: Any) -> PendingChanges:
         changes = orjson.loads(entity.get("changes") or "[]")
         versions = orjson.loads(entity.get("versions") or "{}")
-        return PendingChanges(account_id=account_id,
-                              changes=tuple((str(ct), str(mid)) for ct, mid in changes),
-                              all_folders=bool(entity.get("all_folders")),
-                              first_at=_required_time(entity["first_at"]),
-                              enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity),
-                              folder_notices=int(entity.get("folder_notices") or 0),
-                              versions=tuple((str(mid), str(tag)) for mid, tag in versions.items()))
+        row = PendingChanges(account_id=account_id,
+                             changes=tuple((str(ct), str(mid)) for ct, mid in changes),
+                             all_folders=bool(entity.get("all_folders")),
+                             first_at=_required_time(entity["first_at"]),
+                             enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity),
+                             folder_notices=int(entity.get("folder_notices") or 0),
+                             versions=tuple((str(mid), str(tag)) for mid, tag in versions.items()))
+        for name in sorted(key for key in entity if key.startswith(PART_PREFIX)):
+            row = fold_part(row, _part_from_json(entity[name]), max_ids=self._max_ids)
+        return row
+
+    def add(self, account_id: str, part: PendingPart) -> bool:
+        if not valid_key(account_id):
+            raise ValueError("account id is not a valid table key")
+        value = orjson.dumps({"n": [list(item) for item in part.notified], "f": part.folder_notices,
+                              "a": part.all_folders}).decode()
+        if len(value) > MAX_PART_CHARS:
+            raise Conflict("notifications too many for a part of the pending row")
+        name = f"{PART_PREFIX}{time.time_ns():016x}{secrets.token_hex(4)}"
+        with table_errors("adding to pending notifications"):
+            try:
+                # Unconditional MERGE: If-Match "*", so a missing row refuses it (404) instead of creating one.
+                self._table.update_entity({"PartitionKey": account_id, "RowKey": PENDING_ROW, name: value},
+                                          mode=UpdateMode.MERGE)
+            except ResourceNotFoundError:
+                return False
+            except HttpResponseError as exc:
+                if exc.status_code == 400:   # too many properties, or the entity too large: fold them
+                    raise Conflict("the pending row cannot take another part") from exc
+                raise
+        return True
 
     def create(self, pending: PendingChanges) -> PendingChanges:
         with table_errors("saving pending notifications"):
@@ -267,3 +316,10 @@ class TablePendingStore:
                 "all_folders": pending.all_folders, "folder_notices": pending.folder_notices,
                 "first_at": _iso(pending.first_at),
                 "enqueued_at": _iso(pending.enqueued_at)}
+
+
+def _part_from_json(value: Any) -> PendingPart:
+    data = orjson.loads(value) if isinstance(value, (str, bytes)) else {}
+    notified = tuple((str(item[0]), str(item[1]), None if item[2] is None else str(item[2]))
+                     for item in data.get("n") or () if isinstance(item, list) and len(item) == 3)
+    return PendingPart(notified, int(data.get("f") or 0), bool(data.get("a")))

@@ -114,7 +114,7 @@ def make_harness(storage_env: dict[str, str], **settings: str) -> Harness:
     subscriptions = TableSubscriptionStore(table)
     sync_table = table_client(config, "sync")
     ensure_table(sync_table)
-    pending = TablePendingStore(sync_table)
+    pending = TablePendingStore(sync_table, max_ids=config.notify_max_ids)
     linking = linking_tables(config)
     queue = AzureJobQueue(config)
     inspect = queue_client(config, config.sync_queue_name)

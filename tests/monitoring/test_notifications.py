@@ -14,7 +14,7 @@ from mailsync.jobs import JobKind
 from mailsync.models import AccountStatus
 from mailsync.monitoring.lifecycle import LifecycleReceiver
 from mailsync.monitoring.notifications import MAX_SUBSCRIPTIONS, PENDING_STALE_S, NotificationReceiver
-from mailsync.monitoring.records import UNKNOWN_VERSION
+from mailsync.monitoring.records import UNKNOWN_VERSION, PendingPart
 from tests.monitoring.harness import Harness, change, make_harness
 
 
@@ -102,18 +102,101 @@ def test_notifications_for_an_account_awaiting_reauthorization_enqueue_nothing(h
 def test_a_replayed_notification_enqueues_nothing_while_the_first_is_pending(harness: Harness) -> None:
     account = harness.add_account()
     sub, state = harness.add_subscription(account)
-    body = {"value": [change(sub, state, "m1"), change(sub, state, "m2", "deleted")]}
-    harness.notifications.receive(body)
+    versioned = {"value": [change(sub, state, "m1", "updated", 'W/"k1"'),
+                           change(sub, state, "m3", "created", 'W/"k3"')]}
+    harness.notifications.receive(versioned)
     assert harness.queued_count() == 1
     before = harness.pending.get(account)
     for _ in range(5):
-        report = harness.notifications.receive(body)
+        report = harness.notifications.receive(versioned)
         assert report.jobs_enqueued == 0
-    assert harness.queued_count() == 1
     after = harness.pending.get(account)
-    # Not even rewritten: the row's job has not read the mailbox yet, as it takes the row before it
-    # does (a repeat arriving after that gets a job of its own: test_handler).
+    # Not even rewritten: the same versions are about changes the row's job reads (it takes the row
+    # before it reads the mailbox; a repeat arriving after that gets a job of its own: test_handler).
     assert after is not None and before is not None and after.etag == before.etag
+    # Without a version (a deletion) a replay cannot be told from a second change once the row is
+    # taken: it is written (as a part of the row, no read), and still enqueues nothing.
+    unversioned = {"value": [change(sub, state, "m2", "deleted")]}
+    for _ in range(3):
+        assert harness.notifications.receive(unversioned).jobs_enqueued == 0
+    again = harness.pending.get(account)
+    assert again is not None and again.etag != before.etag
+    assert again.changes == (("updated", "m1"), ("created", "m3"), ("deleted", "m2"))
+    assert dict(again.versions) == {"m1": 'W/"k1"', "m3": 'W/"k3"'}
+    assert harness.queued_count() == 1
+
+
+class CountingPending:
+    """The real pending store, counting its calls."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return method(*args, **kwargs)
+        return counted
+
+
+def test_a_request_finding_the_row_pending_adds_to_it_without_reading_it(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    pending = CountingPending(harness.pending)
+    receiver = NotificationReceiver(harness.settings, harness.subscriptions, harness.accounts, pending,  # type: ignore[arg-type]
+                                    harness.queue)
+    receiver.receive({"value": [change(sub, state, "m1", "updated", 'W/"a1"')]})
+    assert pending.calls == ["create"]
+    pending.calls.clear()
+    receiver.receive({"value": [change(sub, state, "m2", "created", 'W/"b1"'), change(sub, state, "m1", "updated",
+                                                                                      'W/"a2"')]})
+    receiver.receive({"value": [change(sub, state, "m3", "deleted")]})
+    # Was: the refused insert, a read and an ETag replace per request.
+    assert pending.calls == ["create", "add", "create", "add"]
+    row = harness.pending.get(account)
+    assert row is not None and harness.queued_count() == 1
+    assert row.changes == (("updated", "m1"), ("created", "m2"), ("deleted", "m3"))
+    # m1 came with two versions: the row vouches for neither, as a read-and-replace made it.
+    assert dict(row.versions) == {"m1": UNKNOWN_VERSION, "m2": 'W/"b1"'}
+    # The job's take is ETag-checked against the row as read, parts included.
+    harness.pending.delete(row)
+    assert harness.pending.get(account) is None
+
+
+def test_a_part_for_a_row_taken_meanwhile_inserts_a_new_row_and_job(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    assert harness.pending.add(account, PendingPart((("updated", "m1", None),))) is False, "no row: nothing merged"
+    harness.notifications.receive({"value": [change(sub, state, "m1")]})
+    harness.drain()
+    row = harness.pending.get(account)
+    assert row is not None
+    harness.pending.delete(row)             # its job took it
+    report = harness.notifications.receive({"value": [change(sub, state, "m2")]})
+    assert report.jobs_enqueued == 1 and harness.queued_count() == 1
+
+
+def test_parts_fold_like_a_read_and_replace(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    harness.notifications.receive({"value": [change(sub, state, "m0", "updated", 'W/"0"')]})
+    most = harness.settings.notify_max_ids
+    for start in range(1, most, 30):
+        harness.notifications.receive({"value": [change(sub, state, f"m{n}", "created", f'W/"{n}"')
+                                                 for n in range(start, min(start + 30, most))]})
+    row = harness.pending.get(account)
+    assert row is not None and not row.all_folders and len(row.changes) == harness.settings.notify_max_ids
+    # A read-and-replace (what a process that did not see the row's job enqueued does) folds the
+    # parts into the row's own fields and drops them; one id more overflows it.
+    harness.pending.replace(row)
+    assert harness.pending.get(account) == replace(row, etag=harness.pending.get(account).etag)  # type: ignore[union-attr]
+    harness.notifications.receive({"value": [change(sub, state, "one-more", "created", 'W/"x"')]})
+    overflowed = harness.pending.get(account)
+    assert overflowed is not None and overflowed.all_folders and overflowed.changes == () and overflowed.versions == ()
+    assert harness.queued_count() == 1
 
 
 def test_the_row_keeps_each_messages_notified_version_and_forgets_it_once_two_differ(harness: Harness) -> None:
@@ -187,12 +270,36 @@ def test_concurrent_requests_for_one_account_enqueue_one_job_and_lose_no_id(harn
 def test_a_pending_row_whose_job_was_lost_gets_a_new_job(harness: Harness) -> None:
     account = harness.add_account()
     sub, state = harness.add_subscription(account)
-    harness.notifications.receive({"value": [change(sub, state, "m1")]})
+    now = [datetime.now(UTC)]
+    receiver = NotificationReceiver(harness.settings, harness.subscriptions, harness.accounts, harness.pending,
+                                    harness.queue, clock=lambda: now[0])
+    receiver.receive({"value": [change(sub, state, "m1")]})
     harness.drain()                           # the job is gone (dead-lettered, say); the row stays
+    now[0] += timedelta(seconds=PENDING_STALE_S - 90)
+    assert receiver.receive({"value": [change(sub, state, "m2", "updated", 'W/"2"')]}).jobs_enqueued == 0
+    assert harness.queued_count() == 0
+    # Past the stale threshold the row is read (not added to blindly, not taken for a replay) and
+    # gets a new job. (A process that never saw the row reads it anyway: test below.)
+    now[0] += timedelta(seconds=91)
+    report = receiver.receive({"value": [change(sub, state, "m2", "updated", 'W/"2"')]})
+    assert report.jobs_enqueued == 1 and harness.queued_count() == 1
+    row = harness.pending.get(account)
+    assert row is not None and row.changes == (("updated", "m1"), ("updated", "m2"))
+
+
+def test_a_row_another_process_created_is_read_before_it_is_added_to(harness: Harness) -> None:
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account)
+    harness.notifications.receive({"value": [change(sub, state, "m1")]})
+    harness.drain()
     row = harness.pending.get(account)
     assert row is not None
     harness.pending.replace(replace(row, enqueued_at=datetime.now(UTC) - timedelta(seconds=PENDING_STALE_S + 1)))
-    report = harness.notifications.receive({"value": [change(sub, state, "m1")]})
+    pending = CountingPending(harness.pending)
+    other = NotificationReceiver(harness.settings, harness.subscriptions, harness.accounts, pending,  # type: ignore[arg-type]
+                                 harness.queue)
+    report = other.receive({"value": [change(sub, state, "m1")]})
+    assert pending.calls == ["create", "get", "replace"]
     assert report.jobs_enqueued == 1 and harness.queued_count() == 1
 
 
