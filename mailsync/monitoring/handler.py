@@ -70,7 +70,12 @@ rides in the entity-group transaction that takes the round's slot and lease
 (``TAKE_PENDING``; on its own first when the round cannot take both that
 way). A row changed since the job read it refuses the transaction, nothing
 is written, and the job reads the row again (``PendingChanged``). With
-lookups (new mail, moves) the job takes the row before it asks Graph.
+lookups (new mail, moves) the same holds when every id looked up came with
+its version: the lookup reads the mailbox, but a change to one of those
+messages before the take carries another version, which the webhook writes
+into the row (a changed version is never a replay), so the take is refused
+and the job resolves again. When one came without a version, the job takes
+the row before it asks Graph.
 
 Cost: the row lives in the account's partition of the sync table
 (``mailsync.storage.subscriptions``), so the job reads it with the one
@@ -222,21 +227,30 @@ class MonitoringJobs:
             if (stored is None and types != {ChangeType.DELETED.value}) or ChangeType.CREATED.value in types:
                 lookups.append(message_id)
         located: Mapping[str, str | None] = {}
+        versions = dict(pending.versions)
+        take_first = False
         if lookups:
             if len(lookups) > min(MAX_LOOKUPS, max(1, len(known))):
                 log.info("%d messages to locate; syncing every folder instead", len(lookups))
                 return _Resolved(known, True)
-            self._take(pending)
+            # The lookups read the mailbox. When every id they look up came with its version, the take
+            # may wait for the first round's transaction: a change to one of them meanwhile carries
+            # another version, which the webhook writes into the row (never a replay), so the take's
+            # ETag check refuses and the job resolves again. Without a version such a change would
+            # look like a replay and be dropped while the row is pending: take it first.
+            take_first = not all(versions.get(mid) for mid in lookups)
+            if take_first:
+                self._take(pending)
             try:
                 located = self._locator.parent_folders(account_id, lookups)
             except (ProviderError, NotFound) as exc:
                 log.info("locating notified messages failed (%s); syncing every folder", exc.code)
-                return _Resolved(known, True, taken=True)
+                return _Resolved(known, True, taken=take_first)
             folders.update(folder for folder in located.values() if folder is not None)
         # A folder subscription's notification: one folder-list round (names, parents, new and gone folders).
         return _Resolved(folders, bool(folders - known) or pending.folders_changed,
                          _expectations(pending, where, {mid: located.get(mid) for mid in lookups}),
-                         taken=bool(lookups))
+                         taken=take_first)
 
     def _dispatch(self, resolved: _Resolved, account: Account, pending: PendingChanges,
                   direct: DirectRunner | None, rows: AccountSyncState) -> list[Job]:

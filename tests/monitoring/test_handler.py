@@ -74,6 +74,11 @@ class World:
         self.harness.notifications.receive(
             {"value": [change(self.subscription, self.client_state, mid, ct) for ct, mid in changes]})
 
+    def notify_versions(self, *changes: tuple[str, str, str]) -> None:
+        """Notifications carrying the changed version, as Outlook's do (resourceData's ``@odata.etag``)."""
+        self.harness.notifications.receive(
+            {"value": [change(self.subscription, self.client_state, mid, ct, tag) for ct, mid, tag in changes]})
+
     def graph_requests(self) -> int:
         return int(self.sandbox.admin("GET", "counters").json()["requests"])
 
@@ -242,6 +247,53 @@ def test_notifications_the_store_resolves_are_taken_by_the_first_round_and_other
         (job, world.harness.pending.get(world.account) is not None)))
     [(job, still_pending)] = seen
     assert not still_pending and TAKE_PENDING not in job.attrs
+
+
+def test_lookups_of_versioned_notifications_leave_the_take_to_the_first_round(world: World) -> None:
+    # New mail whose notification names its version: a change to it while the row is pending would
+    # carry another version and rewrite the row, so the lookup may come before the take and the take
+    # rides in the first round's transaction (one table call less).
+    world.notify_versions(("created", world.unstored[0]["id"], 'W/"v1"'))
+    world.harness.drain()
+    seen: list[tuple[Job, bool]] = []
+    world.jobs.notified(world.account, direct=world.runner(lambda job, account, rows: seen.append(
+        (job, world.harness.pending.get(world.account) is not None))))
+    [(job, _)] = seen
+    assert job.attrs.get(TAKE_PENDING), "left for the round to take"
+    assert (job.kind, job.folder_id) == sync(world.unstored[0]["folderId"])
+    assert world.harness.pending.get(world.account) is None and world.harness.drain() == []
+
+
+def test_a_looked_up_message_changed_before_the_round_took_the_row_is_resolved_again(world: World) -> None:
+    moved = world.unstored[0]
+    target = next(f for f in world.folders if f != moved["folderId"]
+                  and world.folders[f]["wellKnownName"] not in ("outbox", "drafts", None))
+
+    class MovingLocator:
+        """The message moves (and its notification lands) right after the first lookup answered."""
+
+        def __init__(self, inner: GraphMessageLocator) -> None:
+            self.inner = inner
+            self.calls = 0
+
+        def parent_folders(self, account_id: str, message_ids: Sequence[str]) -> Mapping[str, str | None]:
+            self.calls += 1
+            found = self.inner.parent_folders(account_id, message_ids)
+            if self.calls == 1:
+                world.sandbox.graph(world.user).post(f"me/messages/{moved['id']}/move", json={"destinationId": target})
+                world.notify_versions(("updated", moved["id"], 'W/"v2"'))
+            return found
+
+    locator = MovingLocator(world.locator)
+    world.jobs._locator = locator  # type: ignore[assignment]
+    world.notify_versions(("updated", moved["id"], 'W/"v1"'))
+    world.harness.drain()
+    ran: list[Job] = []
+    world.jobs.notified(world.account, direct=world.runner(lambda job, account, rows: ran.append(job)))
+    # The first round's take was refused (the row changed): nothing read, the job looked again.
+    assert locator.calls == 2
+    assert [(job.kind, job.folder_id) for job in ran] == [sync(target)]
+    assert world.harness.pending.get(world.account) is None and world.harness.drain() == []
 
 
 def test_notifications_merged_before_the_round_took_them_are_read_again(world: World) -> None:
