@@ -458,6 +458,41 @@ class SyncStateTable:
             raise LeaseLost("another worker holds the folder now")
         return Lease(fresh, lease.owner)
 
+    def rest_quiet(self, quiet: Sequence[tuple[SyncState, str]]) -> int:
+        """End a sweep's quiet rounds without leases: per row, its new final cursor, one more round, ``dirty``
+        cleared; up to 100 rows per entity-group transaction. Returns how many rows were written.
+
+        ``quiet``: rows of one account as the caller read them, unleased, each
+        with the cursor a read from its saved one returned, complete and empty
+        (``mailsync.sync.quiet_sweep``). Every write is conditional on the ETag
+        of that read: a row written since (leased, marked by a notification,
+        finished by another round, deleted) is left as it is, for its own
+        round. A transaction refused for one such row is redone row by row.
+        """
+        if not quiet:
+            return 0
+        account_id = quiet[0][0].account_id
+        if any(state.account_id != account_id for state, _ in quiet):
+            raise ValueError("rest_quiet takes the rows of one account (one partition)")
+        partition = check_partition(account_id)
+        written = 0
+        for start in range(0, len(quiet), _BATCH_MAX):
+            chunk = quiet[start:start + _BATCH_MAX]
+            now = self._clock()
+            operations: list[Any] = [
+                ("update", {**to_entity_fields(_rested(state, cursor)), "PartitionKey": partition,
+                            "RowKey": state.row_key, "updated_at": now},
+                 {"mode": UpdateMode.MERGE, "etag": state.etag, "match_condition": MatchConditions.IfNotModified})
+                for state, cursor in chunk]
+            if self._transaction(operations) is not None:
+                written += len(chunk)
+                continue
+            for state, cursor in chunk:
+                with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
+                    self._merge(state, _rested(state, cursor))
+                    written += 1
+        return written
+
     # --- slots ------------------------------------------------------------------
 
     def acquire_slot(self, account_id: str, owner: str, max_slots: int, *,
@@ -772,6 +807,11 @@ def _free_slot(rows: Mapping[int, SlotRow], owner: str, max_slots: int,
         if not row.owner or row.until <= now:
             candidate = candidate or (index, row)
     return candidate
+
+
+def _rested(state: SyncState, cursor: str) -> dict[str, Any]:
+    """The fields ``rest_quiet`` writes: what ``finish`` writes for a quiet incremental round."""
+    return {"cursor": cursor, "rounds": state.rounds + 1, "dirty": False, "failures": 0, "mid_round": False}
 
 
 def _dirty_when_taken(state: SyncState, news: bool) -> bool:

@@ -127,6 +127,7 @@ from mailsync.sync.invocation import (
     all_rows,
     relook_attempt,
 )
+from mailsync.sync.quiet_sweep import QuietSweep
 
 log = logging.getLogger("mailsync.sync")
 
@@ -225,7 +226,7 @@ class SyncEngine:
         return new_job(kind, account_id, folder_id, reason=reason, attrs={CONTINUATION: "1"})
 
 
-class _Invocation(FolderSync, FolderListSync):
+class _Invocation(FolderSync, FolderListSync, QuietSweep):
     """One job's run: which target, then pending rows while time is left, then what comes after."""
 
     def run(self, preloaded: AccountSyncState | None = None) -> Outcome:
@@ -282,6 +283,8 @@ class _Invocation(FolderSync, FolderListSync):
                 outcome = Outcome.HELD
             else:
                 self._work(target)
+                if self.sweeping and not self.end_now:
+                    self._rest_quiet_folders()   # the marked folders with nothing new, without their rounds
             while outcome == Outcome.DONE and not self.end_now and not self.one_round \
                     and self._time_left() > 0.2 * e.settings.sync_time_budget_s:
                 pending = self._next_pending()
@@ -475,6 +478,7 @@ class _Invocation(FolderSync, FolderListSync):
             started = [fid for fid, row in rows.folders.items()
                        if row.rounds > 0 or row.cursor or row.leased(now)]
             state.mark_many(self.account_id, started, dirty=True)
+            self.sweeping = bool(started)
             return FOLDER_LIST
         if folder_id is None or kind == JobKind.SYNC_FOLDERS:
             return FOLDER_LIST

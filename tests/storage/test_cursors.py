@@ -417,3 +417,37 @@ def test_epochs_of_a_few_folders_or_of_many_give_the_same_answer(table: SyncStat
     assert len(many) > POINT_READS_UP_TO
     assert table.epochs(account, many) == {"f0": 10, "f2": 12, "f3": 13, "f4": 14}
     assert table.epochs(account) == {f"f{n}": 10 + n for n in range(5)}
+
+
+def _resting(table: SyncStateTable, account: str, folder: str) -> SyncState:
+    """A folder between incremental rounds, marked by a sweep (as ``mark_many`` leaves it)."""
+    table.create(SyncState(account_id=account, folder_id=folder, name=folder))
+    lease = table.acquire(account, folder, new_owner("first"))
+    assert lease is not None
+    assert table.finish(lease, cursor=f"{folder}-c1", phase=SyncPhase.INCREMENTAL, rounds=1) is None
+    table.mark_many(account, [folder])
+    row = table.get(account, folder)
+    assert row is not None and row.dirty
+    return row
+
+
+def test_quiet_rounds_rest_together_and_a_row_written_since_its_read_keeps_its_mark(table: SyncStateTable) -> None:
+    account = _account()
+    rows = [_resting(table, account, f"f{n}") for n in range(3)]
+    # f1 is leased by a notified round after the sweep read it: its write must not go through.
+    taken = table.acquire(account, "f1", new_owner("notified"))
+    assert taken is not None
+    written = table.rest_quiet([(row, f"{row.folder_id}-c2") for row in rows])
+    assert written == 2, "the transaction is refused for f1; the others go through one by one"
+    after = table.load(account).folders
+    for folder in ("f0", "f2"):
+        assert (after[folder].cursor, after[folder].rounds, after[folder].dirty) == (f"{folder}-c2", 2, False)
+        assert after[folder].lease_owner == ""
+    assert after["f1"].cursor == "f1-c1" and after["f1"].lease_owner == taken.owner, "its holder's, untouched"
+    # Nothing written since the read: one transaction for all of them.
+    again = [row for row in table.load(account).folders.values() if row.folder_id != "f1"]
+    assert table.rest_quiet([(row, f"{row.folder_id}-c3") for row in again]) == 2
+    assert {f: r.cursor for f, r in table.load(account).folders.items()} == {"f0": "f0-c3", "f1": "f1-c1",
+                                                                             "f2": "f2-c3"}
+    with pytest.raises(ValueError):
+        table.rest_quiet([(rows[0], "x"), (SyncState(account_id=_account(), folder_id="y", etag="e"), "y")])

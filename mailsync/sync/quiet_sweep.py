@@ -1,0 +1,106 @@
+"""A safety sweep's quiet folders: one read each, and their rows written in one transaction.
+
+Why: at rest, the sweeps are what an account costs (issue 18). Every
+watched account is swept every ``POLL_INTERVAL_SUBSCRIBED_S`` (6 h) because
+notifications can be lost without a ``missed`` event; a sweep lists the
+folders and reads every folder's changes since its cursor. Almost always
+nothing changed. Run as ordinary rounds, each folder cost a read of the
+account's rows, a lease taken and a finish written: three table calls per
+folder, 56 for a 13-folder sandbox mailbox, ~220 per account a day at four
+sweeps (1,000 accounts: 2.6 table transactions a second for sweeps alone,
+10,000: 26).
+
+How: the sweep marks the folders ``dirty`` first, as before (so every path
+that stops it early — a fault, the time budget, a dead worker — leaves its
+intent on the rows for whoever holds a slot next). After the folder list,
+the sweeping invocation reads the rows once and, for each marked folder at
+rest (unleased, between incremental rounds, not backing off, nothing
+asking for a full round), reads the changes since its cursor *without a
+lease*. A read that comes back complete and empty is a quiet round: the
+folder's new cursor, one more round and the cleared mark are written for
+all such folders in one entity-group transaction, each conditional on the
+ETag of that one read (``SyncStateTable.rest_quiet``). A folder with
+changes, or whose row was written since the read (a notification's mark,
+another worker's lease), keeps its mark, and the invocation's pending loop
+runs its ordinary leased round.
+
+Why reading without the lease is safe: the lease makes one worker at a
+time *write* a folder's pages and cursor; a quiet read writes no page, and
+its cursor is written only if the row is exactly as it was before the
+read, i.e. nobody began or ended a round in between. A change made after
+the read is after the new cursor too, and its notification's round (or the
+next sweep) reads it; delta's lag is the look-agains' business, as for any
+round. One cost, bounded: Outlook keeps a folder's newest three delta links,
+and a read issues one. A worker that leased the folder right after our
+read of the rows and pages a multi-page round could see its saved link
+pushed out by ours if it also died before saving the next: its folder then
+restarts its round (SyncStateNotFound → resync: always safe, only slower).
+
+Graph requests per sweep are unchanged (a read per folder; a changed folder
+reads again in its leased round, as sweeps rarely find anything).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mailsync.errors import CursorExpired, MailsyncError, NotFound
+from mailsync.models import SyncPhase
+from mailsync.storage.sync_rows import SyncState
+from mailsync.sync import policy
+from mailsync.sync.invocation import InvocationBase
+
+log = logging.getLogger("mailsync.sync")
+
+
+def at_rest(row: SyncState, generation: str, now: float) -> bool:
+    """A marked folder a quiet read may stand in for: between incremental rounds and free.
+
+    Anything else (a round in progress or due in full, a lease, a back-off, a
+    failing folder) goes through its ordinary round, which knows what to do.
+    """
+    return (row.dirty and not row.leased(now) and row.phase == SyncPhase.INCREMENTAL and row.rounds > 0
+            and bool(row.cursor) and not row.mid_round and not row.resync_requested
+            and row.not_before <= now and row.failures == 0 and not policy.needs_full_round(row, generation))
+
+
+class QuietSweep(InvocationBase):
+    """The sweep half of an invocation: quiet folders read and put to rest together."""
+
+    sweeping = False    # set by the invocation's target: an every-folder sweep that marked its folders
+
+    def _rest_quiet_folders(self) -> int:
+        """Read each marked folder at rest once; write the quiet ones' rows in one transaction.
+
+        Returns how many folders were put to rest. Stops reading at the first
+        fault or when the time budget runs low: the folders not read keep their
+        marks for the pending loop (or a continuation), whose rounds deal with
+        the fault as always.
+        """
+        e = self.e
+        rows = self._load()
+        generation = self._store_generation()
+        now = e.clock()
+        quiet: list[tuple[SyncState, str]] = []
+        read = 0
+        for row in rows.folders.values():
+            if not at_rest(row, generation, now):
+                continue
+            if self.end_now or self._time_left() <= 0.2 * e.settings.sync_time_budget_s:
+                break
+            assert row.folder_id is not None
+            try:
+                batch = self._provider_().message_changes(row.folder_id, row.cursor)
+            except (CursorExpired, NotFound):
+                continue         # its round resyncs it, or asks the folder list
+            except MailsyncError as exc:
+                log.info("sweep: quiet reads stop at a fault: %s", exc.code)
+                break
+            read += 1
+            if batch.complete and not batch.upserts and not batch.removals:
+                quiet.append((row, batch.cursor))
+        rested = e.state.rest_quiet(quiet)
+        self.rows_current = False
+        log.info("sweep: quiet folders put to rest together",
+                 extra={"folders_read": read, "folders_quiet": len(quiet), "folders_rested": rested})
+        return rested
