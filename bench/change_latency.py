@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import sys
 import threading
@@ -394,6 +395,80 @@ def measure_sweeps(stack: Stack, accounts: list[Account]) -> dict[str, float]:
     return out
 
 
+def measure_renewals(stack: Stack, accounts: list[Account]) -> dict[str, float]:
+    """What one subscription renewal (a SUBSCRIPTION job, action renew) costs per account.
+
+    The renewer timer enqueues one every ~64 h per account (the subscription's
+    lifetime less ``SUBSCRIPTION_RENEW_BEFORE_S``); it PATCHes the account's
+    messages and folders subscriptions and writes their monitor rows.
+    """
+    from mailsync.jobs import JobKind, new_job
+    from mailsync.settings import Settings
+    from mailsync.storage.job_queue import AzureJobQueue
+
+    stack.wait_quiet()
+    requests0 = int(stack.sandbox.counters()["requests"])
+    counter = stack.storage_counter
+    storage0 = counter.snapshot() if counter else {}
+    # Straight to Azurite: the sends are the benchmark's (the timer's, in production: counted below).
+    queue = AzureJobQueue(Settings.from_env({**stack.env, "AzureWebJobsStorage": stack.azurite.connection_string}))
+    for account in accounts:
+        queue.enqueue(new_job(JobKind.SUBSCRIPTION, account.linked.account_id, reason="bench_renewal",
+                              attrs={"action": "renew"}))
+    time.sleep(1)
+    stack.wait_quiet()
+    n = max(1, len(accounts))
+    out = {"renewal_graph_requests": (int(stack.sandbox.counters()["requests"]) - requests0) / n}
+    if counter is not None:
+        used = diff_counts(counter.snapshot(), storage0)
+        out["renewal_table_tx"] = used.get("table_total", 0) / n
+        out["renewal_queue_tx"] = used.get("queue_total", 0) / n + 1   # + the timer's send
+    say(f"subscription renewal of {len(accounts)} account(s): {out}")
+    return out
+
+
+def at_rest_figures(accounts: int, hosts: int, idle: dict[str, float], sweep: dict[str, float],
+                    renewal: dict[str, float], env: dict[str, str]) -> dict[str, float]:
+    """The at-rest cost per account and day, and in all at 1,000 and 10,000 accounts (docs/scaling.md's model).
+
+    Measured: ``idle`` (transactions per second of the whole stack with
+    ``accounts`` linked, nothing changing and the sweeps off: the timers'
+    scans and each host's queue polling), ``sweep`` and ``renewal`` (one
+    safety sweep, one subscription renewal, per account). Per account and
+    day: the sweeps at the app's interval (``POLL_INTERVAL_SUBSCRIBED_S``,
+    6 h) and the renewals (every subscription lifetime less the renewal
+    margin). The timers' scans cost a call per 1,000 rows read, so they grow
+    by pages, not accounts: projected with the largest scan's pages (the
+    monitors, two rows per account). Queue polling is per host, not per
+    account: reported per host-hour.
+    """
+    from mailsync.settings import Settings
+
+    settings = Settings.from_env({k: v for k, v in env.items() if k != "POLL_INTERVAL_SUBSCRIBED_S"})
+    day = 86400.0
+    sweeps_per_day = day / settings.poll_interval_subscribed_s if settings.poll_interval_subscribed_s > 0 else 0.0
+    renewals_per_day = day / max(1, settings.subscription_lifetime_s - settings.subscription_renew_before_s)
+    table = sweeps_per_day * sweep.get("sweep_table_tx", 0.0) \
+        + renewals_per_day * renewal.get("renewal_table_tx", 0.0)
+    queue = sweeps_per_day * sweep.get("sweep_queue_tx", 0.0) + renewals_per_day * renewal.get("renewal_queue_tx", 0.0)
+    graph = sweeps_per_day * sweep.get("sweep_graph_requests", 0.0) \
+        + renewals_per_day * renewal.get("renewal_graph_requests", 0.0)
+    scans = idle.get("table_total", 0.0)
+
+    def pages(n: int) -> int:
+        return max(1, math.ceil(2 * n / 1000))
+
+    def total(n: int) -> float:
+        return scans * pages(n) / pages(accounts) + n * table / day
+
+    return {"idle_timer_table_tx_per_s": scans,
+            "idle_queue_receives_per_host_hour": 3600 * idle.get("queue_receive", 0.0) / max(1, hosts),
+            "at_rest_table_tx_per_account_day": table, "at_rest_queue_tx_per_account_day": queue,
+            "at_rest_graph_per_account_day": graph,
+            "at_rest_table_tx_per_s_1000": total(1000), "at_rest_table_tx_per_s_10000": total(10000),
+            "at_rest_queue_tx_per_s_1000": 1000 * queue / day}
+
+
 def verify_all(stack: Stack, accounts: list[Account], settle_s: float) -> dict[str, Any]:
     """Store = mailbox for every account? Compare each with the sandbox's snapshot until equal or ``settle_s``.
 
@@ -607,6 +682,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 say(f"profile saved to {dump} (read it with pstats; --keep keeps it)")
             last = step_index == len(steps) - 1
             sweep = measure_sweeps(stack, accounts[: args.sweeps]) if args.sweeps and last else {}
+            renewal = measure_renewals(stack, accounts[: args.renewals]) if args.renewals and last else {}
+            rest = at_rest_figures(len(accounts), 1 + args.workers, idle, sweep, renewal, stack.env) \
+                if idle and last else {}
             verified = verify_all(stack, accounts, args.settle_s) if args.verify and last else {}
             return {
                 "accounts": len(accounts), "changes": len(changes), "failed_changes": maker.failed,
@@ -618,8 +696,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "delta_pages_per_change": delta_pages / max(1, len(changes)),
                 "notification_posts": posts,
                 "delta_pages_per_notification_post": delta_pages / max(1, posts),
-                "latency_ms": args.latency_ms, "workers_killed": killed, **waits, **storage, **onboarding,
-                **sweep, **verified,
+                "latency_ms": args.latency_ms, "workers_killed": killed, "subscribed": subscribed,
+                **waits, **storage, **onboarding,
+                **sweep, **renewal, **rest, **verified,
             }
 
         for step_index, extra in enumerate(steps):
@@ -680,6 +759,46 @@ def job_timings(logs: list[Path], since: float, until: float) -> dict[str, float
             "notified_run_p50_ms": percentile(ran, 0.5), "notified_run_p99_ms": percentile(ran, 0.99)}
 
 
+SCALE_RUN = {"accounts": 1000, "changes": 6000, "rate": 20.0, "workers": 2, "kill_worker_at": 150.0,
+             "verify": True, "count_storage": True, "sweeps": 0, "renewals": 0}
+
+
+def scale_run_args(args: argparse.Namespace, argv: list[str]) -> None:
+    """``--scale-run``: issue 18's run, for every option not given on the command line (a given one wins).
+
+    1,000 accounts, 20 changes/s for 5 minutes (6,000), two worker processes
+    beside the host, one SIGKILLed and replaced 150 s in, then store = mailbox
+    for every account.
+    """
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    for name, value in SCALE_RUN.items():
+        if f"--{name.replace('_', '-')}" not in given:
+            setattr(args, name, value)
+
+
+def scale_run_verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """The scale run's verdict: converged (every account subscribed, no change lost, store = mailbox for
+    every account, the worker killed and replaced) or not, and why not."""
+    accounts = int(result["accounts"])
+    why = []
+    if result.get("subscribed", accounts) < accounts:
+        why.append("unsubscribed")
+    if result["lost"]:
+        why.append("lost_changes")
+    if result.get("unequal_accounts", 0) or result.get("verified_accounts", -1) != accounts:
+        why.append("store_not_mailbox")
+    if not result.get("workers_killed"):
+        why.append("no_worker_killed")
+    return {"verdict": "converged" if not why else "not_converged", "why": "+".join(why) or "-",
+            "accounts": accounts, "subscribed": result.get("subscribed"), "changes": result["changes"],
+            "rate": result["rate"], "throughput_per_s": result["throughput_per_s"], "lost": result["lost"],
+            "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "max_ms": result["max_ms"],
+            "workers_killed": result.get("workers_killed", 0), "verified_accounts": result.get("verified_accounts"),
+            "unequal_accounts": result.get("unequal_accounts"),
+            "verify_missing": result.get("verify_missing"), "verify_extra": result.get("verify_extra"),
+            "verify_stale": result.get("verify_stale"), "app_cpu_ms_per_change": result["app_cpu_ms_per_change"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = parser_from_doc(__doc__)
     parser.add_argument("--accounts", type=int, default=100, help="linked, synced accounts (default 100)")
@@ -695,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11, help="seed of the tenant and the changes")
     parser.add_argument("--sweeps", type=int, default=10,
                         help="afterwards, time a safety sweep (SYNC_ACCOUNT) of this many quiet accounts (default 10)")
+    parser.add_argument("--renewals", type=int, default=10,
+                        help="afterwards, time a subscription renewal of this many accounts (default 10)")
     parser.add_argument("--max-polling-interval", default="",
                         help="experiment: run the hosts with this host.json queues.maxPollingInterval "
                              "(e.g. 00:00:00.500; default: host.json's)")
@@ -720,8 +841,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the app's NOTIFY_COALESCE_S: the NOTIFIED job's visibility delay after its first "
                              "notification (default: the app's, 0)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
+    parser.add_argument("--scale-run", action="store_true",
+                        help="issue 18's scale run (options not given take: " + ", ".join(
+                            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                            for k, v in SCALE_RUN.items()) + "); prints a verdict")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.scale_run:
+        scale_run_args(args, argv)
     results = run(args)   # each window's figures line is printed as it ends
+    if args.verify and args.kill_worker_at >= 0:
+        print(figures("scale_run", scale_run_verdict(results[-1])), flush=True)
     return 0 if all(r["lost"] == 0 and not r.get("unequal_accounts") for r in results) else 1
 
 
