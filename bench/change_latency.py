@@ -659,6 +659,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if stack.in_process is not None:
                 logs.append(stack.workdir / "app.log")
             waits.update(job_timings(logs, wall_started, time.time()))
+            waits.update(job_outcomes(logs, wall_started, time.time()))
             latencies = [1000 * (c.seen - c.sent) for c in changes if c.seen is not None]
             # Changes delivered per second, from the first change sent to the last event seen.
             last_seen = max((c.seen for c in changes if c.seen is not None), default=started)
@@ -757,6 +758,36 @@ def job_timings(logs: list[Path], since: float, until: float) -> dict[str, float
     return {"jobs_ran": jobs, "notified_jobs": len(queued),
             "notified_queued_p50_ms": percentile(queued, 0.5), "notified_queued_p99_ms": percentile(queued, 0.99),
             "notified_run_p50_ms": percentile(ran, 0.5), "notified_run_p99_ms": percentile(ran, 0.99)}
+
+
+def job_outcomes(logs: list[Path], since: float, until: float) -> dict[str, int]:
+    """What several hosts on one queue cost each other: sync jobs that found every slot busy (``busy``: their
+    work left as a mark), deferred or held ones, leases a redelivery took back from a dead run, and folder
+    rounds that lost their lease; from the "sync job <outcome>" and engine log lines between ``since`` and
+    ``until`` (epoch seconds)."""
+    wanted = {"sync job busy": "jobs_busy", "sync job deferred": "jobs_deferred", "sync job held": "jobs_held",
+              "sync job dropped": "jobs_dropped", "reclaiming a lease from a dead delivery": "leases_reclaimed"}
+    counts = dict.fromkeys([*wanted.values(), "leases_lost"], 0)
+    for path in logs:
+        if not path.exists():
+            continue
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if '"sync job ' not in line and '"reclaiming a lease' not in line and '"lease lost' not in line:
+                    continue
+                try:
+                    entry = json.loads(line)
+                    at = datetime.fromisoformat(entry["ts"]).timestamp()
+                except (ValueError, KeyError):
+                    continue
+                if not since <= at <= until:
+                    continue
+                message = str(entry.get("msg", ""))
+                if message in wanted:
+                    counts[wanted[message]] += 1
+                elif message.startswith("lease lost"):
+                    counts["leases_lost"] += 1
+    return counts
 
 
 SCALE_RUN = {"accounts": 1000, "changes": 6000, "rate": 20.0, "workers": 2, "kill_worker_at": 150.0,
