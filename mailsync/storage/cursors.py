@@ -112,6 +112,7 @@ from mailsync.storage.sync_rows import (
     to_entity_fields,
 )
 from mailsync.storage.table_batch import submit_transaction
+from mailsync.storage.table_query import query_partition
 
 log = logging.getLogger("mailsync.cursors")
 
@@ -741,13 +742,8 @@ class SyncStateTable:
 
     def _query(self, account_id: str, prefix: str | None = None) -> Iterable[Any]:
         partition = check_partition(account_id)
-        if prefix is None:
-            query, params = "PartitionKey eq @p", {"p": partition}
-        else:
-            query = "PartitionKey eq @p and RowKey ge @lo and RowKey lt @hi"
-            params = {"p": partition, "lo": prefix, "hi": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
         try:
-            return list(self._table.query_entities(query, parameters=params))
+            return query_partition(self._table, partition, row_prefix=prefix)
         except ResourceNotFoundError:
             return []
         except AzureError as exc:

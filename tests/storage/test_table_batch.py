@@ -1,9 +1,10 @@
-"""Entity-group transactions written as text (mailsync/storage/table_batch.py) against Azurite.
+"""Entity-group transactions and partition queries without the SDK's MIME and deserialiser, against Azurite.
 
-Held to the SDK's ``submit_transaction``: the same rows written (types
-included, read back through the SDK), the same ETags answered, and the same
-refusals (status, error code, the failing operation's index) for the
-conditions the sync table relies on.
+Held to the SDK: ``submit_transaction``'s rows written (types included, read
+back through the SDK), ETags answered, and refusals (status, error code, the
+failing operation's index) for the conditions the sync table relies on
+(mailsync/storage/table_batch.py); ``query_entities``' rows, values and
+metadata for a partition (mailsync/storage/table_query.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any
 
 import pytest
 from azure.core import MatchConditions
-from azure.data.tables import TableClient, TableTransactionError, UpdateMode
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import EdmType, EntityProperty, TableClient, TableTransactionError, UpdateMode
 
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.table_batch import MAX_OPERATIONS, submit_transaction
 from mailsync.storage.table_errors import ensure_table
+from mailsync.storage.table_query import query_partition
 
 Submit = Callable[[TableClient, Sequence[tuple[Any, ...]]], Sequence[Any]]
 BOTH: list[Submit] = [submit_transaction, lambda table, ops: table.submit_transaction(ops)]
@@ -100,3 +103,36 @@ def test_a_full_transaction_and_an_empty_one(table: TableClient) -> None:
     assert submit_transaction(table, []) == []
     with pytest.raises(ValueError):
         submit_transaction(table, [("create", {"PartitionKey": p, "RowKey": "x"})] * (MAX_OPERATIONS + 1))
+
+
+# --- the partition query (mailsync/storage/table_query.py) ----------------------------------------------------------
+
+def test_a_partition_query_reads_what_the_sdks_query_reads(table: TableClient) -> None:
+    p, other = _partition(), _partition()
+    epoch = EntityProperty(1_800_000_000_123, EdmType.INT64)
+    table.create_entity({"PartitionKey": p, "RowKey": "folders", "epoch": epoch,
+                         "cursor": "https://x/?a='b'", "dirty": False, "until": 2.5, "whole": 3.0, "n": 7, "empty": ""})
+    table.create_entity({"PartitionKey": p, "RowKey": "f:a'b", "name": "Inbox é"})
+    for n in range(3):
+        table.create_entity({"PartitionKey": p, "RowKey": f"slot:{n}", "owner": f"o{n}"})
+    table.create_entity({"PartitionKey": other, "RowKey": "folders"})
+    sdk = list(table.query_entities("PartitionKey eq @p", parameters={"p": p}))
+    ours = query_partition(table, p)
+    assert [dict(e) for e in ours] == [dict(e) for e in sdk] and len(ours) == 5
+    assert [e.metadata for e in ours] == [e.metadata for e in sdk]
+    slots = query_partition(table, p, row_prefix="slot:")
+    assert [e["RowKey"] for e in slots] == ["slot:0", "slot:1", "slot:2"]
+    assert query_partition(table, _partition()) == []
+
+
+def test_a_partition_query_follows_the_services_pages(table: TableClient) -> None:
+    p = _partition()
+    for start in range(0, 1_100, MAX_OPERATIONS):          # the service answers at most 1,000 rows a page
+        submit_transaction(table, [("create", {"PartitionKey": p, "RowKey": f"r{n:05}"})
+                                   for n in range(start, min(start + MAX_OPERATIONS, 1_100))])
+    assert [e["RowKey"] for e in query_partition(table, p)] == [f"r{n:05}" for n in range(1_100)]
+
+
+def test_a_partition_query_of_a_missing_table_is_not_found(storage_settings: Settings) -> None:
+    with pytest.raises(ResourceNotFoundError):
+        query_partition(table_client(storage_settings, "nosuchtable"), "p")
