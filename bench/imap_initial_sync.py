@@ -52,6 +52,9 @@ What it does, on 127.0.0.1 only:
    cpu_s_per_1k_work`` the rate two otherwise idle cores would allow.
    ``busy_cores``: all of that CPU divided by ``elapsed_s``, the cores
    the sync kept busy (two idle cores allow at most 2).
+   ``inbox_done_s`` / ``others_done_s``: seconds from linking to the end
+   of the Inbox's first round / of the last other folder's (the Inbox is
+   half the mailbox in one folder: the tail when it ends last).
    ``status_polls``: the ``GET /api/accounts/{id}`` calls that watched the
    sync (once a second, as the page does); each costs the syncing host and
    Azurite a table read, counted in their CPU. The sync's end is the
@@ -341,6 +344,12 @@ def main() -> None:
         if profiles is not None:
             for line in profiles.report():
                 print(line, flush=True)
+        # When each folder's first round ended (its row's last write, the final save): whether the Inbox,
+        # half the mailbox in one folder, is the sync's tail once the smaller folders are done.
+        rows = SyncStateTable(table_client(stack.settings, "sync")).load(account_id)
+        done = {fid: row.updated_at - started_wall for fid, row in rows.folders.items() if row.indexed}
+        values["inbox_done_s"] = round(done.get("INBOX", 0.0), 2)
+        values["others_done_s"] = round(max((s for f, s in done.items() if f != "INBOX"), default=0.0), 2)
         got = stored_counts(store, account_id)
         ok = all(got.get(folder) == n for folder, n in counts.items())
         values.update(elapsed_s=round(elapsed, 2), messages=total, messages_per_s=round(total / elapsed),
