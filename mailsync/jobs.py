@@ -53,6 +53,11 @@ EXPECT = "expect"
 # yet: the round takes it with its slot and lease, in one transaction, before it reads the mailbox
 # (``mailsync.monitoring.handler``: taking the row), or on its own first when it cannot.
 TAKE_PENDING = "take_pending"
+# A SYNC_FOLDER a NOTIFIED job runs in its own invocation with an ``EXPECT`` may carry, under this
+# attribute, when the newest of its notifications reached the webhook (POSIX seconds): the round
+# reports how long after it its delta read began, and whether it read what it expected
+# (``mailsync.monitoring.delta_lag``).
+NOTIFIED_AT = "notified_at"
 
 
 @dataclass(frozen=True)

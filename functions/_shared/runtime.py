@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mailsync.linking.browser_binding import BrowserBinding
     from mailsync.linking.service import LinkingService
     from mailsync.monitoring.client_state import ClientStates
+    from mailsync.monitoring.delta_lag import DeltaLag
     from mailsync.monitoring.handler import MonitoringJobs
     from mailsync.monitoring.imap_poll import ImapStatusPoller
     from mailsync.monitoring.lifecycle import LifecycleReceiver
@@ -215,7 +216,14 @@ class Runtime:
         return SyncEngine(self.settings, accounts=self.accounts,
                           providers=providers,
                           store=self.store, state=self.sync_state, queue=self.job_queue,
-                          recent=self.recent_accounts)
+                          recent=self.recent_accounts, lag=self.delta_lag)
+
+    @cached_property
+    def delta_lag(self) -> DeltaLag:
+        """The delta lag this process's notified rounds met: the webhook delays NOTIFIED jobs past it."""
+        from mailsync.monitoring.delta_lag import DeltaLag
+
+        return DeltaLag()
 
     @cached_property
     def recent_accounts(self) -> RecentAccounts:
@@ -304,7 +312,8 @@ class Runtime:
         from mailsync.monitoring.notifications import NotificationReceiver
 
         return NotificationReceiver(self.settings, self.subscription_store, self.accounts,
-                                    self.pending_notifications, self.job_queue, client_states=self.client_states)
+                                    self.pending_notifications, self.job_queue, client_states=self.client_states,
+                                    lag=self.delta_lag)
 
     @cached_property
     def client_states(self) -> ClientStates:

@@ -99,7 +99,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, PendingChanged, PoisonJob, ProviderError
-from mailsync.jobs import EVERY_FOLDER, EXPECT, NOTIFIED_REDELIVERED, TAKE_PENDING, Expected, JobKind, new_job
+from mailsync.jobs import (
+    EVERY_FOLDER,
+    EXPECT,
+    NOTIFIED_AT,
+    NOTIFIED_REDELIVERED,
+    TAKE_PENDING,
+    Expected,
+    JobKind,
+    new_job,
+)
 from mailsync.models import Account, Job
 from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
@@ -261,7 +270,9 @@ class MonitoringJobs:
                         "jobs": len(jobs), "direct": in_place, "expected": len(resolved.expected)})
         if in_place:
             # Only jobs run here carry what their round must read (a queue message could not hold it).
-            jobs = [replace(job, attrs={**job.attrs, EXPECT: resolved.expected[job.folder_id].encode()})
+            notified_at = f"{pending.newest_at.timestamp():.3f}"
+            jobs = [replace(job, attrs={**job.attrs, EXPECT: resolved.expected[job.folder_id].encode(),
+                                        NOTIFIED_AT: notified_at})
                     if job.folder_id is not None and job.folder_id in resolved.expected else job for job in jobs]
         if not resolved.taken:
             if in_place and jobs and jobs[0].kind == JobKind.SYNC_FOLDER and pending.etag is not None:

@@ -71,6 +71,7 @@ from mailsync.errors import Conflict, DependencyUnavailable, InputError, Mailsyn
 from mailsync.jobs import JobKind, new_job
 from mailsync.models import Job
 from mailsync.monitoring.client_state import ClientStates
+from mailsync.monitoring.delta_lag import DeltaLag
 from mailsync.monitoring.pending_seen import SeenPendingRows
 from mailsync.monitoring.records import (
     AccountDirectory,
@@ -275,9 +276,11 @@ class NotificationReceiver:
     def __init__(self, settings: Settings, subscriptions: SubscriptionStore, accounts: AccountDirectory,
                  pending: PendingStore, queue: JobQueue, *, client_states: ClientStates | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 seen: SeenPendingRows | None = None) -> None:
+                 seen: SeenPendingRows | None = None, lag: DeltaLag | None = None) -> None:
         """``seen``: the pending rows this process saw with a live job (one per process; a fresh one
-        by default), which requests for those accounts add to without reading them."""
+        by default), which requests for those accounts add to without reading them. ``lag``: the delta
+        lag this process's notified rounds met (``mailsync.monitoring.delta_lag``), which delays the
+        NOTIFIED job past it; None: ``NOTIFY_COALESCE_S`` alone."""
         self._settings = settings
         self._client_states = client_states
         self._subscriptions = subscriptions
@@ -286,6 +289,7 @@ class NotificationReceiver:
         self._queue = queue
         self._clock = clock
         self._seen = seen if seen is not None else SeenPendingRows(fresh_s=PENDING_FRESH_S)
+        self._lag = lag
 
     def receive(self, body: Any) -> ReceiveReport:
         """Handle one parsed JSON body. InputError: malformed (nothing done)."""
@@ -389,7 +393,7 @@ class NotificationReceiver:
                 seen.saw(account_id, current.enqueued_at, notified)
                 return False
             updated = replace(current, changes=merged, all_folders=overflow, versions=versions,
-                              folder_notices=current.folder_notices + folder_notices,
+                              folder_notices=current.folder_notices + folder_notices, last_at=now,
                               enqueued_at=now if stale else current.enqueued_at)
             try:
                 self._pending.replace(updated)
@@ -397,17 +401,23 @@ class NotificationReceiver:
                 continue  # the job took the row meanwhile, or another request merged: read again
             if stale:
                 log.warning("pending notifications had no live job; enqueueing another")
-                self._queue.enqueue(self._job(account_id), delay_s=self._settings.notify_coalesce_s)
+                self._queue.enqueue(self._job(account_id), delay_s=self._delay_s())
             seen.saw(account_id, updated.enqueued_at, notified)
             return stale
         raise DependencyUnavailable("notification gate is too contended; retry", retry_after_s=1)
+
+    def _delay_s(self) -> float:
+        """The NOTIFIED job's visibility delay: ``NOTIFY_COALESCE_S``, or the delta lag rounds here
+        have seen lately when longer (``mailsync.monitoring.delta_lag``)."""
+        learnt = self._lag.delay_s() if self._lag is not None else 0.0
+        return max(self._settings.notify_coalesce_s, learnt)
 
     def _job(self, account_id: str) -> Job:
         return new_job(JobKind.NOTIFIED, account_id, reason="webhook")
 
     def _enqueue_or_undo(self, account_id: str) -> None:
         try:
-            self._queue.enqueue(self._job(account_id), delay_s=self._settings.notify_coalesce_s)
+            self._queue.enqueue(self._job(account_id), delay_s=self._delay_s())
         except MailsyncError:
             # Without its job the row would swallow notifications until it goes stale.
             # Best effort: remove it so Graph's retry of this request starts clean.

@@ -129,6 +129,11 @@ class PendingChanges:
     etag: str | None = None
     folder_notices: int = 0
     versions: tuple[tuple[str, str], ...] = ()
+    last_at: datetime | None = None     # when the newest of them reached the webhook (None: first_at)
+
+    @property
+    def newest_at(self) -> datetime:
+        return self.last_at or self.first_at
 
     @property
     def folders_changed(self) -> bool:
@@ -189,6 +194,7 @@ class PendingPart:
     notified: tuple[tuple[str, str, str | None], ...]
     folder_notices: int = 0
     all_folders: bool = False
+    at: datetime | None = None          # when it reached the webhook
 
 
 def fold_part(row: PendingChanges, part: PendingPart, *, max_ids: int) -> PendingChanges:
@@ -198,8 +204,9 @@ def fold_part(row: PendingChanges, part: PendingPart, *, max_ids: int) -> Pendin
     if not (row.all_folders or part.all_folders):
         changes, overflow = merge_changes(row.changes, ((ct, mid) for ct, mid, _ in part.notified), max_ids=max_ids)
     versions = () if overflow else merge_versions(row.versions, part.notified)
+    last_at = row.newest_at if part.at is None else max(row.newest_at, part.at)
     return replace(row, changes=changes, all_folders=overflow, versions=versions,
-                   folder_notices=row.folder_notices + part.folder_notices)
+                   folder_notices=row.folder_notices + part.folder_notices, last_at=last_at)
 
 
 class SubscriptionStore(Protocol):

@@ -249,9 +249,10 @@ class TablePendingStore:
                              first_at=_required_time(entity["first_at"]),
                              enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity),
                              folder_notices=int(entity.get("folder_notices") or 0),
-                             versions=tuple((str(mid), str(tag)) for mid, tag in versions.items()))
+                             versions=tuple((str(mid), str(tag)) for mid, tag in versions.items()),
+                             last_at=_time(entity.get("last_at")))
         for name in sorted(key for key in entity if key.startswith(PART_PREFIX)):
-            row = fold_part(row, _part_from_json(entity[name]), max_ids=self._max_ids)
+            row = fold_part(row, _part_from_json(entity[name], _part_time(name)), max_ids=self._max_ids)
         return row
 
     def add(self, account_id: str, part: PendingPart) -> bool:
@@ -314,12 +315,21 @@ class TablePendingStore:
                 "changes": orjson.dumps([list(pair) for pair in pending.changes]).decode(),
                 "versions": orjson.dumps(dict(pending.versions)).decode(),
                 "all_folders": pending.all_folders, "folder_notices": pending.folder_notices,
-                "first_at": _iso(pending.first_at),
+                "first_at": _iso(pending.first_at), "last_at": _iso(pending.newest_at),
                 "enqueued_at": _iso(pending.enqueued_at)}
 
 
-def _part_from_json(value: Any) -> PendingPart:
+def _part_from_json(value: Any, at: datetime | None) -> PendingPart:
     data = orjson.loads(value) if isinstance(value, (str, bytes)) else {}
     notified = tuple((str(item[0]), str(item[1]), None if item[2] is None else str(item[2]))
                      for item in data.get("n") or () if isinstance(item, list) and len(item) == 3)
-    return PendingPart(notified, int(data.get("f") or 0), bool(data.get("a")))
+    return PendingPart(notified, int(data.get("f") or 0), bool(data.get("a")), at)
+
+
+def _part_time(name: str) -> datetime | None:
+    """When a part was written: its name starts with the writer's clock in nanoseconds (16 hex digits)."""
+    try:
+        return datetime.fromtimestamp(int(name[len(PART_PREFIX):len(PART_PREFIX) + 16], 16) / 1e9, UTC)
+    except ValueError:
+        return None
+

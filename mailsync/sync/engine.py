@@ -105,7 +105,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
-from mailsync.jobs import EVERY_FOLDER, STAND_IN_SWEEPS, TAKE_PENDING, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, NOTIFIED_AT, STAND_IN_SWEEPS, TAKE_PENDING, JobKind, new_job
 from mailsync.logs import log_context
 from mailsync.models import Account, AccountStatus, Job, SyncPhase
 from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MessageStore, ProviderFactory
@@ -143,6 +143,15 @@ class RecentReads(Protocol):
         ...
 
 
+class LagObserver(Protocol):
+    """Learns delta's lag from notified rounds (``mailsync.monitoring.delta_lag.DeltaLag``)."""
+
+    def observe(self, age_s: float, read_them: bool) -> None:
+        """A notified round read delta ``age_s`` after its newest notification; ``read_them``: it read
+        the versions they announced."""
+        ...
+
+
 class SyncEngine:
     """Runs sync jobs. One instance per process; ``handle`` is thread-safe."""
 
@@ -150,13 +159,16 @@ class SyncEngine:
                  store: MessageStore, state: SyncStateTable, queue: JobQueue,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
                  rng: random.Random | None = None, backoff_cap_s: float = policy.BACKOFF_CAP_S,
-                 recent: RecentReads | None = None) -> None:
+                 recent: RecentReads | None = None, lag: LagObserver | None = None) -> None:
         """``recent``: a notified round or look-again queued on its own reads its rows first and, when they
         show the account linked, reuses this process's read of the account of moments ago (the NOTIFIED
-        job's, 2 s before a look-again); None reads the account for every job."""
+        job's, 2 s before a look-again); None reads the account for every job. ``lag``: told, after each
+        notified round that knew what it must read, whether it read it and how long after its
+        notifications (the NOTIFIED job's delay is learnt from it)."""
         self.settings = settings
         self.accounts = accounts
         self.recent = recent
+        self.lag = lag
         self.providers = providers
         self.store = store
         self.state = state
@@ -394,6 +406,7 @@ class _Invocation(FolderSync, FolderListSync, QuietSweep):
             return
         attempt = relook_attempt(job)
         delay = self._relook_delay(target)
+        self._report_lag(outcome, attempt)
         if delay is None:
             if not attempt and self.expected is not None and self.expected.met_by(self.seen):
                 # The round read the very versions its notifications announced (or their removal):
@@ -413,6 +426,18 @@ class _Invocation(FolderSync, FolderListSync, QuietSweep):
         log.info("notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
         e.queue.enqueue(new_job(JobKind(job.kind), self.account_id, folder_id, reason=RELOOK,
                                 attrs={RELOOK: str(attempt + 1)}), delay_s=delay)
+
+    def _report_lag(self, outcome: Outcome, attempt: int) -> None:
+        """Tell the engine's lag observer how this notified round fared against delta's lag."""
+        notified_at = self.job.attrs.get(NOTIFIED_AT)
+        if self.e.lag is None or outcome != Outcome.DONE or attempt or self.expected is None or not notified_at \
+                or not self.rounds_done:
+            return     # no round of its own (the folder was leased elsewhere): it says nothing of the lag
+        try:
+            age = self.started - float(notified_at)
+        except ValueError:
+            return
+        self.e.lag.observe(age, self.expected.met_by(self.seen))
 
     def _sweep_again(self, outcome: Outcome) -> None:
         """After a sweep standing in for notifications (``STAND_IN_SWEEPS``), sweep again, twice.

@@ -164,6 +164,7 @@ class FolderSync(InvocationBase):
                                                time_left_s=0.0, rng=e.rng, cap_s=e.backoff_cap_s))
             raise StopInvocation(Outcome.DEFERRED) from exc
         self.relook_claim = claim
+        self.rounds_done += 1
         done = replace(state, phase=SyncPhase.INCREMENTAL, rounds=state.rounds + 1)
         if was_full:
             self._publish_folder_phase(done, SyncPhase.INCREMENTAL)

@@ -105,6 +105,7 @@ class InvocationBase:
         self.end_now = False         # first screen done, fan-out enqueued...
         self.continued = False       # a continuation is already on the queue
         self.changed: set[str] = set()   # folders whose pages this invocation wrote changes of
+        self.rounds_done = 0             # folder rounds this invocation read to their end
         # A notified round run by its NOTIFIED job: what it must read to need no look-again, and what
         # it read of its folder (message id -> version tag, "" without one; None: read leaving it).
         self.expected = Expected.decode(job.attrs.get(EXPECT)) \

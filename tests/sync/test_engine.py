@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from mailsync.errors import PendingChanged
-from mailsync.jobs import EVERY_FOLDER, EXPECT, SUBSCRIBED, TAKE_PENDING, Expected, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, EXPECT, NOTIFIED_AT, SUBSCRIBED, TAKE_PENDING, Expected, JobKind, new_job
 from mailsync.models import AccountStatus, SyncPhase
+from mailsync.monitoring.delta_lag import DeltaLag
 from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.records import PendingChanges
 from mailsync.monitoring.store_watch import StoreWatch
@@ -1063,12 +1064,13 @@ def test_a_notified_job_finding_every_slot_busy_still_looks_again(world: SyncWor
     pump.start()
     pump.drain()
     assert not compare(world), "the notified job's look-again found the change"
-def _notified_with_version(world: SyncWorld, graph: Any, message: dict[str, Any]) -> None:
+def _notified_with_version(world: SyncWorld, graph: Any, message: dict[str, Any], *, notified_at: float) -> None:
     """The SYNC_FOLDER its NOTIFIED job runs in place for ``message``'s change: what its round must read."""
     tag = graph.get(f"me/messages/{message['id']}?$select=id").json()["@odata.etag"]
     expected = Expected({message["id"]: tag})
     world.queue.enqueue(new_job(JobKind.SYNC_FOLDER, world.account_id, message["parentFolderId"],
-                                reason="notified", attrs={EXPECT: expected.encode()}))
+                                reason="notified", attrs={EXPECT: expected.encode(),
+                                                          NOTIFIED_AT: f"{notified_at:.3f}"}))
 
 
 def test_a_notified_round_that_read_the_notified_version_does_not_look_again(
@@ -1078,10 +1080,12 @@ def test_a_notified_round_that_read_the_notified_version_does_not_look_again(
     message = graph.get("me/mailFolders/inbox/messages?$top=1&$select=id,isRead,parentFolderId").json()["value"][0]
     assert graph.patch(f"me/messages/{message['id']}", json={"isRead": not message["isRead"]}).status_code == 200
     requests_before = world.sandbox.admin("GET", "counters").json()["deltaPages"]
+    world.engine.lag = lag = DeltaLag()
     with caplog.at_level(logging.INFO, logger="mailsync.sync"):
-        _notified_with_version(world, graph, message)
+        _notified_with_version(world, graph, message, notified_at=time.time())
         pump.drain()
     assert not compare(world)
+    assert lag.delay_s() == 0.0, "a round that read its versions asks for no delay"
     messages = [r.getMessage() for r in caplog.records]
     assert "notified round read the notified versions: no look-again" in messages
     assert "notified round: looking again" not in messages
@@ -1097,11 +1101,15 @@ def test_a_notified_round_too_early_for_the_notified_version_still_looks_again(
     assert graph.patch(f"me/messages/{first['id']}", json={"isRead": not first["isRead"]}).status_code == 200
     time.sleep(4.1)     # the first change shows in delta now; the second will not for 4 s
     assert graph.patch(f"me/messages/{second['id']}", json={"isRead": not second["isRead"]}).status_code == 200
+    world.engine.lag = lag = DeltaLag()
+    notified_at = time.time()
     with caplog.at_level(logging.INFO, logger="mailsync.sync"):
-        _notified_with_version(world, graph, second)   # its round reads the first change, not the second
+        _notified_with_version(world, graph, second, notified_at=notified_at)   # reads the first change only
         pump.drain()
     assert not compare(world), "the look-again found the version the round was too early for"
     assert "notified round: looking again" in [r.getMessage() for r in caplog.records]
+    # The miss teaches the webhook to hold NOTIFIED jobs past its age (mailsync.monitoring.delta_lag).
+    assert 1.0 <= lag.delay_s() <= max(1.0, round(time.time() - notified_at))
 
 
 class _FolderWritesHook:
