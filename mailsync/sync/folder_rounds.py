@@ -437,8 +437,8 @@ class FolderSync(InvocationBase):
             final = fields
             live = replace(state, **{k: v for k, v in fields.items() if k != "cursor"})
         else:
-            held = lease
-            lease = self._retrying(lambda: e.state.save(held, **fields))
+            current = lease
+            lease = self._retrying(lambda: e.state.save(current, **fields))
             live = lease.state
         self.pages += sum(len(pages) for pages, _ in written)
         self.upserted += upserted

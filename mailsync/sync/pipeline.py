@@ -10,7 +10,9 @@ write (lowest latency). Still one provider request in flight per worker,
 which is what the mailbox's request slots count.
 
 Nothing read ahead is applied or saved before the pages before it are: a
-cursor is only saved after its page's writes are acknowledged.
+cursor is only saved after its page's writes are acknowledged (and those of
+every page before it: ``mailsync.sync.page_writes`` keeps two writes in
+flight and hands them back in order).
 
 Outlook keeps only the newest few delta links of a folder (three in the
 reports, microsoft-graph-docs #2162: "generation=518;[highest=523][523]
