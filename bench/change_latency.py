@@ -395,6 +395,26 @@ def measure_sweeps(stack: Stack, accounts: list[Account]) -> dict[str, float]:
     return out
 
 
+def settle_seen(changes: list[Change], clients: Clients, maker: ChangeMaker) -> None:
+    """Note the events that arrived and free their messages for further changes (a long run at a few
+    accounts would otherwise run out of messages: each stays busy until its change's event is seen)."""
+    for change in changes:
+        if change.seen is None:
+            change.seen = clients.first_after(change.account.linked.account_id, change.message_id, change.sent)
+            if change.seen is not None:
+                maker.done(change)
+
+
+def quiet(stack: Stack, timeout_s: float = 300) -> bool:
+    """Whether the sync queue empties within ``timeout_s``: a per-account measurement on a backlog would
+    count the backlog's jobs; it is skipped instead (said so)."""
+    stack.wait_quiet(timeout_s=timeout_s)
+    if stack.queue_depth() == 0:
+        return True
+    say(f"  the queue still holds {stack.queue_depth()} message(s): per-account measurements skipped")
+    return False
+
+
 def measure_renewals(stack: Stack, accounts: list[Account]) -> dict[str, float]:
     """What one subscription renewal (a SUBSCRIPTION job, action renew) costs per account.
 
@@ -418,7 +438,9 @@ def measure_renewals(stack: Stack, accounts: list[Account]) -> dict[str, float]:
     time.sleep(1)
     stack.wait_quiet()
     n = max(1, len(accounts))
-    out = {"renewal_graph_requests": (int(stack.sandbox.counters()["requests"]) - requests0) / n}
+    # Its Graph calls (a PATCH per subscription) go to the sandbox's subscriptions API, which the request
+    # counter does not count: this is any other Graph request a renewal makes (none expected).
+    out = {"renewal_mail_graph_requests": (int(stack.sandbox.counters()["requests"]) - requests0) / n}
     if counter is not None:
         used = diff_counts(counter.snapshot(), storage0)
         out["renewal_table_tx"] = used.get("table_total", 0) / n
@@ -452,7 +474,7 @@ def at_rest_figures(accounts: int, hosts: int, idle: dict[str, float], sweep: di
         + renewals_per_day * renewal.get("renewal_table_tx", 0.0)
     queue = sweeps_per_day * sweep.get("sweep_queue_tx", 0.0) + renewals_per_day * renewal.get("renewal_queue_tx", 0.0)
     graph = sweeps_per_day * sweep.get("sweep_graph_requests", 0.0) \
-        + renewals_per_day * renewal.get("renewal_graph_requests", 0.0)
+        + renewals_per_day * renewal.get("renewal_mail_graph_requests", 0.0)
     scans = idle.get("table_total", 0.0)
 
     def pages(n: int) -> int:
@@ -602,6 +624,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if delay > 0:
                         time.sleep(delay)
                     pool.submit(one)
+                    if n and n % 100 == 0:
+                        with lock:
+                            sent_so_far = list(changes)
+                        settle_seen(sent_so_far, clients, maker)
                     if n and n % 500 == 0:
                         say(f"  {n} changes sent, {clients.events} events received")
                     if kill_at is not None and time.monotonic() - started >= kill_at:
@@ -682,11 +708,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     print(line, flush=True)
                 say(f"profile saved to {dump} (read it with pstats; --keep keeps it)")
             last = step_index == len(steps) - 1
-            sweep = measure_sweeps(stack, accounts[: args.sweeps]) if args.sweeps and last else {}
-            renewal = measure_renewals(stack, accounts[: args.renewals]) if args.renewals and last else {}
+            # The verification first: it waits for the backlog, which the sweep and renewal figures must not count.
+            verified = verify_all(stack, accounts, args.settle_s) if args.verify and last else {}
+            sweep = measure_sweeps(stack, accounts[: args.sweeps]) if args.sweeps and last and quiet(stack) else {}
+            renewal = measure_renewals(stack, accounts[: args.renewals]) \
+                if args.renewals and last and quiet(stack) else {}
             rest = at_rest_figures(len(accounts), 1 + args.workers, idle, sweep, renewal, stack.env) \
                 if idle and last else {}
-            verified = verify_all(stack, accounts, args.settle_s) if args.verify and last else {}
             return {
                 "accounts": len(accounts), "changes": len(changes), "failed_changes": maker.failed,
                 "app_cpu_ms_per_change": 1000 * app_cpu / max(1, len(changes)),
@@ -808,24 +836,30 @@ def scale_run_args(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def scale_run_verdict(result: dict[str, Any]) -> dict[str, Any]:
-    """The scale run's verdict: converged (every account subscribed, no change lost, store = mailbox for
-    every account, the worker killed and replaced) or not, and why not."""
+    """The scale run's verdict.
+
+    ``converged``: every account subscribed, a worker process killed and
+    replaced mid-run, and afterwards store = mailbox for every account (``why``
+    names what failed otherwise). Apart from it: ``lost`` (changes whose event
+    did not reach the page within ``--wait-s`` of the last change: late or
+    lost, the store may still have them) and the latency, against issue 18's
+    targets (``targets_met``: nothing lost, p50 < 0.3 s, p99 < 1 s).
+    """
     accounts = int(result["accounts"])
     why = []
     if result.get("subscribed", accounts) < accounts:
         why.append("unsubscribed")
-    if result["lost"]:
-        why.append("lost_changes")
     if result.get("unequal_accounts", 0) or result.get("verified_accounts", -1) != accounts:
         why.append("store_not_mailbox")
     if not result.get("workers_killed"):
         why.append("no_worker_killed")
+    met = result["lost"] == 0 and result["p50_ms"] < 300 and result["p99_ms"] < 1000
     return {"verdict": "converged" if not why else "not_converged", "why": "+".join(why) or "-",
             "accounts": accounts, "subscribed": result.get("subscribed"), "changes": result["changes"],
             "rate": result["rate"], "throughput_per_s": result["throughput_per_s"], "lost": result["lost"],
             "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "max_ms": result["max_ms"],
-            "workers_killed": result.get("workers_killed", 0), "verified_accounts": result.get("verified_accounts"),
-            "unequal_accounts": result.get("unequal_accounts"),
+            "targets_met": met, "workers_killed": result.get("workers_killed", 0),
+            "verified_accounts": result.get("verified_accounts"), "unequal_accounts": result.get("unequal_accounts"),
             "verify_missing": result.get("verify_missing"), "verify_extra": result.get("verify_extra"),
             "verify_stale": result.get("verify_stale"), "app_cpu_ms_per_change": result["app_cpu_ms_per_change"]}
 
