@@ -48,10 +48,17 @@ the Graph requests and storage transactions per account it took.
 (1 + N processes share the queue). The scale run adds
 ``--kill-worker-at S`` (SIGKILL one worker S seconds into the changes and
 start another) and ``--verify`` (afterwards, store = mailbox for every
-account: ``verified_accounts``, ``unequal_accounts``)::
+account: ``verified_accounts``, ``unequal_accounts``), and then prints a
+``scale_run verdict=...`` line. ``--scale-run`` is issue 18's run in one
+command (1,000 accounts, 6,000 changes at 20/s, 2 workers, one killed 150 s
+in, verified; options given on the command line win)::
 
-    .venv/bin/python bench/change_latency.py --accounts 1000 --changes 6000 --rate 20 --workers 2
-        --count-storage --kill-worker-at 150 --verify --sweeps 0       # (one command line)
+    .venv/bin/python bench/change_latency.py --scale-run
+    .venv/bin/python bench/change_latency.py --scale-run --accounts 100      # this machine, ~15 min
+
+At rest (with ``--count-storage``): the idle window's ``idle_*`` figures, a
+subscription renewal per account (``--renewals``: ``renewal_*``) and the
+model's ``at_rest_*`` figures (per account and day; at 1,000 and 10,000).
 
 Scaled for this 2-core machine by default (100 accounts); ``--accounts
 1000`` works and mostly costs linking and initial-sync time.
