@@ -215,6 +215,10 @@ class MessageStore(Protocol):
         """Set an existing folder's sync phase only (never its name or parent); False when it is gone."""
         ...
 
+    def set_folder_phases(self, account_id: str, folder_ids: Sequence[str], phase: str) -> None:
+        """``set_folder_phase`` for several folders of one account at once (one request)."""
+        ...
+
     def remove_folder(self, account_id: str, folder_id: str) -> None:
         """Delete a folder document and every message still in it."""
         ...

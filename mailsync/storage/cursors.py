@@ -438,6 +438,87 @@ class SyncStateTable:
                 raise LeaseLost("sync state deleted", code="folder_gone") from exc
         raise DependencyUnavailable("sync state is too contended to release", retry_after_s=1.0)
 
+    def take_many(self, rows: Sequence[SyncState], owner: str, **changes: Any) -> list[Lease]:
+        """Take the leases of several free rows of one account and write ``changes`` (holder fields) on
+        each, in entity-group transactions of up to 100 rows (one billed call each).
+
+        For a new account's first pass (``mailsync.sync.first_pass``): every
+        row starts its first round at once, instead of an ``acquire`` and a
+        ``save`` per folder. Each write is conditional on the ETag the caller
+        read, as ``acquire``'s; the rows must be free and between rounds (a
+        taken row's ``dirty`` is cleared, as ``acquire`` clears it there). A
+        transaction refused (a row written since: marked, leased, deleted)
+        takes none of its rows; they are left out of the answer, for the
+        caller to work the ordinary way.
+        """
+        unknown = set(changes) - _HOLDER_FIELDS
+        if unknown:
+            raise ValueError(f"not holder fields: {sorted(unknown)}")
+        if not rows:
+            return []
+        partition = check_partition(rows[0].account_id)
+        if any(row.account_id != rows[0].account_id or row.folder_id is None or row.etag is None for row in rows):
+            raise ValueError("take_many takes read folder rows of one account (one partition)")
+        now = self._clock()
+        fields = {**changes, "lease_owner": owner, "lease_until": now + self._lease_s, "dirty": False}
+        if "cursor" in fields:
+            fields["mid_round"] = bool(fields["cursor"])
+        taken: list[Lease] = []
+        for start in range(0, len(rows), _BATCH_MAX):
+            chunk = rows[start:start + _BATCH_MAX]
+            operations: list[Any] = [
+                ("update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": row.row_key,
+                            "updated_at": now},
+                 {"mode": UpdateMode.MERGE, "etag": row.etag, "match_condition": MatchConditions.IfNotModified})
+                for row in chunk]
+            results = self._transaction(operations)
+            if results is None:
+                continue
+            taken.extend(Lease(apply_fields(row, fields, str(result.get("etag")), now), owner)
+                         for row, result in zip(chunk, results, strict=True))
+        return taken
+
+    def release_many(self, ends: Sequence[tuple[Lease, Mapping[str, Any]]]) -> list[str]:
+        """Give back several leases of one account, each with its last holder fields, in entity-group
+        transactions of up to 100 rows; returns the folder ids whose rows were deleted meanwhile.
+
+        Like ``release`` (not ``finish``): a ``dirty`` or ``resync`` mark set
+        since the take stays on the row for whoever comes next. A transaction
+        refused (such a mark changed a row's ETag, or a row is gone) writes
+        nothing; its rows are then released one by one, which keeps the
+        marks. A row another worker holds by then (our lease lapsed) is left
+        to it: its round began after ours.
+        """
+        if not ends:
+            return []
+        partition = check_partition(ends[0][0].state.account_id)
+        now = self._clock()
+        gone: list[str] = []
+        for start in range(0, len(ends), _BATCH_MAX):
+            chunk = ends[start:start + _BATCH_MAX]
+            operations: list[Any] = []
+            for lease, changes in chunk:
+                unknown = set(changes) - _HOLDER_FIELDS
+                if unknown:
+                    raise ValueError(f"not holder fields: {sorted(unknown)}")
+                if lease.state.account_id != ends[0][0].state.account_id:
+                    raise ValueError("release_many takes the leases of one account (one partition)")
+                fields = {**changes, "lease_owner": "", "lease_until": 0.0}
+                operations.append((
+                    "update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": lease.state.row_key,
+                               "updated_at": now},
+                    {"mode": UpdateMode.MERGE, "etag": lease.state.etag,
+                     "match_condition": MatchConditions.IfNotModified}))
+            if self._transaction(operations) is not None:
+                continue
+            for lease, changes in chunk:
+                try:
+                    self.release(lease, **changes)
+                except LeaseLost as lost:
+                    if lost.code == "folder_gone" and lease.state.folder_id is not None:
+                        gone.append(lease.state.folder_id)
+        return gone
+
     def _write_held(self, lease: Lease, fields: dict[str, Any], now: float) -> Lease:
         current = lease
         for _ in range(_CONFLICT_RETRIES):

@@ -588,6 +588,24 @@ class SearchStore:
                                            retry_after_s=5.0) from exc
                 raise
 
+    def set_folder_phases(self, account_id: str, folder_ids: Sequence[str], phase: str) -> None:
+        """``set_folder_phase`` for several folders of one account in one bulk request.
+
+        Partial updates without upsert, as ``set_folder_phase``: a folder
+        document gone meanwhile stays gone (its item is skipped).
+        """
+        docs.check_account_id(account_id)
+        updated_at = docs.now_iso()
+        actions: list[BulkAction] = [
+            ({"update": {"_index": self.names.mailboxes, "_id": docs.folder_doc_id(account_id, folder_id),
+                         "routing": account_id, "retry_on_conflict": 3}},
+             {"doc": {"phase": phase, "updated_at": updated_at}})
+            for folder_id in dict.fromkeys(folder_ids)]
+        if actions:
+            tally = self._writer.send(actions, target="mailboxes", what="set_folder_phases")
+            tally.transient += tally.conflicts
+            self._writer.finish(tally, "set_folder_phases")
+
     def remove_folder(self, account_id: str, folder_id: str) -> None:
         """Delete a folder document and every message still in it."""
         doc_id = docs.folder_doc_id(account_id, folder_id)

@@ -15,12 +15,13 @@ from mailsync.errors import CursorExpired, LeaseLost, MailsyncError, ProviderAut
 from mailsync.models import Folder, MessagesChanged, SyncPhase
 from mailsync.storage.sync_rows import AccountSyncState, Lease, SyncState
 from mailsync.sync import policy
-from mailsync.sync.invocation import FOLDER_LIST, InvocationBase, Outcome, StopInvocation, all_rows, kept
+from mailsync.sync.first_pass import FirstPassSync
+from mailsync.sync.invocation import FOLDER_LIST, Outcome, StopInvocation, all_rows, kept
 
 log = logging.getLogger("mailsync.sync")
 
 
-class FolderListSync(InvocationBase):
+class FolderListSync(FirstPassSync):
     """The folder-list half of an invocation."""
 
     def _sync_folder_list(self) -> None:
@@ -106,7 +107,13 @@ class FolderListSync(InvocationBase):
                                   failures=0)
         after = self._load()
         self._publish_progress(None, SyncPhase.INCREMENTAL.value if rounds else "folders", after)
-        if created or full:
+        # Folders never written (new ones, or ones whose first round has not begun): the small ones'
+        # first rounds all at once, here (mailsync.sync.first_pass); the rest one job each.
+        passed = self._first_pass(after)
+        if passed:
+            after = self._load()
+            self.rows_current = True
+        if created or full or passed:
             self._fan_out(after)
         if rounds == 0:
             self._maybe_synced(after)   # a mailbox without folders is synced right away
@@ -181,13 +188,21 @@ class FolderListSync(InvocationBase):
         inbox = next((row for row in rows.folders.values() if row.role == "inbox"), None)
         if inbox is None and not final:
             return lease
-        if inbox is not None and inbox.folder_id is not None:
+        if inbox is not None and inbox.folder_id is not None and policy.first_pass_fits(
+                inbox, generation, e.clock(), page_size=self._first_page_size()):
+            # A small Inbox: the first pass right after this round writes all of it
+            # (mailsync.sync.first_pass), as soon as an invocation of its own would show its newest.
+            log.info("first screen left to the first pass", extra={"expected": inbox.expected})
+        elif inbox is not None and inbox.folder_id is not None:
             folder_id = inbox.folder_id
             inbox_lease = self._acquire_quietly(folder_id)
             if inbox_lease is not None:
                 try:
                     state = inbox_lease.state
                     if not state.cursor or state.generation != generation:
+                        # Written before the write: the Inbox now holds documents of its current epoch,
+                        # which its first full round (one epoch later) must check (remove_stale).
+                        inbox_lease = e.state.save(inbox_lease, round_started=e.clock())
                         messages = tuple(self._retrying(
                             lambda: self._provider_().newest_messages(folder_id, e.settings.first_screen_messages)))
                         # The Inbox's current epoch: its first full round runs one

@@ -63,6 +63,37 @@ def worth_a_bulk_load(state: SyncState) -> bool:
     return state.expected is None or state.expected >= BULK_LOAD_MIN_MESSAGES
 
 
+# A new account's first pass (mailsync.sync.first_pass) takes the folders the folder list says hold at
+# most this many messages: one page each (Graph's page is GRAPH_PAGE_SIZE, 500 by default; a fuller
+# folder answers with a next link and goes on in rounds of its own), all of them at most
+# FIRST_PASS_MAX_MESSAGES together: one bulk request, as a round's pages are (MAX_BULK_MESSAGES).
+FIRST_PASS_FOLDER_MAX = 500
+FIRST_PASS_MAX_MESSAGES = 2_000
+
+
+def never_written(state: SyncState, generation: str) -> bool:
+    """Nothing was ever written to the store for this folder row: it may start without ``remove_stale``.
+
+    The row was created in the store's current generation, no full round
+    of it ever began (``round_started`` is set before a round's, or the
+    first screen's, first write) and it has no cursor. A full round's end
+    drops what the round did not see; for such a row the store holds
+    nothing of the folder to drop. Not so after a lost store (the row's
+    generation differs), a resync, a cursor that expired mid-round, or a
+    first round that crashed after its first bulk write: each of those has
+    ``round_started`` set or another generation, and keeps ``remove_stale``.
+    """
+    return (state.rounds == 0 and not state.round_started and not state.cursor and not state.mid_round
+            and not state.resync_requested and state.generation == generation and state.folder_id is not None)
+
+
+def first_pass_fits(state: SyncState, generation: str, now: float, *, page_size: int) -> bool:
+    """Whether a folder goes in the account's first pass: never written, free, and one provider page
+    (``page_size``) or less by the folder list's count."""
+    return (never_written(state, generation) and not state.leased(now) and state.not_before <= now
+            and state.expected is not None and state.expected <= min(FIRST_PASS_FOLDER_MAX, page_size))
+
+
 def store_lost(state: SyncState, generation: str) -> bool:
     """The store was recreated (deleted, restored, an in-memory store restarted) since this row's last round.
 

@@ -451,3 +451,49 @@ def test_quiet_rounds_rest_together_and_a_row_written_since_its_read_keeps_its_m
                                                                              "f2": "f2-c3"}
     with pytest.raises(ValueError):
         table.rest_quiet([(rows[0], "x"), (SyncState(account_id=_account(), folder_id="y", etag="e"), "y")])
+
+
+def test_many_rows_are_taken_in_transactions_and_a_row_written_since_is_left_out(table: SyncStateTable) -> None:
+    # A new account's first pass takes every small folder's lease and begins its round at once.
+    account = _account()
+    table.create_many([SyncState(account_id=account, folder_id=f"f{n}", name=f"n{n}", expected=0)
+                       for n in range(120)])
+    rows = table.load(account)
+    table.mark(account, "f110")                       # written since the read: its chunk (100-119) is refused
+    owner = new_owner("pass")
+    taken = table.take_many([rows.folders[f"f{n}"] for n in range(120)], owner, cursor="",
+                            phase=SyncPhase.INITIAL, epoch=7, round_started=5.0)
+    assert sorted(lease.state.folder_id or "" for lease in taken) == sorted(f"f{n}" for n in range(100))
+    after = table.load(account)
+    assert all(after.folders[f"f{n}"].lease_owner == owner and after.folders[f"f{n}"].epoch == 7
+               and after.folders[f"f{n}"].round_started == 5.0 for n in range(100))
+    assert not after.folders["f105"].lease_owner and after.folders["f110"].dirty
+    # Leased now: another worker's acquire only marks; a second take of the same read is refused.
+    assert table.acquire(account, "f3", new_owner("other")) is None
+    assert table.take_many([rows.folders["f4"]], new_owner("late")) == []
+    with pytest.raises(ValueError):
+        table.take_many([rows.folders["f0"]], owner, dirty=True)    # not a holder field
+
+
+def test_many_leases_go_back_together_and_marks_made_meanwhile_stay(table: SyncStateTable) -> None:
+    account = _account()
+    table.create_many([SyncState(account_id=account, folder_id=f"f{n}", expected=0) for n in range(3)])
+    rows = table.load(account)
+    taken = table.take_many(list(rows.folders.values()), new_owner("pass"), cursor="", round_started=5.0)
+    ends = [(lease, {"cursor": f"delta-{lease.state.folder_id}", "phase": SyncPhase.INCREMENTAL, "rounds": 1})
+            for lease in taken]
+    assert table.release_many(ends) == []
+    after = table.load(account)
+    assert all(row.rounds == 1 and row.cursor == f"delta-{f}" and not row.lease_owner and not row.dirty
+               for f, row in after.folders.items())
+    # A notification marks one row while the pass runs, and one folder is deleted: the transaction is
+    # refused, the rows go back one by one, the mark stays (its round runs next), the deleted one is named.
+    taken = table.take_many(list(after.folders.values()), new_owner("pass-2"), round_started=6.0)
+    table.mark(account, "f1")
+    table.delete(account, "f2")
+    gone = table.release_many([(lease, {"rounds": 2}) for lease in taken])
+    assert gone == ["f2"]
+    final = table.load(account)
+    assert set(final.folders) == {"f0", "f1"}
+    assert final.folders["f1"].dirty and final.folders["f1"].rounds == 2 and not final.folders["f1"].lease_owner
+    assert final.folders["f0"].rounds == 2 and not final.folders["f0"].dirty

@@ -139,6 +139,8 @@ def test_first_rounds_load_in_bulk_and_every_way_out_ends_the_load(world: SyncWo
     saves: policy.BULK_LOAD_MIN_MESSAGES).
     """
     monkeypatch.setattr(policy, "BULK_LOAD_MIN_MESSAGES", threshold)
+    # Every folder's own first round (no first pass: it takes small folders, which never load in bulk).
+    monkeypatch.setattr(policy, "FIRST_PASS_FOLDER_MAX", -1)
     # One job at a time: loads that overlap share the index's one setting, and a load that begins
     # while another ends can run at the default refresh for a moment (SearchStore.end_bulk_load);
     # with four workers that moment failed the "every page under the relaxed refresh" check below
@@ -683,10 +685,13 @@ def test_a_quiet_sweep_reads_each_folder_once_and_puts_them_to_rest_in_one_trans
     assert not compare(world)
 
 
-def _new_folder_known_to_the_folder_list(world: SyncWorld, pump: QueuePump, name: str) -> str:
-    """A folder created after the initial sync, listed by a folder-list job but not paged yet (workers stopped)."""
+def _new_folder_known_to_the_folder_list(world: SyncWorld, pump: QueuePump, name: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> str:
+    """A folder created after the initial sync, listed by a folder-list job but not paged yet (workers
+    stopped): its first round is its own (no first pass, which would run it with the listing)."""
     synced(world, pump)
     pump.stop()
+    monkeypatch.setattr(policy, "FIRST_PASS_FOLDER_MAX", -1)
     folder = world.sandbox.graph(world.user).post("me/mailFolders", json={"displayName": name}).json()["id"]
     listed = world.engine.handle(new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="poll"), Delivery("list-1"),
                                  world.events)
@@ -696,12 +701,13 @@ def _new_folder_known_to_the_folder_list(world: SyncWorld, pump: QueuePump, name
     return str(folder)
 
 
-def test_a_rename_listed_while_the_folders_first_round_runs_stays(world: SyncWorld, pump: QueuePump) -> None:
+def test_a_rename_listed_while_the_folders_first_round_runs_stays(world: SyncWorld, pump: QueuePump,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # The folder's worker leased the row (name "Before"); while it pages, the
     # person renames the folder and a folder-list job writes "After" to the
     # store and the row; the round then completes. Its phase update must not
     # put "Before" back: the folder list's later rounds never list the folder again.
-    folder = _new_folder_known_to_the_folder_list(world, pump, "Before")
+    folder = _new_folder_known_to_the_folder_list(world, pump, "Before", monkeypatch)
     graph = world.sandbox.graph(world.user)
     renamed: list[str] = []
 
@@ -811,11 +817,12 @@ def test_a_notified_job_that_goes_on_with_a_round_begun_before_its_change_runs_a
     assert stored is not None and stored.is_read is not message["isRead"], "the notified change reached the store"
 
 
-def test_a_folder_removed_as_its_round_completes_stays_removed(world: SyncWorld, pump: QueuePump) -> None:
+def test_a_folder_removed_as_its_round_completes_stays_removed(world: SyncWorld, pump: QueuePump,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # The folder list removes the folder (row, then documents) right after the
     # folder's worker finished its round and before it shows the new phase:
     # showing the phase must not bring the folder document back.
-    folder = _new_folder_known_to_the_folder_list(world, pump, "Doomed")
+    folder = _new_folder_known_to_the_folder_list(world, pump, "Doomed", monkeypatch)
     graph = world.sandbox.graph(world.user)
     finish = world.state.finish
 
@@ -847,13 +854,14 @@ def _drained_by_a_fresh_pump(world: SyncWorld) -> None:
         pump.stop()
 
 
-def test_a_continuation_held_back_by_throttling_comes_back_after_the_hold(world: SyncWorld, pump: QueuePump) -> None:
+def test_a_continuation_held_back_by_throttling_comes_back_after_the_hold(world: SyncWorld, pump: QueuePump,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # A 429 holds the whole mailbox back; the continuation that would start
     # the new folder arrives meanwhile. Dropping it (as HELD once did) could
     # end the account's last chain of jobs: the folder then waited for the
     # next poll, and the account stayed "syncing" (the convergence test's
     # stall of minutes under CPU load).
-    folder = _new_folder_known_to_the_folder_list(world, pump, "New")
+    folder = _new_folder_known_to_the_folder_list(world, pump, "New", monkeypatch)
     pump.client.clear_messages()
     world.state.mark(world.account_id, None, dirty=False, not_before=time.time() + 2)
     job = world.engine.continuation(world.account_id, folder, reason="start")
@@ -1004,9 +1012,9 @@ def test_the_sweep_after_subscribing_looks_again(world: SyncWorld, pump: QueuePu
 def test_a_message_moved_to_the_inbox_right_before_linking_reaches_it(
         storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: SearchStore) -> None:
     # The reader-page browser test's missing row: a message moved to the Inbox a moment before linking.
-    # The first screen shows it; the Inbox's first round starts inside delta's lag, does not see it and
-    # removes it as unseen; the sweep after subscribing runs as early. No notification will come for a
-    # change older than the subscription.
+    # The Inbox's first round (the first pass, with the folder list) starts inside delta's lag and does
+    # not see it, in either folder; the sweep after subscribing runs as early. No notification will
+    # come for a change older than the subscription: the sweep's look-agains must bring it.
     sandbox = sandbox_factory(users=2, messages_per_user=40, delta_lag_s=10.0)
     world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2"), sandbox, store,
                        backoff_cap_s=2.0)
@@ -1016,18 +1024,15 @@ def test_a_message_moved_to_the_inbox_right_before_linking_reaches_it(
     listed = graph.get("me/messages?$top=100&$select=id,parentFolderId").json()["value"]
     elsewhere = next(m["id"] for m in listed if m["parentFolderId"] != inbox)
     assert graph.post(f"me/messages/{elsewhere}/move", json={"destinationId": inbox}).status_code == 201
-    # Linking, at once (a person does not wait for delta's lag): the folder list and the first screen...
+    # Linking, at once (a person does not wait for delta's lag): the folder list and every small
+    # folder's first round, the Inbox's among them...
     linked = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="linked")
     assert world.engine.handle(linked, Delivery("linked-1"), world.events) == Outcome.DONE
-    shown = world.store.get_message(world.account_id, elsewhere)
-    assert shown is not None and shown.folder_id == inbox
-    pump.client.clear_messages()   # the fan-out's jobs: the Inbox's is run here, the rest come again below
-    # ...the Inbox's first round, then the subscription's sweep, both inside the lag (its last look-again
-    # comes 10 s after the sweep: after the lag).
-    first = world.engine.continuation(world.account_id, inbox, reason="start")
-    world.engine.handle(first, Delivery("inbox-1"), world.events)
     assert world.state.load(world.account_id).folders[inbox].rounds == 1
-    assert world.store.get_message(world.account_id, elsewhere) is None, "removed as unseen"
+    assert world.store.get_message(world.account_id, elsewhere) is None, "inside the lag: not seen yet"
+    pump.client.clear_messages()
+    # ...then the subscription's sweep, inside the lag too (its last look-again comes 10 s after it:
+    # after the lag).
     swept = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason=SUBSCRIBED, attrs={EVERY_FOLDER: "1"})
     world.engine.handle(swept, Delivery("swept-1"), world.events)
     pump.start()
@@ -1132,12 +1137,13 @@ class _FolderWritesHook:
         self._inner.upsert_folders(folders, phase=phase)
 
 
-def test_a_folder_list_taken_over_mid_round_leaves_no_old_name(world: SyncWorld, pump: QueuePump) -> None:
+def test_a_folder_list_taken_over_mid_round_leaves_no_old_name(world: SyncWorld, pump: QueuePump,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # The host failed to keep a folder-list job invisible, so its redelivery
     # (same message: it takes the lease over at once) ran while the first run
     # still held an older listing. The person renamed a folder in between:
     # the redelivery wrote "After", then the first run wrote "Before".
-    folder = _new_folder_known_to_the_folder_list(world, pump, "Before")
+    folder = _new_folder_known_to_the_folder_list(world, pump, "Before", monkeypatch)
     graph = world.sandbox.graph(world.user)
 
     def redelivered() -> None:
