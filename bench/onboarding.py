@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             values[f"cpu_s_per_account_{name}"] = spent / n
         values["load_1m"] = load
         if profiles is not None:
-            for line in profiles.report(top=40):
+            dump = Path(args.profile_out) if args.profile_out else None
+            for line in profiles.report(top=40, dump=dump):
                 print(line, flush=True)
         return values
     finally:
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="host the app in this process (for --cprofile)")
     parser.add_argument("--cprofile", action="store_true",
                         help="with --in-process: cProfile the app's threads from the first sign-in on")
+    parser.add_argument("--profile-out", default="",
+                        help="with --cprofile: also save the merged profile here (pstats format)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) afterwards")
     args = parser.parse_args(argv)
     print(figures("onboarding", run(args)), flush=True)

@@ -58,7 +58,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, ProviderError, ReauthRequired
-from mailsync.jobs import SUBSCRIBED, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, JobKind, new_job
 from mailsync.models import Account, AccountStatus, Job, Provider
 from mailsync.monitoring.client_state import ClientStates
 from mailsync.monitoring.records import (
@@ -165,7 +165,8 @@ class SubscriptionManager:
         """Make sure the account has both subscriptions, neither about to expire."""
         if not self.enabled:
             return None
-        results = {kind: self._ensure_kind(account_id, kind) for kind in KINDS}
+        made: set[SubscriptionKind] = set()
+        results = {kind: self._ensure_kind(account_id, kind, made) for kind in KINDS}
         return results[SubscriptionKind.MESSAGES]
 
     def renew(self, account_id: str, subscription_id: str | None = None) -> AccountMonitor | None:
@@ -219,38 +220,39 @@ class SubscriptionManager:
 
     # -- one kind -------------------------------------------------------------------------
 
-    def _ensure_kind(self, account_id: str, kind: SubscriptionKind) -> AccountMonitor | None:
+    def _ensure_kind(self, account_id: str, kind: SubscriptionKind,
+                     made: set[SubscriptionKind] | None = None) -> AccountMonitor | None:
         monitor = self._store.get_monitor(account_id, kind)
         now = self._clock()
         if (monitor is not None and monitor.subscription_id is not None and monitor.expires_at is not None
                 and monitor.expires_at > now):
             if monitor.failures == 0 and not self._renewal_due(monitor, now):
                 return monitor
-            return self._renew_kind(account_id, kind, None)  # recreates when Graph no longer knows it
+            return self._renew_kind(account_id, kind, None, made)  # recreates when Graph no longer knows it
         if (monitor is not None and monitor.subscription_id is None and monitor.failures
                 and monitor.retry_at is not None and monitor.retry_at > now):
             # Creation keeps failing and its back-off has not passed: the job
             # came for the other kind; the renewer retries this one when due.
             return monitor
-        return self._create(account_id, monitor, kind)
+        return self._create(account_id, monitor, kind, made)
 
-    def _renew_kind(self, account_id: str, kind: SubscriptionKind,
-                    subscription_id: str | None) -> AccountMonitor | None:
+    def _renew_kind(self, account_id: str, kind: SubscriptionKind, subscription_id: str | None,
+                    made: set[SubscriptionKind] | None = None) -> AccountMonitor | None:
         monitor = self._store.get_monitor(account_id, kind)
         if monitor is None or monitor.subscription_id is None:
-            return self._create(account_id, monitor, kind)
+            return self._create(account_id, monitor, kind, made)
         if subscription_id is not None and subscription_id != monitor.subscription_id:
             log.info("lifecycle event for a replaced subscription ignored")
             return monitor
         current = self._store.get(monitor.subscription_id)
         if current is None:
-            return self._create(account_id, monitor, kind)
+            return self._create(account_id, monitor, kind, made)
         wanted = self._expiration(self._clock())
         try:
             granted = self._api.renew(account_id, current.subscription_id, wanted)
         except NotFound:
             log.info("subscription gone at Graph; recreating", extra={"subscription_id": current.subscription_id})
-            return self._create(account_id, monitor, kind)
+            return self._create(account_id, monitor, kind, made)
         except ProviderError as exc:
             return self._record_failure(account_id, monitor, exc, kind)
         self._store.put(replace(current, expires_at=granted))
@@ -334,7 +336,12 @@ class SubscriptionManager:
         return now + timedelta(seconds=lifetime - margin)
 
     def _create(self, account_id: str, monitor: AccountMonitor | None,
-                kind: SubscriptionKind = SubscriptionKind.MESSAGES) -> AccountMonitor | None:
+                kind: SubscriptionKind = SubscriptionKind.MESSAGES,
+                made: set[SubscriptionKind] | None = None) -> AccountMonitor | None:
+        """Create the account's subscription of ``kind`` and queue the sweep that covers the time before it.
+
+        ``made``: the kinds created so far by the same call (``ensure`` makes both), this one added.
+        """
         account = self._accounts.get(account_id)
         if account is None or account.status not in WATCHED_STATUSES:
             log.info("no subscription for an account that is gone or not linked")
@@ -364,11 +371,17 @@ class SubscriptionManager:
             return self._store.get_monitor(account_id, kind)
         if monitor is not None and monitor.subscription_id not in (None, created.subscription_id):
             self._discard(account_id, monitor.subscription_id)
-        # Close the window between Graph creating it and our row existing.
+        # Close the window between Graph creating it and our row existing: a sweep of the folder list
+        # and every folder (straight to the sync engine's job; SYNC_ACCOUNT would only enqueue it), or
+        # of the folder list alone for the folders' subscription. Both created by one call (a new
+        # account's): the messages' sweep covers the folder list too, and its look-agains as well.
         if kind is SubscriptionKind.MESSAGES:
-            self._queue.enqueue(new_job(JobKind.SYNC_ACCOUNT, account_id, reason=SUBSCRIBED))
-        else:
+            self._queue.enqueue(new_job(JobKind.SYNC_FOLDERS, account_id, reason=SUBSCRIBED,
+                                        attrs={EVERY_FOLDER: "1"}))
+        elif made is None or SubscriptionKind.MESSAGES not in made:
             self._queue.enqueue(new_job(JobKind.SYNC_FOLDERS, account_id, reason=SUBSCRIBED))
+        if made is not None:
+            made.add(kind)
         log.info("subscription created", extra={"subscription_id": created.subscription_id, "resource": kind.value,
                                                  "expires_at": created.expires_at.isoformat()})
         return saved

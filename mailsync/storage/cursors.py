@@ -255,6 +255,28 @@ class SyncStateTable:
                                   "unread": unread, "children": children}
         return self._merge_unconditional(account_id, folder_row_key(folder_id), fields)
 
+    def update_info_many(self, account_id: str, infos: Sequence[Mapping[str, Any]]) -> None:
+        """``update_info`` for several folders of one account (each a mapping with ``folder_id`` and the
+        fields ``update_info`` takes), up to 100 per entity-group transaction. A transaction refused (a
+        row gone: a folder removed meanwhile) is written row by row, which skips the missing ones."""
+        partition = check_partition(account_id)
+        allowed = {"name", "role", "expected", "parent_id", "unread", "children"}
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for info in infos:
+            fields = {k: v for k, v in info.items() if k != "folder_id"}
+            if set(fields) - allowed:
+                raise ValueError(f"not display fields: {sorted(set(fields) - allowed)}")
+            rows.append((folder_row_key(str(info["folder_id"])), fields))
+        for start in range(0, len(rows), _BATCH_MAX):
+            chunk = rows[start:start + _BATCH_MAX]
+            now = self._clock()
+            operations: list[Any] = [
+                ("update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": key, "updated_at": now},
+                 {"mode": UpdateMode.MERGE}) for key, fields in chunk]
+            if self._transaction(operations) is None:
+                for key, fields in chunk:
+                    self._merge_unconditional(account_id, key, fields)
+
     def mark(self, account_id: str, folder_id: str | None, *, dirty: bool = True,
              resync: bool = False, not_before: float | None = None) -> bool:
         """Record that a row needs another round (and maybe a resync). False when the row is gone."""

@@ -84,6 +84,7 @@ class FolderListSync(FirstPassSync):
         cursor = None if full else start.cursor
         seen: set[str] = set()
         created: list[Folder] = []
+        screen_to_pass = False
         while True:
             batch = self._retrying(lambda c=cursor: self._provider_().folder_changes(c))  # type: ignore[misc]
             self._apply_folders(batch.upserts, batch.removals, rows, generation, created)
@@ -91,9 +92,15 @@ class FolderListSync(FirstPassSync):
                 self.changed.add(FOLDER_LIST)
             seen.update(folder.folder_id for folder in batch.upserts)
             cursor = batch.cursor
-            if not box[0].state.first_screen:
-                # As soon as the Inbox is known: the page is waiting for it.
-                box[0] = self._first_screen(box[0], generation, final=batch.complete)
+            if not box[0].state.first_screen and not screen_to_pass:
+                if _small_new_inbox(created, self._first_page_size()):
+                    # The first pass right after this round writes all of it (mailsync.sync.first_pass), as
+                    # soon as an invocation of its own would show its newest; the flag goes with the finish.
+                    log.info("first screen left to the first pass")
+                    screen_to_pass = True
+                else:
+                    # As soon as the Inbox is known: the page is waiting for it.
+                    box[0] = self._first_screen(box[0], generation, final=batch.complete)
             if batch.complete:
                 break
             if not full:
@@ -104,7 +111,7 @@ class FolderListSync(FirstPassSync):
             self._reconcile_folders(seen, rows)
         self._upsert_mailbox(self.account.status)
         finished = e.state.finish(box[0], cursor=cursor, phase=SyncPhase.INCREMENTAL, rounds=rounds + 1,
-                                  failures=0)
+                                  failures=0, **({"first_screen": True} if screen_to_pass else {}))
         after = self._load()
         self._publish_progress(None, SyncPhase.INCREMENTAL.value if rounds else "folders", after)
         # Folders never written (new ones, or ones whose first round has not begun): the small ones'
@@ -122,8 +129,13 @@ class FolderListSync(FirstPassSync):
     def _apply_folders(self, upserts: Sequence[Folder], removals: Sequence[str], rows: AccountSyncState,
                        generation: str, created: list[Folder]) -> None:
         e = self.e
-        new = [f for f in upserts if f.folder_id not in rows.folders]
-        known = [f for f in upserts if f.folder_id in rows.folders]
+        # Rows this round created from an earlier batch are not in ``rows`` (read as the round began):
+        # the first round's roles batch lists the well-known folders again, now with their roles.
+        # Creating them again was refused (the transaction, then each row: a create and a read per
+        # folder) and left the rows without their roles.
+        earlier = {f.folder_id: f for f in created}
+        new = [f for f in upserts if f.folder_id not in rows.folders and f.folder_id not in earlier]
+        known = [f for f in upserts if f.folder_id in rows.folders or f.folder_id in earlier]
         if new:
             e.store.upsert_folders(new, phase=SyncPhase.INITIAL.value)
         if known:
@@ -136,14 +148,17 @@ class FolderListSync(FirstPassSync):
             children=folder.child_folder_count,
         ) for folder in new])
         created.extend(new)
+        changed = []
         for folder in known:
-            row = rows.folders[folder.folder_id]
-            if (row.name, row.role, row.expected, row.parent_id, row.unread, row.children) != (
-                    folder.name, folder.role, folder.total_count, folder.parent_id, folder.unread_count,
-                    folder.child_folder_count):
-                e.state.update_info(self.account_id, folder.folder_id, name=folder.name, role=folder.role,
-                                    expected=folder.total_count, parent_id=folder.parent_id,
-                                    unread=folder.unread_count, children=folder.child_folder_count)
+            row = rows.folders.get(folder.folder_id)
+            was = (row.name, row.role, row.expected, row.parent_id, row.unread, row.children) if row is not None \
+                else _info(earlier[folder.folder_id])
+            if was != _info(folder):
+                changed.append({"folder_id": folder.folder_id, "name": folder.name, "role": folder.role,
+                                "expected": folder.total_count, "parent_id": folder.parent_id,
+                                "unread": folder.unread_count, "children": folder.child_folder_count})
+        if changed:
+            e.state.update_info_many(self.account_id, changed)
         for folder_id in self._held(_with_descendants(removals, rows), rows):
             self._remove_folder(folder_id)
 
@@ -190,8 +205,7 @@ class FolderListSync(FirstPassSync):
             return lease
         if inbox is not None and inbox.folder_id is not None and policy.first_pass_fits(
                 inbox, generation, e.clock(), page_size=self._first_page_size()):
-            # A small Inbox: the first pass right after this round writes all of it
-            # (mailsync.sync.first_pass), as soon as an invocation of its own would show its newest.
+            # A small Inbox not created by this round (a redelivery's): the first pass writes all of it.
             log.info("first screen left to the first pass", extra={"expected": inbox.expected})
         elif inbox is not None and inbox.folder_id is not None:
             folder_id = inbox.folder_id
@@ -226,6 +240,19 @@ class FolderListSync(FirstPassSync):
             self._enqueue_continuation(row.folder_id, reason="start")
         if ordered:
             self.end_now = True
+
+
+def _small_new_inbox(created: Sequence[Folder], page_size: int) -> bool:
+    """Whether this round created the Inbox's row and the folder list counts one page or less in it: the
+    row is new (never written, free), so the first pass after the round takes it (``policy.first_pass_fits``)."""
+    inbox = next((folder for folder in created if folder.role == "inbox"), None)
+    return inbox is not None and policy.fits_one_first_page(inbox.total_count, page_size)
+
+
+def _info(folder: Folder) -> tuple[str, str | None, int | None, str | None, int | None, int | None]:
+    """A folder's display fields, in the order a row's are compared in."""
+    return (folder.name, folder.role, folder.total_count, folder.parent_id, folder.unread_count,
+            folder.child_folder_count)
 
 
 def _with_descendants(folder_ids: Sequence[str], rows: AccountSyncState) -> list[str]:

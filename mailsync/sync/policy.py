@@ -91,7 +91,12 @@ def first_pass_fits(state: SyncState, generation: str, now: float, *, page_size:
     """Whether a folder goes in the account's first pass: never written, free, and one provider page
     (``page_size``) or less by the folder list's count."""
     return (never_written(state, generation) and not state.leased(now) and state.not_before <= now
-            and state.expected is not None and state.expected <= min(FIRST_PASS_FOLDER_MAX, page_size))
+            and fits_one_first_page(state.expected, page_size))
+
+
+def fits_one_first_page(expected: int | None, page_size: int) -> bool:
+    """Whether a folder of ``expected`` messages (the folder list's count) is small enough for the first pass."""
+    return expected is not None and expected <= min(FIRST_PASS_FOLDER_MAX, page_size)
 
 
 def store_lost(state: SyncState, generation: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mailsync.jobs import JobKind
+from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, JobKind
 from mailsync.models import Job
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
@@ -144,8 +144,11 @@ def test_a_subscription_is_created_with_the_handshake_and_its_notifications_are_
     row = rig.harness.subscriptions.get(monitor.subscription_id)
     assert row is not None and len(at_graph["clientState"]) <= 128
     assert at_graph["clientState"] not in str(row) and row.account_id == account
-    # Each creation is followed by a sync covering the gap before our row existed.
-    assert [j.kind for j in rig.harness.drain()] == [JobKind.SYNC_ACCOUNT.value, JobKind.SYNC_FOLDERS.value]
+    # The creations are followed by a sync covering the gap before our rows existed: one sweep of the
+    # folder list and every folder, straight to the engine (it covers the folders' subscription too).
+    swept = rig.harness.drain()
+    assert [(j.kind, j.reason, j.attrs.get(EVERY_FOLDER)) for j in swept] == [
+        (JobKind.SYNC_FOLDERS.value, SUBSCRIBED, "1")]
     rig.change(account)
     assert rig.wait_pending(account), "the sandbox's notification did not reach the pending row"
     # ensure() again: healthy and not due, nothing changes.

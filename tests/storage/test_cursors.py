@@ -497,3 +497,22 @@ def test_many_leases_go_back_together_and_marks_made_meanwhile_stay(table: SyncS
     assert set(final.folders) == {"f0", "f1"}
     assert final.folders["f1"].dirty and final.folders["f1"].rounds == 2 and not final.folders["f1"].lease_owner
     assert final.folders["f0"].rounds == 2 and not final.folders["f0"].dirty
+
+
+def test_display_fields_of_many_rows_are_written_together_and_a_row_gone_is_skipped(table: SyncStateTable) -> None:
+    account = _account()
+    table.create_many([SyncState(account_id=account, folder_id=f"f{n}", name=f"n{n}") for n in range(3)])
+    lease = table.acquire(account, "f0", new_owner("holder"))
+    assert lease is not None
+    table.update_info_many(account, [{"folder_id": "f0", "name": "Sent", "role": "sentitems", "expected": 4},
+                                     {"folder_id": "f1", "name": "Junk", "role": "junkemail", "expected": None}])
+    rows = table.load(account).folders
+    assert (rows["f0"].name, rows["f0"].role, rows["f0"].expected) == ("Sent", "sentitems", 4)
+    assert (rows["f1"].name, rows["f1"].role, rows["f1"].expected) == ("Junk", "junkemail", None)
+    assert rows["f0"].lease_owner == lease.owner, "display fields are not the holder's: the lease stays"
+    table.delete(account, "f2")
+    table.update_info_many(account, [{"folder_id": "f2", "name": "gone"}, {"folder_id": "f1", "name": "Spam"}])
+    rows = table.load(account).folders
+    assert set(rows) == {"f0", "f1"} and rows["f1"].name == "Spam"
+    with pytest.raises(ValueError):
+        table.update_info_many(account, [{"folder_id": "f1", "cursor": "x"}])

@@ -73,6 +73,10 @@ def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(w
                                 for row in rows.folders.values())
     assert world.account_status() == AccountStatus.SYNCED
     assert world.queue.sent == 0, "no job per folder, no continuation"
+    # The folder list's roles batch (right after its first page) names the well-known folders its rows
+    # were created from; the rows take the roles (they were once created again, refused, and left without).
+    roles = {row.role for row in rows.folders.values()}
+    assert {"inbox", "sentitems", "drafts", "deleteditems"} <= roles, roles
     assert world.sandbox.admin("GET", "counters").json()["deltaPages"] - deltas_before == len(rows.folders)
     # One bulk request for every folder's messages, one phase update, one refresh; no folder was
     # ever written before, so no round's end looks for stale documents.
