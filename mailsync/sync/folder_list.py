@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from mailsync.errors import CursorExpired, LeaseLost, MailsyncError, ProviderAuthError, ReauthRequired
-from mailsync.models import Folder, MessagesChanged, SyncPhase
+from mailsync.models import AccountStatus, Folder, MessagesChanged, SyncPhase
 from mailsync.storage.sync_rows import AccountSyncState, Lease, SyncState
 from mailsync.sync import policy
 from mailsync.sync.first_pass import FirstPassSync
@@ -109,21 +109,24 @@ class FolderListSync(FirstPassSync):
                 box[0] = e.state.save(box[0], cursor=cursor)
         if full:
             self._reconcile_folders(seen, rows)
-        self._upsert_mailbox(self.account.status)
         finished = e.state.finish(box[0], cursor=cursor, phase=SyncPhase.INCREMENTAL, rounds=rounds + 1,
                                   failures=0, **({"first_screen": True} if screen_to_pass else {}))
         after = self._load()
+        self.rows_current = True   # nothing below writes a sync row but the first pass, which reads them again
         self._publish_progress(None, SyncPhase.INCREMENTAL.value if rounds else "folders", after)
         # Folders never written (new ones, or ones whose first round has not begun): the small ones'
         # first rounds all at once, here (mailsync.sync.first_pass); the rest one job each.
         passed = self._first_pass(after)
         if passed:
             after = self._load()
-            self.rows_current = True
         if created or full or passed:
             self._fan_out(after)
+        was = self.account.status
         if rounds == 0:
-            self._maybe_synced(after)   # a mailbox without folders is synced right away
+            self._maybe_synced(after)   # a mailbox without folders (or of small ones only) is synced right away
+        if not (was == AccountStatus.SYNCING and self.account.status == AccountStatus.SYNCED):
+            # (Becoming synced wrote the mailbox document already.)
+            self._upsert_mailbox(self.account.status)
         return finished
 
     def _apply_folders(self, upserts: Sequence[Folder], removals: Sequence[str], rows: AccountSyncState,
