@@ -19,7 +19,7 @@ from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import Delivery, Outcome
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.sync.test_engine import world_settings
-from tests.sync.world import QueuePump, SyncWorld, compare, make_world
+from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world
 
 
 @pytest.fixture
@@ -147,6 +147,30 @@ def test_a_pass_that_failed_after_its_write_leaves_its_folders_to_rounds_that_dr
     pump.start()
     pump.drain()
     assert world.store.get_message(world.account_id, message["id"]) is None
+    assert world.account_status() == AccountStatus.SYNCED
+    difference = compare(world)
+    assert not difference, difference.summary()
+
+
+def test_a_worker_dying_in_the_pass_is_taken_over_by_the_redelivery(world: SyncWorld, pump: QueuePump) -> None:
+    # Killed after reading every page, before its write: nothing of it runs any more, not even its
+    # cleanup. The redelivery of the same message frees the leases it held and the folders' rounds
+    # (full ones: their rows say begun) bring the store to the mailbox.
+    killed: list[bool] = []
+
+    def die(folder_id: str, page: int) -> None:
+        if page == 1 and not killed:
+            killed.append(True)
+            type(world.state).dead.value = True   # type: ignore[attr-defined]
+            raise WorkerKilled()
+
+    world.engine.before_write = die
+    world.start_initial_sync()
+    pump.start()
+    pump.drain()
+    assert killed and pump.stats.kills == 1
+    rows = world.state.load(world.account_id)
+    assert rows.slots_busy == 0 and all(row.rounds == 1 and not row.lease_owner for row in rows.folders.values())
     assert world.account_status() == AccountStatus.SYNCED
     difference = compare(world)
     assert not difference, difference.summary()
