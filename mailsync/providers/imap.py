@@ -487,6 +487,16 @@ class ImapProvider:
 STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "HIGHESTMODSEQ")
 
 
+def cursor_at_rest(cursor: str | None) -> bool:
+    """Is a folder's cursor between rounds (stage ``sync``), i.e. one ``folder_moved`` can compare?"""
+    if not cursor:
+        return False
+    try:
+        return decode_folder_cursor(cursor).stage == "sync"
+    except CursorExpired:
+        return False
+
+
 def folder_moved(cursor: str | None, entry: MailboxEntry) -> bool:
     """Does a folder's STATUS (``STATUS_ITEMS``) differ from where its cursor left it?
 

@@ -91,6 +91,59 @@ def test_a_quiet_mailbox_costs_no_job(dovecot: DovecotServer) -> None:
     assert queue.jobs == []
 
 
+@dataclass
+class CountedRows(Synced):
+    """``Synced`` that counts its reads (a read of the account's sync rows: one table call)."""
+
+    reads: int = 0
+
+    def load(self, account_id: str) -> AccountSyncState:
+        self.reads += 1
+        return super().load(account_id)
+
+
+def settled(poll: ImapStatusPoller, rows: CountedRows) -> int:
+    """Tick until a tick reads no rows; the reads so far. (The answer may move once more right after a
+    sync, whose own session is still being indexed: that tick reads the rows, finds them in step, and
+    remembers the new answer.)"""
+    for _ in range(5):
+        before = rows.reads
+        poll.tick()
+        if rows.reads == before:
+            return before
+    raise AssertionError("every tick read the rows")
+
+
+def test_a_quiet_account_is_polled_without_reading_its_rows_and_its_changes_still_come(
+        dovecot: DovecotServer) -> None:
+    # At rest a tick read every IMAP account's sync rows: 1,440 table calls a day per account.
+    harness = make_harness(dovecot)
+    rows = CountedRows(harness)
+    queue = ListQueue()
+    poll = poller(harness, rows, queue)
+    poll.tick()
+    reads = settled(poll, rows)
+    for _ in range(3):
+        poll.tick()
+    assert rows.reads == reads and queue.jobs == [], "the server answers as when the rows were in step with it"
+    harness.deliver("new")
+    poll.tick()
+    assert rows.reads == reads + 1 and queue.kinds() == [(JobKind.SYNC_FOLDER.value, "INBOX")]
+    queue.jobs.clear()
+    poll.tick()    # the job has not run yet: the rows still lag the server, and are read again
+    assert rows.reads == reads + 2 and queue.kinds() == [(JobKind.SYNC_FOLDER.value, "INBOX")]
+    queue.jobs.clear()
+    rows.sync()    # the job ran
+    reads = settled(poll, rows)
+    poll.tick()
+    assert rows.reads == reads and queue.jobs == []
+    archive = sorted(m for m, t in harness.messages().items() if t.folder_id == "Archive")
+    harness.set_flagged(archive[0], True)     # one of them changes whatever they were
+    harness.set_flagged(archive[1], False)
+    poll.tick()
+    assert rows.reads == reads + 1 and queue.kinds() == [(JobKind.SYNC_FOLDER.value, "Archive")]
+
+
 def test_each_kind_of_change_enqueues_exactly_its_folder(dovecot: DovecotServer) -> None:
     harness = make_harness(dovecot)
     rows = Synced(harness)
