@@ -33,7 +33,8 @@ log = logging.getLogger("mailsync.sync")
 MAX_BULK_MESSAGES = 2_000
 READ_AHEAD_PAGES = 2
 # Writes of one folder's pages in flight at once (page_writes.py): a second keeps another of the
-# node's write threads busy while the engine records the first and takes the next pages.
+# node's write threads busy while the engine records the first and takes the next pages. A provider
+# whose cursors expire gets fewer (``_page_round``: the read-ahead window).
 WRITES_IN_FLIGHT = 2
 
 
@@ -230,11 +231,15 @@ class FolderSync(InvocationBase):
         # Outlook keeps only a folder's newest few delta links: reading far ahead of the saved one
         # could leave it expired (pipeline.py). An IMAP cursor is our own state and never expires.
         window = e.settings.delta_links_kept - 1 if provider.cursors_expire else None
+        # Within a window, pages being written count as unsaved: more writes in flight than the window
+        # leaves beside one request would stop the reader while they run. With Outlook's two, one write
+        # and one request overlap (the request's latency is what matters there); IMAP gets two writes.
+        depth = WRITES_IN_FLIGHT if window is None else max(1, min(WRITES_IN_FLIGHT, window - 1))
         while True:
             reader = PageReader(functools.partial(provider.message_changes, folder_id), held.lease.state.cursor or None,
                                 depth=READ_AHEAD_PAGES, deadline=self.deadline, clock=e.clock, window=window)
             writes: PageWrites[_Applied] = PageWrites(
-                functools.partial(self._store_pages, folder_id, held.lease.state.epoch), depth=WRITES_IN_FLIGHT)
+                functools.partial(self._store_pages, folder_id, held.lease.state.epoch), depth=depth)
             try:
                 while True:
                     # Out of time: write what was read (never drop it and read it again, which
