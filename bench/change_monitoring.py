@@ -78,7 +78,8 @@ class Bench:
         self.subscriptions = TableSubscriptionStore(monitor_table)
         sync_table = table_client(settings, "sync")
         ensure_table(sync_table)
-        self.pending = TablePendingStore(sync_table, max_ids=settings.notify_max_ids)   # shares the account's partition with its sync rows
+        # The pending rows share the account's partition with its sync rows.
+        self.pending = TablePendingStore(sync_table, max_ids=settings.notify_max_ids)
         self.queue = AzureJobQueue(settings)
         now = datetime.now(UTC)
         self.account = uuid.uuid4().hex
