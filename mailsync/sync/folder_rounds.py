@@ -199,7 +199,12 @@ class FolderSync(InvocationBase):
         now = self.e.clock()
         at = now + delay
         if state.relook_at > now and state.relook_at >= at - 1.0:
-            return RELOOK_COVERED
+            # Covered by a look-again already queued, unless the pending one is this invocation's own
+            # claim from an earlier round's finish (a second round of the folder, run because it was
+            # marked dirty meanwhile): that one is queued only after the run, so it stays the claim.
+            # Read as covered, nobody would queue it: every other job's schedule_relook sees it pending.
+            mine = self.relook_claim
+            return mine if mine is not None and mine != RELOOK_COVERED else RELOOK_COVERED
         return at
 
     def _start_full_round(self, lease: Lease, generation: str) -> Lease:

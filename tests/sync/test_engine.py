@@ -494,6 +494,38 @@ def test_a_notified_round_claims_its_look_again_with_its_finish(world: SyncWorld
     assert int(pump.client.get_queue_properties().approximate_message_count or 0) == 1
 
 
+def test_a_look_again_claimed_by_a_rounds_finish_is_queued_after_a_second_round_of_the_folder(
+        world: SyncWorld, pump: QueuePump) -> None:
+    # Another job marks the folder dirty while the notified round runs: the lease holder runs a second
+    # round in the same invocation. The first round's finish wrote the look-again's due time on the row;
+    # the second round must not read that (its own, not yet queued) claim as "a look-again is pending"
+    # and queue none: every other job's schedule_relook then sees the claim and queues none either,
+    # and the change inside delta's lag waited for the next poll.
+    synced(world, pump)
+    pump.stop()
+    pump.client.clear_messages()
+    inbox = next(f for f, r in world.state.load(world.account_id).folders.items() if r.role == "inbox")
+    state = world.engine.state
+    finish = state.finish_and_release_slot
+    finishes: list[str] = []
+
+    def finish_after_a_mark(*args: Any, **kwargs: Any) -> Any:
+        if not finishes:
+            world.state.mark(world.account_id, inbox, dirty=True)    # a job that found the lease taken
+        finishes.append("finish")
+        return finish(*args, **kwargs)
+
+    state.finish_and_release_slot = finish_after_a_mark  # type: ignore[method-assign]
+    job = new_job(JobKind.SYNC_FOLDER, world.account_id, inbox, reason="notified",
+                  attrs={EXPECT: Expected({"not-read-yet": 'W/"x"'}).encode()})
+    before, rounds = time.time(), world.state.get(world.account_id, inbox).rounds  # type: ignore[union-attr]
+    assert world.engine.handle(job, Delivery("d-1"), world.events) == Outcome.DONE
+    after = world.state.get(world.account_id, inbox)
+    assert after is not None and after.rounds == rounds + 2, "the mark made the holder run a second round"
+    assert after.relook_at > before
+    assert int(pump.client.get_queue_properties().approximate_message_count or 0) == 1, "the look-again job"
+
+
 def test_a_notified_jobs_second_round_starts_from_the_rows_the_first_ended_with(
         world: SyncWorld, pump: QueuePump) -> None:
     # A move notifies two folders: the NOTIFIED job runs both rounds, the second from the rows the
