@@ -95,6 +95,7 @@ from bench.harness import (
     cpu_s,
     diff_counts,
     figures,
+    link_many,
     percentile,
     remove_workdir,
     say,
@@ -206,29 +207,6 @@ class Clients:
             asyncio.run_coroutine_threadsafe(shut(), self.loop).result(timeout=30)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-def link_all(stack: Stack, addresses: list[str], parallel: int) -> list[Account]:
-    done: list[Account] = []
-    started = time.monotonic()
-
-    def one(address: str) -> Account:
-        for attempt in range(5):
-            try:
-                return Account(stack.link(address))
-            except Exception as exc:   # a busy machine: retry the whole sign-in
-                if attempt == 4:
-                    raise
-                say(f"  link {address} failed ({exc}); retrying")
-                time.sleep(1 + attempt)
-        raise AssertionError("unreachable")
-
-    with ThreadPoolExecutor(parallel) as pool:
-        for account in pool.map(one, addresses):
-            done.append(account)
-            if len(done) % 50 == 0:
-                say(f"  linked {len(done)}/{len(addresses)} ({time.monotonic() - started:.0f} s)")
-    return done
 
 
 def wait_synced(stack: Stack, accounts: list[Account], timeout_s: float) -> None:
@@ -556,7 +534,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         onboard_storage0 = counter.snapshot() if counter else {}
         onboard_requests0 = stack.sandbox.requests_served()
         link_started = time.monotonic()
-        accounts = link_all(stack, addresses, args.link_parallel)
+        accounts = [Account(linked) for linked in link_many(stack, addresses, args.link_parallel)]
         link_s = time.monotonic() - link_started
         say(f"linked in {link_s:.1f} s; waiting for every initial sync and subscription")
         wait_synced(stack, accounts, args.setup_timeout_s)

@@ -38,6 +38,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -494,6 +495,31 @@ class Stack:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"account not {wanted} after {timeout_s:g} s: {view}")
             time.sleep(interval_s)
+
+
+def link_many(stack: Stack, addresses: Sequence[str], parallel: int) -> list[Linked]:
+    """Link every address, ``parallel`` sign-ins at a time, in order; a failed sign-in is retried whole
+    (on a busy machine the callback can time out)."""
+    started = time.monotonic()
+    done: list[Linked] = []
+
+    def one(address: str) -> Linked:
+        for attempt in range(5):
+            try:
+                return stack.link(address)
+            except Exception as exc:
+                if attempt == 4:
+                    raise
+                say(f"  link {address} failed ({exc}); retrying")
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
+
+    with ThreadPoolExecutor(parallel) as pool:
+        for linked in pool.map(one, addresses):
+            done.append(linked)
+            if len(done) % 50 == 0:
+                say(f"  linked {len(done)}/{len(addresses)} ({time.monotonic() - started:.0f} s)")
+    return done
 
 
 def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: int = 0, seed: int = 42,

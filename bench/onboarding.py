@@ -43,7 +43,6 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,42 +50,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cli import parser_from_doc
 from bench.harness import (
-    Linked,
     Stack,
     ThreadProfiles,
     cpu_s,
     diff_counts,
     figures,
+    link_many,
     percentile,
     remove_workdir,
     say,
     start_stack,
     tree_cpu_s,
 )
-
-
-def link_all(stack: Stack, addresses: list[str], parallel: int) -> list[Linked]:
-    """Link every address, ``parallel`` sign-ins at a time; a failed sign-in is retried whole (a busy machine)."""
-    started = time.monotonic()
-    done: list[Linked] = []
-
-    def one(address: str) -> Linked:
-        for attempt in range(5):
-            try:
-                return stack.link(address)
-            except Exception as exc:
-                if attempt == 4:
-                    raise
-                say(f"  link {address} failed ({exc}); retrying")
-                time.sleep(1 + attempt)
-        raise AssertionError("unreachable")
-
-    with ThreadPoolExecutor(parallel) as pool:
-        for linked in pool.map(one, addresses):
-            done.append(linked)
-            if len(done) % 50 == 0:
-                say(f"  linked {len(done)}/{len(addresses)} ({time.monotonic() - started:.0f} s)")
-    return done
 
 
 def wait_synced(stack: Stack, account_ids: set[str], timeout_s: float) -> None:
@@ -150,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.link_parallel} sign-ins at a time, {1 + args.workers} host process(es); "
             f"load {os.getloadavg()[0]:.1f}")
         started = time.monotonic()
-        linked = link_all(stack, addresses, args.link_parallel)
+        linked = link_many(stack, addresses, args.link_parallel)
         link_s = time.monotonic() - started
         say(f"linked in {link_s:.1f} s; waiting until every account is synced")
         wait_synced(stack, {a.account_id for a in linked}, args.timeout_s)
