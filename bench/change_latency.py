@@ -100,6 +100,7 @@ from bench.harness import (
     remove_workdir,
     say,
     start_stack,
+    wait_synced,
 )
 
 RS = "\x1e"
@@ -207,35 +208,6 @@ class Clients:
             asyncio.run_coroutine_threadsafe(shut(), self.loop).result(timeout=30)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-def wait_synced(stack: Stack, accounts: list[Account], timeout_s: float) -> None:
-    """Wait until every account is synced, reading the accounts table straight from Azurite.
-
-    (Polling ``GET /api/accounts/{id}`` for 1,000 accounts would itself load
-    the host that is busy syncing them.)
-    """
-    from azure.data.tables import TableClient
-
-    table = TableClient.from_connection_string(stack.azurite.connection_string,
-                                               f"{stack.env['TABLE_PREFIX']}accounts")
-    wanted = {a.linked.account_id for a in accounts}
-    deadline = time.monotonic() + timeout_s
-    last = 0.0
-    try:
-        while True:
-            synced = {str(e["PartitionKey"]) for e in table.query_entities(
-                "RowKey eq 'account' and status eq 'synced'", select=["PartitionKey"])} & wanted
-            if len(synced) == len(wanted):
-                return
-            if time.monotonic() - last > 15:
-                last = time.monotonic()
-                say(f"  {len(synced)}/{len(wanted)} synced")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(wanted) - len(synced)} account(s) not synced after {timeout_s:g} s")
-            time.sleep(2)
-    finally:
-        table.close()
 
 
 def wait_subscribed(stack: Stack, accounts: list[Account], timeout_s: float) -> int:
@@ -537,7 +509,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         accounts = [Account(linked) for linked in link_many(stack, addresses, args.link_parallel)]
         link_s = time.monotonic() - link_started
         say(f"linked in {link_s:.1f} s; waiting for every initial sync and subscription")
-        wait_synced(stack, accounts, args.setup_timeout_s)
+        wait_synced(stack, {a.linked.account_id for a in accounts}, args.setup_timeout_s, poll_s=2.0)
         sync_all_s = time.monotonic() - link_started
         onboarding: dict[str, Any] = {
             "link_s": link_s, "sync_all_s": sync_all_s, "accounts_per_s": len(accounts) / sync_all_s,

@@ -522,6 +522,31 @@ def link_many(stack: Stack, addresses: Sequence[str], parallel: int) -> list[Lin
     return done
 
 
+def wait_synced(stack: Stack, account_ids: set[str], timeout_s: float, *, poll_s: float = 1.0) -> None:
+    """Until every account is ``synced``, read from Azurite's accounts table directly: polling the app's
+    views (or the counting proxy) for 1,000 accounts would itself load the host that syncs them."""
+    from azure.data.tables import TableClient
+
+    table = TableClient.from_connection_string(stack.azurite.connection_string,
+                                               f"{stack.env['TABLE_PREFIX']}accounts")
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    try:
+        while True:
+            synced = {str(e["PartitionKey"]) for e in table.query_entities(
+                "RowKey eq 'account' and status eq 'synced'", select=["PartitionKey"])} & account_ids
+            if len(synced) == len(account_ids):
+                return
+            if time.monotonic() - last > 15:
+                last = time.monotonic()
+                say(f"  {len(synced)}/{len(account_ids)} synced")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(account_ids) - len(synced)} account(s) not synced after {timeout_s:g} s")
+            time.sleep(poll_s)
+    finally:
+        table.close()
+
+
 def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: int = 0, seed: int = 42,
                 sandbox_args: Sequence[str] = (), env: dict[str, str] | None = None,
                 functions: list[str] | None = None, start_host: bool = True,

@@ -61,32 +61,8 @@ from bench.harness import (
     say,
     start_stack,
     tree_cpu_s,
+    wait_synced,
 )
-
-
-def wait_synced(stack: Stack, account_ids: set[str], timeout_s: float) -> None:
-    """Until every account is ``synced``, read from Azurite directly (not through the counting proxy, not
-    through the app: polling 1,000 accounts' views would load the host that syncs them)."""
-    from azure.data.tables import TableClient
-
-    table = TableClient.from_connection_string(stack.azurite.connection_string,
-                                               f"{stack.env['TABLE_PREFIX']}accounts")
-    deadline = time.monotonic() + timeout_s
-    last = time.monotonic()
-    try:
-        while True:
-            synced = {str(e["PartitionKey"]) for e in table.query_entities(
-                "RowKey eq 'account' and status eq 'synced'", select=["PartitionKey"])} & account_ids
-            if len(synced) == len(account_ids):
-                return
-            if time.monotonic() - last > 15:
-                last = time.monotonic()
-                say(f"  {len(synced)}/{len(account_ids)} synced")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(account_ids) - len(synced)} account(s) not synced after {timeout_s:g} s")
-            time.sleep(0.5)
-    finally:
-        table.close()
 
 
 def process_cpu(stack: Stack) -> dict[str, float]:
@@ -128,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         linked = link_many(stack, addresses, args.link_parallel)
         link_s = time.monotonic() - started
         say(f"linked in {link_s:.1f} s; waiting until every account is synced")
-        wait_synced(stack, {a.account_id for a in linked}, args.timeout_s)
+        wait_synced(stack, {a.account_id for a in linked}, args.timeout_s, poll_s=0.5)
         sync_all_s = time.monotonic() - started
         load = os.getloadavg()[0]
         at_synced = process_cpu(stack), (counter.snapshot() if counter else {}), stack.sandbox.requests_served()
