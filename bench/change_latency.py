@@ -641,8 +641,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             logs = [h.log_path for h in hosts if getattr(h, "log_path", None)]
             if stack.in_process is not None:
                 logs.append(stack.workdir / "app.log")
-            waits.update(job_timings(logs, wall_started, time.time()))
-            waits.update(job_outcomes(logs, wall_started, time.time()))
+            entries = job_log_entries(logs, wall_started, time.time())
+            waits.update(job_timings(entries))
+            waits.update(job_outcomes(entries))
             latencies = [1000 * (c.seen - c.sent) for c in changes if c.seen is not None]
             # Changes delivered per second, from the first change sent to the last event seen.
             last_seen = max((c.seen for c in changes if c.seen is not None), default=started)
@@ -711,33 +712,47 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             remove_workdir(stack.workdir)
 
 
-def job_timings(logs: list[Path], since: float, until: float) -> dict[str, float]:
-    """Where a change waits on our side: NOTIFIED jobs' queue wait and run time, from the hosts' logs.
+# The host log lines job_timings and job_outcomes read (cheap substring tests before any JSON parse).
+_JOB_LINES = ('"job ran"', '"sync job ', '"reclaiming a lease', '"lease lost')
 
-    The sync worker logs one "job ran" line per job with ``queued_s`` (insertion to start) and
-    ``run_s``; lines between ``since`` and ``until`` (epoch seconds) count.
-    """
-    queued: list[float] = []
-    ran: list[float] = []
-    jobs = 0
+
+def job_log_entries(logs: list[Path], since: float, until: float) -> list[dict[str, Any]]:
+    """The hosts' job log lines (``_JOB_LINES``) written between ``since`` and ``until`` (epoch seconds),
+    parsed; every log is read once for both job_timings and job_outcomes."""
+    entries: list[dict[str, Any]] = []
     for path in logs:
         if not path.exists():
             continue
         with path.open(encoding="utf-8", errors="replace") as lines:
             for line in lines:
-                if '"job ran"' not in line:
+                if not any(needle in line for needle in _JOB_LINES):
                     continue
                 try:
                     entry = json.loads(line)
                     at = datetime.fromisoformat(entry["ts"]).timestamp()
                 except (ValueError, KeyError):
                     continue
-                if not since <= at <= until:
-                    continue
-                jobs += 1
-                if entry.get("kind") == "notified" and entry.get("queued_s") is not None:
-                    queued.append(1000 * float(entry["queued_s"]))
-                    ran.append(1000 * float(entry.get("run_s", 0.0)))
+                if since <= at <= until:
+                    entries.append(entry)
+    return entries
+
+
+def job_timings(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """Where a change waits on our side: NOTIFIED jobs' queue wait and run time, from the hosts' logs.
+
+    The sync worker logs one "job ran" line per job with ``queued_s`` (insertion to start) and
+    ``run_s``; ``entries`` are ``job_log_entries``.
+    """
+    queued: list[float] = []
+    ran: list[float] = []
+    jobs = 0
+    for entry in entries:
+        if entry.get("msg") != "job ran":
+            continue
+        jobs += 1
+        if entry.get("kind") == "notified" and entry.get("queued_s") is not None:
+            queued.append(1000 * float(entry["queued_s"]))
+            ran.append(1000 * float(entry.get("run_s", 0.0)))
     if not queued:
         return {}
     return {"jobs_ran": jobs, "notified_jobs": len(queued),
@@ -745,33 +760,19 @@ def job_timings(logs: list[Path], since: float, until: float) -> dict[str, float
             "notified_run_p50_ms": percentile(ran, 0.5), "notified_run_p99_ms": percentile(ran, 0.99)}
 
 
-def job_outcomes(logs: list[Path], since: float, until: float) -> dict[str, int]:
+def job_outcomes(entries: list[dict[str, Any]]) -> dict[str, int]:
     """What several hosts on one queue cost each other: sync jobs that found every slot busy (``busy``: their
     work left as a mark), deferred or held ones, leases a redelivery took back from a dead run, and folder
-    rounds that lost their lease; from the "sync job <outcome>" and engine log lines between ``since`` and
-    ``until`` (epoch seconds)."""
+    rounds that lost their lease; from the "sync job <outcome>" and engine lines of ``job_log_entries``."""
     wanted = {"sync job busy": "jobs_busy", "sync job deferred": "jobs_deferred", "sync job held": "jobs_held",
               "sync job dropped": "jobs_dropped", "reclaiming a lease from a dead delivery": "leases_reclaimed"}
     counts = dict.fromkeys([*wanted.values(), "leases_lost"], 0)
-    for path in logs:
-        if not path.exists():
-            continue
-        with path.open(encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                if '"sync job ' not in line and '"reclaiming a lease' not in line and '"lease lost' not in line:
-                    continue
-                try:
-                    entry = json.loads(line)
-                    at = datetime.fromisoformat(entry["ts"]).timestamp()
-                except (ValueError, KeyError):
-                    continue
-                if not since <= at <= until:
-                    continue
-                message = str(entry.get("msg", ""))
-                if message in wanted:
-                    counts[wanted[message]] += 1
-                elif message.startswith("lease lost"):
-                    counts["leases_lost"] += 1
+    for entry in entries:
+        message = str(entry.get("msg", ""))
+        if message in wanted:
+            counts[wanted[message]] += 1
+        elif message.startswith("lease lost"):
+            counts["leases_lost"] += 1
     return counts
 
 
