@@ -489,9 +489,8 @@ class SyncStateTable:
         for start in range(0, len(rows), _BATCH_MAX):
             chunk = rows[start:start + _BATCH_MAX]
             operations: list[Any] = [
-                ("update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": row.row_key,
-                            "updated_at": now},
-                 {"mode": UpdateMode.MERGE, "etag": row.etag, "match_condition": MatchConditions.IfNotModified})
+                _merge_if_unchanged({**to_entity_fields(fields), "PartitionKey": partition, "RowKey": row.row_key,
+                                     "updated_at": now}, row.etag)
                 for row in chunk]
             results = self._transaction(operations)
             if results is None:
@@ -526,11 +525,9 @@ class SyncStateTable:
                 if lease.state.account_id != ends[0][0].state.account_id:
                     raise ValueError("release_many takes the leases of one account (one partition)")
                 fields = {**changes, "lease_owner": "", "lease_until": 0.0}
-                operations.append((
-                    "update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": lease.state.row_key,
-                               "updated_at": now},
-                    {"mode": UpdateMode.MERGE, "etag": lease.state.etag,
-                     "match_condition": MatchConditions.IfNotModified}))
+                operations.append(_merge_if_unchanged(
+                    {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": lease.state.row_key,
+                     "updated_at": now}, lease.state.etag))
             if self._transaction(operations) is not None:
                 continue
             for lease, changes in chunk:
@@ -584,9 +581,8 @@ class SyncStateTable:
             chunk = quiet[start:start + _BATCH_MAX]
             now = self._clock()
             operations: list[Any] = [
-                ("update", {**to_entity_fields(_rested(state, cursor)), "PartitionKey": partition,
-                            "RowKey": state.row_key, "updated_at": now},
-                 {"mode": UpdateMode.MERGE, "etag": state.etag, "match_condition": MatchConditions.IfNotModified})
+                _merge_if_unchanged({**to_entity_fields(_rested(state, cursor)), "PartitionKey": partition,
+                                     "RowKey": state.row_key, "updated_at": now}, state.etag)
                 for state, cursor in chunk]
             if self._transaction(operations) is not None:
                 written += len(chunk)
@@ -658,9 +654,7 @@ class SyncStateTable:
             body = {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{index}", "owner": owner,
                     "until": now + self._slot_ttl_s}
             taken = rows.get(index)
-            operations.append(("create", body) if taken is None else
-                              ("update", body, {"mode": UpdateMode.MERGE, "etag": taken.etag,
-                                                "match_condition": MatchConditions.IfNotModified}))
+            operations.append(("create", body) if taken is None else _merge_if_unchanged(body, taken.etag))
         results = self._transaction(operations)
         if results is not None:
             return [Slot(account_id, index, owner, str(result.get("etag")))
@@ -719,11 +713,8 @@ class SyncStateTable:
         lease_entity = {**to_entity_fields(lease_fields), "PartitionKey": partition, "RowKey": row.row_key,
                         "updated_at": now}
         operations: list[Any] = [
-            ("create", slot_body) if taken is None else
-            ("update", slot_body, {"mode": UpdateMode.MERGE, "etag": taken.etag,
-                                   "match_condition": MatchConditions.IfNotModified}),
-            ("update", lease_entity, {"mode": UpdateMode.MERGE, "etag": row.etag,
-                                      "match_condition": MatchConditions.IfNotModified}),
+            ("create", slot_body) if taken is None else _merge_if_unchanged(slot_body, taken.etag),
+            _merge_if_unchanged(lease_entity, row.etag),
         ]
         if take_pending is not None:
             operations.append(("delete", {"PartitionKey": partition, "RowKey": PENDING_ROW},
@@ -757,12 +748,10 @@ class SyncStateTable:
         fields = {**changes, "lease_owner": "", "lease_until": 0.0, "mid_round": False}
         partition = check_partition(lease.state.account_id)
         operations: list[Any] = [
-            ("update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": lease.state.row_key,
-                        "updated_at": now},
-             {"mode": UpdateMode.MERGE, "etag": lease.state.etag, "match_condition": MatchConditions.IfNotModified}),
-            ("update", {"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{slot.index}", "owner": "",
-                        "until": 0.0},
-             {"mode": UpdateMode.MERGE, "etag": slot.etag, "match_condition": MatchConditions.IfNotModified}),
+            _merge_if_unchanged({**to_entity_fields(fields), "PartitionKey": partition,
+                                 "RowKey": lease.state.row_key, "updated_at": now}, lease.state.etag),
+            _merge_if_unchanged({"PartitionKey": partition, "RowKey": f"{SLOT_ROW_PREFIX}{slot.index}", "owner": "",
+                                 "until": 0.0}, slot.etag),
         ]
         results = self._transaction(operations)
         if results is None:
@@ -906,6 +895,12 @@ def _free_slot(rows: Mapping[int, SlotRow], owner: str, max_slots: int,
         if not row.owner or row.until <= now:
             candidate = candidate or (index, row)
     return candidate
+
+
+def _merge_if_unchanged(entity: dict[str, Any], etag: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A transaction's MERGE of ``entity``, only while the row still has ``etag``: a row written since makes
+    the service refuse the whole transaction (412), which is how every batch here stays conditional."""
+    return "update", entity, {"mode": UpdateMode.MERGE, "etag": etag, "match_condition": MatchConditions.IfNotModified}
 
 
 def _rested(state: SyncState, cursor: str) -> dict[str, Any]:
