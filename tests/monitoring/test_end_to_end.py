@@ -1,4 +1,4 @@
-"""Change monitoring end to end: devhost (every function), Graph sandbox, Azurite, osmem.
+"""Change monitoring end to end: devhost (every function), Graph sandbox, Azurite, the search node.
 
 An account is linked through the real sign-in flow; the linking service
 enqueues the initial sync and a SUBSCRIPTION job; the sync worker creates

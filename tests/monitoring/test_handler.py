@@ -1,4 +1,4 @@
-"""The NOTIFIED / SYNC_ACCOUNT jobs: notifications → folders, against Azurite, osmem and the sandbox.
+"""The NOTIFIED / SYNC_ACCOUNT jobs: notifications → folders, against Azurite, the search node and the sandbox.
 
 Message ids and folders come from a sandbox mailbox (its ground-truth
 snapshot); the store holds part of them, as it would mid-sync; folder

@@ -1,6 +1,6 @@
 """``make run`` restarted: the Graph sandbox stops and starts again on its saved state, the product carries on.
 
-The devhost runs every function against Azurite, osmem and a sandbox with
+The devhost runs every function against Azurite, the search node and a sandbox with
 a ``state_path``. An account is linked and synced; the sandbox is stopped
 and started again on the same port and file; its clock is then moved past
 the access token's hour, so the product must redeem its refresh token.

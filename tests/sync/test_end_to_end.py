@@ -3,7 +3,7 @@
 The account is linked through the real sign-in flow (POST /api/accounts,
 the sandbox's sign-in form, the OAuth callback); the callback enqueues the
 initial sync; the devhost's queue trigger runs ``functions/sync_worker``,
-which runs the engine against the sandbox, Azurite and osmem. The test only
+which runs the engine against the sandbox, Azurite and the search node. The test only
 watches from outside: ``GET /api/accounts/{id}`` until ``synced``, then the
 store against the sandbox's ground truth, then a round of changes picked up
 by a poll job, the way the polling fallback would.

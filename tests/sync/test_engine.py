@@ -1,4 +1,4 @@
-"""The engine against real services (sandbox, Azurite, osmem), one scenario per test.
+"""The engine against real services (sandbox, Azurite, the search node), one scenario per test.
 
 Each test builds a :class:`~tests.sync.world.SyncWorld` (a seeded linked
 account and the engine) and drives it through the queue with
@@ -24,7 +24,6 @@ from mailsync.monitoring.delta_lag import DeltaLag
 from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.records import PendingChanges
 from mailsync.monitoring.store_watch import StoreWatch
-from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.store_generation import TableGenerationLedger
@@ -34,7 +33,7 @@ from mailsync.sync import policy
 from mailsync.sync.engine import Delivery, Outcome
 from mailsync.sync.status import SyncStatus
 from tests.fixtures.graph_sandbox import SandboxTestServer
-from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world
+from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world, world_settings
 
 
 @pytest.fixture
@@ -42,12 +41,6 @@ def sandbox(sandbox_factory: Callable[..., SandboxTestServer]) -> SandboxTestSer
     # These scenarios make a change and run a job at once: no delta lag (the tests at the end, and the
     # convergence property, have it). The token cache, replays and a search folder stay on.
     return sandbox_factory(users=2, messages_per_user=300, delta_lag_s=0.0)
-
-
-def world_settings(storage_env: dict[str, str], sandbox: SandboxTestServer, **overrides: str) -> Settings:
-    env = {**storage_env, "GRAPH_SANDBOX_URL": sandbox.base_url, "SYNC_TIME_BUDGET_S": "10",
-           "GRAPH_PAGE_SIZE": "50", "FOLDER_LEASE_S": "30", **overrides}
-    return Settings.from_env(env)
 
 
 @pytest.fixture

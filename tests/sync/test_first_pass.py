@@ -18,8 +18,7 @@ from mailsync.models import AccountStatus
 from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import Delivery, Outcome
 from tests.fixtures.graph_sandbox import SandboxTestServer
-from tests.sync.test_engine import world_settings
-from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world
+from tests.sync.world import QueuePump, SyncWorld, WorkerKilled, compare, make_world, world_settings
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """A whole sync deployment in one test process, with real services and knobs for faults.
 
 Real: the Graph sandbox (mailbox, delta, throttling, faults), Azurite (the
-sync table, the job queue, accounts), osmem (the store), the engine. The
+sync table, the job queue, accounts), the search node (the store), the engine. The
 Functions host is replaced by :class:`QueuePump`, a few threads that do
 what the queue trigger does (receive, run, delete on success, let the
 message reappear after its visibility timeout on failure) — so a test can
@@ -386,6 +386,13 @@ class SyncWorld(AccountWorld):
         self.queue.enqueue(new_job(JobKind.SYNC_FOLDERS, self.account_id, reason="poll"))
         for folder_id in self.state.load(self.account_id).folders:
             self.queue.enqueue(new_job(JobKind.SYNC_FOLDER, self.account_id, folder_id, reason="poll"))
+
+
+def world_settings(storage_env: dict[str, str], sandbox: SandboxTestServer, **overrides: str) -> Settings:
+    """The engine's settings for a world on ``sandbox``: a 10 s budget, 50-message pages, 30 s leases."""
+    env = {**storage_env, "GRAPH_SANDBOX_URL": sandbox.base_url, "SYNC_TIME_BUDGET_S": "10",
+           "GRAPH_PAGE_SIZE": "50", "FOLDER_LEASE_S": "30", **overrides}
+    return Settings.from_env(env)
 
 
 def make_world(settings: Settings, sandbox: SandboxTestServer, store: SearchStore, *, user_index: int = 0,
