@@ -17,150 +17,57 @@ Preferences honoured: ``IdType="ImmutableId"`` (message ids that survive
 moves), ``odata.maxpagesize`` (delta pages), ``outlook.body-content-type``.
 Each answer echoes what it applied in ``Preference-Applied``.
 
-Delta rounds are described in graph_sandbox/delta.py.
+Delta queries are in graph_sandbox/mail_delta.py (rounds: graph_sandbox/delta.py), $batch in
+graph_sandbox/mail_batch.py, and what every handler reads of a request in
+graph_sandbox/mail_request.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import bisect
 import logging
-import re
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, MultiMapping
-from yarl import URL
 
 from graph_sandbox import payloads
 from graph_sandbox.api_errors import ApiError, bad_request
 from graph_sandbox.attachments import Attachment, attachment_json, attachment_of, attachment_select, attachments_of
-from graph_sandbox.delta import DELTA, SKIP, BadToken, DeltaToken, Tombstone, decode_token, encode_token
-from graph_sandbox.faults import RequestFault
+from graph_sandbox.mail_batch import BatchRoutes
+from graph_sandbox.mail_delta import DeltaRoutes
+from graph_sandbox.mail_request import (
+    JSON_TYPE,
+    PERMISSIONS,
+    Ctx,
+    Handler,
+    Reply,
+    folder_select,
+    json_object,
+    message_select,
+    normalise_scope,
+    only_properties,
+    parse_prefer,
+    resolve_folder,
+    split_path,
+    top_skip,
+)
 from graph_sandbox.mailbox import (
     Folder,
     Mailbox,
     MailboxError,
     Message,
     SearchSpec,
-    newest_first_key,
 )
 from graph_sandbox.message_bodies import message_changes, new_message_fields, require_recipients
-from graph_sandbox.query_options import instant_ms, int_option, parse_delta_filter, parse_filter, parse_orderby
-from graph_sandbox.sync_states import SYNC_STATE_INVALID, SYNC_STATE_NOT_FOUND, StateKey
+from graph_sandbox.query_options import parse_filter, parse_orderby
 
 if TYPE_CHECKING:
     from graph_sandbox.state import SandboxState, SandboxUser
 
 log = logging.getLogger("graph_sandbox")
-
-JSON_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
-
-
-def _corrupt_state() -> ApiError:
-    return ApiError(400, "ErrorInvalidSyncStateData", "The sync state data is corrupt or otherwise invalid.")
-
-
-# -- permissions ---------------------------------------------------------
-
-_READ = frozenset({"mail.readbasic", "mail.read", "mail.readwrite", "mail.readbasic.all"})
-_WRITE = frozenset({"mail.readwrite"})
-_SEND = frozenset({"mail.send"})
-_USER = frozenset({"user.read", "user.readwrite", "user.readbasic.all", "user.read.all", "user.readwrite.all",
-                   "directory.read.all", "directory.readwrite.all"})
-PERMISSIONS = {"read": _READ, "write": _WRITE, "send": _SEND, "user": _USER}
-
-
-def _normalise_scope(scope: str) -> str:
-    scope = scope.strip().lower()
-    for prefix in ("https://graph.microsoft.com/", "https://graph.microsoft.com//"):
-        if scope.startswith(prefix):
-            return scope[len(prefix):]
-    return scope
-
-
-# -- request context -----------------------------------------------------------
-
-
-@dataclass
-class Ctx:
-    """What a route handler needs about the request it serves."""
-
-    request: web.Request
-    state: SandboxState
-    user: SandboxUser
-    box: Mailbox
-    scope_path: str                 # "me" or "users/{id}" as the client wrote it
-    query: MultiMapping[str]
-    immutable: bool
-    text_body: bool
-    max_page_size: int | None
-    base: str                       # scheme://host (or config.public_url)
-    body: Any = None
-    applied: list[str] = field(default_factory=list)   # Preference-Applied values
-    fault: RequestFault | None = None
-    app_id: str = ""                # the calling app (sync states are kept per app, mailbox and folder)
-
-    def link(self, path: str, params: dict[str, str]) -> str:
-        query = urlencode(params, quote_via=quote, safe="$'(),")
-        return f"{self.base}/v1.0/{self.scope_path}/{path}" + (f"?{query}" if query else "")
-
-    def context(self, fragment: str) -> str:
-        return f"{self.base}/v1.0/$metadata#{fragment}"
-
-
-@dataclass
-class Reply:
-    status: int
-    body: Any = None                # JSON-able, or None for no content
-    headers: dict[str, str] = field(default_factory=dict)
-    raw: bytes | None = None        # a binary answer instead of JSON (attachment $value)
-
-
-Handler = Callable[..., Reply]
-
-
-_KEY_SEGMENT = re.compile(r"^([^(]+)\((?:'(.*)'|(.*))\)$")
-
-
-def split_path(path: str) -> list[str]:
-    """Path segments with OData key syntax flattened: ``mailFolders('x')`` -> ``mailFolders``, ``x``."""
-    out: list[str] = []
-    for segment in path.split("/"):
-        if not segment:
-            continue
-        match = _KEY_SEGMENT.match(segment)
-        if match:
-            name, key = match.group(1), match.group(2) if match.group(2) is not None else match.group(3)
-            out.append(name)
-            if key:                # delta() -> delta
-                out.append(key.replace("''", "'"))
-        else:
-            out.append(segment)
-    return out
-
-
-# -- preferences ----------------------------------------------------------------
-
-_PREF = re.compile(r'\s*([A-Za-z0-9_.\-]+)\s*(?:=\s*("?)([^",;]*)\2)?\s*')
-
-
-def parse_prefer(headers: MultiMapping[str]) -> dict[str, str]:
-    prefs: dict[str, str] = {}
-    for header in headers.getall("Prefer", []):
-        for part in header.split(","):
-            match = _PREF.fullmatch(part)
-            if match and match.group(1):
-                prefs[match.group(1).lower()] = match.group(3) or ""
-    return prefs
-
 
 # -- the API --------------------------------------------------------------------------
 
@@ -171,6 +78,8 @@ class MailApi:
     def __init__(self, state: SandboxState, identity: Any) -> None:
         self.state = state
         self.identity = identity
+        self._delta = DeltaRoutes(state)
+        self._batch = BatchRoutes(state, self._handle, self._error)
         self._routes = self._route_table()
 
     def routes(self) -> list[web.RouteDef]:
@@ -186,7 +95,7 @@ class MailApi:
         ids = {"request-id": request_id, "client-request-id": client_request_id}
         try:
             if request.match_info["tail"].strip("/").lower() == "$batch":
-                return await self._batch(request, ids)
+                return await self._batch.answer(request, ids)
             return await self._handle(request, ids)
         except web.HTTPException as exc:          # the identity platform's 401
             state.counters.record(exc.status)
@@ -227,7 +136,7 @@ class MailApi:
             raise bad_request(f"Resource not found for the segment '{segments[0]}'.")
 
         handler, params, permission = self._match(request.method, rest)
-        granted = {_normalise_scope(s) for s in principal.scopes}
+        granted = {normalise_scope(s) for s in principal.scopes}
         if not granted & PERMISSIONS[permission]:
             if permission == "user":
                 raise ApiError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
@@ -343,7 +252,7 @@ class MailApi:
             ("GET", (), self.get_user, "user"),
             ("GET", ("mailfolders",), self.list_top_folders, "read"),
             ("POST", ("mailfolders",), self.create_top_folder, "write"),
-            ("GET", ("mailfolders", "delta"), self.folders_delta, "read"),
+            ("GET", ("mailfolders", "delta"), self._delta.folders_delta, "read"),
             ("GET", ("mailfolders", F), self.get_folder, "read"),
             ("PATCH", ("mailfolders", F), self.update_folder, "write"),
             ("DELETE", ("mailfolders", F), self.delete_folder, "write"),
@@ -352,7 +261,7 @@ class MailApi:
             ("POST", ("mailfolders", F, "childfolders"), self.create_child_folder, "write"),
             ("GET", ("mailfolders", F, "messages"), self.list_folder_messages, "read"),
             ("POST", ("mailfolders", F, "messages"), self.create_folder_message, "write"),
-            ("GET", ("mailfolders", F, "messages", "delta"), self.messages_delta, "read"),
+            ("GET", ("mailfolders", F, "messages", "delta"), self._delta.messages_delta, "read"),
             ("GET", ("mailfolders", F, "messages", M), self.get_folder_message, "read"),
             ("PATCH", ("mailfolders", F, "messages", M), self.update_folder_message, "write"),
             ("DELETE", ("mailfolders", F, "messages", M), self.delete_folder_message, "write"),
@@ -407,22 +316,6 @@ class MailApi:
             rest = ["mailfolders", f"\x00{rest[1]}\x00{rest[3]}", *rest[4:]]
         return rest
 
-    def _folder(self, ctx: Ctx, ref: str) -> Folder:
-        """A folder from a path parameter (id, well-known name, or parent-checked child)."""
-        if ref.startswith("\x00"):
-            _, parent_ref, child_ref = ref.split("\x00")
-            parent = self._folder(ctx, parent_ref)
-            child = ctx.box.folder(child_ref)
-            if child.parent_id != parent.id:
-                raise MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
-            return child
-        # The root answers to its id as well as to "msgfolderroot" (the childFolders
-        # nextLink of the root names it by id, as Graph's does).
-        folder = ctx.box.folder(ref)
-        if folder.search is not None:
-            folder.last_used_ms = ctx.state.clock.time_ms()   # in use: it does not expire
-        return folder
-
     # -- user --------------------------------------------------------------------
 
     def get_user(self, ctx: Ctx) -> Reply:
@@ -432,8 +325,8 @@ class MailApi:
     # -- folders ---------------------------------------------------------------------
 
     def _folder_page(self, ctx: Ctx, folders: list[Folder], path: str, context: str) -> Reply:
-        select = self._folder_select(ctx)
-        top, skip = self._top_skip(ctx)
+        select = folder_select(ctx)
+        top, skip = top_skip(ctx)
         page = folders[skip: skip + top]
         params = {k: v for k, v in ctx.query.items() if k not in ("$skip",)}
         next_link = None
@@ -448,30 +341,30 @@ class MailApi:
                                  f"users('{ctx.user.id}')/mailFolders")
 
     def list_child_folders(self, ctx: Ctx, ref: str) -> Reply:
-        folder = self._folder(ctx, ref)
+        folder = resolve_folder(ctx, ref)
         hidden = ctx.query.get("includeHiddenFolders", "").lower() == "true"
         return self._folder_page(ctx, ctx.box.child_folders(folder.id, include_hidden=hidden),
                                  f"mailFolders/{folder.id}/childFolders",
                                  f"users('{ctx.user.id}')/mailFolders('{folder.id}')/childFolders")
 
     def get_folder(self, ctx: Ctx, ref: str) -> Reply:
-        folder = self._folder(ctx, ref)
+        folder = resolve_folder(ctx, ref)
         body = {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
-                **payloads.mail_folder(folder, ctx.box, select=self._folder_select(ctx))}
+                **payloads.mail_folder(folder, ctx.box, select=folder_select(ctx))}
         return Reply(200, body)
 
     def create_top_folder(self, ctx: Ctx) -> Reply:
         return self._create_folder(ctx, ctx.box.root_id)
 
     def create_child_folder(self, ctx: Ctx, ref: str) -> Reply:
-        return self._create_folder(ctx, self._folder(ctx, ref).id)
+        return self._create_folder(ctx, resolve_folder(ctx, ref).id)
 
     def _create_folder(self, ctx: Ctx, parent_id: str) -> Reply:
         odata_type = ctx.body.get("@odata.type") if isinstance(ctx.body, dict) else None
         if isinstance(odata_type, str) and odata_type.lstrip("#").lower() == "microsoft.graph.mailsearchfolder":
             return self._create_search_folder(ctx, parent_id)
-        body = self._json_object(ctx)
-        self._only(body, {"displayName", "isHidden"}, "mailFolder")
+        body = json_object(ctx)
+        only_properties(body, {"displayName", "isHidden"}, "mailFolder")
         hidden = body.get("isHidden", False)
         if not isinstance(hidden, bool):
             raise bad_request("isHidden must be a boolean.")
@@ -482,8 +375,8 @@ class MailApi:
     def _create_search_folder(self, ctx: Ctx, parent_id: str) -> Reply:
         """POST childFolders with ``"@odata.type": "microsoft.graph.mailSearchFolder"`` (Graph's
         mailSearchFolder-post): displayName, sourceFolderIds, includeNestedFolders, filterQuery."""
-        body = self._json_object(ctx)
-        self._only(body, {"displayName", "sourceFolderIds", "includeNestedFolders", "filterQuery", "isHidden"},
+        body = json_object(ctx)
+        only_properties(body, {"displayName", "sourceFolderIds", "includeNestedFolders", "filterQuery", "isHidden"},
                    "mailSearchFolder")
         sources = body.get("sourceFolderIds")
         if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
@@ -503,34 +396,24 @@ class MailApi:
                            **payloads.mail_folder(folder, ctx.box)})
 
     def update_folder(self, ctx: Ctx, ref: str) -> Reply:
-        folder = self._folder(ctx, ref)
-        body = self._json_object(ctx)
-        self._only(body, {"displayName"}, "mailFolder")
+        folder = resolve_folder(ctx, ref)
+        body = json_object(ctx)
+        only_properties(body, {"displayName"}, "mailFolder")
         if "displayName" in body:
             ctx.box.rename_folder(folder.id, body["displayName"])
         return Reply(200, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
                            **payloads.mail_folder(folder, ctx.box)})
 
     def delete_folder(self, ctx: Ctx, ref: str) -> Reply:
-        ctx.box.delete_folder(self._folder(ctx, ref).id)
+        ctx.box.delete_folder(resolve_folder(ctx, ref).id)
         return Reply(204)
 
     def move_folder(self, ctx: Ctx, ref: str) -> Reply:
-        folder = self._folder(ctx, ref)
+        folder = resolve_folder(ctx, ref)
         destination = self._destination(ctx)
         ctx.box.move_folder(folder.id, destination)
         return Reply(201, {"@odata.context": ctx.context(f"users('{ctx.user.id}')/mailFolders/$entity"),
                            **payloads.mail_folder(folder, ctx.box)})
-
-    def _folder_select(self, ctx: Ctx) -> tuple[str, ...] | None:
-        raw = ctx.query.get("$select")
-        if raw is None:
-            return None
-        try:
-            return payloads.folder_select(raw.split(","))
-        except KeyError as exc:
-            raise ApiError(400, "RequestBroker--ParseUri", f"Could not find a property named '{exc.args[0]}' "
-                           "on type 'microsoft.graph.mailFolder'.") from None
 
     # -- messages: read ---------------------------------------------------------------------
 
@@ -538,13 +421,13 @@ class MailApi:
         return self._message_page(ctx, None, "messages", f"users('{ctx.user.id}')/messages")
 
     def list_folder_messages(self, ctx: Ctx, ref: str) -> Reply:
-        folder = self._folder(ctx, ref)
+        folder = resolve_folder(ctx, ref)
         return self._message_page(ctx, folder.id, f"mailFolders/{folder.id}/messages",
                                   f"users('{ctx.user.id}')/mailFolders('{folder.id}')/messages")
 
     def _message_page(self, ctx: Ctx, folder_id: str | None, path: str, context: str) -> Reply:
-        select = self._message_select(ctx)
-        top, skip = self._top_skip(ctx)
+        select = message_select(ctx)
+        top, skip = top_skip(ctx)
         predicate = parse_filter(ctx.query.get("$filter"))
         ordered = ctx.box.messages_newest_first(folder_id)
         orderby = ctx.query.get("$orderby")
@@ -574,13 +457,13 @@ class MailApi:
         return Reply(200, payloads.collection(ctx.context(context), value, next_link=next_link))
 
     def get_message(self, ctx: Ctx, mid: str) -> Reply:
-        return self._message_reply(ctx, ctx.box.message(mid), 200, select=self._message_select(ctx))
+        return self._message_reply(ctx, ctx.box.message(mid), 200, select=message_select(ctx))
 
     def get_folder_message(self, ctx: Ctx, ref: str, mid: str) -> Reply:
         return self.get_message(ctx, self._in_folder(ctx, ref, mid).rest_id)
 
     def _in_folder(self, ctx: Ctx, ref: str, mid: str) -> Message:
-        folder = self._folder(ctx, ref)
+        folder = resolve_folder(ctx, ref)
         message = ctx.box.message(mid)
         if message.folder_id != folder.id:
             raise MailboxError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
@@ -593,21 +476,11 @@ class MailApi:
                                    text_body=ctx.text_body)}
         return Reply(status, body)
 
-    def _message_select(self, ctx: Ctx) -> tuple[str, ...] | None:
-        raw = ctx.query.get("$select")
-        if raw is None:
-            return None
-        try:
-            return payloads.message_select(raw.split(","))
-        except KeyError as exc:
-            raise ApiError(400, "RequestBroker--ParseUri", f"Could not find a property named '{exc.args[0]}' "
-                           "on type 'microsoft.graph.message'.") from None
-
     # -- messages: write ---------------------------------------------------------------------
 
     def update_message(self, ctx: Ctx, mid: str) -> Reply:
         message = ctx.box.message(mid)
-        changes = message_changes(self._json_object(ctx), message, ctx.state.clock.time_ms())
+        changes = message_changes(json_object(ctx), message, ctx.state.clock.time_ms())
         ctx.box.update_message(message, changes)
         return self._message_reply(ctx, message, 200)
 
@@ -642,7 +515,7 @@ class MailApi:
         return self.copy_message(ctx, self._in_folder(ctx, ref, mid).rest_id)
 
     def _destination(self, ctx: Ctx) -> str:
-        body = self._json_object(ctx)
+        body = json_object(ctx)
         destination = body.get("destinationId")
         if not isinstance(destination, str) or not destination:
             raise ApiError(400, "ErrorInvalidRequest", "The destinationId property is required.")
@@ -653,18 +526,18 @@ class MailApi:
         return self._create_message(ctx, ctx.box.well_known["drafts"])
 
     def create_folder_message(self, ctx: Ctx, ref: str) -> Reply:
-        return self._create_message(ctx, self._folder(ctx, ref).id)
+        return self._create_message(ctx, resolve_folder(ctx, ref).id)
 
     def _create_message(self, ctx: Ctx, folder_id: str) -> Reply:
-        fields = new_message_fields(self._json_object(ctx), ctx.box)
+        fields = new_message_fields(json_object(ctx), ctx.box)
         now = ctx.state.clock.time_ms()
         message = ctx.box.add_message(folder_id, **fields, received_ms=now, sent_ms=now, created_ms=now,
                                       modified_ms=now)
         return self._message_reply(ctx, message, 201)
 
     def send_mail(self, ctx: Ctx) -> Reply:
-        body = self._json_object(ctx)
-        self._only(body, {"message", "saveToSentItems"}, "sendMail")
+        body = json_object(ctx)
+        only_properties(body, {"message", "saveToSentItems"}, "sendMail")
         if not isinstance(body.get("message"), dict):
             raise ApiError(400, "ErrorInvalidRequest", "The message parameter is required.")
         save = body.get("saveToSentItems", True)
@@ -724,429 +597,3 @@ class MailApi:
         except KeyError as exc:
             raise ApiError(400, "RequestBroker--ParseUri", f"Could not find a property named '{exc.args[0]}' "
                            "on type 'microsoft.graph.attachment'.") from None
-
-    # -- $batch --------------------------------------------------------------------------------
-
-    async def _batch(self, request: web.Request, ids: dict[str, str]) -> web.Response:
-        """JSON batching: up to 20 requests in one POST, answered in one 200.
-
-        As Graph does, each item is its own request for authentication,
-        permissions and throttling (an item over the mailbox's concurrency
-        gets its own 429 inside a 200 envelope), and up to four items are
-        dispatched at once. Items with ``dependsOn`` run in order, and an
-        item whose dependency failed is answered 424.
-
-        What an item costs, in Microsoft's words: "Requests in a batch are
-        evaluated individually against throttling limits" (json-batching,
-        "Batch size limitations"), and for Outlook "Microsoft Graph sends
-        the Outlook service up to four individual requests from the batch at
-        a time [...] Since Microsoft Graph sends only up to four requests to
-        run in parallel, the execution of that batch stays within Outlook's
-        concurrency limits for the same mailbox"; with ``dependsOn``, "one
-        request from the batch at a time [...] and have up to four such
-        batch requests run concurrently" (throttling-limits, "Outlook
-        service limits for JSON batching"). The items are dispatched inside
-        Microsoft's network; the client's round trip is the one POST. So the
-        envelope pays ``latency_ms`` once, and each item holds one of the
-        mailbox's concurrency slots while it executes (``execution_ms``).
-        Charging the latency to every item, four at a time, made a batch of
-        20 cost five round trips: 500 actions in 25 batches took at least
-        12.5 s at 100 ms where Graph allows ~0.7 s (four dependsOn batches
-        at a time, seven rounds).
-        """
-        if request.method != "POST":
-            raise ApiError(405, "BadRequest", f"The HTTP method '{request.method}' is not supported for this resource.")
-        try:
-            envelope = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            raise bad_request("Unable to read JSON request payload.") from None
-        items = envelope.get("requests") if isinstance(envelope, dict) else None
-        if not isinstance(items, list) or not items:
-            raise ApiError(400, "BadRequest", "Invalid batch payload format.")
-        if len(items) > BATCH_MAX:
-            raise ApiError(400, "BadRequest", f"Batch request cannot contain more than {BATCH_MAX} requests.")
-        seen: set[str] = set()
-        for item in items:
-            if (not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]
-                    or not isinstance(item.get("method"), str) or not isinstance(item.get("url"), str)):
-                raise ApiError(400, "BadRequest", "Each batch request needs a string id, method and url.")
-            if item["id"] in seen:
-                raise ApiError(400, "BadRequest", f"Batch request ids must be unique: '{item['id']}'.")
-            seen.add(item["id"])
-        if self.state.config.latency_ms:
-            await asyncio.sleep(self.state.config.latency_ms / 1000)      # the round trip, once
-        slots = asyncio.Semaphore(BATCH_PARALLEL)
-        statuses: dict[str, int] = {}
-
-        async def run(item: dict[str, Any]) -> dict[str, Any]:
-            async with slots:
-                depends = item.get("dependsOn") or []
-                if any(statuses.get(d, 424) >= 400 for d in depends):
-                    answer = {"id": item["id"], "status": 424,
-                              "body": payloads.error("FailedDependency", "A request this one depends on failed.",
-                                                     request_id=ids["request-id"],
-                                                     client_request_id=ids["client-request-id"],
-                                                     date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"))}
-                else:
-                    answer = await self._batch_item(request, item, ids)
-                statuses[item["id"]] = answer["status"]
-                return answer
-
-        if any(item.get("dependsOn") for item in items):
-            answers = [await run(item) for item in items]
-        else:
-            answers = list(await asyncio.gather(*(run(item) for item in items)))
-        return web.Response(status=200, body=orjson.dumps({"responses": answers}),
-                            headers={**ids, "Content-Type": JSON_TYPE, "OData-Version": "4.0"})
-
-    async def _batch_item(self, request: web.Request, item: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
-        method = item["method"].upper()
-        url = item["url"].lstrip("/")
-        item_headers = item.get("headers") or {}
-        if not isinstance(item_headers, dict):
-            item_headers = {}
-        # Only the caller's token carries over; Prefer (ImmutableId...) must be on each item, as on Graph.
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-        headers.update({str(k): str(v) for k, v in item_headers.items()})
-        has_body = "body" in item
-        response: web.StreamResponse
-        item_ids = {"request-id": str(uuid.uuid4()), "client-request-id": ids["client-request-id"]}
-        if has_body and not any(k.lower() == "content-type" for k in item_headers):
-            response = self._error(ApiError(400, "BadRequest", "Content-Type header is required when a body is "
-                                            "present."), item_ids)
-        else:
-            target = URL(f"/v1.0/{url}")
-            path = target.path[len("/v1.0/"):]          # percent-decoded, as aiohttp gives a route's tail
-            try:
-                clone = BatchItemRequest(method=method, headers=CIMultiDict(headers), scheme=request.scheme,
-                                         host=request.host, query=target.query)
-                body = (item.get("body"),) if has_body else None
-                response = await self._handle(clone, item_ids, batch_body=body, tail=path)  # type: ignore[arg-type]
-            except web.HTTPException as exc:
-                self.state.counters.record(exc.status)
-                response = web.Response(status=exc.status, body=exc.text, headers={**item_ids, **exc.headers})
-            except ApiError as exc:
-                response = self._error(exc, item_ids)
-            except MailboxError as exc:
-                response = self._error(ApiError(exc.status, exc.code, exc.message), item_ids)
-        return _batch_answer(item["id"], response)
-
-    # -- delta -------------------------------------------------------------------------------
-
-    def _page_size(self, ctx: Ctx) -> int:
-        config = ctx.state.config
-        size = min(ctx.max_page_size or config.default_page_size, config.max_delta_page_size)
-        ctx.applied.append(f"odata.maxpagesize={size}")
-        return size
-
-    def _token(self, ctx: Ctx, folder_id: str) -> DeltaToken | None:
-        """The state token of a delta call (None: a first call) after every validity check."""
-        skip, delta = ctx.query.get("$skiptoken"), ctx.query.get("$deltatoken")
-        if skip is None and delta is None:
-            return None
-        try:
-            token = decode_token(skip if skip is not None else delta or "", ctx.state.token_key)
-        except BadToken:
-            raise _corrupt_state() from None
-        if token.kind != (SKIP if skip is not None else DELTA) or token.user_id != ctx.user.id \
-                or token.folder_id != folder_id:
-            raise _corrupt_state()
-        if token.epoch != self._epoch(ctx.box):
-            raise self._gone(ctx, folder_id, 410, "resyncRequired",
-                             "Resync required. Replace any local cached data with the results of a full sync.")
-        now_ms = ctx.state.clock.time_ms()
-        if now_ms - token.issued_ms > ctx.state.config.delta_token_ttl_s * 1000:
-            raise self._gone(ctx, folder_id, 410, SYNC_STATE_NOT_FOUND,
-                             "The sync state generation is not found; the state expired.")
-        if token.immutable is not None and folder_id and token.immutable != ctx.immutable:
-            # Corso meets this when a link made without Prefer: IdType="ImmutableId" is used with it.
-            raise self._gone(ctx, folder_id, 400, SYNC_STATE_INVALID,
-                             "The sync state is invalid: it was created with another IdType preference.")
-        evicted = ctx.state.delta.cache.check(self._state_key(ctx, folder_id), token.generation)
-        if evicted is not None:
-            raise self._gone(ctx, folder_id, ctx.state.config.delta_expired_status, SYNC_STATE_NOT_FOUND,
-                             evicted.message)
-        return token
-
-    def _gone(self, ctx: Ctx, folder_id: str, status: int, code: str, message: str) -> ApiError:
-        """A sync state the client named is gone (counted for the benchmarks)."""
-        ctx.state.counters.delta_expired += 1
-        ctx.state.delta.gone(self._state_key(ctx, folder_id))
-        log.info("delta sync state gone: %s %s %s", folder_id or "(folder list)", code, message)
-        return ApiError(status, code, message)
-
-    @staticmethod
-    def _state_key(ctx: Ctx, folder_id: str) -> StateKey:
-        return (ctx.app_id, ctx.user.id, folder_id)
-
-    def _issue(self, ctx: Ctx, token: DeltaToken, *, immutable: bool | None) -> str:
-        """Encode a token for a link, as the newest generation of its folder's sync state."""
-        generation = ctx.state.delta.cache.issue(self._state_key(ctx, token.folder_id))
-        return encode_token(replace(token, generation=generation, immutable=immutable), ctx.state.token_key)
-
-    def _visible_seq(self, ctx: Ctx, box: Mailbox) -> int:
-        """The round's bound: the newest change delta may show yet (``delta_lag_s``)."""
-        lag_ms = int(ctx.state.config.delta_lag_s * 1000)
-        return box.change_clock.visible(ctx.state.clock.time_ms(), lag_ms, box.seq)
-
-    def _round_started(self, ctx: Ctx, folder_id: str) -> None:
-        if ctx.state.delta.round_started(self._state_key(ctx, folder_id)):
-            ctx.state.counters.delta_restarts += 1
-
-    def _epoch(self, box: Mailbox) -> int:
-        return self.state.epoch * 1_000_000 + box.sync_epoch
-
-    def messages_delta(self, ctx: Ctx, ref: str) -> Reply:
-        folder = self._folder(ctx, ref)
-        box, state = ctx.box, ctx.state
-        token = self._token(ctx, folder.id)
-        now_ms = state.clock.time_ms()
-        folder.index.prune_tombstones(now_ms - int(state.config.delta_token_ttl_s * 1000))
-        if token is None:
-            select = self._message_select(ctx)
-            change_type = ctx.query.get("changeType")
-            if change_type is not None and change_type not in ("created", "updated", "deleted"):
-                raise bad_request(f"Invalid changeType '{change_type}'. Use created, updated or deleted.")
-            received = parse_delta_filter(ctx.query.get("$filter"))
-            order = ctx.query.get("$orderby")
-            desc = order is not None and parse_orderby(order) == "desc"
-            top = self._delta_top(ctx)
-            token = DeltaToken(SKIP, ctx.user.id, folder.id, self._epoch(box), since=0,
-                               upto=self._visible_seq(ctx, box), cursor=0, issued_ms=now_ms, select=select,
-                               change_type=change_type, received_filter=received, newest_first=desc, top=top,
-                               top_left=top)
-            self._round_started(ctx, folder.id)
-        elif token.kind == DELTA:
-            token = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since,
-                               upto=max(token.since, self._visible_seq(ctx, box)),
-                               cursor=token.since, issued_ms=now_ms, select=token.select,
-                               change_type=token.change_type, received_filter=token.received_filter,
-                               top=token.top, top_left=token.top)
-        if token.since and token.since < folder.index.pruned_through:
-            raise self._gone(ctx, folder.id, 410, SYNC_STATE_NOT_FOUND,
-                             "The sync state generation is not found; the state expired.")
-        size = self._page_size(ctx)
-        state.counters.delta_pages += 1
-        entries: list[Any]
-        next_cursor: Any
-        if token.top_left is not None and token.top_left <= 0:
-            # $top reached: Outlook ends the round here. What was not returned is
-            # not in the deltaLink either (it comes back only if it changes again).
-            entries, next_cursor = [], None
-        elif token.newest_first and token.since == 0:
-            entries, next_cursor = self._scan_newest_first(box, folder, token, _capped(size, token.top_left))
-        else:
-            entries, next_cursor = self._scan(folder, token, _capped(size, token.top_left))
-        select = token.select
-        value: list[Any] = []
-        for entry in entries:
-            if isinstance(entry, Tombstone):
-                value.append(payloads.removed(entry.immutable_id if ctx.immutable else entry.key))
-            else:
-                value.append(payloads.message(entry, box, immutable=ctx.immutable, select=select,
-                                              odata_type=True, text_body=ctx.text_body))
-        path = f"mailFolders('{folder.id}')/messages/delta"
-        context = ctx.context("Collection(message)")
-        if next_cursor is None:
-            done = DeltaToken(DELTA, token.user_id, token.folder_id, token.epoch, since=token.upto, upto=0, cursor=0,
-                              issued_ms=now_ms, select=token.select, change_type=token.change_type,
-                              received_filter=token.received_filter, top=token.top, top_left=token.top)
-            link = ctx.link(path, {"$deltatoken": self._issue(ctx, done, immutable=ctx.immutable)})
-            return Reply(200, payloads.collection(context, value, delta_link=link))
-        following = DeltaToken(SKIP, token.user_id, token.folder_id, token.epoch, since=token.since, upto=token.upto,
-                               cursor=next_cursor, issued_ms=now_ms, select=token.select,
-                               change_type=token.change_type, received_filter=token.received_filter,
-                               newest_first=token.newest_first, top=token.top,
-                               top_left=None if token.top_left is None else token.top_left - len(entries))
-        link = ctx.link(path, {"$skiptoken": self._issue(ctx, following, immutable=ctx.immutable)})
-        return Reply(200, payloads.collection(context, value, next_link=link))
-
-    @staticmethod
-    def _keeper(token: DeltaToken) -> Callable[[Message | Tombstone], bool]:
-        """Does a changed entry belong in this round (changeType, $filter)?"""
-        since, change_type = token.since, token.change_type
-        bound_ms = instant_ms(token.received_filter[1]) if token.received_filter else None
-        strict = token.received_filter is not None and token.received_filter[0] == "gt"
-
-        def keep(entry: Message | Tombstone) -> bool:
-            if isinstance(entry, Tombstone):
-                return since > 0 and change_type in (None, "deleted")
-            if since > 0 and change_type is not None:
-                created = entry.entered_seq > since
-                if change_type == "deleted" or created != (change_type == "created"):
-                    return False
-            if bound_ms is None:
-                return True
-            return entry.received_ms > bound_ms or (not strict and entry.received_ms == bound_ms)
-        return keep
-
-    def _scan(self, folder: Folder, token: DeltaToken, size: int) -> tuple[list[Any], int | None]:
-        """One page in change order. Returns (entries, next cursor or None at the round's end)."""
-        keep = self._keeper(token)
-        entries: list[Any] = []
-        last = token.cursor
-        for seq, entry in self.state.mailbox(token.user_id).folder_changes(folder, token.cursor, token.upto):
-            if len(entries) == size:
-                if len(entries) > 1 and (self.state.faults.replay_delta_page() or self.state.delta.replay()):
-                    # Fault: step back so the next page repeats this page's second half.
-                    return entries, entries[len(entries) // 2 - 1].seq
-                return entries, last
-            last = seq
-            if keep(entry):
-                entries.append(entry)
-        return entries, None
-
-    def _scan_newest_first(self, box: Mailbox, folder: Folder, token: DeltaToken,
-                           size: int) -> tuple[list[Any], list[int] | None]:
-        """Initial round with $orderby=receivedDateTime desc: newest mail first.
-
-        The cursor is (receivedDateTime ms, serial) of the last message read,
-        found again by bisecting the folder's newest-first order (cached until
-        its membership changes). Members that changed after the round began
-        (seq > U) are skipped here and come in the next round.
-        """
-        ordered = box.messages_newest_first(folder.id)
-        start = 0
-        if token.cursor:
-            received, serial = token.cursor
-            start = bisect.bisect_right(ordered, (-received, -serial), key=newest_first_key)
-        keep = self._keeper(token)
-        entries: list[Any] = []
-        last: Message | None = None
-        for message in ordered[start:]:
-            if len(entries) == size:
-                assert last is not None
-                return entries, [last.received_ms, last.serial]
-            last = message
-            if message.seq <= token.upto and keep(message):
-                entries.append(message)
-        return entries, None
-
-    def folders_delta(self, ctx: Ctx) -> Reply:
-        box, state = ctx.box, ctx.state
-        token = self._token(ctx, "")
-        now_ms = state.clock.time_ms()
-        box.folder_index.prune_tombstones(now_ms - int(state.config.delta_token_ttl_s * 1000))
-        if token is None:
-            token = DeltaToken(SKIP, ctx.user.id, "", self._epoch(box), since=0, upto=self._visible_seq(ctx, box),
-                               cursor=0, issued_ms=now_ms, select=self._folder_select(ctx))
-            self._round_started(ctx, "")
-        elif token.kind == DELTA:
-            token = DeltaToken(SKIP, token.user_id, "", token.epoch, since=token.since,
-                               upto=max(token.since, self._visible_seq(ctx, box)),
-                               cursor=token.since, issued_ms=now_ms, select=token.select)
-        if token.since and token.since < box.folder_index.pruned_through:
-            raise self._gone(ctx, "", 410, SYNC_STATE_NOT_FOUND,
-                             "The sync state generation is not found; the state expired.")
-        size = self._page_size(ctx)
-        value: list[Any] = []
-        next_cursor: int | None = None
-        last = token.cursor
-        for seq, entry in box.folder_index.scan(token.cursor, token.upto):
-            if len(value) == size:
-                next_cursor = last
-                break
-            last = seq
-            if isinstance(entry, Tombstone):
-                if token.since > 0:
-                    value.append(payloads.removed(entry.key, odata_type=payloads.FOLDER_TYPE))
-            else:
-                value.append(payloads.mail_folder(entry, box, select=token.select, odata_type=True))
-        context = ctx.context("Collection(mailFolder)")
-        if next_cursor is None:
-            done = DeltaToken(DELTA, token.user_id, "", token.epoch, since=token.upto, upto=0, cursor=0,
-                              issued_ms=now_ms, select=token.select)
-            return Reply(200, payloads.collection(context, value, delta_link=ctx.link(
-                "mailFolders/delta", {"$deltatoken": self._issue(ctx, done, immutable=None)})))
-        following = DeltaToken(SKIP, token.user_id, "", token.epoch, since=token.since, upto=token.upto,
-                               cursor=next_cursor, issued_ms=now_ms, select=token.select)
-        return Reply(200, payloads.collection(context, value, next_link=ctx.link(
-            "mailFolders/delta", {"$skiptoken": self._issue(ctx, following, immutable=None)})))
-
-    @staticmethod
-    def _delta_top(ctx: Ctx) -> int | None:
-        """``$top`` on a message delta: not a page size but the most items one round returns.
-
-        Outlook pages by ``Prefer: odata.maxpagesize``; with ``$top=N`` it
-        stops the round after N items (the nextLink after them answers an
-        empty page and a deltaLink, microsoft-graph-docs-contrib#7946), so a
-        client that pages with ``$top`` silently misses the rest of the folder.
-        """
-        if "$top" not in ctx.query:
-            return None
-        top = int_option(ctx.query, "$top", 0)
-        if top < 1:
-            raise bad_request("Invalid value for $top: it must be a positive integer.")
-        return top
-
-    # -- small helpers -----------------------------------------------------------------------
-
-    def _top_skip(self, ctx: Ctx) -> tuple[int, int]:
-        top = int_option(ctx.query, "$top", ctx.state.config.default_page_size)
-        skip = int_option(ctx.query, "$skip", 0)
-        if top < 1:
-            raise bad_request("Invalid value for $top: it must be a positive integer.")
-        if top > 1000:
-            raise bad_request(f"The limit of '1000' for Top query has been exceeded. The value from the incoming "
-                              f"request is '{top}'.")
-        if skip < 0:
-            raise bad_request("Invalid value for $skip: it must not be negative.")
-        return top, skip
-
-    def _json_object(self, ctx: Ctx) -> dict[str, Any]:
-        if ctx.body is None:
-            return {}
-        if not isinstance(ctx.body, dict):
-            raise bad_request("The request body must be a JSON object.")
-        return {k: v for k, v in ctx.body.items() if not k.startswith("@odata.")}
-
-    @staticmethod
-    def _only(body: dict[str, Any], allowed: set[str], type_name: str) -> None:
-        for key in body:
-            if key not in allowed:
-                raise ApiError(400, "RequestBodyRead",
-                               f"The property '{key}' does not exist on type 'microsoft.graph.{type_name}'. "
-                               "Make sure to only use property names that are defined by the type.")
-
-
-# -- query options ----------------------------------------------------------------------------
-
-
-@dataclass
-class BatchItemRequest:
-    """The parts of a request ``_handle`` reads, for one ``$batch`` item (its body comes parsed).
-
-    aiohttp cannot clone a request whose body was read, and the batch's
-    body had to be read to find the items.
-    """
-
-    method: str
-    headers: CIMultiDict[str]
-    scheme: str
-    host: str
-    query: MultiMapping[str]
-    can_read_body: bool = False
-    transport: None = None
-
-
-BATCH_MAX = 20
-BATCH_PARALLEL = 4     # Graph dispatches up to four items of a batch at once
-
-
-def _batch_answer(item_id: str, response: web.StreamResponse) -> dict[str, Any]:
-    """One ``responses`` entry: JSON bodies inline, other bodies base64 (as Graph encodes them)."""
-    keep = {str(k): v for k, v in response.headers.items()
-            if k.lower() in ("content-type", "retry-after", "location", "preference-applied")}
-    answer: dict[str, Any] = {"id": item_id, "status": response.status, "headers": keep}
-    body = response.body if isinstance(response, web.Response) else None
-    raw = body if isinstance(body, bytes) else b""
-    if raw:
-        if "json" in keep.get("Content-Type", "").lower():
-            answer["body"] = orjson.loads(raw)
-        else:
-            answer["body"] = base64.b64encode(raw).decode("ascii")
-    return answer
-
-
-def _capped(size: int, left: int | None) -> int:
-    return size if left is None else max(1, min(size, left))
