@@ -28,7 +28,7 @@ Acting, in JSON batches (``POST $batch``, at most 20 items):
   ``dependsOn`` it sends one item at a time, so up to four such batches may
   run at once (throttling-limits, "Outlook service limits for JSON
   batching"). A caller holding ``parallel`` of the mailbox's request slots
-  (a bulk job, mailsync.actions.service) gets that many chained batches in
+  (a bulk job, mailsync.actions.worker) gets that many chained batches in
   flight at once: 500 actions are 25 batches in ceil(25 / 4) = 7 round
   trips instead of 25. Otherwise, and for whatever a first round left
   over, batches are unordered and go one at a time (one already fills the

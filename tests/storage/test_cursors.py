@@ -304,7 +304,7 @@ def test_slots_are_not_overbooked_by_concurrent_workers(table: SyncStateTable) -
 
 
 def test_several_free_slots_are_taken_at_once_and_never_overbooked(table: SyncStateTable, clock: Clock) -> None:
-    """A bulk action takes the mailbox's free slots in one transaction (mailsync.actions.service._take_slots)."""
+    """A bulk action takes the mailbox's free slots in one transaction (ActionWorker._take_slots)."""
     account = _account()
     held = table.acquire_slot(account, new_owner("sync"), 4)
     assert held is not None

@@ -115,7 +115,8 @@ def test_a_bulk_job_holds_the_free_request_slots_while_its_batches_run(world: Sy
     running = world.state.acquire_slot(world.account_id, "a-sync-round#1", 4)   # a round holds one already
     assert running is not None
     seen: list[tuple[int, object]] = []
-    factory = world.actions._actions
+    worker = world.actions._worker          # the ACTION job side opens the provider (mailsync.actions.worker)
+    factory = worker._actions
 
     class Watching:
         def open_actions(self, account: Any) -> Any:
@@ -132,7 +133,7 @@ def test_a_bulk_job_holds_the_free_request_slots_while_its_batches_run(world: Sy
             provider.apply = watched
             return provider
 
-    world.actions._actions = Watching()
+    worker._actions = Watching()
     ids = [m.message_id for m in world.store.list_messages(world.account_id, MessageQuery(unread=True,
                                                                                            limit=12)).messages]
     world.actions.bulk(world.account_id, world.token, {"message_ids": ids, "action": {"is_read": True}})
