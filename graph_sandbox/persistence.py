@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from graph_sandbox import identity, subscriptions
+from graph_sandbox import identity_records, subscriptions
 from graph_sandbox.delta import ChangeIndex, Tombstone
 from graph_sandbox.mailbox import Folder, Mailbox, Message
 
@@ -195,8 +195,9 @@ def _shapes() -> dict[str, list[str]]:
     name: a field added since (another branch's new feature) would be missing
     on the loaded objects and fail later, mid-request. A changed shape makes
     the snapshot unusable instead (moved aside, the sandbox starts from its seed)."""
-    records: list[type] = [Folder, Message, Tombstone, subscriptions.Subscription, identity._Session,
-                           identity._AuthCode, identity._RefreshToken, identity._Scopes]
+    records: list[type] = [Folder, Message, Tombstone, subscriptions.Subscription,
+                           identity_records.Session, identity_records.AuthCode, identity_records.RefreshToken,
+                           identity_records.Scopes]
     shapes = {cls.__name__: [f.name for f in dataclasses.fields(cls)] for cls in records}
     shapes["ChangeIndex"] = sorted(ChangeIndex.__slots__)
     return shapes

@@ -73,7 +73,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 from aiohttp import web
 
-from graph_sandbox.identity import Principal, platform_for
+from graph_sandbox.identity import platform_for
+from graph_sandbox.identity_records import Principal
 from graph_sandbox.mailbox import FolderChange, MailboxError, MailChange
 from graph_sandbox.notifications import (
     Notifier,
