@@ -24,7 +24,7 @@ from mailsync.sync.invocation import (
     StopInvocation,
     kept,
 )
-from mailsync.sync.page_writes import PageWrites
+from mailsync.sync.page_writes import PageWrites, page_ids
 from mailsync.sync.pipeline import PageReader
 
 log = logging.getLogger("mailsync.sync")
@@ -265,7 +265,8 @@ class FolderSync(InvocationBase):
                         raise
                     if pages:
                         attempt = 0
-                        overlap = writes.overlaps(pages)
+                        ids = page_ids(pages)
+                        overlap = writes.overlaps(pages, ids)
                         if overlap or writes.full:
                             # Room first: the oldest write, or every one when these pages name a
                             # message in flight (two writes of one message must not race).
@@ -275,7 +276,7 @@ class FolderSync(InvocationBase):
                         if e.before_write is not None:
                             e.before_write(folder_id, self.pages)
                         self._note_seen(folder_id, pages)
-                        writes.start(pages)
+                        writes.start(pages, ids)
                     last = out_of_time or not pages or pages[-1].complete
                     # The answers already in are recorded now (one cursor save for all of them); at
                     # the end of what was read, every write in flight is waited for.
