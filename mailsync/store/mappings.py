@@ -116,12 +116,18 @@ def _keyword(**extra: Any) -> dict[str, Any]:
 # loudly (dead letter), never be stored unfindable.
 _ID: dict[str, Any] = {"type": "keyword"}
 _DATE: dict[str, Any] = {"type": "date", "format": "strict_date_optional_time||epoch_millis"}
+# A message's full text: searched (simple_query_string; positions kept for its quoted phrases), never
+# ranked: every read of messages sorts by sort_ts, so no score is computed and the length norms a text
+# field writes by default (one per field and document) were indexing work for nothing. Without them the
+# node spent ~10-20 % less CPU per document on the bench mailbox's records (bench/README.md). An index
+# created with norms keeps them: the same searches, the same answers.
+_TEXT: dict[str, Any] = {"type": "text", "norms": False}
 _ADDRESS: dict[str, Any] = {
     "properties": {
-        "name": {"type": "text"},
+        "name": _TEXT,
         # Exact address as keyword (filters), and a copy split at every
         # non-letter for full text, so "fabrikam" finds billing@fabrikam.com.
-        "address": _keyword(fields={"text": {"type": "text", "analyzer": "simple"}}),
+        "address": _keyword(fields={"text": {**_TEXT, "analyzer": "simple"}}),
     }
 }
 # Kept in _source and returned, but neither indexed nor given doc values: nothing searches,
@@ -131,7 +137,12 @@ _ADDRESS: dict[str, Any] = {
 # document (bench/README.md). Searching one later means indexing it again: a new mapping
 # (SCHEMA_VERSION) and a reindex, as docs/store.md describes.
 _STORED_ONLY: dict[str, Any] = {"type": "keyword", "index": False, "doc_values": False}
-_DATE_STORED_ONLY: dict[str, Any] = {**_DATE, "index": False, "doc_values": False}
+# Times kept only in _source are keywords, not dates: a date field parses every value with java.time
+# even when it is neither indexed nor given doc values, and that parse was ~10 % of the node's CPU
+# during an initial sync (a profile of bench/imap_initial_sync.py; four such times per message). The
+# store writes them itself (documents.iso_time) and reads them back from _source, so nothing else
+# changes; an index created when they were dates keeps that type and takes the same strings.
+_TIME_STORED_ONLY: dict[str, Any] = _STORED_ONLY
 # Recipient lists: not even parsed (any shape is kept in _source as it came).
 _UNPARSED: dict[str, Any] = {"type": "object", "enabled": False}
 
@@ -161,13 +172,13 @@ def messages_mapping(generation: str) -> dict[str, Any]:
             # to sent/modified time, then 0) so search_after cursors never
             # carry a null, which servers treat differently.
             "sort_ts": {"type": "long"},
-            "subject": {"type": "text"},
+            "subject": _TEXT,
             "from": _ADDRESS,
             "to": _UNPARSED,
             "cc": _UNPARSED,
-            "received_at": _DATE_STORED_ONLY,
-            "sent_at": _DATE_STORED_ONLY,
-            "modified_at": _DATE_STORED_ONLY,
+            "received_at": _TIME_STORED_ONLY,
+            "sent_at": _TIME_STORED_ONLY,
+            "modified_at": _TIME_STORED_ONLY,
             "is_read": {"type": "boolean"},
             "is_draft": {"type": "boolean", "index": False, "doc_values": False},
             "flag_status": _keyword(),
@@ -176,9 +187,9 @@ def messages_mapping(generation: str) -> dict[str, Any]:
             "has_attachments": {"type": "boolean", "index": False, "doc_values": False},
             "conversation_id": _STORED_ONLY,
             "internet_message_id": _STORED_ONLY,
-            "body_preview": {"type": "text"},
-            "body_text": {"type": "text"},
-            "indexed_at": _DATE_STORED_ONLY,
+            "body_preview": _TEXT,
+            "body_text": _TEXT,
+            "indexed_at": _TIME_STORED_ONLY,
         },
     }
 

@@ -459,6 +459,25 @@ def test_list_is_newest_first_with_filters_and_full_text(store: SearchStore) -> 
     assert full is not None and full.body_text == "Quarterly lunch"
 
 
+def test_quoted_phrases_match_words_in_order_and_times_survive(store: SearchStore) -> None:
+    # The text fields keep positions (a quoted phrase needs them) though they write no norms, and the
+    # times kept only in _source come back to the millisecond though the engine does not parse them.
+    sent = datetime(2025, 2, 28, 23, 59, 59, 123_000, tzinfo=UTC)
+    store.upsert_messages([
+        msg("acct1", 1, subject="the quarterly report is late", sent_at=sent),
+        msg("acct1", 2, subject="quarterly figures for the report", modified_at=sent + timedelta(days=1)),
+        msg("acct1", 3, subject="x", sender=Address("quarterly.report@contoso.com", "Reports")),
+    ])
+    store.refresh()
+
+    assert all_ids(store, "acct1", q='"quarterly report"') == ["m3", "m1"]   # subject; the address split
+    assert all_ids(store, "acct1", q="quarterly report") == ["m3", "m2", "m1"]
+    assert all_ids(store, "acct1", q='"report quarterly"') == []
+    first, second = store.get_message("acct1", "m1"), store.get_message("acct1", "m2")
+    assert first is not None and first.sent_at == sent and first.received_at == BASE + timedelta(minutes=1)
+    assert second is not None and second.modified_at == sent + timedelta(days=1)
+
+
 def test_bad_cursor_and_limits_are_input_errors(store: SearchStore) -> None:
     for cursor in ("not-a-cursor", "eyJ2IjoxfQ", "e30"):
         with pytest.raises(InputError):

@@ -44,6 +44,20 @@ def test_every_document_field_is_in_the_strict_mapping() -> None:
     assert (set(folder_doc) | set(mailbox_doc)) <= set(mailboxes_mapping("g")["properties"])
 
 
+def test_the_messages_mapping_indexes_only_what_reads_use_and_parses_nothing_it_keeps() -> None:
+    # Every write of an initial sync pays for each indexed field: text without norms (lists sort by
+    # sort_ts, nothing is ranked), times kept only in _source without the engine parsing them.
+    properties = messages_mapping("g")["properties"]
+    texts = {name: spec for name, spec in properties.items() if spec.get("type") == "text"}
+    texts.update({"from.name": properties["from"]["properties"]["name"],
+                  "from.address.text": properties["from"]["properties"]["address"]["fields"]["text"]})
+    assert set(texts) == {"subject", "body_preview", "body_text", "from.name", "from.address.text"}
+    assert all(spec["norms"] is False and "index_options" not in spec for spec in texts.values())
+    for name in ("received_at", "sent_at", "modified_at", "indexed_at"):
+        assert properties[name] == {"type": "keyword", "index": False, "doc_values": False}, name
+    assert not [name for name, spec in properties.items() if spec.get("type") == "date"]
+
+
 def test_minimal_message_round_trips_and_sorts_by_fallback_time() -> None:
     bare = Message(account_id="a", message_id="m", folder_id="f", version=0)
     assert d.message_from_document(d.message_to_document(bare)) == bare
