@@ -45,7 +45,7 @@ def contexts_made(monkeypatch: pytest.MonkeyPatch) -> list[ssl.SSLContext]:
     real: Callable[..., ssl.SSLContext] = ssl.create_default_context
 
     def counting(*args: object, **kwargs: object) -> ssl.SSLContext:
-        context = real(*args, **kwargs)   # type: ignore[arg-type]
+        context = real(*args, **kwargs)
         made.append(context)
         return context
 
