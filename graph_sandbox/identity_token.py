@@ -43,7 +43,6 @@ class TokenEndpoint:
     def __init__(self, platform: IdentityPlatform) -> None:
         self._platform = platform
 
-
     async def answer(self, request: web.Request) -> web.Response:
         try:
             self._platform.tenant(request)

@@ -73,7 +73,6 @@ class BatchRoutes:
         self._handle_item = handle_item
         self._error_reply = error_reply
 
-
     async def answer(self, request: web.Request, ids: dict[str, str]) -> web.Response:
         """JSON batching: up to 20 requests in one POST, answered in one 200.
 

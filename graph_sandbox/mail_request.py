@@ -144,29 +144,25 @@ def resolve_folder(ctx: Ctx, ref: str) -> Folder:
     return folder
 
 
-
 def folder_select(ctx: Ctx) -> tuple[str, ...] | None:
-    raw = ctx.query.get("$select")
-    if raw is None:
-        return None
-    try:
-        return payloads.folder_select(raw.split(","))
-    except KeyError as exc:
-        raise ApiError(400, "RequestBroker--ParseUri", f"Could not find a property named '{exc.args[0]}' "
-                       "on type 'microsoft.graph.mailFolder'.") from None
-
+    """The request's ``$select`` of mailFolder properties (None: every default one)."""
+    return _selected(ctx, payloads.folder_select, "mailFolder")
 
 
 def message_select(ctx: Ctx) -> tuple[str, ...] | None:
+    """The request's ``$select`` of message properties (None: every default one)."""
+    return _selected(ctx, payloads.message_select, "message")
+
+
+def _selected(ctx: Ctx, parse: Callable[[list[str]], tuple[str, ...]], type_name: str) -> tuple[str, ...] | None:
     raw = ctx.query.get("$select")
     if raw is None:
         return None
     try:
-        return payloads.message_select(raw.split(","))
+        return parse(raw.split(","))
     except KeyError as exc:
         raise ApiError(400, "RequestBroker--ParseUri", f"Could not find a property named '{exc.args[0]}' "
-                       "on type 'microsoft.graph.message'.") from None
-
+                       f"on type 'microsoft.graph.{type_name}'.") from None
 
 
 def json_object(ctx: Ctx) -> dict[str, Any]:
@@ -177,14 +173,12 @@ def json_object(ctx: Ctx) -> dict[str, Any]:
     return {k: v for k, v in ctx.body.items() if not k.startswith("@odata.")}
 
 
-
 def only_properties(body: dict[str, Any], allowed: set[str], type_name: str) -> None:
     for key in body:
         if key not in allowed:
             raise ApiError(400, "RequestBodyRead",
                            f"The property '{key}' does not exist on type 'microsoft.graph.{type_name}'. "
                            "Make sure to only use property names that are defined by the type.")
-
 
 
 def top_skip(ctx: Ctx) -> tuple[int, int]:

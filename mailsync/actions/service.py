@@ -415,7 +415,6 @@ class MessageActionService:
         self._worker.run_job(job, events)
 
 
-
 def _optimistic_changes(account_id: str, planned: Sequence[Planned]) -> MessagesChanged:
     """What the user's other pages are told of accepted actions: the rows as they will look; a move also
     leaves the folder it was in, a delete for good is a removal."""
