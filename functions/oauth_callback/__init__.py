@@ -8,6 +8,10 @@ URL: that is a 400 JSON error instead of a redirect.
 A callback from a browser that did not start the sign-in (no sign-in
 cookie, or another one: a forwarded sign-in link, login CSRF) gets a plain
 403 page saying so, with a link to start again; nothing is linked.
+
+The initial sync job goes out inside the call; a WAKE follows through the
+queue output binding (mailsync.jobs.WakingJobQueue), so the host starts it
+at once instead of after its queue poll's idle back-off.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from functions._shared.caller import caller_of
 from functions._shared.http import handle_errors
 from functions._shared.runtime import runtime
 from mailsync.errors import SignInElsewhere
+from mailsync.jobs import JobOutbox
 from mailsync.logs import log_context
 
 bp = func.Blueprint()
@@ -51,13 +56,17 @@ def refused_page(error: SignInElsewhere, start_url: str) -> func.HttpResponse:
 
 @bp.function_name("oauth_callback")
 @bp.route(route="oauth/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@bp.queue_output(arg_name="jobs", queue_name="%SYNC_QUEUE_NAME%", connection="AzureWebJobsStorage")
 @handle_errors
-def oauth_callback(req: func.HttpRequest) -> func.HttpResponse:
+def oauth_callback(req: func.HttpRequest, jobs: func.Out[list[str]]) -> func.HttpResponse:
     params = {key: req.params[key] for key in CALLBACK_PARAMS if req.params.get(key) is not None}
     rt = runtime()
+    outbox = JobOutbox()   # the WAKE after the initial sync job (LinkingService._jobs_for)
     with log_context(function="oauth_callback"):
         try:
-            location = rt.linking.complete(params, caller_of(req, rt.settings.trusted_proxy_hops))
+            location = rt.linking.complete(params, caller_of(req, rt.settings.trusted_proxy_hops), outbox=outbox)
         except SignInElsewhere as refused:
             return refused_page(refused, f"{rt.settings.public_base_url}/index.html")
+    if outbox:
+        jobs.set(outbox.bodies())
     return func.HttpResponse(status_code=302, headers={"Location": location, **_NO_REFERRER})

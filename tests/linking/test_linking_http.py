@@ -147,8 +147,11 @@ def test_full_flow_create_sign_in_callback_syncing(stack: Stack) -> None:
         assert secret.encode() not in bytes(cred["blob"])
 
     jobs = [j for j in stack.jobs() if j.account_id == account_id]
+    # The jobs go out inside the call, then one WAKE through the callback's queue output binding (the host
+    # polls its queue at once: mailsync.jobs.WakingJobQueue).
     assert [(j.kind, j.reason) for j in jobs] == [(JobKind.SYNC_FOLDERS.value, "initial"),
-                                                 (JobKind.SUBSCRIPTION.value, "initial")]
+                                                 (JobKind.SUBSCRIPTION.value, "initial"),
+                                                 (JobKind.WAKE.value, f"wake for {jobs[0].job_id}")]
     mailbox = stack.store.get_mailbox(account_id)
     assert mailbox is not None and mailbox.address.lower() == user.lower()
 

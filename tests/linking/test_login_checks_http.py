@@ -18,8 +18,10 @@ from typing import Any
 
 import pytest
 import requests
+from azure.storage.queue import QueueClient, TextBase64DecodePolicy
 
 from devhost.services.process import free_port
+from mailsync.jobs import decode_job
 from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
 from tests.fixtures.dovecot import ImapUser
 
@@ -160,3 +162,17 @@ def test_the_policy_is_strict_unless_configured(azurite: Any, search_store_url: 
         assert plain.status_code == 415
     finally:
         strict.process.stop(timeout_s=15)
+
+
+def test_a_linked_account_wakes_the_hosts_queue_listener(host: Host, imap_user: ImapUser) -> None:
+    # The initial sync job goes with the SDK; a WAKE follows through the function's queue output binding,
+    # which makes the host poll its queue at once instead of after up to maxPollingInterval (2.5 s) of
+    # idle back-off (mailsync.jobs.WakingJobQueue). No sync worker runs here: both stay on the queue.
+    linked = requests.post(f"{host.api}/accounts", json=imap_body(imap_user), timeout=60)
+    assert linked.status_code == 201, linked.text
+    account_id = linked.json()["account_id"]
+    env = host.process.env
+    queue = QueueClient.from_connection_string(env["AzureWebJobsStorage"], env["SYNC_QUEUE_NAME"],
+                                               message_decode_policy=TextBase64DecodePolicy())
+    jobs = [decode_job(m.content) for m in queue.peek_messages(max_messages=32)]
+    assert [job.kind for job in jobs if job.account_id == account_id] == ["sync_folders", "wake"]
