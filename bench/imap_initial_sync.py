@@ -44,6 +44,8 @@ What it does, on 127.0.0.1 only:
    compiling the node's code, which a long-running node no longer pays).
    ``idle_2core_msgs_per_s``: ``2000 / cpu_s_per_1k``, and
    ``idle_2core_msgs_per_s_warm_node`` the same without ``jit``.
+   ``sync_cpu_s_by_process``: the syncing processes' CPU seconds each
+   (the devhost first, then the queue-only workers).
    ``*_idle_cores``: each process tree's CPU while the stack sits idle
    (``--idle-s`` before linking: pollers, timers, housekeeping), paid per
    second, so a slow sync on a loaded machine carries more of it per
@@ -55,6 +57,8 @@ What it does, on 127.0.0.1 only:
    ``inbox_done_s`` / ``others_done_s``: seconds from linking to the end
    of the Inbox's first round / of the last other folder's (the Inbox is
    half the mailbox in one folder: the tail when it ends last).
+   ``first_round_began_s`` / ``last_round_began_s``: from linking to the
+   first / last folder's round beginning (queue hops, the folder list).
    ``status_polls``: the ``GET /api/accounts/{id}`` calls that watched the
    sync (once a second, as the page does); each costs the syncing host and
    Azurite a table read, counted in their CPU. The sync's end is the
@@ -302,6 +306,7 @@ def main() -> None:
         idle_cores = {name: (tree_cpu(name) - idle0[name]) / args.idle_s for name in trees}
         threads0 = node_thread_cpu_s(stack.search.process.pid)   # before cpu0: jcmd costs the node a little
         cpu0 = {name: tree_cpu(name) for name in trees}
+        per_sync0 = [tree_cpu_s(pid) for pid in sync_pids]
         node0 = node_times_ms(stack.search.url)
         values["load_avg"] = round(os.getloadavg()[0], 1)
         if sampler is not None:
@@ -333,6 +338,8 @@ def main() -> None:
             saved = datetime.fromisoformat(finished).timestamp() - started_wall
             elapsed = saved if 0 < saved <= elapsed else elapsed
         spent = {name: tree_cpu(name) - cpu0[name] for name in trees}
+        # Each syncing process's share (one GIL each): a second worker that took no folder shows ~0 here.
+        per_sync = [tree_cpu_s(pid) - before for pid, before in zip(sync_pids, per_sync0, strict=True)]
         window = time.monotonic() - started
         node_spent = {k: v - node0.get(k, 0.0) for k, v in node_times_ms(stack.search.url).items()}
         threads1 = node_thread_cpu_s(stack.search.process.pid)
@@ -350,6 +357,11 @@ def main() -> None:
         done = {fid: row.updated_at - started_wall for fid, row in rows.folders.items() if row.indexed}
         values["inbox_done_s"] = round(done.get("INBOX", 0.0), 2)
         values["others_done_s"] = round(max((s for f, s in done.items() if f != "INBOX"), default=0.0), 2)
+        # And when their rounds began: the queue hops before a folder's first page (the first job's pickup,
+        # the folder list, the fan-out to the other worker) are time on the sync's clock without CPU.
+        began = [row.round_started - started_wall for row in rows.folders.values() if row.indexed and row.round_started]
+        values["first_round_began_s"] = round(min(began, default=0.0), 2)
+        values["last_round_began_s"] = round(max(began, default=0.0), 2)
         got = stored_counts(store, account_id)
         ok = all(got.get(folder) == n for folder, n in counts.items())
         values.update(elapsed_s=round(elapsed, 2), messages=total, messages_per_s=round(total / elapsed),
@@ -357,6 +369,7 @@ def main() -> None:
         for name, seconds in spent.items():
             values[f"{name}_cpu_s_per_1k"] = round(1000 * seconds / total, 3)
         values["cpu_s_per_1k"] = round(1000 * sum(spent.values()) / total, 3)
+        values["sync_cpu_s_by_process"] = "/".join(f"{seconds:.2f}" for seconds in per_sync)
         # How many of the machine's cores the sync kept busy, all processes together: on two otherwise
         # idle cores a sync that overlaps well approaches 2 (rate = busy_cores x 1000 / cpu_s_per_1k).
         values["busy_cores"] = round(sum(spent.values()) / elapsed, 2)
