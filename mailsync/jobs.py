@@ -58,6 +58,11 @@ TAKE_PENDING = "take_pending"
 # reports how long after it its delta read began, and whether it read what it expected
 # (``mailsync.monitoring.delta_lag``).
 NOTIFIED_AT = "notified_at"
+# A SUBSCRIPTION job ("ensure") with this attribute set to "1" starts the account's initial sync once the
+# subscriptions exist (a new Outlook account's first job, ``mailsync.monitoring.handler``): every first
+# round then reads the mailbox after Graph began notifying its changes, so the initial sync is the sweep
+# a new subscription needs, not a second pass over the mailbox after it.
+THEN_SYNC = "then_sync"
 
 
 @dataclass(frozen=True)

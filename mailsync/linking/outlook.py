@@ -59,6 +59,6 @@ class OutlookLinker:
             provider_user_id=str(me["id"]),
             credential=sign_in.cache_state,
             credential_kind=MSAL,
-            # Change notifications for the mailbox (mailsync.monitoring creates them).
-            follow_up_jobs=(JobKind.SUBSCRIPTION,),
+            # Change notifications for the mailbox (mailsync.monitoring creates them), then the sync.
+            first_job=JobKind.SUBSCRIPTION,
         )

@@ -52,7 +52,7 @@ from mailsync.errors import (
     ProviderError,
     RateLimited,
 )
-from mailsync.jobs import JobKind, JobOutbox, WakingJobQueue, new_job
+from mailsync.jobs import THEN_SYNC, JobKind, JobOutbox, WakingJobQueue, new_job
 from mailsync.linking.access import AccountAccess, issue_access_token
 from mailsync.linking.browser_binding import BrowserBinding
 from mailsync.linking.limits import LinkingLimits
@@ -92,7 +92,9 @@ class LinkedIdentity:
     provider_user_id: str
     credential: str = field(repr=False)      # sealed before it is stored
     credential_kind: str = "msal"
-    follow_up_jobs: tuple[JobKind, ...] = ()  # provider extras after the initial sync job
+    # A provider job that runs before the initial sync and then starts it (``THEN_SYNC``): Outlook's
+    # subscriptions, so that they exist before the first rounds read the mailbox. None: the sync starts now.
+    first_job: JobKind | None = None
 
 
 class AccountLinker(Protocol):
@@ -517,7 +519,7 @@ class LinkingService:
             log.warning("could not release an identity claim", extra={"account_id": account.account_id})
 
     def _start_sync(self, account: Account, identity: LinkedIdentity, jobs: JobQueue, *, reason: str) -> None:
-        """Show the mailbox, then enqueue the initial sync (and the provider's follow-ups)."""
+        """Show the mailbox, then enqueue the initial sync (or the provider's job that starts it)."""
         if self._store is not None:
             try:
                 self._store().upsert_mailbox(Mailbox(account_id=account.account_id, address=identity.address,
@@ -526,9 +528,10 @@ class LinkingService:
             except MailsyncError:
                 # The engine writes the mailbox document again as it syncs.
                 log.warning("could not write the mailbox document yet", extra={"account_id": account.account_id})
-        jobs.enqueue(new_job(JobKind.SYNC_FOLDERS, account.account_id, reason=reason))
-        for kind in identity.follow_up_jobs:
-            jobs.enqueue(new_job(kind, account.account_id, reason=reason))
+        if identity.first_job is None:
+            jobs.enqueue(new_job(JobKind.SYNC_FOLDERS, account.account_id, reason=reason))
+        else:
+            jobs.enqueue(new_job(identity.first_job, account.account_id, reason=reason, attrs={THEN_SYNC: "1"}))
 
     def _start_sync_or_record(self, account: Account, identity: LinkedIdentity, jobs: JobQueue, *,
                               reason: str) -> None:

@@ -47,7 +47,16 @@ folder list (a quiet account's sweep costs one queue message, not one per
 folder; folders with changes hand the rest to a continuation).
 
 SUBSCRIPTION — ensure / renew / recreate the account's subscription
-(``mailsync.monitoring.subscriptions``).
+(``mailsync.monitoring.subscriptions``). A new Outlook account's first job
+is a SUBSCRIPTION marked ``THEN_SYNC``: it creates both subscriptions, then
+runs the initial sync in the same invocation (no queue hop). Graph notifies
+only the changes made after a subscription exists, so whatever comes before
+needs a sweep; run after the subscriptions, the initial sync is that sweep
+(a ``SUBSCRIBED`` one when a subscription was created), instead of a second
+pass over every folder the initial sync had read moments before (and its
+look-agains: see ``mailsync.sync.engine``, ``_sweep_again``). The sync
+starts whatever the subscriptions' fate: refused by Graph (recorded, retried
+by the renewer, which sweeps after it creates one), webhooks off (polled).
 
 Taking the row (why the job deletes it *before* it reads the mailbox): the
 webhook writes nothing for a notification the row already holds (Graph
@@ -104,14 +113,23 @@ from mailsync.jobs import (
     EXPECT,
     NOTIFIED_AT,
     NOTIFIED_REDELIVERED,
+    SUBSCRIBED,
     TAKE_PENDING,
+    THEN_SYNC,
     Expected,
     JobKind,
     new_job,
 )
 from mailsync.models import Account, Job
 from mailsync.monitoring.recent_accounts import RecentAccounts
-from mailsync.monitoring.records import AccountDirectory, ChangeType, MessageLocator, PendingChanges, PendingStore
+from mailsync.monitoring.records import (
+    AccountDirectory,
+    ChangeType,
+    MessageLocator,
+    PendingChanges,
+    PendingStore,
+    SubscriptionKind,
+)
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES, SubscriptionManager
 from mailsync.ports import JobQueue, MessageStore
 from mailsync.storage.sync_rows import AccountSyncState
@@ -123,10 +141,10 @@ MAX_LOOKUPS = 25          # Graph GETs per NOTIFIED job at most (keeps the job s
 MAX_ROUNDS = 10           # re-reads of a pending row that keeps changing under us
 DIRECT_MAX_JOBS = 4       # sync jobs a NOTIFIED job runs itself (more: enqueued for several workers)
 
-# Runs a sync job in this invocation, given the account as the NOTIFIED job just read it, and the
-# account's sync rows to start from (the first job: as read with the pending row; a later one: as the
-# job before ended with them; None: read them). Returns the rows it ended with, or None.
-DirectRunner = Callable[[Job, Account, AccountSyncState | None], AccountSyncState | None]
+# Runs a sync job in this invocation, given the account as the NOTIFIED job just read it (None: read
+# it), and the account's sync rows to start from (the first job: as read with the pending row; a later
+# one: as the job before ended with them; None: read them). Returns the rows it ended with, or None.
+DirectRunner = Callable[[Job, Account | None, AccountSyncState | None], AccountSyncState | None]
 # Reads an account's sync rows (and, in the same partition, its pending row): one table query.
 RowsLoader = Callable[[str], AccountSyncState]
 
@@ -162,7 +180,7 @@ class MonitoringJobs:
         elif job.kind == JobKind.SYNC_ACCOUNT:
             self.sync_account(job.account_id, reason=job.reason or "sync_account")
         elif job.kind == JobKind.SUBSCRIPTION:
-            self.subscription(job)
+            self.subscription(job, direct)
         else:
             raise PoisonJob(f"not a monitoring job: {job.kind}")
 
@@ -304,10 +322,14 @@ class MonitoringJobs:
 
     # -- SUBSCRIPTION -----------------------------------------------------------------
 
-    def subscription(self, job: Job) -> None:
+    def subscription(self, job: Job, direct: DirectRunner | None = None) -> None:
+        """Run a SUBSCRIPTION job; one marked ``THEN_SYNC`` then starts the initial sync (module
+        docstring), in this invocation through ``direct`` when given, else through the queue."""
         action = job.attrs.get("action", "ensure")
         subscription_id = job.attrs.get("subscription_id")
-        if action == "ensure":
+        if action == "ensure" and job.attrs.get(THEN_SYNC) == "1":
+            self._subscribe_then_sync(job, direct)
+        elif action == "ensure":
             self._subscriptions.ensure(job.account_id)
         elif action == "renew":
             self._subscriptions.renew(job.account_id, subscription_id)
@@ -315,6 +337,30 @@ class MonitoringJobs:
             self._subscriptions.recreate(job.account_id, subscription_id)
         else:
             raise PoisonJob(f"unknown subscription action {action!r}")
+
+    def _subscribe_then_sync(self, job: Job, direct: DirectRunner | None) -> None:
+        try:
+            made = self._subscriptions.ensure_before_sync(job.account_id)
+        except MailsyncError:
+            # The sync never waits on the subscriptions; the redelivery ensures them again, and a
+            # creation then sweeps (the sync below is no longer "after" it).
+            self._start_sync(job, set(), direct)
+            raise
+        self._start_sync(job, made, direct)
+
+    def _start_sync(self, job: Job, made: set[SubscriptionKind], direct: DirectRunner | None) -> None:
+        if SubscriptionKind.MESSAGES in made:
+            # The sweep a new messages subscription needs (every folder, the folder list, and the
+            # look-again for what delta did not show yet); on a new account it is the initial sync.
+            sync = new_job(JobKind.SYNC_FOLDERS, job.account_id, reason=SUBSCRIBED, attrs={EVERY_FOLDER: "1"})
+        elif made:
+            sync = new_job(JobKind.SYNC_FOLDERS, job.account_id, reason=SUBSCRIBED)  # the folder list's
+        else:
+            sync = new_job(JobKind.SYNC_FOLDERS, job.account_id, reason=job.reason)
+        if direct is None:
+            self._enqueue([sync])
+        else:
+            direct(sync, None, None)
 
     # -- common -----------------------------------------------------------------------
 

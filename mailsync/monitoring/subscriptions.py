@@ -169,6 +169,16 @@ class SubscriptionManager:
         results = {kind: self._ensure_kind(account_id, kind, made) for kind in KINDS}
         return results[SubscriptionKind.MESSAGES]
 
+    def ensure_before_sync(self, account_id: str) -> set[SubscriptionKind]:
+        """``ensure``, without queueing the sweeps that cover the time before a creation: the caller's
+        sync, which starts after this returns, is that sweep. Returns the kinds created (nothing when
+        webhooks are off, the account is gone, or Graph refused: the failure is recorded and retried)."""
+        made: set[SubscriptionKind] = set()
+        if self.enabled:
+            for kind in KINDS:
+                self._ensure_kind(account_id, kind, made, sweep=False)
+        return made
+
     def renew(self, account_id: str, subscription_id: str | None = None) -> AccountMonitor | None:
         """Extend the subscriptions; recreate one Graph no longer knows.
 
@@ -221,38 +231,39 @@ class SubscriptionManager:
     # -- one kind -------------------------------------------------------------------------
 
     def _ensure_kind(self, account_id: str, kind: SubscriptionKind,
-                     made: set[SubscriptionKind] | None = None) -> AccountMonitor | None:
+                     made: set[SubscriptionKind] | None = None, *, sweep: bool = True) -> AccountMonitor | None:
         monitor = self._store.get_monitor(account_id, kind)
         now = self._clock()
         if (monitor is not None and monitor.subscription_id is not None and monitor.expires_at is not None
                 and monitor.expires_at > now):
             if monitor.failures == 0 and not self._renewal_due(monitor, now):
                 return monitor
-            return self._renew_kind(account_id, kind, None, made)  # recreates when Graph no longer knows it
+            # Recreates when Graph no longer knows it.
+            return self._renew_kind(account_id, kind, None, made, sweep=sweep)
         if (monitor is not None and monitor.subscription_id is None and monitor.failures
                 and monitor.retry_at is not None and monitor.retry_at > now):
             # Creation keeps failing and its back-off has not passed: the job
             # came for the other kind; the renewer retries this one when due.
             return monitor
-        return self._create(account_id, monitor, kind, made)
+        return self._create(account_id, monitor, kind, made, sweep=sweep)
 
     def _renew_kind(self, account_id: str, kind: SubscriptionKind, subscription_id: str | None,
-                    made: set[SubscriptionKind] | None = None) -> AccountMonitor | None:
+                    made: set[SubscriptionKind] | None = None, *, sweep: bool = True) -> AccountMonitor | None:
         monitor = self._store.get_monitor(account_id, kind)
         if monitor is None or monitor.subscription_id is None:
-            return self._create(account_id, monitor, kind, made)
+            return self._create(account_id, monitor, kind, made, sweep=sweep)
         if subscription_id is not None and subscription_id != monitor.subscription_id:
             log.info("lifecycle event for a replaced subscription ignored")
             return monitor
         current = self._store.get(monitor.subscription_id)
         if current is None:
-            return self._create(account_id, monitor, kind, made)
+            return self._create(account_id, monitor, kind, made, sweep=sweep)
         wanted = self._expiration(self._clock())
         try:
             granted = self._api.renew(account_id, current.subscription_id, wanted)
         except NotFound:
             log.info("subscription gone at Graph; recreating", extra={"subscription_id": current.subscription_id})
-            return self._create(account_id, monitor, kind, made)
+            return self._create(account_id, monitor, kind, made, sweep=sweep)
         except ProviderError as exc:
             return self._record_failure(account_id, monitor, exc, kind)
         self._store.put(replace(current, expires_at=granted))
@@ -337,10 +348,11 @@ class SubscriptionManager:
 
     def _create(self, account_id: str, monitor: AccountMonitor | None,
                 kind: SubscriptionKind = SubscriptionKind.MESSAGES,
-                made: set[SubscriptionKind] | None = None) -> AccountMonitor | None:
+                made: set[SubscriptionKind] | None = None, *, sweep: bool = True) -> AccountMonitor | None:
         """Create the account's subscription of ``kind`` and queue the sweep that covers the time before it.
 
         ``made``: the kinds created so far by the same call (``ensure`` makes both), this one added.
+        ``sweep``: False when the caller's sync, started after this call, is that sweep (``ensure_before_sync``).
         """
         account = self._accounts.get(account_id)
         if account is None or account.status not in WATCHED_STATUSES:
@@ -375,10 +387,10 @@ class SubscriptionManager:
         # and every folder (straight to the sync engine's job; SYNC_ACCOUNT would only enqueue it), or
         # of the folder list alone for the folders' subscription. Both created by one call (a new
         # account's): the messages' sweep covers the folder list too, and its look-agains as well.
-        if kind is SubscriptionKind.MESSAGES:
+        if sweep and kind is SubscriptionKind.MESSAGES:
             self._queue.enqueue(new_job(JobKind.SYNC_FOLDERS, account_id, reason=SUBSCRIBED,
                                         attrs={EVERY_FOLDER: "1"}))
-        elif made is None or SubscriptionKind.MESSAGES not in made:
+        elif sweep and (made is None or SubscriptionKind.MESSAGES not in made):
             self._queue.enqueue(new_job(JobKind.SYNC_FOLDERS, account_id, reason=SUBSCRIBED))
         if made is not None:
             made.add(kind)

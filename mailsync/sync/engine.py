@@ -185,9 +185,10 @@ class SyncEngine:
         """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT); see ``run_in_place``."""
         return self._handle(job, delivery, events, account, rows)[0]
 
-    def run_in_place(self, job: Job, delivery: Delivery, events: EventPublisher, *, account: Account,
+    def run_in_place(self, job: Job, delivery: Delivery, events: EventPublisher, *, account: Account | None,
                      rows: AccountSyncState | None = None) -> AccountSyncState | None:
-        """``handle`` for a NOTIFIED job running its rounds one after the other: returns the rows this run
+        """``handle`` for a monitoring job running sync jobs in its own invocation (a NOTIFIED job's rounds
+        one after the other, a new account's initial sync after its subscriptions): returns the rows this run
         ended with, for the next round to start from (None: it should read them). They were read, or
         known (``_rows_known_at_end``), after the run's last write of the rows its next round takes;
         every write from them is ETag-conditional, so a row changed since costs a re-read, never a wrong write.
@@ -460,7 +461,15 @@ class _Invocation(FolderSync, FolderListSync, QuietSweep):
         job = self.job
         if outcome in (Outcome.DROPPED, Outcome.REAUTH):
             return
-        if job.reason in STAND_IN_SWEEPS:
+        if job.reason in STAND_IN_SWEEPS and self.first_sweep:
+            # The account's initial sync was the sweep (a new account's subscriptions come first:
+            # mailsync.monitoring.handler): every first round read the mailbox after the subscription
+            # existed, so what it can have missed is a change made before it that delta did not show yet.
+            # The last look-again alone covers the same lag the two do (it comes at least the longest
+            # delay after every such read); the earlier one only shows such a change sooner, and the
+            # account is not synced yet. One folder-list round and one delta read per folder, not two.
+            attempt = len(policy.RELOOK_DELAYS_S) - 1
+        elif job.reason in STAND_IN_SWEEPS:
             attempt = 0
         elif job.reason == RELOOK:
             attempt = relook_attempt(job)
@@ -504,6 +513,9 @@ class _Invocation(FolderSync, FolderListSync, QuietSweep):
                        if row.rounds > 0 or row.cursor or row.leased(now)]
             state.mark_many(self.account_id, started, dirty=True)
             self.sweeping = bool(started)
+            # Nothing of the mailbox read yet, nor being read: this sweep's rounds are the account's first.
+            self.first_sweep = not rows.folders and rows.folder_list is not None \
+                and rows.folder_list.rounds == 0 and not rows.folder_list.leased(now)
             return FOLDER_LIST
         if folder_id is None or kind == JobKind.SYNC_FOLDERS:
             return FOLDER_LIST

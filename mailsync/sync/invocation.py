@@ -106,6 +106,9 @@ class InvocationBase:
         self.continued = False       # a continuation is already on the queue
         self.changed: set[str] = set()   # folders whose pages this invocation wrote changes of
         self.rounds_done = 0             # folder rounds this invocation read to their end
+        # An every-folder sweep that found nothing of the account read yet: its rounds are the first
+        # (a new account's initial sync after its subscriptions; the engine's _sweep_again).
+        self.first_sweep = False
         # A notified round run by its NOTIFIED job: what it must read to need no look-again, and what
         # it read of its folder (message id -> version tag, "" without one; None: read leaving it).
         self.expected = Expected.decode(job.attrs.get(EXPECT)) \

@@ -26,7 +26,7 @@ from devhost.services.process import free_port
 from graph_sandbox.config import SandboxConfig
 from mailsync.auth.msal_app import MsalApp
 from mailsync.auth.token_provider import MsalTokenProvider
-from mailsync.jobs import JobKind, decode_job
+from mailsync.jobs import THEN_SYNC, JobKind, decode_job
 from mailsync.security.crypto import Sealed, TokenCipher
 from mailsync.settings import Settings
 from mailsync.storage import connection
@@ -147,11 +147,12 @@ def test_full_flow_create_sign_in_callback_syncing(stack: Stack) -> None:
         assert secret.encode() not in bytes(cred["blob"])
 
     jobs = [j for j in stack.jobs() if j.account_id == account_id]
-    # The jobs go out inside the call, then one WAKE through the callback's queue output binding (the host
-    # polls its queue at once: mailsync.jobs.WakingJobQueue).
-    assert [(j.kind, j.reason) for j in jobs] == [(JobKind.SYNC_FOLDERS.value, "initial"),
-                                                 (JobKind.SUBSCRIPTION.value, "initial"),
-                                                 (JobKind.WAKE.value, f"wake for {jobs[0].job_id}")]
+    # One job, the subscriptions, which then start the initial sync (they must exist before it reads),
+    # then one WAKE through the callback's queue output binding (the host polls its queue at once:
+    # mailsync.jobs.WakingJobQueue).
+    assert [(j.kind, j.reason, j.attrs) for j in jobs] == [
+        (JobKind.SUBSCRIPTION.value, "initial", {THEN_SYNC: "1"}),
+        (JobKind.WAKE.value, f"wake for {jobs[0].job_id}", {})]
     mailbox = stack.store.get_mailbox(account_id)
     assert mailbox is not None and mailbox.address.lower() == user.lower()
 
@@ -353,7 +354,7 @@ def test_address_linked_elsewhere_and_relink_refreshes(stack: Stack) -> None:
     assert stack.tables.tokens.read(first["account_id"]).etag != etag  # type: ignore[union-attr]
     assert stack.get(first["account_id"], first["access_token"]).json()["status"] == "syncing"
     relinks = [j for j in stack.jobs() if j.account_id == first["account_id"] and j.reason == "relink"]
-    assert relinks and relinks[0].kind == JobKind.SYNC_FOLDERS.value
+    assert relinks and relinks[0].kind == JobKind.SUBSCRIPTION.value and relinks[0].attrs == {THEN_SYNC: "1"}
 
     # ... but signing in as another mailbox on a linked account is refused, and changes nothing.
     retry = stack.browser.post(f"{stack.api}/accounts", json={"provider": "outlook", "account_id": first["account_id"]},

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, JobKind
-from mailsync.models import Job
+from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, THEN_SYNC, JobKind, new_job
+from mailsync.models import Account, Job
+from mailsync.storage.sync_rows import AccountSyncState
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.records import AccountMonitor, SubscriptionKind
@@ -154,6 +155,47 @@ def test_a_subscription_is_created_with_the_handshake_and_its_notifications_are_
     # ensure() again: healthy and not due, nothing changes.
     again = rig.manager.ensure(account)
     assert again is not None and again.subscription_id == monitor.subscription_id
+
+
+def test_a_new_accounts_first_job_subscribes_then_starts_the_sync_that_is_its_sweep(rig: Rig) -> None:
+    # A new Outlook account's first job (linking enqueues it): both subscriptions, then the initial
+    # sync, in the same invocation. That sync reads the mailbox after Graph began notifying, so it is
+    # the sweep the creations need: one sync job, not the initial sync and a sweep of the whole mailbox.
+    account = rig.link(0)
+    ran: list[Job] = []
+
+    def direct(job: Job, known: Account | None, rows: AccountSyncState | None) -> AccountSyncState | None:
+        ran.append(job)
+        return None
+
+    rig.jobs.run(new_job(JobKind.SUBSCRIPTION, account, reason="initial", attrs={THEN_SYNC: "1"}), direct)
+    assert rig.monitor(account).healthy(rig.now()) and rig.monitor(account, SubscriptionKind.FOLDERS).healthy(rig.now())
+    assert [(j.kind, j.reason, j.attrs) for j in ran] == [(JobKind.SYNC_FOLDERS.value, SUBSCRIBED, {EVERY_FOLDER: "1"})]
+    assert rig.harness.drain() == [], "no sweep queued besides the sync run in place"
+    # Run again (a redelivery, or a relink): the subscriptions exist, so the sync is an ordinary one.
+    ran.clear()
+    rig.jobs.run(new_job(JobKind.SUBSCRIPTION, account, reason="relink", attrs={THEN_SYNC: "1"}), direct)
+    assert [(j.kind, j.reason, j.attrs) for j in ran] == [(JobKind.SYNC_FOLDERS.value, "relink", {})]
+    # Without a runner (any caller but the sync worker), the sync goes through the queue.
+    other = rig.link(1)
+    rig.jobs.run(new_job(JobKind.SUBSCRIPTION, other, reason="initial", attrs={THEN_SYNC: "1"}))
+    assert [(j.kind, j.reason, j.attrs) for j in rig.harness.drain()] == [
+        (JobKind.SYNC_FOLDERS.value, SUBSCRIBED, {EVERY_FOLDER: "1"})]
+
+
+def test_a_new_account_whose_subscriptions_graph_refuses_is_synced_all_the_same(rig: Rig) -> None:
+    account = rig.link(0)
+    with socket.socket() as probe:     # a notification URL nobody answers: Graph's handshake fails
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    h = rig.harness
+    unreachable = SubscriptionManager(replace(h.settings, public_base_url=dead), h.subscriptions,
+                                      GraphSubscriptionApi(rig.client_for), h.accounts, h.queue, clock=rig.now)
+    # Nothing made (so the handler starts an ordinary sync, as for the relink above), the failures
+    # recorded for the renewer, which sweeps when it creates them.
+    assert unreachable.ensure_before_sync(account) == set()
+    assert rig.monitor(account).failures == 1 and rig.monitor(account, SubscriptionKind.FOLDERS).failures == 1
+    assert h.drain() == []
 
 
 def test_subscriptions_are_renewed_before_they_expire(rig: Rig) -> None:

@@ -1074,6 +1074,39 @@ def test_a_message_moved_to_the_inbox_right_before_linking_reaches_it(
     assert stored is not None and stored.folder_id == inbox
 
 
+def test_a_new_accounts_sync_run_after_its_subscriptions_is_their_sweep_and_looks_again_once(
+        storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: SearchStore,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A new account's subscriptions come first, then its initial sync (mailsync.monitoring.handler): the
+    # sync is the sweep they need, with nothing read before it. A message moved to the Inbox right before
+    # linking is inside delta's lag when the first rounds run; the one look-again, at the longest delay
+    # after them, brings it (two look-agains and a second pass over every folder did the same before).
+    sandbox = sandbox_factory(users=2, messages_per_user=40, delta_lag_s=5.0)
+    world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2"), sandbox, store,
+                       backoff_cap_s=2.0)
+    pump = QueuePump(world, workers=4, visibility_s=2)
+    graph = world.sandbox.graph(world.user)
+    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
+    listed = graph.get("me/messages?$top=100&$select=id,parentFolderId").json()["value"]
+    elsewhere = next(m["id"] for m in listed if m["parentFolderId"] != inbox)
+    assert graph.post(f"me/messages/{elsewhere}/move", json={"destinationId": inbox}).status_code == 201
+    swept = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason=SUBSCRIBED, attrs={EVERY_FOLDER: "1"})
+    with caplog.at_level(logging.INFO, logger="mailsync.sync"):
+        assert world.engine.handle(swept, Delivery("swept-1"), world.events) == Outcome.DONE
+        assert world.state.load(world.account_id).folders[inbox].rounds == 1
+        assert world.store.get_message(world.account_id, elsewhere) is None, "inside the lag: not seen yet"
+        pump.start()
+        try:
+            pump.drain()
+        finally:
+            pump.stop()
+    assert not compare(world)
+    stored = world.store.get_message(world.account_id, elsewhere)
+    assert stored is not None and stored.folder_id == inbox
+    again = [r for r in caplog.records if r.getMessage() == "sweep standing in for notifications: looking again"]
+    assert [getattr(r, "delay_s", None) for r in again] == [policy.RELOOK_DELAYS_S[-1]], "once, at the last delay"
+
+
 def test_a_notified_job_finding_every_slot_busy_still_looks_again(world: SyncWorld, pump: QueuePump) -> None:
     # During an initial sync the folders' rounds hold every request slot of the mailbox: a notified
     # job only marks its folder dirty and ends, and a slot holder runs that folder next — possibly
