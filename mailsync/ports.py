@@ -21,6 +21,7 @@ from mailsync.actions.models import (
     MessageAction,
     MessageContent,
 )
+from mailsync.errors import MailsyncError
 from mailsync.models import (
     Account,
     BulkResult,
@@ -60,6 +61,11 @@ class MailProvider(Protocol):
 
     def message_changes(self, folder_id: str, cursor: str | None) -> MessageBatch:
         """Next batch of message changes in one folder after ``cursor``."""
+        ...
+
+    def message_changes_many(self, reads: Sequence[tuple[str, str | None]]) -> list[MessageBatch | MailsyncError]:
+        """``message_changes`` of several (folder id, cursor) pairs, in as few round trips as the provider
+        allows; per read its batch, or the error that read alone met (an error of them all raises)."""
         ...
 
     def newest_messages(self, folder_id: str, limit: int) -> tuple[Message, ...]:

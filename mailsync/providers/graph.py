@@ -44,14 +44,14 @@ import base64
 import binascii
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import orjson
 
-from mailsync.errors import CursorExpired, MalformedResponse, NotFound
+from mailsync.errors import CursorExpired, MailsyncError, MalformedResponse, NotFound, ProviderAuthError
 from mailsync.models import (
     Account,
     Address,
@@ -62,7 +62,7 @@ from mailsync.models import (
     MessageBatch,
 )
 from mailsync.ports import TokenProvider
-from mailsync.providers.graph_client import GRAPH_URL, GraphClient, GraphSession
+from mailsync.providers.graph_client import BATCH_MAX, GRAPH_URL, GraphClient, GraphSession
 from mailsync.settings import Settings
 
 # Fields the store keeps (see mailsync.models.Message); body only when enabled.
@@ -389,13 +389,16 @@ class GraphProvider:
                            cursor=encode_cursor(_strip_kind(link), complete=complete, roles=roles))
 
     def _roles(self, names: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The well-known folders ``names`` (one JSON batch: a round trip, not one per name)."""
         found: list[dict[str, Any]] = []
         roles: dict[str, str] = {}
-        for name in names:
-            try:
-                body = self._client.get(f"me/mailFolders/{name}", params={"$select": ",".join(FOLDER_FIELDS[1:])})
-            except NotFound:
+        params = {"$select": ",".join(FOLDER_FIELDS[1:])}
+        answers = self._client.batch_get([(f"me/mailFolders/{name}", params, None) for name in names])
+        for name, body in zip(names, answers, strict=True):
+            if isinstance(body, NotFound):
                 continue  # e.g. no archive folder in this mailbox
+            if isinstance(body, MailsyncError):
+                raise body
             if isinstance(body, dict) and isinstance(body.get("id"), str):
                 roles[body["id"]] = name
                 found.append(body)
@@ -405,14 +408,59 @@ class GraphProvider:
 
     def message_changes(self, folder_id: str, cursor: str | None) -> MessageBatch:
         observed_ms = int(self._clock() * 1000)
+        url, params = self._changes_request(folder_id, cursor)
+        return self._changes_page(folder_id, self._client.get(url, params=params, headers=self._headers),
+                                  observed_ms)
+
+    def message_changes_many(self, reads: Sequence[tuple[str, str | None]]) -> list[MessageBatch | MailsyncError]:
+        """Several folders' next pages in JSON batches of up to 20: one round trip per batch, not per folder.
+
+        Graph evaluates each item of a batch on its own against throttling, and
+        sends Outlook at most four of them at a time, within the mailbox's
+        concurrency limit (json-batching, "Batch size limitations"; throttling
+        limits, "Outlook service limits for JSON batching"): so a batch costs
+        the mailbox what its items would, and our one request slot stands for
+        Graph's four lanes. An item's delta page is the page its own request
+        would get (its links absolute, followed later one by one or batched
+        again). Per read its page, or the error that refused it.
+        """
+        found: list[MessageBatch | MailsyncError] = []
+        for start in range(0, len(reads), BATCH_MAX):
+            chunk = reads[start:start + BATCH_MAX]
+            observed_ms = int(self._clock() * 1000)
+            requests: list[tuple[str, Mapping[str, str] | None, Mapping[str, str] | None]] = []
+            refused: dict[int, MailsyncError] = {}
+            for n, (folder_id, cursor) in enumerate(chunk):
+                try:
+                    url, params = self._changes_request(folder_id, cursor)
+                except MailsyncError as exc:      # an unreadable cursor, a link off our origin
+                    refused[n] = exc
+                    continue
+                requests.append((url, params, self._headers))
+            answers = iter(self._client.batch_get(requests))
+            for n, (folder_id, _) in enumerate(chunk):
+                answer = refused[n] if n in refused else next(answers)
+                if isinstance(answer, ProviderAuthError):
+                    raise answer       # the account's token, refused after a refresh: not this read's
+                if isinstance(answer, MailsyncError):
+                    found.append(answer)
+                    continue
+                try:
+                    found.append(self._changes_page(folder_id, answer, observed_ms))
+                except MailsyncError as exc:
+                    found.append(exc)
+        return found
+
+    def _changes_request(self, folder_id: str, cursor: str | None) -> tuple[str, dict[str, str] | None]:
+        """The URL and query of a folder's next delta page after ``cursor``."""
         if cursor is None:
             # Newest first on the initial round: the list fills from the top.
-            body = self._client.get(f"me/mailFolders/{quote(folder_id, safe='')}/messages/delta",
-                                    params={"$select": self._select, "$orderby": "receivedDateTime desc"},
-                                    headers=self._headers)
-        else:
-            link, _ = decode_cursor(cursor)
-            body = self._client.get(self._checked(link), headers=self._headers)
+            return (f"me/mailFolders/{quote(folder_id, safe='')}/messages/delta",
+                    {"$select": self._select, "$orderby": "receivedDateTime desc"})
+        link, _ = decode_cursor(cursor)
+        return self._checked(link), None
+
+    def _changes_page(self, folder_id: str, body: Any, observed_ms: int) -> MessageBatch:
         items = _page_items(body)
         link, complete = _page_link(body)
         account_id = self._account_id

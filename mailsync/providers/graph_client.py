@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import email.utils
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import requests
@@ -51,6 +53,7 @@ GraphSession = requests.Session
 GRAPH_URL = "https://graph.microsoft.com/v1.0"
 DEFAULT_TIMEOUT_S = 30.0
 MAX_RETRY_AFTER_S = 3600.0
+BATCH_MAX = 20                 # requests in one JSON batch (Graph's limit)
 
 # Returns an access token; True asks for a forced refresh (after a 401).
 TokenSource = Callable[[bool], str]
@@ -160,6 +163,70 @@ class GraphClient:
             headers: Mapping[str, str] | None = None) -> Any:
         return self.request("GET", path_or_url, params=params, headers=headers)
 
+    def batch_get(self, reads: Sequence[tuple[str, Mapping[str, str] | None, Mapping[str, str] | None]]
+                  ) -> list[Any | MailsyncError]:
+        """GETs sent as one JSON batch (``POST $batch``, at most ``BATCH_MAX`` of them): one round trip.
+
+        ``reads``: (path under the root or an absolute link on it, query parameters, headers) each.
+        Returns, per read in order, its parsed body or the project's error for its answer. Graph
+        authenticates, throttles and answers each item on its own (a 429 of one item inside a 200
+        envelope), so one item's error is that read's alone; an error of the envelope itself raises.
+        Items refused for the token (401) are sent again once, after a forced refresh, as ``request``
+        does. Headers go on every item (Graph does not carry the envelope's ``Prefer`` over to them).
+        """
+        if not reads:
+            return []
+        if len(reads) > BATCH_MAX:
+            raise ValueError(f"a JSON batch holds at most {BATCH_MAX} requests, not {len(reads)}")
+        items = [self._batch_item(str(n), *read) for n, read in enumerate(reads)]
+        answers = self._batch(items, force_refresh=False)
+        if any(answer.status == 401 for answer in answers.values()):
+            answers = self._batch(items, force_refresh=True)
+        found: list[Any | MailsyncError] = []
+        for n in range(len(reads)):
+            answer = answers.get(str(n))
+            if answer is None:
+                found.append(MalformedResponse("Graph's batch answer left a request out"))
+            elif 200 <= answer.status < 300:
+                found.append(answer.body)
+            else:
+                found.append(error_for_status(answer.status, answer.body, answer.retry_after))
+        return found
+
+    def _batch_item(self, item_id: str, path_or_url: str, params: Mapping[str, str] | None,
+                    headers: Mapping[str, str] | None) -> dict[str, Any]:
+        url = self.url(path_or_url)
+        if not url.startswith(self._base_url + "/"):
+            raise CursorExpired("a link outside the Graph root cannot be batched")
+        relative = url[len(self._base_url):]
+        if params:
+            # OData's names keep their "$" (and the $select list its commas), as Graph's own links write them.
+            relative += ("&" if "?" in relative else "?") + "&".join(
+                f"{quote(k, safe='$')}={quote(v, safe=',$')}" for k, v in params.items())
+        prefer = 'IdType="ImmutableId"'
+        extra = {k: v for k, v in (headers or {}).items() if k.lower() != "prefer"}
+        prefer = ", ".join([prefer, *(v for k, v in (headers or {}).items() if k.lower() == "prefer")])
+        return {"id": item_id, "method": "GET", "url": relative, "headers": {"Prefer": prefer, **extra}}
+
+    def _batch(self, items: list[dict[str, Any]], *, force_refresh: bool) -> dict[str, _BatchAnswer]:
+        """Send the items as one batch; per item id its answer."""
+        response = self._send("POST", self.url("$batch"), None, {"requests": items}, None,
+                              force_refresh=force_refresh)
+        if response.status_code == 401 and not force_refresh:
+            response = self._send("POST", self.url("$batch"), None, {"requests": items}, None, force_refresh=True)
+        answer = self._parse(response)
+        responses = answer.get("responses") if isinstance(answer, dict) else None
+        if not isinstance(responses, list):
+            raise MalformedResponse("Graph's batch answer has no responses array")
+        found: dict[str, _BatchAnswer] = {}
+        for item in responses:
+            if isinstance(item, dict) and isinstance(item.get("status"), int):
+                headers = item.get("headers")
+                retry_after = next((str(v) for k, v in headers.items() if k.lower() == "retry-after"), None) \
+                    if isinstance(headers, dict) else None
+                found[str(item.get("id"))] = _BatchAnswer(item["status"], item.get("body"), retry_after)
+        return found
+
     def get_bytes(self, path_or_url: str, *, max_bytes: int) -> tuple[bytes, str]:
         """A binary resource (an attachment's ``$value``): its bytes and Content-Type.
 
@@ -231,6 +298,15 @@ class GraphClient:
         if 200 <= status < 300:
             return body
         raise error_for_status(status, body, response.headers.get("Retry-After"))
+
+
+@dataclass(frozen=True)
+class _BatchAnswer:
+    """One item's answer inside a JSON batch's envelope."""
+
+    status: int
+    body: Any
+    retry_after: str | None
 
 
 def error_for_status(status: int, body: Any, retry_after_header: str | None) -> MailsyncError:

@@ -89,7 +89,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from mailsync.errors import CursorExpired, InputError, ReauthRequired
+from mailsync.errors import CursorExpired, InputError, MailsyncError, ProviderAuthError, ReauthRequired
 from mailsync.models import Account, Folder, FolderBatch, Message, MessageBatch
 from mailsync.ports import TokenProvider
 from mailsync.providers.imap_cursor import (
@@ -206,6 +206,20 @@ class ImapProvider:
         return FolderBatch(upserts=upserts, removals=removals, cursor=encode_list_cursor(digests), complete=True)
 
     # --- messages -------------------------------------------------------------------------------------
+
+    def message_changes_many(self, reads: Sequence[tuple[str, str | None]]) -> list[MessageBatch | MailsyncError]:
+        """One read after the other on the account's connection (IMAP has no batching across folders:
+        each SELECTs its folder); a read's error is its own, a lost connection refuses the reads after it
+        too (each tries on its own and fails or reconnects as ``message_changes`` does)."""
+        found: list[MessageBatch | MailsyncError] = []
+        for folder_id, cursor in reads:
+            try:
+                found.append(self.message_changes(folder_id, cursor))
+            except (ReauthRequired, ProviderAuthError):
+                raise          # the account's, not the read's
+            except MailsyncError as exc:
+                found.append(exc)
+        return found
 
     def message_changes(self, folder_id: str, cursor: str | None) -> MessageBatch:
         state = decode_folder_cursor(cursor) if cursor is not None else None

@@ -69,6 +69,9 @@ def worth_a_bulk_load(state: SyncState) -> bool:
 # FIRST_PASS_MAX_MESSAGES together: one bulk request, as a round's pages are (MAX_BULK_MESSAGES).
 FIRST_PASS_FOLDER_MAX = 500
 FIRST_PASS_MAX_MESSAGES = 2_000
+# Folders read together (``MailProvider.message_changes_many``) by the first pass and a quiet sweep: one
+# Graph JSON batch (its limit: 20 requests); the time left is checked again between two.
+READS_AT_ONCE = 20
 
 
 def never_written(state: SyncState, generation: str) -> bool:

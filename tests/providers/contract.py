@@ -169,6 +169,34 @@ class ProviderContract:
         again = provider.folder_changes(mirror.folder_cursor)
         assert again.complete and not again.upserts and not again.removals
 
+    def test_folders_read_together_get_what_each_would_alone(self, harness: MailboxHarness) -> None:
+        # The first pass and quiet sweeps ask for many folders' pages at once (Graph: JSON batches of
+        # 20). Each answer is its own folder's page; a read that fails is that read's error alone.
+        provider = harness.open()
+        mirror = Mirror()
+        mirror.sync(provider)
+        moved = _some(harness, 1, lambda m: m.folder_id != harness.inbox_id)[0]
+        harness.move(moved, harness.inbox_id)
+        harness.set_read(_some(harness, 1, lambda m: m.folder_id == harness.inbox_id and not m.is_read)[0], True)
+        reads: list[tuple[str, str | None]] = [(fid, mirror.cursors[fid]) for fid in sorted(mirror.folders)]
+        reads.append((harness.inbox_id, "not a cursor"))
+        reads.extend((fid, None) for fid in sorted(mirror.folders)[:2])     # first rounds, from no cursor
+        pages = provider.message_changes_many(reads)
+        assert len(pages) == len(reads)
+        assert isinstance(pages[len(mirror.folders)], CursorExpired)
+        for (folder_id, cursor), page in zip(reads, pages, strict=True):
+            if cursor is None or cursor == "not a cursor":
+                continue
+            assert isinstance(page, MessageBatch) and page.complete
+            mirror.apply(folder_id, page)
+            mirror.cursors[folder_id] = page.cursor
+        assert_mirror_equals(mirror, harness)
+        for (folder_id, _), page in list(zip(reads, pages, strict=True))[-2:]:
+            assert isinstance(page, MessageBatch) and all(m.folder_id == folder_id for m in page.upserts)
+        # Nothing since: every folder's page from its new cursor is empty.
+        again = provider.message_changes_many([(fid, mirror.cursors[fid]) for fid in sorted(mirror.folders)])
+        assert all(isinstance(p, MessageBatch) and p.complete and not p.upserts and not p.removals for p in again)
+
     def test_every_kind_of_change_is_seen(self, harness: MailboxHarness) -> None:
         provider = harness.open()
         mirror = Mirror()

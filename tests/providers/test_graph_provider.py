@@ -10,6 +10,7 @@ constructor-built ones).
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -22,7 +23,7 @@ import requests
 
 from graph_sandbox.state import SandboxUser
 from mailsync.errors import CursorExpired, ProviderThrottled, ProviderUnavailable
-from mailsync.models import Account, AccountStatus, Address, FlagStatus, Message, Provider
+from mailsync.models import Account, AccountStatus, Address, FlagStatus, Message, MessageBatch, Provider
 from mailsync.providers.graph import (
     FOLDER_FIELDS,
     MESSAGE_FIELDS,
@@ -141,6 +142,33 @@ def test_every_call_asks_for_immutable_ids_and_page_size(harness: GraphHarness) 
         assert 'IdType="ImmutableId"' in prefer
         if "/delta" in (request.url or ""):
             assert "odata.maxpagesize=25" in prefer
+
+
+def test_reads_batched_together_keep_each_requests_headers_and_fail_alone(harness: GraphHarness) -> None:
+    # message_changes_many sends JSON batches: Graph does not carry the envelope's Prefer over to the
+    # items, so each must ask for its page size (and immutable ids) itself; and Graph answers each item
+    # on its own, an expired sync state or a 429 inside a 200 envelope.
+    provider = harness.open(page_size=5)
+    in_inbox = [m for m in harness.messages().values() if m.folder_id == harness.inbox_id]
+    assert len(in_inbox) > 5
+    other = next(fid for fid in harness.folders() if fid != harness.inbox_id)
+    first = provider.message_changes_many([(harness.inbox_id, None)])[0]
+    assert isinstance(first, MessageBatch) and len(first.upserts) == 5 and not first.complete
+    alone = provider.message_changes(harness.inbox_id, None)
+    assert [m.message_id for m in first.upserts] == [m.message_id for m in alone.upserts], "the same ids"
+    batches = [r for r in harness.requests_seen if (r.url or "").endswith("/$batch")]
+    assert batches and all(r.method == "POST" for r in batches)
+    for item in json.loads(batches[-1].body or b"{}")["requests"]:
+        assert 'IdType="ImmutableId"' in item["headers"]["Prefer"]
+        assert "odata.maxpagesize=5" in item["headers"]["Prefer"]
+        assert "$select=" in item["url"] and "$top" not in item["url"]
+    assert harness.server.admin("PUT", "faults", json={"profile": "none", "overrides": {"expire_delta": 1.0}}).ok
+    pages = provider.message_changes_many([(harness.inbox_id, first.cursor), (other, None)])
+    assert isinstance(pages[0], CursorExpired), "a delta call with a state token: its sync state is gone"
+    assert isinstance(pages[1], MessageBatch), "a first call has no state to lose"
+    assert harness.server.admin("PUT", "faults", json={"profile": "none", "overrides": {"storm": 1.0}}).ok
+    throttled = provider.message_changes_many([(other, None)])[0]
+    assert isinstance(throttled, ProviderThrottled) and throttled.retry_after_s > 0
 
 
 def test_delta_selects_exactly_the_stored_fields_and_never_top(harness: GraphHarness) -> None:
