@@ -21,12 +21,12 @@ import pytest
 
 from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, THEN_SYNC, JobKind, new_job
 from mailsync.models import Account, Job
-from mailsync.storage.sync_rows import AccountSyncState
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.records import AccountMonitor, SubscriptionKind
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
+from mailsync.storage.sync_rows import AccountSyncState
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.devhost import DevhostProcess
 from tests.fixtures.graph_sandbox import SandboxTestServer

@@ -8,6 +8,7 @@ write leaves the folders to rounds that drop what is gone (``remove_stale``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,7 +66,8 @@ def run_linked(world: SyncWorld, delivery: str = "linked-1") -> Outcome:
 def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(world: SyncWorld) -> None:
     counting = CountingStore(world.store)
     world.engine.store = counting   # type: ignore[assignment]
-    deltas_before = world.sandbox.admin("GET", "counters").json()["deltaPages"]
+    counters = world.sandbox.admin("GET", "counters").json()
+    deltas_before, requests_before = counters["deltaPages"], counters["requests"]
     assert run_linked(world) == Outcome.DONE
     rows = world.state.load(world.account_id)
     assert rows.folders and all(row.rounds == 1 and not row.lease_owner and not row.dirty
@@ -76,7 +78,11 @@ def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(w
     # were created from; the rows take the roles (they were once created again, refused, and left without).
     roles = {row.role for row in rows.folders.values()}
     assert {"inbox", "sentitems", "drafts", "deleteditems"} <= roles, roles
-    assert world.sandbox.admin("GET", "counters").json()["deltaPages"] - deltas_before == len(rows.folders)
+    counters = world.sandbox.admin("GET", "counters").json()
+    assert counters["deltaPages"] - deltas_before == len(rows.folders)
+    # Round trips: the folder list's page, its two roles batches (the Inbox's first), and the folders'
+    # first pages in JSON batches of 20 (one request each was a round trip per folder and per role).
+    assert counters["requests"] - requests_before == 3 + math.ceil(len(rows.folders) / 20), counters
     # One bulk request for every folder's messages, one phase update, one refresh; no folder was
     # ever written before, so no round's end looks for stale documents.
     assert counting.calls.get("upsert_messages") == 1 and counting.calls.get("set_folder_phases") == 1
