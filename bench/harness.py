@@ -522,6 +522,27 @@ def link_many(stack: Stack, addresses: Sequence[str], parallel: int) -> list[Lin
     return done
 
 
+def record_store_generation(stack: Stack) -> str:
+    """Do what a deployment's first poll tick does, before the run: record the store's generation
+    (``mailsync.monitoring.store_watch``). Otherwise the stack's first tick, a minute in, finds none
+    recorded and gives every account linked so far one more sync (cheap on a real deployment, which
+    ticked long before its accounts came; in a benchmark, an extra job per account in its window)."""
+    from azure.core.exceptions import ResourceExistsError
+    from azure.data.tables import TableClient
+
+    from mailsync.storage.store_generation import TableGenerationLedger
+
+    generation = stack.store().generation()
+    table = TableClient.from_connection_string(stack.azurite.connection_string, f"{stack.env['TABLE_PREFIX']}sync")
+    with contextlib.suppress(ResourceExistsError):     # the app made it
+        table.create_table()
+    try:
+        TableGenerationLedger(table).record(generation)
+    finally:
+        table.close()
+    return generation
+
+
 def wait_synced(stack: Stack, account_ids: set[str], timeout_s: float, *, poll_s: float = 1.0) -> None:
     """Until every account is ``synced``, read from Azurite's accounts table directly: polling the app's
     views (or the counting proxy) for 1,000 accounts would itself load the host that syncs them."""

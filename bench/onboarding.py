@@ -57,6 +57,7 @@ from bench.harness import (
     figures,
     link_many,
     percentile,
+    record_store_generation,
     remove_workdir,
     say,
     start_stack,
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.workers):
             stack.add_worker()
         addresses = [u["mail"] for u in stack.sandbox.users()][: args.accounts]
+        record_store_generation(stack)
         stack.wait_quiet(looks=2)
         counter = stack.storage_counter
         storage0 = counter.snapshot() if counter else {}
