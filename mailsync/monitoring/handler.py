@@ -340,15 +340,17 @@ class MonitoringJobs:
 
     def _subscribe_then_sync(self, job: Job, direct: DirectRunner | None) -> None:
         try:
-            made = self._subscriptions.ensure_before_sync(job.account_id)
+            found = self._subscriptions.ensure_before_sync(job.account_id)
         except MailsyncError:
             # The sync never waits on the subscriptions; the redelivery ensures them again, and a
             # creation then sweeps (the sync below is no longer "after" it).
-            self._start_sync(job, set(), direct)
+            self._start_sync(job, frozenset(), None, direct)
             raise
-        self._start_sync(job, made, direct)
+        self._start_sync(job, found.made, found.account, direct)
 
-    def _start_sync(self, job: Job, made: set[SubscriptionKind], direct: DirectRunner | None) -> None:
+    def _start_sync(self, job: Job, made: frozenset[SubscriptionKind], account: Account | None,
+                    direct: DirectRunner | None) -> None:
+        """The initial sync, queued or run in place (``account``: as just read, or None: the engine reads it)."""
         if SubscriptionKind.MESSAGES in made:
             # The sweep a new messages subscription needs (every folder, the folder list, and the
             # look-again for what delta did not show yet); on a new account it is the initial sync.
@@ -360,7 +362,7 @@ class MonitoringJobs:
         if direct is None:
             self._enqueue([sync])
         else:
-            direct(sync, None, None)
+            direct(sync, account, None)
 
     # -- common -----------------------------------------------------------------------
 

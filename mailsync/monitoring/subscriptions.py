@@ -94,6 +94,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class BeforeSync:
+    """What ``SubscriptionManager.ensure_before_sync`` found and did."""
+
+    account: Account | None                 # as read for the creations; None: gone
+    made: frozenset[SubscriptionKind]       # the kinds it created
+
+
 def webhooks_enabled(settings: Settings) -> bool:
     """Can Graph deliver notifications to ``PUBLIC_BASE_URL``?
 
@@ -169,15 +177,17 @@ class SubscriptionManager:
         results = {kind: self._ensure_kind(account_id, kind, made) for kind in KINDS}
         return results[SubscriptionKind.MESSAGES]
 
-    def ensure_before_sync(self, account_id: str) -> set[SubscriptionKind]:
+    def ensure_before_sync(self, account_id: str) -> BeforeSync:
         """``ensure``, without queueing the sweeps that cover the time before a creation: the caller's
-        sync, which starts after this returns, is that sweep. Returns the kinds created (nothing when
-        webhooks are off, the account is gone, or Graph refused: the failure is recorded and retried)."""
+        sync, which starts after this returns, is that sweep. Returns the account as read (once, for
+        both kinds) and the kinds created (nothing when webhooks are off, the account is gone, or Graph
+        refused: the failure is recorded and retried)."""
+        account = self._accounts.get(account_id)
         made: set[SubscriptionKind] = set()
-        if self.enabled:
+        if self.enabled and account is not None:
             for kind in KINDS:
-                self._ensure_kind(account_id, kind, made, sweep=False)
-        return made
+                self._ensure_kind(account_id, kind, made, sweep=False, account=account)
+        return BeforeSync(account, frozenset(made))
 
     def renew(self, account_id: str, subscription_id: str | None = None) -> AccountMonitor | None:
         """Extend the subscriptions; recreate one Graph no longer knows.
@@ -231,7 +241,8 @@ class SubscriptionManager:
     # -- one kind -------------------------------------------------------------------------
 
     def _ensure_kind(self, account_id: str, kind: SubscriptionKind,
-                     made: set[SubscriptionKind] | None = None, *, sweep: bool = True) -> AccountMonitor | None:
+                     made: set[SubscriptionKind] | None = None, *, sweep: bool = True,
+                     account: Account | None = None) -> AccountMonitor | None:
         monitor = self._store.get_monitor(account_id, kind)
         now = self._clock()
         if (monitor is not None and monitor.subscription_id is not None and monitor.expires_at is not None
@@ -239,31 +250,32 @@ class SubscriptionManager:
             if monitor.failures == 0 and not self._renewal_due(monitor, now):
                 return monitor
             # Recreates when Graph no longer knows it.
-            return self._renew_kind(account_id, kind, None, made, sweep=sweep)
+            return self._renew_kind(account_id, kind, None, made, sweep=sweep, account=account)
         if (monitor is not None and monitor.subscription_id is None and monitor.failures
                 and monitor.retry_at is not None and monitor.retry_at > now):
             # Creation keeps failing and its back-off has not passed: the job
             # came for the other kind; the renewer retries this one when due.
             return monitor
-        return self._create(account_id, monitor, kind, made, sweep=sweep)
+        return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
 
     def _renew_kind(self, account_id: str, kind: SubscriptionKind, subscription_id: str | None,
-                    made: set[SubscriptionKind] | None = None, *, sweep: bool = True) -> AccountMonitor | None:
+                    made: set[SubscriptionKind] | None = None, *, sweep: bool = True,
+                     account: Account | None = None) -> AccountMonitor | None:
         monitor = self._store.get_monitor(account_id, kind)
         if monitor is None or monitor.subscription_id is None:
-            return self._create(account_id, monitor, kind, made, sweep=sweep)
+            return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
         if subscription_id is not None and subscription_id != monitor.subscription_id:
             log.info("lifecycle event for a replaced subscription ignored")
             return monitor
         current = self._store.get(monitor.subscription_id)
         if current is None:
-            return self._create(account_id, monitor, kind, made, sweep=sweep)
+            return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
         wanted = self._expiration(self._clock())
         try:
             granted = self._api.renew(account_id, current.subscription_id, wanted)
         except NotFound:
             log.info("subscription gone at Graph; recreating", extra={"subscription_id": current.subscription_id})
-            return self._create(account_id, monitor, kind, made, sweep=sweep)
+            return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
         except ProviderError as exc:
             return self._record_failure(account_id, monitor, exc, kind)
         self._store.put(replace(current, expires_at=granted))
@@ -348,13 +360,16 @@ class SubscriptionManager:
 
     def _create(self, account_id: str, monitor: AccountMonitor | None,
                 kind: SubscriptionKind = SubscriptionKind.MESSAGES,
-                made: set[SubscriptionKind] | None = None, *, sweep: bool = True) -> AccountMonitor | None:
+                made: set[SubscriptionKind] | None = None, *, sweep: bool = True,
+                     account: Account | None = None) -> AccountMonitor | None:
         """Create the account's subscription of ``kind`` and queue the sweep that covers the time before it.
 
         ``made``: the kinds created so far by the same call (``ensure`` makes both), this one added.
         ``sweep``: False when the caller's sync, started after this call, is that sweep (``ensure_before_sync``).
+        ``account``: as the caller read it just now (else read here).
         """
-        account = self._accounts.get(account_id)
+        if account is None:
+            account = self._accounts.get(account_id)
         if account is None or account.status not in WATCHED_STATUSES:
             log.info("no subscription for an account that is gone or not linked")
             return monitor

@@ -165,6 +165,7 @@ def test_a_new_accounts_first_job_subscribes_then_starts_the_sync_that_is_its_sw
     ran: list[Job] = []
 
     def direct(job: Job, known: Account | None, rows: AccountSyncState | None) -> AccountSyncState | None:
+        assert known is not None and known.account_id == account, "the account as read for the creations"
         ran.append(job)
         return None
 
@@ -193,7 +194,7 @@ def test_a_new_account_whose_subscriptions_graph_refuses_is_synced_all_the_same(
                                       GraphSubscriptionApi(rig.client_for), h.accounts, h.queue, clock=rig.now)
     # Nothing made (so the handler starts an ordinary sync, as for the relink above), the failures
     # recorded for the renewer, which sweeps when it creates them.
-    assert unreachable.ensure_before_sync(account) == set()
+    assert unreachable.ensure_before_sync(account).made == frozenset()
     assert rig.monitor(account).failures == 1 and rig.monitor(account, SubscriptionKind.FOLDERS).failures == 1
     assert h.drain() == []
 
