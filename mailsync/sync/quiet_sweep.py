@@ -81,7 +81,10 @@ class QuietSweep(InvocationBase):
         the fault as always.
         """
         e = self.e
-        rows = self._load()
+        # Rows read after this invocation's last write of them (the folder list's end read them) serve as
+        # well as a fresh read: what matters is a read before the folders' reads below, whose ETags then
+        # refuse the rest of any row a round began or ended on since.
+        rows = self.rows if self.rows_current and self.rows is not None else self._load()
         generation = self._store_generation()
         now = e.clock()
         quiet: list[tuple[SyncState, str]] = []
