@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
-from mailsync.errors import Conflict, LeaseLost, MailsyncError
+from mailsync.errors import Conflict, LeaseLost, MailsyncError, NotFound
 from mailsync.jobs import EXPECT, SUBSCRIBED, Expected, JobKind
 from mailsync.models import Account, AccountStatus, Job, Mailbox, Message, Provider, SyncPhase, SyncProgress
 from mailsync.ports import EventPublisher, MailProvider
@@ -221,18 +221,28 @@ class InvocationBase:
     def _update_account(self, change: Callable[[Account], Account | None]) -> bool:
         """Save ``change(account)`` over the account as read now; ``change`` answers None to leave it.
 
-        Retried (three reads) when another writer saved the account in between (ETag conflict).
-        True if this call saved it; False if the account is gone, ``change`` declined, or it kept racing.
+        Tried first on the account as this invocation holds it (read when the job began: the save is
+        conditional on its ETag, so a copy changed since is refused, never overwritten); then, like on
+        an ETag conflict, on a fresh read, three tries in all. A change the held copy declines is asked
+        again of a fresh read (the copy may be older than what it decides on). True if this call saved
+        it; False if the account is gone, ``change`` declined, or it kept racing.
         """
+        held: Account | None = self.account if self.account.etag is not None else None
         for _ in range(3):
-            account = self.e.accounts.get(self.account_id)
+            account = held if held is not None else self.e.accounts.get(self.account_id)
             changed = change(account) if account is not None else None
             if changed is None:
-                return False
+                if held is None:
+                    return False
+                held = None
+                continue
             try:
                 self.account = self.e.accounts.save(changed)
             except Conflict:
+                held = None
                 continue
+            except NotFound:
+                return False          # unlinked meanwhile
             return True
         return False
 

@@ -58,6 +58,21 @@ class CountingStore:
 
 
 
+class CountingAccounts:
+    """The real account repository, with its reads counted."""
+
+    def __init__(self, accounts: Any) -> None:
+        self.accounts = accounts
+        self.gets = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.accounts, name)
+
+    def get(self, account_id: str) -> Any:
+        self.gets += 1
+        return self.accounts.get(account_id)
+
+
 def run_linked(world: SyncWorld, delivery: str = "linked-1") -> Outcome:
     job = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="linked")
     return world.engine.handle(job, Delivery(delivery), world.events)
@@ -66,6 +81,8 @@ def run_linked(world: SyncWorld, delivery: str = "linked-1") -> Outcome:
 def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(world: SyncWorld) -> None:
     counting = CountingStore(world.store)
     world.engine.store = counting   # type: ignore[assignment]
+    accounts = CountingAccounts(world.engine.accounts)
+    world.engine.accounts = accounts   # type: ignore[assignment]
     counters = world.sandbox.admin("GET", "counters").json()
     deltas_before, requests_before = counters["deltaPages"], counters["requests"]
     assert run_linked(world) == Outcome.DONE
@@ -73,6 +90,7 @@ def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(w
     assert rows.folders and all(row.rounds == 1 and not row.lease_owner and not row.dirty
                                 for row in rows.folders.values())
     assert world.account_status() == AccountStatus.SYNCED
+    assert accounts.gets == 1, "the job's read; becoming synced saves over it (ETag-checked), no second read"
     assert world.queue.sent == 0, "no job per folder, no continuation"
     # The folder list's roles batch (right after its first page) names the well-known folders its rows
     # were created from; the rows take the roles (they were once created again, refused, and left without).
