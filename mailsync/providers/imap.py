@@ -38,7 +38,8 @@ Per-folder state machine (the cursor, ``imap_cursor.FolderCursor``)::
                           │  (UID SEARCH in a window, UID FETCH of those)
                           ▼
                         walk(below = lowest UID read) ... no UIDs left
-                          │  (complete = False: the catch-up below still belongs to this round)
+                          │  (complete = False: the catch-up below still belongs to this round;
+                          │   complete at once when the walk was the first call, in modes q and c)
                           ▼
         ┌────────────► sync(baseline) ──incremental──► changes ≤ page ──► sync(new baseline), complete
         │                                              │ more than a page
@@ -273,6 +274,8 @@ class ImapProvider:
 
     def _walk(self, session: ImapSession, folder_id: str, state: FolderCursor,
               info: SelectInfo | None = None) -> _Page:
+        # Given only by _start_walk: the EXAMINE of this very call, the round's baseline.
+        baseline_now = info is not None
         info = info or session.examine(folder_id, reuse=True)
         self._check_validity(state, info)
         uids, exhausted = self._next_window(session, state.below, info)
@@ -292,7 +295,18 @@ class ImapProvider:
             # The walk is over: the catch-up from the baseline is the next (and last) step of this round.
             done = state.with_(stage="sync", below=0, modseq=state.target_modseq, uidnext=state.target_uidnext,
                                target_modseq=0, target_uidnext=1, blocks=blocks, count=count, floor=version)
-            return _Page(tuple(messages), (), done, complete=False)
+            # Unless the whole walk was this one call, right after the EXAMINE that took its baseline
+            # (a folder of one page: most folders, and every one a new account's first pass takes). The
+            # catch-up is there for what changed while a walk of several calls ran; here nothing ran
+            # between the baseline and the FETCH but the FETCH itself, which already saw the state of
+            # then (a change after it has a MODSEQ above the baseline, where the cursor stands: the
+            # folder's next incremental round reads it, and STATUS/IDLE show it moved). So the round
+            # ends here, and its folder is not visited once more only to learn that nothing changed
+            # (a lease, an EXAMINE, a FETCH CHANGEDSINCE, remove_stale's refresh and delete-by-query,
+            # the row's finish: five such rounds were a ~6 s chain per new account in
+            # bench/imap_initial_sync.py). Without CONDSTORE (mode "f") the catch-up compares the
+            # whole folder's flags instead, and stays.
+            return _Page(tuple(messages), (), done, complete=baseline_now and state.mode in ("q", "c"))
         return _Page(tuple(messages), (), state.with_(below=below, blocks=blocks, count=count, floor=version),
                      complete=False)
 

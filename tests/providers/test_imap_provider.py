@@ -233,6 +233,34 @@ def test_changes_during_the_walk_are_in_the_same_round(harness: ImapHarness) -> 
     assert any(m.subject == "arrived during the walk" for m in mirror.messages.values())
 
 
+@pytest.mark.parametrize(("paths", "one_call"), [(("qresync",), True), (("condstore",), True), (("scan",), False)])
+def test_a_folder_walked_in_one_call_ends_its_round_there(dovecot: DovecotServer, paths: tuple[str, ...],
+                                                          one_call: bool) -> None:
+    # One page, read right after the EXAMINE that took the round's baseline: nothing can have changed in
+    # between that the FETCH did not see, so with MODSEQs the round is complete at once (no second visit
+    # only to learn that), and whatever changes after it is the next incremental round's, from the baseline.
+    harness = make_harness(dovecot, paths=paths)
+    provider = harness.open(page_size=1000)
+    batch = provider.message_changes("INBOX", None)
+    truth = {k for k, v in harness.messages().items() if v.folder_id == "INBOX"}
+    assert {m.message_id for m in batch.upserts} == truth
+    assert batch.complete is one_call
+    first, cursor = batch.upserts[0], batch.cursor
+    if not one_call:   # without CONDSTORE the catch-up compares the folder's flags: a second call
+        batch = provider.message_changes("INBOX", cursor)
+        assert batch.complete and not batch.upserts and not batch.removals
+        cursor = batch.cursor
+    assert decode_folder_cursor(cursor).stage == "sync"
+    flagged = first.message_id
+    was = first.flag_status == "flagged"
+    harness.set_flagged(flagged, not was)
+    harness.deliver("after the round")
+    after = provider.message_changes("INBOX", cursor)
+    assert after.complete
+    assert ({m.message_id: m.flag_status for m in after.upserts}[flagged] == "flagged") is not was
+    assert any(m.subject == "after the round" for m in after.upserts)
+
+
 def test_first_screen_is_newest_first_without_sort_too(dovecot_plain: DovecotServer) -> None:
     harness = make_harness(dovecot_plain)
     for n in range(3):
