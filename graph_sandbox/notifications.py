@@ -201,8 +201,12 @@ class Notifier:
     """
 
     def __init__(self, state: Any, *,
-                 missed_event: Callable[[str], tuple[str, dict[str, Any]] | None] | None = None) -> None:
+                 missed_event: Callable[[str], tuple[str, dict[str, Any]] | None] | None = None,
+                 validation_tokens: Callable[[Iterable[str]], list[str]] | None = None) -> None:
+        """``validation_tokens(subscription ids)``: the ``validationTokens`` of a POST carrying
+        resource data (graph_sandbox.rich_notifications), minted when it is sent."""
         self.state = state
+        self._validation_tokens = validation_tokens or (lambda _ids: [])
         self.stats = DeliveryStats()
         self.history: deque[DeliveryRecord] = deque(maxlen=500)
         self._missed_event = missed_event or (lambda _sid: None)
@@ -385,7 +389,11 @@ class Notifier:
             if not batch:
                 return
             posted_at = self._loop_time()
-            ok, status = await self._post(endpoint.url, [i.payload for i in batch])
+            body = notification_collection(i.payload for i in batch)
+            if any("encryptedContent" in i.payload for i in batch):
+                # Minted per POST (a retry hours later carries fresh ones), one per (app, tenant).
+                body["validationTokens"] = self._validation_tokens({i.subscription_id for i in batch})
+            ok, status = await self._post(endpoint.url, body)
             self.stats.posts += 1
             self.history.append(DeliveryRecord(endpoint.url, len(batch), status, ok))
             now = self._loop_time()
@@ -420,10 +428,10 @@ class Notifier:
             endpoint.busy = False
             self._wake.set()
 
-    async def _post(self, url: str, payloads: list[dict[str, Any]]) -> tuple[bool, int | None]:
+    async def _post(self, url: str, body: dict[str, Any]) -> tuple[bool, int | None]:
         try:
             async with self.session.post(
-                    url, json=notification_collection(payloads),
+                    url, json=body,
                     headers={"Content-Type": "application/json; charset=utf-8"},
                     timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as response:
                 await response.read()

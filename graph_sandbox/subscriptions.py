@@ -84,6 +84,17 @@ from graph_sandbox.notifications import (
     lifecycle_notification,
 )
 from graph_sandbox.payloads import error as graph_error
+from graph_sandbox.payloads import message as message_payload
+from graph_sandbox.payloads import message_select
+from graph_sandbox.rich_notifications import (
+    MAX_RICH_MINUTES,
+    UNSELECTABLE,
+    CertificateError,
+    EncryptionCertificate,
+    encrypted_content,
+    parse_certificate,
+    validation_token,
+)
 
 MAX_CLIENT_STATE = 128
 MAX_HELD = 1000                    # notifications held per subscription during a challenge
@@ -93,7 +104,7 @@ FOLDERS = "folders"
 MAX_PER_MAILBOX = 1000
 CHANGE_TYPES = ("created", "updated", "deleted")
 READ_SCOPES = frozenset({"Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite", "Mail.ReadBasic.All"})
-UPDATABLE = frozenset({"expirationDateTime", "notificationUrl"})
+UPDATABLE = frozenset({"expirationDateTime", "notificationUrl", "encryptionCertificate", "encryptionCertificateId"})
 
 _RESOURCE = re.compile(
     r"^/?(?:(?P<me>me)|users/(?P<user>[^/()]+))"
@@ -138,6 +149,10 @@ class Subscription:
     challenge_sent_at: float = 0.0     # sandbox clock of the last reauthorizationRequired
     held: list[dict[str, Any]] = field(default_factory=list)
     held_overflow: bool = False
+    # Rich notifications (graph_sandbox.rich_notifications): the $select of the resource, the certificate.
+    include_resource_data: bool = False
+    select: tuple[str, ...] = ()
+    certificate: EncryptionCertificate | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -151,10 +166,10 @@ class Subscription:
             "lifecycleNotificationUrl": self.lifecycle_url,
             "expirationDateTime": graph_datetime(self.expiration),
             "creatorId": self.creator_id,
-            "includeResourceData": False,
+            "includeResourceData": self.include_resource_data,
             "latestSupportedTlsVersion": self.latest_tls,
-            "encryptionCertificate": None,
-            "encryptionCertificateId": None,
+            "encryptionCertificate": self.certificate.base64 if self.certificate is not None else None,
+            "encryptionCertificateId": self.certificate.certificate_id if self.certificate is not None else None,
             "notificationUrlAppId": None,
         }
 
@@ -165,7 +180,7 @@ class SubscriptionService:
     def __init__(self, state: Any, *, identity: Any | None = None) -> None:
         self.state = state
         self.identity = identity
-        self.notifier = Notifier(state, missed_event=self._missed_event)
+        self.notifier = Notifier(state, missed_event=self._missed_event, validation_tokens=self._validation_tokens)
         self._subs: dict[str, Subscription] = {}
         self._by_user: dict[str, set[str]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -331,10 +346,36 @@ class SubscriptionService:
             if sub.folder_id is not None and sub.folder_id != change.folder_id:
                 continue
             message_id = change.immutable_id if sub.immutable_ids and change.immutable_id else change.message_id
-            self._notify(sub, change_notification(
+            payload = change_notification(
                 subscription_id=sub.id, subscription_expiration=sub.expiration, change_type=change.change_type,
                 user_id=change.user_id, message_id=message_id, tenant_id=self.state.tenant_id,
-                client_state=sub.client_state, etag=self._etag(change)))
+                client_state=sub.client_state, etag=self._etag(change))
+            if sub.include_resource_data and sub.certificate is not None:
+                data = self._resource_data(sub, change)
+                if data is not None:
+                    payload["encryptedContent"] = encrypted_content(data, sub.certificate)
+            self._notify(sub, payload)
+
+    def _resource_data(self, sub: Subscription, change: MailChange) -> dict[str, Any] | None:
+        """The message as the subscription's ``$select`` shows it now (at the change), or None (deleted: gone)."""
+        if change.change_type == "deleted":
+            return None
+        box = self.state.mailboxes.get(change.user_id)
+        message = box.by_rest.get(change.message_id) if box is not None else None
+        if message is None:
+            return None
+        return message_payload(message, box, immutable=sub.immutable_ids, select=sub.select, odata_type=True)
+
+    def _validation_tokens(self, subscription_ids: Iterable[str]) -> list[str]:
+        """One token per distinct (app, tenant) among these subscriptions' rich notifications."""
+        identity = self.identity or platform_for(self.state)
+        if identity is None:
+            return []
+        pairs = sorted({(sub.app_id, self.state.tenant_id) for sid in subscription_ids
+                        if (sub := self._subs.get(sid)) is not None and sub.include_resource_data})
+        now = self._now()
+        return [validation_token(identity.signer, app_id=app_id, tenant_id=tenant_id, now=now)
+                for app_id, tenant_id in pairs]
 
     def _etag(self, change: MailChange) -> str | None:
         if change.change_type == "deleted":
@@ -428,10 +469,21 @@ class SubscriptionService:
             unknown = sorted(k for k in body if k not in UPDATABLE and not k.startswith("@odata."))
             if unknown:
                 raise GraphError(400, "InvalidRequest",
-                                 f"Only expirationDateTime and notificationUrl can be updated, not {unknown[0]}.")
+                                 "Only expirationDateTime, notificationUrl, encryptionCertificate and "
+                                 f"encryptionCertificateId can be updated, not {unknown[0]}.")
             expiration = sub.expiration
             if "expirationDateTime" in body:
-                expiration = self._parse_expiration(body["expirationDateTime"])
+                expiration = self._parse_expiration(body["expirationDateTime"], rich=sub.include_resource_data)
+            certificate = sub.certificate
+            if "encryptionCertificate" in body or "encryptionCertificateId" in body:
+                # Microsoft's key rotation: a PATCH gives the subscription a new certificate.
+                if not sub.include_resource_data:
+                    raise GraphError(400, "InvalidRequest", "The subscription does not include resource data.")
+                try:
+                    certificate = parse_certificate(body.get("encryptionCertificate"),
+                                                    body.get("encryptionCertificateId"))
+                except CertificateError as exc:
+                    raise GraphError(400, "InvalidRequest", str(exc)) from None
             url = sub.notification_url
             if "notificationUrl" in body:
                 url = self._parse_url(body["notificationUrl"], "notificationUrl")
@@ -444,6 +496,7 @@ class SubscriptionService:
             return self._error(request, _not_found())
         sub.expiration = expiration
         sub.notification_url = url
+        sub.certificate = certificate
         # A PATCH both renews and reauthorizes (Microsoft's advice: one PATCH, not both calls).
         self._answer_challenge(sub)
         return web.json_response({"@odata.context": self._context(request, "subscriptions/$entity"),
@@ -534,15 +587,23 @@ class SubscriptionService:
             if len(client_state) > MAX_CLIENT_STATE:
                 raise GraphError(400, "InvalidRequest",
                                  f"The 'clientState' property must not exceed {MAX_CLIENT_STATE} characters.")
-        if body.get("includeResourceData") is True:
-            raise GraphError(400, "InvalidRequest",
-                             "includeResourceData requires an encryptionCertificate; rich notifications are not "
-                             "supported by the Graph sandbox.")
+        include = body.get("includeResourceData")
+        if include not in (None, True, False):
+            raise GraphError(400, "InvalidRequest", "The 'includeResourceData' property must be a boolean.")
         tls = body.get("latestSupportedTlsVersion") or "v1_2"
         if tls not in ("v1_0", "v1_1", "v1_2", "v1_3"):
             raise GraphError(400, "InvalidRequest", f"Invalid 'latestSupportedTlsVersion' value: '{tls}'.")
-        expiration = self._parse_expiration(body["expirationDateTime"])
-        kind, user_id, folder_id = self._resolve_resource(principal, body["resource"])
+        kind, user_id, folder_id, select = self._resolve_resource(principal, body["resource"])
+        certificate = None
+        if include:
+            if kind != MESSAGES:
+                raise GraphError(400, "InvalidRequest", "includeResourceData is supported by the Graph sandbox for "
+                                                        "message resources only.")
+            try:
+                certificate = parse_certificate(body.get("encryptionCertificate"), body.get("encryptionCertificateId"))
+            except CertificateError as exc:
+                raise GraphError(400, "InvalidRequest", str(exc)) from None
+        expiration = self._parse_expiration(body["expirationDateTime"], rich=bool(include))
         self._check_capacity(user_id)
         return Subscription(
             id=str(uuid.uuid4()), resource=str(body["resource"]), change_types=change_types,
@@ -551,7 +612,8 @@ class SubscriptionService:
             creator_id=principal.user_id if principal.delegated and principal.user_id else _service_principal(
                 principal.app_id),
             user_id=user_id, folder_id=folder_id, delegated=principal.delegated,
-            immutable_ids=_wants_immutable_ids(prefer), latest_tls=tls, kind=kind)
+            immutable_ids=_wants_immutable_ids(prefer), latest_tls=tls, kind=kind,
+            include_resource_data=bool(include), select=select, certificate=certificate)
 
     def _check_capacity(self, user_id: str) -> None:
         if len(self._by_user.get(user_id, ())) >= MAX_PER_MAILBOX:
@@ -559,7 +621,9 @@ class SubscriptionService:
                              "Operation: Create; Exception: [Status Code: Forbidden; Reason: The maximum number "
                              f"of subscriptions ({MAX_PER_MAILBOX}) for this mailbox has been reached.]")
 
-    def _parse_expiration(self, value: Any) -> float:
+    def _parse_expiration(self, value: Any, *, rich: bool = False) -> float:
+        """The expiration granted for ``value``; ``rich``: a subscription with resource data (a day at most)."""
+        max_minutes = min(self.max_minutes, MAX_RICH_MINUTES) if rich else self.max_minutes
         if not isinstance(value, str):
             raise GraphError(400, "InvalidRequest", "Invalid 'expirationDateTime' value.")
         try:
@@ -572,9 +636,9 @@ class SubscriptionService:
         now = self._now()
         if expiration <= now:
             raise GraphError(400, "InvalidRequest", "Subscription expiration must be in the future.")
-        if expiration > now + self.max_minutes * 60:
+        if expiration > now + max_minutes * 60:
             raise GraphError(400, "ExtensionError",
-                             f"Subscription expiration can only be {self.max_minutes:g} minutes in the future.")
+                             f"Subscription expiration can only be {max_minutes:g} minutes in the future.")
         # Outlook does not refuse a short lifetime: it grants its minimum instead.
         return max(expiration, now + self.min_minutes * 60)
 
@@ -591,14 +655,16 @@ class SubscriptionService:
         raise GraphError(400, "ValidationError",
                          f"Subscription validation request failed. The '{name}' must use the https scheme{hint}.")
 
-    def _resolve_resource(self, principal: Principal, resource: Any) -> tuple[str, str, str | None]:
-        """(kind, mailbox user id, folder id or None) of a subscription's resource."""
+    def _resolve_resource(self, principal: Principal,
+                          resource: Any) -> tuple[str, str, str | None, tuple[str, ...]]:
+        """(kind, mailbox user id, folder id or None, the ``$select``-ed properties) of a subscription's resource."""
         if not isinstance(resource, str):
             raise GraphError(400, "InvalidRequest", "The 'resource' property must be a string.")
+        path, _, query = resource.strip().partition("?")
         kind = MESSAGES
-        match = _RESOURCE.match(resource.strip())
+        match = _RESOURCE.match(path)
         if match is None:
-            match = _FOLDERS_RESOURCE.match(resource.strip())
+            match = _FOLDERS_RESOURCE.match(path)
             kind = FOLDERS
         if match is None:
             raise GraphError(400, "InvalidRequest",
@@ -616,8 +682,12 @@ class SubscriptionService:
                                  f"Resource could not be discovered: user '{match.group('user')}'.")
             user_id = user.id
         self._authorize_resource(principal, user_id)
+        select = _resource_select(query) if kind == MESSAGES else ()
         if kind == FOLDERS:
-            return kind, user_id, None
+            if query:
+                raise GraphError(400, "InvalidRequest", "Query options on me/mailFolders are not supported by the "
+                                                        "Graph sandbox.")
+            return kind, user_id, None, ()
         folder_ref = match.group("folder_q") or match.group("folder_p")
         folder_id = None
         if folder_ref is not None:
@@ -625,7 +695,7 @@ class SubscriptionService:
                 folder_id = self.state.mailboxes[user_id].folder(folder_ref).id
             except MailboxError as exc:
                 raise GraphError(exc.status, exc.code, exc.message) from None
-        return kind, user_id, folder_id
+        return kind, user_id, folder_id, select
 
     def _authorize_resource(self, principal: Principal, user_id: str) -> None:
         if principal.delegated:
@@ -687,6 +757,36 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GraphError(400, "BadRequest", "The request body must be a JSON object.")
     return body
+
+
+def _resource_select(query: str) -> tuple[str, ...]:
+    """The ``$select`` of a message resource's query (what rich notifications carry).
+
+    Microsoft: no ``$top``, ``$skip``, ``$orderby`` or ``$expand`` (other than
+    extended properties) in the URL, and no ``body`` / ``uniqueBody`` in
+    ``$select``. The sandbox takes ``$select`` alone (a ``$filter`` on the
+    resource is Graph's, not the sandbox's: refused rather than ignored).
+    """
+    if not query:
+        return ()
+    names: tuple[str, ...] = ()
+    for option, value in parse_qsl(query, keep_blank_values=True):
+        if option.lower() != "$select":
+            raise GraphError(400, "InvalidRequest",
+                             f"Query option '{option}' on a subscription resource is not supported by the Graph "
+                             "sandbox; use $select.")
+        wanted = [name.strip() for name in value.split(",") if name.strip()]
+        refused = [name for name in wanted if name.lower() in UNSELECTABLE]
+        if refused:
+            raise GraphError(400, "InvalidRequest",
+                             f"'{refused[0]}' cannot be selected in the resource of a subscription.")
+        try:
+            names = message_select(wanted)
+        except KeyError as exc:
+            raise GraphError(400, "RequestBroker--ParseUri",
+                             f"Could not find a property named '{exc.args[0]}' on type 'microsoft.graph.message'."
+                             ) from None
+    return names
 
 
 def _parse_change_types(value: Any) -> tuple[str, ...]:

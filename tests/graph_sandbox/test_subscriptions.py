@@ -7,6 +7,10 @@ gets its own paths on it, so tests do not see each other's notifications.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -687,3 +691,145 @@ def test_lifecycle_event_on_demand(url: str, token: str, receiver: Receiver) -> 
     assert response.status_code == 202
     receiver.wait(lambda: len(life_path.items) >= 1, "subscriptionRemoved")
     graph_error(graph(url, token, "GET", f"subscriptions/{sub['id']}"), 404, "ResourceNotFound")
+
+
+# -- change notifications with resource data (rich notifications) -------------------------------
+
+
+def _certificate(bits: int = 2048) -> tuple[Any, str]:
+    """A self-signed certificate (Graph does not check the issuer) and its private key: (key, base64 DER)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sandbox test")])
+    start = datetime(2025, 1, 1)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + timedelta(days=3650)).sign(key, hashes.SHA256()))
+    return key, base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+
+
+def _decrypt(key: Any, content: dict[str, Any]) -> dict[str, Any]:
+    """Microsoft's documented steps: RSA-OAEP (SHA-1) for the key, HMAC-SHA256 check, AES-CBC with IV = key[:16]."""
+    from cryptography.hazmat.primitives import hashes, padding
+    from cryptography.hazmat.primitives.asymmetric import padding as asymmetric
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    symmetric = key.decrypt(base64.b64decode(content["dataKey"]), asymmetric.OAEP(
+        mgf=asymmetric.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None))
+    data = base64.b64decode(content["data"])
+    expected = hmac.new(symmetric, data, hashlib.sha256).digest()
+    assert hmac.compare_digest(expected, base64.b64decode(content["dataSignature"]))
+    decryptor = Cipher(algorithms.AES(symmetric), modes.CBC(symmetric[:16])).decryptor()
+    unpadder = padding.PKCS7(128).unpadder()
+    plain = unpadder.update(decryptor.update(data) + decryptor.finalize()) + unpadder.finalize()
+    return dict(json.loads(plain))
+
+
+def _token_claims(url: str, token: str) -> dict[str, Any]:
+    """A validation token checked against the identity platform's published keys (RS256)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    def unb64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    header, claims, signature = token.split(".")
+    kid = json.loads(unb64(header))["kid"]
+    keys = requests.get(f"{url}/common/discovery/v2.0/keys", timeout=10).json()["keys"]
+    jwk = next(k for k in keys if k["kid"] == kid)
+    public = rsa.RSAPublicNumbers(int.from_bytes(unb64(jwk["e"]), "big"),
+                                  int.from_bytes(unb64(jwk["n"]), "big")).public_key()
+    public.verify(unb64(signature), f"{header}.{claims}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    return dict(json.loads(unb64(claims)))
+
+
+def test_rich_notifications_carry_the_selected_properties_encrypted(
+        url: str, token: str, user: Any, server: SandboxServer, receiver: Receiver) -> None:
+    key, certificate = _certificate()
+    hook, path = receiver.new()
+    life, _ = receiver.new()
+    response = subscribe(url, token, hook, resource="me/messages?$select=parentFolderId,Subject",
+                         lifecycle_url=life, includeResourceData=True, encryptionCertificate=certificate,
+                         encryptionCertificateId="cert-1")
+    assert response.status_code == 201, response.text
+    sub = response.json()
+    assert (sub["includeResourceData"], sub["encryptionCertificateId"]) == (True, "cert-1")
+    assert sub["encryptionCertificate"] == certificate
+
+    delivered = deliver(url, user)[0]
+    receiver.wait(lambda: len(path.items) >= 1, "created")
+    post = path.posts[0]
+    item = post["value"][0]
+    content = item["encryptedContent"]
+    assert content["encryptionCertificateId"] == "cert-1"
+    from cryptography import x509
+    der = base64.b64decode(certificate)
+    assert content["encryptionCertificateThumbprint"] == hashlib.sha1(der).hexdigest().upper()
+    x509.load_der_x509_certificate(der)
+    data = _decrypt(key, content)
+    inbox = graph(url, token, "GET", "me/mailFolders/inbox?$select=id").json()["id"]
+    assert data["parentFolderId"] == inbox
+    assert data["id"] == item["resourceData"]["id"] == delivered["restId"]
+    assert "subject" in data and "body" not in data
+    # One validation token per (app, tenant): signed by the identity platform, for our app, from Graph's publisher.
+    assert len(post["validationTokens"]) == 1
+    claims = _token_claims(url, post["validationTokens"][0])
+    assert claims["aud"] == sub["applicationId"]
+    assert claims["appid"] == "0bf30f3b-4a52-48df-9a82-234910c4a086"
+    assert claims["iss"] == f"https://sts.windows.net/{server.state.tenant_id}/"
+    assert claims["tid"] == server.state.tenant_id and claims["exp"] > claims["nbf"]
+
+    moved = graph(url, token, "POST", f"me/messages/{delivered['restId']}/move", {"destinationId": "archive"})
+    assert moved.status_code == 201
+    receiver.wait(lambda: len(path.items) >= 3, "move")
+    gone, arrived = path.items[1], path.items[2]
+    assert gone["changeType"] == "deleted" and "encryptedContent" not in gone    # nothing left to show
+    assert arrived["changeType"] == "created"
+    assert _decrypt(key, arrived["encryptedContent"])["parentFolderId"] == moved.json()["parentFolderId"]
+
+    # Key rotation: a PATCH gives the subscription a new certificate; later notifications use it.
+    new_key, new_certificate = _certificate()
+    rotated = graph(url, token, "PATCH", f"subscriptions/{sub['id']}",
+                    {"encryptionCertificate": new_certificate, "encryptionCertificateId": "cert-2"})
+    assert rotated.status_code == 200, rotated.text
+    assert graph(url, token, "PATCH", f"me/messages/{moved.json()['id']}", {"isRead": True}).status_code == 200
+    receiver.wait(lambda: len(path.items) >= 4, "updated")
+    assert path.items[3]["encryptedContent"]["encryptionCertificateId"] == "cert-2"
+    assert _decrypt(new_key, path.items[3]["encryptedContent"])["parentFolderId"] == moved.json()["parentFolderId"]
+
+
+def test_plain_notifications_carry_no_resource_data_or_tokens(url: str, token: str, user: Any,
+                                                             receiver: Receiver) -> None:
+    hook, path = receiver.new()
+    assert subscribe(url, token, hook, resource="me/messages?$select=parentFolderId").status_code == 201
+    deliver(url, user)
+    receiver.wait(lambda: len(path.items) >= 1, "created")
+    assert "encryptedContent" not in path.items[0] and "validationTokens" not in path.posts[0]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({}, "'encryptionCertificate' property is required"),
+    ({"encryptionCertificate": "bm90IGEgY2VydA=="}, "'encryptionCertificateId' property is required"),
+    ({"encryptionCertificate": "bm90IGEgY2VydA==", "encryptionCertificateId": "c"}, "not a base64-encoded X.509"),
+    ({"encryptionCertificateId": "c" * 129}, "must not exceed 128"),
+    ({"bits": 1024, "encryptionCertificateId": "c"}, "between 2048 and 4096"),
+    ({"resource": "me/messages?$select=body", "encryptionCertificateId": "c"}, "cannot be selected"),
+    ({"resource": "me/messages?$top=5", "encryptionCertificateId": "c"}, "not supported by the Graph sandbox"),
+    ({"minutes": 1441, "encryptionCertificateId": "c"}, "1440 minutes"),
+])
+def test_rich_subscription_requests_graph_refuses(url: str, token: str, receiver: Receiver,
+                                                  change: dict[str, Any], message: str) -> None:
+    hook, path = receiver.new()
+    bits = change.pop("bits", 2048)
+    extra: dict[str, Any] = {"includeResourceData": True, "resource": change.pop("resource", "me/messages"),
+                             "minutes": change.pop("minutes", 600)}
+    if "encryptionCertificateId" in change and "encryptionCertificate" not in change:
+        change["encryptionCertificate"] = _certificate(bits)[1]
+    response = subscribe(url, token, hook, **extra, **change)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+    assert path.validations == []
