@@ -118,6 +118,9 @@ class Settings:
 
     # Secrets at rest: kid:base64key pairs; the first one encrypts.
     token_encryption_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    # Rich change notifications (mailsync.monitoring.resource_data): PEM private keys and their RSA
+    # certificates, the first certificate current. None: a development one in sandbox mode, else none.
+    notification_certificates: str | None = field(default=None, repr=False)
 
     # Sync engine.
     # Short: the live page hears about an invocation's progress when it ends.
@@ -248,6 +251,7 @@ class Settings:
             public_base_url=public_base_url,
             return_url_allowlist=allow,
             token_encryption_keys=_keys(e.get("TOKEN_ENCRYPTION_KEYS")),
+            notification_certificates=e.get("NOTIFICATION_CERTIFICATES") or None,
             sync_time_budget_s=_float(e, "SYNC_TIME_BUDGET_S", 20.0),
             graph_page_size=_int(e, "GRAPH_PAGE_SIZE", 500),
             delta_links_kept=_int(e, "DELTA_LINKS_KEPT", 3),

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
     from mailsync.monitoring.notifications import NotificationReceiver
     from mailsync.monitoring.polling import PollScheduler
     from mailsync.monitoring.recent_accounts import RecentAccounts
+    from mailsync.monitoring.resource_data import NotificationKeys
     from mailsync.monitoring.subscriptions import SubscriptionManager
+    from mailsync.monitoring.validation_tokens import ValidationTokens
     from mailsync.ports import LiveConnections, LiveSender
     from mailsync.providers.imap import ImapProviderFactory
     from mailsync.reading import MailReader
@@ -299,7 +301,7 @@ class Runtime:
 
         api = GraphSubscriptionApi(AccountGraphClients(self.settings, self.token_provider))
         return SubscriptionManager(self.settings, self.subscription_store, api, self.accounts, self.job_queue,
-                                   client_states=self.client_states)
+                                   client_states=self.client_states, keys=self.notification_keys)
 
     @cached_property
     def subscription_registry(self) -> SubscriptionManager:
@@ -313,7 +315,25 @@ class Runtime:
 
         return NotificationReceiver(self.settings, self.subscription_store, self.accounts,
                                     self.pending_notifications, self.job_queue, client_states=self.client_states,
-                                    lag=self.delta_lag)
+                                    lag=self.delta_lag, keys=self.notification_keys,
+                                    tokens=self.validation_tokens)
+
+    @cached_property
+    def notification_keys(self) -> NotificationKeys | None:
+        """Our certificates for rich notifications (the folder of new mail without a lookup), or None."""
+        from mailsync.monitoring.resource_data import load_notification_keys
+
+        return load_notification_keys(self.settings)
+
+    @cached_property
+    def validation_tokens(self) -> ValidationTokens | None:
+        """Checks the validation tokens of POSTs with resource data (Microsoft's published keys)."""
+        from mailsync.auth.published_keys import SigningKeys, http_keys_fetcher
+        from mailsync.monitoring.validation_tokens import ValidationTokens
+
+        if self.notification_keys is None or not self.settings.ms_client_id:
+            return None
+        return ValidationTokens(self.settings.ms_client_id, SigningKeys(http_keys_fetcher(self.settings)))
 
     @cached_property
     def client_states(self) -> ClientStates:

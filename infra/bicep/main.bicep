@@ -100,6 +100,11 @@ param elasticsearchReplicas string = ''
 @description('TOKEN_ENCRYPTION_KEYS: kid:base64key[,kid:base64key...], 128/192/256-bit keys; the first encrypts. Generate one with: echo "k1:$(openssl rand -base64 32)"')
 param tokenEncryptionKeys string
 
+@secure()
+@minLength(1)
+@description('NOTIFICATION_CERTIFICATES: RSA private keys (2048-4096 bits) and their certificates, PEM or base64 of the PEM, for Graph change notifications with resource data (the folder of new mail without a Graph lookup per message); the first certificate is current, keep an old one listed for a day after a rotation. Generate one with: python -m mailsync.monitoring.resource_data')
+param notificationCertificates string
+
 @description('Key Vault purge protection. Recommended in production; it cannot be turned off again.')
 param keyVaultPurgeProtection bool = true
 
@@ -325,6 +330,7 @@ module keyVault 'modules/keyvault.bicep' = {
     msClientSecret: msClientSecret
     elasticsearchApiKey: elasticsearchApiKey
     tokenEncryptionKeys: tokenEncryptionKeys
+    notificationCertificates: notificationCertificates
   }
 }
 
@@ -381,6 +387,7 @@ var appSettings = {
   PUBLIC_BASE_URL: publicBaseUrl
   RETURN_URL_ALLOWLIST: publicBaseUrl
   TOKEN_ENCRYPTION_KEYS: '@Microsoft.KeyVault(VaultName=${vaultName};SecretName=${secretNames.tokenEncryptionKeys})'
+  NOTIFICATION_CERTIFICATES: '@Microsoft.KeyVault(VaultName=${vaultName};SecretName=${secretNames.notificationCertificates})'
   SYNC_TIME_BUDGET_S: string(syncTimeBudgetS)
   GRAPH_PAGE_SIZE: string(graphPageSize)
   DELTA_LINKS_KEPT: string(deltaLinksKept)

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mailsync.errors import MalformedResponse, NotFound
-from mailsync.monitoring.records import CreatedSubscription, SubscriptionRequest
+from mailsync.monitoring.records import CreatedSubscription, ResourceData, SubscriptionRequest, with_select
 from mailsync.ports import TokenProvider
 from mailsync.providers.graph_client import GRAPH_URL, GraphClient
 from mailsync.settings import Settings
@@ -55,24 +55,29 @@ class GraphSubscriptionApi:
         self._client_for = client_for
 
     def create(self, account_id: str, request: SubscriptionRequest) -> CreatedSubscription:
-        body = {
+        body: dict[str, Any] = {
             "changeType": ",".join(ct.value for ct in request.change_types),
             "notificationUrl": request.notification_url,
             "lifecycleNotificationUrl": request.lifecycle_url,
-            "resource": request.resource,
+            "resource": with_select(request.resource, request.resource_data),
             "expirationDateTime": graph_time(request.expires_at),
             "clientState": request.client_state,
         }
+        if request.resource_data is not None:
+            body.update(_certificate(request.resource_data), includeResourceData=True)
         answer = self._client_for(account_id).request("POST", "subscriptions", json_body=body)
         if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
             raise MalformedResponse("Graph created a subscription without an id")
         return CreatedSubscription(subscription_id=answer["id"],
                                    expires_at=parse_graph_time(answer.get("expirationDateTime")))
 
-    def renew(self, account_id: str, subscription_id: str, expires_at: datetime) -> datetime:
+    def renew(self, account_id: str, subscription_id: str, expires_at: datetime, *,
+              resource_data: ResourceData | None = None) -> datetime:
+        body: dict[str, Any] = {"expirationDateTime": graph_time(expires_at)}
+        if resource_data is not None:
+            body.update(_certificate(resource_data))
         answer = self._client_for(account_id).request(
-            "PATCH", f"subscriptions/{quote(subscription_id, safe='')}",
-            json_body={"expirationDateTime": graph_time(expires_at)})
+            "PATCH", f"subscriptions/{quote(subscription_id, safe='')}", json_body=body)
         if isinstance(answer, dict) and "expirationDateTime" in answer:
             return parse_graph_time(answer["expirationDateTime"])
         return expires_at
@@ -80,6 +85,10 @@ class GraphSubscriptionApi:
     def delete(self, account_id: str, subscription_id: str) -> None:
         with contextlib.suppress(NotFound):  # already gone: the goal is reached
             self._client_for(account_id).request("DELETE", f"subscriptions/{quote(subscription_id, safe='')}")
+
+
+def _certificate(data: ResourceData) -> dict[str, Any]:
+    return {"encryptionCertificate": data.certificate, "encryptionCertificateId": data.certificate_id}
 
 
 class GraphMessageLocator:

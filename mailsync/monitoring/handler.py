@@ -8,8 +8,10 @@ folder, but the engine syncs per folder. Resolution, cheapest first:
    their folder (one multi-get of the row's ids from the store; no Graph call).
 2. ``created`` ids (new mail, or the target half of a move — with immutable
    ids a moved message keeps its id, so the store still names the *source*
-   folder, which needs syncing too) and ids the store does not hold yet: one
-   Graph ``GET messages/{id}?$select=parentFolderId`` each.
+   folder, which needs syncing too) and ids the store does not hold yet: the
+   folder their rich notification carried (``parentFolderId``, decrypted by
+   the webhook: ``mailsync.monitoring.resource_data``), else one Graph
+   ``GET messages/{id}?$select=parentFolderId`` each.
 3. When there are more ids to look up than the account has folders, or the
    lookups fail (throttled, down), or the pending row overflowed: sync every
    folder. Each folder costs one delta request that returns nothing when
@@ -253,27 +255,31 @@ class MonitoringJobs:
                 folders.add(stored.folder_id)
             if (stored is None and types != {ChangeType.DELETED.value}) or ChangeType.CREATED.value in types:
                 lookups.append(message_id)
-        located: Mapping[str, str | None] = {}
         versions = dict(pending.versions)
+        # Where their created notifications said they landed (rich notifications): no lookup for those.
+        # Like the store's copy, it reads nothing of the mailbox, so the take may wait for the round.
+        notified_in = {mid: folder for mid, folder in pending.folders if folder and mid in lookups}
+        located: dict[str, str | None] = dict(notified_in)
+        asks = [mid for mid in lookups if mid not in notified_in]
         take_first = False
-        if lookups:
-            if len(lookups) > min(MAX_LOOKUPS, max(1, len(known))):
-                log.info("%d messages to locate; syncing every folder instead", len(lookups))
+        if asks:
+            if len(asks) > min(MAX_LOOKUPS, max(1, len(known))):
+                log.info("%d messages to locate; syncing every folder instead", len(asks))
                 return _Resolved(known, True)
             # The lookups read the mailbox. When every id they look up came with its version, the take
             # may wait for the first round's transaction: a change to one of them meanwhile carries
             # another version, which the webhook writes into the row (never a replay), so the take's
             # ETag check refuses and the job resolves again. Without a version such a change would
             # look like a replay and be dropped while the row is pending: take it first.
-            take_first = not all(versions.get(mid) for mid in lookups)
+            take_first = not all(versions.get(mid) for mid in asks)
             if take_first:
                 self._take(pending)
             try:
-                located = self._locator.parent_folders(account_id, lookups)
+                located.update(self._locator.parent_folders(account_id, asks))
             except (ProviderError, NotFound) as exc:
                 log.info("locating notified messages failed (%s); syncing every folder", exc.code)
                 return _Resolved(known, True, taken=take_first)
-            folders.update(folder for folder in located.values() if folder is not None)
+        folders.update(folder for folder in located.values() if folder is not None)
         # A folder subscription's notification: one folder-list round (names, parents, new and gone folders).
         return _Resolved(folders, bool(folders - known) or pending.folders_changed,
                          _expectations(pending, where, {mid: located.get(mid) for mid in lookups}),

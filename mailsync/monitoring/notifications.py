@@ -76,6 +76,7 @@ from mailsync.monitoring.pending_seen import SeenPendingRows
 from mailsync.monitoring.records import (
     AccountDirectory,
     ChangeType,
+    Notified,
     PendingChanges,
     PendingPart,
     PendingStore,
@@ -83,9 +84,12 @@ from mailsync.monitoring.records import (
     SubscriptionKind,
     SubscriptionStore,
     merge_changes,
+    merge_folders,
     merge_versions,
 )
+from mailsync.monitoring.resource_data import NotificationKeys, parent_folder
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES
+from mailsync.monitoring.validation_tokens import ValidationTokens
 from mailsync.ports import JobQueue
 from mailsync.security.secrets import secret_matches
 from mailsync.settings import Settings
@@ -121,6 +125,8 @@ class ChangeItem:
     change_type: ChangeType | None     # None: a changeType we do not handle (dropped)
     message_id: str | None             # None: no usable message id (dropped)
     version: str | None = None         # resourceData's "@odata.etag" (Outlook: the changed version), if usable
+    tenant_id: str | None = None
+    encrypted: dict[str, Any] | None = None   # encryptedContent (rich notifications), not yet checked
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,12 @@ def parse_change_notifications(body: Any) -> list[ChangeItem]:
             change_type: ChangeType | None = ChangeType(raw_type)
         except ValueError:
             change_type = None
-        parsed.append(ChangeItem(subscription_id, client_state, change_type, _message_id(item), _version_tag(item)))
+        tenant = item.get("tenantId")
+        # Not an error when malformed: resource data only spares a lookup (mailsync.monitoring.resource_data).
+        encrypted = item.get("encryptedContent")
+        parsed.append(ChangeItem(subscription_id, client_state, change_type, _message_id(item), _version_tag(item),
+                                 tenant if isinstance(tenant, str) else None,
+                                 encrypted if isinstance(encrypted, dict) else None))
     return parsed
 
 
@@ -276,11 +287,14 @@ class NotificationReceiver:
     def __init__(self, settings: Settings, subscriptions: SubscriptionStore, accounts: AccountDirectory,
                  pending: PendingStore, queue: JobQueue, *, client_states: ClientStates | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 seen: SeenPendingRows | None = None, lag: DeltaLag | None = None) -> None:
+                 seen: SeenPendingRows | None = None, lag: DeltaLag | None = None,
+                 keys: NotificationKeys | None = None, tokens: ValidationTokens | None = None) -> None:
         """``seen``: the pending rows this process saw with a live job (one per process; a fresh one
         by default), which requests for those accounts add to without reading them. ``lag``: the delta
         lag this process's notified rounds met (``mailsync.monitoring.delta_lag``), which delays the
-        NOTIFIED job past it; None: ``NOTIFY_COALESCE_S`` alone."""
+        NOTIFIED job past it; None: ``NOTIFY_COALESCE_S`` alone. ``keys`` and ``tokens``: read the
+        folder of new and moved mail from rich notifications (``mailsync.monitoring.resource_data``);
+        None: ignore resource data (the NOTIFIED job looks those folders up)."""
         self._settings = settings
         self._client_states = client_states
         self._subscriptions = subscriptions
@@ -290,12 +304,14 @@ class NotificationReceiver:
         self._clock = clock
         self._seen = seen if seen is not None else SeenPendingRows(fresh_s=PENDING_FRESH_S)
         self._lag = lag
+        self._keys = keys
+        self._tokens = tokens
 
     def receive(self, body: Any) -> ReceiveReport:
         """Handle one parsed JSON body. InputError: malformed (nothing done)."""
         items = parse_change_notifications(body)
         auth = NotificationAuthenticator(self._subscriptions, self._accounts, self._client_states)
-        per_account: dict[str, list[tuple[str, str, str | None]]] = {}
+        per_account: dict[str, list[tuple[ChangeItem, str]]] = {}
         folder_notices: dict[str, int] = {}
         dropped = 0
         for item in items:
@@ -312,25 +328,57 @@ class NotificationReceiver:
             if vouched is None or item.change_type is None or item.message_id is None:
                 dropped += 1
                 continue
-            per_account.setdefault(vouched.account_id, []).append(
-                (item.change_type.value, item.message_id, item.version))
+            per_account.setdefault(vouched.account_id, []).append((item, item.message_id))
         if dropped:
             # Counts only: never the clientState or the forged ids.
             log.warning("dropped %d of %d notifications (unknown subscription, clientState mismatch, "
                         "account gone or unusable item)", dropped, len(items),
                         extra={"dropped": dropped, "received": len(items)})
+        folders = self._folders_of(body, [item for accepted in per_account.values() for item, _ in accepted])
         enqueued = 0
-        for account_id, changes in per_account.items():
-            if self._coalesce(account_id, changes, folder_notices=folder_notices.get(account_id, 0)):
+        for account_id, accepted in per_account.items():
+            notified: list[Notified] = [(item.change_type.value, message_id, item.version, folders.get(id(item)))
+                                        for item, message_id in accepted if item.change_type is not None]
+            if self._coalesce(account_id, notified, folder_notices=folder_notices.get(account_id, 0)):
                 enqueued += 1
         return ReceiveReport(received=len(items), accepted=len(items) - dropped, dropped=dropped,
                              jobs_enqueued=enqueued, accounts=len(per_account))
 
-    def _coalesce(self, account_id: str, notified: list[tuple[str, str, str | None]], *,
-                  folder_notices: int = 0) -> bool:
+    def _folders_of(self, body: Any, accepted: list[ChangeItem]) -> dict[int, str]:
+        """``id(item)`` -> the folder its resource data names, for the authentic ``created`` items that carry it.
+
+        Only ``created`` is read (new mail, a move's target): the store
+        knows where the messages of ``updated`` and ``deleted`` are, so
+        their RSA decryption would be CPU for nothing. The POST's
+        validation tokens are checked first, once (Microsoft's rule for
+        resource data); when they fail, its resource data is ignored, never
+        its notifications (their signed clientStates vouched for them).
+        """
+        rich = [item for item in accepted if item.encrypted is not None and item.message_id is not None
+                and item.change_type is ChangeType.CREATED]
+        if not rich or self._keys is None or self._tokens is None:
+            return {}
+        if not self._tokens.verify(body.get("validationTokens"), {item.tenant_id or "" for item in rich}):
+            log.warning("resource data of %d notification(s) ignored: the validation tokens do not check out",
+                        len(rich), extra={"received": len(rich)})
+            return {}
+        folders: dict[int, str] = {}
+        for item in rich:
+            assert item.message_id is not None
+            try:
+                folder = parent_folder(self._keys.decrypt(item.encrypted), item.message_id)
+            except InputError as exc:
+                log.warning("resource data of a notification ignored: %s", exc)
+                continue
+            if folder is not None:
+                folders[id(item)] = folder
+        return folders
+
+    def _coalesce(self, account_id: str, notified: list[Notified], *, folder_notices: int = 0) -> bool:
         """Merge into the pending row; True when this call enqueued the NOTIFIED job.
 
-        ``notified``: (change type, message id, version tag or None) per item.
+        ``notified``: (change type, message id, version tag or None, folder from resource data or None)
+        per item.
 
         Folder notices are counted, never de-duplicated: they carry nothing
         to tell a replay from a second rename. A notice that finds the row
@@ -338,7 +386,7 @@ class NotificationReceiver:
         row before it runs that round); a later one starts a new row and job.
         """
         max_ids = self._settings.notify_max_ids
-        changes = [(change_type, message_id) for change_type, message_id, _ in notified]
+        changes = [(change_type, message_id) for change_type, message_id, _, _ in notified]
         seen = self._seen
         row_there = False
         for _attempt in range(MERGE_ATTEMPTS):
@@ -349,7 +397,8 @@ class NotificationReceiver:
                 merged, overflow = merge_changes((), changes, max_ids=max_ids)
                 row = PendingChanges(account_id, merged, overflow, first_at=now, enqueued_at=now,
                                      folder_notices=folder_notices,
-                                     versions=() if overflow else merge_versions((), notified))
+                                     versions=() if overflow else merge_versions((), notified),
+                                     folders=() if overflow else merge_folders((), notified))
                 try:
                     self._pending.create(row)
                 except Conflict:
@@ -384,15 +433,16 @@ class NotificationReceiver:
             else:
                 merged, overflow = merge_changes(current.changes, changes, max_ids=max_ids)
             versions = () if overflow else merge_versions(current.versions, notified)
+            folders = () if overflow else merge_folders(current.folders, notified)
             stale = now - current.enqueued_at > timedelta(seconds=PENDING_STALE_S)
             if merged == current.changes and overflow == current.all_folders and versions == current.versions \
-                    and not folder_notices and not stale:
+                    and folders == current.folders and not folder_notices and not stale:
                 # Nothing new: a replay. The row's job has not read the mailbox yet (it takes the
                 # row first), so its reads cover it. (The same message changed again carries
                 # another version tag: that is new, the row must stop vouching for the first one.)
                 seen.saw(account_id, current.enqueued_at, notified)
                 return False
-            updated = replace(current, changes=merged, all_folders=overflow, versions=versions,
+            updated = replace(current, changes=merged, all_folders=overflow, versions=versions, folders=folders,
                               folder_notices=current.folder_notices + folder_notices, last_at=now,
                               enqueued_at=now if stale else current.enqueued_at)
             try:

@@ -33,8 +33,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from mailsync.monitoring.records import Notified
+
 MAX_ENTRIES = 10_000
-MAX_PARTS = 200             # an entity holds 252 properties; the row's own take 8
+MAX_PARTS = 200             # an entity holds 252 properties; the row's own take 9
 MAX_REMEMBERED = 500        # versioned notifications remembered per row, for telling replays
 
 
@@ -57,7 +59,7 @@ class SeenPendingRows:
         self._rows: OrderedDict[str, _Seen] = OrderedDict()
 
     def saw(self, account_id: str, enqueued_at: datetime,
-            notified: Iterable[tuple[str, str, str | None]] = ()) -> None:
+            notified: Iterable[Notified] = ()) -> None:
         """The row as this process created or read and replaced it (holding ``notified`` now)."""
         with self._lock:
             self._rows[account_id] = _Seen(enqueued_at, 0, _versioned(notified))
@@ -71,7 +73,7 @@ class SeenPendingRows:
             seen = self._rows.get(account_id)
             return seen is not None and now - seen.enqueued_at < self._fresh and seen.parts < MAX_PARTS
 
-    def is_replay(self, account_id: str, now: datetime, notified: Iterable[tuple[str, str, str | None]],
+    def is_replay(self, account_id: str, now: datetime, notified: Iterable[Notified],
                   folder_notices: int) -> bool:
         """Whether every notification is one this process put in a row whose job is presumed live."""
         items = list(notified)
@@ -81,10 +83,11 @@ class SeenPendingRows:
             seen = self._rows.get(account_id)
             if seen is None or now - seen.enqueued_at >= self._fresh:
                 return False
+            # One version is one state of the message, so one folder too: the tag alone tells a replay.
             return all(tag is not None and (change_type, message_id, tag) in seen.versioned
-                       for change_type, message_id, tag in items)
+                       for change_type, message_id, tag, _folder in items)
 
-    def added(self, account_id: str, notified: Iterable[tuple[str, str, str | None]]) -> None:
+    def added(self, account_id: str, notified: Iterable[Notified]) -> None:
         with self._lock:
             seen = self._rows.get(account_id)
             if seen is None:
@@ -98,5 +101,5 @@ class SeenPendingRows:
             self._rows.pop(account_id, None)
 
 
-def _versioned(notified: Iterable[tuple[str, str, str | None]]) -> set[tuple[str, str, str]]:
-    return {(change_type, message_id, tag) for change_type, message_id, tag in notified if tag is not None}
+def _versioned(notified: Iterable[Notified]) -> set[tuple[str, str, str]]:
+    return {(change_type, message_id, tag) for change_type, message_id, tag, _folder in notified if tag is not None}

@@ -112,6 +112,13 @@ class PendingChanges:
     that job's expected pickup means the job was lost, and the next
     notification enqueues a new one.
 
+    ``folders`` holds, per message id, the folder its ``created``
+    notification named (Outlook's rich notifications carry the message's
+    ``parentFolderId``, encrypted: ``mailsync.monitoring.resource_data``):
+    the NOTIFIED job needs no ``GET`` to find where new or moved mail
+    landed. An id with two different folders, or created without one, maps
+    to ``UNKNOWN_FOLDER``: the job asks Graph, as before.
+
     ``versions`` holds, per message id, the version tag its notifications
     carried (Outlook's ``resourceData["@odata.etag"]``): a round that reads
     exactly that version in delta has seen the change, and needs no
@@ -130,6 +137,7 @@ class PendingChanges:
     folder_notices: int = 0
     versions: tuple[tuple[str, str], ...] = ()
     last_at: datetime | None = None     # when the newest of them reached the webhook (None: first_at)
+    folders: tuple[tuple[str, str], ...] = ()
 
     @property
     def newest_at(self) -> datetime:
@@ -141,10 +149,37 @@ class PendingChanges:
 
 
 UNKNOWN_VERSION = ""   # PendingChanges.versions: several versions notified, or one without a tag
+UNKNOWN_FOLDER = ""    # PendingChanges.folders: created in two folders, or notified without one
+
+# One notification as the pending row keeps it: (change type, message id, version tag or None,
+# folder from the notification's resource data or None).
+Notified = tuple[str, str, str | None, str | None]
+
+
+def merge_folders(current: Sequence[tuple[str, str]], new: Iterable[Notified]) -> tuple[tuple[str, str], ...]:
+    """Fold notifications into ``current``'s folders: what each ``created`` notification said it landed in.
+
+    Only ``created`` says where a message is (new mail, a move's target);
+    ``updated`` and ``deleted`` leave the folders alone (the store knows where
+    the messages it holds are). A ``created`` without a folder, or a second
+    one naming another folder, makes the id ``UNKNOWN_FOLDER`` for good: the
+    job then looks it up at Graph (notifications may come out of order, so the
+    later folder is not necessarily the current one).
+    """
+    folders = dict(current)
+    for change_type, message_id, _tag, folder in new:
+        if change_type != ChangeType.CREATED.value:
+            continue
+        known = folders.get(message_id)
+        if folder is None or (known is not None and known != folder):
+            folders[message_id] = UNKNOWN_FOLDER
+        elif known is None:
+            folders[message_id] = folder
+    return tuple(folders.items())
 
 
 def merge_versions(current: Sequence[tuple[str, str]],
-                   new: Iterable[tuple[str, str, str | None]]) -> tuple[tuple[str, str], ...]:
+                   new: Iterable[Notified]) -> tuple[tuple[str, str], ...]:
     """Fold ``(change type, message id, version tag or None)`` notifications into ``current``'s versions.
 
     A replay (same tag) changes nothing; a second, different tag makes the
@@ -154,7 +189,7 @@ def merge_versions(current: Sequence[tuple[str, str]],
     round looks for the removal instead.
     """
     versions = dict(current)
-    for change_type, message_id, tag in new:
+    for change_type, message_id, tag, _folder in new:
         if tag is None:
             if change_type != ChangeType.DELETED.value:
                 versions[message_id] = UNKNOWN_VERSION
@@ -187,11 +222,11 @@ class PendingPart:
 
     Written into the row as a property of its own (``PendingStore.add``), without
     reading the row first; the row as read is its own fields with every part folded
-    in (``fold_part``). ``notified``: (change type, message id, version tag or None);
+    in (``fold_part``). ``notified``: (change type, message id, version tag or None, folder or None);
     ``all_folders``: the request alone named more ids than a row keeps.
     """
 
-    notified: tuple[tuple[str, str, str | None], ...]
+    notified: tuple[Notified, ...]
     folder_notices: int = 0
     all_folders: bool = False
     at: datetime | None = None          # when it reached the webhook
@@ -202,10 +237,12 @@ def fold_part(row: PendingChanges, part: PendingPart, *, max_ids: int) -> Pendin
     changes: tuple[tuple[str, str], ...] = ()
     overflow = True
     if not (row.all_folders or part.all_folders):
-        changes, overflow = merge_changes(row.changes, ((ct, mid) for ct, mid, _ in part.notified), max_ids=max_ids)
+        changes, overflow = merge_changes(row.changes, ((ct, mid) for ct, mid, _, _ in part.notified),
+                                          max_ids=max_ids)
     versions = () if overflow else merge_versions(row.versions, part.notified)
+    folders = () if overflow else merge_folders(row.folders, part.notified)
     last_at = row.newest_at if part.at is None else max(row.newest_at, part.at)
-    return replace(row, changes=changes, all_folders=overflow, versions=versions,
+    return replace(row, changes=changes, all_folders=overflow, versions=versions, folders=folders,
                    folder_notices=row.folder_notices + part.folder_notices, last_at=last_at)
 
 
@@ -286,6 +323,29 @@ class AccountDirectory(Protocol):
 
 
 @dataclass(frozen=True)
+class ResourceData:
+    """Asks Graph to put the ``select``-ed properties into each notification, encrypted for our certificate."""
+
+    select: str
+    certificate: str            # base64 DER (only its public key is used)
+    certificate_id: str
+
+
+# Outlook keeps a subscription with resource data at most a day (4230 minutes without).
+RICH_LIFETIME_S = 1440 * 60
+
+
+def with_select(resource: str, data: ResourceData | None) -> str:
+    """The subscription's resource URL: ``$select`` names what rich notifications carry."""
+    return resource if data is None else f"{resource}?$select={data.select}"
+
+
+def is_rich(resource: str) -> bool:
+    """Whether a stored subscription's resource asks for resource data (it has a ``$select``)."""
+    return "?$select=" in resource
+
+
+@dataclass(frozen=True)
 class SubscriptionRequest:
     """What we ask Graph to create."""
 
@@ -295,6 +355,7 @@ class SubscriptionRequest:
     lifecycle_url: str
     client_state: str
     expires_at: datetime
+    resource_data: ResourceData | None = None
 
 
 @dataclass(frozen=True)
@@ -314,8 +375,10 @@ class SubscriptionApi(Protocol):
     def create(self, account_id: str, request: SubscriptionRequest) -> CreatedSubscription:
         ...
 
-    def renew(self, account_id: str, subscription_id: str, expires_at: datetime) -> datetime:
-        """Extend; returns the expiration Graph granted."""
+    def renew(self, account_id: str, subscription_id: str, expires_at: datetime, *,
+              resource_data: ResourceData | None = None) -> datetime:
+        """Extend; returns the expiration Graph granted. ``resource_data``: hand the subscription our
+        current certificate too (rotation rides on renewals)."""
         ...
 
     def delete(self, account_id: str, subscription_id: str) -> None:

@@ -62,15 +62,20 @@ from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, JobKind, new_job
 from mailsync.models import Account, AccountStatus, Job, Provider
 from mailsync.monitoring.client_state import ClientStates
 from mailsync.monitoring.records import (
+    RICH_LIFETIME_S,
     AccountDirectory,
     AccountMonitor,
     ChangeType,
+    ResourceData,
     Subscription,
     SubscriptionApi,
     SubscriptionKind,
     SubscriptionRequest,
     SubscriptionStore,
+    is_rich,
+    with_select,
 )
+from mailsync.monitoring.resource_data import MESSAGE_SELECT, NotificationKeys
 from mailsync.ports import JobQueue
 from mailsync.security.secrets import hash_secret, new_secret
 from mailsync.settings import Settings
@@ -148,8 +153,11 @@ class SubscriptionManager:
 
     def __init__(self, settings: Settings, store: SubscriptionStore, api: SubscriptionApi,
                  accounts: AccountDirectory, queue: JobQueue, *, client_states: ClientStates | None = None,
-                 clock: Clock = utcnow) -> None:
+                 clock: Clock = utcnow, keys: NotificationKeys | None = None) -> None:
+        """``keys``: our certificates for rich notifications; the messages subscription then asks Graph
+        for each message's folder in its notifications (``mailsync.monitoring.resource_data``)."""
         self._settings = settings
+        self._keys = keys
         # Signed clientStates let the webhook authenticate without a table read; without a
         # signer, a random one (only its hash kept) as before.
         self._client_states = client_states
@@ -270,9 +278,16 @@ class SubscriptionManager:
         current = self._store.get(monitor.subscription_id)
         if current is None:
             return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
-        wanted = self._expiration(self._clock())
+        if kind is SubscriptionKind.MESSAGES and self._keys is not None and not is_rich(current.resource):
+            # Made before we had a certificate: a new one with resource data replaces it (once).
+            return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
+        rich = is_rich(current.resource)
+        wanted = self._expiration(self._clock(), rich=rich)
         try:
-            granted = self._api.renew(account_id, current.subscription_id, wanted)
+            # A rich subscription gets our current certificate with each renewal: that is how a
+            # rotated key reaches every subscription within a renewal period.
+            granted = self._api.renew(account_id, current.subscription_id, wanted,
+                                      resource_data=self._resource_data(kind) if rich else None)
         except NotFound:
             log.info("subscription gone at Graph; recreating", extra={"subscription_id": current.subscription_id})
             return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
@@ -352,8 +367,17 @@ class SubscriptionManager:
         assert monitor.expires_at is not None
         return monitor.expires_at - now <= timedelta(seconds=self._settings.subscription_renew_before_s)
 
-    def _expiration(self, now: datetime) -> datetime:
+    def _resource_data(self, kind: SubscriptionKind) -> ResourceData | None:
+        """What the messages subscription asks Graph to carry in its notifications (None: ids only)."""
+        if kind is not SubscriptionKind.MESSAGES or self._keys is None:
+            return None
+        current = self._keys.current
+        return ResourceData(MESSAGE_SELECT, current.certificate, current.certificate_id)
+
+    def _expiration(self, now: datetime, *, rich: bool = False) -> datetime:
         lifetime = self._settings.subscription_lifetime_s
+        if rich:
+            lifetime = min(lifetime, RICH_LIFETIME_S)
         # A little under the maximum: Graph rejects a request past it, and its clock is not ours.
         margin = min(300, lifetime // 10)
         return now + timedelta(seconds=lifetime - margin)
@@ -376,16 +400,18 @@ class SubscriptionManager:
         now = self._clock()
         client_state = self._client_states.new(account_id, kind) if self._client_states is not None \
             else new_secret(CLIENT_STATE_BYTES)
+        data = self._resource_data(kind)
         request = SubscriptionRequest(resource=kind.value, change_types=CHANGE_TYPES,
                                       notification_url=self.notification_url, lifecycle_url=self.lifecycle_url,
-                                      client_state=client_state, expires_at=self._expiration(now))
+                                      client_state=client_state,
+                                      expires_at=self._expiration(now, rich=data is not None), resource_data=data)
         try:
             created = self._api.create(account_id, request)
         except (ProviderError, NotFound) as exc:
             return self._record_failure(account_id, monitor, exc, kind)
         subscription = Subscription(subscription_id=created.subscription_id, account_id=account_id,
                                     client_state_hash=hash_secret(client_state), expires_at=created.expires_at,
-                                    created_at=now, resource=kind.value)
+                                    created_at=now, resource=with_select(kind.value, data))
         self._store.put(subscription)
         try:
             saved = self._save_monitor(account_id, monitor, kind, subscription_id=created.subscription_id,

@@ -243,6 +243,7 @@ class TablePendingStore:
     def _from_entity(self, account_id: str, entity: Any) -> PendingChanges:
         changes = orjson.loads(entity.get("changes") or "[]")
         versions = orjson.loads(entity.get("versions") or "{}")
+        folders = orjson.loads(entity.get("folders") or "{}")
         row = PendingChanges(account_id=account_id,
                              changes=tuple((str(ct), str(mid)) for ct, mid in changes),
                              all_folders=bool(entity.get("all_folders")),
@@ -250,7 +251,8 @@ class TablePendingStore:
                              enqueued_at=_required_time(entity["enqueued_at"]), etag=_etag(entity),
                              folder_notices=int(entity.get("folder_notices") or 0),
                              versions=tuple((str(mid), str(tag)) for mid, tag in versions.items()),
-                             last_at=_time(entity.get("last_at")))
+                             last_at=_time(entity.get("last_at")),
+                             folders=tuple((str(mid), str(folder)) for mid, folder in folders.items()))
         for name in sorted(key for key in entity if key.startswith(PART_PREFIX)):
             row = fold_part(row, _part_from_json(entity[name], _part_time(name)), max_ids=self._max_ids)
         return row
@@ -314,6 +316,7 @@ class TablePendingStore:
         return {"PartitionKey": pending.account_id, "RowKey": PENDING_ROW,
                 "changes": orjson.dumps([list(pair) for pair in pending.changes]).decode(),
                 "versions": orjson.dumps(dict(pending.versions)).decode(),
+                "folders": orjson.dumps(dict(pending.folders)).decode(),
                 "all_folders": pending.all_folders, "folder_notices": pending.folder_notices,
                 "first_at": _iso(pending.first_at), "last_at": _iso(pending.newest_at),
                 "enqueued_at": _iso(pending.enqueued_at)}
@@ -321,8 +324,10 @@ class TablePendingStore:
 
 def _part_from_json(value: Any, at: datetime | None) -> PendingPart:
     data = orjson.loads(value) if isinstance(value, (str, bytes)) else {}
-    notified = tuple((str(item[0]), str(item[1]), None if item[2] is None else str(item[2]))
-                     for item in data.get("n") or () if isinstance(item, list) and len(item) == 3)
+    # Parts written before rich notifications hold 3 items (no folder).
+    notified = tuple((str(item[0]), str(item[1]), None if item[2] is None else str(item[2]),
+                      None if len(item) < 4 or item[3] is None else str(item[3]))
+                     for item in data.get("n") or () if isinstance(item, list) and len(item) in (3, 4))
     return PendingPart(notified, int(data.get("f") or 0), bool(data.get("a")), at)
 
 

@@ -8,16 +8,24 @@ which resolutions cost a Graph call.
 
 from __future__ import annotations
 
+import base64
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
+from graph_sandbox.rich_notifications import EncryptionCertificate, encrypted_content, validation_token
+from graph_sandbox.tokens import TokenSigner
+from mailsync.auth.published_keys import SigningKeys
 from mailsync.jobs import EVERY_FOLDER, EXPECT, TAKE_PENDING, Expected, JobKind
 from mailsync.models import Account, Folder, Job, Message, SyncPhase
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import DirectRunner, MonitoringJobs
+from mailsync.monitoring.notifications import NotificationReceiver
 from mailsync.monitoring.recent_accounts import RecentAccounts
+from mailsync.monitoring.resource_data import NotificationKeys, new_certificate_pem, parse_certificates
 from mailsync.monitoring.subscriptions import SubscriptionManager
+from mailsync.monitoring.validation_tokens import ValidationTokens
 from mailsync.providers.graph_client import GraphClient
 from mailsync.storage.sync_rows import AccountSyncState, SyncState
 from mailsync.store.search_store import SearchStore
@@ -338,6 +346,49 @@ def test_created_and_unknown_ids_are_located_at_graph_one_request_each(world: Wo
     jobs = world.run()
     assert world.graph_requests() - before == 3      # the new mail, the unknown id, the moved one
     assert jobs == sorted({sync(world.inbox), sync(unknown["folderId"]), sync(moved["folderId"]), sync(target)})
+
+
+def test_new_and_moved_mail_whose_notifications_carry_the_folder_need_no_lookup(world: World) -> None:
+    """Rich notifications: the webhook decrypted each created message's parentFolderId into the row, so the
+    job asks Graph nothing, sends each round what it must read, and leaves the take to the first round."""
+    keys = NotificationKeys(parse_certificates(new_certificate_pem("test")))
+    identity = TokenSigner()
+    app = world.harness.settings.ms_client_id
+    assert app is not None
+    h = world.harness
+    receiver = NotificationReceiver(h.settings, h.subscriptions, h.accounts, h.pending, h.queue,
+                                    client_states=h.signer, keys=keys,
+                                    tokens=ValidationTokens(app, SigningKeys(identity.jwks)))
+    certificate = EncryptionCertificate(keys.current.certificate_id, base64.b64decode(keys.current.certificate))
+    delivered = world.sandbox.admin("POST", f"mailboxes/{world.user.id}/deliver", json={"count": 1}).json()
+    new_id = delivered["delivered"][0]["id"]
+    moved = world.stored[1]
+    target = next(f for f in world.folders if f != moved["folderId"]
+                  and world.folders[f]["wellKnownName"] not in ("outbox", "drafts", None))
+    world.sandbox.graph(world.user).post(f"me/messages/{moved['id']}/move", json={"destinationId": target})
+
+    def created(message_id: str, folder: str, tag: str) -> dict[str, object]:
+        item = change(world.subscription, world.client_state, message_id, "created", tag)
+        item["encryptedContent"] = encrypted_content({"id": message_id, "parentFolderId": folder}, certificate)
+        return item
+
+    token = validation_token(identity, app_id=app, tenant_id="t", now=time.time())
+    receiver.receive({"value": [created(new_id, world.inbox, 'W/"kn"'),
+                                change(world.subscription, world.client_state, moved["id"], "deleted"),
+                                created(moved["id"], target, 'W/"km"')], "validationTokens": [token]})
+    h.drain()
+    before = world.graph_requests()
+    ran: list[Job] = []
+    world.jobs.notified(world.account, direct=world.runner(lambda job, account, rows: ran.append(job)))
+    assert world.graph_requests() == before                  # no GET messages/{id}
+    assert sorted((job.kind, job.folder_id) for job in ran) == sorted(
+        {sync(world.inbox), sync(moved["folderId"]), sync(target)})
+    assert ran[0].attrs.get(TAKE_PENDING), "nothing read the mailbox before the rounds: the first round takes the row"
+    expected = {job.folder_id: Expected.decode(job.attrs.get(EXPECT)) for job in ran}
+    assert expected[world.inbox] == Expected({new_id: 'W/"kn"'})
+    assert expected[moved["folderId"]] == Expected({}, frozenset({moved["id"]}))
+    assert expected[target] == Expected({moved["id"]: 'W/"km"'})
+    assert h.pending.get(world.account) is None
 
 
 def test_an_overflowing_row_syncs_the_folder_list_and_every_folder(world: World) -> None:

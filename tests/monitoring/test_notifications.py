@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from graph_sandbox.rich_notifications import EncryptionCertificate, encrypted_content, validation_token
+from graph_sandbox.tokens import TokenSigner
+from mailsync.auth.published_keys import SigningKeys
 from mailsync.errors import InputError
 from mailsync.jobs import JobKind
 from mailsync.models import AccountStatus
 from mailsync.monitoring.lifecycle import LifecycleReceiver
 from mailsync.monitoring.notifications import MAX_SUBSCRIPTIONS, PENDING_STALE_S, NotificationReceiver
-from mailsync.monitoring.records import UNKNOWN_VERSION, PendingPart
+from mailsync.monitoring.records import UNKNOWN_FOLDER, UNKNOWN_VERSION, PendingPart
+from mailsync.monitoring.resource_data import NotificationKeys, new_certificate_pem, parse_certificates
+from mailsync.monitoring.validation_tokens import ValidationTokens
 from tests.monitoring.harness import Harness, change, make_harness
 
 
@@ -430,3 +437,43 @@ def test_a_state_signed_under_a_dropped_key_is_checked_against_its_subscription_
     forged = old_state.replace(".retired.", ".gone.")
     report = receiver.receive({"value": [change(sub, forged, "m2")]})
     assert report.accepted == 0 and report.dropped == 1
+
+
+def test_the_folder_of_new_mail_comes_from_resource_data_whose_tokens_check_out(harness: Harness) -> None:
+    """Rich notifications: a created item's encrypted parentFolderId goes into the row (no lookup needed);
+    updated items are not decrypted (the store knows their folder); a POST whose validation tokens fail
+    keeps its notifications but not their resource data."""
+    keys = NotificationKeys(parse_certificates(new_certificate_pem("test")))
+    identity = TokenSigner()
+    app = harness.settings.ms_client_id
+    assert app is not None
+    receiver = NotificationReceiver(harness.settings, harness.subscriptions, harness.accounts, harness.pending,
+                                    harness.queue, client_states=harness.signer, keys=keys,
+                                    tokens=ValidationTokens(app, SigningKeys(identity.jwks)))
+    account = harness.add_account()
+    sub, state = harness.add_subscription(account, signed=True)
+    certificate = EncryptionCertificate(keys.current.certificate_id, base64.b64decode(keys.current.certificate))
+
+    def rich(message_id: str, folder: str, change_type: str = "created", version: str = 'W/"k1"') -> dict[str, Any]:
+        item = change(sub, state, message_id, change_type, version)
+        item["tenantId"] = "tenant-1"
+        item["encryptedContent"] = encrypted_content({"id": message_id, "parentFolderId": folder}, certificate)
+        return item
+
+    token = validation_token(identity, app_id=app, tenant_id="tenant-1", now=time.time())
+    report = receiver.receive({"value": [rich("m1", "F1"), rich("m2", "F2", "updated")], "validationTokens": [token]})
+    assert report.accepted == 2 and report.jobs_enqueued == 1
+    first = harness.pending.get(account)
+    assert first is not None and dict(first.folders) == {"m1": "F1"}
+
+    stranger = TokenSigner()     # a token Microsoft's keys do not verify
+    forged = validation_token(stranger, app_id=app, tenant_id="tenant-1", now=time.time())
+    receiver.receive({"value": [rich("m3", "F3")], "validationTokens": [forged]})
+    receiver.receive({"value": [rich("m4", "F4")]})                   # no tokens at all
+    # Created again elsewhere (another version: the same one would be a replay of the same state).
+    receiver.receive({"value": [rich("m1", "F9", version='W/"k2"')], "validationTokens": [token]})
+    pending = harness.pending.get(account)
+    assert pending is not None
+    assert {mid for _, mid in pending.changes} == {"m1", "m2", "m3", "m4"}      # every notification kept
+    assert dict(pending.folders) == {"m1": UNKNOWN_FOLDER, "m3": UNKNOWN_FOLDER, "m4": UNKNOWN_FOLDER}
+    assert harness.queued_count() == 1

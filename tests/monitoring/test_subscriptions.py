@@ -24,8 +24,15 @@ from mailsync.models import Account, Job
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.records import AccountMonitor, SubscriptionKind
+from mailsync.monitoring.resource_data import (
+    NotificationKeys,
+    load_notification_keys,
+    new_certificate_pem,
+    parse_certificates,
+)
 from mailsync.monitoring.subscriptions import SubscriptionManager
 from mailsync.providers.graph_client import GraphClient
+from mailsync.settings import Settings
 from mailsync.storage.sync_rows import AccountSyncState
 from mailsync.store.search_store import SearchStore
 from tests.fixtures.devhost import DevhostProcess
@@ -346,3 +353,46 @@ def test_the_renewer_forgets_accounts_that_no_longer_exist(rig: Rig) -> None:
     assert rig.manager.renewal_pass().removed == 1
     assert rig.at_graph(monitor.subscription_id) is None
     assert rig.harness.subscriptions.get_monitor(account) is None
+
+
+def test_with_a_certificate_new_mail_arrives_with_its_folder_and_renewals_carry_the_current_certificate(
+        rig: Rig, tmp_path: Path) -> None:
+    """Rich notifications end to end: the manager subscribes with our certificate, the devhost's webhook (same
+    development certificate, same local dir) checks the validation tokens and decrypts the folder into the
+    pending row; a basic subscription is replaced by a rich one at its renewal; renewals hand Graph the
+    current certificate (key rotation)."""
+    keys = load_notification_keys(Settings.from_env({"GRAPH_SANDBOX_URL": rig.sandbox.base_url,
+                                                     "MAILSYNC_LOCAL_DIR": str(tmp_path)}))
+    assert keys is not None
+    h = rig.harness
+    api = GraphSubscriptionApi(rig.client_for)
+
+    def manager(with_keys: NotificationKeys | None) -> SubscriptionManager:
+        return SubscriptionManager(h.settings, h.subscriptions, api, h.accounts, h.queue, clock=rig.now,
+                                   keys=with_keys)
+
+    account = rig.link(0)
+    basic = rig.manager.ensure(account)
+    assert basic is not None and basic.subscription_id is not None
+    upgraded = manager(keys).renew(account)
+    assert upgraded is not None and upgraded.subscription_id not in (None, basic.subscription_id)
+    assert rig.at_graph(basic.subscription_id) is None                 # the basic one is gone
+    at_graph = rig.at_graph(upgraded.subscription_id)  # type: ignore[arg-type]
+    assert at_graph is not None and at_graph["resource"] == "me/messages?$select=parentFolderId"
+    assert at_graph["includeResourceData"] is True
+    assert at_graph["encryptionCertificateId"] == keys.current.certificate_id
+    h.drain()
+
+    rig.change(account)
+    assert rig.wait_pending(account)
+    pending = h.pending.get(account)
+    assert pending is not None
+    inbox = rig.client_for(account).get("me/mailFolders/inbox", params={"$select": "id"})["id"]
+    [(created, message_id)] = pending.changes
+    assert created == "created" and dict(pending.folders) == {message_id: inbox}
+
+    rotated = NotificationKeys([*parse_certificates(new_certificate_pem("next")), keys.current])
+    renewed = manager(rotated).renew(account)
+    assert renewed is not None and renewed.subscription_id == upgraded.subscription_id
+    after = rig.at_graph(upgraded.subscription_id)  # type: ignore[arg-type]
+    assert after is not None and after["encryptionCertificateId"] == rotated.current.certificate_id

@@ -37,6 +37,10 @@ param elasticsearchApiKey string
 @description('Token-encryption keys, kid:base64key[,...] (TOKEN_ENCRYPTION_KEYS).')
 param tokenEncryptionKeys string
 
+@secure()
+@description('Keys and certificates for change notifications with resource data, PEM or base64 of it (NOTIFICATION_CERTIFICATES).')
+param notificationCertificates string
+
 var keyVaultSecretsUserRole = '4633458b-17de-408a-b874-0445c86b69e6'
 
 resource vault 'Microsoft.KeyVault/vaults@2024-11-01' = {
@@ -89,6 +93,15 @@ resource tokenEncryptionKeysEntry 'Microsoft.KeyVault/vaults/secrets@2024-11-01'
   }
 }
 
+resource notificationCertificatesEntry 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = {
+  parent: vault
+  name: 'notification-certificates'
+  properties: {
+    value: notificationCertificates
+    contentType: 'RSA private keys and certificates (PEM, or base64 of it); the first certificate is current'
+  }
+}
+
 resource secretsAccess 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(vault.id, principalId, keyVaultSecretsUserRole)
   scope: vault
@@ -108,4 +121,5 @@ output secretNames object = {
   msClientSecret: msClientSecretEntry.name
   elasticsearchApiKey: elasticsearchApiKeyEntry.name
   tokenEncryptionKeys: tokenEncryptionKeysEntry.name
+  notificationCertificates: notificationCertificatesEntry.name
 }
