@@ -3,7 +3,12 @@
 What the Azure host does, and so the devhost does (queue extension 5.x):
 
 * poll the trigger queue, backing off exponentially (0.1 s doubling up to
-  ``maxPollingInterval``) while it is empty;
+  ``maxPollingInterval``) while it is empty; only a poll that finds messages
+  resets the back-off, and a finished invocation does not make it poll
+  (the WebJobs ``QueueListener``: after a batch it polls again at once, then
+  waits out ``RandomizedExponentialBackoffStrategy``; only a message a
+  function of the same host wrote through an output binding cuts the wait
+  short, its ``SharedQueueWatcher``);
 * run up to ``batchSize`` invocations at once;
 * hold each message invisible while its function runs (a lease renewed
   at half its length), delete it on success;
@@ -16,10 +21,16 @@ What the Azure host does, and so the devhost does (queue extension 5.x):
   grace period, and return the rest to the queue (visible at once) so
   nothing is lost.
 
-Deliberate differences, for a host on a laptop: the lease is 60 s by
-default (Azure: 10 min) so a killed devhost's messages come back sooner,
-and after an invocation completes the listener polls at once instead of
-waiting out its back-off (a finished job often enqueued its continuation).
+Deliberate difference, for a host on a laptop: the lease is 60 s by
+default (Azure: 10 min) so a killed devhost's messages come back sooner.
+
+(Until 2026-12-02 the listener also polled at once after every finished
+invocation and restarted its back-off at 0.1 s: at 8 changes/s that kept it
+polling every ~0.1-0.4 s, the empty receives a Functions host would not
+make, ~0.5 of the ~3-5 queue transactions counted per mailbox change by
+``bench/change_latency.py``, docs/scaling.md. Jobs our code enqueues go
+through the Storage SDK, not an output binding, so Azure's host is not told
+of them either: it finds them at its next poll.)
 """
 
 from __future__ import annotations
@@ -179,7 +190,8 @@ class QueueListener:
         self._lease_s = max(2, math.ceil(lease_s))
         self._in_flight: dict[str, _InFlight] = {}
         self._stopping = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()          # an output binding of this host wrote to the queue (Notify)
+        self._capacity = asyncio.Event()      # an invocation finished: room for more
         self._task: asyncio.Task[None] | None = None
         clients.client(self.connection, self.queue_name)  # fail at start-up on a bad connection
         clients.register(self)
@@ -192,19 +204,23 @@ class QueueListener:
         self._task = asyncio.create_task(self._run(), name=f"queue-listener:{self.spec.name}")
 
     def wake(self) -> None:
+        """A function of this host wrote to the queue: cut the back-off short (Azure's ``Notify``)."""
         self._wake.set()
 
     async def _run(self) -> None:
         client = self._clients.client(self.connection, self.queue_name)
         delay = MIN_POLL_S
         failing = False
+        found_since_pause = False
         while not self._stopping.is_set():
             free = self._options.batch_size - len(self._in_flight)
             if free <= 0:
-                self._wake.clear()  # a finishing invocation sets it again
+                self._capacity.clear()  # a finishing invocation sets it again
                 if len(self._in_flight) >= self._options.batch_size:
-                    await self._pause(None)
+                    await self._pause(None, self._capacity)
                 continue
+            # Cleared before the receive (Azure: a new wait source per poll), so a Notify during it counts.
+            self._wake.clear()
             try:
                 messages = [m async for m in client.receive_messages(
                     messages_per_page=free, max_messages=free, visibility_timeout=self._lease_s)]
@@ -232,17 +248,18 @@ class QueueListener:
                 self._in_flight[message.id] = entry
                 entry.task = asyncio.create_task(self._process(client, entry))
             if messages:
-                delay = MIN_POLL_S
-                continue
-            await self._pause(delay * random.uniform(0.8, 1.0))
-            delay = min(max(delay * 2, MIN_POLL_S), self._options.max_polling_interval_s)
-            if self._wake.is_set():
-                delay = MIN_POLL_S
-            self._wake.clear()
+                found_since_pause = True
+                continue            # at once, as Azure's listener does after a batch
+            # Azure's RandomizedExponentialBackoffStrategy: the minimum after a poll that found
+            # messages since the last wait, else double (up to maxPollingInterval).
+            delay = MIN_POLL_S if found_since_pause else min(max(delay * 2, MIN_POLL_S),
+                                                              self._options.max_polling_interval_s)
+            found_since_pause = False
+            await self._pause(delay * random.uniform(0.8, 1.0), self._wake)
 
-    async def _pause(self, seconds: float | None) -> None:
-        """Sleep until ``seconds`` pass, a slot frees, new work is announced or shutdown starts."""
-        waits = [asyncio.create_task(self._stopping.wait()), asyncio.create_task(self._wake.wait())]
+    async def _pause(self, seconds: float | None, until: asyncio.Event) -> None:
+        """Sleep until ``seconds`` pass, ``until`` is set (a slot freed, or a Notify) or shutdown starts."""
+        waits = [asyncio.create_task(self._stopping.wait()), asyncio.create_task(until.wait())]
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -296,7 +313,7 @@ class QueueListener:
                           self.queue_name, message.id)
         finally:
             self._in_flight.pop(message.id, None)
-            self._wake.set()
+            self._capacity.set()
 
     async def _invoke(self, entry: _InFlight, body: bytes, fields: Mapping[str, str]) -> bool:
         message = entry.message
