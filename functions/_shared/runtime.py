@@ -358,7 +358,7 @@ class Runtime:
         locator = GraphMessageLocator(AccountGraphClients(self.settings, self.token_provider))
         return MonitoringJobs(self.pending_notifications, self.accounts, self.store, locator,
                               self.subscription_manager, self.job_queue, rows=self.sync_state.load,
-                              recent=self.recent_accounts)
+                              recent=self.recent_accounts, lag=self.delta_lag.delay_s)
 
     @cached_property
     def imap_poller(self) -> ImapStatusPoller:

@@ -95,6 +95,26 @@ which then starts from it instead of reading again), and takes it with that
 round's slot and lease: one table call for the row and the round's start,
 where a read of the row, its delete and the round's own read were three.
 
+Settling (why a job may put itself back once): the webhook holds a NOTIFIED
+job for the delta lag its process learnt (``mailsync.monitoring.delta_lag``)
+after the row's *first* notification; notifications merged into the row
+later are younger than that when the job starts, and a round reading delta
+for them inside the lag misses their version and looks again 2 s later (a
+queue message, a partition read, a slot-and-lease take, a finish and a
+delta request). On the sandbox ~80 % of the look-agains were that: rounds
+0.1-0.9 s after their row's newest notification. So a job whose row's newest
+notification is younger than the learnt lag waits out the rest before it
+resolves anything: in place when that is at most ``SETTLE_IN_PLACE_S`` (the
+thread sleeps; nothing is held, the row is not taken yet and stays the gate,
+so notifications merged meanwhile refuse the take and are read with it),
+else through the queue (it enqueues itself for the rest, whole seconds, and
+leaves the row as it is). Either way it settles once: a row that keeps
+receiving notifications is not put off for ever. In place costs a thread for
+under a second and nothing else; a look-again was a queue message (a send,
+the host's receives, a delete) *and* a round, and the change shows a second
+sooner. Zero lag learnt (a provider whose delta shows a change before its
+notification arrives): no settling.
+
 Crash safety of NOTIFIED: a job that dies after taking the row (host killed,
 a bug raised) is redelivered by the queue and finds no row. It cannot know
 what the row held, so a *redelivered* NOTIFIED job that finds no row syncs
@@ -106,8 +126,10 @@ A first delivery that finds no row is a duplicate and does nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 from mailsync.errors import Conflict, MailsyncError, NotFound, PendingChanged, PoisonJob, ProviderError
 from mailsync.jobs import (
@@ -142,6 +164,9 @@ MONITORING_KINDS = frozenset({JobKind.NOTIFIED.value, JobKind.SYNC_ACCOUNT.value
 MAX_LOOKUPS = 25          # Graph GETs per NOTIFIED job at most (keeps the job short)
 MAX_ROUNDS = 10           # re-reads of a pending row that keeps changing under us
 DIRECT_MAX_JOBS = 4       # sync jobs a NOTIFIED job runs itself (more: enqueued for several workers)
+SETTLE = "settle"         # reason (and attribute) of a NOTIFIED job put back until its newest notification settles
+MIN_SETTLE_S = 0.05       # younger than the lag by less than this: not worth a wait
+SETTLE_IN_PLACE_S = 1.0   # waits up to this are slept in the invocation; longer ones go through the queue
 
 # Runs a sync job in this invocation, given the account as the NOTIFIED job just read it (None: read
 # it), and the account's sync rows to start from (the first job: as read with the pending row; a later
@@ -149,6 +174,8 @@ DIRECT_MAX_JOBS = 4       # sync jobs a NOTIFIED job runs itself (more: enqueued
 DirectRunner = Callable[[Job, Account | None, AccountSyncState | None], AccountSyncState | None]
 # Reads an account's sync rows (and, in the same partition, its pending row): one table query.
 RowsLoader = Callable[[str], AccountSyncState]
+# How long delta lags behind notifications here, as learnt (``DeltaLag.delay_s``); 0: no lag seen.
+LagEstimate = Callable[[], float]
 
 
 class MonitoringJobs:
@@ -156,9 +183,16 @@ class MonitoringJobs:
 
     def __init__(self, pending: PendingStore, accounts: AccountDirectory, store: MessageStore,
                  locator: MessageLocator, subscriptions: SubscriptionManager, queue: JobQueue,
-                 rows: RowsLoader, *, recent: RecentAccounts | None = None) -> None:
+                 rows: RowsLoader, *, recent: RecentAccounts | None = None, lag: LagEstimate | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         """``recent``: reuse this process's recent reads of an account for NOTIFIED jobs
-        (``mailsync.monitoring.recent_accounts``); None reads the account for every job."""
+        (``mailsync.monitoring.recent_accounts``); None reads the account for every job. ``lag``: the
+        delta lag learnt here (``DeltaLag.delay_s``), which a job whose newest notification is younger
+        waits out on the queue (the module docstring's "Settling"); None: never."""
+        self._lag = lag
+        self._clock = clock
+        self._sleep = sleep
         self._pending = pending
         self._rows = rows
         self._accounts = accounts
@@ -178,7 +212,7 @@ class MonitoringJobs:
         ``redelivered``: the queue delivered this message before (its earlier run may have died).
         """
         if job.kind == JobKind.NOTIFIED:
-            self.notified(job.account_id, direct, redelivered=redelivered)
+            self.notified(job.account_id, direct, redelivered=redelivered, settled=job.reason == SETTLE)
         elif job.kind == JobKind.SYNC_ACCOUNT:
             self.sync_account(job.account_id, reason=job.reason or "sync_account")
         elif job.kind == JobKind.SUBSCRIPTION:
@@ -189,8 +223,11 @@ class MonitoringJobs:
     # -- NOTIFIED ---------------------------------------------------------------------
 
     def notified(self, account_id: str, direct: DirectRunner | None = None, *,
-                 redelivered: bool = False) -> list[Job]:
-        """Take the account's pending notifications and sync what they name; returns the sync jobs enqueued or run."""
+                 redelivered: bool = False, settled: bool = False) -> list[Job]:
+        """Take the account's pending notifications and sync what they name; returns the sync jobs enqueued or run.
+
+        ``settled``: this job was put back once already to let its notifications settle (never twice).
+        """
         for _ in range(MAX_ROUNDS):
             # The pending row shares the account's sync partition: one query reads it and the
             # rows the first round starts from (that round's own read, saved).
@@ -199,6 +236,10 @@ class MonitoringJobs:
             if pending is None:
                 # Already handled (a duplicate job), or taken by this message's earlier, dead run.
                 return self._after_a_lost_run(account_id, direct) if redelivered else []
+            if not settled:
+                settled = True
+                if self._settle(pending):
+                    return []
             try:
                 # Its sync rows (read above) show the account still linked: a read of it moments ago will do.
                 account = self._recent.get(account_id, linked=rows.folder_list is not None) \
@@ -214,6 +255,27 @@ class MonitoringJobs:
         # Still changing after many reads: let a fresh job carry on instead of looping.
         self._queue.enqueue(new_job(JobKind.NOTIFIED, account_id, reason="continue"))
         return []
+
+    def _settle(self, pending: PendingChanges) -> bool:
+        """Wait until the row's newest notification is as old as the learnt lag (module docstring, "Settling").
+
+        True when the job was put back on the queue for it (this run ends), False when it may go on
+        (nothing to wait for, or waited in place).
+        """
+        lag = self._lag() if self._lag is not None else 0.0
+        if lag <= 0 or pending.all_folders:
+            return False
+        wait = lag - (self._clock() - pending.newest_at).total_seconds()
+        if wait < MIN_SETTLE_S:
+            return False
+        if wait <= SETTLE_IN_PLACE_S:
+            log.info("notifications younger than delta's lag: waiting in place", extra={"delay_s": round(wait, 3)})
+            self._sleep(wait)
+            return False
+        # The row stays as it is, the gate for later notifications; the job comes back once it settled.
+        self._queue.enqueue(new_job(JobKind.NOTIFIED, pending.account_id, reason=SETTLE), delay_s=wait)
+        log.info("notifications younger than delta's lag: coming back", extra={"delay_s": round(wait, 3)})
+        return True
 
     def _after_a_lost_run(self, account_id: str, direct: DirectRunner | None) -> list[Job]:
         account = self._accounts.get(account_id)

@@ -98,6 +98,7 @@ state, the account's status and progress events, waits and continuations).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -424,7 +425,19 @@ class _Invocation(FolderSync, FolderListSync, QuietSweep):
         elif not e.state.schedule_relook(self.account_id, folder_id, at=e.clock() + delay,
                                          known=self._known(folder_id)):
             return
-        log.info("notified round: looking again", extra={"delay_s": delay, "attempt": attempt + 1})
+        notified_at = job.attrs.get(NOTIFIED_AT)
+        extra = {"delay_s": delay, "attempt": attempt + 1}
+        if notified_at and not attempt:
+            # Why a look-again was needed: how long after its notification the round read delta, and what it
+            # read of what it was told to (a version it missed, or none at all).
+            with contextlib.suppress(ValueError):
+                extra["age_s"] = round(self.started - float(notified_at), 3)
+            if self.expected is not None:
+                extra["missed"] = sum(1 for mid, tag in self.expected.versions.items() if self.seen.get(mid) != tag) \
+                    + sum(1 for mid in self.expected.removed if mid not in self.seen)
+                extra["other_version"] = sum(1 for mid, tag in self.expected.versions.items()
+                                             if self.seen.get(mid) not in (None, tag))
+        log.info("notified round: looking again", extra=extra)
         e.queue.enqueue(new_job(JobKind(job.kind), self.account_id, folder_id, reason=RELOOK,
                                 attrs={RELOOK: str(attempt + 1)}), delay_s=delay)
 

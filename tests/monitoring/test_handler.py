@@ -391,6 +391,52 @@ def test_new_and_moved_mail_whose_notifications_carry_the_folder_need_no_lookup(
     assert h.pending.get(world.account) is None
 
 
+def test_a_job_whose_newest_notification_is_inside_the_learnt_lag_waits_until_it_settled(world: World) -> None:
+    """Settling: a short wait is slept in the invocation (nothing held, the row not yet taken); a longer one
+    puts the job back on the queue, the row staying pending (still the gate); either way only once."""
+    h = world.harness
+    slept: list[float] = []
+
+    def jobs_with_lag(lag_s: float) -> MonitoringJobs:
+        manager = SubscriptionManager(h.settings, h.subscriptions, GraphSubscriptionApi(world.client_for),
+                                      h.accounts, h.queue)
+        return MonitoringJobs(h.pending, h.accounts, world.store, world.locator, manager, h.queue,
+                              rows=h.sync_rows.load, lag=lambda: lag_s, sleep=slept.append)
+
+    ran: list[Job] = []
+    runner = world.runner(lambda job, account, rows: ran.append(job))
+    message = world.stored[0]
+    # Within a second: slept in place, then resolved and synced in the same run; no queue message.
+    world.notify_versions(("updated", message["id"], 'W/"k0"'))
+    h.drain()
+    jobs_with_lag(1.0).notified(world.account, direct=runner)
+    assert len(slept) == 1 and 0 < slept[0] <= 1.0
+    assert [job.folder_id for job in ran] == [message["folderId"]] and h.drain() == []
+    # Longer: back on the queue, the row left pending; the job it sent does not settle again.
+    ran.clear()
+    world.notify_versions(("updated", message["id"], 'W/"k1"'))
+    [notified] = h.drain()
+    before = world.graph_requests()
+    lagging = jobs_with_lag(2.0)
+    assert lagging.notified(world.account, direct=runner) == []
+    assert ran == [] and world.graph_requests() == before and len(slept) == 1
+    assert h.pending.get(world.account) is not None, "the row stays, the gate for later notifications"
+    assert h.drain() == [] and h.queued_count() == 1                 # delayed (the queue's whole seconds)
+    [settle] = h.drain(wait_s=2.5)
+    assert (settle.kind, settle.reason) == (JobKind.NOTIFIED.value, "settle") and notified.reason == "webhook"
+    world.notify_versions(("updated", world.stored[2]["id"], 'W/"k2"'))     # still arriving: no second wait
+    h.drain()
+    lagging.run(settle, direct=runner)
+    assert {job.folder_id for job in ran} == {message["folderId"], world.stored[2]["folderId"]}
+    assert h.pending.get(world.account) is None and len(slept) == 1
+    # Without a learnt lag (the provider's delta showed what its notifications announced): no settling.
+    world.notify_versions(("updated", message["id"], 'W/"k3"'))
+    h.drain()
+    ran.clear()
+    world.jobs.notified(world.account, direct=runner)
+    assert [job.folder_id for job in ran] == [message["folderId"]] and len(slept) == 1
+
+
 def test_an_overflowing_row_syncs_the_folder_list_and_every_folder(world: World) -> None:
     ids = [m["id"] for m in world.messages]
     for start in range(0, 150, 50):
