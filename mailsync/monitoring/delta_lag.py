@@ -26,6 +26,9 @@ told, about the provider's lag once one did not. While the delay holds
 rounds past the lag they all read their versions, the misses leave the
 window and the delay falls, until a round misses again: about one look-again
 per window, instead of one per change. ``NOTIFY_COALESCE_S`` stays a floor.
+The webhook's delay runs from a row's first notification; the NOTIFIED job
+waits out the same lag for the row's newest one (``mailsync.monitoring.handler``,
+"Settling").
 
 Per process (the webhook that enqueues and the worker that runs the rounds
 share it: one Function App instance), thread-safe, bounded.

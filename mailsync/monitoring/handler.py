@@ -265,7 +265,8 @@ class MonitoringJobs:
         lag = self._lag() if self._lag is not None else 0.0
         if lag <= 0 or pending.all_folders:
             return False
-        wait = lag - (self._clock() - pending.newest_at).total_seconds()
+        # At most the lag: a newest notification "from the future" is another process's clock running ahead.
+        wait = min(lag, lag - (self._clock() - pending.newest_at).total_seconds())
         if wait < MIN_SETTLE_S:
             return False
         if wait <= SETTLE_IN_PLACE_S:
