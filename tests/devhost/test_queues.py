@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import requests
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
+from azure.storage.queue.aio import QueueClient as AsyncQueueClient
 
 from devhost.config import QueueOptions
 from tests.devhost.conftest import HostFactory, eventually
@@ -185,3 +187,29 @@ def test_listener_outlives_storage_outage(host_sample: HostFactory, tmp_path) ->
         assert queue_length(client) == 0
     finally:
         azurite.stop()
+
+
+def test_a_finished_invocation_does_not_make_the_listener_poll(host_sample, work_queue, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Azure's listener polls on its back-off (0.1 s doubling after an empty poll), not when an invocation ends:
+    jobs our code enqueues go through the Storage SDK, which tells the host nothing. (The devhost used to poll
+    at once after every invocation and restart its back-off: empty receives Azure does not make.)"""
+    settings, client = work_queue
+    receives: list[float] = []
+    original = AsyncQueueClient.receive_messages
+
+    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        receives.append(time.monotonic())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncQueueClient, "receive_messages", counting)
+    # 6.5 s of work: the back-off after the poll that found it polls ~0, 0.1, 0.3, 0.7, 1.5, 3.1, 6.3 and
+    # then 12.7 s later (each 0.8-1.0 of that, the jitter), so nothing falls just after the invocation ends.
+    send(client, {"id": 1, "mode": "slow", "seconds": 6.5})
+    host = host_sample(functions=WORKER, settings=settings, queues=QueueOptions(max_polling_interval_s=30))
+    host.recorder.wait_for(lambda r: len(r.of("worker_done")) == 1)
+    done = host.recorder.of("worker_done")[0].at
+    eventually(lambda: queue_length(client) == 0)       # deleted: the listener is done with it
+    time.sleep(0.5)
+    host.stop()
+    assert receives and receives[0] < done
+    assert [at for at in receives if done < at < done + 0.5] == []
