@@ -416,17 +416,24 @@ def at_rest_figures(accounts: int, hosts: int, idle: dict[str, float], sweep: di
     safety sweep, one subscription renewal, per account). Per account and
     day: the sweeps at the app's interval (``POLL_INTERVAL_SUBSCRIBED_S``,
     6 h) and the renewals (every subscription lifetime less the renewal
-    margin). The timers' scans cost a call per 1,000 rows read, so they grow
+    margin: ~18 h with rich notifications, whose subscriptions live a day).
+    The timers' scans cost a call per 1,000 rows read, so they grow
     by pages, not accounts: projected with the largest scan's pages (the
     monitors, two rows per account). Queue polling is per host, not per
     account: reported per host-hour.
     """
+    from mailsync.monitoring.records import RICH_LIFETIME_S
     from mailsync.settings import Settings
 
     settings = Settings.from_env({k: v for k, v in env.items() if k != "POLL_INTERVAL_SUBSCRIBED_S"})
     day = 86400.0
     sweeps_per_day = day / settings.poll_interval_subscribed_s if settings.poll_interval_subscribed_s > 0 else 0.0
-    renewals_per_day = day / max(1, settings.subscription_lifetime_s - settings.subscription_renew_before_s)
+    # A messages subscription with resource data (rich notifications: a certificate configured, or sandbox
+    # mode's development one) lives a day at most, and each renewal job renews both of the account's.
+    lifetime = settings.subscription_lifetime_s
+    if settings.notification_certificates or settings.uses_graph_sandbox:
+        lifetime = min(lifetime, RICH_LIFETIME_S)
+    renewals_per_day = day / max(1, lifetime - settings.subscription_renew_before_s)
     table = sweeps_per_day * sweep.get("sweep_table_tx", 0.0) \
         + renewals_per_day * renewal.get("renewal_table_tx", 0.0)
     queue = sweeps_per_day * sweep.get("sweep_queue_tx", 0.0) + renewals_per_day * renewal.get("renewal_queue_tx", 0.0)
