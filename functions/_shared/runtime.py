@@ -133,12 +133,12 @@ class Runtime:
     def _linking_job_queue(self) -> AzureJobQueue:
         # The same queue as job_queue, with few quick retries: the OAuth callback
         # waits on it, and a failure there is reported to the page (not retried for a minute).
-        from mailsync.storage.connection import queue_client
+        from mailsync.storage.connection import job_queue_client
         from mailsync.storage.job_queue import AzureJobQueue
 
         # (Storage queues' default retry waits 15 s, then 18 s: ~40 s before a failure is known.)
-        client = queue_client(self.settings, self.settings.sync_queue_name, retry_total=2, initial_backoff=0,
-                              increment_base=1, random_jitter_range=1)
+        client = job_queue_client(self.settings, self.settings.sync_queue_name, retry_total=2, initial_backoff=0,
+                                  increment_base=1, random_jitter_range=1)
         return AzureJobQueue(self.settings, client=client)
 
     @cached_property

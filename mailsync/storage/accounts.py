@@ -50,10 +50,11 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import UpdateMode
 
 from mailsync.errors import Conflict, NotFound
 from mailsync.models import Account, AccountStatus, Provider
+from mailsync.storage.rest.table import RestTable
 from mailsync.storage.table_errors import table_errors
 from mailsync.storage.tokens import MSAL, TableTokenStore
 
@@ -173,7 +174,7 @@ def account_from_entity(entity: Mapping[str, Any], etag: str | None) -> Account:
 class TableAccountRepository:
     """``AccountRepository`` on Azure Tables (plus the address index and linked-commit)."""
 
-    def __init__(self, table: TableClient, tokens: TableTokenStore) -> None:
+    def __init__(self, table: RestTable, tokens: TableTokenStore) -> None:
         self._table = table
         self._tokens = tokens
 

@@ -41,11 +41,12 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import UpdateMode
 
 from mailsync.errors import Conflict, InputError, SignInElsewhere
 from mailsync.security.crypto import Sealed, TokenCipher
 from mailsync.security.secrets import secret_matches
+from mailsync.storage.rest.table import RestTable
 from mailsync.storage.table_errors import table_errors
 
 FLOW_ROW = "flow"
@@ -80,7 +81,7 @@ class PendingFlow:
 class TableAuthFlowStore:
     """Stores pending flows sealed, hands each out once."""
 
-    def __init__(self, table: TableClient, cipher: TokenCipher) -> None:
+    def __init__(self, table: RestTable, cipher: TokenCipher) -> None:
         self._table = table
         self._cipher = cipher
 

@@ -87,9 +87,10 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient, TableTransactionError, UpdateMode
+from azure.data.tables import TableTransactionError, UpdateMode
 
 from mailsync.errors import DependencyUnavailable, LeaseLost, PendingChanged
+from mailsync.storage.rest.table import RestTable
 from mailsync.storage.sync_rows import (
     FOLDER_LIST_ROW,
     FOLDER_ROW_PREFIX,
@@ -111,8 +112,6 @@ from mailsync.storage.sync_rows import (
     to_entity,
     to_entity_fields,
 )
-from mailsync.storage.table_batch import submit_transaction
-from mailsync.storage.table_query import query_partition
 
 log = logging.getLogger("mailsync.cursors")
 
@@ -133,7 +132,7 @@ _delivery = delivery_of
 class SyncStateTable:
     """The cursor/lease/slot table. Thread-safe (the table client is)."""
 
-    def __init__(self, table: TableClient, *, lease_s: float = 300.0, slot_ttl_s: float = 600.0,
+    def __init__(self, table: RestTable, *, lease_s: float = 300.0, slot_ttl_s: float = 600.0,
                  clock: Callable[[], float] = time.time) -> None:
         self._table = table
         self._lease_s = lease_s
@@ -242,7 +241,7 @@ class SyncStateTable:
                 entity.update(PartitionKey=partition, RowKey=state.row_key, updated_at=now)
                 operations.append(("create", entity))
             try:
-                self._call(submit_transaction, self._table, operations)
+                self._call(self._table.submit_transaction, operations)
             except (TableTransactionError, ResourceExistsError):
                 for state in chunk:
                     self.create(state)
@@ -313,7 +312,7 @@ class SyncStateTable:
                 ("update", {**to_entity_fields(fields), "PartitionKey": partition, "RowKey": key, "updated_at": now},
                  {"mode": UpdateMode.MERGE}) for key in chunk]
             try:
-                self._call(submit_transaction, self._table, operations)
+                self._call(self._table.submit_transaction, operations)
             except (TableTransactionError, ResourceExistsError, ResourceNotFoundError):
                 for key in chunk:
                     self._merge_unconditional(account_id, key, fields)
@@ -763,7 +762,7 @@ class SyncStateTable:
         """Submit one entity-group transaction; None when the service refused it (a condition failed, a
         row exists or is gone: nothing was written). Other failures are ``DependencyUnavailable``."""
         try:
-            return submit_transaction(self._table, operations)
+            return self._table.submit_transaction(operations)
         except TableTransactionError as exc:
             if exc.status_code in (404, 409, 412):
                 return None
@@ -835,7 +834,7 @@ class SyncStateTable:
     def _query(self, account_id: str, prefix: str | None = None) -> Iterable[Any]:
         partition = check_partition(account_id)
         try:
-            return query_partition(self._table, partition, row_prefix=prefix)
+            return self._table.query_partition(partition, row_prefix=prefix)
         except ResourceNotFoundError:
             return []
         except AzureError as exc:

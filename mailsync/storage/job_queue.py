@@ -13,26 +13,37 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from typing import Any, Protocol
 
 from azure.core.exceptions import AzureError, ClientAuthenticationError, ResourceExistsError, ResourceNotFoundError
-from azure.storage.queue import QueueClient
 
 from mailsync.errors import ConfigurationError, DependencyUnavailable, InputError
 from mailsync.jobs import encode_job
 from mailsync.models import Job
 from mailsync.settings import Settings
-from mailsync.storage.connection import queue_client
+from mailsync.storage.connection import job_queue_client
 
 MAX_DELAY_S = 7 * 24 * 3600  # Storage's limit on a message's initial invisibility
 RETRY_AFTER_S = 5.0
 
 
+class QueueSender(Protocol):
+    """What sending takes of a queue client: ``mailsync.storage.rest.queue.RestQueue``, or the SDK's ``QueueClient``."""
+
+    def send_message(self, content: str, *, visibility_timeout: int | None = None,
+                     time_to_live: int | None = None) -> Any: ...
+
+    def create_queue(self) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
 class AzureJobQueue:
     """Sends sync jobs to SYNC_QUEUE_NAME, creating the queue on first use if it is missing."""
 
-    def __init__(self, settings: Settings, client: QueueClient | None = None) -> None:
+    def __init__(self, settings: Settings, client: QueueSender | None = None) -> None:
         self.queue_name = settings.sync_queue_name
-        self._client = client or queue_client(settings, settings.sync_queue_name)
+        self._client = client or job_queue_client(settings, settings.sync_queue_name)
         self._ready = False
         self._lock = threading.Lock()
 

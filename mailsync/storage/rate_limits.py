@@ -38,9 +38,10 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import UpdateMode
 
 from mailsync.errors import RateLimited
+from mailsync.storage.rest.table import RestTable
 from mailsync.storage.table_errors import table_errors
 
 log = logging.getLogger("mailsync.storage.rate_limits")
@@ -78,7 +79,7 @@ def _iso(value: datetime) -> str:
 class TableRateLimiter:
     """Token buckets per (rule, client key), shared through one table."""
 
-    def __init__(self, table: TableClient, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, table: RestTable, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._table = table
         self._clock = clock
 

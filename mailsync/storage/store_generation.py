@@ -8,8 +8,9 @@ account's partition query ever returns this row.
 from __future__ import annotations
 
 from azure.core.exceptions import ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import UpdateMode
 
+from mailsync.storage.rest.table import RestTable
 from mailsync.storage.table_errors import table_errors
 
 PARTITION = "~store"
@@ -19,7 +20,7 @@ ROW = "generation"
 class TableGenerationLedger:
     """``GenerationLedger`` in Azure Tables."""
 
-    def __init__(self, table: TableClient) -> None:
+    def __init__(self, table: RestTable) -> None:
         self._table = table
 
     def seen(self) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import UpdateMode
 
 from mailsync.errors import Conflict
 from mailsync.monitoring.records import (
@@ -47,6 +47,7 @@ from mailsync.monitoring.records import (
     SubscriptionKind,
     fold_part,
 )
+from mailsync.storage.rest.table import RestTable
 from mailsync.storage.sync_rows import PENDING_ROW, AccountSyncState
 from mailsync.storage.table_errors import ensure_table, table_errors
 
@@ -105,7 +106,7 @@ def valid_key(value: str) -> bool:
 class TableSubscriptionStore:
     """``SubscriptionStore`` on Azure Tables."""
 
-    def __init__(self, table: TableClient) -> None:
+    def __init__(self, table: RestTable) -> None:
         self._table = table
 
     def ensure_table(self) -> None:
@@ -221,7 +222,7 @@ class TablePendingStore:
     folds the parts away.
     """
 
-    def __init__(self, table: TableClient, *, max_ids: int = 100) -> None:
+    def __init__(self, table: RestTable, *, max_ids: int = 100) -> None:
         self._table = table
         self._max_ids = max_ids
 

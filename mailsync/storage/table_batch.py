@@ -13,9 +13,9 @@ than the network, the HTTP client and the entity deserialiser together. The
 entity group transactions"), so this module writes it and reads the answer
 with one regular expression.
 
-What stays the SDK's: the HTTP pipeline of the ``TableClient`` (its
-authentication, retries, transport, timeouts; one outer request, as the SDK
-sends it), the entity serialiser (the same ``@odata.type`` annotations, so a
+The request goes out through ``RestTable.submit_transaction``
+(``mailsync.storage.rest.table``: one signed POST, with its retries and
+timeouts). What stays the SDK's: the entity serialiser (the same ``@odata.type`` annotations, so a
 row written here reads back exactly as one the SDK wrote), the If-Match
 rules (a MERGE or DELETE without an ETag is ``If-Match: *``: the row must
 exist; ``upsert`` sends none) and the exceptions: a refused operation raises
@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError
-from azure.core.rest import HttpRequest
-from azure.data.tables import TableClient, TableTransactionError, UpdateMode
+from azure.data.tables import TableTransactionError, UpdateMode
 from azure.data.tables._serialize import _add_entity_properties  # the SDK's own entity serialiser
 
 API_VERSION = "2019-02-02"      # what azure-data-tables 12.7 sends
@@ -49,38 +48,35 @@ _ETAG = re.compile(rb"^etag:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 
-def submit_transaction(table: TableClient, operations: Iterable[tuple[Any, ...]]) -> list[Mapping[str, Any]]:
-    """Run ``operations`` (``submit_transaction``'s tuples) as one entity-group transaction.
+def transaction_body(base_url: str, table_name: str, operations: Sequence[tuple[Any, ...]]) -> tuple[bytes, str]:
+    """The ``$batch`` request for ``operations`` (``submit_transaction``'s tuples): its body and Content-Type.
 
-    Returns each operation's metadata (``{"etag": ...}``), in order. A refused
-    transaction (nothing was written) raises ``TableTransactionError`` with the
-    failing part's ``status_code`` (404 gone, 409 exists, 412 changed, 400
-    malformed) and ``error_code``; a transaction the service did not take at all
-    ``HttpResponseError``; a failed connection the pipeline's ``AzureError``.
+    ``base_url`` is the service's (``https://<account>.table.core.windows.net``,
+    or the emulator's with its account path): each sub-request names its row by URL.
     """
-    ops = list(operations)
-    if not ops:
-        return []
-    if len(ops) > MAX_OPERATIONS:
+    if not operations:
+        raise ValueError("a transaction needs at least one operation")
+    if len(operations) > MAX_OPERATIONS:
         raise ValueError(f"at most {MAX_OPERATIONS} operations per transaction")
-    base = f"{table.scheme}://{table._primary_hostname}"   # what the SDK's own batch uses (private)
     changeset = f"changeset_{uuid.uuid4()}"
     batch = f"batch_{uuid.uuid4()}"
     parts: list[str] = []
-    for index, operation in enumerate(ops):
+    for index, operation in enumerate(operations):
         parts.append(f"--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-                     f"Content-ID: {index}\r\n\r\n{_sub_request(base, table.table_name, operation)}\r\n")
+                     f"Content-ID: {index}\r\n\r\n{_sub_request(base_url, table_name, operation)}\r\n")
     body = (f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"
             + "".join(parts) + f"--{changeset}--\r\n\r\n--{batch}--\r\n").encode()
-    request = HttpRequest("POST", f"{base}/$batch", content=body, headers={
-        "x-ms-version": API_VERSION, "DataServiceVersion": "3.0", "MaxDataServiceVersion": "3.0;NetFx",
-        "Content-Type": f"multipart/mixed; boundary={batch}", "Accept": "application/json"})
-    # stream=True, as the SDK's batch: the pipeline's content decoder would refuse a multipart body.
-    response = table._client._client.send_request(request, stream=True)   # the TableClient's own pipeline (private)
-    content = response.read()
-    if response.status_code != 202:
-        raise HttpResponseError(message=f"the transaction was refused: {response.status_code}", response=response)
-    return _results(content, len(ops), response.headers.get("Content-Type", ""))
+    return body, f"multipart/mixed; boundary={batch}"
+
+
+def transaction_results(content: bytes, count: int, content_type: str) -> list[Mapping[str, Any]]:
+    """Each operation's metadata (``{"etag": ...}``) from a 202 answer; ``TableTransactionError`` for a refusal.
+
+    A refused transaction (nothing was written) raises ``TableTransactionError``
+    with the failing part's ``status_code`` (404 gone, 409 exists, 412 changed,
+    400 malformed) and ``error_code``, as the SDK's ``submit_transaction`` does.
+    """
+    return _results(content, count, content_type)
 
 
 def _sub_request(base: str, table_name: str, operation: tuple[Any, ...]) -> str:

@@ -20,9 +20,9 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient
 
 from mailsync.errors import ConfigurationError, DependencyUnavailable
+from mailsync.storage.rest.table import RestTable
 
 RETRY_AFTER_S = 5.0
 
@@ -47,7 +47,7 @@ def table_errors(doing: str) -> Iterator[None]:
                                     retry_after_s=RETRY_AFTER_S) from exc
 
 
-def ensure_table(table: TableClient) -> None:
+def ensure_table(table: RestTable) -> None:
     """Create the table if it does not exist yet (idempotent, safe to race)."""
     with table_errors(f"creating table {table.table_name}"), contextlib.suppress(ResourceExistsError):
         table.create_table()

@@ -25,10 +25,11 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import UpdateMode
 
 from mailsync.errors import Conflict, NotFound
 from mailsync.security.crypto import Sealed, TokenCipher
+from mailsync.storage.rest.table import RestTable
 from mailsync.storage.table_errors import table_errors
 
 MSAL = "msal"
@@ -52,7 +53,7 @@ class StoredCredential:
 class TableTokenStore:
     """Reads and writes sealed credential rows with ETag concurrency."""
 
-    def __init__(self, table: TableClient, cipher: TokenCipher) -> None:
+    def __init__(self, table: RestTable, cipher: TokenCipher) -> None:
         self._table = table
         self._cipher = cipher
 

@@ -5,20 +5,19 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from azure.data.tables import TableClient
-
 from mailsync.security.crypto import TokenCipher
 from mailsync.settings import Settings
 from mailsync.storage import connection
 from mailsync.storage.accounts import TableAccountRepository
 from mailsync.storage.auth_flows import TableAuthFlowStore
+from mailsync.storage.rest.table import RestTable
 from mailsync.storage.table_errors import ensure_table
 from mailsync.storage.tokens import TableTokenStore
 
 TEST_KEY = ("test1", base64.b64decode(base64.b64encode(bytes(range(32)))))
 
 
-def table_client(settings: Settings, name: str) -> TableClient:
+def table_client(settings: Settings, name: str) -> RestTable:
     table = connection.table_client(settings, name)
     ensure_table(table)
     return table
@@ -26,8 +25,8 @@ def table_client(settings: Settings, name: str) -> TableClient:
 
 @dataclass
 class LinkingTables:
-    accounts_table: TableClient
-    flows_table: TableClient
+    accounts_table: RestTable
+    flows_table: RestTable
     cipher: TokenCipher
     tokens: TableTokenStore
     accounts: TableAccountRepository

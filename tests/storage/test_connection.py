@@ -6,7 +6,7 @@ import pytest
 
 from mailsync.errors import ConfigurationError
 from mailsync.settings import Settings
-from mailsync.storage.connection import queue_client, table_client, table_name
+from mailsync.storage.connection import job_queue_client, queue_client, table_client, table_name
 
 
 def test_clients_from_a_connection_string_talk_to_azurite(storage_settings: Settings) -> None:
@@ -19,6 +19,9 @@ def test_clients_from_a_connection_string_talk_to_azurite(storage_settings: Sett
     queue.send_message("héllo")
     [message] = queue.receive_messages()
     assert message.content == "héllo".encode()  # base64 on the wire, bytes back
+    ours = job_queue_client(storage_settings, storage_settings.sync_queue_name)
+    ours.send_message("wörld")
+    assert [m.content for m in queue.receive_messages()] == ["wörld".encode()]   # what the trigger decodes
 
 
 def test_table_names_carry_the_prefix_and_are_checked(storage_settings: Settings) -> None:
@@ -31,17 +34,22 @@ def test_identity_settings_point_at_the_account_endpoints() -> None:
     settings = Settings.from_env({"AzureWebJobsStorage__accountName": "mailsyncprod",
                                   "AzureWebJobsStorage__clientId": "00000000-0000-0000-0000-000000000001"})
     assert queue_client(settings, "jobs").url == "https://mailsyncprod.queue.core.windows.net/jobs"
+    assert job_queue_client(settings, "jobs").url == "https://mailsyncprod.queue.core.windows.net/jobs"
     assert table_client(settings, "accounts").url.startswith("https://mailsyncprod.table.core.windows.net")
 
 
 def test_no_storage_configured_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError):
         queue_client(Settings.from_env({}), "jobs")
+    with pytest.raises(ConfigurationError):
+        table_client(Settings.from_env({}), "accounts")
 
 
 def test_development_storage_shortcut() -> None:
     settings = Settings.from_env({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
     assert queue_client(settings, "jobs").url == "http://127.0.0.1:10001/devstoreaccount1/jobs"
+    assert job_queue_client(settings, "jobs").url == "http://127.0.0.1:10001/devstoreaccount1/jobs"
+    assert table_client(settings, "accounts").url == "http://127.0.0.1:10002/devstoreaccount1/mailsyncaccounts"
 
 
 def _count_proxy_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -81,11 +89,19 @@ def test_a_proxy_in_the_environment_keeps_the_per_request_reading(
     assert Settings.from_env({}).http_verify is True
     for name in ("HTTPS_PROXY", "http_proxy", "no_proxy", "ALL_PROXY"):
         assert Settings.from_env({name: "x"}).http_clients_read_env, name
-    # With a proxy variable, requests reads the environment per request as before
-    # (no_proxy=* lets Azurite through), so no_proxy keeps working.
+    # With a proxy variable, the SDK's clients (a queue seen from outside, admin calls) read the
+    # environment per request as before (no_proxy=* lets Azurite through), so no_proxy keeps working.
     settings = Settings.from_env({"no_proxy": "*", "AzureWebJobsStorage": storage_settings.storage_connection_string
                                   or "", "TABLE_PREFIX": storage_settings.table_prefix})
     scans = _count_proxy_scans(monkeypatch)
-    table = table_client(settings, "withenv")
-    table.create_table()
+    queue_client(settings, storage_settings.sync_queue_name + "-withenv").create_queue()
     assert scans
+    # The REST clients use no proxy: loopback (Azurite) is reached directly, a remote account is
+    # refused rather than reached around the proxy.
+    table_client(settings, "withenv").create_table()
+    remote = Settings.from_env({"HTTPS_PROXY": "http://proxy.example:3128", "AzureWebJobsStorage":
+                                "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;"})
+    with pytest.raises(ConfigurationError, match="proxy"):
+        table_client(remote, "accounts")
+    with pytest.raises(ConfigurationError, match="proxy"):
+        job_queue_client(remote, "jobs")

@@ -3,8 +3,8 @@
 Held to the SDK: ``submit_transaction``'s rows written (types included, read
 back through the SDK), ETags answered, and refusals (status, error code, the
 failing operation's index) for the conditions the sync table relies on
-(mailsync/storage/table_batch.py); ``query_entities``' rows, values and
-metadata for a partition (mailsync/storage/table_query.py).
+(mailsync/storage/table_batch.py, sent by ``RestTable``); ``query_entities``'
+rows, values and metadata for a partition (``RestTable.query_partition``).
 """
 
 from __future__ import annotations
@@ -19,17 +19,36 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import EdmType, EntityProperty, TableClient, TableTransactionError, UpdateMode
 
 from mailsync.settings import Settings
-from mailsync.storage.connection import table_client
-from mailsync.storage.table_batch import MAX_OPERATIONS, submit_transaction
+from mailsync.storage.connection import sdk_table_client, table_client
+from mailsync.storage.rest.table import RestTable
+from mailsync.storage.table_batch import MAX_OPERATIONS
 from mailsync.storage.table_errors import ensure_table
-from mailsync.storage.table_query import query_partition
 
 Submit = Callable[[TableClient, Sequence[tuple[Any, ...]]], Sequence[Any]]
-BOTH: list[Submit] = [submit_transaction, lambda table, ops: table.submit_transaction(ops)]
+
+
+def _ours(settings: Settings) -> Submit:
+    rest = table_client(settings, "batch")
+    return lambda _sdk, ops: rest.submit_transaction(ops)
+
+
+@pytest.fixture(params=["text", "sdk"])
+def submit(request: pytest.FixtureRequest, storage_settings: Settings) -> Submit:
+    """Ours (``RestTable.submit_transaction``) or the SDK's, on the same table as ``table``."""
+    if request.param == "text":
+        return _ours(storage_settings)
+    return lambda sdk, ops: sdk.submit_transaction(ops)
 
 
 @pytest.fixture
 def table(storage_settings: Settings) -> TableClient:
+    """The SDK's client: the rows are written and read back through it, to hold ours to its answers."""
+    ensure_table(table_client(storage_settings, "batch"))
+    return sdk_table_client(storage_settings, "batch")
+
+
+@pytest.fixture
+def rest(storage_settings: Settings) -> RestTable:
     client = table_client(storage_settings, "batch")
     ensure_table(client)
     return client
@@ -44,7 +63,6 @@ def _rows(table: TableClient, partition: str) -> dict[str, tuple[dict[str, Any],
             table.query_entities("PartitionKey eq @p", parameters={"p": partition})}
 
 
-@pytest.mark.parametrize("submit", BOTH, ids=["text", "sdk"])
 def test_create_merge_upsert_delete_write_what_the_sdk_writes(table: TableClient, submit: Submit) -> None:
     p = _partition()
     first = table.create_entity({"PartitionKey": p, "RowKey": "f:a'b", "dirty": True, "epoch": 3})
@@ -67,7 +85,6 @@ def test_create_merge_upsert_delete_write_what_the_sdk_writes(table: TableClient
     assert [r["etag"] for r in results[:3]] == [rows["slot:0"][1], rows["f:a'b"][1], rows["pending"][1]]
 
 
-@pytest.mark.parametrize("submit", BOTH, ids=["text", "sdk"])
 def test_a_refused_transaction_writes_nothing_and_names_the_failing_operation(table: TableClient,
                                                                              submit: Submit) -> None:
     p = _partition()
@@ -94,20 +111,20 @@ def test_a_refused_transaction_writes_nothing_and_names_the_failing_operation(ta
     assert _rows(table, p)["a"][0]["v"] == 2
 
 
-def test_a_full_transaction_and_an_empty_one(table: TableClient) -> None:
+def test_a_full_transaction_and_an_empty_one(table: TableClient, rest: RestTable) -> None:
     p = _partition()
-    results = submit_transaction(table, [("create", {"PartitionKey": p, "RowKey": f"r{n:03}", "n": n})
-                                         for n in range(MAX_OPERATIONS)])
+    results = rest.submit_transaction([("create", {"PartitionKey": p, "RowKey": f"r{n:03}", "n": n})
+                                       for n in range(MAX_OPERATIONS)])
     assert len(results) == MAX_OPERATIONS and all(r["etag"] for r in results)
     assert len(_rows(table, p)) == MAX_OPERATIONS
-    assert submit_transaction(table, []) == []
+    assert rest.submit_transaction([]) == []
     with pytest.raises(ValueError):
-        submit_transaction(table, [("create", {"PartitionKey": p, "RowKey": "x"})] * (MAX_OPERATIONS + 1))
+        rest.submit_transaction([("create", {"PartitionKey": p, "RowKey": "x"})] * (MAX_OPERATIONS + 1))
 
 
-# --- the partition query (mailsync/storage/table_query.py) ----------------------------------------------------------
+# --- the partition query (RestTable.query_partition) -----------------------------------------------------------------
 
-def test_a_partition_query_reads_what_the_sdks_query_reads(table: TableClient) -> None:
+def test_a_partition_query_reads_what_the_sdks_query_reads(table: TableClient, rest: RestTable) -> None:
     p, other = _partition(), _partition()
     epoch = EntityProperty(1_800_000_000_123, EdmType.INT64)
     table.create_entity({"PartitionKey": p, "RowKey": "folders", "epoch": epoch,
@@ -117,22 +134,22 @@ def test_a_partition_query_reads_what_the_sdks_query_reads(table: TableClient) -
         table.create_entity({"PartitionKey": p, "RowKey": f"slot:{n}", "owner": f"o{n}"})
     table.create_entity({"PartitionKey": other, "RowKey": "folders"})
     sdk = list(table.query_entities("PartitionKey eq @p", parameters={"p": p}))
-    ours = query_partition(table, p)
+    ours = rest.query_partition(p)
     assert [dict(e) for e in ours] == [dict(e) for e in sdk] and len(ours) == 5
     assert [e.metadata for e in ours] == [e.metadata for e in sdk]
-    slots = query_partition(table, p, row_prefix="slot:")
+    slots = rest.query_partition(p, row_prefix="slot:")
     assert [e["RowKey"] for e in slots] == ["slot:0", "slot:1", "slot:2"]
-    assert query_partition(table, _partition()) == []
+    assert rest.query_partition(_partition()) == []
 
 
-def test_a_partition_query_follows_the_services_pages(table: TableClient) -> None:
+def test_a_partition_query_follows_the_services_pages(rest: RestTable) -> None:
     p = _partition()
     for start in range(0, 1_100, MAX_OPERATIONS):          # the service answers at most 1,000 rows a page
-        submit_transaction(table, [("create", {"PartitionKey": p, "RowKey": f"r{n:05}"})
-                                   for n in range(start, min(start + MAX_OPERATIONS, 1_100))])
-    assert [e["RowKey"] for e in query_partition(table, p)] == [f"r{n:05}" for n in range(1_100)]
+        rest.submit_transaction([("create", {"PartitionKey": p, "RowKey": f"r{n:05}"})
+                                 for n in range(start, min(start + MAX_OPERATIONS, 1_100))])
+    assert [e["RowKey"] for e in rest.query_partition(p)] == [f"r{n:05}" for n in range(1_100)]
 
 
 def test_a_partition_query_of_a_missing_table_is_not_found(storage_settings: Settings) -> None:
     with pytest.raises(ResourceNotFoundError):
-        query_partition(table_client(storage_settings, "nosuchtable"), "p")
+        table_client(storage_settings, "nosuchtable").query_partition("p")

@@ -380,15 +380,14 @@ class _TableCalls:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def __call__(self, request: Any) -> None:
-        http = request.http_request
-        self.calls.append("batch" if http.url.endswith("$batch") else http.method)
+    def __call__(self, method: str, path: str) -> None:
+        self.calls.append("batch" if path.endswith("$batch") else method)
 
 
 def _counted_state(world: SyncWorld) -> _TableCalls:
     """Point the engine at a sync table client that counts its requests."""
     calls = _TableCalls()
-    world.engine.state = SyncStateTable(table_client(world.settings, "sync", raw_request_hook=calls),
+    world.engine.state = SyncStateTable(table_client(world.settings, "sync", on_request=calls),
                                         lease_s=world.settings.folder_lease_s,
                                         slot_ttl_s=2 * world.settings.sync_time_budget_s + 60)
     return calls
