@@ -21,6 +21,13 @@ What the Azure host does, and so the devhost does (queue extension 5.x):
   grace period, and return the rest to the queue (visible at once) so
   nothing is lost.
 
+The Storage calls go through ``mailsync.storage.rest.queue.RestQueue`` (a
+signed request on a keep-alive connection, run off the event loop), not the
+SDK's aio client: its pipeline cost ~2 ms of CPU per receive or delete, a
+change's share of which the benchmarks counted as the app's
+(docs/scaling.md, "CPU per change"). The Functions host's own client is not
+our CPU in Azure.
+
 Deliberate difference, for a host on a laptop: the lease is 60 s by
 default (Azure: 10 min) so a killed devhost's messages come back sooner.
 
@@ -49,12 +56,15 @@ from typing import Any
 import azure.functions as func
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.functions.queue import QueueMessage as TriggerMessage
-from azure.storage.queue import QueueMessage as StorageMessage
-from azure.storage.queue.aio import QueueClient
 
 from devhost.config import QueueOptions
 from devhost.index import Binding, FunctionSpec
 from devhost.invoke import Invocation, Invoker
+from mailsync.storage.rest.auth import StorageAccount
+from mailsync.storage.rest.queue import QueueMessage as StorageMessage
+from mailsync.storage.rest.queue import RestQueue
+from mailsync.storage.rest.retry import RetryPolicy
+from mailsync.storage.rest.service import ServiceClient
 
 log = logging.getLogger("devhost.queues")
 
@@ -120,8 +130,35 @@ def queue_output_bodies(value: Any) -> list[bytes]:
                        f"not {type(value).__name__} (serialize it with json.dumps first)")
 
 
+class QueueClient:
+    """A queue's calls for the event loop: ``RestQueue``'s, each run on a worker thread (blocking sockets)."""
+
+    def __init__(self, queue: RestQueue) -> None:
+        self._queue = queue
+
+    async def create_queue(self) -> None:
+        await asyncio.to_thread(self._queue.create_queue)
+
+    async def send_message(self, content: str) -> None:
+        await asyncio.to_thread(self._queue.send_message, content)
+
+    async def receive_messages(self, *, max_messages: int, visibility_timeout: int) -> list[StorageMessage]:
+        return await asyncio.to_thread(self._queue.receive_messages, max_messages=max_messages,
+                                       visibility_timeout=visibility_timeout)
+
+    async def delete_message(self, message_id: str, pop_receipt: str) -> None:
+        await asyncio.to_thread(self._queue.delete_message, message_id, pop_receipt)
+
+    async def update_message(self, message_id: str, pop_receipt: str, *, visibility_timeout: int) -> StorageMessage:
+        return await asyncio.to_thread(self._queue.update_message, message_id, pop_receipt,
+                                       visibility_timeout=visibility_timeout)
+
+    async def close(self) -> None:
+        self._queue.close()
+
+
 class QueueClients:
-    """Async queue clients per (connection, queue), shared by listeners and output bindings."""
+    """Queue clients per (connection, queue), shared by listeners and output bindings."""
 
     def __init__(self, settings: Mapping[str, str]) -> None:
         self._settings = settings
@@ -133,12 +170,13 @@ class QueueClients:
         key = (connection or DEFAULT_CONNECTION, queue)
         client = self._clients.get(key)
         if client is None:
-            # No encode/decode policy: the host handles messageEncoding itself, so a
-            # body that is not base64 can be poisoned with a reason instead of crashing.
+            # Bodies as they are: the host handles messageEncoding itself, so a body that
+            # is not base64 can be poisoned with a reason instead of crashing.
             # Short retries: the listener has its own back-off, and Azure's 15 s default would stall it.
-            client = QueueClient.from_connection_string(
-                connection_string(self._settings, connection), queue, connection_timeout=5,
-                initial_backoff=1, increment_base=2, retry_total=2, random_jitter_range=1)
+            account = StorageAccount.from_connection_string(connection_string(self._settings, connection))
+            service = ServiceClient("queue", account.queue, account.auth, connect_timeout_s=5, read_timeout_s=30,
+                                    retry=RetryPolicy.storage_exponential(2, 1, 2, 1))
+            client = QueueClient(RestQueue(service, queue, base64_bodies=False))
             self._clients[key] = client
         return client
 
@@ -222,8 +260,7 @@ class QueueListener:
             # Cleared before the receive (Azure: a new wait source per poll), so a Notify during it counts.
             self._wake.clear()
             try:
-                messages = [m async for m in client.receive_messages(
-                    messages_per_page=free, max_messages=free, visibility_timeout=self._lease_s)]
+                messages = await client.receive_messages(max_messages=free, visibility_timeout=self._lease_s)
                 if failing:
                     log.info("queue %s reachable again", self.queue_name)
                 failing = False
@@ -276,7 +313,7 @@ class QueueListener:
                 await self._poison(client, entry, f"dequeue count {dequeue_count} is over maxDequeueCount")
                 return
             try:
-                body = decode_body(message.content or "", self._options.message_encoding)
+                body = decode_body(message.text or "", self._options.message_encoding)
             except ValueError as exc:
                 await self._poison(client, entry, str(exc))
                 return
@@ -363,7 +400,7 @@ class QueueListener:
         async with entry.lock:
             if entry.returned:
                 return
-            await self._clients.send(self.connection, self.poison_queue_name, [entry.message.content or ""])
+            await self._clients.send(self.connection, self.poison_queue_name, [entry.message.text or ""])
             await client.delete_message(entry.message.id, entry.pop_receipt)
 
     async def _return(self, client: QueueClient, message_id: str, pop_receipt: str) -> None:
