@@ -2,7 +2,7 @@
 
 Each method is the SDK's namesake (arguments, results, exceptions), so the
 adapters of ``mailsync.storage`` did not change: rows come back as
-``TableEntity`` through the SDK's own conversion (``_convert_to_entity``:
+``TableEntity`` as the SDK's own conversion makes them (``to_entity``:
 types, ETag and Timestamp in ``metadata``), rows go out through its own
 serialiser (``_add_entity_properties``: the same ``@odata.type``
 annotations), filters take ``@name`` parameters through its substitution,
@@ -20,6 +20,7 @@ the answer's headers).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -27,8 +28,12 @@ from urllib.parse import quote
 import orjson
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError
-from azure.data.tables import TableEntity, UpdateMode
-from azure.data.tables._deserialize import _convert_to_entity  # the SDK's own entity conversion
+from azure.data.tables import EntityProperty, TableEntity, UpdateMode
+from azure.data.tables._deserialize import (  # the SDK's own conversions
+    _ENTITY_TO_PYTHON_CONVERSIONS,
+    TablesEntityDatetime,
+    _from_entity_datetime,
+)
 from azure.data.tables._serialize import _add_entity_properties, _parameter_filter_substitution
 
 from mailsync.storage.rest.errors import refusal
@@ -88,7 +93,7 @@ class RestTable:
                                       query=query, headers=_HEADERS)
         if response.status != 200:
             raise refusal(response, "reading a row")
-        return _convert_to_entity(_json(response.body))   # type: ignore[no-any-return, no-untyped-call]
+        return to_entity(_json(response.body))
 
     def create_entity(self, entity: Mapping[str, Any]) -> dict[str, Any]:
         """Insert a row; ``ResourceExistsError`` if its keys are taken. Returns its metadata (``etag`` ...)."""
@@ -197,7 +202,7 @@ class RestTable:
             if not isinstance(rows, list):
                 raise HttpResponseError(message="the query's answer holds no rows")
             for row in rows:
-                yield _convert_to_entity(row)   # type: ignore[no-untyped-call]
+                yield to_entity(row)
             next_partition = response.headers.get(_NEXT_PARTITION)
             if not next_partition:
                 return
@@ -207,6 +212,75 @@ class RestTable:
                 query["NextRowKey"] = next_row
             else:
                 query.pop("NextRowKey", None)
+
+
+_INT32 = range(-(2**31), 2**31)
+_AS_IS = ("Edm.String", "Edm.Int32")
+# The SDK's conversions by type name (its keys are EdmType, a str enum: the same hashes and equality).
+_CONVERSIONS: dict[str, Any] = {str(kind.value): convert for kind, convert in _ENTITY_TO_PYTHON_CONVERSIONS.items()}
+
+
+def to_entity(row: Mapping[str, Any]) -> TableEntity:
+    """A row of the service's JSON as the SDK's ``_convert_to_entity`` makes it, in a fraction of its time.
+
+    Same rules: ``odata.*`` fields become the metadata (``metadata`` dropped,
+    ``etag`` and ``timestamp`` always there), a property typed by its
+    ``@odata.type`` sibling goes through the SDK's conversion for that type
+    (Int64 → ``EntityProperty``, DateTime, Guid, Binary ...), an untyped int
+    beyond 32 bits becomes an Int64, everything else stays as JSON gave it.
+    The difference: ``Timestamp`` (every row has one) is read by slicing its
+    fixed ISO form instead of ``strptime``, which was a third of the SDK's
+    conversion (a partition read is ~15 rows); an unexpected form still goes
+    to the SDK's parser.
+    """
+    entity = TableEntity()
+    odata: dict[str, Any] = {}
+    types: dict[str, str] | None = None
+    timestamp = None
+    for name, value in row.items():
+        if name.endswith("@odata.type"):
+            if types is None:
+                types = {}
+            types[name[:-11]] = value
+    for name, value in row.items():
+        if name.startswith("odata."):
+            odata[name[6:]] = value
+        elif name == "Timestamp":
+            timestamp = value
+        elif not name.endswith("@odata.type"):
+            mtype = types.get(name) if types else None
+            if mtype is None:
+                if isinstance(value, int) and value not in _INT32:
+                    value = _CONVERSIONS["Edm.Int64"](value)
+            elif mtype not in _AS_IS:
+                convert = _CONVERSIONS.get(mtype)
+                value = convert(value) if convert is not None else EntityProperty(mtype, value)   # (sic: the SDK's)
+            entity[name] = value
+    etag = odata.pop("etag", None)
+    odata.pop("metadata", None)
+    if timestamp:
+        if not etag:
+            etag = "W/\"datetime'" + quote(timestamp) + "'\""
+        timestamp = _timestamp(timestamp)
+    odata["etag"] = etag
+    odata["timestamp"] = timestamp
+    entity._metadata = odata   # type: ignore[assignment]   # the SDK's own attribute, set as it sets it
+    return entity
+
+
+def _timestamp(text: str) -> datetime:
+    """``2026-12-02T07:23:50.8203142Z`` as the SDK's ``TablesEntityDatetime`` (microseconds truncated, as it does)."""
+    if len(text) >= 20 and text[4] == "-" and text[10] == "T" and text[-1] == "Z" and text[19] in ".Z":
+        try:
+            fraction = text[20:-1] if text[19] == "." else ""
+            value = TablesEntityDatetime(int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]),
+                                         int(text[14:16]), int(text[17:19]), int((fraction + "000000")[:6]),
+                                         tzinfo=UTC)
+            value._service_value = text   # type: ignore[attr-defined]   # what the SDK keeps too
+            return value
+        except ValueError:
+            pass
+    return _from_entity_datetime(text)   # type: ignore[no-any-return, no-untyped-call]
 
 
 def _key(value: Any) -> str:
