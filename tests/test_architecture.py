@@ -19,7 +19,7 @@ SCANNED = ("mailsync", "functions", "function_app.py")
 #  library               may be imported only in
 ADAPTERS: dict[str, tuple[str, ...]] = {
     "msal":                ("mailsync/auth/*",),
-    "requests":            ("mailsync/auth/*", "mailsync/providers/graph_client.py",
+    "requests":            ("mailsync/auth/*", "mailsync/providers/graph_transport.py",
                             "mailsync/realtime/service_tokens.py", "mailsync/realtime/live_sender.py"),
     "elasticsearch":       ("mailsync/store/engines/elasticsearch.py",),
     "elastic_transport":   ("mailsync/store/engines/elasticsearch.py",),

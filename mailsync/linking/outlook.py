@@ -17,6 +17,7 @@ from mailsync.jobs import JobKind
 from mailsync.linking.service import LinkedIdentity, LinkRedirect
 from mailsync.models import Account, Provider
 from mailsync.providers.graph_client import GRAPH_URL, GraphClient
+from mailsync.providers.graph_transport import RequestsTransport
 from mailsync.storage.tokens import MSAL
 
 ME_FIELDS = "id,displayName,mail,userPrincipalName"
@@ -45,7 +46,7 @@ class OutlookLinker:
                  params: Mapping[str, str]) -> LinkedIdentity:
         sign_in = self._msal.finish(flow, params)
         graph = GraphClient(lambda _force: sign_in.access_token, base_url=self._graph_url,
-                            session=self._msal.session)
+                            session=RequestsTransport.around(self._msal.session))
         me = graph.get("me", params={"$select": ME_FIELDS})
         if not isinstance(me, dict) or not isinstance(me.get("id"), str):
             raise MalformedResponse("Graph's /me answer has no user id")

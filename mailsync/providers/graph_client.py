@@ -1,8 +1,9 @@
 """The one HTTP seam to Microsoft Graph (or the local Graph sandbox).
 
-Only this module (with ``mailsync.auth``) imports ``requests``. It turns
-Graph's HTTP answers into the project's errors so nothing above it ever
-looks at a status code:
+Requests travel through ``graph_transport`` (our keep-alive connections;
+``requests`` only when a proxy is configured, and in ``mailsync.auth``).
+This module turns Graph's HTTP answers into the project's errors so nothing
+above it ever looks at a status code:
 
 ====================  =============================================
 Graph answers          we raise
@@ -24,15 +25,15 @@ from __future__ import annotations
 
 import email.utils
 import random
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import orjson
-import requests
-from requests.adapters import HTTPAdapter
 
 from mailsync.errors import (
     CursorExpired,
@@ -45,10 +46,18 @@ from mailsync.errors import (
     ProviderThrottled,
     ProviderUnavailable,
 )
+from mailsync.providers.graph_transport import (
+    BodyTooLarge,
+    GraphResponse,
+    GraphTransport,
+    KeepAliveTransport,
+    RequestsTransport,
+    TransportFailed,
+)
 from mailsync.settings import Settings
 
-# The pooled HTTP session type, named here so other modules need not import requests.
-GraphSession = requests.Session
+# The shared HTTP transport type (one per process and purpose), named here for the modules that hold one.
+GraphSession = GraphTransport
 
 GRAPH_URL = "https://graph.microsoft.com/v1.0"
 DEFAULT_TIMEOUT_S = 30.0
@@ -122,24 +131,22 @@ class GraphClient:
     """
 
     def __init__(self, token_source: TokenSource, *, base_url: str = GRAPH_URL,
-                 session: requests.Session | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 session: GraphTransport | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._token_source = token_source
         self._base_url = base_url.rstrip("/")
         self._timeout_s = timeout_s
         self._session = session or self.new_session()
 
     @staticmethod
-    def new_session(pool_size: int = 16, *, settings: Settings | None = None) -> requests.Session:
-        """A pooled session. With ``settings``, it reads proxies and the CA bundle from the environment
-        per request only when ``Settings.http_clients_read_env`` says so (else from the settings)."""
-        session = requests.Session()
-        if settings is not None and not settings.http_clients_read_env:
-            session.trust_env = False
-            session.verify = settings.http_verify
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        return session
+    def new_session(pool_size: int = 16, *, settings: Settings | None = None) -> GraphTransport:
+        """A transport to share between clients: our keep-alive connections (the CA bundle from ``settings``),
+        or a pooled ``requests`` session reading proxies per request when ``Settings.http_clients_read_env``."""
+        if settings is not None and settings.http_clients_read_env:
+            return RequestsTransport(pool_size)
+        bundle = settings.http_ca_bundle if settings is not None else None
+        if bundle and Path(bundle).is_dir():
+            return KeepAliveTransport(tls=ssl.create_default_context(capath=bundle))
+        return KeepAliveTransport(tls=ssl.create_default_context(cafile=bundle) if bundle else None)
 
     @property
     def base_url(self) -> str:
@@ -155,7 +162,7 @@ class GraphClient:
         """Send one request; return the parsed JSON body (None for 204)."""
         url = self.url(path_or_url)
         response = self._send(method, url, params, json_body, headers, force_refresh=False)
-        if response.status_code == 401:
+        if response.status == 401:
             response = self._send(method, url, params, json_body, headers, force_refresh=True)
         return self._parse(response)
 
@@ -212,7 +219,7 @@ class GraphClient:
         """Send the items as one batch; per item id its answer."""
         response = self._send("POST", self.url("$batch"), None, {"requests": items}, None,
                               force_refresh=force_refresh)
-        if response.status_code == 401 and not force_refresh:
+        if response.status == 401 and not force_refresh:
             response = self._send("POST", self.url("$batch"), None, {"requests": items}, None, force_refresh=True)
         answer = self._parse(response)
         responses = answer.get("responses") if isinstance(answer, dict) else None
@@ -230,36 +237,29 @@ class GraphClient:
     def get_bytes(self, path_or_url: str, *, max_bytes: int) -> tuple[bytes, str]:
         """A binary resource (an attachment's ``$value``): its bytes and Content-Type.
 
-        Read as a stream and cut off past ``max_bytes`` (``PayloadTooLarge``):
-        a size Graph reported is not trusted to bound what it sends.
+        Read no further than ``max_bytes`` (``PayloadTooLarge``): a size Graph
+        reported is not trusted to bound what it sends.
         """
         url = self.url(path_or_url)
-        response = self._send("GET", url, None, None, {"Accept": "*/*"}, force_refresh=False, stream=True)
-        if response.status_code == 401:
-            response.close()
-            response = self._send("GET", url, None, None, {"Accept": "*/*"}, force_refresh=True, stream=True)
-        if not 200 <= response.status_code < 300:
-            self._parse(response)   # raises the mapped error
-        chunks: list[bytes] = []
-        total = 0
         try:
-            for chunk in response.iter_content(64 * 1024):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise PayloadTooLarge(f"the attachment is larger than {max_bytes} bytes",
-                                          code="attachment_too_large")
-                chunks.append(chunk)
-        except requests.RequestException as exc:
-            raise ProviderUnavailable(f"Graph response cut: {type(exc).__name__}") from exc
-        finally:
-            response.close()
-        return b"".join(chunks), response.headers.get("Content-Type", "application/octet-stream")
+            response = self._send("GET", url, None, None, {"Accept": "*/*"}, force_refresh=False,
+                                  max_bytes=max_bytes)
+            if response.status == 401:
+                response = self._send("GET", url, None, None, {"Accept": "*/*"}, force_refresh=True,
+                                      max_bytes=max_bytes)
+        except BodyTooLarge as exc:
+            raise PayloadTooLarge(f"the attachment is larger than {max_bytes} bytes",
+                                  code="attachment_too_large") from exc
+        if not 200 <= response.status < 300:
+            self._parse(response)   # raises the mapped error
+        return response.body, response.headers.get("content-type", "application/octet-stream")
 
     def close(self) -> None:
         self._session.close()
 
     def _send(self, method: str, url: str, params: Mapping[str, str] | None, json_body: Any,
-              headers: Mapping[str, str] | None, *, force_refresh: bool, stream: bool = False) -> requests.Response:
+              headers: Mapping[str, str] | None, *, force_refresh: bool, max_bytes: int | None = None
+              ) -> GraphResponse:
         all_headers = {
             "Authorization": f"Bearer {self._token_source(force_refresh)}",
             "Prefer": 'IdType="ImmutableId"',
@@ -276,18 +276,17 @@ class GraphClient:
         if json_body is not None:
             data = orjson.dumps(json_body)
             all_headers["Content-Type"] = "application/json"
+        if params:   # encoded as requests encodes them (urlencode: quote_plus)
+            url = f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
         try:
-            return self._session.request(method, url, params=params, data=data, headers=all_headers,
-                                         timeout=self._timeout_s, stream=stream)
-        except requests.RequestException as exc:
-            raise ProviderUnavailable(f"Graph request failed: {type(exc).__name__}") from exc
+            return self._session.send(method, url, all_headers, data, timeout_s=self._timeout_s,
+                                      max_bytes=max_bytes)
+        except TransportFailed as exc:
+            raise ProviderUnavailable(f"Graph request failed: {exc}") from exc
 
-    def _parse(self, response: requests.Response) -> Any:
-        status = response.status_code
-        try:
-            content = response.content
-        except requests.RequestException as exc:  # connection cut while reading the body
-            raise ProviderUnavailable(f"Graph response cut: {type(exc).__name__}") from exc
+    def _parse(self, response: GraphResponse) -> Any:
+        status = response.status
+        content = response.body
         body: Any = None
         if content:
             try:
@@ -297,7 +296,7 @@ class GraphClient:
                     raise MalformedResponse(f"Graph sent a body that is not JSON (status {status})") from exc
         if 200 <= status < 300:
             return body
-        raise error_for_status(status, body, response.headers.get("Retry-After"))
+        raise error_for_status(status, body, response.headers.get("retry-after"))
 
 
 @dataclass(frozen=True)

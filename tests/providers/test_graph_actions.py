@@ -12,6 +12,7 @@ from mailsync.providers.graph_actions import GraphActions
 from mailsync.providers.graph_client import GraphClient
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.providers.actions_contract import ActionsContract, RichMessage
+from tests.providers.recording import RecordingTransport
 from tests.providers.test_graph_provider import GraphHarness, harness, sandbox  # noqa: F401  (fixtures)
 
 
@@ -19,7 +20,7 @@ def _actions(harness: GraphHarness, seen: list | None = None, **options: int) ->
     token = harness.server.user_token(harness.user.mail)
     session = GraphClient.new_session()
     if seen is not None:
-        session.hooks["response"].append(lambda r, *a, **k: seen.append(r))
+        session = RecordingTransport(session, seen.append)
     client = GraphClient(lambda _force: token, base_url=f"{harness.server.base_url}/v1.0", session=session)
     return GraphActions(client, harness.account_id, sleep=lambda s: None, **options)  # type: ignore[arg-type]
 

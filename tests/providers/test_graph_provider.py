@@ -38,6 +38,7 @@ from mailsync.providers.graph_client import GraphClient, is_expired_state
 from mailsync.settings import Settings
 from tests.fixtures.graph_sandbox import SandboxTestServer
 from tests.providers.contract import Mirror, ProviderContract, TruthFolder, TruthMessage, assert_mirror_equals
+from tests.providers.recording import RecordingTransport, SentRequest
 
 
 def _time(value: str | None) -> datetime | None:
@@ -52,7 +53,7 @@ class GraphHarness:
     user: SandboxUser
     sender: SandboxUser
     account_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    requests_seen: list[requests.PreparedRequest] = field(default_factory=list)
+    requests_seen: list[SentRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.graph = self.server.graph(self.user)
@@ -60,8 +61,7 @@ class GraphHarness:
 
     def open(self, *, page_size: int = 50) -> GraphProvider:
         token = self.server.user_token(self.user.mail)
-        session = GraphClient.new_session()
-        session.hooks["response"].append(lambda r, *a, **k: self.requests_seen.append(r.request))
+        session = RecordingTransport(GraphClient.new_session(), lambda e: self.requests_seen.append(e.request))
         client = GraphClient(lambda _force: token, base_url=f"{self.server.base_url}/v1.0", session=session)
         return GraphProvider(client, self.account_id, page_size=page_size)
 

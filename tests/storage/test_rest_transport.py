@@ -22,10 +22,10 @@ from azure.core.exceptions import ServiceRequestError
 from azure.data.tables import AccountSasPermissions, ResourceTypes, generate_account_sas
 
 from mailsync.errors import ConfigurationError
+from mailsync.keepalive_http import ConnectionFailed, Connections, Origin
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
 from mailsync.storage.rest.auth import DEV_ACCOUNT, StorageAccount
-from mailsync.storage.rest.http import ConnectionFailed, Connections, Origin
 from mailsync.storage.rest.retry import RetryPolicy
 from mailsync.storage.table_errors import ensure_table
 

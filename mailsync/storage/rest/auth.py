@@ -44,7 +44,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from mailsync.errors import ConfigurationError
-from mailsync.storage.rest.http import Origin
+from mailsync.keepalive_http import Origin
 
 STORAGE_SCOPE = "https://storage.azure.com/.default"
 TOKEN_REFRESH_MARGIN_S = 300

@@ -28,7 +28,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from mailsync.storage.rest.http import ConnectionFailed, Response
+from mailsync.keepalive_http import ConnectionFailed, Response
 
 _CHANGED = {"ConditionNotMet", "UpdateConditionNotSatisfied"}
 _AUTH = {"InvalidAuthenticationInfo", "AuthenticationFailed"}

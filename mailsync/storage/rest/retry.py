@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailsync.storage.rest.http import ConnectionFailed, Response
+from mailsync.keepalive_http import ConnectionFailed, Response
 
 NO_RETRY_5XX = (501, 505)
 

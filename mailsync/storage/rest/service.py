@@ -6,9 +6,9 @@ import ssl
 from collections.abc import Callable, Mapping
 from urllib.parse import quote
 
+from mailsync.keepalive_http import ConnectionFailed, Connections, Response
 from mailsync.storage.rest.auth import Authorizer, Endpoint
 from mailsync.storage.rest.errors import unreachable
-from mailsync.storage.rest.http import ConnectionFailed, Connections, Response
 from mailsync.storage.rest.retry import RetryPolicy
 
 

@@ -1,9 +1,12 @@
-"""One keep-alive HTTP/1.1 connection per thread to a Storage endpoint, on a plain (or TLS) socket.
+"""One keep-alive HTTP/1.1 connection per thread to an origin, on a plain (or TLS) socket.
 
-Why not ``http.client`` or urllib3: both parse every answer's headers with
-the ``email`` package, and urllib3/requests add a pool, a session merge and
-per-request settings on top; for the small JSON and XML answers of Tables
-and Queues that is most of a call's CPU. Storage answers are plain
+Used for the hot path's HTTP: Azure Storage (``mailsync.storage.rest``) and
+Microsoft Graph (``mailsync.providers.graph_client``). Why not
+``http.client`` or urllib3 / requests: both parse every answer's headers
+with the ``email`` package, and urllib3/requests add a pool, a session
+merge, cookie jars and per-request settings on top; for the small JSON and
+XML answers of Tables, Queues and Graph's delta pages that was most of a
+call's CPU (docs/scaling.md, "CPU per change"). The answers are plain
 HTTP/1.1: a status line, headers, and a body framed by ``Content-Length``
 or ``Transfer-Encoding: chunked`` (Azurite chunks, Azure sets a length).
 
@@ -30,6 +33,10 @@ from typing import BinaryIO
 
 MAX_HEADER_LINES = 200
 MAX_LINE = 65536
+
+
+class BodyTooLarge(Exception):
+    """The answer's body is larger than the caller's ``max_bytes`` (nothing more of it is read)."""
 
 
 class ConnectionFailed(Exception):
@@ -90,9 +97,10 @@ class Connections:
         self._all: set[_Conn] = set()
         self._lock = threading.Lock()
 
-    def request(self, method: str, target: str, headers: Mapping[str, str], body: bytes = b"") -> Response:
+    def request(self, method: str, target: str, headers: Mapping[str, str], body: bytes = b"", *,
+                max_bytes: int | None = None) -> Response:
         """Send ``method target`` with ``headers`` (no Host: added here, as Content-Length when missing) and read
-        the answer."""
+        the answer; a body over ``max_bytes`` raises :class:`BodyTooLarge` (the connection is dropped)."""
         head = [f"{method} {target} HTTP/1.1\r\nHost: {self.origin.host_header}\r\n"]
         head.extend(f"{name}: {value}\r\n" for name, value in headers.items())
         if "Content-Length" not in headers and (body or method in ("POST", "PUT", "PATCH", "MERGE")):
@@ -101,7 +109,7 @@ class Connections:
         conn = self._connection()
         reused = conn.used
         try:
-            return self._exchange(conn, data, method)
+            return self._exchange(conn, data, method, max_bytes)
         except _NothingReceived as exc:
             self._drop(conn)
             if not reused:
@@ -109,7 +117,7 @@ class Connections:
         # The server closed the kept-alive connection as we wrote: once more on a new one.
         conn = self._connection()
         try:
-            return self._exchange(conn, data, method)
+            return self._exchange(conn, data, method, max_bytes)
         except _NothingReceived as exc:
             self._drop(conn)
             raise ConnectionFailed(str(exc)) from exc
@@ -123,7 +131,7 @@ class Connections:
 
     # -- one exchange --------------------------------------------------------------------
 
-    def _exchange(self, conn: _Conn, data: bytes, method: str) -> Response:
+    def _exchange(self, conn: _Conn, data: bytes, method: str, max_bytes: int | None) -> Response:
         try:
             conn.sock.sendall(data)
             status_line = conn.reader.readline(MAX_LINE + 1)
@@ -136,7 +144,10 @@ class Connections:
             raise _NothingReceived("the connection was closed before an answer")
         conn.used = True
         try:
-            response, keep = self._read_answer(conn.reader, status_line, method)
+            response, keep = self._read_answer(conn.reader, status_line, method, max_bytes)
+        except BodyTooLarge:
+            self._drop(conn)
+            raise
         except TimeoutError as exc:
             self._drop(conn)
             raise ConnectionFailed("Storage's answer stopped coming", timed_out=True) from exc
@@ -148,7 +159,8 @@ class Connections:
         return response
 
     @staticmethod
-    def _read_answer(reader: BinaryIO, status_line: bytes, method: str) -> tuple[Response, bool]:
+    def _read_answer(reader: BinaryIO, status_line: bytes, method: str,
+                     max_bytes: int | None) -> tuple[Response, bool]:
         parts = status_line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
             raise ValueError(f"not an HTTP answer: {status_line[:80]!r}")
@@ -171,15 +183,20 @@ class Connections:
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             return Response(status, headers, b""), keep
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            return Response(status, headers, _read_chunked(reader)), keep
+            return Response(status, headers, _read_chunked(reader, max_bytes)), keep
         length = headers.get("content-length")
         if length is not None:
             size = int(length)
+            if max_bytes is not None and size > max_bytes:
+                raise BodyTooLarge(f"the answer is {size} bytes, more than {max_bytes}")
             body = reader.read(size)
             if len(body) != size:
                 raise ValueError("the answer's body was cut short")
             return Response(status, headers, body), keep
-        return Response(status, headers, reader.read()), False   # delimited by the close
+        rest = reader.read() if max_bytes is None else reader.read(max_bytes + 1)   # delimited by the close
+        if max_bytes is not None and len(rest) > max_bytes:
+            raise BodyTooLarge(f"the answer is more than {max_bytes} bytes")
+        return Response(status, headers, rest), False
 
     # -- connections ----------------------------------------------------------------------
 
@@ -225,8 +242,9 @@ class _NothingReceived(Exception):
     """The request failed before any byte of an answer: safe to send again on a new connection."""
 
 
-def _read_chunked(reader: BinaryIO) -> bytes:
+def _read_chunked(reader: BinaryIO, max_bytes: int | None) -> bytes:
     chunks: list[bytes] = []
+    total = 0
     while True:
         size_line = reader.readline(MAX_LINE + 1)
         if not size_line:
@@ -237,6 +255,9 @@ def _read_chunked(reader: BinaryIO) -> bytes:
                 trailer = reader.readline(MAX_LINE + 1)
                 if trailer in (b"\r\n", b"\n", b""):
                     return b"".join(chunks)
+        total += size
+        if max_bytes is not None and total > max_bytes:
+            raise BodyTooLarge(f"the answer is more than {max_bytes} bytes")
         chunk = reader.read(size)
         if len(chunk) != size:
             raise ValueError("a chunk was cut short")
