@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import certifi
+
 MAX_HEADER_LINES = 200
 MAX_LINE = 65536
 
@@ -70,6 +72,11 @@ class Origin:
         return self.host if self.port == default else f"{self.host}:{self.port}"
 
 
+def default_tls() -> ssl.SSLContext:
+    """Certificates verified against certifi's bundle, as requests (and the SDKs through it) verified them."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class _Conn:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -92,7 +99,7 @@ class Connections:
         self.origin = origin
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
-        self._tls = tls if tls is not None or origin.scheme == "http" else ssl.create_default_context()
+        self._tls = tls if tls is not None or origin.scheme == "http" else default_tls()
         self._local = threading.local()
         self._all: set[_Conn] = set()
         self._lock = threading.Lock()

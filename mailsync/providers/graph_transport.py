@@ -27,7 +27,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from mailsync.keepalive_http import BodyTooLarge, ConnectionFailed, Connections, Origin
+from mailsync.keepalive_http import BodyTooLarge, ConnectionFailed, Connections, Origin, default_tls
 
 CONNECT_TIMEOUT_S = 10.0
 MAX_REDIRECTS = 5
@@ -63,7 +63,7 @@ class KeepAliveTransport:
     """Graph over ``mailsync.keepalive_http``: a connection per thread and origin, shared by an app's clients."""
 
     def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
-        self._tls = tls or ssl.create_default_context()
+        self._tls = tls or default_tls()
         self._connections: dict[tuple[Origin, float], Connections] = {}
         self._lock = threading.Lock()
 

@@ -41,6 +41,7 @@ from azure.storage.queue import (
 )
 
 from mailsync.errors import ConfigurationError
+from mailsync.keepalive_http import default_tls
 from mailsync.settings import Settings
 from mailsync.storage.rest.auth import Endpoint, StorageAccount
 from mailsync.storage.rest.queue import RestQueue
@@ -146,7 +147,7 @@ def _tls(settings: Settings, endpoint: Endpoint) -> ssl.SSLContext | None:
     bundle = settings.http_ca_bundle
     if bundle and Path(bundle).is_dir():
         return ssl.create_default_context(capath=bundle)
-    return ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()
+    return ssl.create_default_context(cafile=bundle) if bundle else default_tls()
 
 
 def _queue_kwargs(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:

@@ -16,16 +16,21 @@ the client turns into basic authentication.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import ssl
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
 
 import orjson
-from opensearchpy import OpenSearch
+from opensearchpy import OpenSearch, Urllib3HttpConnection
 from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
-from opensearchpy.exceptions import NotFoundError, SerializationError, TransportError
+from opensearchpy.exceptions import ConnectionTimeout, NotFoundError, SerializationError, TransportError
 from opensearchpy.serializer import JSONSerializer
 
 from mailsync.errors import StoreError
+from mailsync.keepalive_http import ConnectionFailed, Connections, Origin
 from mailsync.store.engine import INDEX_IDENTITY_PATHS, NO_ANSWER, EngineError
 
 if TYPE_CHECKING:
@@ -48,6 +53,74 @@ class _OrjsonSerializer(JSONSerializer):
             return orjson.dumps(data)
         except TypeError as exc:
             raise SerializationError(repr(data)[:200], exc) from exc
+
+
+class _KeepAliveConnection(Urllib3HttpConnection):
+    """opensearch-py's connection over ``mailsync.keepalive_http`` instead of urllib3's pool.
+
+    Why: a store request through urllib3 prepared the URL, took a pooled
+    connection and parsed the answer's headers with ``http.client`` (the
+    ``email`` package): ~0.5 ms of CPU, ~4 store requests per mailbox change
+    (docs/scaling.md, "CPU per change"). Everything else is the client's:
+    the headers it sets (basic auth from the URL, keep-alive, compression),
+    the logging, the error mapping (``_raise_error``), the retries of its
+    Transport. A failed exchange is its ``ConnectionError`` (``ConnectionTimeout``
+    when it timed out), as urllib3's were.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        parts = urlsplit(self.host)
+        self._origin = Origin(parts.scheme, parts.hostname or "", parts.port or (443 if self.use_ssl else 80))
+        self._tls = ssl.create_default_context(cafile=self.default_ca_certs()) if self.use_ssl else None
+        self._by_timeout: dict[float, Connections] = {}
+
+    def perform_request(self, method: str, url: str, params: Mapping[str, Any] | None = None,
+                        body: bytes | None = None, timeout: float | None = None, ignore: Any = (),
+                        headers: Mapping[str, str] | None = None) -> Any:
+        url = self.url_prefix + url
+        if params:
+            url = f"{url}?{urlencode(params)}"
+        full_url = self.host + url
+        request_headers = dict(self.headers)
+        request_headers.update(headers or ())
+        sent = body
+        if self.http_compress and body:
+            sent = self._gzip_compress(body)
+            request_headers["content-encoding"] = "gzip"
+        if callable(self.http_auth):
+            request_headers.update(self.http_auth(method, full_url, sent))
+        start = time.time()
+        try:
+            answer = self._connections(timeout or self.timeout).request(method, url, request_headers, sent or b"")
+        except ConnectionFailed as exc:
+            self.log_request_fail(method, full_url, url, body, time.time() - start, exception=exc)
+            if exc.timed_out:
+                raise ConnectionTimeout("TIMEOUT", str(exc), exc) from exc
+            raise OpenSearchConnectionError("N/A", str(exc), exc) from exc
+        duration = time.time() - start
+        content = answer.body
+        if answer.headers.get("content-encoding", "").lower() == "gzip" and content:
+            content = gzip.decompress(content)
+        raw = content.decode("utf-8", "surrogatepass")
+        if not 200 <= answer.status < 300 and answer.status not in ignore:
+            self.log_request_fail(method, full_url, url, body, duration, answer.status, raw)
+            self._raise_error(answer.status, raw, answer.headers.get("content-type"))
+        self.log_request_success(method, full_url, url, body, answer.status, raw, duration)
+        return answer.status, answer.headers, raw
+
+    def _connections(self, timeout_s: float) -> Connections:
+        conns = self._by_timeout.get(timeout_s)
+        if conns is None:   # a race makes one more, used once: harmless
+            conns = Connections(self._origin, connect_timeout_s=min(10.0, timeout_s), read_timeout_s=timeout_s,
+                                tls=self._tls)
+            self._by_timeout[timeout_s] = conns
+        return conns
+
+    def close(self) -> None:
+        for conns in list(self._by_timeout.values()):
+            conns.close()
+        super().close()
 
 
 @contextlib.contextmanager
@@ -78,6 +151,7 @@ class OpenSearchEngine:
         return cls(OpenSearch(
             hosts=[url],
             serializer=_OrjsonSerializer(),
+            connection_class=_KeepAliveConnection,
             timeout=request_timeout_s,
             max_retries=2,
             retry_on_timeout=True,
