@@ -1,4 +1,4 @@
-"""One keep-alive HTTP/1.1 connection per thread to an origin, on a plain (or TLS) socket.
+"""Kept-alive HTTP/1.1 connections to an origin, shared by the threads, on plain (or TLS) sockets.
 
 Used for the hot path's HTTP: Azure Storage (``mailsync.storage.rest``) and
 Microsoft Graph (``mailsync.providers.graph_client``). Why not
@@ -10,14 +10,15 @@ call's CPU (docs/scaling.md, "CPU per change"). The answers are plain
 HTTP/1.1: a status line, headers, and a body framed by ``Content-Length``
 or ``Transfer-Encoding: chunked`` (Azurite chunks, Azure sets a length).
 
-A connection lives in its thread (no locking, no pool): the function hosts
-run each invocation on one thread, and a thread's calls are sequential.
-An idle connection the server closed (keep-alive timeouts: Azurite 5 s,
-Azure ~2 min) is noticed before reuse (the socket is readable: EOF) and
-replaced; a request that fails on a reused connection before any byte of
-the answer came is sent once more on a new one (the server dropped it
-between our check and our write). Every other failure is a
-:class:`ConnectionFailed` for the retry policy.
+The threads share a few idle connections per origin (a list under a lock:
+short-lived threads, such as a folder round's page reader, reuse them
+instead of opening one, and a TLS handshake, each). An idle connection the
+server closed (keep-alive timeouts: Azurite 5 s, Azure ~2 min) is noticed
+before reuse (the socket is readable: EOF) and replaced; a request that
+fails on a reused connection before any byte of the answer came is sent
+once more on a new one (the server dropped it between our check and our
+write). Every other failure is a :class:`ConnectionFailed` for the retry
+policy.
 """
 
 from __future__ import annotations
@@ -90,18 +91,19 @@ class _Conn:
 
 
 class Connections:
-    """Requests to one origin, each thread on its own keep-alive connection."""
+    """Requests to one origin on kept-alive connections shared by the threads: a request takes an idle one
+    (or opens one) and gives it back when the answer was read whole and the server keeps it open."""
 
     def __init__(self, origin: Origin, *, connect_timeout_s: float, read_timeout_s: float,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, max_idle: int = 16) -> None:
         if origin.scheme not in ("http", "https"):
             raise ValueError(f"unsupported scheme {origin.scheme!r}")
         self.origin = origin
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.max_idle = max_idle
         self._tls = tls if tls is not None or origin.scheme == "http" else default_tls()
-        self._local = threading.local()
-        self._all: set[_Conn] = set()
+        self._idle: list[_Conn] = []
         self._lock = threading.Lock()
 
     def request(self, method: str, target: str, headers: Mapping[str, str], body: bytes = b"", *,
@@ -113,27 +115,26 @@ class Connections:
         if "Content-Length" not in headers and (body or method in ("POST", "PUT", "PATCH", "MERGE")):
             head.append(f"Content-Length: {len(body)}\r\n")
         data = ("".join(head) + "\r\n").encode("latin-1") + body
-        conn = self._connection()
-        reused = conn.used
+        conn = self._take()
         try:
             return self._exchange(conn, data, method, max_bytes)
         except _NothingReceived as exc:
-            self._drop(conn)
-            if not reused:
+            conn.close()
+            if not conn.used:
                 raise ConnectionFailed(str(exc)) from exc
         # The server closed the kept-alive connection as we wrote: once more on a new one.
-        conn = self._connection()
+        conn = self._open()
         try:
             return self._exchange(conn, data, method, max_bytes)
         except _NothingReceived as exc:
-            self._drop(conn)
+            conn.close()
             raise ConnectionFailed(str(exc)) from exc
 
     def close(self) -> None:
-        """Close every thread's connection (the threads open new ones if they call again)."""
+        """Close the idle connections (those in use close when their request ends; new requests open new ones)."""
         with self._lock:
-            conns, self._all = list(self._all), set()
-        for conn in conns:
+            idle, self._idle = self._idle, []
+        for conn in idle:
             conn.close()
 
     # -- one exchange --------------------------------------------------------------------
@@ -143,26 +144,28 @@ class Connections:
             conn.sock.sendall(data)
             status_line = conn.reader.readline(MAX_LINE + 1)
         except TimeoutError as exc:
-            self._drop(conn)
-            raise ConnectionFailed("Storage did not answer in time", timed_out=True) from exc
+            conn.close()
+            raise ConnectionFailed("the server did not answer in time", timed_out=True) from exc
         except OSError as exc:
             raise _NothingReceived(f"sending the request failed: {exc}") from exc
         if not status_line:
             raise _NothingReceived("the connection was closed before an answer")
-        conn.used = True
         try:
             response, keep = self._read_answer(conn.reader, status_line, method, max_bytes)
         except BodyTooLarge:
-            self._drop(conn)
+            conn.close()
             raise
         except TimeoutError as exc:
-            self._drop(conn)
-            raise ConnectionFailed("Storage's answer stopped coming", timed_out=True) from exc
+            conn.close()
+            raise ConnectionFailed("the answer stopped coming", timed_out=True) from exc
         except (OSError, ValueError) as exc:
-            self._drop(conn)
+            conn.close()
             raise ConnectionFailed(f"reading the answer failed: {exc}") from exc
-        if not keep:
-            self._drop(conn)
+        conn.used = True
+        if keep:
+            self._give_back(conn)
+        else:
+            conn.close()
         return response
 
     @staticmethod
@@ -207,14 +210,22 @@ class Connections:
 
     # -- connections ----------------------------------------------------------------------
 
-    def _connection(self) -> _Conn:
-        conn: _Conn | None = getattr(self._local, "conn", None)
-        if conn is not None and conn.used and _closed_by_peer(conn.sock):
-            self._drop(conn)
-            conn = None
-        if conn is None:
-            conn = self._open()
-        return conn
+    def _take(self) -> _Conn:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._open()
+            if not _closed_by_peer(conn.sock):
+                return conn
+            conn.close()
+
+    def _give_back(self, conn: _Conn) -> None:
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _open(self) -> _Conn:
         try:
@@ -231,18 +242,7 @@ class Connections:
         except (OSError, ssl.SSLError) as exc:
             sock.close()
             raise ConnectionFailed(f"TLS with {self.origin.host_header} failed: {exc}") from exc
-        conn = _Conn(sock)
-        self._local.conn = conn
-        with self._lock:
-            self._all.add(conn)
-        return conn
-
-    def _drop(self, conn: _Conn) -> None:
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
-        with self._lock:
-            self._all.discard(conn)
-        conn.close()
+        return _Conn(sock)
 
 
 class _NothingReceived(Exception):

@@ -6,7 +6,7 @@ connection pool key and the CA bundle on disk, and ``http.client`` parses
 the answer's headers with the ``email`` package: ~1 ms of CPU per Graph
 request, ~1.4 requests per mailbox change (docs/scaling.md, "CPU per
 change"). :class:`KeepAliveTransport` sends the same request on one
-keep-alive connection per thread and origin (``mailsync.keepalive_http``),
+keep-alive connection of the origin's few (``mailsync.keepalive_http``),
 asks for gzip as requests does, and follows a GET's redirects (dropping the
 Authorization header when the origin changes, as requests does). With a
 proxy variable set (``Settings.http_clients_read_env``) the
@@ -60,7 +60,7 @@ class GraphTransport(Protocol):
 
 
 class KeepAliveTransport:
-    """Graph over ``mailsync.keepalive_http``: a connection per thread and origin, shared by an app's clients."""
+    """Graph over ``mailsync.keepalive_http``: kept-alive connections per origin, shared by an app's clients."""
 
     def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self._tls = tls or default_tls()

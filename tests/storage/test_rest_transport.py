@@ -125,7 +125,7 @@ def test_a_connection_the_server_dropped_while_idle_is_replaced(
         server: tuple[Connections, type[_Handler]]) -> None:
     connections, handler = server
     assert connections.request("GET", "/a", {}).body == b"ok"
-    conn = connections._local.conn
+    [conn] = connections._idle                    # the one kept-alive connection, idle
     conn.sock.shutdown(socket.SHUT_RDWR)           # as if the server's keep-alive timer closed it
     assert connections.request("GET", "/b", {}).body == b"ok"
     assert len({c for c, _ in handler.seen}) == 2
@@ -156,3 +156,13 @@ def test_an_unreachable_endpoint_is_an_azure_error_after_the_retries(storage_set
             table.get_entity("p", "r")
     with pytest.raises(ConnectionFailed):
         Connections(Origin("http", "127.0.0.1", port), connect_timeout_s=1, read_timeout_s=1).request("GET", "/", {})
+
+
+def test_short_lived_threads_reuse_the_kept_alive_connections(server: tuple[Connections, type[_Handler]]) -> None:
+    # A folder round's page reader is a thread of its own: each used to open (and keep) a connection.
+    connections, handler = server
+    for n in range(3):
+        thread = threading.Thread(target=connections.request, args=("GET", f"/{n}", {}))
+        thread.start()
+        thread.join()
+    assert len(handler.seen) == 3 and len({port for port, _ in handler.seen}) == 1

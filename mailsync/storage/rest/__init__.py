@@ -8,7 +8,7 @@ and ~2 queue calls. The same call here is one signed request on a
 keep-alive connection: ~0.1-0.2 ms (docs/scaling.md, "CPU per change").
 
 * ``mailsync.keepalive_http`` (shared with the Graph client): one keep-alive
-  HTTP/1.1 connection per thread and origin.
+  HTTP/1.1 connections per origin, shared by the threads.
 * :mod:`.auth`: the account from a connection string or an identity, and
   each request's authorization (Shared Key, SAS, a bearer token).
 * :mod:`.retry`: retries and their back-off, as the SDK clients were configured.
