@@ -9,9 +9,9 @@ import time
 import requests
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
-from azure.storage.queue.aio import QueueClient as AsyncQueueClient
 
 from devhost.config import QueueOptions
+from devhost.queues import QueueClient as HostQueueClient
 from tests.devhost.conftest import HostFactory, eventually
 from tests.devhost.sample_app import Recorder
 
@@ -195,13 +195,13 @@ def test_a_finished_invocation_does_not_make_the_listener_poll(host_sample, work
     at once after every invocation and restart its back-off: empty receives Azure does not make.)"""
     settings, client = work_queue
     receives: list[float] = []
-    original = AsyncQueueClient.receive_messages
+    original = HostQueueClient.receive_messages    # the devhost's client (RestQueue off the event loop)
 
     def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         receives.append(time.monotonic())
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(AsyncQueueClient, "receive_messages", counting)
+    monkeypatch.setattr(HostQueueClient, "receive_messages", counting)
     # 6.5 s of work: the back-off after the poll that found it polls ~0, 0.1, 0.3, 0.7, 1.5, 3.1, 6.3 and
     # then 12.7 s later (each 0.8-1.0 of that, the jitter), so nothing falls just after the invocation ends.
     send(client, {"id": 1, "mode": "slow", "seconds": 6.5})
