@@ -255,9 +255,9 @@ class LinkingService:
         here); a message sent so waits for the host's next poll of the queue,
         up to ``maxPollingInterval`` (host.json, 2.5 s) after a quiet spell.
         The WAKE through the function's output binding makes the host poll at
-        once (mailsync.jobs.WakingJobQueue): measured in
-        bench/imap_initial_sync.py, the first folder round began ~1-2.5 s
-        after linking without it.
+        once (mailsync.jobs.WakingJobQueue), so a new account's first folder
+        rounds begin without that wait (bench/imap_initial_sync.py's
+        ``first_round_began_s``).
         """
         return self._jobs if outbox is None else WakingJobQueue(self._jobs, outbox)
 
