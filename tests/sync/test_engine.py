@@ -1040,6 +1040,16 @@ def test_the_sweep_after_subscribing_looks_again(world: SyncWorld, pump: QueuePu
     assert len(again) == 2, "twice, then no more"
 
 
+def _move_a_message_to_the_inbox(world: SyncWorld) -> tuple[str, str]:
+    """Moves a message from another folder to the Inbox at the sandbox; (the Inbox's id, the message's id)."""
+    graph = world.sandbox.graph(world.user)
+    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
+    listed = graph.get("me/messages?$top=100&$select=id,parentFolderId").json()["value"]
+    elsewhere = next(m["id"] for m in listed if m["parentFolderId"] != inbox)
+    assert graph.post(f"me/messages/{elsewhere}/move", json={"destinationId": inbox}).status_code == 201
+    return inbox, elsewhere
+
+
 def test_a_message_moved_to_the_inbox_right_before_linking_reaches_it(
         storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: SearchStore) -> None:
     # The reader-page browser test's missing row: a message moved to the Inbox a moment before linking.
@@ -1050,11 +1060,7 @@ def test_a_message_moved_to_the_inbox_right_before_linking_reaches_it(
     world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2"), sandbox, store,
                        backoff_cap_s=2.0)
     pump = QueuePump(world, workers=4, visibility_s=2)
-    graph = world.sandbox.graph(world.user)
-    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
-    listed = graph.get("me/messages?$top=100&$select=id,parentFolderId").json()["value"]
-    elsewhere = next(m["id"] for m in listed if m["parentFolderId"] != inbox)
-    assert graph.post(f"me/messages/{elsewhere}/move", json={"destinationId": inbox}).status_code == 201
+    inbox, elsewhere = _move_a_message_to_the_inbox(world)
     # Linking, at once (a person does not wait for delta's lag): the folder list and every small
     # folder's first round, the Inbox's among them...
     linked = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="linked")
@@ -1087,11 +1093,7 @@ def test_a_new_accounts_sync_run_after_its_subscriptions_is_their_sweep_and_look
     world = make_world(world_settings(storage_env, sandbox, SYNC_TIME_BUDGET_S="2"), sandbox, store,
                        backoff_cap_s=2.0)
     pump = QueuePump(world, workers=4, visibility_s=2)
-    graph = world.sandbox.graph(world.user)
-    inbox = graph.get("me/mailFolders/inbox?$select=id").json()["id"]
-    listed = graph.get("me/messages?$top=100&$select=id,parentFolderId").json()["value"]
-    elsewhere = next(m["id"] for m in listed if m["parentFolderId"] != inbox)
-    assert graph.post(f"me/messages/{elsewhere}/move", json={"destinationId": inbox}).status_code == 201
+    inbox, elsewhere = _move_a_message_to_the_inbox(world)
     swept = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason=SUBSCRIBED, attrs={EVERY_FOLDER: "1"})
     with caplog.at_level(logging.INFO, logger="mailsync.sync"):
         assert world.engine.handle(swept, Delivery("swept-1"), world.events) == Outcome.DONE
