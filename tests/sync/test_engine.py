@@ -1050,6 +1050,18 @@ def _move_a_message_to_the_inbox(world: SyncWorld) -> tuple[str, str]:
     return inbox, elsewhere
 
 
+def _drain_then_expect_in(world: SyncWorld, pump: QueuePump, message_id: str, folder_id: str) -> None:
+    """Runs the queue until it is empty; the store then equals the mailbox, with the message in ``folder_id``."""
+    pump.start()
+    try:
+        pump.drain()
+    finally:
+        pump.stop()
+    assert not compare(world)
+    stored = world.store.get_message(world.account_id, message_id)
+    assert stored is not None and stored.folder_id == folder_id
+
+
 def test_a_message_moved_to_the_inbox_right_before_linking_reaches_it(
         storage_env: dict[str, str], sandbox_factory: Callable[..., SandboxTestServer], store: SearchStore) -> None:
     # The reader-page browser test's missing row: a message moved to the Inbox a moment before linking.
@@ -1072,14 +1084,7 @@ def test_a_message_moved_to_the_inbox_right_before_linking_reaches_it(
     # after the lag).
     swept = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason=SUBSCRIBED, attrs={EVERY_FOLDER: "1"})
     world.engine.handle(swept, Delivery("swept-1"), world.events)
-    pump.start()
-    try:
-        pump.drain()
-    finally:
-        pump.stop()
-    assert not compare(world)
-    stored = world.store.get_message(world.account_id, elsewhere)
-    assert stored is not None and stored.folder_id == inbox
+    _drain_then_expect_in(world, pump, elsewhere, inbox)
 
 
 def test_a_new_accounts_sync_run_after_its_subscriptions_is_their_sweep_and_looks_again_once(
@@ -1099,14 +1104,7 @@ def test_a_new_accounts_sync_run_after_its_subscriptions_is_their_sweep_and_look
         assert world.engine.handle(swept, Delivery("swept-1"), world.events) == Outcome.DONE
         assert world.state.load(world.account_id).folders[inbox].rounds == 1
         assert world.store.get_message(world.account_id, elsewhere) is None, "inside the lag: not seen yet"
-        pump.start()
-        try:
-            pump.drain()
-        finally:
-            pump.stop()
-    assert not compare(world)
-    stored = world.store.get_message(world.account_id, elsewhere)
-    assert stored is not None and stored.folder_id == inbox
+        _drain_then_expect_in(world, pump, elsewhere, inbox)
     again = [r for r in caplog.records if r.getMessage() == "sweep standing in for notifications: looking again"]
     assert [getattr(r, "delay_s", None) for r in again] == [policy.RELOOK_DELAYS_S[-1]], "once, at the last delay"
 
