@@ -98,7 +98,6 @@ from bench.harness import (
     link_many,
     percentile,
     record_store_generation,
-    remove_workdir,
     say,
     start_stack,
     wait_synced,
@@ -719,9 +718,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     finally:
         if clients is not None:
             clients.close()
-        stack.stop()
-        if not args.keep:
-            remove_workdir(stack.workdir)
+        stack.stop_and_clean(keep=args.keep)
 
 
 # The host log lines job_timings and job_outcomes read (cheap substring tests before any JSON parse).

@@ -53,7 +53,6 @@ from bench.harness import (
     Stack,
     compare,
     figures,
-    remove_workdir,
     say,
     start_stack,
 )
@@ -249,9 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "settle_s": (settled_at - calm_from) if settled_at else float("nan"),
         }
     finally:
-        stack.stop()
-        if not args.keep:
-            remove_workdir(stack.workdir)
+        stack.stop_and_clean(keep=args.keep)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -417,6 +417,12 @@ class Stack:
         worker.kill()
         self.workers.remove(worker)
 
+    def stop_and_clean(self, *, keep: bool) -> None:
+        """``stop``, then the work folder (data, logs, profiles) goes unless ``keep`` (a benchmark's ``--keep``)."""
+        self.stop()
+        if not keep:
+            remove_workdir(self.workdir)
+
     def stop(self) -> None:
         self.watch.stop()
         for worker in list(self.workers):

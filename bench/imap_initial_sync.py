@@ -96,7 +96,6 @@ from bench.harness import (
     ThreadProfiles,
     figures,
     peak_rss_mb,
-    remove_workdir,
     say,
     start_stack,
     store_ceiling,
@@ -471,8 +470,7 @@ def main() -> None:
             values["peak_rss_mb"] = round(max(peak_rss_mb(pid) or 0.0 for pid in sync_pids), 1)
     finally:
         if stack is not None:
-            stack.stop()
-            remove_workdir(stack.workdir)
+            stack.stop_and_clean(keep=False)
         server.stop()
     print(figures("imap_initial_sync", values), flush=True)
 

@@ -62,7 +62,6 @@ from bench.harness import (
     fetch_mailbox,
     figures,
     graph_bound_s,
-    remove_workdir,
     say,
     start_stack,
     store_ceiling,
@@ -192,9 +191,7 @@ def run_once(args: argparse.Namespace, messages: int) -> dict[str, Any]:
             "full_restarts": int(served.get("deltaRestarts", 0)), "delta_expired": int(served.get("deltaExpired", 0)),
         }
     finally:
-        stack.stop()
-        if not args.keep:
-            remove_workdir(stack.workdir)
+        stack.stop_and_clean(keep=args.keep)
 
 
 def _folder_counts(box: Any) -> dict[str, int]:

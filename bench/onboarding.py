@@ -58,7 +58,6 @@ from bench.harness import (
     link_many,
     percentile,
     record_store_generation,
-    remove_workdir,
     say,
     start_stack,
     tree_cpu_s,
@@ -153,9 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(line, flush=True)
         return values
     finally:
-        stack.stop()
-        if not args.keep:
-            remove_workdir(stack.workdir)
+        stack.stop_and_clean(keep=args.keep)
 
 
 def main(argv: list[str] | None = None) -> int:

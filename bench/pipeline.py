@@ -52,7 +52,6 @@ from bench.harness import (
     cpu_s,
     fetch_mailbox,
     figures,
-    remove_workdir,
     say,
     start_stack,
     store_ceiling,
@@ -153,9 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "missing": len(diff.missing), "extra": len(diff.extra), "stale": len(diff.stale),
         }
     finally:
-        stack.stop()
-        if not args.keep:
-            remove_workdir(stack.workdir)
+        stack.stop_and_clean(keep=args.keep)
 
 
 def main(argv: list[str] | None = None) -> int:
