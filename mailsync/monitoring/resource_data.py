@@ -51,7 +51,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -64,14 +64,20 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import NameOID
 
-from mailsync.errors import ConfigurationError, InputError
+from mailsync.errors import ConfigurationError, InputError, MailsyncError
+from mailsync.models import Message
+from mailsync.providers.graph import MESSAGE_FIELDS, map_message, notified_version
 from mailsync.settings import Settings
 
 log = logging.getLogger("mailsync.monitoring.resource_data")
 
-# The message properties we ask Graph to put into notifications: the folder, nothing else (the less
-# customer data travels, the better; the store gets its data from delta).
-MESSAGE_SELECT = "parentFolderId"
+# The message properties we ask Graph to put into notifications: what the list shows and the store keeps,
+# everything ``map_message`` reads except ``id`` (always there) and the body (Graph refuses it in a
+# subscription's $select). A subscription made with another $select is recreated at its renewal
+# (mailsync.monitoring.subscriptions); until then its data names the folder only.
+MESSAGE_SELECT = ",".join(name for name in MESSAGE_FIELDS if name != "id")
+# The subscription's resource before the notified states: its data carries the folder alone.
+FOLDER_ONLY_SELECT = "parentFolderId"
 DEV_CERTIFICATE_FILE = "notification-certificate.pem"
 MIN_KEY_BITS = 2048
 MAX_KEY_BITS = 4096
@@ -145,6 +151,35 @@ def parent_folder(resource: Mapping[str, Any], message_id: str) -> str | None:
         return None
     folder = resource.get("parentFolderId")
     return folder if isinstance(folder, str) and GRAPH_ID.match(folder) else None
+
+
+# What a resource must hold to be taken as the message's state: the selected properties every message has
+# (a subscription made with an older, shorter $select carries the folder only). A draft may lack a sender,
+# a sent time, a conversation or an internet message id: those may be absent.
+_MAY_LACK = frozenset({"id", "from", "sentDateTime", "conversationId", "internetMessageId"})
+_REQUIRED = tuple(name for name in MESSAGE_FIELDS if name not in _MAY_LACK)
+
+
+def notified_message(resource: Mapping[str, Any], message_id: str, account_id: str) -> Message | None:
+    """The message state a decrypted resource shows, at its notified version; None when it shows none.
+
+    None for a resource about another message, one without every selected
+    property (made under an older ``$select``: ``parent_folder`` still reads
+    its folder) or with a value Graph would not send. The folder is its
+    ``parentFolderId`` (a move's target); the body is not in it (Graph does
+    not put it into notifications); the version is ``notified_version``
+    (below delta's reading of the same state: ``mailsync.monitoring.notified_states``).
+    """
+    folder = parent_folder(resource, message_id)
+    if folder is None or resource.get("id") != message_id or any(name not in resource for name in _REQUIRED):
+        return None
+    try:
+        message = map_message(resource, account_id, folder)
+    except (MailsyncError, AttributeError, TypeError, ValueError):
+        return None                  # a timestamp, address or flag of a shape Graph does not send
+    if message.modified_at is None or message.modified_at.tzinfo is None:
+        return None
+    return replace(message, version=notified_version(message.modified_at))
 
 
 def _b64(value: Any, name: str) -> bytes:

@@ -278,8 +278,11 @@ class SubscriptionManager:
         current = self._store.get(monitor.subscription_id)
         if current is None:
             return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
-        if kind is SubscriptionKind.MESSAGES and self._keys is not None and not is_rich(current.resource):
-            # Made before we had a certificate: a new one with resource data replaces it (once).
+        if kind is SubscriptionKind.MESSAGES and self._keys is not None \
+                and current.resource != with_select(kind.value, self._resource_data(kind)):
+            # Made before we had a certificate, or with another $select (before the notified states it
+            # carried the folder alone): Graph cannot change a subscription's resource, so at its renewal
+            # a new one with today's $select replaces it (once; rich subscriptions live a day at most).
             return self._create(account_id, monitor, kind, made, sweep=sweep, account=account)
         rich = is_rich(current.resource)
         wanted = self._expiration(self._clock(), rich=rich)

@@ -212,11 +212,31 @@ def message_version(modified: datetime, observed_ms: int) -> int:
     So the unused milliseconds carry the time we read the state (clamped
     to the second): a state read later wins a tie. The version still only
     grows: the next second starts above any offset.
+
+    The offset is at least 1, never 0: the second's floor itself is kept
+    for a state learnt from a change notification (``notified_version``),
+    which every delta reading of the same state must replace.
     """
     ms = int(modified.timestamp()) * 1000 + modified.microsecond // 1000
     if ms % 1000 == 0:
-        ms += min(999, max(0, observed_ms - ms))
+        ms += min(999, max(1, observed_ms - ms))
     return ms
+
+
+def notified_version(modified: datetime) -> int:
+    """The store version of a state read from a change notification's resource data, not from delta.
+
+    The floor of its ``lastModifiedDateTime`` second: below every delta
+    reading of the same state (``message_version`` adds an offset of at
+    least 1), so delta always confirms it by overwriting it, and below
+    every state of a later second, so it never overwrites one. Within its
+    second it ties with another notified state of that second (the later
+    write wins until delta's reading, ``mailsync.monitoring.notified_states``).
+    A timestamp with milliseconds (not Graph's form) gets one below them:
+    delta keeps those milliseconds as they are.
+    """
+    ms = int(modified.timestamp()) * 1000 + modified.microsecond // 1000
+    return ms if ms % 1000 == 0 else ms - 1
 
 
 def map_message(item: Mapping[str, Any], account_id: str, folder_id: str,

@@ -802,6 +802,39 @@ def test_rich_notifications_carry_the_selected_properties_encrypted(
     assert _decrypt(new_key, path.items[3]["encryptedContent"])["parentFolderId"] == moved.json()["parentFolderId"]
 
 
+def test_rich_notifications_carry_exactly_the_selected_list_properties_as_they_were_at_the_change(
+        url: str, token: str, user: Any, receiver: Receiver) -> None:
+    """The product's selection (every list property, mailsync.monitoring.resource_data.MESSAGE_SELECT): the data
+    holds those, the id and the OData annotations, nothing else (no body), with the values of the change
+    it reports, not of a later one."""
+    key, certificate = _certificate()
+    hook, path = receiver.new()
+    life, _ = receiver.new()
+    select = ("parentFolderId,subject,from,toRecipients,ccRecipients,receivedDateTime,sentDateTime,"
+              "lastModifiedDateTime,isRead,flag,importance,categories,hasAttachments,conversationId,"
+              "internetMessageId,bodyPreview,isDraft")
+    response = subscribe(url, token, hook, resource=f"me/messages?$select={select}", lifecycle_url=life,
+                         includeResourceData=True, encryptionCertificate=certificate,
+                         encryptionCertificateId="cert-1")
+    assert response.status_code == 201, response.text
+    delivered = deliver(url, user)[0]
+    receiver.wait(lambda: len(path.items) >= 1, "created")
+    data = _decrypt(key, path.items[0]["encryptedContent"])
+    assert set(data) == {"@odata.type", "@odata.etag", "id", *select.split(",")}
+    shown = graph(url, token, "GET", f"me/messages/{delivered['restId']}?$select={select}").json()
+    assert {k: v for k, v in data.items() if k != "@odata.type"} == \
+        {k: v for k, v in shown.items() if not k.startswith("@odata.context")}
+    assert data["isRead"] is False
+
+    message = f"me/messages/{delivered['restId']}"
+    assert graph(url, token, "PATCH", message, {"isRead": True}).status_code == 200
+    assert graph(url, token, "PATCH", message, {"flag": {"flagStatus": "flagged"}}).status_code == 200
+    receiver.wait(lambda: len(path.items) >= 3, "two updates")
+    read, flagged = (_decrypt(key, item["encryptedContent"]) for item in path.items[1:3])
+    assert (read["isRead"], read["flag"]["flagStatus"]) == (True, "notFlagged"), "the state of its own change"
+    assert (flagged["isRead"], flagged["flag"]["flagStatus"]) == (True, "flagged")
+
+
 def test_plain_notifications_carry_no_resource_data_or_tokens(url: str, token: str, user: Any,
                                                              receiver: Receiver) -> None:
     hook, path = receiver.new()

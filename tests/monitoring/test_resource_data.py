@@ -23,6 +23,7 @@ from mailsync.monitoring.resource_data import (
     dev_certificate,
     load_notification_keys,
     new_certificate_pem,
+    notified_message,
     parent_folder,
     parse_certificates,
 )
@@ -80,6 +81,38 @@ def test_a_resource_about_another_message_or_without_a_graph_id_names_no_folder(
     assert parent_folder({"parentFolderId": "F"}, "m1") == "F"
     assert parent_folder({"id": "m1", "parentFolderId": "a b"}, "m1") is None
     assert parent_folder({"id": "m1"}, "m1") is None
+
+
+NOTIFIED = {
+    "@odata.type": "#Microsoft.Graph.Message", "@odata.etag": 'W/"CQAAAB"', "id": "m1",
+    "parentFolderId": "AAMkInbox=", "subject": "Lunch?", "from": {"emailAddress": {"name": "Ann", "address": "a@x.io"}},
+    "toRecipients": [{"emailAddress": {"name": "Bo", "address": "b@x.io"}}], "ccRecipients": [],
+    "receivedDateTime": "2026-12-02T09:00:00Z", "sentDateTime": "2026-12-02T08:59:59Z",
+    "lastModifiedDateTime": "2026-12-02T09:00:07Z", "isRead": True, "flag": {"flagStatus": "flagged"},
+    "importance": "high", "categories": ["Blue"], "hasAttachments": False, "conversationId": "c1",
+    "internetMessageId": "<1@x.io>", "bodyPreview": "see you", "isDraft": False,
+}
+
+
+def test_a_resource_with_the_selected_properties_is_the_messages_state_at_the_floor_of_its_second() -> None:
+    message = notified_message(NOTIFIED, "m1", "acc")
+    assert message is not None
+    assert (message.folder_id, message.subject, message.is_read, message.body_text) == \
+        ("AAMkInbox=", "Lunch?", True, None)
+    assert message.version == 1_796_202_007_000, "lastModifiedDateTime's second, no read-time offset"
+    assert message.sender is not None and message.sender.address == "a@x.io"
+
+
+@pytest.mark.parametrize("resource", [
+    {"id": "m1", "parentFolderId": "AAMkInbox="},                          # an older subscription's $select
+    {**NOTIFIED, "id": "m2"},                                             # about another message
+    {k: v for k, v in NOTIFIED.items() if k != "isRead"},                 # a property missing
+    {**NOTIFIED, "lastModifiedDateTime": "yesterday"},                    # not Graph's form
+    {**NOTIFIED, "lastModifiedDateTime": "2026-12-02T09:00:07"},          # no zone: no instant
+    {**NOTIFIED, "flag": "flagged"},                                      # a flag of another shape
+])
+def test_a_resource_that_does_not_show_the_whole_state_gives_no_message(resource: dict[str, Any]) -> None:
+    assert notified_message(resource, "m1", "acc") is None
 
 
 def test_certificates_pair_with_their_keys_in_any_order_and_the_first_certificate_is_current() -> None:

@@ -21,10 +21,13 @@ import pytest
 
 from mailsync.jobs import EVERY_FOLDER, SUBSCRIBED, THEN_SYNC, JobKind, new_job
 from mailsync.models import Account, Job
+from mailsync.monitoring import subscriptions as subscriptions_module
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
 from mailsync.monitoring.records import AccountMonitor, SubscriptionKind
 from mailsync.monitoring.resource_data import (
+    FOLDER_ONLY_SELECT,
+    MESSAGE_SELECT,
     NotificationKeys,
     load_notification_keys,
     new_certificate_pem,
@@ -378,7 +381,7 @@ def test_with_a_certificate_new_mail_arrives_with_its_folder_and_renewals_carry_
     assert upgraded is not None and upgraded.subscription_id not in (None, basic.subscription_id)
     assert rig.at_graph(basic.subscription_id) is None                 # the basic one is gone
     at_graph = rig.at_graph(upgraded.subscription_id)  # type: ignore[arg-type]
-    assert at_graph is not None and at_graph["resource"] == "me/messages?$select=parentFolderId"
+    assert at_graph is not None and at_graph["resource"] == f"me/messages?$select={MESSAGE_SELECT}"
     assert at_graph["includeResourceData"] is True
     assert at_graph["encryptionCertificateId"] == keys.current.certificate_id
     h.drain()
@@ -392,7 +395,34 @@ def test_with_a_certificate_new_mail_arrives_with_its_folder_and_renewals_carry_
     assert created == "created" and dict(pending.folders) == {message_id: inbox}
 
     rotated = NotificationKeys([*parse_certificates(new_certificate_pem("next")), keys.current])
+    assert rotated.current.certificate_id != keys.current.certificate_id
     renewed = manager(rotated).renew(account)
     assert renewed is not None and renewed.subscription_id == upgraded.subscription_id
     after = rig.at_graph(upgraded.subscription_id)  # type: ignore[arg-type]
     assert after is not None and after["encryptionCertificateId"] == rotated.current.certificate_id
+
+
+def test_a_subscription_made_with_the_folder_only_select_is_replaced_at_its_renewal(
+        rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the notified states the messages subscription selected ``parentFolderId`` alone. Graph cannot
+    change a resource, so its renewal makes a new subscription with today's $select (and deletes the old)."""
+    keys = load_notification_keys(Settings.from_env({"GRAPH_SANDBOX_URL": rig.sandbox.base_url,
+                                                     "MAILSYNC_LOCAL_DIR": str(tmp_path)}))
+    assert keys is not None
+    h = rig.harness
+    manager = SubscriptionManager(h.settings, h.subscriptions, GraphSubscriptionApi(rig.client_for), h.accounts,
+                                  h.queue, clock=rig.now, keys=keys)
+    account = rig.link(0)
+    with monkeypatch.context() as patched:
+        patched.setattr(subscriptions_module, "MESSAGE_SELECT", FOLDER_ONLY_SELECT)
+        old = manager.ensure(account)
+    assert old is not None and old.subscription_id is not None
+    old_at_graph = rig.at_graph(old.subscription_id)
+    assert old_at_graph is not None and old_at_graph["resource"] == "me/messages?$select=parentFolderId"
+    renewed = manager.renew(account)
+    assert renewed is not None and renewed.subscription_id not in (None, old.subscription_id)
+    assert rig.at_graph(old.subscription_id) is None
+    at_graph = rig.at_graph(renewed.subscription_id)  # type: ignore[arg-type]
+    assert at_graph is not None and at_graph["resource"] == f"me/messages?$select={MESSAGE_SELECT}"
+    again = manager.renew(account)
+    assert again is not None and again.subscription_id == renewed.subscription_id, "renewed in place from then on"

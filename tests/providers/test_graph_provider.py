@@ -33,6 +33,7 @@ from mailsync.providers.graph import (
     encode_cursor,
     map_message,
     message_version,
+    notified_version,
 )
 from mailsync.providers.graph_client import GraphClient, is_expired_state
 from mailsync.settings import Settings
@@ -373,7 +374,10 @@ def test_versions_break_whole_second_ties_by_read_time() -> None:
     early = message_version(modified, base + 200)
     late = message_version(modified, base + 350)
     assert base <= early < late <= base + 999
-    assert message_version(modified, base - 5_000) == base, "a clock behind Graph's never goes below"
+    assert message_version(modified, base - 5_000) == base + 1, "a clock behind Graph's never goes below"
+    assert notified_version(modified) == base < message_version(modified, base), \
+        "a notified state sits below every delta reading of it (the floor is kept for it)"
+    assert notified_version(datetime(2026, 10, 2, 10, 11, 13, tzinfo=UTC)) > message_version(modified, base + 60_000)
     assert message_version(modified, base + 60_000) == base + 999
     next_second = message_version(datetime(2026, 10, 2, 10, 11, 13, tzinfo=UTC), base + 1_000)
     assert next_second > message_version(modified, base + 60_000), "the version only grows"
