@@ -83,8 +83,8 @@ def _install_spans() -> CallSpans:
     from mailsync.actions.service import MessageActionService
     from mailsync.linking.access import AccountAccess
     from mailsync.providers.graph_actions import GraphActions
-    from mailsync.storage.cursors import SyncStateTable
     from mailsync.storage.job_queue import AzureJobQueue
+    from mailsync.storage.sync_table import SyncStateTable
     from mailsync.store.action_ledger import SearchActionLedger
     from mailsync.store.search_store import SearchStore
 

@@ -51,9 +51,9 @@ from mailsync.security.secrets import hash_secret, new_secret
 from mailsync.settings import Settings
 from mailsync.storage.accounts import TableAccountRepository
 from mailsync.storage.connection import table_client
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.storage.table_errors import ensure_table
 from mailsync.storage.tokens import TableTokenStore
 from mailsync.store.engines import connect

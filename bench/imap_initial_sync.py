@@ -111,8 +111,8 @@ from mailsync.providers.imap_session import ImapEndpoint, ImapSession
 from mailsync.security.crypto import load_cipher
 from mailsync.storage.accounts import TableAccountRepository
 from mailsync.storage.connection import table_client
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.storage.tokens import TableTokenStore
 from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser, loopback_policy, rfc822, start_dovecot
 

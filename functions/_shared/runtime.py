@@ -40,10 +40,10 @@ if TYPE_CHECKING:
     from mailsync.realtime.live_channel import LiveChannel
     from mailsync.security.crypto import TokenCipher
     from mailsync.storage.accounts import TableAccountRepository
-    from mailsync.storage.cursors import SyncStateTable
     from mailsync.storage.job_queue import AzureJobQueue
     from mailsync.storage.rate_limits import TableRateLimiter
     from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
+    from mailsync.storage.sync_table import SyncStateTable
     from mailsync.storage.tokens import TableTokenStore
     from mailsync.store.action_ledger import SearchActionLedger
     from mailsync.store.search_store import SearchStore
@@ -190,7 +190,7 @@ class Runtime:
     def sync_state(self) -> SyncStateTable:
         """Folder cursors, leases, dirty flags and mailbox request slots (table TABLE_PREFIX + "sync")."""
         from mailsync.storage.connection import table_client
-        from mailsync.storage.cursors import SyncStateTable
+        from mailsync.storage.sync_table import SyncStateTable
 
         settings = self.settings
         state = SyncStateTable(table_client(settings, "sync"), lease_s=settings.folder_lease_s,

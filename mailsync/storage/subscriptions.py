@@ -11,7 +11,7 @@ Pending notifications (``TablePendingStore``) live in the *sync* table, in
 the account's partition (``PartitionKey = <account id>``, ``RowKey =
 "pending"``), beside the rows of the account's folders and slots: the
 NOTIFIED job reads the row with the same partition query that gives its
-first folder round the rows it needs (``mailsync.storage.cursors``), one
+first folder round the rows it needs (``mailsync.storage.sync_table``), one
 table call where there were two. (They lived here as ``a-<account id>`` /
 ``pending``; ``delete_monitor`` still removes such a row.)
 

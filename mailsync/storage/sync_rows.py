@@ -1,6 +1,6 @@
 """The sync table's rows: their keys, the records read from them, and the entity mapping.
 
-``mailsync.storage.cursors.SyncStateTable`` holds the rules (leases, slots,
+``mailsync.storage.sync_table.SyncStateTable`` holds the rules (leases, slots,
 dirty flags; its module docstring lists the rows); this module holds what a
 row *is*: ``SyncState`` (the folder list or one folder), ``Lease`` and
 ``Slot`` (proofs of holding one), ``SlotRow``, ``Released`` and

@@ -4,7 +4,7 @@ How it works
 ============
 
 Work arrives as queue jobs that only *name* an account (and maybe a
-folder); all state lives in the sync table (``mailsync.storage.cursors``):
+folder); all state lives in the sync table (``mailsync.storage.sync_table``):
 one row for the account's folder list and one per folder, each with the
 provider's opaque cursor, a phase, an epoch, counts, a ``dirty`` flag and a
 lease. A job therefore never carries work that could be lost, duplicated or
@@ -61,7 +61,7 @@ written by its new folder first), then save the cursor. The cursor is
 saved only after the writes are acknowledged, so a crash anywhere repeats
 at most one page, and repeating a page is idempotent.
 
-The lease and ``dirty`` (see cursors.py for the protocol): one worker at a
+The lease and ``dirty`` (see mailsync/storage/folder_leases.py for the protocol): one worker at a
 time pages a folder. A job that finds the folder leased sets ``dirty`` and
 exits; the holder, when its round completes, sees ``dirty`` and runs one
 more round before releasing. Since a round reads every change made before
@@ -111,8 +111,8 @@ from mailsync.logs import log_context
 from mailsync.models import Account, AccountStatus, Job, SyncPhase
 from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MessageStore, ProviderFactory
 from mailsync.settings import Settings
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.sync_rows import AccountSyncState, Lease, SyncState, delivery_of
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.sync import policy
 from mailsync.sync.folder_list import FolderListSync
 from mailsync.sync.folder_rounds import FolderSync

@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailsync.models import SyncPhase
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.sync_rows import AccountSyncState, SyncState
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.sync.policy import store_lost
 
 GENERATION_TTL_S = 5.0

@@ -38,7 +38,7 @@ from devhost.services.azurite import connection_string
 from devhost.services.process import ROOT, free_port, log_tail
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
-from mailsync.storage.cursors import SyncStateTable
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.store.mappings import IndexNames
 from mailsync.sync.policy import next_epoch
 from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser

@@ -22,9 +22,9 @@ from mailsync.monitoring.records import Subscription, SubscriptionKind
 from mailsync.security.secrets import hash_secret, new_secret
 from mailsync.settings import Settings
 from mailsync.storage.connection import queue_client, table_client
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.subscriptions import TablePendingStore, TableSubscriptionStore
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.storage.table_errors import ensure_table
 from tests.linking.tables import LinkingTables, linking_tables
 

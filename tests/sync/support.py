@@ -6,7 +6,7 @@ from typing import Any
 
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
-from mailsync.storage.cursors import SyncStateTable
+from mailsync.storage.sync_table import SyncStateTable
 
 
 def sync_table(settings: Settings, *, table_class: type[SyncStateTable] = SyncStateTable,

@@ -26,9 +26,9 @@ from mailsync.monitoring.recent_accounts import RecentAccounts
 from mailsync.monitoring.records import PendingChanges
 from mailsync.monitoring.store_watch import StoreWatch
 from mailsync.storage.connection import table_client
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.store_generation import TableGenerationLedger
 from mailsync.storage.subscriptions import TablePendingStore
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.store.search_store import SearchStore
 from mailsync.sync import policy
 from mailsync.sync.engine import Delivery, Outcome
@@ -1002,7 +1002,7 @@ def test_a_quiet_notified_round_looks_again(world: SyncWorld, pump: QueuePump,
     # Bounded: each chain of look-agains ends after policy.RELOOK_DELAYS_S. How many chains start
     # depends on when the four jobs run (one that runs after the pending look-again was used starts
     # another), so their number is not asserted here; that only one is pending per folder at a time
-    # is SyncStateTable.schedule_relook's, tested in tests/storage/test_cursors.py.
+    # is SyncStateTable.schedule_relook's, tested in tests/storage/test_unleased_writes.py.
     assert all(1 <= r.attempt <= len(policy.RELOOK_DELAYS_S) for r in relooks), "bounded"  # type: ignore[attr-defined]
 
 

@@ -3,7 +3,7 @@ back-off limits, the read-ahead pipeline, the SignalR event buffer, the status s
 dispatch, and the sync_worker function's handling of poison messages.
 
 The lease/dirty state machine itself is tested against Azurite in
-tests/storage/test_cursors.py; whole scenarios in tests/sync/test_engine.py.
+tests/storage/test_folder_leases.py; whole scenarios in tests/sync/test_engine.py.
 """
 
 from __future__ import annotations

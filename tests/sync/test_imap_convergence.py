@@ -55,8 +55,8 @@ from mailsync.providers.imap import ImapCredentials, ImapProviderFactory, messag
 from mailsync.providers.imap_actions import ImapActionsFactory
 from mailsync.providers.imap_session import ImapEndpoint
 from mailsync.settings import Settings
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import SyncEngine
 from tests.fixtures.dovecot import LOOPBACK_HOSTS, DovecotServer, ImapUser, rfc822

@@ -26,8 +26,8 @@ from mailsync.monitoring.imap_poll import ImapStatusPoller
 from mailsync.providers.imap import ImapProviderFactory
 from mailsync.settings import Settings
 from mailsync.storage.connection import table_client
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.store.engines import connect
 from mailsync.store.search_store import SearchStore, StoreOptions
 from mailsync.sync.invocation import REAUTH_MESSAGES

@@ -37,8 +37,8 @@ from mailsync.models import Account, AccountStatus, Job, MessageQuery, MessagesC
 from mailsync.providers.graph import GraphProviderFactory
 from mailsync.settings import Settings
 from mailsync.storage.connection import queue_client
-from mailsync.storage.cursors import SyncStateTable
 from mailsync.storage.job_queue import AzureJobQueue
+from mailsync.storage.sync_table import SyncStateTable
 from mailsync.store.search_store import SearchStore
 from mailsync.sync.engine import Delivery, Outcome, SyncEngine
 from tests.fixtures.graph_sandbox import SandboxTestServer
