@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from devhost.bindings import Bindings, http_binding_data
 from devhost.config import HostConfig
 from devhost.index import FunctionSpec, index_app
 from devhost.invoke import Invoker, default_thread_count
+from devhost.os_threads import IO_THREAD, LOOP_THREAD, name_os_thread
 from devhost.queues import BindingError, QueueClients, QueueListener
 from devhost.routing import RouteTemplate
 from devhost.signalr import PATH as SIGNALR_PATH
@@ -108,6 +111,11 @@ class Devhost:
     async def start(self, host: str = "127.0.0.1", port: int = 7071) -> str:
         """Start serving; returns the base URL (port 0 picks a free port)."""
         loop = asyncio.get_running_loop()
+        # The listeners' Storage calls and aiohttp's name lookups run here: named, so CPU accounts
+        # (bench/) can tell the host's work from the functions' (devhost/os_threads.py).
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
+                                                     thread_name_prefix=IO_THREAD,
+                                                     initializer=name_os_thread, initargs=(IO_THREAD,)))
         self._invoker = Invoker(threads=default_thread_count(self.settings),
                                 function_timeout_s=self.config.function_timeout_s,
                                 function_directory=self.options.function_directory)
@@ -282,8 +290,12 @@ class DevhostThread:
     def __init__(self, devhost: Devhost) -> None:
         self.devhost = devhost
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="devhost-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name=LOOP_THREAD, daemon=True)
         self.base_url = ""
+
+    def _run_loop(self) -> None:
+        name_os_thread(LOOP_THREAD)
+        self._loop.run_forever()
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._thread.start()

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
 
+from devhost.os_threads import IO_THREAD, host_thread_cpu_s
 from devhost.services.process import ServiceError
 from tests.devhost.conftest import eventually
 from tests.fixtures.devhost import DevhostProcess
@@ -38,3 +43,27 @@ def test_bad_app_setting_fails_start_with_a_clear_message(devhost_factory: Calla
     with pytest.raises(ServiceError, match="WORK_QUEUE"):
         devhost_factory({"HUB": "h", "TICK_SCHEDULE": "* * * * * *"}, app="tests.devhost.process_app:app",
                         timeout_s=30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from /proc")
+def test_host_threads_are_named_so_their_cpu_is_told_from_the_functions(
+        devhost_factory: Callable[..., DevhostProcess], work_queue) -> None:  # type: ignore[no-untyped-def]
+    settings, client = work_queue
+    env = {**settings, "TICK_SCHEDULE": "0 0 0 1 1 *", "HUB": "h"}
+    host = devhost_factory(env, app="tests.devhost.process_app:app", functions=["worker", "echo"])
+    client.send_message(base64.b64encode(json.dumps({"id": "a"}).encode()).decode())
+    eventually(lambda: not client.peek_messages())   # received and deleted through the loop's executor
+
+    names = set()
+    for tid in os.listdir(f"/proc/{host.pid}/task"):
+        with contextlib.suppress(OSError):
+            names.add(Path(f"/proc/{host.pid}/task/{tid}/comm").read_text().strip())
+    assert IO_THREAD in names
+    host_s, total_s = host_thread_cpu_s(host.pid), process_cpu_s(host.pid)
+    assert host_s is not None and total_s is not None
+    assert 0 < host_s <= total_s
+
+
+def process_cpu_s(pid: int) -> float | None:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
