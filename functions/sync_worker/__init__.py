@@ -16,6 +16,12 @@ Failures:
   same message takes them over), so a retry is always safe.
   Expected faults (throttling, provider or store outages) never get here:
   the engine re-enqueues the job with a visibility delay instead.
+
+Jobs the run enqueues to run now (a new account's fan-out to its folders, a
+round's continuation) go with the SDK inside the run, and a WAKE follows
+through the ``wake`` output binding on the same queue
+(``mailsync.jobs.WakingJobQueue``): the host then polls as the invocation
+returns instead of after its idle back-off (up to ``maxPollingInterval``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import orjson
 
 from functions._shared.runtime import runtime
 from mailsync.errors import PoisonJob
-from mailsync.jobs import decode_job
+from mailsync.jobs import JobOutbox, decode_job
 from mailsync.logs import log_context
 from mailsync.realtime.signalr_messages import BufferingPublisher
 from mailsync.sync.engine import Delivery
@@ -57,7 +63,9 @@ def queued_s(msg: func.QueueMessage) -> str | None:
 @bp.generic_output_binding(arg_name="signalr", type="signalR", hub_name="%SIGNALR_HUB%",
                            connection_string_setting="AzureSignalRConnectionString")
 @bp.queue_output(arg_name="poison", queue_name="%SYNC_QUEUE_NAME%-poison", connection="AzureWebJobsStorage")
-def sync_worker(msg: func.QueueMessage, signalr: func.Out[str], poison: func.Out[str]) -> None:
+@bp.queue_output(arg_name="wake", queue_name="%SYNC_QUEUE_NAME%", connection="AzureWebJobsStorage")
+def sync_worker(msg: func.QueueMessage, signalr: func.Out[str], poison: func.Out[str],
+                wake: func.Out[list[str]]) -> None:
     body = msg.get_body()
     dequeue_count = int(msg.dequeue_count or 1)
     # Queue age is the signal to scale on (docs/scaling.md): every line of the invocation carries it.
@@ -75,9 +83,13 @@ def sync_worker(msg: func.QueueMessage, signalr: func.Out[str], poison: func.Out
             poison.set(poison_record(body, reason, message_id=msg.id, dequeue_count=dequeue_count))
             return
         events = BufferingPublisher()
+        outbox = JobOutbox()
         started = time.monotonic()
-        worker.run(job, Invocation(Delivery(delivery_id=msg.id or job.job_id, dequeue_count=dequeue_count), events))
+        worker.run(job, Invocation(Delivery(delivery_id=msg.id or job.job_id, dequeue_count=dequeue_count), events,
+                                   outbox))
         if events:
             signalr.set(events.messages_json())
+        if outbox:
+            wake.set(outbox.bodies())
         log.info("job ran", extra={"kind": job.kind, "reason": job.reason,
                                    "run_s": round(time.monotonic() - started, 3)})

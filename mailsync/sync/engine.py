@@ -106,7 +106,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
-from mailsync.jobs import EVERY_FOLDER, NOTIFIED_AT, STAND_IN_SWEEPS, TAKE_PENDING, JobKind, new_job
+from mailsync.jobs import EVERY_FOLDER, NOTIFIED_AT, STAND_IN_SWEEPS, TAKE_PENDING, JobKind, JobOutbox, new_job
 from mailsync.logs import log_context
 from mailsync.models import Account, AccountStatus, Job, SyncPhase
 from mailsync.ports import AccountRepository, EventPublisher, JobQueue, MessageStore, ProviderFactory
@@ -182,9 +182,14 @@ class SyncEngine:
         self.before_write: Callable[[str, int], None] | None = None
 
     def handle(self, job: Job, delivery: Delivery, events: EventPublisher, *,
-               account: Account | None = None, rows: AccountSyncState | None = None) -> Outcome:
-        """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT); see ``run_in_place``."""
-        return self._handle(job, delivery, events, account, rows)[0]
+               account: Account | None = None, rows: AccountSyncState | None = None,
+               wake: JobOutbox | None = None) -> Outcome:
+        """Run one sync job (SYNC_FOLDERS, SYNC_FOLDER, RESYNC_FOLDER, RESYNC_ACCOUNT); see ``run_in_place``.
+
+        ``wake``: the invocation's queue output binding on the sync queue; a job the run enqueues to run
+        now also puts a WAKE there (``InvocationBase.queue``).
+        """
+        return self._handle(job, delivery, events, account, rows, wake)[0]
 
     def run_in_place(self, job: Job, delivery: Delivery, events: EventPublisher, *, account: Account | None,
                      rows: AccountSyncState | None = None) -> AccountSyncState | None:
@@ -200,7 +205,8 @@ class SyncEngine:
         return run.rows
 
     def _handle(self, job: Job, delivery: Delivery, events: EventPublisher, account: Account | None,
-                rows: AccountSyncState | None) -> tuple[Outcome, _Invocation | None]:
+                rows: AccountSyncState | None,
+                wake: JobOutbox | None = None) -> tuple[Outcome, _Invocation | None]:
         """Run one sync job and return its outcome and run (None when dropped before it began).
 
         ``account``: the account as the caller has just read it (a NOTIFIED job
@@ -228,7 +234,7 @@ class SyncEngine:
             if account.status not in ACTIVE_STATUSES:
                 log.info("job dropped: account is %s", account.status.value, extra={"kind": job.kind})
                 return Outcome.DROPPED, None
-            run = _Invocation(self, account, job, delivery, events)
+            run = _Invocation(self, account, job, delivery, events, wake)
             outcome = run.run(rows if rows is not None and rows.account_id == account.account_id else None)
             log.info("sync job %s", outcome.value, extra={
                 "kind": job.kind, "pages": run.pages, "upserted": run.upserted, "removed": run.removed_count,

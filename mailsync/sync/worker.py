@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mailsync.errors import PoisonJob
-from mailsync.jobs import JobKind
+from mailsync.jobs import JobKind, JobOutbox
 from mailsync.models import Job
 from mailsync.ports import EventPublisher
 from mailsync.sync.engine import Delivery, Outcome, SyncEngine
@@ -24,10 +24,13 @@ log = logging.getLogger("mailsync.sync.worker")
 
 @dataclass(frozen=True)
 class Invocation:
-    """What a handler gets besides the job: the queue delivery and the invocation's event buffer."""
+    """What a handler gets besides the job: the queue delivery, the invocation's event buffer and, when the
+    function has one, its queue output binding on the sync queue (``outbox``: the engine's jobs to run now
+    put a WAKE there, ``mailsync.jobs.WakingJobQueue``)."""
 
     delivery: Delivery
     events: EventPublisher
+    outbox: JobOutbox | None = None
 
 
 JobHandler = Callable[[Job, Invocation], object]
@@ -40,7 +43,7 @@ class SyncWorker:
 
     def __init__(self, engine: SyncEngine) -> None:
         self._handlers: dict[str, JobHandler] = {}
-        self.register(ENGINE_KINDS, lambda job, inv: engine.handle(job, inv.delivery, inv.events))
+        self.register(ENGINE_KINDS, lambda job, inv: engine.handle(job, inv.delivery, inv.events, wake=inv.outbox))
 
     def register(self, kinds: Iterable[str], handler: JobHandler) -> None:
         """Route ``kinds`` to ``handler`` (a later registration of a kind replaces the earlier one)."""

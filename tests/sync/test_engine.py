@@ -19,7 +19,18 @@ from typing import Any
 import pytest
 
 from mailsync.errors import PendingChanged
-from mailsync.jobs import EVERY_FOLDER, EXPECT, NOTIFIED_AT, SUBSCRIBED, TAKE_PENDING, Expected, JobKind, new_job
+from mailsync.jobs import (
+    EVERY_FOLDER,
+    EXPECT,
+    NOTIFIED_AT,
+    SUBSCRIBED,
+    TAKE_PENDING,
+    Expected,
+    JobKind,
+    JobOutbox,
+    decode_job,
+    new_job,
+)
 from mailsync.models import AccountStatus, SyncPhase
 from mailsync.monitoring.delta_lag import DeltaLag
 from mailsync.monitoring.recent_accounts import RecentAccounts
@@ -79,6 +90,21 @@ def test_initial_sync_makes_the_store_equal_the_mailbox(world: SyncWorld, pump: 
     assert any(p.phase == "synced" for p in world.events.progress)
     mailbox = world.store.get_mailbox(world.account_id)
     assert mailbox is not None and mailbox.status == AccountStatus.SYNCED
+
+
+def test_a_new_accounts_fan_out_is_followed_by_one_wake_through_the_invocations_output(world: SyncWorld) -> None:
+    """The folder list's fan-out (a job per large folder) goes with the queue client inside the run; with the
+    function's output binding given, one WAKE follows there, so the host's listener polls as the invocation
+    returns instead of after its idle back-off (bench/README.md, "the fan-out's wake")."""
+    world.wait_out_delta_lag()
+    outbox = JobOutbox()
+    sent = world.queue.sent
+    job = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="linked")
+    assert world.engine.handle(job, Delivery("d-1"), world.events, wake=outbox) == Outcome.DONE
+    started = [r for r in world.state.load(world.account_id).folders.values() if r.rounds == 0]
+    assert started and world.queue.sent - sent == min(len(started), world.settings.graph_max_concurrency), \
+        "the fan-out: one job per folder left to a round of its own, up to the mailbox's slots"
+    assert [(j.kind, j.account_id) for j in map(decode_job, outbox.bodies())] == [("wake", world.account_id)]
 
 
 def test_changes_after_sync_arrive_with_the_next_job(world: SyncWorld, pump: QueuePump) -> None:

@@ -27,8 +27,8 @@ from mailsync.errors import (
     ProviderUnavailable,
     StoreUnavailable,
 )
-from mailsync.jobs import JobKind, encode_job, new_job
-from mailsync.models import Address, Message, MessageBatch, MessagesChanged, Provider, SyncPhase, SyncProgress
+from mailsync.jobs import JobKind, JobOutbox, WakingJobQueue, decode_job, encode_job, new_job
+from mailsync.models import Address, Job, Message, MessageBatch, MessagesChanged, Provider, SyncPhase, SyncProgress
 from mailsync.providers.graph_client import MAX_RETRY_AFTER_S, backoff_delay, parse_retry_after
 from mailsync.realtime.signalr_messages import MAX_UPSERTS, BufferingPublisher
 from mailsync.storage.sync_rows import AccountSyncState, SyncState
@@ -410,11 +410,21 @@ def test_account_phase() -> None:
 # --- dispatch and the function -------------------------------------------------------------------
 
 class _Engine:
+    """Records the jobs it runs; a job with ``attrs["then"]`` enqueues that kind for the same account, to run
+    now, through the queue the engine gives its invocations (the SDK's, waking through ``wake``)."""
+
     def __init__(self) -> None:
         self.jobs: list[str] = []
+        self.sent: list[Job] = []
 
-    def handle(self, job: Any, delivery: Delivery, events: Any) -> None:
+    def enqueue(self, job: Job, *, delay_s: float = 0.0) -> None:
+        self.sent.append(job)
+
+    def handle(self, job: Any, delivery: Delivery, events: Any, *, wake: JobOutbox | None = None) -> None:
         self.jobs.append(job.kind)
+        if "then" in job.attrs:
+            queue = self if wake is None else WakingJobQueue(self, wake)
+            queue.enqueue(new_job(JobKind(job.attrs["then"]), job.account_id, "f"))
 
 
 def test_dispatch_routes_engine_kinds_and_registered_ones() -> None:
@@ -434,12 +444,12 @@ def test_dispatch_routes_engine_kinds_and_registered_ones() -> None:
 
 class _Out:
     def __init__(self) -> None:
-        self.value: str | None = None
+        self.value: Any = None
 
-    def set(self, value: str) -> None:
+    def set(self, value: Any) -> None:
         self.value = value
 
-    def get(self) -> str | None:
+    def get(self) -> Any:
         return self.value
 
 
@@ -451,9 +461,9 @@ def test_poison_messages_go_to_the_poison_queue_with_their_reason() -> None:
     handler = sync_worker.build().get_user_function()
     for body in (b"not json", b'{"v": 1, "kind": "explode", "account_id": "a"}', b"[1]"):
         message = QueueMessage(id="q-1", body=body, dequeue_count=1)
-        signalr, poison = _Out(), _Out()
-        handler(message, signalr, poison)
-        assert poison.value is not None and signalr.value is None
+        signalr, poison, wake = _Out(), _Out(), _Out()
+        handler(message, signalr, poison, wake)
+        assert poison.value is not None and signalr.value is None and wake.value is None
         record = orjson.loads(poison.value)
         assert record["body"] == body.decode() and record["reason"] and record["message_id"] == "q-1"
 
@@ -471,9 +481,34 @@ def test_good_messages_never_touch_the_poison_output(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(module, "runtime", lambda: _Runtime())
     handler = module.sync_worker.build().get_user_function()
     body = encode_job(new_job(JobKind.SYNC_FOLDERS, "acc")).encode()
-    signalr, poison = _Out(), _Out()
-    handler(QueueMessage(id="q-2", body=body, dequeue_count=2), signalr, poison)
+    signalr, poison, wake = _Out(), _Out(), _Out()
+    handler(QueueMessage(id="q-2", body=body, dequeue_count=2), signalr, poison, wake)
     assert engine.jobs == ["sync_folders"] and poison.value is None
+    assert wake.value is None, "a run that enqueued nothing writes no WAKE"
+
+
+def test_a_job_enqueued_to_run_now_is_followed_by_a_wake_through_the_output_binding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's jobs go with the SDK inside the run; the function's ``wake`` output (its queue output
+    binding on the sync queue, written as it returns) gets one WAKE, so the host polls at once."""
+    from azure.functions.queue import QueueMessage
+
+    import functions.sync_worker as module
+
+    engine = _Engine()
+
+    class _Runtime:
+        sync_worker = SyncWorker(engine)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "runtime", lambda: _Runtime())
+    handler = module.sync_worker.build().get_user_function()
+    job = new_job(JobKind.SYNC_FOLDERS, "acc", attrs={"then": JobKind.SYNC_FOLDER.value})
+    signalr, poison, wake = _Out(), _Out(), _Out()
+    handler(QueueMessage(id="q-3", body=encode_job(job).encode(), dequeue_count=1), signalr, poison, wake)
+    assert [j.kind for j in engine.sent] == ["sync_folder"], "the job itself went with the queue client"
+    assert isinstance(wake.value, list) and len(wake.value) == 1
+    woken = decode_job(wake.value[0])
+    assert (woken.kind, woken.account_id) == ("wake", "acc") and poison.value is None
 
 
 def test_a_removed_folder_takes_its_known_subfolders_along() -> None:
