@@ -63,7 +63,11 @@ class KeepAliveTransport:
     """Graph over ``mailsync.keepalive_http``: kept-alive connections per origin, shared by an app's clients."""
 
     def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
-        self._tls = tls or default_tls()
+        # The default TLS context (certifi's CA bundle) is made with the first https origin, not here:
+        # loading the bundle is ~25 ms of CPU, and every worker process builds this transport with its
+        # sync engine, on its first job, whether or not it ever talks to Graph (an IMAP account's
+        # initial sync paid it before its first folder round; bench/README.md).
+        self._tls = tls
         self._connections: dict[tuple[Origin, float], Connections] = {}
         self._lock = threading.Lock()
 
@@ -103,6 +107,8 @@ class KeepAliveTransport:
             with self._lock:
                 conns = self._connections.get(key)
                 if conns is None:
+                    if origin.scheme == "https" and self._tls is None:
+                        self._tls = default_tls()
                     conns = Connections(origin, connect_timeout_s=min(CONNECT_TIMEOUT_S, timeout_s),
                                         read_timeout_s=timeout_s, tls=self._tls if origin.scheme == "https" else None)
                     self._connections[key] = conns

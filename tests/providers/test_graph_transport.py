@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,3 +98,29 @@ def test_an_attachment_past_the_cap_is_refused_and_a_dead_host_is_unavailable(
         dead = GraphClient(lambda _force: "t", base_url=f"http://127.0.0.1:{probe.getsockname()[1]}", timeout_s=2)
         with pytest.raises(ProviderUnavailable):
             dead.get("me")
+
+
+def test_the_default_tls_context_is_made_with_the_first_https_origin_once(
+        graph: tuple[GraphClient, type[_Graph], type[_Graph]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the CA bundle costs every worker process ~25 ms of CPU on its first job: paid only by one
+    that talks to Graph over TLS, and once."""
+    import mailsync.providers.graph_transport as transport
+
+    made: list[ssl.SSLContext] = []
+
+    def counted() -> ssl.SSLContext:
+        made.append(ssl.create_default_context())
+        return made[-1]
+
+    monkeypatch.setattr(transport, "default_tls", counted)
+    client, _seen, _other = graph
+    fresh = GraphClient(lambda _force: "token", base_url=client.base_url,
+                        session=transport.KeepAliveTransport())
+    assert fresh.get("/plain") == {"path": "/v1.0/plain"} and not made, "plain HTTP: no TLS context"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        for path in ("me", "me/again"):
+            with pytest.raises(ProviderUnavailable):
+                fresh.get(f"https://127.0.0.1:{port}/{path}")
+    assert len(made) == 1
