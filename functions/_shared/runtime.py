@@ -313,10 +313,15 @@ class Runtime:
         """POST /api/graph/webhook: authenticate items, coalesce per account, enqueue NOTIFIED."""
         from mailsync.monitoring.notifications import NotificationReceiver
 
+        from mailsync.monitoring.notified_states import NotifiedStates
+
+        # With resource data, the message states notifications carry go to the store and the page at once.
+        states = NotifiedStates(lambda: self.store, lambda: self.live_sender) \
+            if self.notification_keys is not None and self.validation_tokens is not None else None
         return NotificationReceiver(self.settings, self.subscription_store, self.accounts,
                                     self.pending_notifications, self.job_queue, client_states=self.client_states,
                                     lag=self.delta_lag, keys=self.notification_keys,
-                                    tokens=self.validation_tokens)
+                                    tokens=self.validation_tokens, states=states)
 
     @cached_property
     def notification_keys(self) -> NotificationKeys | None:

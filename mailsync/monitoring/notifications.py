@@ -72,6 +72,7 @@ from mailsync.jobs import JobKind, new_job
 from mailsync.models import Job
 from mailsync.monitoring.client_state import ClientStates
 from mailsync.monitoring.delta_lag import DeltaLag
+from mailsync.monitoring.notified_states import NotifiedChange, NotifiedStates
 from mailsync.monitoring.pending_seen import SeenPendingRows
 from mailsync.monitoring.records import (
     AccountDirectory,
@@ -87,7 +88,7 @@ from mailsync.monitoring.records import (
     merge_folders,
     merge_versions,
 )
-from mailsync.monitoring.resource_data import NotificationKeys, parent_folder
+from mailsync.monitoring.resource_data import NotificationKeys, notified_message, parent_folder
 from mailsync.monitoring.subscriptions import WATCHED_STATUSES
 from mailsync.monitoring.validation_tokens import ValidationTokens
 from mailsync.ports import JobQueue
@@ -139,6 +140,7 @@ class ReceiveReport:
     jobs_enqueued: int = 0
     accounts: int = 0
     rejected: bool = False             # an unknown subscription id: nothing in the request was acted on
+    told: int = 0                      # message states written from resource data and sent to the page
 
 
 def require_collection(body: Any) -> list[dict[str, Any]]:
@@ -288,13 +290,16 @@ class NotificationReceiver:
                  pending: PendingStore, queue: JobQueue, *, client_states: ClientStates | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  seen: SeenPendingRows | None = None, lag: DeltaLag | None = None,
-                 keys: NotificationKeys | None = None, tokens: ValidationTokens | None = None) -> None:
+                 keys: NotificationKeys | None = None, tokens: ValidationTokens | None = None,
+                 states: NotifiedStates | None = None) -> None:
         """``seen``: the pending rows this process saw with a live job (one per process; a fresh one
         by default), which requests for those accounts add to without reading them. ``lag``: the delta
         lag this process's notified rounds met (``mailsync.monitoring.delta_lag``), which delays the
         NOTIFIED job past it; None: ``NOTIFY_COALESCE_S`` alone. ``keys`` and ``tokens``: read the
         folder of new and moved mail from rich notifications (``mailsync.monitoring.resource_data``);
-        None: ignore resource data (the NOTIFIED job looks those folders up)."""
+        None: ignore resource data (the NOTIFIED job looks those folders up). ``states``: with ``keys``
+        and ``tokens``, write the message states the data shows and tell the page at once
+        (``mailsync.monitoring.notified_states``); None: the rounds alone write and tell."""
         self._settings = settings
         self._client_states = client_states
         self._subscriptions = subscriptions
@@ -306,6 +311,7 @@ class NotificationReceiver:
         self._lag = lag
         self._keys = keys
         self._tokens = tokens
+        self._states = states
 
     def receive(self, body: Any) -> ReceiveReport:
         """Handle one parsed JSON body. InputError: malformed (nothing done)."""
@@ -334,45 +340,66 @@ class NotificationReceiver:
             log.warning("dropped %d of %d notifications (unknown subscription, clientState mismatch, "
                         "account gone or unusable item)", dropped, len(items),
                         extra={"dropped": dropped, "received": len(items)})
-        folders = self._folders_of(body, [item for accepted in per_account.values() for item, _ in accepted])
+        resources = self._resources_of(body, [item for accepted in per_account.values() for item, _ in accepted])
+        folders = self._folders_of(per_account, resources)
         enqueued = 0
+        told = 0
         for account_id, accepted in per_account.items():
+            if self._states is not None and resources:
+                # Before the pending row: the NOTIFIED job it starts then reads delta after this write.
+                told += len(self._states.apply(account_id, [
+                    NotifiedChange(item.change_type, message_id,
+                                   notified_message(resources[id(item)], message_id, account_id)
+                                   if id(item) in resources else None)
+                    for item, message_id in accepted if item.change_type is not None]))
             notified: list[Notified] = [(item.change_type.value, message_id, item.version, folders.get(id(item)))
                                         for item, message_id in accepted if item.change_type is not None]
             if self._coalesce(account_id, notified, folder_notices=folder_notices.get(account_id, 0)):
                 enqueued += 1
         return ReceiveReport(received=len(items), accepted=len(items) - dropped, dropped=dropped,
-                             jobs_enqueued=enqueued, accounts=len(per_account))
+                             jobs_enqueued=enqueued, accounts=len(per_account), told=told)
 
-    def _folders_of(self, body: Any, accepted: list[ChangeItem]) -> dict[int, str]:
-        """``id(item)`` -> the folder its resource data names, for the authentic ``created`` items that carry it.
+    @staticmethod
+    def _folders_of(per_account: dict[str, list[tuple[ChangeItem, str]]],
+                    resources: dict[int, dict[str, Any]]) -> dict[int, str]:
+        """``id(item)`` -> the folder a ``created`` item's data names (new mail, a move's target)."""
+        folders: dict[int, str] = {}
+        for accepted in per_account.values():
+            for item, message_id in accepted:
+                resource = resources.get(id(item))
+                if resource is not None and item.change_type is ChangeType.CREATED:
+                    folder = parent_folder(resource, message_id)
+                    if folder is not None:
+                        folders[id(item)] = folder
+        return folders
 
-        Only ``created`` is read (new mail, a move's target): the store
-        knows where the messages of ``updated`` and ``deleted`` are, so
-        their RSA decryption would be CPU for nothing. The POST's
-        validation tokens are checked first, once (Microsoft's rule for
-        resource data); when they fail, its resource data is ignored, never
-        its notifications (their signed clientStates vouched for them).
+    def _resources_of(self, body: Any, accepted: list[ChangeItem]) -> dict[int, dict[str, Any]]:
+        """``id(item)`` -> its decrypted resource, for the authentic items whose data we use.
+
+        ``created`` always (new mail, a move's target: its folder spares a
+        lookup), ``updated`` only when notified states are written (else the
+        store knows where the message is, and the RSA decryption would be
+        CPU for nothing); ``deleted`` carries none. The POST's validation
+        tokens are checked first, once (Microsoft's rule for resource data);
+        when they fail, its resource data is ignored, never its
+        notifications (their signed clientStates vouched for them).
         """
+        wanted = {ChangeType.CREATED, ChangeType.UPDATED} if self._states is not None else {ChangeType.CREATED}
         rich = [item for item in accepted if item.encrypted is not None and item.message_id is not None
-                and item.change_type is ChangeType.CREATED]
+                and item.change_type in wanted]
         if not rich or self._keys is None or self._tokens is None:
             return {}
         if not self._tokens.verify(body.get("validationTokens"), {item.tenant_id or "" for item in rich}):
             log.warning("resource data of %d notification(s) ignored: the validation tokens do not check out",
                         len(rich), extra={"received": len(rich)})
             return {}
-        folders: dict[int, str] = {}
+        resources: dict[int, dict[str, Any]] = {}
         for item in rich:
-            assert item.message_id is not None
             try:
-                folder = parent_folder(self._keys.decrypt(item.encrypted), item.message_id)
+                resources[id(item)] = self._keys.decrypt(item.encrypted)
             except InputError as exc:
                 log.warning("resource data of a notification ignored: %s", exc)
-                continue
-            if folder is not None:
-                folders[id(item)] = folder
-        return folders
+        return resources
 
     def _coalesce(self, account_id: str, notified: list[Notified], *, folder_notices: int = 0) -> bool:
         """Merge into the pending row; True when this call enqueued the NOTIFIED job.

@@ -1,6 +1,6 @@
 """Resource data in Outlook change notifications: our certificate, and the folder Graph encrypted for us.
 
-Why: a ``me/messages`` notification names the message, not its folder, and
+Why (first): a ``me/messages`` notification names the message, not its folder, and
 the engine syncs per folder. For the messages the store holds (read, flag,
 delete) the store says where they are; new mail and a move's target are not
 there yet, so the NOTIFIED job asked Graph, one ``GET
@@ -24,9 +24,20 @@ public certificate can encrypt): authenticity comes from the notification's
 signed clientState and the POST's validation tokens
 (``mailsync.monitoring.validation_tokens``).
 
-What the folder is trusted for: only *which folders to sync*, never what to
-store (delta stays the only source of data). A wrong or missing folder
-costs what a basic notification costs: the job asks Graph instead.
+What the data is trusted for, once the POST's validation tokens and the
+item's signed clientState passed and its ``dataSignature`` matched: the
+folder of a ``created`` message decides *which folders to sync* (a wrong or
+missing one costs what a basic notification costs: the job asks Graph);
+and the whole selected state (``notified_message``) is written to the store
+and shown on the page at once (``mailsync.monitoring.notified_states``), as
+a *provisional* copy. That is safe because of how it is written, not
+because the data is assumed right: at the floor of its ``lastModified``
+second, a version every delta reading of the same state (and every later
+state) exceeds, so the NOTIFIED job's round, which still reads delta for
+every notification, replaces it with delta's reading; it never overwrites
+a newer stored state, keeps the stored body and resync epoch, and touches
+only synced accounts and folders the store has. Delta stays the source of
+truth: a notified state is what the page shows for about a second sooner.
 
 Keys: ``NOTIFICATION_CERTIFICATES`` holds PEM blocks (or one line of base64
 of them), private keys and certificates (RSA, 2,048-4,096 bits; self-signed is fine, Graph does not

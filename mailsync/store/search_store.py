@@ -408,6 +408,92 @@ class SearchStore:
         """
         return self._writer.send(self._marks.actions(refused, epoch), target="seen", what="mark seen")
 
+    def notified_gate(self, account_id: str, folder_ids: Sequence[str]) -> NotifiedGate:
+        """Whether the account's initial sync is done, and which of ``folder_ids`` the store has: one
+        realtime multi-get of its mailbox and folder documents (``mailsync.monitoring.notified_states``)."""
+        docs.check_account_id(account_id)
+        wanted: dict[str, str | None] = {docs.mailbox_doc_id(account_id): None}
+        wanted.update({docs.folder_doc_id(account_id, folder_id): folder_id for folder_id in dict.fromkeys(folder_ids)})
+        with translating("notified_gate"):
+            try:
+                entries = self._engine.mget(self.names.mailboxes, list(wanted), routing=account_id)
+            except EngineError as exc:
+                if exc.index_missing:
+                    return NotifiedGate(False, frozenset())
+                raise
+        synced, folders = False, set[str]()
+        for entry in entries:
+            source = entry.get("_source") or {}
+            if not entry.get("found") or source.get("account_id") != account_id:
+                continue
+            folder_id = wanted.get(str(entry.get("_id")))
+            if folder_id is None:
+                synced = source.get("kind") == docs.KIND_MAILBOX and source.get("status") == "synced"
+            elif source.get("kind") == docs.KIND_FOLDER:
+                folders.add(folder_id)
+        return NotifiedGate(synced, frozenset(folders))
+
+    def write_notified(self, messages: Sequence[Message], *, created: frozenset[str] = frozenset()
+                       ) -> list[Message]:
+        """Write message states learnt from change notifications (one account's); return those written.
+
+        Each goes in only where the store holds an older version of it (or,
+        for the ids in ``created``, nothing): one realtime multi-get of the
+        stored documents, one bulk request. A written document keeps the
+        stored one's ``body_text`` (a notification carries no body) and
+        ``sync_epoch`` (a resync's ``remove_stale`` must not take it for
+        unseen). Written at the message's own version with ``external_gte``
+        like a round's write, so a version stored between the read and the
+        write still refuses it. The rule deciding those versions, and why
+        nothing here is a partial update: ``mailsync.monitoring.notified_states``.
+        """
+        if not messages:
+            return []
+        account_id = messages[0].account_id
+        docs.check_account_id(account_id)
+        by_doc = {docs.message_doc_id(account_id, m.message_id): m for m in messages if m.account_id == account_id}
+        stored: dict[str, dict[str, Any] | None] = {}
+        with translating("write_notified"):
+            # The whole source: a source filter costs the node more than it spares (SearchEngine.mget).
+            entries = self._engine.mget(self.names.messages, list(by_doc), routing=account_id)
+        for entry in entries:
+            if "error" in entry:
+                continue                      # unreadable: left to delta
+            stored[str(entry.get("_id"))] = entry if entry.get("found") else None
+        actions: list[BulkAction] = []
+        originals: dict[str, dict[str, Any]] = {}
+        indexed_at = docs.now_iso()
+        for doc_id, message in by_doc.items():
+            if doc_id not in stored:
+                continue
+            found = stored[doc_id]
+            if found is None:
+                if message.message_id not in created:
+                    continue                  # an update of a message the store does not hold: delta's
+                epoch, body = 0, None
+            else:
+                source = found.get("_source") or {}
+                if int(found.get("_version") or source.get("version") or 0) > message.version:
+                    continue                  # newer there already (delta's reading, an action's row); an equal
+                                              # one is another notified state of the second: the later shows
+                epoch, body = int(source.get("sync_epoch") or 0), source.get("body_text")
+            try:
+                docs.check_message(message)
+                doc = docs.message_to_document(message, epoch=epoch, body=self.options.body, indexed_at=indexed_at)
+            except InputError:
+                continue                      # not a state Graph sends: left to delta
+            if isinstance(body, str):
+                doc["body_text"] = body
+            originals[doc_id] = doc
+            actions.append(self.message_action(doc_id, message, doc))
+        if not actions:
+            return []
+        sent = self._writer.send(actions, target="messages", what="write_notified", originals=originals)
+        # Refused (a newer version came first), failed or still throttled: not written, so not told. Nothing
+        # to retry: delta's round writes the same state or a newer one anyway.
+        refused = {*sent.conflicts, *sent.failed, *sent.transient}
+        return [by_doc[doc_id] for doc_id in originals if doc_id not in refused]
+
     def raise_epoch(self, account_id: str, folder_id: str, message_ids: Sequence[str], epoch: int) -> BulkResult:
         """Mark the messages as seen in ``epoch`` by ``folder_id``'s round (``_carry_epoch``'s mark).
 
@@ -627,9 +713,22 @@ class SearchStore:
         """Delete every document of the account: messages, mailbox and folders, leases, dead letters, actions,
         seen marks."""
         docs.check_account_id(account_id)
-        for index in (self.names.messages, self.names.mailboxes, self.names.deadletter, self.names.actions,
+        # The mailbox document first: a writer that checked it before its write and checks it again after
+        # (``write_notified``'s caller) then either wrote before the messages' deletion, which takes its
+        # write, or sees the mailbox gone afterwards and takes its write back itself.
+        for index in (self.names.mailboxes, self.names.messages, self.names.deadletter, self.names.actions,
                       self.names.seen):
             self._delete_by_query(index, account_id, [], "delete_account")
+
+    def forget_notified(self, account_id: str, message_ids: Sequence[str]) -> None:
+        """Delete messages ``write_notified`` wrote for an account that was unlinked meanwhile (one bulk)."""
+        docs.check_account_id(account_id)
+        actions: list[BulkAction] = [
+            ({"delete": {"_index": self.names.messages, "_id": docs.message_doc_id(account_id, m),
+                         "routing": account_id}}, None) for m in dict.fromkeys(message_ids)]
+        if actions:
+            self._writer.finish(self._writer.send(actions, target="messages", what="forget_notified"),
+                                "forget_notified")
 
     # ------------------------------------------------------------------ reads (mailsync.store.reads)
 
@@ -656,6 +755,14 @@ class SearchStore:
     def dead_letters(self, account_id: str, *, limit: int = 100) -> list[DeadLetter]:
         """The account's refused writes, newest first (operations and tests)."""
         return self._reads.dead_letters(account_id, limit=limit)
+
+
+@dataclass(frozen=True)
+class NotifiedGate:
+    """What the store says about an account before it takes notified states (``SearchStore.notified_gate``)."""
+
+    synced: bool                      # its mailbox document says the initial sync is done
+    folders: frozenset[str]           # the asked folders the store has documents of
 
 
 class _IndicesMissing(Exception):
