@@ -140,7 +140,7 @@ class ReceiveReport:
     jobs_enqueued: int = 0
     accounts: int = 0
     rejected: bool = False             # an unknown subscription id: nothing in the request was acted on
-    told: int = 0                      # message states written from resource data and sent to the page
+    told: int = 0                      # states written from resource data and removals, sent to the page
 
 
 def require_collection(body: Any) -> list[dict[str, Any]]:
@@ -345,13 +345,13 @@ class NotificationReceiver:
         enqueued = 0
         told = 0
         for account_id, accepted in per_account.items():
-            if self._states is not None and resources:
+            if self._states is not None:
                 # Before the pending row: the NOTIFIED job it starts then reads delta after this write.
-                told += len(self._states.apply(account_id, [
+                told += self._states.apply(account_id, [
                     NotifiedChange(item.change_type, message_id,
                                    notified_message(resources[id(item)], message_id, account_id)
                                    if id(item) in resources else None)
-                    for item, message_id in accepted if item.change_type is not None]))
+                    for item, message_id in accepted if item.change_type is not None])
             notified: list[Notified] = [(item.change_type.value, message_id, item.version, folders.get(id(item)))
                                         for item, message_id in accepted if item.change_type is not None]
             if self._coalesce(account_id, notified, folder_notices=folder_notices.get(account_id, 0)):

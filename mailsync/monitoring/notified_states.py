@@ -125,7 +125,7 @@ from mailsync.ports import LiveSender
 from mailsync.realtime.signalr_messages import BufferingPublisher
 
 if TYPE_CHECKING:
-    from mailsync.store.search_store import NotifiedGate
+    from mailsync.store.search_store import NotifiedGate, NotifiedWrite
 
 log = logging.getLogger("mailsync.monitoring.notified_states")
 
@@ -150,8 +150,8 @@ class NotifiedStore(Protocol):
 
     def notified_gate(self, account_id: str, folder_ids: Sequence[str]) -> NotifiedGate: ...
 
-    def write_notified(self, messages: Sequence[Message], *, created: frozenset[str] = frozenset()
-                       ) -> list[Message]: ...
+    def write_notified(self, messages: Sequence[Message], *, created: frozenset[str] = frozenset(),
+                       removed: Sequence[str] = (), account_id: str | None = None) -> NotifiedWrite: ...
 
     def get_mailbox(self, account_id: str) -> object | None: ...
 
@@ -170,34 +170,34 @@ class NotifiedStates:
         self._get_live = live
         self._clock = clock
 
-    def apply(self, account_id: str, changes: Sequence[NotifiedChange]) -> list[Message]:
-        """Write what ``changes`` (one account's, in POST order) show; return the states written and told.
+    def apply(self, account_id: str, changes: Sequence[NotifiedChange]) -> int:
+        """Write what ``changes`` (one account's, in POST order) show and tell the page; how many it was told.
 
         Never raises for the store or SignalR being unavailable: the notifications still go to the
         pending row, and the round writes and tells what this could not.
         """
-        states, created = self._candidates(changes)
-        if not states:
-            return []
+        states, created, deleted = self._candidates(changes)
+        if not states and not deleted:
+            return 0
         try:
             store = self._get_store()
             gate = store.notified_gate(account_id, sorted({m.folder_id for m in states}))
             if not gate.synced:
-                return []
+                return 0
             states = [m for m in states if m.folder_id in gate.folders]
-            written = store.write_notified(states, created=created) if states else []
-            if written and store.get_mailbox(account_id) is None:
+            done = store.write_notified(states, created=created, removed=deleted, account_id=account_id)
+            if done.written and store.get_mailbox(account_id) is None:
                 log.info("account unlinked while its notified states were written: taken back")
-                store.forget_notified(account_id, [m.message_id for m in written])
-                return []
+                store.forget_notified(account_id, [m.message_id for m in done.written])
+                return 0
         except MailsyncError as exc:
             log.warning("notified states not written (the round will): %s", exc.code)
-            return []
-        if written:
-            self._tell(MessagesChanged(account_id, upserted=tuple(written)))
-        return written
+            return 0
+        if done.written or done.removed:
+            self._tell(MessagesChanged(account_id, upserted=tuple(done.written), removed=tuple(done.removed)))
+        return len(done.written) + len(done.removed)
 
-    def _candidates(self, changes: Sequence[NotifiedChange]) -> tuple[list[Message], frozenset[str]]:
+    def _candidates(self, changes: Sequence[NotifiedChange]) -> tuple[list[Message], frozenset[str], list[str]]:
         last: dict[str, NotifiedChange] = {}
         for change in changes:
             last.pop(change.message_id, None)        # the last word on an id wins, in POST order
@@ -205,9 +205,13 @@ class NotifiedStates:
         now = self._clock().timestamp()
         states: list[Message] = []
         created: set[str] = set()
+        deleted: list[str] = []
         for change in last.values():
             state = change.state
-            if state is None or change.change_type is ChangeType.DELETED or state.modified_at is None:
+            if change.change_type is ChangeType.DELETED:
+                deleted.append(change.message_id)
+                continue
+            if state is None or state.modified_at is None:
                 continue
             age = now - state.modified_at.timestamp()
             if age < -CLOCK_AHEAD_S:
@@ -217,7 +221,7 @@ class NotifiedStates:
                     continue
                 created.add(change.message_id)
             states.append(state)
-        return states, frozenset(created)
+        return states, frozenset(created), deleted
 
     def _tell(self, event: MessagesChanged) -> None:
         if self._get_live is None:

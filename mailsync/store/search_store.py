@@ -433,9 +433,13 @@ class SearchStore:
                 folders.add(folder_id)
         return NotifiedGate(synced, frozenset(folders))
 
-    def write_notified(self, messages: Sequence[Message], *, created: frozenset[str] = frozenset()
-                       ) -> list[Message]:
-        """Write message states learnt from change notifications (one account's); return those written.
+    def write_notified(self, messages: Sequence[Message], *, created: frozenset[str] = frozenset(),
+                       removed: Sequence[str] = (), account_id: str | None = None) -> NotifiedWrite:
+        """Write message states learnt from change notifications (one account's); say what was written.
+
+        ``removed``: ids whose notification said ``deleted``: nothing is
+        written for them, but the same read tells the folder the store holds
+        each in (``NotifiedWrite.removed``), for the page.
 
         Each goes in only where the store holds an older version of it (or,
         for the ids in ``created``, nothing): one realtime multi-get of the
@@ -447,19 +451,23 @@ class SearchStore:
         write still refuses it. The rule deciding those versions, and why
         nothing here is a partial update: ``mailsync.monitoring.notified_states``.
         """
-        if not messages:
-            return []
-        account_id = messages[0].account_id
+        account_id = account_id or (messages[0].account_id if messages else None)
+        if account_id is None or not (messages or removed):
+            return NotifiedWrite([], [])
         docs.check_account_id(account_id)
         by_doc = {docs.message_doc_id(account_id, m.message_id): m for m in messages if m.account_id == account_id}
+        gone = {docs.message_doc_id(account_id, m): m for m in removed}
         stored: dict[str, dict[str, Any] | None] = {}
         with translating("write_notified"):
             # The whole source: a source filter costs the node more than it spares (SearchEngine.mget).
-            entries = self._engine.mget(self.names.messages, list(by_doc), routing=account_id)
+            entries = self._engine.mget(self.names.messages, list(dict.fromkeys([*by_doc, *gone])),
+                                        routing=account_id)
         for entry in entries:
             if "error" in entry:
                 continue                      # unreadable: left to delta
             stored[str(entry.get("_id"))] = entry if entry.get("found") else None
+        held_in = [(str(folder), gone[doc_id]) for doc_id in gone if (found := stored.get(doc_id)) is not None
+                   and isinstance(folder := (found.get("_source") or {}).get("folder_id"), str)]
         actions: list[BulkAction] = []
         originals: dict[str, dict[str, Any]] = {}
         indexed_at = docs.now_iso()
@@ -487,12 +495,12 @@ class SearchStore:
             originals[doc_id] = doc
             actions.append(self.message_action(doc_id, message, doc))
         if not actions:
-            return []
+            return NotifiedWrite([], held_in)
         sent = self._writer.send(actions, target="messages", what="write_notified", originals=originals)
         # Refused (a newer version came first), failed or still throttled: not written, so not told. Nothing
         # to retry: delta's round writes the same state or a newer one anyway.
         refused = {*sent.conflicts, *sent.failed, *sent.transient}
-        return [by_doc[doc_id] for doc_id in originals if doc_id not in refused]
+        return NotifiedWrite([by_doc[doc_id] for doc_id in originals if doc_id not in refused], held_in)
 
     def raise_epoch(self, account_id: str, folder_id: str, message_ids: Sequence[str], epoch: int) -> BulkResult:
         """Mark the messages as seen in ``epoch`` by ``folder_id``'s round (``_carry_epoch``'s mark).
@@ -763,6 +771,14 @@ class NotifiedGate:
 
     synced: bool                      # its mailbox document says the initial sync is done
     folders: frozenset[str]           # the asked folders the store has documents of
+
+
+@dataclass(frozen=True)
+class NotifiedWrite:
+    """What ``SearchStore.write_notified`` did: the states written, and where the deleted ones are held."""
+
+    written: list[Message]
+    removed: list[tuple[str, str]]    # (folder_id, message_id) as the store holds them; nothing was written
 
 
 class _IndicesMissing(Exception):

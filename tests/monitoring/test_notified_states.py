@@ -26,7 +26,8 @@ from mailsync.monitoring.notified_states import NotifiedStates
 from mailsync.monitoring.resource_data import NotificationKeys, new_certificate_pem, parse_certificates
 from mailsync.monitoring.validation_tokens import ValidationTokens
 from mailsync.providers.graph import map_message
-from mailsync.store.search_store import SearchStore
+from mailsync.store.documents import mailbox_doc_id
+from mailsync.store.search_store import NotifiedWrite, SearchStore
 from tests.monitoring.harness import Harness, change, make_harness
 
 INBOX, ARCHIVE = "AAMkInbox=", "AAMkArchive="
@@ -45,6 +46,11 @@ class Recorder:
         """(message id, folder, version) of every upsert the page was told, in order."""
         return [(row["message_id"], row["folder_id"], row["version"]) for message in self.sent
                 if message["target"] == "messagesChanged" for row in message["arguments"][0]["upserted"]]
+
+    def told_removed(self) -> list[tuple[str, str]]:
+        """(folder, message id) of every removal the page was told, in order."""
+        return [(row["folder_id"], row["message_id"]) for message in self.sent
+                if message["target"] == "messagesChanged" for row in message["arguments"][0]["removed"]]
 
 
 @dataclass
@@ -191,7 +197,8 @@ def test_a_body_stored_before_is_kept_and_a_resyncs_epoch_too(rig: Rig) -> None:
     assert rig.stored(account, "m1") is not None
 
 
-def test_a_move_lands_in_its_new_folder_and_a_deletion_writes_nothing(rig: Rig) -> None:
+def test_a_move_lands_in_its_new_folder_and_a_deletion_is_told_to_the_page_but_left_in_the_store(
+        rig: Rig) -> None:
     account, sub, state = rig.account()
     before = now_second() - timedelta(seconds=5)
     rig.store.upsert_messages([delta_reads(account, resource(m, before), before) for m in ("m1", "m2")])
@@ -203,6 +210,9 @@ def test_a_move_lands_in_its_new_folder_and_a_deletion_writes_nothing(rig: Rig) 
     assert moved is not None and moved.folder_id == ARCHIVE
     assert deleted is not None and not deleted.is_read, "a deletion is the round's to write"
     assert [mid for mid, _, _ in rig.live.told()] == ["m1"]
+    assert rig.live.told_removed() == [(INBOX, "m2")], "the page drops the row it shows in the folder the store says"
+    rig.post(sub, state, ("deleted", "m9", None))
+    assert rig.live.told_removed() == [(INBOX, "m2")], "nothing to tell of a message the store does not hold"
 
 
 def test_an_update_of_a_message_the_store_does_not_hold_is_left_to_delta(rig: Rig) -> None:
@@ -230,16 +240,18 @@ def test_an_account_unlinked_while_the_webhook_wrote_keeps_nothing(rig: Rig) -> 
     account, sub, state = rig.account()
 
     class UnlinkedAfterTheWrite:
-        """The store as an unlink racing the webhook leaves it: the mailbox document gone after the write."""
+        """The store as an unlink racing the webhook leaves it: the write lands after the unlink deleted the
+        messages, and the mailbox document is gone when the webhook looks again."""
 
         def __getattr__(self, name: str) -> Any:
             return getattr(rig.store, name)
 
-        def write_notified(self, messages: Sequence[Message], *, created: frozenset[str] = frozenset()
-                           ) -> list[Message]:
-            written = rig.store.write_notified(messages, created=created)
-            rig.store.delete_account(account)
-            return written
+        def write_notified(self, messages: Sequence[Message], **options: Any) -> NotifiedWrite:
+            done = rig.store.write_notified(messages, **options)
+            assert done.written, "written; the unlink had deleted the messages already, now the mailbox"
+            rig.store.engine.delete_document(rig.store.names.mailboxes, mailbox_doc_id(account), routing=account,
+                                             refresh=True)
+            return done
 
     states = NotifiedStates(UnlinkedAfterTheWrite, lambda: rig.live)
     rig.receiver = receiver_for(rig.harness, rig.keys, rig.identity, states)
