@@ -312,7 +312,6 @@ class Runtime:
     def notification_receiver(self) -> NotificationReceiver:
         """POST /api/graph/webhook: authenticate items, coalesce per account, enqueue NOTIFIED."""
         from mailsync.monitoring.notifications import NotificationReceiver
-
         from mailsync.monitoring.notified_states import NotifiedStates
 
         # With resource data, the message states notifications carry go to the store and the page at once.
