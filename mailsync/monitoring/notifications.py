@@ -115,6 +115,10 @@ PENDING_STALE_S = 300
 # (mailsync.monitoring.pending_seen); the minute's margin covers clocks of other processes.
 PENDING_FRESH_S = PENDING_STALE_S - 60
 MERGE_ATTEMPTS = 8
+# A NOTIFIED job confirming states the page already shows: held this long past the learnt delta lag,
+# which counts as at least CONFIRM_MIN_LAG_S (Outlook's lag is not documented; the sandbox's is 1 s).
+CONFIRM_MARGIN_S = 1.0
+CONFIRM_MIN_LAG_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -345,16 +349,19 @@ class NotificationReceiver:
         enqueued = 0
         told = 0
         for account_id, accepted in per_account.items():
+            told_here = 0
             if self._states is not None:
                 # Before the pending row: the NOTIFIED job it starts then reads delta after this write.
-                told += self._states.apply(account_id, [
+                told_here = self._states.apply(account_id, [
                     NotifiedChange(item.change_type, message_id,
                                    notified_message(resources[id(item)], message_id, account_id)
                                    if id(item) in resources else None)
                     for item, message_id in accepted if item.change_type is not None])
+                told += told_here
             notified: list[Notified] = [(item.change_type.value, message_id, item.version, folders.get(id(item)))
                                         for item, message_id in accepted if item.change_type is not None]
-            if self._coalesce(account_id, notified, folder_notices=folder_notices.get(account_id, 0)):
+            if self._coalesce(account_id, notified, folder_notices=folder_notices.get(account_id, 0),
+                              page_told=told_here > 0):
                 enqueued += 1
         return ReceiveReport(received=len(items), accepted=len(items) - dropped, dropped=dropped,
                              jobs_enqueued=enqueued, accounts=len(per_account), told=told)
@@ -401,11 +408,13 @@ class NotificationReceiver:
                 log.warning("resource data of a notification ignored: %s", exc)
         return resources
 
-    def _coalesce(self, account_id: str, notified: list[Notified], *, folder_notices: int = 0) -> bool:
+    def _coalesce(self, account_id: str, notified: list[Notified], *, folder_notices: int = 0,
+                  page_told: bool = False) -> bool:
         """Merge into the pending row; True when this call enqueued the NOTIFIED job.
 
         ``notified``: (change type, message id, version tag or None, folder from resource data or None)
-        per item.
+        per item. ``page_told``: the page already shows what they say (notified states): the job that
+        confirms them is held longer (``_delay_s``).
 
         Folder notices are counted, never de-duplicated: they carry nothing
         to tell a replay from a second rename. A notice that finds the row
@@ -431,7 +440,7 @@ class NotificationReceiver:
                 except Conflict:
                     row_there = True
                 else:
-                    self._enqueue_or_undo(account_id)
+                    self._enqueue_or_undo(account_id, page_told)
                     seen.saw(account_id, now, notified)
                     return True
             if seen.is_replay(account_id, now, notified, folder_notices):
@@ -478,23 +487,32 @@ class NotificationReceiver:
                 continue  # the job took the row meanwhile, or another request merged: read again
             if stale:
                 log.warning("pending notifications had no live job; enqueueing another")
-                self._queue.enqueue(self._job(account_id), delay_s=self._delay_s())
+                self._queue.enqueue(self._job(account_id), delay_s=self._delay_s(page_told))
             seen.saw(account_id, updated.enqueued_at, notified)
             return stale
         raise DependencyUnavailable("notification gate is too contended; retry", retry_after_s=1)
 
-    def _delay_s(self) -> float:
+    def _delay_s(self, page_told: bool = False) -> float:
         """The NOTIFIED job's visibility delay: ``NOTIFY_COALESCE_S``, or the delta lag rounds here
-        have seen lately when longer (``mailsync.monitoring.delta_lag``)."""
+        have seen lately when longer (``mailsync.monitoring.delta_lag``).
+
+        When the page was told (notified states), the job only confirms, and nothing waits for it:
+        it is held ``CONFIRM_MARGIN_S`` past the lag (at least ``CONFIRM_MIN_LAG_S``), so that
+        notifications merged into its row during the next second are past the lag too when it starts
+        (its round reads every notified version the first time, with no in-place wait or look-again)
+        and more of them share one job. The delay comes from the queue's visibility: no thread waits.
+        """
         learnt = self._lag.delay_s() if self._lag is not None else 0.0
+        if page_told:
+            learnt = max(learnt, CONFIRM_MIN_LAG_S) + CONFIRM_MARGIN_S
         return max(self._settings.notify_coalesce_s, learnt)
 
     def _job(self, account_id: str) -> Job:
         return new_job(JobKind.NOTIFIED, account_id, reason="webhook")
 
-    def _enqueue_or_undo(self, account_id: str) -> None:
+    def _enqueue_or_undo(self, account_id: str, page_told: bool = False) -> None:
         try:
-            self._queue.enqueue(self._job(account_id), delay_s=self._delay_s())
+            self._queue.enqueue(self._job(account_id), delay_s=self._delay_s(page_told))
         except MailsyncError:
             # Without its job the row would swallow notifications until it goes stale.
             # Best effort: remove it so Graph's retry of this request starts clean.

@@ -21,7 +21,7 @@ from graph_sandbox.rich_notifications import EncryptionCertificate, encrypted_co
 from graph_sandbox.tokens import TokenSigner
 from mailsync.auth.published_keys import SigningKeys
 from mailsync.models import AccountStatus, Folder, Mailbox, Message, Provider
-from mailsync.monitoring.notifications import NotificationReceiver
+from mailsync.monitoring.notifications import CONFIRM_MARGIN_S, CONFIRM_MIN_LAG_S, NotificationReceiver
 from mailsync.monitoring.notified_states import NotifiedStates
 from mailsync.monitoring.resource_data import NotificationKeys, new_certificate_pem, parse_certificates
 from mailsync.monitoring.validation_tokens import ValidationTokens
@@ -97,11 +97,11 @@ class Rig:
 
 
 def receiver_for(harness: Harness, keys: NotificationKeys, identity: TokenSigner,
-                 states: NotifiedStates) -> NotificationReceiver:
+                 states: NotifiedStates, queue: Any = None) -> NotificationReceiver:
     app = harness.settings.ms_client_id
     assert app is not None
     return NotificationReceiver(harness.settings, harness.subscriptions, harness.accounts, harness.pending,
-                                harness.queue, client_states=harness.signer, keys=keys,
+                                queue or harness.queue, client_states=harness.signer, keys=keys,
                                 tokens=ValidationTokens(app, SigningKeys(identity.jwks)), states=states)
 
 
@@ -257,3 +257,30 @@ def test_an_account_unlinked_while_the_webhook_wrote_keeps_nothing(rig: Rig) -> 
     rig.receiver = receiver_for(rig.harness, rig.keys, rig.identity, states)
     rig.post(sub, state, ("created", "m1", resource("m1", now_second())))
     assert rig.stored(account, "m1") is None and rig.live.told() == []
+
+
+def test_the_job_confirming_told_states_is_held_past_the_lag_and_an_untold_one_is_not(
+        storage_env: dict[str, str], store: SearchStore) -> None:
+    """The page already shows a told state: its NOTIFIED job only confirms it, so it is held a second past the
+    learnt lag (counted as at least 1 s) through the queue's visibility, with no thread waiting; a job for
+    notifications the page was not told of keeps ``NOTIFY_COALESCE_S`` (here 0)."""
+    harness = make_harness(storage_env, NOTIFY_COALESCE_S="0")
+    delays: list[float] = []
+
+    class Spy:
+        """The real queue; what each enqueue asked for is recorded."""
+
+        def enqueue(self, job: Any, *, delay_s: float = 0.0) -> None:
+            delays.append(delay_s)
+            harness.queue.enqueue(job, delay_s=delay_s)
+
+    keys = NotificationKeys(parse_certificates(new_certificate_pem("test")))
+    identity, live = TokenSigner(), Recorder()
+    states = NotifiedStates(lambda: store, lambda: live)
+    rig = Rig(harness, store, live, receiver_for(harness, keys, identity, states, Spy()), keys, identity)
+    told, sub, state = rig.account()
+    untold, other_sub, other_state = rig.account(AccountStatus.SYNCING)
+    rig.post(sub, state, ("created", "m1", resource("m1", now_second())))
+    rig.post(other_sub, other_state, ("created", "m1", resource("m1", now_second())))
+    assert rig.stored(told, "m1") is not None and rig.stored(untold, "m1") is None
+    assert delays == [CONFIRM_MIN_LAG_S + CONFIRM_MARGIN_S, 0.0]
