@@ -9,9 +9,11 @@
   Plain text with ``nosniff``: a token holding HTML is shown as text, never
   rendered.
 * Anything else is a notification collection: the core authenticates each
-  item and only enqueues (``mailsync.monitoring``). 202 when the body was
-  well formed, whatever was dropped (a forger learns nothing); 400/413/415
-  for a malformed body; 503 when storage is down, so Graph retries.
+  item, writes the message states rich notifications carry and tells the
+  page (``mailsync.monitoring.notified_states``), and enqueues
+  (``mailsync.monitoring``). 202 when the body was well formed, whatever
+  was dropped (a forger learns nothing); 400/413/415 for a malformed body;
+  503 when storage is down, so Graph retries.
 
 Both functions are ``async``: the host runs synchronous functions on one
 shared thread pool, which long sync-worker invocations can fill (Graph

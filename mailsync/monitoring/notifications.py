@@ -2,9 +2,11 @@
 
 Graph POSTs ``{"value": [changeNotification, ...]}`` to the webhook and
 wants a 2xx within 3 seconds, or it retries and eventually drops the
-subscription. So the webhook does no Graph calls and no store reads: it
-checks each item, merges what is left into the account's *pending* row,
-and enqueues at most one NOTIFIED job per account.
+subscription. So the webhook does no Graph calls: it checks each item,
+writes the message states rich notifications carry into the store and
+tells the page (``mailsync.monitoring.notified_states``: a few store calls
+per POST, never a table call), merges every item into the account's
+*pending* row, and enqueues at most one NOTIFIED job per account.
 
 Trust: the URL is public, so anyone can POST to it. An item counts only if
 its ``clientState`` is one we gave a subscription. Subscriptions get a
@@ -35,7 +37,8 @@ Rejecting a whole request can drop an authentic item that shares it with
 an id we deleted a moment ago; that costs a prompt, never data (the next
 notification, a ``missed`` lifecycle event or the safety poll catches up).
 
-Even an authentic item carries no data, only "message X of account A
+Even an authentic item's data is only a provisional copy (notified states,
+which delta's round replaces); what counts is "message X of account A
 changed" (or, from the account's ``me/mailFolders`` subscription, "a folder
 changed": the folder id is not even needed, one folder-list round reads
 every rename, move, creation and deletion): the sync job re-reads the truth
