@@ -1130,7 +1130,7 @@ class ThreadProfiles:
     the CPU goes to.
     """
 
-    def __init__(self, prefixes: tuple[str, ...] = ("devhost", "mailsync")) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = ("devhost", "mailsync", "graph-webhook", "store-bulk")) -> None:
         self._profiles: list[Any] = []
         self._lock = threading.Lock()
         self.prefixes = prefixes      # thread names to profile (not the benchmark's own threads)

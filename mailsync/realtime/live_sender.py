@@ -20,6 +20,12 @@ service's server SDKs do, by one of:
   ``https://signalr.azure.com/.default`` from the Function App's managed
   identity; the role the Bicep grants ("SignalR Service Owner") allows
   sending.
+
+The requests go over :mod:`mailsync.keepalive_http` (kept-alive connections
+shared by the threads), not ``requests``: the webhook sends one per
+notification POST (``mailsync.monitoring.notified_states``), and a
+``requests`` call cost ~2 ms of CPU, more than the rest of the webhook's
+work on a notified state (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -27,28 +33,37 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-import requests
+import orjson
 
 from mailsync.errors import ConfigurationError, DependencyUnavailable
+from mailsync.keepalive_http import BodyTooLarge, ConnectionFailed, Connections, Origin
 from mailsync.realtime.connection_info import check_user_id, service_of, sign_hs256
 from mailsync.realtime.service_tokens import API_VERSION, SCOPE
 from mailsync.settings import Settings
 
 TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
 TOKEN_LIFETIME_S = 300
+MAX_ANSWER_BYTES = 64 * 1024   # the service answers 202 with no body, an error with a short one
 
 
 class RestLiveSender:
     """``LiveSender`` over the SignalR service's REST API (see the module docstring)."""
 
     def __init__(self, endpoint: str, hub: str, authorization: Callable[[str], str], *,
-                 session: requests.Session | None = None, timeout_s: float = TIMEOUT_S) -> None:
-        self._base = f"{endpoint.rstrip('/')}/api/hubs/{quote(hub.lower(), safe='')}/users"
+                 timeout_s: float = TIMEOUT_S) -> None:
+        parts = urlsplit(endpoint.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigurationError(f"the SignalR endpoint {endpoint!r} is not an http(s) URL")
+        users = f"/api/hubs/{quote(hub.lower(), safe='')}/users"
+        self._base = f"{endpoint.rstrip('/')}{users}"          # the token's audience: the URL without its query
+        self._path = f"{parts.path.rstrip('/')}{users}"
         self._authorization = authorization
-        self._session = session or requests.Session()
-        self._timeout_s = timeout_s
+        origin = Origin(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        self._connections = Connections(origin, connect_timeout_s=min(CONNECT_TIMEOUT_S, timeout_s),
+                                        read_timeout_s=timeout_s)
 
     def send(self, messages: Sequence[Mapping[str, Any]]) -> None:
         """Each ``{"userId", "target", "arguments"}`` to its user's connections, one request each, in order.
@@ -57,24 +72,30 @@ class RestLiveSender:
         ``ConfigurationError`` when it refuses our credentials; the messages after a failed one are not sent.
         """
         for message in messages:
-            url = f"{self._base}/{quote(check_user_id(str(message['userId'])), safe='')}/:send"
-            body = {"target": message["target"], "arguments": list(message.get("arguments") or ())}
+            user = f"/{quote(check_user_id(str(message['userId'])), safe='')}/:send"
+            body = orjson.dumps({"target": message["target"], "arguments": list(message.get("arguments") or ())})
             try:
-                authorization = self._authorization(url)
+                authorization = self._authorization(self._base + user)
             except Exception as exc:     # the identity's token (azure.identity raises its own errors)
                 raise DependencyUnavailable(f"no token for the SignalR service: {type(exc).__name__}",
                                             code="signalr_unavailable") from exc
             try:
-                response = self._session.post(url, params={"api-version": API_VERSION}, json=body,
-                                              headers={"Authorization": authorization}, timeout=self._timeout_s)
-            except requests.RequestException as exc:
+                response = self._connections.request(
+                    "POST", f"{self._path}{user}?api-version={API_VERSION}",
+                    {"Authorization": authorization, "Content-Type": "application/json"}, body,
+                    max_bytes=MAX_ANSWER_BYTES)
+            except (ConnectionFailed, BodyTooLarge) as exc:
                 raise DependencyUnavailable(f"SignalR service unreachable: {type(exc).__name__}",
                                             code="signalr_unavailable") from exc
-            if response.status_code in (401, 403):
-                raise ConfigurationError(f"the SignalR service refused our credentials ({response.status_code})")
-            if response.status_code >= 300:
-                raise DependencyUnavailable(f"SignalR service answered {response.status_code}",
+            if response.status in (401, 403):
+                raise ConfigurationError(f"the SignalR service refused our credentials ({response.status})")
+            if response.status >= 300:
+                raise DependencyUnavailable(f"SignalR service answered {response.status}",
                                             code="signalr_unavailable")
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        self._connections.close()
 
 
 def key_authorization(access_key: str, *, clock: Callable[[], float] = time.time) -> Callable[[str], str]:
