@@ -172,7 +172,10 @@ class Runtime:
             linkers={Provider.OUTLOOK: OutlookLinker(self.msal_app, redirect_uri), Provider.IMAP: ImapLinker(settings)},
             store=(lambda: self.store) if settings.elasticsearch_url else None,
             sync_status=self.sync_status,
-            subscriptions=self.subscription_registry,
+            # Built on the first unlink, not with the service: the subscription manager loads the
+            # notification certificates (in sandbox mode it first makes an RSA key, 0.1-0.5 s of CPU),
+            # which linking never needs; POST /api/accounts paid it before a new account's first job.
+            subscriptions=lambda: self.subscription_registry,
             cleanups=(self.sync_state.delete_account,),  # the account's cursors and leases
             limits=LinkingLimits.from_settings(settings, self.rate_limiter),
         )

@@ -197,7 +197,7 @@ class LinkingService:
         linkers: Mapping[Provider, AccountLinker],
         store: Callable[[], MessageStore] | None = None,
         sync_status: SyncStatusReader | None = None,
-        subscriptions: SubscriptionRegistry | None = None,
+        subscriptions: Callable[[], SubscriptionRegistry] | None = None,
         cleanups: Sequence[Callable[[str], object]] = (),
         limits: LinkingLimits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -573,7 +573,7 @@ class LinkingService:
         account = self._access.authenticate(account_id, bearer)
         if self._subscriptions is not None:
             try:
-                self._subscriptions.delete_for_account(account_id)
+                self._subscriptions().delete_for_account(account_id)
             except ProviderError:
                 # Graph refused (grant revoked): the subscription expires by
                 # itself within days, and notifications for an unknown

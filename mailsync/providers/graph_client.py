@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import email.utils
 import random
-import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -143,10 +141,7 @@ class GraphClient:
         or a pooled ``requests`` session reading proxies per request when ``Settings.http_clients_read_env``."""
         if settings is not None and settings.http_clients_read_env:
             return RequestsTransport(pool_size)
-        bundle = settings.http_ca_bundle if settings is not None else None
-        if bundle and Path(bundle).is_dir():
-            return KeepAliveTransport(tls=ssl.create_default_context(capath=bundle))
-        return KeepAliveTransport(tls=ssl.create_default_context(cafile=bundle) if bundle else None)
+        return KeepAliveTransport(ca_bundle=settings.http_ca_bundle if settings is not None else None)
 
     @property
     def base_url(self) -> str:

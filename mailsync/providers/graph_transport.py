@@ -21,6 +21,7 @@ import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
@@ -62,12 +63,15 @@ class GraphTransport(Protocol):
 class KeepAliveTransport:
     """Graph over ``mailsync.keepalive_http``: kept-alive connections per origin, shared by an app's clients."""
 
-    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
-        # The default TLS context (certifi's CA bundle) is made with the first https origin, not here:
-        # loading the bundle is ~25 ms of CPU, and every worker process builds this transport with its
-        # sync engine, on its first job, whether or not it ever talks to Graph (an IMAP account's
-        # initial sync paid it before its first folder round; bench/README.md).
+    def __init__(self, *, tls: ssl.SSLContext | None = None, ca_bundle: str | None = None) -> None:
+        """``tls``: the context for https origins; without one it is made from ``ca_bundle`` (a PEM file or a
+        hashed directory; certifi's bundle when None)."""
+        # The TLS context is made with the first https origin, not here: loading a CA bundle is ~25-100 ms
+        # of CPU, and every worker process builds this transport with its sync engine, on its first job,
+        # whether or not it ever talks to Graph (an IMAP account's initial sync paid it before its first
+        # folder round; bench/README.md).
         self._tls = tls
+        self._ca_bundle = ca_bundle
         self._connections: dict[tuple[Origin, float], Connections] = {}
         self._lock = threading.Lock()
 
@@ -108,11 +112,20 @@ class KeepAliveTransport:
                 conns = self._connections.get(key)
                 if conns is None:
                     if origin.scheme == "https" and self._tls is None:
-                        self._tls = default_tls()
+                        self._tls = _tls_from(self._ca_bundle)
                     conns = Connections(origin, connect_timeout_s=min(CONNECT_TIMEOUT_S, timeout_s),
                                         read_timeout_s=timeout_s, tls=self._tls if origin.scheme == "https" else None)
                     self._connections[key] = conns
         return conns
+
+
+def _tls_from(ca_bundle: str | None) -> ssl.SSLContext:
+    """A client TLS context trusting ``ca_bundle`` (a file, or a hashed directory), else certifi's bundle."""
+    if not ca_bundle:
+        return default_tls()
+    if Path(ca_bundle).is_dir():
+        return ssl.create_default_context(capath=ca_bundle)
+    return ssl.create_default_context(cafile=ca_bundle)
 
 
 def _decoded(headers: Mapping[str, str], body: bytes, max_bytes: int | None) -> bytes:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import certifi
 import orjson
 import pytest
 
@@ -100,22 +101,25 @@ def test_an_attachment_past_the_cap_is_refused_and_a_dead_host_is_unavailable(
             dead.get("me")
 
 
-def test_the_default_tls_context_is_made_with_the_first_https_origin_once(
-        graph: tuple[GraphClient, type[_Graph], type[_Graph]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading the CA bundle costs every worker process ~25 ms of CPU on its first job: paid only by one
+@pytest.mark.parametrize("ca_bundle", [None, certifi.where()], ids=["certifi", "configured bundle"])
+def test_the_tls_context_is_made_with_the_first_https_origin_once(
+        graph: tuple[GraphClient, type[_Graph], type[_Graph]], monkeypatch: pytest.MonkeyPatch,
+        ca_bundle: str | None) -> None:
+    """Loading a CA bundle costs every worker process ~25-100 ms of CPU on its first job: paid only by one
     that talks to Graph over TLS, and once."""
     import mailsync.providers.graph_transport as transport
 
     made: list[ssl.SSLContext] = []
+    create = ssl.create_default_context
 
-    def counted() -> ssl.SSLContext:
-        made.append(ssl.create_default_context())
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(create(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(transport, "default_tls", counted)
+    monkeypatch.setattr(ssl, "create_default_context", counted)
     client, _seen, _other = graph
     fresh = GraphClient(lambda _force: "token", base_url=client.base_url,
-                        session=transport.KeepAliveTransport())
+                        session=transport.KeepAliveTransport(ca_bundle=ca_bundle))
     assert fresh.get("/plain") == {"path": "/v1.0/plain"} and not made, "plain HTTP: no TLS context"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
