@@ -50,9 +50,11 @@ no subscription is created and every account is polled
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
@@ -193,8 +195,18 @@ class SubscriptionManager:
         account = self._accounts.get(account_id)
         made: set[SubscriptionKind] = set()
         if self.enabled and account is not None:
-            for kind in KINDS:
+            # Both kinds at once: the new account's sync waits on them, and each creation waits on
+            # Graph's validation handshake with our webhook. Graph allows it: subscriptions are their
+            # own service, limited per app and tenant (1,000 writes per 20 s), not by Outlook's four
+            # concurrent requests per mailbox (docs: throttling-limits, "Subscription service limits").
+            # Each kind has its own monitor row, so the two share nothing but ``made`` (set.add is atomic).
+            def ensure(kind: SubscriptionKind) -> None:
                 self._ensure_kind(account_id, kind, made, sweep=False, account=account)
+
+            with ThreadPoolExecutor(max_workers=len(KINDS), thread_name_prefix="subscribe") as pool:
+                done = [pool.submit(contextvars.copy_context().run, ensure, kind) for kind in KINDS]
+            for future in done:
+                future.result()   # a storage failure propagates: the job is retried
         return BeforeSync(account, frozenset(made))
 
     def renew(self, account_id: str, subscription_id: str | None = None) -> AccountMonitor | None:

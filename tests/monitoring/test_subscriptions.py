@@ -10,6 +10,7 @@ forward (our clock follows it), so renewal is tested without waiting.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from mailsync.models import Account, Job
 from mailsync.monitoring import subscriptions as subscriptions_module
 from mailsync.monitoring.graph_api import GraphMessageLocator, GraphSubscriptionApi
 from mailsync.monitoring.handler import MonitoringJobs
-from mailsync.monitoring.records import AccountMonitor, SubscriptionKind
+from mailsync.monitoring.records import AccountMonitor, CreatedSubscription, SubscriptionKind, SubscriptionRequest
 from mailsync.monitoring.resource_data import (
     FOLDER_ONLY_SELECT,
     MESSAGE_SELECT,
@@ -192,6 +193,33 @@ def test_a_new_accounts_first_job_subscribes_then_starts_the_sync_that_is_its_sw
     rig.jobs.run(new_job(JobKind.SUBSCRIPTION, other, reason="initial", attrs={THEN_SYNC: "1"}))
     assert [(j.kind, j.reason, j.attrs) for j in rig.harness.drain()] == [
         (JobKind.SYNC_FOLDERS.value, SUBSCRIBED, {EVERY_FOLDER: "1"})]
+
+
+class _MeetingCreations(GraphSubscriptionApi):
+    """The real API, whose creations each wait until the other is in flight too (or fail after ``wait_s``)."""
+
+    def __init__(self, client_for: Callable[[str], GraphClient], wait_s: float = 10.0) -> None:
+        super().__init__(client_for)
+        self.meeting = threading.Barrier(len(subscriptions_module.KINDS), timeout=wait_s)
+
+    def create(self, account_id: str, request: SubscriptionRequest) -> CreatedSubscription:
+        self.meeting.wait()    # one after the other, the first waits alone: BrokenBarrierError
+        return super().create(account_id, request)
+
+
+def test_a_new_accounts_two_subscriptions_are_created_at_once(rig: Rig) -> None:
+    # The new account's sync waits on both creations, each on Graph's handshake with our webhook: they
+    # run together (Graph limits subscription writes per app and tenant, not per mailbox).
+    account = rig.link(0)
+    h = rig.harness
+    api = _MeetingCreations(rig.client_for)
+    manager = SubscriptionManager(h.settings, h.subscriptions, api, h.accounts, h.queue, clock=rig.now)
+    found = manager.ensure_before_sync(account)
+    assert found.made == frozenset(subscriptions_module.KINDS), "a creation waited alone, or failed"
+    for kind in subscriptions_module.KINDS:
+        monitor = rig.monitor(account, kind)
+        assert monitor.healthy(rig.now()) and rig.at_graph(monitor.subscription_id or "") is not None
+    assert h.drain() == [], "the caller's sync is the sweep: nothing queued"
 
 
 def test_a_new_account_whose_subscriptions_graph_refuses_is_synced_all_the_same(rig: Rig) -> None:
