@@ -97,7 +97,7 @@ class FolderLeases(SyncTableAccess):
             except ResourceNotFoundError as exc:
                 raise LeaseLost("sync state deleted") from exc
             return Lease(replace(state, lease_owner=owner, lease_until=until, dirty=dirty,
-                                 etag=etag, updated_at=now), owner)
+                                 etag=etag, updated_at=now), owner, from_known=state is known)
         raise DependencyUnavailable("sync state is too contended to lease", retry_after_s=1.0)
 
     def save(self, lease: Lease, **changes: Any) -> Lease:

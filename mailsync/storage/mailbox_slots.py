@@ -179,7 +179,7 @@ class MailboxSlots(FolderLeases):
             return None
         slot = Slot(known.account_id, index, owner, str(results[0].get("etag")))
         lease = Lease(replace(row, lease_owner=owner, lease_until=until, dirty=dirty,
-                              etag=str(results[1].get("etag")), updated_at=now), owner)
+                              etag=str(results[1].get("etag")), updated_at=now), owner, from_known=True)
         return slot, lease
 
     def finish_and_release_slot(self, lease: Lease, slot: Slot,

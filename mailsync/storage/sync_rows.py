@@ -110,10 +110,15 @@ class SyncState:
 
 @dataclass(frozen=True)
 class Lease:
-    """Proof of holding a row's lease: the row as last written by us, and our token."""
+    """Proof of holding a row's lease: the row as last written by us, and our token.
+
+    ``from_known``: taken on the caller's copy of the row (``acquire``'s ``known``) at the first
+    try, so the row had not changed since the caller read it (the take was conditional on its ETag).
+    """
 
     state: SyncState
     owner: str
+    from_known: bool = False
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,16 @@ class UnleasedWrites(SyncTableAccess):
 
     def create(self, state: SyncState) -> SyncState:
         """Insert a row if it does not exist; return the stored row either way."""
+        inserted = self.insert(state)
+        if inserted is not None:
+            return inserted
+        existing = self.get(state.account_id, state.folder_id)
+        if existing is None:  # deleted between the two calls: try once more
+            return self.create(state)
+        return existing
+
+    def insert(self, state: SyncState) -> SyncState | None:
+        """Insert a row that does not exist yet: the stored row, or None when the row exists already."""
         entity = to_entity(state, set(all_fields()))
         entity["PartitionKey"] = check_partition(state.account_id)
         entity["RowKey"] = state.row_key
@@ -49,10 +59,7 @@ class UnleasedWrites(SyncTableAccess):
         try:
             meta = self._call(self._table.create_entity, entity)
         except ResourceExistsError:
-            existing = self.get(state.account_id, state.folder_id)
-            if existing is None:  # deleted between the two calls: try once more
-                return self.create(state)
-            return existing
+            return None
         return replace(state, etag=meta.get("etag"), updated_at=entity["updated_at"])
 
     def create_many(self, states: Sequence[SyncState]) -> None:

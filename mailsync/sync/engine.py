@@ -256,9 +256,11 @@ class _Invocation(FolderSync, FolderListSync, QuietSweep):
         else:
             rows = self._load()
         if rows.folder_list is None:
-            e.state.create(SyncState(account_id=self.account_id, folder_id=None, phase=SyncPhase.INITIAL,
-                                     epoch=policy.next_epoch(0, e.clock())))
-            rows = self._load()
+            made = e.state.insert(SyncState(account_id=self.account_id, folder_id=None, phase=SyncPhase.INITIAL,
+                                            epoch=policy.next_epoch(0, e.clock())))
+            # Ours: the rows just read, with it, are the account's (folder rows come from its rounds
+            # only). Someone else's: read what they did since.
+            rows = self.rows = replace(rows, folder_list=made) if made is not None else self._load()
         target = self._target(rows)
         assert rows.folder_list is not None
         # A NOTIFIED job's first round may take the job's notifications (the pending row) with its

@@ -26,16 +26,23 @@ class FolderListSync(FirstPassSync):
 
     def _sync_folder_list(self) -> None:
         e = self.e
+        read = self.rows
         try:
             lease = e.state.acquire(self.account_id, None, self.owner, known=self._known(None)) \
                 if not self.is_continuation else self._acquire_quietly(None)
         except LeaseLost:
             return
+        # The rows read before the take are the first round's start when no folder-list round ran since
+        # (only those create or delete folder rows): the take went through on that read's copy of the
+        # row, unchanged, and nobody held it then. Else, and for every later round, they are read again.
+        start = read if read is not None and lease is not None and lease.from_known \
+            and read.folder_list is not None and not read.folder_list.lease_owner else None
         held: Lease | None = lease
         while held is not None:
             box = [held]
+            rows, start = start, None
             try:
-                held = self._folder_list_round(box)
+                held = self._folder_list_round(box, rows)
             except StopInvocation:
                 raise
             except CursorExpired:
@@ -65,8 +72,11 @@ class FolderListSync(FirstPassSync):
                 self._release_quietly(box[0])
                 raise
 
-    def _folder_list_round(self, box: list[Lease]) -> Lease | None:
-        """One round of the folder list; ``box[0]`` always holds the latest lease (for the caller's error path)."""
+    def _folder_list_round(self, box: list[Lease], rows: AccountSyncState | None = None) -> Lease | None:
+        """One round of the folder list; ``box[0]`` always holds the latest lease (for the caller's error path).
+
+        ``rows``: the account's rows as the round begins, when the caller knows them (else read here).
+        """
         e = self.e
         generation = self._store_generation()
         start = box[0].state
@@ -75,7 +85,8 @@ class FolderListSync(FirstPassSync):
         rounds = 0 if policy.store_lost(start, generation) else start.rounds
         if rounds < start.rounds:
             self._store_lost()
-        rows = self._load()
+        if rows is None:
+            rows = self._load()
         if full:
             box[0] = e.state.save(box[0], cursor="", epoch=policy.next_epoch(start.epoch, e.clock()),
                                   generation=generation, resync_requested=False, rounds=rounds,

@@ -23,6 +23,22 @@ from mailsync.storage.sync_table import SyncStateTable
 from tests.storage.sync_table_support import Clock, new_account, new_folder
 
 
+def test_a_lease_says_whether_it_was_taken_on_the_callers_copy_of_the_row(table: SyncStateTable) -> None:
+    account = new_account()
+    folder = new_folder(table, account).folder_id
+    read = table.load(account).folders[folder]
+    lease = table.acquire(account, folder, new_owner("msg-1"), known=read)
+    assert lease is not None and lease.from_known, "unchanged since the read: taken on it"
+    table.finish(lease)
+    stale = table.load(account).folders[folder]
+    table.mark(account, folder)                  # written after the caller's read
+    again = table.acquire(account, folder, new_owner("msg-2"), known=stale)
+    assert again is not None and not again.from_known, "taken on a fresh read of the changed row"
+    assert again.state.dirty is False
+    third = table.acquire(account, folder, new_owner("msg-3"))
+    assert third is None, "held by msg-2"
+
+
 def test_second_worker_marks_dirty_and_holder_runs_one_more_round(table: SyncStateTable) -> None:
     account = new_account()
     folder = new_folder(table, account).folder_id

@@ -40,6 +40,15 @@ def test_create_is_idempotent_and_keeps_fields(table: SyncStateTable) -> None:
     assert loaded.folder_list is None
 
 
+def test_insert_says_whether_the_row_is_ours(table: SyncStateTable) -> None:
+    account = new_account()
+    ours = table.insert(SyncState(account_id=account, folder_id=None, epoch=3))
+    assert ours is not None and ours.epoch == 3 and ours.etag
+    assert table.insert(SyncState(account_id=account, folder_id=None, epoch=4)) is None, "it exists: not ours"
+    stored = table.get(account, None)
+    assert stored is not None and stored.epoch == 3 and stored.etag == ours.etag
+
+
 def test_delete_account_removes_every_row(table: SyncStateTable) -> None:
     account = new_account()
     new_folder(table, account, "a")

@@ -73,6 +73,21 @@ class CountingAccounts:
         return self.accounts.get(account_id)
 
 
+class CountingRows:
+    """The real sync table, with its partition reads (``load``) counted."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.loads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.state, name)
+
+    def load(self, account_id: str) -> Any:
+        self.loads += 1
+        return self.state.load(account_id)
+
+
 def run_linked(world: SyncWorld, delivery: str = "linked-1") -> Outcome:
     job = new_job(JobKind.SYNC_FOLDERS, world.account_id, reason="linked")
     return world.engine.handle(job, Delivery(delivery), world.events)
@@ -83,6 +98,8 @@ def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(w
     world.engine.store = counting   # type: ignore[assignment]
     accounts = CountingAccounts(world.engine.accounts)
     world.engine.accounts = accounts   # type: ignore[assignment]
+    sync_rows = CountingRows(world.engine.state)
+    world.engine.state = sync_rows   # type: ignore[assignment]
     counters = world.sandbox.admin("GET", "counters").json()
     deltas_before, requests_before = counters["deltaPages"], counters["requests"]
     assert run_linked(world) == Outcome.DONE
@@ -91,6 +108,10 @@ def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(w
                                 for row in rows.folders.values())
     assert world.account_status() == AccountStatus.SYNCED
     assert accounts.gets == 1, "the job's read; becoming synced saves over it (ETag-checked), no second read"
+    # The account's rows: the job's read, after the folder list's round, after the first pass, at the end.
+    # Neither the folder-list row the job created nor the folder list's lease, taken on the job's read,
+    # is a reason to read them again (the folder list's round had no rows but the job's to begin from).
+    assert sync_rows.loads == 4, sync_rows.loads
     assert world.queue.sent == 0, "no job per folder, no continuation"
     # The folder list's roles batch (right after its first page) names the well-known folders its rows
     # were created from; the rows take the roles (they were once created again, refused, and left without).
