@@ -174,7 +174,10 @@ class GraphClient:
         authenticates, throttles and answers each item on its own (a 429 of one item inside a 200
         envelope), so one item's error is that read's alone; an error of the envelope itself raises.
         Items refused for the token (401) are sent again once, after a forced refresh, as ``request``
-        does. Headers go on every item (Graph does not carry the envelope's ``Prefer`` over to them).
+        does; those alone: a token that expires while Graph executes the batch (four items at a time)
+        is refused for the items dispatched after it only, and the others were served (a delta page
+        read twice is a request spent on the mailbox's quota for nothing). Headers go on every item
+        (Graph does not carry the envelope's ``Prefer`` over to them).
         """
         if not reads:
             return []
@@ -182,8 +185,9 @@ class GraphClient:
             raise ValueError(f"a JSON batch holds at most {BATCH_MAX} requests, not {len(reads)}")
         items = [self._batch_item(str(n), *read) for n, read in enumerate(reads)]
         answers = self._batch(items, force_refresh=False)
-        if any(answer.status == 401 for answer in answers.values()):
-            answers = self._batch(items, force_refresh=True)
+        refused = [item for item in items if (answer := answers.get(item["id"])) is not None and answer.status == 401]
+        if refused:
+            answers.update(self._batch(refused, force_refresh=True))
         found: list[Any | MailsyncError] = []
         for n in range(len(reads)):
             answer = answers.get(str(n))
