@@ -32,18 +32,25 @@ What is written, per POST (a POST carries one subscription's items):
   ``remove_stale`` must see only its own writes) and only into folders
   the store has (a folder the rounds do not sync, or do not know yet, is
   never written by anyone else, so nothing would ever take it back out);
-* an ``updated`` only over a message the store holds (one it removed, or
-  never had, is the round's to bring back: an update delivered late, after
-  the round read the message's deletion, must not resurrect it);
+* only over a message the store holds: a notification never creates a
+  document. One the store removed, or never had, is the round's to bring
+  in; a copy written from a notification could outlive its message (an
+  update delivered late, after a round read the message's deletion; new
+  mail created and deleted between two rounds whose ``created`` comes after
+  the round that read the deletion: no row, no tombstone, and no delta
+  round would ever list it again). So new mail is only *announced*: the
+  page is told at once, the store gets it from the round a second later
+  (a page that reloads its list in that second shows it again with the
+  round's event). A move's target (immutable ids: the store holds the
+  message in its old folder) is written;
 * a ``created`` only if its state is at most ``CREATED_FRESH_S`` old (by its
-  ``lastModifiedDateTime``): new mail and a move's target land there at
-  once, while a ``created`` Graph redelivers long after (a POST retried
-  after our 503) is left to delta.
+  ``lastModifiedDateTime``): a ``created`` Graph redelivers long after (a
+  POST retried after our 503) is left to delta.
 
 Cost: one realtime multi-get of the mailbox and folder documents, one of the
 messages' documents (their stored versions, bodies and epochs), one bulk
-request, one realtime get of the mailbox document afterwards, one SignalR
-REST call; no table call.
+request (none when nothing is held), one realtime get of the mailbox
+document afterwards, one SignalR REST call; no table call.
 
 Version rule (why a notified state can neither win wrongly nor stick):
 store versions are ``message_version(lastModifiedDateTime, observed)``
@@ -100,14 +107,15 @@ after against that document either lands before the messages' deletion
 (which takes it) or finds the mailbox gone afterwards and takes its own
 write back (``forget_notified``).
 
-What delta confirms, and what it does not: every notified write is also
-merged into the pending row, whose NOTIFIED job runs a round of the folder
-after the learnt lag; its delta shows the state (or a newer one) and
-overwrites the copy. One case is not closed: a ``created`` whose message
-was deleted *and* whose deletion a round already read before the
-``created`` arrived (Graph delivering the two out of order by more than a
-second: a POST of ours that failed and was retried), within
-``CREATED_FRESH_S``. Its copy stays until the message's folder is resynced.
+What delta confirms: every notified write is also merged into the pending
+row, whose NOTIFIED job runs a round of the folder after the learnt lag; its
+delta shows the state (or a newer one) and overwrites the copy, or shows the
+message leaving and removes it (the copy kept the stored folder's rule). A
+write only ever replaces a document some round wrote, so a message a round
+removed stays removed, with one window left: a round's removal landing
+between this write's read and its write (milliseconds) when the notified
+state is older than the deletion the round read; the removal's tombstone
+(the stored version plus one) is below the notified version then.
 """
 
 from __future__ import annotations
@@ -193,9 +201,10 @@ class NotifiedStates:
         except MailsyncError as exc:
             log.warning("notified states not written (the round will): %s", exc.code)
             return 0
-        if done.written or done.removed:
-            self._tell(MessagesChanged(account_id, upserted=tuple(done.written), removed=tuple(done.removed)))
-        return len(done.written) + len(done.removed)
+        upserted = (*done.written, *done.announced)
+        if upserted or done.removed:
+            self._tell(MessagesChanged(account_id, upserted=upserted, removed=tuple(done.removed)))
+        return len(upserted) + len(done.removed)
 
     def _candidates(self, changes: Sequence[NotifiedChange]) -> tuple[list[Message], frozenset[str], list[str]]:
         last: dict[str, NotifiedChange] = {}

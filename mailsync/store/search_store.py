@@ -441,9 +441,10 @@ class SearchStore:
         written for them, but the same read tells the folder the store holds
         each in (``NotifiedWrite.removed``), for the page.
 
-        Each goes in only where the store holds an older version of it (or,
-        for the ids in ``created``, nothing): one realtime multi-get of the
-        stored documents, one bulk request. A written document keeps the
+        Each goes in only where the store holds an older version of it: one
+        realtime multi-get of the stored documents, one bulk request. The
+        ids in ``created`` the store does not hold are not written but
+        returned (``NotifiedWrite.announced``) for the page. A written document keeps the
         stored one's ``body_text`` (a notification carries no body) and
         ``sync_epoch`` (a resync's ``remove_stale`` must not take it for
         unseen). Written at the message's own version with ``external_gte``
@@ -470,21 +471,25 @@ class SearchStore:
                    and isinstance(folder := (found.get("_source") or {}).get("folder_id"), str)]
         actions: list[BulkAction] = []
         originals: dict[str, dict[str, Any]] = {}
+        announced: list[Message] = []
         indexed_at = docs.now_iso()
         for doc_id, message in by_doc.items():
             if doc_id not in stored:
                 continue
             found = stored[doc_id]
             if found is None:
-                if message.message_id not in created:
-                    continue                  # an update of a message the store does not hold: delta's
-                epoch, body = 0, None
-            else:
-                source = found.get("_source") or {}
-                if int(found.get("_version") or source.get("version") or 0) > message.version:
-                    continue                  # newer there already (delta's reading, an action's row); an equal
+                # Not held: never written from a notification. New mail is delta's to bring in (its round
+                # follows within seconds); the page may be told of it (``announced``). A copy written here
+                # could outlive the message: a ``created`` Graph delivers after the message's deletion,
+                # which a round already read, would leave a row no delta round ever removes.
+                if message.message_id in created:
+                    announced.append(message)
+                continue
+            source = found.get("_source") or {}
+            if int(found.get("_version") or source.get("version") or 0) > message.version:
+                continue                      # newer there already (delta's reading, an action's row); an equal
                                               # one is another notified state of the second: the later shows
-                epoch, body = int(source.get("sync_epoch") or 0), source.get("body_text")
+            epoch, body = int(source.get("sync_epoch") or 0), source.get("body_text")
             try:
                 docs.check_message(message)
                 doc = docs.message_to_document(message, epoch=epoch, body=self.options.body, indexed_at=indexed_at)
@@ -495,12 +500,12 @@ class SearchStore:
             originals[doc_id] = doc
             actions.append(self.message_action(doc_id, message, doc))
         if not actions:
-            return NotifiedWrite([], held_in)
+            return NotifiedWrite([], held_in, announced)
         sent = self._writer.send(actions, target="messages", what="write_notified", originals=originals)
         # Refused (a newer version came first), failed or still throttled: not written, so not told. Nothing
         # to retry: delta's round writes the same state or a newer one anyway.
         refused = {*sent.conflicts, *sent.failed, *sent.transient}
-        return NotifiedWrite([by_doc[doc_id] for doc_id in originals if doc_id not in refused], held_in)
+        return NotifiedWrite([by_doc[doc_id] for doc_id in originals if doc_id not in refused], held_in, announced)
 
     def raise_epoch(self, account_id: str, folder_id: str, message_ids: Sequence[str], epoch: int) -> BulkResult:
         """Mark the messages as seen in ``epoch`` by ``folder_id``'s round (``_carry_epoch``'s mark).
@@ -779,6 +784,7 @@ class NotifiedWrite:
 
     written: list[Message]
     removed: list[tuple[str, str]]    # (folder_id, message_id) as the store holds them; nothing was written
+    announced: list[Message] = field(default_factory=list)   # created, not held: for the page only
 
 
 class _IndicesMissing(Exception):
