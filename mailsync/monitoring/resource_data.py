@@ -28,9 +28,9 @@ What the data is trusted for, once the POST's validation tokens and the
 item's signed clientState passed and its ``dataSignature`` matched: the
 folder of a ``created`` message decides *which folders to sync* (a wrong or
 missing one costs what a basic notification costs: the job asks Graph);
-and the whole selected state (``notified_message``) is written to the store
-and shown on the page at once (``mailsync.monitoring.notified_states``), as
-a *provisional* copy. That is safe because of how it is written, not
+and the whole selected state (``notified_message``) is shown on the page at
+once and, over a message the store holds, written to the store
+(``mailsync.monitoring.notified_states``), as a *provisional* copy. That is safe because of how it is written, not
 because the data is assumed right: at the floor of its ``lastModified``
 second, a version every delta reading of the same state (and every later
 state) exceeds, so the NOTIFIED job's round, which still reads delta for
