@@ -40,52 +40,22 @@ def pump(world: SyncWorld) -> Iterator[QueuePump]:
     pump.stop()
 
 
-class CountingStore:
-    """The real store, with the calls the first pass saves counted."""
+class Counting:
+    """A real service object, with the calls of the methods named counted (``calls``: name -> count)."""
 
-    def __init__(self, store: SearchStore) -> None:
-        self.store = store
+    def __init__(self, inner: Any, *names: str) -> None:
+        self.inner = inner
+        self.names = frozenset(names)
         self.calls: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> Any:
-        found = getattr(self.store, name)
-        if name in ("remove_stale", "upsert_messages", "set_folder_phase", "set_folder_phases", "refresh"):
+        found = getattr(self.inner, name)
+        if name in self.names:
             def counted(*args: Any, **kwargs: Any) -> Any:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 return found(*args, **kwargs)
             return counted
         return found
-
-
-
-class CountingAccounts:
-    """The real account repository, with its reads counted."""
-
-    def __init__(self, accounts: Any) -> None:
-        self.accounts = accounts
-        self.gets = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.accounts, name)
-
-    def get(self, account_id: str) -> Any:
-        self.gets += 1
-        return self.accounts.get(account_id)
-
-
-class CountingRows:
-    """The real sync table, with its partition reads (``load``) counted."""
-
-    def __init__(self, state: Any) -> None:
-        self.state = state
-        self.loads = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.state, name)
-
-    def load(self, account_id: str) -> Any:
-        self.loads += 1
-        return self.state.load(account_id)
 
 
 def run_linked(world: SyncWorld, delivery: str = "linked-1") -> Outcome:
@@ -94,11 +64,12 @@ def run_linked(world: SyncWorld, delivery: str = "linked-1") -> Outcome:
 
 
 def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(world: SyncWorld) -> None:
-    counting = CountingStore(world.store)
+    counting = Counting(world.store, "remove_stale", "upsert_messages", "set_folder_phase", "set_folder_phases",
+                        "refresh")
     world.engine.store = counting   # type: ignore[assignment]
-    accounts = CountingAccounts(world.engine.accounts)
+    accounts = Counting(world.engine.accounts, "get")
     world.engine.accounts = accounts   # type: ignore[assignment]
-    sync_rows = CountingRows(world.engine.state)
+    sync_rows = Counting(world.engine.state, "load")
     world.engine.state = sync_rows   # type: ignore[assignment]
     counters = world.sandbox.admin("GET", "counters").json()
     deltas_before, requests_before = counters["deltaPages"], counters["requests"]
@@ -107,11 +78,11 @@ def test_a_new_account_of_small_folders_is_synced_by_its_folder_list_job_alone(w
     assert rows.folders and all(row.rounds == 1 and not row.lease_owner and not row.dirty
                                 for row in rows.folders.values())
     assert world.account_status() == AccountStatus.SYNCED
-    assert accounts.gets == 1, "the job's read; becoming synced saves over it (ETag-checked), no second read"
+    assert accounts.calls.get("get") == 1, "the job's read; becoming synced saves over it (ETag-checked)"
     # The account's rows: the job's read, after the folder list's round, after the first pass, at the end.
     # Neither the folder-list row the job created nor the folder list's lease, taken on the job's read,
     # is a reason to read them again (the folder list's round had no rows but the job's to begin from).
-    assert sync_rows.loads == 4, sync_rows.loads
+    assert sync_rows.calls.get("load") == 4, sync_rows.calls
     assert world.queue.sent == 0, "no job per folder, no continuation"
     # The folder list's roles batch (right after its first page) names the well-known folders its rows
     # were created from; the rows take the roles (they were once created again, refused, and left without).
