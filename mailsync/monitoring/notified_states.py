@@ -6,8 +6,9 @@ after its notification (the sandbox's ``delta_lag_s``; the NOTIFIED job
 waits out the lag it learnt). The messages subscription is a rich one whose
 ``$select`` names every list property (``resource_data.MESSAGE_SELECT``), so
 each ``created``/``updated`` notification carries the message as it is
-after the change. The webhook writes that state into the store and tells
-the page at once, in the POST that brought it; the NOTIFIED job's round
+after the change. The webhook tells the page at once, in the POST that
+brought it, and writes that state into the store over the message it
+holds; the NOTIFIED job's round
 still reads delta afterwards and writes what delta says over it.
 
 Trust. The data is taken only from items whose signed clientState vouched
@@ -23,7 +24,9 @@ What is written, per POST (a POST carries one subscription's items):
   ``created`` wins: the message is in its new folder); a message created
   and deleted in one POST is left alone;
 * ``deleted`` writes nothing (no data; a removal is the round's, which
-  removes only what still says that folder);
+  removes only what still says that folder) but tells the page to drop the
+  row from the folder the store holds the message in (read with the same
+  multi-get; a message the store does not hold: nothing to tell);
 * ``created``/``updated`` with data showing the whole state
   (``resource_data.notified_message``: a subscription made with the older
   folder-only ``$select`` gives none until its renewal replaces it);
@@ -39,9 +42,9 @@ What is written, per POST (a POST carries one subscription's items):
   mail created and deleted between two rounds whose ``created`` comes after
   the round that read the deletion: no row, no tombstone, and no delta
   round would ever list it again). So new mail is only *announced*: the
-  page is told at once, the store gets it from the round a second later
-  (a page that reloads its list in that second shows it again with the
-  round's event). A move's target (immutable ids: the store holds the
+  page is told at once, the store gets it from the round a second or two
+  later (a page that reloads its list meanwhile misses it until the round's
+  event). A move's target (immutable ids: the store holds the
   message in its old folder) is written;
 * a ``created`` only if its state is at most ``CREATED_FRESH_S`` old (by its
   ``lastModifiedDateTime``): a ``created`` Graph redelivers long after (a
