@@ -843,7 +843,9 @@ def scale_run_verdict(result: dict[str, Any]) -> dict[str, Any]:
             "targets_met": met, "workers_killed": result.get("workers_killed", 0),
             "verified_accounts": result.get("verified_accounts"), "unequal_accounts": result.get("unequal_accounts"),
             "verify_missing": result.get("verify_missing"), "verify_extra": result.get("verify_extra"),
-            "verify_stale": result.get("verify_stale"), "app_cpu_ms_per_change": result["app_cpu_ms_per_change"]}
+            "verify_stale": result.get("verify_stale"), "app_cpu_ms_per_change": result["app_cpu_ms_per_change"],
+            "function_cpu_ms_per_change": result["function_cpu_ms_per_change"],
+            "host_cpu_ms_per_change": result["host_cpu_ms_per_change"]}
 
 
 def main(argv: list[str] | None = None) -> int:
