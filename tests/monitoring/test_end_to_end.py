@@ -138,27 +138,36 @@ class Stack:
         return dict(self.sandbox.admin("GET", "subscriptions").json()["delivery"])
 
 
-@pytest.fixture(scope="module")
-def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    sandbox = start_sandbox(SandboxConfig(seed=23, users=3, messages_per_user=MESSAGES_PER_USER))
+def running_stack(config: SandboxConfig, name: str, azurite: Any, search_store_url: str,
+                  tmp_path_factory: pytest.TempPathFactory, **env: str) -> Iterator[Stack]:
+    """The whole stack for a module: the sandbox as ``config`` says, a devhost with every function whose app
+    settings ``env`` adds to (``{port}`` in a value: the devhost's own port), the store; stopped after."""
+    sandbox = start_sandbox(config)
     port = free_port()
-    env = app_settings(
-        name="mon", storage=azurite.connection_string, search_store_url=search_store_url, port=port,
-        local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY,
-        GRAPH_SANDBOX_URL=sandbox.base_url,
-        GRAPH_PAGE_SIZE="50",             # many pages: the initial sync lasts long enough to change mail during it
+    settings_env = app_settings(
+        name=name, storage=azurite.connection_string, search_store_url=search_store_url, port=port,
+        local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY, GRAPH_SANDBOX_URL=sandbox.base_url,
         POLL_INTERVAL_SUBSCRIBED_S="0",   # no safety sweeps: only notifications bring changes in
         SIGNALR_HUB="mailsync",
+        **{key: value.replace("{port}", str(port)) for key, value in env.items()},
     )
-    host = start_devhost(env, port=port, log_dir=tmp_path_factory.mktemp("devhost"))
-    settings = Settings.from_env(env)
+    host = start_devhost(settings_env, port=port, log_dir=tmp_path_factory.mktemp("devhost"))
+    settings = Settings.from_env(settings_env)
     store = SearchStore(connect(search_store_url), StoreOptions(prefix=settings.index_prefix))
     try:
-        yield Stack(host, sandbox, env, settings, store)
+        yield Stack(host, sandbox, settings_env, settings, store)
     finally:
         host.stop(timeout_s=15)
         store.close()
         sandbox.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from running_stack(
+        SandboxConfig(seed=23, users=3, messages_per_user=MESSAGES_PER_USER), "mon", azurite, search_store_url,
+        tmp_path_factory,
+        GRAPH_PAGE_SIZE="50")             # many pages: the initial sync lasts long enough to change mail during it
 
 
 def subscription_of(stack: Stack, linked: Linked, timeout_s: float = 30.0) -> str:

@@ -20,16 +20,10 @@ import aiohttp
 import pytest
 import requests
 
-from devhost.services.process import free_port
 from graph_sandbox.config import SandboxConfig
 from mailsync.models import AccountStatus
 from mailsync.providers.graph import notified_version
-from mailsync.settings import Settings
-from mailsync.store.engines import connect
-from mailsync.store.search_store import SearchStore, StoreOptions
-from tests.fixtures.devhost import app_settings, start_devhost
-from tests.fixtures.graph_sandbox import start_sandbox
-from tests.monitoring.test_end_to_end import KEY_ENTRY, Stack, subscription_of
+from tests.monitoring.test_end_to_end import Stack, running_stack, subscription_of
 from tests.web.test_negotiate import _connect, _next_invocation
 
 DELTA_LAG_S = 6.0
@@ -38,24 +32,11 @@ SIGNALR_KEY = "notified-tests-signalr-access-key-0123456789"
 
 @pytest.fixture(scope="module")
 def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    sandbox = start_sandbox(SandboxConfig(seed=29, users=1, messages_per_user=30, delta_lag_s=DELTA_LAG_S))
-    port = free_port()
-    env = app_settings(
-        name="notified", storage=azurite.connection_string, search_store_url=search_store_url, port=port,
-        local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY, GRAPH_SANDBOX_URL=sandbox.base_url,
-        POLL_INTERVAL_SUBSCRIBED_S="0", SIGNALR_HUB="mailsync",
+    yield from running_stack(
+        SandboxConfig(seed=29, users=1, messages_per_user=30, delta_lag_s=DELTA_LAG_S), "notified", azurite,
+        search_store_url, tmp_path_factory,
         # The devhost's SignalR service, so the page can connect (and the webhook tell it).
-        AzureSignalRConnectionString=f"Endpoint=http://127.0.0.1:{port}/signalr;AccessKey={SIGNALR_KEY};Version=1.0;",
-    )
-    host = start_devhost(env, port=port, log_dir=tmp_path_factory.mktemp("devhost"))
-    settings = Settings.from_env(env)
-    store = SearchStore(connect(search_store_url), StoreOptions(prefix=settings.index_prefix))
-    try:
-        yield Stack(host, sandbox, env, settings, store)
-    finally:
-        host.stop(timeout_s=15)
-        store.close()
-        sandbox.stop()
+        AzureSignalRConnectionString=f"Endpoint=http://127.0.0.1:{{port}}/signalr;AccessKey={SIGNALR_KEY};Version=1.0;")
 
 
 def test_the_page_hears_a_change_from_the_webhook_and_delta_confirms_it_later(stack: Stack) -> None:
