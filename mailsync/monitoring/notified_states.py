@@ -50,10 +50,11 @@ What is written, per POST (a POST carries one subscription's items):
   ``lastModifiedDateTime``): a ``created`` Graph redelivers long after (a
   POST retried after our 503) is left to delta.
 
-Cost: one realtime multi-get of the mailbox and folder documents, one of the
-messages' documents (their stored versions, bodies and epochs), one bulk
-request (none when nothing is held), one realtime get of the mailbox
-document afterwards, one SignalR REST call; no table call.
+Cost: one realtime multi-get across two indices (the mailbox and folder
+documents, and the messages' documents with their stored versions, bodies
+and epochs: ``mailsync.store.notified_writes``), one bulk request (none when
+nothing is held), one realtime get of the mailbox document afterwards, one
+SignalR REST call; no table call.
 
 Version rule (why a notified state can neither win wrongly nor stick):
 store versions are ``message_version(lastModifiedDateTime, observed)``
@@ -136,7 +137,7 @@ from mailsync.ports import LiveSender
 from mailsync.realtime.signalr_messages import BufferingPublisher
 
 if TYPE_CHECKING:
-    from mailsync.store.search_store import NotifiedGate, NotifiedWrite
+    from mailsync.store.notified_writes import NotifiedWrite
 
 log = logging.getLogger("mailsync.monitoring.notified_states")
 
@@ -159,10 +160,8 @@ class NotifiedChange:
 class NotifiedStore(Protocol):
     """What the webhook needs of the store (``mailsync.store.search_store.SearchStore``)."""
 
-    def notified_gate(self, account_id: str, folder_ids: Sequence[str]) -> NotifiedGate: ...
-
-    def write_notified(self, messages: Sequence[Message], *, created: frozenset[str] = frozenset(),
-                       removed: Sequence[str] = (), account_id: str | None = None) -> NotifiedWrite: ...
+    def write_notified(self, account_id: str, messages: Sequence[Message], *,
+                       created: frozenset[str] = frozenset(), removed: Sequence[str] = ()) -> NotifiedWrite: ...
 
     def get_mailbox(self, account_id: str) -> object | None: ...
 
@@ -192,11 +191,9 @@ class NotifiedStates:
             return 0
         try:
             store = self._get_store()
-            gate = store.notified_gate(account_id, sorted({m.folder_id for m in states}))
-            if not gate.synced:
+            done = store.write_notified(account_id, states, created=created, removed=deleted)
+            if not done.synced:
                 return 0
-            states = [m for m in states if m.folder_id in gate.folders]
-            done = store.write_notified(states, created=created, removed=deleted, account_id=account_id)
             if done.written and store.get_mailbox(account_id) is None:
                 log.info("account unlinked while its notified states were written: taken back")
                 store.forget_notified(account_id, [m.message_id for m in done.written])

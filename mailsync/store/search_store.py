@@ -80,6 +80,7 @@ from mailsync.store.mappings import (
     messages_mapping,
     seen_mapping,
 )
+from mailsync.store.notified_writes import NotifiedWrite, NotifiedWrites
 from mailsync.store.reads import DeadLetter, StoreReads
 from mailsync.store.seen_marks import SeenMarks, Sighting
 
@@ -137,6 +138,7 @@ class SearchStore:
         ), deadletter_index=self.names.deadletter)
         self._reads = StoreReads(engine, self.names)
         self._marks = SeenMarks(engine, self.names)
+        self._notified = NotifiedWrites(engine, self.names, self.options.body)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: SearchEngine | None = None) -> SearchStore:
@@ -408,104 +410,26 @@ class SearchStore:
         """
         return self._writer.send(self._marks.actions(refused, epoch), target="seen", what="mark seen")
 
-    def notified_gate(self, account_id: str, folder_ids: Sequence[str]) -> NotifiedGate:
-        """Whether the account's initial sync is done, and which of ``folder_ids`` the store has: one
-        realtime multi-get of its mailbox and folder documents (``mailsync.monitoring.notified_states``)."""
-        docs.check_account_id(account_id)
-        wanted: dict[str, str | None] = {docs.mailbox_doc_id(account_id): None}
-        wanted.update({docs.folder_doc_id(account_id, folder_id): folder_id for folder_id in dict.fromkeys(folder_ids)})
-        with translating("notified_gate"):
-            try:
-                entries = self._engine.mget(self.names.mailboxes, list(wanted), routing=account_id)
-            except EngineError as exc:
-                if exc.index_missing:
-                    return NotifiedGate(False, frozenset())
-                raise
-        synced, folders = False, set[str]()
-        for entry in entries:
-            source = entry.get("_source") or {}
-            if not entry.get("found") or source.get("account_id") != account_id:
-                continue
-            folder_id = wanted.get(str(entry.get("_id")))
-            if folder_id is None:
-                synced = source.get("kind") == docs.KIND_MAILBOX and source.get("status") == "synced"
-            elif source.get("kind") == docs.KIND_FOLDER:
-                folders.add(folder_id)
-        return NotifiedGate(synced, frozenset(folders))
-
-    def write_notified(self, messages: Sequence[Message], *, created: frozenset[str] = frozenset(),
-                       removed: Sequence[str] = (), account_id: str | None = None) -> NotifiedWrite:
+    def write_notified(self, account_id: str, messages: Sequence[Message], *,
+                       created: frozenset[str] = frozenset(), removed: Sequence[str] = ()) -> NotifiedWrite:
         """Write message states learnt from change notifications (one account's); say what was written.
 
-        ``removed``: ids whose notification said ``deleted``: nothing is
-        written for them, but the same read tells the folder the store holds
-        each in (``NotifiedWrite.removed``), for the page.
-
-        Each goes in only where the store holds an older version of it: one
-        realtime multi-get of the stored documents, one bulk request. The
-        ids in ``created`` the store does not hold are not written but
-        returned (``NotifiedWrite.announced``) for the page. A written document keeps the
-        stored one's ``body_text`` (a notification carries no body) and
-        ``sync_epoch`` (a resync's ``remove_stale`` must not take it for
-        unseen). Written at the message's own version with ``external_gte``
-        like a round's write, so a version stored between the read and the
-        write still refuses it. The rule deciding those versions, and why
-        nothing here is a partial update: ``mailsync.monitoring.notified_states``.
+        One realtime multi-get, one bulk request (:mod:`mailsync.store.notified_writes` says what may be
+        written); the rule deciding the versions: ``mailsync.monitoring.notified_states``. ``removed``: ids
+        whose notification said ``deleted``: nothing is written for them, but the same read tells the folder
+        the store holds each in (``NotifiedWrite.removed``), for the page.
         """
-        account_id = account_id or (messages[0].account_id if messages else None)
-        if account_id is None or not (messages or removed):
+        if not (messages or removed):
             return NotifiedWrite([], [])
-        docs.check_account_id(account_id)
-        by_doc = {docs.message_doc_id(account_id, m.message_id): m for m in messages if m.account_id == account_id}
-        gone = {docs.message_doc_id(account_id, m): m for m in removed}
-        stored: dict[str, dict[str, Any] | None] = {}
-        with translating("write_notified"):
-            # The whole source: a source filter costs the node more than it spares (SearchEngine.mget).
-            entries = self._engine.mget(self.names.messages, list(dict.fromkeys([*by_doc, *gone])),
-                                        routing=account_id)
-        for entry in entries:
-            if "error" in entry:
-                continue                      # unreadable: left to delta
-            stored[str(entry.get("_id"))] = entry if entry.get("found") else None
-        held_in = [(str(folder), gone[doc_id]) for doc_id in gone if (found := stored.get(doc_id)) is not None
-                   and isinstance(folder := (found.get("_source") or {}).get("folder_id"), str)]
-        actions: list[BulkAction] = []
-        originals: dict[str, dict[str, Any]] = {}
-        announced: list[Message] = []
-        indexed_at = docs.now_iso()
-        for doc_id, message in by_doc.items():
-            if doc_id not in stored:
-                continue
-            found = stored[doc_id]
-            if found is None:
-                # Not held: never written from a notification. New mail is delta's to bring in (its round
-                # follows within seconds); the page may be told of it (``announced``). A copy written here
-                # could outlive the message: a ``created`` Graph delivers after the message's deletion,
-                # which a round already read, would leave a row no delta round ever removes.
-                if message.message_id in created:
-                    announced.append(message)
-                continue
-            source = found.get("_source") or {}
-            if int(found.get("_version") or source.get("version") or 0) > message.version:
-                continue                      # newer there already (delta's reading, an action's row); an equal
-                                              # one is another notified state of the second: the later shows
-            epoch, body = int(source.get("sync_epoch") or 0), source.get("body_text")
-            try:
-                docs.check_message(message)
-                doc = docs.message_to_document(message, epoch=epoch, body=self.options.body, indexed_at=indexed_at)
-            except InputError:
-                continue                      # not a state Graph sends: left to delta
-            if isinstance(body, str):
-                doc["body_text"] = body
-            originals[doc_id] = doc
-            actions.append(self.message_action(doc_id, message, doc))
-        if not actions:
-            return NotifiedWrite([], held_in, announced)
-        sent = self._writer.send(actions, target="messages", what="write_notified", originals=originals)
+        plan = self._notified.plan(account_id, messages, created, removed)
+        if not plan.actions:
+            return NotifiedWrite([], plan.removed, plan.announced, synced=plan.synced)
+        sent = self._writer.send(plan.actions, target="messages", what="write_notified", originals=plan.originals)
         # Refused (a newer version came first), failed or still throttled: not written, so not told. Nothing
         # to retry: delta's round writes the same state or a newer one anyway.
         refused = {*sent.conflicts, *sent.failed, *sent.transient}
-        return NotifiedWrite([by_doc[doc_id] for doc_id in originals if doc_id not in refused], held_in, announced)
+        return NotifiedWrite([plan.states[doc_id] for doc_id in plan.originals if doc_id not in refused],
+                             plan.removed, plan.announced)
 
     def raise_epoch(self, account_id: str, folder_id: str, message_ids: Sequence[str], epoch: int) -> BulkResult:
         """Mark the messages as seen in ``epoch`` by ``folder_id``'s round (``_carry_epoch``'s mark).
@@ -735,10 +659,7 @@ class SearchStore:
 
     def forget_notified(self, account_id: str, message_ids: Sequence[str]) -> None:
         """Delete messages ``write_notified`` wrote for an account that was unlinked meanwhile (one bulk)."""
-        docs.check_account_id(account_id)
-        actions: list[BulkAction] = [
-            ({"delete": {"_index": self.names.messages, "_id": docs.message_doc_id(account_id, m),
-                         "routing": account_id}}, None) for m in dict.fromkeys(message_ids)]
+        actions = self._notified.forget(account_id, message_ids)
         if actions:
             self._writer.finish(self._writer.send(actions, target="messages", what="forget_notified"),
                                 "forget_notified")
@@ -768,23 +689,6 @@ class SearchStore:
     def dead_letters(self, account_id: str, *, limit: int = 100) -> list[DeadLetter]:
         """The account's refused writes, newest first (operations and tests)."""
         return self._reads.dead_letters(account_id, limit=limit)
-
-
-@dataclass(frozen=True)
-class NotifiedGate:
-    """What the store says about an account before it takes notified states (``SearchStore.notified_gate``)."""
-
-    synced: bool                      # its mailbox document says the initial sync is done
-    folders: frozenset[str]           # the asked folders the store has documents of
-
-
-@dataclass(frozen=True)
-class NotifiedWrite:
-    """What ``SearchStore.write_notified`` did: the states written, and where the deleted ones are held."""
-
-    written: list[Message]
-    removed: list[tuple[str, str]]    # (folder_id, message_id) as the store holds them; nothing was written
-    announced: list[Message] = field(default_factory=list)   # created, not held: for the page only
 
 
 class _IndicesMissing(Exception):

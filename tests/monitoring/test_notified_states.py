@@ -27,7 +27,8 @@ from mailsync.monitoring.resource_data import NotificationKeys, new_certificate_
 from mailsync.monitoring.validation_tokens import ValidationTokens
 from mailsync.providers.graph import map_message
 from mailsync.store.documents import mailbox_doc_id
-from mailsync.store.search_store import NotifiedWrite, SearchStore
+from mailsync.store.notified_writes import NotifiedWrite
+from mailsync.store.search_store import SearchStore
 from tests.monitoring.harness import Harness, change, make_harness
 
 INBOX, ARCHIVE = "AAMkInbox=", "AAMkArchive="
@@ -266,8 +267,8 @@ def test_an_account_unlinked_while_the_webhook_wrote_keeps_nothing(rig: Rig) -> 
         def __getattr__(self, name: str) -> Any:
             return getattr(rig.store, name)
 
-        def write_notified(self, messages: Sequence[Message], **options: Any) -> NotifiedWrite:
-            done = rig.store.write_notified(messages, **options)
+        def write_notified(self, account_id: str, messages: Sequence[Message], **options: Any) -> NotifiedWrite:
+            done = rig.store.write_notified(account_id, messages, **options)
             assert done.written, "written; the unlink had deleted the messages already, now the mailbox"
             rig.store.engine.delete_document(rig.store.names.mailboxes, mailbox_doc_id(account), routing=account,
                                              refresh=True)

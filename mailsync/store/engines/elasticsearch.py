@@ -180,6 +180,13 @@ class ElasticsearchEngine:
         docs: list[dict[str, Any]] = found.get("docs") or []
         return docs
 
+    def mget_docs(self, docs: Sequence[tuple[str, str]], *, routing: str) -> list[dict[str, Any]]:
+        wanted = [{"_index": index, "_id": doc_id, "routing": routing} for index, doc_id in docs]
+        with _errors():
+            found = self.client.mget(docs=wanted, realtime=True).body
+        entries: list[dict[str, Any]] = found.get("docs") or []
+        return entries
+
     def search(self, index: str, body: Mapping[str, Any], *, routing: str | None = None) -> dict[str, Any]:
         with _errors():
             return dict(self.client.search(index=index, routing=routing, body=dict(body)).body)

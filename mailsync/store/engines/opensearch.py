@@ -252,6 +252,13 @@ class OpenSearchEngine:
         docs: list[dict[str, Any]] = found.get("docs") or []
         return docs
 
+    def mget_docs(self, docs: Sequence[tuple[str, str]], *, routing: str) -> list[dict[str, Any]]:
+        body = {"docs": [{"_index": index, "_id": doc_id, "routing": routing} for index, doc_id in docs]}
+        with _errors():
+            found = self.client.mget(body=body, realtime=True)
+        entries: list[dict[str, Any]] = found.get("docs") or []
+        return entries
+
     def search(self, index: str, body: Mapping[str, Any], *, routing: str | None = None) -> dict[str, Any]:
         with _errors():
             if routing is None:
