@@ -138,6 +138,7 @@ class Settings:
     # Change monitoring (mailsync.monitoring; see docs/change-monitoring.md).
     subscription_lifetime_s: int = 4230 * 60     # Graph's maximum for Outlook messages
     notify_coalesce_s: int = 0                   # extra queue delay for NOTIFIED jobs (0: measured best)
+    notify_confirm_s: int = 10                   # a job only confirming stored notified states waits this long
     notify_max_ids: int = 100                    # message ids kept per account before "all folders"
     poll_tick_s: int = 60                        # period of the poll_scheduler timer
     poll_interval_subscribed_s: int = 6 * 3600   # safety sweep of accounts with a healthy webhook; 0 = off
@@ -262,6 +263,7 @@ class Settings:
             subscription_renew_before_s=_int(e, "SUBSCRIPTION_RENEW_BEFORE_S", 6 * 3600),
             subscription_lifetime_s=_int(e, "SUBSCRIPTION_LIFETIME_S", 4230 * 60),
             notify_coalesce_s=_int(e, "NOTIFY_COALESCE_S", 0),
+            notify_confirm_s=_int(e, "NOTIFY_CONFIRM_S", 10),
             notify_max_ids=_int(e, "NOTIFY_MAX_IDS", 100),
             poll_tick_s=_int(e, "POLL_TICK_S", 60),
             poll_interval_subscribed_s=_int(e, "POLL_INTERVAL_SUBSCRIBED_S", 6 * 3600),
@@ -318,6 +320,8 @@ class Settings:
             raise ConfigurationError("STORE_RESYNC_PER_S must be positive")
         if not 0 <= self.notify_coalesce_s <= 60 or self.notify_max_ids < 1:
             raise ConfigurationError("NOTIFY_COALESCE_S must be 0..60 and NOTIFY_MAX_IDS positive")
+        if not 0 <= self.notify_confirm_s <= 300:
+            raise ConfigurationError("NOTIFY_CONFIRM_S must be 0..300")
         if min(self.rate_limit_new_accounts, self.rate_limit_imap_attempts,
                self.linked_accounts_per_client_per_day) < 0:
             raise ConfigurationError("RATE_LIMIT_* counts and LINKED_ACCOUNTS_PER_CLIENT_PER_DAY must be >= 0 (0: off)")

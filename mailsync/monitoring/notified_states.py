@@ -157,6 +157,16 @@ class NotifiedChange:
     state: Message | None = None
 
 
+@dataclass(frozen=True)
+class Told:
+    """What one POST's notified states did for an account: the rows the page was told, and whether the store
+    now holds the notified state of every message the POST named (``stored``: delta's round only confirms
+    them, and may come later: ``mailsync.monitoring.notifications``, the confirm delays)."""
+
+    count: int
+    stored: bool
+
+
 class NotifiedStore(Protocol):
     """What the webhook needs of the store (``mailsync.store.search_store.SearchStore``)."""
 
@@ -180,31 +190,34 @@ class NotifiedStates:
         self._get_live = live
         self._clock = clock
 
-    def apply(self, account_id: str, changes: Sequence[NotifiedChange]) -> int:
-        """Write what ``changes`` (one account's, in POST order) show and tell the page; how many it was told.
+    def apply(self, account_id: str, changes: Sequence[NotifiedChange]) -> Told:
+        """Write what ``changes`` (one account's, in POST order) show and tell the page; what it was told.
 
         Never raises for the store or SignalR being unavailable: the notifications still go to the
         pending row, and the round writes and tells what this could not.
         """
         states, created, deleted = self._candidates(changes)
         if not states and not deleted:
-            return 0
+            return Told(0, stored=False)
         try:
             store = self._get_store()
             done = store.write_notified(account_id, states, created=created, removed=deleted)
             if not done.synced:
-                return 0
+                return Told(0, stored=False)
             if done.written and store.get_mailbox(account_id) is None:
                 log.info("account unlinked while its notified states were written: taken back")
                 store.forget_notified(account_id, [m.message_id for m in done.written])
-                return 0
+                return Told(0, stored=False)
         except MailsyncError as exc:
             log.warning("notified states not written (the round will): %s", exc.code)
-            return 0
+            return Told(0, stored=False)
         upserted = (*done.written, *done.announced)
-        if upserted or done.removed:
-            self._tell(MessagesChanged(account_id, upserted=upserted, removed=tuple(done.removed)))
-        return len(upserted) + len(done.removed)
+        told = bool(upserted or done.removed) and self._tell(
+            MessagesChanged(account_id, upserted=upserted, removed=tuple(done.removed)))
+        written = {m.message_id for m in done.written}
+        stored = told and not done.announced and not done.removed \
+            and all(change.message_id in written for change in changes)
+        return Told(len(upserted) + len(done.removed) if told else 0, stored=stored)
 
     def _candidates(self, changes: Sequence[NotifiedChange]) -> tuple[list[Message], frozenset[str], list[str]]:
         last: dict[str, NotifiedChange] = {}
@@ -232,9 +245,9 @@ class NotifiedStates:
             states.append(state)
         return states, frozenset(created), deleted
 
-    def _tell(self, event: MessagesChanged) -> None:
+    def _tell(self, event: MessagesChanged) -> bool:
         if self._get_live is None:
-            return
+            return False
         one = BufferingPublisher()
         one.publish_changes(event)
         try:
@@ -242,3 +255,5 @@ class NotifiedStates:
         except MailsyncError as exc:
             # The round's event tells the page a moment later (delta's copy is written, so it is published).
             log.warning("page not told of notified states: %s", exc.code)
+            return False
+        return True

@@ -45,6 +45,7 @@ class _Seen:
     enqueued_at: datetime
     parts: int = 0
     versioned: set[tuple[str, str, str]] = field(default_factory=set)
+    due_at: datetime | None = None      # when the row's earliest job becomes visible, if this process knows
 
 
 class SeenPendingRows:
@@ -59,10 +60,14 @@ class SeenPendingRows:
         self._rows: OrderedDict[str, _Seen] = OrderedDict()
 
     def saw(self, account_id: str, enqueued_at: datetime,
-            notified: Iterable[Notified] = ()) -> None:
-        """The row as this process created or read and replaced it (holding ``notified`` now)."""
+            notified: Iterable[Notified] = (), *, due_at: datetime | None = None) -> None:
+        """The row as this process created or read and replaced it (holding ``notified`` now); ``due_at``:
+        when the job this process just enqueued for it becomes visible (else what was known of the same row)."""
         with self._lock:
-            self._rows[account_id] = _Seen(enqueued_at, 0, _versioned(notified))
+            known = self._rows.get(account_id)
+            if due_at is None and known is not None and known.enqueued_at == enqueued_at:
+                due_at = known.due_at
+            self._rows[account_id] = _Seen(enqueued_at, 0, _versioned(notified), due_at)
             self._rows.move_to_end(account_id)
             while len(self._rows) > self._max:
                 self._rows.popitem(last=False)
@@ -95,6 +100,19 @@ class SeenPendingRows:
             seen.parts += 1
             if len(seen.versioned) < MAX_REMEMBERED:
                 seen.versioned |= _versioned(notified)
+
+    def due_by(self, account_id: str, when: datetime) -> bool:
+        """Whether a job of the account's row is known to become visible by ``when``."""
+        with self._lock:
+            seen = self._rows.get(account_id)
+            return seen is not None and seen.due_at is not None and seen.due_at <= when
+
+    def hastened(self, account_id: str, due_at: datetime) -> None:
+        """Another job of the row was enqueued, visible at ``due_at``."""
+        with self._lock:
+            seen = self._rows.get(account_id)
+            if seen is not None and (seen.due_at is None or due_at < seen.due_at):
+                seen.due_at = due_at
 
     def forget(self, account_id: str) -> None:
         with self._lock:

@@ -309,6 +309,33 @@ def test_the_job_confirming_told_states_is_held_past_the_lag_and_an_untold_one_i
     assert delays == [CONFIRM_MIN_LAG_S + CONFIRM_MARGIN_S, 0.0]
 
 
+def test_a_job_only_confirming_stored_states_waits_longer_and_new_mail_merged_into_its_row_gets_its_own(
+        storage_env: dict[str, str], store: SearchStore) -> None:
+    """An update the store now holds needs only delta's confirmation: its job waits ``NOTIFY_CONFIRM_S``. New mail
+    merged into that row (announced, not stored) must not wait as long: it gets a job at the told delay; a second
+    update merged after it needs none (the row's job is due in time)."""
+    harness = make_harness(storage_env, NOTIFY_COALESCE_S="0", NOTIFY_CONFIRM_S="12")
+    delays: list[float] = []
+
+    class Spy:
+        def enqueue(self, job: Any, *, delay_s: float = 0.0) -> None:
+            delays.append(delay_s)
+            harness.queue.enqueue(job, delay_s=delay_s)
+
+    keys = NotificationKeys(parse_certificates(new_certificate_pem("test")))
+    identity, live = TokenSigner(), Recorder()
+    rig = Rig(harness, store, live, receiver_for(harness, keys, identity, NotifiedStates(lambda: store, lambda: live),
+                                                 Spy()), keys, identity)
+    account, sub, state = rig.account()
+    before = now_second() - timedelta(seconds=5)
+    rig.store.upsert_messages([delta_reads(account, resource(m, before), before) for m in ("m1", "m2")])
+    rig.post(sub, state, ("updated", "m1", resource("m1", now_second(), is_read=True)))
+    rig.post(sub, state, ("created", "new", resource("new", now_second())))
+    rig.post(sub, state, ("updated", "m2", resource("m2", now_second(), is_read=True)))
+    assert delays == [12.0, CONFIRM_MIN_LAG_S + CONFIRM_MARGIN_S]
+    assert {mid for mid, _, _ in rig.live.told()} == {"m1", "new", "m2"}
+
+
 def test_what_a_post_costs_the_webhook_with_and_without_notified_states(rig: Rig) -> None:
     """Printed, never asserted: CPU of this process (the webhook's code, its clients and crypto; not Azurite's or
     the node's) per POST of one ``updated`` item, with notified states and without them (the folder only)."""
