@@ -282,17 +282,12 @@ def test_an_account_unlinked_while_the_webhook_wrote_keeps_nothing(rig: Rig) -> 
     assert rig.stored(account, "m1") is None and rig.live.told() == []
 
 
-def test_the_job_confirming_told_states_is_held_past_the_lag_and_an_untold_one_is_not(
-        storage_env: dict[str, str], store: SearchStore) -> None:
-    """The page already shows a told state: its NOTIFIED job only confirms it, so it is held a second past the
-    learnt lag (counted as at least 1 s) through the queue's visibility, with no thread waiting; a job for
-    notifications the page was not told of keeps ``NOTIFY_COALESCE_S`` (here 0)."""
-    harness = make_harness(storage_env, NOTIFY_COALESCE_S="0")
+def rig_with_delays(storage_env: dict[str, str], store: SearchStore, **settings: str) -> tuple[Rig, list[float]]:
+    """A rig whose receiver enqueues on the real queue through a spy: the delay each enqueue asked for, in order."""
+    harness = make_harness(storage_env, **settings)
     delays: list[float] = []
 
     class Spy:
-        """The real queue; what each enqueue asked for is recorded."""
-
         def enqueue(self, job: Any, *, delay_s: float = 0.0) -> None:
             delays.append(delay_s)
             harness.queue.enqueue(job, delay_s=delay_s)
@@ -300,7 +295,15 @@ def test_the_job_confirming_told_states_is_held_past_the_lag_and_an_untold_one_i
     keys = NotificationKeys(parse_certificates(new_certificate_pem("test")))
     identity, live = TokenSigner(), Recorder()
     states = NotifiedStates(lambda: store, lambda: live)
-    rig = Rig(harness, store, live, receiver_for(harness, keys, identity, states, Spy()), keys, identity)
+    return Rig(harness, store, live, receiver_for(harness, keys, identity, states, Spy()), keys, identity), delays
+
+
+def test_the_job_confirming_told_states_is_held_past_the_lag_and_an_untold_one_is_not(
+        storage_env: dict[str, str], store: SearchStore) -> None:
+    """The page already shows a told state: its NOTIFIED job only confirms it, so it is held a second past the
+    learnt lag (counted as at least 1 s) through the queue's visibility, with no thread waiting; a job for
+    notifications the page was not told of keeps ``NOTIFY_COALESCE_S`` (here 0)."""
+    rig, delays = rig_with_delays(storage_env, store, NOTIFY_COALESCE_S="0")
     _, sub, state = rig.account()
     _, other_sub, other_state = rig.account(AccountStatus.SYNCING)
     rig.post(sub, state, ("created", "m1", resource("m1", now_second())))
@@ -314,18 +317,7 @@ def test_a_job_only_confirming_stored_states_waits_longer_and_new_mail_merged_in
     """An update the store now holds needs only delta's confirmation: its job waits ``NOTIFY_CONFIRM_S``. New mail
     merged into that row (announced, not stored) must not wait as long: it gets a job at the told delay; a second
     update merged after it needs none (the row's job is due in time)."""
-    harness = make_harness(storage_env, NOTIFY_COALESCE_S="0", NOTIFY_CONFIRM_S="12")
-    delays: list[float] = []
-
-    class Spy:
-        def enqueue(self, job: Any, *, delay_s: float = 0.0) -> None:
-            delays.append(delay_s)
-            harness.queue.enqueue(job, delay_s=delay_s)
-
-    keys = NotificationKeys(parse_certificates(new_certificate_pem("test")))
-    identity, live = TokenSigner(), Recorder()
-    rig = Rig(harness, store, live, receiver_for(harness, keys, identity, NotifiedStates(lambda: store, lambda: live),
-                                                 Spy()), keys, identity)
+    rig, delays = rig_with_delays(storage_env, store, NOTIFY_COALESCE_S="0", NOTIFY_CONFIRM_S="12")
     account, sub, state = rig.account()
     before = now_second() - timedelta(seconds=5)
     rig.store.upsert_messages([delta_reads(account, resource(m, before), before) for m in ("m1", "m2")])
