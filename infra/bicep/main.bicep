@@ -202,6 +202,11 @@ param subscriptionRenewBeforeS int = 21600
 @description('NOTIFY_COALESCE_S: extra queue delay for notification jobs (0 measured best; the pending row coalesces).')
 param notifyCoalesceS int = 0
 
+@minValue(0)
+@maxValue(300)
+@description('NOTIFY_CONFIRM_S: how long a notification job waits that only confirms states the store already holds (the page was told at once).')
+param notifyConfirmS int = 10
+
 @minValue(1)
 @description('NOTIFY_MAX_IDS: message ids kept per account before syncing all folders instead.')
 param notifyMaxIds int = 100
@@ -401,6 +406,7 @@ var appSettings = {
   SUBSCRIPTION_LIFETIME_S: string(subscriptionLifetimeS)
   SUBSCRIPTION_RENEW_BEFORE_S: string(subscriptionRenewBeforeS)
   NOTIFY_COALESCE_S: string(notifyCoalesceS)
+  NOTIFY_CONFIRM_S: string(notifyConfirmS)
   NOTIFY_MAX_IDS: string(notifyMaxIds)
   IMAP_PAGE_SIZE: string(imapPageSize)
   IMAP_TIMEOUT_S: string(imapTimeoutS)
