@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
 
 import requests  # noqa: E402
 
+from devhost.os_threads import stat_cpu_s  # noqa: E402
 from devhost.services.azurite import Azurite, start_azurite  # noqa: E402
 from devhost.services.devhost_process import DevhostProcess, start_devhost  # noqa: E402
 from devhost.services.graph_sandbox import GraphSandbox, start_graph_sandbox  # noqa: E402
@@ -107,12 +108,7 @@ def peak_rss_mb(pid: int) -> float | None:
 
 def cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of a live process."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    return stat_cpu_s(f"/proc/{pid}/stat")
 
 
 def tree_cpu_s(pid: int) -> float:

@@ -39,16 +39,26 @@ def name_os_thread(name: str) -> None:
         libc.prctl(_PR_SET_NAME, name.encode("ascii", "replace")[:_OS_NAME_MAX], 0, 0, 0)
 
 
+def stat_cpu_s(stat_path: str) -> float | None:
+    """User + system CPU seconds in a ``/proc/<pid>/stat`` or ``/proc/<pid>/task/<tid>/stat`` file; None
+    when it cannot be read (the process or thread ended)."""
+    try:
+        with open(stat_path, encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def host_thread_cpu_s(pid: int) -> float | None:
     """CPU seconds of a devhost's *host* threads: its main thread and those named here.
 
-    The rest of the process's CPU (``cpu_s`` minus this) is its functions'.
-    The host's threads live as long as the process, so a difference of two
-    readings is exact; function threads that ended (a round's page reader)
-    are in the process's total, which is why the functions' share is taken
-    as what remains.
+    The rest of the process's CPU (``stat_cpu_s`` of the process minus
+    this) is its functions'. The host's threads live as long as the
+    process, so a difference of two readings is exact; function threads
+    that ended (a round's page reader) are in the process's total, which is
+    why the functions' share is taken as what remains.
     """
-    tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -58,11 +68,8 @@ def host_thread_cpu_s(pid: int) -> float | None:
         try:
             with open(f"/proc/{pid}/task/{tid}/comm", encoding="ascii", errors="replace") as comm:
                 name = comm.read().strip()
-            if tid != str(pid) and name not in HOST_THREAD_NAMES:
-                continue
-            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue   # a thread that ended between the listing and the read
+        if tid == str(pid) or name in HOST_THREAD_NAMES:
+            total += stat_cpu_s(f"/proc/{pid}/task/{tid}/stat") or 0.0
     return total

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from devhost.os_threads import IO_THREAD, host_thread_cpu_s
+from devhost.os_threads import IO_THREAD, host_thread_cpu_s, stat_cpu_s
 from devhost.services.process import ServiceError
 from tests.devhost.conftest import eventually
 from tests.fixtures.devhost import DevhostProcess
@@ -59,11 +59,6 @@ def test_host_threads_are_named_so_their_cpu_is_told_from_the_functions(
         with contextlib.suppress(OSError):
             names.add(Path(f"/proc/{host.pid}/task/{tid}/comm").read_text().strip())
     assert IO_THREAD in names
-    host_s, total_s = host_thread_cpu_s(host.pid), process_cpu_s(host.pid)
+    host_s, total_s = host_thread_cpu_s(host.pid), stat_cpu_s(f"/proc/{host.pid}/stat")
     assert host_s is not None and total_s is not None
     assert 0 < host_s <= total_s
-
-
-def process_cpu_s(pid: int) -> float | None:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
