@@ -31,6 +31,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
+from urllib.parse import SplitResult
 
 import certifi
 
@@ -66,6 +67,14 @@ class Origin:
     scheme: str
     host: str
     port: int
+
+    @classmethod
+    def of(cls, parts: SplitResult) -> Origin | None:
+        """The origin of a split ``http(s)`` URL (the scheme's port when it names none); None for another
+        scheme or no host."""
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return None
+        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
 
     @property
     def host_header(self) -> str:

@@ -80,9 +80,9 @@ class KeepAliveTransport:
         sent = {**headers, "Accept-Encoding": "gzip"}
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            origin = Origin.of(parts)
+            if origin is None:
                 raise TransportFailed(f"not an http(s) URL: {url[:100]!r}")
-            origin = Origin(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             try:
                 answer = self._for(origin, timeout_s).request(method, target, sent, body or b"",

@@ -55,13 +55,13 @@ class RestLiveSender:
     def __init__(self, endpoint: str, hub: str, authorization: Callable[[str], str], *,
                  timeout_s: float = TIMEOUT_S) -> None:
         parts = urlsplit(endpoint.rstrip("/"))
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        origin = Origin.of(parts)
+        if origin is None:
             raise ConfigurationError(f"the SignalR endpoint {endpoint!r} is not an http(s) URL")
         users = f"/api/hubs/{quote(hub.lower(), safe='')}/users"
         self._base = f"{endpoint.rstrip('/')}{users}"          # the token's audience: the URL without its query
         self._path = f"{parts.path.rstrip('/')}{users}"
         self._authorization = authorization
-        origin = Origin(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         self._connections = Connections(origin, connect_timeout_s=min(CONNECT_TIMEOUT_S, timeout_s),
                                         read_timeout_s=timeout_s)
 

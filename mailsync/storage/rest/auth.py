@@ -74,10 +74,10 @@ class Endpoint:
     @classmethod
     def parse(cls, url: str) -> Endpoint:
         parts = urlsplit(url.rstrip("/"))
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        origin = Origin.of(parts)
+        if origin is None:
             raise ConfigurationError(f"storage endpoint {url!r} is not an http(s) URL")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(Origin(parts.scheme, parts.hostname, port), parts.path)
+        return cls(origin, parts.path)
 
     @property
     def url(self) -> str:
