@@ -32,11 +32,13 @@ hosts' idle queue polling, which is reported per host-hour).
 ``app_cpu_ms_per_change``: CPU of the devhost processes (all functions)
 per change, net of their idle rate; split into ``host_cpu_ms_per_change``
 (the devhost's event loop and its executor: HTTP serving, queue polling and
-completion, timers, the SignalR Service stand-in — on Azure the Functions
-host's and SignalR Service's work, not the Python worker's) and
-``function_cpu_ms_per_change`` (everything else: the app's functions and
-the threads they start; devhost/os_threads.py says how they are told
-apart). Where a change waits:
+completion, timers — on Azure the Functions host's work, not the Python
+worker's) and ``function_cpu_ms_per_change`` (everything else: the app's
+functions and the threads they start; devhost/os_threads.py says how they
+are told apart). The SignalR Service stand-in runs as a process of its own
+(devhost/signalr_server.py), as Azure SignalR Service is not the Function
+App's: its CPU, ``signalr_service_cpu_ms_per_change``, is not the app's,
+as Azurite's and the search node's are not. Where a change waits:
 ``sandbox_wait_ms_mean`` (a notification at the sandbox, queued until its
 POST was answered), ``webhook_post_ms_mean`` (the POSTs' round trip),
 ``notified_queued_p50_ms`` / ``_p99_ms`` and ``notified_run_p50_ms`` /
@@ -567,12 +569,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             def host_cpu() -> float:
                 return sum(host_thread_cpu_s(h.pid) or 0.0 for h in hosts)
 
+            def signalr_cpu() -> float:   # the SignalR Service stand-in: a service, like Azurite, not the app
+                return (cpu_s(stack.signalr.process.pid) or 0.0) if stack.signalr is not None else 0.0
+
             idle_cpu0, idle_host0, idle_t0 = sum(cpu_s(h.pid) or 0.0 for h in hosts), host_cpu(), time.monotonic()
+            idle_signalr0 = signalr_cpu()
             time.sleep(5)
             idle_s = time.monotonic() - idle_t0
             idle_cpu_rate = (sum(cpu_s(h.pid) or 0.0 for h in hosts) - idle_cpu0) / idle_s
             idle_host_rate = (host_cpu() - idle_host0) / idle_s
+            idle_signalr_rate = (signalr_cpu() - idle_signalr0) / idle_s
             cpu_before, host_before = sum(cpu_s(h.pid) or 0.0 for h in hosts), host_cpu()
+            signalr_before = signalr_cpu()
             before = stack.sandbox.counters()
             writes_before = maker.graph_writes   # the benchmark's own Graph writes, this window's only
             delivery_before = stack.sandbox.admin("GET", "subscriptions")["delivery"]
@@ -636,6 +644,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             window_s = time.monotonic() - started
             app_cpu = sum(cpu_s(h.pid) or 0.0 for h in hosts) - cpu_before - idle_cpu_rate * window_s
             host_cpu_used = host_cpu() - host_before - idle_host_rate * window_s
+            signalr_cpu_used = signalr_cpu() - signalr_before - idle_signalr_rate * window_s
             after = stack.sandbox.counters()
             storage: dict[str, Any] = {}
             if counter is not None:
@@ -702,6 +711,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "app_cpu_ms_per_change": 1000 * app_cpu / max(1, len(changes)),
                 "function_cpu_ms_per_change": 1000 * (app_cpu - host_cpu_used) / max(1, len(changes)),
                 "host_cpu_ms_per_change": 1000 * host_cpu_used / max(1, len(changes)),
+                "signalr_service_cpu_ms_per_change": 1000 * signalr_cpu_used / max(1, len(changes)),
                 "rate": args.rate, "workers": len(stack.workers), "throughput_per_s": throughput,
                 "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
                 "max_ms": max(latencies) if latencies else float("nan"), **by_kind, "lost": len(lost),

@@ -56,6 +56,7 @@ from devhost.services.devhost_process import DevhostProcess, start_devhost  # no
 from devhost.services.graph_sandbox import GraphSandbox, start_graph_sandbox  # noqa: E402
 from devhost.services.process import free_port  # noqa: E402
 from devhost.services.search_node import SearchNode, start_search_node  # noqa: E402
+from devhost.services.signalr_service import SignalRServiceProcess, start_signalr_service  # noqa: E402
 from mailsync.models import Folder, Message, MessageQuery  # noqa: E402
 from mailsync.providers.graph import GraphProvider  # noqa: E402
 from mailsync.providers.graph_client import GraphClient  # noqa: E402
@@ -309,6 +310,7 @@ class Stack:
     script_root: Path = ROOT          # where the devhosts read host.json (see with_queue_options)
     in_process: Any = None            # a DevhostThread when the app runs in this process
     storage_counter: StorageCounter | None = None
+    signalr: SignalRServiceProcess | None = None   # the SignalR Service stand-in, a process of its own
     base_url: str = ""
     _http: requests.Session = field(default_factory=requests.Session)
 
@@ -432,9 +434,10 @@ class Stack:
                 self.in_process.stop(10)
         if self.storage_counter is not None:
             self.storage_counter.stop()
-        for service in (self.sandbox_process, self.search, self.azurite):
-            with contextlib.suppress(Exception):
-                service.stop()
+        for service in (self.signalr, self.sandbox_process, self.search, self.azurite):
+            if service is not None:
+                with contextlib.suppress(Exception):
+                    service.stop()
 
     def __enter__(self) -> Stack:
         return self
@@ -589,6 +592,7 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
     azurite = start_azurite(workdir / "azurite")
     search: SearchNode | None = None
     sandbox_process: GraphSandbox | None = None
+    signalr: SignalRServiceProcess | None = None
     try:
         search = start_search_node(workdir / "search-node")
         sandbox_process = start_graph_sandbox(
@@ -597,7 +601,8 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
                   "--latency-ms", str(latency_ms), "--rate-limit", "1000000000/600",
                   "--allow-http-loopback-webhooks", *sandbox_args])
         port = free_port()
-        signalr_key = secrets.token_urlsafe(32)
+        # Its own process, as Azure SignalR Service is not the Function App's: its CPU is counted apart.
+        signalr = start_signalr_service(workdir / "signalr-service.log", secrets.token_urlsafe(32))
         counter = StorageCounter(azurite) if count_storage else None
         app_env = {
             "AzureWebJobsStorage": counter.connection_string if counter else azurite.connection_string,
@@ -615,20 +620,20 @@ def start_stack(name: str, *, users: int = 1, messages: int = 1000, latency_ms: 
             "RATE_LIMIT_IMAP_ATTEMPTS": "0",
             "LINKED_ACCOUNTS_PER_CLIENT_PER_DAY": "0",
             "SIGNALR_HUB": "mailsync",
-            "AzureSignalRConnectionString": f"Endpoint=http://127.0.0.1:{port}/signalr;AccessKey={signalr_key};"
-                                            "Version=1.0;",
+            "AzureSignalRConnectionString": signalr.connection_string,
         }
         app_env.update(env or {})
         stack = Stack(workdir, azurite, search, sandbox_process, Sandbox(sandbox_process.url), app_env,
-                      storage_counter=counter)
+                      storage_counter=counter, signalr=signalr)
     except BaseException:
-        for service in (sandbox_process, search, azurite):
+        for service in (signalr, sandbox_process, search, azurite):
             if service is not None:
                 with contextlib.suppress(Exception):
                     service.stop()
         raise
     stack.watch.watch("sandbox", sandbox_process.process.pid)
     stack.watch.watch("search-node", search.process.pid)
+    stack.watch.watch("signalr-service", signalr.process.pid)
     if start_host:
         try:
             stack.start_host(functions)

@@ -218,6 +218,9 @@ class SignalRService:
         self._http: aiohttp.ClientSession | None = None
         self._pending: dict[str, _Pending] = {}
         self._connections: dict[str, _Connection] = {}
+        # A user's connections by (hub, user id): mailsync addresses every message to one user (the
+        # account), and scanning every connection per message cost ~0.3 ms at 1,000 clients.
+        self._by_user: dict[tuple[str, str | None], dict[str, _Connection]] = {}
         self._user_groups: dict[tuple[str, str], set[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -277,21 +280,36 @@ class SignalRService:
     # Delivery.
 
     def _targets(self, hub: str, message: SignalRMessage) -> Iterator[_Connection]:
+        if message.connection_id is not None:
+            connection = self._connections.get(message.connection_id)
+            if connection is not None and connection.hub == hub:
+                yield connection
+            return
+        if message.user_id is not None:
+            yield from self._by_user.get((hub, message.user_id), {}).values()
+            return
         for connection in self._connections.values():
             if connection.hub != hub:
                 continue
-            if message.connection_id is not None:
-                if connection.id == message.connection_id:
-                    yield connection
-            elif message.user_id is not None:
-                if connection.user_id == message.user_id:
-                    yield connection
-            elif message.group_name is not None:
+            if message.group_name is not None:
                 user_groups = self._user_groups.get((hub, connection.user_id or ""), set())
                 if message.group_name in connection.groups or message.group_name in user_groups:
                     yield connection
             else:
                 yield connection
+
+    def _add_connection(self, connection: _Connection) -> None:
+        self._connections[connection.id] = connection
+        self._by_user.setdefault((connection.hub, connection.user_id), {})[connection.id] = connection
+
+    def _remove_connection(self, connection: _Connection) -> None:
+        self._connections.pop(connection.id, None)
+        key = (connection.hub, connection.user_id)
+        same_user = self._by_user.get(key)
+        if same_user is not None:
+            same_user.pop(connection.id, None)
+            if not same_user:
+                del self._by_user[key]
 
     async def send(self, hub: str, item: SignalRMessage | GroupAction) -> int:
         """Deliver a message (or apply a group action); returns how many local connections it went to."""
@@ -352,7 +370,7 @@ class SignalRService:
             asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def user_connection_count(self, hub: str, user_id: str) -> int:
-        return sum(1 for c in self._connections.values() if c.hub == hub.lower() and c.user_id == user_id)
+        return len(self._by_user.get((hub.lower(), user_id), {}))
 
     # HTTP endpoints.
 
@@ -471,7 +489,7 @@ class SignalRService:
         if not await self._handshake(connection):
             await ws.close()
             return ws
-        self._connections[connection.id] = connection
+        self._add_connection(connection)
         log.info("SignalR client connected", extra={"hub": hub, "connection_id": connection.id,
                                                     "user_id": connection.user_id})
         writer = asyncio.create_task(self._write(connection))
@@ -479,7 +497,7 @@ class SignalRService:
         try:
             await self._read(connection)
         finally:
-            self._connections.pop(connection.id, None)
+            self._remove_connection(connection)
             pinger.cancel()
             with contextlib.suppress(asyncio.QueueFull):
                 connection.outbox.put_nowait(None)

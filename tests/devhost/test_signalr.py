@@ -12,6 +12,7 @@ import asyncio
 import json
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import pytest
 import requests
 
 from devhost import signalr as signalr_api
-from devhost.services.process import ROOT, free_port
+from devhost.services.process import ROOT, ServiceError, free_port
+from devhost.services.signalr_service import start_signalr_service
 from devhost.signalr import verify_token
 from tests.devhost.conftest import Hosted, HostFactory
 
@@ -157,6 +159,16 @@ def test_output_binding_reaches_only_the_addressed_user(host_sample: HostFactory
     notify(host, [{"target": "hello", "arguments": ["all"]}, {"Target": "only", "UserId": "bob", "Arguments": [1]}])
     assert alice.invocation()["target"] == "hello"
     assert [bob.invocation()["target"], bob.invocation()["target"]] == ["hello", "only"]
+    # A closed connection leaves the service's index of the user's connections.
+    service = host.handle.devhost.signalr
+    assert service.user_connection_count("testhub", "alice") == 1
+    alice.close()
+    clients.remove(alice)
+    deadline = time.monotonic() + 10
+    while service.user_connection_count("testhub", "alice") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert service.user_connection_count("testhub", "alice") == 0
+    assert service.user_connection_count("testhub", "bob") == 1
 
 
 def test_group_actions_then_group_message(host_sample: HostFactory, clients: list[ProtocolClient]) -> None:
@@ -295,6 +307,43 @@ def test_a_second_devhost_forwards_to_the_configured_service(host_sample: HostFa
     response = requests.post(worker.url("/api/notify"), data=json.dumps({"target": "x", "arguments": []}),
                              timeout=20)
     assert response.status_code == 500  # the service is gone: the invocation fails (and would be retried)
+
+
+def test_the_service_as_its_own_process_serves_a_devhost_and_its_clients(
+        host_sample: HostFactory, clients: list[ProtocolClient], tmp_path: Path) -> None:
+    """``python -m devhost.signalr_server`` (the benchmarks' stand-in for Azure SignalR Service): a
+    devhost forwards to it, its clients negotiate with it, and a message reaches every connection of
+    the addressed user, and only those; the user's other connection keeps receiving once one closed."""
+    service = start_signalr_service(tmp_path / "signalr.log", "process-secret")
+    try:
+        host = host_sample(functions=SIGNALR, settings={"AzureSignalRConnectionString": service.connection_string})
+        assert host.handle.devhost.signalr.remote_endpoint == service.endpoint
+        alice_tab, alice_phone, bob = new_client(clients), new_client(clients), new_client(clients)
+        info = negotiate(host, "alice")
+        assert info["url"] == f"{service.endpoint}/client/?hub=testhub"
+        alice_tab.connect(info)
+        alice_phone.connect(negotiate(host, "alice"))
+        bob.connect(negotiate(host, "bob"))
+        notify(host, {"target": "changed", "userId": "alice", "arguments": [1]})
+        assert alice_tab.invocation()["arguments"] == [1]
+        assert alice_phone.invocation()["arguments"] == [1]
+        assert bob.nothing_within(0.5)
+        alice_phone.close()
+        clients.remove(alice_phone)
+        notify(host, {"target": "changed", "userId": "alice", "arguments": [2]})
+        assert alice_tab.invocation()["arguments"] == [2]
+        notify(host, {"target": "changed", "connectionId": "not-a-connection", "arguments": [3]})
+        notify(host, {"target": "everyone", "arguments": [4]})
+        assert alice_tab.invocation()["target"] == "everyone"   # not the one to an unknown connection
+        assert bob.invocation()["target"] == "everyone"
+    finally:
+        service.stop()
+    assert not service.alive()
+
+
+def test_the_service_process_needs_its_access_key(tmp_path: Path) -> None:
+    with pytest.raises(ServiceError, match="SIGNALR_ACCESS_KEY"):
+        start_signalr_service(tmp_path / "signalr.log", "")
 
 
 def test_negotiate_allows_cross_origin_pages(host_sample: HostFactory) -> None:
