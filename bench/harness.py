@@ -281,13 +281,17 @@ class GraphUser(requests.Session):
 
 @dataclass
 class Linked:
-    """A linked account: its id, the page's bearer token, the sandbox user, when the callback returned."""
+    """A linked account: its id, the page's bearer token, the sandbox user, and when each step of its
+    sign-in began and ended (monotonic): ``POST /api/accounts`` from ``started``, the sandbox's sign-in
+    form until ``callback_started``, the OAuth callback until ``callback_done``."""
 
     account_id: str
     token: str
     address: str
     callback_started: float
     callback_done: float
+    started: float = 0.0
+    form_started: float = 0.0
 
     @property
     def auth(self) -> dict[str, str]:
@@ -458,10 +462,12 @@ class Stack:
             return self._link(browser, address)
 
     def _link(self, browser: requests.Session, address: str) -> Linked:
+        begun = time.monotonic()
         created = browser.post(f"{self.api}/accounts", json={"provider": "outlook"}, timeout=60)
         if created.status_code != 201:
             raise RuntimeError(f"POST /api/accounts: {created.status_code} {created.text[:300]}")
         body = created.json()
+        form_started = time.monotonic()
         form = browser.post(body["authorize_url"], data={"username": address}, allow_redirects=False, timeout=60)
         if form.status_code != 302:
             raise RuntimeError(f"sandbox sign-in: {form.status_code} {form.text[:300]}")
@@ -471,7 +477,7 @@ class Stack:
         if callback.status_code != 302 or "error" in callback.headers.get("Location", ""):
             raise RuntimeError(f"OAuth callback: {callback.status_code} {callback.headers.get('Location')} "
                                f"{callback.text[:300]}")
-        return Linked(body["account_id"], body["access_token"], address, started, done)
+        return Linked(body["account_id"], body["access_token"], address, started, done, begun, form_started)
 
     def account(self, linked: Linked) -> dict[str, Any]:
         answer = self._http.get(f"{self.api}/accounts/{linked.account_id}", headers=linked.auth, timeout=60)

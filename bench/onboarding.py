@@ -19,8 +19,11 @@ Figures (one ``onboarding key=value ...`` line):
   ``sync_all_s``: from the first sign-in until every account is synced;
   ``accounts_per_s`` = accounts / ``sync_all_s`` (issue 18's target: ≥ 5/s
   for 1,000 accounts of 20 messages);
-* ``callback_p50_ms`` / ``callback_p99_ms``: the OAuth callback's round trip
-  (the sign-in's server side);
+* a sign-in's three round trips, each ``_p50_ms`` / ``_p99_ms``:
+  ``create`` (``POST /api/accounts``: the account and its pending sign-in),
+  ``form`` (the sandbox's sign-in form, answered with the redirect to our
+  callback) and ``callback`` (the OAuth callback: code redeemed, ``/me``,
+  the account's rows, the first job);
 * every cost below runs from the first sign-in until the queue is quiet
   after the last account was synced (the sweep after subscribing and its
   look-agains, 2 and 10 s later, are onboarding's too); the ``_at_synced``
@@ -122,10 +125,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         idle_rate = {k: (v - idle0[k]) / (time.monotonic() - idle_t0) for k, v in process_cpu(stack).items()}
         n = max(1, len(linked))
         callbacks = [1000 * (a.callback_done - a.callback_started) for a in linked]
+        creates = [1000 * (a.form_started - a.started) for a in linked]
+        forms = [1000 * (a.callback_started - a.form_started) for a in linked]
         values: dict[str, Any] = {
             "accounts": len(linked), "messages_per_account": args.messages_per_account,
             "link_parallel": args.link_parallel, "workers": args.workers,
             "link_s": link_s, "sync_all_s": sync_all_s, "accounts_per_s": len(linked) / sync_all_s,
+            "create_p50_ms": percentile(creates, 0.5), "create_p99_ms": percentile(creates, 0.99),
+            "form_p50_ms": percentile(forms, 0.5), "form_p99_ms": percentile(forms, 0.99),
             "callback_p50_ms": percentile(callbacks, 0.5), "callback_p99_ms": percentile(callbacks, 0.99),
             "graph_requests_per_account": (stack.sandbox.requests_served() - requests0) / n,
         }
