@@ -11,18 +11,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import azure.functions as func
 import orjson
 import pytest
 import requests
 from azure.core.exceptions import ResourceNotFoundError
 
 from devhost.services.process import free_port
+from functions._shared.runtime import runtime
+from functions.oauth_callback import bp as oauth_callback_blueprint
+from functions.oauth_start import bp as oauth_start_blueprint
 from graph_sandbox.config import SandboxConfig
 from mailsync.auth.msal_app import MsalApp
 from mailsync.auth.token_provider import MsalTokenProvider
@@ -32,7 +38,7 @@ from mailsync.settings import Settings
 from mailsync.storage import connection
 from mailsync.store.engines import connect
 from mailsync.store.search_store import SearchStore, StoreOptions
-from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost
+from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost, start_devhost_in_process
 from tests.fixtures.graph_sandbox import SandboxTestServer, start_sandbox
 from tests.linking.browser import query, submit_sign_in
 from tests.linking.tables import LinkingTables, linking_tables
@@ -89,7 +95,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(azurite: Any, search_store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    sandbox = start_sandbox(SandboxConfig(seed=7, users=15, messages_per_user=3))
+    sandbox = start_sandbox(SandboxConfig(seed=7, users=16, messages_per_user=3))
     port = free_port()
     env = app_settings(name="link", storage=azurite.connection_string, search_store_url=search_store_url, port=port,
                        local_dir=tmp_path_factory.mktemp("local"), key_entry=KEY_ENTRY,
@@ -485,3 +491,47 @@ def test_queue_unavailable_leaves_no_half_linked_account(stack: Stack, devhost_f
     assert params["error"] == "temporarily_unavailable"
     view = stack.get(created["account_id"], created["access_token"]).json()
     assert view["status"] == "error" and "could not be started" in view["error"]
+
+
+def test_a_sign_in_completes_while_every_host_thread_is_busy(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sync jobs fill the host's shared thread pool while accounts are onboarded; the person signing in
+    must not wait behind them (functions/oauth_callback: its own threads, as oauth_start's)."""
+    entered, release = threading.Event(), threading.Event()
+    busy = func.Blueprint()
+
+    @busy.function_name("busy")
+    @busy.route(route="busy", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+    def busy_function(req: func.HttpRequest) -> func.HttpResponse:   # stands in for a sync job
+        entered.set()
+        release.wait(60)
+        return func.HttpResponse("done")
+
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+    for blueprint in (oauth_start_blueprint, oauth_callback_blueprint, busy):
+        app.register_functions(blueprint)
+    port = free_port()
+    env = {**stack.env, "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    runtime.cache_clear()                 # the in-process host shares this process's runtime()
+    host = start_devhost_in_process(app, {**env, "PYTHON_THREADPOOL_THREAD_COUNT": "1"}, port=port)
+    browser = requests.Session()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as client:
+            blocked = client.submit(requests.get, f"{host.base_url}/api/busy", timeout=90)
+            assert entered.wait(30)       # the host's only thread is now taken
+            created = browser.post(f"{host.base_url}/api/accounts", json={"provider": "outlook"}, timeout=20)
+            assert created.status_code == 201, created.text
+            callback = submit_sign_in(created.json()["authorize_url"], stack.user(15))
+            done = browser.get(callback, allow_redirects=False, timeout=20)
+            assert done.status_code == 302 and "error" not in query(done.headers["Location"]), done.headers
+            assert not blocked.done()     # all of that happened while the shared pool was still busy
+            release.set()
+            assert blocked.result().status_code == 200
+        view = stack.get(created.json()["account_id"], created.json()["access_token"]).json()
+        assert view["status"] == "syncing" and view["address"].lower() == stack.user(15).lower()
+        assert JobKind.SUBSCRIPTION in [j.kind for j in stack.jobs() if j.account_id == created.json()["account_id"]]
+    finally:
+        release.set()
+        host.stop(5)
+        runtime.cache_clear()
