@@ -16,17 +16,19 @@ used, so a forwarded link opened elsewhere neither links anything nor
 spends the sign-in of the browser that started it. A row without
 ``browser_hash`` (written before the binding existed) is refused the same way.
 
-Single use: ``take`` marks the row used with an ETag-conditional write
+Single use: ``take`` deletes the row with an ETag-conditional delete
 before returning it, so of two callbacks racing with the same state exactly
-one gets the flow; the other sees "already used". The row is then deleted.
-Expired rows are returned once too (marked expired), so the service can
+one gets the flow; the other's delete is refused (412, or 404 once the row
+is gone) and it sees "already used". (It used to mark the row ``used`` with
+a conditional merge and then delete it: three table calls where two do, on
+the callback a person waits for. A row an older version marked ``used`` but
+failed to delete is still refused.) Expired rows are returned once too (marked expired), so the service can
 tell the account what happened; rows whose sign-in was simply abandoned
 are removed by ``purge_expired``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,13 +37,11 @@ from typing import Any
 import orjson
 from azure.core import MatchConditions
 from azure.core.exceptions import (
-    AzureError,
     HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import UpdateMode
 
 from mailsync.errors import Conflict, InputError, SignInElsewhere
 from mailsync.security.crypto import Sealed, TokenCipher
@@ -126,14 +126,10 @@ class TableAuthFlowStore:
                     "Nothing was linked. To add your mailbox, start again from mailsync's add-account page "
                     "in this browser.")
             try:
-                self._table.update_entity({"PartitionKey": key, "RowKey": FLOW_ROW, "used": True},
-                                          mode=UpdateMode.MERGE, etag=entity.metadata["etag"],
-                                          match_condition=MatchConditions.IfNotModified)
+                self._table.delete_entity(key, FLOW_ROW, etag=entity.metadata["etag"],
+                                          match_condition=MatchConditions.IfNotModified, missing_ok=False)
             except (ResourceModifiedError, ResourceNotFoundError) as exc:
                 raise _unknown_state() from exc  # another callback took it a moment ago
-        # Already unusable (used=True): the delete only tidies up, so a failure is fine.
-        with contextlib.suppress(AzureError):
-            self._table.delete_entity(key, FLOW_ROW)
         flow = orjson.loads(self._cipher.open(Sealed(str(entity["key_id"]), bytes(entity["blob"])),
                                               context=f"authflow:{key}"))
         return PendingFlow(

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
 from mailsync.errors import Conflict, InputError, SignInElsewhere
 from mailsync.linking.browser_binding import BrowserBinding
 from mailsync.settings import Settings
-from mailsync.storage.auth_flows import PendingFlow
+from mailsync.storage.auth_flows import FLOW_ROW, PendingFlow, TableAuthFlowStore
+from mailsync.storage.rest.table import RestTable
 from tests.linking.tables import LinkingTables, linking_tables
 
 
@@ -117,6 +120,47 @@ def test_racing_callbacks_get_the_flow_exactly_once(t: LinkingTables) -> None:
         t.flows.put(state, pending())
         got, refused = race_takes(t, state, 4)
         assert len(got) == 1 and len(refused) == 3
+
+
+class _TakenRightAfterTheRead:
+    """The flows table, where another callback takes the flow between this one's read and its delete."""
+
+    def __init__(self, table: RestTable) -> None:
+        self._table = table
+
+    def get_entity(self, partition_key: str, row_key: str) -> object:
+        entity = self._table.get_entity(partition_key, row_key)
+        self._table.delete_entity(partition_key, row_key)     # the other callback's take
+        return entity
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._table, name)
+
+
+def test_a_flow_taken_between_the_read_and_the_delete_is_refused(t: LinkingTables) -> None:
+    """The take's conditional delete must be the one that removed the row: "already gone" is a refusal."""
+    state = uuid.uuid4().hex
+    t.flows.put(state, pending())
+    racing = TableAuthFlowStore(_TakenRightAfterTheRead(t.flows_table), t.cipher)   # type: ignore[arg-type]
+    with pytest.raises(InputError):
+        racing.take(state, NONCE)
+
+
+def test_a_take_leaves_no_row(t: LinkingTables) -> None:
+    state = uuid.uuid4().hex
+    t.flows.put(state, pending())
+    t.flows.take(state, NONCE)
+    with pytest.raises(ResourceNotFoundError):
+        t.flows_table.get_entity(hashlib.sha256(state.encode()).hexdigest(), FLOW_ROW)
+
+
+def test_a_row_an_older_version_marked_used_is_refused(t: LinkingTables) -> None:
+    state = uuid.uuid4().hex
+    t.flows.put(state, pending())
+    t.flows_table.update_entity({"PartitionKey": hashlib.sha256(state.encode()).hexdigest(), "RowKey": FLOW_ROW,
+                                 "used": True}, mode=UpdateMode.MERGE)
+    with pytest.raises(InputError):
+        t.flows.take(state, NONCE)
 
 
 def test_purge_removes_only_expired(t: LinkingTables) -> None:

@@ -102,6 +102,13 @@ def test_deletes_as_the_sdk_deletes(rest: RestTable, sdk: TableClient) -> None:
     rest.create_entity({"PartitionKey": p, "RowKey": "b"})
     rest.delete_entity({"PartitionKey": p, "RowKey": "b"})
     assert list(sdk.query_entities("PartitionKey eq @p", parameters={"p": p})) == []
+    # missing_ok=False: a delete that must be the one that removed the row says when it was gone already.
+    row = rest.create_entity({"PartitionKey": p, "RowKey": "c"})
+    rest.delete_entity(p, "c", etag=row["etag"], match_condition=MatchConditions.IfNotModified, missing_ok=False)
+    for etag in (row["etag"], None):
+        with pytest.raises(ResourceNotFoundError):
+            rest.delete_entity(p, "c", etag=etag, match_condition=MatchConditions.IfNotModified if etag else None,
+                               missing_ok=False)
 
 
 def test_queries_with_parameters_select_and_pages(rest: RestTable, sdk: TableClient) -> None:

@@ -114,8 +114,10 @@ class RestTable:
         return self._write(entity, mode, None, "upserting a row")
 
     def delete_entity(self, *args: Any, etag: str | None = None,
-                      match_condition: MatchConditions | None = None) -> None:
-        """Delete ``(partition_key, row_key)`` or ``entity``; a missing row is no error (as the SDK)."""
+                      match_condition: MatchConditions | None = None, missing_ok: bool = True) -> None:
+        """Delete ``(partition_key, row_key)`` or ``entity``; a missing row is no error (as the SDK), unless
+        ``missing_ok`` is False: then ResourceNotFoundError, so a conditional delete that must be the one
+        that removed the row (a single-use take) can tell "deleted by me" from "already gone"."""
         if len(args) == 2:
             partition_key, row_key = args
         elif len(args) == 1 and isinstance(args[0], Mapping):
@@ -127,7 +129,7 @@ class RestTable:
         headers = {**_HEADERS, "If-Match": _if_match(etag, match_condition)}
         response = self._service.send("DELETE", self._row_path(partition_key, row_key), "deleting a row",
                                       headers=headers)
-        if response.status not in (204, 404):
+        if response.status != 204 and (response.status != 404 or not missing_ok):
             raise refusal(response, "deleting a row")
 
     def query_entities(self, query_filter: str, *, parameters: Mapping[str, Any] | None = None,
