@@ -45,7 +45,7 @@ from mailsync.errors import (
 )
 from mailsync.linking.login_checks import LoginCheckPool
 from mailsync.linking.service import LinkedIdentity
-from mailsync.models import Account, Provider
+from mailsync.models import Provider
 from mailsync.providers.imap import ImapCredentials
 from mailsync.providers.imap_session import ImapEndpoint, ImapSession
 from mailsync.security.outbound import POLICY_MESSAGE, OutboundPolicy
@@ -208,7 +208,7 @@ class ImapLinker:
         finally:
             session.close()
 
-    def complete(self, account: Account, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
+    def complete(self, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
         raise InputError("IMAP accounts are linked at once; there is no sign-in callback", code="unsupported_provider")
 
 

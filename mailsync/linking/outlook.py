@@ -15,7 +15,7 @@ from mailsync.auth.msal_app import MsalApp
 from mailsync.errors import InputError, MalformedResponse
 from mailsync.jobs import JobKind
 from mailsync.linking.service import LinkedIdentity, LinkRedirect
-from mailsync.models import Account, Provider
+from mailsync.models import Provider
 from mailsync.providers.graph_client import GRAPH_URL, GraphClient
 from mailsync.providers.graph_transport import RequestsTransport
 from mailsync.storage.tokens import MSAL
@@ -42,8 +42,7 @@ class OutlookLinker:
         start = self._msal.start(self._redirect_uri, login_hint=login_hint)
         return LinkRedirect(authorize_url=start.authorize_url, state=start.state, flow=start.flow)
 
-    def complete(self, account: Account, flow: Mapping[str, Any],
-                 params: Mapping[str, str]) -> LinkedIdentity:
+    def complete(self, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
         sign_in = self._msal.finish(flow, params)
         graph = GraphClient(lambda _force: sign_in.access_token, base_url=self._graph_url,
                             session=RequestsTransport.around(self._msal.session))

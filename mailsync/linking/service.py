@@ -36,9 +36,11 @@ leaves the account retryable.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -110,9 +112,12 @@ class AccountLinker(Protocol):
         """Start linking; ``request`` holds the provider-specific fields of the POST body."""
         ...
 
-    def complete(self, account: Account, flow: Mapping[str, Any],
-                 params: Mapping[str, str]) -> LinkedIdentity:
-        """Finish a redirect-based sign-in from the callback's query parameters."""
+    def complete(self, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
+        """Finish a redirect-based sign-in from the callback's query parameters.
+
+        Called while the account is being read (``LinkingService.complete``):
+        it must not depend on the local account, only on the pending flow.
+        """
         ...
 
 
@@ -278,13 +283,8 @@ class LinkingService:
             linked = self._commit_new(account, step)
             self._start_sync_or_record(linked, step, jobs, reason="initial")
             return StartResult(account_id, linked.status, None, token)
-        saved = self._accounts.save(account)
         nonce = BrowserBinding.issue(caller.browser_nonce)
-        try:
-            self._save_flow(saved, step, return_url, nonce)
-        except MailsyncError:
-            self._undo_create(account_id)
-            raise
+        saved = self._save_new_with_flow(account, step, return_url, nonce)
         log.info("account created, sign-in started", extra={"account_id": account_id,
                                                              "provider": linker.provider.value})
         return StartResult(account_id, saved.status, step.authorize_url, token, browser_nonce=nonce)
@@ -309,6 +309,41 @@ class LinkingService:
         log.info("sign-in restarted for account", extra={"account_id": account.account_id})
         return StartResult(account.account_id, updated.status, step.authorize_url, created=False,
                            browser_nonce=nonce)
+
+    def _save_new_with_flow(self, account: Account, step: LinkRedirect, return_url: str,
+                            browser_nonce: str) -> Account:
+        """Insert the new account and its pending sign-in at once; the account with its ETag.
+
+        Two rows in two tables, neither needing the other's answer: written
+        side by side they cost the person one table round trip instead of
+        two (onboarding many accounts, each round trip to a busy Tables is
+        a good part of ``POST /api/accounts``: docs/scaling.md). Nothing is
+        left half-written: a sign-in whose account was not saved is
+        discarded (it was never handed out, so no callback can come for it;
+        if even the discard fails it expires unused), and an account whose
+        sign-in was not saved is removed, as before.
+        """
+        context = contextvars.copy_context()   # the log context, in the flow's thread too
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sign-in") as pool:
+            flow_saved = pool.submit(context.run, self._save_flow, account, step, return_url, browser_nonce)
+            try:
+                saved = self._accounts.save(account)
+            except MailsyncError:
+                if flow_saved.exception() is None:
+                    self._discard_flow(step.state)
+                raise
+            try:
+                flow_saved.result()
+            except MailsyncError:
+                self._undo_create(account.account_id)
+                raise
+        return saved
+
+    def _discard_flow(self, state: str) -> None:
+        try:
+            self._flows.discard(state)
+        except MailsyncError:
+            log.warning("could not remove a sign-in whose account was not saved (it expires unused)")
 
     def _save_flow(self, account: Account, step: LinkRedirect, return_url: str, browser_nonce: str) -> None:
         now = self._clock()
@@ -378,11 +413,11 @@ class LinkingService:
         base = pending.return_url
         account_id = pending.account_id
         try:
-            account = self._accounts.get(account_id)
+            account, identity = self._account_and_identity(pending, params)
             if account is None:
                 raise _CallbackFailed("account_not_found", "This account was deleted before the sign-in finished.")
             try:
-                linked = self._finish(account, pending, params, caller, self._jobs_for(outbox))
+                linked = self._finish(account, pending, identity, caller, self._jobs_for(outbox))
             except _CallbackFailed as failure:
                 self._record_failure(account, failure.message, force_error=failure.force_error)
                 raise
@@ -393,15 +428,39 @@ class LinkingService:
         log.info("account linked", extra={"account_id": account_id, "status": linked.status.value})
         return with_params(base, {"account_id": account_id})
 
-    def _finish(self, account: Account, pending: PendingFlow, params: Mapping[str, str], caller: Caller,
-                jobs: JobQueue) -> Account:
+    def _account_and_identity(self, pending: PendingFlow, params: Mapping[str, str]
+                              ) -> tuple[Account | None, Callable[[], LinkedIdentity] | None]:
+        """The account, read while the provider redeems the code; the identity as a call that returns it
+        or raises what the provider raised (None: not asked, the sign-in expired or has no linker).
+
+        Independent round trips, one to Tables and one or two to the identity
+        platform, side by side: one wait less on the callback a person waits
+        for (docs/scaling.md, "Onboarding"). A code redeemed for an account
+        deleted meanwhile is simply not used.
+        """
+        linker = self._linker_for(pending.provider)
+        if linker is None or pending.expired(self._clock()):
+            return self._accounts.get(pending.account_id), None
+        context = contextvars.copy_context()   # the log context, in the provider's thread too
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sign-in") as pool:
+            redeemed = pool.submit(context.run, linker.complete, pending.flow, params)
+            account = self._accounts.get(pending.account_id)   # the pool's exit waits for the provider
+        return account, redeemed.result
+
+    def _linker_for(self, provider: str) -> AccountLinker | None:
+        try:
+            return self._linkers.get(Provider(provider))
+        except ValueError:
+            return None
+
+    def _finish(self, account: Account, pending: PendingFlow, identity_of: Callable[[], LinkedIdentity] | None,
+                caller: Caller, jobs: JobQueue) -> Account:
         if pending.expired(self._clock()):
             raise _CallbackFailed("login_expired", "The sign-in took too long. Try again.")
-        linker = self._linkers.get(account.provider)
-        if linker is None or pending.provider != account.provider.value:
+        if identity_of is None or pending.provider != account.provider.value:
             raise _CallbackFailed("unsupported_provider", "This provider is not available here.")
         try:
-            identity = linker.complete(account, pending.flow, params)
+            identity = identity_of()
             if self._limits is not None and account.address is None:
                 self._limits.linked(caller.client)   # a new link, not a re-link
             linked = self._commit_existing(account, identity)

@@ -140,6 +140,11 @@ class TableAuthFlowStore:
             browser_hash=str(entity["browser_hash"]),
         )
 
+    def discard(self, state: str) -> None:
+        """Delete a pending flow that was never handed out (its account could not be saved)."""
+        with table_errors("removing the pending sign-in"):
+            self._table.delete_entity(_state_key(state), FLOW_ROW)
+
     def purge_expired(self, now: datetime | None = None) -> int:
         """Delete flows that expired (abandoned sign-ins); returns how many."""
         cutoff = _iso(now or datetime.now(UTC))

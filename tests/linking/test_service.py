@@ -24,9 +24,11 @@ from mailsync.linking.access import AccountAccess
 from mailsync.linking.limits import LinkingLimits
 from mailsync.linking.return_urls import ReturnUrlPolicy, with_params
 from mailsync.linking.service import Caller, LinkedIdentity, LinkingService, LinkRedirect
-from mailsync.models import Account, AccountStatus, Provider
+from mailsync.models import AccountStatus, Provider
 from mailsync.settings import Settings
 from mailsync.storage import connection
+from mailsync.storage.accounts import TableAccountRepository
+from mailsync.storage.auth_flows import TableAuthFlowStore
 from mailsync.storage.job_queue import AzureJobQueue
 from mailsync.storage.rate_limits import TableRateLimiter
 from tests.linking.tables import LinkingTables, linking_tables, table_client
@@ -52,7 +54,7 @@ class PasswordLinker:
                               provider_user_id=f"imap:{host}:993:{username}",
                               credential=orjson.dumps({"password": password}).decode(), credential_kind="imap")
 
-    def complete(self, account: Account, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
+    def complete(self, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
         raise InputError("this provider has no sign-in redirect")
 
 
@@ -72,7 +74,7 @@ class VerifiedSignIn:
         return LinkRedirect(authorize_url=f"https://login.test/authorize?state={state}", state=state,
                             flow={"state": state})
 
-    def complete(self, account: Account, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
+    def complete(self, flow: Mapping[str, Any], params: Mapping[str, str]) -> LinkedIdentity:
         assert params["state"] == flow["state"]
         if "error" in params:   # what the platform sends when the person cancels
             raise ProviderError("The sign-in was cancelled.", code=params["error"])
@@ -305,3 +307,28 @@ def test_clean_up_keeps_an_account_restarted_meanwhile(t: LinkingTables, storage
     with pytest.raises(Conflict):
         t.accounts.delete(stale.account_id, etag=stale.etag)
     assert t.accounts.get(started.account_id) is not None
+
+
+def _unreachable_tables(settings: Settings) -> Settings:
+    """The same tables' names on a port nothing listens on."""
+    assert settings.storage_connection_string
+    broken = re.sub(r"TableEndpoint=http://127\.0\.0\.1:\d+/", f"TableEndpoint=http://127.0.0.1:{free_port()}/",
+                    settings.storage_connection_string)
+    return Settings.from_env({"AzureWebJobsStorage": broken, "TABLE_PREFIX": settings.table_prefix})
+
+
+def test_a_sign_in_whose_account_could_not_be_saved_is_discarded(t: LinkingTables, storage_settings: Settings) -> None:
+    """The account and its pending sign-in are written at once; when only the sign-in made it, it goes."""
+    broken = connection.table_client(_unreachable_tables(storage_settings), "accounts", retry_total=0)
+    tables = replace(t, accounts=TableAccountRepository(broken, t.tokens))
+    with pytest.raises(DependencyUnavailable):
+        service(tables, storage_settings, oauth=True).start({"provider": "outlook"})
+    assert list(t.flows_table.list_entities()) == [] and account_rows(t) == []
+
+
+def test_an_account_whose_sign_in_could_not_be_saved_is_removed(t: LinkingTables, storage_settings: Settings) -> None:
+    broken = connection.table_client(_unreachable_tables(storage_settings), "authflows", retry_total=0)
+    tables = replace(t, flows=TableAuthFlowStore(broken, t.cipher))
+    with pytest.raises(DependencyUnavailable):
+        service(tables, storage_settings, oauth=True).start({"provider": "outlook"})
+    assert account_rows(t) == []
