@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +37,13 @@ from mailsync.settings import Settings
 from mailsync.storage import connection
 from mailsync.store.engines import connect
 from mailsync.store.search_store import SearchStore, StoreOptions
-from tests.fixtures.devhost import DevhostProcess, app_settings, start_devhost, start_devhost_in_process
+from tests.fixtures.devhost import (
+    DevhostProcess,
+    app_settings,
+    busy_function,
+    start_devhost,
+    start_devhost_in_process,
+)
 from tests.fixtures.graph_sandbox import SandboxTestServer, start_sandbox
 from tests.linking.browser import query, submit_sign_in
 from tests.linking.tables import LinkingTables, linking_tables
@@ -496,18 +501,11 @@ def test_queue_unavailable_leaves_no_half_linked_account(stack: Stack, devhost_f
 def test_a_sign_in_completes_while_every_host_thread_is_busy(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sync jobs fill the host's shared thread pool while accounts are onboarded; the person signing in
     must not wait behind them (functions/oauth_callback: its own threads, as oauth_start's)."""
-    entered, release = threading.Event(), threading.Event()
-    busy = func.Blueprint()
-
-    @busy.function_name("busy")
-    @busy.route(route="busy", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-    def busy_function(req: func.HttpRequest) -> func.HttpResponse:   # stands in for a sync job
-        entered.set()
-        release.wait(60)
-        return func.HttpResponse("done")
+    busy = busy_function()
+    entered, release = busy.entered, busy.release
 
     app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
-    for blueprint in (oauth_start_blueprint, oauth_callback_blueprint, busy):
+    for blueprint in (oauth_start_blueprint, oauth_callback_blueprint, busy.blueprint):
         app.register_functions(blueprint)
     port = free_port()
     env = {**stack.env, "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}

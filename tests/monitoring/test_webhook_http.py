@@ -23,7 +23,7 @@ import requests
 from functions._shared.runtime import runtime
 from functions.graph_webhook import bp as graph_webhook_blueprint
 from mailsync.jobs import JobKind
-from tests.fixtures.devhost import DevhostProcess, start_devhost_in_process
+from tests.fixtures.devhost import DevhostProcess, busy_function, start_devhost_in_process
 from tests.monitoring.harness import Harness, change, make_harness
 
 WEBHOOK_FUNCTIONS = ["graph_webhook", "graph_lifecycle"]
@@ -191,19 +191,12 @@ def test_the_webhook_answers_while_every_host_thread_is_busy(storage_env: dict[s
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              harness: Harness) -> None:
     """Long sync jobs fill the host's shared thread pool; Graph must still get its answers."""
-    entered, release = threading.Event(), threading.Event()
-    busy = func.Blueprint()
-
-    @busy.function_name("busy")
-    @busy.route(route="busy", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-    def busy_function(req: func.HttpRequest) -> func.HttpResponse:   # stands in for a sync job
-        entered.set()
-        release.wait(60)
-        return func.HttpResponse("done")
+    busy = busy_function()
+    entered, release = busy.entered, busy.release
 
     app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
     app.register_functions(graph_webhook_blueprint)
-    app.register_functions(busy)
+    app.register_functions(busy.blueprint)
     env = {**storage_env, "MAILSYNC_LOCAL_DIR": str(tmp_path), "NOTIFY_COALESCE_S": "0"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
