@@ -8,17 +8,15 @@ extra queue workers this way (``functions=["sync_worker"]``) and kill them.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devhost.services.process import ROOT, ServiceError, log_tail, stop_process
+from devhost.services.process import ROOT, stop_process, wait_for_ready_file
 
 # What a child process of ours keeps from the parent's environment (the rest are app settings).
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "VIRTUAL_ENV", "PYTHONPATH", "SSL_CERT_FILE",
@@ -75,13 +73,5 @@ def start_devhost(env: Mapping[str, str], *, app: str = "function_app:app", port
     with log_path.open("wb") as log:
         process = subprocess.Popen(args, cwd=script_root, env=child_env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout_s
-    while not ready.exists():
-        if process.poll() is not None:
-            raise ServiceError(f"devhost exited with code {process.returncode}:\n{log_tail(log_path, 60)}")
-        if time.monotonic() > deadline:
-            stop_process(process, grace_s=5)
-            raise ServiceError(f"devhost did not start within {timeout_s:g} s:\n{log_tail(log_path, 60)}")
-        time.sleep(0.05)
-    base_url = json.loads(ready.read_text())["url"]
+    base_url = str(wait_for_ready_file(ready, process, timeout=timeout_s, name="devhost", log_path=log_path)["url"])
     return DevhostProcess(base_url=base_url, process=process, log_path=log_path, env=dict(env))

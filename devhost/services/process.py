@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,6 +78,24 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], *, tim
             return
         time.sleep(0.05)
     raise ServiceError(f"{name} did not listen on {host}:{port} within {timeout:g} s\n{log_tail(log_path)}")
+
+
+def wait_for_ready_file(ready: Path, process: subprocess.Popen[bytes], *, timeout: float, name: str,
+                        log_path: Path | None = None) -> dict[str, Any]:
+    """Wait until the process writes ``ready`` (JSON, written whole: the services write it by rename); its
+    contents. Fails early if the process dies, and stops it if it is not ready in time."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if process.poll() is not None:
+            raise ServiceError(f"{name} exited with code {process.returncode}:\n{log_tail(log_path, 60)}")
+        if time.monotonic() > deadline:
+            stop_process(process, grace_s=5)
+            raise ServiceError(f"{name} did not start within {timeout:g} s:\n{log_tail(log_path, 60)}")
+        time.sleep(0.05)
+    answer = json.loads(ready.read_text())
+    if not isinstance(answer, dict):
+        raise ServiceError(f"{name} wrote a ready file that is not a JSON object")
+    return answer
 
 
 def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

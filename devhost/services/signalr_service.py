@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from devhost.services.devhost_process import INHERITED_ENV
-from devhost.services.process import ROOT, ServiceError, child_options, log_tail, stop_process
+from devhost.services.process import ROOT, child_options, stop_process, wait_for_ready_file
 from devhost.signalr_server import ACCESS_KEY_ENV
 
 
@@ -48,12 +46,5 @@ def start_signalr_service(log_path: Path, access_key: str, *, timeout_s: float =
         process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
             **child_options(own_session=False))
-    deadline = time.monotonic() + timeout_s
-    while not ready.exists():
-        if process.poll() is not None:
-            raise ServiceError(f"the SignalR service exited with code {process.returncode}:\n{log_tail(log_path)}")
-        if time.monotonic() > deadline:
-            stop_process(process, grace_s=2)
-            raise ServiceError(f"the SignalR service did not start within {timeout_s:g} s:\n{log_tail(log_path)}")
-        time.sleep(0.05)
-    return SignalRServiceProcess(json.loads(ready.read_text())["url"], access_key, process, log_path)
+    answer = wait_for_ready_file(ready, process, timeout=timeout_s, name="the SignalR service", log_path=log_path)
+    return SignalRServiceProcess(str(answer["url"]), access_key, process, log_path)
