@@ -268,8 +268,8 @@ class MessageStore(Protocol):
         """Undo the relaxed refresh of loads that died without ending (expired leases); True if it did."""
         ...
 
-    def refresh(self, *, mailboxes: bool = True) -> None:
-        """Make recent writes visible to reads (tests, first screen); ``mailboxes=False``: the messages only."""
+    def refresh(self) -> None:
+        """Make recent writes visible to reads (tests, first screen)."""
         ...
 
 

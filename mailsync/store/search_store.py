@@ -241,19 +241,10 @@ class SearchStore:
             raise StoreError(f"indices behind {','.join(wanted)} were not created by mailsync (no _meta.family)")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
-    def refresh(self, *, mailboxes: bool = True) -> None:
-        """Make every write so far visible to searches; with ``mailboxes=False`` only the messages'.
-
-        A refresh is the node's dearest call per new account (onboarding 300
-        accounts, 663 refreshes took 31 s of the node's time against 15 s for
-        indexing every message and folder): each makes a new segment per
-        index, to be merged later. The mailboxes index (mailbox and folder
-        documents) is refreshed every second anyway; a caller that only
-        promises searchable messages leaves it to that.
-        """
-        indices = [self.names.messages, self.names.mailboxes] if mailboxes else [self.names.messages]
+    def refresh(self) -> None:
+        """Make every write so far visible to searches."""
         with translating("refresh"):
-            self._engine.refresh(indices)
+            self._engine.refresh([self.names.messages, self.names.mailboxes])
 
     # ------------------------------------------------------------------ bulk load mode
 

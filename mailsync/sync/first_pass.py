@@ -123,11 +123,8 @@ class FirstPassSync(InvocationBase):
             self._retrying(lambda: e.store.set_folder_phases(self.account_id, done, SyncPhase.INCREMENTAL.value))
         if written:
             # "synced" (set next, from the rows) means the messages are searchable, as a round's
-            # remove_stale (a refresh first) made it before. Only the messages': the folders' phases
-            # (the page's folder list; a later folder-list round's reconcile) show within the mailboxes
-            # index's own refresh second, as every later round's writes do; refreshing it for each new
-            # account was half the node's refreshes while onboarding (SearchStore.refresh).
-            self._retrying(lambda: e.store.refresh(mailboxes=False))
+            # remove_stale (a refresh first) made it before.
+            self._retrying(e.store.refresh)
         log.info("first pass", extra={"folders": len(read), "complete": len(done), "messages": self.upserted,
                                       "not_read": len(unread), "gone": len(gone)})
         return True
