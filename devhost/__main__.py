@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from devhost.host import Devhost, DevhostOptions
 from devhost.index import IndexingError, load_app
 from devhost.queues import BindingError
 from devhost.routing import RouteError
+from devhost.services.process import write_ready_file
 from mailsync.logs import configure_logging
 
 log = logging.getLogger("devhost")
@@ -78,9 +78,7 @@ async def serve(args: argparse.Namespace, on_ready: Callable[[str], None] | None
     if static_dir is not None and static_dir.is_dir():
         print(f"  static: {base_url}/ ({static_dir.name}/)", flush=True)
     if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"url": base_url, "pid": os.getpid()}))
-        tmp.replace(args.ready_file)
+        write_ready_file(args.ready_file, {"url": base_url, "pid": os.getpid()})
     if on_ready is not None:
         on_ready(base_url)
 

@@ -29,6 +29,7 @@ from devhost.invoke import Invoker, default_thread_count
 from devhost.os_threads import IO_THREAD, LOOP_THREAD, name_os_thread
 from devhost.queues import BindingError, QueueClients, QueueListener
 from devhost.routing import RouteTemplate
+from devhost.services.process import site_port
 from devhost.signalr import PATH as SIGNALR_PATH
 from devhost.signalr import SignalRService
 from devhost.static_site import StaticSite
@@ -131,8 +132,7 @@ class Devhost:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server: Any = site._server  # aiohttp exposes the bound port only here
-        bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
+        bound = site_port(site, port)
         display_host = f"[{host}]" if ":" in host else host
         self.base_url = f"http://{display_host}:{bound}"
         self.signalr.attach(loop, self.base_url)

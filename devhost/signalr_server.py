@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
+from devhost.services.process import site_port, write_ready_file
 from devhost.signalr import PATH, SignalRService
 
 ACCESS_KEY_ENV = "SIGNALR_ACCESS_KEY"
@@ -45,14 +44,11 @@ async def serve(host: str, port: int, access_key: str, ready_file: Path | None) 
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server: Any = site._server  # aiohttp exposes the bound port only here
-    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
+    bound = site_port(site, port)
     url = f"http://{host}:{bound}{PATH}"
     service.attach(asyncio.get_running_loop(), f"http://{host}:{bound}")
-    if ready_file is not None:   # whole or not at all: the starter polls for it
-        partial = ready_file.with_suffix(".partial")
-        partial.write_text(json.dumps({"url": url}))
-        partial.replace(ready_file)
+    if ready_file is not None:
+        write_ready_file(ready_file, {"url": url})
     logging.getLogger("devhost.signalr").info("SignalR Service stand-in at %s", url)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -80,6 +80,19 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], *, tim
     raise ServiceError(f"{name} did not listen on {host}:{port} within {timeout:g} s\n{log_tail(log_path)}")
 
 
+def site_port(site: Any, requested: int) -> int:
+    """The port a started ``aiohttp.web.TCPSite`` listens on (``requested`` 0 picks a free one)."""
+    server = site._server   # aiohttp exposes the bound port only here
+    return int(server.sockets[0].getsockname()[1]) if server is not None and server.sockets else requested
+
+
+def write_ready_file(ready: Path, answer: dict[str, Any]) -> None:
+    """The child's half of ``wait_for_ready_file``: ``answer`` as JSON, whole or not at all (by rename)."""
+    partial = ready.with_suffix(".tmp")
+    partial.write_text(json.dumps(answer))
+    partial.replace(ready)
+
+
 def wait_for_ready_file(ready: Path, process: subprocess.Popen[bytes], *, timeout: float, name: str,
                         log_path: Path | None = None) -> dict[str, Any]:
     """Wait until the process writes ``ready`` (JSON, written whole: the services write it by rename); its
