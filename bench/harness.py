@@ -462,7 +462,7 @@ class Stack:
             return self._link(browser, address)
 
     def _link(self, browser: requests.Session, address: str) -> Linked:
-        begun = time.monotonic()
+        started = time.monotonic()
         created = browser.post(f"{self.api}/accounts", json={"provider": "outlook"}, timeout=60)
         if created.status_code != 201:
             raise RuntimeError(f"POST /api/accounts: {created.status_code} {created.text[:300]}")
@@ -471,13 +471,14 @@ class Stack:
         form = browser.post(body["authorize_url"], data={"username": address}, allow_redirects=False, timeout=60)
         if form.status_code != 302:
             raise RuntimeError(f"sandbox sign-in: {form.status_code} {form.text[:300]}")
-        started = time.monotonic()
+        callback_started = time.monotonic()
         callback = browser.get(form.headers["Location"], allow_redirects=False, timeout=120)
         done = time.monotonic()
         if callback.status_code != 302 or "error" in callback.headers.get("Location", ""):
             raise RuntimeError(f"OAuth callback: {callback.status_code} {callback.headers.get('Location')} "
                                f"{callback.text[:300]}")
-        return Linked(body["account_id"], body["access_token"], address, started, done, begun, form_started)
+        return Linked(body["account_id"], body["access_token"], address, callback_started=callback_started,
+                      callback_done=done, started=started, form_started=form_started)
 
     def account(self, linked: Linked) -> dict[str, Any]:
         answer = self._http.get(f"{self.api}/accounts/{linked.account_id}", headers=linked.auth, timeout=60)
